@@ -1,0 +1,89 @@
+"""The ``superagent`` command.
+
+Subcommands map to roles; each validates its input and exits non-zero with a
+one-line message naming what is wrong (never a traceback) when it cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from superagent import __version__
+from superagent.errors import SuperagentError
+from superagent.log import setup_logging
+
+EXIT_USAGE = 2
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    import trio
+
+    from superagent.proxy.config import load_config
+    from superagent.proxy.master import ProxyMaster
+
+    process, snapshot = load_config(args.config)
+    if args.workers is not None:
+        if args.workers < 0:
+            raise SuperagentError("--workers must be 0 (one per CPU) or more")
+        process = replace(process, workers=args.workers)
+    if args.parser is not None:
+        process = replace(process, parser=args.parser)
+    if args.check:
+        summary = {
+            "config": args.config, "ok": True, "parser": process.parser,
+            "workers": process.worker_count(),
+            "listeners": [f"{lst.host}:{lst.port}" + (f" -> {lst.app}" if lst.app else "")
+                          for lst in snapshot.listeners],
+            "apps": {app.name: len(app.instances) for app in snapshot.apps},
+        }
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(f"{args.config}: ok ({len(snapshot.apps)} apps,"
+                  f" {len(snapshot.listeners)} listeners, parser {process.parser},"
+                  f" {process.worker_count()} workers)")
+        return 0
+    master = ProxyMaster(config_path=args.config, process=process, snapshot=snapshot,
+                         log_level=args.log_level)
+    trio.run(master.run)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="superagent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"superagent {__version__}")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    proxy = sub.add_parser("proxy", help="run the reverse proxy standalone from a TOML file")
+    proxy.add_argument("--config", "--routes", required=True, metavar="FILE",
+                       help="proxy config (see docs/proxy-config.md)")
+    proxy.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
+    proxy.add_argument("--parser", choices=("httptools", "h11"),
+                       help="HTTP parser (default: httptools)")
+    proxy.add_argument("--check", action="store_true", help="validate the config and exit")
+    proxy.set_defaults(func=_proxy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    setup_logging(args.log_level)
+    try:
+        result: int = args.func(args)
+    except SuperagentError as exc:
+        print(f"superagent {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return result

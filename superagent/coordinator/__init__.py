@@ -1,0 +1,1 @@
+"""superagent coordinator (see docs/ARCHITECTURE.md); filled in by the next milestones."""

@@ -1,0 +1,25 @@
+"""Errors shared by every role.
+
+The hierarchy is shallow and grouped by what the caller does next: a
+``ConfigError`` means "fix the file and try again" (the CLI prints it and
+exits non-zero); other packages add their own in their ``errors.py``.
+"""
+
+from __future__ import annotations
+
+
+class SuperagentError(Exception):
+    """Base of every error superagent raises on purpose."""
+
+
+class ConfigError(SuperagentError):
+    """A configuration file or value is invalid.
+
+    ``source`` names the file (or "snapshot"), ``key`` the dotted key that is wrong.
+    """
+
+    def __init__(self, message: str, *, source: str = "", key: str = "") -> None:
+        self.source = source
+        self.key = key
+        where = ": ".join(part for part in (source, key) if part)
+        super().__init__(f"{where}: {message}" if where else message)

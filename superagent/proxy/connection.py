@@ -1,0 +1,743 @@
+"""The trio shell around the relay core: one client connection, many exchanges.
+
+Theory of operation. ``ClientConnection.run`` loops: wait for a request head
+(keep-alive idle wait, then the header timeout once bytes arrive), interpret it
+(``http1``), route it (the ``RouteTable`` current at that moment) and relay it
+through one ``Upstream`` chosen by least outstanding requests. Pipelined
+requests are answered in order: the loop handles one exchange at a time and the
+parser queues what follows.
+
+Bodies stream with back-pressure: the proxy reads the next piece from one side
+only after the previous one was written to the other. A body already in hand
+(the common case) goes out with the head in one write; a body still arriving is
+uploaded by a second task while the first waits for the response.
+
+Timeouts. Each connection has one cancel scope for its whole life, a
+``deadline`` and a ``phase`` naming the limit that deadline stands for. Before
+every wait the shell re-arms them (two attribute writes, never past the app's
+total deadline); the worker's reaper cancels the scope of a connection whose
+deadline passed. ``_expired`` then answers what the phase calls for (408 or
+504 with ``X-Superagent-Error`` naming it, or just closing) and closes.
+
+Retries: a connect failure moves to another instance (``app.retries`` times); a
+pooled connection that dies before any response byte is replaced by a fresh one
+only when the request is idempotent and its body is in hand; nothing is resent
+once a response byte came back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import socket
+import time
+from typing import Any
+
+import trio
+
+from superagent.proxy import http1, netio
+from superagent.proxy.accesslog import AccessLog
+from superagent.proxy.errors import HTTPError, ProtocolError, UpstreamError
+from superagent.proxy.http1 import BODY_CHUNKED, BODY_NONE, Peer, Request
+from superagent.proxy.metrics import Metrics
+from superagent.proxy.netio import PeerGone, recv, send_all
+from superagent.proxy.parsers import (
+    END,
+    ParseFailure,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    request_parser,
+)
+from superagent.proxy.routes import Match, RouteTable
+from superagent.proxy.snapshot import AppRoute, RoutingSnapshot, Timeouts
+from superagent.proxy.upstream import Upstream, UpstreamConn, Upstreams
+
+ERROR_SEND_TIMEOUT = 5.0  # writing a small error answer to a client that does not read
+HEALTH_PATH = "/-/healthz"
+CLIENT_CLOSED = 499  # logged status when the client left before an answer (as nginx does)
+_STATUS_CODES = {400: "bad-request", 408: "client-header-timeout", 413: "body-too-large",
+                 414: "request-line-too-long", 431: "headers-too-large",
+                 505: "version-not-supported"}
+# Phases whose expiry the proxy answers itself when no response byte was sent yet.
+_EXPIRY_ANSWERS = {
+    "client-header": (408, "client-header-timeout", "request head not received in time"),
+    "client-body": (408, "client-body-timeout", "request body not received in time"),
+    "first-byte": (504, "upstream-first-byte-timeout", "the app did not answer in time"),
+    "upstream-idle": (504, "upstream-idle-timeout", "the app stopped sending"),
+    "total": (504, "upstream-total-timeout", "the app's total time limit passed"),
+}
+IDLE, SHUTDOWN = "idle", "shutdown"
+_monotonic = time.monotonic
+
+
+class WorkerState:
+    """What every connection of a worker shares: the current table, pools, counters."""
+
+    __slots__ = ("_peers", "access_log", "closing", "live", "metrics", "node_draining",
+                 "parser", "request_ids", "settings", "table", "upstreams")
+
+    def __init__(self, *, parser: str, snapshot: RoutingSnapshot,
+                 access_log: AccessLog | None = None) -> None:
+        self.parser = parser
+        self.upstreams = Upstreams()
+        self.metrics = Metrics()
+        self.request_ids = http1.RequestIds()
+        self.access_log = access_log
+        self.closing = False
+        self.node_draining = False
+        self.live: set[ClientConnection] = set()
+        self._peers: dict[str, Peer] = {}
+        self.table = RouteTable(snapshot)
+        self.settings = snapshot.settings
+        self.upstreams.update(snapshot)
+
+    def __repr__(self) -> str:
+        return (f"<WorkerState v{self.table.version} parser={self.parser}"
+                f" connections={len(self.live)} closing={self.closing}>")
+
+    @property
+    def connections(self) -> int:
+        return len(self.live)
+
+    def apply(self, snapshot: RoutingSnapshot) -> None:
+        """Swap in a new snapshot; requests in flight keep the table they started with."""
+        self.upstreams.update(snapshot)
+        self.settings = snapshot.settings
+        self._peers.clear()
+        self.table = RouteTable(snapshot)
+
+    def reap(self, now: float) -> None:
+        """Expire every connection whose deadline has passed."""
+        for conn in [c for c in self.live if c.deadline <= now]:
+            conn.expire(conn.phase)
+
+    def begin_shutdown(self) -> None:
+        """Stop keeping connections alive: idle ones close now, busy ones after their answer."""
+        self.closing = True
+        for conn in [c for c in self.live if c.phase == IDLE]:
+            conn.expire(SHUTDOWN)
+
+    def peer(self, ip: str) -> Peer:
+        peer = self._peers.get(ip)
+        if peer is None:
+            trusted = False
+            if self.settings.trusted_proxies:
+                try:
+                    addr = ipaddress.ip_address(ip)
+                    trusted = any(addr in net for net in self.settings.trusted_proxies)
+                except ValueError:
+                    trusted = False
+            peer = Peer(ip=ip, trusted=trusted)
+            if len(self._peers) < 4096:  # a cache, bounded against many distinct clients
+                self._peers[ip] = peer
+        return peer
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and per-instance gauges, JSON-ready, for the admin server."""
+        return {
+            "version": self.table.version,
+            "connections": len(self.live),
+            "metrics": self.metrics.to_json(),
+            "instances": {
+                up.id: {"app": up.app, "in_flight": up.outstanding, "pool_idle": len(up.idle),
+                        "draining": up.draining}
+                for up in self.upstreams.by_id.values()
+            },
+        }
+
+
+class _Aborted(Exception):
+    """The exchange failed after the response started: the client connection is cut."""
+
+
+class _Stale(Exception):
+    """The upstream connection failed before any response byte."""
+
+
+class _Exchange:
+    """One request's bookkeeping: what the access log, the metrics and expiry need."""
+
+    __slots__ = ("app", "body_consumed", "bytes_in", "bytes_out", "error", "instance", "method",
+                 "request_id", "response_started", "retries", "started", "status", "target",
+                 "total_deadline")
+
+    def __init__(self) -> None:
+        self.started = _monotonic()
+        self.total_deadline = math.inf
+        self.app = "-"
+        self.method: str | None = None
+        self.target: str | None = None
+        self.request_id = b"-"
+        self.instance: str | None = None
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.retries = 0
+        self.error: str | None = None
+        self.response_started = False
+        self.body_consumed = False
+
+
+class ClientConnection:
+    """One accepted client connection (see the module docstring)."""
+
+    __slots__ = ("deadline", "events", "expired", "parser", "peer", "phase", "port", "scope",
+                 "sock", "state", "x")
+
+    def __init__(self, sock: socket.socket, state: WorkerState, port: int,
+                 peer_ip: str) -> None:
+        self.sock = sock
+        self.state = state
+        self.port = port
+        self.peer = state.peer(peer_ip)
+        self.parser: RequestParser = request_parser(state.parser, state.settings)
+        self.events = self.parser.events
+        self.scope = trio.CancelScope()
+        self.deadline = math.inf
+        self.phase = IDLE
+        self.expired: str | None = None
+        self.x: _Exchange | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection port={self.port} peer={self.peer.ip} phase={self.phase}>"
+
+    def arm(self, phase: str, seconds: float) -> None:
+        """Set the deadline for the next wait, never past the exchange's total deadline."""
+        deadline = _monotonic() + seconds
+        x = self.x
+        if x is not None and deadline >= x.total_deadline:
+            self.phase = "total"
+            self.deadline = x.total_deadline
+        else:
+            self.phase = phase
+            self.deadline = deadline
+
+    def expire(self, phase: str) -> None:
+        self.expired = phase
+        self.deadline = math.inf
+        self.scope.cancel()
+
+    async def run(self) -> None:
+        """Serve requests until the client or the proxy closes the connection."""
+        state = self.state
+        state.live.add(self)
+        try:
+            with self.scope:
+                await self._loop()
+            if self.expired is not None:
+                await self._expired(self.expired)
+        except PeerGone:
+            if self.x is not None:
+                self._account()
+        finally:
+            state.live.discard(self)
+            netio.close(self.sock)
+
+    async def _loop(self) -> None:
+        first = True
+        while True:
+            head = await self._next_head(first)
+            if head is None:
+                return
+            first = False
+            keep = await self._serve(head)
+            self._account()
+            if not keep:
+                return
+            self.parser.next_cycle()
+            if self.events:
+                await trio.lowlevel.checkpoint()  # pipelined: let other connections run
+
+    # ------------------------------------------------------------------ request heads
+    async def _next_head(self, first: bool) -> RequestHead | None:
+        events = self.events
+        state = self.state
+        if not events:
+            if state.closing:
+                return None
+            settings = state.settings
+            self.arm(IDLE, settings.header_timeout if first else settings.keepalive_timeout)
+            data = await recv(self.sock)
+            if not data:
+                return None
+            self.parser.feed(data)
+            if not events:
+                self.arm("client-header", settings.header_timeout)
+                while not events:
+                    data = await recv(self.sock)
+                    if not data:
+                        self.parser.feed_eof()
+                        if not events:
+                            return None
+                        break
+                    self.parser.feed(data)
+        event = events.popleft()
+        if type(event) is RequestHead:
+            return event
+        if isinstance(event, ParseFailure):
+            self.x = _Exchange()
+            code = _STATUS_CODES.get(event.status, "bad-request")
+            await self._answer_error(ProtocolError(event.status, event.detail, code))
+            self._account()
+        return None
+
+    # ------------------------------------------------------------------ one request
+    async def _serve(self, head: RequestHead) -> bool:
+        """Answer one request; True when the connection stays open for the next."""
+        state = self.state
+        x = self.x = _Exchange()
+        req: Request | None = None
+        keep_alive = False
+        try:
+            req = http1.interpret_request(head)
+            x.method = req.method
+            x.target = req.path + req.query
+            x.request_id = req.request_id or state.request_ids.next()
+            keep_alive = req.keep_alive and not state.closing and req.upgrade is None
+            if req.path == HEALTH_PATH:
+                return await self._health(req, keep_alive)
+            match = state.table.resolve(self.port, req.host, req.path, req.query)
+            if match is None:
+                raise HTTPError(404, "no-route", f"no app serves {req.host or ''}{req.path}")
+            x.app = match.app.name
+            max_body = match.app.max_body
+            if max_body and req.content_length is not None and req.content_length > max_body:
+                raise HTTPError(413, "body-too-large",
+                                f"request body exceeds the app's limit of {max_body} bytes")
+            return await self._relay(req, match, keep_alive)
+        except HTTPError as exc:
+            if x.response_started:
+                x.error = exc.code
+                return False
+            close = exc.close or not keep_alive or req is None or self._body_pending(req)
+            await self._answer_error(exc, close=close,
+                                     head_only=req is not None and req.method == "HEAD")
+            return not close
+        except _Aborted:
+            return False
+
+    def _body_pending(self, req: Request) -> bool:
+        """True when the request's body was not consumed: the connection cannot be reused."""
+        assert self.x is not None
+        if self.x.body_consumed:
+            return False
+        if not req.has_body:
+            if self.events and self.events[0] is END:
+                self.events.popleft()
+            return False
+        return True
+
+    def _account(self) -> None:
+        x = self.x
+        if x is None:
+            return
+        self.x = None
+        elapsed = _monotonic() - x.started
+        if not x.status:
+            x.status = CLIENT_CLOSED
+        state = self.state
+        state.metrics.observe(x.app, x.status, elapsed)
+        log = state.access_log
+        if log is not None and state.settings.access_log:
+            log.record({
+                "request_id": x.request_id.decode("ascii", "replace"), "app": x.app,
+                "instance": x.instance, "method": x.method, "path": x.target,
+                "status": x.status, "bytes_in": x.bytes_in, "bytes_out": x.bytes_out,
+                "duration_ms": round(elapsed * 1000, 3), "retries": x.retries,
+                "error": x.error, "peer": self.peer.ip,
+            })
+
+    async def _health(self, req: Request, keep_alive: bool) -> bool:
+        assert self.x is not None
+        draining = self.state.node_draining or self.state.closing
+        status, body = (503, b"draining\n") if draining else (200, b"ok\n")
+        keep_alive = keep_alive and not self._body_pending(req)
+        self.x.status = status
+        await self._send(http1.plain_response(status, body, close=not keep_alive,
+                                              head_only=req.method == "HEAD"))
+        return keep_alive
+
+    async def _answer_error(self, exc: HTTPError, *, close: bool = True,
+                            head_only: bool = False) -> None:
+        x = self.x
+        assert x is not None
+        x.status = exc.status
+        x.error = exc.code
+        if x.request_id == b"-":
+            x.request_id = self.state.request_ids.next()
+        data = http1.error_response(exc.status, exc.code, exc.detail, x.request_id,
+                                    close=close, head_only=head_only)
+        self.arm("client-send", ERROR_SEND_TIMEOUT)
+        await self._send(data)
+
+    async def _expired(self, phase: str) -> None:
+        """The scope was cancelled for ``phase``: answer if still possible, then close."""
+        x = self.x
+        if x is None:
+            return
+        answer = _EXPIRY_ANSWERS.get(phase)
+        if answer is not None and not x.response_started:
+            status, code, detail = answer
+            with trio.move_on_after(ERROR_SEND_TIMEOUT):
+                x.status = status
+                x.error = code
+                await self._send(http1.error_response(status, code, detail, x.request_id,
+                                                      close=True))
+        else:
+            x.error = x.error or f"{phase}-timeout"
+        self._account()
+
+    async def _send(self, data: bytes) -> None:
+        assert self.x is not None
+        self.x.bytes_out += len(data)
+        await send_all(self.sock, data)
+
+    # ------------------------------------------------------------------ relaying
+    async def _relay(self, req: Request, match: Match, keep_alive: bool) -> bool:
+        state = self.state
+        app = match.app
+        x = self.x
+        assert x is not None
+        if app.timeouts.total > 0:
+            x.total_deadline = x.started + app.timeouts.total
+        head = http1.upstream_head(req, match.target, self.peer, x.request_id)
+        body = self._buffered_body(req, app)
+        tried: list[str] = []
+        last_error: UpstreamError | None = None
+        while True:
+            up = state.upstreams.pick(app, tried)
+            if up is None:
+                if last_error is not None:
+                    raise last_error
+                raise UpstreamError(503, "no-instance", f"app {app.name!r} has no instance ready")
+            x.instance = up.id
+            up.outstanding += 1
+            try:
+                return await self._exchange(up, req, head, body, app, keep_alive)
+            except UpstreamError as exc:
+                if exc.code.startswith("upstream-connect"):
+                    state.metrics.connect_error(up.id)
+                if not exc.replayable or len(tried) >= app.retries:
+                    raise
+                tried.append(up.id)
+                last_error = exc
+                x.retries += 1
+                state.metrics.retry(app.name)
+            finally:
+                up.outstanding -= 1
+
+    def _buffered_body(self, req: Request, app: AppRoute) -> list[bytes] | None:
+        """The whole body when it is already parsed (or there is none); None to stream it."""
+        x = self.x
+        assert x is not None
+        events = self.events
+        if not req.has_body:
+            if events and events[0] is END:
+                events.popleft()
+            x.body_consumed = True
+            return []
+        if END not in events:
+            return None
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = events.popleft()
+            if event is END:
+                break
+            if type(event) is bytes:
+                parts.append(event)
+                size += len(event)
+            elif isinstance(event, ParseFailure):
+                raise ProtocolError(event.status, event.detail)
+        if app.max_body and size > app.max_body:
+            raise HTTPError(413, "body-too-large",
+                            f"request body exceeds the app's limit of {app.max_body} bytes",
+                            close=True)
+        x.bytes_in += size
+        x.body_consumed = True
+        return parts
+
+    async def _exchange(self, up: Upstream, req: Request, head: bytes, body: list[bytes] | None,
+                        app: AppRoute, keep_alive: bool) -> bool:
+        """Relay one request to ``up``; True when the client connection stays open."""
+        state = self.state
+        timeouts = app.timeouts
+        replayable = body is not None and req.method in http1.IDEMPOTENT
+        conn = up.take_idle(_monotonic(), state.settings.pool_idle_timeout)
+        if conn is not None:
+            try:
+                return await self._exchange_on(conn, up, req, head, body, timeouts, keep_alive)
+            except _Stale:
+                conn.close()
+                if not replayable:
+                    raise UpstreamError(502, "upstream-reset",
+                                        "the app closed a kept-alive connection") from None
+                assert self.x is not None
+                self.x.retries += 1
+                state.metrics.retry(app.name)
+        self.phase = "connect"
+        self.deadline = math.inf  # connect has its own limit, so a timeout can try elsewhere
+        conn = await up.connect(timeouts.connect, state.parser)
+        try:
+            return await self._exchange_on(conn, up, req, head, body, timeouts, keep_alive)
+        except _Stale:
+            conn.close()
+            raise UpstreamError(502, "upstream-reset",
+                                "the app closed the connection before answering",
+                                replayable=replayable) from None
+
+    async def _exchange_on(self, conn: UpstreamConn, up: Upstream, req: Request, head: bytes,
+                           body: list[bytes] | None, timeouts: Timeouts,
+                           keep_alive: bool) -> bool:
+        conn.parser.start(head_request=req.method == "HEAD", upgrade=req.upgrade)
+        pooled = False
+        try:
+            if body is not None:
+                if not body:
+                    payload = head
+                elif req.chunked:
+                    payload = head + b"".join([http1.chunk(b) for b in body if b]) + (
+                        http1.LAST_CHUNK)
+                else:
+                    payload = head + b"".join(body)
+                self.arm("upstream-idle", timeouts.idle)
+                try:
+                    await send_all(conn.sock, payload)
+                except PeerGone:
+                    raise _Stale from None
+                self.arm("first-byte", timeouts.first_byte)
+                keep, pooled = await self._respond(conn, up, req, timeouts, keep_alive, None)
+                return keep
+            # The body is still arriving: upload it beside waiting for the response.
+            upload = _Upload(self, conn, req, timeouts)
+            self.arm("total", math.inf)
+            try:
+                await send_all(conn.sock, head)
+            except PeerGone:
+                raise _Stale from None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upload.run)
+                try:
+                    keep, pooled = await self._respond(conn, up, req, timeouts, keep_alive,
+                                                       upload)
+                except (_Stale, UpstreamError):
+                    if upload.error is not None:
+                        raise upload.error from None
+                    raise
+                if not upload.done.is_set():
+                    # The response is complete but the client is still sending: stop reading.
+                    nursery.cancel_scope.cancel()
+                    return False
+            return keep and upload.error is None
+        finally:
+            if not pooled:
+                conn.close()
+
+    async def _respond(self, conn: UpstreamConn, up: Upstream, req: Request,
+                       timeouts: Timeouts, keep_alive: bool, upload: _Upload | None
+                       ) -> tuple[bool, bool]:
+        """Relay the response; (client keep-alive, upstream connection pooled)."""
+        x = self.x
+        assert x is not None
+        parser = conn.parser
+        events = parser.events
+        sock = conn.sock
+        got_bytes = False
+        # The response head, skipping interim 1xx answers (the proxy sent its own 100).
+        while True:
+            while not events:
+                if upload is not None and upload.error is not None:
+                    raise upload.error
+                try:
+                    data = await recv(sock)
+                except PeerGone:  # closed under us, e.g. by a failed upload
+                    data = b""
+                if not data:
+                    if not got_bytes:
+                        raise _Stale
+                    parser.feed_eof()
+                else:
+                    got_bytes = True
+                    parser.feed(data)
+            event = events.popleft()
+            if type(event) is ResponseHead:
+                if 100 <= event.status < 200 and event.status != 101:
+                    if events and events[0] is END:
+                        events.popleft()
+                    continue
+                break
+            if isinstance(event, ParseFailure):
+                raise UpstreamError(502, "upstream-bad-response", event.detail)
+        resp = event
+        if resp.status == 101:
+            if req.upgrade is None:
+                raise UpstreamError(502, "upstream-bad-response", "unexpected 101 response")
+            if events and events[0] is END:
+                events.popleft()
+            await self._tunnel(conn, resp, timeouts)
+            return False, False
+        if req.upgrade is not None:
+            keep_alive = False  # the client's parser stopped at the upgrade request
+        plan = http1.client_head(resp, req, keep_alive=keep_alive, request_id=x.request_id)
+        x.status = resp.status
+        x.response_started = True
+        mode = plan.body
+        out = [plan.head]
+        client = self.sock
+        while True:
+            finished = False
+            while events:
+                event = events.popleft()
+                if type(event) is bytes:
+                    if mode == BODY_CHUNKED:
+                        out.append(http1.chunk(event))
+                    elif mode != BODY_NONE:
+                        out.append(event)
+                elif event is END:
+                    finished = True
+                    if mode == BODY_CHUNKED:
+                        out.append(http1.LAST_CHUNK)
+                    break
+                else:  # a ParseFailure inside the body: the response is cut short
+                    x.error = "upstream-bad-response"
+                    raise _Aborted
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            x.bytes_out += len(data)
+            self.arm("client-send", timeouts.idle)
+            await send_all(client, data)
+            if finished:
+                break
+            self.arm("upstream-idle", timeouts.idle)
+            try:
+                data = await recv(sock)
+            except PeerGone:
+                data = b""
+            if data:
+                parser.feed(data)
+            else:
+                parser.feed_eof()
+        upload_ok = upload is None or (upload.done.is_set() and upload.error is None)
+        if parser.reusable and plan.upstream_reusable and upload_ok and not events:
+            up.put_idle(conn, _monotonic(), self.state.settings.pool_max_idle)
+            return plan.keep_alive, True
+        return plan.keep_alive, False
+
+    async def _tunnel(self, conn: UpstreamConn, resp: ResponseHead, timeouts: Timeouts) -> None:
+        """Relay an accepted upgrade (websocket) byte for byte until both sides finish."""
+        x = self.x
+        assert x is not None
+        x.status = 101
+        x.response_started = True
+        idle = timeouts.websocket_idle
+        self.arm("websocket-idle", idle)
+        await send_all(self.sock, http1.switching_head(resp) + conn.parser.upgrade_leftover())
+        early = self.parser.upgrade_leftover()
+        if early:
+            await send_all(conn.sock, early)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, self.sock, conn.sock, idle, True)
+            nursery.start_soon(self._pump, conn.sock, self.sock, idle, False)
+
+    async def _pump(self, src: socket.socket, dst: socket.socket, idle: float,
+                    inbound: bool) -> None:
+        """Copy one direction of a tunnel; activity either way pushes the idle deadline."""
+        x = self.x
+        assert x is not None
+        try:
+            while True:
+                data = await recv(src)
+                if not data:
+                    netio.shutdown_write(dst)
+                    return
+                self.arm("websocket-idle", idle)
+                if inbound:
+                    x.bytes_in += len(data)
+                else:
+                    x.bytes_out += len(data)
+                await send_all(dst, data)
+        except PeerGone:
+            netio.shutdown_write(dst)
+
+
+class _Upload:
+    """Streams a request body from the client to the upstream, beside the response wait.
+
+    It has its own timeouts (the connection's deadline belongs to the response side) and
+    never raises: a failure is kept in ``error`` and the upstream connection is closed, so
+    the app can never take a truncated body for a whole one.
+    """
+
+    __slots__ = ("client", "conn", "done", "error", "req", "timeouts")
+
+    def __init__(self, client: ClientConnection, conn: UpstreamConn, req: Request,
+                 timeouts: Timeouts) -> None:
+        self.client = client
+        self.conn = conn
+        self.req = req
+        self.timeouts = timeouts
+        self.done = trio.Event()
+        self.error: HTTPError | None = None
+
+    def __repr__(self) -> str:
+        return f"<_Upload done={self.done.is_set()} error={self.error!r}>"
+
+    async def run(self) -> None:
+        client = self.client
+        x = client.x
+        assert x is not None
+        events = client.events
+        app = client.state.table.apps.get(x.app)
+        max_body = app.max_body if app is not None else 0
+        chunked = self.req.chunked
+        upstream = self.conn.sock
+        idle = self.timeouts.idle
+        size = 0
+        try:
+            if self.req.expect_continue:
+                await send_all(client.sock, http1.CONTINUE)
+            while True:
+                while not events:
+                    with trio.move_on_after(idle) as slow:
+                        data = await recv(client.sock)
+                    if slow.cancelled_caught:
+                        raise HTTPError(408, "client-body-timeout",
+                                        "request body not received in time", close=True)
+                    if not data:
+                        client.parser.feed_eof()
+                        if not events:
+                            raise HTTPError(400, "bad-request", "client closed mid-body",
+                                            close=True)
+                    else:
+                        client.parser.feed(data)
+                event = events.popleft()
+                if event is END:
+                    break
+                if type(event) is bytes:
+                    size += len(event)
+                    if max_body and size > max_body:
+                        raise HTTPError(413, "body-too-large",
+                                        f"request body exceeds the app's limit of {max_body}"
+                                        " bytes", close=True)
+                    with trio.move_on_after(idle) as stuck:
+                        await send_all(upstream, http1.chunk(event) if chunked else event)
+                    if stuck.cancelled_caught:
+                        raise UpstreamError(504, "upstream-idle-timeout",
+                                            "the app stopped reading the request body")
+                elif isinstance(event, ParseFailure):
+                    raise ProtocolError(event.status, event.detail)
+            if chunked:
+                await send_all(upstream, http1.LAST_CHUNK)
+            x.bytes_in += size
+            x.body_consumed = True
+            client.arm("first-byte", self.timeouts.first_byte)
+        except HTTPError as exc:
+            self.error = exc
+            self.conn.close()
+        except PeerGone:
+            self.error = HTTPError(502, "upload-failed", "a peer closed the connection during"
+                                   " the request body upload", close=True)
+            self.conn.close()
+        finally:
+            self.done.set()

@@ -1,0 +1,375 @@
+"""Sans-IO HTTP/1.1 relay logic: what a request means, and what goes on the wire.
+
+``interpret_request`` turns a parsed head into a ``Request`` after the checks
+every parser shares (version, framing conflicts, Host, target form). The
+``*_head`` functions serialise the one canonical message that crosses the proxy
+in each direction: hop-by-hop headers and every header named in ``Connection``
+removed, framing re-derived (``Content-Length`` or ``chunked``, never both),
+forwarding headers set by the proxy itself. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from superagent.proxy.errors import ProtocolError
+from superagent.proxy.parsers import Headers, RequestHead, ResponseHead
+from superagent.proxy.routes import normalize_host, normalize_path, split_target
+
+# Removed in both directions (RFC 9110 7.6.1, plus the de-facto Proxy-Connection).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+# Request headers the proxy sets itself (client-supplied copies are dropped or merged).
+_REQUEST_OWNED = HOP_BY_HOP | {
+    b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-forwarded-host", b"forwarded", b"via", b"x-request-id",
+}
+_RESPONSE_OWNED = HOP_BY_HOP | {b"content-length", b"via"}
+_REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+VIA = b"1.1 superagent"
+
+BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = range(4)
+
+
+class Request:
+    """A validated request: raw head plus what the relay needs to know about it."""
+
+    __slots__ = ("chunked", "connection_tokens", "content_length", "expect_continue",
+                 "forwarded", "headers", "host", "host_header", "keep_alive", "method", "path",
+                 "query", "request_id", "upgrade", "version", "via", "xff", "xfhost", "xfproto")
+
+    def __init__(self) -> None:
+        self.method = "GET"
+        self.version = "1.1"
+        self.path = "/"
+        self.query = ""
+        self.host: str | None = None
+        self.host_header = b""
+        self.headers: Headers = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+        self.expect_continue = False
+        self.request_id: bytes | None = None
+        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.forwarded: bytes | None = None
+        self.xff: bytes | None = None
+        self.xfproto: bytes | None = None
+        self.xfhost: bytes | None = None
+        self.via: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path}{self.query} host={self.host}>"
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def interpret_request(head: RequestHead) -> Request:
+    """Validate ``head`` and return the ``Request``; raises ProtocolError (connection closes)."""
+    req = Request()
+    version = head.version
+    if version != "1.1" and version != "1.0":
+        raise ProtocolError(505, f"HTTP/{version} is not supported", code="version-not-supported")
+    req.version = version
+    try:
+        method = head.method.decode("ascii")
+        target = head.target.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(400, "non-ASCII bytes in the request line") from None
+    if method == "CONNECT":
+        raise ProtocolError(405, "CONNECT is not supported by a reverse proxy",
+                            code="method-not-allowed")
+    req.method = method
+
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    transfer_encoding: bytes | None = None
+    connection = b""
+    upgrade: bytes | None = None
+    kept: Headers = []
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname not in _REQUEST_OWNED:
+            kept.append((name, value))
+            continue
+        if lname == b"host":
+            hosts.append(value)
+        elif lname == b"content-length":
+            lengths.append(value)
+        elif lname == b"transfer-encoding":
+            if transfer_encoding is not None:
+                raise ProtocolError(400, "more than one Transfer-Encoding header")
+            transfer_encoding = value
+        elif lname == b"connection":
+            connection = connection + b"," + value if connection else value
+        elif lname == b"upgrade":
+            upgrade = value
+        elif lname == b"expect":
+            if value.strip().lower() == b"100-continue":
+                req.expect_continue = True
+            else:
+                raise ProtocolError(417, "only 'Expect: 100-continue' is supported",
+                                    code="expectation-failed")
+        elif lname == b"x-request-id":
+            if _REQUEST_ID_OK.match(value):
+                req.request_id = value
+        elif lname == b"x-forwarded-for":
+            req.xff = value if req.xff is None else req.xff + b", " + value
+        elif lname == b"forwarded":
+            req.forwarded = value if req.forwarded is None else req.forwarded + b", " + value
+        elif lname == b"x-forwarded-proto":
+            req.xfproto = value
+        elif lname == b"x-forwarded-host":
+            req.xfhost = value
+        elif lname == b"via":
+            req.via = value if req.via is None else req.via + b", " + value
+        # te, trailer, keep-alive, proxy-*: dropped
+
+    if connection:
+        tokens = frozenset(t.strip().lower() for t in connection.split(b",") if t.strip())
+        req.connection_tokens = tokens
+        named = tokens - {b"close", b"keep-alive", b"upgrade"}
+        if named:
+            kept = [(n, v) for n, v in kept if n.lower() not in named]
+    req.headers = kept
+    tokens = req.connection_tokens
+    req.keep_alive = (b"close" not in tokens) if version == "1.1" else (b"keep-alive" in tokens)
+
+    if transfer_encoding is not None:
+        if lengths:
+            raise ProtocolError(400, "Content-Length together with Transfer-Encoding")
+        if version == "1.0":
+            raise ProtocolError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+        if transfer_encoding.strip().lower() != b"chunked":
+            raise ProtocolError(501, "only Transfer-Encoding: chunked is supported",
+                                code="not-implemented")
+        req.chunked = True
+    elif lengths:
+        first = lengths[0].strip()
+        if not first.isdigit() or any(v.strip() != first for v in lengths[1:]):
+            raise ProtocolError(400, "invalid or differing Content-Length")
+        req.content_length = int(first)
+
+    if len(hosts) > 1:
+        raise ProtocolError(400, "more than one Host header")
+    target_host, path, query = split_target(target)
+    if hosts:
+        req.host_header = hosts[0].strip()
+        try:
+            header_host = normalize_host(req.host_header.decode("ascii"))
+        except UnicodeDecodeError:
+            raise ProtocolError(400, "malformed Host header") from None
+        if target_host is not None and target_host != header_host:
+            raise ProtocolError(400, "absolute-form target and Host header disagree")
+        req.host = header_host
+    elif version == "1.1":
+        raise ProtocolError(400, "missing Host header")
+    else:
+        req.host = target_host
+    if path == "*" and method == "OPTIONS":
+        path = "/"
+    req.path = normalize_path(path)
+    req.query = query
+    if upgrade is not None and b"upgrade" in tokens and method == "GET":
+        req.upgrade = upgrade.strip()
+    return req
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The client side of a connection as the forwarding headers describe it."""
+
+    ip: str
+    trusted: bool  # the peer is a configured trusted proxy: its forwarding headers are kept
+    proto: bytes = b"http"
+
+    @property
+    def forwarded_for(self) -> bytes:
+        return (f'"[{self.ip}]"' if ":" in self.ip else self.ip).encode()
+
+
+def upstream_head(req: Request, target: str, peer: Peer, request_id: bytes) -> bytes:
+    """The canonical request head sent to the upstream instance."""
+    ip = peer.ip.encode()
+    host = req.host_header or (req.host or "").encode()
+    own = b"for=" + peer.forwarded_for + b";proto=" + peer.proto + b';host="' + host + b'"'
+    if peer.trusted:
+        xff = req.xff + b", " + ip if req.xff else ip
+        proto = req.xfproto or peer.proto
+        xfhost = req.xfhost or host
+        forwarded = req.forwarded + b", " + own if req.forwarded else own
+    else:
+        xff, proto, xfhost, forwarded = ip, peer.proto, host, own
+    parts = [req.method.encode(), b" ", target.encode(), b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    for name, value in req.headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto,
+              b"\r\nX-Forwarded-Host: ", xfhost, b"\r\nForwarded: ", forwarded,
+              b"\r\nVia: ", req.via + b", " + VIA if req.via else VIA,
+              b"\r\nX-Request-Id: ", request_id, b"\r\n")
+    if req.upgrade is not None:
+        parts += (b"Connection: upgrade\r\nUpgrade: ", req.upgrade, b"\r\n")
+    if req.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif req.content_length is not None:
+        parts += (b"Content-Length: ", str(req.content_length).encode(), b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class ResponsePlan:
+    """How a response is relayed: the client head, the body mode, and connection reuse."""
+
+    __slots__ = ("body", "head", "keep_alive", "upstream_reusable")
+
+    def __init__(self, head: bytes, body: int, keep_alive: bool, upstream_reusable: bool) -> None:
+        self.head = head
+        self.body = body
+        self.keep_alive = keep_alive
+        self.upstream_reusable = upstream_reusable
+
+
+def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_id: bytes
+                ) -> ResponsePlan:
+    """Plan the relay of ``resp`` (a final, non-101 response) to the client of ``req``."""
+    status = resp.status
+    length: bytes | None = None
+    chunked = False
+    connection = b""
+    has_request_id = has_via = False
+    kept: Headers = []
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname not in _RESPONSE_OWNED:
+            if lname == b"x-request-id":
+                has_request_id = True
+            kept.append((name, value))
+        elif lname == b"content-length":
+            length = value.strip()
+        elif lname == b"transfer-encoding":
+            chunked = value.strip().lower().endswith(b"chunked")
+        elif lname == b"connection":
+            connection = connection + b"," + value if connection else value
+        elif lname == b"via":
+            kept.append((name, value + b", " + VIA))
+            has_via = True
+    tokens = frozenset(t.strip().lower() for t in connection.split(b",")) if connection else ()
+    upstream_reusable = (b"close" not in tokens) if resp.version == "1.1" else (
+        b"keep-alive" in tokens)
+    if tokens:
+        named = set(tokens) - {b"close", b"keep-alive", b""}
+        if named:
+            kept = [(n, v) for n, v in kept if n.lower() not in named]
+
+    if req.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        body = BODY_NONE
+        if status == 204:
+            length = None
+    elif chunked:
+        body = BODY_CHUNKED
+        length = None
+    elif length is not None:
+        body = BODY_LENGTH
+    else:
+        body = BODY_CHUNKED
+    if body == BODY_CHUNKED and req.version == "1.0":
+        body = BODY_UNTIL_CLOSE
+        keep_alive = False
+
+    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", resp.reason or _reason(status), b"\r\n"]
+    for name, value in kept:
+        parts += (name, b": ", value, b"\r\n")
+    if not has_via:
+        parts.append(b"Via: " + VIA + b"\r\n")
+    if not has_request_id:
+        parts += (b"X-Request-Id: ", request_id, b"\r\n")
+    if length is not None:
+        parts += (b"Content-Length: ", length, b"\r\n")
+    elif body == BODY_CHUNKED:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif req.version == "1.0":
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return ResponsePlan(b"".join(parts), body, keep_alive, upstream_reusable)
+
+
+def switching_head(resp: ResponseHead) -> bytes:
+    """The 101 response relayed to the client when the upstream accepts an upgrade."""
+    parts = [b"HTTP/1.1 101 ", resp.reason or b"Switching Protocols", b"\r\n"]
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in (b"connection", b"upgrade") or lname not in HOP_BY_HOP:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def error_response(status: int, code: str, detail: str, request_id: bytes, *,
+                   close: bool, head_only: bool = False) -> bytes:
+    """A small JSON error the proxy answers itself; ``X-Superagent-Error`` names the cause."""
+    body = json.dumps({"error": code, "status": status, "detail": detail,
+                       "request_id": request_id.decode("ascii", "replace")}).encode() + b"\n"
+    head = (b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"X-Superagent-Error: %b\r\nX-Request-Id: %b\r\nVia: %b\r\n%b\r\n") % (
+        status, _reason(status), len(body), code.encode(), request_id, VIA,
+        b"Connection: close\r\n" if close else b"")
+    return head if head_only else head + body
+
+
+def plain_response(status: int, body: bytes, *, close: bool, head_only: bool = False) -> bytes:
+    """A small text response (health checks)."""
+    head = (b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%b\r\n") % (
+        status, _reason(status), len(body), b"Connection: close\r\n" if close else b"")
+    return head if head_only else head + body
+
+
+_REASONS = {
+    100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 204: b"No Content",
+    304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
+    417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+}
+
+
+def _reason(status: int) -> bytes:
+    return _REASONS.get(status, b"Status")
+
+
+class RequestIds:
+    """Request ids for requests that arrive without one: a random per-process prefix
+    and a counter, unique without a syscall per request."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex().encode()
+        self._count = 0
+
+    def __repr__(self) -> str:
+        return f"<RequestIds prefix={self._prefix.decode()} issued={self._count}>"
+
+    def next(self) -> bytes:
+        self._count += 1
+        return self._prefix + b"%010x" % self._count

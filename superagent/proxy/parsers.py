@@ -1,0 +1,527 @@
+"""Parser-agnostic HTTP/1.1 message parsing: one small event interface, two backends.
+
+The relay never sees a parser library. A parser is fed bytes and appends events
+to its ``events`` deque:
+
+  ``RequestHead`` / ``ResponseHead``  a message's start line and headers (raw, as received);
+  ``bytes``                           body data, already de-chunked;
+  ``END``                             the message is complete;
+  ``ParseFailure``                    the peer broke HTTP; nothing after it is valid.
+
+Backends: ``httptools`` (llhttp, the hot-path default, strict by default) and
+``h11`` (pure Python, the strict reference). h11 is lax where llhttp is not
+(obs-fold, control characters, bare LF), so the h11 backend checks each request
+head's raw bytes first; both backends then refuse the same requests. Semantic
+checks that do not depend on the parser (framing conflicts, Host, versions) live
+in ``http1.validate_request``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Protocol
+
+import h11
+import httptools
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class _End:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()
+
+
+class RequestHead:
+    """A request's start line and headers exactly as received (names keep their case)."""
+
+    __slots__ = ("headers", "method", "target", "version")
+
+    def __init__(self, method: bytes, target: bytes, version: str, headers: Headers) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return f"<RequestHead {self.method!r} {self.target!r} HTTP/{self.version}>"
+
+
+class ResponseHead:
+    """A response's status line and headers exactly as received."""
+
+    __slots__ = ("headers", "reason", "status", "version")
+
+    def __init__(self, status: int, reason: bytes, version: str, headers: Headers) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return f"<ResponseHead {self.status} HTTP/{self.version}>"
+
+
+class ParseFailure:
+    """The peer sent something that is not valid HTTP/1.1; ``status`` is the answer to give."""
+
+    __slots__ = ("detail", "status")
+
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"<ParseFailure {self.status} {self.detail}>"
+
+
+Event = RequestHead | ResponseHead | bytes | _End | ParseFailure
+
+
+class Limits(Protocol):
+    @property
+    def max_header_bytes(self) -> int: ...
+
+    @property
+    def max_headers(self) -> int: ...
+
+    @property
+    def max_request_line(self) -> int: ...
+
+
+class RequestParser(Protocol):
+    events: deque[Event]
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; never raises, a protocol violation becomes a ParseFailure event."""
+
+    def feed_eof(self) -> None:
+        """The client closed its side; a message cut short becomes a ParseFailure."""
+
+    def next_cycle(self) -> None:
+        """The response to the current request is complete: go on with the next one."""
+
+    def upgrade_leftover(self) -> bytes:
+        """Bytes after an upgrade request's head: the first bytes of the tunnel."""
+
+
+class ResponseParser(Protocol):
+    events: deque[Event]
+    reusable: bool  # False once the upstream sent bytes past the end of the response
+
+    def start(self, *, head_request: bool, upgrade: bytes | None) -> None:
+        """Expect the response to a new request (a HEAD response has no body)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def feed_eof(self) -> None: ...
+
+    def upgrade_leftover(self) -> bytes: ...
+
+
+def _framing(headers: Headers) -> tuple[bool, bool]:
+    """(has Content-Length, is chunked) from raw headers, for close-delimited detection."""
+    has_length = chunked = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            has_length = True
+        elif lname == b"transfer-encoding":
+            chunked = chunked or value.strip().lower().endswith(b"chunked")
+    return has_length, chunked
+
+
+# --------------------------------------------------------------------------- httptools
+
+class _Stop(Exception):
+    """Raised from a callback to abort parsing with ``ParseFailure``."""
+
+
+class HttptoolsRequestParser:
+    """llhttp-backed request parser (see module docstring)."""
+
+    __slots__ = ("_failed", "_head_bytes", "_headers", "_in_head", "_leftover", "_limits",
+                 "_parser", "_url", "events")
+
+    def __init__(self, limits: Limits) -> None:
+        self.events: deque[Event] = deque()
+        self._limits = limits
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._failed: ParseFailure | None = None
+        self._leftover = b""
+
+    def __repr__(self) -> str:
+        return f"<HttptoolsRequestParser events={len(self.events)} in_head={self._in_head}>"
+
+    # llhttp callbacks ---------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_request_line:
+            self._failed = ParseFailure(414, "request line too long")
+            raise _Stop
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer: not forwarded
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._limits.max_header_bytes:
+            self._failed = ParseFailure(431, "request headers too large")
+            raise _Stop
+        if len(self._headers) > self._limits.max_headers:
+            self._failed = ParseFailure(431, "too many request headers")
+            raise _Stop
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        self.events.append(RequestHead(p.get_method(), self._url, p.get_http_version(),
+                                       self._headers))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        self.events.append(END)
+
+    # interface -----------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self._failed is not None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._leftover = data[exc.args[0]:]
+        except httptools.HttpParserError as exc:
+            failure = self._failed or ParseFailure(400, _describe(exc))
+            self._failed = failure
+            self.events.append(failure)
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            limit = self._limits.max_header_bytes + self._limits.max_request_line
+            if self._head_bytes > limit:
+                self._failed = ParseFailure(431, "request headers too large")
+                self.events.append(self._failed)
+
+    def feed_eof(self) -> None:
+        if self._failed is None and self._in_head:
+            self._failed = ParseFailure(400, "connection closed in the middle of a request")
+            self.events.append(self._failed)
+
+    def next_cycle(self) -> None:
+        pass  # llhttp parses pipelined requests continuously
+
+    def upgrade_leftover(self) -> bytes:
+        return self._leftover
+
+
+class HttptoolsResponseParser:
+    """llhttp-backed response parser; it lives as long as its upstream connection."""
+
+    __slots__ = ("_done", "_head_request", "_headers", "_leftover", "_parser", "_until_eof",
+                 "events", "reusable")
+
+    def __init__(self) -> None:
+        self.events: deque[Event] = deque()
+        self.reusable = True
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: Headers = []
+        self._head_request = False
+        self._done = True
+        self._until_eof = False
+        self._leftover = b""
+
+    def __repr__(self) -> str:
+        return f"<HttptoolsResponseParser done={self._done} reusable={self.reusable}>"
+
+    def start(self, *, head_request: bool, upgrade: bytes | None) -> None:
+        if self._head_request:
+            # llhttp still expects the body the previous HEAD response announced.
+            self._parser = httptools.HttpResponseParser(self)
+        self._head_request = head_request
+        self._done = False
+        self._until_eof = False
+
+    def on_message_begin(self) -> None:
+        if self._done:
+            self.reusable = False
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._done:
+            return
+        p = self._parser
+        status = p.get_status_code()
+        self.events.append(ResponseHead(status, b"", p.get_http_version(), self._headers))
+        if 100 <= status < 200:
+            return
+        if self._head_request:
+            self.events.append(END)
+            self._done = True
+            return
+        if status != 204 and status != 304:
+            has_length, chunked = _framing(self._headers)
+            if not has_length and not chunked:
+                self._until_eof = True
+                self.reusable = False
+
+    def on_body(self, body: bytes) -> None:
+        if self._done:
+            self.reusable = False
+        else:
+            self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._done:
+            return
+        last = self.events[-1] if self.events else None
+        self.events.append(END)
+        if isinstance(last, ResponseHead) and 100 <= last.status < 200 and last.status != 101:
+            return  # an interim response; the final one follows
+        self._done = True
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._leftover = data[exc.args[0]:]
+            self.reusable = False
+        except httptools.HttpParserError as exc:
+            self.reusable = False
+            self.events.append(ParseFailure(502, _describe(exc)))
+
+    def feed_eof(self) -> None:
+        self.reusable = False
+        if self._done:
+            return
+        self._done = True
+        if self._until_eof:
+            self.events.append(END)
+        else:
+            self.events.append(ParseFailure(502, "upstream closed the connection mid-response"))
+
+    def upgrade_leftover(self) -> bytes:
+        return self._leftover
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]
+
+
+# --------------------------------------------------------------------------- h11
+
+# What h11 would accept in a head but we refuse: obs-fold, a bare CR or LF, control characters.
+_STRICT_HEAD = re.compile(rb"\n[ \t]|\r(?!\n)|(?<!\r)\n|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class H11RequestParser:
+    """h11-backed request parser: one ``h11.Connection`` per request cycle."""
+
+    __slots__ = ("_conn", "_failed", "_head_buf", "_head_checked", "_limits", "events")
+
+    def __init__(self, limits: Limits) -> None:
+        self.events: deque[Event] = deque()
+        self._limits = limits
+        self._failed = False
+        self._new_cycle()
+
+    def __repr__(self) -> str:
+        return f"<H11RequestParser events={len(self.events)} state={self._conn.their_state}>"
+
+    def _new_cycle(self) -> None:
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=(
+            self._limits.max_header_bytes + self._limits.max_request_line))
+        self._head_buf = bytearray()
+        self._head_checked = False
+
+    def _fail(self, status: int, detail: str) -> None:
+        self._failed = True
+        self.events.append(ParseFailure(status, detail))
+
+    def feed(self, data: bytes) -> None:
+        if self._failed:
+            return
+        if not self._head_checked and data:
+            buf = self._head_buf
+            buf += data
+            start = 0
+            while buf.startswith(b"\r\n", start):  # empty lines before a request are allowed
+                start += 2
+            end = buf.find(b"\r\n\r\n", start)
+            region = buf[start:] if end < 0 else buf[start : end + 2]
+            line_end = region.find(b"\r\n")
+            if (line_end < 0 and len(region) > self._limits.max_request_line) or (
+                    line_end > self._limits.max_request_line):
+                return self._fail(414, "request line too long")
+            if _STRICT_HEAD.search(region) is not None:
+                return self._fail(400, "invalid character, bare line break or obs-fold in head")
+            if end < 0:
+                if len(region) > self._limits.max_header_bytes + self._limits.max_request_line:
+                    return self._fail(431, "request headers too large")
+            else:
+                self._head_checked = True
+        self._conn.receive_data(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                return self._fail(exc.error_status_hint, _describe(exc))
+            kind = type(event)
+            if kind is h11.Data:
+                self.events.append(bytes(event.data))  # type: ignore[union-attr]
+            elif kind is h11.Request:
+                req: h11.Request = event  # type: ignore[assignment]
+                if len(req.target) > self._limits.max_request_line:
+                    return self._fail(414, "request line too long")
+                if len(req.headers) > self._limits.max_headers:
+                    return self._fail(431, "too many request headers")
+                headers = [(name, value) for name, value in req.headers]
+                self.events.append(RequestHead(req.method, req.target,
+                                               req.http_version.decode("ascii"), headers))
+            elif kind is h11.EndOfMessage:
+                self.events.append(END)
+                return
+            else:  # NEED_DATA, PAUSED or ConnectionClosed
+                return
+
+    def feed_eof(self) -> None:
+        if self._failed:
+            return
+        if self._conn.their_state is h11.IDLE and not self._head_buf.strip():
+            return
+        if self._conn.their_state is not h11.DONE:
+            self._fail(400, "connection closed in the middle of a request")
+
+    def next_cycle(self) -> None:
+        leftover = bytes(self._conn.trailing_data[0])
+        self._new_cycle()
+        if leftover:
+            self.feed(leftover)
+
+    def upgrade_leftover(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])
+
+
+class H11ResponseParser:
+    """h11-backed response parser: a fresh ``h11.Connection`` per exchange."""
+
+    __slots__ = ("_conn", "_done", "events", "reusable")
+
+    def __init__(self) -> None:
+        self.events: deque[Event] = deque()
+        self.reusable = True
+        self._done = True
+        self._conn = h11.Connection(h11.CLIENT)
+
+    def __repr__(self) -> str:
+        return f"<H11ResponseParser done={self._done} reusable={self.reusable}>"
+
+    def start(self, *, head_request: bool, upgrade: bytes | None) -> None:
+        # h11 learns the request's method (HEAD) and upgrade wish from a request it "sent".
+        self._done = False
+        conn = h11.Connection(h11.CLIENT)
+        headers = [(b"host", b"upstream"), (b"content-length", b"0")]
+        if upgrade is not None:
+            headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        conn.send(h11.Request(method=b"HEAD" if head_request else b"GET", target=b"/",
+                              headers=headers))
+        conn.send(h11.EndOfMessage())
+        self._conn = conn
+
+    def feed(self, data: bytes) -> None:
+        if self._done:
+            if data:
+                self.reusable = False
+            return
+        self._conn.receive_data(data)
+        conn = self._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.reusable = False
+                self._done = True
+                self.events.append(ParseFailure(502, _describe(exc)))
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self.events.append(bytes(event.data))  # type: ignore[union-attr]
+            elif kind is h11.Response or kind is h11.InformationalResponse:
+                resp: h11.Response = event  # type: ignore[assignment]
+                self.events.append(ResponseHead(resp.status_code, resp.reason,
+                                                resp.http_version.decode("ascii"),
+                                                list(resp.headers)))
+                if kind is h11.InformationalResponse:
+                    self.events.append(END)
+                    if resp.status_code == 101:
+                        self._done = True
+                        self.reusable = False
+                        return
+                elif conn.their_state is h11.MUST_CLOSE or conn.our_state is h11.MUST_CLOSE:
+                    self.reusable = False
+            elif kind is h11.EndOfMessage:
+                self.events.append(END)
+                self._done = True
+                if conn.their_state is not h11.DONE or conn.trailing_data[0]:
+                    self.reusable = False
+                return
+            elif kind is h11.ConnectionClosed:
+                self.reusable = False
+                self._done = True
+                self.events.append(ParseFailure(502, "upstream closed the connection"))
+                return
+            else:
+                if data == b"":
+                    self.reusable = False
+                return
+
+    def feed_eof(self) -> None:
+        self.reusable = False
+        if not self._done:
+            self.feed(b"")
+            if not self._done:
+                self._done = True
+                self.events.append(ParseFailure(502, "upstream closed the connection"
+                                                     " mid-response"))
+
+    def upgrade_leftover(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])
+
+
+def request_parser(kind: str, limits: Limits) -> RequestParser:
+    """A new request parser of ``kind`` ("httptools" or "h11")."""
+    if kind == "h11":
+        return H11RequestParser(limits)
+    return HttptoolsRequestParser(limits)
+
+
+def response_parser(kind: str) -> ResponseParser:
+    """A new response parser for one upstream connection; call ``start`` per exchange."""
+    if kind == "h11":
+        return H11ResponseParser()
+    return HttptoolsResponseParser()

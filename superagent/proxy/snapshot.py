@@ -1,0 +1,89 @@
+"""The routing snapshot: everything a proxy worker needs to route, as immutable values.
+
+A snapshot is versioned and replaced whole: the standalone proxy builds one from
+its TOML file, the participant agent builds one from its desired state, and both
+send it to every worker over the control socket in its wire form (the same
+document shape as the TOML file, plus ``version``). Requests in flight keep the
+snapshot they started with.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_MAX_BODY = 10 * 1024 * 1024  # a request body limit that fits APIs and form uploads
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeouts:
+    """Per-app limits on waiting for the upstream, in seconds; ``total`` 0 means none."""
+
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 60.0
+    total: float = 0.0
+    websocket_idle: float = 3600.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Instance:
+    """One upstream process of an app, reachable at ``host:port``."""
+
+    id: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AppRoute:
+    """An app: its rules (dedicated port, hosts, prefix), instances and limits."""
+
+    name: str
+    instances: tuple[Instance, ...]
+    prefix: str | None = None
+    strip_prefix: bool = False
+    hosts: tuple[str, ...] = ()
+    port: int | None = None
+    max_body: int = DEFAULT_MAX_BODY  # 0: no limit
+    retries: int = 2
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Listener:
+    """A listening address; ``app`` is set for a dedicated port, ``None`` for a shared one."""
+
+    host: str
+    port: int
+    app: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerSettings:
+    """Limits that apply before a request is routed, plus pool and logging knobs."""
+
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_request_line: int = 8 * 1024
+    max_connections: int = 10_000
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    access_log: bool = True
+    pool_idle_timeout: float = 4.0
+    pool_max_idle: int = 64
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoutingSnapshot:
+    """One complete, versioned routing state."""
+
+    version: int
+    listeners: tuple[Listener, ...]
+    apps: tuple[AppRoute, ...]
+    settings: ServerSettings = field(default_factory=ServerSettings)
+
+    def instance_ids(self) -> set[str]:
+        return {inst.id for app in self.apps for inst in app.instances}

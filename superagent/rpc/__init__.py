@@ -1,0 +1,1 @@
+"""superagent rpc (see docs/ARCHITECTURE.md); filled in by the next milestones."""
