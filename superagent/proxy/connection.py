@@ -258,7 +258,7 @@ class ClientConnection:
                 return None
             settings = state.settings
             self.arm(IDLE, settings.header_timeout if first else settings.keepalive_timeout)
-            data = await recv(self.sock)
+            data = await recv(self.sock, True)
             if not data:
                 return None
             self.parser.feed(data)
@@ -464,7 +464,8 @@ class ClientConnection:
         state = self.state
         timeouts = app.timeouts
         replayable = body is not None and req.method in http1.IDEMPOTENT
-        conn = up.take_idle(_monotonic(), state.settings.pool_idle_timeout)
+        conn = up.take_idle(_monotonic(), state.settings.pool_idle_timeout,
+                            check=not replayable)
         if conn is not None:
             try:
                 return await self._exchange_on(conn, up, req, head, body, timeouts, keep_alive)
@@ -550,7 +551,7 @@ class ClientConnection:
                 if upload is not None and upload.error is not None:
                     raise upload.error
                 try:
-                    data = await recv(sock)
+                    data = await recv(sock, not got_bytes)
                 except PeerGone:  # closed under us, e.g. by a failed upload
                     data = b""
                 if not data:

@@ -29,41 +29,41 @@ _REQUEST_OWNED = HOP_BY_HOP | {
     b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"forwarded", b"via", b"x-request-id",
 }
-_RESPONSE_OWNED = HOP_BY_HOP | {b"content-length", b"via"}
+_RESPONSE_OWNED = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id"}
 _REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 VIA = b"1.1 superagent"
 
 BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = range(4)
+HOST_CACHE_SIZE = 4096  # normalised Host values: a proxy sees few distinct ones
+_host_cache: dict[bytes, str] = {}
 
 
 class Request:
-    """A validated request: raw head plus what the relay needs to know about it."""
+    """A validated request: raw head plus what the relay needs to know about it.
 
-    __slots__ = ("chunked", "connection_tokens", "content_length", "expect_continue",
-                 "forwarded", "headers", "host", "host_header", "keep_alive", "method", "path",
-                 "query", "request_id", "upgrade", "version", "via", "xff", "xfhost", "xfproto")
+    Defaults live on the class so that building one per request sets only what differs.
+    """
 
-    def __init__(self) -> None:
-        self.method = "GET"
-        self.version = "1.1"
-        self.path = "/"
-        self.query = ""
-        self.host: str | None = None
-        self.host_header = b""
-        self.headers: Headers = []
-        self.content_length: int | None = None
-        self.chunked = False
-        self.keep_alive = True
-        self.upgrade: bytes | None = None
-        self.expect_continue = False
-        self.request_id: bytes | None = None
-        self.connection_tokens: frozenset[bytes] = frozenset()
-        self.forwarded: bytes | None = None
-        self.xff: bytes | None = None
-        self.xfproto: bytes | None = None
-        self.xfhost: bytes | None = None
-        self.via: bytes | None = None
+    method = "GET"
+    version = "1.1"
+    path = "/"
+    query = ""
+    host: str | None = None
+    host_header = b""
+    headers: Headers = []  # noqa: RUF012 - replaced per instance, never mutated
+    content_length: int | None = None
+    chunked = False
+    keep_alive = True
+    upgrade: bytes | None = None
+    expect_continue = False
+    request_id: bytes | None = None
+    connection_tokens: frozenset[bytes] = frozenset()
+    forwarded: bytes | None = None
+    xff: bytes | None = None
+    xfproto: bytes | None = None
+    xfhost: bytes | None = None
+    via: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.path}{self.query} host={self.host}>"
@@ -96,10 +96,12 @@ def interpret_request(head: RequestHead) -> Request:
     connection = b""
     upgrade: bytes | None = None
     kept: Headers = []
-    for name, value in head.headers:
+    owned = _REQUEST_OWNED
+    for item in head.headers:
+        name, value = item
         lname = name.lower()
-        if lname not in _REQUEST_OWNED:
-            kept.append((name, value))
+        if lname not in owned:
+            kept.append(item)
             continue
         if lname == b"host":
             hosts.append(value)
@@ -161,13 +163,23 @@ def interpret_request(head: RequestHead) -> Request:
 
     if len(hosts) > 1:
         raise ProtocolError(400, "more than one Host header")
-    target_host, path, query = split_target(target)
+    if target[:1] == "/" and "#" not in target:  # origin-form, the common case
+        target_host = None
+        path, sep, query = target.partition("?")
+        query = sep + query
+    else:
+        target_host, path, query = split_target(target)
     if hosts:
         req.host_header = hosts[0].strip()
-        try:
-            header_host = normalize_host(req.host_header.decode("ascii"))
-        except UnicodeDecodeError:
-            raise ProtocolError(400, "malformed Host header") from None
+        header_host = _host_cache.get(req.host_header)
+        if header_host is None:
+            try:
+                header_host = normalize_host(req.host_header.decode("ascii"))
+            except UnicodeDecodeError:
+                raise ProtocolError(400, "malformed Host header") from None
+            if len(_host_cache) >= HOST_CACHE_SIZE:
+                _host_cache.clear()
+            _host_cache[req.host_header] = header_host
         if target_host is not None and target_host != header_host:
             raise ProtocolError(400, "absolute-form target and Host header disagree")
         req.host = header_host
@@ -242,35 +254,48 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
                 ) -> ResponsePlan:
     """Plan the relay of ``resp`` (a final, non-101 response) to the client of ``req``."""
     status = resp.status
+    out = bytearray(_status_line(status))
     length: bytes | None = None
     chunked = False
-    connection = b""
+    connection: bytes | None = None
     has_request_id = has_via = False
-    kept: Headers = []
+    owned = _RESPONSE_OWNED
     for name, value in resp.headers:
         lname = name.lower()
-        if lname not in _RESPONSE_OWNED:
-            if lname == b"x-request-id":
-                has_request_id = True
-            kept.append((name, value))
+        if lname not in owned:
+            out += name
+            out += b": "
+            out += value
+            out += b"\r\n"
         elif lname == b"content-length":
             length = value.strip()
-        elif lname == b"transfer-encoding":
-            chunked = value.strip().lower().endswith(b"chunked")
         elif lname == b"connection":
             connection = connection + b"," + value if connection else value
+        elif lname == b"transfer-encoding":
+            chunked = value.strip().lower().endswith(b"chunked")
+        elif lname == b"x-request-id":
+            has_request_id = True
+            out += name + b": " + value + b"\r\n"
         elif lname == b"via":
-            kept.append((name, value + b", " + VIA))
             has_via = True
-    tokens = frozenset(t.strip().lower() for t in connection.split(b",")) if connection else ()
-    upstream_reusable = (b"close" not in tokens) if resp.version == "1.1" else (
-        b"keep-alive" in tokens)
-    if tokens:
-        named = set(tokens) - {b"close", b"keep-alive", b""}
-        if named:
-            kept = [(n, v) for n, v in kept if n.lower() not in named]
+            out += name + b": " + value + b", " + VIA + b"\r\n"
+    upstream_reusable = resp.version == "1.1"
+    if connection is not None:
+        tokens = {t.strip().lower() for t in connection.split(b",")}
+        upstream_reusable = (b"close" not in tokens) if upstream_reusable else (
+            b"keep-alive" in tokens)
+        named = tokens - {b"close", b"keep-alive", b""}
+        if named:  # rare: drop the headers the upstream's Connection header names
+            out = bytearray(_status_line(status))
+            for name, value in resp.headers:
+                lname = name.lower()
+                if lname not in owned and lname not in named:
+                    out += name + b": " + value + b"\r\n"
+                elif lname == b"x-request-id" or lname == b"via":
+                    suffix = b", " + VIA if lname == b"via" else b""
+                    out += name + b": " + value + suffix + b"\r\n"
 
-    if req.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+    if req.method == "HEAD" or status == 204 or status == 304 or status < 200:
         body = BODY_NONE
         if status == 204:
             length = None
@@ -285,23 +310,33 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
         body = BODY_UNTIL_CLOSE
         keep_alive = False
 
-    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", resp.reason or _reason(status), b"\r\n"]
-    for name, value in kept:
-        parts += (name, b": ", value, b"\r\n")
     if not has_via:
-        parts.append(b"Via: " + VIA + b"\r\n")
+        out += b"Via: 1.1 superagent\r\n"
     if not has_request_id:
-        parts += (b"X-Request-Id: ", request_id, b"\r\n")
+        out += b"X-Request-Id: " + request_id + b"\r\n"
     if length is not None:
-        parts += (b"Content-Length: ", length, b"\r\n")
+        out += b"Content-Length: " + length + b"\r\n"
     elif body == BODY_CHUNKED:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+        out += b"Transfer-Encoding: chunked\r\n"
     if not keep_alive:
-        parts.append(b"Connection: close\r\n")
+        out += b"Connection: close\r\n\r\n"
     elif req.version == "1.0":
-        parts.append(b"Connection: keep-alive\r\n")
-    parts.append(b"\r\n")
-    return ResponsePlan(b"".join(parts), body, keep_alive, upstream_reusable)
+        out += b"Connection: keep-alive\r\n\r\n"
+    else:
+        out += b"\r\n"
+    return ResponsePlan(bytes(out), body, keep_alive, upstream_reusable)
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %b\r\n" % (status, _reason(status))
+        if len(_STATUS_LINES) < 1000:
+            _STATUS_LINES[status] = line
+    return line
 
 
 def switching_head(resp: ResponseHead) -> bytes:
@@ -344,8 +379,11 @@ def plain_response(status: int, body: bytes, *, close: bool, head_only: bool = F
 
 
 _REASONS = {
-    100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 204: b"No Content",
-    304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created",
+    202: b"Accepted", 204: b"No Content", 206: b"Partial Content", 301: b"Moved Permanently",
+    302: b"Found", 303: b"See Other", 304: b"Not Modified", 307: b"Temporary Redirect",
+    308: b"Permanent Redirect", 401: b"Unauthorized", 403: b"Forbidden", 409: b"Conflict",
+    429: b"Too Many Requests", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
     408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
     417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
@@ -354,6 +392,7 @@ _REASONS = {
 
 
 def _reason(status: int) -> bytes:
+    # The proxy sends standard reason phrases: they carry no meaning (RFC 9112 4).
     return _REASONS.get(status, b"Status")
 
 

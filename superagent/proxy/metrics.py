@@ -12,6 +12,7 @@ from typing import Any
 
 # Latency buckets in seconds: a loopback hop is sub-millisecond, slow apps take seconds.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_bisect = bisect.bisect_left
 
 
 class Metrics:
@@ -21,7 +22,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}  # app -> bucket counts + [sum, count]
+        self.latency: dict[str, list[float]] = {}  # app -> bucket counts, overflow, sum, count
         self.retries: dict[str, int] = {}
         self.connect_errors: dict[str, int] = {}
 
@@ -30,13 +31,13 @@ class Metrics:
 
     def observe(self, app: str, status: int, seconds: float) -> None:
         key = (app, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
         hist = self.latency.get(app)
         if hist is None:
-            hist = self.latency[app] = [0.0] * (len(BUCKETS) + 2)
-        index = bisect.bisect_left(BUCKETS, seconds)
-        if index < len(BUCKETS):
-            hist[index] += 1
+            # One slot per bucket, one for slower than the last bucket, then sum and count.
+            hist = self.latency[app] = [0.0] * (len(BUCKETS) + 3)
+        hist[_bisect(BUCKETS, seconds)] += 1
         hist[-2] += seconds
         hist[-1] += 1
 

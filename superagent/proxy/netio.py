@@ -23,25 +23,33 @@ from trio.lowlevel import wait_readable, wait_writable
 RECV_SIZE = 65536  # one read; also bounds what a pipelining client can make us buffer
 
 
+_EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE})
+
+
 class PeerGone(trio.BrokenResourceError):
     """The peer reset the connection, or the socket was closed under us."""
 
 
-async def recv(sock: socket.socket) -> bytes:
-    """The next bytes from ``sock`` (``b""`` at end of stream); raises PeerGone."""
+async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
+    """The next bytes from ``sock`` (``b""`` at end of stream); raises PeerGone.
+
+    ``wait_first`` is for when the peer cannot have answered yet (a reply to what was
+    just sent): it saves the receive that would fail with ``EAGAIN``.
+    """
     while True:
+        if wait_first:
+            try:
+                await wait_readable(sock)
+            except trio.ClosedResourceError:
+                raise PeerGone("socket closed") from None
         try:
             return sock.recv(RECV_SIZE)
         except BlockingIOError:
-            pass
+            wait_first = True
         except OSError as exc:
-            if exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+            if exc.errno in _EOF_ERRNOS:
                 return b""
             raise PeerGone(str(exc)) from None
-        try:
-            await wait_readable(sock)
-        except trio.ClosedResourceError:
-            raise PeerGone("socket closed") from None
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:

@@ -146,8 +146,8 @@ class _Stop(Exception):
 class HttptoolsRequestParser:
     """llhttp-backed request parser (see module docstring)."""
 
-    __slots__ = ("_failed", "_head_bytes", "_headers", "_in_head", "_leftover", "_limits",
-                 "_parser", "_url", "events")
+    __slots__ = ("_failed", "_feed_len", "_head_bytes", "_headers", "_in_head", "_leftover",
+                 "_limits", "_parser", "_url", "events")
 
     def __init__(self, limits: Limits) -> None:
         self.events: deque[Event] = deque()
@@ -155,7 +155,8 @@ class HttptoolsRequestParser:
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: Headers = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes of a head that spans several feeds, before this one
+        self._feed_len = 0
         self._in_head = False
         self._failed: ParseFailure | None = None
         self._leftover = b""
@@ -177,22 +178,23 @@ class HttptoolsRequestParser:
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a trailer: not forwarded
-        self._headers.append((name, value))
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._limits.max_header_bytes:
-            self._failed = ParseFailure(431, "request headers too large")
-            raise _Stop
-        if len(self._headers) > self._limits.max_headers:
-            self._failed = ParseFailure(431, "too many request headers")
-            raise _Stop
+        if self._in_head:  # after the head they are trailers, which are not forwarded
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        headers = self._headers
+        limits = self._limits
+        if len(headers) > limits.max_headers:
+            self._failed = ParseFailure(431, "too many request headers")
+            raise _Stop
+        # Only a head that may be larger than the limit is measured exactly.
+        if self._head_bytes + self._feed_len > limits.max_header_bytes and sum(
+                len(n) + len(v) + 4 for n, v in headers) > limits.max_header_bytes:
+            self._failed = ParseFailure(431, "request headers too large")
+            raise _Stop
         p = self._parser
-        self.events.append(RequestHead(p.get_method(), self._url, p.get_http_version(),
-                                       self._headers))
+        self.events.append(RequestHead(p.get_method(), self._url, p.get_http_version(), headers))
 
     def on_body(self, body: bytes) -> None:
         self.events.append(body)
@@ -204,6 +206,7 @@ class HttptoolsRequestParser:
     def feed(self, data: bytes) -> None:
         if self._failed is not None:
             return
+        self._feed_len = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -235,7 +238,7 @@ class HttptoolsRequestParser:
 class HttptoolsResponseParser:
     """llhttp-backed response parser; it lives as long as its upstream connection."""
 
-    __slots__ = ("_done", "_head_request", "_headers", "_leftover", "_parser", "_until_eof",
+    __slots__ = ("_done", "_head_request", "_headers", "_in_body", "_leftover", "_parser",
                  "events", "reusable")
 
     def __init__(self) -> None:
@@ -245,7 +248,7 @@ class HttptoolsResponseParser:
         self._headers: Headers = []
         self._head_request = False
         self._done = True
-        self._until_eof = False
+        self._in_body = False  # a final response's head was seen, its end not yet
         self._leftover = b""
 
     def __repr__(self) -> str:
@@ -257,7 +260,7 @@ class HttptoolsResponseParser:
             self._parser = httptools.HttpResponseParser(self)
         self._head_request = head_request
         self._done = False
-        self._until_eof = False
+        self._in_body = False
 
     def on_message_begin(self) -> None:
         if self._done:
@@ -279,11 +282,7 @@ class HttptoolsResponseParser:
             self.events.append(END)
             self._done = True
             return
-        if status != 204 and status != 304:
-            has_length, chunked = _framing(self._headers)
-            if not has_length and not chunked:
-                self._until_eof = True
-                self.reusable = False
+        self._in_body = True
 
     def on_body(self, body: bytes) -> None:
         if self._done:
@@ -315,7 +314,8 @@ class HttptoolsResponseParser:
         if self._done:
             return
         self._done = True
-        if self._until_eof:
+        # End of stream ends a body only when the head announced no length (RFC 9112 6.3).
+        if self._in_body and _framing(self._headers) == (False, False):
             self.events.append(END)
         else:
             self.events.append(ParseFailure(502, "upstream closed the connection mid-response"))

@@ -71,12 +71,17 @@ class Upstream:
         return (f"<Upstream {self.id} {self.address[0]}:{self.address[1]} app={self.app}"
                 f" outstanding={self.outstanding} idle={len(self.idle)}{flags}>")
 
-    def take_idle(self, now: float, max_idle_age: float) -> UpstreamConn | None:
-        """A live pooled connection, or None; stale ones are closed on the way."""
+    def take_idle(self, now: float, max_idle_age: float, *, check: bool) -> UpstreamConn | None:
+        """A pooled connection, or None; stale ones are closed on the way.
+
+        ``check`` peeks at the socket (one syscall) to catch a connection the upstream
+        closed while it sat idle. The caller skips it only for requests it may replay on a
+        fresh connection when the pooled one yields no response byte.
+        """
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < max_idle_age and conn.looks_alive():
+            if now - conn.idle_since < max_idle_age and (not check or conn.looks_alive()):
                 return conn
             conn.close()
         return None
