@@ -81,9 +81,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         result: int = args.func(args)
-    except SuperagentError as exc:
-        print(f"superagent {args.command}: {exc}", file=sys.stderr)
+    except (SuperagentError, BaseExceptionGroup) as exc:
+        error = _our_error(exc)
+        if error is None:
+            raise
+        print(f"superagent {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def _our_error(exc: BaseException) -> SuperagentError | None:
+    """The SuperagentError behind ``exc``: trio nurseries wrap errors of their tasks in
+    exception groups, and the user wants the one line that says what is wrong."""
+    if isinstance(exc, SuperagentError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _our_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -8,6 +8,7 @@ and the dotted key, so "fix the file" is always actionable.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -30,8 +31,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like '30s', '250ms', '5m'")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"a duration must be a finite number of seconds >= 0, got {value}")
         return float(value)
     if isinstance(value, str):
         match = _DURATION.match(value)

@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from superagent.proxy.errors import ProtocolError
+from superagent.proxy.errors import ProtocolError, UpstreamError
 from superagent.proxy.parsers import Headers, RequestHead, ResponseHead
 from superagent.proxy.routes import normalize_host, normalize_path, split_target
 
@@ -51,7 +51,7 @@ class Request:
     query = ""
     host: str | None = None
     host_header = b""
-    headers: Headers = []  # noqa: RUF012 - replaced per instance, never mutated
+    headers: Headers = []
     content_length: int | None = None
     chunked = False
     keep_alive = True
@@ -163,6 +163,8 @@ def interpret_request(head: RequestHead) -> Request:
 
     if len(hosts) > 1:
         raise ProtocolError(400, "more than one Host header")
+    if target == "*" and method == "OPTIONS":
+        target = "/"  # asterisk-form: asked of the app's root
     if target[:1] == "/" and "#" not in target:  # origin-form, the common case
         target_host = None
         path, sep, query = target.partition("?")
@@ -187,8 +189,6 @@ def interpret_request(head: RequestHead) -> Request:
         raise ProtocolError(400, "missing Host header")
     else:
         req.host = target_host
-    if path == "*" and method == "OPTIONS":
-        path = "/"
     req.path = normalize_path(path)
     req.query = query
     if upgrade is not None and b"upgrade" in tokens and method == "GET":
@@ -272,7 +272,11 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
         elif lname == b"connection":
             connection = connection + b"," + value if connection else value
         elif lname == b"transfer-encoding":
-            chunked = value.strip().lower().endswith(b"chunked")
+            coding = value.strip().lower()
+            if coding != b"chunked":  # the body would reach the client with its coding unnamed
+                raise UpstreamError(502, "upstream-bad-response",
+                                    f"unsupported transfer coding {coding.decode('latin-1')!r}")
+            chunked = True
         elif lname == b"x-request-id":
             has_request_id = True
             out += name + b": " + value + b"\r\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import tempfile
 from dataclasses import replace
@@ -87,6 +88,7 @@ class ProxyMaster:
                 if self.process.admin is not None:
                     from superagent.proxy.admin import serve_admin
 
+                    _check_bindable(self.process.admin, self.config_path)
                     await nursery.start(serve_admin, self, self.process.admin)
                 if self.config_path is not None:
                     nursery.start_soon(self._watch_config)
@@ -169,20 +171,20 @@ class ProxyMaster:
             try:
                 await self._push_one(handle, snapshot)
             except (control.ControlError, ConfigError) as exc:
-                errors.append(f"worker {handle.index}: {exc}")
+                errors.append(f"worker {handle.index} refused the routing snapshot: {exc}")
 
         async with trio.open_nursery() as nursery:
             for handle in self.workers:
                 nursery.start_soon(one, handle)
         if errors:
-            raise ConfigError("; ".join(errors), source="snapshot")
+            raise ConfigError("; ".join(sorted(errors)))
         self.snapshot = snapshot
 
     async def _push_one(self, handle: WorkerHandle, snapshot: RoutingSnapshot) -> None:
         reply = await control.call(handle.control_path,
                                    {"type": "snapshot", "snapshot": snapshot_to_wire(snapshot)})
         if not reply.get("ok") or reply.get("version") != snapshot.version:
-            raise ConfigError(str(reply.get("error", reply)), source="snapshot")
+            raise ConfigError(str(reply.get("error", reply)))
         if self.node_draining:
             await control.call(handle.control_path, {"type": "node", "draining": True})
 
@@ -244,6 +246,19 @@ class ProxyMaster:
         replies = await self.broadcast({"type": "stats"})
         parts = [r["stats"] for r in replies if r.get("ok")]
         return merge(parts), len(parts)
+
+
+def _check_bindable(address: tuple[str, int], config_path: str | None) -> None:
+    """Raise ConfigError now if ``address`` cannot be listened on (the admin server would
+    otherwise fail deep inside hypercorn)."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}",
+                              source=config_path or "", key="proxy.admin") from None
 
 
 async def _wait_ready(read_fd: int) -> bool:

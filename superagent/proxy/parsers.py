@@ -173,7 +173,8 @@ class HttptoolsRequestParser:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self._limits.max_request_line:
+        # The request line is "METHOD SP target SP HTTP/1.1".
+        if len(self._url) + len(self._parser.get_method()) + 10 > self._limits.max_request_line:
             self._failed = ParseFailure(414, "request line too long")
             raise _Stop
 
@@ -268,7 +269,8 @@ class HttptoolsResponseParser:
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self._in_body:  # after the head they are trailers, which are not forwarded
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self._done:
@@ -332,13 +334,20 @@ def _describe(exc: Exception) -> str:
 # --------------------------------------------------------------------------- h11
 
 # What h11 would accept in a head but we refuse: obs-fold, a bare CR or LF, control characters.
-_STRICT_HEAD = re.compile(rb"\n[ \t]|\r(?!\n)|(?<!\r)\n|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A CR at the very end of what arrived so far may still be followed by its LF.
+_STRICT_HEAD = re.compile(rb"\n[ \t]|\r(?!\n|\Z)|(?<!\r)\n|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class H11RequestParser:
-    """h11-backed request parser: one ``h11.Connection`` per request cycle."""
+    """h11-backed request parser: one ``h11.Connection`` per request cycle.
 
-    __slots__ = ("_conn", "_failed", "_head_buf", "_head_checked", "_limits", "events")
+    A head is collected and checked here first (strictness, sizes) and handed to h11 only
+    once complete; each arriving piece is scanned once, so a client sending one byte at a
+    time costs linear work.
+    """
+
+    __slots__ = ("_conn", "_failed", "_head_buf", "_head_checked", "_limits", "_scanned",
+                 "_start", "events")
 
     def __init__(self, limits: Limits) -> None:
         self.events: deque[Event] = deque()
@@ -350,10 +359,11 @@ class H11RequestParser:
         return f"<H11RequestParser events={len(self.events)} state={self._conn.their_state}>"
 
     def _new_cycle(self) -> None:
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=(
-            self._limits.max_header_bytes + self._limits.max_request_line))
+        self._conn = h11.Connection(h11.SERVER)
         self._head_buf = bytearray()
         self._head_checked = False
+        self._start = 0  # where the request line starts (empty lines before it are skipped)
+        self._scanned = 0  # how far the strictness check has looked
 
     def _fail(self, status: int, detail: str) -> None:
         self._failed = True
@@ -362,26 +372,38 @@ class H11RequestParser:
     def feed(self, data: bytes) -> None:
         if self._failed:
             return
-        if not self._head_checked and data:
-            buf = self._head_buf
-            buf += data
-            start = 0
-            while buf.startswith(b"\r\n", start):  # empty lines before a request are allowed
-                start += 2
-            end = buf.find(b"\r\n\r\n", start)
-            region = buf[start:] if end < 0 else buf[start : end + 2]
-            line_end = region.find(b"\r\n")
-            if (line_end < 0 and len(region) > self._limits.max_request_line) or (
-                    line_end > self._limits.max_request_line):
-                return self._fail(414, "request line too long")
-            if _STRICT_HEAD.search(region) is not None:
-                return self._fail(400, "invalid character, bare line break or obs-fold in head")
-            if end < 0:
-                if len(region) > self._limits.max_header_bytes + self._limits.max_request_line:
-                    return self._fail(431, "request headers too large")
-            else:
-                self._head_checked = True
-        self._conn.receive_data(data)
+        if self._head_checked:
+            self._conn.receive_data(data)
+            self._pump()
+            return
+        if not data:
+            return
+        limits = self._limits
+        buf = self._head_buf
+        buf += data
+        start = self._start
+        while buf.startswith(b"\r\n", start):  # empty lines before a request are allowed
+            start += 2
+        self._start = start
+        end = buf.find(b"\r\n\r\n", max(start, self._scanned - 3))
+        region_end = len(buf) if end < 0 else end + 2
+        if _STRICT_HEAD.search(buf, max(start, self._scanned - 1), region_end) is not None:
+            return self._fail(400, "invalid character, bare line break or obs-fold in head")
+        self._scanned = region_end
+        line_end = buf.find(b"\r\n", start, region_end)
+        # Without its line end yet, a trailing CR may be the start of the request line's CRLF.
+        line_length = (line_end if line_end >= 0 else len(buf) - buf.endswith(b"\r")) - start
+        if line_length > limits.max_request_line:
+            return self._fail(414, "request line too long")
+        if end < 0:
+            if line_end >= 0 and len(buf) - line_end > limits.max_header_bytes:
+                return self._fail(431, "request headers too large")
+            return
+        if end - line_end > limits.max_header_bytes:
+            return self._fail(431, "request headers too large")
+        self._head_checked = True
+        self._conn.receive_data(bytes(buf[start:]))
+        buf.clear()
         self._pump()
 
     def _pump(self) -> None:
@@ -396,13 +418,11 @@ class H11RequestParser:
                 self.events.append(bytes(event.data))  # type: ignore[union-attr]
             elif kind is h11.Request:
                 req: h11.Request = event  # type: ignore[assignment]
-                if len(req.target) > self._limits.max_request_line:
-                    return self._fail(414, "request line too long")
                 if len(req.headers) > self._limits.max_headers:
                     return self._fail(431, "too many request headers")
-                headers = [(name, value) for name, value in req.headers]
                 self.events.append(RequestHead(req.method, req.target,
-                                               req.http_version.decode("ascii"), headers))
+                                               req.http_version.decode("ascii"),
+                                               list(req.headers.raw_items())))
             elif kind is h11.EndOfMessage:
                 self.events.append(END)
                 return
@@ -412,13 +432,16 @@ class H11RequestParser:
     def feed_eof(self) -> None:
         if self._failed:
             return
-        if self._conn.their_state is h11.IDLE and not self._head_buf.strip():
+        if not self._head_checked:
+            if self._head_buf[self._start:]:
+                self._fail(400, "connection closed in the middle of a request")
             return
         if self._conn.their_state is not h11.DONE:
             self._fail(400, "connection closed in the middle of a request")
 
     def next_cycle(self) -> None:
-        leftover = bytes(self._conn.trailing_data[0])
+        leftover = bytes(self._conn.trailing_data[0]) if self._head_checked else bytes(
+            self._head_buf)
         self._new_cycle()
         if leftover:
             self.feed(leftover)
@@ -475,7 +498,7 @@ class H11ResponseParser:
                 resp: h11.Response = event  # type: ignore[assignment]
                 self.events.append(ResponseHead(resp.status_code, resp.reason,
                                                 resp.http_version.decode("ascii"),
-                                                list(resp.headers)))
+                                                list(resp.headers.raw_items())))
                 if kind is h11.InformationalResponse:
                     self.events.append(END)
                     if resp.status_code == 101:

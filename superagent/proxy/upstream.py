@@ -22,6 +22,9 @@ from superagent.proxy.parsers import ResponseParser, response_parser
 from superagent.proxy.snapshot import AppRoute, Instance, RoutingSnapshot
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+# Idle age after which a pooled connection is always peeked at: servers time idle
+# connections out after seconds (gunicorn 2 s, Node 5 s), never within a busy second.
+PEEK_AFTER = 1.0
 
 
 class UpstreamConn:
@@ -75,13 +78,16 @@ class Upstream:
         """A pooled connection, or None; stale ones are closed on the way.
 
         ``check`` peeks at the socket (one syscall) to catch a connection the upstream
-        closed while it sat idle. The caller skips it only for requests it may replay on a
-        fresh connection when the pooled one yields no response byte.
+        closed (or sent a stray answer on) while it sat idle. The caller skips it for
+        requests it may replay on a fresh connection when the pooled one yields no response
+        byte — unless the connection sat idle long enough for a server to time it out.
         """
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < max_idle_age and (not check or conn.looks_alive()):
+            age = now - conn.idle_since
+            if age < max_idle_age and (
+                    (not check and age < PEEK_AFTER) or conn.looks_alive()):
                 return conn
             conn.close()
         return None

@@ -163,8 +163,8 @@ class Worker:
             except OSError as exc:
                 for sock in fresh.values():
                     sock.close()
-                raise ConfigError(f"cannot listen on {lst.host}:{lst.port}: {exc.strerror}",
-                                  source="snapshot", key="listen") from None
+                raise ConfigError(f"cannot listen on {lst.host}:{lst.port}: {exc.strerror}"
+                                  ) from None
         self.state.apply(snapshot)
         for key, sock in fresh.items():
             scope = trio.CancelScope()

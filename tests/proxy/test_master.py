@@ -640,8 +640,7 @@ def test_reload_flags_restart_only_for_changed_process_settings(
 
 def test_reload_adds_and_removes_a_dedicated_port(upstream: Callable[[str], Upstream],
                                                   proxy: Callable[..., ProxyProcess]) -> None:
-    """A dedicated port added by reload listens in every worker (refused while taken); removal
-    closes it."""
+    """A reloaded dedicated port is refused while taken, then served by all workers, then shut."""
     a, b = upstream("a"), upstream("b")
     base: dict[str, str] = {}
 
