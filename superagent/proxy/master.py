@@ -111,39 +111,47 @@ class ProxyMaster:
     async def _supervise(self, handle: WorkerHandle,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
-        while not self.stopping:
-            read_fd, write_fd = os.pipe()
-            try:
-                handle.proc = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "superagent.proxy.worker",
-                     "--control", handle.control_path, "--parser", self.process.parser,
-                     "--grace", str(self.process.grace), "--exit-with-parent",
-                     "--ready-fd", str(write_fd), "--log-level", self.log_level],
-                    pass_fds=(write_fd,))
-            finally:
-                os.close(write_fd)
-            ready = await _wait_ready(read_fd)
-            if not ready:
-                log.error("worker did not become ready", worker=handle.index)
-                handle.proc.kill()
-            elif started:
+        # The lifeline: the worker holds the read end, this process the write end; when this
+        # process dies, however it dies, the worker sees EOF and stops gracefully.
+        lifeline_read, lifeline_write = os.pipe()
+        try:
+            while not self.stopping:
+                read_fd, write_fd = os.pipe()
                 try:
-                    await self._push_one(handle, self.snapshot)
-                except (control.ControlError, ConfigError) as exc:
-                    log.error("restarted worker refused the snapshot", worker=handle.index,
-                              error=str(exc))
-            if not started:
+                    handle.proc = await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "superagent.proxy.worker",
+                         "--control", handle.control_path, "--parser", self.process.parser,
+                         "--grace", str(self.process.grace), "--lifeline-fd", str(lifeline_read),
+                         "--ready-fd", str(write_fd), "--log-level", self.log_level],
+                        pass_fds=(write_fd, lifeline_read))
+                finally:
+                    os.close(write_fd)
+                ready = await _wait_ready(read_fd)
                 if not ready:
-                    raise ConfigError("a proxy worker failed to start; see its log above")
-                started = True
-                task_status.started()
-            code = await handle.proc.wait()
-            if self.stopping:
-                return
-            delay = RESTART_BACKOFF[min(handle.restarts, len(RESTART_BACKOFF) - 1)]
-            handle.restarts += 1
-            log.error("worker exited; restarting", worker=handle.index, code=code, delay=delay)
-            await trio.sleep(delay)
+                    log.error("worker did not become ready", worker=handle.index)
+                    handle.proc.kill()
+                elif started:
+                    try:
+                        await self._push_one(handle, self.snapshot)
+                    except (control.ControlError, ConfigError) as exc:
+                        log.error("restarted worker refused the snapshot", worker=handle.index,
+                                  error=str(exc))
+                if not started:
+                    if not ready:
+                        raise ConfigError("a proxy worker failed to start; see its log above")
+                    started = True
+                    task_status.started()
+                code = await handle.proc.wait()
+                if self.stopping:
+                    return
+                delay = RESTART_BACKOFF[min(handle.restarts, len(RESTART_BACKOFF) - 1)]
+                handle.restarts += 1
+                log.error("worker exited; restarting", worker=handle.index, code=code,
+                          delay=delay)
+                await trio.sleep(delay)
+        finally:
+            os.close(lifeline_read)
+            os.close(lifeline_write)
 
     async def _stop_workers(self) -> None:
         self.stopping = True

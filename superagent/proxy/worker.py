@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -78,38 +77,57 @@ class Worker:
     def __repr__(self) -> str:
         return f"<Worker pid={os.getpid()} {self.state!r} listeners={sorted(self._listeners)}>"
 
-    async def run(self, control_path: str,
+    async def run(self, control_path: str, lifeline: int | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until SIGTERM/SIGINT, then drain connections within the grace period."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as outer:
-                async with trio.open_nursery() as connections:
-                    self._connections = connections
-                    async with trio.open_nursery() as listeners:
-                        self._listen_nursery = listeners
-                        await outer.start(control.serve_control, control_path, self.handle)
-                        outer.start_soon(self._reap)
-                        if self.state.access_log is not None:
-                            outer.start_soon(self._flush_access_log)
-                        task_status.started()
-                        log.info("worker ready", control=control_path)
-                        async for signum in signals:
-                            log.info("worker stopping", signal=signal.Signals(signum).name,
-                                     connections=self.state.connections, grace=self.grace)
-                            break
-                        self._stop_listening()
-                        listeners.cancel_scope.cancel()
-                    self.state.begin_shutdown()
-                    if not self.state.live:
-                        self._all_closed.set()
-                    with trio.move_on_after(self.grace):
-                        await self._all_closed.wait()
-                    connections.cancel_scope.cancel()
-                outer.cancel_scope.cancel()
+        """Serve until SIGTERM/SIGINT (or EOF on the ``lifeline`` fd: the driver died), then
+        drain connections within the grace period."""
+        stop = trio.Event()
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as connections:
+                self._connections = connections
+                async with trio.open_nursery() as listeners:
+                    self._listen_nursery = listeners
+                    await outer.start(control.serve_control, control_path, self.handle)
+                    await outer.start(self._watch_signals, stop)
+                    if lifeline is not None:
+                        outer.start_soon(self._watch_lifeline, lifeline, stop)
+                    outer.start_soon(self._reap)
+                    if self.state.access_log is not None:
+                        outer.start_soon(self._flush_access_log)
+                    task_status.started()
+                    log.info("worker ready", control=control_path)
+                    await stop.wait()
+                    self._stop_listening()
+                    listeners.cancel_scope.cancel()
+                self.state.begin_shutdown()
+                if not self.state.live:
+                    self._all_closed.set()
+                with trio.move_on_after(self.grace):
+                    await self._all_closed.wait()
+                connections.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
         if self.state.access_log is not None:
             self.state.access_log.flush()
         self.state.upstreams.close_all()
         log.info("worker stopped")
+
+    async def _watch_signals(self, stop: trio.Event,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("worker stopping", signal=signal.Signals(signum).name,
+                         connections=self.state.connections, grace=self.grace)
+                stop.set()
+                return
+
+    async def _watch_lifeline(self, fd: int, stop: trio.Event) -> None:
+        """The driver holds the other end of this pipe: EOF means it is gone."""
+        await trio.lowlevel.wait_readable(fd)
+        log.info("worker stopping", reason="its driver exited",
+                 connections=self.state.connections, grace=self.grace)
+        stop.set()
 
     async def _reap(self) -> None:
         while True:
@@ -221,34 +239,24 @@ class Worker:
                 self._all_closed.set()
 
 
-def _exit_with_parent() -> None:
-    """Ask Linux to send SIGTERM when the parent dies (standalone proxy only)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        log.warning("cannot tie the worker's life to its parent on this system")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="superagent-proxy-worker")
     parser.add_argument("--control", required=True, help="Unix socket path for the driver")
     parser.add_argument("--parser", choices=PARSERS, default="httptools")
     parser.add_argument("--grace", type=float, default=30.0)
-    parser.add_argument("--exit-with-parent", action="store_true")
+    parser.add_argument("--lifeline-fd", type=int,
+                        help="stop when this pipe reports EOF (its writer, the driver, exited)")
     parser.add_argument("--ready-fd", type=int, help="write one line here once serving control")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     setup_logging(args.log_level, json=True)
-    if args.exit_with_parent:
-        _exit_with_parent()
     out = sys.stdout.buffer
     access_log = AccessLog(lambda data: (out.write(data), out.flush()))
     worker = Worker(parser=args.parser, grace=args.grace, access_log=access_log)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(worker.run, args.control)
+            await nursery.start(worker.run, args.control, args.lifeline_fd)
             if args.ready_fd is not None:
                 os.write(args.ready_fd, b"ready\n")
                 os.close(args.ready_fd)
