@@ -25,7 +25,8 @@ def _proxy(args: argparse.Namespace) -> int:
     from superagent.proxy.config import load_config
     from superagent.proxy.master import ProxyMaster
 
-    process, snapshot = load_config(args.config)
+    file_process, snapshot = load_config(args.config)
+    process = file_process
     if args.workers is not None:
         if args.workers < 0:
             raise SuperagentError("--workers must be 0 (one per CPU) or more")
@@ -48,7 +49,7 @@ def _proxy(args: argparse.Namespace) -> int:
                   f" {process.worker_count()} workers)")
         return 0
     master = ProxyMaster(config_path=args.config, process=process, snapshot=snapshot,
-                         log_level=args.log_level)
+                         log_level=args.log_level, file_process=file_process)
     trio.run(master.run)
     return 0
 

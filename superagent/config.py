@@ -66,6 +66,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not valid TOML: not UTF-8 text (byte {exc.start})",
+                          source=str(path)) from exc
 
 
 

@@ -53,7 +53,7 @@ class ProxyConfig:
 def parse_address(value: str, *, source: str, key: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) into a tuple; raises ConfigError."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"expected 'host:port', got {value!r}", source=source, key=key)
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)

@@ -17,6 +17,7 @@ grace period, and are killed if they outlive it by ``KILL_MARGIN``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -61,9 +62,11 @@ class ProxyMaster:
     """Drives the workers of ``superagent proxy`` (see the module docstring)."""
 
     def __init__(self, *, config_path: str | None, process: ProxyConfig,
-                 snapshot: RoutingSnapshot, log_level: str = "info") -> None:
+                 snapshot: RoutingSnapshot, log_level: str = "info",
+                 file_process: ProxyConfig | None = None) -> None:
         self.config_path = config_path
-        self.process = process
+        self.process = process  # in force: the file's settings plus command-line overrides
+        self.file_process = file_process or process  # as the file said, to detect changes
         self.snapshot = snapshot
         self.log_level = log_level
         self.node_draining = False
@@ -80,32 +83,37 @@ class ProxyMaster:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM/SIGINT; raises ConfigError if the first snapshot is refused."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as nursery:
-                for handle in self.workers:
-                    await nursery.start(self._supervise, handle)
-                await self.push(self.snapshot)
-                if self.process.admin is not None:
-                    from superagent.proxy.admin import serve_admin
-
-                    _check_bindable(self.process.admin, self.config_path)
-                    await nursery.start(serve_admin, self, self.process.admin)
-                if self.config_path is not None:
-                    nursery.start_soon(self._watch_config)
-                log.info("proxy ready", workers=len(self.workers), parser=self.process.parser,
-                         listeners=[f"{lst.host}:{lst.port}" for lst in self.snapshot.listeners],
-                         admin=(f"{self.process.admin[0]}:{self.process.admin[1]}"
-                                if self.process.admin else None),
-                         version=self.snapshot.version)
-                task_status.started()
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async with trio.open_nursery() as nursery:
+                    await self._start(nursery)
+                    task_status.started()
+                    async for signum in sigs:
+                        if signum != signal.SIGHUP:
+                            break
                         nursery.start_soon(self.reload)
-                        continue
-                    break
-                await self._stop_workers()
-                nursery.cancel_scope.cancel()
+                    await self._stop_workers()
+                    nursery.cancel_scope.cancel()
+        finally:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("proxy stopped")
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        for handle in self.workers:
+            await nursery.start(self._supervise, handle)
+        await self.push(self.snapshot)
+        admin = self.process.admin
+        if admin is not None:
+            from superagent.proxy.admin import serve_admin
+
+            _check_bindable(admin, self.config_path)
+            await nursery.start(serve_admin, self, admin)
+        if self.config_path is not None:
+            nursery.start_soon(self._watch_config)
+        log.info("proxy ready", workers=len(self.workers), parser=self.process.parser,
+                 listeners=[f"{lst.host}:{lst.port}" for lst in self.snapshot.listeners],
+                 admin=f"{admin[0]}:{admin[1]}" if admin else None,
+                 version=self.snapshot.version)
 
     # ------------------------------------------------------------------ workers
     async def _supervise(self, handle: WorkerHandle,
@@ -211,7 +219,8 @@ class ProxyMaster:
                           version=self.snapshot.version)
                 return {"ok": False, "error": str(exc), "version": self.snapshot.version}
             fixed = [k for k in ("parser", "workers", "admin", "grace")
-                     if getattr(process, k) != getattr(self.process, k)]
+                     if getattr(process, k) != getattr(self.file_process, k)]
+            self.file_process = process
             if fixed:
                 log.warning("these settings change only on restart", keys=fixed)
             log.info("config reloaded", version=snapshot.version, apps=len(snapshot.apps))
@@ -227,12 +236,16 @@ class ProxyMaster:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     async def _watch_config(self) -> None:
+        seen = self._stat
         while True:
             await trio.sleep(WATCH_INTERVAL)
             stat = self._file_stat()
-            if stat is not None and stat != self._stat:
+            # Reload once the change has settled for an interval: an editor that truncates
+            # and rewrites in place must not get its half-written file loaded.
+            if stat is not None and stat != self._stat and stat == seen:
                 log.info("config file changed; reloading", path=self.config_path)
                 await self.reload()
+            seen = stat
 
     # ------------------------------------------------------------------ queries
     async def broadcast(self, message: dict[str, Any]) -> list[dict[str, Any]]:

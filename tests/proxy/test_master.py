@@ -34,6 +34,7 @@ READY_TIMEOUT = 30.0  # a cold start imports trio, httptools, starlette: ~2 s no
 STEP_TIMEOUT = 15.0  # any single condition we wait for
 POLL = 0.02  # poll interval of wait_for (a poll, not a stand-in for synchronisation)
 GATE_TIMEOUT = 30.0  # a slow upstream request never blocks longer than this
+GRACE = 5.0  # [proxy] grace of every config here: SIGTERM must finish within it
 T = TypeVar("T")
 
 
@@ -79,6 +80,15 @@ def connection_refused(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+
+
+def group_gone(pgid: int) -> bool:
+    """True when no process of the process group ``pgid`` is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def write_atomically(path: Path, text: str | bytes) -> None:
@@ -291,8 +301,8 @@ def proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     # Unix socket paths are limited to ~107 bytes, so the master's run dir gets a short TMPDIR.
     run_dirs: list[Path] = []
 
-    def start(config: ConfigFn, *, workers: int | None = 2, parser: str | None = None,
-              grace: float = 5.0) -> ProxyProcess:
+    def start(config: ConfigFn, *, workers: int | None = 2,
+              parser: str | None = None) -> ProxyProcess:
         last = ""
         for attempt in range(3):  # a free port can be taken by someone else meanwhile
             port, admin_port = free_port(), free_port()
@@ -311,7 +321,7 @@ def proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
                 proc = subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=fout,
                                         stderr=ferr, env=env, start_new_session=True)
             p = ProxyProcess(proc=proc, config=path, port=port, admin_port=admin_port,
-                             stdout=out, stderr=err, run_dir=run_dir, grace=grace)
+                             stdout=out, stderr=err, run_dir=run_dir, grace=GRACE)
             started.append(p)
 
             def ready(p: ProxyProcess = p) -> bool:
@@ -338,7 +348,7 @@ def proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
 
 def proxy_section(port: int, admin_port: int, *, extra: str = "") -> str:
     return (f'[proxy]\nlisten = ["127.0.0.1:{port}"]\nadmin = "127.0.0.1:{admin_port}"\n'
-            f'grace = "5s"\n{extra}\n')
+            f'grace = "{GRACE:g}s"\n{extra}\n')
 
 
 class SlowRequest:
@@ -632,7 +642,7 @@ def test_reload_flags_restart_only_for_changed_process_settings(
     assert r.json()["restart_needed"] == []
     assert not p.events("these settings change only on restart")
 
-    write_atomically(p.config, base["text"].replace('grace = "5s"', 'grace = "7s"'))
+    write_atomically(p.config, base["text"].replace(f'grace = "{GRACE:g}s"', 'grace = "7s"'))
     r = p.admin("POST", "/api/v1/reload")
     assert r.status_code == 200, r.text
     assert r.json()["restart_needed"] == ["grace"]
@@ -786,6 +796,7 @@ def test_sigterm_finishes_in_flight_request_then_exits_zero(
     elapsed = time.monotonic() - sent
     assert code == 0, p.stderr_text()
     assert elapsed < p.grace, f"exit took {elapsed:.1f}s, grace is {p.grace}s"
+    assert group_gone(p.proc.pid), "workers outlived the master"
     events = [line.get("event") for line in p.logs()]
     assert "proxy stopped" in events
     assert events.count("worker stopped") == 2
@@ -807,6 +818,37 @@ def test_clean_stop_leaves_no_files(upstream: Callable[[str], Upstream],
     assert p.proc.wait(timeout=p.grace + 10) == 0
     left = sorted(str(f.relative_to(p.run_dir)) for f in p.run_dir.rglob("*"))
     assert left == [], f"left behind in TMPDIR: {left}"
+
+
+@pytest.mark.parametrize("which", ["listen", "admin"])
+def test_taken_port_fails_startup_with_one_line(which: str, tmp_path: Path,
+                                                upstream: Callable[[str], Upstream]) -> None:
+    """A listen or admin port already taken stops startup: exit 2, one line, no workers left."""
+    a = upstream("a")
+    with socket.socket() as taken:  # held without SO_REUSEPORT
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy, free = int(taken.getsockname()[1]), free_port()
+        port, admin = (busy, free) if which == "listen" else (free, busy)
+        path = tmp_path / "proxy.toml"
+        path.write_text(proxy_section(port, admin) + app_toml("a", [a], prefix="/a"))
+        proc = subprocess.Popen([sys.executable, "-m", "superagent", "proxy", "--config",
+                                 str(path), "--workers", "2"], cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _out, err = proc.communicate(timeout=READY_TIMEOUT)
+            wait_for(lambda: group_gone(proc.pid), "the failed proxy's workers to exit", 10.0)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    plain = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(plain) == 1, err
+    assert plain[0].startswith("superagent proxy: ")
+    assert f"cannot listen on 127.0.0.1:{busy}" in plain[0]
 
 
 @pytest.mark.slow
