@@ -261,6 +261,7 @@ class ClientConnection:
             data = await recv(self.sock, True)
             if not data:
                 return None
+            self.x = _Exchange()  # a request has begun: its time and any 408 count from here
             self.parser.feed(data)
             if not events:
                 self.arm("client-header", settings.header_timeout)
@@ -269,6 +270,7 @@ class ClientConnection:
                     if not data:
                         self.parser.feed_eof()
                         if not events:
+                            self.x = None  # nothing that could be answered
                             return None
                         break
                     self.parser.feed(data)
@@ -276,7 +278,8 @@ class ClientConnection:
         if type(event) is RequestHead:
             return event
         if isinstance(event, ParseFailure):
-            self.x = _Exchange()
+            if self.x is None:
+                self.x = _Exchange()
             code = _STATUS_CODES.get(event.status, "bad-request")
             await self._answer_error(ProtocolError(event.status, event.detail, code))
             self._account()
@@ -286,7 +289,9 @@ class ClientConnection:
     async def _serve(self, head: RequestHead) -> bool:
         """Answer one request; True when the connection stays open for the next."""
         state = self.state
-        x = self.x = _Exchange()
+        x = self.x
+        if x is None:  # a pipelined request, already parsed
+            x = self.x = _Exchange()
         req: Request | None = None
         keep_alive = False
         try:
@@ -438,6 +443,9 @@ class ClientConnection:
             x.body_consumed = True
             return []
         if END not in events:
+            for event in events:
+                if isinstance(event, ParseFailure):  # refuse before anything reaches the app
+                    raise ProtocolError(event.status, event.detail)
             return None
         parts: list[bytes] = []
         size = 0
@@ -495,13 +503,13 @@ class ClientConnection:
         pooled = False
         try:
             if body is not None:
-                if not body:
-                    payload = head
-                elif req.chunked:
+                if req.chunked:
                     payload = head + b"".join([http1.chunk(b) for b in body if b]) + (
                         http1.LAST_CHUNK)
-                else:
+                elif body:
                     payload = head + b"".join(body)
+                else:
+                    payload = head
                 self.arm("upstream-idle", timeouts.idle)
                 try:
                     await send_all(conn.sock, payload)
@@ -517,19 +525,25 @@ class ClientConnection:
                 await send_all(conn.sock, head)
             except PeerGone:
                 raise _Stale from None
+            # Errors are carried out of the nursery by hand: raised inside it they would
+            # arrive wrapped in an exception group.
+            error: BaseException | None = None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(upload.run)
+                nursery.start_soon(upload.run)  # never raises: failures land in upload.error
                 try:
                     keep, pooled = await self._respond(conn, up, req, timeouts, keep_alive,
                                                        upload)
-                except (_Stale, UpstreamError):
-                    if upload.error is not None:
-                        raise upload.error from None
-                    raise
-                if not upload.done.is_set():
-                    # The response is complete but the client is still sending: stop reading.
+                except (_Stale, UpstreamError) as exc:
+                    error = upload.error or exc  # the upload's failure explains the upstream's
+                except (HTTPError, _Aborted, PeerGone) as exc:
+                    error = exc
+                if error is not None or not upload.done.is_set():
+                    # Failed, or the response is complete while the client is still sending:
+                    # stop reading the body (the connection closes).
                     nursery.cancel_scope.cancel()
-                    return False
+                    keep = False
+            if error is not None:
+                raise error
             return keep and upload.error is None
         finally:
             if not pooled:

@@ -6,7 +6,9 @@ Everything runs in the test's trio loop on loopback:
   test comes from the ``parser`` fixture, so every test using it runs against
   both backends) on a free port, applies a routing snapshot built from a
   TOML-like dict, and yields a ``Proxy`` with its port, the captured
-  access-log lines and the control messages.
+  access-log lines and the control messages. The worker module's logger is
+  wrapped so an error it logs (a connection task that raised) fails the test,
+  traceback included.
 * ``upstream(handler)`` serves HTTP/1.1 on a free port; ``handler`` gets one
   ``UpConn`` per accepted connection (h11 server state plus raw-byte access)
   and every parsed request is recorded. Built-in handlers: ``"echo"``,
@@ -27,16 +29,17 @@ import itertools
 import json
 import re
 import socket
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import h11
 import pytest
-import structlog
 import trio
 import trio.testing
 
+from superagent.proxy import worker as worker_module
 from superagent.proxy.accesslog import AccessLog
 from superagent.proxy.config import config_from_document
 from superagent.proxy.worker import Worker
@@ -595,21 +598,54 @@ def build_request(method: str = "GET", target: str = "/", headers: Any = (), bod
 
 # --------------------------------------------------------------------------- proxy
 
+class FailureLog:
+    """Stands in for the worker module's logger: forwards everything, and remembers each
+    error it is asked to log (with the traceback being handled), so a connection task that
+    died of an unexpected exception fails the test instead of passing silently."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.failures: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<FailureLog failures={len(self.failures)}>"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _record(self, event: str, fields: dict[str, Any]) -> None:
+        self.failures.append(f"{event} {fields}\n{traceback.format_exc()}")
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._record(event, fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._record(event, fields)
+
+    critical = error
+
+
 class Proxy:
     """A running worker: its port, control messages, snapshots and access log."""
 
     _sockets = itertools.count()
 
     def __init__(self, worker: Worker, port: int, log_chunks: list[bytes],
-                 access: AccessLog) -> None:
+                 access: AccessLog, failure_log: FailureLog) -> None:
         self.worker = worker
         self.port = port
         self.version = 0
         self._log_chunks = log_chunks
         self._access = access
+        self.failure_log = failure_log
 
     def __repr__(self) -> str:
         return f"<Proxy port={self.port} v{self.version} {self.worker!r}>"
+
+    @property
+    def failures(self) -> list[str]:
+        """Errors the worker logged so far (a connection task that raised, for example)."""
+        return self.failure_log.failures
 
     def document(self, apps: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         proxy = {"listen": [f"127.0.0.1:{self.port}"], "admin": "off"}
@@ -660,10 +696,12 @@ class Proxy:
 
 
 @pytest.fixture
-def make_proxy(parser: str, tmp_path: Path
+def make_proxy(parser: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                ) -> Callable[..., contextlib.AbstractAsyncContextManager[Proxy]]:
     """Factory: ``async with make_proxy(apps, **proxy_settings) as proxy``; on a clean exit it
-    also checks that no connection task failed with an unexpected exception."""
+    also checks that the worker logged no error (a connection task that raised)."""
+    failure_log = FailureLog(worker_module.log)
+    monkeypatch.setattr(worker_module, "log", failure_log)
 
     @contextlib.asynccontextmanager
     async def start(apps: dict[str, Any], **settings: Any) -> AsyncIterator[Proxy]:
@@ -671,18 +709,18 @@ def make_proxy(parser: str, tmp_path: Path
         access = AccessLog(chunks.append)
         worker = Worker(parser=parser, grace=0.5, access_log=access)
         control_path = str(tmp_path / f"w{next(Proxy._sockets)}.sock")
-        with reserved_port() as port, structlog.testing.capture_logs() as logs:
+        with reserved_port() as port:
             async with trio.open_nursery() as nursery:
                 await nursery.start(worker.run, control_path)
-                proxy = Proxy(worker, port, chunks, access)
+                proxy = Proxy(worker, port, chunks, access, failure_log)
                 try:
                     proxy.apply(apps, **settings)
                     yield proxy
+                    await trio.testing.wait_all_tasks_blocked()  # let failing tasks log
                 finally:
                     nursery.cancel_scope.cancel()
             worker.state.upstreams.close_all()  # the cancelled worker skipped its own cleanup
-        failures = [e for e in logs if e.get("log_level") in ("error", "critical", "exception")]
-        assert not failures, f"the worker logged failures: {failures}"
+        assert not failure_log.failures, "the worker logged errors:\n" + "\n".join(
+            failure_log.failures)
 
     return start
-

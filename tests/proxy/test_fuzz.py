@@ -16,7 +16,6 @@ import contextlib
 import string
 from typing import Any
 
-import structlog
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -24,19 +23,27 @@ from hypothesis import strategies as st
 
 EXAMPLE_DEADLINE = 3.0  # one example: connect, send, read until closed
 TOKEN = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
+HOP_NAMES = ["Connection", "Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connection",
+             "Proxy-Authorization", "X-Forwarded-For", "X-Forwarded-Host", "Forwarded",
+             "X-Request-Id", "Via", "Expect", "X-Named"]
 NAMES = st.one_of(
-    st.sampled_from(["Host", "Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive",
-                     "TE", "Trailer", "Upgrade", "Expect", "X-Forwarded-For", "Forwarded",
-                     "X-Request-Id", "Proxy-Connection", "Via", "content-length",
-                     "transfer-encoding", "Transfer-Encoding ", " Host", "Content-Length:"]),
+    st.sampled_from([*HOP_NAMES, "Host", "Content-Length", "Transfer-Encoding",
+                     "content-length", "transfer-encoding", "Transfer-Encoding ", " Host",
+                     "Content-Length:"]),
     st.text(alphabet=TOKEN, min_size=1, max_size=12),
     st.binary(max_size=8).map(lambda b: b.decode("latin-1")),
 )
+TOKEN_VALUES = st.one_of(
+    st.sampled_from(["close", "keep-alive", "upgrade", "Upgrade, X-Named", "X-Named, TE",
+                     "trailers", "h2c", "websocket", "1.0 other", "for=1.2.3.4", "req-1",
+                     "bad id", "100-continue", "app.test"]),
+    st.text(alphabet=TOKEN + " ,;=", max_size=20),
+)
 VALUES = st.one_of(
+    TOKEN_VALUES,
     st.sampled_from(["chunked", "Chunked", "chunked, identity", "identity", "gzip, chunked",
                      "0", "5", "-1", "+5", "5, 5", "5,6", " 7 ", "0x10",
-                     "99999999999999999999", "close", "keep-alive", "upgrade",
-                     "Upgrade, X-Drop", "100-continue", "app.test", "", "a\tb", "h2c"]),
+                     "99999999999999999999", "", "a\tb"]),
     st.text(alphabet=string.printable, max_size=20),
     st.binary(max_size=12).map(lambda b: b.decode("latin-1")),
 )
@@ -46,18 +53,27 @@ FRAMINGS = ["length", "chunked", "none", "both", "double-length", "short-length"
 
 
 @st.composite
-def requests(draw: st.DrawFn) -> bytes:
-    """A request that is valid or nearly so: random headers and framing combinations."""
+def requests(draw: st.DrawFn, *, plausible: bool = False) -> bytes:
+    """A request that is valid or nearly so: random headers and framing combinations.
+
+    ``plausible`` keeps the request line, the Host and the header syntax valid, so the
+    request usually reaches the upstream and the canonical-form checks have work to do.
+    """
     method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]))
-    target = draw(st.sampled_from(["/", "/a", "/a/b?c=d", "/%2e%2e/x", "//x//y", "*",
-                                   "http://app.test/abs", "/a%2Fb", "/~x", "x"]))
-    version = draw(st.sampled_from(["1.1", "1.1", "1.1", "1.0", "2.0", "0.9"]))
+    targets = ["/", "/a", "/a/b?c=d", "/%2e%2e/x", "//x//y", "http://app.test/abs", "/a%2Fb"]
+    if not plausible:
+        targets += ["*", "x", "/a b", "/\x00"]
+    target = draw(st.sampled_from(targets))
+    version = draw(st.sampled_from(["1.1"] * 5 + ["1.0"] + ([] if plausible else
+                                                             ["2.0", "0.9"])))
     headers: list[tuple[str, str]] = []
-    if draw(st.integers(0, 9)):
+    if plausible or draw(st.integers(0, 9)):
         headers.append(("Host", "app.test"))
-    headers += draw(st.lists(st.tuples(NAMES, VALUES), max_size=5))
+    names = st.sampled_from(HOP_NAMES) | st.text(alphabet=TOKEN, min_size=1, max_size=12)
+    headers += draw(st.lists(st.tuples(names, TOKEN_VALUES) if plausible
+                             else st.tuples(NAMES, VALUES), max_size=6))
     body = draw(st.binary(max_size=40))
-    framing = draw(st.sampled_from(FRAMINGS))
+    framing = draw(st.sampled_from(FRAMINGS[:3] if plausible else FRAMINGS))
     if framing in ("length", "double-length"):
         headers += [("Content-Length", str(len(body)))] * (2 if framing == "double-length" else 1)
     elif framing in ("short-length", "long-length"):
@@ -106,9 +122,12 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 
 PAYLOADS = st.one_of(
+    requests(plausible=True),
+    requests(plausible=True),
     requests(),
     mutated(),
-    st.lists(st.one_of(requests(), mutated()), min_size=2, max_size=3).map(b"".join),
+    st.lists(st.one_of(requests(plausible=True), requests(), mutated()),
+             min_size=2, max_size=3).map(b"".join),
     st.binary(max_size=200),
 )
 
@@ -124,7 +143,7 @@ async def test_random_bytes_never_break_the_proxy(make_proxy, upstream):
 
         async def check_one(data: bytes) -> None:
             nonlocal checked
-            with structlog.testing.capture_logs() as logs, trio.fail_after(EXAMPLE_DEADLINE):
+            with trio.fail_after(EXAMPLE_DEADLINE):
                 client = await proxy.connect()
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await client.send(data)
@@ -141,8 +160,8 @@ async def test_random_bytes_never_break_the_proxy(make_proxy, upstream):
                 alive = await proxy.request("GET", "/alive")
                 assert alive.status == 200, alive
                 await trio.testing.wait_all_tasks_blocked()
-            failures = [e for e in logs if e.get("log_level") in ("error", "critical")]
-            assert not failures, f"the worker logged failures: {failures}"
+            assert not proxy.failures, "the worker logged errors:\n" + "\n".join(
+                proxy.failures)
             assert not up.errors, up.errors
             for got in up.requests[checked:]:
                 got.assert_canonical()
