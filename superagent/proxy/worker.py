@@ -27,7 +27,7 @@ import trio
 
 from superagent.errors import ConfigError
 from superagent.log import setup_logging
-from superagent.proxy import control, netio
+from superagent.proxy import control, http1, netio
 from superagent.proxy.accesslog import AccessLog
 from superagent.proxy.config import PARSERS, snapshot_from_wire
 from superagent.proxy.connection import ClientConnection, WorkerState
@@ -37,10 +37,10 @@ BACKLOG = 4096  # connections the kernel queues per listener while the worker is
 ACCESS_LOG_FLUSH = 0.5  # seconds between access-log batch writes when traffic is light
 REAP_TICK = 0.05  # timeout precision: deadlines are checked this often
 ACCEPT_BACKOFF = 0.1  # pause after accept() fails for lack of descriptors
-OVERLOAD_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                     b"X-Superagent-Error: too-many-connections\r\nConnection: close\r\n"
-                     b"Content-Length: 62\r\n\r\n"
-                     b'{"error":"too-many-connections","status":503,"detail":"busy"}\n')
+# Answered, best effort, to a connection beyond max_connections before it is closed.
+OVERLOAD_RESPONSE = http1.error_response(503, "too-many-connections",
+                                         "the proxy worker is at its connection limit", b"-",
+                                         close=True)
 
 log = structlog.get_logger("superagent.proxy.worker")
 
