@@ -17,9 +17,9 @@ from typing import Any
 
 from superagent.errors import ConfigError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -35,7 +35,7 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"a duration must be a finite number of seconds >= 0, got {value}")
         return float(value)
     if isinstance(value, str):
-        match = _DURATION.match(value)
+        match = _DURATION.fullmatch(value)
         if match:
             return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     raise ValueError(f"expected a duration like '30s', '250ms', '5m', got {value!r}")
@@ -50,7 +50,7 @@ def parse_size(value: object) -> int:
             raise ValueError("a size cannot be negative")
         return value
     if isinstance(value, str):
-        match = _SIZE.match(value)
+        match = _SIZE.fullmatch(value)
         if match:
             unit = (match.group(2) or "").upper().rstrip("B").rstrip("I") or ""
             return int(match.group(1)) * _SIZE_UNITS[unit or ""]

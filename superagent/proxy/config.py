@@ -34,7 +34,7 @@ from superagent.proxy.snapshot import (
 )
 
 PARSERS = ("httptools", "h11")
-_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,7 +215,7 @@ def _positive(table: Table, name: str, default: float) -> float:
 
 def _read_app(apps: Table, name: str) -> AppRoute:
     t = apps.table(name)
-    if not _APP_NAME.match(name):
+    if not _APP_NAME.fullmatch(name):
         raise apps.error(name, "app names are letters, digits, '-', '_' and '.' (max 63)")
     instances = []
     raw_instances = t.raw("instances", [])

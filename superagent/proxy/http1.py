@@ -30,7 +30,7 @@ _REQUEST_OWNED = HOP_BY_HOP | {
     b"x-forwarded-host", b"forwarded", b"via", b"x-request-id",
 }
 _RESPONSE_OWNED = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id"}
-_REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
+_REQUEST_ID_OK = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,200}")
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 VIA = b"1.1 superagent"
 
@@ -122,7 +122,7 @@ def interpret_request(head: RequestHead) -> Request:
                 raise ProtocolError(417, "only 'Expect: 100-continue' is supported",
                                     code="expectation-failed")
         elif lname == b"x-request-id":
-            if _REQUEST_ID_OK.match(value):
+            if _REQUEST_ID_OK.fullmatch(value):
                 req.request_id = value
         elif lname == b"x-forwarded-for":
             req.xff = value if req.xff is None else req.xff + b", " + value

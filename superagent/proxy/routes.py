@@ -25,8 +25,8 @@ from superagent.proxy.snapshot import AppRoute, RoutingSnapshot
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
 # Characters a path may hold as they are (RFC 3986 pchar plus "/"); anything else is refused.
-_PATH_OK = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
-_HOST_OK = re.compile(r"^(?:[a-z0-9\-._~!$&'()*+,;=%]+|\[[0-9a-f:.]+\])$")
+_PATH_OK = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+_HOST_OK = re.compile(r"(?:[a-z0-9\-._~!$&'()*+,;=%]+|\[[0-9a-f:.]+\])")
 
 
 def normalize_path(path: str) -> str:
@@ -34,10 +34,10 @@ def normalize_path(path: str) -> str:
     if not path.startswith("/"):
         raise ProtocolError(400, "request target must start with '/'")
     if "%" not in path and "//" not in path and "/." not in path:
-        if _PATH_OK.match(path) is None:
+        if _PATH_OK.fullmatch(path) is None:
             raise ProtocolError(400, "invalid character in request path")
         return path
-    if _PATH_OK.match(path) is None:
+    if _PATH_OK.fullmatch(path) is None:
         raise ProtocolError(400, "invalid character in request path")
     if "%" in path:
         path = _decode_unreserved(path)
@@ -96,7 +96,7 @@ def normalize_host(value: str) -> str:
     if rest and (not rest.startswith(":") or not rest[1:].isdigit()) and rest != ":":
         raise ProtocolError(400, "malformed port in Host header")
     host = host.rstrip(".")
-    if not host or _HOST_OK.match(host) is None:
+    if not host or _HOST_OK.fullmatch(host) is None:
         raise ProtocolError(400, "malformed Host header")
     return host
 
