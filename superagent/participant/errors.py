@@ -1,0 +1,161 @@
+"""Errors of the participant agent, grouped by what the caller does next.
+
+Every error carries ``app`` and ``release`` (empty when unknown) and a
+``status_hint``: the HTTP status the RPC server answers with. 4xx means the
+caller sent something wrong (a bad archive, a wrong checksum, an unknown
+release) and retrying the same request cannot help; 422 means the app's own
+source failed (its manifest or its build) and the fix is a new release; 5xx is
+the agent's problem (disk, permissions, ports) and a retry may succeed.
+
+    ParticipantError
+    ├── ReleaseError              storage failure (500) and base of the below
+    │   ├── InvalidName           400  app or release name unusable as a directory name
+    │   ├── ChecksumMismatch      400  (409 when the release exists with another sha256)
+    │   ├── UnsafeArchive         400  a member the extractor refuses; ``member`` names it
+    │   │   └── ArchiveTooLarge   413  over the size or file-count limit
+    │   ├── UnknownRelease        404
+    │   ├── BadManifest           422  superagent.toml / Procfile invalid (wraps ConfigError)
+    │   └── BuildFailed           422  ``log_path``, ``tail``, ``returncode``, ``timed_out``
+    ├── IsolationError            500  cgroup, user or rlimits cannot be set up; ``path``
+    └── PortError                 500  a port cannot be handed out or adopted; ``port``
+        └── PortsExhaustedError   503  no free port in ``low``-``high``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from superagent.errors import SuperagentError
+
+
+class ParticipantError(SuperagentError):
+    """Base of the participant's errors; see the module docstring for the fields."""
+
+    status_hint: int = 500
+
+    def __init__(self, message: str, *, app: str = "", release: str = "",
+                 status_hint: int | None = None) -> None:
+        self.message = message
+        self.app = app
+        self.release = release
+        if status_hint is not None:
+            self.status_hint = status_hint
+        super().__init__(message)
+
+    def bind(self, *, app: str, release: str) -> Self:
+        """Fill in ``app`` and ``release`` where the raiser did not know them; returns self."""
+        self.app = self.app or app
+        self.release = self.release or release
+        return self
+
+    def __str__(self) -> str:
+        where = f"{self.app}@{self.release}" if self.app and self.release else self.app
+        return f"{where}: {self.message}" if where else self.message
+
+
+class ReleaseError(ParticipantError):
+    """A release could not be stored, prepared or found; as such, a storage failure (500)."""
+
+
+class InvalidName(ReleaseError):
+    """An app or release name that cannot safely be a directory name."""
+
+    status_hint = 400
+
+
+class ChecksumMismatch(ReleaseError):
+    """The archive is not the one the caller named: ``expected`` vs ``actual`` sha256."""
+
+    status_hint = 400
+
+    def __init__(self, message: str, *, expected: str, actual: str, app: str = "",
+                 release: str = "", status_hint: int | None = None) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(message, app=app, release=release, status_hint=status_hint)
+
+
+class UnsafeArchive(ReleaseError):
+    """The extractor refused the archive; ``member`` names the offending entry ("" if none)."""
+
+    status_hint = 400
+
+    def __init__(self, reason: str, *, member: str = "", app: str = "",
+                 release: str = "") -> None:
+        self.reason = reason
+        self.member = member
+        message = f"archive member {member!r}: {reason}" if member else f"archive: {reason}"
+        super().__init__(message, app=app, release=release)
+
+
+class ArchiveTooLarge(UnsafeArchive):
+    """The archive is over the total size or member-count limit."""
+
+    status_hint = 413
+
+
+class UnknownRelease(ReleaseError):
+    """No prepared release of that name."""
+
+    status_hint = 404
+
+
+class BadManifest(ReleaseError):
+    """The release's manifest is missing or invalid; the message names the file and key."""
+
+    status_hint = 422
+
+
+class BuildFailed(ReleaseError):
+    """The build command failed or timed out.
+
+    ``log_path`` is the kept build log, ``tail`` its last lines (for the deploy
+    record and the CLI), ``returncode`` the exit status (None after a timeout).
+    """
+
+    status_hint = 422
+
+    def __init__(self, message: str, *, log_path: Path | None, tail: str,
+                 returncode: int | None, timed_out: bool = False, app: str = "",
+                 release: str = "") -> None:
+        self.log_path = log_path
+        self.tail = tail
+        self.returncode = returncode
+        self.timed_out = timed_out
+        super().__init__(message, app=app, release=release)
+
+
+class IsolationError(ParticipantError):
+    """An instance cannot be isolated as asked: the supervisor does not start it.
+
+    ``app`` names the app (when known), ``path`` the file, directory or tool involved.
+    """
+
+    status_hint = 500
+
+    def __init__(self, message: str, *, app: str = "", path: str = "") -> None:
+        self.path = path
+        super().__init__(message, app=app)
+
+
+class PortError(ParticipantError):
+    """A port cannot be handed out or adopted; ``port`` names it when there is one."""
+
+    status_hint = 500
+
+    def __init__(self, message: str, *, port: int | None = None) -> None:
+        self.port = port
+        super().__init__(message)
+
+
+class PortsExhaustedError(PortError):
+    """Every port of the range is reserved, handed out or bound by someone else."""
+
+    status_hint = 503
+
+    def __init__(self, low: int, high: int, in_use: int) -> None:
+        self.low = low
+        self.high = high
+        super().__init__(f"no free port in {low}-{high}: {in_use} handed out, the rest reserved "
+                         "or bound by other processes")

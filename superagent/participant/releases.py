@@ -1,0 +1,514 @@
+"""Release directories: unpacking, the build, keep-the-last-K.
+
+Layout, one directory per prepared release::
+
+    root/<app>/<release>/                the release directory (HOME of the build)
+        src/                             the app source, built in place
+        build.log                        build output, stdout and stderr interleaved, last 1 MiB
+        release.json                     written last: its presence means "prepared"
+    root/<app>/<release>.failed.log      output of the last failed build of that release
+
+``ReleaseStore.prepare`` runs under a per-(app, release) ``trio.Lock``, so concurrent
+prepares of one release in this process do the work once and the later callers get the
+finished release. Steps: (1) a release.json with the same sha256 returns at once (with
+another sha256: ``ChecksumMismatch``, 409); (2) a directory without release.json is what an
+interrupted prepare left behind, and is removed; (3) the archive's sha256 is checked before
+a byte is unpacked; (4) ``archive.safe_extract`` unpacks it to src/; (5) the manifest is
+read from src/ (``load_manifest``); (6) with ``uid``/``gid`` the tree is chowned to the
+app's user and the build runs as that user; (7) build.log, then release.json are written,
+each through a temporary file and a rename. A failed build leaves ``<release>.failed.log``
+and no release directory.
+
+Why the release is built in place rather than in a temporary directory renamed at the end:
+builds bake absolute paths into their output (every script in a venv starts with
+``#!/abs/path/.venv/bin/python``), so a release must be built where it will run. Atomicity
+comes from release.json instead: every reader ignores a directory without it, and the next
+prepare (or gc) removes such a directory.
+
+Trust. The archive is hostile until ``safe_extract`` has checked every header (how, and
+what it refuses, is in ``archive``'s docstring), and the build is the app's own code: as
+root, the release directory belongs to the app's user only while its build runs; it is then
+handed back to the agent (mode 755), so the app cannot swap the build.log and release.json
+the agent writes afterwards. src/ stays the app user's. The spec is kept in release.json
+(``spec_to_json``) and read back from there, never again from src/, which the app may since
+have changed. (So at run time HOME is not writable by the app.) One ``ReleaseStore`` owns a
+root; two agents sharing one root are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from superagent.errors import ConfigError
+from superagent.participant.archive import MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES, safe_extract
+from superagent.participant.errors import (
+    BadManifest,
+    BuildFailed,
+    ChecksumMismatch,
+    InvalidName,
+    ParticipantError,
+    ReleaseError,
+    UnknownRelease,
+)
+from superagent.participant.manifest import AppSpec, load_manifest, spec_from_json, spec_to_json
+
+log = structlog.get_logger("superagent.participant")
+
+DEFAULT_KEEP = 3  # prepared releases kept per app: the current one plus rollback targets
+BUILD_TIMEOUT = 600.0  # seconds; a cold npm or pip install of a large app takes minutes
+BUILD_KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a build being stopped
+LOG_LIMIT = 1024**2  # bytes of build output kept; the end of a log is where the error is
+TAIL_LINES = 40  # lines of the log a BuildFailed carries to the deploy record and the CLI
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"  # build PATH when the agent has none
+BUILD_UMASK = 0o022  # whatever the agent's umask, the build makes files the runtime can read
+
+SRC = "src"
+BUILD_LOG = "build.log"
+RELEASE_JSON = "release.json"
+FAILED_LOG_SUFFIX = ".failed.log"
+
+# Directory names: no '/', no leading '.' (temporary and removing directories are hidden).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 64 * 1024  # read unit for build output
+
+
+# --- build -----------------------------------------------------------------------------------
+
+
+def default_build_command(src: Path) -> str | None:
+    """The detected build of a tree whose manifest has no ``[build] command``; None: none.
+
+    requirements.txt: a venv in ``.venv`` (made by the agent's own Python) and pip install;
+    package.json: ``npm ci`` with a package-lock.json, else ``npm install``. Both files: both.
+    """
+    steps: list[str] = []
+    if (src / "requirements.txt").is_file():
+        steps.append(f"{shlex.quote(sys.executable)} -m venv .venv && .venv/bin/pip install "
+                     "--disable-pip-version-check --no-input -r requirements.txt")
+    if (src / "package.json").is_file():
+        npm = "npm ci" if (src / "package-lock.json").is_file() else "npm install"
+        steps.append(f"{npm} --no-audit --no-fund")
+    return " && ".join(steps) or None
+
+
+@dataclass
+class _BuildOutput:
+    """The build log being collected: a header line, then the last ``limit`` bytes of output."""
+
+    head: bytes
+    limit: int = LOG_LIMIT
+    tail: bytearray = field(default_factory=bytearray)
+    dropped: int = 0
+
+    def feed(self, data: bytes | bytearray) -> None:
+        self.tail += data
+        excess = len(self.tail) - self.limit
+        if excess > 0:
+            del self.tail[:excess]
+            self.dropped += excess
+
+    def render(self, footer: str) -> bytes:
+        notice = f"[... {self.dropped} bytes of output dropped ...]\n" if self.dropped else ""
+        newline = b"\n" if self.tail and not self.tail.endswith(b"\n") else b""
+        return self.head + notice.encode() + bytes(self.tail) + newline + footer.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _BuildResult:
+    returncode: int | None  # None: timed out
+    log: bytes
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+async def _run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: int | None,
+                     gid: int | None, timeout: float) -> _BuildResult:
+    """``/bin/sh -c command`` in its own session; output interleaved into a bounded log.
+
+    On timeout or cancellation the whole process group gets SIGTERM, then SIGKILL after
+    ``BUILD_KILL_GRACE``; stragglers left in the group after a normal exit are killed too.
+    The output is read to end-of-file, so a background child that keeps the build's stdout
+    open holds the build until the timeout (and then fails it): builds must not leave
+    daemons behind.
+    """
+    output = _BuildOutput(head=f"$ {command}\n".encode())
+    started = time.monotonic()
+    as_user = uid is not None or gid is not None
+    proc = await trio.lowlevel.open_process(
+        ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, cwd=str(cwd), env=dict(env), start_new_session=True,
+        umask=BUILD_UMASK, user=uid, group=gid, extra_groups=[] if as_user else None)
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE
+    try:
+        with trio.move_on_after(timeout) as scope:
+            while chunk := await stdout.receive_some(_CHUNK):
+                output.feed(chunk)
+            await proc.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop_group(proc)
+            await stdout.aclose()
+    seconds = time.monotonic() - started
+    if scope.cancelled_caught:
+        return _BuildResult(None, output.render(f"[timed out after {timeout:g}s]\n"), seconds)
+    code = proc.returncode
+    return _BuildResult(code, output.render(f"[exit status {code} after {seconds:.1f}s]\n"),
+                        seconds)
+
+
+async def _stop_group(proc: trio.Process) -> None:
+    """SIGTERM, grace, SIGKILL to the build's process group (its pid: it leads a session)."""
+    if proc.returncode is None:
+        _killpg(proc.pid, 15)
+        with trio.move_on_after(BUILD_KILL_GRACE):
+            await proc.wait()
+        if proc.returncode is None:
+            _killpg(proc.pid, 9)
+            await proc.wait()
+    _killpg(proc.pid, 9)  # background processes the build left in its group
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _tail(log_bytes: bytes) -> str:
+    lines = log_bytes.decode("utf-8", "replace").splitlines()
+    return "\n".join(lines[-TAIL_LINES:])
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class PreparedRelease:
+    """A built release ready to run: ``src`` is the working directory of its instances."""
+
+    app: str
+    release: str
+    path: Path
+    src: Path
+    spec: AppSpec
+    sha256: str
+    build_log: Path
+    prepared_at: datetime
+
+    def __repr__(self) -> str:
+        return (f"<PreparedRelease {self.app}@{self.release} sha256={self.sha256[:12]} "
+                f"prepared_at={self.prepared_at.isoformat(timespec='seconds')} at {self.path}>")
+
+
+class ReleaseStore:
+    """Prepared releases under ``root``, the newest ``keep`` per app kept by ``gc``."""
+
+    def __init__(self, root: Path, *, keep: int = DEFAULT_KEEP,
+                 max_bytes: int = MAX_ARCHIVE_BYTES, max_files: int = MAX_ARCHIVE_FILES) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1: the current release")
+        self.root = Path(root)
+        self.keep = keep
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self._locks: dict[tuple[str, str], trio.Lock] = {}
+        self._preparing: set[tuple[str, str]] = set()
+
+    def __repr__(self) -> str:
+        preparing = ", ".join(sorted(f"{app}@{release}" for app, release in self._preparing))
+        return f"<ReleaseStore {self.root} keep={self.keep} preparing=[{preparing}]>"
+
+    async def prepare(self, app: str, release: str, archive: bytes | Path, sha256: str, *,
+                      uid: int | None = None, gid: int | None = None,
+                      env: Mapping[str, str] | None = None, timeout: float = BUILD_TIMEOUT
+                      ) -> PreparedRelease:
+        """Unpack, check and build one release; idempotent. See the module docstring.
+
+        Raises ``InvalidName``, ``ChecksumMismatch``, ``UnsafeArchive``, ``BadManifest``,
+        ``BuildFailed``, or ``ReleaseError`` (500) when the store itself fails. The build
+        runs ``env`` on top of the manifest's ``[env]`` on top of PATH, HOME (the release
+        directory), LANG=C.UTF-8, SUPERAGENT_APP and SUPERAGENT_RELEASE, and nothing else
+        of the agent's environment; as ``uid``/``gid`` when given (the agent is root).
+        """
+        _check_name(app, "app")
+        _check_name(release, "release")
+        expected = sha256.strip().lower()
+        if not _SHA256.fullmatch(expected):
+            raise ChecksumMismatch("not a sha256 hex digest", expected=sha256, actual="",
+                                   app=app, release=release)
+        key = (app, release)
+        lock = self._locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                existing = self._load(app, release)
+                if existing is not None:
+                    if existing.sha256 != expected:
+                        raise ChecksumMismatch(
+                            f"already prepared from another archive ({existing.sha256})",
+                            expected=expected, actual=existing.sha256, status_hint=409)
+                    return existing
+                self._preparing.add(key)
+                try:
+                    return await self._prepare(app, release, archive, expected, uid=uid,
+                                               gid=gid, env=env or {}, timeout=timeout)
+                finally:
+                    self._preparing.discard(key)
+        except ParticipantError as exc:
+            exc.bind(app=app, release=release)
+            raise
+        except OSError as exc:
+            raise ReleaseError(f"release store failure: {exc}", app=app,
+                               release=release) from exc
+        finally:
+            if not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]
+
+    async def _prepare(self, app: str, release: str, archive: bytes | Path, expected: str, *,
+                       uid: int | None, gid: int | None, env: Mapping[str, str],
+                       timeout: float) -> PreparedRelease:
+        bound = log.bind(app=app, release=release)
+        app_dir = self.root / app
+        release_dir = app_dir / release
+        src = release_dir / SRC
+        failed_log = app_dir / f"{release}{FAILED_LOG_SUFFIX}"
+        app_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if os.path.lexists(release_dir):
+            bound.warning("removing what an interrupted prepare left behind",
+                          path=str(release_dir))
+            _remove_dir(release_dir)
+        actual = await trio.to_thread.run_sync(_sha256_of, archive)
+        if actual != expected:
+            raise ChecksumMismatch(f"archive has sha256 {actual}, expected {expected}",
+                                   expected=expected, actual=actual)
+        bound.info("preparing release", sha256=expected)
+        release_dir.mkdir(mode=0o755)
+        try:
+            os.chmod(release_dir, 0o755)
+            await trio.to_thread.run_sync(partial(
+                safe_extract, archive, src, max_bytes=self.max_bytes, max_files=self.max_files))
+            try:
+                spec = load_manifest(src, app=app)
+            except ConfigError as exc:
+                raise BadManifest(str(exc)) from exc
+            command = spec.build.command or default_build_command(src)
+            as_user = uid is not None or gid is not None
+            if as_user:
+                await trio.to_thread.run_sync(_chown_tree, release_dir, uid, gid)
+            if command is None:
+                result = _BuildResult(0, b"no build step: no [build] command, requirements.txt "
+                                         b"or package.json\n", 0.0)
+            else:
+                build_env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH,
+                             "HOME": str(release_dir), "LANG": "C.UTF-8",
+                             "SUPERAGENT_APP": app, "SUPERAGENT_RELEASE": release,
+                             **spec.env_dict(), **env}
+                result = await _run_build(command, cwd=src, env=build_env, uid=uid, gid=gid,
+                                          timeout=timeout)
+            if as_user:  # the app's build is over: the release directory is the agent's again
+                os.chown(release_dir, os.geteuid(), os.getegid(), follow_symlinks=False)
+                os.chmod(release_dir, 0o755)
+            if not result.ok:
+                _write_atomic(failed_log, result.log)
+                what = (f"timed out after {timeout:g}s" if result.returncode is None
+                        else f"exited with status {result.returncode}")
+                bound.warning("build failed", returncode=result.returncode,
+                              seconds=round(result.seconds, 1), log=str(failed_log))
+                raise BuildFailed(f"build {what}; log in {failed_log}", log_path=failed_log,
+                                  tail=_tail(result.log), returncode=result.returncode,
+                                  timed_out=result.returncode is None)
+            _write_atomic(release_dir / BUILD_LOG, result.log)
+            doc = {"app": app, "release": release, "sha256": expected,
+                   "prepared_at": datetime.now(UTC).isoformat(),
+                   "build": {"command": command, "seconds": round(result.seconds, 3)},
+                   "spec": spec_to_json(spec)}
+            _write_atomic(release_dir / RELEASE_JSON, json.dumps(doc, indent=2).encode())
+        except BaseException:
+            _remove_dir(release_dir)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            failed_log.unlink()
+        prepared = self._load(app, release)
+        if prepared is None:  # pragma: no cover - we just wrote it
+            raise ReleaseError("release.json unreadable right after writing it")
+        bound.info("release prepared", seconds=round(result.seconds, 1))
+        return prepared
+
+    def releases(self, app: str) -> list[PreparedRelease]:
+        """The app's prepared releases, newest first; raises ``InvalidName``."""
+        _check_name(app, "app")
+        found: list[PreparedRelease] = []
+        for name in self._release_dirs(app):
+            prepared = self._load(app, name)
+            if prepared is not None:
+                found.append(prepared)
+        found.sort(key=lambda p: (p.prepared_at, p.release), reverse=True)
+        return found
+
+    def get(self, app: str, release: str) -> PreparedRelease:
+        """One prepared release; raises ``UnknownRelease`` (or ``InvalidName``)."""
+        _check_name(app, "app")
+        _check_name(release, "release")
+        prepared = self._load(app, release)
+        if prepared is None:
+            raise UnknownRelease("no such prepared release", app=app, release=release)
+        return prepared
+
+    def gc(self, app: str, in_use: set[str]) -> list[str]:
+        """Remove prepared releases beyond the newest ``keep``, never one in ``in_use``.
+
+        Also removes directories interrupted prepares left (not while one is running) and
+        failed-build logs beyond the newest ``keep``. Returns the removed releases' names.
+        Blocking (it deletes trees): async callers may use ``trio.to_thread.run_sync``.
+        """
+        prepared = self.releases(app)
+        busy = {release for a, release in self._locks if a == app}
+        removed: list[str] = []
+        for old in prepared[self.keep:]:
+            if old.release not in in_use and old.release not in busy:
+                _remove_dir(old.path)
+                removed.append(old.release)
+        app_dir = self.root / app
+        known = {p.release for p in prepared}
+        for name in self._release_dirs(app):
+            if name not in known and name not in busy and name not in in_use:
+                log.warning("removing an unfinished release directory", app=app, release=name)
+                _remove_dir(app_dir / name)
+        failed: list[tuple[float, Path]] = []
+        leftovers: list[Path] = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(app_dir) as it:
+            for entry in it:
+                if entry.name.endswith(FAILED_LOG_SUFFIX) and entry.is_file(follow_symlinks=False):
+                    failed.append((entry.stat(follow_symlinks=False).st_mtime, Path(entry.path)))
+                elif entry.name.startswith(".") and ".removing-" in entry.name:
+                    leftovers.append(Path(entry.path))
+        for _mtime, path in sorted(failed, reverse=True)[self.keep:]:
+            path.unlink(missing_ok=True)
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        if removed:
+            log.info("old releases removed", app=app, releases=removed)
+        return removed
+
+    def _release_dirs(self, app: str) -> list[str]:
+        try:
+            with os.scandir(self.root / app) as it:
+                return [e.name for e in it if _is_release_name(e.name)
+                        and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+
+    def _load(self, app: str, release: str) -> PreparedRelease | None:
+        """The release as its release.json describes it; None if absent or unreadable."""
+        path = self.root / app / release
+        try:
+            fd = os.open(path / RELEASE_JSON, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # ELOOP: a symlink where the agent writes a file
+            log.warning("release.json unreadable", app=app, release=release, error=str(exc))
+            return None
+        try:
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise ValueError("not a regular file")
+                doc: Any = json.loads(f.read())
+            if doc["app"] != app or doc["release"] != release:
+                raise ValueError(f"names {doc['app']}@{doc['release']}")
+            spec = spec_from_json(doc["spec"])
+            if spec.name != app:
+                raise ValueError(f"spec names app {spec.name!r}")
+            sha256 = doc["sha256"]
+            if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+                raise ValueError("bad sha256")
+            prepared_at = datetime.fromisoformat(doc["prepared_at"])
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+            log.warning("release.json unreadable", app=app, release=release, error=str(exc))
+            return None
+        return PreparedRelease(app=app, release=release, path=path, src=path / SRC, spec=spec,
+                               sha256=sha256, build_log=path / BUILD_LOG,
+                               prepared_at=prepared_at)
+
+
+# --- file helpers ----------------------------------------------------------------------------
+
+
+def _is_release_name(name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and not name.endswith(FAILED_LOG_SUFFIX)
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _is_release_name(name):
+        raise InvalidName(f"{what} name {name!r} is not usable as a directory name: use up to "
+                          "100 letters, digits, '.', '_' and '-', starting with a letter or "
+                          f"digit, not ending in {FAILED_LOG_SUFFIX!r}")
+
+
+def _sha256_of(archive: bytes | Path) -> str:
+    if isinstance(archive, bytes | bytearray | memoryview):
+        return hashlib.sha256(archive).hexdigest()
+    with open(archive, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _chown_tree(top: Path, uid: int | None, gid: int | None) -> None:
+    """Give ``top`` and everything below it to uid/gid; symlinks themselves, never followed."""
+    u, g = (-1 if uid is None else uid), (-1 if gid is None else gid)
+    os.chown(top, u, g, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(top):  # does not descend into dir symlinks
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), u, g, follow_symlinks=False)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write through a fresh temporary file and a rename: never through what is at ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove_dir(path: Path) -> None:
+    """Make ``path`` disappear at once (a rename), then delete it; gc retries what is left."""
+    hidden = path.with_name(f".{path.name}.removing-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, hidden)
+    except FileNotFoundError:
+        return
+    try:
+        shutil.rmtree(hidden)
+    except OSError as exc:
+        log.warning("could not remove a release directory; gc retries", path=str(hidden),
+                    error=str(exc))

@@ -1,0 +1,388 @@
+"""Tests of ``superagent.participant.cgroups``.
+
+Detection runs against fake cgroup trees in tmp_path and against the real
+``/sys/fs/cgroup``. The rest uses the real kernel: real cgroups under a test-only
+parent group, real children put into them through ``isolation.child_setup``.
+Everything created is removed in ``finally`` blocks, even when a test fails.
+Tests that need root or a cgroup controller skip, naming it, where the
+capability is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from superagent.errors import ConfigError
+from superagent.participant.cgroups import (
+    CgroupLimits,
+    CgroupSupport,
+    InstanceCgroup,
+    detect_cgroups,
+)
+from superagent.participant.errors import IsolationError
+from superagent.participant.isolation import IsolationReport, RLimits, child_setup
+from tests.participant.children import CHILD_TIMEOUT, run_child
+
+MIB = 1024 * 1024
+TEST_PARENT = f"superagent-test-{os.getpid()}"  # never the production parent group
+APP = "satest"
+REMOVE_TIMEOUT = 5.0  # killed test children leave their group within ms
+
+ALLOCATE = """
+chunks = []
+for _ in range(200):
+    chunks.append(bytearray(1 << 20))  # zero-filled: every page is touched and charged
+print("survived", flush=True)
+"""
+
+FORK_UNTIL_REFUSED = """
+import os
+read_end, write_end = os.pipe()
+children = 0
+for _ in range(64):
+    try:
+        pid = os.fork()
+    except BlockingIOError:
+        break
+    if pid == 0:
+        os.close(write_end)
+        os.read(read_end, 1)  # until the parent closes the pipe
+        os._exit(0)
+    children += 1
+os.close(write_end)
+for _ in range(children):
+    os.wait()
+print(children)
+"""
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def remove_groups(support: CgroupSupport) -> None:
+    """Kill whatever is left under the test parent group and rmdir it bottom-up."""
+    for parent in support.parent_dirs().values():
+        if not parent.exists():
+            continue
+        groups = sorted((Path(d) for d, _, _ in os.walk(parent)), key=lambda p: -len(p.parts))
+        for group in groups:
+            procs = group / "cgroup.procs"
+            for pid in (procs.read_text().split() if procs.exists() else ()):
+                os.kill(int(pid), signal.SIGKILL)
+            deadline = time.monotonic() + REMOVE_TIMEOUT
+            while True:
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+
+
+@pytest.fixture
+def cgroups() -> Iterator[CgroupSupport]:
+    """Real cgroup support under a test-only parent group, removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creating cgroups and writing cgroup.procs")
+    support = detect_cgroups(parent=TEST_PARENT)
+    if support.mode == "none":
+        pytest.skip(f"no usable cgroup v2 or v1 memory/cpu/pids controllers: {support.reason}")
+    try:
+        yield support
+    finally:
+        remove_groups(support)
+
+
+def fake_v1(root: Path) -> None:
+    """A v1 layout: memory, cpu and pids hierarchies with their root files."""
+    for name, marker in (("memory", "memory.limit_in_bytes"), ("cpu", "cpu.cfs_quota_us"),
+                         ("pids", "tasks")):
+        (root / name).mkdir(parents=True)
+        for file in ("cgroup.procs", "tasks", marker):
+            (root / name / file).write_text("")
+
+
+# --- detection --------------------------------------------------------------------------------
+
+
+def test_detect_pure_v2_enables_controllers(tmp_path: Path) -> None:
+    """A v2 root with cpu and memory gives v2 and enables them down to the parent group."""
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    support = detect_cgroups(tmp_path)
+    assert support.mode == "v2"
+    assert support.v2_root == tmp_path
+    assert support.v2_controllers == ("cpu", "memory", "pids")
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    assert (tmp_path / "superagent" / "cgroup.subtree_control").read_text() == \
+        "+cpu +memory +pids"
+    assert support.parent_dirs() == {"unified": tmp_path / "superagent"}
+
+
+def test_detect_v2_leaves_enabled_controllers_alone(tmp_path: Path) -> None:
+    """Controllers already in subtree_control are not written again; pids is optional."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu memory\n")
+    support = detect_cgroups(tmp_path, parent="a/b")
+    assert support.mode == "v2"
+    assert support.v2_controllers == ("cpu", "memory")
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "cpu memory\n"
+    assert (tmp_path / "a" / "b" / "cgroup.subtree_control").read_text() == "+cpu +memory"
+
+
+def test_detect_v1(tmp_path: Path) -> None:
+    """Mounted, writable memory/cpu/pids v1 hierarchies give v1."""
+    fake_v1(tmp_path)
+    support = detect_cgroups(tmp_path)
+    assert support.mode == "v1"
+    assert support.parent_dirs() == {name: tmp_path / name / "superagent"
+                                     for name in ("memory", "cpu", "pids")}
+    assert not (tmp_path / "memory" / "superagent").exists()  # nothing created for v1
+
+
+def test_detect_mixed_prefers_v1_when_unified_lacks_controllers(tmp_path: Path) -> None:
+    """Hybrid layout like this machine: v2 'unified' with hugetlb only, v1 for the rest."""
+    fake_v1(tmp_path)
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "cgroup.controllers").write_text("hugetlb\n")
+    with capture_logs() as logs:
+        support = detect_cgroups(tmp_path)
+    assert support.mode == "v1"
+    assert not (tmp_path / "unified" / "superagent").exists()
+    assert logs == []
+
+
+def test_detect_hybrid_with_controllers_on_unified_gives_v2(tmp_path: Path) -> None:
+    """A hybrid whose unified hierarchy holds cpu and memory uses v2 there."""
+    fake_v1(tmp_path)
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "cgroup.controllers").write_text("cpu memory pids\n")
+    support = detect_cgroups(tmp_path)
+    assert support.mode == "v2"
+    assert support.v2_root == tmp_path / "unified"
+
+
+def test_detect_none_warns_once_with_reason(tmp_path: Path) -> None:
+    """No usable hierarchy gives "none", a reason naming what is missing, one warning."""
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "cgroup.controllers").write_text("hugetlb\n")
+    (tmp_path / "memory").mkdir()
+    with capture_logs() as logs:
+        support = detect_cgroups(tmp_path)
+    assert support.mode == "none"
+    assert "lacks cpu and memory (has hugetlb)" in support.reason
+    assert "no cgroup v1 pids hierarchy" in support.reason
+    assert support.parent_dirs() == {}
+    assert [entry["log_level"] for entry in logs] == ["warning"]
+    assert logs[0]["reason"] == support.reason
+
+
+def test_detect_v2_that_refuses_enabling_falls_back(tmp_path: Path) -> None:
+    """A v2 root whose subtree_control cannot be written is not taken as usable."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    (tmp_path / "cgroup.subtree_control").mkdir()  # reading or writing it fails
+    with capture_logs():
+        support = detect_cgroups(tmp_path)
+    assert support.mode == "none"
+    assert "cannot enable cpu memory" in support.reason
+
+
+def test_detect_real_machine() -> None:
+    """The real /sys/fs/cgroup of this machine kind offers v1 or v2 controllers."""
+    root = Path("/sys/fs/cgroup")
+    if not ((root / "cgroup.controllers").exists() or (root / "memory").is_dir()):
+        pytest.skip("no cgroup filesystem mounted at /sys/fs/cgroup")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: cgroup hierarchies are writable by root only")
+    support = detect_cgroups(root, parent=TEST_PARENT)
+    try:
+        assert support.mode in {"v1", "v2"}, support.reason
+    finally:
+        remove_groups(support)
+
+
+# --- cgroup files (fake trees: what gets written) ---------------------------------------------
+
+
+def test_create_v2_writes_limits_in_fake_tree(tmp_path: Path) -> None:
+    """v2: memory.max, cpu.max "quota period", pids.max, subtree_control of the app group."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    support = detect_cgroups(tmp_path)
+    group = InstanceCgroup.create(support, "hello", "i1",
+                                  CgroupLimits(memory=256 * MIB, cpu=0.5, pids=128))
+    path = tmp_path / "superagent" / "hello" / "i1"
+    assert group.paths == {"unified": path}
+    assert (path / "memory.max").read_text() == str(256 * MIB)
+    assert (path / "cpu.max").read_text() == "50000 100000"
+    assert (path / "pids.max").read_text() == "128"
+    assert (path.parent / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    assert group.applied["memory.swap.max"] == "unavailable (no swap accounting)"
+    assert group.procs() == []
+
+
+def test_create_v1_writes_limits_in_fake_tree(tmp_path: Path) -> None:
+    """v1: limit_in_bytes, then memsw equal to it (swap 0), cfs quota/period, pids.max."""
+    fake_v1(tmp_path)
+    support = detect_cgroups(tmp_path)
+    (tmp_path / "memory" / "superagent" / "hello" / "i1").mkdir(parents=True)
+    (tmp_path / "memory" / "superagent" / "hello" / "i1" /
+     "memory.memsw.limit_in_bytes").write_text("")
+    group = InstanceCgroup.create(support, "hello", "i1", CgroupLimits(memory=64 * MIB, cpu=2.0))
+    base = {name: tmp_path / name / "superagent" / "hello" / "i1"
+            for name in ("memory", "cpu", "pids")}
+    assert (base["memory"] / "memory.limit_in_bytes").read_text() == str(64 * MIB)
+    assert (base["memory"] / "memory.memsw.limit_in_bytes").read_text() == str(64 * MIB)
+    assert (base["cpu"] / "cpu.cfs_quota_us").read_text() == "200000"
+    assert (base["cpu"] / "cpu.cfs_period_us").read_text() == "100000"
+    assert (base["pids"] / "pids.max").read_text() == "max"
+    assert len(group.procs_files()) == 3
+
+
+def test_create_refuses_group_with_processes(tmp_path: Path) -> None:
+    """A leftover group that still holds processes is not reused."""
+    fake_v1(tmp_path)
+    support = detect_cgroups(tmp_path)
+    leftover = tmp_path / "pids" / "superagent" / "hello" / "i1"
+    leftover.mkdir(parents=True)
+    (leftover / "cgroup.procs").write_text("4242\n")
+    with pytest.raises(IsolationError, match="already holds processes"):
+        InstanceCgroup.create(support, "hello", "i1", CgroupLimits())
+
+
+def test_none_mode_is_a_noop_that_says_so() -> None:
+    """Mode "none": no paths, nothing to kill or remove, and the repr gives the reason."""
+    support = CgroupSupport(mode="none", reason="no cgroup hierarchy under /x")
+    group = InstanceCgroup.create(support, "hello", "i1", CgroupLimits(memory=64 * MIB))
+    group.add(os.getpid())
+    group.remove()
+    assert (group.paths, group.procs(), group.oom_killed(), group.kill_all()) == ({}, [], 0, 0)
+    assert group.procs_files() == ()
+    assert repr(group) == "<InstanceCgroup hello/i1 none (no limits: no cgroup hierarchy under /x)>"
+
+
+def test_bad_names_and_limits_are_refused() -> None:
+    """Unsafe group names raise IsolationError; impossible limits raise ConfigError."""
+    support = CgroupSupport(mode="none", reason="test")
+    for name in ("../etc", "a/b", "", ".hidden"):
+        with pytest.raises(IsolationError):
+            InstanceCgroup.create(support, "hello", name, CgroupLimits())
+    with pytest.raises(ConfigError, match=r"limits\.cpu"):
+        CgroupLimits(cpu=0.001)
+    with pytest.raises(ConfigError, match=r"limits\.memory"):
+        CgroupLimits(memory=1000)
+    with pytest.raises(ConfigError, match=r"limits\.pids"):
+        CgroupLimits(pids=0)
+
+
+# --- real cgroups -----------------------------------------------------------------------------
+
+
+def test_memory_limit_oom_kills_child_only(cgroups: CgroupSupport) -> None:
+    """A child allocating 200 MiB under a 32 MiB limit is SIGKILLed; the OOM kill is counted."""
+    group = InstanceCgroup.create(cgroups, APP, "oom", CgroupLimits(memory=32 * MIB))
+    try:
+        done = run_child(ALLOCATE, child_setup(None, group, RLimits()))
+        assert done.returncode == -signal.SIGKILL, (done.returncode, done.stdout, done.stderr)
+        assert "survived" not in done.stdout
+        if cgroups.mode == "v1" and "oom_kill" not in (
+                group.paths["memory"] / "memory.oom_control").read_text():
+            assert int((group.paths["memory"] / "memory.failcnt").read_text()) > 0
+        else:
+            assert group.oom_killed() >= 1
+    finally:
+        group.kill_all()
+        group.remove(timeout=REMOVE_TIMEOUT)
+    assert all(not path.exists() for path in group.paths.values())
+
+
+def test_pids_limit_refuses_fork(cgroups: CgroupSupport) -> None:
+    """Under pids.max=8 the child's 8th fork fails with EAGAIN; the test process is untouched."""
+    group = InstanceCgroup.create(cgroups, APP, "pids", CgroupLimits(pids=8))
+    try:
+        done = run_child(FORK_UNTIL_REFUSED, child_setup(None, group, RLimits(nproc=None)))
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) == 7  # the child itself is the 8th task
+        assert group.procs() == []
+    finally:
+        group.kill_all()
+        group.remove(timeout=REMOVE_TIMEOUT)
+    pid = os.fork()  # the test process still forks freely
+    if pid == 0:
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_cpu_memory_pids_limits_read_back(cgroups: CgroupSupport) -> None:
+    """The kernel files hold the limits written, and the report shows them as JSON."""
+    limits = CgroupLimits(memory=64 * MIB, cpu=0.5, pids=100)
+    group = InstanceCgroup.create(cgroups, APP, "cpu", limits)
+    try:
+        if cgroups.mode == "v2":
+            path = group.paths["unified"]
+            assert (path / "cpu.max").read_text().split() == ["50000", "100000"]
+            assert (path / "memory.max").read_text().strip() == str(64 * MIB)
+            assert (path / "pids.max").read_text().strip() == "100"
+        else:
+            cpu, memory = group.paths["cpu"], group.paths["memory"]
+            assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
+            assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
+            assert (memory / "memory.limit_in_bytes").read_text().strip() == str(64 * MIB)
+            memsw = memory / "memory.memsw.limit_in_bytes"
+            if memsw.exists():
+                assert memsw.read_text().strip() == str(64 * MIB)
+            assert (group.paths["pids"] / "pids.max").read_text().strip() == "100"
+        report = IsolationReport.build(None, group, RLimits()).to_json()
+        assert json.loads(json.dumps(report)) == report
+        cgroup = report["cgroup"]
+        assert isinstance(cgroup, dict)
+        assert cgroup["mode"] == cgroups.mode
+        assert set(cgroup["paths"]) == set(group.paths)
+        assert "50000" in json.dumps(cgroup["limits"])
+        assert report["rlimits"] == {"nofile": 4096, "core": 0}  # no nproc without a switch
+    finally:
+        group.remove(timeout=REMOVE_TIMEOUT)
+
+
+def test_add_procs_kill_all_remove(cgroups: CgroupSupport) -> None:
+    """add() moves a running process in, procs() lists it, kill_all() ends it, remove() works."""
+    group = InstanceCgroup.create(cgroups, APP, "adopt", CgroupLimits())
+    sleeper = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        group.add(sleeper.pid)
+        assert group.procs() == [sleeper.pid]
+        assert group.kill_all() == 1
+        assert sleeper.wait(timeout=CHILD_TIMEOUT) == -signal.SIGKILL
+        group.remove(timeout=REMOVE_TIMEOUT)
+        assert all(not path.exists() for path in group.paths.values())
+        assert "adopt" in repr(group)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        group.kill_all()
+        group.remove(timeout=REMOVE_TIMEOUT)
+
+
+def test_remove_refuses_live_group(cgroups: CgroupSupport) -> None:
+    """remove() of a group with a live process raises IsolationError after its timeout."""
+    group = InstanceCgroup.create(cgroups, APP, "busy", CgroupLimits())
+    sleeper = subprocess.Popen(["sleep", "30"], start_new_session=True,
+                               preexec_fn=child_setup(None, group, RLimits()))
+    try:
+        with pytest.raises(IsolationError, match="cannot remove cgroup"):
+            group.remove(timeout=0.05)
+    finally:
+        group.kill_all()
+        sleeper.wait(timeout=CHILD_TIMEOUT)
+        group.remove(timeout=REMOVE_TIMEOUT)
