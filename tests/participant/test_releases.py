@@ -99,7 +99,8 @@ async def test_python_app_builds_a_venv_in_place(store: ReleaseStore) -> None:
     assert python.exists()
     # Scripts in a venv name their interpreter by absolute path: it must be the final one.
     shebang = (prepared.src / ".venv" / "bin" / "pip").read_text().splitlines()[0]
-    assert shebang == f"#!{python}"
+    interpreter = Path(shebang.removeprefix("#!"))
+    assert interpreter.parent == python.parent and interpreter.name.startswith("python")
     log_text = prepared.build_log.read_text()
     assert "-m venv .venv" in log_text and "[exit status 0" in log_text
     doc = json.loads((prepared.path / "release.json").read_text())
