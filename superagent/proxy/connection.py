@@ -27,19 +27,15 @@ once a response byte came back.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import socket
 import time
-from typing import Any
 
 import trio
 
 from superagent.proxy import http1, netio
-from superagent.proxy.accesslog import AccessLog
 from superagent.proxy.errors import HTTPError, ProtocolError, UpstreamError
-from superagent.proxy.http1 import BODY_CHUNKED, BODY_NONE, Peer, Request
-from superagent.proxy.metrics import Metrics
+from superagent.proxy.http1 import BODY_CHUNKED, BODY_NONE, Request
 from superagent.proxy.netio import PeerGone, recv, send_all
 from superagent.proxy.parsers import (
     END,
@@ -49,9 +45,10 @@ from superagent.proxy.parsers import (
     ResponseHead,
     request_parser,
 )
-from superagent.proxy.routes import Match, RouteTable
-from superagent.proxy.snapshot import AppRoute, RoutingSnapshot, Timeouts
-from superagent.proxy.upstream import Upstream, UpstreamConn, Upstreams
+from superagent.proxy.routes import Match
+from superagent.proxy.snapshot import AppRoute, Timeouts
+from superagent.proxy.state import IDLE, WorkerState
+from superagent.proxy.upstream import Upstream, UpstreamConn
 
 ERROR_SEND_TIMEOUT = 5.0  # writing a small error answer to a client that does not read
 HEALTH_PATH = "/-/healthz"
@@ -67,84 +64,7 @@ _EXPIRY_ANSWERS = {
     "upstream-idle": (504, "upstream-idle-timeout", "the app stopped sending"),
     "total": (504, "upstream-total-timeout", "the app's total time limit passed"),
 }
-IDLE, SHUTDOWN = "idle", "shutdown"
 _monotonic = time.monotonic
-
-
-class WorkerState:
-    """What every connection of a worker shares: the current table, pools, counters."""
-
-    __slots__ = ("_peers", "access_log", "closing", "live", "metrics", "node_draining",
-                 "parser", "request_ids", "settings", "table", "upstreams")
-
-    def __init__(self, *, parser: str, snapshot: RoutingSnapshot,
-                 access_log: AccessLog | None = None) -> None:
-        self.parser = parser
-        self.upstreams = Upstreams()
-        self.metrics = Metrics()
-        self.request_ids = http1.RequestIds()
-        self.access_log = access_log
-        self.closing = False
-        self.node_draining = False
-        self.live: set[ClientConnection] = set()
-        self._peers: dict[str, Peer] = {}
-        self.table = RouteTable(snapshot)
-        self.settings = snapshot.settings
-        self.upstreams.update(snapshot)
-
-    def __repr__(self) -> str:
-        return (f"<WorkerState v{self.table.version} parser={self.parser}"
-                f" connections={len(self.live)} closing={self.closing}>")
-
-    @property
-    def connections(self) -> int:
-        return len(self.live)
-
-    def apply(self, snapshot: RoutingSnapshot) -> None:
-        """Swap in a new snapshot; requests in flight keep the table they started with."""
-        self.upstreams.update(snapshot)
-        self.settings = snapshot.settings
-        self._peers.clear()
-        self.table = RouteTable(snapshot)
-
-    def reap(self, now: float) -> None:
-        """Expire every connection whose deadline has passed."""
-        for conn in [c for c in self.live if c.deadline <= now]:
-            conn.expire(conn.phase)
-
-    def begin_shutdown(self) -> None:
-        """Stop keeping connections alive: idle ones close now, busy ones after their answer."""
-        self.closing = True
-        for conn in [c for c in self.live if c.phase == IDLE]:
-            conn.expire(SHUTDOWN)
-
-    def peer(self, ip: str) -> Peer:
-        peer = self._peers.get(ip)
-        if peer is None:
-            trusted = False
-            if self.settings.trusted_proxies:
-                try:
-                    addr = ipaddress.ip_address(ip)
-                    trusted = any(addr in net for net in self.settings.trusted_proxies)
-                except ValueError:
-                    trusted = False
-            peer = Peer(ip=ip, trusted=trusted)
-            if len(self._peers) < 4096:  # a cache, bounded against many distinct clients
-                self._peers[ip] = peer
-        return peer
-
-    def stats(self) -> dict[str, Any]:
-        """Counters and per-instance gauges, JSON-ready, for the admin server."""
-        return {
-            "version": self.table.version,
-            "connections": len(self.live),
-            "metrics": self.metrics.to_json(),
-            "instances": {
-                up.id: {"app": up.app, "in_flight": up.outstanding, "pool_idle": len(up.idle),
-                        "draining": up.draining}
-                for up in self.upstreams.by_id.values()
-            },
-        }
 
 
 class _Aborted(Exception):

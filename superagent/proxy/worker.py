@@ -30,8 +30,9 @@ from superagent.log import setup_logging
 from superagent.proxy import control, http1, netio
 from superagent.proxy.accesslog import AccessLog
 from superagent.proxy.config import PARSERS, snapshot_from_wire
-from superagent.proxy.connection import ClientConnection, WorkerState
+from superagent.proxy.connection import ClientConnection
 from superagent.proxy.snapshot import Listener, RoutingSnapshot
+from superagent.proxy.state import WorkerState
 
 BACKLOG = 4096  # connections the kernel queues per listener while the worker is busy
 ACCESS_LOG_FLUSH = 0.5  # seconds between access-log batch writes when traffic is light

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from typing import Any
 
 import h11
@@ -20,28 +19,13 @@ import pytest
 import trio
 import trio.testing
 
-DEADLINE = 5.0
-HOST = "app.test"
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=\-]{1,200}$")
+from tests.proxy.conftest import DEADLINE, HOST, REQUEST_ID, build_request
+
 WS_HEADERS = {"Connection": "Upgrade", "Upgrade": "websocket",
               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
 SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
 SERVER_HELLO = b"server-hello\x00\xff"
-
-
-def build_request(method: str = "GET", target: str = "/", headers: Any = (), body: bytes = b"",
-                  *, host: str | None = HOST, version: str = "1.1") -> bytes:
-    """Request bytes; Content-Length is added for a body unless framing headers are given."""
-    hdrs = [(k.encode() if isinstance(k, str) else k, v.encode() if isinstance(v, str) else v)
-            for k, v in (headers.items() if isinstance(headers, dict) else headers)]
-    if host is not None:
-        hdrs.insert(0, (b"Host", host.encode()))
-    framed = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in hdrs)
-    if body and not framed:
-        hdrs.append((b"Content-Length", b"%d" % len(body)))
-    head = b"%s %s HTTP/%s\r\n" % (method.encode(), target.encode(), version.encode())
-    return head + b"".join(k + b": " + v + b"\r\n" for k, v in hdrs) + b"\r\n" + body
 
 
 def chunk(data: bytes) -> bytes:
