@@ -17,8 +17,11 @@ the agent's problem (disk, permissions, ports) and a retry may succeed.
     │   ├── BadManifest           422  superagent.toml / Procfile invalid (wraps ConfigError)
     │   └── BuildFailed           422  ``log_path``, ``tail``, ``returncode``, ``timed_out``
     ├── IsolationError            500  cgroup, user or rlimits cannot be set up; ``path``
-    └── PortError                 500  a port cannot be handed out or adopted; ``port``
-        └── PortsExhaustedError   503  no free port in ``low``-``high``
+    ├── PortError                 500  a port cannot be handed out or adopted; ``port``
+    │   └── PortsExhaustedError   503  no free port in ``low``-``high``
+    └── SupervisorError           500  an instance failed to start or was misused; ``instance``
+        ├── StartFailed           503  exited or not ready by its deadline on first start
+        └── InvalidTransition     500  a state-machine event not allowed in the current state
 """
 
 from __future__ import annotations
@@ -159,3 +162,38 @@ class PortsExhaustedError(PortError):
         self.high = high
         super().__init__(f"no free port in {low}-{high}: {in_use} handed out, the rest reserved "
                          "or bound by other processes")
+
+
+class SupervisorError(ParticipantError):
+    """An app instance could not be run as asked; ``instance`` names it."""
+
+    status_hint = 500
+
+    def __init__(self, message: str, *, app: str = "", release: str = "",
+                 instance: str = "") -> None:
+        self.instance = instance
+        super().__init__(message, app=app, release=release)
+
+
+class StartFailed(SupervisorError):
+    """The first start failed: the process exited, or was not ready by its deadline.
+
+    ``returncode`` is the exit status (None when it was killed for missing the deadline);
+    the instance's ``.err.log`` holds what the app said.
+    """
+
+    status_hint = 503
+
+    def __init__(self, message: str, *, returncode: int | None, app: str = "",
+                 release: str = "", instance: str = "") -> None:
+        self.returncode = returncode
+        super().__init__(message, app=app, release=release, instance=instance)
+
+
+class InvalidTransition(SupervisorError):
+    """An event the instance state machine does not allow in its state (a bug, not input)."""
+
+    def __init__(self, state: str, event: str, *, instance: str = "") -> None:
+        self.state = state
+        self.event = event
+        super().__init__(f"event {event} is not allowed in state {state}", instance=instance)

@@ -1,0 +1,569 @@
+"""Supervision of one app instance: spawn, readiness, liveness, restarts, stop.
+
+Theory of operation
+-------------------
+An ``Instance`` owns one app process at a time and is driven by one task,
+``Instance.run``, started with ``await nursery.start(instance.run)``:
+
+1. **Spawn.** ``/bin/sh -c <command>`` in a new session (so the process group id is
+   the shell's pid and signals reach the whole app), in the release's source dir, with
+   a clean environment (PATH, HOME, LANG, PORT, SUPERAGENT_APP/_RELEASE/_INSTANCE plus
+   the app's env). ``isolation.child_setup`` joins the instance's cgroup (created
+   first when the agent has cgroup support), sets rlimits and no_new_privs and drops
+   to the app's uid. stdout and stderr are files ``<log_dir>/<instance>.out.log`` /
+   ``.err.log`` opened ``O_APPEND`` by the agent and handed to the child as its fds —
+   not pipes — so an app keeps running and logging while the agent restarts.
+2. **Readiness.** ``GET ready_path`` over HTTP/1.1 on 127.0.0.1:port every
+   ``READY_POLL`` seconds; a 2xx answer is ready (an accepted TCP connection alone is
+   not, unless the app declares no health path at all). Missing ``ready_deadline``
+   counts as a failed start. On the first start ``run`` reports ``task_status.started``
+   once READY and raises ``StartFailed`` otherwise; on a restart a failed start is a
+   crash like any other.
+3. **Liveness.** ``GET path`` every ``interval``, each bounded by ``timeout``;
+   ``failures`` consecutive failures stop the process (SIGTERM, grace, SIGKILL) and it
+   is restarted.
+4. **Restarts.** After any exit the rest of the process group (and the cgroup) is
+   SIGKILLed, then the instance waits an exponential backoff (``backoff_initial``
+   doubling to ``backoff_max``; back to the start after a run longer than the crash
+   window) and spawns again. ``max_restarts`` restarts within ``restart_window`` seconds
+   is a crash loop: state CRASH_LOOP, logged, no more restarts, ``run`` returns.
+5. **Stop.** ``stop()``: SIGTERM to the process group, up to ``grace`` seconds for the
+   process to exit, then SIGKILL to the group (and the cgroup's ``kill_all``), then the
+   cgroup is removed. Idempotent; concurrent callers wait for the same stop.
+
+If ``run`` is cancelled from outside (the agent shutting down) the app process is left
+running on purpose: apps survive an agent restart and are re-adopted by pid (see
+docs/ARCHITECTURE.md). Only ``stop()`` ends an app.
+
+Log rotation is minimal: before each spawn a log file over ``log_max_bytes`` is renamed
+to ``<name>.1`` (one generation) and a fresh file is opened for the new child. A child
+that is already running keeps writing to the renamed file until it is restarted; the
+copy-truncate rotation and the line-by-line capture belong to the debug milestone.
+
+The state machine (``transition``) is pure; everything else is the trio shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+import structlog
+import trio
+
+from superagent.participant.cgroups import CgroupLimits, CgroupSupport, InstanceCgroup
+from superagent.participant.errors import InvalidTransition, StartFailed, SupervisorError
+from superagent.participant.isolation import AppUser, IsolationReport, RLimits, child_setup
+from superagent.participant.manifest import AppSpec, HealthSpec
+
+log = structlog.get_logger("superagent.participant")
+
+DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL; what most app servers need to drain
+READY_POLL = 0.1  # seconds between readiness probes: quick READY without busy-looping
+BACKOFF_INITIAL = 0.5  # first restart delay; doubles per consecutive crash
+BACKOFF_MAX = 30.0  # cap on the restart delay
+MAX_RESTARTS = 5  # this many restarts within RESTART_WINDOW is a crash loop
+RESTART_WINDOW = 60.0  # seconds
+LOG_MAX_BYTES = 10 * 1024**2  # rotate a log file over this size at the next spawn
+REAP_TIMEOUT = 5.0  # after SIGKILL the kernel reaps within ms; longer means a D-state process
+MAX_RESPONSE_HEAD = 16 * 1024  # a health answer's status line and headers fit in this
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+DEFAULT_LANG = "C.UTF-8"
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceConfig:
+    """Everything one instance needs; tunables default to the named constants above.
+
+    ``cwd`` is the release's source directory, ``home`` a writable per-instance directory
+    (created, and chowned to the app user when switching), ``cgroups`` the agent's
+    detected support (None: no cgroup at all).
+    """
+
+    app: str
+    release: str
+    instance: str
+    port: int
+    cwd: Path
+    command: str
+    home: Path
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    health: HealthSpec = field(default_factory=HealthSpec)
+    user: AppUser | None = None
+    cgroups: CgroupSupport | None = None
+    cgroup_limits: CgroupLimits = field(default_factory=CgroupLimits)
+    rlimits: RLimits = field(default_factory=RLimits)
+    grace: float = DEFAULT_GRACE
+    backoff_initial: float = BACKOFF_INITIAL
+    backoff_max: float = BACKOFF_MAX
+    max_restarts: int = MAX_RESTARTS
+    restart_window: float = RESTART_WINDOW
+    log_max_bytes: int = LOG_MAX_BYTES
+
+    @classmethod
+    def from_spec(cls, spec: AppSpec, *, release: str, instance: str, port: int, cwd: Path,
+                  home: Path, log_dir: Path, user: AppUser | None = None,
+                  cgroups: CgroupSupport | None = None) -> InstanceConfig:
+        """The config of an instance of ``spec`` (limits, health, env and command from it)."""
+        limits = spec.limits
+        return cls(app=spec.name, release=release, instance=instance, port=port, cwd=cwd,
+                   command=spec.run.command, home=home, log_dir=log_dir, env=spec.env_dict(),
+                   health=spec.health, user=user, cgroups=cgroups,
+                   cgroup_limits=CgroupLimits(memory=limits.memory, cpu=limits.cpu,
+                                              pids=limits.pids),
+                   rlimits=RLimits(nofile=limits.nofile))
+
+    @property
+    def out_log(self) -> Path:
+        return self.log_dir / f"{self.instance}.out.log"
+
+    @property
+    def err_log(self) -> Path:
+        return self.log_dir / f"{self.instance}.err.log"
+
+
+# --- the state machine (pure) -----------------------------------------------------------------
+
+
+class State(enum.Enum):
+    STARTING = "starting"  # spawned, waiting for readiness
+    READY = "ready"  # answered readiness; liveness checks running
+    UNHEALTHY = "unhealthy"  # some liveness checks failed, fewer than ``failures``
+    BACKOFF = "backoff"  # exited; waiting before the next spawn
+    CRASH_LOOP = "crash_loop"  # too many restarts in the window; given up
+    STOPPING = "stopping"  # stop() in progress
+    STOPPED = "stopped"  # no process, nothing more will happen
+
+
+class Event(enum.Enum):
+    READY = "ready"
+    CHECK_OK = "check_ok"
+    CHECK_FAILED = "check_failed"
+    EXITED = "exited"  # the process ended (by itself, or killed for failing its checks)
+    RESTART = "restart"
+    CRASH_LOOP = "crash_loop"
+    START_FAILED = "start_failed"  # the first start failed: give up, run() raises
+    STOP = "stop"
+    STOPPED = "stopped"
+
+
+_TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.STARTING, Event.READY): State.READY,
+    (State.STARTING, Event.EXITED): State.BACKOFF,
+    (State.STARTING, Event.START_FAILED): State.STOPPED,
+    (State.READY, Event.CHECK_OK): State.READY,
+    (State.READY, Event.CHECK_FAILED): State.UNHEALTHY,
+    (State.READY, Event.EXITED): State.BACKOFF,
+    (State.UNHEALTHY, Event.CHECK_OK): State.READY,
+    (State.UNHEALTHY, Event.CHECK_FAILED): State.UNHEALTHY,
+    (State.UNHEALTHY, Event.EXITED): State.BACKOFF,
+    (State.BACKOFF, Event.RESTART): State.STARTING,
+    (State.BACKOFF, Event.CRASH_LOOP): State.CRASH_LOOP,
+    (State.STOPPING, Event.STOPPED): State.STOPPED,
+}
+for _state in State:
+    if _state not in (State.STOPPING, State.STOPPED):
+        _TRANSITIONS[(_state, Event.STOP)] = State.STOPPING
+
+
+def transition(state: State, event: Event, *, instance: str = "") -> State:
+    """The state after ``event``; raises ``InvalidTransition`` naming both when not allowed."""
+    try:
+        return _TRANSITIONS[(state, event)]
+    except KeyError:
+        raise InvalidTransition(state.name, event.name, instance=instance) from None
+
+
+def backoff_delay(consecutive: int, *, initial: float, maximum: float) -> float:
+    """The delay before restart number ``consecutive`` (1-based) of a crash streak."""
+    return min(maximum, initial * 2.0 ** max(0, consecutive - 1))
+
+
+# --- the health probe -------------------------------------------------------------------------
+
+
+async def probe(port: int, path: str | None) -> bool:
+    """True when ``GET path`` on 127.0.0.1:port answers 2xx (``path`` None: TCP accept).
+
+    The caller bounds it with a timeout. Never raises for network or protocol errors.
+    """
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return False
+    async with stream:
+        if path is None:
+            return True
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        request = h11.Request(method="GET", target=path,
+                              headers=[("Host", f"127.0.0.1:{port}"), ("Connection", "close"),
+                                       ("User-Agent", "superagent-health")])
+        try:
+            await stream.send_all(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(4096)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Response):
+                    return 200 <= event.status_code < 300
+                if isinstance(event, h11.ConnectionClosed):
+                    return False
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError):
+            return False
+
+
+# --- the instance -----------------------------------------------------------------------------
+
+
+class Instance:
+    """One app instance and its supervision; see the module docstring.
+
+    ``run`` is the owning task; ``stop`` ends the process and the cgroup. ``status`` is
+    a JSON-able dict for the status API.
+    """
+
+    def __init__(self, config: InstanceConfig) -> None:
+        self.config = config
+        self.state = State.STARTING
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.started_at: float | None = None  # wall clock of the current process's spawn
+        self.ready_at: float | None = None
+        self.isolation: IsolationReport | None = None
+        self._process: trio.Process | None = None
+        self._cgroup: InstanceCgroup | None = None
+        self._restart_times: deque[float] = deque()
+        self._streak = 0  # consecutive crashes, for the backoff
+        self._stopping = False
+        self._running = False
+        self._run_done = trio.Event()
+        self._stopped = trio.Event()
+        self._backoff_scope: trio.CancelScope | None = None
+        self._checks_scope: trio.CancelScope | None = None  # the current process's checks
+        self._missed_deadline = False  # the last process was killed for missing ready_deadline
+        self._log = log.bind(app=config.app, release=config.release, instance=config.instance)
+
+    def __repr__(self) -> str:
+        pid = self.pid if self.pid is not None else "-"
+        return (f"<Instance {self.config.app}@{self.config.release}/{self.config.instance} "
+                f"{self.state.name} pid={pid} port={self.config.port} "
+                f"restarts={self.restarts} last_exit={self.last_exit}>")
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    def status(self) -> dict[str, Any]:
+        """The instance as the status API reports it."""
+        return {
+            "app": self.config.app, "release": self.config.release,
+            "instance": self.config.instance, "state": self.state.value, "pid": self.pid,
+            "port": self.config.port, "restarts": self.restarts,
+            "last_exit_code": self.last_exit,
+            "isolation": self.isolation.to_json() if self.isolation is not None else None,
+            "started_at": self.started_at, "ready_at": self.ready_at,
+        }
+
+    def _fire(self, event: Event) -> None:
+        new = transition(self.state, event, instance=self.config.instance)
+        if new is not self.state:
+            self._log.info("instance state", trigger=event.value, old=self.state.value,
+                           new=new.value)
+        self.state = new
+
+    # --- the supervision loop ---
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Spawn and supervise until ``stop()`` or a crash loop.
+
+        Reports ``started`` once the first process is READY. Raises ``StartFailed`` when
+        the first process exits or is not ready by ``ready_deadline`` (it is killed
+        first), ``IsolationError`` when the cgroup or the isolation cannot be set up, and
+        ``SupervisorError`` when a spawn fails (on any start: supervision ends, the
+        instance's state stays where it was) or when ``run`` is called twice or after
+        ``stop``. Cancelled from outside, it leaves the app process running.
+        """
+        if self._running or self._run_done.is_set() or self._stopping:
+            raise SupervisorError("run() may be called once, before stop()",
+                                  app=self.config.app, instance=self.config.instance)
+        self._running = True
+        try:
+            await self._supervise(task_status)
+        except Exception:
+            # A supervisor that failed must not leave an unsupervised app behind (unlike
+            # cancellation, which is the agent shutting down and leaves apps running).
+            process = self._process
+            if process is not None:
+                with trio.CancelScope(shield=True):
+                    await self._terminate(process)
+            raise
+        finally:
+            self._running = False
+            self._run_done.set()
+
+    async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
+        config = self.config
+        first = True
+        while True:
+            spawned = time.monotonic()
+            ready = await self._incarnation(task_status if first else None)
+            if self._stopping:
+                if first and not ready:
+                    raise StartFailed("stopped before it was ready", returncode=self.last_exit,
+                                      app=config.app, release=config.release,
+                                      instance=config.instance)
+                return
+            if first and not ready:
+                self._fire(Event.START_FAILED)
+                await self._remove_cgroup()
+                self._stopped.set()
+                what = (f"not ready within {config.health.ready_deadline} s"
+                        if self._missed_deadline else f"exited with {self.last_exit}")
+                code = None if self._missed_deadline else self.last_exit
+                raise StartFailed(f"instance {config.instance} {what}; see {config.err_log}",
+                                  returncode=code, app=config.app,
+                                  release=config.release, instance=config.instance)
+            first = False
+            self._fire(Event.EXITED)
+            now = time.monotonic()
+            if now - spawned > config.restart_window:
+                self._streak = 0  # a long good run ends a crash streak
+            while self._restart_times and self._restart_times[0] < now - config.restart_window:
+                self._restart_times.popleft()
+            if len(self._restart_times) >= config.max_restarts:
+                self._fire(Event.CRASH_LOOP)
+                self._log.error("instance crash loop: no more restarts",
+                                restarts=len(self._restart_times),
+                                window=config.restart_window, last_exit=self.last_exit)
+                return
+            self._streak += 1
+            delay = backoff_delay(self._streak, initial=config.backoff_initial,
+                                  maximum=config.backoff_max)
+            self._log.warning("instance exited; restarting", last_exit=self.last_exit,
+                              delay=delay)
+            with trio.CancelScope() as self._backoff_scope:
+                await trio.sleep(delay)
+            self._backoff_scope = None
+            if self._stopping:
+                return
+            self._restart_times.append(time.monotonic())
+            self.restarts += 1
+            self._fire(Event.RESTART)
+
+    async def _incarnation(self, task_status: trio.TaskStatus[None] | None) -> bool:
+        """Spawn, check until the process is gone; True when it had become READY."""
+        process = await self._spawn()
+        ready = False
+        self._missed_deadline = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self._checks_scope = nursery.cancel_scope
+                nursery.start_soon(self._watch_exit, process, nursery.cancel_scope)
+                ready = await self._await_ready()
+                if not ready:
+                    self._log.warning("instance not ready by its deadline",
+                                      deadline=self.config.health.ready_deadline)
+                    self._missed_deadline = True
+                    await self._terminate(process)
+                    return False
+                self.ready_at = time.time()
+                self._fire(Event.READY)
+                if task_status is not None:
+                    task_status.started()
+                await self._liveness(process)
+        finally:
+            self._checks_scope = None
+            if process.returncode is not None:
+                with trio.CancelScope(shield=True):  # bounded by REAP_TIMEOUT
+                    await self._kill_rest(process)
+        return ready
+
+    async def _watch_exit(self, process: trio.Process, scope: trio.CancelScope) -> None:
+        await process.wait()
+        scope.cancel()
+
+    async def _await_ready(self) -> bool:
+        health = self.config.health
+        with trio.move_on_after(health.ready_deadline):
+            while True:
+                with trio.move_on_after(health.timeout):
+                    if await probe(self.config.port, health.ready_path):
+                        return True
+                await trio.sleep(READY_POLL)
+        return False
+
+    async def _liveness(self, process: trio.Process) -> None:
+        """Check every ``interval``; after ``failures`` in a row, stop the process."""
+        health = self.config.health
+        failed = 0
+        while True:
+            await trio.sleep(health.interval)
+            ok = False
+            with trio.move_on_after(health.timeout):
+                ok = await probe(self.config.port, health.path)
+            if ok:
+                failed = 0
+                self._fire(Event.CHECK_OK)
+                continue
+            failed += 1
+            self._fire(Event.CHECK_FAILED)
+            if failed >= health.failures:
+                self._log.warning("instance failed its liveness checks; restarting",
+                                  failures=failed, path=health.path)
+                await self._terminate(process)
+                return
+
+    # --- spawning ---
+
+    async def _spawn(self) -> trio.Process:
+        config = self.config
+        if self._cgroup is None and config.cgroups is not None:
+            self._cgroup = await trio.to_thread.run_sync(
+                InstanceCgroup.create, config.cgroups, config.app, config.instance,
+                config.cgroup_limits)
+        preexec = child_setup(config.user, self._cgroup, config.rlimits)
+        self.isolation = IsolationReport.build(config.user, self._cgroup, config.rlimits)
+        await trio.to_thread.run_sync(self._prepare_dirs)
+        out_fd = await trio.to_thread.run_sync(self._open_log, config.out_log)
+        try:
+            err_fd = await trio.to_thread.run_sync(self._open_log, config.err_log)
+            try:
+                process = await trio.lowlevel.open_process(
+                    ["/bin/sh", "-c", config.command], cwd=config.cwd, env=self._environment(),
+                    stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+                    start_new_session=True, preexec_fn=preexec, close_fds=True)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise SupervisorError(f"cannot spawn instance {config.instance}: {exc}",
+                                      app=config.app, release=config.release,
+                                      instance=config.instance) from exc
+            finally:
+                os.close(err_fd)
+        finally:
+            os.close(out_fd)
+        self._process = process
+        self.started_at = time.time()
+        self.ready_at = None
+        self._log.info("instance spawned", pid=process.pid, port=config.port)
+        return process
+
+    def _environment(self) -> dict[str, str]:
+        config = self.config
+        env = {"PATH": DEFAULT_PATH, "HOME": str(config.home), "LANG": DEFAULT_LANG}
+        env.update(config.env)
+        # Set last: the manifest refuses these keys, and the agent's values must win.
+        env.update({"PORT": str(config.port), "SUPERAGENT_APP": config.app,
+                    "SUPERAGENT_RELEASE": config.release,
+                    "SUPERAGENT_INSTANCE": config.instance})
+        return env
+
+    def _prepare_dirs(self) -> None:
+        config = self.config
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        user = config.user
+        if user is not None and user.switched:
+            os.chown(config.home, user.uid, user.gid)
+
+    def _open_log(self, path: Path) -> int:
+        """Open ``path`` for appending, after renaming it to ``.1`` when over the limit."""
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size > self.config.log_max_bytes:
+                path.replace(path.with_name(path.name + ".1"))
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    # --- stopping ---
+
+    async def _terminate(self, process: trio.Process) -> None:
+        """SIGTERM the group, ``grace`` for the process to exit, then SIGKILL everything.
+
+        A process reaped before this call is left alone: whoever reaped it killed its
+        group then, and its pid may since belong to someone else.
+        """
+        if process.returncode is not None:
+            return
+        _killpg(process.pid, signal.SIGTERM)
+        with trio.move_on_after(self.config.grace):
+            await process.wait()
+        await self._kill_rest(process)
+
+    async def _kill_rest(self, process: trio.Process) -> None:
+        """SIGKILL the process group and the cgroup, and reap the process.
+
+        Only with a live leader or one reaped a moment ago (see ``_killpg``).
+        """
+        _killpg(process.pid, signal.SIGKILL)
+        if self._cgroup is not None:
+            await trio.to_thread.run_sync(self._cgroup.kill_all)
+        with trio.move_on_after(REAP_TIMEOUT) as scope:
+            await process.wait()
+        if scope.cancelled_caught:
+            self._log.error("instance not reaped after SIGKILL", pid=process.pid)
+        else:
+            self.last_exit = process.returncode
+
+    async def _remove_cgroup(self) -> None:
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            await trio.to_thread.run_sync(cgroup.kill_all)
+            await trio.to_thread.run_sync(cgroup.remove)
+
+    async def stop(self) -> None:
+        """Stop the instance (SIGTERM, grace, SIGKILL) and remove its cgroup; idempotent.
+
+        Returns once the process group is gone and ``run`` has returned. Raises
+        ``IsolationError`` when the cgroup cannot be removed.
+        """
+        if self._stopping or self.state is State.STOPPED:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._fire(Event.STOP)
+        try:
+            # No more checks or restarts: they would race the stop with their own events.
+            for scope in (self._backoff_scope, self._checks_scope):
+                if scope is not None:
+                    scope.cancel()
+            process = self._process
+            if process is not None:
+                await self._terminate(process)
+            if self._running:
+                with trio.move_on_after(REAP_TIMEOUT):
+                    await self._run_done.wait()
+            await self._remove_cgroup()
+        finally:
+            self._fire(Event.STOPPED)
+            self._stopped.set()
+        self._log.info("instance stopped", last_exit=self.last_exit)
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    """Signal a process group; a group that is already gone is fine.
+
+    The pid of a reaped group leader cannot be handed out again while any member of
+    its group lives. Once the group is empty the number could be reused by a new session
+    leader, so callers signal only a live leader's group or one reaped an instant ago
+    (pid numbers are reused only after the pid space wraps around).
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+__all__ = ["Event", "Instance", "InstanceConfig", "State", "backoff_delay", "probe",
+           "transition"]

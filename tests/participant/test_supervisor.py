@@ -1,0 +1,341 @@
+"""Supervisor tests: real app processes on loopback, written to tmp_path.
+
+Every wait on a condition has a ``trio.fail_after`` deadline; the tunables (backoff,
+crash window, grace, health interval) are shrunk through ``InstanceConfig`` so the
+whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from superagent.participant.cgroups import detect_cgroups
+from superagent.participant.errors import InvalidTransition, StartFailed, SupervisorError
+from superagent.participant.isolation import app_user_name, ensure_app_user, remove_app_user
+from superagent.participant.manifest import HealthSpec
+from superagent.participant.supervisor import (
+    Event,
+    Instance,
+    InstanceConfig,
+    State,
+    backoff_delay,
+    probe,
+    transition,
+)
+from tests.participant.children import child_python
+
+WAIT = 10.0  # generous bound on any condition below; each is met in well under a second
+
+APP = r'''
+import http.server, os, pathlib, signal, subprocess, sys, threading
+mode, state = sys.argv[1], pathlib.Path(sys.argv[2])
+port = int(os.environ["PORT"])
+print("hello out", os.environ["SUPERAGENT_INSTANCE"], flush=True)
+print("hello err", flush=True, file=sys.stderr)
+pathlib.Path(os.environ["HOME"], "uid").write_text(str(os.getuid()))
+if mode == "term":
+    def on_term(signum, frame):
+        (state / "terminated").write_text("yes")
+        os._exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+if mode == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    (state / "grandchild").write_text(str(grandchild.pid))
+if mode == "crash" and (state / "crashed").exists():
+    sys.exit(3)
+if mode == "liveness":
+    (state / "sick").unlink(missing_ok=True)
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 200
+        if mode == "unready" or (mode == "liveness" and (state / "sick").exists()):
+            code = 503
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+        if mode == "crash":
+            (state / "crashed").write_text("1")
+            threading.Timer(0.2, os._exit, (3,)).start()
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def make_config(base: Path, mode: str, *, python: str = sys.executable,
+                **overrides: object) -> InstanceConfig:
+    """An instance running APP in ``mode`` below ``base``, with test-speed tunables."""
+    src = base / "src"
+    state = base / "state"
+    src.mkdir(exist_ok=True)
+    state.mkdir(exist_ok=True)
+    (src / "app.py").write_text(APP)
+    command = f"exec {shlex.quote(python)} app.py {mode} {shlex.quote(str(state))}"
+    config = InstanceConfig(
+        app="hello", release="r1", instance="hello-r1-1", port=free_port(), cwd=src,
+        command=command, home=base / "home", log_dir=base / "logs", env={"GREETING": "hi"},
+        health=HealthSpec(path="/healthz", interval=0.1, timeout=1.0, failures=2,
+                          ready_deadline=5.0),
+        grace=2.0, backoff_initial=0.01, backoff_max=0.05, max_restarts=3,
+        restart_window=60.0)
+    return replace(config, **overrides)  # type: ignore[arg-type]
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds; fail after WAIT seconds."""
+    with trio.fail_after(WAIT):
+        while not condition():
+            await trio.sleep(0.02)
+
+
+@asynccontextmanager
+async def supervised(config: InstanceConfig) -> AsyncIterator[Instance]:
+    """A READY instance, stopped on the way out."""
+    instance = Instance(config)
+    async with trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(WAIT):
+                await nursery.start(instance.run)
+            yield instance
+        finally:
+            with trio.CancelScope(shield=True), trio.fail_after(WAIT):
+                await instance.stop()
+
+
+def gone(pid: int) -> bool:
+    """True when ``pid`` has exited (absent, or a zombie nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def test_illegal_transition_names_state_and_event() -> None:
+    """An event the table does not allow raises InvalidTransition naming both."""
+    assert transition(State.STARTING, Event.READY) is State.READY
+    assert transition(State.CRASH_LOOP, Event.STOP) is State.STOPPING
+    with pytest.raises(InvalidTransition, match=r"READY.*STOPPED") as info:
+        transition(State.STOPPED, Event.READY)
+    assert (info.value.state, info.value.event) == ("STOPPED", "READY")
+    with pytest.raises(InvalidTransition):
+        transition(State.BACKOFF, Event.CHECK_OK)
+
+
+def test_backoff_doubles_to_the_cap() -> None:
+    """0.5 s doubling per consecutive crash, capped at 30 s."""
+    delays = [backoff_delay(n, initial=0.5, maximum=30.0) for n in range(1, 9)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+async def test_probe_needs_an_http_answer() -> None:
+    """A port that accepts TCP but never answers is not healthy (within the timeout)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with trio.move_on_after(0.3):
+            assert not await probe(port, "/healthz")
+    assert not await probe(port, "/healthz")  # closed port: refused
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+
+async def test_ready_serves_and_logs(tmp_path: Path) -> None:
+    """A healthy app reaches READY, answers on its port and its output lands in the logs."""
+    config = make_config(tmp_path, "ok")
+    async with supervised(config) as instance:
+        assert instance.state is State.READY
+        assert await probe(config.port, "/healthz")
+        status = instance.status()
+        assert status["state"] == "ready" and status["pid"] == instance.pid
+        assert status["port"] == config.port and status["restarts"] == 0
+        assert status["ready_at"] >= status["started_at"]
+        assert status["isolation"]["user"]
+        assert "READY" in repr(instance) and f"port={config.port}" in repr(instance)
+        await wait_for(lambda: config.err_log.exists()
+                       and "hello err" in config.err_log.read_text())
+        assert "hello out hello-r1-1" in config.out_log.read_text()
+        assert (config.home / "uid").read_text() == str(os.getuid())
+    assert instance.status()["state"] == "stopped" and instance.pid is None
+    await instance.stop()  # idempotent
+    assert instance.status()["state"] == "stopped"
+
+
+async def test_not_ready_is_a_failed_start(tmp_path: Path) -> None:
+    """An app that accepts TCP but answers 503 fails its start at the deadline, and is killed."""
+    deadline = 1.0
+    config = make_config(tmp_path, "unready", health=HealthSpec(
+        path="/healthz", timeout=0.5, ready_deadline=deadline))
+    instance = Instance(config)
+    started = time.monotonic()
+    with trio.fail_after(WAIT), pytest.raises(StartFailed, match="not ready") as info:
+        await instance.run()
+    assert deadline <= time.monotonic() - started < deadline + config.grace + 1.0
+    assert info.value.returncode is None
+    assert instance.state is State.STOPPED and instance.pid is None
+    assert not await probe(config.port, None)  # nothing listens any more
+
+
+async def test_exit_before_ready_is_a_failed_start(tmp_path: Path) -> None:
+    """A command that exits at once fails the first start with its exit code."""
+    config = replace(make_config(tmp_path, "ok"), command="echo bye >&2; exit 7")
+    with trio.fail_after(WAIT), pytest.raises(StartFailed, match="exited with 7") as info:
+        await Instance(config).run()
+    assert info.value.returncode == 7
+    assert "bye" in config.err_log.read_text()
+
+
+async def test_crash_loop_stops_restarting(tmp_path: Path) -> None:
+    """An app that dies and keeps dying on restart ends in CRASH_LOOP after max_restarts."""
+    config = make_config(tmp_path, "crash")
+    async with supervised(config) as instance:
+        await wait_for(lambda: instance.state is State.CRASH_LOOP)
+        assert instance.restarts == config.max_restarts
+        assert instance.last_exit == 3
+        assert instance.status()["state"] == "crash_loop" and instance.pid is None
+    assert instance.state is State.STOPPED
+
+
+async def test_liveness_failure_restarts(tmp_path: Path) -> None:
+    """An app whose health check starts failing is restarted and becomes READY again."""
+    config = make_config(tmp_path, "liveness")
+    async with supervised(config) as instance:
+        first_pid = instance.pid
+        (tmp_path / "state" / "sick").write_text("1")
+        await wait_for(lambda: instance.restarts == 1 and instance.state is State.READY)
+        assert instance.pid not in (None, first_pid)
+        assert await probe(config.port, "/healthz")
+
+
+async def test_stop_runs_the_sigterm_handler(tmp_path: Path) -> None:
+    """stop() sends SIGTERM, and the app's handler runs before it exits."""
+    config = make_config(tmp_path, "term", grace=5.0)
+    async with supervised(config) as instance:
+        pass
+    assert (tmp_path / "state" / "terminated").read_text() == "yes"
+    assert instance.last_exit == 0
+
+
+async def test_stop_kills_after_grace_with_grandchild(tmp_path: Path) -> None:
+    """An app and a grandchild that ignore SIGTERM are SIGKILLed after the grace period."""
+    config = make_config(tmp_path, "ignore", grace=0.3)
+    async with supervised(config) as instance:
+        grandchild = int((tmp_path / "state" / "grandchild").read_text())
+        assert not gone(grandchild)
+        started = time.monotonic()
+    assert time.monotonic() - started >= config.grace
+    assert instance.last_exit == -9
+    await wait_for(lambda: gone(grandchild))
+
+
+async def test_log_rotation_at_spawn(tmp_path: Path) -> None:
+    """A log over log_max_bytes is renamed to .1 and the new child gets a fresh file."""
+    config = make_config(tmp_path, "ok", log_max_bytes=100)
+    config.log_dir.mkdir()
+    config.out_log.write_text("old line\n" * 50)
+    async with supervised(config):
+        await wait_for(lambda: "hello out" in config.out_log.read_text())
+    assert "hello out" not in config.out_log.with_name(config.out_log.name + ".1").read_text()
+    assert "old line" not in config.out_log.read_text()
+
+
+async def test_spawn_failure_is_typed(tmp_path: Path) -> None:
+    """A spawn that cannot happen (missing source directory) raises SupervisorError."""
+    config = replace(make_config(tmp_path, "ok"), cwd=tmp_path / "missing")
+    with trio.fail_after(WAIT), pytest.raises(SupervisorError, match="cannot spawn"):
+        await Instance(config).run()
+
+
+async def test_cancelled_run_leaves_the_app_running(tmp_path: Path) -> None:
+    """Cancelling run() (agent shutdown) leaves the app up; stop() still ends it."""
+    config = make_config(tmp_path, "term")
+    instance = Instance(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(WAIT):
+                await nursery.start(instance.run)
+            nursery.cancel_scope.cancel()
+        pid = instance.pid
+        assert pid is not None and not gone(pid)
+        assert await probe(config.port, "/healthz")
+        with pytest.raises(SupervisorError, match="called once"):
+            await instance.run()
+    finally:
+        with trio.fail_after(WAIT):
+            await instance.stop()
+    assert (tmp_path / "state" / "terminated").read_text() == "yes"
+    await wait_for(lambda: gone(pid))
+
+
+# --- as root: a uid of its own and a cgroup ---------------------------------------------------
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A directory every user may read (pytest's tmp_path under /tmp is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="sa-supervisor-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_runs_as_app_user_in_cgroup(world_dir: Path) -> None:
+    """As root the instance runs under its app's uid and inside its own cgroup."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: useradd, switching uid and cgroups")
+    if not (shutil.which("useradd") or Path("/usr/sbin/useradd").exists()):
+        pytest.skip("useradd (passwd package) not installed")
+    python = child_python()  # skips when no python3 is executable by other users
+    app = "svtest"
+    user = ensure_app_user(app)
+    try:
+        support = detect_cgroups()
+        config = make_config(world_dir, "ok", python=python, app=app, instance=f"{app}-1",
+                             user=user, cgroups=support)
+        async with supervised(config) as instance:
+            await wait_for(lambda: (config.home / "uid").exists())
+            assert (config.home / "uid").read_text() == str(user.uid)
+            report = instance.status()["isolation"]
+            assert report["switched_user"] and report["uid"] == user.uid
+            assert report["cgroup"]["mode"] == support.mode
+            paths = list(report["cgroup"]["paths"].values())
+        assert all(not Path(path).exists() for path in paths)
+    finally:
+        remove_app_user(app)
+        name = app_user_name(app)
+        if subprocess.run(["getent", "group", name], capture_output=True,
+                          check=False).returncode == 0:
+            subprocess.run(["groupdel", name], check=True)
