@@ -11,6 +11,7 @@ idle (the upstream closed it or sent stray bytes) is dropped too.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Iterable
 
@@ -128,7 +129,9 @@ class Upstreams:
     def __init__(self) -> None:
         self.by_id: dict[str, Upstream] = {}
         self._by_app: dict[str, list[Upstream]] = {}
-        self._turn = 0
+        # Each worker starts its tie-breaking rotation elsewhere: with several workers and
+        # light traffic, equal starts would send every worker's first picks to one instance.
+        self._turn = random.randrange(1 << 16)
 
     def __repr__(self) -> str:
         return f"<Upstreams {len(self.by_id)} instances>"
