@@ -197,3 +197,21 @@ class InvalidTransition(SupervisorError):
         self.state = state
         self.event = event
         super().__init__(f"event {event} is not allowed in state {state}", instance=instance)
+
+
+class SignalError(ParticipantError):
+    """A signal the agent refuses as a whole: malformed, fenced off, or unauthorised."""
+
+    status_hint = 400
+
+
+class StaleTerm(SignalError):
+    """The signal's term is older than the newest the agent has seen: a deposed leader."""
+
+    status_hint = 409
+
+    def __init__(self, term: int, newest: int) -> None:
+        self.term = term
+        self.newest = newest
+        super().__init__(f"term {term} is older than term {newest} already seen;"
+                         " the sender is no longer the leader")
