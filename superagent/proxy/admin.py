@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from superagent.httpserver import serve_app
 from superagent.proxy.metrics import render
 
 if TYPE_CHECKING:
@@ -129,14 +130,7 @@ def admin_app(master: ProxyMaster) -> Starlette:
 
 
 async def serve_admin(master: ProxyMaster, address: tuple[str, int],
-                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the admin API on ``address`` until cancelled."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
-    config = Config()
-    config.bind = [f"{address[0]}:{address[1]}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 1.0
-    await serve(admin_app(master), config, task_status=task_status)  # type: ignore[arg-type]
+                      task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the admin API on ``address`` until cancelled; raises ConfigError if taken."""
+    await serve_app(admin_app(master), address, source=master.config_path or "",
+                    key="proxy.admin", task_status=task_status)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from dataclasses import replace
@@ -106,7 +105,6 @@ class ProxyMaster:
         if admin is not None:
             from superagent.proxy.admin import serve_admin
 
-            _check_bindable(admin, self.config_path)
             await nursery.start(serve_admin, self, admin)
         if self.config_path is not None:
             nursery.start_soon(self._watch_config)
@@ -267,19 +265,6 @@ class ProxyMaster:
         replies = await self.broadcast({"type": "stats"})
         parts = [r["stats"] for r in replies if r.get("ok")]
         return merge(parts), len(parts)
-
-
-def _check_bindable(address: tuple[str, int], config_path: str | None) -> None:
-    """Raise ConfigError now if ``address`` cannot be listened on (the admin server would
-    otherwise fail deep inside hypercorn)."""
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}",
-                              source=config_path or "", key="proxy.admin") from None
 
 
 async def _wait_ready(read_fd: int) -> bool:

@@ -1,0 +1,46 @@
+"""Serving the internal HTTP APIs (Starlette apps) with hypercorn's trio worker.
+
+The proxy's admin API and the agent's RPC both use this; bind errors surface as
+``ConfigError`` naming the address before hypercorn starts, so a taken port is a
+one-line startup error rather than a traceback from deep inside the server.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import trio
+
+from superagent.errors import ConfigError
+
+GRACEFUL_TIMEOUT = 1.0  # internal APIs: open requests get this long when the server stops
+
+
+def check_bindable(address: tuple[str, int], *, source: str = "", key: str = "") -> None:
+    """Raise ConfigError now if ``address`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}",
+                              source=source, key=key) from None
+
+
+async def serve_app(app: Any, address: tuple[str, int], *, source: str = "", key: str = "",
+                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the ASGI ``app`` on ``address`` until cancelled; raises ConfigError if the
+    address cannot be bound."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    check_bindable(address, source=source, key=key)
+    config = Config()
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    config.bind = [f"{host}:{address[1]}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    await serve(app, config, task_status=task_status)
