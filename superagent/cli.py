@@ -54,6 +54,52 @@ def _proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _participant(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import socket
+    from pathlib import Path
+
+    import trio
+
+    from superagent.participant.service import Agent, AgentConfig
+    from superagent.proxy.config import parse_address
+
+    secret = os.environ.get("SUPERAGENT_SECRET", "")
+    if args.secret_file:
+        try:
+            secret = Path(args.secret_file).read_text().strip()
+        except OSError as exc:
+            raise SuperagentError(f"cannot read --secret-file {args.secret_file}:"
+                                  f" {exc.strerror}") from None
+    if not secret:
+        raise SuperagentError("the cluster secret is required: --secret-file FILE or the"
+                              " SUPERAGENT_SECRET environment variable")
+    listen = tuple(args.listen or ["0.0.0.0:8080"])
+    for address in listen:
+        parse_address(address, source="--listen", key=address)
+    config = AgentConfig(
+        data_dir=Path(args.data_dir).resolve(), secret=secret,
+        node=args.node or socket.gethostname(),
+        rpc=parse_address(args.rpc, source="--rpc", key=args.rpc), listen=listen,
+        proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
+        groups=tuple(args.group or ["default"]))
+    agent = Agent(config)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.run)
+                async for _ in signals:
+                    break
+                if args.stop_on_exit:
+                    await agent.stop_all()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superagent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"superagent {__version__}")
@@ -70,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HTTP parser (default: httptools)")
     proxy.add_argument("--check", action="store_true", help="validate the config and exit")
     proxy.set_defaults(func=_proxy)
+
+    part = sub.add_parser("participant", help="run the agent of this machine")
+    part.add_argument("--data-dir", default=".superagent/participant", metavar="DIR",
+                      help="releases, logs and state (default: .superagent/participant)")
+    part.add_argument("--rpc", default="127.0.0.1:7001", metavar="HOST:PORT",
+                      help="internal RPC address (default 127.0.0.1:7001)")
+    part.add_argument("--listen", action="append", metavar="HOST:PORT",
+                      help="proxy listener, repeatable (default 0.0.0.0:8080)")
+    part.add_argument("--proxy-workers", type=int, metavar="N",
+                      help="proxy worker processes (default: one per CPU)")
+    part.add_argument("--parser", choices=("httptools", "h11"), default="httptools")
+    part.add_argument("--node", help="node id (default: the host name)")
+    part.add_argument("--group", action="append", help="machine group, repeatable")
+    part.add_argument("--secret-file", metavar="FILE",
+                      help="file with the cluster secret (or env SUPERAGENT_SECRET)")
+    part.add_argument("--stop-on-exit", action="store_true",
+                      help="stop apps and proxy workers when the agent exits (default: they"
+                           " keep serving and a restarted agent re-adopts them)")
+    part.set_defaults(func=_participant)
     return parser
 
 

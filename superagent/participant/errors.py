@@ -19,9 +19,11 @@ the agent's problem (disk, permissions, ports) and a retry may succeed.
     ├── IsolationError            500  cgroup, user or rlimits cannot be set up; ``path``
     ├── PortError                 500  a port cannot be handed out or adopted; ``port``
     │   └── PortsExhaustedError   503  no free port in ``low``-``high``
-    └── SupervisorError           500  an instance failed to start or was misused; ``instance``
-        ├── StartFailed           503  exited or not ready by its deadline on first start
-        └── InvalidTransition     500  a state-machine event not allowed in the current state
+    ├── SupervisorError           500  an instance failed to start or was misused; ``instance``
+    │   ├── StartFailed           503  exited or not ready by its deadline on first start
+    │   ├── AdoptionFailed        410  the recorded process is gone or is another one; ``pid``
+    │   └── InvalidTransition     500  a state-machine event not allowed in the current state
+    └── ProxyDriverError          503  a proxy worker refused or missed a request; ``worker``
 """
 
 from __future__ import annotations
@@ -190,6 +192,20 @@ class StartFailed(SupervisorError):
         super().__init__(message, app=app, release=release, instance=instance)
 
 
+class AdoptionFailed(SupervisorError):
+    """The process a state file recorded cannot be re-adopted: it is gone, or its pid now
+    belongs to another process. The caller starts a fresh instance. ``pid`` names it."""
+
+    status_hint = 410
+
+    def __init__(self, reason: str, *, pid: int, app: str = "", release: str = "",
+                 instance: str = "") -> None:
+        self.pid = pid
+        self.reason = reason
+        super().__init__(f"cannot adopt pid {pid}: {reason}", app=app, release=release,
+                         instance=instance)
+
+
 class InvalidTransition(SupervisorError):
     """An event the instance state machine does not allow in its state (a bug, not input)."""
 
@@ -215,3 +231,18 @@ class StaleTerm(SignalError):
         self.newest = newest
         super().__init__(f"term {term} is older than term {newest} already seen;"
                          " the sender is no longer the leader")
+
+
+class ProxyDriverError(ParticipantError):
+    """The local proxy workers could not be driven as asked: a worker refused a routing
+    snapshot, did not answer, or could not be started. ``worker`` is its index (None when
+    the error is not about one worker), ``reason`` what it said. The previous routing stays
+    in force, so a retry may succeed (503)."""
+
+    status_hint = 503
+
+    def __init__(self, message: str, *, worker: int | None = None, reason: str = "",
+                 app: str = "") -> None:
+        self.worker = worker
+        self.reason = reason
+        super().__init__(message, app=app)

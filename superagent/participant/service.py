@@ -1,0 +1,383 @@
+"""The participant agent: releases, instances, the proxy and logs behind the RPC.
+
+``Agent`` implements the RPC's ``AgentService``. It owns
+
+- the release store (``releases``: prepare = verify, unpack safely, build as the app's user),
+- one ``supervisor.Instance`` per running instance, each on a port from ``ports``,
+- the proxy workers through ``proxydriver.ProxyDriver`` (routes change only by ``switch``,
+  and a snapshot counts as applied once every worker acknowledged it),
+- the log hub following every instance's output files,
+- the signal ledger (term fencing, idempotent results),
+
+and persists what a restarted agent needs in ``<data_dir>/state.json`` (written
+atomically after every change). Apps and proxy workers do not depend on the agent
+process: when it stops or dies they keep serving, and a new agent on the same data
+directory re-adopts them (instances by pid and start time, workers by their control
+sockets) instead of restarting them. ``stop_all`` ends everything, for a node that is
+being taken away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+import trio
+
+from superagent.httpserver import serve_app
+from superagent.participant.cgroups import detect_cgroups
+from superagent.participant.errors import (
+    AdoptionFailed,
+    ParticipantError,
+    StartFailed,
+    SupervisorError,
+)
+from superagent.participant.isolation import AppUser, ensure_app_user
+from superagent.participant.logs import LogFilter, LogHub
+from superagent.participant.ports import PortAllocator
+from superagent.participant.proxydriver import ProxyDriver
+from superagent.participant.releases import ReleaseStore
+from superagent.participant.rpc import rpc_app
+from superagent.participant.signals import SignalLedger
+from superagent.participant.supervisor import Instance, InstanceConfig, State
+from superagent.proxy.config import parse_address
+from superagent.proxy.snapshot import AppRoute, Timeouts
+from superagent.proxy.snapshot import Instance as RouteInstance
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+log = structlog.get_logger("superagent.participant")
+
+
+class UnknownInstance(ParticipantError):
+    """A signal names an instance this agent does not run."""
+
+    status_hint = 404
+
+
+class InstanceNotReady(ParticipantError):
+    """Traffic was to be switched to an instance that is not ready."""
+
+    status_hint = 409
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentConfig:
+    """Settings of ``superagent participant``."""
+
+    data_dir: Path
+    secret: str
+    node: str = socket.gethostname()
+    rpc: tuple[str, int] = ("127.0.0.1", 7001)
+    listen: tuple[str, ...] = ("0.0.0.0:8080",)
+    proxy_workers: int = 1
+    parser: str = "httptools"
+    groups: tuple[str, ...] = ("default",)
+    ports: tuple[int, int] = (41000, 48999)
+    keep_releases: int = 3
+    drain_grace: float = 30.0  # in-flight requests get this long before an instance stops
+
+
+class Agent:
+    """The agent of one machine (see the module docstring)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        data = config.data_dir
+        self.store = ReleaseStore(data / "releases", keep=config.keep_releases)
+        listener_ports = [parse_address(a, source="participant", key="listen")[1]
+                          for a in config.listen]
+        self.ports = PortAllocator(*config.ports, reserved=listener_ports)
+        self.proxy = ProxyDriver(data / "proxy", workers=config.proxy_workers,
+                                 parser=config.parser, listen=config.listen)
+        self.log_hub = LogHub()
+        self.cgroups = detect_cgroups() if os.geteuid() == 0 else None
+        self.ledger = SignalLedger()
+        self.instances: dict[str, Instance] = {}
+        self.routes: dict[str, list[str]] = {}
+        self.is_offline = False
+        self._seq = 0
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return (f"<Agent node={self.config.node} instances={len(self.instances)}"
+                f" routed={sorted(self.routes)} offline={self.is_offline}>")
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Adopt what a previous agent left running, serve the RPC until cancelled.
+
+        Cancelling leaves apps and proxy workers running (see the module docstring).
+        """
+        for sub in ("releases", "logs", "homes", "proxy"):
+            (self.config.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        saved = self._load_state()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.proxy.start()
+            await nursery.start(self.proxy.supervise)
+            await nursery.start(self.log_hub.run)
+            for record in saved.get("instances", []):
+                await self._adopt(record)
+            self.routes = {app: [i for i in ids if i in self.instances]
+                           for app, ids in saved.get("routes", {}).items()}
+            if self.is_offline:
+                await self.proxy.set_offline(True)
+            await self._apply_routes()
+            self.persist()
+            await nursery.start(serve_app, rpc_app(self, secret=self.config.secret,
+                                                   ledger=self.ledger), self.config.rpc)
+            log.info("participant ready", node=self.config.node,
+                     rpc=f"{self.config.rpc[0]}:{self.config.rpc[1]}",
+                     listen=list(self.config.listen), instances=len(self.instances),
+                     cgroups=self.cgroups.mode if self.cgroups else "not root")
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def stop_all(self) -> None:
+        """Stop every instance (draining first) and the proxy workers: the node goes away."""
+        await self.proxy.set_offline(True)
+        if self.instances:
+            await self.stop(list(self.instances), None)
+        await self.proxy.stop()
+        self.persist()
+
+    async def _adopt(self, record: dict[str, Any]) -> None:
+        assert self._nursery is not None
+        try:
+            config = InstanceConfig.from_record(record["config"], cgroups=self.cgroups)
+            if record.get("pid") is None:
+                raise AdoptionFailed("no process was running", pid=0,
+                                     instance=config.instance)
+            instance = Instance.adopt(config, pid=int(record["pid"]),
+                                      create_time=float(record["create_time"]))
+            self.ports.adopt(config.port)
+            await self._nursery.start(instance.run)
+        except (SupervisorError, KeyError, ValueError, TypeError) as exc:
+            log.warning("instance not adopted; it will not be served", error=str(exc),
+                        record=record.get("config", {}).get("instance"))
+            return
+        self.instances[config.instance] = instance
+        self.log_hub.add(config.app, config.release, config.instance, config.out_log,
+                      config.err_log, from_start=False)
+        log.info("instance adopted", instance=config.instance, pid=record["pid"])
+
+    # ------------------------------------------------------------------ state
+    def _load_state(self) -> dict[str, Any]:
+        path = self.config.data_dir / STATE_FILE
+        try:
+            doc: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ParticipantError(f"cannot read {path}: {exc}") from None
+        self.ledger = SignalLedger.from_json(doc.get("ledger", {}))
+        self._seq = int(doc.get("seq", 0))
+        self.is_offline = bool(doc.get("offline", False))
+        return doc
+
+    def persist(self) -> None:
+        """Write state.json atomically (temp file, fsync, rename)."""
+        doc = {
+            "version": STATE_VERSION, "node": self.config.node, "seq": self._seq,
+            "offline": self.is_offline, "routes": self.routes, "ledger": self.ledger.to_json(),
+            "instances": [inst.to_record() for inst in self.instances.values()],
+        }
+        path = self.config.data_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ signals
+    async def prepare(self, app: str, release: str, archive: Path, sha256: str
+                      ) -> dict[str, Any]:
+        user = await self._user(app)
+        prepared = await self.store.prepare(
+            app, release, archive, sha256,
+            uid=user.uid if user and user.switched else None,
+            gid=user.gid if user and user.switched else None)
+        return {"app": app, "release": release, "sha256": prepared.sha256,
+                "build_log": str(prepared.build_log)}
+
+    async def start(self, app: str, release: str, count: int) -> dict[str, Any]:
+        assert self._nursery is not None
+        prepared = self.store.get(app, release)
+        user = await self._user(app)
+        started = []
+        for _ in range(count):
+            self._seq += 1
+            instance_id = f"{app}@{release}.{self._seq}"
+            port = self.ports.allocate()
+            home = self.config.data_dir / "homes" / instance_id
+            home.mkdir(parents=True, exist_ok=True)
+            log_dir = self.config.data_dir / "logs" / app
+            log_dir.mkdir(parents=True, exist_ok=True)
+            if user is not None and user.switched:
+                os.chown(home, user.uid, user.gid)
+            config = InstanceConfig.from_spec(prepared.spec, release=release,
+                                              instance=instance_id, port=port,
+                                              cwd=prepared.src, home=home, log_dir=log_dir,
+                                              user=user if user and user.switched else None,
+                                              cgroups=self.cgroups)
+            instance = Instance(config)
+            self.instances[instance_id] = instance
+            try:
+                await self._nursery.start(instance.run)
+            except StartFailed:
+                del self.instances[instance_id]
+                self.ports.release(port)
+                self.persist()
+                raise
+            self.log_hub.add(app, release, instance_id, config.out_log, config.err_log,
+                          from_start=True)
+            started.append({"id": instance_id, "port": port, "state": instance.state.value})
+            self.persist()
+        return {"app": app, "release": release, "instances": started}
+
+    async def stop(self, instances: list[str], grace: float | None) -> dict[str, Any]:
+        targets = [self._instance(i) for i in instances]
+        unrouted = False
+        for app, ids in self.routes.items():
+            kept = [i for i in ids if i not in instances]
+            if kept != ids:
+                self.routes[app] = kept
+                unrouted = True
+        if unrouted:
+            await self._apply_routes()
+        remaining = await self.proxy.drain(
+            instances, grace=self.config.drain_grace if grace is None else grace)
+        for instance in targets:
+            await instance.stop()
+            config = instance.config
+            self.ports.release(config.port)
+            self.log_hub.remove(config.instance)
+            del self.instances[config.instance]
+        self.persist()
+        return {"stopped": instances, "in_flight_cut": remaining}
+
+    async def switch(self, app: str, instances: list[str]) -> dict[str, Any]:
+        for instance_id in instances:
+            instance = self._instance(instance_id)
+            if instance.config.app != app:
+                raise UnknownInstance(f"instance {instance_id} is not one of app {app!r}",
+                                      app=app)
+            if instance.state is not State.READY:
+                raise InstanceNotReady(f"instance {instance_id} is {instance.state.value},"
+                                       " not ready", app=app)
+        self.routes[app] = list(instances)
+        await self.proxy.undrain(instances)
+        version = await self._apply_routes()
+        self.persist()
+        return {"app": app, "instances": instances, "version": version}
+
+    async def drain(self, instances: list[str], grace: float) -> dict[str, Any]:
+        for instance_id in instances:
+            self._instance(instance_id)
+        return {"remaining": await self.proxy.drain(instances, grace=grace)}
+
+    async def offline(self, offline: bool) -> dict[str, Any]:
+        await self.proxy.set_offline(offline)
+        self.is_offline = offline
+        self.persist()
+        return {"offline": offline}
+
+    # ------------------------------------------------------------------ queries
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.config.node, "groups": list(self.config.groups),
+            "offline": self.is_offline,
+            "isolation": {"root": os.geteuid() == 0,
+                          "cgroups": self.cgroups.mode if self.cgroups else "none",
+                          "reason": self.cgroups.reason if self.cgroups else "not root"},
+            "proxy": {"version": self.proxy.snapshot.version,
+                      "workers": [s.pid for s in self.proxy.slots]},
+            "routes": self.routes,
+            "instances": [{**inst.status(), "figures": _figures(inst.pid)}
+                          for inst in self.instances.values()],
+            "releases": {app: [r.release for r in self.store.releases(app)]
+                         for app in self._apps_on_disk()},
+            "figures": _node_figures(),
+        }
+
+    def logs(self, *, app: str | None, instance: str | None, n: int) -> list[dict[str, Any]]:
+        return [line.to_json() for line in self.log_hub.tail(instance=instance, app=app, n=n)]
+
+    async def follow(self, *, app: str | None, instance: str | None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        with self.log_hub.subscribe(LogFilter(app=app, instance=instance)) as subscription:
+            async for line in subscription:
+                yield line.to_json()
+
+    # ------------------------------------------------------------------ helpers
+    def _instance(self, instance_id: str) -> Instance:
+        instance = self.instances.get(instance_id)
+        if instance is None:
+            raise UnknownInstance(f"no instance {instance_id!r} on this node")
+        return instance
+
+    async def _user(self, app: str) -> AppUser | None:
+        if os.geteuid() != 0:
+            return None
+        return await trio.to_thread.run_sync(ensure_app_user, app)
+
+    def _apps_on_disk(self) -> list[str]:
+        root = self.store.root
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+    async def _apply_routes(self) -> int:
+        apps = []
+        for app, ids in sorted(self.routes.items()):
+            if not ids:
+                continue
+            first = self.instances[ids[0]].config
+            spec = self.store.get(app, first.release).spec
+            r, limits = spec.routes, spec.limits
+            timeout = limits.timeout or Timeouts().first_byte
+            apps.append(AppRoute(
+                name=app,
+                instances=tuple(RouteInstance(id=i, host="127.0.0.1",
+                                              port=self.instances[i].config.port) for i in ids),
+                prefix=r.prefix if (r.prefix or r.hosts or r.port) else f"/{app}",
+                strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
+                hosts=r.hosts, port=r.port, max_body=limits.max_body,
+                timeouts=Timeouts(first_byte=timeout, idle=timeout)))
+        return await self.proxy.apply(apps)
+
+
+def _figures(pid: int | None) -> dict[str, Any] | None:
+    """CPU seconds, RSS, threads and TCP connections of an instance's process tree."""
+    if pid is None:
+        return None
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        cpu = rss = threads = conns = 0.0
+        for proc in procs:
+            with proc.oneshot():
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+                rss += proc.memory_info().rss
+                threads += proc.num_threads()
+            conns += len(proc.net_connections(kind="tcp"))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return {"cpu_seconds": round(cpu, 3), "rss_bytes": int(rss), "threads": int(threads),
+            "connections": int(conns), "processes": len(procs)}
+
+
+def _node_figures() -> dict[str, Any]:
+    memory = psutil.virtual_memory()
+    return {"cpus": psutil.cpu_count(), "load": os.getloadavg(),
+            "memory_total": memory.total, "memory_available": memory.available,
+            "agent_rss_bytes": psutil.Process().memory_info().rss}
