@@ -35,6 +35,17 @@ If ``run`` is cancelled from outside (the agent shutting down) the app process i
 running on purpose: apps survive an agent restart and are re-adopted by pid (see
 docs/ARCHITECTURE.md). Only ``stop()`` ends an app.
 
+6. **Adoption.** The agent persists ``Instance.to_record()`` (the config, the pid and
+   the process's start time). A restarted agent rebuilds the config with
+   ``InstanceConfig.from_record`` and calls ``Instance.adopt(config, pid=, create_time=)``,
+   which checks the process (``adoption.AdoptedProcess``: same start time, own process
+   group, alive) or raises ``AdoptionFailed`` (then the caller starts a fresh instance).
+   ``run`` then supervises the adopted process as its first incarnation — readiness
+   (the first-start rules: not ready by the deadline is ``StartFailed``), liveness,
+   ``stop()`` — except that its exit is seen through a pidfd and its exit code is unknown
+   (``last_exit`` None). Every restart after it spawns a normal child. The instance's
+   cgroup, if any, is the existing one (``InstanceCgroup.existing``).
+
 Log rotation is minimal: before each spawn a log file over ``log_max_bytes`` is renamed
 to ``<name>.1`` (one generation) and a fresh file is opened for the new child. A child
 that is already running keeps writing to the renamed file until it is restarted; the
@@ -52,16 +63,23 @@ import signal
 import subprocess
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import h11
 import structlog
 import trio
 
+from superagent.participant.adoption import AdoptedProcess, process_create_time
 from superagent.participant.cgroups import CgroupLimits, CgroupSupport, InstanceCgroup
-from superagent.participant.errors import InvalidTransition, StartFailed, SupervisorError
+from superagent.participant.errors import (
+    AdoptionFailed,
+    InvalidTransition,
+    StartFailed,
+    SupervisorError,
+)
 from superagent.participant.isolation import AppUser, IsolationReport, RLimits, child_setup
 from superagent.participant.manifest import AppSpec, HealthSpec
 
@@ -78,6 +96,16 @@ REAP_TIMEOUT = 5.0  # after SIGKILL the kernel reaps within ms; longer means a D
 MAX_RESPONSE_HEAD = 16 * 1024  # a health answer's status line and headers fit in this
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LANG = "C.UTF-8"
+RECORD_VERSION = 1  # of the persisted form, ``Instance.to_record``
+
+# The process an instance supervises: its own child, or one adopted from an earlier agent.
+_Process: TypeAlias = trio.Process | AdoptedProcess
+
+
+def _exited(process: _Process) -> bool:
+    if isinstance(process, AdoptedProcess):
+        return process.exited
+    return process.returncode is not None
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -125,6 +153,51 @@ class InstanceConfig:
                    cgroup_limits=CgroupLimits(memory=limits.memory, cpu=limits.cpu,
                                               pids=limits.pids),
                    rlimits=RLimits(nofile=limits.nofile))
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able dict from which ``from_record`` rebuilds this config.
+
+        ``cgroups`` is left out: it is the agent's detected support, not the instance's.
+        """
+        return {
+            "app": self.app, "release": self.release, "instance": self.instance,
+            "port": self.port, "cwd": str(self.cwd), "command": self.command,
+            "home": str(self.home), "log_dir": str(self.log_dir), "env": dict(self.env),
+            "health": asdict(self.health),
+            "user": asdict(self.user) if self.user is not None else None,
+            "cgroup_limits": asdict(self.cgroup_limits), "rlimits": asdict(self.rlimits),
+            "grace": self.grace, "backoff_initial": self.backoff_initial,
+            "backoff_max": self.backoff_max, "max_restarts": self.max_restarts,
+            "restart_window": self.restart_window, "log_max_bytes": self.log_max_bytes,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], *,
+                    cgroups: CgroupSupport | None = None) -> InstanceConfig:
+        """The config ``to_record`` wrote, with the agent's current cgroup ``support``.
+
+        Raises ``SupervisorError`` naming the problem when the record is malformed.
+        """
+        try:
+            user = record["user"]
+            return cls(
+                app=record["app"], release=record["release"], instance=record["instance"],
+                port=int(record["port"]), cwd=Path(record["cwd"]), command=record["command"],
+                home=Path(record["home"]), log_dir=Path(record["log_dir"]),
+                env={str(k): str(v) for k, v in record["env"].items()},
+                health=HealthSpec(**record["health"]),
+                user=AppUser(**user) if user is not None else None, cgroups=cgroups,
+                cgroup_limits=CgroupLimits(**record["cgroup_limits"]),
+                rlimits=RLimits(**record["rlimits"]), grace=float(record["grace"]),
+                backoff_initial=float(record["backoff_initial"]),
+                backoff_max=float(record["backoff_max"]),
+                max_restarts=int(record["max_restarts"]),
+                restart_window=float(record["restart_window"]),
+                log_max_bytes=int(record["log_max_bytes"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SupervisorError(f"malformed instance record: {exc!r}",
+                                  app=str(record.get("app", "")),
+                                  instance=str(record.get("instance", ""))) from exc
 
     @property
     def out_log(self) -> Path:
@@ -243,9 +316,11 @@ class Instance:
         self.restarts = 0
         self.last_exit: int | None = None
         self.started_at: float | None = None  # wall clock of the current process's spawn
+        self.create_time: float | None = None  # psutil's start time of the current process
         self.ready_at: float | None = None
         self.isolation: IsolationReport | None = None
-        self._process: trio.Process | None = None
+        self._process: _Process | None = None
+        self._adopted: AdoptedProcess | None = None  # taken by the first incarnation
         self._cgroup: InstanceCgroup | None = None
         self._restart_times: deque[float] = deque()
         self._streak = 0  # consecutive crashes, for the backoff
@@ -264,10 +339,43 @@ class Instance:
                 f"{self.state.name} pid={pid} port={self.config.port} "
                 f"restarts={self.restarts} last_exit={self.last_exit}>")
 
+    @classmethod
+    def adopt(cls, config: InstanceConfig, *, pid: int, create_time: float) -> Instance:
+        """An instance whose first process is ``pid``, left running by an earlier agent.
+
+        ``create_time`` is the start time recorded with it (``to_record``). Raises
+        ``AdoptionFailed`` when that process is gone or ``pid`` is now another process;
+        the caller then starts a fresh instance. Supervision begins with ``run``.
+        """
+        try:
+            adopted = AdoptedProcess.open(pid, create_time)
+        except AdoptionFailed as exc:
+            exc.instance = config.instance
+            raise exc.bind(app=config.app, release=config.release) from None
+        instance = cls(config)
+        instance._adopted = instance._process = adopted
+        instance.create_time = adopted.create_time
+        instance.started_at = adopted.create_time
+        if config.cgroups is not None:
+            instance._cgroup = InstanceCgroup.existing(config.cgroups, config.app,
+                                                       config.instance)
+        instance.isolation = IsolationReport.build(config.user, instance._cgroup,
+                                                   config.rlimits)
+        instance._log.info("instance adopted", pid=pid, port=config.port)
+        return instance
+
     @property
     def pid(self) -> int | None:
         process = self._process
-        return process.pid if process is not None and process.returncode is None else None
+        return process.pid if process is not None and not _exited(process) else None
+
+    def to_record(self) -> dict[str, Any]:
+        """What a state file keeps to re-adopt the running process after an agent restart:
+        ``config`` (``InstanceConfig.to_record``), ``pid`` and ``create_time`` (both None
+        when no process runs)."""
+        pid = self.pid
+        return {"version": RECORD_VERSION, "config": self.config.to_record(), "pid": pid,
+                "create_time": self.create_time if pid is not None else None}
 
     def status(self) -> dict[str, Any]:
         """The instance as the status API reports it."""
@@ -278,6 +386,7 @@ class Instance:
             "last_exit_code": self.last_exit,
             "isolation": self.isolation.to_json() if self.isolation is not None else None,
             "started_at": self.started_at, "ready_at": self.ready_at,
+            "create_time": self.create_time,
         }
 
     def _fire(self, event: Event) -> None:
@@ -368,8 +477,13 @@ class Instance:
             self._fire(Event.RESTART)
 
     async def _incarnation(self, task_status: trio.TaskStatus[None] | None) -> bool:
-        """Spawn, check until the process is gone; True when it had become READY."""
-        process = await self._spawn()
+        """Spawn (or take the adopted process), check until it is gone; True when it
+        had become READY."""
+        process: _Process
+        if self._adopted is not None:
+            process, self._adopted = self._adopted, None
+        else:
+            process = await self._spawn()
         ready = False
         self._missed_deadline = False
         try:
@@ -390,12 +504,12 @@ class Instance:
                 await self._liveness(process)
         finally:
             self._checks_scope = None
-            if process.returncode is not None:
+            if _exited(process):
                 with trio.CancelScope(shield=True):  # bounded by REAP_TIMEOUT
                     await self._kill_rest(process)
         return ready
 
-    async def _watch_exit(self, process: trio.Process, scope: trio.CancelScope) -> None:
+    async def _watch_exit(self, process: _Process, scope: trio.CancelScope) -> None:
         await process.wait()
         scope.cancel()
 
@@ -409,7 +523,7 @@ class Instance:
                 await trio.sleep(READY_POLL)
         return False
 
-    async def _liveness(self, process: trio.Process) -> None:
+    async def _liveness(self, process: _Process) -> None:
         """Check every ``interval``; after ``failures`` in a row, stop the process."""
         health = self.config.health
         failed = 0
@@ -459,6 +573,7 @@ class Instance:
             os.close(out_fd)
         self._process = process
         self.started_at = time.time()
+        self.create_time = process_create_time(process.pid)
         self.ready_at = None
         self._log.info("instance spawned", pid=process.pid, port=config.port)
         return process
@@ -490,20 +605,20 @@ class Instance:
 
     # --- stopping ---
 
-    async def _terminate(self, process: trio.Process) -> None:
+    async def _terminate(self, process: _Process) -> None:
         """SIGTERM the group, ``grace`` for the process to exit, then SIGKILL everything.
 
         A process reaped before this call is left alone: whoever reaped it killed its
         group then, and its pid may since belong to someone else.
         """
-        if process.returncode is not None:
+        if _exited(process):
             return
         _killpg(process.pid, signal.SIGTERM)
         with trio.move_on_after(self.config.grace):
             await process.wait()
         await self._kill_rest(process)
 
-    async def _kill_rest(self, process: trio.Process) -> None:
+    async def _kill_rest(self, process: _Process) -> None:
         """SIGKILL the process group and the cgroup, and reap the process.
 
         Only with a live leader or one reaped a moment ago (see ``_killpg``).

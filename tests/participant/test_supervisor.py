@@ -7,25 +7,40 @@ whole file runs in a few seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 
-from superagent.participant.cgroups import detect_cgroups
-from superagent.participant.errors import InvalidTransition, StartFailed, SupervisorError
-from superagent.participant.isolation import app_user_name, ensure_app_user, remove_app_user
+from superagent.participant.cgroups import CgroupLimits, detect_cgroups
+from superagent.participant.errors import (
+    AdoptionFailed,
+    InvalidTransition,
+    StartFailed,
+    SupervisorError,
+)
+from superagent.participant.isolation import (
+    AppUser,
+    RLimits,
+    app_user_name,
+    ensure_app_user,
+    remove_app_user,
+)
 from superagent.participant.manifest import HealthSpec
 from superagent.participant.supervisor import (
     Event,
@@ -296,6 +311,151 @@ async def test_cancelled_run_leaves_the_app_running(tmp_path: Path) -> None:
             await instance.stop()
     assert (tmp_path / "state" / "terminated").read_text() == "yes"
     await wait_for(lambda: gone(pid))
+
+
+# --- adoption: processes an earlier agent left running -------------------------------------
+
+
+def answers(port: int) -> bool:
+    """A blocking readiness check (``previous_agent`` runs outside and inside trio)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@contextmanager
+def previous_agent(config: InstanceConfig) -> Iterator[subprocess.Popen[bytes]]:
+    """The app of ``config`` started as an earlier agent life would (own session), READY.
+
+    The test process stays its parent, so it reaps it on the way out.
+    """
+    config.home.mkdir(parents=True, exist_ok=True)
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(config.home), "PORT": str(config.port),
+           "SUPERAGENT_APP": config.app, "SUPERAGENT_RELEASE": config.release,
+           "SUPERAGENT_INSTANCE": config.instance}
+    with config.out_log.open("ab") as out, config.err_log.open("ab") as err:
+        popen = subprocess.Popen(["/bin/sh", "-c", config.command], cwd=config.cwd, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not answers(config.port):
+            assert popen.poll() is None and time.monotonic() < deadline, "app not ready"
+            time.sleep(0.02)
+        yield popen
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait(timeout=WAIT)
+
+
+def test_adopt_refuses_a_wrong_start_time_a_dead_pid_and_a_non_leader(tmp_path: Path) -> None:
+    """Adoption checks start time, liveness and process-group leadership."""
+    config = make_config(tmp_path, "ok")
+    with previous_agent(config) as popen:
+        create_time = psutil.Process(popen.pid).create_time()
+        with pytest.raises(AdoptionFailed, match="pid reused") as info:
+            Instance.adopt(config, pid=popen.pid, create_time=create_time + 100.0)
+        assert info.value.pid == popen.pid and info.value.instance == config.instance
+        assert info.value.status_hint == 410
+    with pytest.raises(AdoptionFailed, match=r"no such process|exited|vanished"):
+        Instance.adopt(config, pid=popen.pid, create_time=create_time)
+    follower = subprocess.Popen(["sleep", "30"])  # in the test's own process group
+    try:
+        with pytest.raises(AdoptionFailed, match="not a process group leader"):
+            Instance.adopt(config, pid=follower.pid,
+                           create_time=psutil.Process(follower.pid).create_time())
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_adopted_app_killed_outside_is_restarted_as_a_child(tmp_path: Path) -> None:
+    """An adopted app is READY at once; killed from outside, a child of ours replaces it."""
+    config = make_config(tmp_path, "ok")
+    with previous_agent(config) as popen:
+        create_time = psutil.Process(popen.pid).create_time()
+        instance = Instance.adopt(config, pid=popen.pid, create_time=create_time)
+
+        async def scenario() -> None:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(WAIT):
+                    await nursery.start(instance.run)
+                assert instance.state is State.READY and instance.pid == popen.pid
+                record = instance.to_record()
+                assert record["pid"] == popen.pid and record["create_time"] == create_time
+                os.kill(popen.pid, signal.SIGKILL)
+                popen.wait(timeout=WAIT)  # its real parent reaps it, as init would
+                await wait_for(lambda: instance.restarts == 1 and instance.state is State.READY)
+                new = instance.pid
+                assert new is not None and new != popen.pid
+                assert psutil.Process(new).ppid() == os.getpid()
+                assert instance.last_exit is None  # not our child: no exit code
+                assert await probe(config.port, "/healthz")
+                with trio.fail_after(WAIT):
+                    await instance.stop()
+            assert instance.status()["state"] == State.STOPPED.value
+            await wait_for(lambda: gone(new))
+
+        trio.run(scenario)
+
+
+async def test_stop_of_an_adopted_app_sends_sigterm(tmp_path: Path) -> None:
+    """stop() of an adopted app SIGTERMs its group: its handler runs."""
+    config = make_config(tmp_path, "term")
+    with previous_agent(config) as popen:
+        instance = Instance.adopt(config, pid=popen.pid,
+                                  create_time=psutil.Process(popen.pid).create_time())
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(WAIT):
+                await nursery.start(instance.run)
+            with trio.fail_after(WAIT):
+                await instance.stop()
+        assert (tmp_path / "state" / "terminated").read_text() == "yes"
+        assert instance.pid is None and instance.restarts == 0
+        assert instance.to_record()["pid"] is None
+
+
+async def test_agent_restart_round_trip_through_a_record(tmp_path: Path) -> None:
+    """run, cancel (agent exits), JSON record, from_record + adopt: the same process."""
+    config = make_config(tmp_path, "term")
+    first = Instance(config)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT):
+            await nursery.start(first.run)
+        nursery.cancel_scope.cancel()
+    record = json.loads(json.dumps(first.to_record()))
+    pid = record["pid"]
+    assert pid == first.pid and record["create_time"] is not None
+    second = Instance.adopt(InstanceConfig.from_record(record["config"]), pid=pid,
+                            create_time=record["create_time"])
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(WAIT):
+                await nursery.start(second.run)
+            assert second.pid == pid and second.state is State.READY
+            with trio.fail_after(WAIT):
+                await second.stop()
+    finally:
+        with trio.fail_after(WAIT):
+            await second.stop()
+    assert (tmp_path / "state" / "terminated").read_text() == "yes"
+    await wait_for(lambda: gone(pid))
+
+
+def test_config_record_round_trips(tmp_path: Path) -> None:
+    """InstanceConfig.from_record(to_record()) is the same config, through JSON."""
+    config = make_config(tmp_path, "ok", user=AppUser(name="sa-x", uid=1234, gid=1234,
+                                                      switched=True),
+                         cgroup_limits=CgroupLimits(memory=2**26, cpu=0.5, pids=64),
+                         rlimits=RLimits(nofile=100, nproc=None))
+    record = json.loads(json.dumps(config.to_record()))
+    assert InstanceConfig.from_record(record) == config
+    with pytest.raises(SupervisorError, match="malformed instance record"):
+        InstanceConfig.from_record({**record, "health": {"nope": 1}})
 
 
 # --- as root: a uid of its own and a cgroup ---------------------------------------------------
