@@ -246,7 +246,11 @@ class Agent:
         return {"app": app, "release": release, "instances": started}
 
     async def stop(self, instances: list[str], grace: float | None) -> dict[str, Any]:
+        """Drain (no new requests; in-flight ones finish or hit the grace period), take the
+        instances out of the routes, then stop them."""
         targets = [self._instance(i) for i in instances]
+        remaining = await self.proxy.drain(
+            instances, grace=self.config.drain_grace if grace is None else grace)
         unrouted = False
         for app, ids in self.routes.items():
             kept = [i for i in ids if i not in instances]
@@ -255,8 +259,6 @@ class Agent:
                 unrouted = True
         if unrouted:
             await self._apply_routes()
-        remaining = await self.proxy.drain(
-            instances, grace=self.config.drain_grace if grace is None else grace)
         for instance in targets:
             await instance.stop()
             config = instance.config

@@ -99,6 +99,6 @@ class WorkerState:
             "instances": {
                 up.id: {"app": up.app, "in_flight": up.outstanding, "pool_idle": len(up.idle),
                         "draining": up.draining}
-                for up in self.upstreams.by_id.values()
+                for up in self.upstreams.all()
             },
         }

@@ -124,10 +124,13 @@ class Upstream:
 class Upstreams:
     """Every instance of the current snapshot, by id; picks one per request."""
 
-    __slots__ = ("_by_app", "_turn", "by_id")
+    __slots__ = ("_by_app", "_turn", "by_id", "retiring")
 
     def __init__(self) -> None:
         self.by_id: dict[str, Upstream] = {}
+        # Instances a snapshot removed while requests to them were still in flight: kept
+        # (for the in-flight counts a drain waits on) until those requests end.
+        self.retiring: dict[str, Upstream] = {}
         self._by_app: dict[str, list[Upstream]] = {}
         # Each worker starts its tie-breaking rotation elsewhere: with several workers and
         # light traffic, equal starts would send every worker's first picks to one instance.
@@ -143,8 +146,11 @@ class Upstreams:
         for app in snapshot.apps:
             members = by_app.setdefault(app.name, [])
             for inst in app.instances:
-                up = self.by_id.get(inst.id)
-                if up is None or up.address != (inst.host, inst.port) or up.app != app.name:
+                up = self.by_id.get(inst.id) or self.retiring.pop(inst.id, None)
+                if up is not None and up.removed and up.address == (inst.host, inst.port) \
+                        and up.app == app.name:
+                    up.removed = False  # routed again while its last requests were running
+                elif up is None or up.address != (inst.host, inst.port) or up.app != app.name:
                     if up is not None:
                         up.removed = True
                         up.close_idle()
@@ -152,11 +158,24 @@ class Upstreams:
                 seen[inst.id] = up
                 members.append(up)
         for inst_id, up in self.by_id.items():
-            if inst_id not in seen:
+            if seen.get(inst_id) is not up:
                 up.removed = True
                 up.close_idle()
+                if up.outstanding:
+                    self.retiring[inst_id] = up
         self.by_id = seen
         self._by_app = by_app
+        self.prune_retiring()
+
+    def prune_retiring(self) -> None:
+        for inst_id in [i for i, up in self.retiring.items() if not up.outstanding]:
+            del self.retiring[inst_id]
+
+    def all(self) -> list[Upstream]:
+        """Every instance the worker knows: routed ones, then retiring ones."""
+        self.prune_retiring()
+        return [*self.by_id.values(),
+                *(up for i, up in self.retiring.items() if i not in self.by_id)]
 
     def pick(self, app: AppRoute, exclude: Iterable[str] = ()) -> Upstream | None:
         """The non-draining instance with the fewest requests in flight (ties rotate)."""
@@ -175,7 +194,7 @@ class Upstreams:
         return best
 
     def set_draining(self, instance_id: str, draining: bool) -> Upstream | None:
-        up = self.by_id.get(instance_id)
+        up = self.by_id.get(instance_id) or self.retiring.get(instance_id)
         if up is not None:
             up.draining = draining
             if draining:

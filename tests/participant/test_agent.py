@@ -1,0 +1,359 @@
+"""The participant agent end to end: real apps, real proxy workers, its real RPC.
+
+An app goes prepare -> start -> ready -> switch -> traffic through the proxy ->
+drain -> stop; a request in flight while its instance stops completes; a Node app
+shows the build detection; and the agent is killed with SIGKILL under load and
+restarted, with every request answered throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import trio
+
+from superagent.participant.service import Agent, AgentConfig
+from tests.participant.children import child_python
+
+SECRET = "agent-test-secret"
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+DEADLINE = 30.0  # starting a fresh agent and its workers, or an npm build, on a busy 2-core CI
+
+APP = '''
+import json, os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path.startswith("/slow"):
+            print("begin", self.path, flush=True)
+            time.sleep(float(self.path.split("=")[1]))
+        print("request", self.path, flush=True)
+        body = json.dumps({"instance": os.environ["SUPERAGENT_INSTANCE"], "path": self.path,
+                           "uid": os.getuid()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tarball(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def python_app() -> bytes:
+    manifest = (f'[app]\nname = "hello"\n[run]\ncommand = "{child_python()} app.py"\n'
+                '[health]\npath = "/healthz"\n[routes]\nprefix = "/hello"\nstrip_prefix = true\n')
+    return tarball({"superagent.toml": manifest, "app.py": APP})
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A data directory app users can traverse (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="sa-agent-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Rig:
+    """An in-process agent plus an RPC client and a proxy client."""
+
+    def __init__(self, agent: Agent, rpc: httpx.AsyncClient, proxy: httpx.AsyncClient) -> None:
+        self.agent = agent
+        self.rpc = rpc
+        self.proxy = proxy
+        self._ids = 0
+
+    async def signal(self, kind: str, term: int = 1, **body: Any) -> httpx.Response:
+        self._ids += 1
+        return await self.rpc.post(f"/v1/signals/{kind}",
+                                   json={"id": f"t{self._ids}", "term": term, **body})
+
+    async def upload(self, app: str, release: str, data: bytes) -> httpx.Response:
+        self._ids += 1
+        return await self.rpc.put(f"/v1/releases/{app}/{release}", content=data, headers={
+            "X-Superagent-Sha256": hashlib.sha256(data).hexdigest(),
+            "X-Superagent-Signal": f"t{self._ids}", "X-Superagent-Term": "1"})
+
+
+@pytest.fixture
+async def rig(data_dir: Path) -> AsyncIterator[Rig]:
+    rpc_port, listen_port = free_port(), free_port()
+    agent = Agent(AgentConfig(data_dir=data_dir, secret=SECRET, rpc=("127.0.0.1", rpc_port),
+                              listen=(f"127.0.0.1:{listen_port}",), proxy_workers=1,
+                              drain_grace=10.0))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(DEADLINE):
+            await nursery.start(agent.run)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{rpc_port}", headers=AUTH,
+                                     timeout=DEADLINE) as rpc, \
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{listen_port}",
+                                  timeout=DEADLINE) as proxy:
+            try:
+                yield Rig(agent, rpc, proxy)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(DEADLINE):
+                    await agent.stop_all()
+                nursery.cancel_scope.cancel()
+
+
+async def test_python_app_lifecycle_through_the_proxy(rig: Rig) -> None:
+    """prepare -> start x2 -> switch -> traffic to both -> a stop waits for its long request."""
+    assert (await rig.upload("hello", "r1", python_app())).status_code == 200
+    started = await rig.signal("start", app="hello", release="r1", count=2)
+    assert started.status_code == 200, started.text
+    ids = [i["id"] for i in started.json()["instances"]]
+    assert all(i["state"] == "ready" for i in started.json()["instances"])
+    switched = await rig.signal("switch", app="hello", instances=ids)
+    assert switched.status_code == 200, switched.text
+
+    seen = set()
+    for n in range(6):
+        response = await rig.proxy.get(f"/hello/x{n}", headers={"Connection": "close"})
+        assert response.status_code == 200
+        assert response.json()["path"] == f"/x{n}"
+        seen.add(response.json()["instance"])
+    assert seen == set(ids)
+    if os.geteuid() == 0:  # as root each app runs as its own system user
+        assert response.json()["uid"] != 0
+
+    # A long request in flight on one instance; stopping that instance waits for it.
+    slow: dict[str, Any] = {}
+
+    async def long_request() -> None:
+        answer = await rig.proxy.get("/hello/slow?s=1.5", headers={"Connection": "close"})
+        slow["status"], slow["instance"] = answer.status_code, answer.json()["instance"]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_request)
+        with trio.fail_after(DEADLINE):  # the app logs when it begins the slow request
+            while True:
+                begun = [line for line in rig.agent.log_hub.tail(app="hello", n=100)
+                         if line.text.startswith("begin /slow")]
+                if begun:
+                    break
+                await trio.sleep(0.02)  # the log hub polls files; bounded above
+        victim = begun[0].instance
+        pid = next(inst.pid for inst in rig.agent.instances.values()
+                   if inst.config.instance == victim)
+        stopped = await rig.signal("stop", instances=[victim], grace=10)
+        assert stopped.status_code == 200, stopped.text
+        assert stopped.json()["in_flight_cut"] == {victim: 0}
+    assert slow == {"status": 200, "instance": victim}
+    assert pid is not None and not psutil.pid_exists(pid)
+    survivor = next(i for i in ids if i != victim)
+    for _ in range(3):
+        response = await rig.proxy.get("/hello/after", headers={"Connection": "close"})
+        assert response.json()["instance"] == survivor
+
+    status = (await rig.rpc.get("/v1/status")).json()
+    assert [i["instance"] for i in status["instances"]] == [survivor]
+    assert status["instances"][0]["figures"]["rss_bytes"] > 0
+    assert status["releases"] == {"hello": ["r1"]}
+    logs = (await rig.rpc.get("/v1/logs", params={"app": "hello", "n": 50})).json()["lines"]
+    assert any("request /after" in line["text"] for line in logs)
+
+    same = await rig.signal("offline", term=1, offline=True)
+    assert same.status_code == 200  # the term used so far
+    assert (await rig.proxy.get("/-/healthz")).status_code == 503
+    stale = await rig.signal("offline", term=0, offline=False)
+    assert stale.status_code == 409  # older than the term already seen
+    later = await rig.signal("offline", term=5, offline=False)
+    assert later.status_code == 200
+    fenced = await rig.signal("offline", term=4, offline=True)
+    assert fenced.status_code == 409
+
+
+async def test_unknown_things_get_clear_errors(rig: Rig) -> None:
+    """Starting an unprepared release, switching to an unknown instance: 4xx naming it."""
+    missing = await rig.signal("start", app="nope", release="r9")
+    assert missing.status_code == 404 and "nope" in missing.text
+    unknown = await rig.signal("switch", app="nope", instances=["nope@r9.1"])
+    assert unknown.status_code == 404 and "nope@r9.1" in unknown.text
+    bad = await rig.upload("hello", "r1", b"not a tarball at all")
+    assert bad.status_code == 400, bad.text
+
+
+async def test_node_app_is_built_with_npm_and_served(rig: Rig) -> None:
+    """A package.json app is built by the detected npm step and served through the proxy."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the Node app; they are not installed")
+    server = ("require('http').createServer((q, s) => { s.end(JSON.stringify("
+              "{node: process.version, instance: process.env.SUPERAGENT_INSTANCE})) })"
+              ".listen(process.env.PORT, '127.0.0.1')\n")
+    package = json.dumps({"name": "hellonode", "version": "1.0.0", "private": True})
+    manifest = f'[app]\nname = "hellonode"\n[run]\ncommand = "{node} server.js"\n'
+    archive = tarball({"superagent.toml": manifest, "package.json": package,
+                       "server.js": server})
+    prepared = await rig.upload("hellonode", "r1", archive)
+    assert prepared.status_code == 200, prepared.text
+    assert "npm" in Path(prepared.json()["build_log"]).read_text()
+    started = await rig.signal("start", app="hellonode", release="r1")
+    ids = [i["id"] for i in started.json()["instances"]]
+    assert (await rig.signal("switch", app="hellonode", instances=ids)).status_code == 200
+    response = await rig.proxy.get("/hellonode/")
+    assert response.status_code == 200
+    assert response.json()["node"].startswith("v")
+
+
+def _wait_status(client: httpx.Client, deadline: float) -> dict[str, Any]:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            response = client.get("/v1/status")
+            if response.status_code == 200:
+                return dict(response.json())
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError("the agent's RPC did not come up in time")
+        time.sleep(0.1)  # polling a process we started for readiness, bounded above
+
+
+@pytest.mark.slow
+def test_agent_sigkill_under_load_loses_no_request(data_dir: Path) -> None:
+    """kill -9 of the agent under load, then a restart: it re-adopts, 0 requests fail."""
+    rpc_port, listen_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "superagent", "participant", "--data-dir", str(data_dir),
+            "--rpc", f"127.0.0.1:{rpc_port}", "--listen", f"127.0.0.1:{listen_port}",
+            "--proxy-workers", "2"]
+    env = {**os.environ, "SUPERAGENT_SECRET": SECRET}
+    log = open(data_dir / "agent.log", "ab")  # noqa: SIM115 - closed in finally
+    first = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
+    second: subprocess.Popen[bytes] | None = None
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    failures: list[str] = []
+    rpc = httpx.Client(base_url=f"http://127.0.0.1:{rpc_port}", headers=AUTH, timeout=DEADLINE)
+
+    def load() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=10) as client:
+            for _ in range(20_000):  # bounded: the test stops it long before
+                if stop.is_set():
+                    return
+                try:
+                    response = client.get("/hello/load")
+                    if response.status_code == 200:
+                        counts["ok"] += 1
+                        continue
+                    failures.append(f"status {response.status_code}: {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                counts["failed"] += 1
+
+    def wait_for_more(n: int) -> None:
+        target, end = counts["ok"] + n, time.monotonic() + DEADLINE
+        while counts["ok"] < target:
+            assert time.monotonic() < end, f"load stalled at {counts}"
+            time.sleep(0.02)  # polling the load thread's counter, bounded above
+
+    loader = threading.Thread(target=load)
+    try:
+        _wait_status(rpc, DEADLINE)
+        data = python_app()
+        assert rpc.put("/v1/releases/hello/r1", content=data, headers={
+            "X-Superagent-Sha256": hashlib.sha256(data).hexdigest(),
+            "X-Superagent-Signal": "p1", "X-Superagent-Term": "1"}).status_code == 200
+        started = rpc.post("/v1/signals/start", json={"id": "s1", "term": 1, "app": "hello",
+                                                      "release": "r1", "count": 2})
+        ids = [i["id"] for i in started.json()["instances"]]
+        assert rpc.post("/v1/signals/switch", json={"id": "w1", "term": 1, "app": "hello",
+                                                    "instances": ids}).status_code == 200
+        before = {i["instance"]: i["pid"] for i in _wait_status(rpc, DEADLINE)["instances"]}
+        loader.start()
+        wait_for_more(100)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=DEADLINE)
+        wait_for_more(200)  # served with no agent at all
+        second = subprocess.Popen([*argv, "--stop-on-exit"], env=env, stdout=log, stderr=log,
+                                  start_new_session=True)
+        after = {i["instance"]: i["pid"] for i in _wait_status(rpc, DEADLINE)["instances"]}
+        assert after == before  # re-adopted, not restarted
+        wait_for_more(200)
+        stop.set()
+        loader.join(timeout=DEADLINE)
+        assert counts["failed"] == 0, failures[:5]
+        assert counts["ok"] >= 500
+        second.send_signal(signal.SIGTERM)  # --stop-on-exit: the node goes away cleanly
+        assert second.wait(timeout=DEADLINE) == 0
+        assert not any(_running(pid) for pid in before.values())
+    finally:
+        stop.set()
+        if loader.is_alive():
+            loader.join(timeout=DEADLINE)
+        rpc.close()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        _kill_leftovers(data_dir)
+        log.close()
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs. The adopted apps' parent died with the first agent, so
+    whoever reaps orphans collects them; until then an exited one is a zombie, not running."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _kill_leftovers(data_dir: Path) -> None:
+    """Whatever a failed run left: instances and proxy workers recorded in the data dir."""
+    pids: list[int] = []
+    for path, key in ((data_dir / "state.json", "instances"),
+                      (data_dir / "proxy" / "proxy.json", "workers")):
+        try:
+            pids += [r.get("pid") for r in json.loads(path.read_text()).get(key, [])]
+        except (OSError, ValueError):
+            continue
+    for pid in pids:
+        if pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
