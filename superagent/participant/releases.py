@@ -329,9 +329,14 @@ class ReleaseStore:
                              **spec.env_dict(), **env}
                 result = await _run_build(command, cwd=src, env=build_env, uid=uid, gid=gid,
                                           timeout=timeout)
-            if as_user:  # the app's build is over: the release directory is the agent's again
-                os.chown(release_dir, os.geteuid(), os.getegid(), follow_symlinks=False)
-                os.chmod(release_dir, 0o755)
+            if as_user:
+                # The build is over: the release directory is the agent's again, enterable
+                # only by the app's group; the source tree is the app user's alone, so other
+                # tenants can read neither the code nor the build log.
+                os.chown(release_dir, os.geteuid(), -1 if gid is None else gid,
+                         follow_symlinks=False)
+                os.chmod(release_dir, 0o750)
+                os.chmod(src, 0o700)
             if not result.ok:
                 _write_atomic(failed_log, result.log)
                 what = (f"timed out after {timeout:g}s" if result.returncode is None

@@ -117,8 +117,13 @@ class Agent:
 
         Cancelling leaves apps and proxy workers running (see the module docstring).
         """
-        for sub in ("releases", "logs", "homes", "proxy"):
-            (self.config.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        # Tenants' processes traverse releases/ and homes/ to reach their own directory;
+        # logs and the proxy's state are the agent's alone.
+        for sub, mode in (("releases", 0o755), ("homes", 0o711), ("logs", 0o700),
+                          ("proxy", 0o700)):
+            path = self.config.data_dir / sub
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(mode)
         saved = self._load_state()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -193,7 +198,7 @@ class Agent:
         }
         path = self.config.data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(doc, f)
             f.flush()
             os.fsync(f.fileno())
@@ -220,7 +225,7 @@ class Agent:
             instance_id = f"{app}@{release}.{self._seq}"
             port = self.ports.allocate()
             home = self.config.data_dir / "homes" / instance_id
-            home.mkdir(parents=True, exist_ok=True)
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
             log_dir = self.config.data_dir / "logs" / app
             log_dir.mkdir(parents=True, exist_ok=True)
             if user is not None and user.switched:

@@ -40,12 +40,26 @@ DEADLINE = 30.0  # starting a fresh agent and its workers, or an npm build, on a
 
 APP = '''
 import json, os, sys, time
+from urllib.parse import unquote
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        if self.path.startswith("/read?path="):  # what may this tenant read?
+            try:
+                with open(unquote(self.path.split("=", 1)[1]), "rb") as f:
+                    f.read(1)
+                code = 200
+            except PermissionError:
+                code = 403
+            except FileNotFoundError:
+                code = 404
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path.startswith("/slow"):
             print("begin", self.path, flush=True)
             time.sleep(float(self.path.split("=")[1]))
@@ -82,9 +96,10 @@ def tarball(files: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def python_app() -> bytes:
-    manifest = (f'[app]\nname = "hello"\n[run]\ncommand = "{child_python()} app.py"\n'
-                '[health]\npath = "/healthz"\n[routes]\nprefix = "/hello"\nstrip_prefix = true\n')
+def python_app(name: str = "hello") -> bytes:
+    manifest = (f'[app]\nname = "{name}"\n[run]\ncommand = "{child_python()} app.py"\n'
+                f'[health]\npath = "/healthz"\n[routes]\nprefix = "/{name}"\n'
+                'strip_prefix = true\n')
     return tarball({"superagent.toml": manifest, "app.py": APP})
 
 
@@ -206,6 +221,30 @@ async def test_python_app_lifecycle_through_the_proxy(rig: Rig) -> None:
     assert later.status_code == 200
     fenced = await rig.signal("offline", term=4, offline=True)
     assert fenced.status_code == 409
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-app users need root")
+async def test_a_tenant_cannot_read_another_tenants_files(rig: Rig, data_dir: Path) -> None:
+    """alpha's code can read its own source but not beta's source, build log or output,
+    nor the agent's state."""
+    for name in ("alpha", "beta"):
+        assert (await rig.upload(name, "r1", python_app(name))).status_code == 200
+        started = await rig.signal("start", app=name, release="r1")
+        ids = [i["id"] for i in started.json()["instances"]]
+        assert (await rig.signal("switch", app=name, instances=ids)).status_code == 200
+    beta_out = next(inst.config.out_log for inst in rig.agent.instances.values()
+                    if inst.config.app == "beta")
+    releases = data_dir / "releases"
+    expected = {
+        releases / "alpha" / "r1" / "src" / "app.py": 200,
+        releases / "beta" / "r1" / "src" / "app.py": 403,
+        releases / "beta" / "r1" / "build.log": 403,
+        beta_out: 403,
+        data_dir / "state.json": 403,
+    }
+    for path, status in expected.items():
+        response = await rig.proxy.get("/alpha/read", params={"path": str(path)})
+        assert response.status_code == status, path
 
 
 async def test_unknown_things_get_clear_errors(rig: Rig) -> None:

@@ -313,4 +313,7 @@ async def test_build_runs_as_the_app_user(shared_root: Path) -> None:
     # After the build the release directory and the agent's files are root's again.
     for path in [prepared.path, prepared.path / "release.json", prepared.build_log]:
         assert path.lstat().st_uid == 0
-    assert stat.S_IMODE(prepared.path.stat().st_mode) == 0o755
+    # Only the app's group may enter the release, only the app user may read its source.
+    assert prepared.path.stat().st_gid == nobody.pw_gid
+    assert stat.S_IMODE(prepared.path.stat().st_mode) == 0o750
+    assert stat.S_IMODE(prepared.src.stat().st_mode) == 0o700
