@@ -212,8 +212,13 @@ class Agent:
             app, release, archive, sha256,
             uid=user.uid if user and user.switched else None,
             gid=user.gid if user and user.switched else None)
+        in_use = {inst.config.release for inst in self.instances.values()
+                  if inst.config.app == app} | {release}
+        removed = await trio.to_thread.run_sync(self.store.gc, app, in_use)
+        if removed:
+            log.info("old releases removed", app=app, releases=removed)
         return {"app": app, "release": release, "sha256": prepared.sha256,
-                "build_log": str(prepared.build_log)}
+                "build_log": str(prepared.build_log), "removed_releases": removed}
 
     async def start(self, app: str, release: str, count: int) -> dict[str, Any]:
         assert self._nursery is not None

@@ -247,6 +247,23 @@ async def test_a_tenant_cannot_read_another_tenants_files(rig: Rig, data_dir: Pa
         assert response.status_code == status, path
 
 
+async def test_old_releases_are_collected_but_never_one_in_use(rig: Rig) -> None:
+    """Beyond the newest three, releases go, except one whose instance still runs."""
+    assert (await rig.upload("hello", "r1", python_app())).status_code == 200
+    started = await rig.signal("start", app="hello", release="r1")
+    assert started.status_code == 200
+    removed = []
+    for n in range(2, 6):  # distinct archives: a manifest comment tells them apart
+        data = tarball({"superagent.toml": f'# r{n}\n[app]\nname = "hello"\n[run]\n'
+                                           'command = "true"\n', "app.py": APP})
+        answer = await rig.upload("hello", f"r{n}", data)
+        assert answer.status_code == 200, answer.text
+        removed += answer.json()["removed_releases"]
+    kept = (await rig.rpc.get("/v1/status")).json()["releases"]["hello"]
+    assert "r1" in kept  # its instance runs
+    assert set(kept) == {"r1", "r3", "r4", "r5"} and removed == ["r2"]
+
+
 async def test_unknown_things_get_clear_errors(rig: Rig) -> None:
     """Starting an unprepared release, switching to an unknown instance: 4xx naming it."""
     missing = await rig.signal("start", app="nope", release="r9")
