@@ -38,3 +38,14 @@ def test_readme_opens_with_two_commands() -> None:
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
     assert commands == ["./scripts/demo", "./scripts/test"]
     assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_participant_manifest_example_validates() -> None:
+    """The manifest example in docs/participant.md is a valid superagent.toml."""
+    from superagent.participant.manifest import parse_manifest
+
+    doc = (ROOT / "docs" / "participant.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert block is not None
+    spec = parse_manifest(tomllib.loads(block.group(1)), source="docs/participant.md")
+    assert spec.name == "hello" and spec.limits.memory == 256 * 1024 * 1024
