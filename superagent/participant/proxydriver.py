@@ -29,10 +29,8 @@ adopted worker is not our child (it was the previous agent's), so its exit is
 seen on a pidfd (``os.pidfd_open`` + ``trio.lowlevel.wait_readable``), which
 also makes signalling it immune to pid reuse.
 
-Shared with ``superagent.proxy.master`` in spirit: ``spawn_worker`` (spawn +
-ready-fd deadline) and ``push_snapshot`` (send + check the acked version) are
-module-level so the standalone master could call them instead of its own
-``_supervise`` spawn block and ``_push_one``.
+Starting a worker and pushing a snapshot are ``superagent.proxy.workers``'s, shared
+with the standalone proxy's master.
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,76 +51,20 @@ from superagent.errors import ConfigError
 from superagent.participant.errors import ProxyDriverError
 from superagent.proxy import control
 from superagent.proxy.config import parse_address, snapshot_from_wire, snapshot_to_wire
+from superagent.proxy.errors import WorkerStartError
 from superagent.proxy.metrics import merge
 from superagent.proxy.snapshot import AppRoute, Listener, RoutingSnapshot, ServerSettings
+from superagent.proxy.workers import CONTROL_TIMEOUT, KILL_MARGIN, push_snapshot, spawn_worker
 
 STATE_FILE = "proxy.json"
 ACCESS_LOG = "proxy-access.log"
-READY_TIMEOUT = 30.0  # a worker imports trio and httptools: a second normally, more under load
-KILL_MARGIN = 5.0  # extra seconds after the workers' grace period before SIGKILL
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0)  # seconds before restarting a worker that died
 DRAIN_POLL = 0.05  # workers have no push channel: in-flight counts are polled this often
-CONTROL_TIMEOUT = 5.0  # a worker answers control requests from its event loop, at once
 PING_TIMEOUT = 2.0  # an adoption candidate that cannot answer a ping within this is wedged
 CREATE_TIME_SLACK = 0.01  # psutil's create_time is a float from /proc ticks: compare loosely
 SUN_PATH_MAX = 107  # bytes of a Unix socket path, NUL excluded (Linux sockaddr_un)
 
 log = structlog.get_logger("superagent.participant.proxy")
-
-
-# --------------------------------------------------------------------------- shared helpers
-# These carry no driver state; superagent.proxy.master could reuse them as they are.
-
-async def spawn_worker(control_path: str, *, parser: str, grace: float,
-                       stdout: int | None = None, stderr: int | None = None,
-                       extra_fds: Sequence[int] = (), extra_args: Sequence[str] = (),
-                       new_session: bool = False,
-                       ready_timeout: float = READY_TIMEOUT) -> trio.Process:
-    """Start one worker and wait until it serves its control socket.
-
-    Raises ProxyDriverError (after killing and reaping it) when the worker exits or says
-    nothing within ``ready_timeout``. The caller owns the returned process.
-    """
-    read_fd, write_fd = os.pipe()
-    try:
-        try:
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "superagent.proxy.worker", "--control", control_path,
-                 "--parser", parser, "--grace", str(grace), "--ready-fd", str(write_fd),
-                 *extra_args],
-                pass_fds=(write_fd, *extra_fds),
-                stdout=stdout, stderr=stderr, start_new_session=new_session)
-        finally:
-            os.close(write_fd)
-        stream = trio.lowlevel.FdStream(read_fd)
-        read_fd = -1  # the stream owns it now
-        async with stream:
-            ready = b""
-            with trio.move_on_after(ready_timeout):
-                ready = await stream.receive_some(64)
-    finally:
-        if read_fd >= 0:
-            os.close(read_fd)
-    if not ready:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(KILL_MARGIN):
-            await proc.wait()
-        raise ProxyDriverError(f"proxy worker at {control_path} was not ready within "
-                               f"{ready_timeout}s (exit status {proc.returncode})",
-                               reason="not ready")
-    return proc
-
-
-async def push_snapshot(control_path: str, wire: dict[str, Any]) -> None:
-    """Send a snapshot document; returns once the worker acknowledged its version.
-
-    Raises ControlError (unreachable) or ConfigError (refused, with the worker's reason).
-    """
-    reply = await control.call(control_path, {"type": "snapshot", "snapshot": wire},
-                               timeout=CONTROL_TIMEOUT)
-    if not reply.get("ok") or reply.get("version") != wire["version"]:
-        raise ConfigError(str(reply.get("error", reply)))
 
 
 # --------------------------------------------------------------------------- the driver
@@ -323,9 +264,8 @@ class ProxyDriver:
         try:
             proc = await spawn_worker(slot.control_path, parser=self.parser, grace=self.grace,
                                       stdout=out, stderr=err, new_session=True)
-        except ProxyDriverError as exc:
-            exc.worker = slot.index
-            raise
+        except WorkerStartError as exc:
+            raise ProxyDriverError(str(exc), worker=slot.index, reason="not ready") from None
         finally:
             os.close(out)
             os.close(err)

@@ -38,3 +38,8 @@ class UpstreamError(HTTPError):
         # so the exchange may be retried on a fresh connection or another instance.
         self.replayable = replayable
         super().__init__(status, code, detail)
+
+
+class WorkerStartError(SuperagentError):
+    """A proxy worker process exited or did not become ready in time."""
+

@@ -1,7 +1,7 @@
 """The standalone proxy: N worker processes, their routing snapshot, reloads, admin.
 
-``ProxyMaster`` starts the workers (``superagent.proxy.worker``), waits until
-each says it is ready (one line on an inherited pipe), pushes the snapshot and
+``ProxyMaster`` starts the workers (``superagent.proxy.workers.spawn_worker``: each
+says it is ready with one line on an inherited pipe), pushes the snapshot and
 counts it applied only when every worker acknowledged its version. A worker that
 dies is restarted and given the current snapshot.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from dataclasses import replace
 from typing import Any
@@ -30,11 +29,11 @@ import trio
 from superagent.errors import ConfigError
 from superagent.proxy import control
 from superagent.proxy.config import ProxyConfig, load_config, snapshot_to_wire
+from superagent.proxy.errors import WorkerStartError
 from superagent.proxy.metrics import merge
 from superagent.proxy.snapshot import RoutingSnapshot
+from superagent.proxy.workers import KILL_MARGIN, push_snapshot, spawn_worker
 
-READY_TIMEOUT = 30.0  # a worker imports trio and httptools: a second normally, more under load
-KILL_MARGIN = 5.0  # extra seconds after the grace period before SIGKILL
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0)  # seconds before restarting a worker that died
 WATCH_INTERVAL = 1.0  # how often the config file's mtime/size/inode are compared
 
@@ -122,38 +121,34 @@ class ProxyMaster:
         lifeline_read, lifeline_write = os.pipe()
         try:
             while not self.stopping:
-                read_fd, write_fd = os.pipe()
                 try:
-                    handle.proc = await trio.lowlevel.open_process(
-                        [sys.executable, "-m", "superagent.proxy.worker",
-                         "--control", handle.control_path, "--parser", self.process.parser,
-                         "--grace", str(self.process.grace), "--lifeline-fd", str(lifeline_read),
-                         "--ready-fd", str(write_fd), "--log-level", self.log_level],
-                        pass_fds=(write_fd, lifeline_read))
-                finally:
-                    os.close(write_fd)
-                ready = await _wait_ready(read_fd)
-                if not ready:
-                    log.error("worker did not become ready", worker=handle.index)
-                    handle.proc.kill()
-                elif started:
-                    try:
-                        await self._push_one(handle, self.snapshot)
-                    except (control.ControlError, ConfigError) as exc:
-                        log.error("restarted worker refused the snapshot", worker=handle.index,
-                                  error=str(exc))
-                if not started:
-                    if not ready:
-                        raise ConfigError("a proxy worker failed to start; see its log above")
-                    started = True
-                    task_status.started()
-                code = await handle.proc.wait()
-                if self.stopping:
-                    return
+                    handle.proc = await spawn_worker(
+                        handle.control_path, parser=self.process.parser,
+                        grace=self.process.grace, extra_fds=(lifeline_read,),
+                        extra_args=("--lifeline-fd", str(lifeline_read),
+                                    "--log-level", self.log_level))
+                except WorkerStartError as exc:
+                    if not started:
+                        raise ConfigError(f"{exc}; see its log above") from None
+                    event = "worker did not become ready; restarting"
+                    details: dict[str, object] = {"error": str(exc)}
+                else:
+                    if started:
+                        try:
+                            await self._push_one(handle, self.snapshot)
+                        except (control.ControlError, ConfigError) as exc:
+                            log.error("restarted worker refused the snapshot",
+                                      worker=handle.index, error=str(exc))
+                    else:
+                        started = True
+                        task_status.started()
+                    code = await handle.proc.wait()
+                    if self.stopping:
+                        return
+                    event, details = "worker exited; restarting", {"code": code}
                 delay = RESTART_BACKOFF[min(handle.restarts, len(RESTART_BACKOFF) - 1)]
                 handle.restarts += 1
-                log.error("worker exited; restarting", worker=handle.index, code=code,
-                          delay=delay)
+                log.error(event, worker=handle.index, delay=delay, **details)
                 await trio.sleep(delay)
         finally:
             os.close(lifeline_read)
@@ -195,10 +190,7 @@ class ProxyMaster:
         self.snapshot = snapshot
 
     async def _push_one(self, handle: WorkerHandle, snapshot: RoutingSnapshot) -> None:
-        reply = await control.call(handle.control_path,
-                                   {"type": "snapshot", "snapshot": snapshot_to_wire(snapshot)})
-        if not reply.get("ok") or reply.get("version") != snapshot.version:
-            raise ConfigError(str(reply.get("error", reply)))
+        await push_snapshot(handle.control_path, snapshot_to_wire(snapshot))
         if self.node_draining:
             await control.call(handle.control_path, {"type": "node", "draining": True})
 
@@ -265,11 +257,3 @@ class ProxyMaster:
         replies = await self.broadcast({"type": "stats"})
         parts = [r["stats"] for r in replies if r.get("ok")]
         return merge(parts), len(parts)
-
-
-async def _wait_ready(read_fd: int) -> bool:
-    stream = trio.lowlevel.FdStream(read_fd)
-    async with stream:
-        with trio.move_on_after(READY_TIMEOUT):
-            return bool(await stream.receive_some(64))
-    return False
