@@ -50,7 +50,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -66,12 +66,13 @@ POLL_INTERVAL = 0.1  # seconds; the files are appended by processes we do not co
 #                      is negligible and keeps `logs -f` feeling live
 MAX_LINE = 64 * 1024  # bytes; a longer line is cut so one runaway line cannot eat the buffers
 RING_LINES = 1000  # lines kept in memory per instance for `tail`
+PROXY_EVENTS = "proxy-events"  # the hub's key for the proxy's debug events
 MAX_BYTES = 10 * 1024**2  # a log file over this size is rotated by copy-truncate
 READ_CHUNK = 256 * 1024  # bytes per read(2)
 READ_BUDGET = 4 * 1024**2  # bytes per file per poll, so one chatty app cannot starve others
 SUBSCRIBER_BUFFER = 1000  # lines queued per subscriber before new ones are dropped
 
-Stream = Literal["stdout", "stderr"]
+Stream = Literal["stdout", "stderr", "proxy"]
 
 
 # --- lines (pure) -----------------------------------------------------------------------------
@@ -366,6 +367,59 @@ class InstanceLog:
         self.closed = True
 
 
+class ProxyEventLog(InstanceLog):
+    """The proxy workers' access log, as debug events of the apps with an open session.
+
+    Every worker writes one JSON line per request to the access log (``event: "access"``:
+    request id, app, instance, rule, status, bytes, first-byte and total times, retries,
+    error). For a request of an app whose debug session was open when the request was
+    logged (``wanted(app, ts)``: the proxy writes its records in batches), each such line
+    becomes a ``LogLine`` of stream ``"proxy"`` attributed to that app, its release
+    (``release_of(app, instance)``) and instance, with the record as ``fields`` — so the
+    lines of one request id show the proxy's view beside the app's own output. Other
+    lines are read and dropped.
+    """
+
+    def __init__(self, path: Path, *, wanted: Callable[[str, float], bool],
+                 release_of: Callable[[str, str], str], ring: int = RING_LINES,
+                 max_bytes: int = MAX_BYTES, max_line: int = MAX_LINE) -> None:
+        super().__init__(Origin(app="-", release="", instance=PROXY_EVENTS), path, path,
+                         from_start=False, ring=ring, max_bytes=max_bytes, max_line=max_line)
+        self._followers["stderr"].close()
+        del self._followers["stderr"]
+        self._wanted = wanted
+        self._release_of = release_of
+
+    def read_new(self) -> list[LogLine]:
+        lines: list[LogLine] = []
+        raw = self._followers["stdout"].read()
+        ts = time.time()
+        for text, cut in raw:
+            if cut:
+                continue
+            with contextlib.suppress(ValueError, RecursionError):
+                record = json.loads(text)
+                if not isinstance(record, dict) or record.get("event") != "access":
+                    continue
+                app, when = record.get("app"), record.get("ts")
+                if not isinstance(app, str) or not isinstance(when, int | float) \
+                        or not self._wanted(app, float(when)):
+                    continue
+                instance = str(record.get("instance") or "-")
+                self._seq += 1
+                lines.append(LogLine(
+                    ts=ts, app=app, release=self._release_of(app, instance), instance=instance,
+                    stream="proxy", seq=self._seq, fields=record, level="info",
+                    request_id=str(record.get("request_id") or "") or None, cut=False,
+                    text=(f"{record.get('method')} {record.get('path')} -> "
+                          f"{record.get('status')} in {record.get('duration_ms')} ms"
+                          f" (first byte {record.get('first_byte_ms')} ms, rule"
+                          f" {record.get('rule')}, retries {record.get('retries')}"
+                          + (f", error {record['error']}" if record.get("error") else "")
+                          + ")")))
+        return lines
+
+
 # --- fan-out (trio) ---------------------------------------------------------------------------
 
 
@@ -505,17 +559,27 @@ class LogHub:
             ilog.close()
 
     def tail(self, instance: str | None = None, app: str | None = None,
-             n: int = 100) -> list[LogLine]:
-        """The last ``n`` buffered lines of the matching instances, oldest first."""
+             n: int = 100, request_id: str | None = None) -> list[LogLine]:
+        """The last ``n`` buffered lines matching, oldest first (the proxy's debug events
+        included: they carry their app and instance)."""
+        wanted = LogFilter(app=app, instance=instance, request_id=request_id)
         lines: list[LogLine] = []
         for ilog in self._logs.values():
-            if instance is not None and ilog.instance != instance:
+            if ilog.instance != PROXY_EVENTS and (
+                    (instance is not None and ilog.instance != instance)
+                    or (app is not None and ilog.origin.app != app)):
                 continue
-            if app is not None and ilog.origin.app != app:
-                continue
-            lines += ilog.tail(n)
+            lines += [line for line in ilog.tail(RING_LINES) if wanted.matches(line)][-n:]
         lines.sort(key=lambda line: (line.ts, line.instance, line.seq))
         return lines[-n:] if n > 0 else []
+
+    def add_proxy_events(self, path: Path, *, wanted: Callable[[str, float], bool],
+                         release_of: Callable[[str, str], str]) -> None:
+        """Follow the proxy workers' access log for debug events (see ``ProxyEventLog``)."""
+        self.remove(PROXY_EVENTS)
+        self._logs[PROXY_EVENTS] = ProxyEventLog(path, wanted=wanted, release_of=release_of,
+                                                 ring=self.ring, max_bytes=self.max_bytes,
+                                                 max_line=self.max_line)
 
     def subscribe(self, filter: LogFilter | None = None, *,
                   buffer: int = SUBSCRIBER_BUFFER) -> Subscription:

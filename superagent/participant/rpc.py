@@ -12,8 +12,9 @@ sender's ``term``; a stale term gets 409, a repeated id the first result.
   POST /v1/signals/switch             {"id","term","app","instances":[...]}
   POST /v1/signals/drain              {"id","term","instances":[...],"grace"}
   POST /v1/signals/offline            {"id","term","offline": true|false}
+  POST /v1/signals/debug              {"id","term","app","enabled": true|false,"ttl"?}
   GET  /v1/status                     instances, releases, isolation, figures
-  GET  /v1/logs?app=&instance=&n=     recent lines; &follow=1 streams NDJSON
+  GET  /v1/logs?app=&instance=&request_id=&n=   recent lines; &follow=1 streams NDJSON
 
 The work itself is the ``AgentService``'s; this module only authenticates,
 validates, fences and translates errors (a ``ParticipantError``'s
@@ -42,6 +43,8 @@ from superagent.participant.signals import DONE, RUNNING, SignalLedger
 
 MAX_ARCHIVE = 512 * 1024 * 1024  # an uploaded release; the extractor has its own budgets
 MAX_SIGNAL = 1024 * 1024  # a signal's JSON body
+DEBUG_TTL = 3600.0  # a debug session left open ends by itself after an hour
+MAX_DEBUG_TTL = 86400.0
 log = structlog.get_logger("superagent.participant.rpc")
 
 
@@ -61,11 +64,15 @@ class AgentService(Protocol):
 
     async def offline(self, offline: bool) -> dict[str, Any]: ...
 
+    async def debug(self, app: str, enabled: bool, ttl: float) -> dict[str, Any]: ...
+
     def status(self) -> dict[str, Any]: ...
 
-    def logs(self, *, app: str | None, instance: str | None, n: int) -> list[dict[str, Any]]: ...
+    def logs(self, *, app: str | None, instance: str | None, n: int,
+             request_id: str | None = None) -> list[dict[str, Any]]: ...
 
-    def follow(self, *, app: str | None, instance: str | None) -> AsyncIterator[dict[str, Any]]:
+    def follow(self, *, app: str | None, instance: str | None,
+               request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         ...
 
     def persist(self) -> None:
@@ -191,6 +198,12 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
             elif kind == "offline":
                 offline = _field(body, "offline", bool)
                 act = partial(service.offline, offline)
+            elif kind == "debug":
+                app, enabled = _field(body, "app", str), _field(body, "enabled", bool)
+                ttl = float(_field(body, "ttl", (int, float), DEBUG_TTL))
+                if not 1 <= ttl <= MAX_DEBUG_TTL:
+                    raise SignalError(f"field 'ttl' must be 1..{MAX_DEBUG_TTL} seconds")
+                act = partial(service.debug, app, enabled, ttl)
             else:
                 return _error(404, "UnknownSignal", f"no signal named {kind!r}")
         except SignalError as exc:
@@ -238,6 +251,7 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
             return _error(401, "Unauthorized", "a valid cluster secret is required")
         q = request.query_params
         app, instance = q.get("app") or None, q.get("instance") or None
+        request_id = q.get("request_id") or None
         try:
             n = int(q.get("n", "100"))
         except ValueError:
@@ -246,13 +260,16 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
             return _error(400, "SignalError", "query parameter 'n' must be 1..10000")
         if q.get("follow") in ("1", "true"):
             async def lines() -> AsyncIterator[bytes]:
-                for line in service.logs(app=app, instance=instance, n=n):
+                for line in service.logs(app=app, instance=instance, n=n,
+                                         request_id=request_id):
                     yield json.dumps(line).encode() + b"\n"
-                async for line in service.follow(app=app, instance=instance):
+                async for line in service.follow(app=app, instance=instance,
+                                                 request_id=request_id):
                     yield json.dumps(line).encode() + b"\n"
 
             return StreamingResponse(lines(), media_type="application/x-ndjson")
-        return JSONResponse({"lines": service.logs(app=app, instance=instance, n=n)})
+        return JSONResponse({"lines": service.logs(app=app, instance=instance, n=n,
+                                                   request_id=request_id)})
 
     return Starlette(routes=[
         Route("/v1/signals/{kind}", signal, methods=["POST"]),

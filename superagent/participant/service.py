@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from superagent.participant.errors import (
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.logs import LogFilter, LogHub
 from superagent.participant.ports import PortAllocator
-from superagent.participant.proxydriver import ProxyDriver
+from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
 from superagent.participant.releases import ReleaseStore
 from superagent.participant.rpc import rpc_app
 from superagent.participant.signals import SignalLedger
@@ -103,6 +104,9 @@ class Agent:
         self.instances: dict[str, Instance] = {}
         self.routes: dict[str, list[str]] = {}
         self.is_offline = False
+        # app -> (opened, until), epoch seconds: a request is traced when its own timestamp
+        # falls in the window, however late the proxy's batched record is read.
+        self.debug_sessions: dict[str, tuple[float, float]] = {}
         self._seq = 0
         self._nursery: trio.Nursery | None = None
 
@@ -129,6 +133,8 @@ class Agent:
             self._nursery = nursery
             await self.proxy.start()
             await nursery.start(self.proxy.supervise)
+            self.log_hub.add_proxy_events(self.proxy.run_dir / ACCESS_LOG,
+                                          wanted=self._debugging, release_of=self._release_of)
             await nursery.start(self.log_hub.run)
             for record in saved.get("instances", []):
                 await self._adopt(record)
@@ -187,6 +193,8 @@ class Agent:
         self.ledger = SignalLedger.from_json(doc.get("ledger", {}))
         self._seq = int(doc.get("seq", 0))
         self.is_offline = bool(doc.get("offline", False))
+        self.debug_sessions = {str(app): (float(window[0]), float(window[1]))
+                               for app, window in dict(doc.get("debug", {})).items()}
         return doc
 
     def persist(self) -> None:
@@ -194,6 +202,7 @@ class Agent:
         doc = {
             "version": STATE_VERSION, "node": self.config.node, "seq": self._seq,
             "offline": self.is_offline, "routes": self.routes, "ledger": self.ledger.to_json(),
+            "debug": self.debug_sessions,
             "instances": [inst.to_record() for inst in self.instances.values()],
         }
         path = self.config.data_dir / STATE_FILE
@@ -304,6 +313,27 @@ class Agent:
         self.persist()
         return {"offline": offline}
 
+    async def debug(self, app: str, enabled: bool, ttl: float) -> dict[str, Any]:
+        """Open (for ``ttl`` seconds) or close the debug session of ``app``: while it is
+        open, every request's proxy record joins the app's captured output."""
+        now = time.time()
+        if enabled:
+            opened = self.debug_sessions.get(app, (now, now))[0]
+            self.debug_sessions[app] = (min(opened, now), now + ttl)
+        else:
+            self.debug_sessions.pop(app, None)
+        self.persist()
+        window = self.debug_sessions.get(app)
+        return {"app": app, "debug": enabled, "until": window[1] if window else None}
+
+    def _debugging(self, app: str, ts: float) -> bool:
+        window = self.debug_sessions.get(app)
+        return window is not None and window[0] <= ts <= window[1]
+
+    def _release_of(self, app: str, instance: str) -> str:
+        found = self.instances.get(instance)
+        return found.config.release if found is not None else ""
+
     # ------------------------------------------------------------------ queries
     def status(self) -> dict[str, Any]:
         return {
@@ -315,6 +345,8 @@ class Agent:
             "proxy": {"version": self.proxy.snapshot.version,
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,
+            "debug_sessions": {app: until for app, (_, until) in self.debug_sessions.items()
+                               if until > time.time()},
             "instances": [{**inst.status(), "figures": _figures(inst.pid)}
                           for inst in self.instances.values()],
             "releases": {app: [r.release for r in self.store.releases(app)]
@@ -322,12 +354,15 @@ class Agent:
             "figures": _node_figures(),
         }
 
-    def logs(self, *, app: str | None, instance: str | None, n: int) -> list[dict[str, Any]]:
-        return [line.to_json() for line in self.log_hub.tail(instance=instance, app=app, n=n)]
+    def logs(self, *, app: str | None, instance: str | None, n: int,
+             request_id: str | None = None) -> list[dict[str, Any]]:
+        return [line.to_json() for line in self.log_hub.tail(instance=instance, app=app, n=n,
+                                                             request_id=request_id)]
 
-    async def follow(self, *, app: str | None, instance: str | None
-                     ) -> AsyncIterator[dict[str, Any]]:
-        with self.log_hub.subscribe(LogFilter(app=app, instance=instance)) as subscription:
+    async def follow(self, *, app: str | None, instance: str | None,
+                     request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        wanted = LogFilter(app=app, instance=instance, request_id=request_id)
+        with self.log_hub.subscribe(wanted) as subscription:
             async for line in subscription:
                 yield line.to_json()
 

@@ -78,9 +78,9 @@ class _Stale(Exception):
 class _Exchange:
     """One request's bookkeeping: what the access log, the metrics and expiry need."""
 
-    __slots__ = ("app", "body_consumed", "bytes_in", "bytes_out", "error", "instance", "method",
-                 "request_id", "response_started", "retries", "started", "status", "target",
-                 "total_deadline")
+    __slots__ = ("app", "body_consumed", "bytes_in", "bytes_out", "error", "first_byte",
+                 "instance", "method", "request_id", "response_started", "retries", "rule",
+                 "started", "status", "target", "total_deadline")
 
     def __init__(self) -> None:
         self.started = _monotonic()
@@ -97,6 +97,8 @@ class _Exchange:
         self.error: str | None = None
         self.response_started = False
         self.body_consumed = False
+        self.rule: str | None = None
+        self.first_byte: float | None = None  # when the upstream's response head arrived
 
 
 class ClientConnection:
@@ -226,6 +228,7 @@ class ClientConnection:
             if match is None:
                 raise HTTPError(404, "no-route", f"no app serves {req.host or ''}{req.path}")
             x.app = match.app.name
+            x.rule = match.rule
             max_body = match.app.max_body
             if max_body and req.content_length is not None and req.content_length > max_body:
                 raise HTTPError(413, "body-too-large",
@@ -270,7 +273,9 @@ class ClientConnection:
                 "instance": x.instance, "method": x.method, "path": x.target,
                 "status": x.status, "bytes_in": x.bytes_in, "bytes_out": x.bytes_out,
                 "duration_ms": round(elapsed * 1000, 3), "retries": x.retries,
-                "error": x.error, "peer": self.peer.ip,
+                "error": x.error, "peer": self.peer.ip, "rule": x.rule,
+                "first_byte_ms": (round((x.first_byte - x.started) * 1000, 3)
+                                  if x.first_byte is not None else None),
             })
 
     async def _health(self, req: Request, keep_alive: bool) -> bool:
@@ -514,6 +519,7 @@ class ClientConnection:
             return False, False
         if req.upgrade is not None:
             keep_alive = False  # the client's parser stopped at the upgrade request
+        x.first_byte = _monotonic()
         plan = http1.client_head(resp, req, keep_alive=keep_alive, request_id=x.request_id)
         x.status = resp.status
         x.response_started = True

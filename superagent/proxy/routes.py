@@ -131,10 +131,12 @@ def split_target(target: str) -> tuple[str | None, str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """Where a request goes: the app and the path (with query) to send upstream."""
+    """Where a request goes: the app, the path (with query) to send upstream, and which
+    rule matched ("port", "host" or "prefix")."""
 
     app: AppRoute
     target: str
+    rule: str
 
 
 class RouteTable:
@@ -173,7 +175,7 @@ class RouteTable:
         """Route a request that arrived on ``port``; ``host`` and ``path`` already normalised."""
         app = self._by_port.get(port)
         if app is not None:
-            return Match(app, path + query)
+            return Match(app, path + query, "port")
         if host is not None:
             app = self._by_host.get(host)
             if app is None and self._wildcards:
@@ -182,7 +184,7 @@ class RouteTable:
                         app = candidate
                         break
             if app is not None:
-                return Match(app, path + query)
+                return Match(app, path + query, "host")
         prefixes = self._by_prefix
         if not prefixes:
             return None
@@ -190,7 +192,7 @@ class RouteTable:
         while True:
             app = prefixes.get(candidate_path)
             if app is not None:
-                return Match(app, _strip(app, candidate_path, path) + query)
+                return Match(app, _strip(app, candidate_path, path) + query, "prefix")
             if candidate_path == "/":
                 return None
             cut = candidate_path.rfind("/")

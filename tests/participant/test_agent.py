@@ -63,7 +63,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/slow"):
             print("begin", self.path, flush=True)
             time.sleep(float(self.path.split("=")[1]))
-        print("request", self.path, flush=True)
+        print(json.dumps({"msg": f"request {self.path}",
+                          "request_id": self.headers.get("X-Request-Id")}), flush=True)
         body = json.dumps({"instance": os.environ["SUPERAGENT_INSTANCE"], "path": self.path,
                            "uid": os.getuid()}).encode()
         self.send_response(200)
@@ -262,6 +263,50 @@ async def test_old_releases_are_collected_but_never_one_in_use(rig: Rig) -> None
     kept = (await rig.rpc.get("/v1/status")).json()["releases"]["hello"]
     assert "r1" in kept  # its instance runs
     assert set(kept) == {"r1", "r3", "r4", "r5"} and removed == ["r2"]
+
+
+async def test_debug_session_shows_proxy_and_app_for_one_request(rig: Rig) -> None:
+    """While a debug session is open, one request id shows the proxy's record (rule,
+    instance, status, timings) beside the app's own line; outside it, only the app's."""
+    assert (await rig.upload("hello", "r1", python_app())).status_code == 200
+    ids = [i["id"] for i in (await rig.signal("start", app="hello", release="r1")
+                             ).json()["instances"]]
+    assert (await rig.signal("switch", app="hello", instances=ids)).status_code == 200
+
+    async def traced(request_id: str, *, want_proxy: bool) -> list[dict[str, Any]]:
+        assert (await rig.proxy.get("/hello/t", headers={"X-Request-Id": request_id})
+                ).status_code == 200
+        with trio.fail_after(DEADLINE):
+            while True:
+                lines = (await rig.rpc.get("/v1/logs", params={
+                    "app": "hello", "request_id": request_id})).json()["lines"]
+                if {line["stream"] for line in lines} >= (
+                        {"stdout", "proxy"} if want_proxy else {"stdout"}):
+                    return list(lines)
+                await trio.sleep(0.05)  # the proxy writes its records in batches; bounded
+
+    before = await traced("dbg-before", want_proxy=False)
+    opened = await rig.signal("debug", app="hello", enabled=True, ttl=60)
+    assert opened.status_code == 200
+    assert "hello" in (await rig.rpc.get("/v1/status")).json()["debug_sessions"]
+    during = await traced("dbg-during", want_proxy=True)
+    proxy = next(line for line in during if line["stream"] == "proxy")
+    assert proxy["instance"] == ids[0] and proxy["release"] == "r1"
+    assert proxy["fields"]["status"] == 200 and proxy["fields"]["rule"] == "prefix"
+    assert proxy["fields"]["first_byte_ms"] is not None
+    app_line = next(line for line in during if line["stream"] == "stdout")
+    assert app_line["fields"]["request_id"] == "dbg-during"
+    assert (await rig.signal("debug", app="hello", enabled=False)).status_code == 200
+    after = await traced("dbg-after", want_proxy=False)
+    # The records of one worker are read in order: once a later traced request shows up,
+    # the earlier ones were read too, and the ones outside the session were left out.
+    assert (await rig.signal("debug", app="hello", enabled=True)).status_code == 200
+    await traced("dbg-barrier", want_proxy=True)
+    for request_id, lines in (("dbg-before", before), ("dbg-after", after)):
+        again = (await rig.rpc.get("/v1/logs", params={
+            "app": "hello", "request_id": request_id})).json()["lines"]
+        assert [line["stream"] for line in again] == ["stdout"], request_id
+        assert [line["stream"] for line in lines] == ["stdout"], request_id
 
 
 async def test_unknown_things_get_clear_errors(rig: Rig) -> None:

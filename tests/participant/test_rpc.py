@@ -65,11 +65,17 @@ class FakeService:
     def status(self) -> dict[str, Any]:
         return {"instances": [], "node": "n1"}
 
-    def logs(self, *, app: str | None, instance: str | None, n: int) -> list[dict[str, Any]]:
-        return [{"text": f"line {i}", "app": app} for i in range(min(n, 2))]
+    async def debug(self, app: str, enabled: bool, ttl: float) -> dict[str, Any]:
+        self.calls.append(("debug", (app, enabled, ttl)))
+        return {"app": app, "debug": enabled}
 
-    async def follow(self, *, app: str | None, instance: str | None
-                     ) -> AsyncIterator[dict[str, Any]]:
+    def logs(self, *, app: str | None, instance: str | None, n: int,
+             request_id: str | None = None) -> list[dict[str, Any]]:
+        return [{"text": f"line {i}", "app": app, "request_id": request_id}
+                for i in range(min(n, 2))]
+
+    async def follow(self, *, app: str | None, instance: str | None,
+                     request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         yield {"text": "live 1"}
         yield {"text": "live 2"}
 
@@ -138,6 +144,8 @@ def test_stale_term_is_refused_with_409(client: TestClient, service: FakeService
     ("offline", {"id": "a", "term": 1, "offline": "yes"}, "'offline'"),
     ("offline", {"term": 1, "offline": True}, "'id'"),
     ("offline", {"id": "a", "offline": True}, "'term'"),
+    ("debug", {"id": "a", "term": 1, "app": "x"}, "'enabled'"),
+    ("debug", {"id": "a", "term": 1, "app": "x", "enabled": True, "ttl": 0}, "'ttl'"),
 ])
 def test_bad_signal_fields_are_a_400_naming_the_field(client: TestClient, service: FakeService,
                                                       kind: str, body: dict[str, Any],
@@ -201,10 +209,18 @@ def test_service_errors_keep_their_status_and_the_id_can_be_retried(
 def test_status_and_logs(client: TestClient) -> None:
     """Status passes through; logs answer recent lines, and follow streams NDJSON."""
     assert client.get("/v1/status", headers=AUTH).json() == {"instances": [], "node": "n1"}
-    recent = client.get("/v1/logs?app=hello&n=5", headers=AUTH).json()
-    assert recent == {"lines": [{"text": "line 0", "app": "hello"},
-                                {"text": "line 1", "app": "hello"}]}
+    recent = client.get("/v1/logs?app=hello&n=5&request_id=r-9", headers=AUTH).json()
+    assert recent == {"lines": [{"text": "line 0", "app": "hello", "request_id": "r-9"},
+                                {"text": "line 1", "app": "hello", "request_id": "r-9"}]}
     assert client.get("/v1/logs?n=0", headers=AUTH).status_code == 400
     streamed = client.get("/v1/logs?follow=1&n=1", headers=AUTH)
     lines = [json.loads(line) for line in streamed.text.splitlines()]
     assert [line["text"] for line in lines] == ["line 0", "live 1", "live 2"]
+
+
+def test_debug_signal_reaches_the_service(client: TestClient, service: FakeService) -> None:
+    """A debug signal opens a session with the default one-hour ttl."""
+    answer = signal(client, "debug", {"id": "d1", "term": 1, "app": "hello", "enabled": True})
+    assert answer.status_code == 200
+    assert service.calls == [("debug", ("hello", True, 3600.0))]
+
