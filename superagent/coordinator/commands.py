@@ -1,0 +1,318 @@
+"""Raft commands: the only way ``ClusterState`` changes.
+
+Each command is a frozen, keyword-only dataclass with a ``type`` tag and a JSON
+codec (STYLE 10; nothing that crosses a process boundary is pickled). Every
+command carries:
+
+- ``key``: an idempotency key (1-200 chars) chosen by the client, so a retry
+  after a timeout applies once;
+- ``at``: the epoch time set by the proposer, so applying is deterministic
+  (no node reads its own clock inside ``apply``);
+- ``actor``: who asked, for the audit log.
+
+``decode`` checks shape and field-level rules (types, lengths, name syntax) and
+raises ``CommandError`` naming the type and field; rules that depend on the
+cluster (app exists, node registered, lifecycle transition) are checked by
+``ClusterState.apply``. Mapping fields (``spec``, ``env``, ``placement``) are
+plain dicts: treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+from superagent.coordinator.errors import CommandError, UnknownCommand
+from superagent.coordinator.lifecycle import Lifecycle
+from superagent.participant.manifest import MAX_PER_NODE
+
+KEY_MAX = 200  # idempotency keys are client-made (uuid, CI job id + step); 200 fits any sane one
+ACTOR_MAX = 200  # a token name or "user@host"; the audit log stores it verbatim
+REASON_MAX = 2000  # a deploy failure reason is a summary, the full log lives elsewhere
+ADDRESS_MAX = 255  # host:port of a participant's RPC server
+MAX_CAPACITY = 10_000  # instances one node may run; more is a typo
+MAX_RELEASE_SIZE = 4 * 1024**3  # bytes of a source tarball; the artifact store refuses more
+
+APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")  # same rule as the manifest's [app] name
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a hostname label or FQDN
+GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+DEPLOY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEPLOY_STATUS = re.compile(r"[a-z][a-z_]{0,39}")  # the saga owns the vocabulary
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    """Fields every command has; subclasses set ``type`` and add their own."""
+
+    type: ClassVar[str] = ""
+    key: str
+    at: float
+    actor: str
+
+    def __post_init__(self) -> None:
+        self._check("key", 1 <= len(self.key) <= KEY_MAX, f"must be 1-{KEY_MAX} characters")
+        self._check("at", math.isfinite(self.at) and self.at >= 0, "must be a finite epoch time")
+        self._check("actor", 1 <= len(self.actor) <= ACTOR_MAX,
+                    f"must be 1-{ACTOR_MAX} characters")
+
+    def _check(self, name: str, ok: bool, message: str) -> None:
+        if not ok:
+            raise CommandError(message, field=name, command_type=self.type)
+
+    def _match(self, name: str, pattern: re.Pattern[str], value: str) -> None:
+        self._check(name, pattern.fullmatch(value) is not None,
+                    f"{value!r} does not match {pattern.pattern}")
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON-safe document ``decode_doc`` turns back into an equal command."""
+        doc: dict[str, Any] = {"type": self.type}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            doc[f.name] = list(value) if isinstance(value, tuple) else value
+        return doc
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_doc())
+
+    @property
+    def target(self) -> str:
+        """What the command is about, for the audit log ("app:hello", "node:n1")."""
+        return ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreateApp(Command):
+    type: ClassVar[str] = "create_app"
+    name: str
+    spec: dict[str, Any]  # the manifest's JSON form (participant.manifest.spec_to_json)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("name", APP_NAME, self.name)
+
+    @property
+    def target(self) -> str:
+        return f"app:{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _AppCommand(Command):
+    app: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("app", APP_NAME, self.app)
+
+    @property
+    def target(self) -> str:
+        return f"app:{self.app}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateAppSpec(_AppCommand):
+    type: ClassVar[str] = "update_app_spec"
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteApp(_AppCommand):
+    type: ClassVar[str] = "delete_app"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddRelease(_AppCommand):
+    """A new immutable release; the state assigns its number (r1, r2, ...)."""
+
+    type: ClassVar[str] = "add_release"
+    sha256: str
+    size: int
+    spec: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("sha256", SHA256, self.sha256)
+        self._check("size", 0 <= self.size <= MAX_RELEASE_SIZE,
+                    f"must be 0-{MAX_RELEASE_SIZE} bytes")
+        for name in self.env:
+            self._match("env", ENV_KEY, name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _NodeCommand(Command):
+    node: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("node", NODE_NAME, self.node)
+
+    @property
+    def target(self) -> str:
+        return f"node:{self.node}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegisterNode(_NodeCommand):
+    """A participant joins, or re-registers with a new address, groups or capacity."""
+
+    type: ClassVar[str] = "register_node"
+    address: str
+    groups: tuple[str, ...]
+    capacity: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check("address", 1 <= len(self.address) <= ADDRESS_MAX
+                    and not any(c.isspace() for c in self.address),
+                    f"must be 1-{ADDRESS_MAX} characters without spaces")
+        self._check("groups", len(self.groups) > 0, "must name at least one group")
+        self._check("groups", len(set(self.groups)) == len(self.groups), "has duplicates")
+        for group in self.groups:
+            self._match("groups", GROUP_NAME, group)
+        self._check("capacity", 1 <= self.capacity <= MAX_CAPACITY,
+                    f"must be 1-{MAX_CAPACITY}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeUp(_NodeCommand):
+    type: ClassVar[str] = "node_up"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeDown(_NodeCommand):
+    type: ClassVar[str] = "node_down"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetNodeLifecycle(_NodeCommand):
+    type: ClassVar[str] = "set_node_lifecycle"
+    lifecycle: str  # a Lifecycle value: online, draining, offline
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        allowed = [lc.value for lc in Lifecycle]
+        self._check("lifecycle", self.lifecycle in allowed, f"must be one of {allowed}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetPlacement(_AppCommand):
+    """Desired instances per node for ``app``, as computed by the scheduler.
+
+    Replaces the app's whole placement; zero entries are dropped.
+    """
+
+    type: ClassVar[str] = "set_placement"
+    placement: dict[str, int]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for node, count in self.placement.items():
+            self._match("placement", NODE_NAME, node)
+            self._check("placement", 0 <= count <= MAX_PER_NODE,
+                        f"{node}: must be 0-{MAX_PER_NODE} instances")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordDeploy(_AppCommand):
+    """Create or update deploy ``deploy_id``; the saga extends this with its steps."""
+
+    type: ClassVar[str] = "record_deploy"
+    deploy_id: str
+    release: int
+    status: str
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("deploy_id", DEPLOY_ID, self.deploy_id)
+        self._check("release", self.release >= 1, "must be >= 1")
+        self._match("status", DEPLOY_STATUS, self.status)
+        self._check("reason", len(self.reason) <= REASON_MAX,
+                    f"must be at most {REASON_MAX} characters")
+
+
+COMMANDS: dict[str, type[Command]] = {
+    cls.type: cls
+    for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, NodeUp,
+                NodeDown, SetNodeLifecycle, SetPlacement, RecordDeploy)
+}
+
+
+def canonical_json(doc: object) -> str:
+    """Sorted, compact, NaN-free JSON: equal documents give equal text on every node."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def decode(text: str | bytes) -> Command:
+    """Parse a command's JSON; raises CommandError naming the type and the bad field."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CommandError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CommandError("a command is a JSON object")
+    return decode_doc(doc)
+
+
+def decode_doc(doc: Mapping[str, Any]) -> Command:
+    """Like ``decode`` for an already parsed document."""
+    tag = doc.get("type")
+    if not isinstance(tag, str):
+        raise CommandError("missing or not a string", field="type")
+    cls = COMMANDS.get(tag)
+    if cls is None:
+        raise UnknownCommand(f"unknown command type {tag!r}", field="type")
+    known = {f.name: f for f in fields(cls)}
+    for name in doc:
+        if name != "type" and name not in known:
+            raise CommandError("unknown field", field=name, command_type=tag)
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        if name in doc:
+            kwargs[name] = _convert(doc[name], str(f.type), name, tag)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise CommandError("missing", field=name, command_type=tag)
+    return cls(**kwargs)
+
+
+def _convert(value: object, kind: str, name: str, tag: str) -> Any:
+    """Check one field's JSON value against its annotation (as written in this module)."""
+
+    def bad(expected: str) -> CommandError:
+        return CommandError(f"must be {expected}, got {type(value).__name__}",
+                            field=name, command_type=tag)
+
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer")
+        return value
+    if kind == "float":
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise bad("a number")
+        return float(value)
+    if kind == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return tuple(value)
+    if kind.startswith("dict[str, "):
+        if not isinstance(value, dict):
+            raise bad("an object")
+        if kind == "dict[str, str]" and not all(isinstance(v, str) for v in value.values()):
+            raise bad("an object of strings")
+        if kind == "dict[str, int]" and not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise bad("an object of integers")
+        return dict(value)
+    raise AssertionError(f"no JSON codec for annotation {kind!r} of {tag}.{name}")

@@ -1,0 +1,149 @@
+"""Errors of the coordinator, grouped by what the caller does next.
+
+``CoordinatorError.status_hint`` is the HTTP status the API answers with; the
+replicated state machine never raises these out of ``ClusterState.apply`` (a
+Raft log entry must always apply) but turns them into error results carrying
+the same status, code and message.
+
+- ``CommandError`` (400): the command itself is malformed; fix it, do not retry.
+- ``UnknownApp`` / ``UnknownNode`` / ``UnknownRelease`` (404): the command names
+  something the cluster does not have.
+- ``Conflict`` (409): the command is well formed but the current state forbids it
+  (app exists, illegal lifecycle transition, idempotency key reused); look at the
+  state and decide again.
+- ``SnapshotError`` (500): a persisted state document cannot be read.
+"""
+
+from __future__ import annotations
+
+from superagent.errors import SuperagentError
+
+
+class CoordinatorError(SuperagentError):
+    """Base of the coordinator's errors; ``code`` is a stable machine-readable name."""
+
+    status_hint = 500
+    code = "coordinator_error"
+
+    def __init__(self, message: str, *, app: str = "", node: str = "") -> None:
+        self.app = app
+        self.node = node
+        super().__init__(message)
+
+
+class CommandError(CoordinatorError):
+    """A command is malformed: unknown ``type``, missing or bad ``field``."""
+
+    status_hint = 400
+    code = "bad_command"
+
+    def __init__(self, message: str, *, field: str = "", command_type: str = "") -> None:
+        self.field = field
+        self.command_type = command_type
+        where = ".".join(part for part in (command_type, field) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class UnknownCommand(CommandError):
+    """The command's ``type`` tag names no command."""
+
+    code = "unknown_command"
+
+
+class UnknownApp(CoordinatorError):
+    status_hint = 404
+    code = "unknown_app"
+
+    def __init__(self, app: str) -> None:
+        super().__init__(f"app {app!r} does not exist", app=app)
+
+
+class UnknownNode(CoordinatorError):
+    status_hint = 404
+    code = "unknown_node"
+
+    def __init__(self, node: str) -> None:
+        super().__init__(f"node {node!r} is not registered", node=node)
+
+
+class UnknownRelease(CoordinatorError):
+    status_hint = 404
+    code = "unknown_release"
+
+    def __init__(self, app: str, release: int) -> None:
+        self.release = release
+        super().__init__(f"release {app}@r{release} does not exist", app=app)
+
+
+class Conflict(CoordinatorError):
+    """The command is valid but the current state forbids it."""
+
+    status_hint = 409
+    code = "conflict"
+
+
+class IllegalTransition(Conflict):
+    """A lifecycle ``event`` is not allowed in ``state`` (see ``lifecycle.TRANSITIONS``)."""
+
+    code = "illegal_transition"
+
+    def __init__(self, *, state: str, event: str, node: str = "") -> None:
+        self.state = state
+        self.event = event
+        who = f"node {node!r} " if node else ""
+        super().__init__(f"{who}is {state}: event {event!r} is not allowed", node=node)
+
+
+class SnapshotError(CoordinatorError):
+    """A persisted ``ClusterState`` document is corrupt or of an unknown version."""
+
+    code = "bad_snapshot"
+
+
+class RaftError(CoordinatorError):
+    """Raft could not commit a command (raised by ``raft.RaftNode``, never by ``apply``).
+
+    ``reason`` is pysyncobj's failure as a short tag; ``may_have_committed`` says whether the
+    command might still have been applied: retry only with the same idempotency key.
+    """
+
+    status_hint = 503
+    code = "raft_error"
+
+    def __init__(
+        self, message: str, *, reason: str = "", may_have_committed: bool = False, node: str = ""
+    ) -> None:
+        self.reason = reason
+        self.may_have_committed = may_have_committed
+        super().__init__(message, node=node)
+
+
+class NotLeader(RaftError):
+    """This node is not the Raft leader: send the write to ``leader`` (None while unknown)."""
+
+    status_hint = 421
+    code = "not_leader"
+
+    def __init__(self, leader: str | None, *, node: str = "") -> None:
+        self.leader = leader
+        super().__init__(
+            f"{node or 'this node'} is not the Raft leader (leader: {leader or 'unknown'})",
+            reason="not_leader",
+            node=node,
+        )
+
+
+class RaftTimeout(RaftError):
+    """No result within ``timeout`` seconds: the command may or may not have committed."""
+
+    status_hint = 504
+    code = "raft_timeout"
+
+    def __init__(self, timeout: float, *, node: str = "") -> None:
+        self.timeout = timeout
+        super().__init__(
+            f"no Raft result within {timeout:g}s; the command may or may not have committed",
+            reason="timeout",
+            may_have_committed=True,
+            node=node,
+        )

@@ -1,0 +1,353 @@
+"""Raft replication of the coordinator state machine, on pysyncobj.
+
+Theory of operation. This is the only module that imports pysyncobj. A ``RaftNode`` owns one
+``_Replica`` (a ``SyncObj`` subclass) with exactly one ``@replicated`` method, ``_apply``, whose
+only argument is a command's JSON text; applying it calls ``StateMachine.apply`` and the returned
+dict is the command's result on every node.
+
+Threads. pysyncobj runs its own tick thread, which exits as soon as the thread that *constructed*
+the SyncObj exits. So ``start()`` constructs it on a dedicated "raft-owner" thread that lives until
+``close()``; every state-machine call (apply, snapshot, restore) happens on the tick thread.
+``propose()`` (trio) hands the command to pysyncobj's queue and waits on a ``trio.Event`` that the
+tick thread sets through ``TrioToken.run_sync_soon``.
+
+Persistence. ``journalFile`` keeps the log; ``fullDumpFile`` keeps log-compaction snapshots. The
+snapshot does not go through pysyncobj's default pickling of the SyncObj's ``__dict__``: we pass
+our own ``serializer``/``deserializer`` hooks, which write a JSON document holding
+``StateMachine.to_json()`` plus the two log entries pysyncobj needs to resume (their command bytes
+in base64). We chose the hooks over "keep the state as a JSON string attribute" because the
+attribute would have to be re-encoded on every apply (O(state) per command) to be current when
+pysyncobj snapshots; the hooks encode it only at compaction time. Nothing of ours is pickled;
+pysyncobj still pickles its own messages and journal entries (whose payload is our JSON string),
+which is why the cluster password is mandatory: it encrypts and authenticates the Raft port.
+
+Leadership. ``leaderFallbackTimeout`` is ~2 s, so a leader cut off from a quorum demotes itself
+within about 2 s (the library default is 30 s). Proposals are accepted only on the leader; a
+follower raises ``NotLeader`` naming the leader (pysyncobj would silently forward them).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Self, TypeVar
+
+import structlog
+import trio
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.node import TCPNode
+
+from superagent.coordinator.errors import NotLeader, RaftError, RaftTimeout
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+#: A leader that has not heard from a quorum for this long steps down (library default: 30 s).
+LEADER_FALLBACK_TIMEOUT = 2.0
+#: Reconnect to a lost partner after this long (library default 5 s slows recovery after restarts).
+CONNECTION_RETRY_TIME = 1.0
+#: How often ``watch`` samples the status; leadership changes are logged within this delay.
+WATCH_PERIOD = 0.1
+#: Bound on how long ``start()``/``close()`` wait for the owner thread.
+THREAD_START_TIMEOUT = 10.0
+#: Label HMAC'd with the cluster secret to derive the Raft password (domain separation).
+_PASSWORD_LABEL = b"superagent/raft/password/v1"
+#: Version tag of our full-dump file format.
+_DUMP_FORMAT = 1
+
+_RAFT_LEADER_STATE = 2  # pysyncobj's _RAFT_STATE.LEADER
+
+# pysyncobj failure codes -> (reason tag, may the command still have committed?)
+_FAILURES: dict[int, tuple[str, bool]] = {
+    FAIL_REASON.QUEUE_FULL: ("queue_full", False),
+    FAIL_REASON.MISSING_LEADER: ("missing_leader", False),
+    FAIL_REASON.DISCARDED: ("discarded", False),
+    FAIL_REASON.NOT_LEADER: ("not_leader", True),
+    FAIL_REASON.LEADER_CHANGED: ("leader_changed", True),
+    FAIL_REASON.REQUEST_DENIED: ("request_denied", False),
+    FAIL_REASON.UNKNOWN_OUTCOME: ("unknown_outcome", True),
+}
+
+
+class StateMachine(Protocol):
+    """What Raft replicates: deterministic ``apply`` and a JSON snapshot codec."""
+
+    def apply(self, command_json: str) -> dict[str, Any]:
+        """Apply one committed command; must be deterministic and must not raise."""
+        ...
+
+    def to_json(self) -> str:
+        """Encode the whole state (used for snapshots)."""
+        ...
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        """Decode a state written by ``to_json``."""
+        ...
+
+
+def derive_password(secret: str) -> str:
+    """The pysyncobj password for a cluster secret (hex HMAC-SHA256 of a fixed label)."""
+    return hmac.new(secret.encode(), _PASSWORD_LABEL, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class _Holder:
+    """The current state machine; replaced wholesale when a snapshot is restored."""
+
+    state: StateMachine
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Replica(SyncObj):  # type: ignore[misc]
+    """The SyncObj: one replicated method, nothing else of ours in it."""
+
+    def __init__(
+        self, self_address: str, peers: list[str], conf: SyncObjConf, holder: _Holder
+    ) -> None:
+        self._holder = holder  # set before SyncObj.__init__: the tick thread may apply at once
+        super().__init__(self_address, peers, conf)
+
+    @replicated  # type: ignore[untyped-decorator]
+    def _apply(self, command_json: str) -> dict[str, Any]:
+        with self._holder.lock:
+            return self._holder.state.apply(command_json)
+
+
+def _encode_entry(entry: tuple[bytes, int, int]) -> list[Any]:
+    command, index, term = entry
+    return [base64.b64encode(command).decode("ascii"), index, term]
+
+
+def _decode_entry(raw: list[Any]) -> tuple[bytes, int, int]:
+    return (base64.b64decode(raw[0]), int(raw[1]), int(raw[2]))
+
+
+class RaftNode:
+    """One member of the Raft cluster, replicating ``state``.
+
+    Owns its pysyncobj instance and the thread that constructed it; ``start()`` then ``close()``.
+    ``state`` may be replaced by a restored snapshot: read it through ``state`` / ``read_state``.
+    """
+
+    def __init__(
+        self,
+        self_address: str,
+        peers: list[str],
+        *,
+        secret: str,
+        data_dir: Path,
+        state: StateMachine,
+    ) -> None:
+        if not secret:
+            raise ValueError("a cluster secret is required: the Raft port is unsafe without one")
+        self.self_address = self_address
+        self.peers = [p for p in peers if p != self_address]
+        self.data_dir = data_dir
+        self._holder = _Holder(state)
+        self._password = derive_password(secret)
+        self._replica: _Replica | None = None
+        self._owner: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._start_error: BaseException | None = None
+        self._log = log.bind(node=self_address)
+
+    def __repr__(self) -> str:
+        if self._replica is None:
+            return f"<RaftNode {self.self_address} stopped>"
+        s = self.status()
+        return (
+            f"<RaftNode {self.self_address} leader={s['leader']} term={s['term']} "
+            f"commit={s['commit_index']} applied={s['last_applied']} quorum={s['has_quorum']}>"
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _conf(self) -> SyncObjConf:
+        return SyncObjConf(
+            password=self._password,
+            journalFile=str(self.data_dir / "raft.journal"),
+            fullDumpFile=str(self.data_dir / "raft.dump"),
+            appendEntriesUseBatch=False,
+            leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT,
+            connectionRetryTime=CONNECTION_RETRY_TIME,
+            dynamicMembershipChange=False,
+            useFork=False,  # never fork a threaded trio process; snapshots are small JSON
+            serializer=self._write_dump,
+            deserializer=self._read_dump,
+        )
+
+    def _own(self) -> None:
+        """Body of the owner thread: construct the SyncObj, then live until close()."""
+        replica: _Replica | None = None
+        try:
+            replica = _Replica(self.self_address, self.peers, self._conf(), self._holder)
+            self._replica = replica
+        except BaseException as exc:  # handed to start()'s caller
+            self._start_error = exc
+        finally:
+            self._ready.set()
+        if replica is None:
+            return
+        self._stop.wait()
+        replica.destroy_synchronous()
+
+    def start(self) -> None:
+        """Create the data dir and start the node (binds the Raft port). Raises RaftError."""
+        if self._owner is not None:
+            raise RaftError("RaftNode already started", reason="already_started")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = threading.Thread(
+            target=self._own, name=f"raft-owner-{self.self_address}", daemon=True
+        )
+        self._owner.start()
+        if not self._ready.wait(THREAD_START_TIMEOUT) or self._start_error is not None:
+            raise RaftError(f"cannot start Raft node: {self._start_error!r}", reason="start")
+        self._log.info("raft.started", peers=self.peers)
+
+    def close(self) -> None:
+        """Stop the tick thread and close connections; idempotent, blocks up to a few seconds."""
+        self._stop.set()
+        if self._owner is not None:
+            self._owner.join(THREAD_START_TIMEOUT)
+        self._replica = None
+
+    # -- snapshot hooks (run on the tick thread) -------------------------------------------
+
+    def _write_dump(self, filename: str, data: tuple[Any, Any, Any]) -> None:
+        last_entry, prev_entry, cluster = data
+        with self._holder.lock:
+            state_json = self._holder.state.to_json()
+        doc = {
+            "format": _DUMP_FORMAT,
+            "state": state_json,
+            "last": _encode_entry(last_entry),
+            "prev": _encode_entry(prev_entry),
+            "cluster": sorted(node.address for node in cluster),
+        }
+        with open(filename, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _read_dump(self, filename: str) -> tuple[Any, Any, Any]:
+        with open(filename, encoding="utf-8") as f:
+            doc = json.load(f)
+        if doc.get("format") != _DUMP_FORMAT:
+            raise ValueError(f"{filename}: unknown dump format {doc.get('format')!r}")
+        with self._holder.lock:
+            self._holder.state = type(self._holder.state).from_json(doc["state"])
+        cluster = {TCPNode(address) for address in doc["cluster"]}
+        return (_decode_entry(doc["last"]), _decode_entry(doc["prev"]), cluster)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _running(self) -> _Replica:
+        if self._replica is None:
+            raise RaftError("Raft node is not running", reason="not_running")
+        return self._replica
+
+    @property
+    def state(self) -> StateMachine:
+        """The current state machine (mutated on the tick thread: use read_state to read it)."""
+        return self._holder.state
+
+    def read_state(self, reader: Callable[[StateMachine], T]) -> T:
+        """Run ``reader`` on the state while no command is being applied."""
+        with self._holder.lock:
+            return reader(self._holder.state)
+
+    def leader(self) -> str | None:
+        """The last known leader's address (may be stale), or None."""
+        node = self._running()._getLeader()
+        return None if node is None else str(node.id)
+
+    def is_leader(self) -> bool:
+        """Whether this node currently believes it is the leader."""
+        return bool(self._running()._isLeader())
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot: self, leader, is_leader, term, commit_index, last_applied,
+        has_quorum and partners (address -> connected)."""
+        raw = self._running().getStatus()
+        prefix = "partner_node_status_server_"
+        leader = raw["leader"]
+        return {
+            "self": self.self_address,
+            "leader": None if leader is None else str(leader.id),
+            "is_leader": raw["state"] == _RAFT_LEADER_STATE,
+            "term": raw["raft_term"],
+            "commit_index": raw["commit_idx"],
+            "last_applied": raw["last_applied"],
+            "has_quorum": bool(raw["has_quorum"]),
+            "partners": {
+                key[len(prefix):]: value == 2 for key, value in raw.items()
+                if key.startswith(prefix)
+            },
+        }
+
+    # -- trio bridge -----------------------------------------------------------------------
+
+    async def propose(self, command_json: str, timeout: float) -> dict[str, Any]:
+        """Replicate one command and return its result once committed and applied here.
+
+        Raises NotLeader (with the leader's address) on a follower; RaftTimeout when no
+        result came within ``timeout`` — the command may or may not have committed, so retry
+        only with the same idempotency key; RaftError for other failures (``may_have_committed``
+        tells which).
+        """
+        replica = self._running()
+        if not replica._isLeader():
+            raise NotLeader(self.leader(), node=self.self_address)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list[tuple[Any, int]] = []
+
+        def on_result(result: Any, error: int) -> None:  # runs on the tick thread
+            outcome.append((result, error))
+            with contextlib.suppress(trio.RunFinishedError):  # trio already gone: nobody waits
+                token.run_sync_soon(done.set)
+
+        replica._apply(command_json, callback=on_result)
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not outcome:
+            raise RaftTimeout(timeout, node=self.self_address)
+        result, error = outcome[0]
+        if error == FAIL_REASON.SUCCESS:
+            return dict(result)
+        reason, maybe = _FAILURES.get(error, (f"code_{error}", True))
+        raise RaftError(
+            f"Raft rejected the command: {reason}",
+            reason=reason,
+            may_have_committed=maybe,
+            node=self.self_address,
+        )
+
+    async def watch(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Log leadership changes and quorum loss/regain, sampling every WATCH_PERIOD."""
+        last = self.status()
+        self._log.info("raft.status", leader=last["leader"], term=last["term"],
+                       has_quorum=last["has_quorum"])
+        task_status.started()
+        while True:
+            await trio.sleep(WATCH_PERIOD)
+            now = self.status()
+            if (now["leader"], now["is_leader"]) != (last["leader"], last["is_leader"]):
+                self._log.info("raft.leader_changed", leader=now["leader"],
+                               previous=last["leader"], is_leader=now["is_leader"],
+                               term=now["term"])
+            if now["has_quorum"] != last["has_quorum"]:
+                event = "raft.quorum_regained" if now["has_quorum"] else "raft.quorum_lost"
+                self._log.warning(event, term=now["term"], partners=now["partners"])
+            last = now

@@ -1,0 +1,345 @@
+"""ClusterState: the coordinator's replicated state machine.
+
+Every coordinator holds one ``ClusterState`` and feeds it the same committed Raft
+entries in the same order; ``apply`` is pure and deterministic (no clock, no
+randomness, no I/O: a command's time is its ``at``), so every node reaches the
+same state and ``digest()`` proves it.
+
+``apply(command_json)`` never raises for a bad command (a log entry must always
+apply): it decodes, answers a repeated idempotency key with the first result,
+validates against the current state, and only then mutates. A rejected command
+changes nothing at all (no audit entry, no idempotency record): it is answered
+with an error result and the API layer logs it, so retrying it after fixing the
+cause works, and a digest taken before and after is equal. An exception out of
+``apply`` is a bug.
+
+Bounded history: the audit log keeps the last ``AUDIT_LIMIT`` entries and the
+idempotency table the last ``IDEMPOTENCY_LIMIT`` keys, both evicted oldest
+first by insertion order, which is the same on every node.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from superagent.coordinator import commands as cmd
+from superagent.coordinator.errors import (
+    CommandError,
+    Conflict,
+    CoordinatorError,
+    SnapshotError,
+    UnknownApp,
+    UnknownNode,
+    UnknownRelease,
+)
+from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
+from superagent.errors import ConfigError
+from superagent.participant.manifest import spec_from_json, spec_to_json
+
+FORMAT_VERSION = 1  # of the to_json document; from_json refuses others
+AUDIT_LIMIT = 1000  # entries kept: enough for "what happened today" without growing the snapshot
+IDEMPOTENCY_LIMIT = 10_000  # keys kept: client retries come within minutes, not 10k commands
+
+Result = dict[str, Any]
+
+
+@dataclass(slots=True)
+class App:
+    name: str
+    spec: dict[str, Any]  # canonical manifest JSON (spec_to_json of the parsed spec)
+    created_at: float
+    updated_at: float
+
+
+@dataclass(slots=True)
+class Release:
+    number: int
+    sha256: str
+    size: int
+    spec: dict[str, Any]
+    env: dict[str, str]
+    created_at: float
+    actor: str
+
+
+@dataclass(slots=True)
+class Node:
+    name: str
+    address: str
+    groups: list[str]
+    capacity: int
+    lifecycle: str  # a Lifecycle value
+    up: bool
+    registered_at: float
+    changed_at: float
+
+
+@dataclass(slots=True)
+class Deploy:
+    deploy_id: str
+    app: str
+    release: int
+    status: str
+    reason: str
+    created_at: float
+    updated_at: float
+
+
+class ClusterState:
+    """Apps, releases, nodes, placement, deploys, audit log and idempotency table."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, App] = {}
+        self.releases: dict[str, list[Release]] = {}  # app -> releases, ascending numbers
+        # survives DeleteApp, so hello@r1 never names two different releases
+        self.last_release: dict[str, int] = {}
+        self.nodes: dict[str, Node] = {}
+        self.placement: dict[str, dict[str, int]] = {}  # app -> node -> instances
+        self.deploys: dict[str, Deploy] = {}
+        self.audit: list[dict[str, Any]] = []
+        self.audit_seq = 0
+        self.idempotency: dict[str, dict[str, Any]] = {}  # key -> {fingerprint, result}
+        self._handlers: dict[type[cmd.Command], Callable[[Any], tuple[Result, str]]] = {
+            cmd.CreateApp: self._create_app,
+            cmd.UpdateAppSpec: self._update_app_spec,
+            cmd.DeleteApp: self._delete_app,
+            cmd.AddRelease: self._add_release,
+            cmd.RegisterNode: self._register_node,
+            cmd.NodeUp: self._node_up,
+            cmd.NodeDown: self._node_down,
+            cmd.SetNodeLifecycle: self._set_node_lifecycle,
+            cmd.SetPlacement: self._set_placement,
+            cmd.RecordDeploy: self._record_deploy,
+        }
+
+    def __repr__(self) -> str:
+        up = sum(1 for n in self.nodes.values() if n.up)
+        releases = sum(len(r) for r in self.releases.values())
+        return (f"<ClusterState apps={len(self.apps)} releases={releases} "
+                f"nodes={len(self.nodes)} up={up} deploys={len(self.deploys)} "
+                f"audit_seq={self.audit_seq} digest={self.digest()[:12]}>")
+
+    # -- applying -----------------------------------------------------------------
+
+    def apply(self, command_json: str) -> Result:
+        """Apply one committed command; returns {"ok": true, ...} or an error result."""
+        try:
+            command = cmd.decode(command_json)
+        except CommandError as exc:
+            return error_result(exc)
+        fingerprint = _fingerprint(command)
+        seen = self.idempotency.get(command.key)
+        if seen is not None:
+            if seen["fingerprint"] != fingerprint:
+                return error_result(Conflict(
+                    f"idempotency key {command.key!r} was used for a different command"))
+            return {**copy.deepcopy(seen["result"]), "repeated": True}
+        try:
+            result, outcome = self._handlers[type(command)](command)
+        except CoordinatorError as exc:
+            return error_result(exc)
+        self._remember(command.key, fingerprint, result)
+        self._record_audit(command, outcome)
+        return copy.deepcopy(result)
+
+    def _remember(self, key: str, fingerprint: str, result: Result) -> None:
+        self.idempotency[key] = {"fingerprint": fingerprint, "result": copy.deepcopy(result)}
+        while len(self.idempotency) > IDEMPOTENCY_LIMIT:
+            del self.idempotency[next(iter(self.idempotency))]
+
+    def _record_audit(self, command: cmd.Command, outcome: str) -> None:
+        self.audit_seq += 1
+        self.audit.append({"seq": self.audit_seq, "at": command.at, "actor": command.actor,
+                           "type": command.type, "target": command.target,
+                           "key": command.key, "outcome": outcome})
+        del self.audit[:-AUDIT_LIMIT]
+
+    # -- handlers: validate everything first, then mutate; return (result, outcome) --
+
+    def _app(self, name: str) -> App:
+        app = self.apps.get(name)
+        if app is None:
+            raise UnknownApp(name)
+        return app
+
+    def _node(self, name: str) -> Node:
+        node = self.nodes.get(name)
+        if node is None:
+            raise UnknownNode(name)
+        return node
+
+    def _create_app(self, c: cmd.CreateApp) -> tuple[Result, str]:
+        if c.name in self.apps:
+            raise Conflict(f"app {c.name!r} already exists", app=c.name)
+        spec = _checked_spec(c.spec, c.name, c.type)
+        self.apps[c.name] = App(name=c.name, spec=spec, created_at=c.at, updated_at=c.at)
+        self.releases[c.name] = []
+        return {"ok": True, "app": c.name}, "created"
+
+    def _update_app_spec(self, c: cmd.UpdateAppSpec) -> tuple[Result, str]:
+        app = self._app(c.app)
+        spec = _checked_spec(c.spec, c.app, c.type)
+        changed = spec != app.spec
+        app.spec, app.updated_at = spec, c.at
+        return {"ok": True, "app": c.app, "changed": changed}, (
+            "updated" if changed else "unchanged")
+
+    def _delete_app(self, c: cmd.DeleteApp) -> tuple[Result, str]:
+        self._app(c.app)
+        del self.apps[c.app]
+        self.releases.pop(c.app, None)
+        self.placement.pop(c.app, None)
+        for deploy_id in [d.deploy_id for d in self.deploys.values() if d.app == c.app]:
+            del self.deploys[deploy_id]
+        return {"ok": True, "app": c.app}, "deleted"
+
+    def _add_release(self, c: cmd.AddRelease) -> tuple[Result, str]:
+        self._app(c.app)
+        spec = _checked_spec(c.spec, c.app, c.type)
+        number = self.last_release.get(c.app, 0) + 1
+        self.releases[c.app].append(Release(
+            number=number, sha256=c.sha256, size=c.size, spec=spec,
+            env=dict(sorted(c.env.items())), created_at=c.at, actor=c.actor))
+        self.last_release[c.app] = number
+        return {"ok": True, "app": c.app, "release": number}, f"created r{number}"
+
+    def _register_node(self, c: cmd.RegisterNode) -> tuple[Result, str]:
+        node = self.nodes.get(c.node)
+        if node is None:
+            self.nodes[c.node] = Node(
+                name=c.node, address=c.address, groups=list(c.groups), capacity=c.capacity,
+                lifecycle=Lifecycle.ONLINE.value, up=True, registered_at=c.at, changed_at=c.at)
+            return {"ok": True, "node": c.node, "created": True}, "registered"
+        node.address, node.groups, node.capacity = c.address, list(c.groups), c.capacity
+        node.up, node.changed_at = True, c.at
+        return {"ok": True, "node": c.node, "created": False}, "re-registered"
+
+    def _set_up(self, c: cmd.NodeUp | cmd.NodeDown, up: bool) -> tuple[Result, str]:
+        node = self._node(c.node)
+        changed = node.up != up
+        node.up = up
+        if changed:
+            node.changed_at = c.at
+        word = "up" if up else "down"
+        return {"ok": True, "node": c.node, "up": up, "changed": changed}, (
+            word if changed else f"already {word}")
+
+    def _node_up(self, c: cmd.NodeUp) -> tuple[Result, str]:
+        return self._set_up(c, True)
+
+    def _node_down(self, c: cmd.NodeDown) -> tuple[Result, str]:
+        return self._set_up(c, False)
+
+    def _set_node_lifecycle(self, c: cmd.SetNodeLifecycle) -> tuple[Result, str]:
+        node = self._node(c.node)
+        before = node.lifecycle
+        after = next_lifecycle(Lifecycle(before), Lifecycle(c.lifecycle), node=c.node)
+        node.lifecycle, node.changed_at = after.value, c.at
+        return {"ok": True, "node": c.node, "lifecycle": after.value}, f"{before} -> {after.value}"
+
+    def _set_placement(self, c: cmd.SetPlacement) -> tuple[Result, str]:
+        self._app(c.app)
+        for node in sorted(c.placement):
+            self._node(node)
+        placement = {node: n for node, n in sorted(c.placement.items()) if n > 0}
+        if placement:
+            self.placement[c.app] = placement
+        else:
+            self.placement.pop(c.app, None)
+        total = sum(placement.values())
+        return ({"ok": True, "app": c.app, "instances": total},
+                f"{total} instances on {len(placement)} nodes")
+
+    def _record_deploy(self, c: cmd.RecordDeploy) -> tuple[Result, str]:
+        self._app(c.app)
+        if all(r.number != c.release for r in self.releases[c.app]):
+            raise UnknownRelease(c.app, c.release)
+        deploy = self.deploys.get(c.deploy_id)
+        if deploy is None:
+            self.deploys[c.deploy_id] = Deploy(
+                deploy_id=c.deploy_id, app=c.app, release=c.release, status=c.status,
+                reason=c.reason, created_at=c.at, updated_at=c.at)
+            return {"ok": True, "deploy_id": c.deploy_id, "status": c.status}, c.status
+        if (deploy.app, deploy.release) != (c.app, c.release):
+            raise Conflict(f"deploy {c.deploy_id!r} is of {deploy.app}@r{deploy.release}, "
+                           f"not {c.app}@r{c.release}", app=c.app)
+        deploy.status, deploy.reason, deploy.updated_at = c.status, c.reason, c.at
+        return {"ok": True, "deploy_id": c.deploy_id, "status": c.status}, c.status
+
+    # -- persistence ----------------------------------------------------------------
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "apps": [asdict(a) for a in self.apps.values()],
+            "releases": {app: [asdict(r) for r in rs] for app, rs in self.releases.items()},
+            "last_release": dict(self.last_release),
+            "nodes": [asdict(n) for n in self.nodes.values()],
+            "placement": copy.deepcopy(self.placement),
+            "deploys": [asdict(d) for d in self.deploys.values()],
+            "audit": copy.deepcopy(self.audit),
+            "audit_seq": self.audit_seq,
+            # a list, not an object: insertion order decides eviction and must survive
+            "idempotency": [[k, copy.deepcopy(v)] for k, v in self.idempotency.items()],
+        }
+
+    def to_json(self) -> str:
+        """The whole state as canonical JSON; ``from_json`` restores it losslessly."""
+        return cmd.canonical_json(self.to_doc())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ClusterState:
+        """Restore a state written by ``to_json``; raises SnapshotError if it is not one."""
+        try:
+            doc = json.loads(text)
+            if doc.get("version") != FORMAT_VERSION:
+                raise SnapshotError(f"unknown state format version {doc.get('version')!r}")
+            state = cls()
+            state.apps = {a["name"]: App(**a) for a in doc["apps"]}
+            state.releases = {app: [Release(**r) for r in rs]
+                              for app, rs in doc["releases"].items()}
+            state.last_release = dict(doc["last_release"])
+            state.nodes = {n["name"]: Node(**n) for n in doc["nodes"]}
+            state.placement = doc["placement"]
+            state.deploys = {d["deploy_id"]: Deploy(**d) for d in doc["deploys"]}
+            state.audit = doc["audit"]
+            state.audit_seq = doc["audit_seq"]
+            state.idempotency = {k: v for k, v in doc["idempotency"]}
+        except SnapshotError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SnapshotError(f"corrupt state document: {exc!r}") from None
+        return state
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: equal on every node that applied the same log."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def error_result(exc: CoordinatorError) -> Result:
+    """The JSON-able answer for a rejected command."""
+    return {"ok": False, "error": str(exc), "code": exc.code, "status": exc.status_hint}
+
+
+def _checked_spec(doc: Mapping[str, Any], app: str, command_type: str) -> dict[str, Any]:
+    """Validate a manifest JSON document for ``app``; returns its canonical form."""
+    try:
+        spec = spec_from_json(doc)
+    except ConfigError as exc:
+        raise CommandError(str(exc), field="spec", command_type=command_type) from None
+    if spec.name != app:
+        raise CommandError(f"names app {spec.name!r}, not {app!r}", field="spec",
+                           command_type=command_type)
+    return spec_to_json(spec)
+
+
+def _fingerprint(command: cmd.Command) -> str:
+    """Identity of a command for idempotency: everything but ``at`` (a retry gets a new one)."""
+    doc = command.to_doc()
+    del doc["at"]
+    return hashlib.sha256(cmd.canonical_json(doc).encode()).hexdigest()[:32]

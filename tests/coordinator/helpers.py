@@ -1,0 +1,55 @@
+"""Scenario helpers for coordinator tests: valid specs and commands with defaults."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from superagent.coordinator import commands as cmd
+from superagent.participant.manifest import parse_manifest, spec_to_json
+
+SHA = "ab" * 32
+_keys = itertools.count(1)
+
+
+def spec(name: str = "hello", command: str = "python app.py") -> dict[str, Any]:
+    return spec_to_json(parse_manifest({"app": {"name": name}, "run": {"command": command}},
+                                       source="test"))
+
+
+def base(key: str | None = None, at: float = 1000.0) -> dict[str, Any]:
+    return {"key": key or f"k{next(_keys)}", "at": at, "actor": "tester"}
+
+
+def create_app(name: str = "hello", **kw: Any) -> cmd.CreateApp:
+    return cmd.CreateApp(**{**base(), "name": name, "spec": spec(name), **kw})
+
+
+def add_release(app: str = "hello", **kw: Any) -> cmd.AddRelease:
+    return cmd.AddRelease(**{**base(), "app": app, "sha256": SHA, "size": 10,
+                             "spec": spec(app), "env": {"A": "1"}, **kw})
+
+
+def register(node: str = "n1", **kw: Any) -> cmd.RegisterNode:
+    return cmd.RegisterNode(**{**base(), "node": node, "address": "10.0.0.1:7000",
+                               "groups": ("default",), "capacity": 8, **kw})
+
+
+def lifecycle(node: str, to: str, **kw: Any) -> cmd.SetNodeLifecycle:
+    return cmd.SetNodeLifecycle(**{**base(), "node": node, "lifecycle": to, **kw})
+
+
+def all_commands() -> list[cmd.Command]:
+    """One valid instance of every command type, in an order that applies cleanly."""
+    return [
+        create_app(),
+        cmd.UpdateAppSpec(**base(), app="hello", spec=spec(command="python app2.py")),
+        add_release(),
+        register(),
+        cmd.NodeDown(**base(), node="n1"),
+        cmd.NodeUp(**base(), node="n1"),
+        lifecycle("n1", "draining"),
+        cmd.SetPlacement(**base(), app="hello", placement={"n1": 2}),
+        cmd.RecordDeploy(**base(), app="hello", deploy_id="d1", release=1, status="pending"),
+        cmd.DeleteApp(**base(), app="hello"),
+    ]

@@ -1,0 +1,327 @@
+"""Integration tests of superagent/coordinator/raft.py: a real 3-node pysyncobj cluster on
+loopback, one process per node (tests/coordinator/raftnode_runner.py), driven over stdin/stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+
+from superagent.coordinator.errors import NotLeader
+from superagent.coordinator.raft import RaftNode, derive_password
+from tests.coordinator.raftnode_runner import CounterState
+
+SECRET = "test-cluster-secret"
+REPO = Path(__file__).resolve().parents[2]
+REPLY_TIMEOUT = 10.0
+ELECTION_DEADLINE = 10.0
+
+pytestmark = pytest.mark.slow
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], T | None], deadline: float) -> T:
+    """Poll ``probe`` every 50 ms until it returns non-None, or fail after ``deadline`` s."""
+    end = time.monotonic() + deadline
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Node:
+    """One runner process; ``request`` sends a JSON line and waits for its reply."""
+
+    def __init__(self, address: str, peers: list[str], data_dir: Path, secret: str) -> None:
+        self.address = address
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.stderr = open(data_dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.coordinator.raftnode_runner", "--self", address,
+             "--peers", ",".join(peers), "--secret", secret, "--data", str(data_dir)],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+        )
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        ready = self.lines.get(timeout=REPLY_TIMEOUT)
+        assert json.loads(ready) == {"ready": True}, ready
+
+    def __repr__(self) -> str:
+        return f"<Node {self.address} pid={self.proc.pid} rc={self.proc.returncode}>"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(b"")
+
+    def request(self, op: str, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
+        self.proc.stdin.flush()
+        line = self.lines.get(timeout=REPLY_TIMEOUT)
+        if not line:
+            raise ConnectionError(f"{self} exited")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def propose(self, cid: str, key: str, timeout: float = 2.0) -> dict[str, Any]:
+        return self.request("propose", cmd={"id": cid, "key": key}, timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGCONT (in case it was stopped), close stdin, then SIGKILL after a grace period."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.stderr.close()
+
+
+class Cluster:
+    def __init__(self, root: Path, size: int = 3) -> None:
+        self.root = root
+        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(size)]
+        self.nodes: dict[str, Node] = {}
+
+    def start(self, address: str, secret: str = SECRET) -> Node:
+        peers = [a for a in self.addresses if a != address]
+        index = self.addresses.index(address)
+        node = Node(address, peers, self.root / f"n{index}", secret)
+        self.nodes[address] = node
+        return node
+
+    def start_all(self) -> None:
+        for address in self.addresses:
+            self.start(address)
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.alive()]
+
+    def leader(self, among: list[Node] | None = None, deadline: float = ELECTION_DEADLINE) -> Node:
+        """Wait until exactly one of ``among`` is leader and the others agree on it."""
+        nodes = among if among is not None else self.live()
+
+        def probe() -> Node | None:
+            statuses = [n.request("status") for n in nodes]
+            leaders = [n for n, s in zip(nodes, statuses, strict=True) if s["is_leader"]]
+            if len(leaders) != 1:
+                return None
+            if all(s["leader"] == leaders[0].address for s in statuses):
+                return leaders[0]
+            return None
+
+        return wait_for("a leader", probe, deadline)
+
+    def stop_all(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        c.start_all()
+        yield c
+    finally:
+        c.stop_all()
+
+
+def wait_converged(nodes: list[Node], deadline: float = 5.0) -> str:
+    """Wait until every node has the same state digest; return it."""
+
+    def probe() -> str | None:
+        digests = {n.request("digest")["digest"] for n in nodes}
+        return digests.pop() if len(digests) == 1 else None
+
+    return wait_for("equal digests", probe, deadline)
+
+
+def test_elect_commit_not_leader_and_latency(cluster: Cluster) -> None:
+    """3 nodes elect a leader; its proposals commit everywhere; followers raise NotLeader."""
+    leader = cluster.leader()
+    for i in range(20):
+        reply = leader.propose(f"c{i}", f"k{i % 5}")
+        assert "result" in reply, reply
+    again = leader.propose("c0", "k0")  # same idempotency id: applied once
+    assert again["result"]["duplicate"] is True
+    digest = wait_converged(cluster.live())
+    counts = leader.request("counts")["counts"]
+    assert counts == {f"k{j}": 4 for j in range(5)}, digest
+    for follower in cluster.live():
+        if follower is not leader:
+            assert follower.propose("f1", "kf") == {
+                "error": "not_leader", "leader": leader.address}
+    bench = leader.request("bench", n=200)["latencies"]
+    ms = sorted(x * 1000 for x in bench)
+    p50, p99 = statistics.median(ms), ms[int(len(ms) * 0.99) - 1]
+    print(f"\n[raft] commit latency on leader over {len(ms)} proposals: "
+          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms")
+
+
+def test_kill_leader_during_proposals(cluster: Cluster) -> None:
+    """kill -9 of the leader mid-stream: new leader fast, every acked command exactly once."""
+    leader = cluster.leader()
+    acked: list[str] = []
+    for i in range(200):
+        if i == 100:
+            leader.proc.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+        try:
+            reply = leader.propose(f"c{i}", f"k{i}")
+        except ConnectionError:
+            break
+        if "result" in reply:
+            acked.append(f"k{i}")
+    assert len(acked) >= 100
+    leader.proc.wait(timeout=5)
+    survivors = cluster.live()
+    new_leader = cluster.leader(survivors, deadline=5.0)
+    failover = time.monotonic() - killed_at
+    print(f"\n[raft] new leader {new_leader.address} observed {failover:.2f} s after kill -9")
+    assert failover < 4.0
+    assert "result" in new_leader.propose("after", "after")
+    wait_converged(survivors)
+    for node in survivors:
+        counts = node.request("counts")["counts"]
+        assert all(counts.get(k) == 1 for k in acked), [k for k in acked if counts.get(k) != 1]
+
+
+def test_leader_without_quorum_steps_down(cluster: Cluster) -> None:
+    """SIGSTOP both followers: the old leader stops calling itself leader within ~3 s."""
+    leader = cluster.leader()
+    followers = [n for n in cluster.live() if n is not leader]
+    try:
+        for f in followers:
+            f.proc.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        wait_for("the leader to step down",
+                 lambda: True if not leader.request("status")["is_leader"] else None, 3.5)
+        print(f"\n[raft] isolated leader stepped down after {time.monotonic() - stopped_at:.2f} s")
+        assert leader.propose("x", "x")["error"] == "not_leader"
+    finally:
+        for f in followers:
+            f.proc.send_signal(signal.SIGCONT)
+    cluster.leader()
+
+
+def test_restart_keeps_acknowledged_state(cluster: Cluster) -> None:
+    """Restarting all three nodes on the same data dirs keeps the acknowledged state."""
+    leader = cluster.leader()
+    for i in range(30):
+        assert "result" in leader.propose(f"c{i}", f"k{i % 3}")
+    before = wait_converged(cluster.live())
+    cluster.stop_all()
+    cluster.start_all()
+    leader = cluster.leader()
+    assert wait_converged(cluster.live()) == before
+    assert leader.request("counts")["counts"] == {"k0": 10, "k1": 10, "k2": 10}
+
+
+def test_wrong_password_cannot_join(cluster: Cluster) -> None:
+    """A member restarted with a wrong secret never joins; the other two keep working."""
+    cluster.leader()
+    outsider_address = cluster.addresses[2]
+    cluster.nodes[outsider_address].stop()
+    outsider = cluster.start(outsider_address, secret="wrong-secret")
+    good = [cluster.nodes[a] for a in cluster.addresses[:2]]
+    leader = cluster.leader(good)
+    for i in range(10):
+        assert "result" in leader.propose(f"c{i}", f"k{i}")
+        reply = outsider.propose(f"bad{i}", "bad")
+        assert reply["error"] == "not_leader", reply
+    assert outsider.request("status")["leader"] is None
+    assert outsider.request("counts")["counts"] == {}
+    wait_converged(good)
+    assert "bad" not in leader.request("counts")["counts"]
+
+
+def test_password_derivation_is_stable_and_secret_dependent() -> None:
+    """The Raft password is a hex HMAC of the secret, stable across calls."""
+    assert derive_password("a") == derive_password("a")
+    assert derive_password("a") != derive_password("b")
+    assert len(derive_password("a")) == 64
+
+
+async def test_single_node_propose_in_process(tmp_path: Path) -> None:
+    """A one-node cluster in-process: propose bridges into trio; snapshot hooks round-trip."""
+    node = RaftNode(f"127.0.0.1:{free_port()}", [], secret=SECRET, data_dir=tmp_path,
+                    state=CounterState())
+    node.start()
+    try:
+        with trio.fail_after(ELECTION_DEADLINE):
+            while not node.is_leader():
+                await trio.sleep(0.05)
+        result = await node.propose(json.dumps({"id": "1", "key": "a"}), 2.0)
+        assert result == {"key": "a", "value": 1}
+        status = node.status()
+        assert status["is_leader"] and status["has_quorum"] and status["last_applied"] >= 1
+        dump = str(tmp_path / "test.dump")
+        node._write_dump(dump, ((b"\x00cmd", 5, 1), (b"\x01", 4, 1), set()))
+        last, prev, cluster_nodes = node._read_dump(dump)
+        assert (last, prev, cluster_nodes) == ((b"\x00cmd", 5, 1), (b"\x01", 4, 1), set())
+        assert node.read_state(lambda s: s.digest()) == CounterState(  # type: ignore[attr-defined]
+            {"a": 1}, {"1": {"key": "a", "value": 1}}).digest()
+        assert os.path.exists(dump)
+        for i in range(2, 5):
+            await node.propose(json.dumps({"id": str(i), "key": "b"}), 2.0)
+        node._running().forceLogCompaction()  # the real pysyncobj path through our hooks
+        with trio.fail_after(5):
+            while not (tmp_path / "raft.dump").exists():
+                await trio.sleep(0.05)
+        assert json.loads((tmp_path / "raft.dump").read_text())["format"] == 1
+    finally:
+        node.close()
+    again = RaftNode(node.self_address, [], secret=SECRET, data_dir=tmp_path,
+                     state=CounterState())
+    again.start()
+    try:
+        with trio.fail_after(ELECTION_DEADLINE):
+            while again.read_state(lambda s: s.counts) != {"a": 1, "b": 3}:  # type: ignore[attr-defined]
+                await trio.sleep(0.05)
+    finally:
+        again.close()
+
+
+async def test_follower_raises_not_leader_in_process(tmp_path: Path) -> None:
+    """A node that cannot reach its peers has no leader: propose raises NotLeader(None)."""
+    peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    node = RaftNode(f"127.0.0.1:{free_port()}", peers, secret=SECRET, data_dir=tmp_path,
+                    state=CounterState())
+    node.start()
+    try:
+        with pytest.raises(NotLeader) as info:
+            await node.propose("{}", 1.0)
+        assert info.value.leader is None
+    finally:
+        node.close()

@@ -1,0 +1,266 @@
+"""Tests for superagent.coordinator.state: applying commands to ClusterState."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from superagent.coordinator import commands as cmd
+from superagent.coordinator import state as state_mod
+from superagent.coordinator.errors import SnapshotError
+from superagent.coordinator.state import ClusterState
+from tests.coordinator.helpers import (
+    add_release,
+    all_commands,
+    base,
+    create_app,
+    lifecycle,
+    register,
+    spec,
+)
+
+
+def run(state: ClusterState, *commands: cmd.Command) -> list[dict[str, Any]]:
+    return [state.apply(c.to_json()) for c in commands]
+
+
+def ok(state: ClusterState, command: cmd.Command) -> dict[str, Any]:
+    result = state.apply(command.to_json())
+    assert result["ok"] is True, result
+    return result
+
+
+def assert_rejected(state: ClusterState, command_json: str, status: int, code: str) -> None:
+    before = state.digest()
+    result = state.apply(command_json)
+    assert result["ok"] is False
+    assert (result["status"], result["code"]) == (status, code), result
+    assert state.digest() == before
+    json.dumps(result)  # JSON-able
+
+
+def test_every_command_applies() -> None:
+    """One of each command type applies ok and leaves one audit entry each."""
+    state = ClusterState()
+    results = run(state, *all_commands())
+    assert all(r["ok"] for r in results), results
+    assert [e["type"] for e in state.audit] == [c.type for c in all_commands()]
+    entry = state.audit[0]
+    assert entry["actor"] == "tester" and entry["at"] == 1000.0
+    assert entry["target"] == "app:hello" and entry["outcome"] == "created"
+
+
+def test_state_contents_after_commands() -> None:
+    """Apps, releases, nodes, placement and deploys hold what the commands said."""
+    state = ClusterState()
+    run(state, create_app(), add_release(), register(), lifecycle("n1", "draining"),
+        cmd.SetPlacement(**base(), app="hello", placement={"n1": 2, "n2": 0}))
+    ok(state, register("n2"))
+    ok(state, cmd.SetPlacement(**base(), app="hello", placement={"n1": 2, "n2": 0}))
+    ok(state, cmd.RecordDeploy(**base(at=5.0), app="hello", deploy_id="d1", release=1,
+                               status="building"))
+    ok(state, cmd.RecordDeploy(**base(at=6.0), app="hello", deploy_id="d1", release=1,
+                               status="rolled_back", reason="not ready"))
+    assert state.apps["hello"].spec == spec()
+    assert [r.number for r in state.releases["hello"]] == [1]
+    assert state.nodes["n1"].lifecycle == "draining" and state.nodes["n2"].up
+    assert state.placement == {"hello": {"n1": 2}}
+    d = state.deploys["d1"]
+    assert (d.status, d.reason, d.created_at, d.updated_at) == ("rolled_back", "not ready", 5, 6)
+    assert "apps=1" in repr(state) and "nodes=2" in repr(state)
+
+
+def test_release_numbering() -> None:
+    """Releases are numbered r1, r2, ... per app, and numbers are not reused after delete."""
+    state = ClusterState()
+    run(state, create_app("a"), create_app("b"))
+    assert [ok(state, add_release("a"))["release"] for _ in range(3)] == [1, 2, 3]
+    assert ok(state, add_release("b"))["release"] == 1
+    ok(state, cmd.DeleteApp(**base(), app="a"))
+    ok(state, create_app("a"))
+    assert ok(state, add_release("a"))["release"] == 4
+    assert state.audit[-1]["outcome"] == "created r4"
+
+
+def test_idempotent_repeat() -> None:
+    """The same key twice returns the first result marked repeated, with one audit entry."""
+    state = ClusterState()
+    first = create_app(key="same")
+    r1 = state.apply(first.to_json())
+    digest = state.digest()
+    retry = create_app(key="same", at=2000.0)  # a retry through the API gets a new `at`
+    r2 = state.apply(retry.to_json())
+    assert r2 == {**r1, "repeated": True}
+    assert state.digest() == digest
+    assert len(state.audit) == 1
+
+
+def test_idempotent_release_is_not_renumbered() -> None:
+    """A retried AddRelease returns the first release number and adds nothing."""
+    state = ClusterState()
+    ok(state, create_app())
+    command = add_release(key="upload-1")
+    assert [state.apply(command.to_json())["release"] for _ in range(3)] == [1, 1, 1]
+    assert len(state.releases["hello"]) == 1
+
+
+def test_key_reused_for_other_command() -> None:
+    """A key reused for a different command is a 409 and changes nothing."""
+    state = ClusterState()
+    ok(state, create_app(key="k-x"))
+    assert_rejected(state, create_app("other", key="k-x").to_json(), 409, "conflict")
+
+
+@pytest.mark.parametrize(
+    ("command", "status", "code"),
+    [
+        (lambda: create_app(), 409, "conflict"),
+        (lambda: cmd.DeleteApp(**base(), app="nope"), 404, "unknown_app"),
+        (lambda: cmd.UpdateAppSpec(**base(), app="nope", spec=spec("nope")), 404,
+         "unknown_app"),
+        (lambda: cmd.UpdateAppSpec(**base(), app="hello", spec=spec("other")), 400,
+         "bad_command"),
+        (lambda: cmd.UpdateAppSpec(**base(), app="hello", spec={"app": {"name": "hello"}}),
+         400, "bad_command"),
+        (lambda: add_release("nope"), 404, "unknown_app"),
+        (lambda: cmd.NodeUp(**base(), node="ghost"), 404, "unknown_node"),
+        (lambda: lifecycle("ghost", "draining"), 404, "unknown_node"),
+        (lambda: lifecycle("n1", "offline"), 409, "illegal_transition"),
+        (lambda: lifecycle("n1", "online"), 409, "illegal_transition"),
+        (lambda: cmd.SetPlacement(**base(), app="hello", placement={"ghost": 1}), 404,
+         "unknown_node"),
+        (lambda: cmd.SetPlacement(**base(), app="nope", placement={}), 404, "unknown_app"),
+        (lambda: cmd.RecordDeploy(**base(), app="hello", deploy_id="d9", release=7,
+                                  status="pending"), 404, "unknown_release"),
+        (lambda: cmd.RecordDeploy(**base(), app="hello", deploy_id="d1", release=2,
+                                  status="pending"), 409, "conflict"),
+    ],
+)
+def test_invalid_commands_change_nothing(command: Any, status: int, code: str) -> None:
+    """A command invalid for the current state gives an error result; digest is unchanged."""
+    state = ClusterState()
+    run(state, create_app(), add_release(), add_release(), register())
+    ok(state, cmd.RecordDeploy(**base(), app="hello", deploy_id="d1", release=1,
+                               status="pending"))
+    audit = len(state.audit)
+    assert_rejected(state, command().to_json(), status, code)
+    assert len(state.audit) == audit
+
+
+@pytest.mark.parametrize("text", ["{", '{"type":"nope"}', '{"type":"node_up","node":"n1"}'])
+def test_malformed_json_is_a_400(text: str) -> None:
+    """Undecodable commands give a 400 result, never an exception."""
+    assert_rejected(ClusterState(), text, 400, "unknown_command" if "nope" in text
+                    else "bad_command")
+
+
+def test_illegal_transition_names_state_and_event() -> None:
+    """The error result of an illegal lifecycle change names the state and the event."""
+    state = ClusterState()
+    ok(state, register())
+    result = state.apply(lifecycle("n1", "offline").to_json())
+    assert "online" in result["error"] and "offline" in result["error"]
+    ok(state, lifecycle("n1", "draining"))
+    ok(state, lifecycle("n1", "offline"))
+    ok(state, lifecycle("n1", "online"))
+    assert state.audit[-1]["outcome"] == "offline -> online"
+
+
+def test_node_down_then_reregister() -> None:
+    """NodeDown marks a node down; re-registering updates it and marks it up again."""
+    state = ClusterState()
+    ok(state, register())
+    assert ok(state, cmd.NodeDown(**base(), node="n1"))["changed"] is True
+    assert ok(state, cmd.NodeDown(**base(), node="n1"))["changed"] is False
+    assert ok(state, register(address="10.0.0.2:7000", groups=("gpu",)))["created"] is False
+    node = state.nodes["n1"]
+    assert (node.up, node.address, node.groups) == (True, "10.0.0.2:7000", ["gpu"])
+
+
+def test_bounded_audit_and_idempotency(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit log and idempotency table keep only the newest entries."""
+    monkeypatch.setattr(state_mod, "AUDIT_LIMIT", 3)
+    monkeypatch.setattr(state_mod, "IDEMPOTENCY_LIMIT", 2)
+    state = ClusterState()
+    ok(state, register(key="r0"))
+    for i in range(1, 5):
+        ok(state, cmd.NodeDown(**base(key=f"r{i}"), node="n1"))
+    assert [e["seq"] for e in state.audit] == [3, 4, 5]
+    assert list(state.idempotency) == ["r3", "r4"]
+
+
+def test_json_round_trip_is_lossless() -> None:
+    """from_json(to_json()) restores an equal state that keeps applying identically."""
+    state = ClusterState()
+    run(state, *all_commands()[:-1])
+    copy = ClusterState.from_json(state.to_json())
+    assert copy.to_json() == state.to_json() and copy.digest() == state.digest()
+    assert repr(copy) == repr(state)
+    nxt = add_release()
+    assert copy.apply(nxt.to_json()) == state.apply(nxt.to_json())
+    assert copy.digest() == state.digest()
+
+
+@pytest.mark.parametrize("text", ["{", '{"version": 99}', '{"version": 1}'])
+def test_corrupt_snapshot(text: str) -> None:
+    """A document that is not a state raises SnapshotError."""
+    with pytest.raises(SnapshotError):
+        ClusterState.from_json(text)
+
+
+# -- determinism property ------------------------------------------------------
+
+APPS = st.sampled_from(["a", "b"])
+NODES = st.sampled_from(["n1", "n2", "n3"])
+KEYS = st.text(alphabet="abcdef", min_size=1, max_size=3)  # small: repeats happen
+AT = st.floats(min_value=0, max_value=2e9, allow_nan=False)
+
+
+def _cmd(cls: type[cmd.Command], **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[str]:
+    return st.builds(cls, key=KEYS, at=AT, actor=st.just("prop"), **fields).map(
+        lambda c: c.to_json())
+
+
+COMMAND_JSON = st.one_of(
+    APPS.flatmap(lambda a: _cmd(cmd.CreateApp, name=st.just(a), spec=st.just(spec(a)))),
+    APPS.flatmap(lambda a: _cmd(cmd.UpdateAppSpec, app=st.just(a),
+                                spec=st.sampled_from([spec(a), spec(a, "run2"), spec("b")]))),
+    _cmd(cmd.DeleteApp, app=APPS),
+    APPS.flatmap(lambda a: _cmd(cmd.AddRelease, app=st.just(a), sha256=st.just("0" * 64),
+                                size=st.integers(0, 99), spec=st.just(spec(a)),
+                                env=st.dictionaries(st.sampled_from(["X", "Y"]),
+                                                    st.text(max_size=3)))),
+    _cmd(cmd.RegisterNode, node=NODES, address=st.just("h:1"),
+         groups=st.sampled_from([("default",), ("gpu", "default")]),
+         capacity=st.integers(1, 9)),
+    _cmd(cmd.NodeUp, node=NODES),
+    _cmd(cmd.NodeDown, node=NODES),
+    _cmd(cmd.SetNodeLifecycle, node=NODES,
+         lifecycle=st.sampled_from(["online", "draining", "offline"])),
+    _cmd(cmd.SetPlacement, app=APPS,
+         placement=st.dictionaries(NODES, st.integers(0, 3), max_size=3)),
+    _cmd(cmd.RecordDeploy, app=APPS, deploy_id=st.sampled_from(["d1", "d2"]),
+         release=st.integers(1, 3), status=st.sampled_from(["pending", "committed"])),
+    st.sampled_from(["{", '{"type":"x"}']),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(COMMAND_JSON, max_size=30), st.integers(min_value=0, max_value=34))
+def test_determinism(commands: list[str], cut: int) -> None:
+    """Two fresh states fed the same log agree; a snapshot mid-log changes nothing."""
+    setup = [create_app("a"), add_release("a"), register("n1"), register("n2")]
+    commands = [c.to_json() for c in setup] + commands  # a populated start: more commands apply
+    one, two = ClusterState(), ClusterState()
+    results_one = [one.apply(c) for c in commands]
+    results_two = []
+    for i, c in enumerate(commands):
+        if i == cut:
+            two = ClusterState.from_json(two.to_json())
+        results_two.append(two.apply(c))
+    assert results_one == results_two
+    assert one.digest() == two.digest()
