@@ -42,10 +42,14 @@ from typing import Any, Protocol, Self, TypeVar
 
 import structlog
 import trio
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
-from pysyncobj.node import TCPNode
 
+from superagent.coordinator import _pysyncobj_import  # before pysyncobj: see the module
 from superagent.coordinator.errors import NotLeader, RaftError, RaftTimeout
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated  # isort: skip
+from pysyncobj.node import TCPNode  # isort: skip
+
+_pysyncobj_import.restore()
 
 log = structlog.get_logger(__name__)
 

@@ -271,7 +271,11 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
         return JSONResponse({"lines": service.logs(app=app, instance=instance, n=n,
                                                    request_id=request_id)})
 
-    return Starlette(routes=[
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("rpc request failed", path=request.url.path, exc_info=exc)
+        return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")
+
+    return Starlette(exception_handlers={Exception: unexpected}, routes=[
         Route("/v1/signals/{kind}", signal, methods=["POST"]),
         Route("/v1/releases/{app}/{release}", upload, methods=["PUT"]),
         Route("/v1/status", status, methods=["GET"]),

@@ -325,3 +325,15 @@ async def test_follower_raises_not_leader_in_process(tmp_path: Path) -> None:
         assert info.value.leader is None
     finally:
         node.close()
+
+
+def test_importing_raft_leaves_the_socket_module_alone() -> None:
+    """pysyncobj's import replaces socket.inet_ntop; raft.py must put it back."""
+    import socket
+
+    import superagent.coordinator.raft  # noqa: F401
+
+    packed = socket.inet_pton(socket.AF_INET6, "::1")
+    assert socket.inet_ntop(socket.AF_INET6, packed) == "::1"
+    assert socket.inet_ntop(socket.AF_INET, socket.inet_aton("127.0.0.1")) == "127.0.0.1"
+
