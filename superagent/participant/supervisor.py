@@ -46,10 +46,9 @@ docs/ARCHITECTURE.md). Only ``stop()`` ends an app.
    (``last_exit`` None). Every restart after it spawns a normal child. The instance's
    cgroup, if any, is the existing one (``InstanceCgroup.existing``).
 
-Log rotation is minimal: before each spawn a log file over ``log_max_bytes`` is renamed
-to ``<name>.1`` (one generation) and a fresh file is opened for the new child. A child
-that is already running keeps writing to the renamed file until it is restarted; the
-copy-truncate rotation and the line-by-line capture belong to the debug milestone.
+Log files: before each spawn a file over ``log_max_bytes`` is renamed to ``<name>.1`` and
+the new child gets a fresh one; while an instance runs, ``logs.LogHub`` reads its files
+line by line and bounds them by copy-truncate.
 
 The state machine (``transition``) is pure; everything else is the trio shell.
 """
