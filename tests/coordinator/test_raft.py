@@ -337,3 +337,39 @@ def test_importing_raft_leaves_the_socket_module_alone() -> None:
     assert socket.inet_ntop(socket.AF_INET6, packed) == "::1"
     assert socket.inet_ntop(socket.AF_INET, socket.inet_aton("127.0.0.1")) == "127.0.0.1"
 
+
+
+async def test_cluster_state_is_replicated_through_a_raft_node(tmp_path: Path) -> None:
+    """The real ClusterState behind a RaftNode: commands commit, repeats apply once, and the
+    state survives a restart from the journal."""
+    from superagent.coordinator.state import ClusterState
+    from tests.coordinator.helpers import create_app, register
+
+    node = RaftNode(f"127.0.0.1:{free_port()}", [], secret=SECRET, data_dir=tmp_path,
+                    state=ClusterState())
+    node.start()
+    try:
+        with trio.fail_after(ELECTION_DEADLINE):
+            while not node.is_leader():
+                await trio.sleep(0.05)
+        command = create_app("hello").to_json()
+        created = await node.propose(command, 2.0)
+        assert created["ok"] is True, created
+        again = await node.propose(command, 2.0)  # a client retrying after a timeout
+        assert again["repeated"] is True
+        other = await node.propose(create_app("hello").to_json(), 2.0)  # a new key
+        assert other["ok"] is False and other["status"] == 409
+        assert (await node.propose(register("n1").to_json(), 2.0))["ok"] is True
+        digest = node.read_state(lambda s: s.digest())  # type: ignore[attr-defined]
+    finally:
+        node.close()
+    restarted = RaftNode(node.self_address, [], secret=SECRET, data_dir=tmp_path,
+                         state=ClusterState())
+    restarted.start()
+    try:
+        with trio.fail_after(ELECTION_DEADLINE):
+            while restarted.read_state(lambda s: s.digest()) != digest:  # type: ignore[attr-defined]
+                await trio.sleep(0.05)
+        assert restarted.read_state(lambda s: sorted(s.apps)) == ["hello"]  # type: ignore[attr-defined]
+    finally:
+        restarted.close()
