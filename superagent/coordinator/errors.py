@@ -147,3 +147,88 @@ class RaftTimeout(RaftError):
             may_have_committed=True,
             node=node,
         )
+
+
+class ArtifactError(CoordinatorError):
+    """Base of the artifact store's errors; ``sha256`` names the blob (may be empty)."""
+
+    code = "artifact_error"
+
+    def __init__(self, message: str, *, sha256: str = "", node: str = "") -> None:
+        self.sha256 = sha256
+        super().__init__(message, node=node)
+
+
+class BadArtifactName(ArtifactError):
+    """A blob name is not 64 lowercase hex digits; fix the request, do not retry."""
+
+    status_hint = 400
+    code = "bad_artifact_name"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"artifact name {name!r} is not 64 lowercase hex digits")
+
+
+class ChecksumMismatch(ArtifactError):
+    """An upload's content does not hash to the sha256 the caller announced; nothing was kept."""
+
+    status_hint = 400
+    code = "checksum_mismatch"
+
+    def __init__(self, *, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"upload hashes to {actual}, expected {expected}", sha256=expected)
+
+
+class ArtifactTooLarge(ArtifactError):
+    """An upload passed ``max_bytes``; it was refused mid-stream and nothing was kept."""
+
+    status_hint = 413
+    code = "artifact_too_large"
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        super().__init__(f"upload exceeds the limit of {max_bytes} bytes")
+
+
+class UnknownArtifact(ArtifactError):
+    status_hint = 404
+    code = "unknown_artifact"
+
+    def __init__(self, sha256: str) -> None:
+        super().__init__(f"artifact {sha256} is not in this store", sha256=sha256)
+
+
+class CorruptArtifact(ArtifactError):
+    """A stored blob no longer hashes to its name; it has been removed (fetch it again)."""
+
+    status_hint = 500
+    code = "corrupt_artifact"
+
+    def __init__(self, sha256: str, *, actual: str) -> None:
+        self.actual = actual
+        super().__init__(f"artifact {sha256} hashes to {actual} on disk; removed", sha256=sha256)
+
+
+class NoQuorum(ArtifactError):
+    """A blob reached ``succeeded`` of ``cluster`` nodes, fewer than the majority ``needed``.
+
+    Retry later; the release must not be committed until a majority holds its blob.
+    """
+
+    status_hint = 503
+    code = "no_quorum"
+
+    def __init__(
+        self, sha256: str, *, succeeded: int, needed: int, cluster: int, timed_out: bool
+    ) -> None:
+        self.succeeded = succeeded
+        self.needed = needed
+        self.cluster = cluster
+        self.timed_out = timed_out
+        why = "timed out" if timed_out else "too many peers failed"
+        super().__init__(
+            f"artifact {sha256} is on {succeeded} of {cluster} nodes, needs {needed}: {why}",
+            sha256=sha256,
+        )
