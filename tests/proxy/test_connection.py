@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import h11
@@ -493,8 +495,10 @@ async def test_pooled_connection_dying_under_a_request(make_proxy, upstream, met
 
 # --------------------------------------------------------------------------- balancing
 
-async def test_least_outstanding_sends_the_next_request_elsewhere(make_proxy, upstream):
-    """While one instance holds a slow request, new requests go to the other one."""
+@contextlib.asynccontextmanager
+async def one_instance_busy(make_proxy: Any, upstream: Any) -> AsyncIterator[Any]:
+    """Two instances "a" and "b"; a slow request held on one of them (``busy``) until
+    ``release`` is set. Yields a namespace: proxy, slow (its client), busy, other, release."""
     started, release = trio.Event(), trio.Event()
 
     async def handler(conn):
@@ -507,7 +511,15 @@ async def test_least_outstanding_sends_the_next_request_elsewhere(make_proxy, up
         with trio.fail_after(DEADLINE):
             await started.wait()
         busy = "a" if a.requests else "b"
-        other = "b" if busy == "a" else "a"
+        yield SimpleNamespace(proxy=proxy, slow=slow, busy=busy, release=release,
+                              other="b" if busy == "a" else "a")
+
+
+async def test_least_outstanding_sends_the_next_request_elsewhere(make_proxy, upstream):
+    """While one instance holds a slow request, new requests go to the other one."""
+    async with one_instance_busy(make_proxy, upstream) as held:
+        proxy, slow, busy, other, release = (held.proxy, held.slow, held.busy, held.other,
+                                             held.release)
         client = await proxy.connect()
         for i in range(4):
             resp = await client.request("GET", f"/quick/{i}")
@@ -824,19 +836,9 @@ async def test_healthz_turns_503_while_the_node_drains(make_proxy, upstream):
 async def test_drained_instance_gets_no_new_requests(make_proxy, upstream):
     """After a drain, new requests go only to the other instance; the drain reply counts
     the request still in flight, which completes."""
-    started, release = trio.Event(), trio.Event()
-
-    async def handler(conn):
-        await gated(conn, started, release)
-
-    async with upstream(handler, name="a") as a, upstream(handler, name="b") as b, \
-            make_proxy({"web": app(named("a", a), named("b", b))}) as proxy:
-        slow = await proxy.connect()
-        await slow.send(build_request("GET", "/slow"))
-        with trio.fail_after(DEADLINE):
-            await started.wait()
-        busy = "a" if a.requests else "b"
-        other = "b" if busy == "a" else "a"
+    async with one_instance_busy(make_proxy, upstream) as held:
+        proxy, slow, busy, other, release = (held.proxy, held.slow, held.busy, held.other,
+                                             held.release)
         reply = await proxy.control({"type": "drain", "instance": busy, "draining": True})
         assert reply == {"ok": True, "in_flight": 1, "draining": True}
         for i in range(4):
