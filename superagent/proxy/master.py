@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from superagent.errors import ConfigError
+from superagent.httpserver import check_bindable
 from superagent.proxy import control
 from superagent.proxy.config import ProxyConfig, load_config, snapshot_to_wire
 from superagent.proxy.errors import WorkerStartError
@@ -97,10 +98,12 @@ class ProxyMaster:
         log.info("proxy stopped")
 
     async def _start(self, nursery: trio.Nursery) -> None:
+        admin = self.process.admin
+        if admin is not None:  # a taken admin port fails before any worker is spawned
+            check_bindable(admin, source=self.config_path or "", key="proxy.admin")
         for handle in self.workers:
             await nursery.start(self._supervise, handle)
         await self.push(self.snapshot)
-        admin = self.process.admin
         if admin is not None:
             from superagent.proxy.admin import serve_admin
 
