@@ -61,9 +61,17 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file; unreadable or malformed files raise ConfigError naming the file."""
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            data = f.read()
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
+    return parse_toml(data, source=str(path))
+
+
+def parse_toml(data: bytes, *, source: str) -> dict[str, Any]:
+    """Parse TOML bytes; malformed input raises ConfigError naming ``source``."""
+    path = source
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from exc
     except UnicodeDecodeError as exc:

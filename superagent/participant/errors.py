@@ -23,7 +23,10 @@ the agent's problem (disk, permissions, ports) and a retry may succeed.
     │   ├── StartFailed           503  exited or not ready by its deadline on first start
     │   ├── AdoptionFailed        410  the recorded process is gone or is another one; ``pid``
     │   └── InvalidTransition     500  a state-machine event not allowed in the current state
-    └── ProxyDriverError          503  a proxy worker refused or missed a request; ``worker``
+    ├── ProxyDriverError          503  a proxy worker refused or missed a request; ``worker``
+    └── CoordinatorError          409  the agent was started without ``--coordinator``
+        └── ArtifactUnavailable   503  no coordinator served the blob (404 when every one
+                                       answered 404); ``sha256``, ``tried``
 """
 
 from __future__ import annotations
@@ -246,3 +249,33 @@ class ProxyDriverError(ParticipantError):
         self.worker = worker
         self.reason = reason
         super().__init__(message, app=app)
+
+
+class CoordinatorError(ParticipantError):
+    """Something that needs the coordinator link was asked of an agent without one (409:
+    the sender must upload the archive itself, or the agent be restarted with
+    ``--coordinator``)."""
+
+    status_hint = 409
+
+
+class ArtifactUnavailable(CoordinatorError):
+    """No coordinator served the artifact ``sha256`` intact.
+
+    ``tried`` maps each coordinator URL asked to what went wrong there ("404 not found",
+    "connection refused", "sha256 mismatch: got ..."). 404 when every coordinator answered
+    that it does not have the blob (retrying cannot help); 503 otherwise (one may have been
+    down or in an election, and a retry may succeed).
+    """
+
+    status_hint = 503
+
+    def __init__(self, sha256: str, tried: dict[str, str], *, app: str = "",
+                 release: str = "") -> None:
+        self.sha256 = sha256
+        self.tried = dict(tried)
+        reasons = "; ".join(f"{url}: {why}" for url, why in tried.items()) or "no URL to try"
+        missing = bool(tried) and all(why.startswith("404") for why in tried.values())
+        super().__init__(f"artifact {sha256} is not available from any coordinator"
+                         f" ({reasons})", app=app, release=release,
+                         status_hint=404 if missing else None)

@@ -21,12 +21,12 @@ small files from the source directory.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from superagent.config import Table, read_toml
+from superagent.config import Table, parse_toml
 from superagent.errors import ConfigError
 from superagent.proxy.errors import ProtocolError
 from superagent.proxy.routes import normalize_host, normalize_path
@@ -388,39 +388,54 @@ def load_manifest(directory: Path, *, app: str | None = None) -> AppSpec:
     and stands in for it when the name is left out); otherwise a ``Procfile`` with a
     ``web:`` line, named by ``app``, which is then required.
     """
-    manifest = directory / MANIFEST
-    if manifest.exists():
-        doc = read_toml(manifest)
-        source = str(manifest)
+
+    def read(name: str) -> bytes | None:
+        try:
+            return (directory / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}",
+                              source=str(directory / name)) from exc
+
+    return manifest_from(read, source=str(directory), app=app)
+
+
+def manifest_from(read: Callable[[str], bytes | None], *, source: str,
+                  app: str | None = None) -> AppSpec:
+    """``load_manifest`` over any file source: ``read(name)`` gives a top-level file's
+    bytes, or None when it does not exist (a directory, a tarball...)."""
+    data = read(MANIFEST)
+    if data is not None:
+        where = f"{source}/{MANIFEST}"
+        doc = parse_toml(data, source=where)
         app_table = doc.get("app")
         if app is not None and isinstance(app_table, dict) and "name" not in app_table:
             doc["app"] = {**app_table, "name": app}
         elif app is not None and "app" not in doc:
             doc["app"] = {"name": app}
-        spec = parse_manifest(doc, source=source)
+        spec = parse_manifest(doc, source=where)
         if app is not None and spec.name != app:
             raise ConfigError(f"names app {spec.name!r} but is being deployed as {app!r}",
-                              source=source, key="app.name")
+                              source=where, key="app.name")
         return spec
-    procfile = directory / PROCFILE
-    if procfile.exists():
-        source = str(procfile)
+    data = read(PROCFILE)
+    if data is not None:
+        where = f"{source}/{PROCFILE}"
         try:
-            text = procfile.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read: {exc.strerror}", source=source) from exc
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"not UTF-8 text (byte {exc.start})", source=source) from exc
-        web = parse_procfile(text, source=source).get("web")
+            raise ConfigError(f"not UTF-8 text (byte {exc.start})", source=where) from exc
+        web = parse_procfile(text, source=where).get("web")
         if web is None:
             raise ConfigError("has no 'web:' line (the command that serves HTTP on $PORT)",
-                              source=source)
+                              source=where)
         if app is None:
             raise ConfigError(f"a Procfile does not name the app: give the app name, or add "
-                              f"{MANIFEST} with [app] name", source=source)
-        return parse_manifest({"app": {"name": app}, "run": {"command": web}}, source=source)
+                              f"{MANIFEST} with [app] name", source=where)
+        return parse_manifest({"app": {"name": app}, "run": {"command": web}}, source=where)
     raise ConfigError(f"no app manifest: expected {MANIFEST} or a {PROCFILE} with a 'web:' line",
-                      source=str(directory))
+                      source=source)
 
 
 # --- JSON codec ----------------------------------------------------------------------------

@@ -19,6 +19,11 @@ app's user and the build runs as that user; (7) build.log, then release.json are
 each through a temporary file and a rename. A failed build leaves ``<release>.failed.log``
 and no release directory.
 
+``ReleaseStore.test`` runs a prepared release's ``[test] command`` (the CI gate) the way the
+build ran: ``/bin/sh -c`` in src/, as the app's user, in the same clean environment (no
+PORT: the test serves nobody), output bounded to its last ``TEST_LOG_LIMIT`` bytes, killed at
+its timeout. A failing test is a result (``TestResult.ok`` false), not an error.
+
 Why the release is built in place rather than in a temporary directory renamed at the end:
 builds bake absolute paths into their output (every script in a venv starts with
 ``#!/abs/path/.venv/bin/python``), so a release must be built where it will run. Atomicity
@@ -82,6 +87,8 @@ LOG_LIMIT = 1024**2  # bytes of build output kept; the end of a log is where the
 TAIL_LINES = 40  # lines of the log a BuildFailed carries to the deploy record and the CLI
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"  # build PATH when the agent has none
 BUILD_UMASK = 0o022  # whatever the agent's umask, the build makes files the runtime can read
+TEST_TIMEOUT = 600.0  # seconds; a test suite gets as long as a build
+TEST_LOG_LIMIT = 64 * 1024  # bytes of test output returned: it travels in a signal's answer
 
 SRC = "src"
 BUILD_LOG = "build.log"
@@ -146,8 +153,18 @@ class _BuildResult:
         return self.returncode == 0
 
 
+def command_env(app: str, release: str, *, home: Path, spec: AppSpec,
+                extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of a build or test command: PATH, HOME, LANG=C.UTF-8,
+    SUPERAGENT_APP and SUPERAGENT_RELEASE, under the manifest's ``[env]``, under ``extra``;
+    nothing else of the agent's environment."""
+    return {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "HOME": str(home),
+            "LANG": "C.UTF-8", "SUPERAGENT_APP": app, "SUPERAGENT_RELEASE": release,
+            **spec.env_dict(), **(extra or {})}
+
+
 async def _run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: int | None,
-                     gid: int | None, timeout: float) -> _BuildResult:
+                     gid: int | None, timeout: float, limit: int = LOG_LIMIT) -> _BuildResult:
     """``/bin/sh -c command`` in its own session; output interleaved into a bounded log.
 
     On timeout or cancellation the whole process group gets SIGTERM, then SIGKILL after
@@ -156,7 +173,7 @@ async def _run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: in
     open holds the build until the timeout (and then fails it): builds must not leave
     daemons behind.
     """
-    output = _BuildOutput(head=f"$ {command}\n".encode())
+    output = _BuildOutput(head=f"$ {command}\n".encode(), limit=limit)
     started = time.monotonic()
     as_user = uid is not None or gid is not None
     proc = await trio.lowlevel.open_process(
@@ -223,6 +240,31 @@ class PreparedRelease:
     def __repr__(self) -> str:
         return (f"<PreparedRelease {self.app}@{self.release} sha256={self.sha256[:12]} "
                 f"prepared_at={self.prepared_at.isoformat(timespec='seconds')} at {self.path}>")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TestResult:
+    """What ``ReleaseStore.test`` found: ``exit_code`` None when it timed out (or was
+    skipped: the manifest has no test command); ``log`` is the output's last bytes."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    app: str
+    release: str
+    skipped: bool
+    exit_code: int | None
+    timed_out: bool
+    log: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped or self.exit_code == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"app": self.app, "release": self.release, "ok": self.ok,
+                "exit_code": self.exit_code, "timed_out": self.timed_out, "log": self.log,
+                "skipped": self.skipped, "seconds": round(self.seconds, 3)}
 
 
 class ReleaseStore:
@@ -323,10 +365,7 @@ class ReleaseStore:
                 result = _BuildResult(0, b"no build step: no [build] command, requirements.txt "
                                          b"or package.json\n", 0.0)
             else:
-                build_env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH,
-                             "HOME": str(release_dir), "LANG": "C.UTF-8",
-                             "SUPERAGENT_APP": app, "SUPERAGENT_RELEASE": release,
-                             **spec.env_dict(), **env}
+                build_env = command_env(app, release, home=release_dir, spec=spec, extra=env)
                 result = await _run_build(command, cwd=src, env=build_env, uid=uid, gid=gid,
                                           timeout=timeout)
             if as_user:
@@ -362,6 +401,36 @@ class ReleaseStore:
             raise ReleaseError("release.json unreadable right after writing it")
         bound.info("release prepared", seconds=round(result.seconds, 1))
         return prepared
+
+    async def test(self, app: str, release: str, *, uid: int | None = None,
+                   gid: int | None = None, home: Path | None = None,
+                   timeout: float = TEST_TIMEOUT) -> TestResult:
+        """Run the prepared release's ``[test] command`` (see the module docstring).
+
+        ``home`` is HOME for the command (default: the release directory, which the app's
+        user cannot write); as ``uid``/``gid`` when given. Raises ``UnknownRelease`` or
+        ``InvalidName``; a test that fails or times out is a result, not an error.
+        """
+        prepared = self.get(app, release)
+        command = prepared.spec.test.command
+        if command is None:
+            return TestResult(app=app, release=release, skipped=True, exit_code=None,
+                              timed_out=False, log="no [test] command in the manifest\n",
+                              seconds=0.0)
+        env = command_env(app, release, home=home or prepared.path, spec=prepared.spec)
+        env.pop("PORT", None)
+        bound = log.bind(app=app, release=release)
+        bound.info("running the release's tests", command=command)
+        result = await _run_build(command, cwd=prepared.src, env=env, uid=uid, gid=gid,
+                                  timeout=timeout, limit=TEST_LOG_LIMIT)
+        outcome = TestResult(app=app, release=release, skipped=False,
+                             exit_code=result.returncode, timed_out=result.returncode is None,
+                             log=result.log.decode("utf-8", "replace"),
+                             seconds=result.seconds)
+        (bound.info if outcome.ok else bound.warning)(
+            "tests finished", ok=outcome.ok, exit_code=outcome.exit_code,
+            timed_out=outcome.timed_out, seconds=round(result.seconds, 1))
+        return outcome
 
     def releases(self, app: str) -> list[PreparedRelease]:
         """The app's prepared releases, newest first; raises ``InvalidName``."""

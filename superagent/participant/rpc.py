@@ -13,6 +13,10 @@ sender's ``term``; a stale term gets 409, a repeated id the first result.
   POST /v1/signals/drain              {"id","term","instances":[...],"grace"}
   POST /v1/signals/offline            {"id","term","offline": true|false}
   POST /v1/signals/debug              {"id","term","app","enabled": true|false,"ttl"?}
+  POST /v1/signals/prepare            {"id","term","app","release","sha256"}: fetch the
+                                      artifact from the coordinators, then prepare
+  POST /v1/signals/test               {"id","term","app","release","timeout"?}: run the
+                                      release's [test] command; a failure is a result
   GET  /v1/status                     instances, releases, isolation, figures
   GET  /v1/logs?app=&instance=&request_id=&n=   recent lines; &follow=1 streams NDJSON
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -39,12 +44,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from superagent.participant.errors import ParticipantError, SignalError
+from superagent.participant.releases import TEST_TIMEOUT
 from superagent.participant.signals import DONE, RUNNING, SignalLedger
 
 MAX_ARCHIVE = 512 * 1024 * 1024  # an uploaded release; the extractor has its own budgets
 MAX_SIGNAL = 1024 * 1024  # a signal's JSON body
 DEBUG_TTL = 3600.0  # a debug session left open ends by itself after an hour
 MAX_DEBUG_TTL = 86400.0
+MAX_TEST_TIMEOUT = 86400.0  # a test signal's own timeout, at most a day
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 log = structlog.get_logger("superagent.participant.rpc")
 
 
@@ -66,6 +74,11 @@ class AgentService(Protocol):
 
     async def debug(self, app: str, enabled: bool, ttl: float) -> dict[str, Any]: ...
 
+    async def prepare_artifact(self, app: str, release: str, sha256: str
+                               ) -> dict[str, Any]: ...
+
+    async def test(self, app: str, release: str, timeout: float) -> dict[str, Any]: ...
+
     def status(self) -> dict[str, Any]: ...
 
     def logs(self, *, app: str | None, instance: str | None, n: int,
@@ -85,7 +98,8 @@ def _error(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
 
 
 def _from_exception(exc: ParticipantError) -> JSONResponse:
-    extra = {k: v for k, v in (("app", exc.app), ("release", exc.release)) if v}
+    extra = {k: v for k, v in (("app", exc.app), ("release", exc.release),
+                               ("log", getattr(exc, "tail", ""))) if v}
     return _error(exc.status_hint, type(exc).__name__, str(exc), **extra)
 
 
@@ -204,6 +218,18 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
                 if not 1 <= ttl <= MAX_DEBUG_TTL:
                     raise SignalError(f"field 'ttl' must be 1..{MAX_DEBUG_TTL} seconds")
                 act = partial(service.debug, app, enabled, ttl)
+            elif kind == "prepare":
+                app, release = _field(body, "app", str), _field(body, "release", str)
+                sha256 = _field(body, "sha256", str)
+                if not _SHA256.fullmatch(sha256):
+                    raise SignalError("field 'sha256' must be a lower-case sha256 hex digest")
+                act = partial(service.prepare_artifact, app, release, sha256)
+            elif kind == "test":
+                app, release = _field(body, "app", str), _field(body, "release", str)
+                timeout = float(_field(body, "timeout", (int, float), TEST_TIMEOUT))
+                if not 0 < timeout <= MAX_TEST_TIMEOUT:
+                    raise SignalError(f"field 'timeout' must be 0..{MAX_TEST_TIMEOUT:g} seconds")
+                act = partial(service.test, app, release, timeout)
             else:
                 return _error(404, "UnknownSignal", f"no signal named {kind!r}")
         except SignalError as exc:

@@ -9,6 +9,10 @@
 - the log hub following every instance's output files,
 - the signal ledger (term fencing, idempotent results),
 
+- with ``coordinator`` URLs, the ``joiner.CoordinatorLink`` (``Agent.link``) that registers
+  the node, heartbeats a compact status and fetches release artifacts for ``prepare``
+  signals (into ``<data_dir>/downloads``, removed once the release is prepared),
+
 and persists what a restarted agent needs in ``<data_dir>/state.json`` (written
 atomically after every change). Apps and proxy workers do not depend on the agent
 process: when it stops or dies they keep serving, and a new agent on the same data
@@ -19,12 +23,16 @@ being taken away.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +44,18 @@ from superagent.httpserver import serve_app
 from superagent.participant.cgroups import detect_cgroups
 from superagent.participant.errors import (
     AdoptionFailed,
+    CoordinatorError,
     ParticipantError,
     StartFailed,
     SupervisorError,
+    UnknownRelease,
 )
 from superagent.participant.isolation import AppUser, ensure_app_user
+from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.logs import LogFilter, LogHub
 from superagent.participant.ports import PortAllocator
 from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
-from superagent.participant.releases import ReleaseStore
+from superagent.participant.releases import TEST_TIMEOUT, ReleaseStore
 from superagent.participant.rpc import rpc_app
 from superagent.participant.signals import SignalLedger
 from superagent.participant.supervisor import Instance, InstanceConfig, State
@@ -84,6 +95,10 @@ class AgentConfig:
     ports: tuple[int, int] = (41000, 48999)
     keep_releases: int = 3
     drain_grace: float = 30.0  # in-flight requests get this long before an instance stops
+    coordinator: tuple[str, ...] = ()  # coordinator API URLs; empty: no cluster to join
+    advertise: str | None = None  # HOST:PORT coordinators reach the RPC at (default: rpc)
+    capacity: int = 100  # instances this node offers the scheduler
+    heartbeat_interval: float = 1.0  # seconds between heartbeats to the coordinator
 
 
 class Agent:
@@ -109,6 +124,14 @@ class Agent:
         self.debug_sessions: dict[str, tuple[float, float]] = {}
         self._seq = 0
         self._nursery: trio.Nursery | None = None
+        self.link: CoordinatorLink | None = None
+        if config.coordinator:
+            host, port = config.rpc
+            self.link = CoordinatorLink(
+                list(config.coordinator), secret=config.secret, node=config.node,
+                address=config.advertise or f"{host}:{port}", groups=config.groups,
+                capacity=config.capacity, status=self.coordinator_status,
+                interval=config.heartbeat_interval)
 
     def __repr__(self) -> str:
         return (f"<Agent node={self.config.node} instances={len(self.instances)}"
@@ -124,7 +147,7 @@ class Agent:
         # Tenants' processes traverse releases/ and homes/ to reach their own directory;
         # logs and the proxy's state are the agent's alone.
         for sub, mode in (("releases", 0o755), ("homes", 0o711), ("logs", 0o700),
-                          ("proxy", 0o700)):
+                          ("proxy", 0o700), ("downloads", 0o700)):
             path = self.config.data_dir / sub
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(mode)
@@ -150,6 +173,8 @@ class Agent:
                      rpc=f"{self.config.rpc[0]}:{self.config.rpc[1]}",
                      listen=list(self.config.listen), instances=len(self.instances),
                      cgroups=self.cgroups.mode if self.cgroups else "not root")
+            if self.link is not None:  # reports started at once; joins in the background
+                await nursery.start(self.link.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -228,6 +253,51 @@ class Agent:
             log.info("old releases removed", app=app, releases=removed)
         return {"app": app, "release": release, "sha256": prepared.sha256,
                 "build_log": str(prepared.build_log), "removed_releases": removed}
+
+    async def prepare_artifact(self, app: str, release: str, sha256: str) -> dict[str, Any]:
+        """``prepare`` from the artifact ``sha256`` fetched from the coordinators.
+
+        A release already prepared from that archive is returned without a download.
+        Raises CoordinatorError (409) without a link, ArtifactUnavailable, or what
+        ``prepare`` raises; the downloaded file is removed in every case.
+        """
+        if self.link is None:
+            raise CoordinatorError("this agent has no coordinator to fetch artifacts from"
+                                   " (started without --coordinator): upload the archive",
+                                   app=app, release=release)
+        dest = self.config.data_dir / "downloads" / f"artifact-{secrets.token_hex(8)}.tar"
+        try:
+            with contextlib.suppress(UnknownRelease):  # InvalidName goes to the caller
+                if self.store.get(app, release).sha256 == sha256:
+                    # ReleaseStore.prepare answers a same-archive repeat without reading it
+                    return await self.prepare(app, release, dest, sha256)
+            try:
+                await self.link.fetch_artifact(sha256, dest)
+            except ParticipantError as exc:
+                raise exc.bind(app=app, release=release) from None
+            return await self.prepare(app, release, dest, sha256)
+        finally:
+            dest.unlink(missing_ok=True)
+
+    async def test(self, app: str, release: str, timeout: float = TEST_TIMEOUT
+                   ) -> dict[str, Any]:
+        """Run the prepared release's ``[test] command`` as the app's user (with a scratch
+        HOME removed afterwards); a failing test is a result with ``ok`` false."""
+        prepared = self.store.get(app, release)
+        if prepared.spec.test.command is None:
+            return (await self.store.test(app, release)).to_json()
+        user = await self._user(app)
+        uid, gid = (user.uid, user.gid) if user is not None and user.switched else (None, None)
+        home = self.config.data_dir / "homes" / f"test-{app}@{release}.{secrets.token_hex(4)}"
+        home.mkdir(mode=0o700, parents=True)
+        try:
+            if uid is not None and gid is not None:
+                os.chown(home, uid, gid)
+            result = await self.store.test(app, release, uid=uid, gid=gid, home=home,
+                                           timeout=timeout)
+        finally:
+            await trio.to_thread.run_sync(partial(shutil.rmtree, home, ignore_errors=True))
+        return result.to_json()
 
     async def start(self, app: str, release: str, count: int) -> dict[str, Any]:
         assert self._nursery is not None
@@ -352,6 +422,15 @@ class Agent:
             "releases": {app: [r.release for r in self.store.releases(app)]
                          for app in self._apps_on_disk()},
             "figures": _node_figures(),
+        }
+
+    def coordinator_status(self) -> dict[str, Any]:
+        """The compact status a heartbeat carries: what runs where, routes, offline, figures."""
+        return {
+            "instances": [{"id": inst.config.instance, "app": inst.config.app,
+                           "release": inst.config.release, "state": inst.state.value,
+                           "port": inst.config.port} for inst in self.instances.values()],
+            "routes": self.routes, "offline": self.is_offline, "figures": _node_figures(),
         }
 
     def logs(self, *, app: str | None, instance: str | None, n: int,

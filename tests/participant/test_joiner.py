@@ -1,0 +1,535 @@
+"""The coordinator link: joining, heartbeats, failover, leader following, artifact fetches.
+
+The pure parts (``Endpoints``, ``Backoff``, ``Reachability``, URL parsing) get synchronous
+tests. The link itself talks over real loopback sockets to ``FakeCoordinator``: a small
+Starlette app served by ``serve_app`` that records what it is sent and can answer 503,
+forget nodes, serve (or corrupt) artifacts and name a leader. It stands in for the
+coordinator; it is not what is under test. Waits are on conditions the fake signals, each
+under a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from structlog.testing import capture_logs
+
+from superagent.cli import main
+from superagent.errors import ConfigError
+from superagent.httpserver import serve_app
+from superagent.participant.errors import ArtifactUnavailable, ChecksumMismatch
+from superagent.participant.joiner import (
+    Backoff,
+    CoordinatorLink,
+    Endpoints,
+    Reachability,
+    parse_coordinator_urls,
+)
+from superagent.participant.service import Agent, AgentConfig
+from tests.participant.test_agent import tarball
+
+SECRET = "joiner-test-secret"
+DEADLINE = 20.0  # every wait here is for a loopback round trip or an agent's start-up
+FAST = 0.02  # heartbeat interval in these tests: many heartbeats per wait
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the stand-in coordinator ----------------------------------------------------------------
+
+
+class FakeCoordinator:
+    """Records register/heartbeat calls; ``mode`` "ok" or "no_leader" (503 to everything);
+    ``leader`` goes out in X-Superagent-Leader; ``blobs`` are served by sha256 as stored
+    (store wrong bytes under a hash to serve a corrupt blob)."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.mode = "ok"
+        self.leader: str | None = None
+        self.known: set[str] = set()
+        self.blobs: dict[str, bytes] = {}
+        self.registers: list[dict[str, Any]] = []
+        self.heartbeats: list[dict[str, Any]] = []
+        self.refused = 0  # 503s answered
+        self.unknown = 0  # heartbeats answered 404 UnknownNode
+        self.fetches: list[str] = []
+        self.auth: set[str] = set()
+        self._changed = trio.Event()
+
+    def __repr__(self) -> str:
+        return (f"<FakeCoordinator {self.url} mode={self.mode} registers={len(self.registers)}"
+                f" heartbeats={len(self.heartbeats)} refused={self.refused}>")
+
+    def _note(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        with trio.fail_after(DEADLINE):
+            while not predicate():
+                await self._changed.wait()
+
+    def _answer(self, body: dict[str, Any], status: int = 200) -> Response:
+        headers = {"X-Superagent-Leader": self.leader} if self.leader else {}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def register(self, request: Request) -> Response:
+        self.auth.add(request.headers.get("authorization", ""))
+        if self.mode == "no_leader":
+            self.refused += 1
+            self._note()
+            return self._answer({"error": "NoLeader", "detail": "election"}, 503)
+        body = await request.json()
+        created = body["node"] not in self.known
+        self.known.add(body["node"])
+        self.registers.append(body)
+        self._note()
+        return self._answer({"ok": True, "node": body["node"], "created": created})
+
+    async def heartbeat(self, request: Request) -> Response:
+        node = request.path_params["node"]
+        if self.mode == "no_leader":
+            self.refused += 1
+            self._note()
+            return self._answer({"error": "NoLeader", "detail": "election"}, 503)
+        if node not in self.known:
+            self.unknown += 1
+            self._note()
+            return self._answer({"error": "UnknownNode", "detail": node}, 404)
+        self.heartbeats.append({"node": node, **await request.json()})
+        self._note()
+        return self._answer({"ok": True})
+
+    async def artifact(self, request: Request) -> Response:
+        sha256 = request.path_params["sha256"]
+        self.fetches.append(sha256)
+        self._note()
+        if sha256 not in self.blobs:
+            return self._answer({"error": "UnknownArtifact", "detail": sha256}, 404)
+        return Response(self.blobs[sha256], media_type="application/octet-stream")
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/api/v1/nodes/register", self.register, methods=["POST"]),
+            Route("/api/v1/nodes/{node}/heartbeat", self.heartbeat, methods=["POST"]),
+            Route("/api/v1/artifacts/{sha256}", self.artifact, methods=["GET"]),
+        ])
+
+
+@asynccontextmanager
+async def coordinators(n: int) -> AsyncIterator[list[FakeCoordinator]]:
+    """``n`` fake coordinators, each on its own loopback port."""
+    fakes = [FakeCoordinator() for _ in range(n)]
+    async with trio.open_nursery() as nursery:
+        for fake in fakes:
+            port = free_port()
+            fake.url = f"http://127.0.0.1:{port}"
+            await nursery.start(serve_app, fake.app(), ("127.0.0.1", port))
+        yield fakes
+        nursery.cancel_scope.cancel()
+
+
+def dead_url() -> str:
+    """A loopback URL nothing listens on: connections are refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def make_link(urls: list[str], **overrides: Any) -> CoordinatorLink:
+    options: dict[str, Any] = {
+        "secret": SECRET, "node": "n1", "address": "10.0.0.5:7001", "groups": ["default", "gpu"],
+        "capacity": 7, "status": lambda: {"instances": [], "offline": False},
+        "interval": FAST, "request_timeout": 2.0}
+    options.update(overrides)
+    return CoordinatorLink(urls, **options)
+
+
+@asynccontextmanager
+async def running(link: CoordinatorLink) -> AsyncIterator[CoordinatorLink]:
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(DEADLINE):
+            await nursery.start(link.run)
+        yield link
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sa-joiner-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def test_urls_are_parsed_normalised_and_deduplicated() -> None:
+    """Comma-separated and repeated URLs, trailing slashes dropped, duplicates once."""
+    assert parse_coordinator_urls(["http://a:7100/,https://b:7100", "http://a:7100"]) == (
+        "http://a:7100", "https://b:7100")
+
+
+@pytest.mark.parametrize("bad", ["ftp://a:1", "a:7100", "http://", "http://a:99999",
+                                 "http://a:1/?x=1", "http://u:p@a:1", ","])
+def test_bad_urls_are_refused_naming_the_url(bad: str) -> None:
+    """Anything but an http(s) URL with a host is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match="--coordinator"):
+        parse_coordinator_urls([bad])
+
+
+def test_endpoints_prefer_the_named_leader_then_the_configured_order() -> None:
+    """A named leader goes first; when it fails the configured order is back."""
+    ends = Endpoints(["http://a", "http://b", "http://c"])
+    assert ends.order() == ["http://a", "http://b", "http://c"]
+    ends.answered("http://b", None)
+    assert ends.order() == ["http://b", "http://a", "http://c"]
+    ends.answered("http://b", "http://c/")
+    assert ends.first == "http://c"
+    ends.failed("http://c")
+    assert ends.order() == ["http://a", "http://b", "http://c"]
+    ends.answered("http://a", "not a url")
+    assert ends.first == "http://a"
+
+
+def test_a_round_follows_a_leader_named_midway_and_tries_each_url_once() -> None:
+    """walk() recomputes the order after each URL, never repeating one."""
+    ends = Endpoints(["http://a", "http://b", "http://c"])
+    seen = []
+    for url in ends.walk():
+        seen.append(url)
+        if url == "http://a":
+            ends.answered(url, "http://c")  # a names c the leader
+        else:
+            ends.failed(url)
+    assert seen == ["http://a", "http://c", "http://b"]
+
+
+def test_backoff_doubles_to_its_limit_and_resets() -> None:
+    """0.2, 0.4, ... capped at 5 s; reset starts over."""
+    backoff = Backoff()
+    assert [backoff.next() for _ in range(7)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    backoff.reset()
+    assert backoff.next() == 0.2
+
+
+def test_reachability_reports_each_outage_once() -> None:
+    """One event when an outage starts and one when it ends; none per attempt."""
+    state = Reachability()
+    assert state.failed() == "no coordinator reachable yet; retrying"
+    assert state.failed() is None
+    assert state.succeeded() == "joined coordinator"
+    assert state.succeeded() is None
+    assert state.failed() == "coordinator unreachable; retrying"
+    assert [state.failed(), state.failed()] == [None, None]
+    assert state.succeeded() == "coordinator reachable again"
+
+
+# --- membership ------------------------------------------------------------------------------
+
+
+async def test_registers_then_heartbeats_the_status() -> None:
+    """The node registers with its address, groups and capacity, then heartbeats what
+    ``status`` returns, with the cluster secret."""
+    calls = 0
+
+    def status() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return {"instances": [{"id": "x", "app": "hello"}], "n": calls}
+
+    async with coordinators(1) as [fake], running(make_link([fake.url], status=status)) as link:
+        await fake.wait_until(lambda: len(fake.heartbeats) >= 3)
+        assert fake.registers == [{"node": "n1", "address": "10.0.0.5:7001",
+                                   "groups": ["default", "gpu"], "capacity": 7}]
+        assert fake.heartbeats[0]["node"] == "n1"
+        assert fake.heartbeats[0]["status"]["instances"] == [{"id": "x", "app": "hello"}]
+        assert fake.auth == {f"Bearer {SECRET}"}
+        assert link.reachability.joined and link.leader_url == fake.url
+
+
+async def test_a_forgotten_node_registers_again_and_carries_on() -> None:
+    """A heartbeat answered 404 UnknownNode leads to a new registration, then heartbeats."""
+    async with coordinators(1) as [fake], running(make_link([fake.url])) as link:
+        await fake.wait_until(lambda: len(fake.heartbeats) >= 1)
+        fake.known.clear()  # the cluster lost its node table
+        before = len(fake.heartbeats)
+        await fake.wait_until(lambda: len(fake.registers) == 2
+                              and len(fake.heartbeats) >= before + 2)
+        assert fake.unknown >= 1 and link.registrations == 2
+
+
+async def test_a_dead_url_is_skipped_for_a_live_one() -> None:
+    """With the first configured coordinator down, the node joins through the second
+    and keeps heartbeating there."""
+    async with coordinators(1) as [live], running(make_link([dead_url(), live.url])) as link:
+        await live.wait_until(lambda: len(live.heartbeats) >= 3)
+        assert link.leader_url == live.url
+
+
+async def test_the_leader_named_in_the_header_gets_the_next_requests() -> None:
+    """A follower answers and names the leader; the heartbeats then go to the leader."""
+    async with coordinators(2) as [follower, leader]:
+        follower.leader = leader.url
+        leader.leader = leader.url
+        leader.known.add("n1")  # followers forward registrations to the leader
+        async with running(make_link([follower.url])) as link:
+            await leader.wait_until(lambda: len(leader.heartbeats) >= 3)
+            assert len(follower.registers) == 1 and follower.heartbeats == []
+            assert link.leader_url == leader.url
+
+
+async def test_an_election_is_waited_out_with_one_warning() -> None:
+    """The agent starts while the cluster has no leader (503 NoLeader): run() reports
+    started at once, retries with backoff, warns once, and joins when a leader exists."""
+    async with coordinators(1) as [fake]:
+        fake.mode = "no_leader"
+        with capture_logs() as logs:
+            async with running(make_link([fake.url])):
+                await fake.wait_until(lambda: fake.refused >= 3)
+                fake.mode = "ok"
+                await fake.wait_until(lambda: len(fake.heartbeats) >= 1)
+                fake.mode = "no_leader"  # a second outage
+                refused = fake.refused
+                await fake.wait_until(lambda: fake.refused >= refused + 3)
+                fake.mode = "ok"
+                beats = len(fake.heartbeats)
+                # a link sends a heartbeat only after it handled the previous answer
+                await fake.wait_until(lambda: len(fake.heartbeats) > beats + 1)
+    events = [(e["log_level"], e["event"]) for e in logs
+              if e["log_level"] in ("warning", "info")]
+    assert events == [("warning", "no coordinator reachable yet; retrying"),
+                      ("info", "joined coordinator"),
+                      ("warning", "coordinator unreachable; retrying"),
+                      ("info", "coordinator reachable again")]
+
+
+async def test_no_coordinator_at_all_does_not_block_or_crash() -> None:
+    """Every URL dead: run() has started and keeps retrying without raising."""
+    link = make_link([dead_url(), dead_url()])
+    async with running(link):
+        with trio.fail_after(DEADLINE):
+            while not link.reachability.down:
+                await trio.sleep(FAST)  # polls the link's own flag, bounded above
+        assert not link.reachability.joined
+
+
+# --- artifacts -------------------------------------------------------------------------------
+
+
+async def test_fetch_streams_the_blob_into_place(scratch: Path) -> None:
+    """A known blob lands at dest with the right bytes and nothing beside it."""
+    blob = os.urandom(300_000)
+    sha = hashlib.sha256(blob).hexdigest()
+    async with coordinators(1) as [fake]:
+        fake.blobs[sha] = blob
+        dest = scratch / "a.tar"
+        assert await make_link([fake.url]).fetch_artifact(sha, dest) == dest
+    assert dest.read_bytes() == blob
+    assert [p.name for p in scratch.iterdir()] == ["a.tar"]
+
+
+async def test_a_corrupt_blob_is_refused_and_nothing_is_left(scratch: Path) -> None:
+    """Bytes that do not hash to the name are deleted; the error names hash and URL."""
+    blob = b"the real archive"
+    sha = hashlib.sha256(blob).hexdigest()
+    async with coordinators(1) as [fake]:
+        fake.blobs[sha] = b"tampered archive"
+        with pytest.raises(ArtifactUnavailable) as caught:
+            await make_link([fake.url]).fetch_artifact(sha, scratch / "a.tar")
+    assert list(scratch.iterdir()) == []
+    assert sha in str(caught.value) and fake.url in str(caught.value)
+    assert "mismatch" in caught.value.tried[fake.url]
+    assert caught.value.status_hint == 503
+
+
+async def test_fetch_asks_the_leader_first_then_the_others(scratch: Path) -> None:
+    """The leader is asked first; a corrupt copy there is skipped for an intact one."""
+    blob = b"archive bytes"
+    sha = hashlib.sha256(blob).hexdigest()
+    async with coordinators(3) as [a, b, c]:
+        b.blobs[sha] = b"corrupt"
+        c.blobs[sha] = blob
+        link = make_link([a.url, c.url, b.url])
+        link.endpoints.answered(a.url, b.url)  # as if a had named b the leader
+        await link.fetch_artifact(sha, scratch / "x")
+        assert (b.fetches, a.fetches, c.fetches) == ([sha], [sha], [sha])
+    assert (scratch / "x").read_bytes() == blob
+
+
+async def test_an_unknown_artifact_is_a_404_naming_every_url(scratch: Path) -> None:
+    """When every coordinator answers 404 the error says so (404) and names each URL."""
+    sha = "ab" * 32
+    async with coordinators(2) as [a, b]:
+        with pytest.raises(ArtifactUnavailable) as caught:
+            await make_link([a.url, b.url]).fetch_artifact(sha, scratch / "x")
+    assert caught.value.status_hint == 404
+    assert set(caught.value.tried) == {a.url, b.url}
+    assert list(scratch.iterdir()) == []
+    dead = dead_url()
+    with pytest.raises(ArtifactUnavailable) as down:
+        await make_link([dead]).fetch_artifact(sha, scratch / "x")
+    assert down.value.status_hint == 503 and dead in str(down.value)
+
+
+async def test_a_malformed_hash_is_refused_before_any_request(scratch: Path) -> None:
+    """Not 64 hex digits: ChecksumMismatch (400), no request, no file."""
+    async with coordinators(1) as [fake]:
+        with pytest.raises(ChecksumMismatch):
+            await make_link([fake.url]).fetch_artifact("../../etc/passwd", scratch / "x")
+    assert fake.fetches == [] and list(scratch.iterdir()) == []
+
+
+# --- the agent -------------------------------------------------------------------------------
+
+
+def hello_app() -> bytes:
+    return tarball({"superagent.toml": '[app]\nname = "hello"\n[run]\ncommand = "true"\n',
+                    "app.py": "print('hi')\n"})
+
+
+@asynccontextmanager
+async def agent_running(data_dir: Path, coordinator: tuple[str, ...]
+                        ) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
+    rpc_port = free_port()
+    agent = Agent(AgentConfig(data_dir=data_dir, secret=SECRET, rpc=("127.0.0.1", rpc_port),
+                              listen=(f"127.0.0.1:{free_port()}",), proxy_workers=1,
+                              coordinator=coordinator, advertise=f"10.1.2.3:{rpc_port}",
+                              heartbeat_interval=FAST, node="agent-1", groups=("web",)))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(DEADLINE):
+            await nursery.start(agent.run)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{rpc_port}",
+                                     headers={"Authorization": f"Bearer {SECRET}"},
+                                     timeout=DEADLINE) as rpc:
+            try:
+                yield agent, rpc
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(DEADLINE):
+                    await agent.stop_all()
+                nursery.cancel_scope.cancel()
+
+
+async def test_prepare_signal_fetches_from_the_coordinator(scratch: Path) -> None:
+    """The agent joins, then a prepare signal fetches the tarball from the coordinator,
+    builds the release and leaves no download behind; a repeat is answered from the
+    ledger, a stale term is refused."""
+    data = hello_app()
+    sha = hashlib.sha256(data).hexdigest()
+    async with coordinators(1) as [fake]:
+        fake.blobs[sha] = data
+        async with agent_running(scratch, (fake.url,)) as (agent, rpc):
+            await fake.wait_until(lambda: len(fake.heartbeats) >= 1)
+            assert fake.registers[0] == {"node": "agent-1", "address": agent.config.advertise,
+                                         "groups": ["web"], "capacity": 100}
+            status = fake.heartbeats[0]["status"]
+            assert {"instances", "routes", "offline", "figures"} <= set(status)
+            assert agent.link is not None and agent.link.leader_url == fake.url
+
+            body = {"id": "p1", "term": 2, "app": "hello", "release": "r1", "sha256": sha}
+            answer = await rpc.post("/v1/signals/prepare", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["sha256"] == sha and answer.json()["release"] == "r1"
+            assert agent.store.get("hello", "r1").sha256 == sha
+            assert list((scratch / "downloads").iterdir()) == []
+            again = await rpc.post("/v1/signals/prepare", json=body)
+            assert again.json()["repeated"] is True and fake.fetches == [sha]
+            # a new id for a release already prepared from that archive: no download
+            fresh = await rpc.post("/v1/signals/prepare", json={**body, "id": "p2"})
+            assert fresh.status_code == 200 and fake.fetches == [sha]
+
+            missing = await rpc.post("/v1/signals/prepare", json={
+                **body, "id": "p3", "release": "r2", "sha256": "cd" * 32})
+            assert missing.status_code == 404, missing.text
+            assert missing.json()["error"] == "ArtifactUnavailable"
+            assert "cd" * 32 in missing.json()["detail"]
+            bad = await rpc.post("/v1/signals/prepare", json={**body, "id": "p4",
+                                                                "sha256": "xyz"})
+            assert bad.status_code == 400 and "'sha256'" in bad.json()["detail"]
+            stale = await rpc.post("/v1/signals/prepare", json={**body, "id": "p5",
+                                                                  "term": 1})
+            assert stale.status_code == 409 and stale.json()["error"] == "StaleTerm"
+            assert list((scratch / "downloads").iterdir()) == []
+
+
+async def test_prepare_signal_without_a_coordinator_is_a_clear_409(scratch: Path) -> None:
+    """An agent started without --coordinator refuses to fetch, saying why."""
+    async with agent_running(scratch, ()) as (agent, rpc):
+        assert agent.link is None
+        answer = await rpc.post("/v1/signals/prepare", json={
+            "id": "p1", "term": 1, "app": "hello", "release": "r1", "sha256": "ab" * 32})
+    assert answer.status_code == 409
+    assert answer.json()["error"] == "CoordinatorError"
+    assert "--coordinator" in answer.json()["detail"]
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--coordinator", "ftp://x:1"], "'ftp://x:1' is not a coordinator URL"),
+    (["--coordinator", "http://a:1,nonsense"], "'nonsense' is not a coordinator URL"),
+    (["--coordinator", "http://a:1", "--rpc", "0.0.0.0:7001"], "give --advertise"),
+    (["--coordinator", "http://a:1", "--advertise", "0.0.0.0:7001"], "not a wildcard"),
+    (["--coordinator", "http://a:1", "--advertise", "host"], "--advertise"),
+])
+def test_cli_refuses_bad_coordinator_options(args: list[str], message: str,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad URLs or an unreachable advertised address: one line, exit status 2."""
+    monkeypatch.setenv("SUPERAGENT_SECRET", SECRET)
+    monkeypatch.setattr("superagent.cli.setup_logging", lambda level: None)
+    assert main(["participant", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_builds_the_agent_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--coordinator, --group (comma-separated too), --capacity and --advertise reach
+    AgentConfig; --advertise defaults to the --rpc address."""
+    seen: list[AgentConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(config: AgentConfig) -> None:
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setenv("SUPERAGENT_SECRET", SECRET)
+    monkeypatch.setattr("superagent.cli.setup_logging", lambda level: None)
+    monkeypatch.setattr("superagent.participant.service.Agent", capture)
+    with pytest.raises(Stop):
+        main(["participant", "--coordinator", "http://a:7100/,http://b:7100",
+              "--coordinator", "http://c:7100", "--group", "web,gpu", "--group", "eu",
+              "--capacity", "12", "--rpc", "10.0.0.9:7001"])
+    with pytest.raises(Stop):
+        main(["participant", "--coordinator", "http://a:7100", "--rpc", "0.0.0.0:7001",
+              "--advertise", "10.0.0.9:7002"])
+    first, second = seen
+    assert first.coordinator == ("http://a:7100", "http://b:7100", "http://c:7100")
+    assert first.groups == ("web", "gpu", "eu") and first.capacity == 12
+    assert first.advertise is None and first.rpc == ("10.0.0.9", 7001)
+    assert second.advertise == "10.0.0.9:7002"
+    assert json.dumps(second.coordinator) == '["http://a:7100"]'
