@@ -62,28 +62,41 @@ def _participant(args: argparse.Namespace) -> int:
 
     import trio
 
+    from superagent.participant.joiner import parse_coordinator_urls
     from superagent.participant.service import Agent, AgentConfig
     from superagent.proxy.config import parse_address
 
-    secret = os.environ.get("SUPERAGENT_SECRET", "")
-    if args.secret_file:
-        try:
-            secret = Path(args.secret_file).read_text().strip()
-        except OSError as exc:
-            raise SuperagentError(f"cannot read --secret-file {args.secret_file}:"
-                                  f" {exc.strerror}") from None
-    if not secret:
-        raise SuperagentError("the cluster secret is required: --secret-file FILE or the"
-                              " SUPERAGENT_SECRET environment variable")
+    secret = _secret(args)
     listen = tuple(args.listen or ["0.0.0.0:8080"])
     for address in listen:
         parse_address(address, source="--listen", key=address)
+    rpc = parse_address(args.rpc, source="--rpc", key=args.rpc)
+    groups = tuple(dict.fromkeys(g.strip() for value in args.group or ["default"]
+                                 for g in value.split(",") if g.strip()))
+    if not groups:
+        raise SuperagentError("--group needs a group name")
+    if args.capacity < 0:
+        raise SuperagentError("--capacity must be 0 or more")
+    coordinator: tuple[str, ...] = ()
+    advertise = None
+    if args.coordinator:
+        coordinator = parse_coordinator_urls(args.coordinator)
+        if args.advertise:
+            host, port = parse_address(args.advertise, source="--advertise",
+                                       key=args.advertise)
+            if host in ("0.0.0.0", "::"):
+                raise SuperagentError(f"--advertise {args.advertise}: give an address"
+                                      " coordinators can reach, not a wildcard")
+            advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        elif rpc[0] in ("0.0.0.0", "::", ""):
+            raise SuperagentError(f"--rpc {args.rpc} is not an address coordinators can"
+                                  " reach: give --advertise HOST:PORT")
     config = AgentConfig(
         data_dir=Path(args.data_dir).resolve(), secret=secret,
-        node=args.node or socket.gethostname(),
-        rpc=parse_address(args.rpc, source="--rpc", key=args.rpc), listen=listen,
+        node=args.node or socket.gethostname(), rpc=rpc, listen=listen,
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
-        groups=tuple(args.group or ["default"]))
+        groups=groups, coordinator=coordinator, advertise=advertise,
+        capacity=args.capacity)
     agent = Agent(config)
 
     async def main() -> None:
@@ -100,6 +113,85 @@ def _participant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret(args: argparse.Namespace) -> str:
+    """The cluster secret from --secret-file or SUPERAGENT_SECRET."""
+    import os
+    from pathlib import Path
+
+    secret = os.environ.get("SUPERAGENT_SECRET", "")
+    if args.secret_file:
+        try:
+            secret = Path(args.secret_file).read_text().strip()
+        except OSError as exc:
+            raise SuperagentError(f"cannot read --secret-file {args.secret_file}:"
+                                  f" {exc.strerror}") from None
+    if not secret:
+        raise SuperagentError("the cluster secret is required: --secret-file FILE or the"
+                              " SUPERAGENT_SECRET environment variable")
+    return secret
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    import signal
+    from pathlib import Path
+
+    import trio
+
+    from superagent.coordinator.commands import NODE_NAME
+    from superagent.coordinator.service import Coordinator, CoordinatorConfig
+    from superagent.proxy.config import parse_address
+
+    if not NODE_NAME.fullmatch(args.id):
+        raise SuperagentError(f"--id {args.id!r} must match {NODE_NAME.pattern}")
+    peers: dict[str, str] = {}
+    for item in (args.peers or "").split(","):
+        if not item.strip():
+            continue
+        cid, sep, address = item.strip().partition("=")
+        if not sep or not NODE_NAME.fullmatch(cid):
+            raise SuperagentError(f"--peers: {item!r} is not ID=HOST:PORT")
+        host, port = parse_address(address, source="--peers", key=cid)
+        peers[cid] = f"{host}:{port}"
+    if not peers:
+        host, port = parse_address(args.raft, source="--raft", key=args.raft)
+        peers = {args.id: f"{host}:{port}"}
+    if args.id not in peers:
+        raise SuperagentError(f"--peers must include this coordinator's own id {args.id!r}")
+    if args.api_url and not args.api_url.startswith(("http://", "https://")):
+        raise SuperagentError(f"--api-url {args.api_url!r} must start with http:// or https://")
+    if args.node_timeout <= 0:
+        raise SuperagentError("--node-timeout must be positive")
+    config = CoordinatorConfig(
+        id=args.id, peers=peers, api=parse_address(args.api, source="--api", key=args.api),
+        data_dir=Path(args.data_dir).resolve(), secret=_secret(args), api_url=args.api_url or "",
+        admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
+        node_timeout=args.node_timeout)
+    coordinator = Coordinator(config)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(coordinator.run)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from superagent.proxy.config import parse_address
+    from superagent.up import UpConfig, run_up
+
+    parse_address(args.listen, source="--listen", key=args.listen)
+    return run_up(UpConfig(state_dir=Path(args.state_dir).resolve(),
+                           api=parse_address(args.api, source="--api", key=args.api),
+                           listen=args.listen, demo=args.demo))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superagent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"superagent {__version__}")
@@ -107,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a single-machine cluster here (coordinator +"
+                                   " participant + proxy)")
+    up.add_argument("--demo", action="store_true", help="also deploy the bundled demo app")
+    up.add_argument("--state-dir", default=".superagent", metavar="DIR",
+                    help="where the cluster keeps everything (default ./.superagent)")
+    up.add_argument("--api", default="127.0.0.1:7100", metavar="HOST:PORT",
+                    help="coordinator API address (default 127.0.0.1:7100)")
+    up.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                    help="the proxy's address (default 127.0.0.1:8080)")
+    up.set_defaults(func=_up)
 
     proxy = sub.add_parser("proxy", help="run the reverse proxy standalone from a TOML file")
     proxy.add_argument("--config", "--routes", required=True, metavar="FILE",
@@ -128,13 +231,48 @@ def build_parser() -> argparse.ArgumentParser:
                       help="proxy worker processes (default: one per CPU)")
     part.add_argument("--parser", choices=("httptools", "h11"), default="httptools")
     part.add_argument("--node", help="node id (default: the host name)")
-    part.add_argument("--group", action="append", help="machine group, repeatable")
+    part.add_argument("--group", action="append",
+                      help="machine group, repeatable or comma-separated (default: default)")
+    part.add_argument("--coordinator", action="append", metavar="URL[,URL...]",
+                      help="coordinator API URLs to join (e.g. http://10.0.0.1:7100);"
+                           " without it the agent runs alone")
+    part.add_argument("--advertise", metavar="HOST:PORT",
+                      help="the RPC address coordinators reach this agent at (default: --rpc)")
+    part.add_argument("--capacity", type=int, default=100, metavar="N",
+                      help="instances this node offers the cluster (default 100)")
     part.add_argument("--secret-file", metavar="FILE",
                       help="file with the cluster secret (or env SUPERAGENT_SECRET)")
     part.add_argument("--stop-on-exit", action="store_true",
                       help="stop apps and proxy workers when the agent exits (default: they"
                            " keep serving and a restarted agent re-adopts them)")
     part.set_defaults(func=_participant)
+
+    coord = sub.add_parser("coordinator", help="run a coordinator (the replicated control plane)")
+    coord.add_argument("--id", default="c1", help="this coordinator's id (default c1)")
+    coord.add_argument("--peers", metavar="ID=HOST:PORT,...",
+                       help="every coordinator's Raft address, this one included"
+                            " (default: a single-node cluster on --raft)")
+    coord.add_argument("--raft", default="127.0.0.1:7110", metavar="HOST:PORT",
+                       help="Raft address of a single-node cluster (default 127.0.0.1:7110)")
+    coord.add_argument("--api", default="127.0.0.1:7100", metavar="HOST:PORT",
+                       help="HTTP API address (default 127.0.0.1:7100)")
+    coord.add_argument("--api-url", metavar="URL",
+                       help="the API's URL as peers and participants reach it"
+                            " (default http://<--api>)")
+    coord.add_argument("--data-dir", default=".superagent/coordinator", metavar="DIR",
+                       help="Raft journal, snapshots and artifacts"
+                            " (default .superagent/coordinator)")
+    coord.add_argument("--secret-file", metavar="FILE",
+                       help="file with the cluster secret (or env SUPERAGENT_SECRET)")
+    coord.add_argument("--admin-token-file", metavar="FILE",
+                       help="where the first leader writes the admin token it creates (0600)")
+    coord.add_argument("--node-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="a participant silent this long is marked down (default 10)")
+    coord.set_defaults(func=_coordinator)
+
+    from superagent.client_cli import add_client_commands
+
+    add_client_commands(sub)
     return parser
 
 

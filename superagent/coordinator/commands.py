@@ -43,7 +43,7 @@ GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEPLOY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-DEPLOY_STATUS = re.compile(r"[a-z][a-z_]{0,39}")  # the saga owns the vocabulary
+API_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:_-]{1,250}")  # scheme://host:port, no path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,28 +219,72 @@ class SetPlacement(_AppCommand):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RecordDeploy(_AppCommand):
-    """Create or update deploy ``deploy_id``; the saga extends this with its steps."""
+class StartDeploy(_AppCommand):
+    """Begin a deploy: ``record`` is the saga's fresh ``DeployRecord`` document."""
 
-    type: ClassVar[str] = "record_deploy"
+    type: ClassVar[str] = "start_deploy"
     deploy_id: str
-    release: int
-    status: str
-    reason: str = ""
+    record: dict[str, Any]
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._match("deploy_id", DEPLOY_ID, self.deploy_id)
-        self._check("release", self.release >= 1, "must be >= 1")
-        self._match("status", DEPLOY_STATUS, self.status)
-        self._check("reason", len(self.reason) <= REASON_MAX,
-                    f"must be at most {REASON_MAX} characters")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeployEvent(_AppCommand):
+    """One outcome of a deploy's action (the saga's ``Event`` document)."""
+
+    type: ClassVar[str] = "deploy_event"
+    deploy_id: str
+    event: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("deploy_id", DEPLOY_ID, self.deploy_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddToken(Command):
+    """An API token: only its sha256 is replicated, the token itself is shown once."""
+
+    type: ClassVar[str] = "add_token"
+    name: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("name", GROUP_NAME, self.name)
+        self._match("sha256", SHA256, self.sha256)
+
+    @property
+    def target(self) -> str:
+        return f"token:{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegisterCoordinator(Command):
+    """Where coordinator ``coordinator`` serves its API, so its peers can forward to it."""
+
+    type: ClassVar[str] = "register_coordinator"
+    coordinator: str
+    api_url: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("coordinator", NODE_NAME, self.coordinator)
+        self._match("api_url", API_URL, self.api_url)
+
+    @property
+    def target(self) -> str:
+        return f"coordinator:{self.coordinator}"
 
 
 COMMANDS: dict[str, type[Command]] = {
     cls.type: cls
     for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, NodeUp,
-                NodeDown, SetNodeLifecycle, SetPlacement, RecordDeploy)
+                NodeDown, SetNodeLifecycle, SetPlacement, StartDeploy, DeployEvent, AddToken,
+                RegisterCoordinator)
 }
 
 

@@ -75,6 +75,14 @@ class UnknownRelease(CoordinatorError):
         super().__init__(f"release {app}@r{release} does not exist", app=app)
 
 
+class UnknownDeploy(CoordinatorError):
+    status_hint = 404
+    code = "unknown_deploy"
+
+    def __init__(self, app: str, deploy_id: str) -> None:
+        super().__init__(f"app {app!r} has no deploy {deploy_id!r}", app=app)
+
+
 class Conflict(CoordinatorError):
     """The command is valid but the current state forbids it."""
 
@@ -232,3 +240,14 @@ class NoQuorum(ArtifactError):
             f"artifact {sha256} is on {succeeded} of {cluster} nodes, needs {needed}: {why}",
             sha256=sha256,
         )
+
+
+class NoLeader(RaftError):
+    """No leader is known (an election is under way or there is no quorum): retry shortly."""
+
+    status_hint = 503
+    code = "no_leader"
+
+    def __init__(self, *, node: str = "", waited: float = 0.0) -> None:
+        super().__init__(f"no Raft leader reachable after {waited:g}s (election or no quorum);"
+                         " retry shortly", reason="no_leader", node=node)

@@ -28,12 +28,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from superagent.coordinator import commands as cmd
+from superagent.coordinator.deploy.planner import (
+    DeployRecord,
+    Stage,
+    Status,
+    advance,
+    event_from_doc,
+)
 from superagent.coordinator.errors import (
     CommandError,
     Conflict,
     CoordinatorError,
     SnapshotError,
     UnknownApp,
+    UnknownDeploy,
     UnknownNode,
     UnknownRelease,
 )
@@ -44,6 +52,8 @@ from superagent.participant.manifest import spec_from_json, spec_to_json
 FORMAT_VERSION = 1  # of the to_json document; from_json refuses others
 AUDIT_LIMIT = 1000  # entries kept: enough for "what happened today" without growing the snapshot
 IDEMPOTENCY_LIMIT = 10_000  # keys kept: client retries come within minutes, not 10k commands
+DEPLOY_LIMIT = 200  # deploy records kept; the oldest finished ones go first
+HISTORY_LIMIT = 500  # timeline entries kept per deploy
 
 Result = dict[str, Any]
 
@@ -54,6 +64,7 @@ class App:
     spec: dict[str, Any]  # canonical manifest JSON (spec_to_json of the parsed spec)
     created_at: float
     updated_at: float
+    current_release: str | None = None  # set by a deploy that succeeded ("r3")
 
 
 @dataclass(slots=True)
@@ -83,11 +94,15 @@ class Node:
 class Deploy:
     deploy_id: str
     app: str
-    release: int
-    status: str
-    reason: str
+    record: dict[str, Any]  # the saga's DeployRecord document
+    actor: str
     created_at: float
     updated_at: float
+    history: list[list[Any]]  # [at, event type, node]: the deploy's timeline
+
+    @property
+    def running(self) -> bool:
+        return bool(self.record["stage"] != Stage.DONE)
 
 
 class ClusterState:
@@ -104,6 +119,8 @@ class ClusterState:
         self.audit: list[dict[str, Any]] = []
         self.audit_seq = 0
         self.idempotency: dict[str, dict[str, Any]] = {}  # key -> {fingerprint, result}
+        self.tokens: dict[str, dict[str, Any]] = {}  # name -> {sha256, created_at}
+        self.coordinators: dict[str, str] = {}  # coordinator id -> API base URL
         self._handlers: dict[type[cmd.Command], Callable[[Any], tuple[Result, str]]] = {
             cmd.CreateApp: self._create_app,
             cmd.UpdateAppSpec: self._update_app_spec,
@@ -114,7 +131,10 @@ class ClusterState:
             cmd.NodeDown: self._node_down,
             cmd.SetNodeLifecycle: self._set_node_lifecycle,
             cmd.SetPlacement: self._set_placement,
-            cmd.RecordDeploy: self._record_deploy,
+            cmd.StartDeploy: self._start_deploy,
+            cmd.DeployEvent: self._deploy_event,
+            cmd.AddToken: self._add_token,
+            cmd.RegisterCoordinator: self._register_coordinator,
         }
 
     def __repr__(self) -> str:
@@ -255,21 +275,68 @@ class ClusterState:
         return ({"ok": True, "app": c.app, "instances": total},
                 f"{total} instances on {len(placement)} nodes")
 
-    def _record_deploy(self, c: cmd.RecordDeploy) -> tuple[Result, str]:
+    def _start_deploy(self, c: cmd.StartDeploy) -> tuple[Result, str]:
         self._app(c.app)
-        if all(r.number != c.release for r in self.releases[c.app]):
-            raise UnknownRelease(c.app, c.release)
+        try:
+            record = DeployRecord.from_doc(c.record)
+        except ValueError as exc:
+            raise CommandError(str(exc), field="record", command_type=c.type) from None
+        if (record.deploy_id, record.app) != (c.deploy_id, c.app) or record.stage != Stage.BUILD:
+            raise CommandError("must be a fresh record of this deploy and app", field="record",
+                               command_type=c.type)
+        if record.release not in {f"r{r.number}" for r in self.releases[c.app]}:
+            raise UnknownRelease(c.app, int(record.release.lstrip("r") or 0))
+        if c.deploy_id in self.deploys:
+            raise Conflict(f"deploy {c.deploy_id!r} already exists", app=c.app)
+        running = [d.deploy_id for d in self.deploys.values() if d.app == c.app and d.running]
+        if running:
+            raise Conflict(f"deploy {running[0]} of {c.app} is still running: wait for it to"
+                           " finish or cancel it", app=c.app)
+        self.deploys[c.deploy_id] = Deploy(
+            deploy_id=c.deploy_id, app=c.app, record=record.to_doc(), actor=c.actor,
+            created_at=c.at, updated_at=c.at, history=[[c.at, "started", ""]])
+        while len(self.deploys) > DEPLOY_LIMIT:  # oldest finished first
+            oldest = next((d for d in self.deploys.values() if not d.running), None)
+            if oldest is None:
+                break
+            del self.deploys[oldest.deploy_id]
+        return ({"ok": True, "deploy_id": c.deploy_id, "release": record.release},
+                f"deploy {c.deploy_id} of {record.release} started")
+
+    def _deploy_event(self, c: cmd.DeployEvent) -> tuple[Result, str]:
+        self._app(c.app)
         deploy = self.deploys.get(c.deploy_id)
-        if deploy is None:
-            self.deploys[c.deploy_id] = Deploy(
-                deploy_id=c.deploy_id, app=c.app, release=c.release, status=c.status,
-                reason=c.reason, created_at=c.at, updated_at=c.at)
-            return {"ok": True, "deploy_id": c.deploy_id, "status": c.status}, c.status
-        if (deploy.app, deploy.release) != (c.app, c.release):
-            raise Conflict(f"deploy {c.deploy_id!r} is of {deploy.app}@r{deploy.release}, "
-                           f"not {c.app}@r{c.release}", app=c.app)
-        deploy.status, deploy.reason, deploy.updated_at = c.status, c.reason, c.at
-        return {"ok": True, "deploy_id": c.deploy_id, "status": c.status}, c.status
+        if deploy is None or deploy.app != c.app:
+            raise UnknownDeploy(c.app, c.deploy_id)
+        try:
+            event = event_from_doc(c.event)
+            record = advance(DeployRecord.from_doc(deploy.record), event)
+        except ValueError as exc:
+            raise CommandError(str(exc), field="event", command_type=c.type) from None
+        was_running = deploy.running
+        deploy.record, deploy.updated_at = record.to_doc(), c.at
+        node = getattr(event, "node", "")
+        deploy.history.append([c.at, event.type, node])
+        del deploy.history[:-HISTORY_LIMIT]
+        outcome = f"{event.type} {node}".strip()
+        if was_running and not deploy.running:
+            outcome = f"{record.status.value}: {record.reason}" if record.reason else (
+                record.status.value)
+            if record.status == Status.SUCCEEDED:
+                self.apps[c.app].current_release = record.release
+        return ({"ok": True, "deploy_id": c.deploy_id, "stage": record.stage.value,
+                 "status": record.status.value}, outcome)
+
+    def _add_token(self, c: cmd.AddToken) -> tuple[Result, str]:
+        if c.name in self.tokens:
+            raise Conflict(f"token {c.name!r} already exists")
+        self.tokens[c.name] = {"sha256": c.sha256, "created_at": c.at}
+        return {"ok": True, "token": c.name}, "created"
+
+    def _register_coordinator(self, c: cmd.RegisterCoordinator) -> tuple[Result, str]:
+        changed = self.coordinators.get(c.coordinator) != c.api_url
+        self.coordinators[c.coordinator] = c.api_url
+        return {"ok": True, "coordinator": c.coordinator, "changed": changed}, c.api_url
 
     # -- persistence ----------------------------------------------------------------
 
@@ -286,6 +353,8 @@ class ClusterState:
             "audit_seq": self.audit_seq,
             # a list, not an object: insertion order decides eviction and must survive
             "idempotency": [[k, copy.deepcopy(v)] for k, v in self.idempotency.items()],
+            "tokens": copy.deepcopy(self.tokens),
+            "coordinators": dict(self.coordinators),
         }
 
     def to_json(self) -> str:
@@ -310,6 +379,8 @@ class ClusterState:
             state.audit = doc["audit"]
             state.audit_seq = doc["audit_seq"]
             state.idempotency = {k: v for k, v in doc["idempotency"]}
+            state.tokens = doc["tokens"]
+            state.coordinators = doc["coordinators"]
         except SnapshotError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -6,6 +6,7 @@ import itertools
 from typing import Any
 
 from superagent.coordinator import commands as cmd
+from superagent.coordinator.deploy.planner import new_record
 from superagent.participant.manifest import parse_manifest, spec_to_json
 
 SHA = "ab" * 32
@@ -39,6 +40,18 @@ def lifecycle(node: str, to: str, **kw: Any) -> cmd.SetNodeLifecycle:
     return cmd.SetNodeLifecycle(**{**base(), "node": node, "lifecycle": to, **kw})
 
 
+def deploy_record(app: str = "hello", deploy_id: str = "d1", release: str = "r1",
+                  nodes: tuple[str, ...] = ("n1",)) -> dict[str, Any]:
+    return new_record(deploy_id=deploy_id, app=app, release=release, sha256=SHA, nodes=nodes,
+                      per_node=1, max_parallel=1, drain_grace=5.0).to_doc()
+
+
+def start_deploy(app: str = "hello", deploy_id: str = "d1", release: str = "r1",
+                 **kw: Any) -> cmd.StartDeploy:
+    return cmd.StartDeploy(**{**base(), "app": app, "deploy_id": deploy_id,
+                              "record": deploy_record(app, deploy_id, release), **kw})
+
+
 def all_commands() -> list[cmd.Command]:
     """One valid instance of every command type, in an order that applies cleanly."""
     return [
@@ -50,6 +63,10 @@ def all_commands() -> list[cmd.Command]:
         cmd.NodeUp(**base(), node="n1"),
         lifecycle("n1", "draining"),
         cmd.SetPlacement(**base(), app="hello", placement={"n1": 2}),
-        cmd.RecordDeploy(**base(), app="hello", deploy_id="d1", release=1, status="pending"),
+        start_deploy(),
+        cmd.DeployEvent(**base(), app="hello", deploy_id="d1",
+                        event={"type": "prepared", "node": "n1"}),
+        cmd.AddToken(**base(), name="admin", sha256=SHA),
+        cmd.RegisterCoordinator(**base(), coordinator="c1", api_url="http://127.0.0.1:7100"),
         cmd.DeleteApp(**base(), app="hello"),
     ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.errors import CommandError, UnknownCommand
-from tests.coordinator.helpers import all_commands, base, register
+from tests.coordinator.helpers import add_release, all_commands, base, register
 
 
 def test_every_command_type_has_an_example() -> None:
@@ -66,10 +67,10 @@ def test_missing_field_is_named() -> None:
     del doc["address"]
     with pytest.raises(CommandError, match=r"register_node\.address: missing"):
         cmd.decode(json.dumps(doc))
-    deploy = cmd.RecordDeploy(**base(), app="a", deploy_id="d", release=1, status="pending")
-    doc = json.loads(deploy.to_json())
-    del doc["reason"]
-    assert cmd.decode(json.dumps(doc)) == deploy
+    release = add_release()
+    doc = json.loads(release.to_json())
+    del doc["env"]
+    assert cmd.decode(json.dumps(doc)) == dataclasses.replace(release, env={})
 
 
 @pytest.mark.parametrize("text", ["", "[1]", "{", '{"type": 3}', "NaN"])

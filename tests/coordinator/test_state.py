@@ -21,6 +21,7 @@ from tests.coordinator.helpers import (
     lifecycle,
     register,
     spec,
+    start_deploy,
 )
 
 
@@ -61,16 +62,18 @@ def test_state_contents_after_commands() -> None:
         cmd.SetPlacement(**base(), app="hello", placement={"n1": 2, "n2": 0}))
     ok(state, register("n2"))
     ok(state, cmd.SetPlacement(**base(), app="hello", placement={"n1": 2, "n2": 0}))
-    ok(state, cmd.RecordDeploy(**base(at=5.0), app="hello", deploy_id="d1", release=1,
-                               status="building"))
-    ok(state, cmd.RecordDeploy(**base(at=6.0), app="hello", deploy_id="d1", release=1,
-                               status="rolled_back", reason="not ready"))
+    ok(state, start_deploy(at=5.0))
+    ok(state, cmd.DeployEvent(**base(at=6.0), app="hello", deploy_id="d1",
+                              event={"type": "cancel", "reason": "not wanted"}))
     assert state.apps["hello"].spec == spec()
     assert [r.number for r in state.releases["hello"]] == [1]
     assert state.nodes["n1"].lifecycle == "draining" and state.nodes["n2"].up
     assert state.placement == {"hello": {"n1": 2}}
     d = state.deploys["d1"]
-    assert (d.status, d.reason, d.created_at, d.updated_at) == ("rolled_back", "not ready", 5, 6)
+    assert (d.record["status"], d.record["reason"], d.created_at, d.updated_at) == (
+        "failed", "cancelled: not wanted", 5, 6)
+    assert [h[1] for h in d.history] == ["started", "cancel"]
+    assert state.apps["hello"].current_release is None
     assert "apps=1" in repr(state) and "nodes=2" in repr(state)
 
 
@@ -134,18 +137,25 @@ def test_key_reused_for_other_command() -> None:
         (lambda: cmd.SetPlacement(**base(), app="hello", placement={"ghost": 1}), 404,
          "unknown_node"),
         (lambda: cmd.SetPlacement(**base(), app="nope", placement={}), 404, "unknown_app"),
-        (lambda: cmd.RecordDeploy(**base(), app="hello", deploy_id="d9", release=7,
-                                  status="pending"), 404, "unknown_release"),
-        (lambda: cmd.RecordDeploy(**base(), app="hello", deploy_id="d1", release=2,
-                                  status="pending"), 409, "conflict"),
+        (lambda: start_deploy(deploy_id="d9", release="r7"), 404, "unknown_release"),
+        (lambda: start_deploy(deploy_id="d2", release="r2"), 409, "conflict"),  # d1 runs
+        (lambda: start_deploy(deploy_id="d1", release="r2"), 409, "conflict"),
+        (lambda: cmd.DeployEvent(**base(), app="hello", deploy_id="d9",
+                                 event={"type": "prepared", "node": "n1"}), 404,
+         "unknown_deploy"),
+        (lambda: cmd.DeployEvent(**base(), app="hello", deploy_id="d1",
+                                 event={"type": "switched", "node": "n1"}), 400, "bad_command"),
+        (lambda: cmd.DeployEvent(**base(), app="hello", deploy_id="d1",
+                                 event={"type": "prepared", "node": "n7"}), 400, "bad_command"),
+        (lambda: cmd.StartDeploy(**base(), app="hello", deploy_id="d3", record={"x": 1}), 400,
+         "bad_command"),
     ],
 )
 def test_invalid_commands_change_nothing(command: Any, status: int, code: str) -> None:
     """A command invalid for the current state gives an error result; digest is unchanged."""
     state = ClusterState()
     run(state, create_app(), add_release(), add_release(), register())
-    ok(state, cmd.RecordDeploy(**base(), app="hello", deploy_id="d1", release=1,
-                               status="pending"))
+    ok(state, start_deploy())
     audit = len(state.audit)
     assert_rejected(state, command().to_json(), status, code)
     assert len(state.audit) == audit
@@ -243,8 +253,11 @@ COMMAND_JSON = st.one_of(
          lifecycle=st.sampled_from(["online", "draining", "offline"])),
     _cmd(cmd.SetPlacement, app=APPS,
          placement=st.dictionaries(NODES, st.integers(0, 3), max_size=3)),
-    _cmd(cmd.RecordDeploy, app=APPS, deploy_id=st.sampled_from(["d1", "d2"]),
-         release=st.integers(1, 3), status=st.sampled_from(["pending", "committed"])),
+    st.builds(lambda app, d, r: start_deploy(app, d, r).to_json(), APPS,
+              st.sampled_from(["d1", "d2"]), st.sampled_from(["r1", "r2"])),
+    st.builds(lambda app, d, n: cmd.DeployEvent(**base(), app=app, deploy_id=d,
+                                                event={"type": "prepared", "node": n}).to_json(),
+              APPS, st.sampled_from(["d1", "d2"]), NODES),
     st.sampled_from(["{", '{"type":"x"}']),
 )
 

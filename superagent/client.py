@@ -1,0 +1,144 @@
+"""A client of the coordinator API, for the CLI (synchronous: one command, one answer).
+
+``Client`` takes the coordinator URLs in order of preference and tries the next one when a
+coordinator cannot be reached or has no leader; any coordinator takes writes (followers
+forward them), so no redirect is needed. Errors become ``ClientError`` with the server's
+own message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from superagent.errors import SuperagentError
+
+DEFAULT_SERVER = "http://127.0.0.1:7100"
+TOKEN_FILE = Path(".superagent") / "admin-token"  # written by `superagent up`
+RETRY_STATUSES = {502, 503, 504}
+
+
+class ClientError(SuperagentError):
+    """The coordinator refused the request or could not be reached."""
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+def resolve_servers(server: str | None) -> list[str]:
+    """--server, else SUPERAGENT_SERVER, else the local default; comma-separated lists."""
+    raw = server or os.environ.get("SUPERAGENT_SERVER") or DEFAULT_SERVER
+    urls = [u.strip().rstrip("/") for u in raw.split(",") if u.strip()]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ClientError(f"server URL {url!r} must start with http:// or https://")
+    if not urls:
+        raise ClientError("no coordinator URL given")
+    return urls
+
+
+def resolve_token(token: str | None) -> str:
+    """--token, else SUPERAGENT_TOKEN, else ./.superagent/admin-token."""
+    found = token or os.environ.get("SUPERAGENT_TOKEN")
+    if found:
+        return found.strip()
+    try:
+        return TOKEN_FILE.read_text().strip()
+    except OSError:
+        return ""
+
+
+class Client:
+    def __init__(self, servers: Sequence[str], token: str, *, timeout: float = 30.0) -> None:
+        self.servers = list(servers)
+        self.token = token
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<Client servers={self.servers}>"
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        return {**headers, **(extra or {})}
+
+    @contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A streamed response from the first coordinator that answers."""
+        failures: list[str] = []
+        for url in self.servers:
+            try:
+                with httpx.Client(timeout=httpx.Timeout(self.timeout, connect=3.0)) as http:
+                    request = http.build_request(method, f"{url}{path}",
+                                                 headers=self._headers(kwargs.pop("headers",
+                                                                                  None)),
+                                                 **kwargs)
+                    response = http.send(request, stream=True)
+                    try:
+                        if response.status_code in RETRY_STATUSES and url != self.servers[-1]:
+                            response.read()
+                            failures.append(f"{url}: {_message(response)}")
+                            continue
+                        if response.status_code >= 400:
+                            response.read()
+                            raise _error(url, response)
+                        yield response
+                        return
+                    finally:
+                        response.close()
+            except httpx.HTTPError as exc:
+                failures.append(f"{url}: {_describe(exc)}")
+        raise ClientError("no coordinator answered: " + "; ".join(failures))
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer of ``method path``; raises ClientError."""
+        with self.stream(method, path, **kwargs) as response:
+            response.read()
+            try:
+                return response.json()
+            except ValueError:
+                return response.text
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return "cannot connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    if isinstance(body, dict) and "detail" in body:
+        return f"{body['detail']} (HTTP {response.status_code}, {body.get('error')})"
+    return f"HTTP {response.status_code}"
+
+
+def _error(url: str, response: httpx.Response) -> ClientError:
+    code = ""
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            code = str(body.get("error", ""))
+    except ValueError:
+        pass
+    if response.status_code == 401:
+        return ClientError(f"{url}: not authorised — pass --token or set SUPERAGENT_TOKEN "
+                           f"({_message(response)})", status=401, code=code)
+    return ClientError(_message(response), status=response.status_code, code=code)

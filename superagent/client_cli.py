@@ -1,0 +1,229 @@
+"""The operator's commands: ``status``, ``cluster``, ``nodes``, ``apps``, node lifecycle.
+
+Each talks to the coordinator API through ``client.Client``; ``--json`` prints the API's
+JSON as it is, otherwise a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from superagent.client import Client, ClientError, resolve_servers, resolve_token
+
+
+def client_of(args: argparse.Namespace) -> Client:
+    return Client(resolve_servers(args.server), resolve_token(args.token))
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r]
+                                          for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def emit(args: argparse.Namespace, doc: Any, render: Callable[[Any], str]) -> int:
+    print(json.dumps(doc, indent=2) if args.json else render(doc))
+    return 0
+
+
+def _ago(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}s ago"
+
+
+def render_cluster(doc: dict[str, Any]) -> str:
+    head = (f"leader {doc['leader'] or '(none)'}  term {doc['term']}  commit"
+            f" {doc['commit_index']}  {'healthy' if doc['healthy'] else 'UNHEALTHY'}")
+    rows = [(m["id"], m["raft"], m["api_url"], "yes" if m["connected"] else "no",
+             "leader" if m["leader"] else "") for m in doc["members"]]
+    return head + "\n" + table(rows, ("ID", "RAFT", "API", "CONNECTED", "ROLE"))
+
+
+def render_nodes(doc: dict[str, Any]) -> str:
+    if not doc["nodes"]:
+        return "no participants registered"
+    rows = [(n["name"], n["address"], ",".join(n["groups"]), n["lifecycle"],
+             "up" if n["up"] else "DOWN", n["capacity"], _ago(n.get("heartbeat_age")))
+            for n in doc["nodes"]]
+    return table(rows, ("NODE", "ADDRESS", "GROUPS", "LIFECYCLE", "LIVE", "CAPACITY",
+                        "HEARTBEAT"))
+
+
+def render_apps(doc: dict[str, Any]) -> str:
+    if not doc["apps"]:
+        return "no apps"
+    rows = [(a["name"], a["current_release"], a["latest_release"], a["releases"],
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(a["updated_at"])))
+            for a in doc["apps"]]
+    return table(rows, ("APP", "SERVING", "LATEST", "RELEASES", "UPDATED"))
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    return emit(args, client_of(args).get("/api/v1/cluster"), render_cluster)
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    return emit(args, client_of(args).get("/api/v1/nodes"), render_nodes)
+
+
+def _apps(args: argparse.Namespace) -> int:
+    return emit(args, client_of(args).get("/api/v1/apps"), render_apps)
+
+
+def _status(args: argparse.Namespace) -> int:
+    client = client_of(args)
+    doc = {"cluster": client.get("/api/v1/cluster"), "nodes": client.get("/api/v1/nodes"),
+           "apps": client.get("/api/v1/apps")}
+
+    def render(d: dict[str, Any]) -> str:
+        return "\n\n".join((render_cluster(d["cluster"]), render_nodes(d["nodes"]),
+                            render_apps(d["apps"])))
+    return emit(args, doc, render)
+
+
+def render_releases(doc: dict[str, Any]) -> str:
+    if not doc["releases"]:
+        return f"{doc['app']}: no releases"
+    rows = [(r["name"], r["sha256"][:12], f"{r['size'] / 1024:.1f} KiB", r["actor"],
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
+             "current" if r.get("current") else "") for r in doc["releases"]]
+    return table(rows, ("RELEASE", "SHA256", "SIZE", "BY", "CREATED", ""))
+
+
+def _releases(args: argparse.Namespace) -> int:
+    return emit(args, client_of(args).get(f"/api/v1/apps/{args.app}/releases"),
+                render_releases)
+
+
+def follow_deploy(client: Client, app: str, deploy_id: str, *, as_json: bool) -> int:
+    """Print a deploy's progress per node until it is done; 0 when it succeeded."""
+    shown: dict[str, str] = {}
+    view: dict[str, Any] = {}
+    with client.stream("GET", f"/api/v1/apps/{app}/deploys/{deploy_id}/events",
+                       timeout=None) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            view = json.loads(line[len("data: "):])
+            if as_json:
+                continue
+            if shown.get("") != view["stage"]:
+                shown[""] = view["stage"]
+                print(f"{deploy_id}: {view['stage']}", file=sys.stderr, flush=True)
+            for step in view["steps"]:
+                text = step["step"] + (f" ({step['error']})" if step["error"] else "")
+                if shown.get(step["node"]) != text:
+                    shown[step["node"]] = text
+                    print(f"  {step['node']}: {text}", file=sys.stderr, flush=True)
+    if not view:
+        view = client.get(f"/api/v1/apps/{app}/deploys/{deploy_id}")
+    if as_json:
+        print(json.dumps(view, indent=2))
+    else:
+        outcome = view["status"] + (f": {view['reason']}" if view["reason"] else "")
+        print(f"{app}@{view['release']} {outcome}")
+        for key, text in view.get("logs", []):
+            print(f"--- {key} log ---\n{text.rstrip()}")
+    return 0 if view["status"] == "succeeded" else 1
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from superagent.pack import pack
+
+    directory = Path(args.path)
+    if not directory.is_dir():
+        raise ClientError(f"{args.path}: not a directory")
+    client = client_of(args)
+    with tempfile.TemporaryFile() as archive:
+        packed = pack(directory, archive, app=args.app)
+        app = args.app or packed.app_name
+        if app is None:
+            raise ClientError(f"{args.path}: the manifest does not name the app: give --app")
+        print(f"packed {packed.files} files ({packed.size / 1024:.1f} KiB, sha256"
+              f" {packed.sha256[:12]}), uploading to {client.servers[0]}", file=sys.stderr)
+        archive.seek(0)
+        query = f"sha256={packed.sha256}"
+        if args.max_parallel:
+            query += f"&max_parallel={args.max_parallel}"
+        doc = client.post(f"/api/v1/apps/{app}/releases?{query}", content=archive,
+                          headers={"content-type": "application/gzip"})
+    print(f"{app}@{doc['release']} recorded; deploy {doc['deploy_id']}", file=sys.stderr)
+    if args.no_follow:
+        return emit(args, doc, lambda d: d["deploy_id"])
+    return follow_deploy(client, app, doc["deploy_id"], as_json=args.json)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    client = client_of(args)
+    body = {"to": args.to} if args.to else {}
+    doc = client.post(f"/api/v1/apps/{args.app}/rollback", json=body)
+    print(f"{args.app}: rolling back to {doc['release']}; deploy {doc['deploy_id']}",
+          file=sys.stderr)
+    return follow_deploy(client, args.app, doc["deploy_id"], as_json=args.json)
+
+
+def _lifecycle(action: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        doc = client_of(args).post(f"/api/v1/nodes/{args.node}/{action}")
+        return emit(args, doc, lambda d: f"{d['node']}: {d['lifecycle']}"
+                    + ("" if d.get("signalled") else " (participant not reached: it applies"
+                       " the lifecycle when it is)"))
+    return run
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL[,URL...]",
+                        help="coordinator API (default: env SUPERAGENT_SERVER or"
+                             " http://127.0.0.1:7100)")
+    parser.add_argument("--token", help="API token (default: env SUPERAGENT_TOKEN or"
+                                        " ./.superagent/admin-token)")
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+
+
+def add_client_commands(sub: Any) -> None:
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("status", "cluster, nodes and apps at a glance", _status),
+        ("cluster", "coordinator members, leader, term and health", _cluster),
+        ("nodes", "participants: groups, lifecycle, liveness", _nodes),
+        ("apps", "apps and their latest release", _apps),
+    ]
+    for name, help_text, func in commands:
+        parser = sub.add_parser(name, help=help_text)
+        add_common(parser)
+        parser.set_defaults(func=func)
+    deploy = sub.add_parser("deploy", help="pack a directory, upload it as a release and"
+                                           " roll it out")
+    deploy.add_argument("path", help="the app's source directory (with superagent.toml or a"
+                                     " Procfile)")
+    deploy.add_argument("--app", help="app name (default: from the manifest)")
+    deploy.add_argument("--max-parallel", type=int, metavar="N",
+                        help="nodes rolled at once (default 1)")
+    deploy.add_argument("--no-follow", action="store_true",
+                        help="print the deploy id and return without waiting")
+    add_common(deploy)
+    deploy.set_defaults(func=_deploy)
+    releases = sub.add_parser("releases", help="an app's releases")
+    releases.add_argument("app")
+    add_common(releases)
+    releases.set_defaults(func=_releases)
+    back = sub.add_parser("rollback", help="deploy an earlier release again")
+    back.add_argument("app")
+    back.add_argument("--to", metavar="rN", help="the release (default: the previous one)")
+    add_common(back)
+    back.set_defaults(func=_rollback)
+    for action, help_text in (("drain", "move traffic off a node (its /-/healthz answers 503)"),
+                              ("offline", "take a drained node out of service"),
+                              ("online", "put a node back in service")):
+        parser = sub.add_parser(action, help=help_text)
+        parser.add_argument("node")
+        add_common(parser)
+        parser.set_defaults(func=_lifecycle(action))

@@ -1,0 +1,684 @@
+"""The coordinator's HTTP API: JSON under ``/api/v1``, Starlette on hypercorn's trio worker.
+
+Authentication, by route (``ROUTES`` is the table, and the OpenAPI document is built from it):
+
+- ``admin``: ``Authorization: Bearer <API token>``; the token's name is the audit log's actor.
+- ``secret``: the cluster secret, for participants and peer coordinators.
+- ``any``: either of the two (participants and operators both fetch artifacts).
+- ``none``: ``/healthz``, ``/metrics`` and the OpenAPI document.
+
+Errors are JSON ``{"error": code, "detail": message}`` with the status the error names;
+a missing or wrong credential is a 401 before anything else is looked at. Every response
+carries ``X-Superagent-Leader`` (the leader's API URL) when a leader is known, so a client
+can go straight to it. Writes on a follower are not redirected: ``Coordinator.submit``
+forwards the command to the leader, and the two participant calls whose effect lives in
+the leader's memory (register, heartbeat) are forwarded as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from superagent import __version__
+from superagent.coordinator import commands as cmd
+from superagent.coordinator.auth import bearer, is_secret, token_name
+from superagent.coordinator.deploy.runner import begin_deploy
+from superagent.coordinator.errors import CommandError, CoordinatorError, NoLeader, UnknownDeploy
+from superagent.coordinator.service import APPLIED_INDEX, Coordinator
+from superagent.coordinator.state import ClusterState
+from superagent.errors import ConfigError
+from superagent.participant.manifest import parse_manifest, spec_to_json
+
+log = structlog.get_logger(__name__)
+
+MAX_JSON = 1024 * 1024  # bytes of a JSON request body
+AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
+
+Handler = Callable[[Request, "Context"], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Context:
+    coordinator: Coordinator
+    actor: str
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    auth: str  # admin | secret | any | none
+    summary: str
+    handler: Handler
+
+
+def error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status)
+
+
+def from_exception(exc: CoordinatorError | ConfigError) -> JSONResponse:
+    if isinstance(exc, ConfigError):
+        return error(400, "bad_manifest", str(exc))
+    return error(exc.status_hint, exc.code, str(exc))
+
+
+def from_result(result: dict[str, Any], status: int = 200) -> JSONResponse:
+    """A state result as a response: its own status and code when it is an error."""
+    if result.get("ok"):
+        return JSONResponse(result, status_code=status)
+    return error(int(result.get("status", 400)), str(result.get("code", "error")),
+                 str(result.get("error", "")))
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_JSON:
+            raise CommandError(f"request body is over {MAX_JSON} bytes")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise CommandError("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise CommandError("request body must be a JSON object")
+    return body
+
+
+def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
+          default: Any = ...) -> Any:
+    value = body.get(name, default)
+    if value is ... or not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise CommandError(f"field {name!r} is missing or not a {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({str: "string", int: "integer", list: "list", dict: "object",
+                        bool: "boolean", float: "number"}.get(k, k.__name__) for k in kinds)
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= cmd.KEY_MAX:
+        raise CommandError(f"Idempotency-Key must be 1-{cmd.KEY_MAX} characters")
+    return key
+
+
+# ---------------------------------------------------------------------- views of the state
+def app_view(state: ClusterState, name: str) -> dict[str, Any]:
+    app = state.apps[name]
+    releases = state.releases.get(name, [])
+    return {"name": name, "spec": app.spec, "created_at": app.created_at,
+            "updated_at": app.updated_at, "releases": len(releases),
+            "latest_release": f"r{releases[-1].number}" if releases else None,
+            "current_release": app.current_release,
+            "placement": state.placement.get(name, {})}
+
+
+def release_view(release: Any) -> dict[str, Any]:
+    doc = asdict(release)
+    doc["name"] = f"r{release.number}"
+    return doc
+
+
+def node_view(coordinator: Coordinator, node: Any, now: float) -> dict[str, Any]:
+    doc = asdict(node)
+    leading = coordinator.liveness.leader_since is not None
+    doc["heartbeat_age"] = coordinator.liveness.age(node.name, now) if leading else None
+    doc["status"] = coordinator.liveness.status.get(node.name) if leading else None
+    return doc
+
+
+# ---------------------------------------------------------------------- handlers
+async def healthz(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    status = c.raft.status()
+    body = {"ok": status["leader"] is not None, "id": c.config.id,
+            "role": "leader" if status["is_leader"] else "follower",
+            "leader": c.leader_id(), "has_quorum": status["has_quorum"]}
+    return JSONResponse(body, status_code=200 if body["ok"] else 503)
+
+
+async def metrics(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    status = c.raft.status()
+    counts = c.read(lambda s: (len(s.apps), sum(len(r) for r in s.releases.values()),
+                               sum(1 for n in s.nodes.values() if n.up),
+                               sum(1 for n in s.nodes.values() if not n.up)))
+    lines = [
+        "# HELP superagent_coordinator_is_leader 1 on the Raft leader.",
+        "# TYPE superagent_coordinator_is_leader gauge",
+        f"superagent_coordinator_is_leader {int(status['is_leader'])}",
+        "# TYPE superagent_coordinator_has_quorum gauge",
+        f"superagent_coordinator_has_quorum {int(status['has_quorum'])}",
+        "# TYPE superagent_raft_term gauge",
+        f"superagent_raft_term {status['term']}",
+        "# TYPE superagent_raft_commit_index gauge",
+        f"superagent_raft_commit_index {status['commit_index']}",
+        "# TYPE superagent_apps gauge",
+        f"superagent_apps {counts[0]}",
+        "# TYPE superagent_releases gauge",
+        f"superagent_releases {counts[1]}",
+        "# TYPE superagent_nodes gauge",
+        f'superagent_nodes{{up="true"}} {counts[2]}',
+        f'superagent_nodes{{up="false"}} {counts[3]}',
+        "# HELP superagent_api_requests_total API requests answered, by method and status.",
+        "# TYPE superagent_api_requests_total counter",
+    ]
+    for (method, code), n in sorted(c.requests.items()):
+        lines.append(f'superagent_api_requests_total{{method="{method}",status="{code}"}} {n}')
+    return PlainTextResponse("\n".join(lines) + "\n",
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi(request: Request, ctx: Context) -> Response:
+    return JSONResponse(openapi_document())
+
+
+async def cluster(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    status = c.raft.status()
+    urls = c.read(lambda s: dict(s.coordinators))
+    members = []
+    for cid, address in sorted(c.config.peers.items()):
+        connected = True if cid == c.config.id else status["partners"].get(address, False)
+        members.append({"id": cid, "raft": address, "api_url": urls.get(cid),
+                        "self": cid == c.config.id, "connected": connected,
+                        "leader": address == status["leader"]})
+    digest = c.read(lambda s: s.digest())
+    return JSONResponse({
+        "id": c.config.id, "leader": c.leader_id(), "leader_url": c.leader_url(),
+        "term": status["term"], "commit_index": status["commit_index"],
+        "last_applied": status["last_applied"], "has_quorum": status["has_quorum"],
+        "healthy": status["has_quorum"] and status["leader"] is not None,
+        "members": members, "state_digest": digest, "version": __version__,
+        "uptime": round(time.time() - c.started_at, 3)})
+
+
+async def list_apps(request: Request, ctx: Context) -> Response:
+    apps = ctx.coordinator.read(lambda s: [app_view(s, n) for n in sorted(s.apps)])
+    return JSONResponse({"apps": apps})
+
+
+async def create_app(request: Request, ctx: Context) -> Response:
+    body = await read_json(request)
+    spec = parse_manifest(body, source="request body")
+    command = ctx.coordinator.command(cmd.CreateApp, actor=ctx.actor,
+                                      key=idempotency_key(request), name=spec.name,
+                                      spec=spec_to_json(spec))
+    result = await ctx.coordinator.submit(command)
+    if not result.get("ok"):
+        return from_result(result)
+    return JSONResponse(ctx.coordinator.read(lambda s: app_view(s, spec.name)), status_code=201)
+
+
+async def get_app(request: Request, ctx: Context) -> Response:
+    name = request.path_params["app"]
+    found = ctx.coordinator.read(lambda s: app_view(s, name) if name in s.apps else None)
+    if found is None:
+        return error(404, "unknown_app", f"app {name!r} does not exist")
+    return JSONResponse(found)
+
+
+async def delete_app(request: Request, ctx: Context) -> Response:
+    command = ctx.coordinator.command(cmd.DeleteApp, actor=ctx.actor,
+                                      key=idempotency_key(request),
+                                      app=request.path_params["app"])
+    return from_result(await ctx.coordinator.submit(command))
+
+
+async def list_releases(request: Request, ctx: Context) -> Response:
+    name = request.path_params["app"]
+    found = ctx.coordinator.read(
+        lambda s: [{**release_view(r), "current": f"r{r.number}" == s.apps[name].current_release}
+                   for r in s.releases[name]] if name in s.apps else None)
+    if found is None:
+        return error(404, "unknown_app", f"app {name!r} does not exist")
+    return JSONResponse({"app": name, "releases": found})
+
+
+async def create_release(request: Request, ctx: Context) -> Response:
+    """Store the tarball on a majority of coordinators, then record the release (creating
+    the app from the manifest when it does not exist yet)."""
+    c = ctx.coordinator
+    name = request.path_params["app"]
+    if not cmd.APP_NAME.fullmatch(name):
+        return error(400, "bad_app_name", f"app name {name!r} does not match"
+                                          f" {cmd.APP_NAME.pattern}")
+    expected = request.query_params.get("sha256")
+    sha256, size, spec = await c.store_release(request.stream(), app=name,
+                                               expected_sha256=expected)
+    key = idempotency_key(request)
+    spec_doc = spec_to_json(spec)
+    if not c.read(lambda s: name in s.apps):
+        created = await c.submit(c.command(cmd.CreateApp, actor=ctx.actor, name=name,
+                                           spec=spec_doc))
+        if not created.get("ok") and created.get("code") != "conflict":
+            return from_result(created)
+    result = await c.submit(c.command(cmd.AddRelease, actor=ctx.actor, key=key, app=name,
+                                      sha256=sha256, size=size, spec=spec_doc))
+    if not result.get("ok"):
+        return from_result(result)
+    release = f"r{result['release']}"
+    doc: dict[str, Any] = {"ok": True, "app": name, "release": release, "sha256": sha256,
+                           "size": size, "repeated": bool(result.get("repeated")),
+                           "deploy_id": None}
+    if request.query_params.get("deploy", "true") == "false":
+        return JSONResponse(doc, status_code=201)
+    try:
+        started = await begin_deploy(c, app=name, release=release, actor=ctx.actor,
+                                     key=f"{key}:deploy" if key else None,
+                                     **deploy_options(request.query_params))
+    except CoordinatorError as exc:
+        return error(exc.status_hint, exc.code, f"release {release} recorded, not deployed:"
+                     f" {exc}", release=release)
+    if not started.get("ok"):
+        return error(int(started.get("status", 409)), str(started.get("code")),
+                     f"release {release} recorded, not deployed: {started.get('error')}",
+                     release=release)
+    return JSONResponse({**doc, "deploy_id": started["deploy_id"]}, status_code=201)
+
+
+def deploy_options(query: Any) -> dict[str, Any]:
+    """max_parallel and drain_grace from the query string, checked."""
+    options: dict[str, Any] = {}
+    for name, kind, low, high in (("max_parallel", int, 1, 1000),
+                                  ("drain_grace", float, 0.0, 3600.0)):
+        raw = query.get(name)
+        if raw is None:
+            continue
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise CommandError(f"{name} must be a number") from None
+        if not low <= value <= high:
+            raise CommandError(f"{name} must be {low}..{high}")
+        options[name] = value
+    return options
+
+
+def deploy_view(deploy: Any) -> dict[str, Any]:
+    return {"deploy_id": deploy.deploy_id, "app": deploy.app, "actor": deploy.actor,
+            "created_at": deploy.created_at, "updated_at": deploy.updated_at,
+            "release": deploy.record["release"], "stage": deploy.record["stage"],
+            "status": deploy.record["status"], "reason": deploy.record["reason"],
+            "steps": deploy.record["steps"], "logs": deploy.record["logs"],
+            "history": deploy.history}
+
+
+def _deploy(ctx: Context, request: Request) -> dict[str, Any]:
+    app, deploy_id = request.path_params["app"], request.path_params["deploy"]
+    found: dict[str, Any] | None = ctx.coordinator.read(
+        lambda s: deploy_view(s.deploys[deploy_id])
+        if deploy_id in s.deploys and s.deploys[deploy_id].app == app else None)
+    if found is None:
+        raise UnknownDeploy(app, deploy_id)
+    return found
+
+
+async def list_deploys(request: Request, ctx: Context) -> Response:
+    app = request.path_params["app"]
+    deploys = ctx.coordinator.read(
+        lambda s: None if app not in s.apps else [
+            {k: v for k, v in deploy_view(d).items() if k not in ("logs", "history", "steps")}
+            for d in s.deploys.values() if d.app == app])
+    if deploys is None:
+        return error(404, "unknown_app", f"app {app!r} does not exist")
+    return JSONResponse({"app": app, "deploys": deploys[::-1]})
+
+
+async def get_deploy(request: Request, ctx: Context) -> Response:
+    return JSONResponse(_deploy(ctx, request))
+
+
+async def deploy_events(request: Request, ctx: Context) -> Response:
+    """Server-sent events: the deploy's view each time it changes, until it is done."""
+    first = _deploy(ctx, request)
+
+    async def stream() -> AsyncIterator[bytes]:
+        import trio
+
+        last: dict[str, Any] | None = None
+        view = first
+        while True:
+            if view != last:
+                yield f"event: deploy\ndata: {json.dumps(view)}\n\n".encode()
+                last = view
+                if view["stage"] == "done":
+                    return
+            await trio.sleep(0.2)
+            try:
+                view = _deploy(ctx, request)
+            except UnknownDeploy:
+                return
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+async def cancel_deploy(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    view = _deploy(ctx, request)
+    if view["stage"] == "done":
+        return error(409, "conflict", f"deploy {view['deploy_id']} is already {view['status']}")
+    result = await c.submit(c.command(
+        cmd.DeployEvent, actor=ctx.actor, key=idempotency_key(request), app=view["app"],
+        deploy_id=view["deploy_id"],
+        event={"type": "cancel", "reason": f"cancelled by {ctx.actor}"}))
+    return from_result(result)
+
+
+async def rollback(request: Request, ctx: Context) -> Response:
+    """Deploy an earlier release again (default: the one before the current)."""
+    c = ctx.coordinator
+    app = request.path_params["app"]
+    body = await read_json(request)
+    to = body.get("to")
+
+    def choose(s: ClusterState) -> tuple[str | None, list[str]] | None:
+        if app not in s.apps:
+            return None
+        names = [f"r{r.number}" for r in s.releases[app]]
+        current = s.apps[app].current_release
+        return current, names
+
+    found = c.read(choose)
+    if found is None:
+        return error(404, "unknown_app", f"app {app!r} does not exist")
+    current, names = found
+    if to is None:
+        earlier = names[:names.index(current)] if current in names else []
+        if not earlier:
+            return error(409, "nothing_to_roll_back_to",
+                         f"{app} has no release before {current or 'its first deploy'}")
+        to = earlier[-1]
+    if not isinstance(to, str) or to not in names:
+        return error(404, "unknown_release", f"{app} has no release {to!r}; it has {names}")
+    started = await begin_deploy(c, app=app, release=to, actor=ctx.actor,
+                                 key=idempotency_key(request), **deploy_options(body))
+    if not started.get("ok"):
+        return from_result(started)
+    return JSONResponse({**started, "app": app}, status_code=201)
+
+
+async def get_artifact(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    sha256 = request.path_params["sha256"]
+    if request.headers.get("x-superagent-no-fetch") != "1":
+        await c.ensure_artifact(sha256)
+    size = (await c.store.stat(sha256)).size
+    return StreamingResponse(c.store.open_chunks(sha256), media_type="application/octet-stream",
+                             headers={"content-length": str(size),
+                                      "x-superagent-sha256": sha256})
+
+
+async def put_artifact(request: Request, ctx: Context) -> Response:
+    artifact = await ctx.coordinator.store.put(request.stream(),
+                                               expected_sha256=request.path_params["sha256"])
+    return JSONResponse({"ok": True, "sha256": artifact.sha256, "size": artifact.size})
+
+
+async def propose(request: Request, ctx: Context) -> Response:
+    """A command forwarded by a follower; answered here only while this node leads."""
+    c = ctx.coordinator
+    if not c.is_leader():
+        return error(421, "not_leader", f"{c.config.id} is not the leader")
+    raw = await request.body()
+    cmd.decode(raw)  # refuse garbage before it reaches the log
+    result = await c.raft.propose(raw.decode(), 5.0)
+    # the follower waits until it has applied this far, so its next read sees the write
+    return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
+
+
+async def list_nodes(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    now = _now()
+    nodes = c.read(lambda s: [node_view(c, n, now) for _, n in sorted(s.nodes.items())])
+    return JSONResponse({"nodes": nodes, "live": c.is_leader()})
+
+
+async def get_node(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    name, now = request.path_params["node"], _now()
+    found = c.read(lambda s: node_view(c, s.nodes[name], now) if name in s.nodes else None)
+    if found is None:
+        return error(404, "unknown_node", f"node {name!r} is not registered")
+    return JSONResponse(found)
+
+
+async def register_node(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    if not c.is_leader():
+        return await forward(request, ctx)
+    body = await read_json(request)
+    node = field(body, "node", str)
+    command = c.command(cmd.RegisterNode, actor=f"node:{node}", node=node,
+                        address=field(body, "address", str),
+                        groups=tuple(field(body, "groups", list, ["default"])),
+                        capacity=field(body, "capacity", int, 100))
+    result = await c.submit(command)
+    if result.get("ok"):
+        await c.heartbeat(node, None)
+    return from_result(result)
+
+
+async def heartbeat(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    if not c.is_leader():
+        return await forward(request, ctx)
+    body = await read_json(request)
+    status = body.get("status")
+    node = request.path_params["node"]
+    if not await c.heartbeat(node, status if isinstance(status, dict) else None):
+        return error(404, "UnknownNode", f"node {node!r} is not registered: register first")
+    return JSONResponse({"ok": True})
+
+
+async def node_lifecycle(request: Request, ctx: Context) -> Response:
+    """drain / offline / online: commit the lifecycle, then tell the participant."""
+    c = ctx.coordinator
+    node, action = request.path_params["node"], request.path_params["action"]
+    target = {"drain": "draining", "offline": "offline", "online": "online"}.get(action)
+    if target is None:
+        return error(404, "unknown_action", f"no node action {action!r}:"
+                                            " use drain, offline or online")
+    command = c.command(cmd.SetNodeLifecycle, actor=ctx.actor, key=idempotency_key(request),
+                        node=node, lifecycle=target)
+    result = await c.submit(command)
+    if not result.get("ok"):
+        return from_result(result)
+    signalled = await _signal_offline(c, node, offline=target != "online", signal_id=command.key)
+    return JSONResponse({**result, "signalled": signalled})
+
+
+async def _signal_offline(c: Coordinator, node: str, *, offline: bool, signal_id: str) -> bool:
+    """Best effort: the participant's proxy answers 503 on /-/healthz while not online."""
+    address = c.read(lambda s: s.nodes[node].address if node in s.nodes else None)
+    if address is None or c.http is None:
+        return False
+    try:
+        response = await c.http.post(
+            f"http://{address}/v1/signals/offline",
+            json={"id": f"lifecycle-{signal_id}", "term": c.raft.status()["term"],
+                  "offline": offline},
+            headers={"authorization": f"Bearer {c.config.secret}"}, timeout=5.0)
+    except httpx.HTTPError as exc:
+        log.warning("participant not signalled", node=node, error=repr(exc))
+        return False
+    return response.status_code == 200
+
+
+async def audit(request: Request, ctx: Context) -> Response:
+    try:
+        limit = int(request.query_params.get("limit", AUDIT_DEFAULT))
+    except ValueError:
+        return error(400, "bad_limit", "limit must be an integer")
+    if not 1 <= limit <= AUDIT_MAX:
+        return error(400, "bad_limit", f"limit must be 1..{AUDIT_MAX}")
+    entries = ctx.coordinator.read(lambda s: [dict(e) for e in s.audit[-limit:]])
+    return JSONResponse({"audit": entries[::-1]})
+
+
+async def forward(request: Request, ctx: Context) -> Response:
+    """Send this request as it is to the leader and answer with the leader's answer."""
+    c = ctx.coordinator
+    url = c.leader_url()
+    if url is None or c.http is None:
+        raise NoLeader(node=c.config.id)
+    headers = {k: v for k, v in request.headers.items()
+               if k in ("authorization", "content-type", "idempotency-key")}
+    try:
+        answer = await c.http.request(request.method, f"{url}{request.url.path}",
+                                      content=await request.body(), headers=headers)
+    except httpx.HTTPError as exc:
+        return error(503, "no_leader", f"the leader at {url} is unreachable: {exc!r}")
+    return Response(answer.content, status_code=answer.status_code,
+                    media_type=answer.headers.get("content-type"))
+
+
+def _now() -> float:
+    import trio
+
+    return trio.current_time()
+
+
+ROUTES: tuple[Endpoint, ...] = (
+    Endpoint("GET", "/healthz", "none", "Liveness; 503 while no leader is known", healthz),
+    Endpoint("GET", "/metrics", "none", "Prometheus metrics", metrics),
+    Endpoint("GET", "/api/v1/openapi.json", "none", "This API's OpenAPI document", openapi),
+    Endpoint("GET", "/api/v1/cluster", "admin",
+             "Raft members, leader, term, commit index, health", cluster),
+    Endpoint("GET", "/api/v1/apps", "admin", "List apps", list_apps),
+    Endpoint("POST", "/api/v1/apps", "admin",
+             "Create an app from a manifest document (superagent.toml as JSON)", create_app),
+    Endpoint("GET", "/api/v1/apps/{app}", "admin", "One app", get_app),
+    Endpoint("DELETE", "/api/v1/apps/{app}", "admin", "Delete an app", delete_app),
+    Endpoint("GET", "/api/v1/apps/{app}/releases", "admin", "An app's releases", list_releases),
+    Endpoint("POST", "/api/v1/apps/{app}/releases", "admin",
+             "Upload a source tarball (body) as a new release", create_release),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys", "admin", "An app's deploys, newest first",
+             list_deploys),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "admin",
+             "A deploy: stage, per-node steps, timeline, logs", get_deploy),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}/events", "admin",
+             "Server-sent events of a deploy's progress until it is done", deploy_events),
+    Endpoint("POST", "/api/v1/apps/{app}/deploys/{deploy}/cancel", "admin",
+             "Cancel a running deploy (it is compensated)", cancel_deploy),
+    Endpoint("POST", "/api/v1/apps/{app}/rollback", "admin",
+             "Deploy an earlier release again ({\"to\": \"rN\"}, default the previous)",
+             rollback),
+    Endpoint("GET", "/api/v1/artifacts/{sha256}", "any", "A stored blob by sha256",
+             get_artifact),
+    Endpoint("GET", "/api/v1/nodes", "admin", "Participants with lifecycle and liveness",
+             list_nodes),
+    Endpoint("POST", "/api/v1/nodes/register", "secret", "A participant joins", register_node),
+    Endpoint("GET", "/api/v1/nodes/{node}", "admin", "One participant", get_node),
+    Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "secret",
+             "A participant's heartbeat", heartbeat),
+    Endpoint("POST", "/api/v1/nodes/{node}/{action}", "admin",
+             "Set a node's lifecycle: drain, offline or online", node_lifecycle),
+    Endpoint("GET", "/api/v1/audit", "admin", "The audit log, newest first (?limit=N)", audit),
+    Endpoint("POST", "/api/v1/internal/propose", "secret",
+             "A command forwarded by a follower", propose),
+    Endpoint("PUT", "/api/v1/internal/artifacts/{sha256}", "secret",
+             "Store a blob replicated by a peer", put_artifact),
+)
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for e in ROUTES:
+        op: dict[str, Any] = {
+            "summary": e.summary, "operationId": e.handler.__name__,
+            "responses": {"200": {"description": "OK"},
+                          "default": {"description": "Error: {error, detail}"}},
+        }
+        params = [p.strip("{}") for p in e.path.split("/") if p.startswith("{")]
+        if params:
+            op["parameters"] = [{"name": p, "in": "path", "required": True,
+                                 "schema": {"type": "string"}} for p in params]
+        if e.auth != "none":
+            op["security"] = [{"token": []}] if e.auth == "admin" else [{"secret": []}]
+            op["responses"]["401"] = {"description": "Missing or invalid credentials"}
+        paths.setdefault(e.path, {})[e.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "superagent coordinator API", "version": __version__},
+        "paths": paths,
+        "components": {"securitySchemes": {
+            "token": {"type": "http", "scheme": "bearer",
+                      "description": "An API token (the admin token is shown at cluster init)"},
+            "secret": {"type": "http", "scheme": "bearer",
+                       "description": "The cluster secret (participants, coordinators)"}}},
+    }
+
+
+def _endpoint(coordinator: Coordinator, e: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    async def view(request: Request) -> Response:
+        credential = bearer(request.headers.get("authorization", ""))
+        actor = ""
+        if e.auth != "none":
+            if e.auth in ("admin", "any"):
+                actor = coordinator.read(lambda s: token_name(credential, s.tokens)) or ""
+            if not actor and e.auth in ("secret", "any") and is_secret(
+                    credential, coordinator.config.secret):
+                actor = "cluster"
+            if not actor:
+                return error(401, "unauthorized", "a valid API token is required"
+                             if e.auth != "secret" else "the cluster secret is required",
+                             )
+        try:
+            return await e.handler(request, Context(coordinator, actor))
+        except (CoordinatorError, ConfigError) as exc:
+            return from_exception(exc)
+    view.__name__ = e.handler.__name__
+    return view
+
+
+class _LeaderHeader:
+    """Adds ``X-Superagent-Leader`` and counts responses for ``/metrics``."""
+
+    def __init__(self, app: ASGIApp, coordinator: Coordinator) -> None:
+        self.app, self.coordinator = app, coordinator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                key = (scope["method"], int(message["status"]))
+                counts = self.coordinator.requests
+                counts[key] = counts.get(key, 0) + 1
+                url = self.coordinator.leader_url()
+                if url is not None:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-superagent-leader", url.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
+def api_app(coordinator: Coordinator) -> ASGIApp:
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("api handler failed", path=request.url.path)
+        return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    routes = [Route(e.path, _endpoint(coordinator, e), methods=[e.method]) for e in ROUTES]
+    app = Starlette(routes=routes, exception_handlers={Exception: unexpected})
+    return _LeaderHeader(app, coordinator)

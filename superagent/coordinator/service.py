@@ -1,0 +1,379 @@
+"""The coordinator process: Raft, the artifact store, membership and the API, wired together.
+
+Theory of operation. Every coordinator runs the same code; Raft decides which one leads.
+
+- **Writes** become commands. ``submit`` proposes a command on the leader, or forwards its
+  JSON to the leader's ``/api/v1/internal/propose`` when this node follows; either way the
+  command carries an idempotency key, so a retry after a timeout or a leader change applies
+  it once. ``submit`` keeps retrying (same key) until ``SUBMIT_TIMEOUT`` while there is no
+  leader, then answers ``NoLeader`` (503).
+- **Where the leader is.** Raft knows the leader's Raft address; peers map it to a
+  coordinator id (``--peers``), and each coordinator registers its API URL in the
+  replicated state (``RegisterCoordinator``) once a leader exists, so every node can
+  forward to the leader's API.
+- **Artifacts.** An upload is stored here, then replicated to a majority of coordinators
+  before its release is committed. A coordinator asked for a blob it lacks fetches it from
+  a peer first.
+- **Membership.** Participants register (a Raft write) and heartbeat (memory of the
+  leader only; see ``membership``). The leader's ``_watch_nodes`` loop commits
+  ``NodeDown``/``NodeUp`` transitions.
+- **The admin token** is created by the first leader of a new cluster: committed as a
+  hash, printed once on stdout (and written to ``admin_token_file`` when configured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tarfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+import trio
+
+from superagent.coordinator import commands as cmd
+from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, Peer, replicate
+from superagent.coordinator.auth import new_token, token_hash
+from superagent.coordinator.deploy.runner import DeployRunner
+from superagent.coordinator.errors import (
+    CoordinatorError,
+    NoLeader,
+    NotLeader,
+    RaftError,
+    UnknownArtifact,
+)
+from superagent.coordinator.membership import Liveness
+from superagent.coordinator.raft import RaftNode
+from superagent.coordinator.state import ClusterState, Result
+from superagent.errors import ConfigError
+from superagent.participant.manifest import AppSpec, manifest_from
+
+log = structlog.get_logger(__name__)
+
+SUBMIT_TIMEOUT = 10.0  # a write waits this long for a leader before answering 503
+PROPOSE_TIMEOUT = 5.0  # one Raft round; retried with the same key within SUBMIT_TIMEOUT
+REPLICATE_TIMEOUT = 60.0  # an artifact reaches a majority of coordinators within this
+NODE_TIMEOUT = 10.0  # a participant silent this long is marked down
+WATCH_PERIOD = 0.5  # how often the leader checks liveness and its own registration
+MANIFEST_MAX = 1024 * 1024  # bytes of a manifest read from an uploaded tarball
+APPLIED_INDEX = "_applied_index"  # a forwarded command's result: the leader's Raft index
+CATCH_UP_TIMEOUT = 2.0  # a follower waits this long to apply what it forwarded
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Settings of ``superagent coordinator``."""
+
+    id: str
+    peers: dict[str, str]  # coordinator id -> Raft address, this one included
+    api: tuple[str, int]
+    data_dir: Path
+    secret: str
+    api_url: str = ""  # advertised base URL; default http://<api host>:<api port>
+    admin_token_file: Path | None = None
+    node_timeout: float = NODE_TIMEOUT
+    max_upload: int = DEFAULT_MAX_BYTES
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def raft_address(self) -> str:
+        return self.peers[self.id]
+
+    @property
+    def url(self) -> str:
+        if self.api_url:
+            return self.api_url.rstrip("/")
+        host = f"[{self.api[0]}]" if ":" in self.api[0] else self.api[0]
+        return f"http://{host}:{self.api[1]}"
+
+
+class Coordinator:
+    """One coordinator (see the module docstring)."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        if config.id not in config.peers:
+            raise ConfigError(f"--id {config.id!r} is not one of --peers", key="peers")
+        self.config = config
+        self.raft = RaftNode(config.raft_address, list(config.peers.values()),
+                             secret=config.secret, data_dir=config.data_dir / "raft",
+                             state=ClusterState())
+        self.store = ArtifactStore(config.data_dir / "artifacts", max_bytes=config.max_upload)
+        self.liveness = Liveness(config.node_timeout)
+        self.http: httpx.AsyncClient | None = None
+        self.started_at = time.time()
+        self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
+        self._by_raft = {address: cid for cid, address in config.peers.items()}
+        self.deploys = DeployRunner(self)
+        self._log = log.bind(coordinator=config.id)
+
+    def __repr__(self) -> str:
+        return f"<Coordinator {self.config.id} api={self.config.url} raft={self.raft!r}>"
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Start Raft and serve the API until cancelled."""
+        from superagent.coordinator.api import api_app
+        from superagent.httpserver import check_bindable, serve_app
+
+        check_bindable(self.config.api, key="--api")
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        await trio.to_thread.run_sync(self.raft.start)
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0)) as http:
+                self.http = http
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.raft.watch)
+                    await nursery.start(serve_app, api_app(self), self.config.api)
+                    nursery.start_soon(self._register_self)
+                    nursery.start_soon(self._init_admin_token)
+                    nursery.start_soon(self._watch_nodes)
+                    nursery.start_soon(self.deploys.run)
+                    self._log.info("coordinator ready", api=self.config.url,
+                                   raft=self.config.raft_address,
+                                   peers=sorted(self.config.peers))
+                    task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.raft.close)
+            self._log.info("coordinator stopped")
+
+    # ------------------------------------------------------------------ reads
+    def read(self, reader: Callable[[ClusterState], Any]) -> Any:
+        """Run ``reader`` on the replicated state (never while a command applies)."""
+        return self.raft.read_state(lambda state: reader(state))  # type: ignore[arg-type]
+
+    def is_leader(self) -> bool:
+        return self.raft.is_leader()
+
+    def leader_id(self) -> str | None:
+        address = self.raft.leader()
+        return None if address is None else self._by_raft.get(address)
+
+    def leader_url(self) -> str | None:
+        """The leader's API URL, once it has registered it."""
+        if self.is_leader():
+            return self.config.url
+        cid = self.leader_id()
+        if cid is None:
+            return None
+        url: str | None = self.read(lambda s: s.coordinators.get(cid))
+        return url
+
+    def peer_urls(self) -> dict[str, str | None]:
+        """Every other coordinator's API URL (None until it registered)."""
+        known: dict[str, str] = self.read(lambda s: dict(s.coordinators))
+        return {cid: known.get(cid) for cid in sorted(self.config.peers) if cid != self.config.id}
+
+    # ------------------------------------------------------------------ writes
+    async def submit(self, command: cmd.Command) -> Result:
+        """Commit ``command`` on the leader, wherever it is; returns the state's result.
+
+        Raises NoLeader when no leader could take it within SUBMIT_TIMEOUT.
+        """
+        text = command.to_json()
+        deadline = trio.current_time() + SUBMIT_TIMEOUT
+        delay = 0.05
+        while True:
+            try:
+                if self.is_leader():
+                    return await self.raft.propose(text, PROPOSE_TIMEOUT)
+                url = self.leader_url()
+                if url is not None:
+                    return await self._forward_command(url, text)
+            except RaftError as exc:  # NotLeader, a timeout: retry with the same key
+                self._log.info("submit retry", key=command.key, reason=exc.reason)
+            except (httpx.HTTPError, _Misdirected) as exc:
+                self._log.info("forward retry", key=command.key, error=repr(exc))
+            if trio.current_time() + delay > deadline:
+                raise NoLeader(node=self.config.id, waited=SUBMIT_TIMEOUT)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _forward_command(self, url: str, text: str) -> Result:
+        assert self.http is not None
+        response = await self.http.post(f"{url}/api/v1/internal/propose", content=text,
+                                        headers=self.internal_headers(), timeout=PROPOSE_TIMEOUT)
+        if response.status_code != 200:
+            raise _Misdirected(f"{url} answered {response.status_code}")
+        result: Result = response.json()
+        index = result.pop(APPLIED_INDEX, 0)
+        with trio.move_on_after(CATCH_UP_TIMEOUT):  # read-your-writes on this follower
+            while self.raft.status()["last_applied"] < index:
+                await trio.sleep(0.005)
+        return result
+
+    def internal_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.config.secret}",
+                "content-type": "application/json"}
+
+    def command(self, cls: type[cmd.Command], *, actor: str, key: str | None = None,
+                **fields: Any) -> cmd.Command:
+        """A command stamped with the time and a fresh (or the client's) idempotency key."""
+        return cls(key=key or secrets.token_hex(16), at=time.time(), actor=actor, **fields)
+
+    # ------------------------------------------------------------------ artifacts
+    async def store_release(self, chunks: AsyncIterator[bytes], *, app: str,
+                            expected_sha256: str | None = None) -> tuple[str, int, AppSpec]:
+        """Store an uploaded tarball, read its manifest, replicate it to a majority.
+
+        Raises ArtifactTooLarge (413), ChecksumMismatch (400), ConfigError (bad manifest),
+        NoQuorum (503).
+        """
+        artifact = await self.store.put(chunks, expected_sha256=expected_sha256)
+        path = self.store.path(artifact.sha256)
+        spec = await trio.to_thread.run_sync(_manifest_of_tarball, path, app)
+        await replicate(artifact.sha256, artifact.size, self.store, self._artifact_peers(),
+                        timeout=REPLICATE_TIMEOUT)
+        return artifact.sha256, artifact.size, spec
+
+    def _artifact_peers(self) -> list[Peer]:
+        return [self._peer_sender(cid, url) for cid, url in self.peer_urls().items()]
+
+    def _peer_sender(self, cid: str, url: str | None) -> Peer:
+        async def send(sha256: str, path: Path) -> None:
+            if url is None:
+                raise ConnectionError(f"coordinator {cid} has not registered its API URL")
+            assert self.http is not None
+            response = await self.http.put(
+                f"{url}/api/v1/internal/artifacts/{sha256}", content=_file_chunks(path),
+                headers={"authorization": f"Bearer {self.config.secret}"},
+                timeout=REPLICATE_TIMEOUT)
+            response.raise_for_status()
+        return send
+
+    async def ensure_artifact(self, sha256: str) -> None:
+        """Make sure the blob is stored here, fetching it from a peer that has it."""
+        if await self.store.has(sha256):
+            return
+        assert self.http is not None
+        for cid, url in self.peer_urls().items():
+            if url is None:
+                continue
+            try:
+                async with self.http.stream(
+                    "GET", f"{url}/api/v1/artifacts/{sha256}",
+                    headers={"authorization": f"Bearer {self.config.secret}",
+                             "x-superagent-no-fetch": "1"},
+                    timeout=REPLICATE_TIMEOUT,
+                ) as response:
+                    if response.status_code != 200:
+                        continue
+                    await self.store.put(response.aiter_bytes(), expected_sha256=sha256)
+                    self._log.info("artifact fetched from peer", sha256=sha256, peer=cid)
+                    return
+            except (httpx.HTTPError, CoordinatorError) as exc:
+                self._log.warning("artifact fetch from peer failed", sha256=sha256, peer=cid,
+                                  error=repr(exc))
+        raise UnknownArtifact(sha256)
+
+    # ------------------------------------------------------------------ membership
+    async def heartbeat(self, node: str, status: dict[str, Any] | None) -> bool:
+        """Record a heartbeat on the leader; False when the node is not registered."""
+        known: bool = self.read(lambda s: node in s.nodes)
+        if known:
+            self.liveness.beat(node, trio.current_time(), status)
+        return known
+
+    async def _watch_nodes(self) -> None:
+        leading = False
+        while True:
+            await trio.sleep(WATCH_PERIOD)
+            now = trio.current_time()
+            if self.is_leader() != leading:
+                leading = not leading
+                if leading:
+                    self.liveness.lead(now)
+                else:
+                    self.liveness.follow()
+            if not leading:
+                continue
+            up = self.read(lambda s: {n.name: n.up for n in s.nodes.values()})
+            down, back = self.liveness.due(up, now)
+            for name, cls in [(n, cmd.NodeDown) for n in down] + [(n, cmd.NodeUp) for n in back]:
+                try:
+                    await self.submit(self.command(cls, actor=f"coordinator:{self.config.id}",
+                                                   node=name))
+                except CoordinatorError as exc:
+                    self._log.warning("node liveness not committed", node=name, error=str(exc))
+                    continue
+                self._log.info("node liveness", node=name, up=cls is cmd.NodeUp)
+
+    # ------------------------------------------------------------------ bootstrap
+    async def _register_self(self) -> None:
+        """Put this coordinator's API URL in the replicated state, and keep it there."""
+        while True:
+            known = self.read(lambda s: s.coordinators.get(self.config.id))
+            if known != self.config.url:
+                with contextlib.suppress(CoordinatorError):
+                    await self.submit(self.command(
+                        cmd.RegisterCoordinator, actor=f"coordinator:{self.config.id}",
+                        coordinator=self.config.id, api_url=self.config.url))
+            await trio.sleep(WATCH_PERIOD)
+
+    async def _init_admin_token(self) -> None:
+        """The first leader of a new cluster creates the admin token and shows it once."""
+        while not self.read(lambda s: bool(s.tokens)):
+            await trio.sleep(WATCH_PERIOD)
+            if not self.is_leader():
+                continue
+            token = new_token()
+            try:
+                result = await self.submit(self.command(
+                    cmd.AddToken, actor=f"coordinator:{self.config.id}",
+                    key="init:admin-token", name="admin", sha256=token_hash(token)))
+            except (NotLeader, NoLeader, RaftError):
+                continue
+            if result.get("ok") and not result.get("repeated"):
+                self._show_token(token)
+                return
+
+    def _show_token(self, token: str) -> None:
+        path = self.config.admin_token_file
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+        print(f"superagent: admin token (shown once): {token}", flush=True)
+        self._log.info("admin token created", written_to=str(path) if path else None)
+
+
+class _Misdirected(Exception):
+    """The node a command was forwarded to could not take it (it stopped leading)."""
+
+
+async def _file_chunks(path: Path, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    fh = await trio.to_thread.run_sync(path.open, "rb")
+    try:
+        while chunk := await trio.to_thread.run_sync(fh.read, size):
+            yield chunk
+    finally:
+        fh.close()
+
+
+def _manifest_of_tarball(path: Path, app: str) -> AppSpec:
+    """The manifest at the root of a release tarball; raises ConfigError."""
+    source = "upload"
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            members = {m.name.removeprefix("./"): m for m in tf.getmembers()}
+
+            def read(name: str) -> bytes | None:
+                member = members.get(name)
+                if member is None or not member.isfile():
+                    return None
+                if member.size > MANIFEST_MAX:
+                    raise ConfigError(f"{name} is over {MANIFEST_MAX} bytes", source=source)
+                fh = tf.extractfile(member)
+                return fh.read() if fh is not None else None
+
+            return manifest_from(read, source=source, app=app)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ConfigError(f"not a readable tar archive: {exc}", source=source) from None

@@ -1,0 +1,191 @@
+"""``superagent up``: the embedded single-machine cluster.
+
+One process runs a single-node coordinator and one participant (whose proxy workers are
+its children), with everything under ``./.superagent/``: the cluster secret (created once,
+0600), the admin token (written by the coordinator when the cluster is created), the Raft
+journal, the artifacts, the releases and the logs. Running it again resumes the same
+cluster: apps that had a release serving are deployed again through the saga (their
+releases are still prepared, so nothing is rebuilt). ``--demo`` deploys the bundled demo
+app when it is not there yet. Ctrl-C (or SIGTERM) stops the apps, the proxy and the
+coordinator, in that order.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import structlog
+import trio
+
+from superagent.coordinator.deploy.runner import begin_deploy
+from superagent.coordinator.errors import CoordinatorError
+from superagent.coordinator.service import Coordinator, CoordinatorConfig
+from superagent.errors import SuperagentError
+from superagent.participant.service import Agent, AgentConfig
+
+log = structlog.get_logger(__name__)
+
+NODE = "local"
+DEMO_APP = "hello"
+READY_TIMEOUT = 30.0
+DEPLOY_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    state_dir: Path
+    api: tuple[str, int] = ("127.0.0.1", 7100)
+    raft: tuple[str, int] = ("127.0.0.1", 7110)
+    rpc: tuple[str, int] = ("127.0.0.1", 7001)
+    listen: str = "127.0.0.1:8080"
+    demo: bool = False
+
+
+def read_or_create_secret(path: Path) -> str:
+    if path.exists():
+        secret = path.read_text().strip()
+        if secret:
+            return secret
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+class Embedded:
+    """The coordinator and the participant of ``superagent up``."""
+
+    def __init__(self, config: UpConfig) -> None:
+        self.config = config
+        state = config.state_dir
+        secret = read_or_create_secret(state / "secret")
+        self.token_file = state / "admin-token"
+        self.coordinator = Coordinator(CoordinatorConfig(
+            id=NODE, peers={NODE: f"{config.raft[0]}:{config.raft[1]}"}, api=config.api,
+            data_dir=state / "coordinator", secret=secret, admin_token_file=self.token_file))
+        self.agent = Agent(AgentConfig(
+            data_dir=state / "participant", secret=secret, node=NODE, rpc=config.rpc,
+            listen=(config.listen,), proxy_workers=1, coordinator=(self.coordinator.config.url,),
+            advertise=f"{config.rpc[0]}:{config.rpc[1]}"))
+
+    def __repr__(self) -> str:
+        return f"<Embedded {self.config.state_dir}>"
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start both, resume or deploy apps, print the banner; stop on SIGINT/SIGTERM."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.coordinator.run)
+                await nursery.start(self.agent.run)
+                await self._wait_for_node()
+                await self._resume()
+                if self.config.demo:
+                    await self.deploy_demo()
+                self._banner()
+                task_status.started()
+                async for _ in signals:
+                    break
+                print("superagent: stopping apps, proxy and coordinator...", file=sys.stderr)
+                with trio.CancelScope(shield=True):
+                    await self.agent.stop_all()
+                nursery.cancel_scope.cancel()
+
+    async def _wait_for_node(self) -> None:
+        with trio.move_on_after(READY_TIMEOUT) as waited:
+            while not self.coordinator.read(lambda s: NODE in s.nodes and s.nodes[NODE].up
+                                            and bool(s.tokens)):
+                await trio.sleep(0.05)
+        if waited.cancelled_caught:
+            raise SuperagentError(f"the participant did not join the coordinator within"
+                                  f" {READY_TIMEOUT:g}s")
+
+    async def _resume(self) -> None:
+        """Deploy again every app whose release served before the last stop."""
+        serving = {i["app"] for i in self.agent.status()["instances"]}
+        current = self.coordinator.read(lambda s: {a.name: a.current_release
+                                                   for a in s.apps.values()
+                                                   if a.current_release})
+        for app, release in sorted(current.items()):
+            if app not in serving:
+                print(f"superagent: resuming {app}@{release}", file=sys.stderr)
+                await self.deploy(app, release)
+
+    async def deploy(self, app: str, release: str) -> str:
+        started = await begin_deploy(self.coordinator, app=app, release=release,
+                                     actor="superagent-up")
+        if not started.get("ok"):
+            raise SuperagentError(f"cannot deploy {app}@{release}: {started.get('error')}")
+        return await self.wait_deploy(started["deploy_id"])
+
+    async def wait_deploy(self, deploy_id: str) -> str:
+        with trio.move_on_after(DEPLOY_TIMEOUT):
+            while True:
+                record = self.coordinator.read(lambda s: s.deploys[deploy_id].record)
+                if record["stage"] == "done":
+                    if record["status"] != "succeeded":
+                        raise SuperagentError(f"deploy {deploy_id} {record['status']}:"
+                                              f" {record['reason']}")
+                    return str(record["release"])
+                await trio.sleep(0.1)
+        raise SuperagentError(f"deploy {deploy_id} did not finish within {DEPLOY_TIMEOUT:g}s")
+
+    async def deploy_demo(self) -> None:
+        """Upload and deploy the bundled demo app unless it is already serving."""
+        if self.coordinator.read(lambda s: DEMO_APP in s.apps
+                                 and s.apps[DEMO_APP].current_release is not None):
+            return
+        from superagent.demo import demo_app_dir
+        from superagent.pack import pack
+
+        print("superagent: deploying the demo app...", file=sys.stderr)
+        token = self.token_file.read_text().strip()
+        with tempfile.TemporaryFile() as archive:
+            packed = pack(demo_app_dir(), archive)
+            archive.seek(0)
+            data = archive.read()
+        async with httpx.AsyncClient(timeout=60.0) as http:
+            response = await http.post(
+                f"{self.coordinator.config.url}/api/v1/apps/{DEMO_APP}/releases"
+                f"?sha256={packed.sha256}", content=data,
+                headers={"authorization": f"Bearer {token}"})
+        doc = response.json()
+        if response.status_code != 201:
+            raise SuperagentError(f"demo upload refused: {doc.get('detail', doc)}")
+        await self.wait_deploy(doc["deploy_id"])
+
+    def _banner(self) -> None:
+        host, port = self.config.listen.rsplit(":", 1)
+        proxy = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        token = self.token_file.read_text().strip() if self.token_file.exists() else "?"
+        lines = [
+            "superagent is up",
+            f"  API:         {self.coordinator.config.url}/api/v1",
+            f"  proxy:       {proxy}",
+            f"  admin token: {token}  (also in {self.token_file})",
+        ]
+        apps = self.coordinator.read(lambda s: sorted((a.name, a.current_release, a.spec)
+                                                      for a in s.apps.values()))
+        for name, release, spec in apps:
+            prefix = spec.get("routes", {}).get("prefix")
+            where = f"{proxy}{prefix}/" if prefix else "(no path route)"
+            lines.append(f"  app {name}@{release or '-'}: {where}")
+        lines.append("Ctrl-C stops everything; `superagent up` again resumes.")
+        print("\n".join(lines), flush=True)
+
+
+def run_up(config: UpConfig) -> int:
+    embedded = Embedded(config)
+    try:
+        trio.run(embedded.run)
+    except CoordinatorError as exc:
+        raise SuperagentError(str(exc)) from None
+    return 0

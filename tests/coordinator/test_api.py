@@ -1,0 +1,298 @@
+"""The coordinator API on a real single-node coordinator (Raft, store, hypercorn) in-process."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import tarfile
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from superagent.cli import main as cli_main
+from superagent.coordinator.service import Coordinator, CoordinatorConfig
+
+SECRET = "test-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tarball(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+MANIFEST = b'[app]\nname = "hello"\n[run]\ncommand = "python3 app.py"\n'
+
+
+class Api:
+    def __init__(self, coordinator: Coordinator, http: httpx.AsyncClient, token: str) -> None:
+        self.coordinator, self.http, self.token = coordinator, http, token
+        self.url = coordinator.config.url
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        token = self.token if token is None else token
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+    async def call(self, method: str, path: str, *, token: str | None = None,
+                   **kw: Any) -> httpx.Response:
+        headers = {**self.auth(token), **kw.pop("headers", {})}
+        return await self.http.request(method, f"{self.url}{path}", headers=headers, **kw)
+
+
+async def wait_until(probe: Any, what: str, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not probe():
+            await trio.sleep(0.02)
+
+
+@pytest.fixture
+async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
+    config = CoordinatorConfig(
+        id="c1", peers={"c1": f"127.0.0.1:{free_port()}"}, api=("127.0.0.1", free_port()),
+        data_dir=tmp_path / "c1", secret=SECRET, admin_token_file=tmp_path / "token",
+        node_timeout=1.0, max_upload=64 * 1024)
+    coordinator = Coordinator(config)
+    await nursery.start(coordinator.run)
+    token_file = tmp_path / "token"
+    await wait_until(token_file.exists, "the admin token file")
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        yield Api(coordinator, http, token_file.read_text().strip())
+    nursery.cancel_scope.cancel()
+
+
+async def test_admin_token_is_shown_once_and_stored_hashed(api: Api, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    tokens = api.coordinator.read(lambda s: dict(s.tokens))
+    assert list(tokens) == ["admin"]
+    assert api.token not in json.dumps(tokens)
+    assert api.token not in api.coordinator.read(lambda s: s.to_json())
+
+
+@pytest.mark.parametrize("path", ["/api/v1/apps", "/api/v1/cluster", "/api/v1/nodes",
+                                  "/api/v1/audit"])
+async def test_admin_endpoints_refuse_missing_wrong_and_secret_credentials(
+        api: Api, path: str) -> None:
+    for token in ("", "sa_wrong", SECRET):
+        response = await api.call("GET", path, token=token)
+        assert response.status_code == 401, (token, response.text)
+        assert response.json()["error"] == "unauthorized"
+
+
+async def test_internal_endpoints_refuse_the_admin_token(api: Api) -> None:
+    response = await api.call("POST", "/api/v1/nodes/register",
+                              json={"node": "n1", "address": "127.0.0.1:1"})
+    assert response.status_code == 401
+
+
+async def test_health_metrics_and_openapi_need_no_token(api: Api) -> None:
+    health = await api.call("GET", "/healthz", token="")
+    assert health.status_code == 200
+    assert health.json()["role"] == "leader"
+    assert health.headers["x-superagent-leader"] == api.url
+    metrics = (await api.call("GET", "/metrics", token="")).text
+    assert "superagent_coordinator_is_leader 1" in metrics
+    doc = (await api.call("GET", "/api/v1/openapi.json", token="")).json()
+    assert doc["openapi"].startswith("3.")
+    assert "post" in doc["paths"]["/api/v1/apps/{app}/releases"]
+    assert doc["paths"]["/api/v1/apps"]["get"]["security"] == [{"token": []}]
+
+
+async def test_app_lifecycle_with_clear_errors(api: Api) -> None:
+    manifest = {"app": {"name": "hello"}, "run": {"command": "python3 app.py"}}
+    created = await api.call("POST", "/api/v1/apps", json=manifest)
+    assert created.status_code == 201, created.text
+    assert created.json()["spec"]["run"]["command"] == "python3 app.py"
+    again = await api.call("POST", "/api/v1/apps", json=manifest)
+    assert again.status_code == 409
+    assert "already exists" in again.json()["detail"]
+
+    bad = await api.call("POST", "/api/v1/apps",
+                         json={"app": {"name": "x"}, "run": {"comand": "y"}})
+    assert bad.status_code == 400
+    assert "run" in bad.json()["detail"]
+    not_json = await api.call("POST", "/api/v1/apps", content=b"{nope")
+    assert not_json.status_code == 400
+    assert not_json.json()["detail"] == "request body is not valid JSON"
+
+    listed = (await api.call("GET", "/api/v1/apps")).json()["apps"]
+    assert [a["name"] for a in listed] == ["hello"]
+    assert (await api.call("GET", "/api/v1/apps/nope")).status_code == 404
+    assert (await api.call("DELETE", "/api/v1/apps/hello")).status_code == 200
+    assert (await api.call("GET", "/api/v1/apps/hello")).status_code == 404
+    audit = (await api.call("GET", "/api/v1/audit?limit=5")).json()["audit"]
+    audit = [e for e in audit if e["target"] == "app:hello"]
+    assert [(e["type"], e["actor"]) for e in audit[:2]] == [
+        ("delete_app", "admin"), ("create_app", "admin")]
+    assert (await api.call("GET", "/api/v1/audit?limit=0")).status_code == 400
+
+
+async def test_idempotency_key_applies_a_retried_write_once(api: Api) -> None:
+    manifest = {"app": {"name": "once"}, "run": {"command": "true"}}
+    headers = {"idempotency-key": "ci-job-17"}
+    first = await api.call("POST", "/api/v1/apps", json=manifest, headers=headers)
+    second = await api.call("POST", "/api/v1/apps", json=manifest, headers=headers)
+    assert (first.status_code, second.status_code) == (201, 201)
+    creates = [e for e in api.coordinator.read(lambda s: list(s.audit))
+               if e["type"] == "create_app"]
+    assert len(creates) == 1
+
+
+async def test_release_upload_stores_blob_then_records_release(api: Api) -> None:
+    body = tarball({"superagent.toml": MANIFEST, "app.py": b"print('hi')\n"})
+    response = await api.call("POST", "/api/v1/apps/hello/releases", content=body)
+    assert response.status_code == 201, response.text
+    doc = response.json()
+    assert doc["release"] == "r1"
+    # the app was created from the manifest in the tarball
+    assert (await api.call("GET", "/api/v1/apps/hello")).json()["latest_release"] == "r1"
+    blob = await api.call("GET", f"/api/v1/artifacts/{doc['sha256']}")
+    assert blob.content == body
+    by_secret = await api.call("GET", f"/api/v1/artifacts/{doc['sha256']}", token=SECRET)
+    assert by_secret.status_code == 200
+    releases = (await api.call("GET", "/api/v1/apps/hello/releases")).json()["releases"]
+    assert [(r["name"], r["sha256"], r["size"]) for r in releases] == [
+        ("r1", doc["sha256"], len(body))]
+
+
+async def test_release_upload_errors(api: Api) -> None:
+    too_big = await api.call("POST", "/api/v1/apps/hello/releases",
+                             content=b"x" * (64 * 1024 + 1))
+    assert too_big.status_code == 413
+    assert "limit" in too_big.json()["detail"]
+    no_manifest = await api.call("POST", "/api/v1/apps/hello/releases",
+                                 content=tarball({"app.py": b""}))
+    assert no_manifest.status_code == 400
+    assert "no app manifest" in no_manifest.json()["detail"]
+    garbage = await api.call("POST", "/api/v1/apps/hello/releases", content=b"not a tarball")
+    assert garbage.status_code == 400
+    other_name = await api.call("POST", "/api/v1/apps/other/releases",
+                                content=tarball({"superagent.toml": MANIFEST}))
+    assert other_name.status_code == 400
+    assert "'hello'" in other_name.json()["detail"]
+    mismatch = await api.call("POST", f"/api/v1/apps/hello/releases?sha256={'0' * 64}",
+                              content=tarball({"superagent.toml": MANIFEST}))
+    assert mismatch.status_code == 400
+    assert (await api.call("GET", "/api/v1/apps")).json()["apps"] == []
+    unknown = await api.call("GET", f"/api/v1/artifacts/{'1' * 64}")
+    assert unknown.status_code == 404
+    bad_name = await api.call("GET", "/api/v1/artifacts/xyz")
+    assert bad_name.status_code == 400
+
+
+async def test_node_registers_heartbeats_goes_down_and_up(api: Api) -> None:
+    secret = {"token": SECRET}
+    reg = await api.call("POST", "/api/v1/nodes/register", **secret,
+                         json={"node": "n1", "address": "127.0.0.1:9", "groups": ["web"],
+                               "capacity": 4})
+    assert reg.status_code == 200, reg.text
+
+    async def node() -> dict[str, Any]:
+        doc: dict[str, Any] = (await api.call("GET", "/api/v1/nodes/n1")).json()
+        return doc
+
+    assert (await node())["up"] is True
+    beat = await api.call("POST", "/api/v1/nodes/n1/heartbeat", **secret,
+                          json={"status": {"instances": []}})
+    assert beat.status_code == 200
+    assert (await node())["status"] == {"instances": []}
+    # silent for longer than node_timeout (1 s): marked down, committed
+    with trio.fail_after(5):
+        while (await node())["up"]:
+            await trio.sleep(0.1)
+    assert api.coordinator.read(lambda s: s.nodes["n1"].up) is False
+    await api.call("POST", "/api/v1/nodes/n1/heartbeat", **secret, json={})
+    with trio.fail_after(5):
+        while not (await node())["up"]:
+            await trio.sleep(0.1)
+    unknown = await api.call("POST", "/api/v1/nodes/n2/heartbeat", **secret, json={})
+    assert unknown.status_code == 404
+    bad = await api.call("POST", "/api/v1/nodes/register", **secret,
+                         json={"node": "bad name", "address": "x:1"})
+    assert bad.status_code == 400
+    assert "node" in bad.json()["detail"]
+
+
+async def test_node_lifecycle_drain_offline_online(api: Api) -> None:
+    await api.call("POST", "/api/v1/nodes/register", token=SECRET,
+                   json={"node": "n1", "address": f"127.0.0.1:{free_port()}"})
+    offline_first = await api.call("POST", "/api/v1/nodes/n1/offline")
+    assert offline_first.status_code == 409
+    assert "online" in offline_first.json()["detail"]
+    drained = await api.call("POST", "/api/v1/nodes/n1/drain")
+    assert drained.json()["lifecycle"] == "draining"
+    assert drained.json()["signalled"] is False  # nothing listens at its address
+    assert (await api.call("POST", "/api/v1/nodes/n1/offline")).json()["lifecycle"] == "offline"
+    assert (await api.call("POST", "/api/v1/nodes/n1/reboot")).status_code == 404
+    assert (await api.call("POST", "/api/v1/nodes/zz/drain")).status_code == 404
+
+
+async def test_cli_queries_against_the_api(api: Api, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
+    await api.call("POST", "/api/v1/apps", json={"app": {"name": "web"},
+                                                 "run": {"command": "true"}})
+    common = ["--server", api.url, "--token", api.token]
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = cli_main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = await trio.to_thread.run_sync(lambda: run("apps", *common))
+    assert code == 0 and "web" in out and "APP" in out
+    code, out, _ = await trio.to_thread.run_sync(lambda: run("cluster", "--json", *common))
+    assert code == 0 and json.loads(out)["leader"] == "c1"
+    code, out, _ = await trio.to_thread.run_sync(lambda: run("status", *common))
+    assert code == 0 and "leader c1" in out and "no participants" in out
+    code, _, err = await trio.to_thread.run_sync(
+        lambda: run("apps", "--server", api.url, "--token", "sa_bad"))
+    assert code == 2 and "not authorised" in err
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, out, _ = await trio.to_thread.run_sync(
+        lambda: run("apps", "--server", f"{dead},{api.url}", "--token", api.token))
+    assert code == 0 and "web" in out  # the dead server is skipped
+    code, _, err = await trio.to_thread.run_sync(lambda: run("nodes", "--server", "ftp://x"))
+    assert code == 2 and "must start with http" in err
+
+
+def test_bad_coordinator_arguments_are_one_line_errors(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    cases = [
+        (["--id", "c9", "--peers", "c1=127.0.0.1:1"], "own id"),
+        (["--peers", "c1:127.0.0.1:1"], "ID=HOST:PORT"),
+        (["--id", "bad id"], "--id"),
+        (["--api-url", "localhost:1"], "http://"),
+    ]
+    for argv, expected in cases:
+        code = cli_main(["coordinator", "--data-dir", str(tmp_path / "d"),
+                         "--secret-file", str(secret), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and "Traceback" not in err, (argv, err)
+    code = cli_main(["coordinator", "--data-dir", str(tmp_path / "d")])
+    assert code == 2 and "secret" in capsys.readouterr().err
+
+
+def test_config_url_defaults_to_api_address(tmp_path: Path) -> None:
+    config = CoordinatorConfig(id="c1", peers={"c1": "127.0.0.1:1"}, api=("::1", 80),
+                               data_dir=tmp_path, secret="s")
+    assert config.url == "http://[::1]:80"
+    assert replace(config, api_url="https://x:1/").url == "https://x:1"
