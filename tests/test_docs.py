@@ -24,7 +24,7 @@ def test_proxy_config_example_validates() -> None:
 
 
 def test_demo_config_validates() -> None:
-    """examples/proxy.toml, used by scripts/demo, is a valid proxy config."""
+    """examples/proxy.toml, used by scripts/proxy-demo, is a valid proxy config."""
     doc = tomllib.loads((ROOT / "examples" / "proxy.toml").read_text())
     _, snapshot = config_from_document(doc, source="examples/proxy.toml", version=1)
     assert snapshot.apps[0].prefix == "/hello"
@@ -36,7 +36,7 @@ def test_readme_opens_with_two_commands() -> None:
     first_block = re.search(r"```sh\n(.*?)```", readme, re.S)
     assert first_block is not None
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
-    assert commands == ["./scripts/demo", "./scripts/test"]
+    assert commands == ["./scripts/up --demo", "./scripts/test"]
     assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
 
 
