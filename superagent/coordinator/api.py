@@ -260,6 +260,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
         return error(400, "bad_app_name", f"app name {name!r} does not match"
                                           f" {cmd.APP_NAME.pattern}")
     expected = request.query_params.get("sha256")
+    options = deploy_options(request.query_params)  # refused before anything is stored
     sha256, size, spec = await c.store_release(request.stream(), app=name,
                                                expected_sha256=expected)
     key = idempotency_key(request)
@@ -281,8 +282,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
         return JSONResponse(doc, status_code=201)
     try:
         started = await begin_deploy(c, app=name, release=release, actor=ctx.actor,
-                                     key=f"{key}:deploy" if key else None,
-                                     **deploy_options(request.query_params))
+                                     key=f"{key}:deploy" if key else None, **options)
     except CoordinatorError as exc:
         return error(exc.status_hint, exc.code, f"release {release} recorded, not deployed:"
                      f" {exc}", release=release)

@@ -156,10 +156,10 @@ async def test_idempotency_key_applies_a_retried_write_once(api: Api) -> None:
 
 async def test_release_upload_stores_blob_then_records_release(api: Api) -> None:
     body = tarball({"superagent.toml": MANIFEST, "app.py": b"print('hi')\n"})
-    response = await api.call("POST", "/api/v1/apps/hello/releases", content=body)
+    response = await api.call("POST", "/api/v1/apps/hello/releases?deploy=false", content=body)
     assert response.status_code == 201, response.text
     doc = response.json()
-    assert doc["release"] == "r1"
+    assert (doc["release"], doc["deploy_id"]) == ("r1", None)
     # the app was created from the manifest in the tarball
     assert (await api.call("GET", "/api/v1/apps/hello")).json()["latest_release"] == "r1"
     blob = await api.call("GET", f"/api/v1/artifacts/{doc['sha256']}")
@@ -169,6 +169,26 @@ async def test_release_upload_stores_blob_then_records_release(api: Api) -> None
     releases = (await api.call("GET", "/api/v1/apps/hello/releases")).json()["releases"]
     assert [(r["name"], r["sha256"], r["size"]) for r in releases] == [
         ("r1", doc["sha256"], len(body))]
+
+
+async def test_release_without_participants_is_recorded_not_deployed(api: Api) -> None:
+    body = tarball({"superagent.toml": MANIFEST})
+    response = await api.call("POST", "/api/v1/apps/hello/releases", content=body)
+    assert response.status_code == 409
+    doc = response.json()
+    assert doc["error"] == "no_targets" and doc["release"] == "r1"
+    assert "no participant is online" in doc["detail"] and "default" in doc["detail"]
+    rollback = await api.call("POST", "/api/v1/apps/hello/rollback", json={})
+    assert rollback.status_code == 409
+    assert "no release before" in rollback.json()["detail"]
+    unknown = await api.call("POST", "/api/v1/apps/hello/rollback", json={"to": "r9"})
+    assert unknown.status_code == 404
+    bad = await api.call("POST", "/api/v1/apps/hello/releases?max_parallel=0", content=body)
+    assert bad.status_code == 400 and "max_parallel" in bad.json()["detail"]
+    releases = (await api.call("GET", "/api/v1/apps/hello/releases")).json()["releases"]
+    assert len(releases) == 1  # refused before it was stored or recorded
+    missing = await api.call("GET", "/api/v1/apps/hello/deploys/nope")
+    assert missing.status_code == 404
 
 
 async def test_release_upload_errors(api: Api) -> None:

@@ -47,6 +47,7 @@ BUILD_TIMEOUT = 1800.0  # a prepare (download + build) answers within this
 TEST_TIMEOUT = 600.0
 SIGNAL_TIMEOUT = 60.0  # switch, drain, stop
 DRAIN_GRACE = 30.0
+HEALTHY = ("ready", "unhealthy")  # instance states that still serve
 
 
 class NoTargets(Conflict):
@@ -146,9 +147,9 @@ class DeployRunner:
                 return p.Started(node=node, old=old,
                                  new=tuple(i["id"] for i in body["instances"]))
             status = await self._status(node)
-            partial = tuple(i["id"] for i in status.get("instances", [])
+            partial = tuple(i["instance"] for i in status.get("instances", [])
                             if i.get("app") == r.app and i.get("release") == r.release
-                            and i["id"] not in old)
+                            and i["instance"] not in old)
             return p.StartFailed(node=node, error=_detail(body), new=partial)
         if isinstance(a, p.Switch):  # SwitchBack too
             ok, body = await self._signal(node, "switch", a.signal_id, SIGNAL_TIMEOUT,
@@ -163,8 +164,18 @@ class DeployRunner:
             ok, body = await self._signal(node, "drain", a.signal_id,
                                           a.grace + SIGNAL_TIMEOUT,
                                           instances=list(a.instances), grace=a.grace)
-            return p.Drained(node=node) if ok else p.Cancel(
-                reason=f"draining the old instances on {node} failed: {_detail(body)}")
+            if not ok:
+                return p.Cancel(reason=f"draining the old instances on {node} failed:"
+                                       f" {_detail(body)}")
+            # the new instances served through the drain: still healthy, or compensate
+            states = {i["instance"]: i["state"]
+                      for i in (await self._status(node)).get("instances", [])}
+            sick = {i: states.get(i, "gone") for i in r.step_of(node).new
+                    if states.get(i) not in HEALTHY}
+            if sick:
+                return p.Cancel(reason=f"new instances on {node} are not healthy: "
+                                + ", ".join(f"{i} {st}" for i, st in sorted(sick.items())))
+            return p.Drained(node=node)
         if isinstance(a, p.StopInstances):
             ok, body = await self._signal(node, "stop", a.signal_id,
                                           r.drain_grace + SIGNAL_TIMEOUT,
