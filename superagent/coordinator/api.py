@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import structlog
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -645,6 +645,9 @@ def _endpoint(coordinator: Coordinator, e: Endpoint) -> Callable[[Request], Awai
             return await e.handler(request, Context(coordinator, actor))
         except (CoordinatorError, ConfigError) as exc:
             return from_exception(exc)
+        except ClientDisconnect:  # e.g. a replica cancelled once a majority held the blob
+            log.info("client went away mid-request", path=request.url.path)
+            return error(400, "client_disconnected", "the client closed the request")
     view.__name__ = e.handler.__name__
     return view
 

@@ -334,9 +334,12 @@ class ClusterState:
         return {"ok": True, "token": c.name}, "created"
 
     def _register_coordinator(self, c: cmd.RegisterCoordinator) -> tuple[Result, str]:
-        changed = self.coordinators.get(c.coordinator) != c.api_url
+        if self.coordinators.get(c.coordinator) == c.api_url:
+            # refused, so it changes nothing: a coordinator re-registering after a restart,
+            # before it has replayed its log, leaves the state (and its digest) as it was
+            raise Conflict(f"coordinator {c.coordinator} is already at {c.api_url}")
         self.coordinators[c.coordinator] = c.api_url
-        return {"ok": True, "coordinator": c.coordinator, "changed": changed}, c.api_url
+        return {"ok": True, "coordinator": c.coordinator}, c.api_url
 
     # -- persistence ----------------------------------------------------------------
 

@@ -420,7 +420,7 @@ class ProxyDriver:
 
         async def count() -> bool:
             instances = (await self.stats())["instances"]
-            for i in known:
+            for i in instance_ids:  # unrouted ones too: they finish as "retiring"
                 remaining[i] = int(instances.get(i, {}).get("in_flight", 0))
             return not any(remaining.values())
 

@@ -41,7 +41,7 @@ import structlog
 import trio
 
 from superagent.httpserver import serve_app
-from superagent.participant.cgroups import detect_cgroups
+from superagent.participant.cgroups import PARENT_GROUP, detect_cgroups
 from superagent.participant.errors import (
     AdoptionFailed,
     CoordinatorError,
@@ -114,7 +114,9 @@ class Agent:
         self.proxy = ProxyDriver(data / "proxy", workers=config.proxy_workers,
                                  parser=config.parser, listen=config.listen)
         self.log_hub = LogHub()
-        self.cgroups = detect_cgroups() if os.geteuid() == 0 else None
+        # one parent group per node name, so two agents on one machine never share a group
+        self.cgroups = (detect_cgroups(parent=f"{PARENT_GROUP}.{config.node}")
+                        if os.geteuid() == 0 else None)
         self.ledger = SignalLedger()
         self.instances: dict[str, Instance] = {}
         self.routes: dict[str, list[str]] = {}
