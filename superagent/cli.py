@@ -189,6 +189,8 @@ def _up(args: argparse.Namespace) -> int:
     parse_address(args.listen, source="--listen", key=args.listen)
     return run_up(UpConfig(state_dir=Path(args.state_dir).resolve(),
                            api=parse_address(args.api, source="--api", key=args.api),
+                           raft=parse_address(args.raft, source="--raft", key=args.raft),
+                           rpc=parse_address(args.rpc, source="--rpc", key=args.rpc),
                            listen=args.listen, demo=args.demo))
 
 
@@ -209,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="coordinator API address (default 127.0.0.1:7100)")
     up.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                     help="the proxy's address (default 127.0.0.1:8080)")
+    up.add_argument("--raft", default="127.0.0.1:7110", metavar="HOST:PORT",
+                    help="the coordinator's Raft address (default 127.0.0.1:7110)")
+    up.add_argument("--rpc", default="127.0.0.1:7001", metavar="HOST:PORT",
+                    help="the participant's RPC address (default 127.0.0.1:7001)")
     up.set_defaults(func=_up)
 
     proxy = sub.add_parser("proxy", help="run the reverse proxy standalone from a TOML file")

@@ -12,6 +12,7 @@ coordinator, in that order.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import signal
@@ -32,7 +33,8 @@ from superagent.participant.service import Agent, AgentConfig
 
 log = structlog.get_logger(__name__)
 
-NODE = "local"
+NODE = "local"  # the coordinator's id; the participant's adds a hash of the state dir, so
+# that two `up` clusters on one machine never share instance cgroups
 DEMO_APP = "hello"
 READY_TIMEOUT = 30.0
 DEPLOY_TIMEOUT = 300.0
@@ -61,6 +63,27 @@ def read_or_create_secret(path: Path) -> str:
     return secret
 
 
+def relocated_dir(state_dir: Path) -> Path:
+    """Where ``participant_dir`` puts the participant of ``state_dir`` when it must move."""
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    return Path("/var/lib/superagent") / f"up-{digest}"
+
+
+def participant_dir(state_dir: Path) -> Path:
+    """Where the participant keeps releases: under the state dir, unless running as root in
+    a directory the apps' own users cannot reach (e.g. /root/...); then under /var/lib."""
+    wanted = state_dir / "participant"
+    if os.geteuid() != 0 or all(os.stat(d).st_mode & 0o001 for d in state_dir.parents
+                                if d.exists()):
+        return wanted
+    moved = relocated_dir(state_dir) / "participant"
+    print(f"superagent: {state_dir} is not reachable by the apps' users; their releases live"
+          f" in {moved}", file=sys.stderr)
+    moved.parent.parent.mkdir(mode=0o755, exist_ok=True)
+    moved.parent.mkdir(mode=0o755, exist_ok=True)
+    return moved
+
+
 class Embedded:
     """The coordinator and the participant of ``superagent up``."""
 
@@ -72,8 +95,9 @@ class Embedded:
         self.coordinator = Coordinator(CoordinatorConfig(
             id=NODE, peers={NODE: f"{config.raft[0]}:{config.raft[1]}"}, api=config.api,
             data_dir=state / "coordinator", secret=secret, admin_token_file=self.token_file))
+        self.node = f"{NODE}-{hashlib.sha256(str(state).encode()).hexdigest()[:6]}"
         self.agent = Agent(AgentConfig(
-            data_dir=state / "participant", secret=secret, node=NODE, rpc=config.rpc,
+            data_dir=participant_dir(state), secret=secret, node=self.node, rpc=config.rpc,
             listen=(config.listen,), proxy_workers=1, coordinator=(self.coordinator.config.url,),
             advertise=f"{config.rpc[0]}:{config.rpc[1]}"))
 
@@ -101,8 +125,9 @@ class Embedded:
 
     async def _wait_for_node(self) -> None:
         with trio.move_on_after(READY_TIMEOUT) as waited:
-            while not self.coordinator.read(lambda s: NODE in s.nodes and s.nodes[NODE].up
-                                            and bool(s.tokens)):
+            await self.coordinator.barrier()  # the journal of the last run is applied
+            while not self.coordinator.read(lambda s: self.node in s.nodes
+                                            and s.nodes[self.node].up and bool(s.tokens)):
                 await trio.sleep(0.05)
         if waited.cancelled_caught:
             raise SuperagentError(f"the participant did not join the coordinator within"
@@ -129,8 +154,9 @@ class Embedded:
     async def wait_deploy(self, deploy_id: str) -> str:
         with trio.move_on_after(DEPLOY_TIMEOUT):
             while True:
-                record = self.coordinator.read(lambda s: s.deploys[deploy_id].record)
-                if record["stage"] == "done":
+                deploy = self.coordinator.read(lambda s: s.deploys[deploy_id])
+                record = deploy.record
+                if deploy.finished:
                     if record["status"] != "succeeded":
                         raise SuperagentError(f"deploy {deploy_id} {record['status']}:"
                                               f" {record['reason']}")
@@ -147,7 +173,14 @@ class Embedded:
         from superagent.pack import pack
 
         print("superagent: deploying the demo app...", file=sys.stderr)
-        token = self.token_file.read_text().strip()
+        with trio.move_on_after(READY_TIMEOUT):  # written just after the token is committed
+            while not self.token_file.exists():
+                await trio.sleep(0.05)
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as exc:
+            raise SuperagentError(f"cannot read the admin token {self.token_file}:"
+                                  f" {exc.strerror}") from None
         with tempfile.TemporaryFile() as archive:
             packed = pack(demo_app_dir(), archive)
             archive.seek(0)

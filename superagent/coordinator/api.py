@@ -316,6 +316,7 @@ def deploy_view(deploy: Any) -> dict[str, Any]:
             "created_at": deploy.created_at, "updated_at": deploy.updated_at,
             "release": deploy.record["release"], "stage": deploy.record["stage"],
             "status": deploy.record["status"], "reason": deploy.record["reason"],
+            "finished": deploy.finished,
             "steps": deploy.record["steps"], "logs": deploy.record["logs"],
             "history": deploy.history}
 
@@ -346,7 +347,7 @@ async def get_deploy(request: Request, ctx: Context) -> Response:
 
 
 async def deploy_events(request: Request, ctx: Context) -> Response:
-    """Server-sent events: the deploy's view each time it changes, until it is done."""
+    """Server-sent events: the deploy's view each time it changes, until it is finished."""
     first = _deploy(ctx, request)
 
     async def stream() -> AsyncIterator[bytes]:
@@ -358,7 +359,7 @@ async def deploy_events(request: Request, ctx: Context) -> Response:
             if view != last:
                 yield f"event: deploy\ndata: {json.dumps(view)}\n\n".encode()
                 last = view
-                if view["stage"] == "done":
+                if view["finished"]:
                     return
             await trio.sleep(0.2)
             try:
@@ -373,7 +374,7 @@ async def deploy_events(request: Request, ctx: Context) -> Response:
 async def cancel_deploy(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     view = _deploy(ctx, request)
-    if view["stage"] == "done":
+    if view["finished"] or view["stage"] == "done":
         return error(409, "conflict", f"deploy {view['deploy_id']} is already {view['status']}")
     result = await c.submit(c.command(
         cmd.DeployEvent, actor=ctx.actor, key=idempotency_key(request), app=view["app"],

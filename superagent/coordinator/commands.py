@@ -245,6 +245,19 @@ class DeployEvent(_AppCommand):
 
 
 @dataclass(frozen=True, kw_only=True)
+class FinishDeploy(_AppCommand):
+    """The runner has executed the deploy's last round: it is over (and, if it succeeded,
+    its release is the app's serving one). Only then may another deploy of the app start."""
+
+    type: ClassVar[str] = "finish_deploy"
+    deploy_id: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("deploy_id", DEPLOY_ID, self.deploy_id)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AddToken(Command):
     """An API token: only its sha256 is replicated, the token itself is shown once."""
 
@@ -283,8 +296,8 @@ class RegisterCoordinator(Command):
 COMMANDS: dict[str, type[Command]] = {
     cls.type: cls
     for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, NodeUp,
-                NodeDown, SetNodeLifecycle, SetPlacement, StartDeploy, DeployEvent, AddToken,
-                RegisterCoordinator)
+                NodeDown, SetNodeLifecycle, SetPlacement, StartDeploy, DeployEvent,
+                FinishDeploy, AddToken, RegisterCoordinator)
 }
 
 

@@ -209,6 +209,14 @@ class Coordinator:
                 await trio.sleep(0.005)
         return result
 
+    async def barrier(self) -> None:
+        """Return once this node has applied every entry committed before the call (after a
+        restart the log is replayed in the background): a command goes through the log, and
+        entries apply in order. Registering our own URL again changes nothing."""
+        await self.submit(self.command(cmd.RegisterCoordinator,
+                                       actor=f"coordinator:{self.config.id}",
+                                       coordinator=self.config.id, api_url=self.config.url))
+
     def internal_headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.config.secret}",
                 "content-type": "application/json"}

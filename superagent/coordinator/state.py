@@ -99,10 +99,11 @@ class Deploy:
     created_at: float
     updated_at: float
     history: list[list[Any]]  # [at, event type, node]: the deploy's timeline
+    finished: bool = False  # the runner has executed its last round (FinishDeploy)
 
     @property
     def running(self) -> bool:
-        return bool(self.record["stage"] != Stage.DONE)
+        return not self.finished
 
 
 class ClusterState:
@@ -133,6 +134,7 @@ class ClusterState:
             cmd.SetPlacement: self._set_placement,
             cmd.StartDeploy: self._start_deploy,
             cmd.DeployEvent: self._deploy_event,
+            cmd.FinishDeploy: self._finish_deploy,
             cmd.AddToken: self._add_token,
             cmd.RegisterCoordinator: self._register_coordinator,
         }
@@ -304,28 +306,40 @@ class ClusterState:
                 f"deploy {c.deploy_id} of {record.release} started")
 
     def _deploy_event(self, c: cmd.DeployEvent) -> tuple[Result, str]:
-        self._app(c.app)
-        deploy = self.deploys.get(c.deploy_id)
-        if deploy is None or deploy.app != c.app:
-            raise UnknownDeploy(c.app, c.deploy_id)
+        deploy = self._running_deploy(c.app, c.deploy_id)
         try:
             event = event_from_doc(c.event)
             record = advance(DeployRecord.from_doc(deploy.record), event)
         except ValueError as exc:
             raise CommandError(str(exc), field="event", command_type=c.type) from None
-        was_running = deploy.running
         deploy.record, deploy.updated_at = record.to_doc(), c.at
         node = getattr(event, "node", "")
         deploy.history.append([c.at, event.type, node])
         del deploy.history[:-HISTORY_LIMIT]
-        outcome = f"{event.type} {node}".strip()
-        if was_running and not deploy.running:
-            outcome = f"{record.status.value}: {record.reason}" if record.reason else (
-                record.status.value)
-            if record.status == Status.SUCCEEDED:
-                self.apps[c.app].current_release = record.release
         return ({"ok": True, "deploy_id": c.deploy_id, "stage": record.stage.value,
-                 "status": record.status.value}, outcome)
+                 "status": record.status.value}, f"{event.type} {node}".strip())
+
+    def _finish_deploy(self, c: cmd.FinishDeploy) -> tuple[Result, str]:
+        deploy = self._running_deploy(c.app, c.deploy_id)
+        record = DeployRecord.from_doc(deploy.record)
+        if record.stage != Stage.DONE:
+            raise Conflict(f"deploy {c.deploy_id} is at stage {record.stage.value}, not done",
+                           app=c.app)
+        deploy.finished, deploy.updated_at = True, c.at
+        deploy.history.append([c.at, "finished", ""])
+        if record.status == Status.SUCCEEDED:
+            self.apps[c.app].current_release = record.release
+        outcome = record.status.value + (f": {record.reason}" if record.reason else "")
+        return {"ok": True, "deploy_id": c.deploy_id, "status": record.status.value}, outcome
+
+    def _running_deploy(self, app: str, deploy_id: str) -> Deploy:
+        self._app(app)
+        deploy = self.deploys.get(deploy_id)
+        if deploy is None or deploy.app != app:
+            raise UnknownDeploy(app, deploy_id)
+        if deploy.finished:
+            raise Conflict(f"deploy {deploy_id} is finished", app=app)
+        return deploy
 
     def _add_token(self, c: cmd.AddToken) -> tuple[Result, str]:
         if c.name in self.tokens:

@@ -46,14 +46,16 @@ class PortAllocator:
     """
 
     def __init__(self, low: int = DEFAULT_LOW, high: int = DEFAULT_HIGH, *,
-                 reserved: Iterable[int] = ()) -> None:
+                 reserved: Iterable[int] = (), start: int | None = None) -> None:
         if not 1 <= low <= high <= 65535:
             raise PortError(f"bad port range {low}-{high}: need 1 <= low <= high <= 65535")
         self.low = low
         self.high = high
         self._reserved = set(reserved)
         self._allocated: set[int] = set()
-        self._next = low  # where the next round-robin search starts
+        # where the next round-robin search starts; agents sharing a machine pass different
+        # starts so that two of them rarely probe the same free port at the same moment
+        self._next = low if start is None else low + (start - low) % (high - low + 1)
 
     def __repr__(self) -> str:
         return (f"<PortAllocator {self.low}-{self.high} allocated={len(self._allocated)} "

@@ -412,8 +412,9 @@ class ProxyDriver:
     async def drain(self, instance_ids: Sequence[str], *, grace: float) -> dict[str, int]:
         """Stop sending new requests to ``instance_ids``; wait (at most ``grace`` seconds)
         until none has a request or tunnel in flight. Returns what is still in flight per
-        instance (all 0 on a clean drain). An id the current snapshot does not route counts
-        as drained. Raises ProxyDriverError when a worker refuses the mark."""
+        instance (all 0 on a clean drain). Instances the snapshot no longer routes (switched
+        away from) are waited for too: workers report them as retiring while their requests
+        finish. Raises ProxyDriverError when a worker refuses the mark."""
         known = [i for i in instance_ids if i in self.snapshot.instance_ids()]
         await self._mark(known, draining=True)
         remaining = dict.fromkeys(instance_ids, 0)

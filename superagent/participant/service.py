@@ -24,6 +24,7 @@ being taken away.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -110,7 +111,9 @@ class Agent:
         self.store = ReleaseStore(data / "releases", keep=config.keep_releases)
         listener_ports = [parse_address(a, source="participant", key="listen")[1]
                           for a in config.listen]
-        self.ports = PortAllocator(*config.ports, reserved=listener_ports)
+        self.ports = PortAllocator(*config.ports, reserved=listener_ports,
+                                   start=int(hashlib.sha256(config.node.encode()).hexdigest(),
+                                             16))
         self.proxy = ProxyDriver(data / "proxy", workers=config.proxy_workers,
                                  parser=config.parser, listen=config.listen)
         self.log_hub = LogHub()
@@ -326,8 +329,8 @@ class Agent:
             try:
                 await self._nursery.start(instance.run)
             except StartFailed:
-                del self.instances[instance_id]
-                self.ports.release(port)
+                if self.instances.pop(instance_id, None) is instance:  # not stopped meanwhile
+                    self.ports.release(port)
                 self.persist()
                 raise
             self.log_hub.add(app, release, instance_id, config.out_log, config.err_log,
@@ -353,9 +356,10 @@ class Agent:
         for instance in targets:
             await instance.stop()
             config = instance.config
-            self.ports.release(config.port)
-            self.log_hub.remove(config.instance)
-            del self.instances[config.instance]
+            # a start that was still waiting for readiness may have cleaned up already
+            if self.instances.pop(config.instance, None) is instance:
+                self.ports.release(config.port)
+                self.log_hub.remove(config.instance)
         self.persist()
         return {"stopped": instances, "in_flight_cut": remaining}
 

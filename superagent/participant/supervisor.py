@@ -5,7 +5,8 @@ Theory of operation
 An ``Instance`` owns one app process at a time and is driven by one task,
 ``Instance.run``, started with ``await nursery.start(instance.run)``:
 
-1. **Spawn.** ``/bin/sh -c <command>`` in a new session (so the process group id is
+1. **Spawn.** ``/bin/sh -c <command>`` (``exec <command>`` when it is a simple command,
+   so the app itself leads its group) in a new session (so the process group id is
    the shell's pid and signals reach the whole app), in the release's source dir, with
    a clean environment (PATH, HOME, LANG, PORT, SUPERAGENT_APP/_RELEASE/_INSTANCE plus
    the app's env). ``isolation.child_setup`` joins the instance's cgroup (created
@@ -28,8 +29,9 @@ An ``Instance`` owns one app process at a time and is driven by one task,
    window) and spawns again. ``max_restarts`` restarts within ``restart_window`` seconds
    is a crash loop: state CRASH_LOOP, logged, no more restarts, ``run`` returns.
 5. **Stop.** ``stop()``: SIGTERM to the process group, up to ``grace`` seconds for the
-   process to exit, then SIGKILL to the group (and the cgroup's ``kill_all``), then the
-   cgroup is removed. Idempotent; concurrent callers wait for the same stop.
+   whole group to exit (not just its leader: a shell may exit before the app), then
+   SIGKILL to the group (and the cgroup's ``kill_all``), then the cgroup is removed.
+   Idempotent; concurrent callers wait for the same stop.
 
 If ``run`` is cancelled from outside (the agent shutting down) the app process is left
 running on purpose: apps survive an agent restart and are re-adopted by pid (see
@@ -58,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import re
 import signal
 import subprocess
 import time
@@ -68,6 +71,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import h11
+import psutil
 import structlog
 import trio
 
@@ -94,6 +98,7 @@ BACKOFF_MAX = 30.0  # cap on the restart delay
 MAX_RESTARTS = 5  # this many restarts within RESTART_WINDOW is a crash loop
 RESTART_WINDOW = 60.0  # seconds
 LOG_MAX_BYTES = 10 * 1024**2  # rotate a log file over this size at the next spawn
+GROUP_POLL = 0.05  # while the rest of a stopped instance's process group finishes
 REAP_TIMEOUT = 5.0  # after SIGKILL the kernel reaps within ms; longer means a D-state process
 MAX_RESPONSE_HEAD = 16 * 1024  # a health answer's status line and headers fit in this
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -564,7 +569,8 @@ class Instance:
             err_fd = await trio.to_thread.run_sync(self._open_log, config.err_log)
             try:
                 process = await trio.lowlevel.open_process(
-                    ["/bin/sh", "-c", config.command], cwd=config.cwd, env=self._environment(),
+                    ["/bin/sh", "-c", shell_command(config.command)], cwd=config.cwd,
+                    env=self._environment(),
                     stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
                     start_new_session=True, preexec_fn=preexec, close_fds=True)
             except (OSError, subprocess.SubprocessError) as exc:
@@ -620,6 +626,10 @@ class Instance:
         _killpg(process.pid, signal.SIGTERM)
         with trio.move_on_after(self.config.grace):
             await process.wait()
+            # a shell that ran the command as its child exits at once: the app itself
+            # still gets the rest of the grace period to finish its requests
+            while await trio.to_thread.run_sync(_group_alive, process.pid):
+                await trio.sleep(GROUP_POLL)
         await self._kill_rest(process)
 
     async def _kill_rest(self, process: _Process) -> None:
@@ -672,6 +682,30 @@ class Instance:
         self._log.info("instance stopped", last_exit=self.last_exit)
 
 
+_SHELL_SYNTAX = re.compile(r"[;&|<>()`$\\\n*?\[\]{}~#!]|^\s*\w+=")
+
+
+def shell_command(command: str) -> str:
+    """The ``sh -c`` argument for ``command``: a simple command is ``exec``'d, so the app is
+    the group leader and gets SIGTERM itself (some shells, dash among them, fork it)."""
+    if (_SHELL_SYNTAX.search(command) or not command.strip()
+            or command.split()[0] == "exec"):
+        return command
+    return f"exec {command}"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies do not count: PID 1 may not
+    reap the orphans of a shell that exited)."""
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
 def _killpg(pgid: int, signum: int) -> None:
     """Signal a process group; a group that is already gone is fine.
 
@@ -685,4 +719,5 @@ def _killpg(pgid: int, signum: int) -> None:
 
 
 __all__ = ["Event", "Instance", "InstanceConfig", "State", "backoff_delay", "probe",
+           "shell_command",
            "transition"]

@@ -138,3 +138,9 @@ def test_ephemeral_overlap(tmp_path: Path) -> None:
     source.write_text("49152 65535\n")
     assert ephemeral_overlap(41000, 48999, source) is None
     assert ephemeral_overlap(41000, 48999, tmp_path / "missing") is None
+
+
+def test_start_offsets_the_first_search() -> None:
+    """Agents sharing a machine start their searches at different points of the range."""
+    assert "next=41005" in repr(PortAllocator(41000, 41009, start=41015))
+    assert "next=41000" in repr(PortAllocator(41000, 41009))

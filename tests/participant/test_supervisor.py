@@ -49,6 +49,7 @@ from superagent.participant.supervisor import (
     State,
     backoff_delay,
     probe,
+    shell_command,
     transition,
 )
 from tests.participant.children import child_python
@@ -499,3 +500,18 @@ async def test_runs_as_app_user_in_cgroup(world_dir: Path) -> None:
         if subprocess.run(["getent", "group", name], capture_output=True,
                           check=False).returncode == 0:
             subprocess.run(["groupdel", name], check=True)
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("python3 app.py", "exec python3 app.py"),
+    ("./server --port=8000", "exec ./server --port=8000"),
+    ("cd x && python3 app.py", "cd x && python3 app.py"),
+    ("python3 app.py; echo done", "python3 app.py; echo done"),
+    ("PORT2=1 python3 app.py", "PORT2=1 python3 app.py"),
+    ("node $ENTRY", "node $ENTRY"),
+    ("python3 a.py > log", "python3 a.py > log"),
+    ("exec python3 app.py", "exec python3 app.py"),
+])
+def test_simple_commands_are_execd(command: str, expected: str) -> None:
+    """A simple command replaces the shell, so the app itself gets SIGTERM."""
+    assert shell_command(command) == expected

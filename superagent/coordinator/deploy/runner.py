@@ -93,6 +93,7 @@ class DeployRunner:
                         return
                     actions = p.next_actions(record)
                     if any(isinstance(a, p.Finish) for a in actions):
+                        await self._finish(record)
                         bound.info("deploy finished", status=record.status.value,
                                    reason=record.reason)
                         return
@@ -102,9 +103,17 @@ class DeployRunner:
         finally:
             del self._driving[deploy_id]
 
+    async def _finish(self, record: p.DeployRecord) -> None:
+        """No action is in flight any more: the deploy is over."""
+        result = await self.c.submit(self.c.command(
+            cmd.FinishDeploy, actor=f"coordinator:{self.c.config.id}",
+            key=f"{record.deploy_id}:finish", app=record.app, deploy_id=record.deploy_id))
+        if not result.get("ok"):
+            log.error("deploy not finished", deploy=record.deploy_id, error=result.get("error"))
+
     def _record(self, deploy_id: str) -> p.DeployRecord | None:
-        doc = self.c.read(lambda s: s.deploys[deploy_id].record if deploy_id in s.deploys
-                          else None)
+        doc = self.c.read(lambda s: s.deploys[deploy_id].record
+                          if deploy_id in s.deploys and s.deploys[deploy_id].running else None)
         return None if doc is None else p.DeployRecord.from_doc(doc)
 
     async def _act(self, record: p.DeployRecord, action: p.Action) -> None:
