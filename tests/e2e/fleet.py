@@ -1,0 +1,367 @@
+"""Participants as real processes beside a coordinator ``Cluster``, and what drives them.
+
+``Fleet(root, coordinators=[url, ...], size=2)`` runs ``size`` ``superagent participant``
+processes (nodes ``n1-<tag>``, ``n2-<tag>`` ..., the tag from ``root``'s name) on free
+loopback ports (one RPC and one proxy port each), each with its own data dir under ``root``
+and one proxy worker, joined to the coordinators
+with the cluster's secret and ``--stop-on-exit``. ``wait_joined(cluster)`` waits until the
+cluster lists every node up and online.
+
+Cleanup, whatever state a test left things in: ``close()`` takes the psutil tree of every
+agent (its proxy workers and app instances; instances run in sessions of their own, so the
+agent's process group alone does not hold them), SIGTERMs the agents (``--stop-on-exit``
+stops their apps and workers), SIGKILLs each agent's group after ``STOP_GRACE`` and then
+every process of those trees still alive. ``leftovers(root)`` lists any process whose command
+line or working directory lies under ``root``, for the "nothing left running" assertion.
+
+As root the agent runs app instances as a per-app system user, so ``root`` and the app
+sources must be world-traversable/readable: ``make_root()`` creates such a directory, with
+the coordinators' (secret-holding) data in a private ``coordinators`` subdirectory.
+
+``Load`` sends light keep-alive traffic through every participant's proxy from one thread
+per proxy and counts answers by status and release, and failures (non-2xx and transport
+errors) with a sample of each. Waits poll with deadlines (``wait_for``); the only sleep is
+``Load``'s pacing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import psutil
+
+from superagent.pack import pack
+from tests.coordinator.cluster import SECRET, Cluster, distinct_free_ports
+from tests.participant.children import world_executable
+from tests.proxy.test_master import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_APP = REPO / "superagent" / "demo" / "app"
+JOIN_TIMEOUT = 30.0  # agent start (imports, proxy worker) plus register: ~2 s normally
+STOP_GRACE = 15.0  # SIGTERM -> the agent stopped its apps and workers and exited
+DEPLOY_TIMEOUT = 60.0  # one deploy of the tiny demo app over two nodes, on a busy 2-core box
+REQUEST_TIMEOUT = 10.0  # one API, RPC or proxied request
+LOAD_PACE = 0.02  # seconds between one load client's requests: light, leaves CPU to the deploy
+LOG_TAIL = 40  # lines of each agent's log printed by close(show_logs=True)
+SAMPLES = 5  # failures kept verbatim per load client
+
+
+def make_root(prefix: str) -> Path:
+    """A fresh world-traversable temp dir (app users must reach their release dirs)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    root.chmod(0o755)
+    (root / "coordinators").mkdir(mode=0o700)
+    return root
+
+
+def app_python() -> str:
+    """A python3 every user may execute (as root the app runs as its own user)."""
+    for candidate in ("/usr/bin/python3", shutil.which("python3"), sys.executable):
+        if candidate and world_executable(Path(candidate)):
+            return str(Path(candidate).resolve())
+    raise RuntimeError("no python3 that an unprivileged app user can execute")
+
+
+def write_demo_app(dest: Path, *, name: str, version: str, per_node: int = 2) -> Path:
+    """The demo app (superagent/demo/app) under ``dest`` as app ``name``, ``per_node``
+    instances per node, ``VERSION`` in its env (so each version is a distinct artifact), no
+    ``[test]`` step, run by a python3 the app user may execute. Returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DEMO_APP / "app.py", dest / "app.py")
+    (dest / "superagent.toml").write_text(
+        f'[app]\nname = "{name}"\n'
+        f'[run]\ncommand = "{app_python()} app.py"\n'
+        '[health]\npath = "/healthz"\nready_path = "/healthz"\n'
+        f'[routes]\nprefix = "/{name}"\nstrip_prefix = true\n'
+        f'[scale]\nper_node = {per_node}\n'
+        f'[env]\nVERSION = "{version}"\n')
+    for path in (dest, *dest.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dest
+
+
+def upload(cluster: Cluster, member: int, app_dir: Path, **query: Any) -> dict[str, Any]:
+    """Pack ``app_dir`` and POST it as a release through member ``member``; the 201 body
+    (``release``, ``deploy_id``). Raises AssertionError on any other answer."""
+    buf = io.BytesIO()
+    packed = pack(app_dir, buf)
+    r = cluster.post(member, f"/api/v1/apps/{packed.app_name}/releases",
+                     params={"sha256": packed.sha256, **query}, content=buf.getvalue(),
+                     headers={"content-type": "application/gzip"}, timeout=30.0)
+    assert r.status_code == 201, f"upload of {app_dir}: {r.status_code} {r.text[:500]}"
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def deploy_record(cluster: Cluster, member: int, app: str, deploy_id: str) -> dict[str, Any]:
+    r = cluster.get(member, f"/api/v1/apps/{app}/deploys/{deploy_id}", timeout=REQUEST_TIMEOUT)
+    r.raise_for_status()
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def wait_deploy_done(cluster: Cluster, members: list[int], app: str, deploy_id: str,
+                     timeout: float = DEPLOY_TIMEOUT) -> dict[str, Any]:
+    """Poll the deploy through the first of ``members`` that answers until it is finished;
+    return the record."""
+    def done() -> dict[str, Any] | None:
+        for i in members:
+            with contextlib.suppress(httpx.HTTPError):
+                record = deploy_record(cluster, i, app, deploy_id)
+                return record if record["finished"] else None
+        return None
+
+    found = wait_for(done, f"deploy {deploy_id} of {app} done", timeout)
+    assert found is not None
+    return found
+
+
+class Participant:
+    """One agent: node name, ports, data dir and (while running) its process."""
+
+    def __init__(self, index: int, root: Path, rpc_port: int, listen_port: int) -> None:
+        self.index = index
+        # Unique per fleet: the agent's cgroups are named after the node and the instance ids
+        # repeat from run to run, so two fleets at once must not share node names.
+        self.node = f"n{index + 1}-{root.name.rsplit('-', 1)[-1]}".replace("_", "x")
+        self.rpc_port = rpc_port
+        self.listen_port = listen_port
+        self.data_dir = root / self.node
+        self.log_path = root / f"{self.node}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        pid = self.proc.pid if self.proc else None
+        rc = self.proc.returncode if self.proc else None
+        return (f"<Participant {self.node} rpc={self.rpc_port} proxy={self.listen_port}"
+                f" pid={pid} rc={rc}>")
+
+    @property
+    def rpc(self) -> str:
+        return f"http://127.0.0.1:{self.rpc_port}"
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Fleet:
+    """``size`` participant processes joined to ``coordinators`` (see the module docstring)."""
+
+    def __init__(self, root: Path, coordinators: list[str], size: int = 2, *,
+                 secret: str = SECRET, log_level: str = "info") -> None:
+        self.root = root
+        self.coordinators = coordinators
+        self.secret = secret
+        self.log_level = log_level
+        ports = distinct_free_ports(2 * size)
+        self.members = [Participant(i, root, ports[2 * i], ports[2 * i + 1])
+                        for i in range(size)]
+        self.http = httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT,
+                                 headers={"authorization": f"Bearer {secret}"})
+
+    def __repr__(self) -> str:
+        return f"<Fleet {self.root} {self.members}>"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close(show_logs=exc is not None)
+
+    # ------------------------------------------------------------------ processes
+    def argv(self, i: int) -> list[str]:
+        p = self.members[i]
+        return [sys.executable, "-m", "superagent", "--log-level", self.log_level,
+                "participant", "--data-dir", str(p.data_dir),
+                "--rpc", f"127.0.0.1:{p.rpc_port}", "--listen", f"127.0.0.1:{p.listen_port}",
+                "--proxy-workers", "1", "--node", p.node, "--group", "default",
+                "--coordinator", ",".join(self.coordinators), "--stop-on-exit"]
+
+    def start(self, i: int) -> None:
+        p = self.members[i]
+        assert not p.alive(), f"{p!r} is already running"
+        with open(p.log_path, "ab") as log:
+            p.proc = subprocess.Popen(self.argv(i), cwd=REPO, stdin=subprocess.DEVNULL,
+                                      stdout=log, stderr=log, start_new_session=True,
+                                      env={**os.environ, "SUPERAGENT_SECRET": self.secret})
+
+    def start_all(self) -> None:
+        for i in range(len(self.members)):
+            self.start(i)
+
+    def wait_joined(self, cluster: Cluster, member: int,
+                    timeout: float = JOIN_TIMEOUT) -> None:
+        """Wait until coordinator ``member`` lists every node registered, up and online."""
+        names = {p.node for p in self.members}
+
+        def joined() -> bool:
+            nodes = cluster.get(member, "/api/v1/nodes").json()["nodes"]
+            ready = {n["name"] for n in nodes if n["up"] and n["lifecycle"] == "online"}
+            return names <= ready
+
+        for p in self.members:  # an agent that died at start fails at once, with its log
+            assert p.alive(), f"{p!r} exited:\n{self.log_tails()}"
+        wait_for(joined, f"nodes {sorted(names)} joined", timeout)
+
+    def close(self, show_logs: bool = False) -> None:
+        """Stop every agent and everything it started (see the module docstring)."""
+        trees: list[psutil.Process] = []
+        for p in self.members:
+            if p.proc is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                trees += psutil.Process(p.proc.pid).children(recursive=True)
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in self.members:
+            if p.proc is None:
+                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.proc.wait(timeout=STOP_GRACE)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.proc.pid, signal.SIGKILL)
+            p.proc.wait(timeout=STOP_GRACE)
+        for proc in trees:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(trees, timeout=STOP_GRACE)
+        self.http.close()
+        if show_logs:
+            print(self.log_tails())
+
+    def log_tails(self, lines: int = LOG_TAIL) -> str:
+        out = []
+        for p in self.members:
+            try:
+                tail = p.log_path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                tail = ["(no log)"]
+            out.append(f"----- {p!r} {p.log_path}\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    # ------------------------------------------------------------------ queries
+    def status(self, i: int) -> dict[str, Any]:
+        r = self.http.get(self.members[i].rpc + "/v1/status")
+        r.raise_for_status()
+        body: dict[str, Any] = r.json()
+        return body
+
+    def signal(self, i: int, kind: str, body: dict[str, Any]) -> httpx.Response:
+        """POST a signal to participant ``i``'s RPC, with the cluster secret."""
+        return self.http.post(self.members[i].rpc + f"/v1/signals/{kind}", json=body)
+
+    def serving(self, i: int, app: str) -> tuple[set[str], dict[str, dict[str, Any]]]:
+        """(the releases of the instances participant ``i`` routes ``app`` to,
+        its instances of ``app`` by id)."""
+        status = self.status(i)
+        instances = {inst["instance"]: inst for inst in status["instances"]
+                     if inst["app"] == app}
+        routed = status["routes"].get(app, [])
+        releases = {instances[iid]["release"] if iid in instances else f"?{iid}"
+                    for iid in routed}
+        return releases, instances
+
+
+def leftovers(root: Path) -> list[str]:
+    """Processes whose command line or working directory lies under ``root``."""
+    prefix = str(root)
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        cwd = proc.info["cwd"] or ""
+        if prefix in cmdline or cwd.startswith(prefix):
+            found.append(f"pid {proc.info['pid']} cwd={cwd} {cmdline[:200]}")
+    return found
+
+
+class Load:
+    """Light keep-alive GET traffic through each of ``urls`` (one thread each), counted.
+
+    ``ok`` counts 2xx answers by the ``release`` in their JSON body; ``failed`` counts
+    non-2xx answers (``status NNN``) and transport errors (the exception's class name).
+    """
+
+    def __init__(self, urls: list[str], pace: float = LOAD_PACE) -> None:
+        self.urls = urls
+        self.pace = pace
+        self.ok: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.samples: list[str] = []
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(url,), daemon=True,
+                                          name=f"load {url}") for url in urls]
+
+    def __repr__(self) -> str:
+        return f"<Load {self.urls} requests={self.requests} failed={dict(self.failed)}>"
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        """Stop the clients (idempotent; a client never started is skipped)."""
+        self._stop.set()
+        for t in self._threads:
+            if t.ident is not None:
+                t.join(timeout=REQUEST_TIMEOUT + 5)
+
+    def snapshot(self) -> tuple[int, int]:
+        """(requests so far, failures so far)."""
+        with self._lock:
+            return self.requests, sum(self.failed.values())
+
+    def _client(self, url: str) -> None:
+        with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT) as http:
+            while not self._stop.is_set():
+                key, failure = self._one(http, url)
+                with self._lock:
+                    self.requests += 1
+                    if failure is None:
+                        self.ok[key] += 1
+                    else:
+                        self.failed[key] += 1
+                        if len(self.samples) < SAMPLES * len(self.urls):
+                            self.samples.append(f"{url}: {failure}")
+                self._stop.wait(self.pace)
+
+    @staticmethod
+    def _one(http: httpx.Client, url: str) -> tuple[str, str | None]:
+        try:
+            r = http.get(url)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__, f"{type(exc).__name__}: {exc}"
+        if not 200 <= r.status_code < 300:
+            return f"status {r.status_code}", f"status {r.status_code}: {r.text[:200]}"
+        try:
+            release = str(json.loads(r.content)["release"])
+        except (ValueError, KeyError, TypeError):
+            return "bad body", f"bad body: {r.text[:200]}"
+        return release, None
