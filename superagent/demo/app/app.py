@@ -148,7 +148,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(f"hello: listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     try:
-        server.serve_forever()
+        server.serve_forever(poll_interval=0.05)  # shutdown() waits up to one interval
         if not server.wait_idle(GRACE):
             print("hello: requests still in flight after the grace period", file=sys.stderr)
     finally:
