@@ -110,18 +110,21 @@ class Embedded:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.coordinator.run)
                 await nursery.start(self.agent.run)
-                await self._wait_for_node()
-                await self._resume()
-                if self.config.demo:
-                    await self.deploy_demo()
-                self._banner()
-                task_status.started()
-                async for _ in signals:
-                    break
-                print("superagent: stopping apps, proxy and coordinator...", file=sys.stderr)
-                with trio.CancelScope(shield=True):
-                    await self.agent.stop_all()
-                nursery.cancel_scope.cancel()
+                try:
+                    await self._wait_for_node()
+                    await self._resume()
+                    if self.config.demo:
+                        await self.deploy_demo()
+                    self._banner()
+                    task_status.started()
+                    async for _ in signals:
+                        break
+                    print("superagent: stopping apps, proxy and coordinator...",
+                          file=sys.stderr)
+                finally:  # also when starting failed: nothing of this cluster keeps running
+                    with trio.CancelScope(shield=True):
+                        await self.agent.stop_all()
+                    nursery.cancel_scope.cancel()
 
     async def _wait_for_node(self) -> None:
         with trio.move_on_after(READY_TIMEOUT) as waited:

@@ -129,12 +129,19 @@ def test_up_demo_serves_stops_cleanly_and_resumes(tmp_path: Path) -> None:
         shutil.rmtree(relocated_dir(tmp_path / ".superagent"), ignore_errors=True)
 
 
-def test_up_refuses_a_taken_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["--api", "--rpc"])
+def test_up_refuses_a_taken_port_and_leaves_nothing_running(tmp_path: Path, which: str
+                                                             ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        proc = start_up(tmp_path, taken.getsockname()[1], free_port())
+        port = taken.getsockname()[1]
+        if which == "--rpc":
+            PORTS[tmp_path] = (free_port(), port)
+        proc = start_up(tmp_path, port if which == "--api" else free_port(), free_port())
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in err
-    assert "cannot listen" in err and "--api" in err
+    assert "cannot listen" in err and which in err
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if str(tmp_path) in " ".join(p.info["cmdline"] or [])]

@@ -41,7 +41,7 @@ import psutil
 import structlog
 import trio
 
-from superagent.httpserver import serve_app
+from superagent.httpserver import check_bindable, serve_app
 from superagent.participant.cgroups import PARENT_GROUP, detect_cgroups
 from superagent.participant.errors import (
     AdoptionFailed,
@@ -157,6 +157,8 @@ class Agent:
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(mode)
         saved = self._load_state()
+        # a taken RPC port fails before proxy workers are spawned (they would outlive us)
+        check_bindable(self.config.rpc, key="--rpc")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self.proxy.start()
