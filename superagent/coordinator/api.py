@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import structlog
+import trio
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -35,10 +36,16 @@ from superagent import __version__
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.auth import bearer, is_secret, token_name
 from superagent.coordinator.deploy.runner import begin_deploy
-from superagent.coordinator.errors import CommandError, CoordinatorError, NoLeader, UnknownDeploy
+from superagent.coordinator.errors import (
+    BadRequest,
+    CoordinatorError,
+    NoLeader,
+    UnknownDeploy,
+)
 from superagent.coordinator.service import APPLIED_INDEX, Coordinator
 from superagent.coordinator.state import ClusterState
 from superagent.errors import ConfigError
+from superagent.jsonbody import field, read_object
 from superagent.participant.manifest import parse_manifest, spec_to_json
 
 log = structlog.get_logger(__name__)
@@ -82,39 +89,18 @@ def from_result(result: dict[str, Any], status: int = 200) -> JSONResponse:
                  str(result.get("error", "")))
 
 
+def bad_request(message: str, status: int) -> CoordinatorError:
+    return BadRequest(message, status)
+
+
 async def read_json(request: Request) -> dict[str, Any]:
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_JSON:
-            raise CommandError(f"request body is over {MAX_JSON} bytes")
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise CommandError("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise CommandError("request body must be a JSON object")
-    return body
-
-
-def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
-          default: Any = ...) -> Any:
-    value = body.get(name, default)
-    if value is ... or not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        raise CommandError(f"field {name!r} is missing or not a {_kind_name(kind)}")
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({str: "string", int: "integer", list: "list", dict: "object",
-                        bool: "boolean", float: "number"}.get(k, k.__name__) for k in kinds)
+    return await read_object(request, limit=MAX_JSON, error=bad_request)
 
 
 def idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= cmd.KEY_MAX:
-        raise CommandError(f"Idempotency-Key must be 1-{cmd.KEY_MAX} characters")
+        raise BadRequest(f"Idempotency-Key must be 1-{cmd.KEY_MAX} characters")
     return key
 
 
@@ -304,9 +290,9 @@ def deploy_options(query: Any) -> dict[str, Any]:
         try:
             value = kind(raw)
         except ValueError:
-            raise CommandError(f"{name} must be a number") from None
+            raise BadRequest(f"{name} must be a number") from None
         if not low <= value <= high:
-            raise CommandError(f"{name} must be {low}..{high}")
+            raise BadRequest(f"{name} must be {low}..{high}")
         options[name] = value
     return options
 
@@ -351,8 +337,6 @@ async def deploy_events(request: Request, ctx: Context) -> Response:
     first = _deploy(ctx, request)
 
     async def stream() -> AsyncIterator[bytes]:
-        import trio
-
         last: dict[str, Any] | None = None
         view = first
         while True:
@@ -466,11 +450,12 @@ async def register_node(request: Request, ctx: Context) -> Response:
     if not c.is_leader():
         return await forward(request, ctx)
     body = await read_json(request)
-    node = field(body, "node", str)
+    node = field(body, "node", str, error=bad_request)
     command = c.command(cmd.RegisterNode, actor=f"node:{node}", node=node,
-                        address=field(body, "address", str),
-                        groups=tuple(field(body, "groups", list, ["default"])),
-                        capacity=field(body, "capacity", int, 100))
+                        address=field(body, "address", str, error=bad_request),
+                        groups=tuple(field(body, "groups", list, error=bad_request,
+                                           default=["default"])),
+                        capacity=field(body, "capacity", int, error=bad_request, default=100))
     result = await c.submit(command)
     if result.get("ok"):
         await c.heartbeat(node, None)
@@ -552,8 +537,6 @@ async def forward(request: Request, ctx: Context) -> Response:
 
 
 def _now() -> float:
-    import trio
-
     return trio.current_time()
 
 

@@ -44,6 +44,16 @@ class CommandError(CoordinatorError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class BadRequest(CoordinatorError):
+    """A request the API cannot read (body too large, not JSON, a bad field)."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status_hint = status
+        super().__init__(message)
+
+
 class UnknownCommand(CommandError):
     """The command's ``type`` tag names no command."""
 

@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from superagent.jsonbody import field, read_object
 from superagent.participant.errors import ParticipantError, SignalError
 from superagent.participant.releases import TEST_TIMEOUT
 from superagent.participant.signals import DONE, RUNNING, SignalLedger
@@ -103,19 +104,14 @@ def _from_exception(exc: ParticipantError) -> JSONResponse:
     return _error(exc.status_hint, type(exc).__name__, str(exc), **extra)
 
 
+def _signal_error(message: str, status: int) -> SignalError:
+    return SignalError(message, status_hint=status)
+
+
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
            default: Any = ...) -> Any:
     """``body[name]`` checked against ``kind``; raises SignalError naming the field."""
-    if name not in body:
-        if default is ...:
-            raise SignalError(f"missing field {name!r}")
-        return default
-    value = body[name]
-    if isinstance(value, bool) and kind is not bool:
-        raise SignalError(f"field {name!r} has the wrong type")
-    if not isinstance(value, kind):
-        raise SignalError(f"field {name!r} has the wrong type")
-    return value
+    return field(body, name, kind, error=_signal_error, default=default)
 
 
 def _instances(body: dict[str, Any]) -> list[str]:
@@ -172,26 +168,12 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
         service.persist()
         return JSONResponse(result)
 
-    async def read_json(request: Request) -> dict[str, Any]:
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_SIGNAL:
-                raise SignalError(f"signal body over {MAX_SIGNAL} bytes", status_hint=413)
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise SignalError("request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise SignalError("request body must be a JSON object")
-        return body
-
     async def signal(request: Request) -> Response:
         if not authorised(request):
             return _error(401, "Unauthorized", "a valid cluster secret is required")
         kind = request.path_params["kind"]
         try:
-            body = await read_json(request)
+            body = await read_object(request, limit=MAX_SIGNAL, error=_signal_error)
             if kind == "start":
                 app, release = _field(body, "app", str), _field(body, "release", str)
                 count = _field(body, "count", int, 1)
