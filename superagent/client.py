@@ -9,6 +9,7 @@ own message.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +57,7 @@ def resolve_token(token: str | None) -> str:
 
 
 class Client:
-    def __init__(self, servers: Sequence[str], token: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, servers: Sequence[str], token: str, *, timeout: float = 120.0) -> None:
         self.servers = list(servers)
         self.token = token
         self.timeout = timeout
@@ -69,37 +70,54 @@ class Client:
         return {**headers, **(extra or {})}
 
     @contextmanager
-    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
-        """A streamed response from the first coordinator that answers."""
+    def stream(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+               content: Any = None, json: Any = None, timeout: float | None = None
+               ) -> Iterator[httpx.Response]:
+        """A streamed response from the first coordinator that answers.
+
+        The next coordinator is tried when one cannot be reached or answers 502/503/504;
+        a POST carries one Idempotency-Key across those attempts (a 504 may have committed),
+        and a file body is rewound for each.
+        """
+        headers = self._headers(headers)
+        if method == "POST":
+            headers.setdefault("idempotency-key", secrets.token_hex(16))
+        start = content.tell() if hasattr(content, "seek") else None
+        limit = httpx.Timeout(timeout if timeout is not None else self.timeout, connect=3.0)
         failures: list[str] = []
-        for url in self.servers:
-            try:
-                with httpx.Client(timeout=httpx.Timeout(self.timeout, connect=3.0)) as http:
-                    request = http.build_request(method, f"{url}{path}",
-                                                 headers=self._headers(kwargs.pop("headers",
-                                                                                  None)),
-                                                 **kwargs)
+        for index, url in enumerate(self.servers):
+            last = index == len(self.servers) - 1
+            if start is not None:
+                content.seek(start)
+            with httpx.Client(timeout=limit) as http:
+                request = http.build_request(method, f"{url}{path}", headers=headers,
+                                             content=content, json=json)
+                try:
                     response = http.send(request, stream=True)
-                    try:
-                        if response.status_code in RETRY_STATUSES and url != self.servers[-1]:
-                            response.read()
-                            failures.append(f"{url}: {_message(response)}")
-                            continue
-                        if response.status_code >= 400:
-                            response.read()
-                            raise _error(url, response)
-                        yield response
-                        return
-                    finally:
-                        response.close()
-            except httpx.HTTPError as exc:
-                failures.append(f"{url}: {_describe(exc)}")
+                except httpx.HTTPError as exc:
+                    failures.append(f"{url}: {_describe(exc)}")
+                    continue
+                try:
+                    if response.status_code in RETRY_STATUSES and not last:
+                        response.read()
+                        failures.append(f"{url}: {_message(response)}")
+                        continue
+                    if response.status_code >= 400:
+                        response.read()
+                        raise _error(url, response)
+                    yield response
+                    return
+                finally:
+                    response.close()
         raise ClientError("no coordinator answered: " + "; ".join(failures))
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON answer of ``method path``; raises ClientError."""
         with self.stream(method, path, **kwargs) as response:
-            response.read()
+            try:
+                response.read()
+            except httpx.HTTPError as exc:
+                raise ClientError(f"the answer was cut off: {_describe(exc)}") from None
             try:
                 return response.json()
             except ValueError:

@@ -15,7 +15,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from superagent.client import Client, ClientError, resolve_servers, resolve_token
+
+FOLLOW_TIMEOUT = 30.0  # seconds without a byte of the progress stream (keep-alives come every 5)
+FOLLOW_RECONNECTS = 20
 
 
 def client_of(args: argparse.Namespace) -> Client:
@@ -104,25 +109,31 @@ def _releases(args: argparse.Namespace) -> int:
 
 
 def follow_deploy(client: Client, app: str, deploy_id: str, *, as_json: bool) -> int:
-    """Print a deploy's progress per node until it is done; 0 when it succeeded."""
+    """Print a deploy's progress per node until it is finished; 0 when it succeeded.
+
+    The stream is read again after a lost connection (the deploy goes on without us); the
+    server sends a keep-alive comment every few seconds, so silence means trouble."""
     shown: dict[str, str] = {}
     view: dict[str, Any] = {}
-    with client.stream("GET", f"/api/v1/apps/{app}/deploys/{deploy_id}/events",
-                       timeout=None) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            view = json.loads(line[len("data: "):])
-            if as_json:
-                continue
-            if shown.get("") != view["stage"]:
-                shown[""] = view["stage"]
-                print(f"{deploy_id}: {view['stage']}", file=sys.stderr, flush=True)
-            for step in view["steps"]:
-                text = step["step"] + (f" ({step['error']})" if step["error"] else "")
-                if shown.get(step["node"]) != text:
-                    shown[step["node"]] = text
-                    print(f"  {step['node']}: {text}", file=sys.stderr, flush=True)
+    path = f"/api/v1/apps/{app}/deploys/{deploy_id}/events"
+    for _ in range(FOLLOW_RECONNECTS):
+        try:
+            with client.stream("GET", path, timeout=FOLLOW_TIMEOUT) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        view = json.loads(line[len("data: "):])
+                        if not as_json:
+                            _show_progress(deploy_id, view, shown)
+        except httpx.HTTPError as exc:
+            print(f"{deploy_id}: progress stream lost ({type(exc).__name__}); reconnecting",
+                  file=sys.stderr, flush=True)
+            time.sleep(1.0)
+            continue
+        if view.get("finished"):
+            break
+    else:
+        raise ClientError(f"lost the progress of deploy {deploy_id}; it goes on: see"
+                          f" `superagent --json` GET /api/v1/apps/{app}/deploys/{deploy_id}")
     if not view:
         view = client.get(f"/api/v1/apps/{app}/deploys/{deploy_id}")
     if as_json:
@@ -133,6 +144,17 @@ def follow_deploy(client: Client, app: str, deploy_id: str, *, as_json: bool) ->
         for key, text in view.get("logs", []):
             print(f"--- {key} log ---\n{text.rstrip()}")
     return 0 if view["status"] == "succeeded" else 1
+
+
+def _show_progress(deploy_id: str, view: dict[str, Any], shown: dict[str, str]) -> None:
+    if shown.get("") != view["stage"]:
+        shown[""] = view["stage"]
+        print(f"{deploy_id}: {view['stage']}", file=sys.stderr, flush=True)
+    for step in view["steps"]:
+        text = step["step"] + (f" ({step['error']})" if step["error"] else "")
+        if shown.get(step["node"]) != text:
+            shown[step["node"]] = text
+            print(f"  {step['node']}: {text}", file=sys.stderr, flush=True)
 
 
 def _deploy(args: argparse.Namespace) -> int:

@@ -25,8 +25,8 @@ import httpx
 import structlog
 import trio
 
+from superagent.coordinator.auth import write_private
 from superagent.coordinator.deploy.runner import begin_deploy
-from superagent.coordinator.errors import CoordinatorError
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
 from superagent.errors import SuperagentError
 from superagent.participant.service import Agent, AgentConfig
@@ -55,18 +55,19 @@ def read_or_create_secret(path: Path) -> str:
         secret = path.read_text().strip()
         if secret:
             return secret
-    path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
+    write_private(path, secret + "\n")
     return secret
+
+
+def state_id(state_dir: Path) -> str:
+    """A short name for the cluster kept in ``state_dir``."""
+    return hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
 
 
 def relocated_dir(state_dir: Path) -> Path:
     """Where ``participant_dir`` puts the participant of ``state_dir`` when it must move."""
-    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
-    return Path("/var/lib/superagent") / f"up-{digest}"
+    return Path("/var/lib/superagent") / f"up-{state_id(state_dir)}"
 
 
 def participant_dir(state_dir: Path) -> Path:
@@ -95,7 +96,7 @@ class Embedded:
         self.coordinator = Coordinator(CoordinatorConfig(
             id=NODE, peers={NODE: f"{config.raft[0]}:{config.raft[1]}"}, api=config.api,
             data_dir=state / "coordinator", secret=secret, admin_token_file=self.token_file))
-        self.node = f"{NODE}-{hashlib.sha256(str(state).encode()).hexdigest()[:6]}"
+        self.node = f"{NODE}-{state_id(state)[:6]}"
         self.agent = Agent(AgentConfig(
             data_dir=participant_dir(state), secret=secret, node=self.node, rpc=config.rpc,
             listen=(config.listen,), proxy_workers=1, coordinator=(self.coordinator.config.url,),
@@ -105,25 +106,39 @@ class Embedded:
         return f"<Embedded {self.config.state_dir}>"
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start both, resume or deploy apps, print the banner; stop on SIGINT/SIGTERM."""
+        """Start both, resume or deploy apps, print the banner; stop on SIGINT/SIGTERM (also
+        while still starting)."""
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.coordinator.run)
-                await nursery.start(self.agent.run)
-                try:
-                    await self._wait_for_node()
-                    await self._resume()
-                    if self.config.demo:
-                        await self.deploy_demo()
-                    self._banner()
-                    task_status.started()
+                stop = trio.Event()
+                starting = trio.CancelScope()
+
+                async def on_signal() -> None:
                     async for _ in signals:
-                        break
+                        stop.set()
+                        starting.cancel()
+                        return
+
+                nursery.start_soon(on_signal)
+                agent_started = False
+                try:
+                    with starting:
+                        await nursery.start(self.coordinator.run)
+                        await nursery.start(self.agent.run)
+                        agent_started = True
+                        await self._wait_for_node()
+                        await self._resume()
+                        if self.config.demo:
+                            await self.deploy_demo()
+                        self._banner()
+                        task_status.started()
+                    await stop.wait()
                     print("superagent: stopping apps, proxy and coordinator...",
                           file=sys.stderr)
                 finally:  # also when starting failed: nothing of this cluster keeps running
-                    with trio.CancelScope(shield=True):
-                        await self.agent.stop_all()
+                    if agent_started:
+                        with trio.CancelScope(shield=True):
+                            await self.agent.stop_all()
                     nursery.cancel_scope.cancel()
 
     async def _wait_for_node(self) -> None:
@@ -184,14 +199,17 @@ class Embedded:
         except OSError as exc:
             raise SuperagentError(f"cannot read the admin token {self.token_file}:"
                                   f" {exc.strerror}") from None
-        with tempfile.TemporaryFile() as archive:
-            packed = pack(demo_app_dir(), archive)
-            archive.seek(0)
-            data = archive.read()
+        def packed_demo() -> tuple[str, bytes]:
+            with tempfile.TemporaryFile() as archive:
+                packed = pack(demo_app_dir(), archive)
+                archive.seek(0)
+                return packed.sha256, archive.read()
+
+        sha256, data = await trio.to_thread.run_sync(packed_demo)
         async with httpx.AsyncClient(timeout=60.0) as http:
             response = await http.post(
                 f"{self.coordinator.config.url}/api/v1/apps/{DEMO_APP}/releases"
-                f"?sha256={packed.sha256}", content=data,
+                f"?sha256={sha256}", content=data,
                 headers={"authorization": f"Bearer {token}"})
         doc = response.json()
         if response.status_code != 201:
@@ -219,9 +237,5 @@ class Embedded:
 
 
 def run_up(config: UpConfig) -> int:
-    embedded = Embedded(config)
-    try:
-        trio.run(embedded.run)
-    except CoordinatorError as exc:
-        raise SuperagentError(str(exc)) from None
+    trio.run(Embedded(config).run)
     return 0

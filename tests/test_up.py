@@ -139,7 +139,10 @@ def test_up_refuses_a_taken_port_and_leaves_nothing_running(tmp_path: Path, whic
         if which == "--rpc":
             PORTS[tmp_path] = (free_port(), port)
         proc = start_up(tmp_path, port if which == "--api" else free_port(), free_port())
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            shutil.rmtree(relocated_dir(tmp_path / ".superagent"), ignore_errors=True)
     assert proc.returncode == 2
     assert "Traceback" not in err
     assert "cannot listen" in err and which in err

@@ -41,8 +41,9 @@ from superagent.coordinator.errors import (
     CoordinatorError,
     NoLeader,
     UnknownDeploy,
+    UnknownNode,
 )
-from superagent.coordinator.service import APPLIED_INDEX, Coordinator
+from superagent.coordinator.service import APPLIED_INDEX, PROPOSE_TIMEOUT, Coordinator
 from superagent.coordinator.state import ClusterState
 from superagent.errors import ConfigError
 from superagent.jsonbody import field, read_object
@@ -51,7 +52,10 @@ from superagent.participant.manifest import parse_manifest, spec_to_json
 log = structlog.get_logger(__name__)
 
 MAX_JSON = 1024 * 1024  # bytes of a JSON request body
+CLIENT_KEY_MAX = cmd.KEY_MAX - 16  # room for the suffixes of derived keys (":deploy")
 AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
+SSE_POLL, SSE_KEEPALIVE = 0.2, 5.0  # a deploy stream looks this often; comments when quiet
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD"})  # counted apart in /metrics
 
 Handler = Callable[[Request, "Context"], Awaitable[Response]]
 
@@ -99,8 +103,8 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 def idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= cmd.KEY_MAX:
-        raise BadRequest(f"Idempotency-Key must be 1-{cmd.KEY_MAX} characters")
+    if key is not None and not 1 <= len(key) <= CLIENT_KEY_MAX:
+        raise BadRequest(f"Idempotency-Key must be 1-{CLIENT_KEY_MAX} characters")
     return key
 
 
@@ -287,6 +291,8 @@ def deploy_options(query: Any) -> dict[str, Any]:
         raw = query.get(name)
         if raw is None:
             continue
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise BadRequest(f"{name} must be a number")
         try:
             value = kind(raw)
         except ValueError:
@@ -339,13 +345,18 @@ async def deploy_events(request: Request, ctx: Context) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         last: dict[str, Any] | None = None
         view = first
+        quiet = 0.0
         while True:
             if view != last:
                 yield f"event: deploy\ndata: {json.dumps(view)}\n\n".encode()
-                last = view
+                last, quiet = view, 0.0
                 if view["finished"]:
                     return
-            await trio.sleep(0.2)
+            elif quiet >= SSE_KEEPALIVE:  # tells a client the stream is alive
+                yield b": keep-alive\n\n"
+                quiet = 0.0
+            await trio.sleep(SSE_POLL)
+            quiet += SSE_POLL
             try:
                 view = _deploy(ctx, request)
             except UnknownDeploy:
@@ -424,7 +435,7 @@ async def propose(request: Request, ctx: Context) -> Response:
         return error(421, "not_leader", f"{c.config.id} is not the leader")
     raw = await request.body()
     cmd.decode(raw)  # refuse garbage before it reaches the log
-    result = await c.raft.propose(raw.decode(), 5.0)
+    result = await c.raft.propose(raw.decode(), PROPOSE_TIMEOUT)
     # the follower waits until it has applied this far, so its next read sees the write
     return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
 
@@ -470,7 +481,7 @@ async def heartbeat(request: Request, ctx: Context) -> Response:
     status = body.get("status")
     node = request.path_params["node"]
     if not await c.heartbeat(node, status if isinstance(status, dict) else None):
-        return error(404, "UnknownNode", f"node {node!r} is not registered: register first")
+        raise UnknownNode(node)
     return JSONResponse({"ok": True})
 
 
@@ -500,8 +511,7 @@ async def _signal_offline(c: Coordinator, node: str, *, offline: bool, signal_id
         response = await c.http.post(
             f"http://{address}/v1/signals/offline",
             json={"id": f"lifecycle-{signal_id}", "term": c.raft.status()["term"],
-                  "offline": offline},
-            headers={"authorization": f"Bearer {c.config.secret}"}, timeout=5.0)
+                  "offline": offline}, timeout=5.0)
     except httpx.HTTPError as exc:
         log.warning("participant not signalled", node=node, error=repr(exc))
         return False
@@ -649,7 +659,8 @@ class _LeaderHeader:
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
-                key = (scope["method"], int(message["status"]))
+                method = scope["method"] if scope["method"] in METHODS else "other"
+                key = (method, int(message["status"]))
                 counts = self.coordinator.requests
                 counts[key] = counts.get(key, 0) + 1
                 url = self.coordinator.leader_url()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 TOKEN_PREFIX = "sa_"
@@ -47,3 +49,19 @@ def token_name(credential: str | None, tokens: Mapping[str, Mapping[str, Any]]) 
 
 def is_secret(credential: str | None, secret: str) -> bool:
     return credential is not None and hmac.compare_digest(credential.encode(), secret.encode())
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a credential readable by its owner only, whatever the file's mode was before
+    (written beside it and renamed into place, so a reader never sees half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+

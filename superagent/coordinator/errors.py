@@ -100,6 +100,12 @@ class Conflict(CoordinatorError):
     code = "conflict"
 
 
+class NoTargets(Conflict):
+    """No participant can take a deploy (none online and up in the app's groups)."""
+
+    code = "no_targets"
+
+
 class IllegalTransition(Conflict):
     """A lifecycle ``event`` is not allowed in ``state`` (see ``lifecycle.TRANSITIONS``)."""
 
@@ -250,6 +256,17 @@ class NoQuorum(ArtifactError):
             f"artifact {sha256} is on {succeeded} of {cluster} nodes, needs {needed}: {why}",
             sha256=sha256,
         )
+
+
+class ForwardRefused(CoordinatorError):
+    """The leader refused a command this follower forwarded (e.g. the coordinators'
+    secrets differ); ``status`` is its answer's."""
+
+    code = "forward_refused"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        self.status_hint = status if 400 <= status < 600 else 502
+        super().__init__(message)
 
 
 class NoLeader(RaftError):

@@ -24,7 +24,6 @@ Theory of operation. Every coordinator runs the same code; Raft decides which on
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import tarfile
 import time
@@ -39,12 +38,12 @@ import trio
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, Peer, replicate
-from superagent.coordinator.auth import new_token, token_hash
+from superagent.coordinator.auth import new_token, token_hash, write_private
 from superagent.coordinator.deploy.runner import DeployRunner
 from superagent.coordinator.errors import (
     CoordinatorError,
+    ForwardRefused,
     NoLeader,
-    NotLeader,
     RaftError,
     UnknownArtifact,
 )
@@ -126,7 +125,10 @@ class Coordinator:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         await trio.to_thread.run_sync(self.raft.start)
         try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0)) as http:
+            # to peers and participants, authenticated with the cluster secret by default
+            async with httpx.AsyncClient(
+                    timeout=httpx.Timeout(10.0, connect=2.0),
+                    headers={"authorization": f"Bearer {self.config.secret}"}) as http:
                 self.http = http
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.raft.watch)
@@ -147,7 +149,7 @@ class Coordinator:
     # ------------------------------------------------------------------ reads
     def read(self, reader: Callable[[ClusterState], Any]) -> Any:
         """Run ``reader`` on the replicated state (never while a command applies)."""
-        return self.raft.read_state(lambda state: reader(state))  # type: ignore[arg-type]
+        return self.raft.read_state(reader)  # type: ignore[arg-type]
 
     def is_leader(self) -> bool:
         return self.raft.is_leader()
@@ -199,10 +201,18 @@ class Coordinator:
     async def _forward_command(self, url: str, text: str) -> Result:
         assert self.http is not None
         response = await self.http.post(f"{url}/api/v1/internal/propose", content=text,
-                                        headers=self.internal_headers(), timeout=PROPOSE_TIMEOUT)
-        if response.status_code != 200:
+                                        headers={"content-type": "application/json"},
+                                        timeout=PROPOSE_TIMEOUT)
+        if response.status_code in (421, 502, 503, 504):  # not (or no longer) the leader
             raise _Misdirected(f"{url} answered {response.status_code}")
-        result: Result = response.json()
+        try:
+            result: Result = response.json()
+        except ValueError:
+            raise _Misdirected(f"{url} answered {response.status_code}, not JSON") from None
+        if response.status_code != 200:  # refused as such (a bad secret, a bad command)
+            raise ForwardRefused(f"the leader at {url} refused the command:"
+                                 f" {result.get('detail', result)}",
+                                 status=response.status_code)
         index = result.pop(APPLIED_INDEX, 0)
         with trio.move_on_after(CATCH_UP_TIMEOUT):  # read-your-writes on this follower
             while self.raft.status()["last_applied"] < index:
@@ -216,10 +226,6 @@ class Coordinator:
         await self.submit(self.command(cmd.RegisterCoordinator,
                                        actor=f"coordinator:{self.config.id}",
                                        coordinator=self.config.id, api_url=self.config.url))
-
-    def internal_headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.config.secret}",
-                "content-type": "application/json"}
 
     def command(self, cls: type[cmd.Command], *, actor: str, key: str | None = None,
                 **fields: Any) -> cmd.Command:
@@ -236,9 +242,17 @@ class Coordinator:
         """
         artifact = await self.store.put(chunks, expected_sha256=expected_sha256)
         path = self.store.path(artifact.sha256)
-        spec = await trio.to_thread.run_sync(_manifest_of_tarball, path, app)
-        await replicate(artifact.sha256, artifact.size, self.store, self._artifact_peers(),
-                        timeout=REPLICATE_TIMEOUT)
+        try:
+            spec = await trio.to_thread.run_sync(_manifest_of_tarball, path, app)
+            await replicate(artifact.sha256, artifact.size, self.store, self._artifact_peers(),
+                            timeout=REPLICATE_TIMEOUT)
+        except BaseException:
+            # nothing is recorded: keep no blob that no release names
+            if not self.read(lambda s: any(r.sha256 == artifact.sha256
+                                           for rs in s.releases.values() for r in rs)):
+                with trio.CancelScope(shield=True):
+                    await self.store.remove(artifact.sha256)
+            raise
         return artifact.sha256, artifact.size, spec
 
     def _artifact_peers(self) -> list[Peer]:
@@ -250,9 +264,8 @@ class Coordinator:
                 raise ConnectionError(f"coordinator {cid} has not registered its API URL")
             assert self.http is not None
             response = await self.http.put(
-                f"{url}/api/v1/internal/artifacts/{sha256}", content=_file_chunks(path),
-                headers={"authorization": f"Bearer {self.config.secret}"},
-                timeout=REPLICATE_TIMEOUT)
+                f"{url}/api/v1/internal/artifacts/{sha256}",
+                content=self.store.open_chunks(sha256), timeout=REPLICATE_TIMEOUT)
             response.raise_for_status()
         return send
 
@@ -267,8 +280,7 @@ class Coordinator:
             try:
                 async with self.http.stream(
                     "GET", f"{url}/api/v1/artifacts/{sha256}",
-                    headers={"authorization": f"Bearer {self.config.secret}",
-                             "x-superagent-no-fetch": "1"},
+                    headers={"x-superagent-no-fetch": "1"},
                     timeout=REPLICATE_TIMEOUT,
                 ) as response:
                     if response.status_code != 200:
@@ -326,44 +338,37 @@ class Coordinator:
             await trio.sleep(WATCH_PERIOD)
 
     async def _init_admin_token(self) -> None:
-        """The first leader of a new cluster creates the admin token and shows it once."""
+        """The first leader of a new cluster creates the admin token and shows it once.
+
+        The token is made once: a retry after a timeout that did commit is answered as a
+        repeat of the same command, and the token is still shown. Another coordinator's
+        token under the same key is a conflict: that one shows its own.
+        """
+        token = new_token()
         while not self.read(lambda s: bool(s.tokens)):
             await trio.sleep(WATCH_PERIOD)
             if not self.is_leader():
                 continue
-            token = new_token()
             try:
                 result = await self.submit(self.command(
                     cmd.AddToken, actor=f"coordinator:{self.config.id}",
                     key="init:admin-token", name="admin", sha256=token_hash(token)))
-            except (NotLeader, NoLeader, RaftError):
+            except RaftError:
                 continue
-            if result.get("ok") and not result.get("repeated"):
+            if result.get("ok"):
                 self._show_token(token)
-                return
+            return
 
     def _show_token(self, token: str) -> None:
         path = self.config.admin_token_file
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
+            write_private(path, token + "\n")
         print(f"superagent: admin token (shown once): {token}", flush=True)
         self._log.info("admin token created", written_to=str(path) if path else None)
 
 
 class _Misdirected(Exception):
     """The node a command was forwarded to could not take it (it stopped leading)."""
-
-
-async def _file_chunks(path: Path, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-    fh = await trio.to_thread.run_sync(path.open, "rb")
-    try:
-        while chunk := await trio.to_thread.run_sync(fh.read, size):
-            yield chunk
-    finally:
-        fh.close()
 
 
 def _manifest_of_tarball(path: Path, app: str) -> AppSpec:

@@ -213,6 +213,10 @@ class ClusterState:
 
     def _delete_app(self, c: cmd.DeleteApp) -> tuple[Result, str]:
         self._app(c.app)
+        running = [d.deploy_id for d in self.deploys.values() if d.app == c.app and d.running]
+        if running:
+            raise Conflict(f"deploy {running[0]} of {c.app} is running: cancel it and wait"
+                           " for it to finish first", app=c.app)
         del self.apps[c.app]
         self.releases.pop(c.app, None)
         self.placement.pop(c.app, None)

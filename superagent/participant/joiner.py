@@ -4,7 +4,7 @@
 and then heartbeats every ``interval`` with a compact status (``POST
 /api/v1/nodes/{node}/heartbeat``) until cancelled. It reports ``started`` at once: an agent
 whose coordinators are all down still starts and serves what it runs, and joins when one
-comes up. A heartbeat answered 404 ``UnknownNode`` (the cluster forgot the node, e.g. after
+comes up. A heartbeat answered 404 ``unknown_node`` (the cluster forgot the node, e.g. after
 its state was rebuilt) makes the link register again and carry on.
 
 Any coordinator accepts these requests (followers forward them to the leader), but every
@@ -303,7 +303,7 @@ class CoordinatorLink:
         """True when the heartbeat was accepted, False when the node must register again."""
         response = await self._round(client, "POST", f"/api/v1/nodes/{self.node}/heartbeat",
                                      {"status": self.status()})
-        if response.status_code == 404 and _json(response).get("error") == "UnknownNode":
+        if response.status_code == 404 and _json(response).get("error") == "unknown_node":
             self._log.info("coordinator does not know this node; registering again")
             return False
         if response.status_code != 200:

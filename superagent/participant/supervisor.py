@@ -697,6 +697,12 @@ def shell_command(command: str) -> str:
 def _group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs (zombies do not count: PID 1 may not
     reap the orphans of a shell that exited)."""
+    try:
+        os.killpg(pgid, 0)  # cheap: an empty group ends the question here
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
     for proc in psutil.process_iter(["status"]):
         try:
             if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:

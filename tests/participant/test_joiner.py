@@ -116,7 +116,7 @@ class FakeCoordinator:
         if node not in self.known:
             self.unknown += 1
             self._note()
-            return self._answer({"error": "UnknownNode", "detail": node}, 404)
+            return self._answer({"error": "unknown_node", "detail": node}, 404)
         self.heartbeats.append({"node": node, **await request.json()})
         self._note()
         return self._answer({"ok": True})

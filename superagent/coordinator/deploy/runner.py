@@ -22,6 +22,7 @@ planner compensates); a stop of instances already gone counts as done.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -32,9 +33,9 @@ import trio
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy import planner as p
-from superagent.coordinator.errors import CommandError, Conflict, CoordinatorError, UnknownApp
+from superagent.coordinator.errors import CommandError, NoTargets, UnknownApp, UnknownRelease
 from superagent.coordinator.state import ClusterState
-from superagent.participant.manifest import spec_from_json
+from superagent.participant.manifest import AppSpec, spec_from_json
 
 if TYPE_CHECKING:
     from superagent.coordinator.service import Coordinator
@@ -48,10 +49,8 @@ TEST_TIMEOUT = 600.0
 SIGNAL_TIMEOUT = 60.0  # switch, drain, stop
 DRAIN_GRACE = 30.0
 HEALTHY = ("ready", "unhealthy")  # instance states that still serve
-
-
-class NoTargets(Conflict):
-    code = "no_targets"
+ROUND_BACKOFF, ROUND_BACKOFF_MAX = 1.0, 30.0  # after a round whose outcomes were refused
+INSIST_FOR = 120.0  # a switch back or a stop refused this long: the node counts as lost
 
 
 class _Unreachable(Exception):
@@ -84,22 +83,34 @@ class DeployRunner:
     async def _drive(self, deploy_id: str) -> None:
         scope = self._driving[deploy_id]
         bound = log.bind(deploy=deploy_id)
+        backoff = ROUND_BACKOFF
         try:
             with scope:
                 bound.info("deploy driven", leader=self.c.config.id)
                 while True:
-                    record = self._record(deploy_id)
-                    if record is None:
-                        return
-                    actions = p.next_actions(record)
-                    if any(isinstance(a, p.Finish) for a in actions):
-                        await self._finish(record)
-                        bound.info("deploy finished", status=record.status.value,
-                                   reason=record.reason)
-                        return
-                    async with trio.open_nursery() as nursery:
-                        for action in actions:
-                            nursery.start_soon(self._act, record, action)
+                    try:
+                        record = self._record(deploy_id)
+                        if record is None:
+                            return
+                        actions = p.next_actions(record)
+                        if any(isinstance(a, p.Finish) for a in actions):
+                            await self._finish(record)
+                            bound.info("deploy finished", status=record.status.value,
+                                       reason=record.reason)
+                            return
+                        refused: list[str] = []
+                        async with trio.open_nursery() as nursery:
+                            for action in actions:
+                                nursery.start_soon(self._act, record, action, refused)
+                        if not refused:
+                            backoff = ROUND_BACKOFF
+                            continue
+                        bound.error("deploy events refused; retrying the round",
+                                    errors=refused, retry_in=backoff)
+                    except Exception:  # one deploy's trouble never takes the coordinator down
+                        bound.exception("deploy round failed", retry_in=backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, ROUND_BACKOFF_MAX)
         finally:
             del self._driving[deploy_id]
 
@@ -116,7 +127,8 @@ class DeployRunner:
                           if deploy_id in s.deploys and s.deploys[deploy_id].running else None)
         return None if doc is None else p.DeployRecord.from_doc(doc)
 
-    async def _act(self, record: p.DeployRecord, action: p.Action) -> None:
+    async def _act(self, record: p.DeployRecord, action: p.Action, refused: list[str]
+                   ) -> None:
         try:
             event = await self._execute(record, action)
         except _Unreachable as exc:
@@ -127,9 +139,7 @@ class DeployRunner:
                                  deploy_id=record.deploy_id, event=event.to_doc())
         result = await self.c.submit(command)
         if not result.get("ok"):
-            log.error("deploy event refused", deploy=record.deploy_id, event=event.to_doc(),
-                      error=result.get("error"))
-            await trio.sleep(1.0)  # the next round re-reads the record
+            refused.append(f"{event.to_doc()}: {result.get('error')}")
 
     # ------------------------------------------------------------------ actions
     async def _execute(self, r: p.DeployRecord, a: p.Action) -> p.Event:
@@ -164,8 +174,9 @@ class DeployRunner:
             ok, body = await self._signal(node, "switch", a.signal_id, SIGNAL_TIMEOUT,
                                           app=r.app, instances=list(a.instances))
             if isinstance(a, p.SwitchBack):
-                if not ok:  # routing back must happen: retried by the next round
-                    raise _Unreachable(f"switch back on {node} refused: {_detail(body)}")
+                if not ok:  # routing back must happen: insist (same signal id)
+                    await self._insist(node, "switch", a.signal_id, SIGNAL_TIMEOUT,
+                                       app=r.app, instances=list(a.instances))
                 return p.SwitchedBack(node=node)
             return p.Switched(node=node) if ok else p.Cancel(
                 reason=f"switching {node} to the new instances failed: {_detail(body)}")
@@ -186,13 +197,27 @@ class DeployRunner:
                                 + ", ".join(f"{i} {st}" for i, st in sorted(sick.items())))
             return p.Drained(node=node)
         if isinstance(a, p.StopInstances):
-            ok, body = await self._signal(node, "stop", a.signal_id,
-                                          r.drain_grace + SIGNAL_TIMEOUT,
-                                          instances=list(a.instances), grace=r.drain_grace)
-            if not ok and body.get("error") != "UnknownInstance":
-                raise _Unreachable(f"stopping instances on {node} failed: {_detail(body)}")
+            await self._insist(node, "stop", a.signal_id, r.drain_grace + SIGNAL_TIMEOUT,
+                               instances=list(a.instances), grace=r.drain_grace)
             return (p.OldStopped if a.purpose == "commit" else p.NewStopped)(node=node)
         raise AssertionError(f"no executor for {a!r}")
+
+    async def _insist(self, node: str, kind: str, signal_id: str, wait: float,
+                      **body: Any) -> None:
+        """A signal that must happen (undoing, stopping): repeated with the same id until the
+        participant takes it; _Unreachable when it keeps refusing for INSIST_FOR seconds.
+        Stopping instances that are already gone counts as done."""
+        delay, since = 0.5, trio.current_time()
+        while True:
+            ok, answer = await self._signal(node, kind, signal_id, wait, **body)
+            if ok or (kind == "stop" and answer.get("error") == "UnknownInstance"):
+                return
+            if trio.current_time() - since > INSIST_FOR:
+                raise _Unreachable(f"{kind} on {node} refused: {_detail(answer)}")
+            log.warning("signal refused; retrying", node=node, kind=kind, id=signal_id,
+                        error=_detail(answer))
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _ready_deadline(self, app: str, release: str) -> float:
         def deadline(s: ClusterState) -> float:
@@ -236,7 +261,7 @@ class DeployRunner:
 
         async def send(address: str) -> httpx.Response:
             return await http.post(f"http://{address}/v1/signals/{kind}", json=payload,
-                                   headers=self._auth(), timeout=wait)
+                                   timeout=wait)
 
         response = await self._call(node, send)
         try:
@@ -253,24 +278,20 @@ class DeployRunner:
         assert http is not None
 
         async def send(address: str) -> httpx.Response:
-            return await http.get(f"http://{address}/v1/status", headers=self._auth(),
-                                  timeout=SIGNAL_TIMEOUT)
+            return await http.get(f"http://{address}/v1/status", timeout=SIGNAL_TIMEOUT)
 
         response = await self._call(node, send)
         doc: dict[str, Any] = response.json() if response.status_code == 200 else {}
         return doc
-
-    def _auth(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.c.config.secret}"}
 
 
 def _detail(body: dict[str, Any]) -> str:
     return str(body.get("detail") or body.get("error") or body)[:p.ERROR_MAX]
 
 
-def targets(state: ClusterState, app: str) -> list[str]:
-    """The nodes a deploy of ``app`` rolls over: online, up, in one of its groups."""
-    spec = spec_from_json(state.apps[app].spec)
+def targets(state: ClusterState, spec: AppSpec) -> list[str]:
+    """The nodes a deploy of a release with ``spec`` rolls over: online, up, in one of the
+    release's groups."""
     groups = set(spec.scale.groups)
     return sorted(n.name for n in state.nodes.values()
                   if n.up and n.lifecycle == "online" and groups & set(n.groups))
@@ -284,23 +305,22 @@ async def begin_deploy(c: Coordinator, *, app: str, release: str, actor: str,
     Raises UnknownApp, NoTargets (409) when no participant can take it, CommandError for
     bad parameters; a running deploy of the same app is a 409 result.
     """
-    def plan(s: ClusterState) -> tuple[list[str], dict[str, Any], str] | None:
+    def plan(s: ClusterState) -> tuple[list[str], AppSpec, str]:
         if app not in s.apps:
-            return None
+            raise UnknownApp(app)
         rel = next((x for x in s.releases[app] if f"r{x.number}" == release), None)
-        return targets(s, app), (rel.spec if rel else {}), (rel.sha256 if rel else "")
+        if rel is None:
+            raise UnknownRelease(app, int(release.lstrip("r") or 0))
+        spec = spec_from_json(rel.spec)
+        return targets(s, spec), spec, rel.sha256
 
-    found = c.read(plan)
-    if found is None:
-        raise UnknownApp(app)
-    nodes, spec_doc, sha256 = found
-    if not sha256:
-        raise CoordinatorError(f"app {app!r} has no release {release!r}", app=app)
-    spec = spec_from_json(spec_doc)
+    nodes, spec, sha256 = c.read(plan)
     if not nodes:
         raise NoTargets(f"{app}@{release}: no participant is online and up in groups"
                         f" {list(spec.scale.groups)}", app=app)
-    deploy_id = f"{app}-{release}-{secrets.token_hex(3)}"
+    # a client's retry (same key) names the same deploy, so it applies once
+    suffix = hashlib.sha256(key.encode()).hexdigest()[:6] if key else secrets.token_hex(3)
+    deploy_id = f"{app}-{release}-{suffix}"
     try:
         record = p.new_record(deploy_id=deploy_id, app=app, release=release, sha256=sha256,
                               nodes=nodes, per_node=spec.scale.per_node,
