@@ -38,6 +38,7 @@ NODE = "local"  # the coordinator's id; the participant's adds a hash of the sta
 DEMO_APP = "hello"
 READY_TIMEOUT = 30.0
 DEPLOY_TIMEOUT = 300.0
+TOKEN_FILE_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,11 @@ class Embedded:
         if waited.cancelled_caught:
             raise SuperagentError(f"the participant did not join the coordinator within"
                                   f" {READY_TIMEOUT:g}s")
+        # a new cluster's token is written just after it is committed; a resumed cluster's
+        # file is there already (unless it was deleted: the banner then says so)
+        with trio.move_on_after(TOKEN_FILE_WAIT):
+            while not self.token_file.exists():
+                await trio.sleep(0.05)
 
     async def _resume(self) -> None:
         """Deploy again every app whose release served before the last stop."""
@@ -191,9 +197,6 @@ class Embedded:
         from superagent.pack import pack
 
         print("superagent: deploying the demo app...", file=sys.stderr)
-        with trio.move_on_after(READY_TIMEOUT):  # written just after the token is committed
-            while not self.token_file.exists():
-                await trio.sleep(0.05)
         try:
             token = self.token_file.read_text().strip()
         except OSError as exc:
@@ -219,7 +222,8 @@ class Embedded:
     def _banner(self) -> None:
         host, port = self.config.listen.rsplit(":", 1)
         proxy = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-        token = self.token_file.read_text().strip() if self.token_file.exists() else "?"
+        token = (self.token_file.read_text().strip() if self.token_file.exists()
+                 else "(the file is missing: it is shown only when the cluster is created)")
         lines = [
             "superagent is up",
             f"  API:         {self.coordinator.config.url}/api/v1",
