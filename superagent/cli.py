@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from superagent import __version__
@@ -56,11 +56,8 @@ def _proxy(args: argparse.Namespace) -> int:
 
 def _participant(args: argparse.Namespace) -> int:
     import os
-    import signal
     import socket
     from pathlib import Path
-
-    import trio
 
     from superagent.participant.joiner import parse_coordinator_urls
     from superagent.participant.service import Agent, AgentConfig
@@ -98,19 +95,28 @@ def _participant(args: argparse.Namespace) -> int:
         groups=groups, coordinator=coordinator, advertise=advertise,
         capacity=args.capacity)
     agent = Agent(config)
+    _serve_until_signal(agent.run, before_exit=agent.stop_all if args.stop_on_exit else None)
+    return 0
+
+
+def _serve_until_signal(run: Callable[..., Awaitable[None]], *,
+                        before_exit: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run a service (``await nursery.start(run)``) until SIGTERM or SIGINT."""
+    import signal
+
+    import trio
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(agent.run)
+                await nursery.start(run)
                 async for _ in signals:
                     break
-                if args.stop_on_exit:
-                    await agent.stop_all()
+                if before_exit is not None:
+                    await before_exit()
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
-    return 0
 
 
 def _secret(args: argparse.Namespace) -> str:
@@ -132,10 +138,7 @@ def _secret(args: argparse.Namespace) -> str:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
-    import signal
     from pathlib import Path
-
-    import trio
 
     from superagent.coordinator.commands import NODE_NAME
     from superagent.coordinator.service import Coordinator, CoordinatorConfig
@@ -166,17 +169,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir).resolve(), secret=_secret(args), api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
         node_timeout=args.node_timeout)
-    coordinator = Coordinator(config)
-
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(coordinator.run)
-                async for _ in signals:
-                    break
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    _serve_until_signal(Coordinator(config).run)
     return 0
 
 
