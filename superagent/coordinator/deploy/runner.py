@@ -16,8 +16,15 @@ newest it has seen, so a deposed leader's late signals change nothing.
 A participant that cannot be reached is retried (same signal id) until the membership loop
 marks its node down, or ``NODE_LOST_AFTER`` passes; then the action's outcome is
 ``NodeLost``. Refusals map to the saga's failures: a prepare or start that fails is
-``PrepareFailed``/``StartFailed``; a switch or drain that fails cancels the deploy (the
-planner compensates); a stop of instances already gone counts as done.
+``PrepareFailed``/``StartFailed``; a switch or drain that fails, or new instances no longer
+healthy after the drain, cancel the deploy (the planner compensates). Undoing is insisted
+on: a refused switch back or stop is repeated (same signal id) for ``INSIST_FOR`` seconds
+before the node counts as lost; a stop of instances already gone counts as done.
+
+A round whose outcomes the state refuses, or that fails unexpectedly, is logged and tried
+again with backoff: one deploy's trouble never stops the coordinator or the other deploys.
+The deploy ends with ``FinishDeploy`` once the planner says ``Finish`` and no signal is in
+flight; only then may the app's next deploy start.
 """
 
 from __future__ import annotations
