@@ -90,6 +90,19 @@ class CgroupSupport:
         return {}
 
 
+def remove_empty_parent(support: CgroupSupport) -> None:
+    """Remove this agent's parent group (and its per-app groups) where they are empty: the
+    node is going away. A group that still holds anything stays; never raises."""
+    for top in support.parent_dirs().values():
+        if not top.is_dir():
+            continue
+        for app in sorted((d for d in top.iterdir() if d.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):
+                app.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
+
 def detect_cgroups(root: Path = CGROUP_ROOT, *, parent: str = PARENT_GROUP) -> CgroupSupport:
     """Pick cgroup v2, else v1, else "none" (with a reason and one warning).
 

@@ -42,7 +42,7 @@ import structlog
 import trio
 
 from superagent.httpserver import check_bindable, serve_app
-from superagent.participant.cgroups import PARENT_GROUP, detect_cgroups
+from superagent.participant.cgroups import PARENT_GROUP, detect_cgroups, remove_empty_parent
 from superagent.participant.errors import (
     AdoptionFailed,
     CoordinatorError,
@@ -191,6 +191,8 @@ class Agent:
         if self.instances:
             await self.stop(list(self.instances), None)
         await self.proxy.stop()
+        if self.cgroups is not None:
+            await trio.to_thread.run_sync(remove_empty_parent, self.cgroups)
         self.persist()
 
     async def _adopt(self, record: dict[str, Any]) -> None:

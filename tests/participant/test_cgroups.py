@@ -27,6 +27,7 @@ from superagent.participant.cgroups import (
     CgroupSupport,
     InstanceCgroup,
     detect_cgroups,
+    remove_empty_parent,
 )
 from superagent.participant.errors import IsolationError
 from superagent.participant.isolation import IsolationReport, RLimits, child_setup
@@ -386,3 +387,17 @@ def test_remove_refuses_live_group(cgroups: CgroupSupport) -> None:
         group.kill_all()
         sleeper.wait(timeout=CHILD_TIMEOUT)
         group.remove(timeout=REMOVE_TIMEOUT)
+
+
+def test_remove_empty_parent_keeps_what_is_in_use(tmp_path: Path) -> None:
+    """A node going away removes its empty groups; one still holding something stays."""
+    roots = {name: tmp_path / name for name in ("memory", "pids")}
+    for root in roots.values():
+        (root / "superagent.n1" / "idle").mkdir(parents=True)
+    busy = roots["pids"] / "superagent.n1" / "busy"
+    busy.mkdir()
+    (busy / "cgroup.procs").write_text("123\n")  # stands for a group with a process in it
+    remove_empty_parent(CgroupSupport(mode="v1", reason="test", parent="superagent.n1",
+                                      v1_roots=roots))
+    assert not (roots["memory"] / "superagent.n1").exists()
+    assert busy.exists() and not (roots["pids"] / "superagent.n1" / "idle").exists()
