@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ import trio
 
 from superagent.errors import ConfigError
 from superagent.participant.errors import ArtifactUnavailable, ChecksumMismatch
+from superagent.participant.releases import SHA256
 
 log = structlog.get_logger("superagent.participant.joiner")
 
@@ -54,7 +54,6 @@ HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
 REQUEST_TIMEOUT = 5.0  # seconds per network operation (connect, each read, each write)
 MAX_ARTIFACT = 512 * 1024 * 1024  # bytes: the RPC's own bound on an uploaded release
 _CHUNK = 64 * 1024
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -348,7 +347,7 @@ class CoordinatorLink:
         blob intact; then nothing is left beside ``dest``.
         """
         expected = sha256.strip().lower()
-        if not _SHA256.fullmatch(expected):
+        if not SHA256.fullmatch(expected):
             raise ChecksumMismatch(f"{sha256!r} is not a sha256 hex digest", expected=sha256,
                                    actual="")
         tried: dict[str, str] = {}

@@ -97,7 +97,7 @@ FAILED_LOG_SUFFIX = ".failed.log"
 
 # Directory names: no '/', no leading '.' (temporary and removing directories are hidden).
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # a sha256 as we name archives: lowercase hex
 _CHUNK = 64 * 1024  # read unit for build output
 
 
@@ -300,7 +300,7 @@ class ReleaseStore:
         _check_name(app, "app")
         _check_name(release, "release")
         expected = sha256.strip().lower()
-        if not _SHA256.fullmatch(expected):
+        if not SHA256.fullmatch(expected):
             raise ChecksumMismatch("not a sha256 hex digest", expected=sha256, actual="",
                                    app=app, release=release)
         key = (app, release)
@@ -517,7 +517,7 @@ class ReleaseStore:
             if spec.name != app:
                 raise ValueError(f"spec names app {spec.name!r}")
             sha256 = doc["sha256"]
-            if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
                 raise ValueError("bad sha256")
             prepared_at = datetime.fromisoformat(doc["prepared_at"])
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:

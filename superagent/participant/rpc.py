@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -45,7 +44,7 @@ from starlette.routing import Route
 
 from superagent.jsonbody import field, read_object
 from superagent.participant.errors import ParticipantError, SignalError
-from superagent.participant.releases import TEST_TIMEOUT
+from superagent.participant.releases import SHA256, TEST_TIMEOUT
 from superagent.participant.signals import DONE, RUNNING, SignalLedger
 
 MAX_ARCHIVE = 512 * 1024 * 1024  # an uploaded release; the extractor has its own budgets
@@ -53,7 +52,6 @@ MAX_SIGNAL = 1024 * 1024  # a signal's JSON body
 DEBUG_TTL = 3600.0  # a debug session left open ends by itself after an hour
 MAX_DEBUG_TTL = 86400.0
 MAX_TEST_TIMEOUT = 86400.0  # a test signal's own timeout, at most a day
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 log = structlog.get_logger("superagent.participant.rpc")
 
 
@@ -203,7 +201,7 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
             elif kind == "prepare":
                 app, release = _field(body, "app", str), _field(body, "release", str)
                 sha256 = _field(body, "sha256", str)
-                if not _SHA256.fullmatch(sha256):
+                if not SHA256.fullmatch(sha256):
                     raise SignalError("field 'sha256' must be a lower-case sha256 hex digest")
                 act = partial(service.prepare_artifact, app, release, sha256)
             elif kind == "test":

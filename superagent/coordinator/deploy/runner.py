@@ -43,6 +43,7 @@ from superagent.coordinator.deploy import planner as p
 from superagent.coordinator.errors import CommandError, NoTargets, UnknownApp, UnknownRelease
 from superagent.coordinator.state import ClusterState
 from superagent.participant.manifest import AppSpec, spec_from_json
+from superagent.participant.releases import TEST_TIMEOUT
 
 if TYPE_CHECKING:
     from superagent.coordinator.service import Coordinator
@@ -52,7 +53,6 @@ log = structlog.get_logger(__name__)
 POLL = 0.2  # how often the runner looks for deploys to drive
 NODE_LOST_AFTER = 30.0  # unreachable this long (and not yet marked down): lost
 BUILD_TIMEOUT = 1800.0  # a prepare (download + build) answers within this
-TEST_TIMEOUT = 600.0
 SIGNAL_TIMEOUT = 60.0  # switch, drain, stop
 DRAIN_GRACE = 30.0
 HEALTHY = ("ready", "unhealthy")  # instance states that still serve
