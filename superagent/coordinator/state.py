@@ -28,13 +28,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from superagent.coordinator import commands as cmd
-from superagent.coordinator.deploy.planner import (
-    DeployRecord,
-    Stage,
-    Status,
-    advance,
-    event_from_doc,
-)
+from superagent.coordinator.deploy.model import DeployRecord, Stage, Status, event_from_doc
+from superagent.coordinator.deploy.planner import advance
 from superagent.coordinator.errors import (
     CommandError,
     Conflict,

@@ -6,7 +6,7 @@ import itertools
 from typing import Any
 
 from superagent.coordinator import commands as cmd
-from superagent.coordinator.deploy.planner import new_record
+from superagent.coordinator.deploy.model import new_record
 from superagent.participant.manifest import parse_manifest, spec_to_json
 
 SHA = "ab" * 32

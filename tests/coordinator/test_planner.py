@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from superagent.coordinator.deploy import planner
-from superagent.coordinator.deploy.planner import (
+from superagent.coordinator.deploy import model
+from superagent.coordinator.deploy.model import (
     LOG_EXCERPT_MAX,
     SIGNAL_ID,
     Action,
@@ -43,13 +43,12 @@ from superagent.coordinator.deploy.planner import (
     Switched,
     SwitchedBack,
     action_from_doc,
-    advance,
     batches,
     event_from_doc,
     log_tail,
     new_record,
-    next_actions,
 )
+from superagent.coordinator.deploy.planner import advance, next_actions
 
 SHA = "ab" * 32
 
@@ -68,7 +67,7 @@ def feed(rec: DeployRecord, *events: Event) -> DeployRecord:
 
 def built(rec: DeployRecord) -> DeployRecord:
     """``rec`` after a successful build and test."""
-    rec = feed(rec, *(Prepared(node=n) for n in rec.nodes), planner.Tested(ok=True, log="ok"))
+    rec = feed(rec, *(Prepared(node=n) for n in rec.nodes), model.Tested(ok=True, log="ok"))
     assert rec.stage is Stage.ROLL
     return rec
 
@@ -168,7 +167,7 @@ def test_record_from_bad_doc(breakage: Callable[[dict[str, object]], object]) ->
 
 ALL_EVENTS: list[Event] = [
     Prepared(node="n1"), PrepareFailed(node="n1", error="e", log="l"),
-    planner.Tested(ok=False, log="l"),
+    model.Tested(ok=False, log="l"),
     Started(node="n1", old=("a",), new=("b", "c")), StartFailed(node="n1", error="e"),
     Switched(node="n1"), Drained(node="n1"), OldStopped(node="n1"), SwitchedBack(node="n1"),
     NewStopped(node="n1"), NodeLost(node="n1", error="gone"), Cancel(reason="operator")]
@@ -192,7 +191,7 @@ def test_event_from_bad_doc(doc: object) -> None:
 
 
 ALL_ACTIONS: list[Action] = [
-    Prepare(deploy_id="d1", node="n1"), planner.Test(deploy_id="d1", node="n1"),
+    Prepare(deploy_id="d1", node="n1"), model.Test(deploy_id="d1", node="n1"),
     Start(deploy_id="d1", node="n1", count=2), Switch(deploy_id="d1", node="n1", instances=("b",)),
     SwitchBack(deploy_id="d1", node="n1", instances=()),
     Drain(deploy_id="d1", node="n1", instances=("a",), grace=30.0),
@@ -243,7 +242,7 @@ def test_build_prepares_every_node_then_tests_once() -> None:
     assert kinds(next_actions(rec)) == [("prepare", "n1"), ("prepare", "n2"), ("prepare", "n3")]
     rec = advance(rec, Prepared(node="n1"))
     assert kinds(next_actions(rec)) == [("prepare", "n2"), ("prepare", "n3"), ("test", "n1")]
-    rec = feed(rec, planner.Tested(ok=True, log=""), Prepared(node="n2"))
+    rec = feed(rec, model.Tested(ok=True, log=""), Prepared(node="n2"))
     assert rec.stage is Stage.BUILD and kinds(next_actions(rec)) == [("prepare", "n3")]
     rec = advance(rec, Prepared(node="n3"))
     assert rec.stage is Stage.ROLL
@@ -256,14 +255,14 @@ def test_prepare_failure_fails_with_log_and_late_outcomes_recorded() -> None:
     assert (rec.stage, rec.status) == (Stage.DONE, Status.FAILED)
     assert rec.reason == "prepare failed on n2: npm exploded"
     assert rec.logs == (("n2", "...tail"),) and rec.step_of("n2").error == "npm exploded"
-    rec = feed(rec, Prepared(node="n3"), planner.Tested(ok=True, log=""))
+    rec = feed(rec, Prepared(node="n3"), model.Tested(ok=True, log=""))
     assert rec.step_of("n3").step is Step.PREPARED and rec.stage is Stage.DONE
     assert next_actions(rec) == (Finish(deploy_id="d1", status="failed", reason=rec.reason),)
 
 
 def test_test_failure_fails() -> None:
     """A failing test ends the deploy 'failed' with the test log attached."""
-    rec = feed(record(), Prepared(node="n1"), planner.Tested(ok=False, log="1 failed"))
+    rec = feed(record(), Prepared(node="n1"), model.Tested(ok=False, log="1 failed"))
     assert (rec.status, rec.reason, rec.logs) == (
         Status.FAILED, "test failed on n1", (("test", "1 failed"),))
 
@@ -290,11 +289,11 @@ def run_happy(rec: DeployRecord) -> tuple[DeployRecord, list[list[tuple[str, str
 
 
 def _success(a: Action) -> Event:
-    assert isinstance(a, Prepare | planner.Test | Start | Switch | Drain | StopInstances)
+    assert isinstance(a, Prepare | model.Test | Start | Switch | Drain | StopInstances)
     if isinstance(a, Start):
         return Started(node=a.node, old=old_of(a.node), new=new_of(a.node))
-    if isinstance(a, planner.Test):
-        return planner.Tested(ok=True, log="")
+    if isinstance(a, model.Test):
+        return model.Tested(ok=True, log="")
     outcome: type[NodeEvent] = {
         "prepare": Prepared, "switch": Switched, "drain": Drained, "stop_old": OldStopped}[a.kind]
     return outcome(node=a.node)
@@ -443,8 +442,8 @@ def test_mid_way_record_reissues_the_same_actions() -> None:
     (lambda r: r, Started(node="n1", old=(), new=("a",))),  # during build
     (lambda r: built(r), OldStopped(node="n1")),  # never drained
     (lambda r: built(r), Prepared(node="n1")),  # already prepared
-    (lambda r: built(r), planner.Tested(ok=True, log="")),  # test ran already
-    (lambda r: r, planner.Tested(ok=True, log="")),  # test node not prepared
+    (lambda r: built(r), model.Tested(ok=True, log="")),  # test ran already
+    (lambda r: r, model.Tested(ok=True, log="")),  # test node not prepared
     (lambda r: built(r), Started(node="n1", old=("a",), new=("a",))),  # overlapping ids
     (lambda r: built(r), Started(node="n1", old=(), new=())),  # started nothing
     (lambda r: advance(built(r), NodeLost(node="n1", error="x")), NewStopped(node="n1")),
@@ -477,7 +476,7 @@ class FakeCluster:
 
     def execute(self, a: Action, outcome: str, partial: int) -> Event:
         """Carry out ``a`` ("ok", "fail" or "lost") and return its outcome event."""
-        assert isinstance(a, Prepare | planner.Test | Start | Switch | Drain | StopInstances)
+        assert isinstance(a, Prepare | model.Test | Start | Switch | Drain | StopInstances)
         n = self.nodes[a.node]
         assert not n.lost, f"action {a} for lost node"
         if outcome == "lost":
@@ -486,8 +485,8 @@ class FakeCluster:
         if isinstance(a, Prepare):
             return Prepared(node=a.node) if outcome == "ok" else PrepareFailed(
                 node=a.node, error="build failed", log="log")
-        if isinstance(a, planner.Test):
-            return planner.Tested(ok=outcome == "ok", log="test log")
+        if isinstance(a, model.Test):
+            return model.Tested(ok=outcome == "ok", log="test log")
         if isinstance(a, Start):
             count = a.count if outcome == "ok" else partial % a.count
             new = tuple(self._new(a.node) for _ in range(count))

@@ -19,10 +19,9 @@ import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +101,6 @@ def python_app(name: str = "hello") -> bytes:
                 f'[health]\npath = "/healthz"\n[routes]\nprefix = "/{name}"\n'
                 'strip_prefix = true\n')
     return tarball({"superagent.toml": manifest, "app.py": APP})
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    """A data directory app users can traverse (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="sa-agent-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class Rig:

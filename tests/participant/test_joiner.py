@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -171,15 +169,6 @@ async def running(link: CoordinatorLink) -> AsyncIterator[CoordinatorLink]:
             await nursery.start(link.run)
         yield link
         nursery.cancel_scope.cancel()
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sa-joiner-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -338,33 +327,33 @@ async def test_no_coordinator_at_all_does_not_block_or_crash() -> None:
 # --- artifacts -------------------------------------------------------------------------------
 
 
-async def test_fetch_streams_the_blob_into_place(scratch: Path) -> None:
+async def test_fetch_streams_the_blob_into_place(data_dir: Path) -> None:
     """A known blob lands at dest with the right bytes and nothing beside it."""
     blob = os.urandom(300_000)
     sha = hashlib.sha256(blob).hexdigest()
     async with coordinators(1) as [fake]:
         fake.blobs[sha] = blob
-        dest = scratch / "a.tar"
+        dest = data_dir / "a.tar"
         assert await make_link([fake.url]).fetch_artifact(sha, dest) == dest
     assert dest.read_bytes() == blob
-    assert [p.name for p in scratch.iterdir()] == ["a.tar"]
+    assert [p.name for p in data_dir.iterdir()] == ["a.tar"]
 
 
-async def test_a_corrupt_blob_is_refused_and_nothing_is_left(scratch: Path) -> None:
+async def test_a_corrupt_blob_is_refused_and_nothing_is_left(data_dir: Path) -> None:
     """Bytes that do not hash to the name are deleted; the error names hash and URL."""
     blob = b"the real archive"
     sha = hashlib.sha256(blob).hexdigest()
     async with coordinators(1) as [fake]:
         fake.blobs[sha] = b"tampered archive"
         with pytest.raises(ArtifactUnavailable) as caught:
-            await make_link([fake.url]).fetch_artifact(sha, scratch / "a.tar")
-    assert list(scratch.iterdir()) == []
+            await make_link([fake.url]).fetch_artifact(sha, data_dir / "a.tar")
+    assert list(data_dir.iterdir()) == []
     assert sha in str(caught.value) and fake.url in str(caught.value)
     assert "mismatch" in caught.value.tried[fake.url]
     assert caught.value.status_hint == 503
 
 
-async def test_fetch_asks_the_leader_first_then_the_others(scratch: Path) -> None:
+async def test_fetch_asks_the_leader_first_then_the_others(data_dir: Path) -> None:
     """The leader is asked first; a corrupt copy there is skipped for an intact one."""
     blob = b"archive bytes"
     sha = hashlib.sha256(blob).hexdigest()
@@ -373,32 +362,32 @@ async def test_fetch_asks_the_leader_first_then_the_others(scratch: Path) -> Non
         c.blobs[sha] = blob
         link = make_link([a.url, c.url, b.url])
         link.endpoints.answered(a.url, b.url)  # as if a had named b the leader
-        await link.fetch_artifact(sha, scratch / "x")
+        await link.fetch_artifact(sha, data_dir / "x")
         assert (b.fetches, a.fetches, c.fetches) == ([sha], [sha], [sha])
-    assert (scratch / "x").read_bytes() == blob
+    assert (data_dir / "x").read_bytes() == blob
 
 
-async def test_an_unknown_artifact_is_a_404_naming_every_url(scratch: Path) -> None:
+async def test_an_unknown_artifact_is_a_404_naming_every_url(data_dir: Path) -> None:
     """When every coordinator answers 404 the error says so (404) and names each URL."""
     sha = "ab" * 32
     async with coordinators(2) as [a, b]:
         with pytest.raises(ArtifactUnavailable) as caught:
-            await make_link([a.url, b.url]).fetch_artifact(sha, scratch / "x")
+            await make_link([a.url, b.url]).fetch_artifact(sha, data_dir / "x")
     assert caught.value.status_hint == 404
     assert set(caught.value.tried) == {a.url, b.url}
-    assert list(scratch.iterdir()) == []
+    assert list(data_dir.iterdir()) == []
     dead = dead_url()
     with pytest.raises(ArtifactUnavailable) as down:
-        await make_link([dead]).fetch_artifact(sha, scratch / "x")
+        await make_link([dead]).fetch_artifact(sha, data_dir / "x")
     assert down.value.status_hint == 503 and dead in str(down.value)
 
 
-async def test_a_malformed_hash_is_refused_before_any_request(scratch: Path) -> None:
+async def test_a_malformed_hash_is_refused_before_any_request(data_dir: Path) -> None:
     """Not 64 hex digits: ChecksumMismatch (400), no request, no file."""
     async with coordinators(1) as [fake]:
         with pytest.raises(ChecksumMismatch):
-            await make_link([fake.url]).fetch_artifact("../../etc/passwd", scratch / "x")
-    assert fake.fetches == [] and list(scratch.iterdir()) == []
+            await make_link([fake.url]).fetch_artifact("../../etc/passwd", data_dir / "x")
+    assert fake.fetches == [] and list(data_dir.iterdir()) == []
 
 
 # --- the agent -------------------------------------------------------------------------------
@@ -431,7 +420,7 @@ async def agent_running(data_dir: Path, coordinator: tuple[str, ...]
                 nursery.cancel_scope.cancel()
 
 
-async def test_prepare_signal_fetches_from_the_coordinator(scratch: Path) -> None:
+async def test_prepare_signal_fetches_from_the_coordinator(data_dir: Path) -> None:
     """The agent joins, then a prepare signal fetches the tarball from the coordinator,
     builds the release and leaves no download behind; a repeat is answered from the
     ledger, a stale term is refused."""
@@ -439,7 +428,7 @@ async def test_prepare_signal_fetches_from_the_coordinator(scratch: Path) -> Non
     sha = hashlib.sha256(data).hexdigest()
     async with coordinators(1) as [fake]:
         fake.blobs[sha] = data
-        async with agent_running(scratch, (fake.url,)) as (agent, rpc):
+        async with agent_running(data_dir, (fake.url,)) as (agent, rpc):
             await fake.wait_until(lambda: len(fake.heartbeats) >= 1)
             assert fake.registers[0] == {"node": "agent-1", "address": agent.config.advertise,
                                          "groups": ["web"], "capacity": 100}
@@ -452,7 +441,7 @@ async def test_prepare_signal_fetches_from_the_coordinator(scratch: Path) -> Non
             assert answer.status_code == 200, answer.text
             assert answer.json()["sha256"] == sha and answer.json()["release"] == "r1"
             assert agent.store.get("hello", "r1").sha256 == sha
-            assert list((scratch / "downloads").iterdir()) == []
+            assert list((data_dir / "downloads").iterdir()) == []
             again = await rpc.post("/v1/signals/prepare", json=body)
             assert again.json()["repeated"] is True and fake.fetches == [sha]
             # a new id for a release already prepared from that archive: no download
@@ -470,12 +459,12 @@ async def test_prepare_signal_fetches_from_the_coordinator(scratch: Path) -> Non
             stale = await rpc.post("/v1/signals/prepare", json={**body, "id": "p5",
                                                                   "term": 1})
             assert stale.status_code == 409 and stale.json()["error"] == "StaleTerm"
-            assert list((scratch / "downloads").iterdir()) == []
+            assert list((data_dir / "downloads").iterdir()) == []
 
 
-async def test_prepare_signal_without_a_coordinator_is_a_clear_409(scratch: Path) -> None:
+async def test_prepare_signal_without_a_coordinator_is_a_clear_409(data_dir: Path) -> None:
     """An agent started without --coordinator refuses to fetch, saying why."""
-    async with agent_running(scratch, ()) as (agent, rpc):
+    async with agent_running(data_dir, ()) as (agent, rpc):
         assert agent.link is None
         answer = await rpc.post("/v1/signals/prepare", json={
             "id": "p1", "term": 1, "app": "hello", "release": "r1", "sha256": "ab" * 32})

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +59,6 @@ class Rig:
         self._ids += 1
         return await self.rpc.post("/v1/signals/test", json={
             "id": f"t{self._ids}", "term": term, "app": app, "release": name, **extra})
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    """A data directory app users can traverse (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="sa-test-signal-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -43,508 +43,47 @@ round, which ``next_actions`` guarantees.
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields, replace
-from enum import Enum, StrEnum
-from typing import Any, ClassVar, TypeVar
-
-from superagent.coordinator.commands import APP_NAME, DEPLOY_ID, NODE_NAME, REASON_MAX, SHA256
-from superagent.participant.manifest import MAX_PER_NODE
-
-LOG_EXCERPT_MAX = 16 * 1024  # bytes of log tail kept in the replicated record; the rest is on disk
-ERROR_MAX = 500  # characters of one node's error: a summary line, not a log
-RELEASE_MAX = 64  # characters of a release name ("r3")
-TEST_LOG = "test"  # the ``logs`` key of the test command's output
-SIGNAL_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")  # what a participant accepts as a signal id
-
-
-class Stage(StrEnum):
-    BUILD = "build"
-    ROLL = "roll"
-    COMMIT = "commit"
-    COMPENSATE = "compensate"
-    DONE = "done"
-
-
-class Status(StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    ROLLED_BACK = "rolled_back"  # compensated after traffic began to move
-    FAILED = "failed"  # ended before any traffic moved
-
-
-class Step(StrEnum):
-    PENDING = "pending"
-    PREPARED = "prepared"
-    STARTED = "started"
-    SWITCHED = "switched"
-    DRAINED = "drained"  # rolled; old instances kept warm
-    COMMITTED = "committed"  # old instances stopped
-    START_FAILED = "start_failed"
-    SWITCHED_BACK = "switched_back"
-    ROLLED_BACK = "rolled_back"  # new instances stopped
-
-
-# Steps whose node has new instances or routes to undo when compensating.
-NEEDS_UNDO = frozenset({Step.STARTED, Step.START_FAILED, Step.SWITCHED, Step.DRAINED,
-                        Step.SWITCHED_BACK})
-
-
-class IllegalEvent(ValueError):
-    """An event that cannot follow the record's state: the runner has a bug."""
-
-    def __init__(self, message: str, *, deploy_id: str = "", node: str = "") -> None:
-        self.deploy_id = deploy_id
-        self.node = node
-        super().__init__(f"deploy {deploy_id}: {message}" if deploy_id else message)
-
-
-# -- JSON codec ------------------------------------------------------------------------------
-# Every dataclass here is encoded field by field; decoding is driven by each field's
-# annotation (a string, thanks to ``from __future__ import annotations``).
-
-def _encode_value(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_encode_value(v) for v in value]
-    if hasattr(value, "to_doc"):
-        return value.to_doc()
-    return value
-
-
-def _encode(obj: Any) -> dict[str, Any]:
-    return {f.name: _encode_value(getattr(obj, f.name)) for f in fields(obj)}
-
-
-def _want(ok: bool, name: str, what: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: must be {what}")
-
-
-def _str(name: str, v: Any) -> str:
-    _want(isinstance(v, str), name, "a string")
-    return str(v)
-
-
-def _bool(name: str, v: Any) -> bool:
-    _want(isinstance(v, bool), name, "a boolean")
-    return bool(v)
-
-
-def _int(name: str, v: Any) -> int:
-    _want(isinstance(v, int) and not isinstance(v, bool), name, "an integer")
-    return int(v)
-
-
-def _float(name: str, v: Any) -> float:
-    _want(isinstance(v, int | float) and not isinstance(v, bool), name, "a number")
-    return float(v)
-
-
-def _list(name: str, v: Any) -> list[Any]:
-    _want(isinstance(v, list | tuple), name, "a list")
-    return list(v)
-
-
-def _strs(name: str, v: Any) -> tuple[str, ...]:
-    return tuple(_str(f"{name}[{i}]", x) for i, x in enumerate(_list(name, v)))
-
-
-def _pairs(name: str, v: Any) -> tuple[tuple[str, str], ...]:
-    out = []
-    for i, pair in enumerate(_list(name, v)):
-        items = _strs(f"{name}[{i}]", pair)
-        _want(len(items) == 2, f"{name}[{i}]", "a [key, text] pair")
-        out.append((items[0], items[1]))
-    return tuple(out)
-
-
-def _node_steps(name: str, v: Any) -> tuple[NodeStep, ...]:
-    return tuple(NodeStep.from_doc(x) for x in _list(name, v))
-
-
-_DECODERS: dict[str, Callable[[str, Any], Any]] = {
-    "str": _str, "bool": _bool, "int": _int, "float": _float, "tuple[str, ...]": _strs,
-    "tuple[tuple[str, str], ...]": _pairs, "tuple[NodeStep, ...]": _node_steps,
-    "Step": lambda n, v: Step(_str(n, v)), "Stage": lambda n, v: Stage(_str(n, v)),
-    "Status": lambda n, v: Status(_str(n, v)),
-}
-
-_T = TypeVar("_T")
-
-
-def _decode(cls: type[_T], doc: Any, *, tag: str = "") -> _T:
-    """``cls`` built from ``doc``; ValueError names the class and the bad field."""
-    if not isinstance(doc, Mapping):
-        raise ValueError(f"{cls.__name__}: document must be an object")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    extra = set(doc) - set(known) - ({tag} if tag else set())
-    if extra:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(extra)}")
-    values = {}
-    try:
-        for name, f in known.items():
-            if name in doc:
-                values[name] = _DECODERS[str(f.type)](name, doc[name])
-        return cls(**values)
-    except (TypeError, ValueError) as exc:  # a missing field is a TypeError from __init__
-        raise ValueError(f"{cls.__name__}: {exc}") from None
-
-
-def log_tail(text: str) -> str:
-    """The last ``LOG_EXCERPT_MAX`` bytes of ``text`` (UTF-8), never splitting a character."""
-    data = text.encode("utf-8", "replace")
-    if len(data) <= LOG_EXCERPT_MAX:
-        return text
-    return data[-LOG_EXCERPT_MAX:].decode("utf-8", "ignore")
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# -- the record ------------------------------------------------------------------------------
-
-@dataclass(frozen=True, kw_only=True)
-class NodeStep:
-    """One target node's progress. ``old``: instances that served before (read when the
-    node starts rolling); ``new``: instances this deploy started; ``lost``: unreachable,
-    excluded from further actions."""
-
-    node: str
-    step: Step
-    old: tuple[str, ...]
-    new: tuple[str, ...]
-    error: str = ""
-    lost: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "step", Step(self.step))  # accept the plain string too
-        object.__setattr__(self, "old", tuple(self.old))
-        object.__setattr__(self, "new", tuple(self.new))
-
-    def to_doc(self) -> dict[str, Any]:
-        return _encode(self)
-
-    @staticmethod
-    def from_doc(doc: Any) -> NodeStep:
-        return _decode(NodeStep, doc)
-
-
-@dataclass(frozen=True, kw_only=True, repr=False)
-class DeployRecord:
-    """The saga's whole state; stored in ClusterState, changed only by ``advance``."""
-
-    deploy_id: str
-    app: str
-    release: str
-    sha256: str
-    nodes: tuple[str, ...]  # targets, in roll order
-    per_node: int
-    max_parallel: int
-    drain_grace: float
-    stage: Stage
-    status: Status
-    reason: str
-    tested: bool  # the test command has reported (its outcome decides the status)
-    test_node: str
-    steps: tuple[NodeStep, ...]  # one per node, same order
-    logs: tuple[tuple[str, str], ...]  # (node or "test", log tail)
-
-    def __post_init__(self) -> None:
-        for name, enum in (("stage", Stage), ("status", Status)):
-            object.__setattr__(self, name, enum(getattr(self, name)))
-        object.__setattr__(self, "nodes", tuple(self.nodes))
-        object.__setattr__(self, "drain_grace", float(self.drain_grace))
-        _want(DEPLOY_ID.fullmatch(self.deploy_id) is not None, "deploy_id",
-              f"like {DEPLOY_ID.pattern}")
-        _want(APP_NAME.fullmatch(self.app) is not None, "app", f"like {APP_NAME.pattern}")
-        _want(1 <= len(self.release) <= RELEASE_MAX, "release", f"1-{RELEASE_MAX} characters")
-        _want(SHA256.fullmatch(self.sha256) is not None, "sha256", "64 lowercase hex digits")
-        _want(len(self.nodes) > 0, "nodes", "a non-empty list")
-        _want(len(set(self.nodes)) == len(self.nodes), "nodes", "distinct")
-        for node in self.nodes:
-            _want(NODE_NAME.fullmatch(node) is not None, "nodes", f"like {NODE_NAME.pattern}")
-        _want(1 <= self.per_node <= MAX_PER_NODE, "per_node", f"1-{MAX_PER_NODE}")
-        _want(self.max_parallel >= 1, "max_parallel", ">= 1")
-        _want(math.isfinite(self.drain_grace) and self.drain_grace >= 0, "drain_grace",
-              "a finite number >= 0")
-        _want((self.stage is Stage.DONE) == (self.status is not Status.RUNNING), "status",
-              "'running' exactly while the stage is not 'done'")
-        _want(self.test_node == self.nodes[0], "test_node", "the first node")
-        _want(tuple(s.node for s in self.steps) == self.nodes, "steps", "one per node, in order")
-        for key, text in self.logs:
-            _want(len(text.encode("utf-8", "replace")) <= LOG_EXCERPT_MAX, f"logs[{key}]",
-                  f"at most {LOG_EXCERPT_MAX} bytes")
-
-    def __repr__(self) -> str:
-        steps = " ".join(f"{s.node}={s.step.value}{'!lost' if s.lost else ''}" for s in self.steps)
-        reason = f" reason={self.reason!r}" if self.reason else ""
-        return (f"<DeployRecord {self.deploy_id} {self.app}@{self.release} "
-                f"stage={self.stage.value} status={self.status.value}{reason} {steps}>")
-
-    def step_of(self, node: str) -> NodeStep:
-        """The node's step; raises IllegalEvent (a ValueError) if it is not a target."""
-        for s in self.steps:
-            if s.node == node:
-                return s
-        raise IllegalEvent(f"node {node!r} is not a target", deploy_id=self.deploy_id, node=node)
-
-    def to_doc(self) -> dict[str, Any]:
-        return _encode(self)
-
-    @staticmethod
-    def from_doc(doc: Any) -> DeployRecord:
-        """The record ``to_doc`` produced; raises ValueError on a malformed document."""
-        return _decode(DeployRecord, doc)
-
-
-def new_record(*, deploy_id: str, app: str, release: str, sha256: str, nodes: Iterable[str],
-               per_node: int, max_parallel: int, drain_grace: float) -> DeployRecord:
-    """A deploy at its first step; raises ValueError naming the bad argument."""
-    if isinstance(nodes, str):
-        raise ValueError("nodes: must be a list of node names, not a string")
-    nodes = tuple(nodes)
-    if not nodes:
-        raise ValueError("nodes: must be a non-empty list")
-    return DeployRecord(
-        deploy_id=deploy_id, app=app, release=release, sha256=sha256, nodes=nodes,
-        per_node=per_node, max_parallel=max_parallel, drain_grace=drain_grace,
-        stage=Stage.BUILD, status=Status.RUNNING, reason="", tested=False,
-        test_node=nodes[0], logs=(),
-        steps=tuple(NodeStep(node=n, step=Step.PENDING, old=(), new=()) for n in nodes))
-
-
-def batches(record: DeployRecord) -> list[tuple[str, ...]]:
-    """The roll order: ``nodes`` in chunks of ``max_parallel``."""
-    n, size = record.nodes, record.max_parallel
-    return [n[i:i + size] for i in range(0, len(n), size)]
-
-
-# -- events: outcomes the runner commits to Raft --------------------------------------------
-
-@dataclass(frozen=True, kw_only=True)
-class Event:
-    type: ClassVar[str] = ""
-
-    def to_doc(self) -> dict[str, Any]:
-        return {"type": self.type, **_encode(self)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodeEvent(Event):
-    node: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Prepared(NodeEvent):
-    type: ClassVar[str] = "prepared"
-
-
-@dataclass(frozen=True, kw_only=True)
-class PrepareFailed(NodeEvent):
-    type: ClassVar[str] = "prepare_failed"
-    error: str
-    log: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Tested(Event):
-    type: ClassVar[str] = "tested"
-    ok: bool
-    log: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Started(NodeEvent):
-    type: ClassVar[str] = "started"
-    old: tuple[str, ...]
-    new: tuple[str, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class StartFailed(NodeEvent):
-    type: ClassVar[str] = "start_failed"
-    error: str
-    new: tuple[str, ...] = ()  # instances that did start and must be stopped
-
-
-@dataclass(frozen=True, kw_only=True)
-class Switched(NodeEvent):
-    type: ClassVar[str] = "switched"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Drained(NodeEvent):
-    type: ClassVar[str] = "drained"
-
-
-@dataclass(frozen=True, kw_only=True)
-class OldStopped(NodeEvent):
-    type: ClassVar[str] = "old_stopped"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SwitchedBack(NodeEvent):
-    type: ClassVar[str] = "switched_back"
-
-
-@dataclass(frozen=True, kw_only=True)
-class NewStopped(NodeEvent):
-    type: ClassVar[str] = "new_stopped"
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodeLost(NodeEvent):
-    type: ClassVar[str] = "node_lost"
-    error: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Cancel(Event):
-    type: ClassVar[str] = "cancel"
-    reason: str
-
-
-EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (
-    Prepared, PrepareFailed, Tested, Started, StartFailed, Switched, Drained, OldStopped,
-    SwitchedBack, NewStopped, NodeLost, Cancel)}
-
-
-def event_from_doc(doc: Any) -> Event:
-    """The event ``Event.to_doc`` produced; raises ValueError on a malformed document."""
-    tag = doc.get("type") if isinstance(doc, Mapping) else None
-    if not isinstance(tag, str) or tag not in EVENT_TYPES:
-        raise ValueError(f"unknown deploy event type {tag!r}")
-    return _decode(EVENT_TYPES[tag], doc, tag="type")
-
-
-# -- actions: what the runner asks participants to do ---------------------------------------
-
-@dataclass(frozen=True, kw_only=True)
-class Action:
-    KIND: ClassVar[str] = ""
-    deploy_id: str
-
-    @property
-    def kind(self) -> str:
-        return self.KIND
-
-    @property
-    def signal_id(self) -> str:
-        """Stable across re-issues: a participant treats a repeat as the same signal."""
-        return f"{self.deploy_id}/{self.kind}"
-
-    def to_doc(self) -> dict[str, Any]:
-        return {"kind": self.kind, **_encode(self)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodeAction(Action):
-    node: str
-
-    @property
-    def signal_id(self) -> str:
-        return f"{self.deploy_id}/{self.node}/{self.kind}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Prepare(NodeAction):
-    """Fetch and build the release. Outcome: Prepared | PrepareFailed | NodeLost."""
-
-    KIND: ClassVar[str] = "prepare"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Test(NodeAction):
-    """Run the app's test command once. Outcome: Tested | NodeLost."""
-
-    KIND: ClassVar[str] = "test"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Start(NodeAction):
-    """Read the node's routes (``old``), start ``count`` new instances and wait until ready.
-    Outcome: Started | StartFailed | NodeLost."""
-
-    KIND: ClassVar[str] = "start"
-    count: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Switch(NodeAction):
-    """Route the app on ``node`` to exactly ``instances``, acked by every proxy worker.
-    Outcome: Switched | NodeLost."""
-
-    KIND: ClassVar[str] = "switch"
-    instances: tuple[str, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SwitchBack(Switch):
-    """The compensating switch, to the old instances (``()`` on an app's first deploy).
-    Outcome: SwitchedBack | NodeLost."""
-
-    KIND: ClassVar[str] = "switch_back"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Drain(NodeAction):
-    """No new requests to ``instances``; in-flight ones finish or hit ``grace`` seconds; the
-    instances stay running (warm). Outcome: Drained | NodeLost."""
-
-    KIND: ClassVar[str] = "drain"
-    instances: tuple[str, ...]
-    grace: float
-
-
-PURPOSES = {"commit": "stop_old", "compensate": "stop_new"}  # purpose -> kind
-
-
-@dataclass(frozen=True, kw_only=True)
-class StopInstances(NodeAction):
-    """Stop ``instances``: the old ones at commit (outcome OldStopped | NodeLost), the new
-    ones when compensating (outcome NewStopped | NodeLost)."""
-
-    instances: tuple[str, ...]
-    purpose: str
-
-    def __post_init__(self) -> None:
-        _want(self.purpose in PURPOSES, "purpose", f"one of {sorted(PURPOSES)}")
-
-    @property
-    def kind(self) -> str:
-        return PURPOSES[self.purpose]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Finish(Action):
-    """Record the final outcome and the audit entry; the runner's loop ends after it."""
-
-    KIND: ClassVar[str] = "finish"
-    status: str
-    reason: str
-
-
-ACTION_KINDS: dict[str, type[Action]] = {
-    "prepare": Prepare, "test": Test, "start": Start, "switch": Switch,
-    "switch_back": SwitchBack, "drain": Drain, "stop_old": StopInstances,
-    "stop_new": StopInstances, "finish": Finish}
-
-
-def action_from_doc(doc: Any) -> Action:
-    """The action ``Action.to_doc`` produced; raises ValueError on a malformed document."""
-    kind = doc.get("kind") if isinstance(doc, Mapping) else None
-    if not isinstance(kind, str) or kind not in ACTION_KINDS:
-        raise ValueError(f"unknown deploy action kind {kind!r}")
-    action = _decode(ACTION_KINDS[kind], doc, tag="kind")
-    if action.kind != kind:
-        raise ValueError(f"action kind {kind!r} does not match its purpose")
-    return action
-
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from superagent.coordinator.commands import REASON_MAX
+from superagent.coordinator.deploy.model import (
+    ERROR_MAX,
+    NEEDS_UNDO,
+    TEST_LOG,
+    Action,
+    Cancel,
+    DeployRecord,
+    Drain,
+    Drained,
+    Event,
+    Finish,
+    IllegalEvent,
+    NewStopped,
+    NodeEvent,
+    NodeLost,
+    NodeStep,
+    OldStopped,
+    Prepare,
+    Prepared,
+    PrepareFailed,
+    Stage,
+    Start,
+    Started,
+    StartFailed,
+    Status,
+    Step,
+    StopInstances,
+    Switch,
+    SwitchBack,
+    Switched,
+    SwitchedBack,
+    Test,
+    Tested,
+    batches,
+    clip,
+    log_tail,
+)
 
 # -- deciding --------------------------------------------------------------------------------
 
@@ -662,21 +201,21 @@ def advance(record: DeployRecord, event: Event) -> DeployRecord:
     failure, log = "", ""
     match event:
         case PrepareFailed():
-            step = replace(step, error=_clip(event.error, ERROR_MAX))
+            step = replace(step, error=clip(event.error, ERROR_MAX))
             failure, log = f"prepare failed on {event.node}: {step.error}", event.log
         case Started():
             _check_instances(record, event.node, event.old, event.new)
             step = replace(step, old=event.old, new=event.new)
         case StartFailed():
             _check_instances(record, event.node, (), event.new, allow_empty=True)
-            step = replace(step, new=event.new, error=_clip(event.error, ERROR_MAX))
+            step = replace(step, new=event.new, error=clip(event.error, ERROR_MAX))
             if not event.new:  # nothing to stop
                 step = replace(step, step=Step.ROLLED_BACK)
             failure = f"start failed on {event.node}: {step.error}"
         case Switched() if not current.old:  # nothing to drain
             step = replace(step, step=Step.DRAINED)
         case NodeLost():
-            step = replace(step, lost=True, error=_clip(event.error, ERROR_MAX))
+            step = replace(step, lost=True, error=clip(event.error, ERROR_MAX))
             if phase != "commit":
                 failure = f"node {event.node} lost: {step.error}"
     record = replace(record, steps=tuple(step if s.node == event.node else s
@@ -715,7 +254,7 @@ def _tested(record: DeployRecord, event: Tested) -> DeployRecord:
 def _fail(record: DeployRecord, reason: str) -> DeployRecord:
     """Before traffic moved: done/failed. During roll: compensate. The first reason wins;
     from commit on nothing changes."""
-    reason = record.reason or _clip(reason, REASON_MAX)
+    reason = record.reason or clip(reason, REASON_MAX)
     if record.stage is Stage.BUILD:
         return replace(record, stage=Stage.DONE, status=Status.FAILED, reason=reason)
     if record.stage in (Stage.ROLL, Stage.COMPENSATE):
@@ -742,7 +281,7 @@ def _settle_once(r: DeployRecord) -> DeployRecord:
                   if s.lost and s.step is not Step.COMMITTED]
         reason = "; ".join(["succeeded", *errors]) if errors else ""
         return replace(r, stage=Stage.DONE, status=Status.SUCCEEDED,
-                       reason=_clip(reason, REASON_MAX))
+                       reason=clip(reason, REASON_MAX))
     undo = any(s.step in NEEDS_UNDO and not s.lost for s in steps)
     if r.stage is Stage.COMPENSATE and not undo:
         return replace(r, stage=Stage.DONE, status=Status.ROLLED_BACK)

@@ -39,6 +39,7 @@ import structlog
 import trio
 
 from superagent.coordinator import commands as cmd
+from superagent.coordinator.deploy import model as m
 from superagent.coordinator.deploy import planner as p
 from superagent.coordinator.errors import CommandError, NoTargets, UnknownApp, UnknownRelease
 from superagent.coordinator.state import ClusterState
@@ -100,7 +101,7 @@ class DeployRunner:
                         if record is None:
                             return
                         actions = p.next_actions(record)
-                        if any(isinstance(a, p.Finish) for a in actions):
+                        if any(isinstance(a, m.Finish) for a in actions):
                             await self._finish(record)
                             bound.info("deploy finished", status=record.status.value,
                                        reason=record.reason)
@@ -121,7 +122,7 @@ class DeployRunner:
         finally:
             del self._driving[deploy_id]
 
-    async def _finish(self, record: p.DeployRecord) -> None:
+    async def _finish(self, record: m.DeployRecord) -> None:
         """No action is in flight any more: the deploy is over."""
         result = await self.c.submit(self.c.command(
             cmd.FinishDeploy, actor=f"coordinator:{self.c.config.id}",
@@ -129,18 +130,18 @@ class DeployRunner:
         if not result.get("ok"):
             log.error("deploy not finished", deploy=record.deploy_id, error=result.get("error"))
 
-    def _record(self, deploy_id: str) -> p.DeployRecord | None:
+    def _record(self, deploy_id: str) -> m.DeployRecord | None:
         doc = self.c.read(lambda s: s.deploys[deploy_id].record
                           if deploy_id in s.deploys and s.deploys[deploy_id].running else None)
-        return None if doc is None else p.DeployRecord.from_doc(doc)
+        return None if doc is None else m.DeployRecord.from_doc(doc)
 
-    async def _act(self, record: p.DeployRecord, action: p.Action, refused: list[str]
+    async def _act(self, record: m.DeployRecord, action: m.Action, refused: list[str]
                    ) -> None:
         try:
             event = await self._execute(record, action)
         except _Unreachable as exc:
-            assert isinstance(action, p.NodeAction)
-            event = p.NodeLost(node=action.node, error=str(exc))
+            assert isinstance(action, m.NodeAction)
+            event = m.NodeLost(node=action.node, error=str(exc))
         command = self.c.command(cmd.DeployEvent, actor=f"coordinator:{self.c.config.id}",
                                  key=f"{record.deploy_id}:{action.signal_id}", app=record.app,
                                  deploy_id=record.deploy_id, event=event.to_doc())
@@ -149,50 +150,50 @@ class DeployRunner:
             refused.append(f"{event.to_doc()}: {result.get('error')}")
 
     # ------------------------------------------------------------------ actions
-    async def _execute(self, r: p.DeployRecord, a: p.Action) -> p.Event:
-        assert isinstance(a, p.NodeAction), a
+    async def _execute(self, r: m.DeployRecord, a: m.Action) -> m.Event:
+        assert isinstance(a, m.NodeAction), a
         node = a.node
-        if isinstance(a, p.Prepare):
+        if isinstance(a, m.Prepare):
             ok, body = await self._signal(node, "prepare", a.signal_id, BUILD_TIMEOUT,
                                           app=r.app, release=r.release, sha256=r.sha256)
             if ok:
-                return p.Prepared(node=node)
-            return p.PrepareFailed(node=node, error=_detail(body), log=str(body.get("log", "")))
-        if isinstance(a, p.Test):
+                return m.Prepared(node=node)
+            return m.PrepareFailed(node=node, error=_detail(body), log=str(body.get("log", "")))
+        if isinstance(a, m.Test):
             ok, body = await self._signal(node, "test", a.signal_id, TEST_TIMEOUT + 30,
                                           app=r.app, release=r.release, timeout=TEST_TIMEOUT)
             if not ok:
-                return p.Tested(ok=False, log=_detail(body))
-            return p.Tested(ok=bool(body.get("ok")), log=str(body.get("log", "")))
-        if isinstance(a, p.Start):
+                return m.Tested(ok=False, log=_detail(body))
+            return m.Tested(ok=bool(body.get("ok")), log=str(body.get("log", "")))
+        if isinstance(a, m.Start):
             old = tuple((await self._status(node)).get("routes", {}).get(r.app, []))
             deadline = self._ready_deadline(r.app, r.release) + 30
             ok, body = await self._signal(node, "start", a.signal_id, deadline, app=r.app,
                                           release=r.release, count=a.count)
             if ok:
-                return p.Started(node=node, old=old,
+                return m.Started(node=node, old=old,
                                  new=tuple(i["id"] for i in body["instances"]))
             status = await self._status(node)
             partial = tuple(i["instance"] for i in status.get("instances", [])
                             if i.get("app") == r.app and i.get("release") == r.release
                             and i["instance"] not in old)
-            return p.StartFailed(node=node, error=_detail(body), new=partial)
-        if isinstance(a, p.Switch):  # SwitchBack too
+            return m.StartFailed(node=node, error=_detail(body), new=partial)
+        if isinstance(a, m.Switch):  # SwitchBack too
             ok, body = await self._signal(node, "switch", a.signal_id, SIGNAL_TIMEOUT,
                                           app=r.app, instances=list(a.instances))
-            if isinstance(a, p.SwitchBack):
+            if isinstance(a, m.SwitchBack):
                 if not ok:  # routing back must happen: insist (same signal id)
                     await self._insist(node, "switch", a.signal_id, SIGNAL_TIMEOUT,
                                        app=r.app, instances=list(a.instances))
-                return p.SwitchedBack(node=node)
-            return p.Switched(node=node) if ok else p.Cancel(
+                return m.SwitchedBack(node=node)
+            return m.Switched(node=node) if ok else m.Cancel(
                 reason=f"switching {node} to the new instances failed: {_detail(body)}")
-        if isinstance(a, p.Drain):
+        if isinstance(a, m.Drain):
             ok, body = await self._signal(node, "drain", a.signal_id,
                                           a.grace + SIGNAL_TIMEOUT,
                                           instances=list(a.instances), grace=a.grace)
             if not ok:
-                return p.Cancel(reason=f"draining the old instances on {node} failed:"
+                return m.Cancel(reason=f"draining the old instances on {node} failed:"
                                        f" {_detail(body)}")
             # the new instances served through the drain: still healthy, or compensate
             states = {i["instance"]: i["state"]
@@ -200,13 +201,13 @@ class DeployRunner:
             sick = {i: states.get(i, "gone") for i in r.step_of(node).new
                     if states.get(i) not in HEALTHY}
             if sick:
-                return p.Cancel(reason=f"new instances on {node} are not healthy: "
+                return m.Cancel(reason=f"new instances on {node} are not healthy: "
                                 + ", ".join(f"{i} {st}" for i, st in sorted(sick.items())))
-            return p.Drained(node=node)
-        if isinstance(a, p.StopInstances):
+            return m.Drained(node=node)
+        if isinstance(a, m.StopInstances):
             await self._insist(node, "stop", a.signal_id, r.drain_grace + SIGNAL_TIMEOUT,
                                instances=list(a.instances), grace=r.drain_grace)
-            return (p.OldStopped if a.purpose == "commit" else p.NewStopped)(node=node)
+            return (m.OldStopped if a.purpose == "commit" else m.NewStopped)(node=node)
         raise AssertionError(f"no executor for {a!r}")
 
     async def _insist(self, node: str, kind: str, signal_id: str, wait: float,
@@ -293,7 +294,7 @@ class DeployRunner:
 
 
 def _detail(body: dict[str, Any]) -> str:
-    return str(body.get("detail") or body.get("error") or body)[:p.ERROR_MAX]
+    return str(body.get("detail") or body.get("error") or body)[:m.ERROR_MAX]
 
 
 def targets(state: ClusterState, spec: AppSpec) -> list[str]:
@@ -329,7 +330,7 @@ async def begin_deploy(c: Coordinator, *, app: str, release: str, actor: str,
     suffix = hashlib.sha256(key.encode()).hexdigest()[:6] if key else secrets.token_hex(3)
     deploy_id = f"{app}-{release}-{suffix}"
     try:
-        record = p.new_record(deploy_id=deploy_id, app=app, release=release, sha256=sha256,
+        record = m.new_record(deploy_id=deploy_id, app=app, release=release, sha256=sha256,
                               nodes=nodes, per_node=spec.scale.per_node,
                               max_parallel=max_parallel, drain_grace=drain_grace)
     except ValueError as exc:
