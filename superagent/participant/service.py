@@ -4,8 +4,11 @@
 
 - the release store (``releases``: prepare = verify, unpack safely, build as the app's user),
 - one ``supervisor.Instance`` per running instance, each on a port from ``ports``,
-- the proxy workers through ``proxydriver.ProxyDriver`` (routes change only by ``switch``,
-  and a snapshot counts as applied once every worker acknowledged it),
+- the proxy workers through ``proxydriver.ProxyDriver``: ``switch`` (and ``stop``) say
+  which instances an app's routes point at; of those, a snapshot carries only the ones
+  serving right now (ready, or failing fewer checks than the restart threshold), so an
+  instance the supervisor restarts is out of the routes until it is ready again. A
+  snapshot counts as applied once every worker acknowledged it,
 - the log hub following every instance's output files,
 - the signal ledger (term fencing, idempotent results),
 
@@ -14,11 +17,13 @@
   signals (into ``<data_dir>/downloads``, removed once the release is prepared),
 
 and persists what a restarted agent needs in ``<data_dir>/state.json`` (written
-atomically after every change). Apps and proxy workers do not depend on the agent
-process: when it stops or dies they keep serving, and a new agent on the same data
-directory re-adopts them (instances by pid and start time, workers by their control
-sockets) instead of restarting them. ``stop_all`` ends everything, for a node that is
-being taken away.
+atomically after every change, a supervisor's restart of an instance included). Apps and
+proxy workers do not depend on the agent process: when it stops or dies they keep
+serving, and a new agent on the same data directory re-adopts them (instances by pid and
+start time, workers by their control sockets) instead of restarting them. An instance
+whose process is gone by then (or was between restarts) is started afresh with the same
+id and port, after a SIGKILL of whatever is left in its cgroup. ``stop_all`` ends
+everything, for a node that is being taken away.
 """
 
 from __future__ import annotations
@@ -42,24 +47,34 @@ import structlog
 import trio
 
 from superagent.httpserver import check_bindable, serve_app
-from superagent.participant.cgroups import PARENT_GROUP, detect_cgroups, remove_empty_parent
+from superagent.participant.cgroups import (
+    PARENT_GROUP,
+    InstanceCgroup,
+    detect_cgroups,
+    remove_empty_parent,
+)
 from superagent.participant.errors import (
     AdoptionFailed,
     CoordinatorError,
     ParticipantError,
-    StartFailed,
     SupervisorError,
     UnknownRelease,
 )
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.logs import LogFilter, LogHub
-from superagent.participant.ports import PortAllocator
+from superagent.participant.ports import PortAllocator, ephemeral_overlap
 from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
 from superagent.participant.releases import TEST_TIMEOUT, ReleaseStore
 from superagent.participant.rpc import rpc_app
 from superagent.participant.signals import SignalLedger
-from superagent.participant.supervisor import Instance, InstanceConfig, State
+from superagent.participant.supervisor import (
+    GROUP_POLL,
+    REAP_TIMEOUT,
+    Instance,
+    InstanceConfig,
+    State,
+)
 from superagent.proxy.config import parse_address
 from superagent.proxy.snapshot import AppRoute, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
@@ -122,7 +137,10 @@ class Agent:
                         if os.geteuid() == 0 else None)
         self.ledger = SignalLedger()
         self.instances: dict[str, Instance] = {}
-        self.routes: dict[str, list[str]] = {}
+        self.routes: dict[str, list[str]] = {}  # app -> the instances switch() routed
+        self._applied: list[AppRoute] | None = None  # the apps of the last snapshot applied
+        self._routes_lock = trio.Lock()
+        self._routes_stale = trio.Event()  # a routed instance started or stopped serving
         self.is_offline = False
         # app -> (opened, until), epoch seconds: a request is traced when its own timestamp
         # falls in the window, however late the proxy's batched record is read.
@@ -157,6 +175,12 @@ class Agent:
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(mode)
         saved = self._load_state()
+        overlap = ephemeral_overlap(*self.config.ports)
+        if overlap is not None:
+            log.warning("instance ports overlap the kernel's ephemeral range: outgoing"
+                        " connections may hold some for a while; reserve them with"
+                        " sysctl net.ipv4.ip_local_reserved_ports",
+                        ports=f"{overlap[0]}-{overlap[1]}")
         # a taken RPC port fails before proxy workers are spawned (they would outlive us)
         check_bindable(self.config.rpc, key="--rpc")
         async with trio.open_nursery() as nursery:
@@ -166,6 +190,7 @@ class Agent:
             self.log_hub.add_proxy_events(self.proxy.run_dir / ACCESS_LOG,
                                           wanted=self._debugging, release_of=self._release_of)
             await nursery.start(self.log_hub.run)
+            nursery.start_soon(self._keep_routes)
             for record in saved.get("instances", []):
                 await self._adopt(record)
             self.routes = {app: [i for i in ids if i in self.instances]
@@ -196,24 +221,97 @@ class Agent:
         self.persist()
 
     async def _adopt(self, record: dict[str, Any]) -> None:
+        """Supervise again the instance a previous agent recorded: its process when it
+        still runs, else a fresh one with the same id and port (started in the
+        background, so one slow app does not hold up the agent's start)."""
         assert self._nursery is not None
         try:
             config = InstanceConfig.from_record(record["config"], cgroups=self.cgroups)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.error("unreadable instance record; it will not be served", error=str(exc),
+                      record=record.get("config", {}).get("instance"))
+            return
+        self.ports.adopt(config.port)
+        try:
             if record.get("pid") is None:
                 raise AdoptionFailed("no process was running", pid=0,
                                      instance=config.instance)
             instance = Instance.adopt(config, pid=int(record["pid"]),
                                       create_time=float(record["create_time"]))
-            self.ports.adopt(config.port)
-            await self._nursery.start(instance.run)
-        except (SupervisorError, KeyError, ValueError, TypeError) as exc:
-            log.warning("instance not adopted; it will not be served", error=str(exc),
-                        record=record.get("config", {}).get("instance"))
+        except (AdoptionFailed, KeyError, ValueError, TypeError) as exc:
+            log.warning("instance not adopted; starting it afresh", error=str(exc),
+                        instance=config.instance)
+            if config.cgroups is not None:  # a process nobody recorded may hold the port
+                await _empty_cgroup(InstanceCgroup.existing(config.cgroups, config.app,
+                                                            config.instance))
+            instance = Instance(config)
+            self._add(instance, from_start=True)
+            self._nursery.start_soon(self._supervise, instance)
             return
-        self.instances[config.instance] = instance
-        self.log_hub.add(config.app, config.release, config.instance, config.out_log,
-                      config.err_log, from_start=False)
+        self._add(instance, from_start=False)
+        try:
+            await self._nursery.start(self._supervise, instance)
+        except SupervisorError as exc:
+            self._forget(instance)
+            log.warning("adopted instance did not become ready", error=str(exc),
+                        instance=config.instance)
+            return
         log.info("instance adopted", instance=config.instance, pid=record["pid"])
+
+    def _add(self, instance: Instance, *, from_start: bool) -> None:
+        """Track ``instance``: its changes are persisted and may change the routes."""
+        config = instance.config
+        self.instances[config.instance] = instance
+        instance.on_change = self._instance_changed
+        self.log_hub.add(config.app, config.release, config.instance, config.out_log,
+                         config.err_log, from_start=from_start)
+
+    def _forget(self, instance: Instance) -> None:
+        """Stop tracking ``instance`` (stopped, or failed to start) unless already done."""
+        config = instance.config
+        if self.instances.get(config.instance) is instance:
+            del self.instances[config.instance]
+            self.ports.release(config.port)
+            self.log_hub.remove(config.instance)
+
+    async def _supervise(self, instance: Instance, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        """``instance.run``, whose failures before it is ready go to the starter (through
+        ``nursery.start``) and after it to the log: one instance never takes the agent
+        down."""
+        started = _Started(task_status)
+        try:
+            await instance.run(task_status=started)
+        except SupervisorError as exc:  # IsolationError is one too
+            if not started.done:
+                if task_status is not trio.TASK_STATUS_IGNORED:
+                    raise  # the starter forgets the instance
+                self._forget(instance)  # a fresh start of a lost instance failed
+                self.persist()
+                self._routes_stale.set()
+            log.error("instance supervision ended", instance=instance.config.instance,
+                      error=str(exc))
+
+    def _instance_changed(self, instance: Instance) -> None:
+        """A state or process change: persist the pid; wake the route keeper when the
+        instance is routed."""
+        instance_id = instance.config.instance
+        if self.instances.get(instance_id) is not instance:
+            return
+        self.persist()
+        if any(instance_id in ids for ids in self.routes.values()):
+            self._routes_stale.set()
+
+    async def _keep_routes(self) -> None:
+        """Re-apply the routes whenever a routed instance starts or stops serving."""
+        while True:
+            await self._routes_stale.wait()
+            self._routes_stale = trio.Event()
+            try:
+                await self._apply_routes()
+            except ParticipantError as exc:
+                log.error("routes not applied after an instance changed", error=str(exc))
 
     # ------------------------------------------------------------------ state
     def _load_state(self) -> dict[str, Any]:
@@ -329,16 +427,13 @@ class Agent:
                                               user=user if user and user.switched else None,
                                               cgroups=self.cgroups)
             instance = Instance(config)
-            self.instances[instance_id] = instance
+            self._add(instance, from_start=True)
             try:
-                await self._nursery.start(instance.run)
-            except StartFailed:
-                if self.instances.pop(instance_id, None) is instance:  # not stopped meanwhile
-                    self.ports.release(port)
+                await self._nursery.start(self._supervise, instance)
+            except SupervisorError:
+                self._forget(instance)  # unless stopped meanwhile
                 self.persist()
                 raise
-            self.log_hub.add(app, release, instance_id, config.out_log, config.err_log,
-                          from_start=True)
             started.append({"id": instance_id, "port": port, "state": instance.state.value})
             self.persist()
         return {"app": app, "release": release, "instances": started}
@@ -359,11 +454,8 @@ class Agent:
             await self._apply_routes()
         for instance in targets:
             await instance.stop()
-            config = instance.config
             # a start that was still waiting for readiness may have cleaned up already
-            if self.instances.pop(config.instance, None) is instance:
-                self.ports.release(config.port)
-                self.log_hub.remove(config.instance)
+            self._forget(instance)
         self.persist()
         return {"stopped": instances, "in_flight_cut": remaining}
 
@@ -472,23 +564,31 @@ class Agent:
         return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
 
     async def _apply_routes(self) -> int:
-        apps = []
-        for app, ids in sorted(self.routes.items()):
-            if not ids:
-                continue
-            first = self.instances[ids[0]].config
-            spec = self.store.get(app, first.release).spec
-            r, limits = spec.routes, spec.limits
-            timeout = limits.timeout or Timeouts().first_byte
-            apps.append(AppRoute(
-                name=app,
-                instances=tuple(RouteInstance(id=i, host="127.0.0.1",
-                                              port=self.instances[i].config.port) for i in ids),
-                prefix=r.prefix if (r.prefix or r.hosts or r.port) else f"/{app}",
-                strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
-                hosts=r.hosts, port=r.port, max_body=limits.max_body,
-                timeouts=Timeouts(first_byte=timeout, idle=timeout)))
-        return await self.proxy.apply(apps)
+        """Push the routes (their serving instances) to the proxy unless unchanged;
+        returns the snapshot version in force."""
+        async with self._routes_lock:  # computed and applied in one go: the newest wins
+            apps = []
+            for app, ids in sorted(self.routes.items()):
+                if not ids:
+                    continue
+                first = self.instances[ids[0]].config
+                spec = self.store.get(app, first.release).spec
+                r, limits = spec.routes, spec.limits
+                timeout = limits.timeout or Timeouts().first_byte
+                apps.append(AppRoute(
+                    name=app,
+                    instances=tuple(RouteInstance(id=i, host="127.0.0.1",
+                                                  port=self.instances[i].config.port)
+                                    for i in ids if self.instances[i].serving),
+                    prefix=r.prefix if (r.prefix or r.hosts or r.port) else f"/{app}",
+                    strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
+                    hosts=r.hosts, port=r.port, max_body=limits.max_body,
+                    timeouts=Timeouts(first_byte=timeout, idle=timeout)))
+            if apps == self._applied:
+                return self.proxy.snapshot.version
+            version = await self.proxy.apply(apps)
+            self._applied = apps
+            return version
 
 
 def _figures(pid: int | None) -> dict[str, Any] | None:
@@ -517,3 +617,22 @@ def _node_figures() -> dict[str, Any]:
     return {"cpus": psutil.cpu_count(), "load": os.getloadavg(),
             "memory_total": memory.total, "memory_available": memory.available,
             "agent_rss_bytes": psutil.Process().memory_info().rss}
+
+
+async def _empty_cgroup(group: InstanceCgroup) -> None:
+    """SIGKILL what is in ``group`` until it is empty (bounded by REAP_TIMEOUT)."""
+    with trio.move_on_after(REAP_TIMEOUT):
+        while await trio.to_thread.run_sync(group.kill_all):
+            await trio.sleep(GROUP_POLL)
+
+
+class _Started:
+    """A ``task_status`` that remembers whether ``started`` was called."""
+
+    def __init__(self, inner: trio.TaskStatus[None]) -> None:
+        self.inner = inner
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        self.done = True
+        self.inner.started(value)

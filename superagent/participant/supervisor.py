@@ -16,7 +16,8 @@ An ``Instance`` owns one app process at a time and is driven by one task,
    not pipes — so an app keeps running and logging while the agent restarts.
 2. **Readiness.** ``GET ready_path`` over HTTP/1.1 on 127.0.0.1:port, first every
    ``READY_POLL_FIRST`` seconds, backing off to ``READY_POLL``; a 2xx answer is ready (an
-   accepted TCP connection alone is not, unless the app declares no health path at all).
+   accepted TCP connection alone is not; an app that declares no health path is ready
+   when ``GET /`` gets any HTTP answer below 500).
    Missing ``ready_deadline`` counts as a failed start. On the first start ``run``
    reports ``task_status.started`` once READY and raises ``StartFailed`` otherwise; on a
    restart a failed start is a crash like any other.
@@ -65,7 +66,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -276,7 +277,9 @@ def backoff_delay(consecutive: int, *, initial: float, maximum: float) -> float:
 
 
 async def probe(port: int, path: str | None) -> bool:
-    """True when ``GET path`` on 127.0.0.1:port answers 2xx (``path`` None: TCP accept).
+    """True when ``GET path`` on 127.0.0.1:port answers 2xx; with no ``path``, when
+    ``GET /`` gets any HTTP answer below 500 (the app serves HTTP; an accepted TCP
+    connection alone is not enough).
 
     The caller bounds it with a timeout. Never raises for network or protocol errors.
     """
@@ -285,10 +288,8 @@ async def probe(port: int, path: str | None) -> bool:
     except OSError:
         return False
     async with stream:
-        if path is None:
-            return True
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-        request = h11.Request(method="GET", target=path,
+        request = h11.Request(method="GET", target=path or "/",
                               headers=[("Host", f"127.0.0.1:{port}"), ("Connection", "close"),
                                        ("User-Agent", "superagent-health")])
         try:
@@ -300,7 +301,8 @@ async def probe(port: int, path: str | None) -> bool:
                     conn.receive_data(data)
                     continue
                 if isinstance(event, h11.Response):
-                    return 200 <= event.status_code < 300
+                    return (200 <= event.status_code < 300 if path
+                            else event.status_code < 500)
                 if isinstance(event, h11.ConnectionClosed):
                     return False
         except (OSError, trio.BrokenResourceError, h11.ProtocolError):
@@ -339,6 +341,9 @@ class Instance:
         self._checks_scope: trio.CancelScope | None = None  # the current process's checks
         self._missed_deadline = False  # the last process was killed for missing ready_deadline
         self._log = log.bind(app=config.app, release=config.release, instance=config.instance)
+        # Called after every change of state or of process (a restart's new pid), so the
+        # owner can persist the pid and route only serving instances.
+        self.on_change: Callable[[Instance], None] | None = None
 
     def __repr__(self) -> str:
         pid = self.pid if self.pid is not None else "-"
@@ -401,7 +406,19 @@ class Instance:
         if new is not self.state:
             self._log.info("instance state", trigger=event.value, old=self.state.value,
                            new=new.value)
-        self.state = new
+        changed, self.state = new is not self.state, new
+        if changed:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the proxy may send it requests: ready, or failing fewer checks than
+        the restart threshold."""
+        return self.state in (State.READY, State.UNHEALTHY)
 
     # --- the supervision loop ---
 
@@ -586,6 +603,7 @@ class Instance:
         self.create_time = process_create_time(process.pid)
         self.ready_at = None
         self._log.info("instance spawned", pid=process.pid, port=config.port)
+        self._changed()
         return process
 
     def _environment(self) -> dict[str, str]:

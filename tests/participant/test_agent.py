@@ -42,10 +42,21 @@ import json, os, sys, time
 from urllib.parse import unquote
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+HOME = os.environ["HOME"]
+# With WARM_UNTIL_GO set, every start after the first warms up until $HOME/go exists:
+# it listens at once but answers 503 to /healthz and 500 to everything else.
+WARMING = bool(os.environ.get("WARM_UNTIL_GO")) and os.path.exists(f"{HOME}/started")
+open(f"{HOME}/started", "w").close()
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        if WARMING and not os.path.exists(f"{HOME}/go"):
+            self.send_response(503 if self.path == "/healthz" else 500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path.startswith("/read?path="):  # what may this tenant read?
             try:
                 with open(unquote(self.path.split("=", 1)[1]), "rb") as f:
@@ -96,10 +107,11 @@ def tarball(files: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def python_app(name: str = "hello") -> bytes:
+def python_app(name: str = "hello", *, extra: str = "") -> bytes:
+    """The test app; ``extra`` is appended to its manifest (e.g. an ``[env]`` table)."""
     manifest = (f'[app]\nname = "{name}"\n[run]\ncommand = "{child_python()} app.py"\n'
                 f'[health]\npath = "/healthz"\n[routes]\nprefix = "/{name}"\n'
-                'strip_prefix = true\n')
+                'strip_prefix = true\n' + extra)
     return tarball({"superagent.toml": manifest, "app.py": APP})
 
 

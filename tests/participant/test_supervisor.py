@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -182,6 +183,30 @@ async def test_probe_needs_an_http_answer() -> None:
         with trio.move_on_after(0.3):
             assert not await probe(port, "/healthz")
     assert not await probe(port, "/healthz")  # closed port: refused
+
+
+@pytest.mark.parametrize(("status", "with_path", "without_path"),
+                         [(200, True, True), (404, False, True), (503, False, False)])
+async def test_probe_without_a_path_needs_an_http_answer_below_500(
+        status: int, with_path: bool, without_path: bool) -> None:
+    """Without a health path, GET / must get an HTTP answer below 500; a path needs 2xx."""
+    targets: list[bytes] = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(4096)
+        targets.append(head.split(b" ")[1])
+        await stream.send_all(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % status)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(WAIT):
+            assert await probe(port, "/healthz") is with_path
+            assert await probe(port, None) is without_path
+        nursery.cancel_scope.cancel()
+    assert targets == [b"/healthz", b"/"]
 
 
 # --- real processes ---------------------------------------------------------------------------
