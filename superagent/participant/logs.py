@@ -17,19 +17,32 @@ so apps outlive an agent restart). This module follows those files from the outs
    than the offset was truncated by someone else: reading restarts at 0. A path that
    now names a different inode was rotated by rename (the supervisor does that before a
    spawn): the old fd is drained first, then the new file is read from 0.
-3. **Bound (copy-truncate).** When a file grows over ``max_bytes`` and the reader has
-   caught up, it is copied to ``<name>.1`` (replacing the older generation atomically)
-   and truncated to 0 in place. The app keeps its fd; since it writes with ``O_APPEND``,
-   its next write lands at the new end of file (offset 0), not at its old offset.
-   *Race window:* bytes the app writes after the last read that precedes the truncate
-   and before the truncate itself are in neither the reader nor ``.1`` — they are lost.
-   The copy and the rename of ``.1`` are done first and the last read is immediately
-   followed by ``truncate(2)``, so the window is two syscalls wide (microseconds, more
-   only if the thread is descheduled right there). That is the accepted cost of
-   copy-truncate (logrotate's ``copytruncate`` has the same window) for not having to
-   signal or restart the app.
+3. **Bound (copy-truncate; what cannot be read is dropped).** After each read a file is
+   truncated when the reader has caught up with it past ``max_bytes`` (the normal case),
+   or when it is over ``hard_bytes`` (default: twice ``MAX_BYTES``) however far behind the
+   reader is — the app writes faster than it is read (``read_budget`` per file per poll;
+   ``FileLimits`` holds these numbers). A truncate copies what was read of the file (its
+   last ``hard_bytes`` at most) to ``<name>.1.tmp``, reads and copies up to one more
+   ``read_budget`` of the rest, truncates the file to 0 in place and renames the copy
+   over ``<name>.1``. What is still unread then is dropped: its size is added to
+   ``dropped_bytes`` (of the follower, the instance and the hub's stats) and one line
+   ``[... N bytes of output dropped ...]`` stands for it, both in the captured lines and
+   at the end of ``.1``, after the line the gap cut short (captured flagged ``cut``).
+   The app keeps its fd; since it writes with ``O_APPEND``, its next write lands at the
+   new end of file (offset 0), not at its old offset, so no signal or restart of the app
+   is needed.
+   *Disk bound, whatever the write rate:* a file is over ``hard_bytes`` for one poll
+   round at most, so it holds at most ``hard_bytes`` plus what the app writes in one
+   round (``POLL_INTERVAL`` plus the round's reads); ``.1`` holds at most ``hard_bytes +
+   read_budget`` plus the marker line; ``.1.tmp`` exists only during a truncate.
+   *Race window:* bytes the app writes between the ``fstat`` that measures what is
+   dropped and the ``truncate(2)`` right after it are lost without being counted. The
+   two syscalls are adjacent, but the thread takes the GIL back in between: usually a
+   few microseconds (about 1 KB of a flood), milliseconds when the trio thread holds the
+   GIL or no CPU is free. That is the cost of copy-truncate (logrotate's ``copytruncate``
+   has the same window) for not having to signal or restart the app.
 4. **Fan out (trio).** ``LogHub.run`` polls every instance every ``POLL_INTERVAL``. The
-   file reads (and the occasional 10 MiB copy) run in a worker thread so they never
+   file reads (and the copies of truncates) run in a worker thread so they never
    stall the event loop; ring buffers, sequence-ordered tails and subscriber queues are
    only touched on the trio thread. Each ``Subscription`` has a bounded memory channel
    filled with ``send_nowait``: when it is full the line is dropped for that subscriber
@@ -47,14 +60,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import structlog
 import trio
@@ -67,7 +79,9 @@ POLL_INTERVAL = 0.1  # seconds; the files are appended by processes we do not co
 MAX_LINE = 64 * 1024  # bytes; a longer line is cut so one runaway line cannot eat the buffers
 RING_LINES = 1000  # lines kept in memory per instance for `tail`
 PROXY_EVENTS = "proxy-events"  # the hub's key for the proxy's debug events
-MAX_BYTES = 10 * 1024**2  # a log file over this size is rotated by copy-truncate
+MAX_BYTES = 10 * 1024**2  # a log file read past this size is rotated by copy-truncate
+HARD_BYTES = 2 * MAX_BYTES  # a log file over this size is truncated even when not all read:
+#                            room for a burst the reader catches up with, never for a flood
 READ_CHUNK = 256 * 1024  # bytes per read(2)
 READ_BUDGET = 4 * 1024**2  # bytes per file per poll, so one chatty app cannot starve others
 SUBSCRIBER_BUFFER = 1000  # lines queued per subscriber before new ones are dropped
@@ -170,6 +184,18 @@ class LineSplitter:
         """Bytes of a partial line waiting for its newline."""
         return len(self._buf)
 
+    @property
+    def at_line_start(self) -> bool:
+        """True when the bytes fed so far ended with a newline (or nothing was fed)."""
+        return not self._buf and not self._skipping
+
+    def flush(self) -> list[tuple[bytes, bool]]:
+        """End the current line at a gap in the input: a partial line comes out ``cut``."""
+        out = [(bytes(self._buf), True)] if self._buf else []
+        self._buf.clear()
+        self._skipping = False
+        return out
+
     def feed(self, data: bytes) -> list[tuple[bytes, bool]]:
         out: list[tuple[bytes, bool]] = []
         start = 0
@@ -198,15 +224,39 @@ class LineSplitter:
 # --- following files (blocking I/O; called from a worker thread) ------------------------------
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileLimits:
+    """How much of one output file is read per poll and kept on disk (module doc, 3)."""
+
+    max_bytes: int = MAX_BYTES
+    hard_bytes: int = HARD_BYTES
+    max_line: int = MAX_LINE
+    read_budget: int = READ_BUDGET
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_line", "read_budget"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.hard_bytes < self.max_bytes:
+            raise ValueError(f"hard_bytes ({self.hard_bytes}) must be at least max_bytes "
+                             f"({self.max_bytes})")
+
+
+def dropped_marker(count: int) -> bytes:
+    """The line that stands for ``count`` bytes of output dropped unread."""
+    return b"[... %d bytes of output dropped: written faster than they could be read ...]" % count
+
+
 class _Follower:
     """One file read from an offset, surviving truncation, copy-truncate and rename."""
 
-    def __init__(self, path: Path, *, from_start: bool, max_bytes: int, max_line: int) -> None:
+    def __init__(self, path: Path, *, from_start: bool, limits: FileLimits) -> None:
         self.path = path
-        self.max_bytes = max_bytes
+        self.limits = limits
         self.offset = 0
         self.rotations = 0
-        self.splitter = LineSplitter(max_line)
+        self.dropped_bytes = 0  # written by the app, never read: dropped by a truncate
+        self.splitter = LineSplitter(limits.max_line)
         self._fd: int | None = None
         self._ino: int | None = None
         if not from_start:
@@ -220,7 +270,8 @@ class _Follower:
 
     def __repr__(self) -> str:
         return (f"<_Follower {self.path.name} offset={self.offset} "
-                f"open={self._fd is not None} rotations={self.rotations}>")
+                f"open={self._fd is not None} rotations={self.rotations} "
+                f"dropped_bytes={self.dropped_bytes}>")
 
     def close(self) -> None:
         if self._fd is not None:
@@ -228,7 +279,7 @@ class _Follower:
             self._fd = None
 
     def read(self) -> list[tuple[bytes, bool]]:
-        """New complete lines since the last call; rotates the file when it is too big."""
+        """New complete lines since the last call; truncates the file when it is too big."""
         out: list[tuple[bytes, bool]] = []
         try:
             st = os.stat(self.path)
@@ -248,53 +299,80 @@ class _Follower:
             self.offset = 0
         out += self._drain()
         assert self._fd is not None
-        if self.offset > self.max_bytes and self.offset >= os.fstat(self._fd).st_size:
-            out += self._rotate()
+        size = os.fstat(self._fd).st_size
+        caught_up = self.offset >= size
+        if (caught_up and self.offset > self.limits.max_bytes) or size > self.limits.hard_bytes:
+            out += self._truncate()
         return out
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._ino = os.fstat(self._fd).st_ino
 
-    def _drain(self, budget: int | None = READ_BUDGET) -> list[tuple[bytes, bool]]:
-        """Read from the offset to EOF (at most ``budget`` bytes; ``None``: no limit)."""
+    def _drain(self, copy: BinaryIO | None = None) -> list[tuple[bytes, bool]]:
+        """Read from the offset towards EOF, at most one read budget (a copy to ``copy``)."""
         assert self._fd is not None
         if os.fstat(self._fd).st_size < self.offset:
             self.offset = 0  # truncated by someone else: what is there now is new
         out: list[tuple[bytes, bool]] = []
-        while budget is None or budget > 0:
-            size = READ_CHUNK if budget is None else min(READ_CHUNK, budget)
-            data = os.pread(self._fd, size, self.offset)
+        budget = self.limits.read_budget
+        while budget > 0:
+            data = os.pread(self._fd, min(READ_CHUNK, budget), self.offset)
             if not data:
                 break
             self.offset += len(data)
-            if budget is not None:
-                budget -= len(data)
+            budget -= len(data)
+            if copy is not None:
+                copy.write(data)
             out += self.splitter.feed(data)
         return out
 
-    def _rotate(self) -> list[tuple[bytes, bool]]:
-        """Copy to ``.1`` and truncate in place (see the race window in the module doc)."""
+    def _truncate(self) -> list[tuple[bytes, bool]]:
+        """Copy-truncate: ``.1`` gets what was read of the file, which is emptied in place.
+
+        Up to one more read budget is read first; what the app wrote beyond that is
+        dropped, counted in ``dropped_bytes`` and stands as one marker line, in the lines
+        returned and at the end of ``.1`` (module doc, 3).
+        """
+        assert self._fd is not None
         old = self.path.with_name(self.path.name + ".1")
         tmp = self.path.with_name(self.path.name + ".1.tmp")
-        shutil.copyfile(self.path, tmp)
-        os.replace(tmp, old)  # atomic: a reader of `.1` sees the older or the newer copy
-        copied = old.stat().st_size
-        out = self._drain(budget=None)  # catch up with what was written during the copy
-        assert self._fd is not None
-        during_copy = os.pread(self._fd, self.offset - copied, copied) if self.offset > copied \
-            else b""
-        # The race window: only these two syscalls apart. Bytes written after this pread
-        # and before the truncate are lost.
-        last = os.pread(self._fd, READ_BUDGET, self.offset)
-        os.truncate(self.path, 0)
-        self.offset = 0
-        self.rotations += 1
-        out += self.splitter.feed(last)
-        if during_copy or last:
-            with open(old, "ab") as f:  # so `.1` holds everything the reader saw
-                f.write(during_copy + last)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            with open(os.open(tmp, flags, 0o640), "wb") as copy:
+                # Its last hard_bytes at most: a reader that attached to a running instance
+                # (after an agent restart) may be far into a file nobody bounded meanwhile.
+                _copy_range(self._fd, copy, max(0, self.offset - self.limits.hard_bytes),
+                            self.offset)
+                out = self._drain(copy)  # written during the copy, or not read yet
+                # The race window: bytes written after this fstat and before the truncate
+                # are lost without being counted.
+                lost = max(0, os.fstat(self._fd).st_size - self.offset)
+                os.truncate(self.path, 0)
+                self.offset = 0
+                self.rotations += 1
+                if lost:
+                    self.dropped_bytes += lost
+                    marker = dropped_marker(lost)
+                    copy.write((b"" if self.splitter.at_line_start else b"\n") + marker + b"\n")
+                    out += self.splitter.flush()  # the line the gap cut short, flagged cut
+                    out.append((marker, False))
+            os.replace(tmp, old)  # atomic: a reader of `.1` sees the older or the newer copy
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a full disk is no reason to leave a partial copy on it
+            raise
         return out
+
+
+def _copy_range(fd: int, dest: BinaryIO, start: int, end: int) -> None:
+    """Copy bytes ``[start, end)`` of ``fd`` to ``dest`` (fewer if the file is shorter)."""
+    while start < end:
+        data = os.pread(fd, min(READ_CHUNK, end - start), start)
+        if not data:
+            return
+        dest.write(data)
+        start += len(data)
 
 
 class InstanceLog:
@@ -305,14 +383,11 @@ class InstanceLog:
     """
 
     def __init__(self, origin: Origin, out_path: Path, err_path: Path, *, from_start: bool,
-                 ring: int = RING_LINES, max_bytes: int = MAX_BYTES,
-                 max_line: int = MAX_LINE) -> None:
+                 ring: int = RING_LINES, limits: FileLimits = FileLimits()) -> None:
         self.origin = origin
         self._followers: dict[Stream, _Follower] = {
-            "stdout": _Follower(out_path, from_start=from_start, max_bytes=max_bytes,
-                                max_line=max_line),
-            "stderr": _Follower(err_path, from_start=from_start, max_bytes=max_bytes,
-                                max_line=max_line),
+            "stdout": _Follower(out_path, from_start=from_start, limits=limits),
+            "stderr": _Follower(err_path, from_start=from_start, limits=limits),
         }
         self._ring: deque[LogLine] = deque(maxlen=ring)
         self._seq = 0
@@ -323,7 +398,8 @@ class InstanceLog:
         return (f"<InstanceLog {self.origin.instance} app={self.origin.app} "
                 f"release={self.origin.release} lines={len(self._ring)}/{self._ring.maxlen} "
                 f"seq={self._seq} out@{out.offset} err@{err.offset} "
-                f"rotations={self.rotations}{' closed' if self.closed else ''}>")
+                f"rotations={self.rotations} dropped_bytes={self.dropped_bytes}"
+                f"{' closed' if self.closed else ''}>")
 
     @property
     def instance(self) -> str:
@@ -360,6 +436,11 @@ class InstanceLog:
         """Copy-truncate rotations done on this instance's files."""
         return sum(follower.rotations for follower in self._followers.values())
 
+    @property
+    def dropped_bytes(self) -> int:
+        """Bytes of output dropped unread because the app wrote faster than it was read."""
+        return sum(follower.dropped_bytes for follower in self._followers.values())
+
     def close(self) -> None:
         """Close the files (idempotent); the ring buffer stays readable."""
         for follower in self._followers.values():
@@ -382,9 +463,9 @@ class ProxyEventLog(InstanceLog):
 
     def __init__(self, path: Path, *, wanted: Callable[[str, float], bool],
                  release_of: Callable[[str, str], str], ring: int = RING_LINES,
-                 max_bytes: int = MAX_BYTES, max_line: int = MAX_LINE) -> None:
+                 limits: FileLimits = FileLimits()) -> None:
         super().__init__(Origin(app="-", release="", instance=PROXY_EVENTS), path, path,
-                         from_start=False, ring=ring, max_bytes=max_bytes, max_line=max_line)
+                         from_start=False, ring=ring, limits=limits)
         self._followers["stderr"].close()
         del self._followers["stderr"]
         self._wanted = wanted
@@ -506,16 +587,16 @@ class _HubStats:
     polls: int = 0
     lines: int = 0
     errors: int = 0
+    dropped_bytes: int = 0  # output dropped unread, all instances (see InstanceLog's)
 
 
 class LogHub:
     """All instances' logs on this node: tails for queries, subscriptions for `logs -f`."""
 
-    def __init__(self, *, ring: int = RING_LINES, max_bytes: int = MAX_BYTES,
-                 max_line: int = MAX_LINE, poll_interval: float = POLL_INTERVAL) -> None:
+    def __init__(self, *, ring: int = RING_LINES, limits: FileLimits = FileLimits(),
+                 poll_interval: float = POLL_INTERVAL) -> None:
         self.ring = ring
-        self.max_bytes = max_bytes
-        self.max_line = max_line
+        self.limits = limits
         self.poll_interval = poll_interval
         self.stats = _HubStats()
         self._logs: dict[str, InstanceLog] = {}
@@ -526,7 +607,8 @@ class LogHub:
 
     def __repr__(self) -> str:
         return (f"<LogHub instances={sorted(self._logs)} subscribers={len(self._subscriptions)} "
-                f"polls={self.stats.polls} lines={self.stats.lines} errors={self.stats.errors}>")
+                f"polls={self.stats.polls} lines={self.stats.lines} errors={self.stats.errors} "
+                f"dropped_bytes={self.stats.dropped_bytes}>")
 
     def __contains__(self, instance: str) -> bool:
         return instance in self._logs
@@ -544,7 +626,7 @@ class LogHub:
         self.remove(instance)
         ilog = InstanceLog(Origin(app=app, release=release, instance=instance), Path(out_path),
                            Path(err_path), from_start=from_start, ring=self.ring,
-                           max_bytes=self.max_bytes, max_line=self.max_line)
+                           limits=self.limits)
         self._logs[instance] = ilog
         return ilog
 
@@ -578,8 +660,7 @@ class LogHub:
         """Follow the proxy workers' access log for debug events (see ``ProxyEventLog``)."""
         self.remove(PROXY_EVENTS)
         self._logs[PROXY_EVENTS] = ProxyEventLog(path, wanted=wanted, release_of=release_of,
-                                                 ring=self.ring, max_bytes=self.max_bytes,
-                                                 max_line=self.max_line)
+                                                 ring=self.ring, limits=self.limits)
 
     def subscribe(self, filter: LogFilter | None = None, *,
                   buffer: int = SUBSCRIBER_BUFFER) -> Subscription:
@@ -594,6 +675,7 @@ class LogHub:
         """One round: read every instance (in a worker thread), record and fan out."""
         async with self._poll_lock:
             logs = [ilog for ilog in self._logs.values() if not ilog.closed]
+            dropped_before = [ilog.dropped_bytes for ilog in logs]
             self._polling = True
             try:
                 results = await trio.to_thread.run_sync(_read_all, logs)
@@ -604,11 +686,17 @@ class LogHub:
                 self._close_after_poll.clear()
             self.stats.polls += 1
             new: list[LogLine] = []
-            for ilog, lines, error in results:
+            for (ilog, lines, error), before in zip(results, dropped_before, strict=True):
                 if error is not None:
                     self.stats.errors += 1
                     log.warning("log read failed", instance=ilog.instance, app=ilog.origin.app,
                                 error=str(error))
+                if ilog.dropped_bytes > before:
+                    self.stats.dropped_bytes += ilog.dropped_bytes - before
+                    if before == 0:  # once per instance; the counters and markers say the rest
+                        log.warning("log output dropped: written faster than it is read",
+                                    instance=ilog.instance, app=ilog.origin.app,
+                                    dropped_bytes=ilog.dropped_bytes)
                 if ilog.closed or not lines:
                     continue  # removed while we were reading
                 ilog.record(lines)

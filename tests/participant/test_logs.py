@@ -7,6 +7,7 @@ wait on a condition has a ``trio.fail_after`` deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import trio
 
 from superagent.participant.logs import (
     POLL_INTERVAL,
+    FileLimits,
     LineSplitter,
     LogFilter,
     LogHub,
@@ -109,7 +111,7 @@ async def test_partial_line_waits_for_its_newline(tmp_path: Path) -> None:
 async def test_overlong_line_is_cut_and_flagged(tmp_path: Path) -> None:
     """A line over max_line is cut at max_line, flagged, and its remainder discarded."""
     out, err = paths(tmp_path)
-    hub = LogHub(max_line=16)
+    hub = LogHub(limits=FileLimits(max_line=16))
     hub.add("web", "r1", "web-1", out, err, from_start=True)
     append(out, b"x" * 40)  # no newline yet: cut as soon as it is too long
     (cut,) = await hub.poll()
@@ -185,7 +187,8 @@ async def test_copy_truncate_rotation_with_a_real_appending_child(tmp_path: Path
     out, err = paths(tmp_path)
     max_bytes = 4096
     count = 300  # ~27 KB: several rotations
-    hub = LogHub(max_bytes=max_bytes, poll_interval=FAST_POLL, ring=count)
+    hub = LogHub(limits=FileLimits(max_bytes=max_bytes), poll_interval=FAST_POLL,
+                 ring=count)
     hub.add("web", "r1", "web-1", out, err, from_start=True)
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)  # as the supervisor does
     try:
@@ -299,3 +302,114 @@ async def test_run_ends_subscriptions_and_remove_forgets(tmp_path: Path) -> None
     assert sub.closed and "subscribers=0" in repr(hub)
     with pytest.raises(ValueError, match="buffer"):
         hub.subscribe(buffer=0)
+
+
+FLOOD = r"""
+import os, sys
+dots = b"." * 90
+for i in range(int(sys.argv[1]) // 100):
+    os.write(1, b"%08d %s\n" % (i, dots))  # 100-byte lines, one write each, no pause
+"""
+
+
+async def test_flooding_child_cannot_grow_its_files_past_the_bound(tmp_path: Path) -> None:
+    """An app writing far faster than the reader keeps its file and .1 bounded; loss is counted."""
+    out, err = paths(tmp_path)
+    old = out.with_name(out.name + ".1")
+    limits = FileLimits(max_bytes=64 * 1024, hard_bytes=128 * 1024, read_budget=64 * 1024)
+    # hard_bytes + what the child writes in one poll round (~2-4 MB here: 10-30 ms at
+    # ~120 MB/s), with room for a loaded machine
+    file_bound = 16 * 1024**2
+    old_bound = limits.hard_bytes + limits.read_budget + 200  # 200: the marker line
+    total = 6 * file_bound  # ~1 s of writing, over ten times what the reader reads meanwhile
+    hub = LogHub(limits=limits)
+    hub.add("web", "r1", "web-1", out, err, from_start=True)
+    largest = {out: 0, old: 0}
+    done = trio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            for path in largest:
+                with contextlib.suppress(FileNotFoundError):
+                    largest[path] = max(largest[path], path.stat().st_size)
+            await trio.sleep(0.001)
+
+    async def poll() -> None:
+        while not done.is_set():
+            await hub.poll()
+            await trio.sleep(FAST_POLL)
+
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)  # as the supervisor does
+    with hub.subscribe(buffer=total // 100) as sub:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sample)
+                nursery.start_soon(poll)
+                with trio.fail_after(WAIT):
+                    await trio.run_process([child_python(), "-I", "-c", FLOOD, str(total)],
+                                           stdout=fd)
+                done.set()
+        finally:
+            os.close(fd)
+        with trio.fail_after(WAIT):
+            while await hub.poll():  # until the reader has caught up with what is left
+                pass
+        lines = await drain(sub)
+    ilog = hub.instance_log("web-1")
+    assert largest[out] <= file_bound and out.stat().st_size <= limits.hard_bytes
+    assert 0 < largest[old] <= old_bound and old.stat().st_size <= old_bound
+    assert not out.with_name(out.name + ".1.tmp").exists()
+    assert b"\0" not in out.read_bytes()  # O_APPEND: the child went on at the new end
+    markers = [line for line in lines if line.text.startswith("[... ")]
+    others = [line for line in lines if not line.text.startswith("[... ")]
+    dropped = sum(int(line.text.split()[1]) for line in markers)
+    assert 0 < ilog.dropped_bytes == hub.stats.dropped_bytes == dropped
+    assert f"dropped_bytes={dropped}" in repr(ilog) and f"dropped_bytes={dropped}" in repr(hub)
+    # Every byte written was delivered in a line or counted as dropped, but for what the
+    # race windows lost: ~1 KB per truncate, but a window that waits for the GIL or a CPU
+    # on a loaded machine can lose a few MB, hence the 10%.
+    delivered = sum(len(line.text) + (not line.cut) for line in others)
+    assert total * 9 // 10 <= delivered + dropped <= total
+    numbers = [int(line.text[:8]) for line in others if not line.cut]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    *kept, last = old.read_bytes().splitlines()  # in order, a marker only as the last line
+    kept_numbers = [int(line[:8]) for line in kept if len(line) == 99]  # whole lines
+    assert kept_numbers == sorted(set(kept_numbers))
+    assert not any(line.startswith(b"[... ") for line in kept) and last
+
+
+async def test_unread_output_over_hard_limit_is_dropped_counted_and_marked(tmp_path: Path) -> None:
+    """Over hard_bytes the reader takes one more budget, drops the rest, counts it, says so."""
+    out, err = paths(tmp_path)
+    old = out.with_name(out.name + ".1")
+    hub = LogHub(limits=FileLimits(max_bytes=1000, hard_bytes=2000, read_budget=425))
+    hub.add("web", "r1", "web-1", out, err, from_start=True)
+    written = b"".join(b"%04d %s\n" % (i, b"." * 94) for i in range(50))  # 50 lines of 100 B
+    append(out, written)
+    lines = await hub.poll()  # reads 425 B, sees 5000 > 2000: reads 425 more, drops 4150
+    marker = "[... 4150 bytes of output dropped: written faster than they could be read ...]"
+    assert [(line.text, line.cut) for line in lines] == [
+        *((f"{i:04d} {'.' * 94}", False) for i in range(8)), (f"0008 {'.' * 45}", True),
+        (marker, False)]
+    assert out.stat().st_size == 0
+    assert old.read_bytes() == written[:850] + b"\n" + marker.encode() + b"\n"
+    ilog = hub.instance_log("web-1")
+    assert ilog.dropped_bytes == hub.stats.dropped_bytes == 4150 and ilog.rotations == 1
+    append(out, b"after the gap\n")
+    assert texts(await hub.poll()) == ["after the gap"]
+    assert hub.stats.dropped_bytes == 4150
+
+
+async def test_late_attach_to_oversized_file_keeps_only_hard_bytes_in_dot_1(tmp_path: Path) -> None:
+    """Attaching to a big file (agent restart) rotates it at once; .1 gets its last hard_bytes."""
+    out, err = paths(tmp_path)
+    append(out, b"x" * 4000 + b"y" * 2000)
+    hub = LogHub(limits=FileLimits(max_bytes=1000, hard_bytes=2000))
+    hub.add("web", "r1", "web-1", out, err, from_start=False)
+    assert await hub.poll() == []
+    assert out.stat().st_size == 0 and out.with_name(out.name + ".1").read_bytes() == b"y" * 2000
+    assert hub.instance_log("web-1").dropped_bytes == 0  # not written while we followed it
+    with pytest.raises(ValueError, match="hard_bytes"):
+        FileLimits(max_bytes=1000, hard_bytes=999)
+    with pytest.raises(ValueError, match="read_budget"):
+        FileLimits(read_budget=0)
