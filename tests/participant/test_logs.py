@@ -317,11 +317,13 @@ async def test_flooding_child_cannot_grow_its_files_past_the_bound(tmp_path: Pat
     out, err = paths(tmp_path)
     old = out.with_name(out.name + ".1")
     limits = FileLimits(max_bytes=64 * 1024, hard_bytes=128 * 1024, read_budget=64 * 1024)
-    # hard_bytes + what the child writes in one poll round (~2-4 MB here: 10-30 ms at
-    # ~120 MB/s), with room for a loaded machine
-    file_bound = 16 * 1024**2
+    total = 96 * 1024**2  # ~1 s of writing, over ten times what the reader reads meanwhile
+    # Unbounded, the file would reach `total`. Bounded, it holds hard_bytes plus what the
+    # child writes in one poll round: 2-4 MB on a quiet machine (10-30 ms at ~120 MB/s),
+    # up to ~19 MB seen while the whole suite loaded both cores; a third of `total` leaves
+    # room for that and still fails when the bound is missing.
+    file_bound = total // 3
     old_bound = limits.hard_bytes + limits.read_budget + 200  # 200: the marker line
-    total = 6 * file_bound  # ~1 s of writing, over ten times what the reader reads meanwhile
     hub = LogHub(limits=limits)
     hub.add("web", "r1", "web-1", out, err, from_start=True)
     largest = {out: 0, old: 0}
