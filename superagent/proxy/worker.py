@@ -29,6 +29,7 @@ from superagent.errors import ConfigError
 from superagent.log import setup_logging
 from superagent.proxy import control, http1, netio
 from superagent.proxy.accesslog import AccessLog
+from superagent.proxy.compiled import status as compiled_status
 from superagent.proxy.config import PARSERS, snapshot_from_wire
 from superagent.proxy.connection import ClientConnection
 from superagent.proxy.snapshot import Listener, RoutingSnapshot
@@ -96,7 +97,8 @@ class Worker:
                     if self.state.access_log is not None:
                         outer.start_soon(self._flush_access_log)
                     task_status.started()
-                    log.info("worker ready", control=control_path)
+                    log.info("worker ready", control=control_path,
+                             compiled=all(compiled_status().values()))
                     await stop.wait()
                     self._stop_listening()
                     listeners.cancel_scope.cancel()

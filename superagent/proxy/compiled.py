@@ -1,0 +1,135 @@
+"""The proxy's hot path compiled with mypyc: same typed source, C extension modules.
+
+``scripts/compile-proxy [build|clean|status]`` drives it. ``build`` compiles
+``HOT_MODULES`` with mypyc (part of mypy) as one group, so calls and attribute accesses
+between them stay native, in a scratch copy of the package (no build files land in the
+tree), and puts the extensions beside their sources, where CPython imports them instead
+of the ``.py``; the group's runtime is ``superagent/proxy/_hot__mypyc``. ``STAMP``
+records the sha256 of every source compiled. ``clean`` removes the extensions;
+``status`` says which modules run compiled.
+
+``drop_stale`` runs whenever ``superagent.proxy`` is imported: when any source changed
+since the group was built (or extensions exist that no stamp accounts for), every
+extension is deleted with a warning, so an edited source is never shadowed by stale
+compiled code. The pure-Python modules are the reference; the tests run against both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.machinery
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HOT_MODULES = ("http1", "parsers", "routes", "netio", "upstream", "connection", "snapshot",
+               "state", "metrics", "errors")
+GROUP = "superagent.proxy._hot"  # mypyc's runtime for the group: superagent/proxy/_hot__mypyc
+PACKAGE_DIR = Path(__file__).resolve().parent
+STAMP = PACKAGE_DIR / ".compiled.json"
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
+_SETUP = """
+import sys
+from setuptools import setup
+from mypyc.build import mypycify
+setup(name="superagent-hot", script_args=["build_ext", "--inplace"],
+      ext_modules=mypycify(sys.argv[1:], group_name="{group}"))
+"""
+
+
+def _digests() -> dict[str, str]:
+    return {m: hashlib.sha256((PACKAGE_DIR / f"{m}.py").read_bytes()).hexdigest()
+            for m in HOT_MODULES}
+
+
+def _extension_names() -> list[str]:
+    return [f"{m}{SUFFIX}" for m in HOT_MODULES] + [f"{GROUP.rsplit('.', 1)[1]}__mypyc{SUFFIX}"]
+
+
+def _extensions() -> list[Path]:
+    return [p for p in (PACKAGE_DIR / name for name in _extension_names()) if p.exists()]
+
+
+def _read_stamp() -> dict[str, str]:
+    try:
+        doc = json.loads(STAMP.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+
+def drop_stale() -> bool:
+    """Delete the extensions when a source changed since they were built; True if so."""
+    if not _extensions() or _read_stamp() == _digests():
+        return False
+    try:
+        clean()
+    except OSError as exc:
+        print(f"superagent: the compiled proxy modules are older than their source but "
+              f"cannot be removed ({exc}); run scripts/compile-proxy clean", file=sys.stderr)
+        return False
+    print("superagent: the compiled proxy modules were older than their source and were "
+          "removed; run scripts/compile-proxy again", file=sys.stderr)
+    return True
+
+
+def status() -> dict[str, bool]:
+    """Module -> whether the running interpreter imported its compiled extension."""
+    return {m: str(getattr(importlib.import_module(f"superagent.proxy.{m}"), "__file__", ""))
+            .endswith(SUFFIX) for m in HOT_MODULES}
+
+
+def build() -> None:
+    """Compile the group in a scratch copy and install the extensions beside the sources."""
+    clean()
+    sources = _digests()
+    scratch = Path(tempfile.mkdtemp(prefix="superagent-mypyc-"))
+    try:
+        shutil.copytree(PACKAGE_DIR.parent, scratch / "superagent",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so", STAMP.name))
+        done = subprocess.run(
+            [sys.executable, "-c", _SETUP.format(group=GROUP),
+             *(f"superagent/proxy/{m}.py" for m in HOT_MODULES)],
+            cwd=scratch, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"mypyc failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        for name in _extension_names():
+            shutil.copy2(scratch / "superagent" / "proxy" / name, PACKAGE_DIR / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if sources != _digests():  # edited while compiling
+        clean()
+        raise RuntimeError("the sources changed while they were compiled; build again")
+    STAMP.write_text(json.dumps(sources, indent=1, sort_keys=True) + "\n")
+
+
+def clean() -> None:
+    """Remove the compiled extensions and the stamp."""
+    for path in _extensions():
+        path.unlink(missing_ok=True)
+    STAMP.unlink(missing_ok=True)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if len(argv) == 1 else ""
+    if command == "build":
+        try:
+            build()
+        except (RuntimeError, OSError) as exc:
+            print(f"compile-proxy: {exc}", file=sys.stderr)
+            return 1
+        print("compiled: " + ", ".join(HOT_MODULES))
+        return 0
+    if command == "clean":
+        clean()
+        return 0
+    if command == "status":
+        for module, compiled in status().items():
+            print(f"{module}: {'compiled' if compiled else 'pure Python'}")
+        return 0
+    print("usage: scripts/compile-proxy [build|clean|status]", file=sys.stderr)
+    return 2
