@@ -245,7 +245,7 @@ class Agent:
                 await _empty_cgroup(InstanceCgroup.existing(config.cgroups, config.app,
                                                             config.instance))
             instance = Instance(config)
-            self._add(instance, from_start=True)
+            self._add(instance, from_start=False)  # the old process's output is not replayed
             self._nursery.start_soon(self._supervise, instance)
             return
         self._add(instance, from_start=False)
