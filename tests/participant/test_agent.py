@@ -136,12 +136,21 @@ class Rig:
             "X-Superagent-Signal": f"t{self._ids}", "X-Superagent-Term": "1"})
 
 
-@pytest.fixture
-async def rig(data_dir: Path) -> AsyncIterator[Rig]:
-    rpc_port, listen_port = free_port(), free_port()
+@contextlib.asynccontextmanager
+async def running_agent(data_dir: Path, rpc_port: int | None = None,
+                        listen_port: int | None = None, *, stop_all: bool = True,
+                        **config: Any) -> AsyncIterator[Rig]:
+    """An in-process agent on ``data_dir`` with one proxy worker, and its clients.
+
+    Leaving stops every instance (``stop_all``) or, with ``stop_all=False``, only
+    cancels the agent, which leaves apps and proxy workers running as a killed agent
+    does. ``config`` adds AgentConfig fields (a ``node`` of its own gives the test its
+    own cgroup parent group).
+    """
+    rpc_port, listen_port = rpc_port or free_port(), listen_port or free_port()
     agent = Agent(AgentConfig(data_dir=data_dir, secret=SECRET, rpc=("127.0.0.1", rpc_port),
-                              listen=(f"127.0.0.1:{listen_port}",), proxy_workers=1,
-                              drain_grace=10.0))
+                              listen=(f"127.0.0.1:{listen_port}",),
+                              **{"proxy_workers": 1, "drain_grace": 10.0, **config}))
     async with trio.open_nursery() as nursery:
         with trio.fail_after(DEADLINE):
             await nursery.start(agent.run)
@@ -152,9 +161,16 @@ async def rig(data_dir: Path) -> AsyncIterator[Rig]:
             try:
                 yield Rig(agent, rpc, proxy)
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(DEADLINE):
-                    await agent.stop_all()
+                if stop_all:
+                    with trio.CancelScope(shield=True), trio.move_on_after(DEADLINE):
+                        await agent.stop_all()
                 nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def rig(data_dir: Path) -> AsyncIterator[Rig]:
+    async with running_agent(data_dir) as rig:
+        yield rig
 
 
 async def test_python_app_lifecycle_through_the_proxy(rig: Rig) -> None:

@@ -10,24 +10,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import httpx
 import psutil
 import trio
 
-from superagent.participant.service import Agent, AgentConfig
 from superagent.participant.supervisor import Instance, State
 from tests.participant.test_agent import (
-    AUTH,
     DEADLINE,
-    SECRET,
     Rig,
     _kill_leftovers,
     free_port,
     python_app,
+    running_agent,
 )
 
 WARM_APP = '[env]\nWARM_UNTIL_GO = "1"\n'
@@ -45,28 +43,12 @@ def recorded_pids(data_dir: Path) -> dict[str, int | None]:
     return {r["config"]["instance"]: r["pid"] for r in doc["instances"]}
 
 
-@asynccontextmanager
-async def running_agent(data_dir: Path, rpc_port: int, listen_port: int, *,
-                        stop_all: bool = False) -> AsyncIterator[Rig]:
-    """An agent on ``data_dir``; leaving cancels it, which leaves apps and proxy workers
-    running (as a killed agent does) unless ``stop_all``."""
-    agent = Agent(AgentConfig(data_dir=data_dir, node=data_dir.name, secret=SECRET,
-                              rpc=("127.0.0.1", rpc_port), listen=(f"127.0.0.1:{listen_port}",),
-                              proxy_workers=1, drain_grace=5.0))
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(DEADLINE):
-            await nursery.start(agent.run)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{rpc_port}", headers=AUTH,
-                                     timeout=DEADLINE) as rpc, \
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{listen_port}",
-                                  timeout=DEADLINE) as proxy:
-            try:
-                yield Rig(agent, rpc, proxy)
-            finally:
-                if stop_all:
-                    with trio.CancelScope(shield=True), trio.move_on_after(DEADLINE):
-                        await agent.stop_all()
-                nursery.cancel_scope.cancel()
+def agent_on(data_dir: Path, rpc_port: int, listen_port: int, *,
+             stop_all: bool = False) -> AbstractAsyncContextManager[Rig]:
+    """An agent of the test's own node name, on ports a later agent takes over; leaving
+    only cancels it (apps keep running) unless ``stop_all``."""
+    return running_agent(data_dir, rpc_port, listen_port, stop_all=stop_all,
+                         node=data_dir.name, drain_grace=5.0)
 
 
 async def serve(rig: Rig, count: int, extra: str = "") -> list[Instance]:
@@ -82,7 +64,7 @@ async def serve(rig: Rig, count: int, extra: str = "") -> list[Instance]:
 async def test_a_restarted_instance_gets_no_traffic_until_ready(data_dir: Path) -> None:
     """After a crash the new process listens but is not ready: no request reaches it, and
     its pid is in state.json before it is ready."""
-    async with running_agent(data_dir, free_port(), free_port(), stop_all=True) as rig:
+    async with agent_on(data_dir, free_port(), free_port(), stop_all=True) as rig:
         victim, survivor = await serve(rig, 2, WARM_APP)
         old_pid = victim.pid
         assert old_pid is not None
@@ -127,7 +109,7 @@ async def test_agent_restarts_keep_restarted_and_lost_instances(data_dir: Path) 
 
 async def _restart_agents(data_dir: Path) -> None:
     rpc_port, listen_port = free_port(), free_port()
-    async with running_agent(data_dir, rpc_port, listen_port) as rig:
+    async with agent_on(data_dir, rpc_port, listen_port) as rig:
         (instance,) = await serve(rig, 1)
         instance_id, port, first_pid = instance.config.instance, instance.config.port, \
             instance.pid
@@ -139,14 +121,14 @@ async def _restart_agents(data_dir: Path) -> None:
     # the first agent is gone; its restarted app still runs
     assert restarted_pid is not None and psutil.pid_exists(restarted_pid)
 
-    async with running_agent(data_dir, rpc_port, listen_port) as rig:
+    async with agent_on(data_dir, rpc_port, listen_port) as rig:
         adopted = rig.agent.instances[instance_id]
         assert adopted.pid == restarted_pid  # re-adopted, not started again
         assert (await rig.proxy.get("/hello/adopted")).json()["instance"] == instance_id
 
     os.kill(restarted_pid, signal.SIGKILL)  # dies while no agent runs
     await wait_until(lambda: not _running(restarted_pid), "killed")
-    async with running_agent(data_dir, rpc_port, listen_port, stop_all=True) as rig:
+    async with agent_on(data_dir, rpc_port, listen_port, stop_all=True) as rig:
         fresh = rig.agent.instances[instance_id]
         await wait_until(lambda: fresh.state is State.READY, "started afresh")
         assert fresh.pid not in (None, restarted_pid) and fresh.config.port == port

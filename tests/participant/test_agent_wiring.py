@@ -26,9 +26,8 @@ from superagent.participant.cgroups import (
     PARENT_GROUP,
     CgroupSupport,
 )
-from superagent.participant.service import Agent, AgentConfig
 from tests.participant.children import child_python
-from tests.participant.test_agent import AUTH, DEADLINE, SECRET, Rig, free_port, tarball
+from tests.participant.test_agent import DEADLINE, SECRET, Rig, running_agent, tarball
 
 POLL = 0.05  # between looks at the status while waiting for a condition with a deadline
 MB = 1024**2
@@ -85,24 +84,9 @@ def app_archive(name: str, extra: str = "") -> bytes:
 @pytest.fixture
 async def rig(data_dir: Path) -> AsyncIterator[Rig]:
     """A running agent with a node name (and so a cgroup parent group) of its own."""
-    rpc_port, listen_port = free_port(), free_port()
-    node = f"wiring-{secrets.token_hex(4)}"
-    agent = Agent(AgentConfig(data_dir=data_dir, secret=SECRET, node=node,
-                              rpc=("127.0.0.1", rpc_port), listen=(f"127.0.0.1:{listen_port}",),
-                              proxy_workers=1, drain_grace=1.0))
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(DEADLINE):
-            await nursery.start(agent.run)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{rpc_port}", headers=AUTH,
-                                     timeout=DEADLINE) as rpc, \
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{listen_port}",
-                                  timeout=DEADLINE) as proxy:
-            try:
-                yield Rig(agent, rpc, proxy)
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(DEADLINE):
-                    await agent.stop_all()
-                nursery.cancel_scope.cancel()
+    async with running_agent(data_dir, node=f"wiring-{secrets.token_hex(4)}",
+                             drain_grace=1.0) as rig:
+        yield rig
 
 
 async def deploy(rig: Rig, name: str, extra: str = "", count: int = 1) -> list[dict[str, Any]]:
