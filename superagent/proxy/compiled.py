@@ -97,14 +97,15 @@ def build() -> None:
             cwd=scratch, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"mypyc failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-        for name in _extension_names():
+        if sources != _digests():
+            raise RuntimeError("the sources changed while they were compiled; build again")
+        # The stamp first, so a proxy importing meanwhile keeps what is there; the group's
+        # runtime before the modules that load it.
+        STAMP.write_text(json.dumps(sources, indent=1, sort_keys=True) + "\n")
+        for name in reversed(_extension_names()):
             shutil.copy2(scratch / "superagent" / "proxy" / name, PACKAGE_DIR / name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if sources != _digests():  # edited while compiling
-        clean()
-        raise RuntimeError("the sources changed while they were compiled; build again")
-    STAMP.write_text(json.dumps(sources, indent=1, sort_keys=True) + "\n")
 
 
 def clean() -> None:
