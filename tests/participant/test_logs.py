@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from superagent.participant.logfiles import FileLimits, LineSplitter
 from superagent.participant.logs import (
     POLL_INTERVAL,
-    FileLimits,
-    LineSplitter,
     LogFilter,
     LogHub,
     LogLine,
