@@ -15,31 +15,43 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 _bisect = bisect.bisect_left
 
 
+class _AppFigures:
+    """One app's counts in one worker: requests by status and the latency histogram."""
+
+    __slots__ = ("buckets", "count", "statuses", "total")
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)  # the last: slower than the last bucket
+        self.total = 0.0
+        self.count = 0
+
+    def __repr__(self) -> str:
+        return f"<_AppFigures count={self.count}>"
+
+
 class Metrics:
     """Counters of one worker."""
 
-    __slots__ = ("connect_errors", "latency", "requests", "retries")
+    __slots__ = ("apps", "connect_errors", "retries")
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}  # app -> bucket counts, overflow, sum, count
+        self.apps: dict[str, _AppFigures] = {}
         self.retries: dict[str, int] = {}
         self.connect_errors: dict[str, int] = {}
 
     def __repr__(self) -> str:
-        return f"<Metrics requests={sum(self.requests.values())}>"
+        return f"<Metrics requests={sum(f.count for f in self.apps.values())}>"
 
     def observe(self, app: str, status: int, seconds: float) -> None:
-        key = (app, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        hist = self.latency.get(app)
-        if hist is None:
-            # One slot per bucket, one for slower than the last bucket, then sum and count.
-            hist = self.latency[app] = [0.0] * (len(BUCKETS) + 3)
-        hist[_bisect(BUCKETS, seconds)] += 1
-        hist[-2] += seconds
-        hist[-1] += 1
+        figures = self.apps.get(app)
+        if figures is None:
+            figures = self.apps[app] = _AppFigures()
+        statuses = figures.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        figures.buckets[_bisect(BUCKETS, seconds)] += 1
+        figures.total += seconds
+        figures.count += 1
 
     def retry(self, app: str) -> None:
         self.retries[app] = self.retries.get(app, 0) + 1
@@ -48,9 +60,13 @@ class Metrics:
         self.connect_errors[instance] = self.connect_errors.get(instance, 0) + 1
 
     def to_json(self) -> dict[str, Any]:
+        """``requests``: [app, status, n] rows; ``latency``: per app, the bucket counts,
+        the count slower than the last bucket, the sum of seconds and the count."""
         return {
-            "requests": [[app, status, n] for (app, status), n in self.requests.items()],
-            "latency": self.latency,
+            "requests": [[app, status, n] for app, f in self.apps.items()
+                         for status, n in f.statuses.items()],
+            "latency": {app: [*map(float, f.buckets), f.total, float(f.count)]
+                        for app, f in self.apps.items()},
             "retries": self.retries,
             "connect_errors": self.connect_errors,
         }

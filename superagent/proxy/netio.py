@@ -1,11 +1,20 @@
-"""Socket I/O for the data plane: try the syscall first, park in trio only when it would block.
+"""Socket I/O for the data plane: try the syscall first, park only when it would block.
 
 The proxy's hot path moves small messages over loopback, where most receives
 and nearly all sends complete at once. Calling the non-blocking syscall first
-and waiting with ``trio.lowlevel.wait_readable``/``wait_writable`` only on
-``EAGAIN`` skips trio's socket wrappers, which cost more than the proxy's own
-HTTP logic. Every socket here is a non-blocking stdlib socket owned by exactly
-one connection object, which closes it.
+and waiting only on ``EAGAIN`` skips trio's socket wrappers, which cost more
+than the proxy's own HTTP logic. Every socket here is a non-blocking stdlib
+socket owned by exactly one connection object, which closes it with ``close``.
+
+Waiting. Trio's ``wait_readable`` re-arms a one-shot epoll registration on
+every call (an ``epoll_ctl`` and some bookkeeping, twice per proxied request).
+Data sockets are instead registered once, edge-triggered, in a ``Poller`` of
+the run's own: one system task waits for that epoll to become readable (a
+trio wait, shared by all sockets ready at once) and reschedules the tasks
+parked on the sockets that got an edge. An edge nobody waits for is kept as a
+flag, and a receive that filled its whole buffer sets the flag itself (more
+may be queued, and no new edge would come), so a waiter never misses data.
+Parked tasks stay cancellable, and ``close`` wakes them with ``PeerGone``.
 
 Errors are translated at this boundary: a peer reset or a closed socket raises
 ``PeerGone`` (a ``trio.BrokenResourceError``); end of stream is ``b""``.
@@ -15,19 +24,179 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import select
 import socket
 
+import outcome
 import trio
-from trio.lowlevel import wait_readable, wait_writable
+from trio.lowlevel import (
+    Abort,
+    RaiseCancelT,
+    RunVar,
+    Task,
+    current_task,
+    reschedule,
+    spawn_system_task,
+    wait_task_rescheduled,
+)
 
 RECV_SIZE = 65536  # one read; also bounds what a pipelining client can make us buffer
-
+MAX_EVENTS = 512  # edges taken from the poller's epoll per wake-up
 
 _EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE})
+_WATCHED = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_WAKES_READER = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WAKES_WRITER = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 
 class PeerGone(trio.BrokenResourceError):
     """The peer reset the connection, or the socket was closed under us."""
+
+
+class _Watch:
+    """One registered socket: the task parked on each direction, or the edge kept for it."""
+
+    __slots__ = ("readable", "reader", "sock", "writable", "writer")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock  # held, so its fd cannot be reused while registered
+        self.reader: Task | None = None
+        self.writer: Task | None = None
+        self.readable = False
+        self.writable = False
+
+    def __repr__(self) -> str:
+        return (f"<_Watch fd={self.sock.fileno()} reader={self.reader is not None}"
+                f" writer={self.writer is not None} readable={self.readable}"
+                f" writable={self.writable}>")
+
+    def abort_read(self, _: RaiseCancelT) -> Abort:
+        self.reader = None
+        return Abort.SUCCEEDED
+
+    def abort_write(self, _: RaiseCancelT) -> Abort:
+        self.writer = None
+        return Abort.SUCCEEDED
+
+
+class Poller:
+    """The run's edge-triggered epoll for data sockets (see the module docstring)."""
+
+    __slots__ = ("_by_fd", "_epoll", "_watches")
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._watches: dict[socket.socket, _Watch] = {}
+        self._by_fd: dict[int, _Watch] = {}
+
+    def __repr__(self) -> str:
+        return f"<Poller watched={len(self._watches)}>"
+
+    def watch(self, sock: socket.socket) -> _Watch:
+        w = self._watches.get(sock)
+        if w is None:
+            fd = sock.fileno()
+            if fd < 0:
+                raise PeerGone("socket closed")
+            stale = self._by_fd.get(fd)
+            if stale is not None:  # its socket was closed without ``close``: the fd is reused
+                self._drop(stale, fd)
+            w = _Watch(sock)
+            # Registering reports the current state as an edge: nothing before it is missed.
+            self._epoll.register(fd, _WATCHED)
+            self._watches[sock] = w
+            self._by_fd[fd] = w
+        return w
+
+    def close(self, sock: socket.socket) -> bool:
+        """Forget ``sock`` and wake its waiters; False when it was never watched."""
+        w = self._watches.get(sock)
+        if w is None:
+            return False
+        fd = sock.fileno()
+        with contextlib.suppress(OSError):  # closing would drop it too, unless the fd was dup()ed
+            self._epoll.unregister(fd)
+        self._drop(w, fd)
+        return True
+
+    def _drop(self, w: _Watch, fd: int) -> None:
+        del self._watches[w.sock]
+        del self._by_fd[fd]
+        for task in (w.reader, w.writer):
+            if task is not None:  # an outcome is unwrapped once: one each
+                reschedule(task, outcome.Error(trio.ClosedResourceError("socket closed")))
+        w.reader = w.writer = None
+
+    async def run(self) -> None:
+        epoll = self._epoll
+        by_fd = self._by_fd
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, flags in epoll.poll(0, MAX_EVENTS):
+                    w = by_fd.get(fd)
+                    if w is None:
+                        continue
+                    if flags & _WAKES_READER:
+                        task = w.reader
+                        if task is None:
+                            w.readable = True
+                        else:
+                            w.reader = None
+                            reschedule(task)
+                    if flags & _WAKES_WRITER:
+                        task = w.writer
+                        if task is None:
+                            w.writable = True
+                        else:
+                            w.writer = None
+                            reschedule(task)
+        finally:
+            epoll.close()
+
+
+_POLLER: RunVar[Poller] = RunVar("superagent.proxy.netio.poller")
+
+
+def poller() -> Poller:
+    """This run's poller, started on first use."""
+    try:
+        return _POLLER.get()
+    except LookupError:
+        p = Poller()
+        _POLLER.set(p)
+        spawn_system_task(p.run, name="superagent.proxy.netio.poller")
+        return p
+
+
+async def wait_readable(sock: socket.socket) -> None:
+    """Park until ``sock`` got an edge of input (data, EOF or error); raises PeerGone."""
+    w = poller().watch(sock)
+    if w.readable:
+        w.readable = False
+        return
+    if w.reader is not None:
+        raise trio.BusyResourceError("another task is already receiving on this socket")
+    w.reader = current_task()
+    try:
+        await wait_task_rescheduled(w.abort_read)
+    except trio.ClosedResourceError:
+        raise PeerGone("socket closed") from None
+
+
+async def wait_writable(sock: socket.socket) -> None:
+    """Park until ``sock`` may take more bytes (or failed); raises PeerGone."""
+    w = poller().watch(sock)
+    if w.writable:
+        w.writable = False
+        return
+    if w.writer is not None:
+        raise trio.BusyResourceError("another task is already sending on this socket")
+    w.writer = current_task()
+    try:
+        await wait_task_rescheduled(w.abort_write)
+    except trio.ClosedResourceError:
+        raise PeerGone("socket closed") from None
 
 
 async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
@@ -38,18 +207,19 @@ async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
     """
     while True:
         if wait_first:
-            try:
-                await wait_readable(sock)
-            except trio.ClosedResourceError:
-                raise PeerGone("socket closed") from None
+            await wait_readable(sock)
         try:
-            return sock.recv(RECV_SIZE)
+            data = sock.recv(RECV_SIZE)
         except BlockingIOError:
             wait_first = True
+            continue
         except OSError as exc:
             if exc.errno in _EOF_ERRNOS:
                 return b""
             raise PeerGone(str(exc)) from None
+        if len(data) == RECV_SIZE:
+            poller().watch(sock).readable = True  # more may be queued, and no edge would say so
+        return data
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
@@ -64,10 +234,7 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
         return
     view = memoryview(data)[sent:]
     while view:
-        try:
-            await wait_writable(sock)
-        except trio.ClosedResourceError:
-            raise PeerGone("socket closed") from None
+        await wait_writable(sock)
         try:
             sent = sock.send(view)
         except BlockingIOError:
@@ -97,10 +264,23 @@ async def connect(address: tuple[str, int]) -> socket.socket:
 
 
 def close(sock: socket.socket) -> None:
-    """Close ``sock`` and wake any task waiting on it (it sees PeerGone)."""
-    if sock.fileno() >= 0:
-        trio.lowlevel.notify_closing(sock)
+    """Close ``sock`` and wake any task waiting on it (it sees PeerGone).
+
+    Also for a listening socket, which the worker waits on with trio's own
+    ``wait_readable`` (its waiter sees ``trio.ClosedResourceError``).
+    """
+    if sock.fileno() < 0:
+        return
+    try:
+        watched = _POLLER.get().close(sock)
+    except LookupError:
+        watched = False
+    except RuntimeError:  # outside a trio run: nobody can be waiting
         sock.close()
+        return
+    if not watched:
+        trio.lowlevel.notify_closing(sock)
+    sock.close()
 
 
 def shutdown_write(sock: socket.socket) -> None:

@@ -17,7 +17,6 @@ therefore cannot climb out of the prefix it matched.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from superagent.proxy.errors import ProtocolError
 from superagent.proxy.snapshot import AppRoute, RoutingSnapshot
@@ -129,14 +128,23 @@ def split_target(target: str) -> tuple[str | None, str, str]:
     return host, path, sep + query
 
 
-@dataclass(frozen=True, slots=True)
 class Match:
     """Where a request goes: the app, the path (with query) to send upstream, and which
-    rule matched ("port", "host" or "prefix")."""
+    rule matched ("port", "host" or "prefix"). Built once per request and never changed.
 
-    app: AppRoute
-    target: str
-    rule: str
+    A plain class rather than a frozen dataclass: the compiled hot path builds one per
+    request, and a frozen dataclass's ``__init__`` stays interpreted.
+    """
+
+    __slots__ = ("app", "rule", "target")
+
+    def __init__(self, app: AppRoute, target: str, rule: str) -> None:
+        self.app = app
+        self.target = target
+        self.rule = rule
+
+    def __repr__(self) -> str:
+        return f"<Match {self.app.name} {self.target!r} by {self.rule}>"
 
 
 class RouteTable:

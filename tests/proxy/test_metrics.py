@@ -75,11 +75,17 @@ def test_observe_counts_by_app_and_status() -> None:
     m.observe("web", 200, 0.2)
     m.observe("web", 502, 7.0)
     m.observe("api", 200, 0.0001)
-    assert m.requests == {("web", 200): 2, ("web", 502): 1, ("api", 200): 1}
-    assert m.latency["web"][-1] == 3
-    assert m.latency["web"][-2] == pytest.approx(7.203)
-    assert sum(m.latency["web"][: len(BUCKETS)]) == 3
-    assert repr(m) == "<Metrics requests=4>"
+    m.observe("api", 200, 60.0)
+    figures = m.to_json()
+    assert sorted(map(tuple, figures["requests"])) == [("api", 200, 2), ("web", 200, 2),
+                                                        ("web", 502, 1)]
+    web = figures["latency"]["web"]
+    assert len(web) == len(BUCKETS) + 3  # buckets, slower than the last, sum, count
+    assert web[-1] == 3
+    assert web[-2] == pytest.approx(7.203)
+    assert sum(web[: len(BUCKETS)]) == 3
+    assert figures["latency"]["api"][len(BUCKETS)] == 1  # 60 s: past the last bucket
+    assert repr(m) == "<Metrics requests=5>"
 
 
 def test_render_parses_as_prometheus_text() -> None:
