@@ -254,7 +254,7 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
                 ) -> ResponsePlan:
     """Plan the relay of ``resp`` (a final, non-101 response) to the client of ``req``."""
     status = resp.status
-    out = bytearray(_status_line(status))
+    out = [_status_line(status)]
     length: bytes | None = None
     chunked = False
     connection: bytes | None = None
@@ -263,10 +263,7 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
     for name, value in resp.headers:
         lname = name.lower()
         if lname not in owned:
-            out += name
-            out += b": "
-            out += value
-            out += b"\r\n"
+            out += (name, b": ", value, b"\r\n")
         elif lname == b"content-length":
             length = value.strip()
         elif lname == b"connection":
@@ -279,10 +276,10 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
             chunked = True
         elif lname == b"x-request-id":
             has_request_id = True
-            out += name + b": " + value + b"\r\n"
+            out += (name, b": ", value, b"\r\n")
         elif lname == b"via":
             has_via = True
-            out += name + b": " + value + b", " + VIA + b"\r\n"
+            out += (name, b": ", value, b", ", VIA, b"\r\n")
     upstream_reusable = resp.version == "1.1"
     if connection is not None:
         tokens = {t.strip().lower() for t in connection.split(b",")}
@@ -290,14 +287,13 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
             b"keep-alive" in tokens)
         named = tokens - {b"close", b"keep-alive", b""}
         if named:  # rare: drop the headers the upstream's Connection header names
-            out = bytearray(_status_line(status))
+            out = [_status_line(status)]
             for name, value in resp.headers:
                 lname = name.lower()
-                if lname not in owned and lname not in named:
-                    out += name + b": " + value + b"\r\n"
-                elif lname == b"x-request-id" or lname == b"via":
-                    suffix = b", " + VIA if lname == b"via" else b""
-                    out += name + b": " + value + suffix + b"\r\n"
+                if (lname not in owned and lname not in named) or lname == b"x-request-id":
+                    out += (name, b": ", value, b"\r\n")
+                elif lname == b"via":
+                    out += (name, b": ", value, b", ", VIA, b"\r\n")
 
     if req.method == "HEAD" or status == 204 or status == 304 or status < 200:
         body = BODY_NONE
@@ -315,20 +311,20 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
         keep_alive = False
 
     if not has_via:
-        out += b"Via: 1.1 superagent\r\n"
+        out.append(b"Via: 1.1 superagent\r\n")
     if not has_request_id:
-        out += b"X-Request-Id: " + request_id + b"\r\n"
+        out += (b"X-Request-Id: ", request_id, b"\r\n")
     if length is not None:
-        out += b"Content-Length: " + length + b"\r\n"
+        out += (b"Content-Length: ", length, b"\r\n")
     elif body == BODY_CHUNKED:
-        out += b"Transfer-Encoding: chunked\r\n"
+        out.append(b"Transfer-Encoding: chunked\r\n")
     if not keep_alive:
-        out += b"Connection: close\r\n\r\n"
+        out.append(b"Connection: close\r\n\r\n")
     elif req.version == "1.0":
-        out += b"Connection: keep-alive\r\n\r\n"
+        out.append(b"Connection: keep-alive\r\n\r\n")
     else:
-        out += b"\r\n"
-    return ResponsePlan(bytes(out), body, keep_alive, upstream_reusable)
+        out.append(b"\r\n")
+    return ResponsePlan(b"".join(out), body, keep_alive, upstream_reusable)
 
 
 _STATUS_LINES: dict[int, bytes] = {}
