@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import socket
 import time
+from typing import Final
 
 import trio
 
@@ -50,21 +51,21 @@ from superagent.proxy.snapshot import AppRoute, Timeouts
 from superagent.proxy.state import IDLE, WorkerState
 from superagent.proxy.upstream import Upstream, UpstreamConn
 
-ERROR_SEND_TIMEOUT = 5.0  # writing a small error answer to a client that does not read
-HEALTH_PATH = "/-/healthz"
-CLIENT_CLOSED = 499  # logged status when the client left before an answer (as nginx does)
-_STATUS_CODES = {400: "bad-request", 408: "client-header-timeout", 413: "body-too-large",
+ERROR_SEND_TIMEOUT: Final = 5.0  # writing a small error answer to a client that does not read
+HEALTH_PATH: Final = "/-/healthz"
+CLIENT_CLOSED: Final = 499  # logged status when the client left before an answer (as nginx does)
+_STATUS_CODES: Final = {400: "bad-request", 408: "client-header-timeout", 413: "body-too-large",
                  414: "request-line-too-long", 431: "headers-too-large",
                  505: "version-not-supported"}
 # Phases whose expiry the proxy answers itself when no response byte was sent yet.
-_EXPIRY_ANSWERS = {
+_EXPIRY_ANSWERS: Final = {
     "client-header": (408, "client-header-timeout", "request head not received in time"),
     "client-body": (408, "client-body-timeout", "request body not received in time"),
     "first-byte": (504, "upstream-first-byte-timeout", "the app did not answer in time"),
     "upstream-idle": (504, "upstream-idle-timeout", "the app stopped sending"),
     "total": (504, "upstream-total-timeout", "the app's total time limit passed"),
 }
-_monotonic = time.monotonic
+_monotonic: Final = time.monotonic
 
 
 class _Aborted(Exception):

@@ -14,29 +14,33 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from superagent.proxy.errors import ProtocolError, UpstreamError
 from superagent.proxy.parsers import Headers, RequestHead, ResponseHead
 from superagent.proxy.routes import normalize_host, normalize_path, split_target
 
 # Removed in both directions (RFC 9110 7.6.1, plus the de-facto Proxy-Connection).
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
 # Request headers the proxy sets itself (client-supplied copies are dropped or merged).
-_REQUEST_OWNED = HOP_BY_HOP | {
+_REQUEST_OWNED: Final = HOP_BY_HOP | {
     b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"forwarded", b"via", b"x-request-id",
 }
-_RESPONSE_OWNED = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id"}
-_REQUEST_ID_OK = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,200}")
-IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
-VIA = b"1.1 superagent"
+_RESPONSE_OWNED: Final = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id"}
+_REQUEST_ID_OK: Final = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,200}")
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+VIA: Final = b"1.1 superagent"
 
-BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = range(4)
-HOST_CACHE_SIZE = 4096  # normalised Host values: a proxy sees few distinct ones
-_host_cache: dict[bytes, str] = {}
+BODY_NONE: Final = 0
+BODY_LENGTH: Final = 1
+BODY_CHUNKED: Final = 2
+BODY_UNTIL_CLOSE: Final = 3
+HOST_CACHE_SIZE: Final = 4096  # normalised Host values: a proxy sees few distinct ones
+_host_cache: Final[dict[bytes, str]] = {}
 
 
 class Request:
@@ -327,7 +331,7 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
     return ResponsePlan(b"".join(out), body, keep_alive, upstream_reusable)
 
 
-_STATUS_LINES: dict[int, bytes] = {}
+_STATUS_LINES: Final[dict[int, bytes]] = {}
 
 
 def _status_line(status: int) -> bytes:
@@ -355,8 +359,8 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-LAST_CHUNK = b"0\r\n\r\n"
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def error_response(status: int, code: str, detail: str, request_id: bytes, *,
@@ -378,7 +382,7 @@ def plain_response(status: int, body: bytes, *, close: bool, head_only: bool = F
     return head if head_only else head + body
 
 
-_REASONS = {
+_REASONS: Final = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created",
     202: b"Accepted", 204: b"No Content", 206: b"Partial Content", 301: b"Moved Permanently",
     302: b"Found", 303: b"See Other", 304: b"Not Modified", 307: b"Temporary Redirect",

@@ -8,11 +8,12 @@ figures and ``render`` writes the exposition format.
 from __future__ import annotations
 
 import bisect
-from typing import Any
+from typing import Any, Final
 
 # Latency buckets in seconds: a loopback hop is sub-millisecond, slow apps take seconds.
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_bisect = bisect.bisect_left
+BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                  10.0)
+_bisect: Final = bisect.bisect_left
 
 
 class _AppFigures:

@@ -14,7 +14,8 @@ trio wait, shared by all sockets ready at once) and reschedules the tasks
 parked on the sockets that got an edge. An edge nobody waits for is kept as a
 flag, and a receive that filled its whole buffer sets the flag itself (more
 may be queued, and no new edge would come), so a waiter never misses data.
-Parked tasks stay cancellable, and ``close`` wakes them with ``PeerGone``.
+Parked tasks stay cancellable, and ``close`` wakes them with ``PeerGone``. A task
+parks through ``park.py``, which yields trio's own message built once per socket.
 
 Errors are translated at this boundary: a peer reset or a closed socket raises
 ``PeerGone`` (a ``trio.BrokenResourceError``); end of stream is ``b""``.
@@ -26,6 +27,7 @@ import contextlib
 import errno
 import select
 import socket
+from typing import Final
 
 import outcome
 import trio
@@ -40,13 +42,15 @@ from trio.lowlevel import (
     wait_task_rescheduled,
 )
 
-RECV_SIZE = 65536  # one read; also bounds what a pipelining client can make us buffer
-MAX_EVENTS = 512  # edges taken from the poller's epoll per wake-up
+from superagent.proxy import park
 
-_EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE})
-_WATCHED = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-_WAKES_READER = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-_WAKES_WRITER = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+RECV_SIZE: Final = 65536  # one read; also bounds what a pipelining client can make us buffer
+MAX_EVENTS: Final = 512  # edges taken from the poller's epoll per wake-up
+
+_EOF_ERRNOS: Final = frozenset({errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE})
+_WATCHED: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_WAKES_READER: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WAKES_WRITER: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 
 class PeerGone(trio.BrokenResourceError):
@@ -56,7 +60,7 @@ class PeerGone(trio.BrokenResourceError):
 class _Watch:
     """One registered socket: the task parked on each direction, or the edge kept for it."""
 
-    __slots__ = ("readable", "reader", "sock", "writable", "writer")
+    __slots__ = ("read_park", "readable", "reader", "sock", "writable", "write_park", "writer")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock  # held, so its fd cannot be reused while registered
@@ -64,6 +68,9 @@ class _Watch:
         self.writer: Task | None = None
         self.readable = False
         self.writable = False
+        # What a parked reader or writer yields to trio (see park.py), built once.
+        self.read_park = park.message(self.abort_read)
+        self.write_park = park.message(self.abort_write)
 
     def __repr__(self) -> str:
         return (f"<_Watch fd={self.sock.fileno()} reader={self.reader is not None}"
@@ -126,6 +133,7 @@ class Poller:
             if task is not None:  # an outcome is unwrapped once: one each
                 reschedule(task, outcome.Error(trio.ClosedResourceError("socket closed")))
         w.reader = w.writer = None
+        w.read_park = w.write_park = None  # they hold bound methods of w: no cycle left
 
     async def run(self) -> None:
         epoll = self._epoll
@@ -155,7 +163,7 @@ class Poller:
             epoll.close()
 
 
-_POLLER: RunVar[Poller] = RunVar("superagent.proxy.netio.poller")
+_POLLER: Final[RunVar[Poller]] = RunVar("superagent.proxy.netio.poller")
 
 
 def poller() -> Poller:
@@ -179,7 +187,10 @@ async def wait_readable(sock: socket.socket) -> None:
         raise trio.BusyResourceError("another task is already receiving on this socket")
     w.reader = current_task()
     try:
-        await wait_task_rescheduled(w.abort_read)
+        if w.read_park is not None:
+            (await park.park(w.read_park)).unwrap()
+        else:
+            await wait_task_rescheduled(w.abort_read)
     except trio.ClosedResourceError:
         raise PeerGone("socket closed") from None
 
@@ -194,7 +205,10 @@ async def wait_writable(sock: socket.socket) -> None:
         raise trio.BusyResourceError("another task is already sending on this socket")
     w.writer = current_task()
     try:
-        await wait_task_rescheduled(w.abort_write)
+        if w.write_park is not None:
+            (await park.park(w.write_park)).unwrap()
+        else:
+            await wait_task_rescheduled(w.abort_write)
     except trio.ClosedResourceError:
         raise PeerGone("socket closed") from None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 import h11
 import httptools
@@ -35,7 +35,7 @@ class _End:
         return "END"
 
 
-END = _End()
+END: Final = _End()
 
 
 class RequestHead:

@@ -11,7 +11,7 @@ whose deadline passed.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from superagent.proxy import http1
 from superagent.proxy.accesslog import AccessLog
@@ -24,7 +24,8 @@ from superagent.proxy.upstream import Upstreams
 if TYPE_CHECKING:
     from superagent.proxy.connection import ClientConnection
 
-IDLE, SHUTDOWN = "idle", "shutdown"  # phases of a connection between requests
+IDLE: Final = "idle"  # phases of a connection between requests
+SHUTDOWN: Final = "shutdown"
 PEER_CACHE_SIZE = 4096  # a cache of trusted-proxy decisions, bounded against many clients
 
 

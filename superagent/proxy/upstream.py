@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import socket
 from collections.abc import Iterable
+from typing import Final
 
 import trio
 
@@ -22,10 +23,10 @@ from superagent.proxy.errors import UpstreamError
 from superagent.proxy.parsers import ResponseParser, response_parser
 from superagent.proxy.snapshot import AppRoute, Instance, RoutingSnapshot
 
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_PEEK: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # Idle age after which a pooled connection is always peeked at: servers time idle
 # connections out after seconds (gunicorn 2 s, Node 5 s), never within a busy second.
-PEEK_AFTER = 1.0
+PEEK_AFTER: Final = 1.0
 
 
 class UpstreamConn:
