@@ -27,6 +27,7 @@ import contextlib
 import errno
 import select
 import socket
+import threading
 from typing import Final
 
 import outcome
@@ -89,12 +90,13 @@ class _Watch:
 class Poller:
     """The run's edge-triggered epoll for data sockets (see the module docstring)."""
 
-    __slots__ = ("_by_fd", "_epoll", "_watches")
+    __slots__ = ("_by_fd", "_epoll", "_watches", "running")
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._watches: dict[socket.socket, _Watch] = {}
         self._by_fd: dict[int, _Watch] = {}
+        self.running = True  # until its run ends (its system task is cancelled then)
 
     def __repr__(self) -> str:
         return f"<Poller watched={len(self._watches)}>"
@@ -160,21 +162,36 @@ class Poller:
                             w.writer = None
                             reschedule(task)
         finally:
+            self.running = False
             epoll.close()
 
 
 _POLLER: Final[RunVar[Poller]] = RunVar("superagent.proxy.netio.poller")
 
 
+class _Latest(threading.local):
+    """The poller of the trio run this thread runs: a faster path than the RunVar."""
+
+    poller: Poller | None = None
+
+
+_latest: Final = _Latest()
+
+
 def poller() -> Poller:
     """This run's poller, started on first use."""
+    # A thread runs one trio run at a time, and a run's poller stops running with it.
+    p = _latest.poller
+    if p is not None and p.running:
+        return p
     try:
-        return _POLLER.get()
+        p = _POLLER.get()
     except LookupError:
         p = Poller()
         _POLLER.set(p)
         spawn_system_task(p.run, name="superagent.proxy.netio.poller")
-        return p
+    _latest.poller = p
+    return p
 
 
 async def wait_readable(sock: socket.socket) -> None:

@@ -182,3 +182,21 @@ def test_parking_uses_trios_own_message() -> None:
     # upgrade would cost ~1 µs per wait silently, so it fails here instead.
     assert park.FAST, "trio._core._traps.WaitTaskRescheduled moved: see superagent/proxy/park.py"
     assert park.message(lambda _: trio.lowlevel.Abort.SUCCEEDED) is not None
+
+
+def test_each_trio_run_gets_its_own_poller(listener: socket.socket) -> None:
+    pollers: list[netio.Poller] = []
+
+    async def one_exchange() -> None:
+        ours, peer = pair(listener)
+        peer.send(b"x")
+        with trio.fail_after(5):
+            assert await netio.recv(ours, True) == b"x"
+        pollers.append(netio.poller())
+        netio.close(ours)
+        peer.close()
+
+    trio.run(one_exchange)
+    trio.run(one_exchange)  # would hang on the first run's poller
+    assert pollers[0] is not pollers[1]
+    assert not pollers[0].running and not pollers[1].running
