@@ -2,8 +2,9 @@
 
 Each client connection gets its own upstream connection; bytes are forwarded blindly,
 one read each way per request (wrk sends one request and waits for its small answer).
-It is what any trio data plane pays before parsing a byte: two waits per request, each
-an ``epoll_ctl`` and a scheduler round trip. Not a proxy: never use it for anything else.
+It is what a trio data plane waiting with ``trio.lowlevel.wait_readable`` pays before
+parsing a byte: two waits per request, each an ``epoll_ctl`` and a scheduler round trip
+(superagent's proxy waits on its own edge-triggered poller instead, which costs less). Not a proxy: never use it for anything else.
 
     python trio_relay.py LISTEN_PORT UPSTREAM_PORT
 """
