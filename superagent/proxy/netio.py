@@ -58,33 +58,67 @@ class PeerGone(trio.BrokenResourceError):
     """The peer reset the connection, or the socket was closed under us."""
 
 
-class _Watch:
-    """One registered socket: the task parked on each direction, or the edge kept for it."""
+class _Side:
+    """One direction of a watched socket: the task parked on it, or an edge kept for it."""
 
-    __slots__ = ("read_park", "readable", "reader", "sock", "writable", "write_park", "writer")
+    __slots__ = ("edge", "message", "task")
+
+    def __init__(self) -> None:
+        self.task: Task | None = None
+        self.edge = False  # an edge came while no task waited
+        self.message = park.message(self.abort)  # what a parked task yields (park.py)
+
+    def __repr__(self) -> str:
+        return f"<_Side task={self.task is not None} edge={self.edge}>"
+
+    def abort(self, _: RaiseCancelT) -> Abort:
+        self.task = None
+        return Abort.SUCCEEDED
+
+    def wake(self) -> None:
+        task = self.task
+        if task is None:
+            self.edge = True
+        else:
+            self.task = None
+            reschedule(task)
+
+    def fail(self) -> None:
+        """The socket is closed: the parked task sees ClosedResourceError."""
+        if self.task is not None:
+            reschedule(self.task, outcome.Error(trio.ClosedResourceError("socket closed")))
+            self.task = None
+        self.message = None  # it holds a bound method of self: no cycle left
+
+    async def wait(self, doing: str) -> None:
+        """Park until the next edge (at once if one was kept); raises PeerGone."""
+        if self.edge:
+            self.edge = False
+            return
+        if self.task is not None:
+            raise trio.BusyResourceError(f"another task is already {doing} on this socket")
+        self.task = current_task()
+        try:
+            if self.message is not None:
+                (await park.park(self.message)).unwrap()
+            else:
+                await wait_task_rescheduled(self.abort)
+        except trio.ClosedResourceError:
+            raise PeerGone("socket closed") from None
+
+
+class _Watch:
+    """One registered socket and its two directions."""
+
+    __slots__ = ("read", "sock", "write")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock  # held, so its fd cannot be reused while registered
-        self.reader: Task | None = None
-        self.writer: Task | None = None
-        self.readable = False
-        self.writable = False
-        # What a parked reader or writer yields to trio (see park.py), built once.
-        self.read_park = park.message(self.abort_read)
-        self.write_park = park.message(self.abort_write)
+        self.read = _Side()
+        self.write = _Side()
 
     def __repr__(self) -> str:
-        return (f"<_Watch fd={self.sock.fileno()} reader={self.reader is not None}"
-                f" writer={self.writer is not None} readable={self.readable}"
-                f" writable={self.writable}>")
-
-    def abort_read(self, _: RaiseCancelT) -> Abort:
-        self.reader = None
-        return Abort.SUCCEEDED
-
-    def abort_write(self, _: RaiseCancelT) -> Abort:
-        self.writer = None
-        return Abort.SUCCEEDED
+        return f"<_Watch fd={self.sock.fileno()} read={self.read!r} write={self.write!r}>"
 
 
 class Poller:
@@ -131,11 +165,8 @@ class Poller:
     def _drop(self, w: _Watch, fd: int) -> None:
         del self._watches[w.sock]
         del self._by_fd[fd]
-        for task in (w.reader, w.writer):
-            if task is not None:  # an outcome is unwrapped once: one each
-                reschedule(task, outcome.Error(trio.ClosedResourceError("socket closed")))
-        w.reader = w.writer = None
-        w.read_park = w.write_park = None  # they hold bound methods of w: no cycle left
+        w.read.fail()
+        w.write.fail()
 
     async def run(self) -> None:
         epoll = self._epoll
@@ -148,19 +179,9 @@ class Poller:
                     if w is None:
                         continue
                     if flags & _WAKES_READER:
-                        task = w.reader
-                        if task is None:
-                            w.readable = True
-                        else:
-                            w.reader = None
-                            reschedule(task)
+                        w.read.wake()
                     if flags & _WAKES_WRITER:
-                        task = w.writer
-                        if task is None:
-                            w.writable = True
-                        else:
-                            w.writer = None
-                            reschedule(task)
+                        w.write.wake()
         finally:
             self.running = False
             epoll.close()
@@ -194,42 +215,6 @@ def poller() -> Poller:
     return p
 
 
-async def wait_readable(sock: socket.socket) -> None:
-    """Park until ``sock`` got an edge of input (data, EOF or error); raises PeerGone."""
-    w = poller().watch(sock)
-    if w.readable:
-        w.readable = False
-        return
-    if w.reader is not None:
-        raise trio.BusyResourceError("another task is already receiving on this socket")
-    w.reader = current_task()
-    try:
-        if w.read_park is not None:
-            (await park.park(w.read_park)).unwrap()
-        else:
-            await wait_task_rescheduled(w.abort_read)
-    except trio.ClosedResourceError:
-        raise PeerGone("socket closed") from None
-
-
-async def wait_writable(sock: socket.socket) -> None:
-    """Park until ``sock`` may take more bytes (or failed); raises PeerGone."""
-    w = poller().watch(sock)
-    if w.writable:
-        w.writable = False
-        return
-    if w.writer is not None:
-        raise trio.BusyResourceError("another task is already sending on this socket")
-    w.writer = current_task()
-    try:
-        if w.write_park is not None:
-            (await park.park(w.write_park)).unwrap()
-        else:
-            await wait_task_rescheduled(w.abort_write)
-    except trio.ClosedResourceError:
-        raise PeerGone("socket closed") from None
-
-
 async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
     """The next bytes from ``sock`` (``b""`` at end of stream); raises PeerGone.
 
@@ -238,7 +223,7 @@ async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
     """
     while True:
         if wait_first:
-            await wait_readable(sock)
+            await poller().watch(sock).read.wait("receiving")
         try:
             data = sock.recv(RECV_SIZE)
         except BlockingIOError:
@@ -249,7 +234,7 @@ async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
                 return b""
             raise PeerGone(str(exc)) from None
         if len(data) == RECV_SIZE:
-            poller().watch(sock).readable = True  # more may be queued, and no edge would say so
+            poller().watch(sock).read.edge = True  # more may be queued, and no new edge would come
         return data
 
 
@@ -265,7 +250,7 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
         return
     view = memoryview(data)[sent:]
     while view:
-        await wait_writable(sock)
+        await poller().watch(sock).write.wait("sending")
         try:
             sent = sock.send(view)
         except BlockingIOError:
@@ -284,7 +269,7 @@ async def connect(address: tuple[str, int]) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         code = sock.connect_ex(address)
         if code == errno.EINPROGRESS:
-            await wait_writable(sock)
+            await poller().watch(sock).write.wait("sending")
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             raise OSError(code, errno.errorcode.get(code, str(code)))
