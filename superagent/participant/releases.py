@@ -452,6 +452,25 @@ class ReleaseStore:
             raise UnknownRelease("no such prepared release", app=app, release=release)
         return prepared
 
+    def ensure_owner(self, prepared: PreparedRelease, uid: int, gid: int) -> bool:
+        """Make ``prepared``'s files the app user's again if they are not: True if changed.
+
+        Prepare gave the source tree to the app's uid and the release directory to its
+        gid; when the system's ids for the app differ now (the user was deleted and
+        made again), those files belong to ids another app may hold. Checked before
+        every start, so an instance never runs on files it cannot read or that others
+        can. Blocking.
+        """
+        st = prepared.src.stat()
+        if (st.st_uid, st.st_gid) == (uid, gid) and prepared.path.stat().st_gid == gid:
+            return False
+        log.warning("release files owned by other ids: giving them to the app user",
+                    app=prepared.app, release=prepared.release, uid=st.st_uid, gid=st.st_gid,
+                    app_uid=uid, app_gid=gid)
+        _chown_tree(prepared.src, uid, gid)
+        os.chown(prepared.path, os.geteuid(), gid, follow_symlinks=False)
+        return True
+
     def gc(self, app: str, in_use: set[str]) -> list[str]:
         """Remove prepared releases beyond the newest ``keep``, never one in ``in_use``.
 

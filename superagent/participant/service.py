@@ -63,7 +63,12 @@ from superagent.participant.errors import (
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.logs import LogFilter, LogHub
-from superagent.participant.ports import PortAllocator, ephemeral_overlap
+from superagent.participant.ports import (
+    DEFAULT_HIGH,
+    DEFAULT_LOW,
+    PortAllocator,
+    ephemeral_overlap,
+)
 from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
 from superagent.participant.releases import TEST_TIMEOUT, ReleaseStore
 from superagent.participant.rpc import rpc_app
@@ -108,7 +113,7 @@ class AgentConfig:
     proxy_workers: int = 1
     parser: str = "httptools"
     groups: tuple[str, ...] = ("default",)
-    ports: tuple[int, int] = (41000, 48999)
+    ports: tuple[int, int] = (DEFAULT_LOW, DEFAULT_HIGH)
     keep_releases: int = 3
     drain_grace: float = 30.0  # in-flight requests get this long before an instance stops
     coordinator: tuple[str, ...] = ()  # coordinator API URLs; empty: no cluster to join
@@ -410,6 +415,8 @@ class Agent:
         assert self._nursery is not None
         prepared = self.store.get(app, release)
         user = await self._user(app)
+        if user is not None and user.switched:
+            await trio.to_thread.run_sync(self.store.ensure_owner, prepared, user.uid, user.gid)
         started = []
         for _ in range(count):
             self._seq += 1

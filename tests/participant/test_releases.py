@@ -317,3 +317,20 @@ async def test_build_runs_as_the_app_user(shared_root: Path) -> None:
     assert prepared.path.stat().st_gid == nobody.pw_gid
     assert stat.S_IMODE(prepared.path.stat().st_mode) == 0o750
     assert stat.S_IMODE(prepared.src.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing file owners needs root")
+async def test_release_owned_by_other_ids_is_given_back_before_a_start(shared_root: Path) -> None:
+    """A release prepared for ids the app no longer has is given to its current ids."""
+    nobody = pwd.getpwnam("nobody")
+    store = ReleaseStore(shared_root / "store")
+    archive = app_tar({})
+    prepared = await store.prepare("hello", "r1", archive, sha(archive), uid=nobody.pw_uid,
+                                   gid=nobody.pw_gid)
+    assert not store.ensure_owner(prepared, nobody.pw_uid, nobody.pw_gid)
+    uid, gid = nobody.pw_uid - 1, nobody.pw_gid - 1  # the app user as made again
+    assert store.ensure_owner(prepared, uid, gid)
+    for path in [prepared.src, *prepared.src.rglob("*")]:
+        assert (path.lstat().st_uid, path.lstat().st_gid) == (uid, gid)
+    assert (prepared.path.stat().st_uid, prepared.path.stat().st_gid) == (0, gid)
+    assert not store.ensure_owner(prepared, uid, gid)
