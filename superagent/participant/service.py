@@ -46,6 +46,7 @@ import psutil
 import structlog
 import trio
 
+from superagent.debug import LogFilter
 from superagent.httpserver import check_bindable, serve_app
 from superagent.participant.cgroups import (
     PARENT_GROUP,
@@ -62,7 +63,7 @@ from superagent.participant.errors import (
 )
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
-from superagent.participant.logs import LogFilter, LogHub
+from superagent.participant.logs import LogHub
 from superagent.participant.ports import PortAllocator, ephemeral_overlap
 from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
 from superagent.participant.releases import TEST_TIMEOUT, ReleaseStore
