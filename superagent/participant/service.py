@@ -35,7 +35,6 @@ import os
 import secrets
 import shutil
 import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +45,7 @@ import psutil
 import structlog
 import trio
 
+from superagent.debug import DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
 from superagent.participant.cgroups import (
     PARENT_GROUP,
@@ -62,7 +62,7 @@ from superagent.participant.errors import (
 )
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
-from superagent.participant.logs import LogFilter, LogHub
+from superagent.participant.logs import LogHub
 from superagent.participant.ports import (
     DEFAULT_HIGH,
     DEFAULT_LOW,
@@ -147,9 +147,9 @@ class Agent:
         self._routes_lock = trio.Lock()
         self._routes_stale = trio.Event()  # a routed instance started or stopped serving
         self.is_offline = False
-        # app -> (opened, until), epoch seconds: a request is traced when its own timestamp
-        # falls in the window, however late the proxy's batched record is read.
-        self.debug_sessions: dict[str, tuple[float, float]] = {}
+        # a request is traced when its own timestamp falls in its app's window, however
+        # late the proxy's batched record is read (see debug.sessions)
+        self.debug_sessions = DebugSessions()
         self._seq = 0
         self._nursery: trio.Nursery | None = None
         self.link: CoordinatorLink | None = None
@@ -193,8 +193,10 @@ class Agent:
             await self.proxy.start()
             await nursery.start(self.proxy.supervise)
             self.log_hub.add_proxy_events(self.proxy.run_dir / ACCESS_LOG,
-                                          wanted=self._debugging, release_of=self._release_of)
+                                          wanted=self.debug_sessions.covers,
+                                          release_of=self._release_of)
             await nursery.start(self.log_hub.run)
+            await nursery.start(self.debug_sessions.run, lambda _ended: self.persist())
             nursery.start_soon(self._keep_routes)
             for record in saved.get("instances", []):
                 await self._adopt(record)
@@ -330,8 +332,7 @@ class Agent:
         self.ledger = SignalLedger.from_json(doc.get("ledger", {}))
         self._seq = int(doc.get("seq", 0))
         self.is_offline = bool(doc.get("offline", False))
-        self.debug_sessions = {str(app): (float(window[0]), float(window[1]))
-                               for app, window in dict(doc.get("debug", {})).items()}
+        self.debug_sessions.load(doc.get("debug", {}))
         return doc
 
     def persist(self) -> None:
@@ -339,7 +340,7 @@ class Agent:
         doc = {
             "version": STATE_VERSION, "node": self.config.node, "seq": self._seq,
             "offline": self.is_offline, "routes": self.routes, "ledger": self.ledger.to_json(),
-            "debug": self.debug_sessions,
+            "debug": self.debug_sessions.to_json(),
             "instances": [inst.to_record() for inst in self.instances.values()],
         }
         path = self.config.data_dir / STATE_FILE
@@ -495,19 +496,13 @@ class Agent:
     async def debug(self, app: str, enabled: bool, ttl: float) -> dict[str, Any]:
         """Open (for ``ttl`` seconds) or close the debug session of ``app``: while it is
         open, every request's proxy record joins the app's captured output."""
-        now = time.time()
         if enabled:
-            opened = self.debug_sessions.get(app, (now, now))[0]
-            self.debug_sessions[app] = (min(opened, now), now + ttl)
+            self.debug_sessions.open(app, ttl)
         else:
-            self.debug_sessions.pop(app, None)
+            self.debug_sessions.close(app)
         self.persist()
-        window = self.debug_sessions.get(app)
-        return {"app": app, "debug": enabled, "until": window[1] if window else None}
-
-    def _debugging(self, app: str, ts: float) -> bool:
-        window = self.debug_sessions.get(app)
-        return window is not None and window[0] <= ts <= window[1]
+        window = self.debug_sessions.window(app)
+        return {"app": app, "debug": enabled, "until": window.until if window else None}
 
     def _release_of(self, app: str, instance: str) -> str:
         found = self.instances.get(instance)
@@ -524,8 +519,7 @@ class Agent:
             "proxy": {"version": self.proxy.snapshot.version,
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,
-            "debug_sessions": {app: until for app, (_, until) in self.debug_sessions.items()
-                               if until > time.time()},
+            "debug_sessions": self.debug_sessions.active(),
             "instances": [{**inst.status(), "figures": _figures(inst.pid)}
                           for inst in self.instances.values()],
             "releases": {app: [r.release for r in self.store.releases(app)]
