@@ -136,6 +136,11 @@ class Rig:
             "X-Superagent-Signal": f"t{self._ids}", "X-Superagent-Term": "1"})
 
 
+def node_of(data_dir: Path) -> str:
+    """A node name unique to ``data_dir`` (pytest's directories are unique per run)."""
+    return "t-" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+
+
 @contextlib.asynccontextmanager
 async def running_agent(data_dir: Path, rpc_port: int | None = None,
                         listen_port: int | None = None, *, stop_all: bool = True,
@@ -144,13 +149,15 @@ async def running_agent(data_dir: Path, rpc_port: int | None = None,
 
     Leaving stops every instance (``stop_all``) or, with ``stop_all=False``, only
     cancels the agent, which leaves apps and proxy workers running as a killed agent
-    does. ``config`` adds AgentConfig fields (a ``node`` of its own gives the test its
-    own cgroup parent group).
+    does. ``config`` adds AgentConfig fields. The node name (and so the cgroup parent
+    group) is the data directory's own, so agents of other test runs on the machine
+    never share a cgroup with this one, and an agent started again on the same
+    directory is the same node.
     """
     rpc_port, listen_port = rpc_port or free_port(), listen_port or free_port()
+    defaults = {"proxy_workers": 1, "drain_grace": 10.0, "node": node_of(data_dir)}
     agent = Agent(AgentConfig(data_dir=data_dir, secret=SECRET, rpc=("127.0.0.1", rpc_port),
-                              listen=(f"127.0.0.1:{listen_port}",),
-                              **{"proxy_workers": 1, "drain_grace": 10.0, **config}))
+                              listen=(f"127.0.0.1:{listen_port}",), **{**defaults, **config}))
     async with trio.open_nursery() as nursery:
         with trio.fail_after(DEADLINE):
             await nursery.start(agent.run)

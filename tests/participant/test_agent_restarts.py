@@ -45,10 +45,9 @@ def recorded_pids(data_dir: Path) -> dict[str, int | None]:
 
 def agent_on(data_dir: Path, rpc_port: int, listen_port: int, *,
              stop_all: bool = False) -> AbstractAsyncContextManager[Rig]:
-    """An agent of the test's own node name, on ports a later agent takes over; leaving
+    """An agent of the data directory's node, on ports a later agent takes over; leaving
     only cancels it (apps keep running) unless ``stop_all``."""
-    return running_agent(data_dir, rpc_port, listen_port, stop_all=stop_all,
-                         node=data_dir.name, drain_grace=5.0)
+    return running_agent(data_dir, rpc_port, listen_port, stop_all=stop_all, drain_grace=5.0)
 
 
 async def serve(rig: Rig, count: int, extra: str = "") -> list[Instance]:
