@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from superagent.errors import SuperagentError
-from superagent.participant.manifest import MANIFEST, PROCFILE, load_manifest
+from superagent.manifest import MANIFEST, PROCFILE, load_manifest
 
 MAX_PACK_BYTES = 512 * 1024**2  # the participant's MAX_ARCHIVE_BYTES: more would be refused there
 MAX_PACK_FILES = 20_000  # the participant's MAX_ARCHIVE_FILES, counted the same way (all members)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from superagent.errors import ConfigError, SuperagentError
+from superagent.manifest import load_manifest
 from superagent.pack import IgnoreRules, PackError, PackResult, compile_pattern, pack
 from superagent.participant.archive import safe_extract
-from superagent.participant.manifest import load_manifest
 
 MANIFEST = '[app]\nname = "demo"\n[run]\ncommand = "python3 app.py"\n'
 

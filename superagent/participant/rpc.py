@@ -43,8 +43,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from superagent.jsonbody import field, read_object
+from superagent.manifest import TEST_TIMEOUT
+from superagent.names import SHA256
 from superagent.participant.errors import ParticipantError, SignalError
-from superagent.participant.releases import SHA256, TEST_TIMEOUT
 from superagent.participant.signals import DONE, RUNNING, SignalLedger
 
 MAX_ARCHIVE = 512 * 1024 * 1024  # an uploaded release; the extractor has its own budgets
