@@ -15,7 +15,7 @@ import pytest
 
 ROLES = ("superagent.coordinator", "superagent.participant", "superagent.proxy")
 CORE = ("superagent.manifest", "superagent.names", "superagent.httprules", "superagent.config",
-        "superagent.errors", "superagent.pack")
+        "superagent.errors", "superagent.pack", "superagent.compiled")
 COORDINATOR = ("superagent.coordinator.state", "superagent.coordinator.api",
                "superagent.coordinator.service")
 
