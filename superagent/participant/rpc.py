@@ -227,7 +227,7 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
             term = int(request.headers.get("x-superagent-term", ""))
         except ValueError:
             term = -1
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not SHA256.fullmatch(sha256):
             return _error(400, "SignalError", "header X-Superagent-Sha256 must be a sha256"
                                               " hex digest")
         with tempfile.NamedTemporaryFile(prefix="upload-", suffix=".tar") as spool:
