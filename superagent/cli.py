@@ -61,9 +61,9 @@ def _participant(args: argparse.Namespace) -> int:
     import socket
     from pathlib import Path
 
+    from superagent.config import parse_address
     from superagent.participant.joiner import parse_coordinator_urls
     from superagent.participant.service import Agent, AgentConfig
-    from superagent.proxy.config import parse_address
 
     secret = _secret(args)
     listen = tuple(args.listen or ["0.0.0.0:8080"])
@@ -142,9 +142,9 @@ def _secret(args: argparse.Namespace) -> str:
 def _coordinator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from superagent.config import parse_address
     from superagent.coordinator.commands import NODE_NAME
     from superagent.coordinator.service import Coordinator, CoordinatorConfig
-    from superagent.proxy.config import parse_address
 
     if not NODE_NAME.fullmatch(args.id):
         raise SuperagentError(f"--id {args.id!r} must match {NODE_NAME.pattern}")
@@ -178,7 +178,7 @@ def _coordinator(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from superagent.proxy.config import parse_address
+    from superagent.config import parse_address
     from superagent.up import UpConfig, run_up
 
     parse_address(args.listen, source="--listen", key=args.listen)

@@ -3,7 +3,9 @@
 Every role's config is a frozen dataclass built from TOML through ``Table``:
 it hands out typed values by key, remembers which keys were read, and
 ``Table.done()`` refuses any key nobody asked for. Every error names the file
-and the dotted key, so "fix the file" is always actionable.
+and the dotted key, so "fix the file" is always actionable. ``parse_duration``,
+``parse_size`` and ``parse_address`` read one value each, for ``Table`` and for
+command-line options alike.
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def parse_size(value: object) -> int:
             unit = (match.group(2) or "").upper().rstrip("B").rstrip("I") or ""
             return int(match.group(1)) * _SIZE_UNITS[unit or ""]
     raise ValueError(f"expected a size like '10M', '512K', '1G', got {value!r}")
+
+
+def parse_address(value: str, *, source: str, key: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) into a tuple; raises ConfigError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected 'host:port', got {value!r}", source=source, key=key)
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

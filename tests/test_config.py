@@ -1,4 +1,4 @@
-"""Tests for superagent/config.py: durations, sizes, typed TOML tables and file reading."""
+"""Tests for superagent/config.py: durations, sizes, addresses, typed TOML tables, file reading."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from superagent.config import Table, parse_duration, parse_size, read_toml
+from superagent.config import Table, parse_address, parse_duration, parse_size, read_toml
 from superagent.errors import ConfigError
 
 
@@ -233,3 +233,27 @@ def test_table_repr_names_source_and_path() -> None:
     """The repr shows file, path and keys for logs and assertions."""
     assert repr(Table({"b": 1, "a": 2}, source="f.toml", path="proxy")) == (
         "<Table f.toml:proxy keys=['a', 'b']>")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        (":8080", ("0.0.0.0", 8080)),
+        ("[::1]:443", ("::1", 443)),
+        ("[::]:1", ("::", 1)),
+        ("example.com:65535", ("example.com", 65535)),
+    ],
+)
+def test_parse_address_valid(value: str, expected: tuple[str, int]) -> None:
+    """host:port and [v6]:port parse; an empty host means all interfaces."""
+    assert parse_address(value, source="f", key="k") == expected
+
+
+@pytest.mark.parametrize("value", ["", "host", "host:", "host:0", "host:65536", "host:x",
+                                   "[::1]", "host:-1", "host: 80"])
+def test_parse_address_invalid(value: str) -> None:
+    """Addresses without a valid port raise ConfigError naming the key."""
+    with pytest.raises(ConfigError) as info:
+        parse_address(value, source="f", key="proxy.listen")
+    assert info.value.key == "proxy.listen"

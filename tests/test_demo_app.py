@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from superagent.demo import demo_app_dir
+from superagent.manifest import load_manifest
 from superagent.pack import pack
 from superagent.participant.archive import safe_extract
-from superagent.participant.manifest import load_manifest
 
 PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 DEADLINE = 10.0  # seconds for anything that should take milliseconds

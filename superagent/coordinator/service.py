@@ -51,7 +51,7 @@ from superagent.coordinator.membership import Liveness
 from superagent.coordinator.raft import RaftNode
 from superagent.coordinator.state import ClusterState, Result
 from superagent.errors import ConfigError
-from superagent.participant.manifest import AppSpec, manifest_from
+from superagent.manifest import AppSpec, manifest_from
 
 log = structlog.get_logger(__name__)
 

@@ -42,7 +42,7 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
 from superagent.errors import ConfigError
-from superagent.participant.manifest import spec_from_json, spec_to_json
+from superagent.manifest import spec_from_json, spec_to_json
 
 FORMAT_VERSION = 1  # of the to_json document; from_json refuses others
 AUDIT_LIMIT = 1000  # entries kept: enough for "what happened today" without growing the snapshot

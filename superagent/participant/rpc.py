@@ -43,8 +43,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from superagent.jsonbody import field, read_object
+from superagent.manifest import TEST_TIMEOUT
+from superagent.names import SHA256
 from superagent.participant.errors import ParticipantError, SignalError
-from superagent.participant.releases import SHA256, TEST_TIMEOUT
 from superagent.participant.signals import DONE, RUNNING, SignalLedger
 
 MAX_ARCHIVE = 512 * 1024 * 1024  # an uploaded release; the extractor has its own budgets
@@ -226,7 +227,7 @@ def rpc_app(service: AgentService, *, secret: str, ledger: SignalLedger) -> Star
             term = int(request.headers.get("x-superagent-term", ""))
         except ValueError:
             term = -1
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not SHA256.fullmatch(sha256):
             return _error(400, "SignalError", "header X-Superagent-Sha256 must be a sha256"
                                               " hex digest")
         with tempfile.NamedTemporaryFile(prefix="upload-", suffix=".tar") as spool:

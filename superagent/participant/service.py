@@ -45,8 +45,10 @@ import psutil
 import structlog
 import trio
 
+from superagent.config import parse_address
 from superagent.debug import DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
+from superagent.manifest import TEST_TIMEOUT
 from superagent.participant.cgroups import (
     PARENT_GROUP,
     InstanceCgroup,
@@ -70,7 +72,7 @@ from superagent.participant.ports import (
     ephemeral_overlap,
 )
 from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
-from superagent.participant.releases import TEST_TIMEOUT, ReleaseStore
+from superagent.participant.releases import ReleaseStore
 from superagent.participant.rpc import rpc_app
 from superagent.participant.signals import SignalLedger
 from superagent.participant.supervisor import (
@@ -80,7 +82,6 @@ from superagent.participant.supervisor import (
     InstanceConfig,
     State,
 )
-from superagent.proxy.config import parse_address
 from superagent.proxy.snapshot import AppRoute, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
 

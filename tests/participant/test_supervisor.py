@@ -28,6 +28,7 @@ import psutil
 import pytest
 import trio
 
+from superagent.manifest import HealthSpec
 from superagent.participant.cgroups import CgroupLimits, detect_cgroups
 from superagent.participant.errors import (
     AdoptionFailed,
@@ -42,7 +43,6 @@ from superagent.participant.isolation import (
     ensure_app_user,
     remove_app_user,
 )
-from superagent.participant.manifest import HealthSpec
 from superagent.participant.supervisor import (
     Event,
     Instance,

@@ -43,8 +43,7 @@ from superagent.coordinator.deploy import model as m
 from superagent.coordinator.deploy import planner as p
 from superagent.coordinator.errors import CommandError, NoTargets, UnknownApp, UnknownRelease
 from superagent.coordinator.state import ClusterState
-from superagent.participant.manifest import AppSpec, spec_from_json
-from superagent.participant.releases import TEST_TIMEOUT
+from superagent.manifest import TEST_TIMEOUT, AppSpec, spec_from_json
 
 if TYPE_CHECKING:
     from superagent.coordinator.service import Coordinator
