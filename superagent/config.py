@@ -10,6 +10,7 @@ command-line options alike.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import tomllib
@@ -128,7 +129,10 @@ class Table:
         if name in self._data:
             return self._data[name]
         if default is _REQUIRED:
-            raise self.error(name, "is required")
+            near = difflib.get_close_matches(name, [k for k in self._data if k not in self._used],
+                                             n=1)
+            raise self.error(name, "is required" + (
+                f"; found {self.key(near[0])!r}: a typo of {name!r}?" if near else ""))
         return default
 
     def text(self, name: str, default: Any = _REQUIRED, *, choices: tuple[str, ...] = ()) -> Any:
@@ -193,6 +197,9 @@ class Table:
         """Refuse keys that were never read: they are typos or unsupported settings."""
         unknown = sorted(set(self._data) - self._used)
         if unknown:
+            near = difflib.get_close_matches(unknown[0], sorted(self._used - set(self._data)),
+                                             n=1)
             raise self.error(unknown[0], "unknown key" + (
+                f" (did you mean {self.key(near[0])!r}?)" if near else "") + (
                 f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))
 

@@ -257,3 +257,24 @@ def test_parse_address_invalid(value: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_address(value, source="f", key="proxy.listen")
     assert info.value.key == "proxy.listen"
+
+
+def test_a_missing_key_names_its_near_miss() -> None:
+    """`[run] comand = ...` says run.command is required and names run.comand as a typo."""
+    run = Table({"comand": "python app.py"}, source="superagent.toml", path="run")
+    with pytest.raises(ConfigError, match=r"run\.command: is required; found 'run\.comand': "
+                                          r"a typo of 'command'"):
+        run.text("command")
+    far = Table({"x": 1}, source="superagent.toml", path="run")
+    with pytest.raises(ConfigError) as caught:
+        far.text("command")
+    assert "typo" not in str(caught.value)
+
+
+def test_an_unknown_key_names_the_known_key_it_resembles() -> None:
+    """A misspelt optional key is refused with the key it was probably meant to be."""
+    health = Table({"pathh": "/"}, source="superagent.toml", path="health")
+    assert health.text("path", None) is None
+    with pytest.raises(ConfigError, match=r"health.pathh: unknown key \(did you mean "
+                                          r"'health.path'\?\)"):
+        health.done()
