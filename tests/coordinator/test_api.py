@@ -320,3 +320,18 @@ def test_config_url_defaults_to_api_address(tmp_path: Path) -> None:
                                data_dir=tmp_path, secret="s")
     assert config.url == "http://[::1]:80"
     assert replace(config, api_url="https://x:1/").url == "https://x:1"
+
+
+async def test_cli_deploys_a_procfile_app_under_its_directory_name(
+        api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`superagent deploy DIR` of a Procfile-only app names it after the directory."""
+    source = tmp_path / "Proc_App"
+    source.mkdir()
+    (source / "Procfile").write_text("web: python3 -m http.server $PORT\n")
+    code = await trio.to_thread.run_sync(lambda: cli_main(
+        ["deploy", str(source), "--server", api.url, "--token", api.token]))
+    _, err = capsys.readouterr()
+    assert "deploying the Procfile app as 'proc-app'" in err
+    assert code == 2 and "no participant is online" in err  # recorded, nowhere to run
+    releases = (await api.call("GET", "/api/v1/apps/proc-app/releases")).json()["releases"]
+    assert [r["name"] for r in releases] == ["r1"]
