@@ -327,7 +327,12 @@ class ClusterState:
         deploy.finished, deploy.updated_at = True, c.at
         deploy.history.append([c.at, "finished", ""])
         if record.status == Status.SUCCEEDED:
-            self.apps[c.app].current_release = record.release
+            # The app is what its serving release says it is (routes, scale...), not what
+            # its first upload said.
+            app = self.apps[c.app]
+            app.current_release, app.updated_at = record.release, c.at
+            app.spec = next(r.spec for r in self.releases[c.app]
+                            if f"r{r.number}" == record.release)
         outcome = record.status.value + (f": {record.reason}" if record.reason else "")
         return {"ok": True, "deploy_id": c.deploy_id, "status": record.status.value}, outcome
 
