@@ -80,7 +80,9 @@ def free_ports(n: int, *, udp: bool = False) -> list[int]:
     found: list[int] = []
     with _lock:
         if _cursor is None:
-            _cursor = random.randrange(len(ports))
+            # from the OS, not the random module: a test that seeds it must not make two
+            # concurrent test processes start at the same offset
+            _cursor = random.SystemRandom().randrange(len(ports))
         for _ in range(len(ports)):
             port = ports[_cursor]
             _cursor = (_cursor + 1) % len(ports)  # a skipped port is not retried either
