@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,14 +16,10 @@ import trio
 
 from superagent.cli import main as cli_main
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
+from tests.support.ports import free_port
+from tests.support.wait import wait_until_async
 
 SECRET = "test-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tarball(files: dict[str, bytes]) -> bytes:
@@ -55,12 +50,6 @@ class Api:
         return await self.http.request(method, f"{self.url}{path}", headers=headers, **kw)
 
 
-async def wait_until(probe: Any, what: str, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not probe():
-            await trio.sleep(0.02)
-
-
 @pytest.fixture
 async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
     config = CoordinatorConfig(
@@ -70,7 +59,7 @@ async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
     coordinator = Coordinator(config)
     await nursery.start(coordinator.run)
     token_file = tmp_path / "token"
-    await wait_until(token_file.exists, "the admin token file")
+    await wait_until_async(token_file.exists, "the admin token file", timeout=10.0)
     async with httpx.AsyncClient(timeout=10.0) as http:
         yield Api(coordinator, http, token_file.read_text().strip())
     nursery.cancel_scope.cancel()

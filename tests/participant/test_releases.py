@@ -32,6 +32,7 @@ from superagent.participant.errors import (
 )
 from superagent.participant.releases import PreparedRelease, ReleaseStore
 from tests.participant.tarballs import file, link, make_tar
+from tests.support.wait import wait_until_async
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -156,9 +157,8 @@ async def test_build_timeout_kills_the_build(store: ReleaseStore, tmp_path: Path
     assert time.monotonic() - started < 4.0
     assert caught.value.timed_out and caught.value.returncode is None
     background = int(pidfile.read_text())
-    with trio.fail_after(5):
-        while _alive(background):
-            await trio.sleep(0.02)
+    await wait_until_async(lambda: not _alive(background), "the build's background child gone",
+                           timeout=5.0)
     assert not (store.root / "hello" / "r1").exists()
 
 
@@ -215,18 +215,22 @@ async def test_prepared_release_with_another_archive_conflicts(store: ReleaseSto
 async def test_concurrent_prepares_build_once(store: ReleaseStore, tmp_path: Path) -> None:
     """Two prepares of one release at once: one build, both get the same release."""
     marker = tmp_path / "builds"
-    archive = app_tar({}, build='echo built >> "$MARKER"; sleep 0.3')
+    gate = tmp_path / "gate"  # the build waits for it, so both prepares overlap for sure
+    archive = app_tar({}, build=(
+        'echo built >> "$MARKER"; '
+        'i=0; while [ ! -e "$GATE" ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done'))
     results: list[PreparedRelease] = []
 
     async def prepare() -> None:
         results.append(await store.prepare("hello", "r1", archive, sha(archive),
-                                           env={"MARKER": str(marker)}))
+                                           env={"MARKER": str(marker), "GATE": str(gate)}))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(prepare)
         nursery.start_soon(prepare)
-        await trio.sleep(0.1)
+        await wait_until_async(marker.exists, "the build to start")
         assert "preparing=[hello@r1]" in repr(store)
+        gate.touch()
     assert len(results) == 2 and results[0] == results[1]
     assert marker_lines(marker) == ["built"]
     assert store._locks == {}
