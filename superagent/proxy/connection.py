@@ -332,7 +332,7 @@ class ClientConnection:
         assert x is not None
         if app.timeouts.total > 0:
             x.total_deadline = x.started + app.timeouts.total
-        head = http1.upstream_head(req, match.target, self.peer, x.request_id)
+        head = http1.upstream_head(req, match.target, self.peer, x.request_id, match.stripped)
         body = self._buffered_body(req, app)
         tried: list[str] = []
         last_error: UpstreamError | None = None

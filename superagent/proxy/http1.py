@@ -30,7 +30,7 @@ HOP_BY_HOP: Final = frozenset({
 # Request headers the proxy sets itself (client-supplied copies are dropped or merged).
 _REQUEST_OWNED: Final = HOP_BY_HOP | {
     b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
-    b"x-forwarded-host", b"forwarded", b"via", b"x-request-id",
+    b"x-forwarded-host", b"x-forwarded-prefix", b"forwarded", b"via", b"x-request-id",
 }
 _RESPONSE_OWNED: Final = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id"}
 _REQUEST_ID_OK: Final = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,200}")
@@ -69,6 +69,7 @@ class Request:
     xff: bytes | None = None
     xfproto: bytes | None = None
     xfhost: bytes | None = None
+    xfprefix: bytes | None = None
     via: bytes | None = None
 
     def __repr__(self) -> str:
@@ -138,6 +139,8 @@ def interpret_request(head: RequestHead) -> Request:
             req.xfproto = value
         elif lname == b"x-forwarded-host":
             req.xfhost = value
+        elif lname == b"x-forwarded-prefix":
+            req.xfprefix = value
         elif lname == b"via":
             req.via = value if req.via is None else req.via + b", " + value
         # te, trailer, keep-alive, proxy-*: dropped
@@ -220,8 +223,15 @@ class Peer:
         return (f'"[{self.ip}]"' if ":" in self.ip else self.ip).encode()
 
 
-def upstream_head(req: Request, target: str, peer: Peer, request_id: bytes) -> bytes:
-    """The canonical request head sent to the upstream instance."""
+def upstream_head(req: Request, target: str, peer: Peer, request_id: bytes,
+                  stripped: str = "") -> bytes:
+    """The canonical request head sent to the upstream instance.
+
+    ``stripped`` is the path prefix the route removed: the app gets it as
+    ``X-Forwarded-Prefix`` (after a trusted front proxy's own, which it may have
+    stripped before), so it can build links and cookie paths that work from outside.
+    A client's own ``X-Forwarded-Prefix`` never reaches the app.
+    """
     ip = peer.ip.encode()
     host = req.host_header or (req.host or "").encode()
     own = b"for=" + peer.forwarded_for + b";proto=" + peer.proto + b';host="' + host + b'"'
@@ -239,6 +249,9 @@ def upstream_head(req: Request, target: str, peer: Peer, request_id: bytes) -> b
               b"\r\nX-Forwarded-Host: ", xfhost, b"\r\nForwarded: ", forwarded,
               b"\r\nVia: ", req.via + b", " + VIA if req.via else VIA,
               b"\r\nX-Request-Id: ", request_id, b"\r\n")
+    outer = req.xfprefix.rstrip(b"/") if peer.trusted and req.xfprefix else b""
+    if stripped or outer:
+        parts += (b"X-Forwarded-Prefix: ", outer + stripped.encode(), b"\r\n")
     if req.upgrade is not None:
         parts += (b"Connection: upgrade\r\nUpgrade: ", req.upgrade, b"\r\n")
     if req.chunked:

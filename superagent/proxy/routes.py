@@ -51,19 +51,22 @@ def split_target(target: str) -> tuple[str | None, str, str]:
 
 
 class Match:
-    """Where a request goes: the app, the path (with query) to send upstream, and which
-    rule matched ("port", "host" or "prefix"). Built once per request and never changed.
+    """Where a request goes: the app, the path (with query) to send upstream, which rule
+    matched ("port", "host" or "prefix"), and the prefix the proxy stripped from the path
+    ("" when none; the app is told it in ``X-Forwarded-Prefix``). Built once per request
+    and never changed.
 
     A plain class rather than a frozen dataclass: the compiled hot path builds one per
     request, and a frozen dataclass's ``__init__`` stays interpreted.
     """
 
-    __slots__ = ("app", "rule", "target")
+    __slots__ = ("app", "rule", "stripped", "target")
 
-    def __init__(self, app: AppRoute, target: str, rule: str) -> None:
+    def __init__(self, app: AppRoute, target: str, rule: str, stripped: str = "") -> None:
         self.app = app
         self.target = target
         self.rule = rule
+        self.stripped = stripped
 
     def __repr__(self) -> str:
         return f"<Match {self.app.name} {self.target!r} by {self.rule}>"
@@ -122,7 +125,10 @@ class RouteTable:
         while True:
             app = prefixes.get(candidate_path)
             if app is not None:
-                return Match(app, _strip(app, candidate_path, path) + query, "prefix")
+                if not app.strip_prefix or candidate_path == "/":
+                    return Match(app, path + query, "prefix")
+                return Match(app, _strip(candidate_path, path) + query, "prefix",
+                             candidate_path)
             if candidate_path == "/":
                 return None
             cut = candidate_path.rfind("/")
@@ -132,8 +138,6 @@ class RouteTable:
         return self._by_port.get(port)
 
 
-def _strip(app: AppRoute, prefix: str, path: str) -> str:
-    if not app.strip_prefix or prefix == "/":
-        return path
+def _strip(prefix: str, path: str) -> str:
     rest = path[len(prefix) :]
     return rest if rest.startswith("/") else "/" + rest

@@ -781,6 +781,17 @@ async def test_trusted_proxy_forwarding_headers_are_appended(make_proxy, upstrea
         assert got.header("forwarded") == f'for=6.6.6.6, for=127.0.0.1;proto=http;host="{HOST}"'
 
 
+async def test_a_stripped_prefix_reaches_the_app_as_x_forwarded_prefix(make_proxy, upstream):
+    """The app behind a stripped prefix is told the prefix; a client's own never passes."""
+    async with upstream() as up, make_proxy({"web": app(up, prefix="/web",
+                                                        strip_prefix=True)}) as proxy:
+        resp = await proxy.request("GET", "/web/x", {"X-Forwarded-Prefix": "/evil"})
+        assert resp.status == 200, resp
+        got = up.requests[0]
+        got.assert_canonical()
+        assert (got.target, got.header("x-forwarded-prefix")) == ("/x", "/web")
+
+
 async def test_request_id_is_kept_when_valid_and_generated_otherwise(make_proxy, upstream):
     """A valid X-Request-Id travels unchanged; a missing or invalid one is replaced."""
     async with upstream() as up, make_proxy({"web": app(up)}) as proxy:

@@ -409,6 +409,19 @@ def test_trusted_peer_forwarding_headers_are_appended() -> None:
     assert one(ev, b"via") == b"1.0 edge, 1.1 superagent"
 
 
+def test_stripped_prefix_is_forwarded_and_a_clients_is_not() -> None:
+    """X-Forwarded-Prefix names the prefix the route stripped; a client cannot set it,
+    and a trusted front proxy's own comes first."""
+    req = request([*HOST, (b"X-Forwarded-Prefix", b"/evil")])
+    ev, _ = h11_request(upstream_head(req, "/x", UNTRUSTED, RID, "/hello"))
+    assert one(ev, b"x-forwarded-prefix") == b"/hello"
+    ev, _ = h11_request(upstream_head(req, "/x", UNTRUSTED, RID))
+    assert values(ev, b"x-forwarded-prefix") == []
+    front = request([*HOST, (b"X-Forwarded-Prefix", b"/edge/")])
+    ev, _ = h11_request(upstream_head(front, "/x", TRUSTED, RID, "/hello"))
+    assert one(ev, b"x-forwarded-prefix") == b"/edge/hello"
+
+
 def test_trusted_peer_without_client_headers_gets_its_own() -> None:
     """A trusted peer that sent no forwarding headers is described like any other."""
     ev, _ = h11_request(upstream_head(request(), "/", Peer(ip="10.0.0.1", trusted=True,

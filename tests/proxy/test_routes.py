@@ -178,6 +178,17 @@ def test_strip_prefix(path: str, query: str, target: str) -> None:
     assert routed(rt, path, query=query) == ("hello", target)
 
 
+def test_only_a_stripped_prefix_is_reported() -> None:
+    """The match names the prefix it stripped (for X-Forwarded-Prefix), and only that."""
+    rt = table(app("hello", prefix="/hello", strip=True), app("kept", prefix="/kept"),
+               app("root", prefix="/", strip=True), app("h", hosts=("h.example.com",)))
+    resolve = rt.resolve
+    assert resolve(80, None, "/hello/x", "").stripped == "/hello"
+    assert resolve(80, None, "/kept/x", "").stripped == ""
+    assert resolve(80, None, "/other", "").stripped == ""
+    assert resolve(80, "h.example.com", "/hello/x", "").stripped == ""
+
+
 def test_unknown_requests_route_nowhere() -> None:
     """Unknown hosts, ports and paths give None (the proxy answers 404)."""
     rt = table(app("a", prefix="/a"), app("h", hosts=("h.example.com",)), app("p", port=9005))
