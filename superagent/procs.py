@@ -8,7 +8,8 @@ the caller logs it and moves on rather than hanging a shutdown).
 
 Two targets:
 
-- ``terminate(children, ...)`` signals each process alone. The standalone proxy's workers
+- ``terminate(children, ...)`` signals each process alone (``kill`` is its second half,
+  for a process that gets no grace). The standalone proxy's workers
   share the master's process group, so they must never be stopped by group.
 - ``terminate_group(leader, ...)`` signals the whole process group that ``leader`` leads
   (it was started with ``start_new_session``): builds and app instances, whose shells and
@@ -121,6 +122,14 @@ async def terminate(children: Sequence[Child], *, grace: float,
     running = [child for child in running if not has_exited(child)]
     for child in running:
         log.warning(f"{what} outlived the grace period; killing", pid=child.pid, grace=grace)
+    return await kill(running, reap_timeout=reap_timeout)
+
+
+async def kill(children: Sequence[Child], *, reap_timeout: float = REAP_TIMEOUT) -> list[Child]:
+    """SIGKILL each running child and wait up to ``reap_timeout``; returns those still
+    running. Not shielded."""
+    running = [child for child in children if not has_exited(child)]
+    for child in running:
         _signal(child, signal.SIGKILL)
     with trio.move_on_after(reap_timeout):
         await _wait_all(running)
@@ -206,5 +215,5 @@ async def _wait_pid(pid: int, pgid: int) -> None:
         os.close(pidfd)
 
 
-__all__ = ["REAP_TIMEOUT", "Child", "Handle", "group_members", "has_exited", "signal_group",
-           "terminate", "terminate_group", "wait_group"]
+__all__ = ["REAP_TIMEOUT", "Child", "Handle", "group_members", "has_exited", "kill",
+           "signal_group", "terminate", "terminate_group", "wait_group"]

@@ -4,12 +4,12 @@ Both drivers of the workers — the standalone proxy's master and the participan
 agent's proxy driver — start a worker the same way (``python -m
 superagent.proxy.worker`` with a ready pipe, waiting for its line with a deadline)
 and push a snapshot the same way (send it over the control socket, and count it
-applied only when the worker acknowledged that very version).
+applied only when the worker acknowledged that very version). Asking all workers,
+restarting and stopping them is ``superagent.proxy.workerset``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from superagent.errors import ConfigError
+from superagent.procs import kill
 from superagent.proxy import control
 from superagent.proxy.errors import WorkerStartError
 
@@ -57,10 +58,8 @@ async def spawn_worker(control_path: str, *, parser: str, grace: float,
         if read_fd >= 0:
             os.close(read_fd)
     if not ready:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(KILL_MARGIN):
-            await proc.wait()
+        with trio.CancelScope(shield=True):
+            await kill([proc], reap_timeout=KILL_MARGIN)
         raise WorkerStartError(f"proxy worker at {control_path} was not ready within "
                                f"{ready_timeout}s (exit status {proc.returncode})")
     return proc
