@@ -1,11 +1,12 @@
 """Starting proxy worker processes and handing them snapshots: what every driver does.
 
 Both drivers of the workers — the standalone proxy's master and the participant
-agent's proxy driver — start a worker the same way (``python -m
-superagent.proxy.worker`` with a ready pipe, waiting for its line with a deadline)
-and push a snapshot the same way (send it over the control socket, and count it
-applied only when the worker acknowledged that very version). Asking all workers,
-restarting and stopping them is ``superagent.proxy.workerset``'s.
+agent's proxy driver — start a worker the same way (``python -P -m
+superagent.proxy.worker`` with a ready pipe, waiting for its line with a deadline; ``-P``
+so that it imports the package its driver runs, never a ``superagent/`` folder in the
+current directory) and push a snapshot the same way (send it over the control socket,
+and count it applied only when the worker acknowledged that very version). Asking all
+workers, restarting and stopping them is ``superagent.proxy.workerset``'s.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from superagent.proxy.errors import WorkerStartError
 READY_TIMEOUT = 30.0  # a worker imports trio and httptools: a second normally, more under load
 KILL_MARGIN = 5.0  # extra seconds after the workers' grace period before SIGKILL
 CONTROL_TIMEOUT = 5.0  # a worker answers control requests from its event loop, at once
+# ``-P``: ``python -m`` would put the current directory first on the worker's sys.path, so
+# a driver started from a directory holding a ``superagent/`` folder (a source checkout)
+# would run workers from that folder rather than the package the driver itself runs.
+# PYTHONPATH is still honoured (``-I`` would drop it, and the user site).
+WORKER_COMMAND = (sys.executable, "-P", "-m", "superagent.proxy.worker")
 
 
 async def spawn_worker(control_path: str, *, parser: str, grace: float,
@@ -41,7 +47,7 @@ async def spawn_worker(control_path: str, *, parser: str, grace: float,
     try:
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "superagent.proxy.worker", "--control", control_path,
+                [*WORKER_COMMAND, "--control", control_path,
                  "--parser", parser, "--grace", str(grace), "--ready-fd", str(write_fd),
                  *extra_args],
                 pass_fds=(write_fd, *extra_fds),
