@@ -3,7 +3,9 @@
 ``ProxyMaster`` starts the workers (``superagent.proxy.workers.spawn_worker``: each
 says it is ready with one line on an inherited pipe), pushes the snapshot and
 counts it applied only when every worker acknowledged its version. A worker that
-dies is restarted and given the current snapshot.
+dies is restarted and given the current snapshot. Asking every worker, the restart
+loop and stopping them are ``superagent.proxy.workerset.WorkerSet``'s, shared with the
+participant agent's proxy driver.
 
 Reload (SIGHUP, a changed config file, or ``POST /api/v1/reload``): the file is
 validated first; an invalid file is refused with a log line naming the key and
