@@ -36,6 +36,7 @@ import httpx
 import structlog
 import trio
 
+from superagent.backoff import Backoff
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, Peer, replicate
 from superagent.coordinator.auth import new_token, token_hash, write_private
@@ -56,6 +57,8 @@ from superagent.manifest import AppSpec, manifest_from
 log = structlog.get_logger(__name__)
 
 SUBMIT_TIMEOUT = 10.0  # a write waits this long for a leader before answering 503
+SUBMIT_RETRY_FIRST = 0.05  # an election ends within a few hundred ms: retry soon at first
+SUBMIT_RETRY_MAX = 0.5  # then every half second, so a leader is found soon after one exists
 PROPOSE_TIMEOUT = 5.0  # one Raft round; retried with the same key within SUBMIT_TIMEOUT
 REPLICATE_TIMEOUT = 60.0  # an artifact reaches a majority of coordinators within this
 NODE_TIMEOUT = 10.0  # a participant silent this long is marked down
@@ -181,7 +184,7 @@ class Coordinator:
         """
         text = command.to_json()
         deadline = trio.current_time() + SUBMIT_TIMEOUT
-        delay = 0.05
+        backoff = Backoff(SUBMIT_RETRY_FIRST, SUBMIT_RETRY_MAX)
         while True:
             try:
                 if self.is_leader():
@@ -193,10 +196,10 @@ class Coordinator:
                 self._log.info("submit retry", key=command.key, reason=exc.reason)
             except (httpx.HTTPError, _Misdirected) as exc:
                 self._log.info("forward retry", key=command.key, error=repr(exc))
+            delay = backoff.next()
             if trio.current_time() + delay > deadline:
                 raise NoLeader(node=self.config.id, waited=SUBMIT_TIMEOUT)
             await trio.sleep(delay)
-            delay = min(delay * 2, 0.5)
 
     async def _forward_command(self, url: str, text: str) -> Result:
         assert self.http is not None

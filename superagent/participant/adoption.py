@@ -17,7 +17,8 @@ file records each instance's pid and the process's start time; a restarted agent
 
 Any mismatch raises ``AdoptionFailed``: the app is gone and the caller starts a fresh
 one. The handle looks like the part of ``trio.Process`` the supervisor uses (``pid``,
-``returncode``, ``wait``), plus ``exited``. Its exit is awaited with
+``returncode``, ``wait``, ``send_signal``), plus ``exited``: a ``superagent.procs.Handle``.
+Its exit is awaited with
 ``trio.lowlevel.wait_readable(pidfd)`` — no polling. The agent is not the process's
 parent, so the exit status is unknown: ``returncode`` is always None.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 
 import psutil
 import trio
@@ -106,6 +108,12 @@ class AdoptedProcess:
             return False
         self._close()
         return True
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process through its pidfd (never a recycled pid); nothing once it
+        has exited. Raises ProcessLookupError if it exited a moment ago."""
+        if self._pidfd is not None:
+            signal.pidfd_send_signal(self._pidfd, signum)
 
     async def wait(self) -> None:
         """Return once the process has exited; any number of tasks may wait at once."""

@@ -11,10 +11,10 @@ Any coordinator accepts these requests (followers forward them to the leader), b
 answer may name the leader in ``X-Superagent-Leader``, and the link sends its next requests
 there: ``Endpoints`` keeps that preference and otherwise walks the configured URLs in turn.
 A 503 (``NoLeader`` during an election), a 5xx, a connection error or a timeout moves to the
-next URL; when every URL failed the link waits (``Backoff``: 0.2 s doubling to 5 s) and
-tries again, forever. ``Reachability`` turns successes and failures into one warning per
-outage and one info line when the cluster answers ("joined coordinator", "coordinator
-reachable again"), never one line per attempt.
+next URL; when every URL failed the link waits (``superagent.backoff.Backoff``: 0.2 s
+doubling to 5 s) and tries again, forever. ``Reachability`` turns successes and failures
+into one warning per outage and one info line when the cluster answers ("joined
+coordinator", "coordinator reachable again"), never one line per attempt.
 
 ``fetch_artifact`` streams a content-addressed blob (``GET /api/v1/artifacts/{sha256}``)
 into a temporary file beside its destination, checks the sha256 and renames it into place.
@@ -22,7 +22,7 @@ A coordinator that lacks the blob (404), is down, or serves bytes with another h
 skipped for the next; when none served it intact, ``ArtifactUnavailable`` names the hash and
 what each URL said, and nothing is left on disk.
 
-``Endpoints``, ``Backoff`` and ``Reachability`` do no I/O (they are tested synchronously);
+``Endpoints`` and ``Reachability`` do no I/O (they are tested synchronously);
 ``CoordinatorLink`` only moves requests and handles time.
 """
 
@@ -41,6 +41,7 @@ import httpx
 import structlog
 import trio
 
+from superagent.backoff import Backoff
 from superagent.errors import ConfigError
 from superagent.names import SHA256
 from superagent.participant.errors import ArtifactUnavailable, ChecksumMismatch
@@ -137,26 +138,6 @@ class Endpoints:
     def failed(self, url: str) -> None:
         if self.preferred == url:
             self.preferred = None
-
-
-class Backoff:
-    """Delays between failed rounds: ``start``, doubling, at most ``limit``."""
-
-    def __init__(self, start: float = BACKOFF_START, limit: float = BACKOFF_MAX) -> None:
-        self.start = start
-        self.limit = limit
-        self.current = start
-
-    def __repr__(self) -> str:
-        return f"<Backoff current={self.current:g}s limit={self.limit:g}s>"
-
-    def next(self) -> float:
-        delay = self.current
-        self.current = min(self.current * 2, self.limit)
-        return delay
-
-    def reset(self) -> None:
-        self.current = self.start
 
 
 class Reachability:
@@ -264,7 +245,7 @@ class CoordinatorLink:
                   ) -> None:
         """Register, then heartbeat every ``interval`` until cancelled; never raises for a
         coordinator that is down, slow or in an election (see the module docstring)."""
-        backoff = Backoff()
+        backoff = Backoff(BACKOFF_START, BACKOFF_MAX)
         async with self._client() as client:
             task_status.started()
             registered = False

@@ -25,12 +25,14 @@ then polls ``stats`` every ``DRAIN_POLL`` until the summed in-flight count
 SIGTERM, the workers' own grace plus ``KILL_MARGIN``, then SIGKILL.
 
 Exit detection: an own child is awaited with ``trio.Process.wait()``; an
-adopted worker is not our child (it was the previous agent's), so its exit is
-seen on a pidfd (``os.pidfd_open`` + ``trio.lowlevel.wait_readable``), which
-also makes signalling it immune to pid reuse.
+adopted worker is not our child (it was the previous agent's), so it is held as
+a ``superagent.participant.adoption.AdoptedProcess``: its exit is seen on a
+pidfd, which also makes signalling it immune to pid reuse.
 
-Starting a worker and pushing a snapshot are ``superagent.proxy.workers``'s, shared
-with the standalone proxy's master.
+Starting a worker and pushing a snapshot are ``superagent.proxy.workers``'s; asking
+every worker, restarting the dead (0.5, 1, 2, then 5 s apart) and stopping them are
+``superagent.proxy.workerset.WorkerSet``'s — both shared with the standalone proxy's
+master.
 """
 
 from __future__ import annotations
@@ -49,17 +51,18 @@ import trio
 
 from superagent.config import parse_address
 from superagent.errors import ConfigError
-from superagent.participant.errors import ProxyDriverError
+from superagent.participant.adoption import AdoptedProcess
+from superagent.participant.errors import AdoptionFailed, ProxyDriverError
+from superagent.procs import kill
 from superagent.proxy import control
 from superagent.proxy.config import snapshot_from_wire, snapshot_to_wire
 from superagent.proxy.errors import WorkerStartError
-from superagent.proxy.metrics import merge
 from superagent.proxy.snapshot import AppRoute, Listener, RoutingSnapshot, ServerSettings
 from superagent.proxy.workers import CONTROL_TIMEOUT, KILL_MARGIN, push_snapshot, spawn_worker
+from superagent.proxy.workerset import WorkerSet, WorkerSlot
 
 STATE_FILE = "proxy.json"
 ACCESS_LOG = "proxy-access.log"
-RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0)  # seconds before restarting a worker that died
 DRAIN_POLL = 0.05  # workers have no push channel: in-flight counts are polled this often
 PING_TIMEOUT = 2.0  # an adoption candidate that cannot answer a ping within this is wedged
 CREATE_TIME_SLACK = 0.01  # psutil's create_time is a float from /proc ticks: compare loosely
@@ -70,65 +73,13 @@ log = structlog.get_logger("superagent.participant.proxy")
 
 # --------------------------------------------------------------------------- the driver
 
-class WorkerSlot:
-    """One worker position: the process filling it now, and how it is watched."""
+class _AdoptedWorker(AdoptedProcess):
+    """A worker a previous agent spawned; reaped after its exit in the one case where it
+    is our child after all (a previous driver in this same process, as in tests)."""
 
-    __slots__ = ("_wait_lock", "control_path", "create_time", "index", "pid", "pidfd", "proc",
-                 "restarts")
-
-    def __init__(self, index: int, control_path: str) -> None:
-        self.index = index
-        self.control_path = control_path
-        self.pid: int | None = None
-        self.create_time = 0.0
-        self.proc: trio.Process | None = None  # set for our own children only
-        self.pidfd: int | None = None  # set for adopted workers
-        self.restarts = 0
-        # Both supervise() and stop() may wait for the same exit; trio allows one waiter per
-        # fd, so waits on the pidfd take turns (trio.Process.wait does the same inside).
-        self._wait_lock = trio.Lock()
-
-    def __repr__(self) -> str:
-        how = "own" if self.proc is not None else "adopted" if self.pidfd is not None else "dead"
-        return f"<WorkerSlot #{self.index} pid={self.pid} {how} restarts={self.restarts}>"
-
-    @property
-    def running(self) -> bool:
-        if self.proc is not None:
-            return self.proc.returncode is None
-        return self.pidfd is not None
-
-    def record(self) -> dict[str, Any]:
-        return {"index": self.index, "pid": self.pid, "create_time": self.create_time,
-                "control": self.control_path}
-
-    def signal(self, signum: int) -> None:
-        """Best effort: a worker that already exited is not an error."""
-        with contextlib.suppress(ProcessLookupError):
-            if self.proc is not None:
-                self.proc.send_signal(signum)
-            elif self.pidfd is not None:
-                signal.pidfd_send_signal(self.pidfd, signum)
-
-    async def wait_exit(self) -> None:
-        """Return once the current process exited (at once when there is none)."""
-        if self.proc is not None:
-            await self.proc.wait()
-            return
-        async with self._wait_lock:
-            if self.pidfd is None:  # another waiter saw the exit first
-                return
-            with contextlib.suppress(trio.ClosedResourceError):  # forgotten meanwhile
-                await trio.lowlevel.wait_readable(self.pidfd)
-            _reap_if_child(self.pid)
-            self.forget()
-
-    def forget(self) -> None:
-        """The process is gone: drop the pidfd (the trio.Process keeps its returncode)."""
-        if self.pidfd is not None:
-            trio.lowlevel.notify_closing(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = None
+    async def wait(self) -> None:
+        await super().wait()
+        _reap_if_child(self.pid)
 
 
 class ProxyDriver:
@@ -152,13 +103,13 @@ class ProxyDriver:
         self.dedicated_host = dedicated_host or (self.listeners[0].host if self.listeners
                                                  else "0.0.0.0")
         self.settings = settings
-        self.slots = [WorkerSlot(i, str(self.run_dir / f"proxy-{i}.sock"))
-                      for i in range(workers)]
+        self.workers = WorkerSet([str(self.run_dir / f"proxy-{i}.sock") for i in range(workers)],
+                                 name="proxy worker")
+        self.slots = self.workers.slots
         self.snapshot = RoutingSnapshot(version=0, listeners=(), apps=(), settings=settings)
         self.offline = False
         self.draining: set[str] = set()
         self._next_version = 1
-        self._stopping = False
         self._lock = trio.Lock()  # serialises snapshot pushes, worker replacement, proxy.json
         for slot in self.slots:
             if len(os.fsencode(slot.control_path)) > SUN_PATH_MAX:
@@ -213,15 +164,11 @@ class ProxyDriver:
         pid, created = entry.get("pid"), entry.get("create_time")
         if not isinstance(pid, int) or not isinstance(created, int | float):
             return None
-        if not _same_process(pid, float(created)):
-            log.info("recorded proxy worker is gone", worker=slot.index, pid=pid)
-            return None
         try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return None
-        if not _same_process(pid, float(created)):  # the pid was recycled in between
-            os.close(pidfd)
+            adopted = _AdoptedWorker.open(pid, float(created))
+        except AdoptionFailed as exc:
+            log.info("recorded proxy worker is gone", worker=slot.index, pid=pid,
+                     reason=exc.reason)
             return None
         try:
             reply = await control.call(slot.control_path, {"type": "ping"}, timeout=PING_TIMEOUT)
@@ -230,14 +177,9 @@ class ProxyDriver:
         except control.ControlError as exc:
             log.warning("recorded proxy worker is alive but silent; killing it",
                         worker=slot.index, pid=pid, error=str(exc))
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            with trio.move_on_after(KILL_MARGIN):
-                await trio.lowlevel.wait_readable(pidfd)
-            _reap_if_child(pid)
-            os.close(pidfd)
+            await kill([adopted], reap_timeout=KILL_MARGIN)
             return None
-        slot.pid, slot.create_time, slot.pidfd, slot.proc = pid, float(created), pidfd, None
+        slot.process, slot.create_time = adopted, adopted.create_time
         log.info("adopted proxy worker", worker=slot.index, pid=pid, version=reply.get("version"))
         version = reply.get("version")
         return version if isinstance(version, int) else None
@@ -270,8 +212,7 @@ class ProxyDriver:
         finally:
             os.close(out)
             os.close(err)
-        slot.forget()
-        slot.proc, slot.pid = proc, proc.pid
+        slot.process = proc
         try:
             slot.create_time = psutil.Process(proc.pid).create_time()
         except psutil.Error:
@@ -295,29 +236,10 @@ class ProxyDriver:
     async def stop(self) -> None:
         """SIGTERM every worker (adopted ones too), SIGKILL any still there after the grace
         period plus ``KILL_MARGIN``, and clear the worker records."""
-        self._stopping = True
-        running = [s for s in self.slots if s.running]
-        for slot in running:
-            slot.signal(signal.SIGTERM)
-
-        async def wait_all() -> None:
-            async with trio.open_nursery() as nursery:
-                for slot in running:
-                    nursery.start_soon(slot.wait_exit)
-
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.grace + KILL_MARGIN):
-                await wait_all()
-            running = [s for s in running if s.running]
-            for slot in running:
-                log.warning("proxy worker outlived the grace period; killing", pid=slot.pid)
-                slot.signal(signal.SIGKILL)
-            with trio.move_on_after(KILL_MARGIN):
-                await wait_all()
+            await self.workers.stop(grace=self.grace + KILL_MARGIN, reap_timeout=KILL_MARGIN)
             for slot in self.slots:
-                slot.forget()
-                slot.proc = None
-                slot.pid = None
+                slot.process = None
             self._write_state()
         log.info("proxy workers stopped")
 
@@ -328,30 +250,24 @@ class ProxyDriver:
         cancelled or ``stop()``. Cancelling it leaves the workers running."""
         async with trio.open_nursery() as nursery:
             for slot in self.slots:
-                nursery.start_soon(self._watch, slot)
+                nursery.start_soon(self.workers.supervise, slot, self._restart)
             task_status.started()
 
-    async def _watch(self, slot: WorkerSlot) -> None:
-        while not self._stopping:
-            await slot.wait_exit()
-            if self._stopping:
+    async def _restart(self, slot: WorkerSlot) -> None:
+        """Replace a dead worker and bring it up to date; a failure is logged and the new
+        worker killed, so the next round of ``WorkerSet.supervise`` starts it afresh."""
+        async with self._lock:
+            if self.workers.stopping:
                 return
-            delay = RESTART_BACKOFF[min(slot.restarts, len(RESTART_BACKOFF) - 1)]
-            slot.restarts += 1
-            log.error("proxy worker exited; restarting", worker=slot.index, pid=slot.pid,
-                      code=slot.proc.returncode if slot.proc else None, delay=delay)
-            await trio.sleep(delay)
-            async with self._lock:
-                if self._stopping:
-                    return
-                try:
-                    await self._spawn(slot)
-                    await self._bring_up_to_date(slot)
-                except ProxyDriverError as exc:
-                    log.error("proxy worker restart failed", worker=slot.index, error=str(exc))
-                    if slot.running:
-                        slot.signal(signal.SIGKILL)  # the next round restarts it afresh
-                self._write_state()
+            try:
+                await self._spawn(slot)
+                await self._bring_up_to_date(slot)
+            except ProxyDriverError as exc:
+                log.error("proxy worker restart failed", worker=slot.index, error=str(exc))
+                if slot.process is not None and slot.running:
+                    with contextlib.suppress(ProcessLookupError):
+                        slot.process.send_signal(signal.SIGKILL)
+            self._write_state()
 
     # ------------------------------------------------------------------ routing
     def build(self, apps: Sequence[AppRoute], version: int) -> RoutingSnapshot:
@@ -371,20 +287,9 @@ class ProxyDriver:
             snapshot = self.build(apps, self._next_version)
             self._next_version += 1
             wire = snapshot_to_wire(snapshot)
-            acked: list[WorkerSlot] = []
-            refusals: list[tuple[int, str]] = []
-
-            async def one(slot: WorkerSlot) -> None:
-                try:
-                    await push_snapshot(slot.control_path, wire)
-                    acked.append(slot)
-                except (control.ControlError, ConfigError) as exc:
-                    refusals.append((slot.index, str(exc)))
-
-            async with trio.open_nursery() as nursery:
-                for slot in self.slots:
-                    if slot.running:
-                        nursery.start_soon(one, slot)
+            outcomes = await self.workers.push(wire)
+            acked = [o.slot for o in outcomes if o.ok]
+            refusals = [(o.slot.index, o.error or "") for o in outcomes if not o.ok]
             if refusals:
                 await self._roll_back(acked)
                 index, reason = min(refusals)
@@ -401,13 +306,10 @@ class ProxyDriver:
     async def _roll_back(self, slots: list[WorkerSlot]) -> None:
         if self.snapshot.version == 0 or not slots:
             return
-        wire = snapshot_to_wire(self.snapshot)
-        for slot in slots:
-            try:
-                await push_snapshot(slot.control_path, wire)
-            except (control.ControlError, ConfigError) as exc:
-                log.error("proxy worker refused the roll-back", worker=slot.index,
-                          error=str(exc), version=self.snapshot.version)
+        for outcome in await self.workers.push(snapshot_to_wire(self.snapshot), slots):
+            if not outcome.ok:
+                log.error("proxy worker refused the roll-back", worker=outcome.slot.index,
+                          error=outcome.error, version=self.snapshot.version)
 
     # ------------------------------------------------------------------ drain
     async def drain(self, instance_ids: Sequence[str], *, grace: float) -> dict[str, int]:
@@ -461,43 +363,14 @@ class ProxyDriver:
     async def stats(self) -> dict[str, Any]:
         """Figures of every answering worker, merged (``superagent.proxy.metrics.merge``),
         plus ``workers``: how many answered."""
-        replies: list[dict[str, Any]] = []
-
-        async def one(slot: WorkerSlot) -> None:
-            try:
-                reply = await control.call(slot.control_path, {"type": "stats"},
-                                           timeout=CONTROL_TIMEOUT)
-            except control.ControlError as exc:
-                log.warning("proxy worker did not answer", worker=slot.index, error=str(exc))
-                return
-            if reply.get("ok"):
-                replies.append(reply["stats"])
-
-        async with trio.open_nursery() as nursery:
-            for slot in self.slots:
-                if slot.running:
-                    nursery.start_soon(one, slot)
-        merged = merge(replies)
-        merged["workers"] = len(replies)
+        merged, answered = await self.workers.stats()
+        merged["workers"] = answered
         return merged
 
     async def _broadcast(self, message: dict[str, Any]) -> None:
         """Send ``message`` to every running worker; raises ProxyDriverError on a refusal."""
-        refusals: list[tuple[int, str]] = []
-
-        async def one(slot: WorkerSlot) -> None:
-            try:
-                reply = await control.call(slot.control_path, message, timeout=CONTROL_TIMEOUT)
-            except control.ControlError as exc:
-                refusals.append((slot.index, str(exc)))
-                return
-            if not reply.get("ok"):
-                refusals.append((slot.index, str(reply.get("error", reply))))
-
-        async with trio.open_nursery() as nursery:
-            for slot in self.slots:
-                if slot.running:
-                    nursery.start_soon(one, slot)
+        refusals = [(o.slot.index, o.error or "") for o in await self.workers.call(message)
+                    if not o.ok]
         if refusals:
             index, reason = min(refusals)
             raise ProxyDriverError(f"proxy worker {index} refused {message['type']}: {reason}",
@@ -527,7 +400,7 @@ class ProxyDriver:
     def _write_state(self) -> None:
         """Write proxy.json atomically (tmp + fsync + rename): a crash leaves old or new."""
         record = {
-            "workers": [s.record() for s in self.slots if s.running],
+            "workers": [_record(s) for s in self.slots if s.running],
             "version": self.snapshot.version,
             "snapshot": snapshot_to_wire(self.snapshot) if self.snapshot.version else None,
             "offline": self.offline,
@@ -539,6 +412,12 @@ class ProxyDriver:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
+
+
+def _record(slot: WorkerSlot) -> dict[str, Any]:
+    """What proxy.json keeps of a running worker, for the next agent to adopt it."""
+    return {"index": slot.index, "pid": slot.pid, "create_time": slot.create_time,
+            "control": slot.control_path}
 
 
 def _same_process(pid: int, create_time: float) -> bool:

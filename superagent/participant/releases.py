@@ -78,6 +78,7 @@ from superagent.participant.errors import (
     ReleaseError,
     UnknownRelease,
 )
+from superagent.procs import terminate_group
 
 log = structlog.get_logger("superagent.participant")
 
@@ -188,7 +189,7 @@ async def _run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: in
             await proc.wait()
     finally:
         with trio.CancelScope(shield=True):
-            await _stop_group(proc)
+            await terminate_group(proc, grace=BUILD_KILL_GRACE)
             await stdout.aclose()
     seconds = time.monotonic() - started
     if scope.cancelled_caught:
@@ -196,23 +197,6 @@ async def _run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: in
     code = proc.returncode
     return _BuildResult(code, output.render(f"[exit status {code} after {seconds:.1f}s]\n"),
                         seconds)
-
-
-async def _stop_group(proc: trio.Process) -> None:
-    """SIGTERM, grace, SIGKILL to the build's process group (its pid: it leads a session)."""
-    if proc.returncode is None:
-        _killpg(proc.pid, 15)
-        with trio.move_on_after(BUILD_KILL_GRACE):
-            await proc.wait()
-        if proc.returncode is None:
-            _killpg(proc.pid, 9)
-            await proc.wait()
-    _killpg(proc.pid, 9)  # background processes the build left in its group
-
-
-def _killpg(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
 
 
 def _tail(log_bytes: bytes) -> str:

@@ -62,7 +62,6 @@ import contextlib
 import enum
 import os
 import re
-import signal
 import subprocess
 import time
 from collections import deque
@@ -72,10 +71,10 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import h11
-import psutil
 import structlog
 import trio
 
+from superagent.backoff import Backoff
 from superagent.manifest import AppSpec, HealthSpec
 from superagent.participant.adoption import AdoptedProcess, process_create_time
 from superagent.participant.cgroups import CgroupLimits, CgroupSupport, InstanceCgroup
@@ -86,6 +85,7 @@ from superagent.participant.errors import (
     SupervisorError,
 )
 from superagent.participant.isolation import AppUser, IsolationReport, RLimits, child_setup
+from superagent.procs import REAP_TIMEOUT, terminate_group
 
 log = structlog.get_logger("superagent.participant")
 
@@ -99,11 +99,10 @@ BACKOFF_MAX = 30.0  # cap on the restart delay
 MAX_RESTARTS = 5  # this many restarts within RESTART_WINDOW is a crash loop
 RESTART_WINDOW = 60.0  # seconds
 LOG_MAX_BYTES = 10 * 1024**2  # rotate a log file over this size at the next spawn
-GROUP_POLL = 0.05  # while the rest of a stopped instance's process group finishes
-REAP_TIMEOUT = 5.0  # after SIGKILL the kernel reaps within ms; longer means a D-state process
 MAX_RESPONSE_HEAD = 16 * 1024  # a health answer's status line and headers fit in this
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LANG = "C.UTF-8"
+GROUP_POLL = 0.05  # while a stopped instance's cgroup empties (a cgroup cannot be waited on)
 RECORD_VERSION = 1  # of the persisted form, ``Instance.to_record``
 
 # The process an instance supervises: its own child, or one adopted from an earlier agent.
@@ -268,11 +267,6 @@ def transition(state: State, event: Event, *, instance: str = "") -> State:
         raise InvalidTransition(state.name, event.name, instance=instance) from None
 
 
-def backoff_delay(consecutive: int, *, initial: float, maximum: float) -> float:
-    """The delay before restart number ``consecutive`` (1-based) of a crash streak."""
-    return min(maximum, initial * 2.0 ** max(0, consecutive - 1))
-
-
 # --- the health probe -------------------------------------------------------------------------
 
 
@@ -332,7 +326,8 @@ class Instance:
         self._adopted: AdoptedProcess | None = None  # taken by the first incarnation
         self._cgroup: InstanceCgroup | None = None
         self._restart_times: deque[float] = deque()
-        self._streak = 0  # consecutive crashes, for the backoff
+        # the delay before each restart of a crash streak
+        self._backoff = Backoff(config.backoff_initial, config.backoff_max)
         self._stopping = False
         self._running = False
         self._run_done = trio.Event()
@@ -477,7 +472,7 @@ class Instance:
             self._fire(Event.EXITED)
             now = time.monotonic()
             if now - spawned > config.restart_window:
-                self._streak = 0  # a long good run ends a crash streak
+                self._backoff.reset()  # a long good run ends a crash streak
             while self._restart_times and self._restart_times[0] < now - config.restart_window:
                 self._restart_times.popleft()
             if len(self._restart_times) >= config.max_restarts:
@@ -486,9 +481,7 @@ class Instance:
                                 restarts=len(self._restart_times),
                                 window=config.restart_window, last_exit=self.last_exit)
                 return
-            self._streak += 1
-            delay = backoff_delay(self._streak, initial=config.backoff_initial,
-                                  maximum=config.backoff_max)
+            delay = self._backoff.next()
             self._log.warning("instance exited; restarting", last_exit=self.last_exit,
                               delay=delay)
             with trio.CancelScope() as self._backoff_scope:
@@ -539,14 +532,13 @@ class Instance:
 
     async def _await_ready(self) -> bool:
         health = self.config.health
-        pause = READY_POLL_FIRST
+        pauses = Backoff(READY_POLL_FIRST, READY_POLL)
         with trio.move_on_after(health.ready_deadline):
             while True:
                 with trio.move_on_after(health.timeout):
                     if await probe(self.config.port, health.ready_path):
                         return True
-                await trio.sleep(pause)
-                pause = min(pause * 2, READY_POLL)
+                await trio.sleep(pauses.next())
         return False
 
     async def _liveness(self, process: _Process) -> None:
@@ -634,36 +626,36 @@ class Instance:
     # --- stopping ---
 
     async def _terminate(self, process: _Process) -> None:
-        """SIGTERM the group, ``grace`` for the process to exit, then SIGKILL everything.
+        """SIGTERM the group, ``grace`` for the whole group to exit, then SIGKILL everything.
 
         A process reaped before this call is left alone: whoever reaped it killed its
-        group then, and its pid may since belong to someone else.
+        group then, and its pid may since belong to someone else. The grace covers the
+        group, not just the leader: a shell that ran the command as its child exits at
+        once, and the app itself still gets the rest of the grace to finish its requests.
         """
         if _exited(process):
             return
-        _killpg(process.pid, signal.SIGTERM)
-        with trio.move_on_after(self.config.grace):
-            await process.wait()
-            # a shell that ran the command as its child exits at once: the app itself
-            # still gets the rest of the grace period to finish its requests
-            while await trio.to_thread.run_sync(_group_alive, process.pid):
-                await trio.sleep(GROUP_POLL)
-        await self._kill_rest(process)
+        await self._stop_group(process, grace=self.config.grace)
 
     async def _kill_rest(self, process: _Process) -> None:
         """SIGKILL the process group and the cgroup, and reap the process.
 
-        Only with a live leader or one reaped a moment ago (see ``_killpg``).
+        Only with a live leader or one reaped a moment ago (see ``superagent.procs``).
         """
-        _killpg(process.pid, signal.SIGKILL)
-        if self._cgroup is not None:
-            await trio.to_thread.run_sync(self._cgroup.kill_all)
-        with trio.move_on_after(REAP_TIMEOUT) as scope:
-            await process.wait()
-        if scope.cancelled_caught:
-            self._log.error("instance not reaped after SIGKILL", pid=process.pid)
-        else:
+        await self._stop_group(process, grace=0.0)
+
+    async def _stop_group(self, process: _Process, *, grace: float) -> None:
+        cgroup = self._cgroup
+
+        async def kill_cgroup() -> None:
+            if cgroup is not None:
+                await trio.to_thread.run_sync(cgroup.kill_all)
+
+        if await terminate_group(process, grace=grace, reap_timeout=REAP_TIMEOUT, members=True,
+                                 kill_rest=kill_cgroup):
             self.last_exit = process.returncode
+        else:
+            self._log.error("instance not reaped after SIGKILL", pid=process.pid)
 
     async def _remove_cgroup(self) -> None:
         cgroup, self._cgroup = self._cgroup, None
@@ -712,36 +704,6 @@ def shell_command(command: str) -> str:
     return f"exec {command}"
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` still runs (zombies do not count: PID 1 may not
-    reap the orphans of a shell that exited)."""
-    try:
-        os.killpg(pgid, 0)  # cheap: an empty group ends the question here
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
-def _killpg(pgid: int, signum: int) -> None:
-    """Signal a process group; a group that is already gone is fine.
-
-    The pid of a reaped group leader cannot be handed out again while any member of
-    its group lives. Once the group is empty the number could be reused by a new session
-    leader, so callers signal only a live leader's group or one reaped an instant ago
-    (pid numbers are reused only after the pid space wraps around).
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
-
-
-__all__ = ["Event", "Instance", "InstanceConfig", "State", "backoff_delay", "probe",
+__all__ = ["GROUP_POLL", "REAP_TIMEOUT", "Event", "Instance", "InstanceConfig", "State", "probe",
            "shell_command",
            "transition"]

@@ -17,7 +17,8 @@ workers, asked over their control sockets at request time.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sized
+from typing import Any, Protocol
 
 import trio
 from starlette.applications import Starlette
@@ -26,10 +27,38 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from superagent.httpserver import serve_app
+from superagent.proxy.config import ProxyConfig
 from superagent.proxy.metrics import render
+from superagent.proxy.snapshot import RoutingSnapshot
 
-if TYPE_CHECKING:
-    from superagent.proxy.master import ProxyMaster
+
+class AdminTarget(Protocol):
+    """What the admin API needs of the process it serves (``ProxyMaster`` is one): the
+    admin module depends on this, not on the master."""
+
+    snapshot: RoutingSnapshot  # in force
+    node_draining: bool  # set by POST /api/v1/node/drain
+
+    @property
+    def config_path(self) -> str | None: ...
+
+    @property
+    def process(self) -> ProxyConfig: ...
+
+    @property
+    def workers(self) -> Sized: ...
+
+    async def stats(self) -> tuple[dict[str, Any], int]:
+        """The workers' figures merged, and how many workers answered."""
+        ...
+
+    async def broadcast(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """Send a control message to every worker; the replies of those that answered."""
+        ...
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file; ``{"ok": ...}`` and the version or the error."""
+        ...
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -56,7 +85,7 @@ async def _draining_flag(request: Request) -> bool:
     return value
 
 
-def admin_app(master: ProxyMaster) -> Starlette:
+def admin_app(master: AdminTarget) -> Starlette:
     async def metrics(request: Request) -> Response:
         merged, answered = await master.stats()
         return PlainTextResponse(render(merged, workers=answered),
@@ -129,7 +158,7 @@ def admin_app(master: ProxyMaster) -> Starlette:
     ])
 
 
-async def serve_admin(master: ProxyMaster, address: tuple[str, int],
+async def serve_admin(master: AdminTarget, address: tuple[str, int],
                       task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the admin API on ``address`` until cancelled; raises ConfigError if taken."""
     await serve_app(admin_app(master), address, source=master.config_path or "",

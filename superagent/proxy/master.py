@@ -3,7 +3,9 @@
 ``ProxyMaster`` starts the workers (``superagent.proxy.workers.spawn_worker``: each
 says it is ready with one line on an inherited pipe), pushes the snapshot and
 counts it applied only when every worker acknowledged its version. A worker that
-dies is restarted and given the current snapshot.
+dies is restarted and given the current snapshot. Asking every worker, the restart
+loop and stopping them are ``superagent.proxy.workerset.WorkerSet``'s, shared with the
+participant agent's proxy driver.
 
 Reload (SIGHUP, a changed config file, or ``POST /api/v1/reload``): the file is
 validated first; an invalid file is refused with a log line naming the key and
@@ -31,30 +33,13 @@ from superagent.httpserver import check_bindable
 from superagent.proxy import control
 from superagent.proxy.config import ProxyConfig, load_config, snapshot_to_wire
 from superagent.proxy.errors import WorkerStartError
-from superagent.proxy.metrics import merge
 from superagent.proxy.snapshot import RoutingSnapshot
 from superagent.proxy.workers import KILL_MARGIN, push_snapshot, spawn_worker
+from superagent.proxy.workerset import WorkerSet, WorkerSlot
 
-RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0)  # seconds before restarting a worker that died
 WATCH_INTERVAL = 1.0  # how often the config file's mtime/size/inode are compared
 
 log = structlog.get_logger("superagent.proxy")
-
-
-class WorkerHandle:
-    """One worker process as the master sees it."""
-
-    __slots__ = ("control_path", "index", "proc", "restarts")
-
-    def __init__(self, index: int, control_path: str) -> None:
-        self.index = index
-        self.control_path = control_path
-        self.proc: trio.Process | None = None
-        self.restarts = 0
-
-    def __repr__(self) -> str:
-        pid = self.proc.pid if self.proc else None
-        return f"<WorkerHandle #{self.index} pid={pid} restarts={self.restarts}>"
 
 
 class ProxyMaster:
@@ -69,10 +54,12 @@ class ProxyMaster:
         self.snapshot = snapshot
         self.log_level = log_level
         self.node_draining = False
-        self.stopping = False
         self.run_dir = tempfile.mkdtemp(prefix="superagent-proxy-")
-        self.workers = [WorkerHandle(i, os.path.join(self.run_dir, f"worker-{i}.sock"))
-                        for i in range(process.worker_count())]
+        self.workers = WorkerSet([os.path.join(self.run_dir, f"worker-{i}.sock")
+                                  for i in range(process.worker_count())])
+        # The lifelines: each worker holds a read end, this process every write end; when
+        # this process dies, however it dies, the workers see EOF and stop gracefully.
+        self._lifelines: list[tuple[int, int]] = []
         self._reload_lock = trio.Lock()
         self._stat = self._file_stat()
 
@@ -83,6 +70,7 @@ class ProxyMaster:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM/SIGINT; raises ConfigError if the first snapshot is refused."""
         try:
+            self._lifelines = [os.pipe() for _ in self.workers.slots]
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async with trio.open_nursery() as nursery:
                     await self._start(nursery)
@@ -94,6 +82,9 @@ class ProxyMaster:
                     await self._stop_workers()
                     nursery.cancel_scope.cancel()
         finally:
+            for fds in self._lifelines:
+                for fd in fds:
+                    os.close(fd)
             shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("proxy stopped")
 
@@ -101,10 +92,15 @@ class ProxyMaster:
         admin = self.process.admin
         if admin is not None:  # a taken admin port fails before any worker is spawned
             check_bindable(admin, source=self.config_path or "", key="proxy.admin")
-        for handle in self.workers:
-            await nursery.start(self._supervise, handle)
+        for slot in self.workers.slots:
+            try:
+                await self._spawn(slot)
+            except WorkerStartError as exc:
+                raise ConfigError(f"{exc}; see its log above") from None
+            nursery.start_soon(self.workers.supervise, slot, self._restart)
         await self.push(self.snapshot)
         if admin is not None:
+            # starlette and hypercorn are loaded only by a proxy that serves an admin API
             from superagent.proxy.admin import serve_admin
 
             await nursery.start(serve_admin, self, admin)
@@ -116,60 +112,24 @@ class ProxyMaster:
                  version=self.snapshot.version)
 
     # ------------------------------------------------------------------ workers
-    async def _supervise(self, handle: WorkerHandle,
-                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-        # The lifeline: the worker holds the read end, this process the write end; when this
-        # process dies, however it dies, the worker sees EOF and stops gracefully.
-        lifeline_read, lifeline_write = os.pipe()
+    async def _spawn(self, slot: WorkerSlot) -> None:
+        """Start the worker of ``slot``; raises WorkerStartError."""
+        lifeline = self._lifelines[slot.index][0]
+        slot.process = await spawn_worker(
+            slot.control_path, parser=self.process.parser, grace=self.process.grace,
+            extra_fds=(lifeline,),
+            extra_args=("--lifeline-fd", str(lifeline), "--log-level", self.log_level))
+
+    async def _restart(self, slot: WorkerSlot) -> None:
+        """Replace a dead worker and give it the current snapshot; raises WorkerStartError."""
+        await self._spawn(slot)
         try:
-            while not self.stopping:
-                try:
-                    handle.proc = await spawn_worker(
-                        handle.control_path, parser=self.process.parser,
-                        grace=self.process.grace, extra_fds=(lifeline_read,),
-                        extra_args=("--lifeline-fd", str(lifeline_read),
-                                    "--log-level", self.log_level))
-                except WorkerStartError as exc:
-                    if not started:
-                        raise ConfigError(f"{exc}; see its log above") from None
-                    event = "worker did not become ready; restarting"
-                    details: dict[str, object] = {"error": str(exc)}
-                else:
-                    if started:
-                        try:
-                            await self._push_one(handle, self.snapshot)
-                        except (control.ControlError, ConfigError) as exc:
-                            log.error("restarted worker refused the snapshot",
-                                      worker=handle.index, error=str(exc))
-                    else:
-                        started = True
-                        task_status.started()
-                    code = await handle.proc.wait()
-                    if self.stopping:
-                        return
-                    event, details = "worker exited; restarting", {"code": code}
-                delay = RESTART_BACKOFF[min(handle.restarts, len(RESTART_BACKOFF) - 1)]
-                handle.restarts += 1
-                log.error(event, worker=handle.index, delay=delay, **details)
-                await trio.sleep(delay)
-        finally:
-            os.close(lifeline_read)
-            os.close(lifeline_write)
+            await self._push_one(slot, self.snapshot)
+        except (control.ControlError, ConfigError) as exc:
+            log.error("restarted worker refused the snapshot", worker=slot.index, error=str(exc))
 
     async def _stop_workers(self) -> None:
-        self.stopping = True
-        procs = [h.proc for h in self.workers if h.proc is not None and h.proc.returncode is None]
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(self.process.grace + KILL_MARGIN):
-            for proc in procs:
-                await proc.wait()
-        for proc in procs:
-            if proc.returncode is None:
-                log.warning("worker outlived the grace period; killing", pid=proc.pid)
-                proc.kill()
-                await proc.wait()
+        await self.workers.stop(grace=self.process.grace + KILL_MARGIN, reap_timeout=KILL_MARGIN)
 
     # ------------------------------------------------------------------ snapshots
     async def push(self, snapshot: RoutingSnapshot) -> None:
@@ -177,25 +137,18 @@ class ProxyMaster:
 
         Raises ConfigError naming the first refusal.
         """
-        errors: list[str] = []
-
-        async def one(handle: WorkerHandle) -> None:
-            try:
-                await self._push_one(handle, snapshot)
-            except (control.ControlError, ConfigError) as exc:
-                errors.append(f"worker {handle.index} refused the routing snapshot: {exc}")
-
-        async with trio.open_nursery() as nursery:
-            for handle in self.workers:
-                nursery.start_soon(one, handle)
+        outcomes = await self.workers.each(lambda slot: self._push_one(slot, snapshot),
+                                           self.workers.slots)
+        errors = [f"worker {o.slot.index} refused the routing snapshot: {o.error}"
+                  for o in outcomes if not o.ok]
         if errors:
             raise ConfigError("; ".join(sorted(errors)))
         self.snapshot = snapshot
 
-    async def _push_one(self, handle: WorkerHandle, snapshot: RoutingSnapshot) -> None:
-        await push_snapshot(handle.control_path, snapshot_to_wire(snapshot))
+    async def _push_one(self, slot: WorkerSlot, snapshot: RoutingSnapshot) -> None:
+        await push_snapshot(slot.control_path, snapshot_to_wire(snapshot))
         if self.node_draining:
-            await control.call(handle.control_path, {"type": "node", "draining": True})
+            await control.call(slot.control_path, {"type": "node", "draining": True})
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply it; a refused file leaves the old one in force."""
@@ -243,20 +196,15 @@ class ProxyMaster:
     # ------------------------------------------------------------------ queries
     async def broadcast(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """Send ``message`` to every worker; replies of the workers that answered."""
-        replies: list[dict[str, Any]] = []
-
-        async def one(handle: WorkerHandle) -> None:
-            try:
-                replies.append(await control.call(handle.control_path, message, timeout=5.0))
-            except control.ControlError as exc:
-                log.warning("worker did not answer", worker=handle.index, error=str(exc))
-
-        async with trio.open_nursery() as nursery:
-            for handle in self.workers:
-                nursery.start_soon(one, handle)
+        replies = []
+        for outcome in await self.workers.call(message, self.workers.slots):
+            if outcome.value is None:
+                log.warning("worker did not answer", worker=outcome.slot.index,
+                            error=outcome.error)
+            else:
+                replies.append(outcome.value)
         return replies
 
     async def stats(self) -> tuple[dict[str, Any], int]:
-        replies = await self.broadcast({"type": "stats"})
-        parts = [r["stats"] for r in replies if r.get("ok")]
-        return merge(parts), len(parts)
+        """Every answering worker's figures, merged, and how many answered."""
+        return await self.workers.stats(self.workers.slots)

@@ -1,15 +1,16 @@
 """Starting proxy worker processes and handing them snapshots: what every driver does.
 
 Both drivers of the workers — the standalone proxy's master and the participant
-agent's proxy driver — start a worker the same way (``python -m
-superagent.proxy.worker`` with a ready pipe, waiting for its line with a deadline)
-and push a snapshot the same way (send it over the control socket, and count it
-applied only when the worker acknowledged that very version).
+agent's proxy driver — start a worker the same way (``python -P -m
+superagent.proxy.worker`` with a ready pipe, waiting for its line with a deadline; ``-P``
+so that it imports the package its driver runs, never a ``superagent/`` folder in the
+current directory) and push a snapshot the same way (send it over the control socket,
+and count it applied only when the worker acknowledged that very version). Asking all
+workers, restarting and stopping them is ``superagent.proxy.workerset``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -18,12 +19,18 @@ from typing import Any
 import trio
 
 from superagent.errors import ConfigError
+from superagent.procs import kill
 from superagent.proxy import control
 from superagent.proxy.errors import WorkerStartError
 
 READY_TIMEOUT = 30.0  # a worker imports trio and httptools: a second normally, more under load
 KILL_MARGIN = 5.0  # extra seconds after the workers' grace period before SIGKILL
 CONTROL_TIMEOUT = 5.0  # a worker answers control requests from its event loop, at once
+# ``-P``: ``python -m`` would put the current directory first on the worker's sys.path, so
+# a driver started from a directory holding a ``superagent/`` folder (a source checkout)
+# would run workers from that folder rather than the package the driver itself runs.
+# PYTHONPATH is still honoured (``-I`` would drop it, and the user site).
+WORKER_COMMAND = (sys.executable, "-P", "-m", "superagent.proxy.worker")
 
 
 async def spawn_worker(control_path: str, *, parser: str, grace: float,
@@ -40,7 +47,7 @@ async def spawn_worker(control_path: str, *, parser: str, grace: float,
     try:
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "superagent.proxy.worker", "--control", control_path,
+                [*WORKER_COMMAND, "--control", control_path,
                  "--parser", parser, "--grace", str(grace), "--ready-fd", str(write_fd),
                  *extra_args],
                 pass_fds=(write_fd, *extra_fds),
@@ -57,10 +64,8 @@ async def spawn_worker(control_path: str, *, parser: str, grace: float,
         if read_fd >= 0:
             os.close(read_fd)
     if not ready:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(KILL_MARGIN):
-            await proc.wait()
+        with trio.CancelScope(shield=True):
+            await kill([proc], reap_timeout=KILL_MARGIN)
         raise WorkerStartError(f"proxy worker at {control_path} was not ready within "
                                f"{ready_timeout}s (exit status {proc.returncode})")
     return proc

@@ -27,12 +27,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from structlog.testing import capture_logs
 
+from superagent.backoff import Backoff
 from superagent.cli import main
 from superagent.errors import ConfigError
 from superagent.httpserver import serve_app
 from superagent.participant.errors import ArtifactUnavailable, ChecksumMismatch
 from superagent.participant.joiner import (
-    Backoff,
+    BACKOFF_MAX,
+    BACKOFF_START,
     CoordinatorLink,
     Endpoints,
     Reachability,
@@ -211,7 +213,7 @@ def test_a_round_follows_a_leader_named_midway_and_tries_each_url_once() -> None
 
 def test_backoff_doubles_to_its_limit_and_resets() -> None:
     """0.2, 0.4, ... capped at 5 s; reset starts over."""
-    backoff = Backoff()
+    backoff = Backoff(BACKOFF_START, BACKOFF_MAX)
     assert [backoff.next() for _ in range(7)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
     backoff.reset()
     assert backoff.next() == 0.2

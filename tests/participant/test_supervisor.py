@@ -28,6 +28,7 @@ import psutil
 import pytest
 import trio
 
+from superagent.backoff import Backoff
 from superagent.manifest import HealthSpec
 from superagent.participant.cgroups import CgroupLimits, detect_cgroups
 from superagent.participant.errors import (
@@ -48,7 +49,6 @@ from superagent.participant.supervisor import (
     Instance,
     InstanceConfig,
     State,
-    backoff_delay,
     probe,
     shell_command,
     transition,
@@ -158,7 +158,8 @@ def test_illegal_transition_names_state_and_event() -> None:
 
 def test_backoff_doubles_to_the_cap() -> None:
     """0.5 s doubling per consecutive crash, capped at 30 s."""
-    delays = [backoff_delay(n, initial=0.5, maximum=30.0) for n in range(1, 9)]
+    backoff = Backoff(0.5, 30.0)
+    delays = [backoff.next() for _ in range(8)]
     assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
 
 

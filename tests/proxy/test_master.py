@@ -915,3 +915,47 @@ def test_admin_rejects_bad_input_with_json_errors(upstream: Callable[[str], Upst
     assert p.status()["node_draining"] is False
     assert p.get("/-/healthz").status_code == 200
     assert p.get("/a/x").status_code == 200
+
+
+def test_workers_import_the_installed_package_not_the_current_directory(
+        tmp_path: Path, upstream: Callable[[str], Upstream]) -> None:
+    """``superagent proxy`` run from a directory holding a ``superagent/`` folder (a source
+    checkout, say): its workers import the package the master runs, never that folder."""
+    checkout = tmp_path / "checkout"
+    (checkout / "superagent" / "proxy").mkdir(parents=True)
+    marker = tmp_path / "decoy-imported"
+    decoy = (f"import os, pathlib\npathlib.Path({str(marker)!r}).write_text(str(os.getpid()))\n"
+             "raise ImportError('the superagent/ of the current directory was imported')\n")
+    (checkout / "superagent" / "__init__.py").write_text(decoy)
+    (checkout / "superagent" / "proxy" / "__init__.py").write_text(decoy)
+    a = upstream("a")
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "proxy.toml"
+    config.write_text(proxy_section(port, admin_port) + app_toml("a", [a], prefix="/a"))
+    # The installed command, as an operator runs it; its own sys.path never holds the
+    # current directory (a console script's sys.path[0] is its bin directory).
+    script = Path(sys.executable).with_name("superagent")
+    command = [str(script)] if script.exists() else [sys.executable, "-P", "-m", "superagent"]
+    run_dir = Path(tempfile.mkdtemp(prefix="sa-", dir="/tmp"))
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(out, "wb") as fout, open(err, "wb") as ferr:
+        proc = subprocess.Popen(
+            [*command, "proxy", "--config", str(config), "--workers", "2"], cwd=checkout,
+            stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr, start_new_session=True,
+            env={**os.environ, "TMPDIR": str(run_dir), "PYTHONUNBUFFERED": "1"})
+    p = ProxyProcess(proc=proc, config=config, port=port, admin_port=admin_port, stdout=out,
+                     stderr=err, run_dir=run_dir, grace=GRACE)
+    try:
+        wait_until(lambda: proc.poll() is not None
+                   or any(line.get("event") == "proxy ready" for line in p.logs()),
+                   "the proxy to become ready or exit", timeout=READY_TIMEOUT)
+        p.assert_alive()
+        assert p.status()["workers_answering"] == 2
+        for i in range(6):  # fresh connections, spread over both workers
+            r = p.get(f"/a/{i}")
+            assert r.status_code == 200 and r.json()["upstream"] == "a"
+        assert len(p.worker_pids()) == 2
+        assert not marker.exists(), f"process {marker.read_text()} imported the decoy"
+    finally:
+        p.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
