@@ -40,6 +40,7 @@ PROCFILE = "Procfile"
 # fullmatch: "^...$" with match() would accept a trailing newline.
 _GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 _PROCFILE_LINE = re.compile(r"([A-Za-z0-9_-]+)\s*:\s*(.*)")
+PYTHON_PIN = re.compile(r"3(\.\d{1,2})?")  # [build] python: "3" or "3.N"
 RESERVED_ENV = "PORT"
 RESERVED_ENV_PREFIX = "SUPERAGENT_"  # the agent sets SUPERAGENT_APP, _RELEASE, _INSTANCE, ...
 
@@ -53,13 +54,16 @@ TEST_TIMEOUT = 600.0  # seconds the [test] command may run; a test suite gets as
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BuildSpec:
-    """``[build]``: ``command`` None means the detected default.
+    """``[build]``: ``command`` None means the detected default; ``python`` pins the
+    interpreter's version (None: the machine's default one).
 
-    Detection (done by the builder, not here): requirements.txt -> venv + pip install;
-    package.json -> npm ci (with a lock file) or npm install.
+    Detection (done by the builder, not here): requirements.txt or pyproject.toml -> a
+    virtual environment in .venv with the app's packages; package.json -> npm ci (with a
+    lock file) or npm install.
     """
 
     command: str | None = None
+    python: str | None = None  # "3" or "3.N": the interpreter version the release runs on
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -173,7 +177,7 @@ def parse_manifest(doc: Mapping[str, Any], *, source: str) -> AppSpec:
     app.done()
     spec = AppSpec(
         name=name,
-        build=BuildSpec(command=_optional_command(root.table("build"))),
+        build=_read_build(root.table("build")),
         test=TestSpec(command=_optional_command(root.table("test"))),
         run=_read_run(root.table("run", required=True)),
         health=_read_health(root.table("health")),
@@ -202,6 +206,13 @@ def _command(table: Table, name: str, value: str) -> str:
     if "\0" in value:
         raise table.error(name, "must not contain NUL characters")
     return value
+
+
+def _read_build(table: Table) -> BuildSpec:
+    python: str | None = table.text("python", None)
+    if python is not None and not PYTHON_PIN.fullmatch(python):
+        raise table.error("python", f'expected a Python version such as "3.11", got {python!r}')
+    return BuildSpec(command=_optional_command(table), python=python)
 
 
 def _optional_command(table: Table) -> str | None:
@@ -456,6 +467,7 @@ def spec_to_json(spec: AppSpec) -> dict[str, Any]:
     _put(limits, "pids", lim.pids)
     build: dict[str, Any] = {}
     _put(build, "command", spec.build.command)
+    _put(build, "python", spec.build.python)
     test: dict[str, Any] = {}
     _put(test, "command", spec.test.command)
     return {

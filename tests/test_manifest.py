@@ -770,3 +770,13 @@ def test_random_env_round_trips(env: dict[str, str]) -> None:
     assert [key for key, _ in spec.env] == sorted(env)
     wire = json.loads(json.dumps(spec_to_json(spec)))
     assert spec_from_json(wire) == spec
+
+
+def test_build_python_pins_a_version() -> None:
+    """[build] python is "3" or "3.N", kept through the JSON form; anything else is named."""
+    spec = parse(minimal(build={"python": "3.12"}))
+    assert spec.build.python == "3.12"
+    assert spec_from_json(spec_to_json(spec)) == spec
+    assert parse(minimal()).build.python is None
+    for bad in ("python3.11", "2.7", "3.11.4", ""):
+        expect_error(minimal(build={"python": bad}), "build.python", "Python version")

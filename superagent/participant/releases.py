@@ -3,6 +3,7 @@
 Layout, one directory per prepared release::
 
     root/<app>/<release>/                the release directory (HOME of the build)
+        bin/                             python, python3, uv: the release's toolchain
         src/                             the app source, built in place
         build.log                        build output, stdout and stderr interleaved, last 1 MiB
         release.json                     written last: its presence means "prepared"
@@ -52,7 +53,6 @@ import shlex
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -77,6 +77,14 @@ from superagent.participant.errors import (
     ParticipantError,
     ReleaseError,
     UnknownRelease,
+)
+from superagent.participant.toolchain import (
+    VENV,
+    Toolchain,
+    build_env,
+    install_bin,
+    release_env,
+    toolchain,
 )
 from superagent.procs import terminate_group
 
@@ -104,16 +112,32 @@ _CHUNK = 64 * 1024  # read unit for build output
 # --- build -----------------------------------------------------------------------------------
 
 
-def default_build_command(src: Path) -> str | None:
+def needs_python(src: Path) -> bool:
+    """Whether the detected build of ``src`` makes a Python environment."""
+    return (src / "requirements.txt").is_file() or (src / "pyproject.toml").is_file()
+
+
+def default_build_command(src: Path, tools: Toolchain | None) -> str | None:
     """The detected build of a tree whose manifest has no ``[build] command``; None: none.
 
-    requirements.txt: a venv in ``.venv`` (made by the agent's own Python) and pip install;
-    package.json: ``npm ci`` with a package-lock.json, else ``npm install``. Both files: both.
+    requirements.txt (else pyproject.toml): a virtual environment in ``.venv`` on the
+    toolchain's interpreter with the requirements (else the project) installed, by uv
+    when the toolchain has it (its per-app cache makes an unchanged set install in well
+    under a second), by pip otherwise; package.json: ``npm ci`` with a
+    package-lock.json, else ``npm install``. Both: both. ``tools`` may be None only for
+    a tree that does not ``needs_python``.
     """
     steps: list[str] = []
-    if (src / "requirements.txt").is_file():
-        steps.append(f"{shlex.quote(sys.executable)} -m venv .venv && .venv/bin/pip install "
-                     "--disable-pip-version-check --no-input -r requirements.txt")
+    if needs_python(src):
+        assert tools is not None
+        python = shlex.quote(str(tools.python))
+        what = "-r requirements.txt" if (src / "requirements.txt").is_file() else "."
+        if tools.uv is not None:
+            steps.append(f"uv venv --quiet --python {python} {VENV} && uv pip install "
+                         f"--python {VENV}/bin/python {what}")
+        else:
+            steps.append(f"{python} -m venv {VENV} && {VENV}/bin/pip install "
+                         f"--disable-pip-version-check --no-input {what}")
     if (src / "package.json").is_file():
         npm = "npm ci" if (src / "package-lock.json").is_file() else "npm install"
         steps.append(f"{npm} --no-audit --no-fund")
@@ -153,18 +177,25 @@ class _BuildResult:
         return self.returncode == 0
 
 
-def command_env(app: str, release: str, *, home: Path, spec: AppSpec,
+def command_env(app: str, release: str, *, home: Path, spec: AppSpec, src: Path,
+                cache: Path | None = None,
                 extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The whole environment of a build or test command: PATH, HOME, LANG=C.UTF-8,
-    SUPERAGENT_APP and SUPERAGENT_RELEASE, under the manifest's ``[env]``, under ``extra``;
-    nothing else of the agent's environment."""
-    return {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "HOME": str(home),
-            "LANG": "C.UTF-8", "SUPERAGENT_APP": app, "SUPERAGENT_RELEASE": release,
+    """The whole environment of a build or test command: PATH (the release's venv,
+    node_modules/.bin and bin/ first: ``toolchain.release_env``), VIRTUAL_ENV once there
+    is one, HOME, LANG=C.UTF-8, SUPERAGENT_APP and SUPERAGENT_RELEASE, for builds (with
+    ``cache``) the package caches and the machine's index settings
+    (``toolchain.build_env``), under the manifest's ``[env]``, under ``extra``; nothing
+    else of the agent's environment."""
+    return {"HOME": str(home), "LANG": "C.UTF-8", "SUPERAGENT_APP": app,
+            "SUPERAGENT_RELEASE": release,
+            **release_env(src, os.environ.get("PATH") or DEFAULT_PATH),
+            **(build_env(cache, os.environ) if cache is not None else {}),
             **spec.env_dict(), **(extra or {})}
 
 
 async def _run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: int | None,
-                     gid: int | None, timeout: float, limit: int = LOG_LIMIT) -> _BuildResult:
+                     gid: int | None, timeout: float, limit: int = LOG_LIMIT,
+                     note: str = "") -> _BuildResult:
     """``/bin/sh -c command`` in its own session; output interleaved into a bounded log.
 
     On timeout or cancellation the whole process group gets SIGTERM, then SIGKILL after
@@ -173,7 +204,7 @@ async def _run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: in
     open holds the build until the timeout (and then fails it): builds must not leave
     daemons behind.
     """
-    output = _BuildOutput(head=f"$ {command}\n".encode(), limit=limit)
+    output = _BuildOutput(head=f"{note}$ {command}\n".encode(), limit=limit)
     started = time.monotonic()
     as_user = uid is not None or gid is not None
     proc = await trio.lowlevel.open_process(
@@ -254,10 +285,16 @@ class ReleaseStore:
     """Prepared releases under ``root``, the newest ``keep`` per app kept by ``gc``."""
 
     def __init__(self, root: Path, *, keep: int = DEFAULT_KEEP,
-                 max_bytes: int = MAX_ARCHIVE_BYTES, max_files: int = MAX_ARCHIVE_FILES) -> None:
+                 max_bytes: int = MAX_ARCHIVE_BYTES, max_files: int = MAX_ARCHIVE_FILES,
+                 tools_dir: Path | None = None, cache_dir: Path | None = None) -> None:
+        """``tools_dir`` holds what builds need and the agent's own copy is not runnable
+        by the app users (uv), ``cache_dir`` one package cache per app; both default to
+        siblings of ``root``."""
         if keep < 1:
             raise ValueError("keep must be at least 1: the current release")
         self.root = Path(root)
+        self.tools_dir = tools_dir or self.root.parent / "tools"
+        self.cache_dir = cache_dir or self.root.parent / "cache"
         self.keep = keep
         self.max_bytes = max_bytes
         self.max_files = max_files
@@ -340,17 +377,23 @@ class ReleaseStore:
                 spec = load_manifest(src, app=app)
             except ConfigError as exc:
                 raise BadManifest(str(exc)) from exc
-            command = spec.build.command or default_build_command(src)
+            tools = await self._toolchain(spec, src, release_dir)
+            command = spec.build.command or default_build_command(src, tools)
             as_user = uid is not None or gid is not None
+            cache = await trio.to_thread.run_sync(self._app_cache, app, uid, gid)
             if as_user:
-                await trio.to_thread.run_sync(_chown_tree, release_dir, uid, gid)
+                await trio.to_thread.run_sync(_chown_tree, src, uid, gid)
+                os.chown(release_dir, -1 if uid is None else uid, -1 if gid is None else gid)
+            note = (f"# tools: {tools.describe()}\n" if tools is not None
+                    else "# tools: no Python interpreter the app's user can run\n")
             if command is None:
-                result = _BuildResult(0, b"no build step: no [build] command, requirements.txt "
-                                         b"or package.json\n", 0.0)
+                result = _BuildResult(0, note.encode() + b"no build step: no [build] command, "
+                                      b"requirements.txt, pyproject.toml or package.json\n", 0.0)
             else:
-                build_env = command_env(app, release, home=release_dir, spec=spec, extra=env)
+                build_env = command_env(app, release, home=release_dir, spec=spec, src=src,
+                                        cache=cache, extra=env)
                 result = await _run_build(command, cwd=src, env=build_env, uid=uid, gid=gid,
-                                          timeout=timeout)
+                                          timeout=timeout, note=note)
             if as_user:
                 # The build is over: the release directory is the agent's again, enterable
                 # only by the app's group; the source tree is the app user's alone, so other
@@ -385,6 +428,34 @@ class ReleaseStore:
         bound.info("release prepared", seconds=round(result.seconds, 1))
         return prepared
 
+    async def _toolchain(self, spec: AppSpec, src: Path, release_dir: Path
+                         ) -> Toolchain | None:
+        """The release's tools, linked into its bin/; None when no interpreter the app
+        users can run exists and the build does not need one. Raises ``BuildFailed``."""
+        try:
+            tools = await trio.to_thread.run_sync(toolchain, spec.build.python, self.tools_dir)
+        except BuildFailed:
+            if spec.build.python is not None or (spec.build.command is None
+                                                 and needs_python(src)):
+                raise
+            return None
+        await trio.to_thread.run_sync(install_bin, release_dir, tools)
+        return tools
+
+    def _app_cache(self, app: str, uid: int | None, gid: int | None) -> Path:
+        """The app's package cache (uv, pip, npm), its user's alone: apps never share a
+        cache, so one tenant cannot plant packages in another's builds. Blocking."""
+        self.cache_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        cache = self.cache_dir / app
+        owner = os.geteuid() if uid is None else uid
+        with contextlib.suppress(FileNotFoundError):
+            if cache.lstat().st_uid != owner:  # an app user made again: start afresh
+                _remove_dir(cache)
+        cache.mkdir(mode=0o700, exist_ok=True)
+        if uid is not None or gid is not None:
+            os.chown(cache, -1 if uid is None else uid, -1 if gid is None else gid)
+        return cache
+
     async def test(self, app: str, release: str, *, uid: int | None = None,
                    gid: int | None = None, home: Path | None = None,
                    timeout: float = TEST_TIMEOUT) -> TestResult:
@@ -400,7 +471,8 @@ class ReleaseStore:
             return TestResult(app=app, release=release, skipped=True, exit_code=None,
                               timed_out=False, log="no [test] command in the manifest\n",
                               seconds=0.0)
-        env = command_env(app, release, home=home or prepared.path, spec=prepared.spec)
+        env = command_env(app, release, home=home or prepared.path, spec=prepared.spec,
+                          src=prepared.src)
         env.pop("PORT", None)
         bound = log.bind(app=app, release=release)
         bound.info("running the release's tests", command=command)

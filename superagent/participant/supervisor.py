@@ -85,6 +85,7 @@ from superagent.participant.errors import (
     SupervisorError,
 )
 from superagent.participant.isolation import AppUser, IsolationReport, RLimits, child_setup
+from superagent.participant.toolchain import release_env
 from superagent.procs import REAP_TIMEOUT, terminate_group
 
 log = structlog.get_logger("superagent.participant")
@@ -600,7 +601,8 @@ class Instance:
 
     def _environment(self) -> dict[str, str]:
         config = self.config
-        env = {"PATH": DEFAULT_PATH, "HOME": str(config.home), "LANG": DEFAULT_LANG}
+        env = {**release_env(config.cwd, DEFAULT_PATH), "HOME": str(config.home),
+               "LANG": DEFAULT_LANG}
         env.update(config.env)
         # Set last: the manifest refuses these keys, and the agent's values must win.
         env.update({"PORT": str(config.port), "SUPERAGENT_APP": config.app,

@@ -162,8 +162,9 @@ def oom_kills(mode: str, dirs: dict[str, Path]) -> int:
 
 async def test_instance_environment_is_exactly_the_documented_set(
         rig: Rig, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The app sees PATH, HOME, LANG, PORT, SUPERAGENT_APP/_RELEASE/_INSTANCE and its [env],
-    nothing of the agent's own environment (not even the cluster secret)."""
+    """The app sees PATH (its release's tools first), HOME, LANG, PORT,
+    SUPERAGENT_APP/_RELEASE/_INSTANCE and its [env], nothing of the agent's own environment
+    (not even the cluster secret)."""
     monkeypatch.setenv("WIRING_LEAK_CANARY", "from-the-agent")
     monkeypatch.setenv("SUPERAGENT_SECRET", SECRET)
     monkeypatch.setenv("PYTHONPATH", "/nonexistent/agent-only")
@@ -181,7 +182,8 @@ async def test_instance_environment_is_exactly_the_documented_set(
     src = data_dir / "releases" / "wenv" / "r1" / "src"
     assert Path(env.pop("PWD", str(src))).resolve() == src.resolve()
     assert env == {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PATH": f"{src}/.venv/bin:{src}/node_modules/.bin:{src.parent}/bin:"
+                "/usr/local/bin:/usr/bin:/bin",
         "HOME": str(data_dir / "homes" / instance),
         "LANG": "C.UTF-8",
         "PORT": str(port),

@@ -13,6 +13,7 @@ import os
 import pwd
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from superagent.participant.errors import (
     UnsafeArchive,
 )
 from superagent.participant.releases import PreparedRelease, ReleaseStore
+from superagent.participant.toolchain import runnable_by_all
 from tests.participant.tarballs import file, link, make_tar
 from tests.support.wait import wait_until_async
 
@@ -98,12 +100,16 @@ async def test_python_app_builds_a_venv_in_place(store: ReleaseStore) -> None:
     assert prepared.src == store.root / "hello" / "r1" / "src"
     python = prepared.src / ".venv" / "bin" / "python"
     assert python.exists()
-    # Scripts in a venv name their interpreter by absolute path: it must be the final one.
-    shebang = (prepared.src / ".venv" / "bin" / "pip").read_text().splitlines()[0]
-    interpreter = Path(shebang.removeprefix("#!"))
-    assert interpreter.parent == python.parent and interpreter.name.startswith("python")
+    # The release's bin/ links an interpreter every user can run, and the venv is made
+    # on it (uv's venv, or python -m venv without uv).
+    tools = prepared.path / "bin" / "python"
+    assert runnable_by_all(tools)
+    home = dict(line.split(" = ", 1) for line in
+                (prepared.src / ".venv" / "pyvenv.cfg").read_text().splitlines() if " = " in line)
+    assert Path(home["home"]).resolve() == tools.resolve().parent
     log_text = prepared.build_log.read_text()
-    assert "-m venv .venv" in log_text and "[exit status 0" in log_text
+    assert "# tools: python " in log_text and f"at {tools.readlink()}" in log_text
+    assert "venv" in log_text and "[exit status 0" in log_text
     doc = json.loads((prepared.path / "release.json").read_text())
     assert doc["sha256"] == sha(archive)
     assert (doc["app"], doc["release"]) == ("hello", "r1")
@@ -135,7 +141,8 @@ async def test_failed_build_keeps_only_the_log(store: ReleaseStore) -> None:
     assert (error.returncode, error.timed_out, error.status_hint) == (3, False, 422)
     assert "compiling" in error.tail and "error: boom" in error.tail
     assert error.log_path == store.root / "hello" / "r1.failed.log"
-    assert error.log_path.read_text().startswith("$ echo compiling")
+    tools, command = error.log_path.read_text().splitlines()[:2]
+    assert tools.startswith("# tools: python ") and command.startswith("$ echo compiling")
     assert os.listdir(store.root / "hello") == ["r1.failed.log"]
     assert store.releases("hello") == []
     with pytest.raises(UnknownRelease):
@@ -338,3 +345,19 @@ async def test_release_owned_by_other_ids_is_given_back_before_a_start(shared_ro
         assert (path.lstat().st_uid, path.lstat().st_gid) == (uid, gid)
     assert (prepared.path.stat().st_uid, prepared.path.stat().st_gid) == (0, gid)
     assert not store.ensure_owner(prepared, uid, gid)
+
+
+async def test_unchanged_requirements_install_from_the_apps_cache(store: ReleaseStore) -> None:
+    """The second release of unchanged requirements builds offline: the app's own package
+    cache holds what the first one downloaded."""
+    if shutil.which("uv", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("uv is not installed beside this interpreter")
+    files = {"requirements.txt": "iniconfig==2.0.0\n"}
+    first = app_tar(files)
+    await store.prepare("hello", "r1", first, sha(first))
+    second = app_tar({**files, "lib.py": "# changed\n"})
+    prepared = await store.prepare("hello", "r2", second, sha(second),
+                                   env={"UV_OFFLINE": "1"})  # no index: the cache or nothing
+    site = list((prepared.src / ".venv" / "lib").glob("python3*/site-packages/iniconfig"))
+    assert site, prepared.build_log.read_text()
+    assert stat.S_IMODE((store.cache_dir / "hello").stat().st_mode) == 0o700
