@@ -183,8 +183,9 @@ class SupervisorError(ParticipantError):
 class StartFailed(SupervisorError):
     """The first start failed: the process exited, or was not ready by its deadline.
 
-    ``returncode`` is the exit status (None when it was killed for missing the deadline);
-    the instance's ``.err.log`` holds what the app said.
+    ``returncode`` is the exit status (None when it was killed for missing the deadline or
+    for listening on another port than $PORT); the message ends with the last lines of the
+    instance's stdout and stderr.
     """
 
     status_hint = 503

@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import h11
+import psutil
 import structlog
 import trio
 
@@ -104,10 +105,52 @@ MAX_RESPONSE_HEAD = 16 * 1024  # a health answer's status line and headers fit i
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 GROUP_POLL = 0.05  # while a stopped instance's cgroup empties (a cgroup cannot be waited on)
+# An app listening on other ports but not on $PORT this long is failed at once: long enough
+# for a server that opens a side port (metrics, debug) before its main one.
+WRONG_PORT_GRACE = 2.0
+TAIL_LINES = 20  # lines of stdout and of stderr a start failure carries to the deploy record
+TAIL_BYTES = 8192  # read from the end of each output file for them
 RECORD_VERSION = 1  # of the persisted form, ``Instance.to_record``
 
 # The process an instance supervises: its own child, or one adopted from an earlier agent.
 _Process: TypeAlias = trio.Process | AdoptedProcess
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports the process ``pid`` and its descendants listen on (empty when gone)."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return set()
+    ports: set[int] = set()
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            ports.update(conn.laddr.port for conn in proc.net_connections(kind="tcp")
+                         if conn.status == psutil.CONN_LISTEN and conn.laddr)
+    return ports
+
+
+def output_tails(config: InstanceConfig, lines: int = TAIL_LINES) -> str:
+    """The last ``lines`` lines of the instance's stdout and stderr, for a start failure's
+    message (which reaches the deploy record and the CLI); "" when both are empty."""
+    parts = []
+    for stream, path in (("stdout", config.out_log), ("stderr", config.err_log)):
+        text = _tail_of(path, lines)
+        if text:
+            parts.append(f"\n--- last {stream} ---\n{text}")
+    return "".join(parts)
+
+
+def _tail_of(path: Path, lines: int, limit: int = TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - limit))
+            data = file.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 def _exited(process: _Process) -> bool:
@@ -336,6 +379,7 @@ class Instance:
         self._backoff_scope: trio.CancelScope | None = None
         self._checks_scope: trio.CancelScope | None = None  # the current process's checks
         self._missed_deadline = False  # the last process was killed for missing ready_deadline
+        self._wrong_port: str | None = None  # ... or for listening on other ports than $PORT
         self._log = log.bind(app=config.app, release=config.release, instance=config.instance)
         # Called after every change of state or of process (a restart's new pid), so the
         # owner can persist the pid and route only serving instances.
@@ -463,10 +507,16 @@ class Instance:
                 self._fire(Event.START_FAILED)
                 await self._remove_cgroup()
                 self._stopped.set()
-                what = (f"not ready within {config.health.ready_deadline} s"
-                        if self._missed_deadline else f"exited with {self.last_exit}")
-                code = None if self._missed_deadline else self.last_exit
-                raise StartFailed(f"instance {config.instance} {what}; see {config.err_log}",
+                if self._wrong_port is not None:
+                    what = self._wrong_port
+                elif self._missed_deadline:
+                    what = f"not ready within {config.health.ready_deadline} s"
+                else:
+                    what = f"exited with {self.last_exit}"
+                killed = self._missed_deadline or self._wrong_port is not None
+                code = None if killed else self.last_exit
+                tails = await trio.to_thread.run_sync(output_tails, config)
+                raise StartFailed(f"instance {config.instance} {what}{tails}",
                                   returncode=code, app=config.app,
                                   release=config.release, instance=config.instance)
             first = False
@@ -504,15 +554,17 @@ class Instance:
             process = await self._spawn()
         ready = False
         self._missed_deadline = False
+        self._wrong_port = None
         try:
             async with trio.open_nursery() as nursery:
                 self._checks_scope = nursery.cancel_scope
                 nursery.start_soon(self._watch_exit, process, nursery.cancel_scope)
-                ready = await self._await_ready()
+                ready = await self._await_ready(process)
                 if not ready:
-                    self._log.warning("instance not ready by its deadline",
-                                      deadline=self.config.health.ready_deadline)
-                    self._missed_deadline = True
+                    self._log.warning("instance not ready",
+                                      deadline=self.config.health.ready_deadline,
+                                      wrong_port=self._wrong_port)
+                    self._missed_deadline = self._wrong_port is None
                     await self._terminate(process)
                     return False
                 self.ready_at = time.time()
@@ -531,14 +583,31 @@ class Instance:
         await process.wait()
         scope.cancel()
 
-    async def _await_ready(self) -> bool:
-        health = self.config.health
+    async def _await_ready(self, process: _Process) -> bool:
+        """Probe readiness until ``ready_deadline``. An app that listens on other ports but
+        not on $PORT for ``WRONG_PORT_GRACE`` fails at once (``_wrong_port`` says which
+        ports), rather than sitting out the deadline."""
+        config = self.config
+        health = config.health
         pauses = Backoff(READY_POLL_FIRST, READY_POLL)
+        elsewhere_since: float | None = None
         with trio.move_on_after(health.ready_deadline):
             while True:
                 with trio.move_on_after(health.timeout):
-                    if await probe(self.config.port, health.ready_path):
+                    if await probe(config.port, health.ready_path):
                         return True
+                ports = await trio.to_thread.run_sync(listening_ports, process.pid)
+                if ports and config.port not in ports:
+                    now = trio.current_time()
+                    elsewhere_since = now if elsewhere_since is None else elsewhere_since
+                    if now - elsewhere_since >= WRONG_PORT_GRACE:
+                        chosen = ", ".join(str(port) for port in sorted(ports))
+                        self._wrong_port = (f"listens on port {chosen}, not on $PORT "
+                                            f"({config.port}): an app must listen on "
+                                            f"127.0.0.1:$PORT")
+                        return False
+                else:
+                    elsewhere_since = None
                 await trio.sleep(pauses.next())
         return False
 

@@ -239,12 +239,31 @@ async def test_not_ready_is_a_failed_start(tmp_path: Path) -> None:
 
 
 async def test_exit_before_ready_is_a_failed_start(tmp_path: Path) -> None:
-    """A command that exits at once fails the first start with its exit code."""
-    config = replace(make_config(tmp_path, "ok"), command="echo bye >&2; exit 7")
+    """A command that exits at once fails the first start with its exit code and the last
+    lines of both its output streams."""
+    config = replace(make_config(tmp_path, "ok"),
+                     command="echo starting; echo 'Traceback: bye' >&2; exit 7")
     with trio.fail_after(WAIT), pytest.raises(StartFailed, match="exited with 7") as info:
         await Instance(config).run()
     assert info.value.returncode == 7
-    assert "bye" in config.err_log.read_text()
+    message = str(info.value)
+    assert "--- last stdout ---\nstarting" in message
+    assert "--- last stderr ---\nTraceback: bye" in message
+
+
+async def test_an_app_on_another_port_fails_in_seconds_naming_it(tmp_path: Path) -> None:
+    """An app that ignores $PORT fails its start within seconds (not at the deadline),
+    naming the port it chose."""
+    other = free_port()
+    config = replace(make_config(tmp_path, "ok"), command=(
+        f"exec {shlex.quote(sys.executable)} -m http.server --bind 127.0.0.1 {other}"),
+        health=HealthSpec(path="/", timeout=0.5, ready_deadline=60.0))
+    started = time.monotonic()
+    with trio.fail_after(WAIT), pytest.raises(StartFailed) as info:
+        await Instance(config).run()
+    assert time.monotonic() - started < WAIT
+    assert f"listens on port {other}, not on $PORT ({config.port})" in str(info.value)
+    assert info.value.returncode is None
 
 
 async def test_crash_loop_stops_restarting(tmp_path: Path) -> None:
