@@ -94,7 +94,8 @@ def snapshot_to_wire(snapshot: RoutingSnapshot) -> dict[str, Any]:
     for app in snapshot.apps:
         t = app.timeouts
         entry: dict[str, Any] = {
-            "instances": [{"id": i.id, "address": f"{_fmt_host(i.host)}:{i.port}"}
+            "instances": [{"id": i.id, "address": f"{_fmt_host(i.host)}:{i.port}",
+                           **({"standby": True} if i.standby else {})}
                           for i in app.instances],
             "strip_prefix": app.strip_prefix,
             "hosts": list(app.hosts),
@@ -219,7 +220,8 @@ def _read_app(apps: Table, name: str) -> AppRoute:
             it = Table(item, source=t.source, path=key)
             address = it.text("address")
             host, port = parse_address(address, source=t.source, key=it.key("address"))
-            instances.append(Instance(id=it.text("id", address), host=host, port=port))
+            instances.append(Instance(id=it.text("id", address), host=host, port=port,
+                                      standby=it.flag("standby", False)))
             it.done()
     if len({i.id for i in instances}) != len(instances):
         raise t.error("instances", "instance ids must be unique")

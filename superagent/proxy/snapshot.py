@@ -30,11 +30,18 @@ class Timeouts:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Instance:
-    """One upstream process of an app, reachable at ``host:port``."""
+    """One upstream process of an app, reachable at ``host:port``.
+
+    A ``standby`` instance gets a request only when no other instance of the app can be
+    had (none routed, or every one failed to connect): the warm instances of the release
+    a deploy just replaced, kept until the deploy commits, so a new release that dies
+    right after its switch costs no request.
+    """
 
     id: str
     host: str
     port: int
+    standby: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

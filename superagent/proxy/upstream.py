@@ -60,19 +60,22 @@ class UpstreamConn:
 class Upstream:
     """An app instance as this worker sees it."""
 
-    __slots__ = ("address", "app", "draining", "id", "idle", "outstanding", "removed")
+    __slots__ = ("address", "app", "draining", "id", "idle", "outstanding", "removed",
+                 "standby")
 
     def __init__(self, instance: Instance, app: str) -> None:
         self.id = instance.id
         self.app = app
         self.address = (instance.host, instance.port)
+        self.standby = instance.standby
         self.draining = False
         self.removed = False
         self.outstanding = 0
         self.idle: list[UpstreamConn] = []
 
     def __repr__(self) -> str:
-        flags = "".join((" draining" if self.draining else "", " removed" if self.removed else ""))
+        flags = "".join((" draining" if self.draining else "", " removed" if self.removed else "",
+                         " standby" if self.standby else ""))
         return (f"<Upstream {self.id} {self.address[0]}:{self.address[1]} app={self.app}"
                 f" outstanding={self.outstanding} idle={len(self.idle)}{flags}>")
 
@@ -156,6 +159,7 @@ class Upstreams:
                         up.removed = True
                         up.close_idle()
                     up = Upstream(inst, app.name)
+                up.standby = inst.standby
                 seen[inst.id] = up
                 members.append(up)
         for inst_id, up in self.by_id.items():
@@ -179,20 +183,27 @@ class Upstreams:
                 *(up for i, up in self.retiring.items() if i not in self.by_id)]
 
     def pick(self, app: AppRoute, exclude: Iterable[str] = ()) -> Upstream | None:
-        """The non-draining instance with the fewest requests in flight (ties rotate)."""
+        """The routed, non-draining instance with the fewest requests in flight (ties
+        rotate); when there is none (or all are in ``exclude``), a standby or draining one
+        that is still alive: a request is better served by a warm instance on its way out
+        than refused."""
         members = self._by_app.get(app.name)
         if not members:
             return None
         n = len(members)
         self._turn += 1
         best: Upstream | None = None
+        fallback: Upstream | None = None
         for i in range(n):
             up = members[(self._turn + i) % n]
-            if up.draining or up.id in exclude:
+            if up.id in exclude:
                 continue
-            if best is None or up.outstanding < best.outstanding:
+            if up.draining or up.standby:
+                if fallback is None or up.outstanding < fallback.outstanding:
+                    fallback = up
+            elif best is None or up.outstanding < best.outstanding:
                 best = up
-        return best
+        return best if best is not None else fallback
 
     def set_draining(self, instance_id: str, draining: bool) -> Upstream | None:
         up = self.by_id.get(instance_id) or self.retiring.get(instance_id)
