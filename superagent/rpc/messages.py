@@ -184,7 +184,7 @@ class InstanceStatus:
     started_at: float | None
     ready_at: float | None
     create_time: float | None
-    figures: dict[str, Any]
+    figures: dict[str, Any] | None  # None once the process is gone
 
 
 @dataclass(frozen=True, kw_only=True)

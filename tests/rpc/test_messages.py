@@ -55,7 +55,7 @@ EXAMPLES: list[Any] = [
     msg.InstanceStatus(app="hello", release="r1", instance="hello@r1.1", state="ready",
                        pid=None, port=41000, restarts=2, last_exit_code=1,
                        isolation={"user": "sa-hello"}, started_at=None, ready_at=None,
-                       create_time=3.0, figures={}),
+                       create_time=3.0, figures=None),
 ]
 
 
