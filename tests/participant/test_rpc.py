@@ -377,3 +377,25 @@ async def test_client_unreachable_participant() -> None:
     client = ParticipantClient(httpx.AsyncClient(transport=httpx.MockTransport(refuse)))
     with pytest.raises(Unreachable, match="n9:7000"):
         await client.status("n9:7000")
+
+
+def test_error_codes_come_from_one_table() -> None:
+    """The most specific class decides the code; the status hint and details travel along;
+    an error that is not the participant's is left to the internal-error handler."""
+    from superagent.participant import errors as e
+    from superagent.participant.rpc import error_reply
+
+    stale = error_reply(e.StaleTerm(4, 5))
+    assert stale is not None and (stale.error, stale.status) == (msg.ErrorCode.STALE_TERM, 409)
+    too_large = error_reply(e.ArchiveTooLarge("over budget", app="a", release="r1"))
+    assert too_large is not None and too_large.error is msg.ErrorCode.ARCHIVE_TOO_LARGE
+    assert (too_large.app, too_large.release, too_large.status) == ("a", "r1", 413)
+    missing = error_reply(e.ArtifactUnavailable("ab" * 32, {"http://c1": "404 not found"}))
+    assert missing is not None and missing.error is msg.ErrorCode.ARTIFACT_UNAVAILABLE
+    assert missing.status == 404
+    failed = error_reply(e.BuildFailed("build failed", log_path=None, tail="boom",
+                                       returncode=1))
+    assert failed is not None and failed.log == "boom"
+    plain = error_reply(e.ParticipantError("something"))
+    assert plain is not None and plain.error is msg.ErrorCode.INTERNAL
+    assert error_reply(RuntimeError("bug")) is None
