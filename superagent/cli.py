@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -17,6 +18,7 @@ from superagent.errors import SuperagentError
 from superagent.log import setup_logging
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
 
 
 def _proxy(args: argparse.Namespace) -> int:
@@ -59,9 +61,9 @@ def _participant(args: argparse.Namespace) -> int:
     import socket
     from pathlib import Path
 
+    from superagent.config import parse_address
     from superagent.participant.joiner import parse_coordinator_urls
     from superagent.participant.service import Agent, AgentConfig
-    from superagent.proxy.config import parse_address
 
     secret = _secret(args)
     listen = tuple(args.listen or ["0.0.0.0:8080"])
@@ -140,9 +142,9 @@ def _secret(args: argparse.Namespace) -> str:
 def _coordinator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from superagent.config import parse_address
     from superagent.coordinator.commands import NODE_NAME
     from superagent.coordinator.service import Coordinator, CoordinatorConfig
-    from superagent.proxy.config import parse_address
 
     if not NODE_NAME.fullmatch(args.id):
         raise SuperagentError(f"--id {args.id!r} must match {NODE_NAME.pattern}")
@@ -176,7 +178,7 @@ def _coordinator(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from superagent.proxy.config import parse_address
+    from superagent.config import parse_address
     from superagent.up import UpConfig, run_up
 
     parse_address(args.listen, source="--listen", key=args.listen)
@@ -284,15 +286,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
     except (SuperagentError, BaseExceptionGroup) as exc:
         error = _our_error(exc)
         if error is None:
             raise
-        print(f"superagent {args.command}: {error}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": _error_code(error), "detail": str(error),
+                              "command": args.command}), file=sys.stderr)
+        else:
+            print(f"superagent {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`superagent status --json | head`): not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return result
+
+
+def _error_code(error: SuperagentError) -> str:
+    """A stable name for ``--json`` error output: the API's code when the coordinator
+    gave one, else the error's class in kebab case (``ConfigError`` -> ``config-error``)."""
+    code = getattr(error, "code", "")
+    if isinstance(code, str) and code:
+        return code
+    name = type(error).__name__
+    return "".join(f"-{c.lower()}" if c.isupper() and i else c.lower()
+                   for i, c in enumerate(name))
 
 
 def _our_error(exc: BaseException) -> SuperagentError | None:

@@ -104,7 +104,7 @@ class Client:
                         continue
                     if response.status_code >= 400:
                         response.read()
-                        raise _error(url, response)
+                        raise _error(url, response, token_given=bool(self.token))
                     yield response
                     return
                 finally:
@@ -148,7 +148,7 @@ def _message(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}"
 
 
-def _error(url: str, response: httpx.Response) -> ClientError:
+def _error(url: str, response: httpx.Response, *, token_given: bool) -> ClientError:
     code = ""
     try:
         body = response.json()
@@ -156,7 +156,12 @@ def _error(url: str, response: httpx.Response) -> ClientError:
             code = str(body.get("error", ""))
     except ValueError:
         pass
+    if response.status_code == 401 and not token_given:
+        return ClientError(f"{url}: not authorised — no token given: pass --token, set "
+                           f"SUPERAGENT_TOKEN or run where `superagent up` wrote "
+                           f"{TOKEN_FILE} ({_message(response)})", status=401, code=code)
     if response.status_code == 401:
-        return ClientError(f"{url}: not authorised — pass --token or set SUPERAGENT_TOKEN "
-                           f"({_message(response)})", status=401, code=code)
+        return ClientError(f"{url}: not authorised — the token was refused: check "
+                           f"--token or SUPERAGENT_TOKEN ({_message(response)})",
+                           status=401, code=code)
     return ClientError(_message(response), status=response.status_code, code=code)

@@ -157,6 +157,22 @@ def _show_progress(deploy_id: str, view: dict[str, Any], shown: dict[str, str]) 
             print(f"  {step['node']}: {text}", file=sys.stderr, flush=True)
 
 
+def _name_of_procfile_app(directory: Path) -> str | None:
+    """A Procfile-only app (no superagent.toml) is named after its directory, as piku and
+    Heroku name an app after its repository; None when that is no valid app name."""
+    from superagent.manifest import MANIFEST
+    from superagent.names import is_app_name
+
+    if (directory / MANIFEST).is_file():
+        return None
+    name = directory.resolve().name.lower().replace("_", "-")
+    if not is_app_name(name):
+        return None
+    print(f"{directory}: no {MANIFEST}: deploying the Procfile app as {name!r} (the "
+          f"directory's name; --app chooses another)", file=sys.stderr)
+    return name
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from superagent.pack import pack
 
@@ -164,9 +180,10 @@ def _deploy(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise ClientError(f"{args.path}: not a directory")
     client = client_of(args)
+    name = args.app or _name_of_procfile_app(directory)
     with tempfile.TemporaryFile() as archive:
-        packed = pack(directory, archive, app=args.app)
-        app = args.app or packed.app_name
+        packed = pack(directory, archive, app=name)
+        app = name or packed.app_name
         if app is None:
             raise ClientError(f"{args.path}: the manifest does not name the app: give --app")
         print(f"packed {packed.files} files ({packed.size / 1024:.1f} KiB, sha256"
@@ -226,7 +243,8 @@ def add_client_commands(sub: Any) -> None:
                                            " roll it out")
     deploy.add_argument("path", help="the app's source directory (with superagent.toml or a"
                                      " Procfile)")
-    deploy.add_argument("--app", help="app name (default: from the manifest)")
+    deploy.add_argument("--app", help="app name (default: from the manifest; for a Procfile"
+                                      " app, the directory's name)")
     deploy.add_argument("--max-parallel", type=int, metavar="N",
                         help="nodes rolled at once (default 1)")
     deploy.add_argument("--no-follow", action="store_true",

@@ -3,11 +3,14 @@
 Every role's config is a frozen dataclass built from TOML through ``Table``:
 it hands out typed values by key, remembers which keys were read, and
 ``Table.done()`` refuses any key nobody asked for. Every error names the file
-and the dotted key, so "fix the file" is always actionable.
+and the dotted key, so "fix the file" is always actionable. ``parse_duration``,
+``parse_size`` and ``parse_address`` read one value each, for ``Table`` and for
+command-line options alike.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import tomllib
@@ -55,6 +58,15 @@ def parse_size(value: object) -> int:
             unit = (match.group(2) or "").upper().rstrip("B").rstrip("I") or ""
             return int(match.group(1)) * _SIZE_UNITS[unit or ""]
     raise ValueError(f"expected a size like '10M', '512K', '1G', got {value!r}")
+
+
+def parse_address(value: str, *, source: str, key: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) into a tuple; raises ConfigError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected 'host:port', got {value!r}", source=source, key=key)
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -117,7 +129,10 @@ class Table:
         if name in self._data:
             return self._data[name]
         if default is _REQUIRED:
-            raise self.error(name, "is required")
+            near = difflib.get_close_matches(name, [k for k in self._data if k not in self._used],
+                                             n=1)
+            raise self.error(name, "is required" + (
+                f"; found {self.key(near[0])!r}: a typo of {name!r}?" if near else ""))
         return default
 
     def text(self, name: str, default: Any = _REQUIRED, *, choices: tuple[str, ...] = ()) -> Any:
@@ -182,6 +197,9 @@ class Table:
         """Refuse keys that were never read: they are typos or unsupported settings."""
         unknown = sorted(set(self._data) - self._used)
         if unknown:
+            near = difflib.get_close_matches(unknown[0], sorted(self._used - set(self._data)),
+                                             n=1)
             raise self.error(unknown[0], "unknown key" + (
+                f" (did you mean {self.key(near[0])!r}?)" if near else "") + (
                 f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))
 

@@ -25,6 +25,16 @@ class ConfigError(SuperagentError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class HTTPSyntaxError(SuperagentError):
+    """A request path or host name breaks HTTP syntax; ``str(exc)`` says how.
+
+    Raised by ``superagent.httprules``. The proxy answers it with 400 and closes the
+    connection; config and manifest readers report it as a ConfigError naming the key.
+    No ``__init__`` of its own: the proxy's compiled hot path raises it, and constructing
+    it must not run interpreted code.
+    """
+
+
 class CodecError(SuperagentError, ValueError):
     """A document does not decode into its class (``superagent.codec``).
 

@@ -1,12 +1,13 @@
 """Packing an app's source directory into the tarball that ``superagent deploy PATH`` uploads.
 
 ``pack`` works in two passes. The scan walks the tree (an excluded directory is not
-descended into), validates the manifest with the participant's own loader, and refuses
-before a byte is written: no manifest, a manifest hidden by the ignore rules, a symlink
-leaving the tree, a device, fifo or socket, a name the extractor would refuse, too many
-entries or too many bytes. The write pass streams every file from an open descriptor
-(``O_NOFOLLOW``, checked again with ``fstat``) through tarfile and gzip into ``dest``,
-hashing and counting on the way out, so nothing is ever held whole in memory.
+descended into), validates the manifest with the participant's own loader
+(``superagent.manifest``), and refuses before a byte is written: no manifest, a manifest
+hidden by the ignore rules, a symlink leaving the tree, a device, fifo or socket, a name
+the extractor would refuse, too many entries or too many bytes. The write pass streams
+every file from an open descriptor (``O_NOFOLLOW``, checked again with ``fstat``) through
+tarfile and gzip into ``dest``, hashing and counting on the way out, so nothing is ever
+held whole in memory.
 
 The output is deterministic so that re-deploying unchanged source is recognisable by its
 sha256: entries sorted by path, owners 0 and "", mtimes 0, modes normalised to 0644/0755,
@@ -18,10 +19,10 @@ the directory (``app.py``, ``static/``), which is the layout the participant's
 What is left out: ``ALWAYS_EXCLUDED`` (version control, caches, virtualenvs, the agent's own
 state), which no ``!`` pattern can bring back, then the rules of ``.gitignore`` and then
 ``.superagentignore`` at the root of the directory (the later file wins, so
-``.superagentignore`` can re-include what ``.gitignore`` leaves out). ``IgnoreRules`` is a
-pure matcher for the useful subset of gitignore: comments, ``!``, trailing ``/``, anchoring
-by a leading or inner ``/``, ``*``, ``?``, ``**`` and ``[...]`` classes. Nested ignore
-files, ``core.excludesFile`` and ``[[:alpha:]]``-style classes are not read.
+``.superagentignore`` can re-include what ``.gitignore`` leaves out). ``IgnoreRules`` matches
+paths with git's own pattern rules, through the pathspec library (its ``GitIgnoreSpec``).
+Nested ignore files, ``core.excludesFile`` and ``[[:alpha:]]``-style classes (which
+pathspec does not know) are not read.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import re
 import stat
 import tarfile
 from collections.abc import Iterable
@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import pathspec
+
 from superagent.errors import SuperagentError
-from superagent.participant.manifest import MANIFEST, PROCFILE, load_manifest
+from superagent.manifest import MANIFEST, PROCFILE, load_manifest
 
 MAX_PACK_BYTES = 512 * 1024**2  # the participant's MAX_ARCHIVE_BYTES: more would be refused there
 MAX_PACK_FILES = 20_000  # the participant's MAX_ARCHIVE_FILES, counted the same way (all members)
@@ -82,36 +84,30 @@ class PackResult:
 # --- ignore rules (pure) -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class IgnoreRule:
-    """One compiled pattern line; ``regex`` matches a whole '/'-separated relative path."""
-
-    pattern: str
-    regex: re.Pattern[str]
-    negated: bool
-    dir_only: bool
-
-
 class IgnoreRules:
-    """An ordered list of gitignore patterns; the last rule matching a path decides.
+    """An ordered list of gitignore patterns; the last pattern matching a path decides.
 
     Paths are relative to the root, '/'-separated, without a leading '/'. As in git, a
-    path below an ignored directory is ignored whatever later rules say.
+    path below an ignored directory is ignored whatever later rules say. The patterns are
+    compiled by pathspec's ``GitIgnoreSpec`` (git's wildmatch rules); a directory is asked
+    about with a trailing '/', which is how pathspec tells it from a file.
     """
 
-    def __init__(self, rules: Iterable[IgnoreRule] = ()) -> None:
-        self.rules: tuple[IgnoreRule, ...] = tuple(rules)
+    def __init__(self, lines: Iterable[str] = ()) -> None:
+        # The pattern lines as written (blank lines and comments dropped), for repr and +.
+        self.patterns = tuple(line for line in lines if line.rstrip() and line[0] != "#")
+        self._spec = pathspec.GitIgnoreSpec.from_lines(map(_git_equivalent, self.patterns))
 
     def __repr__(self) -> str:
-        return f"IgnoreRules({[r.pattern for r in self.rules]!r})"
+        return f"IgnoreRules({list(self.patterns)!r})"
 
     @classmethod
     def from_lines(cls, lines: Iterable[str]) -> IgnoreRules:
         """Compile gitignore lines; blank lines and comments are skipped."""
-        return cls(rule for line in lines if (rule := compile_pattern(line)) is not None)
+        return cls(lines)
 
     def __add__(self, other: IgnoreRules) -> IgnoreRules:
-        return IgnoreRules(self.rules + other.rules)
+        return IgnoreRules(self.patterns + other.patterns)
 
     def ignored(self, relpath: str, is_dir: bool) -> bool:
         """Whether ``relpath`` (a directory if ``is_dir``) is excluded, its parents included."""
@@ -123,98 +119,18 @@ class IgnoreRules:
 
     def matches(self, relpath: str, *, is_dir: bool) -> bool:
         """The verdict of the rules on ``relpath`` alone, not looking at its parents."""
-        verdict = False
-        for rule in self.rules:
-            if rule.dir_only and not is_dir:
-                continue
-            if rule.regex.fullmatch(relpath):
-                verdict = not rule.negated
-        return verdict
+        return self._spec.match_file(relpath + "/" if is_dir else relpath)
 
 
-def compile_pattern(line: str) -> IgnoreRule | None:
-    """One gitignore line as a rule; None for a blank line or a comment."""
-    line = line.rstrip("\r\n")
-    while line.endswith(" ") and not line.endswith("\\ "):  # trailing spaces, unless escaped
-        line = line[:-1]
-    if not line or line.startswith("#"):
-        return None
-    pattern = line
-    negated = line.startswith("!")
-    if negated or line.startswith(("\\!", "\\#")):  # "\!" and "\#" are literal
-        line = line[1:]
-    dir_only = line.endswith("/")
-    line = line.rstrip("/")
-    if not line:  # "/" or "!/": matches nothing useful
-        return None
-    anchored = "/" in line
-    line = line.lstrip("/")
-    body = _translate(line)
-    regex = body if anchored else "(?:.*/)?" + body
-    return IgnoreRule(pattern, re.compile(regex, re.DOTALL), negated, dir_only)
+def _git_equivalent(line: str) -> str:
+    """``line``, with a trailing ``/**`` spelled ``/**/*``, which means the same to git.
 
-
-def _translate(glob: str) -> str:
-    """A gitignore glob (without anchoring or trailing '/') as a regex for whole paths."""
-    out: list[str] = []
-    i, n = 0, len(glob)
-    while i < n:
-        c = glob[i]
-        if c == "*" and glob.startswith("**", i):
-            before_ok = i == 0 or glob[i - 1] == "/"
-            after = i + 2
-            if before_ok and after < n and glob[after] == "/":
-                out.append("(?:.*/)?")  # "**/": zero or more directories
-                i = after + 1
-                continue
-            if before_ok and after == n:
-                out.append(".*")  # "dir/**": everything inside ("**" alone: everything)
-                i = after
-                continue
-            out.append("[^/]*")  # any other "**" is a plain "*"
-            i = after
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            cls, i = _char_class(glob, i)
-            out.append(cls)
-        elif c == "\\" and i + 1 < n:
-            out.append(re.escape(glob[i + 1]))
-            i += 2
-        else:
-            out.append(re.escape(c))
-            i += 1
-    return "".join(out)
-
-
-def _char_class(glob: str, start: int) -> tuple[str, int]:
-    """The regex for the class opening at ``start`` and the index after it ('[' if unclosed)."""
-    i = start + 1
-    negate = i < len(glob) and glob[i] in "!^"
-    if negate:
-        i += 1
-    members: list[str] = []
-    first = True
-    while i < len(glob) and (glob[i] != "]" or first):
-        c = glob[i]
-        if c == "\\" and i + 1 < len(glob):
-            members.append(re.escape(glob[i + 1]))
-            i += 2
-        elif c == "-" and members and i + 1 < len(glob) and glob[i + 1] != "]":
-            members.append("-")
-            i += 1
-        else:
-            members.append(re.escape(c) if c != "-" else "\\-")
-            i += 1
-        first = False
-    if i >= len(glob):  # no closing ']': a literal '['
-        return re.escape("["), start + 1
-    body = "".join(members)
-    return (f"[^/{body}]" if negate else f"(?!/)[{body}]"), i + 1
+    Both match everything inside the directory and not the directory itself, but
+    pathspec also matches the directory itself against ``dir/**``: the directory would
+    then be skipped whole, and ``dir/**`` followed by ``!dir/keep`` could not keep it.
+    """
+    stripped = line.rstrip(" ")
+    return stripped + "/*" if stripped.endswith("/**") else line
 
 
 _BUILTIN = IgnoreRules.from_lines(ALWAYS_EXCLUDED)

@@ -193,3 +193,16 @@ def test_proxy_without_config_is_a_usage_error() -> None:
     assert result.returncode == 2
     assert "--config" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_reader_that_goes_away_is_no_traceback(config: Path) -> None:
+    """`superagent ... --json | head`: a closed pipe ends the command quietly (exit 141)."""
+    process = subprocess.Popen([sys.executable, "-m", "superagent", "--json", "proxy",
+                                "--config", str(config), "--check"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before the command writes
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=TIMEOUT) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -1,4 +1,4 @@
-"""Tests for superagent/config.py: durations, sizes, typed TOML tables and file reading."""
+"""Tests for superagent/config.py: durations, sizes, addresses, typed TOML tables, file reading."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from superagent.config import Table, parse_duration, parse_size, read_toml
+from superagent.config import Table, parse_address, parse_duration, parse_size, read_toml
 from superagent.errors import ConfigError
 
 
@@ -233,3 +233,48 @@ def test_table_repr_names_source_and_path() -> None:
     """The repr shows file, path and keys for logs and assertions."""
     assert repr(Table({"b": 1, "a": 2}, source="f.toml", path="proxy")) == (
         "<Table f.toml:proxy keys=['a', 'b']>")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        (":8080", ("0.0.0.0", 8080)),
+        ("[::1]:443", ("::1", 443)),
+        ("[::]:1", ("::", 1)),
+        ("example.com:65535", ("example.com", 65535)),
+    ],
+)
+def test_parse_address_valid(value: str, expected: tuple[str, int]) -> None:
+    """host:port and [v6]:port parse; an empty host means all interfaces."""
+    assert parse_address(value, source="f", key="k") == expected
+
+
+@pytest.mark.parametrize("value", ["", "host", "host:", "host:0", "host:65536", "host:x",
+                                   "[::1]", "host:-1", "host: 80"])
+def test_parse_address_invalid(value: str) -> None:
+    """Addresses without a valid port raise ConfigError naming the key."""
+    with pytest.raises(ConfigError) as info:
+        parse_address(value, source="f", key="proxy.listen")
+    assert info.value.key == "proxy.listen"
+
+
+def test_a_missing_key_names_its_near_miss() -> None:
+    """`[run] comand = ...` says run.command is required and names run.comand as a typo."""
+    run = Table({"comand": "python app.py"}, source="superagent.toml", path="run")
+    with pytest.raises(ConfigError, match=r"run\.command: is required; found 'run\.comand': "
+                                          r"a typo of 'command'"):
+        run.text("command")
+    far = Table({"x": 1}, source="superagent.toml", path="run")
+    with pytest.raises(ConfigError) as caught:
+        far.text("command")
+    assert "typo" not in str(caught.value)
+
+
+def test_an_unknown_key_names_the_known_key_it_resembles() -> None:
+    """A misspelt optional key is refused with the key it was probably meant to be."""
+    health = Table({"pathh": "/"}, source="superagent.toml", path="health")
+    assert health.text("path", None) is None
+    with pytest.raises(ConfigError, match=r"health.pathh: unknown key \(did you mean "
+                                          r"'health.path'\?\)"):
+        health.done()

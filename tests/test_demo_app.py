@@ -14,7 +14,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,19 +25,13 @@ from pathlib import Path
 import pytest
 
 from superagent.demo import demo_app_dir
+from superagent.manifest import load_manifest
 from superagent.pack import pack
 from superagent.participant.archive import safe_extract
-from superagent.participant.manifest import load_manifest
+from tests.support.ports import free_port
 
 PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 DEADLINE = 10.0  # seconds for anything that should take milliseconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -42,7 +42,7 @@ def test_readme_opens_with_two_commands() -> None:
 
 def test_participant_manifest_example_validates() -> None:
     """The manifest example in docs/participant.md is a valid superagent.toml."""
-    from superagent.participant.manifest import parse_manifest
+    from superagent.manifest import parse_manifest
 
     doc = (ROOT / "docs" / "participant.md").read_text()
     block = re.search(r"```toml\n(.*?)```", doc, re.S)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from superagent.errors import ConfigError, SuperagentError
-from superagent.pack import IgnoreRules, PackError, PackResult, compile_pattern, pack
+from superagent.manifest import load_manifest
+from superagent.pack import IgnoreRules, PackError, PackResult, pack
 from superagent.participant.archive import safe_extract
-from superagent.participant.manifest import load_manifest
 
 MANIFEST = '[app]\nname = "demo"\n[run]\ncommand = "python3 app.py"\n'
 
@@ -80,6 +80,7 @@ def rules(*lines: str) -> IgnoreRules:
     ("**/logs", "x/y/logs", True, True),
     ("logs/**", "logs/a/b.txt", False, True),
     ("logs/**", "logs", True, False),  # inside only, not the directory itself
+    ("logs/**", "logs/sub", True, True),
     ("a/**/b", "a/b", False, True),
     ("a/**/b", "a/x/y/b", False, True),
     ("a/**/b", "ab", False, False),
@@ -91,7 +92,7 @@ def rules(*lines: str) -> IgnoreRules:
     ("[!abc].txt", "a.txt", False, False),
     ("[a-c]x", "bx", False, True),
     ("[a-c]x", "dx", False, False),
-    ("[].txt", "[].txt", False, True),  # never closed: a literal '['
+    ("[].txt", "[].txt", False, False),  # never closed: git's wildmatch matches nothing
     ("\\#hash", "#hash", False, True),
     ("\\!bang", "!bang", False, True),
     ("space\\ ", "space ", False, True),
@@ -104,10 +105,10 @@ def test_pattern(pattern: str, path: str, is_dir: bool, expected: bool) -> None:
 
 def test_blank_lines_and_comments_are_skipped() -> None:
     """Blank lines and '#' comments compile to nothing."""
-    assert compile_pattern("") is None
-    assert compile_pattern("   ") is None
-    assert compile_pattern("# a comment") is None
-    assert rules("", "# x", "*.tmp").rules[0].pattern == "*.tmp"
+    r = rules("", "   ", "# a comment", "*.tmp")
+    assert r.patterns == ("*.tmp",)
+    assert not r.ignored("# a comment", False)
+    assert r.ignored("x.tmp", False)
 
 
 def test_negation_last_match_wins() -> None:
@@ -116,6 +117,22 @@ def test_negation_last_match_wins() -> None:
     assert r.ignored("a.log", False)
     assert not r.ignored("keep.log", False)
     assert rules("*.log", "!keep.log", "keep.log").ignored("keep.log", False)
+
+
+def test_everything_inside_except_one_file() -> None:
+    """'dir/**' then '!dir/keep' keeps that one file, as in git (the directory is kept)."""
+    r = rules("logs/**", "!logs/keep")
+    assert not r.ignored("logs", True)
+    assert not r.ignored("logs/keep", False)
+    assert r.ignored("logs/today.log", False)
+    assert r.ignored("logs/old/a.log", False)
+
+
+def test_later_rules_add_up() -> None:
+    """Rules joined with + keep their order, so .superagentignore can re-include."""
+    r = rules("*.log") + rules("!keep.log")
+    assert r.patterns == ("*.log", "!keep.log")
+    assert not r.ignored("keep.log", False)
 
 
 def test_no_reinclude_below_an_ignored_directory() -> None:

@@ -18,16 +18,11 @@ import psutil
 import pytest
 
 from superagent.up import relocated_dir
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 PORTS: dict[Path, tuple[int, int]] = {}  # raft and rpc ports of each test's cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_up(cwd: Path, api: int, listen: int, *extra: str) -> subprocess.Popen[str]:

@@ -47,7 +47,8 @@ from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
 from superagent.coordinator.state import ClusterState
 from superagent.errors import CodecError, ConfigError
 from superagent.jsonbody import field, read_object
-from superagent.participant.manifest import parse_manifest, spec_to_json
+from superagent.manifest import parse_manifest, spec_to_json
+from superagent.names import APP_NAME, is_app_name
 from superagent.rpc.errors import RpcError
 from superagent.rpc.messages import Offline
 
@@ -249,9 +250,9 @@ async def create_release(request: Request, ctx: Context) -> Response:
     the app from the manifest when it does not exist yet)."""
     c = ctx.coordinator
     name = request.path_params["app"]
-    if not cmd.APP_NAME.fullmatch(name):
+    if not is_app_name(name):
         return error(400, "bad_app_name", f"app name {name!r} does not match"
-                                          f" {cmd.APP_NAME.pattern}")
+                                          f" {APP_NAME.pattern}")
     expected = request.query_params.get("sha256")
     options = deploy_options(request.query_params)  # refused before anything is stored
     sha256, size, spec = await c.store_release(request.stream(), app=name,

@@ -26,7 +26,6 @@ import builtins
 import contextlib
 import hashlib
 import os
-import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from superagent.coordinator.errors import (
     NoQuorum,
     UnknownArtifact,
 )
+from superagent.names import is_sha256
 
 log = structlog.get_logger(__name__)
 
@@ -55,15 +55,13 @@ READ_CHUNK = 1024 * 1024
 
 TMP_PREFIX = ".upload-"
 
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-
 Peer = Callable[[str, Path], Awaitable[None]]
 """Uploads the blob named by its first argument, read from the file at its second, to one peer."""
 
 
 def validate_sha256(name: str) -> str:
     """Return ``name`` if it is 64 lowercase hex digits; raise ``BadArtifactName`` otherwise."""
-    if not _SHA256_RE.fullmatch(name):
+    if not is_sha256(name):
         raise BadArtifactName(name)
     return name
 
@@ -316,7 +314,7 @@ def _scan(base: Path) -> list[Artifact]:
             continue
         for blob in shard.iterdir():
             name = blob.name
-            if _SHA256_RE.fullmatch(name) and name[:2] == shard.name:
+            if is_sha256(name) and name[:2] == shard.name:
                 with contextlib.suppress(FileNotFoundError):
                     found.append(Artifact(sha256=name, size=blob.stat().st_size))
     return sorted(found, key=lambda artifact: artifact.sha256)

@@ -32,7 +32,8 @@ from superagent.codec import canonical_json
 from superagent.coordinator.errors import CommandError, UnknownCommand
 from superagent.coordinator.lifecycle import Lifecycle
 from superagent.errors import CodecError
-from superagent.participant.manifest import MAX_PER_NODE
+from superagent.manifest import MAX_PER_NODE
+from superagent.names import APP_NAME, ENV_KEY, SHA256
 
 KEY_MAX = 200  # idempotency keys are client-made (uuid, CI job id + step); 200 fits any sane one
 ACTOR_MAX = 200  # a token name or "user@host"; the audit log stores it verbatim
@@ -41,11 +42,8 @@ ADDRESS_MAX = 255  # host:port of a participant's RPC server
 MAX_CAPACITY = 10_000  # instances one node may run; more is a typo
 MAX_RELEASE_SIZE = 4 * 1024**3  # bytes of a source tarball; the artifact store refuses more
 
-APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")  # same rule as the manifest's [app] name
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a hostname label or FQDN
 GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
-SHA256 = re.compile(r"[0-9a-f]{64}")
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEPLOY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 API_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:_-]{1,250}")  # scheme://host:port, no path
 
@@ -90,7 +88,7 @@ class Command:
 class CreateApp(Command):
     type: ClassVar[str] = "create_app"
     name: str
-    spec: dict[str, Any]  # the manifest's JSON form (participant.manifest.spec_to_json)
+    spec: dict[str, Any]  # the manifest's JSON form (superagent.manifest.spec_to_json)
 
     def __post_init__(self) -> None:
         super().__post_init__()

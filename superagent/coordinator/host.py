@@ -23,7 +23,7 @@ from superagent.coordinator.artifacts import ArtifactStore
 from superagent.coordinator.membership import Liveness
 from superagent.coordinator.raft import RaftNode
 from superagent.coordinator.state import ClusterState, Result
-from superagent.participant.manifest import AppSpec
+from superagent.manifest import AppSpec
 from superagent.rpc.client import Participants
 
 PROPOSE_TIMEOUT = 5.0  # one Raft round; retried with the same key within SUBMIT_TIMEOUT

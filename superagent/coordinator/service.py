@@ -54,7 +54,7 @@ from superagent.coordinator.raft import RaftNode
 from superagent.coordinator.state import ClusterState, Result
 from superagent.errors import ConfigError
 from superagent.httpserver import check_bindable, serve_app
-from superagent.participant.manifest import AppSpec, manifest_from
+from superagent.manifest import AppSpec, manifest_from
 from superagent.rpc.client import ParticipantClient, Participants
 
 log = structlog.get_logger(__name__)

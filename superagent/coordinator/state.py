@@ -43,7 +43,7 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
 from superagent.errors import ConfigError
-from superagent.participant.manifest import spec_from_json, spec_to_json
+from superagent.manifest import spec_from_json, spec_to_json
 
 FORMAT_VERSION = 1  # of the to_json document; from_json refuses others
 AUDIT_LIMIT = 1000  # entries kept: enough for "what happened today" without growing the snapshot
@@ -328,7 +328,12 @@ class ClusterState:
         deploy.finished, deploy.updated_at = True, c.at
         deploy.history.append([c.at, "finished", ""])
         if record.status == Status.SUCCEEDED:
-            self.apps[c.app].current_release = record.release
+            # The app is what its serving release says it is (routes, scale...), not what
+            # its first upload said.
+            app = self.apps[c.app]
+            app.current_release, app.updated_at = record.release, c.at
+            app.spec = next(r.spec for r in self.releases[c.app]
+                            if f"r{r.number}" == record.release)
         outcome = record.status.value + (f": {record.reason}" if record.reason else "")
         return {"ok": True, "deploy_id": c.deploy_id, "status": record.status.value}, outcome
 

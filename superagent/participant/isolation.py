@@ -10,6 +10,10 @@ from ``cgroups``; the supervisor gets the rest from here:
    system user ``sa-<app>`` on demand (no home, no login shell); all instances
    of an app share it, so tenants cannot read each other's files. Without root
    the agent cannot switch users and says so in the returned ``AppUser``.
+   Several agents may share a host (and run ``useradd`` for the same new app at
+   the same moment): lookup and creation happen under one host-wide file lock
+   (``USERS_LOCK``), and the uid and gid are always read back by name, so every
+   agent on the host gets the same ids for an app.
 2. **The child's last steps.** ``child_setup()`` returns the ``preexec_fn`` that
    runs in the forked child before ``exec``: join the cgroup while still root,
    set rlimits, set ``no_new_privs`` (so no setuid binary can give the uid back),
@@ -27,7 +31,9 @@ async callers run it with ``trio.to_thread.run_sync``. Errors are
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -36,7 +42,8 @@ import re
 import resource
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +59,9 @@ USER_PREFIX = "sa-"
 MAX_USER_NAME = 32  # useradd refuses longer names
 USERADD_TIMEOUT = 30.0  # useradd waits for /etc/passwd's lock; a stuck lock is an error
 NOLOGIN = "/usr/sbin/nologin"
+# One lock for every agent on the host: /run is per boot and root's, like the users it guards.
+USERS_LOCK = Path("/run/superagent/users.lock")
+LOCK_RETRY = 0.02  # flock has no timeout: try again this often until USERADD_TIMEOUT
 _USER_SAFE = re.compile(r"^[a-z0-9_][a-z0-9_-]*$")
 
 
@@ -91,6 +101,16 @@ def ensure_app_user(app: str) -> AppUser:
     if os.geteuid() != 0:
         return current_user()
     name = app_user_name(app)
+    with _host_lock(USERS_LOCK, app=app):
+        entry = _create_user(app, name)
+    if entry.pw_uid == 0 or entry.pw_uid >= _uid_min():
+        raise IsolationError(f"user {name} exists and is not a system user (uid {entry.pw_uid})",
+                             app=app)
+    return AppUser(name=name, uid=entry.pw_uid, gid=entry.pw_gid, switched=True)
+
+
+def _create_user(app: str, name: str) -> pwd.struct_passwd:
+    """The passwd entry of ``name``, created by useradd when missing (under the host lock)."""
     entry = _lookup_user(name)
     if entry is None:
         useradd = shutil.which("useradd") or "/usr/sbin/useradd"
@@ -103,15 +123,40 @@ def ensure_app_user(app: str) -> AppUser:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise IsolationError(f"cannot run useradd for {name}: {exc}", app=app,
                                  path=useradd) from exc
-        entry = _lookup_user(name)  # also covers a concurrent useradd of the same name
+        entry = _lookup_user(name)  # read back by name: the ids are what the system holds
         if entry is None:
             raise IsolationError(f"useradd {name} failed ({done.returncode}): "
                                  f"{done.stderr.strip()}", app=app, path=useradd)
         log.info("app user created", app=app, user=name, uid=entry.pw_uid)
-    if entry.pw_uid == 0 or entry.pw_uid >= _uid_min():
-        raise IsolationError(f"user {name} exists and is not a system user (uid {entry.pw_uid})",
-                             app=app)
-    return AppUser(name=name, uid=entry.pw_uid, gid=entry.pw_gid, switched=True)
+    return entry
+
+
+@contextlib.contextmanager
+def _host_lock(path: Path, *, app: str, timeout: float = USERADD_TIMEOUT) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created 0600 in a root-only folder).
+
+    Raises ``IsolationError`` when it cannot be had within ``timeout``. Blocking.
+    """
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise IsolationError(f"cannot open the users lock {path}: {exc}", app=app,
+                             path=str(path)) from exc
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise IsolationError(f"the users lock {path} is held for over "
+                                         f"{timeout:.0f} s", app=app, path=str(path)) from None
+                time.sleep(LOCK_RETRY)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def current_user() -> AppUser:
@@ -131,18 +176,19 @@ def remove_app_user(app: str) -> bool:
     ``IsolationError`` for a non-system user of that name or when userdel fails.
     """
     name = app_user_name(app)
-    entry = _lookup_user(name)
-    if entry is None:
-        return False
-    if entry.pw_uid == 0 or entry.pw_uid >= _uid_min():
-        raise IsolationError(f"refusing to delete non-system user {name}", app=app)
-    userdel = shutil.which("userdel") or "/usr/sbin/userdel"
-    try:
-        done = subprocess.run([userdel, name], capture_output=True, text=True,
-                              timeout=USERADD_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise IsolationError(f"cannot run userdel for {name}: {exc}", app=app,
-                             path=userdel) from exc
+    with _host_lock(USERS_LOCK, app=app):
+        entry = _lookup_user(name)
+        if entry is None:
+            return False
+        if entry.pw_uid == 0 or entry.pw_uid >= _uid_min():
+            raise IsolationError(f"refusing to delete non-system user {name}", app=app)
+        userdel = shutil.which("userdel") or "/usr/sbin/userdel"
+        try:
+            done = subprocess.run([userdel, name], capture_output=True, text=True,
+                                  timeout=USERADD_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise IsolationError(f"cannot run userdel for {name}: {exc}", app=app,
+                                 path=userdel) from exc
     if done.returncode != 0:
         raise IsolationError(f"userdel {name} failed ({done.returncode}): "
                              f"{done.stderr.strip()}", app=app, path=userdel)

@@ -42,8 +42,8 @@ import structlog
 import trio
 
 from superagent.errors import ConfigError
+from superagent.names import SHA256
 from superagent.participant.errors import ArtifactUnavailable, ChecksumMismatch
-from superagent.participant.releases import SHA256
 
 log = structlog.get_logger("superagent.participant.joiner")
 

@@ -1,24 +1,25 @@
-"""Line-by-line capture of instance output: ring buffers, size-bounded files, live fan-out.
+"""Following every instance's output files into ``superagent.debug``'s records and fan-out.
 
 Theory of operation
 -------------------
 The supervisor gives every app process two files as stdout and stderr,
 ``<log_dir>/<instance>.out.log`` and ``.err.log``, opened ``O_APPEND`` (files, not pipes,
-so apps outlive an agent restart). This module follows those files from the outside:
+so apps outlive an agent restart). This module follows those files from the outside;
+what it produces is the transport-neutral model of ``superagent.debug``:
 
 1. **Lines.** ``logfiles`` follows each file (``FileFollower``: offsets, truncation and
    rotation by others, the size bound and what a flood drops) and splits it into
-   complete lines (``LineSplitter``). ``make_line`` decodes a line (UTF-8,
-   ``errors="replace"``) and parses a JSON object line into ``fields``, surfacing
-   ``level`` and ``request_id``. ``InstanceLog`` holds both files of an instance and a
-   ring buffer of its last lines.
+   complete lines (``LineSplitter``). ``debug.make_line`` turns each into a ``LogLine``
+   (JSON object lines kept as structured events). ``InstanceLog`` holds both files of an
+   instance, numbers its lines (one source, one sequence) and keeps the last ones in a
+   ``debug.LineRing``. ``ProxyEventLog`` follows the proxy workers' access log the same
+   way and keeps the records of apps with an open debug session as ``proxy`` lines.
 2. **Fan out (trio).** ``LogHub.run`` polls every instance every ``POLL_INTERVAL``. The
    file reads (and the copies of truncates) run in a worker thread so they never
-   stall the event loop; ring buffers, sequence-ordered tails and subscriber queues are
-   only touched on the trio thread. Each ``Subscription`` has a bounded memory channel
-   filled with ``send_nowait``: when it is full the line is dropped for that subscriber
-   and counted in ``Subscription.dropped`` — a slow consumer never slows the hub, and
-   the hub never slows the app (the app writes to a file, never to us).
+   stall the event loop; ring buffers and the ``debug.Fanout`` of subscribers are only
+   touched on the trio thread. A subscriber's queue is bounded and a full one drops and
+   counts (``Subscription.dropped``): a slow consumer never slows the hub, and the hub
+   never slows the app (the app writes to a file, never to us).
 
 Ownership: ``LogHub`` owns its ``InstanceLog``s and their fds; ``remove`` closes them
 (deferred to the end of the poll when one is in progress, so the worker thread never
@@ -28,19 +29,30 @@ reads a closed fd). ``Subscription`` objects are owned by their caller, who clos
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal
 
 import structlog
 import trio
 
+from superagent.debug import (
+    PROXY_SOURCE,
+    RING_LINES,
+    SUBSCRIBER_BUFFER,
+    Fanout,
+    LineRing,
+    LogFilter,
+    LogLine,
+    Origin,
+    Stream,
+    Subscription,
+    access_line,
+    access_record,
+    make_line,
+    merged_tail,
+)
 from superagent.participant.logfiles import DEFAULT_LIMITS, FileFollower, FileLimits
 
 log = structlog.get_logger("superagent.participant.logs")
@@ -48,91 +60,7 @@ log = structlog.get_logger("superagent.participant.logs")
 POLL_INTERVAL = 0.1  # seconds; the files are appended by processes we do not control and
 #                      inotify is not in the stdlib, so we poll: 10 stats per second per file
 #                      is negligible and keeps `logs -f` feeling live
-RING_LINES = 1000  # lines kept in memory per instance for `tail`
-PROXY_EVENTS = "proxy-events"  # the hub's key for the proxy's debug events
-SUBSCRIBER_BUFFER = 1000  # lines queued per subscriber before new ones are dropped
-
-Stream = Literal["stdout", "stderr", "proxy"]
-
-
-# --- lines (pure) -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LogLine:
-    """One line of one instance's output, as read by the agent at ``ts``."""
-
-    ts: float
-    app: str
-    release: str
-    instance: str
-    stream: Stream
-    text: str
-    seq: int
-    fields: dict[str, Any] | None = None
-    level: str | None = None
-    request_id: str | None = None
-    cut: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (``fields`` and optional keys only when present)."""
-        doc: dict[str, Any] = {"type": "log_line", "ts": self.ts, "app": self.app,
-                               "release": self.release, "instance": self.instance,
-                               "stream": self.stream, "seq": self.seq, "text": self.text}
-        if self.fields is not None:
-            doc["fields"] = self.fields
-        if self.level is not None:
-            doc["level"] = self.level
-        if self.request_id is not None:
-            doc["request_id"] = self.request_id
-        if self.cut:
-            doc["cut"] = True
-        return doc
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> LogLine:
-        """The inverse of ``to_json``; raises KeyError/ValueError on a malformed document."""
-        stream = doc["stream"]
-        if stream not in ("stdout", "stderr"):
-            raise ValueError(f"bad stream {stream!r}")
-        return cls(ts=float(doc["ts"]), app=str(doc["app"]), release=str(doc["release"]),
-                   instance=str(doc["instance"]), stream=stream, text=str(doc["text"]),
-                   seq=int(doc["seq"]), fields=doc.get("fields"), level=doc.get("level"),
-                   request_id=doc.get("request_id"), cut=bool(doc.get("cut", False)))
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Origin:
-    """Who wrote a line: the labels every line of one instance carries."""
-
-    app: str
-    release: str
-    instance: str
-
-
-def make_line(raw: bytes, *, cut: bool, origin: Origin, stream: Stream, ts: float,
-              seq: int) -> LogLine:
-    """Decode one raw line (no newline) and parse it as a JSON object when it is one."""
-    text = raw.decode("utf-8", errors="replace")
-    if text.endswith("\r"):
-        text = text[:-1]
-    fields: dict[str, Any] | None = None
-    level: str | None = None
-    request_id: str | None = None
-    if not cut and text.lstrip().startswith("{"):
-        with contextlib.suppress(ValueError, RecursionError):
-            parsed = json.loads(text)
-            if isinstance(parsed, dict):
-                fields = parsed
-    if fields is not None:
-        if isinstance(fields.get("level"), str):
-            level = fields["level"]
-        if isinstance(fields.get("request_id"), str | int):
-            request_id = str(fields["request_id"])
-    return LogLine(ts=ts, app=origin.app, release=origin.release, instance=origin.instance,
-                   stream=stream, text=text, seq=seq, fields=fields, level=level,
-                   request_id=request_id, cut=cut)
-
+PROXY_EVENTS = PROXY_SOURCE  # the hub's key for the proxy's debug events
 
 # --- following files (blocking I/O in logfiles.py; called from a worker thread) ---------------
 
@@ -151,14 +79,14 @@ class InstanceLog:
             "stdout": FileFollower(out_path, from_start=from_start, limits=limits),
             "stderr": FileFollower(err_path, from_start=from_start, limits=limits),
         }
-        self._ring: deque[LogLine] = deque(maxlen=ring)
+        self.ring = LineRing(ring)
         self._seq = 0
         self.closed = False
 
     def __repr__(self) -> str:
         out, err = self._followers["stdout"], self._followers["stderr"]
         return (f"<InstanceLog {self.origin.instance} app={self.origin.app} "
-                f"release={self.origin.release} lines={len(self._ring)}/{self._ring.maxlen} "
+                f"release={self.origin.release} lines={len(self.ring)}/{self.ring.maxlen} "
                 f"seq={self._seq} out@{out.offset} err@{err.offset} "
                 f"rotations={self.rotations} dropped_bytes={self.dropped_bytes}"
                 f"{' closed' if self.closed else ''}>")
@@ -180,7 +108,7 @@ class InstanceLog:
         return lines
 
     def record(self, lines: Iterable[LogLine]) -> None:
-        self._ring.extend(lines)
+        self.ring.record(lines)
 
     def poll(self) -> list[LogLine]:
         """``read_new`` then ``record``: the synchronous one-shot used by tests and tools."""
@@ -189,9 +117,7 @@ class InstanceLog:
         return lines
 
     def tail(self, n: int = 100) -> list[LogLine]:
-        if n <= 0:
-            return []
-        return list(self._ring)[-n:]
+        return self.ring.tail(n)
 
     @property
     def rotations(self) -> int:
@@ -217,10 +143,8 @@ class ProxyEventLog(InstanceLog):
     request id, app, instance, rule, status, bytes, first-byte and total times, retries,
     error). For a request of an app whose debug session was open when the request was
     logged (``wanted(app, ts)``: the proxy writes its records in batches), each such line
-    becomes a ``LogLine`` of stream ``"proxy"`` attributed to that app, its release
-    (``release_of(app, instance)``) and instance, with the record as ``fields`` — so the
-    lines of one request id show the proxy's view beside the app's own output. Other
-    lines are read and dropped.
+    becomes a ``proxy`` line of that app (``debug.access_line``), its release being
+    ``release_of(app, instance)``. Other lines are read and dropped.
     """
 
     def __init__(self, path: Path, *, wanted: Callable[[str, float], bool],
@@ -238,110 +162,16 @@ class ProxyEventLog(InstanceLog):
         raw = self._followers["stdout"].read()
         ts = time.time()
         for text, cut in raw:
-            if cut:
+            event = None if cut else access_record(text)
+            if event is None or not self._wanted(event.app, event.logged):
                 continue
-            with contextlib.suppress(ValueError, RecursionError):
-                record = json.loads(text)
-                if not isinstance(record, dict) or record.get("event") != "access":
-                    continue
-                app, when = record.get("app"), record.get("ts")
-                if not isinstance(app, str) or not isinstance(when, int | float) \
-                        or not self._wanted(app, float(when)):
-                    continue
-                instance = str(record.get("instance") or "-")
-                self._seq += 1
-                lines.append(LogLine(
-                    ts=ts, app=app, release=self._release_of(app, instance), instance=instance,
-                    stream="proxy", seq=self._seq, fields=record, level="info",
-                    request_id=str(record.get("request_id") or "") or None, cut=False,
-                    text=(f"{record.get('method')} {record.get('path')} -> "
-                          f"{record.get('status')} in {record.get('duration_ms')} ms"
-                          f" (first byte {record.get('first_byte_ms')} ms, rule"
-                          f" {record.get('rule')}, retries {record.get('retries')}"
-                          + (f", error {record['error']}" if record.get("error") else "")
-                          + ")")))
+            self._seq += 1
+            lines.append(access_line(event, release=self._release_of(event.app, event.instance),
+                                     ts=ts, seq=self._seq))
         return lines
 
 
-# --- fan-out (trio) ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LogFilter:
-    """Which lines a subscriber wants; ``None`` matches anything. ``level`` ignores case."""
-
-    app: str | None = None
-    instance: str | None = None
-    level: str | None = None
-    request_id: str | None = None
-
-    def matches(self, line: LogLine) -> bool:
-        return ((self.app is None or line.app == self.app)
-                and (self.instance is None or line.instance == self.instance)
-                and (self.level is None
-                     or (line.level is not None and line.level.lower() == self.level.lower()))
-                and (self.request_id is None or line.request_id == self.request_id))
-
-
-class Subscription:
-    """A live feed of matching lines, with a bounded queue and a drop counter.
-
-    An async iterator of ``LogLine``; iteration ends when the subscription or the hub is
-    closed. Use as a context manager so it is detached from the hub when done.
-    """
-
-    def __init__(self, hub: LogHub, filter: LogFilter, buffer: int) -> None:
-        self.filter = filter
-        self.buffer = buffer
-        self.dropped = 0
-        self.delivered = 0
-        self._hub = hub
-        self._send, self._receive = trio.open_memory_channel[LogLine](buffer)
-
-    def __repr__(self) -> str:
-        queued = self._receive.statistics().current_buffer_used
-        return (f"<Subscription {self.filter} queued={queued}/{self.buffer} "
-                f"delivered={self.delivered} dropped={self.dropped}"
-                f"{' closed' if self.closed else ''}>")
-
-    @property
-    def closed(self) -> bool:
-        return self not in self._hub._subscriptions
-
-    def offer(self, line: LogLine) -> None:
-        """Queue ``line`` if it matches; never blocks (a full queue drops and counts)."""
-        if not self.filter.matches(line):
-            return
-        try:
-            self._send.send_nowait(line)
-        except trio.WouldBlock:
-            self.dropped += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        else:
-            self.delivered += 1
-
-    def close(self) -> None:
-        """Detach from the hub; lines already queued can still be read. Idempotent."""
-        self._hub._subscriptions.discard(self)
-        self._send.close()
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-        self._receive.close()
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> LogLine:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
+# --- the hub (trio) ----------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -362,13 +192,13 @@ class LogHub:
         self.poll_interval = poll_interval
         self.stats = _HubStats()
         self._logs: dict[str, InstanceLog] = {}
-        self._subscriptions: set[Subscription] = set()
+        self.fanout = Fanout()
         self._polling = False
         self._close_after_poll: list[InstanceLog] = []
         self._poll_lock = trio.Lock()
 
     def __repr__(self) -> str:
-        return (f"<LogHub instances={sorted(self._logs)} subscribers={len(self._subscriptions)} "
+        return (f"<LogHub instances={sorted(self._logs)} subscribers={len(self.fanout)} "
                 f"polls={self.stats.polls} lines={self.stats.lines} errors={self.stats.errors} "
                 f"dropped_bytes={self.stats.dropped_bytes}>")
 
@@ -407,15 +237,7 @@ class LogHub:
         """The last ``n`` buffered lines matching, oldest first (the proxy's debug events
         included: they carry their app and instance)."""
         wanted = LogFilter(app=app, instance=instance, request_id=request_id)
-        lines: list[LogLine] = []
-        for ilog in self._logs.values():
-            if ilog.instance != PROXY_EVENTS and (
-                    (instance is not None and ilog.instance != instance)
-                    or (app is not None and ilog.origin.app != app)):
-                continue
-            lines += [line for line in ilog.tail(RING_LINES) if wanted.matches(line)][-n:]
-        lines.sort(key=lambda line: (line.ts, line.instance, line.seq))
-        return lines[-n:] if n > 0 else []
+        return merged_tail((ilog.ring for ilog in self._logs.values()), wanted, n)
 
     def add_proxy_events(self, path: Path, *, wanted: Callable[[str, float], bool],
                          release_of: Callable[[str, str], str]) -> None:
@@ -426,12 +248,11 @@ class LogHub:
 
     def subscribe(self, filter: LogFilter | None = None, *,
                   buffer: int = SUBSCRIBER_BUFFER) -> Subscription:
-        """A live feed of new lines matching ``filter``; close it (or use ``with``) when done."""
-        if buffer < 1:
-            raise ValueError(f"subscriber buffer must be at least 1, not {buffer}")
-        sub = Subscription(self, filter or LogFilter(), buffer)
-        self._subscriptions.add(sub)
-        return sub
+        """A live feed of new lines matching ``filter``; close it (or use ``with``) when done.
+
+        Raises ``ValueError`` when ``buffer`` is below 1 (see ``debug.Fanout.subscribe``).
+        """
+        return self.fanout.subscribe(filter, buffer=buffer)
 
     async def poll(self) -> list[LogLine]:
         """One round: read every instance (in a worker thread), record and fan out."""
@@ -464,9 +285,7 @@ class LogHub:
                 ilog.record(lines)
                 new += lines
             self.stats.lines += len(new)
-            for line in new:
-                for sub in list(self._subscriptions):
-                    sub.offer(line)
+            self.fanout.publish(new)
             return new
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -485,8 +304,7 @@ class LogHub:
 
     def close(self) -> None:
         """Close every subscription and every file; buffered lines stay readable by tail()."""
-        for sub in list(self._subscriptions):
-            sub.close()
+        self.fanout.close()
         for ilog in self._logs.values():
             if self._polling:
                 self._close_after_poll.append(ilog)

@@ -1,7 +1,7 @@
 """Loopback ports for app instances.
 
 Every instance listens on ``127.0.0.1:$PORT`` with a port the agent hands out from
-one range (41000-48999 by default). ``PortAllocator.allocate`` returns a port that
+one range (10000-19999 by default). ``PortAllocator.allocate`` returns a port that
 is not one of the proxy's own listener ports (``reserved``), is not held by a live
 instance, and that nothing on the machine has bound right now: it binds
 ``127.0.0.1:port`` without SO_REUSEADDR/SO_REUSEPORT and closes at once, so a
@@ -17,10 +17,12 @@ instances.
 
 The probe is a check, not a reservation: between ``allocate`` and the app's own
 bind another process could take the port, and the app then fails to start. The
-Linux ephemeral range (``ip_local_port_range``, 32768-60999 by default) overlaps
-the default range, so outgoing connections may occupy a port for a while;
-``ephemeral_overlap`` tells the agent to warn, and ``ip_local_reserved_ports``
-fixes it for good. Nothing here is async or shared between threads.
+default range lies below Linux's ephemeral range (``ip_local_port_range``,
+32768-60999 by default), from which the kernel takes the local port of every
+outgoing connection: a range inside it would have ports taken between the probe
+and the app's bind. ``ephemeral_overlap`` tells the agent to warn when a
+configured range overlaps it (``ip_local_reserved_ports`` fixes that for good).
+Nothing here is async or shared between threads.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from pathlib import Path
 
 from superagent.participant.errors import PortError, PortsExhaustedError
 
-DEFAULT_LOW = 41000
-DEFAULT_HIGH = 48999
+DEFAULT_LOW = 10000  # below the kernel's ephemeral range (see above)
+DEFAULT_HIGH = 19999
 PROBE_HOST = "127.0.0.1"  # where apps listen: a port free here is free for them
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 

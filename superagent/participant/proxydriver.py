@@ -47,10 +47,11 @@ import psutil
 import structlog
 import trio
 
+from superagent.config import parse_address
 from superagent.errors import ConfigError
 from superagent.participant.errors import ProxyDriverError
 from superagent.proxy import control
-from superagent.proxy.config import parse_address, snapshot_from_wire, snapshot_to_wire
+from superagent.proxy.config import snapshot_from_wire, snapshot_to_wire
 from superagent.proxy.errors import WorkerStartError
 from superagent.proxy.metrics import merge
 from superagent.proxy.snapshot import AppRoute, Listener, RoutingSnapshot, ServerSettings

@@ -66,6 +66,8 @@ import structlog
 import trio
 
 from superagent.errors import ConfigError
+from superagent.manifest import TEST_TIMEOUT, AppSpec, load_manifest, spec_from_json, spec_to_json
+from superagent.names import SHA256
 from superagent.participant.archive import MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES, safe_extract
 from superagent.participant.errors import (
     BadManifest,
@@ -76,7 +78,6 @@ from superagent.participant.errors import (
     ReleaseError,
     UnknownRelease,
 )
-from superagent.participant.manifest import AppSpec, load_manifest, spec_from_json, spec_to_json
 
 log = structlog.get_logger("superagent.participant")
 
@@ -87,7 +88,6 @@ LOG_LIMIT = 1024**2  # bytes of build output kept; the end of a log is where the
 TAIL_LINES = 40  # lines of the log a BuildFailed carries to the deploy record and the CLI
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"  # build PATH when the agent has none
 BUILD_UMASK = 0o022  # whatever the agent's umask, the build makes files the runtime can read
-TEST_TIMEOUT = 600.0  # seconds; a test suite gets as long as a build
 TEST_LOG_LIMIT = 64 * 1024  # bytes of test output returned: it travels in a signal's answer
 
 SRC = "src"
@@ -97,7 +97,6 @@ FAILED_LOG_SUFFIX = ".failed.log"
 
 # Directory names: no '/', no leading '.' (temporary and removing directories are hidden).
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-SHA256 = re.compile(r"[0-9a-f]{64}")  # a sha256 as we name archives: lowercase hex
 _CHUNK = 64 * 1024  # read unit for build output
 
 
@@ -451,6 +450,25 @@ class ReleaseStore:
         if prepared is None:
             raise UnknownRelease("no such prepared release", app=app, release=release)
         return prepared
+
+    def ensure_owner(self, prepared: PreparedRelease, uid: int, gid: int) -> bool:
+        """Make ``prepared``'s files the app user's again if they are not: True if changed.
+
+        Prepare gave the source tree to the app's uid and the release directory to its
+        gid; when the system's ids for the app differ now (the user was deleted and
+        made again), those files belong to ids another app may hold. Checked before
+        every start, so an instance never runs on files it cannot read or that others
+        can. Blocking.
+        """
+        st = prepared.src.stat()
+        if (st.st_uid, st.st_gid) == (uid, gid) and prepared.path.stat().st_gid == gid:
+            return False
+        log.warning("release files owned by other ids: giving them to the app user",
+                    app=prepared.app, release=prepared.release, uid=st.st_uid, gid=st.st_gid,
+                    app_uid=uid, app_gid=gid)
+        _chown_tree(prepared.src, uid, gid)
+        os.chown(prepared.path, os.geteuid(), gid, follow_symlinks=False)
+        return True
 
     def gc(self, app: str, in_use: set[str]) -> list[str]:
         """Remove prepared releases beyond the newest ``keep``, never one in ``in_use``.

@@ -35,7 +35,6 @@ import os
 import secrets
 import shutil
 import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -47,7 +46,10 @@ import structlog
 import trio
 
 from superagent import codec
+from superagent.config import parse_address
+from superagent.debug import DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
+from superagent.manifest import TEST_TIMEOUT
 from superagent.participant.cgroups import (
     PARENT_GROUP,
     InstanceCgroup,
@@ -65,10 +67,15 @@ from superagent.participant.errors import (
 )
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
-from superagent.participant.logs import LogFilter, LogHub
-from superagent.participant.ports import PortAllocator, ephemeral_overlap
+from superagent.participant.logs import LogHub
+from superagent.participant.ports import (
+    DEFAULT_HIGH,
+    DEFAULT_LOW,
+    PortAllocator,
+    ephemeral_overlap,
+)
 from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
-from superagent.participant.releases import TEST_TIMEOUT, ReleaseStore
+from superagent.participant.releases import ReleaseStore
 from superagent.participant.rpc import rpc_app
 from superagent.participant.signals import SignalLedger
 from superagent.participant.supervisor import (
@@ -78,7 +85,6 @@ from superagent.participant.supervisor import (
     InstanceConfig,
     State,
 )
-from superagent.proxy.config import parse_address
 from superagent.proxy.snapshot import AppRoute, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
 from superagent.rpc import messages as msg
@@ -100,7 +106,7 @@ class AgentConfig:
     proxy_workers: int = 1
     parser: str = "httptools"
     groups: tuple[str, ...] = ("default",)
-    ports: tuple[int, int] = (41000, 48999)
+    ports: tuple[int, int] = (DEFAULT_LOW, DEFAULT_HIGH)
     keep_releases: int = 3
     drain_grace: float = 30.0  # in-flight requests get this long before an instance stops
     coordinator: tuple[str, ...] = ()  # coordinator API URLs; empty: no cluster to join
@@ -134,9 +140,9 @@ class Agent:
         self._routes_lock = trio.Lock()
         self._routes_stale = trio.Event()  # a routed instance started or stopped serving
         self.is_offline = False
-        # app -> (opened, until), epoch seconds: a request is traced when its own timestamp
-        # falls in the window, however late the proxy's batched record is read.
-        self.debug_sessions: dict[str, tuple[float, float]] = {}
+        # a request is traced when its own timestamp falls in its app's window, however
+        # late the proxy's batched record is read (see debug.sessions)
+        self.debug_sessions = DebugSessions()
         self._seq = 0
         self._nursery: trio.Nursery | None = None
         self.link: CoordinatorLink | None = None
@@ -180,8 +186,10 @@ class Agent:
             await self.proxy.start()
             await nursery.start(self.proxy.supervise)
             self.log_hub.add_proxy_events(self.proxy.run_dir / ACCESS_LOG,
-                                          wanted=self._debugging, release_of=self._release_of)
+                                          wanted=self.debug_sessions.covers,
+                                          release_of=self._release_of)
             await nursery.start(self.log_hub.run)
+            await nursery.start(self.debug_sessions.run, lambda _ended: self.persist())
             nursery.start_soon(self._keep_routes)
             for record in saved.get("instances", []):
                 await self._adopt(record)
@@ -317,8 +325,7 @@ class Agent:
         self.ledger = SignalLedger.from_json(doc.get("ledger", {}))
         self._seq = int(doc.get("seq", 0))
         self.is_offline = bool(doc.get("offline", False))
-        self.debug_sessions = {str(app): (float(window[0]), float(window[1]))
-                               for app, window in dict(doc.get("debug", {})).items()}
+        self.debug_sessions.load(doc.get("debug", {}))
         return doc
 
     def persist(self) -> None:
@@ -326,7 +333,7 @@ class Agent:
         doc = {
             "version": STATE_VERSION, "node": self.config.node, "seq": self._seq,
             "offline": self.is_offline, "routes": self.routes, "ledger": self.ledger.to_json(),
-            "debug": self.debug_sessions,
+            "debug": self.debug_sessions.to_json(),
             "instances": [inst.to_record() for inst in self.instances.values()],
         }
         path = self.config.data_dir / STATE_FILE
@@ -404,6 +411,8 @@ class Agent:
         assert self._nursery is not None
         prepared = self.store.get(app, release)
         user = await self._user(app)
+        if user is not None and user.switched:
+            await trio.to_thread.run_sync(self.store.ensure_owner, prepared, user.uid, user.gid)
         started = []
         for _ in range(count):
             self._seq += 1
@@ -483,19 +492,13 @@ class Agent:
     async def debug(self, app: str, enabled: bool, ttl: float) -> msg.DebugReply:
         """Open (for ``ttl`` seconds) or close the debug session of ``app``: while it is
         open, every request's proxy record joins the app's captured output."""
-        now = time.time()
         if enabled:
-            opened = self.debug_sessions.get(app, (now, now))[0]
-            self.debug_sessions[app] = (min(opened, now), now + ttl)
+            self.debug_sessions.open(app, ttl)
         else:
-            self.debug_sessions.pop(app, None)
+            self.debug_sessions.close(app)
         self.persist()
-        window = self.debug_sessions.get(app)
-        return msg.DebugReply(app=app, debug=enabled, until=window[1] if window else None)
-
-    def _debugging(self, app: str, ts: float) -> bool:
-        window = self.debug_sessions.get(app)
-        return window is not None and window[0] <= ts <= window[1]
+        window = self.debug_sessions.window(app)
+        return msg.DebugReply(app=app, debug=enabled, until=window.until if window else None)
 
     def _release_of(self, app: str, instance: str) -> str:
         found = self.instances.get(instance)
@@ -514,8 +517,7 @@ class Agent:
             "proxy": {"version": self.proxy.snapshot.version,
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,
-            "debug_sessions": {app: until for app, (_, until) in self.debug_sessions.items()
-                               if until > time.time()},
+            "debug_sessions": self.debug_sessions.active(),
             "instances": [{**inst.status(), "figures": _figures(inst.pid)}
                           for inst in self.instances.values()],
             "releases": {app: [r.release for r in self.store.releases(app)]

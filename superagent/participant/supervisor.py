@@ -76,6 +76,7 @@ import psutil
 import structlog
 import trio
 
+from superagent.manifest import AppSpec, HealthSpec
 from superagent.participant.adoption import AdoptedProcess, process_create_time
 from superagent.participant.cgroups import CgroupLimits, CgroupSupport, InstanceCgroup
 from superagent.participant.errors import (
@@ -85,7 +86,6 @@ from superagent.participant.errors import (
     SupervisorError,
 )
 from superagent.participant.isolation import AppUser, IsolationReport, RLimits, child_setup
-from superagent.participant.manifest import AppSpec, HealthSpec
 
 log = structlog.get_logger("superagent.participant")
 

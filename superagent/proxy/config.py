@@ -19,12 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from superagent.config import Table, read_toml
-from superagent.errors import ConfigError
-from superagent.proxy.errors import ProtocolError
-from superagent.proxy.routes import normalize_host, normalize_path
+from superagent.config import Table, parse_address, read_toml
+from superagent.errors import ConfigError, HTTPSyntaxError
+from superagent.httprules import DEFAULT_MAX_BODY, normalize_host, normalize_path
 from superagent.proxy.snapshot import (
-    DEFAULT_MAX_BODY,
     AppRoute,
     Instance,
     Listener,
@@ -48,15 +46,6 @@ class ProxyConfig:
 
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
-
-
-def parse_address(value: str, *, source: str, key: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` for IPv6) into a tuple; raises ConfigError."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ConfigError(f"expected 'host:port', got {value!r}", source=source, key=key)
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 def load_config(path: str) -> tuple[ProxyConfig, RoutingSnapshot]:
@@ -239,8 +228,8 @@ def _read_app(apps: Table, name: str) -> AppRoute:
     if prefix is not None:
         try:
             prefix = normalize_path(prefix)
-        except ProtocolError as exc:
-            raise t.error("prefix", exc.detail) from None
+        except HTTPSyntaxError as exc:
+            raise t.error("prefix", str(exc)) from None
         if "?" in prefix or "%" in prefix:
             raise t.error("prefix", "a prefix is a plain path like '/hello'")
         prefix = prefix.rstrip("/") or "/"
@@ -249,7 +238,7 @@ def _read_app(apps: Table, name: str) -> AppRoute:
         wildcard = value.startswith("*.")
         try:
             host = normalize_host(value[2:] if wildcard else value)
-        except ProtocolError:
+        except HTTPSyntaxError:
             raise t.error("hosts", f"not a host name: {value!r}") from None
         hosts.append("*." + host if wildcard else host)
     port = t.integer("port", None, minimum=1, maximum=65535)

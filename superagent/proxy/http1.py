@@ -16,9 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from superagent.errors import HTTPSyntaxError
+from superagent.httprules import normalize_host, normalize_path
 from superagent.proxy.errors import ProtocolError, UpstreamError
 from superagent.proxy.parsers import Headers, RequestHead, ResponseHead
-from superagent.proxy.routes import normalize_host, normalize_path, split_target
+from superagent.proxy.routes import split_target
 
 # Removed in both directions (RFC 9110 7.6.1, plus the de-facto Proxy-Connection).
 HOP_BY_HOP: Final = frozenset({
@@ -183,6 +185,8 @@ def interpret_request(head: RequestHead) -> Request:
                 header_host = normalize_host(req.host_header.decode("ascii"))
             except UnicodeDecodeError:
                 raise ProtocolError(400, "malformed Host header") from None
+            except HTTPSyntaxError as exc:
+                raise ProtocolError(400, str(exc)) from None
             if len(_host_cache) >= HOST_CACHE_SIZE:
                 _host_cache.clear()
             _host_cache[req.host_header] = header_host
@@ -193,7 +197,10 @@ def interpret_request(head: RequestHead) -> Request:
         raise ProtocolError(400, "missing Host header")
     else:
         req.host = target_host
-    req.path = normalize_path(path)
+    try:
+        req.path = normalize_path(path)
+    except HTTPSyntaxError as exc:
+        raise ProtocolError(400, str(exc)) from None
     req.query = query
     if upgrade is not None and b"upgrade" in tokens and method == "GET":
         req.upgrade = upgrade.strip()

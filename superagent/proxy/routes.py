@@ -1,4 +1,4 @@
-"""Pure routing: normalise a request's host and path, and map it to an app.
+"""Pure routing: split a request target, and map a normalised request to an app.
 
 Precedence (one table per snapshot, never mutated):
   1. the listener's dedicated port -> its app, path untouched;
@@ -6,98 +6,17 @@ Precedence (one table per snapshot, never mutated):
   3. the longest path prefix, matched on whole segments, optionally stripped.
 Anything else is ``None`` and the proxy answers 404 itself.
 
-Normalisation runs before matching and its result is what goes upstream, so the
-app sees exactly the path the proxy routed: unreserved percent-escapes are
-decoded (``%2E`` is a dot, so ``%2E%2E`` is a dot segment and is removed), other
-escapes are upper-cased but stay encoded (``%2F`` and ``%5C`` never act as
-separators), dot segments are removed and duplicate slashes folded. A request
-therefore cannot climb out of the prefix it matched.
+Normalisation (``superagent.httprules``) runs before matching and its result is what
+goes upstream, so the app sees exactly the path the proxy routed, and a request cannot
+climb out of the prefix it matched.
 """
 
 from __future__ import annotations
 
-import re
-
+from superagent.errors import HTTPSyntaxError
+from superagent.httprules import normalize_host
 from superagent.proxy.errors import ProtocolError
 from superagent.proxy.snapshot import AppRoute, RoutingSnapshot
-
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset("0123456789abcdefABCDEF")
-# Characters a path may hold as they are (RFC 3986 pchar plus "/"); anything else is refused.
-_PATH_OK = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
-_HOST_OK = re.compile(r"(?:[a-z0-9\-._~!$&'()*+,;=%]+|\[[0-9a-f:.]+\])")
-
-
-def normalize_path(path: str) -> str:
-    """The canonical form of an origin-form path (no query); raises ProtocolError if invalid."""
-    if not path.startswith("/"):
-        raise ProtocolError(400, "request target must start with '/'")
-    if "%" not in path and "//" not in path and "/." not in path:
-        if _PATH_OK.fullmatch(path) is None:
-            raise ProtocolError(400, "invalid character in request path")
-        return path
-    if _PATH_OK.fullmatch(path) is None:
-        raise ProtocolError(400, "invalid character in request path")
-    if "%" in path:
-        path = _decode_unreserved(path)
-    segments: list[str] = []
-    parts = path.split("/")
-    for part in parts[1:-1]:
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if segments:
-                segments.pop()
-            continue
-        segments.append(part)
-    last = parts[-1]
-    if last == "..":
-        if segments:
-            segments.pop()
-        last = ""
-    elif last == ".":
-        last = ""
-    segments.append(last)
-    return "/" + "/".join(segments)
-
-
-def _decode_unreserved(path: str) -> str:
-    out: list[str] = []
-    i = 0
-    n = len(path)
-    while i < n:
-        ch = path[i]
-        if ch != "%":
-            out.append(ch)
-            i += 1
-            continue
-        pair = path[i + 1 : i + 3]
-        if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
-            raise ProtocolError(400, "invalid percent-escape in request path")
-        decoded = chr(int(pair, 16))
-        out.append(decoded if decoded in _UNRESERVED else "%" + pair.upper())
-        i += 3
-    return "".join(out)
-
-
-def normalize_host(value: str) -> str:
-    """Lower-case host without port or trailing dot; raises ProtocolError if malformed."""
-    host = value.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            raise ProtocolError(400, "malformed Host header")
-        rest = host[end + 1 :]
-        host = host[: end + 1]
-    else:
-        host, sep, rest = host.partition(":")
-        rest = sep + rest
-    if rest and (not rest.startswith(":") or not rest[1:].isdigit()) and rest != ":":
-        raise ProtocolError(400, "malformed port in Host header")
-    host = host.rstrip(".")
-    if not host or _HOST_OK.fullmatch(host) is None:
-        raise ProtocolError(400, "malformed Host header")
-    return host
 
 
 def split_target(target: str) -> tuple[str | None, str, str]:
@@ -118,7 +37,10 @@ def split_target(target: str) -> tuple[str | None, str, str]:
         authority = rest[:authority_end]
         if "@" in authority:
             raise ProtocolError(400, "userinfo is not allowed in the request target")
-        host = normalize_host(authority)
+        try:
+            host = normalize_host(authority)
+        except HTTPSyntaxError as exc:
+            raise ProtocolError(400, str(exc)) from None
         target = rest[authority_end:] or "/"
         if target.startswith("?"):
             target = "/" + target

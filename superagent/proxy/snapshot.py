@@ -12,8 +12,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from superagent.httprules import DEFAULT_MAX_BODY
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-DEFAULT_MAX_BODY = 10 * 1024 * 1024  # a request body limit that fits APIs and form uploads
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -25,11 +25,11 @@ from typing import Any
 import structlog
 import trio
 
+from superagent.compiled import status as compiled_status
 from superagent.errors import ConfigError
 from superagent.log import setup_logging
 from superagent.proxy import control, http1, netio
 from superagent.proxy.accesslog import AccessLog
-from superagent.proxy.compiled import status as compiled_status
 from superagent.proxy.config import PARSERS, snapshot_from_wire
 from superagent.proxy.connection import ClientConnection
 from superagent.proxy.snapshot import Listener, RoutingSnapshot

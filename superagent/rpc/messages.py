@@ -27,13 +27,13 @@ from enum import StrEnum
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 from superagent.errors import CodecError
+from superagent.manifest import MAX_PER_NODE, TEST_TIMEOUT
+from superagent.names import SHA256
 
 SIGNAL_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
-SHA256 = re.compile(r"[0-9a-f]{64}")
-MAX_COUNT = 64  # instances one start signal may ask for
+MAX_COUNT = MAX_PER_NODE  # instances one start signal may ask for
 DEBUG_TTL = 3600.0  # a debug session left open ends by itself after an hour
 MAX_DEBUG_TTL = 86400.0
-TEST_TIMEOUT = 600.0  # seconds; a test suite gets as long as a build
 MAX_TEST_TIMEOUT = 86400.0  # a test signal's own timeout, at most a day
 MAX_LOG_LINES = 10_000  # lines one logs query may ask for
 

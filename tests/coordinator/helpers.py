@@ -7,7 +7,7 @@ from typing import Any
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy.model import new_record
-from superagent.participant.manifest import parse_manifest, spec_to_json
+from superagent.manifest import parse_manifest, spec_to_json
 
 SHA = "ab" * 32
 _keys = itertools.count(1)

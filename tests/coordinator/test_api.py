@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,14 +16,10 @@ import trio
 
 from superagent.cli import main as cli_main
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
+from tests.support.ports import free_port
+from tests.support.wait import wait_until_async
 
 SECRET = "test-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tarball(files: dict[str, bytes]) -> bytes:
@@ -55,12 +50,6 @@ class Api:
         return await self.http.request(method, f"{self.url}{path}", headers=headers, **kw)
 
 
-async def wait_until(probe: Any, what: str, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not probe():
-            await trio.sleep(0.02)
-
-
 @pytest.fixture
 async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
     config = CoordinatorConfig(
@@ -70,7 +59,7 @@ async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
     coordinator = Coordinator(config)
     await nursery.start(coordinator.run)
     token_file = tmp_path / "token"
-    await wait_until(token_file.exists, "the admin token file")
+    await wait_until_async(token_file.exists, "the admin token file", timeout=10.0)
     async with httpx.AsyncClient(timeout=10.0) as http:
         yield Api(coordinator, http, token_file.read_text().strip())
     nursery.cancel_scope.cancel()
@@ -282,7 +271,11 @@ async def test_cli_queries_against_the_api(api: Api, capsys: pytest.CaptureFixtu
     assert code == 0 and "leader c1" in out and "no participants" in out
     code, _, err = await trio.to_thread.run_sync(
         lambda: run("apps", "--server", api.url, "--token", "sa_bad"))
-    assert code == 2 and "not authorised" in err
+    assert code == 2 and "the token was refused" in err
+    code, out, err = await trio.to_thread.run_sync(
+        lambda: run("apps", "--json", "--server", api.url, "--token", "sa_bad"))
+    assert code == 2 and out == ""
+    assert json.loads(err)["error"] == "unauthorized" and "refused" in json.loads(err)["detail"]
     dead = f"http://127.0.0.1:{free_port()}"
     code, out, _ = await trio.to_thread.run_sync(
         lambda: run("apps", "--server", f"{dead},{api.url}", "--token", api.token))
@@ -316,3 +309,18 @@ def test_config_url_defaults_to_api_address(tmp_path: Path) -> None:
                                data_dir=tmp_path, secret="s")
     assert config.url == "http://[::1]:80"
     assert replace(config, api_url="https://x:1/").url == "https://x:1"
+
+
+async def test_cli_deploys_a_procfile_app_under_its_directory_name(
+        api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`superagent deploy DIR` of a Procfile-only app names it after the directory."""
+    source = tmp_path / "Proc_App"
+    source.mkdir()
+    (source / "Procfile").write_text("web: python3 -m http.server $PORT\n")
+    code = await trio.to_thread.run_sync(lambda: cli_main(
+        ["deploy", str(source), "--server", api.url, "--token", api.token]))
+    _, err = capsys.readouterr()
+    assert "deploying the Procfile app as 'proc-app'" in err
+    assert code == 2 and "no participant is online" in err  # recorded, nowhere to run
+    releases = (await api.call("GET", "/api/v1/apps/proc-app/releases")).json()["releases"]
+    assert [r["name"] for r in releases] == ["r1"]

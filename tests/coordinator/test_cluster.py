@@ -21,7 +21,7 @@ import pytest
 
 from tests.coordinator.cluster import SECRET, Cluster
 from tests.participant.tarballs import file, make_tar
-from tests.proxy.test_master import wait_for
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("shared"), node_timeout=NODE_TIMEOUT) as c:
         c.start_all()
         c.wait_ready()
-        yield c
-        print(c.log_tails())  # pytest shows it only when a test of the module failed
+        yield c  # a failing test's report shows the members' log tails (tests/support/logs.py)
 
 
 @pytest.fixture
@@ -53,7 +52,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         c.start_all()
         c.wait_ready()
         yield c
-        print(c.log_tails())
 
 
 class RetryingClient:
@@ -203,7 +201,7 @@ def test_membership_up_down_up_through_a_follower(shared: Cluster) -> None:
         time.sleep(0.3)  # heartbeat pacing, not synchronisation
     beat()
     silent_since = time.monotonic()
-    wait_for(lambda: up(follower) is False, "p1 marked down", NODE_TIMEOUT + 3.0)
+    wait_until(lambda: up(follower) is False, "p1 marked down", timeout=NODE_TIMEOUT + 3.0)
     down_after = time.monotonic() - silent_since
     print(f"\n[cluster] silent participant marked down after {down_after:.2f} s"
           f" (node-timeout {NODE_TIMEOUT} s)")
@@ -211,7 +209,7 @@ def test_membership_up_down_up_through_a_follower(shared: Cluster) -> None:
     shared.wait_converged()
     assert all(up(i) is False for i in range(3))
     beat()
-    wait_for(lambda: all(up(i) is True for i in range(3)), "p1 up again", 3.0)
+    wait_until(lambda: all(up(i) is True for i in range(3)), "p1 up again", timeout=3.0)
     audit = shared.get(leader, "/api/v1/audit").json()["audit"]
     types = [e["type"] for e in audit if e["target"] == "node:p1"]
     assert types[:3] == ["node_up", "node_down", "register_node"], types
@@ -242,7 +240,7 @@ def test_kill9_leader_during_writes(cluster: Cluster) -> None:
             return None
 
         try:
-            failover["leader"] = wait_for(new_leader, "a new leader", 10.0)
+            failover["leader"] = wait_until(new_leader, "a new leader", timeout=10.0)
             failover["seconds"] = time.monotonic() - killed_at
         except AssertionError as exc:
             failover["error"] = str(exc)
@@ -337,7 +335,8 @@ def test_partitioned_leader_stops_leading(cluster: Cluster) -> None:
             h = cluster.health(leader)
             return h is not None and h["role"] != "leader"
 
-        wait_for(demoted, "the cut-off leader to step down", STEP_DOWN_BOUND + 2.0)
+        wait_until(demoted, "the cut-off leader to step down",
+                   timeout=STEP_DOWN_BOUND + 2.0)
         took = time.monotonic() - stopped_at
         print(f"\n[cluster] leader cut off from both followers stepped down after {took:.2f} s")
         assert took < STEP_DOWN_BOUND

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import trio
@@ -23,62 +22,42 @@ import trio
 from superagent.coordinator.errors import NotLeader
 from superagent.coordinator.raft import RaftNode, derive_password
 from tests.coordinator.raftnode_runner import CounterState
+from tests.support.ports import free_port, free_ports
+from tests.support.procs import LoggedProcess
+from tests.support.wait import wait_until
 
 SECRET = "test-cluster-secret"
-REPO = Path(__file__).resolve().parents[2]
 REPLY_TIMEOUT = 10.0
 ELECTION_DEADLINE = 10.0
 
 pytestmark = pytest.mark.slow
-T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], T | None], deadline: float) -> T:
-    """Poll ``probe`` every 50 ms until it returns non-None, or fail after ``deadline`` s."""
-    end = time.monotonic() + deadline
-    while True:
-        value = probe()
-        if value is not None:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline}s waiting for {what}")
-        time.sleep(0.05)
-
-
-class Node:
-    """One runner process; ``request`` sends a JSON line and waits for its reply."""
+class Node(LoggedProcess):
+    """One runner process; ``request`` sends a JSON line and waits for its reply. Its
+    stderr (the node's log) goes to ``data_dir/stderr.log``, shown when a test fails."""
 
     def __init__(self, address: str, peers: list[str], data_dir: Path, secret: str) -> None:
+        super().__init__(f"Node {address}", data_dir / "stderr.log")
         self.address = address
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.stderr = open(data_dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
+        self.start(
             [sys.executable, "-m", "tests.coordinator.raftnode_runner", "--self", address,
              "--peers", ",".join(peers), "--secret", secret, "--data", str(data_dir)],
-            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-        )
+            pipes=True)
         self.lines: queue.Queue[bytes] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         ready = self.lines.get(timeout=REPLY_TIMEOUT)
         assert json.loads(ready) == {"ready": True}, ready
 
-    def __repr__(self) -> str:
-        return f"<Node {self.address} pid={self.proc.pid} rc={self.proc.returncode}>"
-
     def _read(self) -> None:
-        assert self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.put(line)
         self.lines.put(b"")
 
     def request(self, op: str, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
+        assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
         self.proc.stdin.flush()
         line = self.lines.get(timeout=REPLY_TIMEOUT)
@@ -90,27 +69,25 @@ class Node:
     def propose(self, cid: str, key: str, timeout: float = 2.0) -> dict[str, Any]:
         return self.request("propose", cmd={"id": cid, "key": key}, timeout=timeout)
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        """SIGCONT (in case it was stopped), close stdin, then SIGKILL after a grace period."""
+    def shutdown(self) -> None:
+        """SIGCONT (in case it was stopped), close stdin (the runner's signal to close the
+        node and exit), then SIGKILL after a grace period."""
+        assert self.proc is not None
         if self.alive():
-            self.proc.send_signal(signal.SIGCONT)
+            self.sigcont()
             try:
                 assert self.proc.stdin is not None
                 self.proc.stdin.close()
                 self.proc.wait(timeout=5)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.stderr.close()
+                pass
+        self.close()
 
 
 class Cluster:
     def __init__(self, root: Path, size: int = 3) -> None:
         self.root = root
-        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(size)]
+        self.addresses = [f"127.0.0.1:{port}" for port in free_ports(size)]
         self.nodes: dict[str, Node] = {}
 
     def start(self, address: str, secret: str = SECRET) -> Node:
@@ -140,11 +117,11 @@ class Cluster:
                 return leaders[0]
             return None
 
-        return wait_for("a leader", probe, deadline)
+        return wait_until(probe, "a leader", timeout=deadline)
 
     def stop_all(self) -> None:
         for node in self.nodes.values():
-            node.stop()
+            node.shutdown()
 
 
 @pytest.fixture
@@ -164,7 +141,7 @@ def wait_converged(nodes: list[Node], deadline: float = 5.0) -> str:
         digests = {n.request("digest")["digest"] for n in nodes}
         return digests.pop() if len(digests) == 1 else None
 
-    return wait_for("equal digests", probe, deadline)
+    return wait_until(probe, "equal digests", timeout=deadline)
 
 
 def test_elect_commit_not_leader_and_latency(cluster: Cluster) -> None:
@@ -195,7 +172,7 @@ def test_kill_leader_during_proposals(cluster: Cluster) -> None:
     acked: list[str] = []
     for i in range(200):
         if i == 100:
-            leader.proc.send_signal(signal.SIGKILL)
+            leader.kill9()
             killed_at = time.monotonic()
         try:
             reply = leader.propose(f"c{i}", f"k{i}")
@@ -204,7 +181,6 @@ def test_kill_leader_during_proposals(cluster: Cluster) -> None:
         if "result" in reply:
             acked.append(f"k{i}")
     assert len(acked) >= 100
-    leader.proc.wait(timeout=5)
     survivors = cluster.live()
     new_leader = cluster.leader(survivors, deadline=5.0)
     failover = time.monotonic() - killed_at
@@ -223,15 +199,15 @@ def test_leader_without_quorum_steps_down(cluster: Cluster) -> None:
     followers = [n for n in cluster.live() if n is not leader]
     try:
         for f in followers:
-            f.proc.send_signal(signal.SIGSTOP)
+            f.sigstop()
         stopped_at = time.monotonic()
-        wait_for("the leader to step down",
-                 lambda: True if not leader.request("status")["is_leader"] else None, 3.5)
+        wait_until(lambda: not leader.request("status")["is_leader"],
+                   "the leader to step down", timeout=3.5)
         print(f"\n[raft] isolated leader stepped down after {time.monotonic() - stopped_at:.2f} s")
         assert leader.propose("x", "x")["error"] == "not_leader"
     finally:
         for f in followers:
-            f.proc.send_signal(signal.SIGCONT)
+            f.sigcont()
     cluster.leader()
 
 
@@ -252,7 +228,7 @@ def test_wrong_password_cannot_join(cluster: Cluster) -> None:
     """A member restarted with a wrong secret never joins; the other two keep working."""
     cluster.leader()
     outsider_address = cluster.addresses[2]
-    cluster.nodes[outsider_address].stop()
+    cluster.nodes[outsider_address].shutdown()
     outsider = cluster.start(outsider_address, secret="wrong-secret")
     good = [cluster.nodes[a] for a in cluster.addresses[:2]]
     leader = cluster.leader(good)
@@ -315,7 +291,7 @@ async def test_single_node_propose_in_process(tmp_path: Path) -> None:
 
 async def test_follower_raises_not_leader_in_process(tmp_path: Path) -> None:
     """A node that cannot reach its peers has no leader: propose raises NotLeader(None)."""
-    peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    peers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     node = RaftNode(f"127.0.0.1:{free_port()}", peers, secret=SECRET, data_dir=tmp_path,
                     state=CounterState())
     node.start()
@@ -329,8 +305,6 @@ async def test_follower_raises_not_leader_in_process(tmp_path: Path) -> None:
 
 def test_importing_raft_leaves_the_socket_module_alone() -> None:
     """pysyncobj's import replaces socket.inet_ntop; raft.py must put it back."""
-    import socket
-
     import superagent.coordinator.raft  # noqa: F401
 
     packed = socket.inet_pton(socket.AF_INET6, "::1")

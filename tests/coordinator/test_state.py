@@ -277,3 +277,23 @@ def test_determinism(commands: list[str], cut: int) -> None:
         results_two.append(two.apply(c))
     assert results_one == results_two
     assert one.digest() == two.digest()
+
+
+def test_a_succeeded_deploy_makes_its_release_the_apps_spec() -> None:
+    """The app's spec is its serving release's (routes, scale), not its first upload's."""
+    from dataclasses import replace
+
+    from superagent.coordinator.deploy.model import DeployRecord, Stage, Status
+
+    state = ClusterState()
+    run(state, create_app(), add_release(), register())
+    newer = spec(command="python app2.py")
+    ok(state, add_release(spec=newer))
+    ok(state, start_deploy(release="r2"))
+    deploy = state.deploys["d1"]
+    done = replace(DeployRecord.from_doc(deploy.record), stage=Stage.DONE,
+                   status=Status.SUCCEEDED)
+    deploy.record = done.to_doc()  # as the planner leaves a deploy whose every step went well
+    ok(state, cmd.FinishDeploy(**base(at=7.0), app="hello", deploy_id="d1"))
+    app = state.apps["hello"]
+    assert (app.current_release, app.spec, app.updated_at) == ("r2", newer, 7.0)

@@ -2,10 +2,11 @@
 
 ``Fleet(root, coordinators=[url, ...], size=2)`` runs ``size`` ``superagent participant``
 processes (nodes ``n1-<tag>``, ``n2-<tag>`` ..., the tag from ``root``'s name) on free
-loopback ports (one RPC and one proxy port each), each with its own data dir under ``root``
-and one proxy worker, joined to the coordinators
+loopback ports (one RPC and one proxy port each, ``tests.support.ports``), each with its own
+data dir under ``root`` and one proxy worker, joined to the coordinators
 with the cluster's secret and ``--stop-on-exit``. ``wait_joined(cluster)`` waits until the
-cluster lists every node up and online.
+cluster lists every node up and online. Each agent is a ``tests.support.procs.LoggedProcess``:
+its output goes to ``root/<node>.log`` and a failing test's report shows the tail.
 
 Cleanup, whatever state a test left things in: ``close()`` takes the psutil tree of every
 agent (its proxy workers and app instances; instances run in sessions of their own, so the
@@ -20,7 +21,7 @@ the coordinators' (secret-holding) data in a private ``coordinators`` subdirecto
 
 ``Load`` sends light keep-alive traffic through every participant's proxy from one thread
 per proxy and counts answers by status and release, and failures (non-2xx and transport
-errors) with a sample of each. Waits poll with deadlines (``wait_for``); the only sleep is
+errors) with a sample of each. Waits poll with deadlines (``wait_until``); the only sleep is
 ``Load``'s pacing.
 """
 
@@ -45,9 +46,11 @@ import httpx
 import psutil
 
 from superagent.pack import pack
-from tests.coordinator.cluster import SECRET, Cluster, distinct_free_ports
+from tests.coordinator.cluster import SECRET, Cluster
 from tests.participant.children import world_executable
-from tests.proxy.test_master import wait_for
+from tests.support.ports import free_ports
+from tests.support.procs import LoggedProcess
+from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_APP = REPO / "superagent" / "demo" / "app"
@@ -56,7 +59,6 @@ STOP_GRACE = 15.0  # SIGTERM -> the agent stopped its apps and workers and exite
 DEPLOY_TIMEOUT = 60.0  # one deploy of the tiny demo app over two nodes, on a busy 2-core box
 REQUEST_TIMEOUT = 10.0  # one API, RPC or proxied request
 LOAD_PACE = 0.02  # seconds between one load client's requests: light, leaves CPU to the deploy
-LOG_TAIL = 40  # lines of each agent's log printed by close(show_logs=True)
 SAMPLES = 5  # failures kept verbatim per load client
 
 
@@ -125,12 +127,12 @@ def wait_deploy_done(cluster: Cluster, members: list[int], app: str, deploy_id: 
                 return record if record["finished"] else None
         return None
 
-    found = wait_for(done, f"deploy {deploy_id} of {app} done", timeout)
+    found = wait_until(done, f"deploy {deploy_id} of {app} done", timeout=timeout)
     assert found is not None
     return found
 
 
-class Participant:
+class Participant(LoggedProcess):
     """One agent: node name, ports, data dir and (while running) its process."""
 
     def __init__(self, index: int, root: Path, rpc_port: int, listen_port: int) -> None:
@@ -141,14 +143,8 @@ class Participant:
         self.rpc_port = rpc_port
         self.listen_port = listen_port
         self.data_dir = root / self.node
-        self.log_path = root / f"{self.node}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __repr__(self) -> str:
-        pid = self.proc.pid if self.proc else None
-        rc = self.proc.returncode if self.proc else None
-        return (f"<Participant {self.node} rpc={self.rpc_port} proxy={self.listen_port}"
-                f" pid={pid} rc={rc}>")
+        super().__init__(f"Participant {self.node} rpc={rpc_port} proxy={listen_port}",
+                         root / f"{self.node}.log")
 
     @property
     def rpc(self) -> str:
@@ -157,9 +153,6 @@ class Participant:
     @property
     def proxy(self) -> str:
         return f"http://127.0.0.1:{self.listen_port}"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 class Fleet:
@@ -171,7 +164,7 @@ class Fleet:
         self.coordinators = coordinators
         self.secret = secret
         self.log_level = log_level
-        ports = distinct_free_ports(2 * size)
+        ports = free_ports(2 * size)
         self.members = [Participant(i, root, ports[2 * i], ports[2 * i + 1])
                         for i in range(size)]
         self.http = httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT,
@@ -185,7 +178,7 @@ class Fleet:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close(show_logs=exc is not None)
+        self.close()
 
     # ------------------------------------------------------------------ processes
     def argv(self, i: int) -> list[str]:
@@ -197,12 +190,8 @@ class Fleet:
                 "--coordinator", ",".join(self.coordinators), "--stop-on-exit"]
 
     def start(self, i: int) -> None:
-        p = self.members[i]
-        assert not p.alive(), f"{p!r} is already running"
-        with open(p.log_path, "ab") as log:
-            p.proc = subprocess.Popen(self.argv(i), cwd=REPO, stdin=subprocess.DEVNULL,
-                                      stdout=log, stderr=log, start_new_session=True,
-                                      env={**os.environ, "SUPERAGENT_SECRET": self.secret})
+        self.members[i].start(self.argv(i),
+                              env={**os.environ, "SUPERAGENT_SECRET": self.secret})
 
     def start_all(self) -> None:
         for i in range(len(self.members)):
@@ -220,9 +209,9 @@ class Fleet:
 
         for p in self.members:  # an agent that died at start fails at once, with its log
             assert p.alive(), f"{p!r} exited:\n{self.log_tails()}"
-        wait_for(joined, f"nodes {sorted(names)} joined", timeout)
+        wait_until(joined, f"nodes {sorted(names)} joined", timeout=timeout)
 
-    def close(self, show_logs: bool = False) -> None:
+    def close(self) -> None:
         """Stop every agent and everything it started (see the module docstring)."""
         trees: list[psutil.Process] = []
         for p in self.members:
@@ -230,33 +219,23 @@ class Fleet:
                 continue
             with contextlib.suppress(psutil.Error):
                 trees += psutil.Process(p.proc.pid).children(recursive=True)
-            if p.proc.poll() is None:
+            if p.alive():  # the agent alone: with --stop-on-exit it stops its workers
                 p.proc.send_signal(signal.SIGTERM)
         for p in self.members:
             if p.proc is None:
                 continue
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.proc.wait(timeout=STOP_GRACE)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.proc.pid, signal.SIGKILL)
-            p.proc.wait(timeout=STOP_GRACE)
+            p.close()  # SIGKILLs the group: workers that outlived their agent
         for proc in trees:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         psutil.wait_procs(trees, timeout=STOP_GRACE)
         self.http.close()
-        if show_logs:
-            print(self.log_tails())
 
-    def log_tails(self, lines: int = LOG_TAIL) -> str:
-        out = []
-        for p in self.members:
-            try:
-                tail = p.log_path.read_text(errors="replace").splitlines()[-lines:]
-            except OSError:
-                tail = ["(no log)"]
-            out.append(f"----- {p!r} {p.log_path}\n" + "\n".join(tail))
-        return "\n".join(out)
+    def log_tails(self) -> str:
+        """The end of every agent's log (a failing test's report shows them anyway)."""
+        return "\n".join(p.tail() for p in self.members)
 
     # ------------------------------------------------------------------ queries
     def status(self, i: int) -> dict[str, Any]:

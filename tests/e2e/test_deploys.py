@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections import Counter
@@ -39,6 +38,7 @@ from superagent import codec
 from superagent.pack import pack
 from superagent.up import Embedded, UpConfig
 from tests.e2e.apps import write_app
+from tests.support.ports import free_port
 
 START_DEADLINE = 60.0  # coordinator election, participant join, proxy workers: busy 2-core CI
 DEPLOY_DEADLINE = 90.0  # one deploy of a tiny stdlib app, with long requests to drain
@@ -50,12 +50,6 @@ SLOW = 5.0  # seconds a long request takes (the issue asks 5)
 DEPLOYS = 10
 TUNNEL_DEPLOY = 1  # which of the consecutive deploys carries an open tunnel
 TUNNEL_GRACE = 2.0  # drain_grace of that deploy: how long the old instance waits for it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -43,7 +43,7 @@ from tests.e2e.fleet import (
     wait_deploy_done,
     write_demo_app,
 )
-from tests.proxy.test_master import wait_for
+from tests.support.wait import wait_until
 
 APP = "failover"
 PER_NODE = 2
@@ -92,8 +92,8 @@ def check_serves_one_release(root: Path, fleet: Fleet, winner: str, loser: str) 
     # The agent reaps the instance's shell (its process group leader); the app process it
     # SIGKILLed with the group may take a moment more to be gone. Still there after
     # GONE_TIMEOUT is "keeps running".
-    wait_for(lambda: not processes_of(root, APP, loser), f"no process of {loser} left",
-             GONE_TIMEOUT)
+    wait_until(lambda: not processes_of(root, APP, loser), f"no process of {loser} left",
+               timeout=GONE_TIMEOUT)
     with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT) as http:
         for p in fleet.members:
             for _ in range(CHECK_REQUESTS):
@@ -124,17 +124,17 @@ def test_leader_killed_mid_deploy_is_finished_or_compensated_by_the_new_leader()
 
             urls = [f"{p.proxy}/{APP}/" for p in fleet.members]
             with Load(urls) as load:
-                wait_for(lambda: load.snapshot()[0] >= WARMUP_REQUESTS, "load warmed up")
+                wait_until(lambda: load.snapshot()[0] >= WARMUP_REQUESTS, "load warmed up")
                 survivors = [i for i in range(len(cluster.members)) if i != leader]
                 old_term = cluster.cluster_view(leader)["term"]
                 second = upload(cluster, survivors[0],
                                 write_demo_app(root / "src-2", name=APP, version="2",
                                                per_node=PER_NODE))
                 r2, deploy_id = second["release"], second["deploy_id"]
-                seen = wait_for(
+                seen = wait_until(
                     lambda: (rec if midway(rec := deploy_record(cluster, survivors[0], APP,
                                                                 deploy_id)) else None),
-                    f"deploy {deploy_id} rolling", DEPLOY_TIMEOUT)
+                    f"deploy {deploy_id} rolling", timeout=DEPLOY_TIMEOUT)
                 assert seen is not None and seen["stage"] != "done", seen
                 cluster.kill9(leader)
                 new_leader = cluster.leader(among=survivors)

@@ -15,12 +15,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ import trio
 
 from superagent.participant.service import Agent, AgentConfig
 from tests.participant.children import child_python
+from tests.support.ports import free_port
+from tests.support.wait import wait_until
 
 SECRET = "agent-test-secret"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -89,12 +89,6 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forev
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def tarball(files: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -136,6 +130,11 @@ class Rig:
             "X-Superagent-Signal": f"t{self._ids}", "X-Superagent-Term": "1"})
 
 
+def node_of(data_dir: Path) -> str:
+    """A node name unique to ``data_dir`` (pytest's directories are unique per run)."""
+    return "t-" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+
+
 @contextlib.asynccontextmanager
 async def running_agent(data_dir: Path, rpc_port: int | None = None,
                         listen_port: int | None = None, *, stop_all: bool = True,
@@ -144,13 +143,15 @@ async def running_agent(data_dir: Path, rpc_port: int | None = None,
 
     Leaving stops every instance (``stop_all``) or, with ``stop_all=False``, only
     cancels the agent, which leaves apps and proxy workers running as a killed agent
-    does. ``config`` adds AgentConfig fields (a ``node`` of its own gives the test its
-    own cgroup parent group).
+    does. ``config`` adds AgentConfig fields. The node name (and so the cgroup parent
+    group) is the data directory's own, so agents of other test runs on the machine
+    never share a cgroup with this one, and an agent started again on the same
+    directory is the same node.
     """
     rpc_port, listen_port = rpc_port or free_port(), listen_port or free_port()
+    defaults = {"proxy_workers": 1, "drain_grace": 10.0, "node": node_of(data_dir)}
     agent = Agent(AgentConfig(data_dir=data_dir, secret=SECRET, rpc=("127.0.0.1", rpc_port),
-                              listen=(f"127.0.0.1:{listen_port}",),
-                              **{"proxy_workers": 1, "drain_grace": 10.0, **config}))
+                              listen=(f"127.0.0.1:{listen_port}",), **{**defaults, **config}))
     async with trio.open_nursery() as nursery:
         with trio.fail_after(DEADLINE):
             await nursery.start(agent.run)
@@ -359,17 +360,11 @@ async def test_node_app_is_built_with_npm_and_served(rig: Rig) -> None:
 
 
 def _wait_status(client: httpx.Client, deadline: float) -> dict[str, Any]:
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            response = client.get("/v1/status")
-            if response.status_code == 200:
-                return dict(response.json())
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > end:
-            raise AssertionError("the agent's RPC did not come up in time")
-        time.sleep(0.1)  # polling a process we started for readiness, bounded above
+    """The agent's status once its RPC answers 200."""
+    response = wait_until(lambda: client.get("/v1/status"), "the agent's RPC to come up",
+                          until=lambda r: r.status_code == 200, timeout=deadline,
+                          interval=0.1)
+    return dict(response.json())
 
 
 @pytest.mark.slow
@@ -404,10 +399,9 @@ def test_agent_sigkill_under_load_loses_no_request(data_dir: Path) -> None:
                 counts["failed"] += 1
 
     def wait_for_more(n: int) -> None:
-        target, end = counts["ok"] + n, time.monotonic() + DEADLINE
-        while counts["ok"] < target:
-            assert time.monotonic() < end, f"load stalled at {counts}"
-            time.sleep(0.02)  # polling the load thread's counter, bounded above
+        target = counts["ok"] + n
+        wait_until(lambda: dict(counts), f"{target} answers under load (load stalled?)",
+                   until=lambda seen: seen["ok"] >= target, timeout=DEADLINE)
 
     loader = threading.Thread(target=load)
     try:

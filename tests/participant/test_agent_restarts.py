@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -23,19 +22,13 @@ from tests.participant.test_agent import (
     DEADLINE,
     Rig,
     _kill_leftovers,
-    free_port,
     python_app,
     running_agent,
 )
+from tests.support.ports import free_port
+from tests.support.wait import wait_until_async
 
 WARM_APP = '[env]\nWARM_UNTIL_GO = "1"\n'
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    with trio.fail_after(DEADLINE):
-        while not condition():
-            await trio.sleep(0.02)  # polling agent state the test does not own; bounded
-    assert condition(), what
 
 
 def recorded_pids(data_dir: Path) -> dict[str, int | None]:
@@ -45,10 +38,9 @@ def recorded_pids(data_dir: Path) -> dict[str, int | None]:
 
 def agent_on(data_dir: Path, rpc_port: int, listen_port: int, *,
              stop_all: bool = False) -> AbstractAsyncContextManager[Rig]:
-    """An agent of the test's own node name, on ports a later agent takes over; leaving
+    """An agent of the data directory's node, on ports a later agent takes over; leaving
     only cancels it (apps keep running) unless ``stop_all``."""
-    return running_agent(data_dir, rpc_port, listen_port, stop_all=stop_all,
-                         node=data_dir.name, drain_grace=5.0)
+    return running_agent(data_dir, rpc_port, listen_port, stop_all=stop_all, drain_grace=5.0)
 
 
 async def serve(rig: Rig, count: int, extra: str = "") -> list[Instance]:
@@ -70,16 +62,13 @@ async def test_a_restarted_instance_gets_no_traffic_until_ready(data_dir: Path) 
         assert old_pid is not None
         os.kill(old_pid, signal.SIGKILL)
         # the new process is up and answering (503: warming) but must not be routed
-        await wait_until(lambda: victim.pid not in (None, old_pid), "restarted")
-        with trio.fail_after(DEADLINE):
-            while True:
-                try:
-                    async with httpx.AsyncClient(timeout=DEADLINE) as direct:
-                        answer = await direct.get(
-                            f"http://127.0.0.1:{victim.config.port}/healthz")
-                    break
-                except httpx.TransportError:
-                    await trio.sleep(0.02)  # until the new process listens; bounded
+        await wait_until_async(lambda: victim.pid not in (None, old_pid), "restarted",
+                               timeout=DEADLINE)
+        async with httpx.AsyncClient(timeout=DEADLINE) as direct:
+            answer = await wait_until_async(
+                lambda: direct.get(f"http://127.0.0.1:{victim.config.port}/healthz"),
+                "the restarted process to listen", until=lambda _answer: True,
+                timeout=DEADLINE)
         assert answer.status_code == 503 and victim.state is State.STARTING
         assert recorded_pids(data_dir)[victim.config.instance] == victim.pid
         for n in range(30):
@@ -88,7 +77,7 @@ async def test_a_restarted_instance_gets_no_traffic_until_ready(data_dir: Path) 
             assert response.json()["instance"] == survivor.config.instance
 
         (victim.config.home / "go").touch()  # warmed up: ready, and routed again
-        await wait_until(lambda: victim.state is State.READY, "ready again")
+        await wait_until_async(lambda: victim.state is State.READY, "ready again", timeout=DEADLINE)
         seen: set[str] = set()
         with trio.fail_after(DEADLINE):
             while victim.config.instance not in seen:
@@ -115,8 +104,9 @@ async def _restart_agents(data_dir: Path) -> None:
             instance.pid
         assert first_pid is not None
         os.kill(first_pid, signal.SIGKILL)
-        await wait_until(lambda: instance.state is State.READY
-                         and instance.pid not in (None, first_pid), "restarted")
+        await wait_until_async(lambda: instance.state is State.READY
+                               and instance.pid not in (None, first_pid), "restarted",
+                               timeout=DEADLINE)
         restarted_pid = instance.pid
     # the first agent is gone; its restarted app still runs
     assert restarted_pid is not None and psutil.pid_exists(restarted_pid)
@@ -127,10 +117,11 @@ async def _restart_agents(data_dir: Path) -> None:
         assert (await rig.proxy.get("/hello/adopted")).json()["instance"] == instance_id
 
     os.kill(restarted_pid, signal.SIGKILL)  # dies while no agent runs
-    await wait_until(lambda: not _running(restarted_pid), "killed")
+    await wait_until_async(lambda: not _running(restarted_pid), "killed", timeout=DEADLINE)
     async with agent_on(data_dir, rpc_port, listen_port, stop_all=True) as rig:
         fresh = rig.agent.instances[instance_id]
-        await wait_until(lambda: fresh.state is State.READY, "started afresh")
+        await wait_until_async(lambda: fresh.state is State.READY, "started afresh",
+                               timeout=DEADLINE)
         assert fresh.pid not in (None, restarted_pid) and fresh.config.port == port
         assert recorded_pids(data_dir)[instance_id] == fresh.pid
         with trio.fail_after(DEADLINE):  # routed again once ready

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import trio
 
 from superagent.participant.cgroups import (
     CGROUP_ROOT,
@@ -28,6 +27,7 @@ from superagent.participant.cgroups import (
 )
 from tests.participant.children import child_python
 from tests.participant.test_agent import DEADLINE, SECRET, Rig, running_agent, tarball
+from tests.support.wait import wait_until_async
 
 POLL = 0.05  # between looks at the status while waiting for a condition with a deadline
 MB = 1024**2
@@ -114,15 +114,10 @@ def entry(status: dict[str, Any], instance: str) -> dict[str, Any]:
 
 async def wait_for(rig: Rig, what: str, ok: Callable[[dict[str, Any]], bool]
                    ) -> dict[str, Any]:
-    """The first status that satisfies ``ok``; fails after ``DEADLINE`` naming ``what``."""
-    last: dict[str, Any] = {}
-    with trio.move_on_after(DEADLINE):
-        while True:
-            last = await status_of(rig)
-            if ok(last):
-                return last
-            await trio.sleep(POLL)  # polling the agent's status; bounded by the deadline
-    raise AssertionError(f"not within {DEADLINE} s: {what}; last status: {last}")
+    """The first status that satisfies ``ok``; fails after ``DEADLINE`` naming ``what``
+    and the last status."""
+    return await wait_until_async(lambda: status_of(rig), what, until=ok, timeout=DEADLINE,
+                                  interval=POLL)
 
 
 def need_cgroups(rig: Rig) -> CgroupSupport:

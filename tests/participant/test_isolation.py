@@ -8,11 +8,14 @@ missing. The cgroup side is in test_cgroups.py.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +158,60 @@ def test_uid_switch_isolates_files(app_users: list[AppUser]) -> None:
         assert report["rlimits"] == {"nofile": 4096, "nproc": 512, "core": 0}
     finally:
         shutil.rmtree(base)
+
+
+RACE_APPS = ("t4race", "t5race", "t6race")
+RACE_AGENTS = 6  # processes, as several agents on one host deploying the same new apps
+
+ENSURE_AT_ONCE = """
+import json, sys, time
+from superagent.participant.isolation import ensure_app_user
+start = float(sys.argv[1])
+time.sleep(max(0.0, start - time.time()))  # all agents call useradd at the same moment
+print(json.dumps({app: [u.uid, u.gid] for app in sys.argv[2:]
+                  for u in [ensure_app_user(app)]}))
+"""
+
+
+def _remove_users(apps: tuple[str, ...]) -> None:
+    for app in apps:  # every entry of the name, however many a race left behind
+        name = app_user_name(app)
+        while subprocess.run(["getent", "passwd", name], capture_output=True,
+                             check=False).returncode == 0:
+            subprocess.run(["userdel", name], check=True, capture_output=True)
+        if subprocess.run(["getent", "group", name], capture_output=True,
+                          check=False).returncode == 0:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+def test_agents_creating_the_same_users_at_once_agree_on_ids() -> None:
+    """Agents sharing a host that create a new app's user at the same moment all get the
+    one uid and gid the system holds for it, and the system holds exactly one entry."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: useradd")
+    _remove_users(RACE_APPS)
+    start = time.time() + 1.0  # time for every process to import and wait
+    agents = [subprocess.Popen([sys.executable, "-c", ENSURE_AT_ONCE, str(start), *RACE_APPS],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(RACE_AGENTS)]
+    try:
+        results = []
+        for agent in agents:
+            out, err = agent.communicate(timeout=CHILD_TIMEOUT)
+            assert agent.returncode == 0, err
+            results.append(json.loads(out.splitlines()[-1]))  # after the log lines
+        for app in RACE_APPS:
+            entries = subprocess.run(["getent", "passwd", app_user_name(app)],
+                                     capture_output=True, text=True, check=True).stdout
+            assert len(entries.splitlines()) == 1, entries
+            uid, gid = (int(field) for field in entries.split(":")[2:4])
+            assert {tuple(result[app]) for result in results} == {(uid, gid)}
+        assert len({results[0][app][0] for app in RACE_APPS}) == len(RACE_APPS)
+    finally:
+        for agent in agents:
+            agent.kill()
+            agent.wait()
+        _remove_users(RACE_APPS)
 
 
 def test_existing_regular_user_is_refused() -> None:

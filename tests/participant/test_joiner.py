@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,16 +40,11 @@ from superagent.participant.joiner import (
 )
 from superagent.participant.service import Agent, AgentConfig
 from tests.participant.test_agent import tarball
+from tests.support.ports import free_port
 
 SECRET = "joiner-test-secret"
 DEADLINE = 20.0  # every wait here is for a loopback round trip or an agent's start-up
 FAST = 0.02  # heartbeat interval in these tests: many heartbeats per wait
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the stand-in coordinator ----------------------------------------------------------------

@@ -8,6 +8,7 @@ wait on a condition has a ``trio.fail_after`` deadline.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,14 +16,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from superagent.participant.logfiles import FileLimits, LineSplitter
-from superagent.participant.logs import (
-    POLL_INTERVAL,
-    LogFilter,
-    LogHub,
-    LogLine,
-    Subscription,
-)
+from superagent.debug import DebugSessions, LogFilter, LogLine, Subscription
+from superagent.participant.logfiles import FileLimits
+from superagent.participant.logs import POLL_INTERVAL, LogHub
 from tests.participant.children import child_python
 
 WAIT = 10.0  # generous bound on any condition below; each is met in well under a second
@@ -77,23 +73,6 @@ async def test_lines_appear_in_tail_with_labels_in_order(tmp_path: Path) -> None
     assert hub.tail(app="other") == []
 
 
-async def test_json_line_fields_level_and_request_id(tmp_path: Path) -> None:
-    """A JSON object line keeps its fields and surfaces level and request_id; others do not."""
-    out, err = paths(tmp_path)
-    hub = LogHub()
-    hub.add("web", "r1", "web-1", out, err, from_start=True)
-    append(out, b'{"level": "error", "request_id": "req-9", "msg": "boom", "n": 3}\n'
-                b"[1, 2]\n{not json\nplain \xff bytes\r\n")
-    lines = await hub.poll()
-    first, array, broken, plain = lines
-    assert first.fields == {"level": "error", "request_id": "req-9", "msg": "boom", "n": 3}
-    assert (first.level, first.request_id) == ("error", "req-9")
-    assert array.fields is None and broken.fields is None and broken.level is None
-    assert plain.text == "plain \ufffd bytes"
-    assert LogLine.from_json(first.to_json()) == first
-    assert first.to_json()["type"] == "log_line"
-
-
 async def test_partial_line_waits_for_its_newline(tmp_path: Path) -> None:
     """A line without its newline yet is held back until the newline arrives."""
     out, err = paths(tmp_path)
@@ -119,17 +98,6 @@ async def test_overlong_line_is_cut_and_flagged(tmp_path: Path) -> None:
     after = await hub.poll()
     assert [(line.text, line.cut) for line in after] == [("short", False), ("y" * 16, True)]
     assert after[1].to_json()["cut"] is True
-
-
-def test_splitter_byte_by_byte() -> None:
-    """The pure splitter gives the same lines whatever the chunking."""
-    data = b"a\n\nbcd\n" + b"z" * 10 + b"\nend\npart"
-    whole = LineSplitter(max_line=8).feed(data)
-    splitter = LineSplitter(max_line=8)
-    pieces = [line for i in range(len(data)) for line in splitter.feed(data[i:i + 1])]
-    assert pieces == whole == [(b"a", False), (b"", False), (b"bcd", False),
-                               (b"z" * 8, True), (b"end", False)]
-    assert splitter.pending == 4
 
 
 async def test_ring_buffer_keeps_last_n(tmp_path: Path) -> None:
@@ -217,32 +185,6 @@ async def test_copy_truncate_rotation_with_a_real_appending_child(tmp_path: Path
     assert max(old_numbers) < int(current.splitlines()[0].split()[1]) if current else True
 
 
-async def test_slow_subscriber_drops_while_fast_one_gets_everything(tmp_path: Path) -> None:
-    """A full subscriber queue drops and counts; another subscriber and the hub are unaffected."""
-    out, err = paths(tmp_path)
-    hub = LogHub(poll_interval=FAST_POLL)
-    hub.add("web", "r1", "web-1", out, err, from_start=True)
-    got: list[LogLine] = []
-    async with trio.open_nursery() as nursery:
-        with hub.subscribe() as fast, hub.subscribe(buffer=5) as slow:
-
-            async def consume() -> None:
-                async for line in fast:
-                    got.append(line)
-
-            nursery.start_soon(consume)
-            await nursery.start(hub.run)
-            for batch in range(5):
-                append(out, b"".join(b"line %d\n" % (batch * 10 + i) for i in range(10)))
-                await trio.sleep(FAST_POLL)
-            await wait_until(lambda: len(got) == 50)
-            assert texts(got) == [f"line {i}" for i in range(50)]
-            assert (slow.dropped, slow.delivered, fast.dropped) == (45, 5, 0)
-            assert "dropped=45" in repr(slow) and "queued=5/5" in repr(slow)
-            assert texts(await drain(slow)) == [f"line {i}" for i in range(5)]
-            nursery.cancel_scope.cancel()
-
-
 async def test_filters_by_app_instance_level_request_id(tmp_path: Path) -> None:
     """Each filter field narrows a subscription; level ignores case."""
     hub = LogHub()
@@ -271,6 +213,33 @@ async def test_filters_by_app_instance_level_request_id(tmp_path: Path) -> None:
     assert "closed" in repr(subs["all"])
 
 
+async def test_proxy_events_of_debugged_apps_join_their_tail(tmp_path: Path) -> None:
+    """Access records of an app with an open session become its proxy lines; others do not."""
+    out, err = paths(tmp_path)
+    access = tmp_path / "access.log"
+    append(access, b'{"event": "access", "ts": 1, "app": "web", "request_id": "old"}\n')
+    sessions = DebugSessions(clock=lambda: 1000.0)
+    sessions.open("web", 60)
+    hub = LogHub()
+    hub.add("web", "r3", "web-1", out, err, from_start=True)
+    hub.add_proxy_events(access, wanted=sessions.covers,
+                         release_of=lambda app, instance: f"release of {instance}")
+    append(out, b'{"request_id": "req-1", "msg": "handling"}\n')
+    record = {"event": "access", "ts": 1010.0, "app": "web", "instance": "web-1",
+              "request_id": "req-1", "status": 200}
+    append(access, b"".join(json.dumps(doc).encode() + b"\n" for doc in (
+        record, {**record, "app": "api"}, {**record, "ts": 2000.0}, {"event": "other"})))
+    with hub.subscribe(LogFilter(request_id="req-1")) as sub:
+        await hub.poll()
+        got = await drain(sub)
+    assert [(line.stream, line.release) for line in got] == [
+        ("stdout", "r3"), ("proxy", "release of web-1")]
+    assert [line.stream for line in hub.tail(app="web", request_id="req-1")] == [
+        "stdout", "proxy"]
+    assert [line.stream for line in hub.tail(instance="web-1")] == ["stdout", "proxy"]
+    assert "proxy-events" in hub and got[1].fields == record
+
+
 async def test_run_ends_subscriptions_and_remove_forgets(tmp_path: Path) -> None:
     """Cancelling run() ends subscribers' iteration; remove() drops an instance's lines."""
     out, err = paths(tmp_path)
@@ -294,7 +263,7 @@ async def test_run_ends_subscriptions_and_remove_forgets(tmp_path: Path) -> None
             outer.start_soon(consume)
             async with trio.open_nursery() as nursery:
                 await nursery.start(hub.run)
-                await trio.sleep(2 * POLL_INTERVAL)
+                await wait_until(lambda: hub.stats.polls >= 2)
                 assert "subscribers=1" in repr(hub) and "polls=" in repr(hub)
                 nursery.cancel_scope.cancel()
             await ended.wait()

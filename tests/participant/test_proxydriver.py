@@ -13,7 +13,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,9 +25,10 @@ from superagent.participant.errors import ProxyDriverError
 from superagent.participant.proxydriver import ProxyDriver
 from superagent.proxy import control
 from superagent.proxy.snapshot import AppRoute, Instance
+from tests.support.ports import free_port
+from tests.support.wait import wait_until_async
 
 STEP = 15.0  # bound on any single wait (a worker's cold start is ~1 s)
-POLL = 0.02  # poll interval of eventually(); always under a fail_after deadline
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -56,12 +57,6 @@ def run_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def live_workers(pids: list[int]) -> list[int]:
     alive = []
     for pid in pids:
@@ -71,16 +66,6 @@ def live_workers(pids: list[int]) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return alive
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` until true; fails after STEP seconds."""
-    try:
-        with trio.fail_after(STEP):
-            while not await check():
-                await trio.sleep(POLL)
-    except trio.TooSlowError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 # --------------------------------------------------------------------------- upstreams
@@ -217,7 +202,8 @@ async def test_drain_waits_for_in_flight_then_reports_leftovers(run_dir: Path) -
                     slow.append(await get(port, "/gate"))
 
                 nursery.start_soon(slow_request)
-                await eventually(lambda: _true(a.gated + b.gated == 1), "the slow request")
+                await wait_until_async(lambda: a.gated + b.gated == 1, "the slow request",
+                                       timeout=STEP)
                 busy = a if a.gated else b
                 other = b if busy is a else a
                 result: dict[str, int] = {}
@@ -226,7 +212,8 @@ async def test_drain_waits_for_in_flight_then_reports_leftovers(run_dir: Path) -
                     result.update(await d.drain([busy.name], grace=STEP))
 
                 nursery.start_soon(drain)
-                await eventually(lambda: _true(busy.name in d.draining), "the drain mark")
+                await wait_until_async(lambda: busy.name in d.draining, "the drain mark",
+                                       timeout=STEP)
                 assert {await get(port) for _ in range(6)} == {(200, other.name)}
                 assert result == {}  # still waiting for the slow request
                 busy.gate.set()
@@ -236,7 +223,7 @@ async def test_drain_waits_for_in_flight_then_reports_leftovers(run_dir: Path) -
             nursery_result: dict[str, int] = {}
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(get, port, "/gate")
-                await eventually(lambda: _true(other.gated == 1), "the long request")
+                await wait_until_async(lambda: other.gated == 1, "the long request", timeout=STEP)
                 nursery_result = await d.drain([other.name], grace=0.3)
                 other.gate.set()
             assert nursery_result == {other.name: 1}
@@ -244,10 +231,6 @@ async def test_drain_waits_for_in_flight_then_reports_leftovers(run_dir: Path) -
             assert d.draining == set()
         finally:
             await d.stop()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_new_driver_adopts_running_workers_without_dropping_traffic(run_dir: Path) -> None:
@@ -316,7 +299,7 @@ async def test_supervise_restarts_a_killed_worker_with_the_current_snapshot(
                     except control.ControlError:
                         return False
 
-                await eventually(replaced, "a restarted worker on v2")
+                await wait_until_async(replaced, "a restarted worker on v2", timeout=STEP)
                 assert d.slots[0].restarts == 1
                 assert {await get(port) for _ in range(6)} == {(200, "a")}
                 pids = [s.pid for s in d.slots if s.pid]

@@ -32,6 +32,7 @@ from superagent.participant.errors import (
 )
 from superagent.participant.releases import PreparedRelease, ReleaseStore
 from tests.participant.tarballs import file, link, make_tar
+from tests.support.wait import wait_until_async
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -156,9 +157,8 @@ async def test_build_timeout_kills_the_build(store: ReleaseStore, tmp_path: Path
     assert time.monotonic() - started < 4.0
     assert caught.value.timed_out and caught.value.returncode is None
     background = int(pidfile.read_text())
-    with trio.fail_after(5):
-        while _alive(background):
-            await trio.sleep(0.02)
+    await wait_until_async(lambda: not _alive(background), "the build's background child gone",
+                           timeout=5.0)
     assert not (store.root / "hello" / "r1").exists()
 
 
@@ -215,18 +215,22 @@ async def test_prepared_release_with_another_archive_conflicts(store: ReleaseSto
 async def test_concurrent_prepares_build_once(store: ReleaseStore, tmp_path: Path) -> None:
     """Two prepares of one release at once: one build, both get the same release."""
     marker = tmp_path / "builds"
-    archive = app_tar({}, build='echo built >> "$MARKER"; sleep 0.3')
+    gate = tmp_path / "gate"  # the build waits for it, so both prepares overlap for sure
+    archive = app_tar({}, build=(
+        'echo built >> "$MARKER"; '
+        'i=0; while [ ! -e "$GATE" ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done'))
     results: list[PreparedRelease] = []
 
     async def prepare() -> None:
         results.append(await store.prepare("hello", "r1", archive, sha(archive),
-                                           env={"MARKER": str(marker)}))
+                                           env={"MARKER": str(marker), "GATE": str(gate)}))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(prepare)
         nursery.start_soon(prepare)
-        await trio.sleep(0.1)
+        await wait_until_async(marker.exists, "the build to start")
         assert "preparing=[hello@r1]" in repr(store)
+        gate.touch()
     assert len(results) == 2 and results[0] == results[1]
     assert marker_lines(marker) == ["built"]
     assert store._locks == {}
@@ -317,3 +321,20 @@ async def test_build_runs_as_the_app_user(shared_root: Path) -> None:
     assert prepared.path.stat().st_gid == nobody.pw_gid
     assert stat.S_IMODE(prepared.path.stat().st_mode) == 0o750
     assert stat.S_IMODE(prepared.src.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing file owners needs root")
+async def test_release_owned_by_other_ids_is_given_back_before_a_start(shared_root: Path) -> None:
+    """A release prepared for ids the app no longer has is given to its current ids."""
+    nobody = pwd.getpwnam("nobody")
+    store = ReleaseStore(shared_root / "store")
+    archive = app_tar({})
+    prepared = await store.prepare("hello", "r1", archive, sha(archive), uid=nobody.pw_uid,
+                                   gid=nobody.pw_gid)
+    assert not store.ensure_owner(prepared, nobody.pw_uid, nobody.pw_gid)
+    uid, gid = nobody.pw_uid - 1, nobody.pw_gid - 1  # the app user as made again
+    assert store.ensure_owner(prepared, uid, gid)
+    for path in [prepared.src, *prepared.src.rglob("*")]:
+        assert (path.lstat().st_uid, path.lstat().st_gid) == (uid, gid)
+    assert (prepared.path.stat().st_uid, prepared.path.stat().st_gid) == (0, gid)
+    assert not store.ensure_owner(prepared, uid, gid)

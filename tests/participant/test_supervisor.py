@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
 from functools import partial
@@ -28,6 +28,7 @@ import psutil
 import pytest
 import trio
 
+from superagent.manifest import HealthSpec
 from superagent.participant.cgroups import CgroupLimits, detect_cgroups
 from superagent.participant.errors import (
     AdoptionFailed,
@@ -42,7 +43,6 @@ from superagent.participant.isolation import (
     ensure_app_user,
     remove_app_user,
 )
-from superagent.participant.manifest import HealthSpec
 from superagent.participant.supervisor import (
     Event,
     Instance,
@@ -54,6 +54,8 @@ from superagent.participant.supervisor import (
     transition,
 )
 from tests.participant.children import child_python
+from tests.support.ports import free_port
+from tests.support.wait import wait_until_async
 
 WAIT = 10.0  # generous bound on any condition below; each is met in well under a second
 
@@ -98,13 +100,6 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def make_config(base: Path, mode: str, *, python: str = sys.executable,
                 **overrides: object) -> InstanceConfig:
     """An instance running APP in ``mode`` below ``base``, with test-speed tunables."""
@@ -122,13 +117,6 @@ def make_config(base: Path, mode: str, *, python: str = sys.executable,
         grace=2.0, backoff_initial=0.01, backoff_max=0.05, max_restarts=3,
         restart_window=60.0)
     return replace(config, **overrides)  # type: ignore[arg-type]
-
-
-async def wait_for(condition: Callable[[], bool]) -> None:
-    """Return once ``condition()`` holds; fail after WAIT seconds."""
-    with trio.fail_after(WAIT):
-        while not condition():
-            await trio.sleep(0.02)
 
 
 @asynccontextmanager
@@ -224,8 +212,9 @@ async def test_ready_serves_and_logs(tmp_path: Path) -> None:
         assert status["ready_at"] >= status["started_at"]
         assert status["isolation"]["user"]
         assert "READY" in repr(instance) and f"port={config.port}" in repr(instance)
-        await wait_for(lambda: config.err_log.exists()
-                       and "hello err" in config.err_log.read_text())
+        await wait_until_async(lambda: config.err_log.exists()
+                               and "hello err" in config.err_log.read_text(),
+                               "the app's stderr line in its log", timeout=WAIT)
         assert "hello out hello-r1-1" in config.out_log.read_text()
         assert (config.home / "uid").read_text() == str(os.getuid())
     assert instance.status()["state"] == "stopped" and instance.pid is None
@@ -261,7 +250,8 @@ async def test_crash_loop_stops_restarting(tmp_path: Path) -> None:
     """An app that dies and keeps dying on restart ends in CRASH_LOOP after max_restarts."""
     config = make_config(tmp_path, "crash")
     async with supervised(config) as instance:
-        await wait_for(lambda: instance.state is State.CRASH_LOOP)
+        await wait_until_async(lambda: instance.state is State.CRASH_LOOP, "a crash loop",
+                               timeout=WAIT)
         assert instance.restarts == config.max_restarts
         assert instance.last_exit == 3
         assert instance.status()["state"] == "crash_loop" and instance.pid is None
@@ -274,7 +264,8 @@ async def test_liveness_failure_restarts(tmp_path: Path) -> None:
     async with supervised(config) as instance:
         first_pid = instance.pid
         (tmp_path / "state" / "sick").write_text("1")
-        await wait_for(lambda: instance.restarts == 1 and instance.state is State.READY)
+        await wait_until_async(lambda: instance.restarts == 1 and instance.state is State.READY,
+                               "one restart, then ready", timeout=WAIT)
         assert instance.pid not in (None, first_pid)
         assert await probe(config.port, "/healthz")
 
@@ -297,7 +288,7 @@ async def test_stop_kills_after_grace_with_grandchild(tmp_path: Path) -> None:
         started = time.monotonic()
     assert time.monotonic() - started >= config.grace
     assert instance.last_exit == -9
-    await wait_for(lambda: gone(grandchild))
+    await wait_until_async(lambda: gone(grandchild), "the grandchild gone", timeout=WAIT)
 
 
 async def test_log_rotation_at_spawn(tmp_path: Path) -> None:
@@ -306,7 +297,8 @@ async def test_log_rotation_at_spawn(tmp_path: Path) -> None:
     config.log_dir.mkdir()
     config.out_log.write_text("old line\n" * 50)
     async with supervised(config):
-        await wait_for(lambda: "hello out" in config.out_log.read_text())
+        await wait_until_async(lambda: "hello out" in config.out_log.read_text(),
+                               "the app's stdout line in its log", timeout=WAIT)
     assert "hello out" not in config.out_log.with_name(config.out_log.name + ".1").read_text()
     assert "old line" not in config.out_log.read_text()
 
@@ -336,7 +328,7 @@ async def test_cancelled_run_leaves_the_app_running(tmp_path: Path) -> None:
         with trio.fail_after(WAIT):
             await instance.stop()
     assert (tmp_path / "state" / "terminated").read_text() == "yes"
-    await wait_for(lambda: gone(pid))
+    await wait_until_async(lambda: gone(pid), "the app process gone", timeout=WAIT)
 
 
 # --- adoption: processes an earlier agent left running -------------------------------------
@@ -415,7 +407,9 @@ def test_adopted_app_killed_outside_is_restarted_as_a_child(tmp_path: Path) -> N
                 assert record["pid"] == popen.pid and record["create_time"] == create_time
                 os.kill(popen.pid, signal.SIGKILL)
                 popen.wait(timeout=WAIT)  # its real parent reaps it, as init would
-                await wait_for(lambda: instance.restarts == 1 and instance.state is State.READY)
+                await wait_until_async(
+                    lambda: instance.restarts == 1 and instance.state is State.READY,
+                    "one restart, then ready", timeout=WAIT)
                 new = instance.pid
                 assert new is not None and new != popen.pid
                 assert psutil.Process(new).ppid() == os.getpid()
@@ -424,7 +418,7 @@ def test_adopted_app_killed_outside_is_restarted_as_a_child(tmp_path: Path) -> N
                 with trio.fail_after(WAIT):
                     await instance.stop()
             assert instance.status()["state"] == State.STOPPED.value
-            await wait_for(lambda: gone(new))
+            await wait_until_async(lambda: gone(new), "the new process gone", timeout=WAIT)
 
         trio.run(scenario)
 
@@ -469,7 +463,7 @@ async def test_agent_restart_round_trip_through_a_record(tmp_path: Path) -> None
         with trio.fail_after(WAIT):
             await second.stop()
     assert (tmp_path / "state" / "terminated").read_text() == "yes"
-    await wait_for(lambda: gone(pid))
+    await wait_until_async(lambda: gone(pid), "the app process gone", timeout=WAIT)
 
 
 def test_config_record_round_trips(tmp_path: Path) -> None:
@@ -512,7 +506,8 @@ async def test_runs_as_app_user_in_cgroup(world_dir: Path) -> None:
         config = make_config(world_dir, "ok", python=python, app=app, instance=f"{app}-1",
                              user=user, cgroups=support)
         async with supervised(config) as instance:
-            await wait_for(lambda: (config.home / "uid").exists())
+            await wait_until_async(lambda: (config.home / "uid").exists(),
+                                   "the app's uid file", timeout=WAIT)
             assert (config.home / "uid").read_text() == str(user.uid)
             report = instance.status()["isolation"]
             assert report["switched_user"] and report["uid"] == user.uid

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,10 @@ import trio
 from superagent.participant.releases import TEST_LOG_LIMIT
 from superagent.participant.service import Agent, AgentConfig
 from tests.participant.test_agent import tarball
+from tests.support.ports import free_port
 
 SECRET = "test-signal-secret"
 DEADLINE = 30.0  # an agent's start-up with its proxy worker, or one test run, on a busy CI
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def release(app: str, test: str | None) -> bytes:

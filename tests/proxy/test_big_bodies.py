@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,12 @@ import psutil
 import pytest
 import trio
 
+from tests.support.ports import free_port
+
 GB = 1 << 30
 CHUNK = 1 << 16
 RSS_GROWTH_LIMIT = 48 << 20  # what streaming may add to a worker: a few buffers, never the body
 PATTERN = bytes(range(256)) * (CHUNK // 256)  # one chunk of the body, repeated
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
@@ -68,8 +63,6 @@ async def _upstream(listener: trio.SocketListener) -> None:
         await trio.serve_listeners(serve, [listener], handler_nursery=nursery)
 
 
-
-
 @pytest.mark.slow
 async def test_gigabyte_up_and_down_in_bounded_memory(tmp_path: Path) -> None:
     """1 GB each way arrives intact while the worker's RSS grows by less than 48 MB."""
@@ -77,7 +70,7 @@ async def test_gigabyte_up_and_down_in_bounded_memory(tmp_path: Path) -> None:
     await upstream_sock.bind(("127.0.0.1", 0))
     upstream_sock.listen(16)
     upstream_port = upstream_sock.getsockname()[1]
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     config = tmp_path / "proxy.toml"
     config.write_text(f"""
 [proxy]

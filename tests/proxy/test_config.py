@@ -11,16 +11,15 @@ from typing import Any
 import pytest
 
 from superagent.errors import ConfigError
+from superagent.httprules import DEFAULT_MAX_BODY
 from superagent.proxy.config import (
     ProxyConfig,
     config_from_document,
     load_config,
-    parse_address,
     snapshot_from_wire,
     snapshot_to_wire,
 )
 from superagent.proxy.snapshot import (
-    DEFAULT_MAX_BODY,
     AppRoute,
     Instance,
     Listener,
@@ -350,27 +349,3 @@ def test_wire_errors_name_snapshot_and_key() -> None:
         snapshot_from_wire(wire)
     assert info.value.source == "snapshot"
     assert info.value.key == "apps.web.timeouts.idle"
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("127.0.0.1:80", ("127.0.0.1", 80)),
-        (":8080", ("0.0.0.0", 8080)),
-        ("[::1]:443", ("::1", 443)),
-        ("[::]:1", ("::", 1)),
-        ("example.com:65535", ("example.com", 65535)),
-    ],
-)
-def test_parse_address_valid(value: str, expected: tuple[str, int]) -> None:
-    """host:port and [v6]:port parse; an empty host means all interfaces."""
-    assert parse_address(value, source="f", key="k") == expected
-
-
-@pytest.mark.parametrize("value", ["", "host", "host:", "host:0", "host:65536", "host:x",
-                                   "[::1]", "host:-1", "host: 80"])
-def test_parse_address_invalid(value: str) -> None:
-    """Addresses without a valid port raise ConfigError naming the key."""
-    with pytest.raises(ConfigError) as info:
-        parse_address(value, source="f", key="proxy.listen")
-    assert info.value.key == "proxy.listen"

@@ -219,6 +219,15 @@ def test_bad_targets_are_400(target: bytes) -> None:
     assert refused(target=target).status == 400
 
 
+def test_normalisation_errors_are_bad_requests_that_close() -> None:
+    """A path or Host that superagent.httprules refuses is a 400 that closes, with its reason."""
+    for err in (refused(target=b"/%zz"), refused([(b"Host", b"example.com:http")]),
+                refused(target=b"http://exa mple.com/")):
+        assert (err.status, err.code, err.close) == (400, "bad-request", True)
+    assert refused(target=b"/%zz").detail == "invalid percent-escape in request path"
+    assert refused([(b"Host", b"example.com:http")]).detail == "malformed port in Host header"
+
+
 def test_path_is_normalised_and_query_kept() -> None:
     """The request's path is normalise_path's result; the query keeps its '?'."""
     req = request(target=b"/a//b/./%2e%2E/c%2f?x=1&y=%2F")

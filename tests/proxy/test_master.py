@@ -1,6 +1,6 @@
 """Process-level tests of ``superagent proxy``: the real master, real workers, real sockets.
 
-Every test spawns ``python -m superagent proxy`` on ephemeral loopback ports in front of
+Every test spawns ``python -m superagent proxy`` on free loopback ports in front of
 upstream HTTP servers started here (threads on 127.0.0.1), waits for readiness by
 polling with a deadline, and always kills the proxy's process group on the way out.
 """
@@ -23,45 +23,23 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
+from tests.support.ports import free_port
+from tests.support.wait import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 30.0  # a cold start imports trio, httptools, starlette: ~2 s normally
 STEP_TIMEOUT = 15.0  # any single condition we wait for
-POLL = 0.02  # poll interval of wait_for (a poll, not a stand-in for synchronisation)
 GATE_TIMEOUT = 30.0  # a slow upstream request never blocks longer than this
 GRACE = 5.0  # [proxy] grace of every config here: SIGTERM must finish within it
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------- helpers
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = STEP_TIMEOUT) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = predicate()
-        except (OSError, httpx.HTTPError, psutil.Error) as exc:
-            result, last_error = None, exc  # type: ignore[assignment]
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                                 + (f" (last error: {last_error!r})" if last_error else ""))
-        time.sleep(POLL)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def client(port: int, **kw: Any) -> httpx.Client:
     """A keep-alive client for a loopback port that ignores any proxy in the environment."""
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False,
@@ -247,7 +225,7 @@ class ProxyProcess:
         def found() -> dict[str, Any] | None:
             self.assert_alive()
             return next((line for line in self.events(event) if where(line)), None)
-        return wait_for(found, what or f"log event {event!r}", timeout)
+        return wait_until(found, what or f"log event {event!r}", timeout=timeout)
 
     def assert_alive(self) -> None:
         code = self.proc.poll()
@@ -331,7 +309,7 @@ def proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
                     return False
                 return p.admin("GET", "/-/healthz").status_code == 200
 
-            wait_for(ready, "the proxy to become ready", READY_TIMEOUT)
+            wait_until(ready, "the proxy to become ready", timeout=READY_TIMEOUT)
             if p.proc.poll() is None:
                 return p
             last = p.stderr_text()
@@ -419,7 +397,7 @@ def test_routes_traffic_through_two_workers(parser: str, upstream: Callable[[str
         lines = p.access_log()
         return lines if len(lines) >= 23 else []
 
-    lines = wait_for(logged, "23 access-log lines on the workers' stdout")
+    lines = wait_until(logged, "23 access-log lines on the workers' stdout")
     first = next(line for line in lines if line["path"] == "/a/item/0?q=1")
     assert first["app"] == "a" and first["status"] == 200 and first["method"] == "GET"
     assert first["instance"] == a.address
@@ -444,7 +422,7 @@ def test_metrics_counts_latency_gauges_and_workers(upstream: Callable[[str], Ups
         return m if ok and metric(m, "superagent_proxy_requests_total", app="-",
                                   status="404") == 1 else None
 
-    m = wait_for(counted, "request counters to reach 5 (m, 200) and 1 (-, 404)")
+    m = wait_until(counted, "request counters to reach 5 (m, 200) and 1 (-, 404)")
     assert metric(m, "superagent_proxy_workers") == 2
     hist = "superagent_proxy_request_duration_seconds"
     assert metric(m, f"{hist}_count", app="m") == 5
@@ -464,13 +442,13 @@ def test_metrics_counts_latency_gauges_and_workers(upstream: Callable[[str], Ups
 
     slow = SlowRequest(p.port, "/m/slow")
     try:
-        wait_for(lambda: m_up.slow_started == 1, "the slow request to reach the upstream")
-        wait_for(lambda: metric(p.metrics(), "superagent_proxy_in_flight", app="m",
+        wait_until(lambda: m_up.slow_started == 1, "the slow request to reach the upstream")
+        wait_until(lambda: metric(p.metrics(), "superagent_proxy_in_flight", app="m",
                                 instance="m1") == 1, "in_flight gauge 1 during a slow request")
     finally:
         m_up.gate.set()
     assert slow.result().status_code == 200
-    wait_for(lambda: metric(p.metrics(), "superagent_proxy_in_flight", app="m",
+    wait_until(lambda: metric(p.metrics(), "superagent_proxy_in_flight", app="m",
                             instance="m1") == 0, "in_flight back to 0")
 
 
@@ -519,7 +497,7 @@ def test_reload_under_load_fails_no_request(upstream: Callable[[str], Upstream],
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: all(len(r) >= 10 for r in results), "every load client to be busy")
+        wait_until(lambda: all(len(r) >= 10 for r in results), "every load client to be busy")
 
         # 1. SIGHUP after an in-place change the file watcher cannot see.
         st = p.config.stat()
@@ -529,7 +507,7 @@ def test_reload_under_load_fails_no_request(upstream: Callable[[str], Upstream],
         assert p.config.stat().st_size == st.st_size
         before_hup = sum(len(r) for r in results)
         p.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: p.get("/c/new").status_code == 200, "the /c route after SIGHUP")
+        wait_until(lambda: p.get("/c/new").status_code == 200, "the /c route after SIGHUP")
         assert p.get("/c/new").json()["upstream"] == "c"
         p.wait_log("config reloaded", where=lambda line: line.get("version") == 2)
         assert not p.events("config file changed; reloading"), "the watcher, not SIGHUP, reloaded"
@@ -538,7 +516,7 @@ def test_reload_under_load_fails_no_request(upstream: Callable[[str], Upstream],
         hup_done = time.monotonic()
         with open(p.config, "ab") as f:
             f.write(sections["d"].encode())
-        wait_for(lambda: p.get("/d/new").status_code == 200, "the /d route after the rewrite")
+        wait_until(lambda: p.get("/d/new").status_code == 200, "the /d route after the rewrite")
         assert p.get("/d/new").json()["upstream"] == "d"
         assert p.get("/c/still").json()["upstream"] == "c"
         p.wait_log("config file changed; reloading")
@@ -681,14 +659,14 @@ def test_reload_adds_and_removes_a_dedicated_port(upstream: Callable[[str], Upst
         assert r.json() == {"upstream": "b", "path": f"/any/path/{i}",
                             "host": f"127.0.0.1:{dedicated}"}
     assert p.get("/a/x").json()["upstream"] == "a"
-    assert len(wait_for(lambda: [w for w in p.worker_pids() if any(
+    assert len(wait_until(lambda: [w for w in p.worker_pids() if any(
         c.laddr.port == dedicated and c.status == psutil.CONN_LISTEN
         for c in psutil.Process(w).net_connections("tcp"))], "listening workers")) == 2
 
     write_atomically(p.config, base["text"])
     r = p.admin("POST", "/api/v1/reload")
     assert r.status_code == 200 and r.json()["ok"] is True
-    wait_for(lambda: connection_refused(dedicated), "the removed dedicated port to close")
+    wait_until(lambda: connection_refused(dedicated), "the removed dedicated port to close")
     assert p.get("/a/x").status_code == 200
 
 
@@ -701,7 +679,7 @@ def test_instance_drain_stops_new_requests_and_reports_in_flight(
     servers = {"one": one, "two": two}
     slow = SlowRequest(p.port, "/s/slow")
     try:
-        busy = wait_for(lambda: next((n for n, s in servers.items() if s.slow_started), None),
+        busy = wait_until(lambda: next((n for n, s in servers.items() if s.slow_started), None),
                         "the slow request to reach an instance")
         other = "two" if busy == "one" else "one"
         r = p.admin("POST", f"/api/v1/instances/{busy}/drain", json={"draining": True})
@@ -729,7 +707,7 @@ def test_instance_drain_stops_new_requests_and_reports_in_flight(
         two.gate.set()
     r = slow.result()
     assert r.status_code == 200 and r.json()["upstream"] == busy
-    wait_for(lambda: p.admin("GET", f"/api/v1/instances/{busy}").json()["in_flight"] == 0,
+    wait_until(lambda: p.admin("GET", f"/api/v1/instances/{busy}").json()["in_flight"] == 0,
              "in_flight of the drained instance to drop to 0")
 
     r = p.admin("POST", f"/api/v1/instances/{busy}/drain", json={"draining": False})
@@ -780,10 +758,10 @@ def test_sigterm_finishes_in_flight_request_then_exits_zero(
               + app_toml("a", [a], prefix="/a"))
     slow = SlowRequest(p.port, "/a/slow")
     try:
-        wait_for(lambda: a.slow_started == 1, "the slow request to reach the upstream")
+        wait_until(lambda: a.slow_started == 1, "the slow request to reach the upstream")
         sent = time.monotonic()
         p.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: connection_refused(p.port), "the listener to stop accepting",
+        wait_until(lambda: connection_refused(p.port), "the listener to stop accepting",
                  timeout=p.grace)
         assert slow.thread.is_alive(), "the in-flight request was cut"
     finally:
@@ -838,7 +816,8 @@ def test_taken_port_fails_startup_with_one_line(which: str, tmp_path: Path,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _out, err = proc.communicate(timeout=READY_TIMEOUT)
-            wait_for(lambda: group_gone(proc.pid), "the failed proxy's workers to exit", 10.0)
+            wait_until(lambda: group_gone(proc.pid), "the failed proxy's workers to exit",
+                       timeout=10.0)
         finally:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -858,7 +837,7 @@ def test_killed_worker_is_restarted_and_traffic_flows(upstream: Callable[[str], 
     a = upstream("a")
     p = proxy(lambda port, admin: proxy_section(port, admin)
               + app_toml("a", [a], prefix="/a"))
-    old = wait_for(lambda: p.worker_pids() if len(p.worker_pids()) == 2 else None,
+    old = wait_until(lambda: p.worker_pids() if len(p.worker_pids()) == 2 else None,
                    "two worker processes")
     victim = min(old)
     survivor = (old - {victim}).pop()
@@ -870,7 +849,7 @@ def test_killed_worker_is_restarted_and_traffic_flows(upstream: Callable[[str], 
         except psutil.NoSuchProcess:
             return True
 
-    wait_for(victim_gone, "the killed worker to die")
+    wait_until(victim_gone, "the killed worker to die")
     served = 0
 
     def restarted() -> set[int] | None:
@@ -884,7 +863,7 @@ def test_killed_worker_is_restarted_and_traffic_flows(upstream: Callable[[str], 
         pids = p.worker_pids()
         return pids if len(pids) == 2 and victim not in pids else None
 
-    pids = wait_for(restarted, "a replacement worker process")
+    pids = wait_until(restarted, "a replacement worker process")
     assert survivor in pids
     new = (pids - {survivor}).pop()
     assert served >= 1
@@ -894,9 +873,9 @@ def test_killed_worker_is_restarted_and_traffic_flows(upstream: Callable[[str], 
         return any(c.laddr.port == p.port and c.status == psutil.CONN_LISTEN
                    for c in psutil.Process(new).net_connections("tcp"))
 
-    wait_for(listening, "the new worker to listen on the proxy port (snapshot applied)")
-    wait_for(lambda: p.status()["workers_answering"] == 2, "both workers to answer control")
-    wait_for(lambda: metric(p.metrics(), "superagent_proxy_workers") == 2,
+    wait_until(listening, "the new worker to listen on the proxy port (snapshot applied)")
+    wait_until(lambda: p.status()["workers_answering"] == 2, "both workers to answer control")
+    wait_until(lambda: metric(p.metrics(), "superagent_proxy_workers") == 2,
              "/metrics to count two workers")
     assert p.status()["version"] == 1
     for i in range(20):  # fresh connections, some of which land on the new worker

@@ -15,8 +15,9 @@ from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
 from superagent import codec
-from superagent.coordinator.commands import APP_NAME, DEPLOY_ID, NODE_NAME, SHA256
-from superagent.participant.manifest import MAX_PER_NODE
+from superagent.coordinator.commands import DEPLOY_ID, NODE_NAME
+from superagent.manifest import MAX_PER_NODE
+from superagent.names import APP_NAME, SHA256
 
 LOG_EXCERPT_MAX = 16 * 1024  # bytes of log tail kept in the replicated record; the rest is on disk
 ERROR_MAX = 500  # characters of one node's error: a summary line, not a log

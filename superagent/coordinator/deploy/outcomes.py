@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from superagent.coordinator.deploy import model as m
+from superagent.manifest import TEST_TIMEOUT
 from superagent.rpc import messages as msg
 
 SIGNAL_TIMEOUT = 60.0  # switch, drain, stop: the participant answers within this
@@ -45,8 +46,8 @@ def signal_for(record: m.DeployRecord, action: m.NodeAction, *, term: int,
         return message, BUILD_TIMEOUT
     if isinstance(action, m.Test):
         message = msg.Test(id=sid, term=term, app=record.app, release=record.release,
-                           timeout=msg.TEST_TIMEOUT)
-        return message, msg.TEST_TIMEOUT + TEST_MARGIN
+                           timeout=TEST_TIMEOUT)
+        return message, TEST_TIMEOUT + TEST_MARGIN
     if isinstance(action, m.Start):
         message = msg.Start(id=sid, term=term, app=record.app, release=record.release,
                             count=action.count)

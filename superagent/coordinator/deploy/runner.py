@@ -50,7 +50,7 @@ from superagent.coordinator.deploy.outcomes import SIGNAL_TIMEOUT
 from superagent.coordinator.errors import CommandError, NoTargets, UnknownApp, UnknownRelease
 from superagent.coordinator.host import RunnerHost
 from superagent.coordinator.state import ClusterState
-from superagent.participant.manifest import AppSpec, spec_from_json
+from superagent.manifest import AppSpec, spec_from_json
 from superagent.rpc import messages as msg
 from superagent.rpc.errors import BadReply, Refused, Unreachable, VersionMismatch
 

@@ -4,14 +4,20 @@
 ``HOT_MODULES`` with mypyc (part of mypy) as one group, so calls and attribute accesses
 between them stay native, in a scratch copy of the package (no build files land in the
 tree), and puts the extensions beside their sources, where CPython imports them instead
-of the ``.py``; the group's runtime is ``superagent/proxy/_hot__mypyc``. ``STAMP``
-records the sha256 of every source compiled. ``clean`` removes the extensions;
-``status`` says which modules run compiled.
+of the ``.py``. The group is the proxy's per-request modules plus the core module they
+call per request (``superagent.httprules``), so modules are named by their dotted names
+and the group's runtime sits at the top of the package, ``superagent/_hot__mypyc``:
+importing the compiled core module must not load the proxy package. ``STAMP`` records
+the sha256 of every source compiled. ``clean`` removes the extensions; ``status`` says
+which modules run compiled.
 
-``drop_stale`` runs whenever ``superagent.proxy`` is imported: when any source changed
-since the group was built (or extensions exist that no stamp accounts for), every
-extension is deleted with a warning, so an edited source is never shadowed by stale
-compiled code. The pure-Python modules are the reference; the tests run against both.
+``drop_stale`` runs whenever ``superagent`` is imported (before any hot module can be,
+the core one included): when any source changed since the group was built (or
+extensions exist that no stamp accounts for), every extension is deleted with a
+warning, so an edited source is never shadowed by stale compiled code. It costs a few
+``stat`` calls when nothing is compiled. The pure-Python modules are the reference; the
+tests run against both. This module imports no role package (it names the proxy's
+modules, and imports them only in ``status``).
 """
 
 from __future__ import annotations
@@ -20,18 +26,22 @@ import hashlib
 import importlib
 import importlib.machinery
 import json
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-HOT_MODULES = ("http1", "parsers", "routes", "netio", "upstream", "connection", "snapshot",
-               "state", "metrics", "errors")
-GROUP = "superagent.proxy._hot"  # mypyc's runtime for the group: superagent/proxy/_hot__mypyc
-PACKAGE_DIR = Path(__file__).resolve().parent
-STAMP = PACKAGE_DIR / ".compiled.json"
+HOT_MODULES = (
+    "superagent.proxy.http1", "superagent.proxy.parsers", "superagent.proxy.routes",
+    "superagent.proxy.netio", "superagent.proxy.upstream", "superagent.proxy.connection",
+    "superagent.proxy.snapshot", "superagent.proxy.state", "superagent.proxy.metrics",
+    "superagent.proxy.errors", "superagent.httprules",
+)
+GROUP = "superagent._hot"  # mypyc's runtime for the group: superagent/_hot__mypyc
+ROOT = Path(__file__).resolve().parent.parent  # the directory holding the superagent package
+STAMP = ROOT / "superagent" / ".compiled.json"
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
+# What builds made before the group took in a core module left behind: their runtime and
+# stamp lived in the proxy package. Removed like any extension no stamp accounts for.
+_LEGACY = ("superagent/proxy/_hot__mypyc", "superagent/proxy/.compiled.json")
 _SETUP = """
 import sys
 from setuptools import setup
@@ -41,17 +51,25 @@ setup(name="superagent-hot", script_args=["build_ext", "--inplace"],
 """
 
 
+def _relative(module: str) -> str:
+    """``superagent.proxy.http1`` -> ``superagent/proxy/http1`` (no suffix)."""
+    return module.replace(".", "/")
+
+
 def _digests() -> dict[str, str]:
-    return {m: hashlib.sha256((PACKAGE_DIR / f"{m}.py").read_bytes()).hexdigest()
+    return {m: hashlib.sha256((ROOT / f"{_relative(m)}.py").read_bytes()).hexdigest()
             for m in HOT_MODULES}
 
 
 def _extension_names() -> list[str]:
-    return [f"{m}{SUFFIX}" for m in HOT_MODULES] + [f"{GROUP.rsplit('.', 1)[1]}__mypyc{SUFFIX}"]
+    """Paths relative to ``ROOT``: the group's runtime first, then each module's extension."""
+    return [f"{_relative(GROUP)}__mypyc{SUFFIX}"] + [f"{_relative(m)}{SUFFIX}"
+                                                     for m in HOT_MODULES]
 
 
 def _extensions() -> list[Path]:
-    return [p for p in (PACKAGE_DIR / name for name in _extension_names()) if p.exists()]
+    names = [*_extension_names(), f"{_LEGACY[0]}{SUFFIX}"]
+    return [p for p in (ROOT / name for name in names) if p.exists()]
 
 
 def _read_stamp() -> dict[str, str]:
@@ -79,21 +97,25 @@ def drop_stale() -> bool:
 
 def status() -> dict[str, bool]:
     """Module -> whether the running interpreter imported its compiled extension."""
-    return {m: str(getattr(importlib.import_module(f"superagent.proxy.{m}"), "__file__", ""))
-            .endswith(SUFFIX) for m in HOT_MODULES}
+    return {m: str(getattr(importlib.import_module(m), "__file__", "")).endswith(SUFFIX)
+            for m in HOT_MODULES}
 
 
 def build() -> None:
     """Compile the group in a scratch copy and install the extensions beside the sources."""
+    import shutil  # only a build needs these: drop_stale runs at every import of superagent
+    import subprocess
+    import tempfile
+
     clean()
     sources = _digests()
     scratch = Path(tempfile.mkdtemp(prefix="superagent-mypyc-"))
     try:
-        shutil.copytree(PACKAGE_DIR.parent, scratch / "superagent",
+        shutil.copytree(ROOT / "superagent", scratch / "superagent",
                         ignore=shutil.ignore_patterns("__pycache__", "*.so", STAMP.name))
         done = subprocess.run(
             [sys.executable, "-c", _SETUP.format(group=GROUP),
-             *(f"superagent/proxy/{m}.py" for m in HOT_MODULES)],
+             *(f"{_relative(m)}.py" for m in HOT_MODULES)],
             cwd=scratch, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"mypyc failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
@@ -102,8 +124,8 @@ def build() -> None:
         # The stamp first, so a proxy importing meanwhile keeps what is there; the group's
         # runtime before the modules that load it.
         STAMP.write_text(json.dumps(sources, indent=1, sort_keys=True) + "\n")
-        for name in reversed(_extension_names()):
-            shutil.copy2(scratch / "superagent" / "proxy" / name, PACKAGE_DIR / name)
+        for name in _extension_names():
+            shutil.copy2(scratch / name, ROOT / name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -113,6 +135,7 @@ def clean() -> None:
     for path in _extensions():
         path.unlink(missing_ok=True)
     STAMP.unlink(missing_ok=True)
+    (ROOT / _LEGACY[1]).unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

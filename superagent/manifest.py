@@ -15,7 +15,9 @@ spec that crossed RPC or came out of the Raft log is validated exactly like one
 read from disk, and the round trip is lossless for every spec the parser makes.
 
 Everything here is pure apart from ``load_manifest``, which reads at most two
-small files from the source directory.
+small files from the source directory. This is the one app model: the coordinator,
+the participant, ``superagent pack`` and the CLI all read apps through it, so it
+belongs to the shared core and imports no role package.
 """
 
 from __future__ import annotations
@@ -27,21 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from superagent.config import Table, parse_toml
-from superagent.errors import ConfigError
-from superagent.proxy.errors import ProtocolError
-from superagent.proxy.routes import normalize_host, normalize_path
-from superagent.proxy.snapshot import DEFAULT_MAX_BODY
+from superagent.errors import ConfigError, HTTPSyntaxError
+from superagent.httprules import DEFAULT_MAX_BODY, normalize_host, normalize_path
+from superagent.names import ENV_KEY, is_app_name
 
 MANIFEST = "superagent.toml"
 PROCFILE = "Procfile"
 
-# The name becomes the suffix of a Unix user name and a cgroup directory name, so it
-# stays short and plain. (utmp and older useradd cap user names at 32 characters, so a
-# prefixed 40-character name needs shortening by whoever creates the user.) The patterns
-# are used with fullmatch: "^...$" with match() would accept a trailing newline.
-_APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+# App names and environment keys follow superagent.names. The patterns are used with
+# fullmatch: "^...$" with match() would accept a trailing newline.
 _GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
-_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PROCFILE_LINE = re.compile(r"([A-Za-z0-9_-]+)\s*:\s*(.*)")
 RESERVED_ENV = "PORT"
 RESERVED_ENV_PREFIX = "SUPERAGENT_"  # the agent sets SUPERAGENT_APP, _RELEASE, _INSTANCE, ...
@@ -51,6 +48,7 @@ MAX_CPU = 64.0  # cores; more is a typo (cpu = 500 meaning 500 millicores)
 MAX_PER_NODE = 64  # instances of one app on one machine; more is a typo, not a plan
 MIN_NOFILE = 64  # an interpreter with a listening socket and a few imports needs this many
 MAX_NOFILE = 1024**2  # the Linux default fs.nr_open; setrlimit fails above it
+TEST_TIMEOUT = 600.0  # seconds the [test] command may run; a test suite gets as long as a build
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -190,7 +188,7 @@ def parse_manifest(doc: Mapping[str, Any], *, source: str) -> AppSpec:
 
 def _app_name(app: Table) -> str:
     name: str = app.text("name")
-    if not _APP_NAME.fullmatch(name):
+    if not is_app_name(name):
         raise app.error("name", (
             f"{name!r} is not a valid app name: use 1-40 lower-case letters, digits and '-', "
             "starting with a letter or digit (the name becomes part of a Unix user name and "
@@ -255,8 +253,8 @@ def _read_routes(table: Table) -> RoutesSpec:
     if prefix is not None:
         try:
             prefix = normalize_path(prefix)
-        except ProtocolError as exc:
-            raise table.error("prefix", f"{exc.detail}, got {prefix!r}") from None
+        except HTTPSyntaxError as exc:
+            raise table.error("prefix", f"{exc}, got {prefix!r}") from None
         if "?" in prefix or "%" in prefix:
             raise table.error("prefix", f"a prefix is a plain path like '/hello', got {prefix!r}")
         prefix = prefix.rstrip("/") or "/"
@@ -282,7 +280,7 @@ def _host_rule(table: Table, value: str) -> str:
         raise table.error("hosts", f"a host rule has no port (use routes.port), got {value!r}")
     try:
         host = normalize_host(bare)
-    except ProtocolError:
+    except HTTPSyntaxError:
         raise table.error("hosts", f"not a host name: {value!r}") from None
     return "*." + host if wildcard else host
 
@@ -339,7 +337,7 @@ def _read_limits(table: Table) -> LimitsSpec:
 def _read_env(table: Table) -> tuple[tuple[str, str], ...]:
     env: list[tuple[str, str]] = []
     for key in table:
-        if not _ENV_KEY.fullmatch(key):
+        if not ENV_KEY.fullmatch(key):
             raise table.error(key, "environment variable names are letters, digits and '_', "
                                    "not starting with a digit")
         if key == RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):

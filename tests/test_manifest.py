@@ -1,4 +1,4 @@
-"""Tests for superagent/participant/manifest.py: superagent.toml, Procfile and the JSON codec."""
+"""Tests for superagent/manifest.py: superagent.toml, Procfile and the JSON codec."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from superagent.errors import ConfigError
-from superagent.participant.manifest import (
+from superagent.manifest import (
     MANIFEST,
     PROCFILE,
     AppSpec,

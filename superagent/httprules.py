@@ -1,0 +1,105 @@
+"""HTTP request rules the proxy enforces and the manifest is checked against.
+
+The proxy normalises every request's path and host before it routes, and sends the
+normalised path upstream, so the app sees exactly the path the proxy routed:
+unreserved percent-escapes are decoded (``%2E`` is a dot, so ``%2E%2E`` is a dot
+segment and is removed), other escapes are upper-cased but stay encoded (``%2F`` and
+``%5C`` never act as separators), dot segments are removed and duplicate slashes
+folded. A request therefore cannot climb out of the prefix it matched. Route rules
+(a manifest's ``[routes]``, the standalone proxy's config) go through the same
+functions, so a rule is written in the form requests are compared in.
+
+``DEFAULT_MAX_BODY`` is the request body limit of an app that sets none, in the
+manifest and in the proxy alike.
+
+This module is part of the proxy's hot path (``normalize_path`` runs per request):
+``scripts/compile-proxy`` compiles it with mypyc in the proxy's group, so it imports
+nothing but the core errors, and the error it raises has no interpreted ``__init__``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from superagent.errors import HTTPSyntaxError
+
+DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024  # a request body limit that fits APIs and form uploads
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# Characters a path may hold as they are (RFC 3986 pchar plus "/"); anything else is refused.
+_PATH_OK = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+_HOST_OK = re.compile(r"(?:[a-z0-9\-._~!$&'()*+,;=%]+|\[[0-9a-f:.]+\])")
+
+
+def normalize_path(path: str) -> str:
+    """The canonical form of an origin-form path (no query); raises HTTPSyntaxError if invalid."""
+    if not path.startswith("/"):
+        raise HTTPSyntaxError("request target must start with '/'")
+    if "%" not in path and "//" not in path and "/." not in path:
+        if _PATH_OK.fullmatch(path) is None:
+            raise HTTPSyntaxError("invalid character in request path")
+        return path
+    if _PATH_OK.fullmatch(path) is None:
+        raise HTTPSyntaxError("invalid character in request path")
+    if "%" in path:
+        path = _decode_unreserved(path)
+    segments: list[str] = []
+    parts = path.split("/")
+    for part in parts[1:-1]:
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(part)
+    last = parts[-1]
+    if last == "..":
+        if segments:
+            segments.pop()
+        last = ""
+    elif last == ".":
+        last = ""
+    segments.append(last)
+    return "/" + "/".join(segments)
+
+
+def _decode_unreserved(path: str) -> str:
+    out: list[str] = []
+    i = 0
+    n = len(path)
+    while i < n:
+        ch = path[i]
+        if ch != "%":
+            out.append(ch)
+            i += 1
+            continue
+        pair = path[i + 1 : i + 3]
+        if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+            raise HTTPSyntaxError("invalid percent-escape in request path")
+        decoded = chr(int(pair, 16))
+        out.append(decoded if decoded in _UNRESERVED else "%" + pair.upper())
+        i += 3
+    return "".join(out)
+
+
+def normalize_host(value: str) -> str:
+    """Lower-case host without port or trailing dot; raises HTTPSyntaxError if malformed."""
+    host = value.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise HTTPSyntaxError("malformed Host header")
+        rest = host[end + 1 :]
+        host = host[: end + 1]
+    else:
+        host, sep, rest = host.partition(":")
+        rest = sep + rest
+    if rest and (not rest.startswith(":") or not rest[1:].isdigit()) and rest != ":":
+        raise HTTPSyntaxError("malformed port in Host header")
+    host = host.rstrip(".")
+    if not host or _HOST_OK.fullmatch(host) is None:
+        raise HTTPSyntaxError("malformed Host header")
+    return host
