@@ -13,12 +13,8 @@ The server side never raises these; it answers an ``ErrorReply``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from superagent.errors import SuperagentError
-
-if TYPE_CHECKING:  # messages.py imports nothing of this package; this is only for types
-    from superagent.rpc.messages import ErrorCode, ErrorReply
+from superagent.rpc.messages import ErrorCode, ErrorReply
 
 
 class RpcError(SuperagentError):
