@@ -33,3 +33,21 @@ class HTTPSyntaxError(SuperagentError):
     No ``__init__`` of its own: the proxy's compiled hot path raises it, and constructing
     it must not run interpreted code.
     """
+
+
+class CodecError(SuperagentError, ValueError):
+    """A document does not decode into its class (``superagent.codec``).
+
+    ``field`` is the path of the bad field (``steps[1].node``; empty for the document
+    itself), ``reason`` what is wrong with it ("expected int, got str", "unknown field").
+    """
+
+    def __init__(self, reason: str, *, field: str = "") -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+    @property
+    def top(self) -> str:
+        """The top-level field the error is in (``steps`` for ``steps[1].node``)."""
+        return self.field.split(".", 1)[0].split("[", 1)[0]

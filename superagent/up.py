@@ -159,7 +159,7 @@ class Embedded:
 
     async def _resume(self) -> None:
         """Deploy again every app whose release served before the last stop."""
-        serving = {i["app"] for i in self.agent.status()["instances"]}
+        serving = {i.app for i in self.agent.status().instances}
         current = self.coordinator.read(lambda s: {a.name: a.current_release
                                                    for a in s.apps.values()
                                                    if a.current_release})

@@ -15,7 +15,8 @@ import pytest
 
 ROLES = ("superagent.coordinator", "superagent.participant", "superagent.proxy")
 CORE = ("superagent.manifest", "superagent.names", "superagent.httprules", "superagent.config",
-        "superagent.errors", "superagent.pack", "superagent.compiled")
+        "superagent.errors", "superagent.pack", "superagent.compiled", "superagent.codec",
+        "superagent.rpc.client", "superagent.rpc.server")
 COORDINATOR = ("superagent.coordinator.state", "superagent.coordinator.api",
                "superagent.coordinator.service")
 

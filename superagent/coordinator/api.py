@@ -43,12 +43,14 @@ from superagent.coordinator.errors import (
     UnknownDeploy,
     UnknownNode,
 )
-from superagent.coordinator.service import APPLIED_INDEX, PROPOSE_TIMEOUT, Coordinator
+from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
 from superagent.coordinator.state import ClusterState
-from superagent.errors import ConfigError
+from superagent.errors import CodecError, ConfigError
 from superagent.jsonbody import field, read_object
 from superagent.manifest import parse_manifest, spec_to_json
 from superagent.names import APP_NAME, is_app_name
+from superagent.rpc.errors import RpcError
+from superagent.rpc.messages import Offline
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +58,7 @@ MAX_JSON = 1024 * 1024  # bytes of a JSON request body
 CLIENT_KEY_MAX = cmd.KEY_MAX - 16  # room for the suffixes of derived keys (":deploy")
 AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
 SSE_POLL, SSE_KEEPALIVE = 0.2, 5.0  # a deploy stream looks this often; comments when quiet
+OFFLINE_SIGNAL_TIMEOUT = 5.0  # best effort: a node that does not answer soon is told later
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD"})  # counted apart in /metrics
 
 Handler = Callable[[Request, "Context"], Awaitable[Response]]
@@ -63,7 +66,7 @@ Handler = Callable[[Request, "Context"], Awaitable[Response]]
 
 @dataclass(frozen=True)
 class Context:
-    coordinator: Coordinator
+    coordinator: ApiHost
     actor: str
 
 
@@ -126,7 +129,7 @@ def release_view(release: Any) -> dict[str, Any]:
     return doc
 
 
-def node_view(coordinator: Coordinator, node: Any, now: float) -> dict[str, Any]:
+def node_view(coordinator: ApiHost, node: Any, now: float) -> dict[str, Any]:
     doc = asdict(node)
     leading = coordinator.liveness.leader_since is not None
     doc["heartbeat_age"] = coordinator.liveness.age(node.name, now) if leading else None
@@ -503,20 +506,18 @@ async def node_lifecycle(request: Request, ctx: Context) -> Response:
     return JSONResponse({**result, "signalled": signalled})
 
 
-async def _signal_offline(c: Coordinator, node: str, *, offline: bool, signal_id: str) -> bool:
+async def _signal_offline(c: ApiHost, node: str, *, offline: bool, signal_id: str) -> bool:
     """Best effort: the participant's proxy answers 503 on /-/healthz while not online."""
     address = c.read(lambda s: s.nodes[node].address if node in s.nodes else None)
     if address is None or c.http is None:
         return False
     try:
-        response = await c.http.post(
-            f"http://{address}/v1/signals/offline",
-            json={"id": f"lifecycle-{signal_id}", "term": c.raft.status()["term"],
-                  "offline": offline}, timeout=5.0)
-    except httpx.HTTPError as exc:
-        log.warning("participant not signalled", node=node, error=repr(exc))
+        message = Offline(id=f"lifecycle-{signal_id}", term=c.term(), offline=offline)
+        await c.participants.signal(address, message, timeout=OFFLINE_SIGNAL_TIMEOUT)
+    except (RpcError, CodecError) as exc:  # a key unfit for a signal id, or no answer
+        log.warning("participant not signalled", node=node, error=str(exc))
         return False
-    return response.status_code == 200
+    return True
 
 
 async def audit(request: Request, ctx: Context) -> Response:
@@ -622,7 +623,7 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-def _endpoint(coordinator: Coordinator, e: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     async def view(request: Request) -> Response:
         credential = bearer(request.headers.get("authorization", ""))
         actor = ""
@@ -650,7 +651,7 @@ def _endpoint(coordinator: Coordinator, e: Endpoint) -> Callable[[Request], Awai
 class _LeaderHeader:
     """Adds ``X-Superagent-Leader`` and counts responses for ``/metrics``."""
 
-    def __init__(self, app: ASGIApp, coordinator: Coordinator) -> None:
+    def __init__(self, app: ASGIApp, coordinator: ApiHost) -> None:
         self.app, self.coordinator = app, coordinator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -673,7 +674,7 @@ class _LeaderHeader:
         await self.app(scope, receive, sending)
 
 
-def api_app(coordinator: Coordinator) -> ASGIApp:
+def api_app(coordinator: ApiHost) -> ASGIApp:
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("api handler failed", path=request.url.path)
         return error(500, "internal_error", f"{type(exc).__name__}: {exc}")

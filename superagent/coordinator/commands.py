@@ -1,8 +1,9 @@
 """Raft commands: the only way ``ClusterState`` changes.
 
-Each command is a frozen, keyword-only dataclass with a ``type`` tag and a JSON
-codec (STYLE 10; nothing that crosses a process boundary is pickled). Every
-command carries:
+Each command is a frozen, keyword-only dataclass with a ``type`` tag, encoded by the
+shared ``superagent.codec`` (STYLE 10; nothing that crosses a process boundary is
+pickled); the text is canonical JSON (sorted keys), so every node logs the same
+bytes. Every command carries:
 
 - ``key``: an idempotency key (1-200 chars) chosen by the client, so a retry
   after a timeout applies once;
@@ -23,11 +24,14 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from superagent import codec
+from superagent.codec import canonical_json
 from superagent.coordinator.errors import CommandError, UnknownCommand
 from superagent.coordinator.lifecycle import Lifecycle
+from superagent.errors import CodecError
 from superagent.manifest import MAX_PER_NODE
 from superagent.names import APP_NAME, ENV_KEY, SHA256
 
@@ -69,11 +73,7 @@ class Command:
 
     def to_doc(self) -> dict[str, Any]:
         """The JSON-safe document ``decode_doc`` turns back into an equal command."""
-        doc: dict[str, Any] = {"type": self.type}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            doc[f.name] = list(value) if isinstance(value, tuple) else value
-        return doc
+        return codec.encode(self)
 
     def to_json(self) -> str:
         return canonical_json(self.to_doc())
@@ -299,12 +299,6 @@ COMMANDS: dict[str, type[Command]] = {
 }
 
 
-def canonical_json(doc: object) -> str:
-    """Sorted, compact, NaN-free JSON: equal documents give equal text on every node."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
-
-
 def decode(text: str | bytes) -> Command:
     """Parse a command's JSON; raises CommandError naming the type and the bad field."""
     try:
@@ -324,50 +318,8 @@ def decode_doc(doc: Mapping[str, Any]) -> Command:
     cls = COMMANDS.get(tag)
     if cls is None:
         raise UnknownCommand(f"unknown command type {tag!r}", field="type")
-    known = {f.name: f for f in fields(cls)}
-    for name in doc:
-        if name != "type" and name not in known:
-            raise CommandError("unknown field", field=name, command_type=tag)
-    kwargs: dict[str, Any] = {}
-    for name, f in known.items():
-        if name in doc:
-            kwargs[name] = _convert(doc[name], str(f.type), name, tag)
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise CommandError("missing", field=name, command_type=tag)
-    return cls(**kwargs)
-
-
-def _convert(value: object, kind: str, name: str, tag: str) -> Any:
-    """Check one field's JSON value against its annotation (as written in this module)."""
-
-    def bad(expected: str) -> CommandError:
-        return CommandError(f"must be {expected}, got {type(value).__name__}",
-                            field=name, command_type=tag)
-
-    if kind == "str":
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if kind == "int":
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad("an integer")
-        return value
-    if kind == "float":
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise bad("a number")
-        return float(value)
-    if kind == "tuple[str, ...]":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings")
-        return tuple(value)
-    if kind.startswith("dict[str, "):
-        if not isinstance(value, dict):
-            raise bad("an object")
-        if kind == "dict[str, str]" and not all(isinstance(v, str) for v in value.values()):
-            raise bad("an object of strings")
-        if kind == "dict[str, int]" and not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value.values()
-        ):
-            raise bad("an object of integers")
-        return dict(value)
-    raise AssertionError(f"no JSON codec for annotation {kind!r} of {tag}.{name}")
+    try:
+        return codec.decode(cls, doc)
+    except CodecError as exc:
+        raise CommandError(exc.reason if exc.field == exc.top else str(exc),
+                           field=exc.top, command_type=tag) from None

@@ -38,6 +38,7 @@ import trio
 
 from superagent.backoff import Backoff
 from superagent.coordinator import commands as cmd
+from superagent.coordinator.api import api_app
 from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, Peer, replicate
 from superagent.coordinator.auth import new_token, token_hash, write_private
 from superagent.coordinator.deploy.runner import DeployRunner
@@ -48,23 +49,24 @@ from superagent.coordinator.errors import (
     RaftError,
     UnknownArtifact,
 )
+from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT
 from superagent.coordinator.membership import Liveness
 from superagent.coordinator.raft import RaftNode
 from superagent.coordinator.state import ClusterState, Result
 from superagent.errors import ConfigError
+from superagent.httpserver import check_bindable, serve_app
 from superagent.manifest import AppSpec, manifest_from
+from superagent.rpc.client import ParticipantClient, Participants
 
 log = structlog.get_logger(__name__)
 
 SUBMIT_TIMEOUT = 10.0  # a write waits this long for a leader before answering 503
 SUBMIT_RETRY_FIRST = 0.05  # an election ends within a few hundred ms: retry soon at first
 SUBMIT_RETRY_MAX = 0.5  # then every half second, so a leader is found soon after one exists
-PROPOSE_TIMEOUT = 5.0  # one Raft round; retried with the same key within SUBMIT_TIMEOUT
 REPLICATE_TIMEOUT = 60.0  # an artifact reaches a majority of coordinators within this
 NODE_TIMEOUT = 10.0  # a participant silent this long is marked down
 WATCH_PERIOD = 0.5  # how often the leader checks liveness and its own registration
 MANIFEST_MAX = 1024 * 1024  # bytes of a manifest read from an uploaded tarball
-APPLIED_INDEX = "_applied_index"  # a forwarded command's result: the leader's Raft index
 CATCH_UP_TIMEOUT = 2.0  # a follower waits this long to apply what it forwarded
 
 
@@ -108,6 +110,7 @@ class Coordinator:
         self.store = ArtifactStore(config.data_dir / "artifacts", max_bytes=config.max_upload)
         self.liveness = Liveness(config.node_timeout)
         self.http: httpx.AsyncClient | None = None
+        self._participants: ParticipantClient | None = None
         self.started_at = time.time()
         self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
         self._by_raft = {address: cid for cid, address in config.peers.items()}
@@ -121,9 +124,6 @@ class Coordinator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Start Raft and serve the API until cancelled."""
-        from superagent.coordinator.api import api_app
-        from superagent.httpserver import check_bindable, serve_app
-
         check_bindable(self.config.api, key="--api")
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         await trio.to_thread.run_sync(self.raft.start)
@@ -133,6 +133,7 @@ class Coordinator:
                     timeout=httpx.Timeout(10.0, connect=2.0),
                     headers={"authorization": f"Bearer {self.config.secret}"}) as http:
                 self.http = http
+                self._participants = ParticipantClient(http)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.raft.watch)
                     await nursery.start(serve_app, api_app(self), self.config.api)
@@ -156,6 +157,16 @@ class Coordinator:
 
     def is_leader(self) -> bool:
         return self.raft.is_leader()
+
+    def term(self) -> int:
+        term: int = self.raft.status()["term"]
+        return term
+
+    @property
+    def participants(self) -> Participants:
+        """The RPC client to participants; only while ``run`` runs."""
+        assert self._participants is not None, "the coordinator is not running"
+        return self._participants
 
     def leader_id(self) -> str | None:
         address = self.raft.leader()

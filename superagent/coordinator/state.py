@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from superagent.codec import canonical_json
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy.model import DeployRecord, Stage, Status, event_from_doc
 from superagent.coordinator.deploy.planner import advance
@@ -380,7 +381,7 @@ class ClusterState:
 
     def to_json(self) -> str:
         """The whole state as canonical JSON; ``from_json`` restores it losslessly."""
-        return cmd.canonical_json(self.to_doc())
+        return canonical_json(self.to_doc())
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ClusterState:
@@ -434,4 +435,4 @@ def _fingerprint(command: cmd.Command) -> str:
     """Identity of a command for idempotency: everything but ``at`` (a retry gets a new one)."""
     doc = command.to_doc()
     del doc["at"]
-    return hashlib.sha256(cmd.canonical_json(doc).encode()).hexdigest()[:32]
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()[:32]

@@ -23,6 +23,10 @@ the agent's problem (disk, permissions, ports) and a retry may succeed.
     │   ├── StartFailed           503  exited or not ready by its deadline on first start
     │   ├── AdoptionFailed        410  the recorded process is gone or is another one; ``pid``
     │   └── InvalidTransition     500  a state-machine event not allowed in the current state
+    ├── UnknownInstance           404  a signal names an instance this agent does not run
+    ├── InstanceNotReady          409  traffic to be switched to an instance not ready
+    ├── SignalError               400  a malformed signal
+    │   └── StaleTerm             409  the sender's term is older than one already seen
     ├── ProxyDriverError          503  a proxy worker refused or missed a request; ``worker``
     └── CoordinatorError          409  the agent was started without ``--coordinator``
         └── ArtifactUnavailable   503  no coordinator served the blob (404 when every one
@@ -217,6 +221,18 @@ class InvalidTransition(SupervisorError):
         self.state = state
         self.event = event
         super().__init__(f"event {event} is not allowed in state {state}", instance=instance)
+
+
+class UnknownInstance(ParticipantError):
+    """A signal names an instance this agent does not run."""
+
+    status_hint = 404
+
+
+class InstanceNotReady(ParticipantError):
+    """Traffic was to be switched to an instance that is not ready."""
+
+    status_hint = 409
 
 
 class SignalError(ParticipantError):

@@ -45,6 +45,7 @@ import psutil
 import structlog
 import trio
 
+from superagent import codec
 from superagent.config import parse_address
 from superagent.debug import DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
@@ -58,8 +59,10 @@ from superagent.participant.cgroups import (
 from superagent.participant.errors import (
     AdoptionFailed,
     CoordinatorError,
+    InstanceNotReady,
     ParticipantError,
     SupervisorError,
+    UnknownInstance,
     UnknownRelease,
 )
 from superagent.participant.isolation import AppUser, ensure_app_user
@@ -84,22 +87,11 @@ from superagent.participant.supervisor import (
 )
 from superagent.proxy.snapshot import AppRoute, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
+from superagent.rpc import messages as msg
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 log = structlog.get_logger("superagent.participant")
-
-
-class UnknownInstance(ParticipantError):
-    """A signal names an instance this agent does not run."""
-
-    status_hint = 404
-
-
-class InstanceNotReady(ParticipantError):
-    """Traffic was to be switched to an instance that is not ready."""
-
-    status_hint = 409
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -354,7 +346,7 @@ class Agent:
 
     # ------------------------------------------------------------------ signals
     async def prepare(self, app: str, release: str, archive: Path, sha256: str
-                      ) -> dict[str, Any]:
+                      ) -> msg.PrepareReply:
         user = await self._user(app)
         prepared = await self.store.prepare(
             app, release, archive, sha256,
@@ -365,10 +357,12 @@ class Agent:
         removed = await trio.to_thread.run_sync(self.store.gc, app, in_use)
         if removed:
             log.info("old releases removed", app=app, releases=removed)
-        return {"app": app, "release": release, "sha256": prepared.sha256,
-                "build_log": str(prepared.build_log), "removed_releases": removed}
+        return msg.PrepareReply(app=app, release=release, sha256=prepared.sha256,
+                                build_log=str(prepared.build_log),
+                                removed_releases=tuple(removed))
 
-    async def prepare_artifact(self, app: str, release: str, sha256: str) -> dict[str, Any]:
+    async def prepare_artifact(self, app: str, release: str, sha256: str
+                               ) -> msg.PrepareReply:
         """``prepare`` from the artifact ``sha256`` fetched from the coordinators.
 
         A release already prepared from that archive is returned without a download.
@@ -394,12 +388,12 @@ class Agent:
             dest.unlink(missing_ok=True)
 
     async def test(self, app: str, release: str, timeout: float = TEST_TIMEOUT
-                   ) -> dict[str, Any]:
+                   ) -> msg.TestReply:
         """Run the prepared release's ``[test] command`` as the app's user (with a scratch
         HOME removed afterwards); a failing test is a result with ``ok`` false."""
         prepared = self.store.get(app, release)
         if prepared.spec.test.command is None:
-            return (await self.store.test(app, release)).to_json()
+            return codec.decode(msg.TestReply, (await self.store.test(app, release)).to_json())
         user = await self._user(app)
         uid, gid = (user.uid, user.gid) if user is not None and user.switched else (None, None)
         home = self.config.data_dir / "homes" / f"test-{app}@{release}.{secrets.token_hex(4)}"
@@ -411,9 +405,9 @@ class Agent:
                                            timeout=timeout)
         finally:
             await trio.to_thread.run_sync(partial(shutil.rmtree, home, ignore_errors=True))
-        return result.to_json()
+        return codec.decode(msg.TestReply, result.to_json())
 
-    async def start(self, app: str, release: str, count: int) -> dict[str, Any]:
+    async def start(self, app: str, release: str, count: int) -> msg.StartReply:
         assert self._nursery is not None
         prepared = self.store.get(app, release)
         user = await self._user(app)
@@ -443,11 +437,12 @@ class Agent:
                 self._forget(instance)  # unless stopped meanwhile
                 self.persist()
                 raise
-            started.append({"id": instance_id, "port": port, "state": instance.state.value})
+            started.append(msg.StartedInstance(id=instance_id, port=port,
+                                               state=instance.state.value))
             self.persist()
-        return {"app": app, "release": release, "instances": started}
+        return msg.StartReply(app=app, release=release, instances=tuple(started))
 
-    async def stop(self, instances: list[str], grace: float | None) -> dict[str, Any]:
+    async def stop(self, instances: list[str], grace: float | None) -> msg.StopReply:
         """Drain (no new requests; in-flight ones finish or hit the grace period), take the
         instances out of the routes, then stop them."""
         targets = [self._instance(i) for i in instances]
@@ -466,9 +461,9 @@ class Agent:
             # a start that was still waiting for readiness may have cleaned up already
             self._forget(instance)
         self.persist()
-        return {"stopped": instances, "in_flight_cut": remaining}
+        return msg.StopReply(stopped=tuple(instances), in_flight_cut=remaining)
 
-    async def switch(self, app: str, instances: list[str]) -> dict[str, Any]:
+    async def switch(self, app: str, instances: list[str]) -> msg.SwitchReply:
         for instance_id in instances:
             instance = self._instance(instance_id)
             if instance.config.app != app:
@@ -481,20 +476,20 @@ class Agent:
         await self.proxy.undrain(instances)
         version = await self._apply_routes()
         self.persist()
-        return {"app": app, "instances": instances, "version": version}
+        return msg.SwitchReply(app=app, instances=tuple(instances), version=version)
 
-    async def drain(self, instances: list[str], grace: float) -> dict[str, Any]:
+    async def drain(self, instances: list[str], grace: float) -> msg.DrainReply:
         for instance_id in instances:
             self._instance(instance_id)
-        return {"remaining": await self.proxy.drain(instances, grace=grace)}
+        return msg.DrainReply(remaining=await self.proxy.drain(instances, grace=grace))
 
-    async def offline(self, offline: bool) -> dict[str, Any]:
+    async def offline(self, offline: bool) -> msg.OfflineReply:
         await self.proxy.set_offline(offline)
         self.is_offline = offline
         self.persist()
-        return {"offline": offline}
+        return msg.OfflineReply(offline=offline)
 
-    async def debug(self, app: str, enabled: bool, ttl: float) -> dict[str, Any]:
+    async def debug(self, app: str, enabled: bool, ttl: float) -> msg.DebugReply:
         """Open (for ``ttl`` seconds) or close the debug session of ``app``: while it is
         open, every request's proxy record joins the app's captured output."""
         if enabled:
@@ -503,15 +498,17 @@ class Agent:
             self.debug_sessions.close(app)
         self.persist()
         window = self.debug_sessions.window(app)
-        return {"app": app, "debug": enabled, "until": window.until if window else None}
+        return msg.DebugReply(app=app, debug=enabled, until=window.until if window else None)
 
     def _release_of(self, app: str, instance: str) -> str:
         found = self.instances.get(instance)
         return found.config.release if found is not None else ""
 
     # ------------------------------------------------------------------ queries
-    def status(self) -> dict[str, Any]:
-        return {
+    def status(self) -> msg.StatusReply:
+        """What ``GET /v1/status`` answers (decoded here, so a field the reply does not
+        declare fails the agent's own tests rather than a coordinator)."""
+        return codec.decode(msg.StatusReply, {
             "node": self.config.node, "groups": list(self.config.groups),
             "offline": self.is_offline,
             "isolation": {"root": os.geteuid() == 0,
@@ -526,7 +523,7 @@ class Agent:
             "releases": {app: [r.release for r in self.store.releases(app)]
                          for app in self._apps_on_disk()},
             "figures": _node_figures(),
-        }
+        })
 
     def coordinator_status(self) -> dict[str, Any]:
         """The compact status a heartbeat carries: what runs where, routes, offline, figures."""

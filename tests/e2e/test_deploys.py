@@ -34,6 +34,7 @@ import psutil
 import pytest
 import trio
 
+from superagent import codec
 from superagent.pack import pack
 from superagent.up import Embedded, UpConfig
 from tests.e2e.apps import write_app
@@ -96,10 +97,11 @@ class Cluster:
         return view
 
     def instances(self, app: str) -> list[dict[str, Any]]:
-        return [i for i in self.embedded.agent.status()["instances"] if i["app"] == app]
+        status = codec.encode(self.embedded.agent.status())
+        return [i for i in status["instances"] if i["app"] == app]
 
     def routes(self, app: str) -> list[str]:
-        return list(self.embedded.agent.status()["routes"].get(app, []))
+        return list(self.embedded.agent.status().routed(app))
 
     async def get(self, path: str) -> httpx.Response:
         async with httpx.AsyncClient(base_url=self.proxy, timeout=REQUEST_TIMEOUT) as http:
@@ -438,7 +440,7 @@ async def test_stale_term_signal_is_refused(cluster: Cluster) -> None:
             json={"id": "stale-leader-stop-1", "term": 0, "instances": ids, "grace": 1},
             headers={"authorization": f"Bearer {cluster.secret}"})
     assert response.status_code == 409, response.text
-    assert response.json()["error"] == "StaleTerm", response.text
+    assert response.json()["error"] == "stale_term", response.text
     assert await _serving(cluster, "fence") == (release, ids)
     assert all(i["state"] == "ready" for i in cluster.instances("fence"))
     assert (await cluster.get("/fence/")).status_code == 200

@@ -163,7 +163,7 @@ def test_leader_killed_mid_deploy_is_finished_or_compensated_by_the_new_leader()
                     r = fleet.signal(i, "stop", {"id": f"stale-{term}-{p.node}", "term": term,
                                                  "instances": serving[:1]})
                     assert r.status_code == 409, f"{p.node}: {r.status_code} {r.text}"
-                    assert r.json()["error"] == "StaleTerm", r.text
+                    assert r.json()["error"] == "stale_term", r.text
                 print(f"{p.node}: newest term {seen_term}, refused stale terms {stale}")
                 _, instances = fleet.serving(i, APP)
                 assert instances[serving[0]]["state"] == "ready", instances

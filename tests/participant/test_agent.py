@@ -412,6 +412,7 @@ def test_agent_sigkill_under_load_loses_no_request(data_dir: Path) -> None:
             "X-Superagent-Signal": "p1", "X-Superagent-Term": "1"}).status_code == 200
         started = rpc.post("/v1/signals/start", json={"id": "s1", "term": 1, "app": "hello",
                                                       "release": "r1", "count": 2})
+        assert started.status_code == 200, started.text
         ids = [i["id"] for i in started.json()["instances"]]
         assert rpc.post("/v1/signals/switch", json={"id": "w1", "term": 1, "app": "hello",
                                                     "instances": ids}).status_code == 200

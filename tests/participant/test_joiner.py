@@ -447,14 +447,14 @@ async def test_prepare_signal_fetches_from_the_coordinator(data_dir: Path) -> No
             missing = await rpc.post("/v1/signals/prepare", json={
                 **body, "id": "p3", "release": "r2", "sha256": "cd" * 32})
             assert missing.status_code == 404, missing.text
-            assert missing.json()["error"] == "ArtifactUnavailable"
+            assert missing.json()["error"] == "artifact_unavailable"
             assert "cd" * 32 in missing.json()["detail"]
             bad = await rpc.post("/v1/signals/prepare", json={**body, "id": "p4",
                                                                 "sha256": "xyz"})
-            assert bad.status_code == 400 and "'sha256'" in bad.json()["detail"]
+            assert bad.status_code == 400 and "sha256:" in bad.json()["detail"]
             stale = await rpc.post("/v1/signals/prepare", json={**body, "id": "p5",
                                                                   "term": 1})
-            assert stale.status_code == 409 and stale.json()["error"] == "StaleTerm"
+            assert stale.status_code == 409 and stale.json()["error"] == "stale_term"
             assert list((data_dir / "downloads").iterdir()) == []
 
 
@@ -465,7 +465,7 @@ async def test_prepare_signal_without_a_coordinator_is_a_clear_409(data_dir: Pat
         answer = await rpc.post("/v1/signals/prepare", json={
             "id": "p1", "term": 1, "app": "hello", "release": "r1", "sha256": "ab" * 32})
     assert answer.status_code == 409
-    assert answer.json()["error"] == "CoordinatorError"
+    assert answer.json()["error"] == "no_coordinator"
     assert "--coordinator" in answer.json()["detail"]
 
 

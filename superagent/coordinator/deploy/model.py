@@ -1,18 +1,20 @@
 """The deploy saga's data: the record, the events the runner commits, the actions it runs.
 
-Frozen dataclasses that round-trip through plain JSON (``to_doc``/``from_doc``), because the
-record lives in the Raft-replicated ``ClusterState``. What to do with them is ``planner``'s.
+Frozen dataclasses that round-trip through plain JSON (``to_doc``/``from_doc``, both the
+shared ``superagent.codec``), because the record lives in the Raft-replicated
+``ClusterState``. What to do with them is ``planner``'s.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
-from enum import Enum, StrEnum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
+from superagent import codec
 from superagent.coordinator.commands import DEPLOY_ID, NODE_NAME
 from superagent.manifest import MAX_PER_NODE
 from superagent.names import APP_NAME, SHA256
@@ -65,96 +67,23 @@ class IllegalEvent(ValueError):
         super().__init__(f"deploy {deploy_id}: {message}" if deploy_id else message)
 
 
-# -- JSON codec ------------------------------------------------------------------------------
-# Every dataclass here is encoded field by field; decoding is driven by each field's
-# annotation (a string, thanks to ``from __future__ import annotations``).
-
-def _encode_value(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_encode_value(v) for v in value]
-    if hasattr(value, "to_doc"):
-        return value.to_doc()
-    return value
-
-
-def _encode(obj: Any) -> dict[str, Any]:
-    return {f.name: _encode_value(getattr(obj, f.name)) for f in fields(obj)}
-
+# -- JSON ------------------------------------------------------------------------------------
+# Every dataclass here goes through ``superagent.codec``; ``_decode`` keeps this module's
+# error form (a ValueError naming the class and the field).
 
 def _want(ok: bool, name: str, what: str) -> None:
     if not ok:
         raise ValueError(f"{name}: must be {what}")
 
 
-def _str(name: str, v: Any) -> str:
-    _want(isinstance(v, str), name, "a string")
-    return str(v)
-
-
-def _bool(name: str, v: Any) -> bool:
-    _want(isinstance(v, bool), name, "a boolean")
-    return bool(v)
-
-
-def _int(name: str, v: Any) -> int:
-    _want(isinstance(v, int) and not isinstance(v, bool), name, "an integer")
-    return int(v)
-
-
-def _float(name: str, v: Any) -> float:
-    _want(isinstance(v, int | float) and not isinstance(v, bool), name, "a number")
-    return float(v)
-
-
-def _list(name: str, v: Any) -> list[Any]:
-    _want(isinstance(v, list | tuple), name, "a list")
-    return list(v)
-
-
-def _strs(name: str, v: Any) -> tuple[str, ...]:
-    return tuple(_str(f"{name}[{i}]", x) for i, x in enumerate(_list(name, v)))
-
-
-def _pairs(name: str, v: Any) -> tuple[tuple[str, str], ...]:
-    out = []
-    for i, pair in enumerate(_list(name, v)):
-        items = _strs(f"{name}[{i}]", pair)
-        _want(len(items) == 2, f"{name}[{i}]", "a [key, text] pair")
-        out.append((items[0], items[1]))
-    return tuple(out)
-
-
-def _node_steps(name: str, v: Any) -> tuple[NodeStep, ...]:
-    return tuple(NodeStep.from_doc(x) for x in _list(name, v))
-
-
-_DECODERS: dict[str, Callable[[str, Any], Any]] = {
-    "str": _str, "bool": _bool, "int": _int, "float": _float, "tuple[str, ...]": _strs,
-    "tuple[tuple[str, str], ...]": _pairs, "tuple[NodeStep, ...]": _node_steps,
-    "Step": lambda n, v: Step(_str(n, v)), "Stage": lambda n, v: Stage(_str(n, v)),
-    "Status": lambda n, v: Status(_str(n, v)),
-}
-
 _T = TypeVar("_T")
 
 
-def _decode(cls: type[_T], doc: Any, *, tag: str = "") -> _T:
+def _decode(cls: type[_T], doc: Any) -> _T:
     """``cls`` built from ``doc``; ValueError names the class and the bad field."""
-    if not isinstance(doc, Mapping):
-        raise ValueError(f"{cls.__name__}: document must be an object")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    extra = set(doc) - set(known) - ({tag} if tag else set())
-    if extra:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(extra)}")
-    values = {}
     try:
-        for name, f in known.items():
-            if name in doc:
-                values[name] = _DECODERS[str(f.type)](name, doc[name])
-        return cls(**values)
-    except (TypeError, ValueError) as exc:  # a missing field is a TypeError from __init__
+        return codec.decode(cls, doc)
+    except (TypeError, ValueError) as exc:  # CodecError is a ValueError
         raise ValueError(f"{cls.__name__}: {exc}") from None
 
 
@@ -191,7 +120,7 @@ class NodeStep:
         object.__setattr__(self, "new", tuple(self.new))
 
     def to_doc(self) -> dict[str, Any]:
-        return _encode(self)
+        return codec.encode(self)
 
     @staticmethod
     def from_doc(doc: Any) -> NodeStep:
@@ -258,7 +187,7 @@ class DeployRecord:
         raise IllegalEvent(f"node {node!r} is not a target", deploy_id=self.deploy_id, node=node)
 
     def to_doc(self) -> dict[str, Any]:
-        return _encode(self)
+        return codec.encode(self)
 
     @staticmethod
     def from_doc(doc: Any) -> DeployRecord:
@@ -295,7 +224,7 @@ class Event:
     type: ClassVar[str] = ""
 
     def to_doc(self) -> dict[str, Any]:
-        return {"type": self.type, **_encode(self)}
+        return codec.encode(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -383,7 +312,7 @@ def event_from_doc(doc: Any) -> Event:
     tag = doc.get("type") if isinstance(doc, Mapping) else None
     if not isinstance(tag, str) or tag not in EVENT_TYPES:
         raise ValueError(f"unknown deploy event type {tag!r}")
-    return _decode(EVENT_TYPES[tag], doc, tag="type")
+    return _decode(EVENT_TYPES[tag], doc)
 
 
 # -- actions: what the runner asks participants to do ---------------------------------------
@@ -403,7 +332,7 @@ class Action:
         return f"{self.deploy_id}/{self.kind}"
 
     def to_doc(self) -> dict[str, Any]:
-        return {"kind": self.kind, **_encode(self)}
+        return {"kind": self.kind, **codec.encode(self, tagged=False)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -504,7 +433,7 @@ def action_from_doc(doc: Any) -> Action:
     kind = doc.get("kind") if isinstance(doc, Mapping) else None
     if not isinstance(kind, str) or kind not in ACTION_KINDS:
         raise ValueError(f"unknown deploy action kind {kind!r}")
-    action = _decode(ACTION_KINDS[kind], doc, tag="kind")
+    action = _decode(ACTION_KINDS[kind], {k: v for k, v in doc.items() if k != "kind"})
     if action.kind != kind:
         raise ValueError(f"action kind {kind!r} does not match its purpose")
     return action

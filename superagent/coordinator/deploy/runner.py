@@ -13,13 +13,18 @@ acting twice. Losing the leadership cancels every driver at once.
 Every signal carries the leader's Raft term: a participant refuses a term older than the
 newest it has seen, so a deposed leader's late signals change nothing.
 
-A participant that cannot be reached is retried (same signal id) until the membership loop
-marks its node down, or ``NODE_LOST_AFTER`` passes; then the action's outcome is
-``NodeLost``. Refusals map to the saga's failures: a prepare or start that fails is
-``PrepareFailed``/``StartFailed``; a switch or drain that fails, or new instances no longer
-healthy after the drain, cancel the deploy (the planner compensates). Undoing is insisted
-on: a refused switch back or stop is repeated (same signal id) for ``INSIST_FOR`` seconds
-before the node counts as lost; a stop of instances already gone counts as done.
+Each action is decide, act, decide: ``outcomes.signal_for`` builds the typed RPC message,
+the runner sends it through the host's ``Participants`` client, and ``outcomes.outcome``
+turns the typed answer into the saga event (refusals map to the saga's failures; see
+``outcomes``). A participant that cannot be reached is retried (same signal id) until the
+membership loop marks its node down, or ``NODE_LOST_AFTER`` passes; then the action's
+outcome is ``NodeLost``. Undoing is insisted on: a refused switch back or stop is repeated
+(same signal id) for ``INSIST_FOR`` seconds before the node counts as lost; a stop of
+instances already gone (``UNKNOWN_INSTANCE``) counts as done.
+
+The runner depends on ``host.RunnerHost`` (what it uses of the coordinator), not on the
+``Coordinator`` class, so it is tested with a fake host and participants under trio's
+``MockClock``.
 
 A round whose outcomes the state refuses, or that fails unexpectedly, is logged and tried
 again with backoff: one deploy's trouble never stops the coordinator or the other deploys.
@@ -31,33 +36,34 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-import httpx
 import structlog
 import trio
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy import model as m
+from superagent.coordinator.deploy import outcomes
 from superagent.coordinator.deploy import planner as p
+from superagent.coordinator.deploy.outcomes import SIGNAL_TIMEOUT
 from superagent.coordinator.errors import CommandError, NoTargets, UnknownApp, UnknownRelease
+from superagent.coordinator.host import RunnerHost
 from superagent.coordinator.state import ClusterState
-from superagent.manifest import TEST_TIMEOUT, AppSpec, spec_from_json
-
-if TYPE_CHECKING:
-    from superagent.coordinator.service import Coordinator
+from superagent.manifest import AppSpec, spec_from_json
+from superagent.rpc import messages as msg
+from superagent.rpc.errors import BadReply, Refused, Unreachable, VersionMismatch
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 POLL = 0.2  # how often the runner looks for deploys to drive
 NODE_LOST_AFTER = 30.0  # unreachable this long (and not yet marked down): lost
-BUILD_TIMEOUT = 1800.0  # a prepare (download + build) answers within this
-SIGNAL_TIMEOUT = 60.0  # switch, drain, stop
 DRAIN_GRACE = 30.0
-HEALTHY = ("ready", "unhealthy")  # instance states that still serve
 ROUND_BACKOFF, ROUND_BACKOFF_MAX = 1.0, 30.0  # after a round whose outcomes were refused
 INSIST_FOR = 120.0  # a switch back or a stop refused this long: the node counts as lost
+INSIST_BACKOFF, INSIST_BACKOFF_MAX = 0.5, 5.0  # between the attempts of an insisted signal
+RETRY_BACKOFF, RETRY_BACKOFF_MAX = 0.2, 2.0  # between the attempts to reach a participant
 
 
 class _Unreachable(Exception):
@@ -65,8 +71,8 @@ class _Unreachable(Exception):
 
 
 class DeployRunner:
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.c = coordinator
+    def __init__(self, host: RunnerHost) -> None:
+        self.host = host
         self._driving: dict[str, trio.CancelScope] = {}
 
     def __repr__(self) -> str:
@@ -76,11 +82,11 @@ class DeployRunner:
         async with trio.open_nursery() as nursery:
             while True:
                 await trio.sleep(POLL)
-                if not self.c.is_leader():
+                if not self.host.is_leader():
                     for scope in self._driving.values():
                         scope.cancel()
                     continue
-                running = self.c.read(lambda s: [d.deploy_id for d in s.deploys.values()
+                running = self.host.read(lambda s: [d.deploy_id for d in s.deploys.values()
                                                  if d.running])
                 for deploy_id in running:
                     if deploy_id not in self._driving:
@@ -93,7 +99,7 @@ class DeployRunner:
         backoff = ROUND_BACKOFF
         try:
             with scope:
-                bound.info("deploy driven", leader=self.c.config.id)
+                bound.info("deploy driven", leader=self.host.config.id)
                 while True:
                     try:
                         record = self._record(deploy_id)
@@ -123,14 +129,14 @@ class DeployRunner:
 
     async def _finish(self, record: m.DeployRecord) -> None:
         """No action is in flight any more: the deploy is over."""
-        result = await self.c.submit(self.c.command(
-            cmd.FinishDeploy, actor=f"coordinator:{self.c.config.id}",
+        result = await self.host.submit(self.host.command(
+            cmd.FinishDeploy, actor=f"coordinator:{self.host.config.id}",
             key=f"{record.deploy_id}:finish", app=record.app, deploy_id=record.deploy_id))
         if not result.get("ok"):
             log.error("deploy not finished", deploy=record.deploy_id, error=result.get("error"))
 
     def _record(self, deploy_id: str) -> m.DeployRecord | None:
-        doc = self.c.read(lambda s: s.deploys[deploy_id].record
+        doc = self.host.read(lambda s: s.deploys[deploy_id].record
                           if deploy_id in s.deploys and s.deploys[deploy_id].running else None)
         return None if doc is None else m.DeployRecord.from_doc(doc)
 
@@ -141,90 +147,51 @@ class DeployRunner:
         except _Unreachable as exc:
             assert isinstance(action, m.NodeAction)
             event = m.NodeLost(node=action.node, error=str(exc))
-        command = self.c.command(cmd.DeployEvent, actor=f"coordinator:{self.c.config.id}",
+        command = self.host.command(cmd.DeployEvent, actor=f"coordinator:{self.host.config.id}",
                                  key=f"{record.deploy_id}:{action.signal_id}", app=record.app,
                                  deploy_id=record.deploy_id, event=event.to_doc())
-        result = await self.c.submit(command)
+        result = await self.host.submit(command)
         if not result.get("ok"):
             refused.append(f"{event.to_doc()}: {result.get('error')}")
 
     # ------------------------------------------------------------------ actions
-    async def _execute(self, r: m.DeployRecord, a: m.Action) -> m.Event:
-        assert isinstance(a, m.NodeAction), a
-        node = a.node
-        if isinstance(a, m.Prepare):
-            ok, body = await self._signal(node, "prepare", a.signal_id, BUILD_TIMEOUT,
-                                          app=r.app, release=r.release, sha256=r.sha256)
-            if ok:
-                return m.Prepared(node=node)
-            return m.PrepareFailed(node=node, error=_detail(body), log=str(body.get("log", "")))
-        if isinstance(a, m.Test):
-            ok, body = await self._signal(node, "test", a.signal_id, TEST_TIMEOUT + 30,
-                                          app=r.app, release=r.release, timeout=TEST_TIMEOUT)
-            if not ok:
-                return m.Tested(ok=False, log=_detail(body))
-            return m.Tested(ok=bool(body.get("ok")), log=str(body.get("log", "")))
-        if isinstance(a, m.Start):
-            old = tuple((await self._status(node)).get("routes", {}).get(r.app, []))
-            deadline = self._ready_deadline(r.app, r.release) + 30
-            ok, body = await self._signal(node, "start", a.signal_id, deadline, app=r.app,
-                                          release=r.release, count=a.count)
-            if ok:
-                return m.Started(node=node, old=old,
-                                 new=tuple(i["id"] for i in body["instances"]))
-            status = await self._status(node)
-            partial = tuple(i["instance"] for i in status.get("instances", [])
-                            if i.get("app") == r.app and i.get("release") == r.release
-                            and i["instance"] not in old)
-            return m.StartFailed(node=node, error=_detail(body), new=partial)
-        if isinstance(a, m.Switch):  # SwitchBack too
-            ok, body = await self._signal(node, "switch", a.signal_id, SIGNAL_TIMEOUT,
-                                          app=r.app, instances=list(a.instances))
-            if isinstance(a, m.SwitchBack):
-                if not ok:  # routing back must happen: insist (same signal id)
-                    await self._insist(node, "switch", a.signal_id, SIGNAL_TIMEOUT,
-                                       app=r.app, instances=list(a.instances))
-                return m.SwitchedBack(node=node)
-            return m.Switched(node=node) if ok else m.Cancel(
-                reason=f"switching {node} to the new instances failed: {_detail(body)}")
-        if isinstance(a, m.Drain):
-            ok, body = await self._signal(node, "drain", a.signal_id,
-                                          a.grace + SIGNAL_TIMEOUT,
-                                          instances=list(a.instances), grace=a.grace)
-            if not ok:
-                return m.Cancel(reason=f"draining the old instances on {node} failed:"
-                                       f" {_detail(body)}")
-            # the new instances served through the drain: still healthy, or compensate
-            states = {i["instance"]: i["state"]
-                      for i in (await self._status(node)).get("instances", [])}
-            sick = {i: states.get(i, "gone") for i in r.step_of(node).new
-                    if states.get(i) not in HEALTHY}
-            if sick:
-                return m.Cancel(reason=f"new instances on {node} are not healthy: "
-                                + ", ".join(f"{i} {st}" for i, st in sorted(sick.items())))
-            return m.Drained(node=node)
-        if isinstance(a, m.StopInstances):
-            await self._insist(node, "stop", a.signal_id, r.drain_grace + SIGNAL_TIMEOUT,
-                               instances=list(a.instances), grace=r.drain_grace)
-            return (m.OldStopped if a.purpose == "commit" else m.NewStopped)(node=node)
-        raise AssertionError(f"no executor for {a!r}")
+    async def _execute(self, record: m.DeployRecord, action: m.Action) -> m.Event:
+        """Decide the signal, send it, decide the event (``outcomes`` holds the decisions)."""
+        assert isinstance(action, m.NodeAction), action
+        node = action.node
+        old: tuple[str, ...] = ()
+        deadline = 60.0
+        if isinstance(action, m.Start):
+            before = await self._status(node)
+            old = before.routed(record.app) if before is not None else ()
+            deadline = self._ready_deadline(record.app, record.release)
+        message, wait = outcomes.signal_for(record, action, term=self.host.term(),
+                                            ready_deadline=deadline)
+        if outcomes.must_happen(action):
+            answer = await self._insist(node, action, message, wait)
+        else:
+            answer = await self._signal(node, message, wait)
+        status = (await self._status(node) if outcomes.needs_status(action, answer)
+                  else None)
+        return outcomes.outcome(record, action, answer, old=old, status=status)
 
-    async def _insist(self, node: str, kind: str, signal_id: str, wait: float,
-                      **body: Any) -> None:
-        """A signal that must happen (undoing, stopping): repeated with the same id until the
-        participant takes it; _Unreachable when it keeps refusing for INSIST_FOR seconds.
-        Stopping instances that are already gone counts as done."""
-        delay, since = 0.5, trio.current_time()
+    async def _insist(self, node: str, action: m.NodeAction, message: msg.Signal[Any],
+                      wait: float) -> outcomes.Answer:
+        """A signal that must happen (undoing, stopping): repeated with the same id until
+        it is done; _Unreachable when it keeps being refused for INSIST_FOR seconds."""
+        delay, since = INSIST_BACKOFF, trio.current_time()
         while True:
-            ok, answer = await self._signal(node, kind, signal_id, wait, **body)
-            if ok or (kind == "stop" and answer.get("error") == "UnknownInstance"):
-                return
+            answer = await self._signal(node, message, wait)
+            if outcomes.done(action, answer):
+                return answer
+            assert isinstance(answer, msg.ErrorReply)
             if trio.current_time() - since > INSIST_FOR:
-                raise _Unreachable(f"{kind} on {node} refused: {_detail(answer)}")
-            log.warning("signal refused; retrying", node=node, kind=kind, id=signal_id,
-                        error=_detail(answer))
+                raise _Unreachable(f"{message.type} on {node} refused:"
+                                   f" {outcomes.detail(answer)}")
+            log.warning("signal refused; retrying", node=node, kind=message.type,
+                        id=message.id, error=outcomes.detail(answer))
             await trio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, INSIST_BACKOFF_MAX)
 
     def _ready_deadline(self, app: str, release: str) -> float:
         def deadline(s: ClusterState) -> float:
@@ -232,68 +199,65 @@ class DeployRunner:
                 if f"r{rel.number}" == release:
                     return spec_from_json(rel.spec).health.ready_deadline
             return 60.0
-        value: float = self.c.read(deadline)
+        value: float = self.host.read(deadline)
         return value
 
     # ------------------------------------------------------------------ RPC
-    def _node(self, node: str) -> tuple[str, bool]:
-        found = self.c.read(lambda s: (s.nodes[node].address, s.nodes[node].up)
-                            if node in s.nodes else None)
+    def _address(self, node: str) -> str:
+        """The node's RPC address; _Unreachable once it is unregistered or marked down."""
+        found = self.host.read(lambda s: (s.nodes[node].address, s.nodes[node].up)
+                               if node in s.nodes else None)
         if found is None:
             raise _Unreachable(f"node {node} is no longer registered")
-        return found  # type: ignore[no-any-return]
+        address, up = found
+        if not up:
+            raise _Unreachable(f"node {node} is down")
+        return str(address)
 
-    async def _call(self, node: str, send: Callable[[str], Any]) -> httpx.Response:
-        """``send(address)`` until it gets an answer; _Unreachable once the node is lost."""
-        delay, since = 0.2, trio.current_time()
+    async def _call(self, node: str, send: Callable[[str], Awaitable[T]]) -> T:
+        """``send(address)`` until the participant answers; _Unreachable once the node is
+        lost (down, unregistered, or silent for NODE_LOST_AFTER seconds)."""
+        delay, since = RETRY_BACKOFF, trio.current_time()
         while True:
-            address, up = self._node(node)
-            if not up:
-                raise _Unreachable(f"node {node} is down")
             try:
-                response: httpx.Response = await send(address)
-                return response
-            except httpx.HTTPError as exc:
+                return await send(self._address(node))
+            except Unreachable as exc:
                 if trio.current_time() - since > NODE_LOST_AFTER:
-                    raise _Unreachable(f"node {node} unreachable: {exc!r}") from None
-                log.info("participant unreachable, retrying", node=node, error=repr(exc))
+                    raise _Unreachable(f"node {node} unreachable: {exc}") from None
+                log.info("participant unreachable, retrying", node=node, error=str(exc))
             await trio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, RETRY_BACKOFF_MAX)
 
-    async def _signal(self, node: str, kind: str, signal_id: str, wait: float,
-                      **body: Any) -> tuple[bool, dict[str, Any]]:
-        http = self.c.http
-        assert http is not None
-        payload = {"id": signal_id, "term": self.c.raft.status()["term"], **body}
+    async def _signal(self, node: str, message: msg.Signal[Any], wait: float
+                      ) -> outcomes.Answer:
+        """The participant's answer to ``message``: its reply or its refusal."""
+        async def send(address: str) -> outcomes.Answer:
+            try:
+                reply: msg.Reply = await self.host.participants.signal(address, message,
+                                                                      timeout=wait)
+                return reply
+            except Refused as exc:
+                return exc.reply
+            except (VersionMismatch, BadReply) as exc:  # not transient: a refusal
+                return msg.ErrorReply(error=msg.ErrorCode.VERSION_MISMATCH
+                                      if isinstance(exc, VersionMismatch)
+                                      else msg.ErrorCode.INTERNAL, status=0, detail=str(exc))
 
-        async def send(address: str) -> httpx.Response:
-            return await http.post(f"http://{address}/v1/signals/{kind}", json=payload,
-                                   timeout=wait)
+        answer = await self._call(node, send)
+        log.info("signal", node=node, kind=message.type, id=message.id,
+                 error=answer.error.value if isinstance(answer, msg.ErrorReply) else None)
+        return answer
 
-        response = await self._call(node, send)
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = {"detail": response.text[:500]}
-        if not isinstance(answer, dict):
-            answer = {"detail": str(answer)[:500]}
-        log.info("signal", node=node, kind=kind, id=signal_id, status=response.status_code)
-        return response.status_code == 200, answer
+    async def _status(self, node: str) -> msg.StatusReply | None:
+        """The node's status; None when it answers but refuses or garbles it."""
+        async def send(address: str) -> msg.StatusReply | None:
+            try:
+                return await self.host.participants.status(address, timeout=SIGNAL_TIMEOUT)
+            except (Refused, VersionMismatch, BadReply) as exc:
+                log.warning("participant status unreadable", node=node, error=str(exc))
+                return None
 
-    async def _status(self, node: str) -> dict[str, Any]:
-        http = self.c.http
-        assert http is not None
-
-        async def send(address: str) -> httpx.Response:
-            return await http.get(f"http://{address}/v1/status", timeout=SIGNAL_TIMEOUT)
-
-        response = await self._call(node, send)
-        doc: dict[str, Any] = response.json() if response.status_code == 200 else {}
-        return doc
-
-
-def _detail(body: dict[str, Any]) -> str:
-    return str(body.get("detail") or body.get("error") or body)[:m.ERROR_MAX]
+        return await self._call(node, send)
 
 
 def targets(state: ClusterState, spec: AppSpec) -> list[str]:
@@ -304,7 +268,7 @@ def targets(state: ClusterState, spec: AppSpec) -> list[str]:
                   if n.up and n.lifecycle == "online" and groups & set(n.groups))
 
 
-async def begin_deploy(c: Coordinator, *, app: str, release: str, actor: str,
+async def begin_deploy(c: RunnerHost, *, app: str, release: str, actor: str,
                        max_parallel: int = 1, drain_grace: float = DRAIN_GRACE,
                        key: str | None = None) -> dict[str, Any]:
     """Start a deploy of ``app@release``; returns the StartDeploy result (with deploy_id).

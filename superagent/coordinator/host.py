@@ -1,0 +1,109 @@
+"""What the API and the deploy runner use of a coordinator: narrow ``Protocol``s.
+
+``Coordinator`` (``service.py``) wires Raft, the artifact store, membership, the API and
+the deploy runner. The API (``api.py``) and the runner (``deploy/runner.py``) need only a
+part of it, and depending on that part rather than on the class keeps the modules out of
+an import cycle (service → api → service) and lets tests hand the runner a small fake.
+``Coordinator`` satisfies both protocols structurally; mypy checks it where it passes
+itself to ``api_app`` and ``DeployRunner``.
+
+The two constants the API shares with the service's forwarding live here for the same
+reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
+
+import httpx
+
+from superagent.coordinator import commands as cmd
+from superagent.coordinator.artifacts import ArtifactStore
+from superagent.coordinator.membership import Liveness
+from superagent.coordinator.raft import RaftNode
+from superagent.coordinator.state import ClusterState, Result
+from superagent.manifest import AppSpec
+from superagent.rpc.client import Participants
+
+PROPOSE_TIMEOUT = 5.0  # one Raft round; retried with the same key within SUBMIT_TIMEOUT
+APPLIED_INDEX = "_applied_index"  # a forwarded command's result: the leader's Raft index
+
+
+class Identity(Protocol):
+    """Who this coordinator is (its ``CoordinatorConfig``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def peers(self) -> Mapping[str, str]: ...
+
+
+class ApiIdentity(Identity, Protocol):
+    @property
+    def secret(self) -> str:
+        """The cluster secret, which peers and participants present."""
+        ...
+
+
+class RunnerHost(Protocol):
+    """What the deploy runner (and ``begin_deploy``) uses."""
+
+    @property
+    def config(self) -> Identity: ...
+
+    @property
+    def participants(self) -> Participants:
+        """The RPC client to participants (while the coordinator runs)."""
+        ...
+
+    def is_leader(self) -> bool: ...
+
+    def term(self) -> int:
+        """This node's current Raft term: the fence every signal carries."""
+        ...
+
+    def read(self, reader: Callable[[ClusterState], Any]) -> Any: ...
+
+    async def submit(self, command: cmd.Command) -> Result: ...
+
+    def command(self, cls: type[cmd.Command], *, actor: str, key: str | None = None,
+                **fields: Any) -> cmd.Command: ...
+
+
+class ApiHost(RunnerHost, Protocol):
+    """What the HTTP API uses, on top of the runner's part."""
+
+    @property
+    def config(self) -> ApiIdentity: ...
+
+    @property
+    def raft(self) -> RaftNode: ...
+
+    @property
+    def store(self) -> ArtifactStore: ...
+
+    @property
+    def liveness(self) -> Liveness: ...
+
+    @property
+    def http(self) -> httpx.AsyncClient | None: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def requests(self) -> dict[tuple[str, int], int]: ...
+
+    def leader_id(self) -> str | None: ...
+
+    def leader_url(self) -> str | None: ...
+
+    async def ensure_artifact(self, sha256: str) -> None: ...
+
+    async def heartbeat(self, node: str, status: dict[str, Any] | None) -> bool: ...
+
+    async def store_release(self, chunks: AsyncIterator[bytes], *, app: str,
+                            expected_sha256: str | None = None
+                            ) -> tuple[str, int, AppSpec]: ...

@@ -1,0 +1,301 @@
+"""The participant's side of the RPC: one Starlette app that decodes, fences and dispatches.
+
+Theory of operation. Every request is checked in the same order: the cluster secret
+(``Authorization: Bearer <secret>``, else 401 and a warning), the protocol version (a
+different major is refused, see ``version.py``), then the message itself, decoded by the
+shared codec into its typed class (an unknown field, a missing one or a wrong type is a
+``BAD_REQUEST`` naming the field). A signal is then fenced and made idempotent by the
+``Ledger`` (a stale term is refused; a repeated id gets the first answer with
+``repeated`` set, or waits for the original still running), handed to the
+``AgentService`` method it stands for, and its typed reply encoded, remembered and
+persisted. Errors raised by the service become an ``ErrorReply`` through ``translate``,
+which the participant supplies: the mapping from its error classes to ``ErrorCode`` lives
+in one place, on its side. An exception ``translate`` does not know is an ``INTERNAL``
+500 and is logged.
+
+  PUT  /v1/releases/{app}/{release}   Upload: the tarball is the body; id, term and sha256
+                                      in X-Superagent-Signal, X-Superagent-Term,
+                                      X-Superagent-Sha256
+  POST /v1/signals/{type}             prepare, test, start, stop, switch, drain, offline,
+                                      debug: the message's fields as a JSON object
+  GET  /v1/status                     StatusReply
+  GET  /v1/logs?app=&instance=&request_id=&n=   LogsReply; &follow=1 streams NDJSON lines
+
+This module imports no role package: the service, the ledger and the translation are
+handed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from superagent import codec
+from superagent.errors import CodecError
+from superagent.jsonbody import read_object
+from superagent.rpc import messages as msg
+from superagent.rpc import version
+from superagent.rpc.errors import VersionMismatch
+
+MAX_ARCHIVE = 512 * 1024 * 1024  # an uploaded release; the extractor has its own budgets
+MAX_SIGNAL = 1024 * 1024  # a signal's JSON body
+NEW, DONE, RUNNING = "new", "done", "running"  # what ``Ledger.admit`` answers
+log = structlog.get_logger("superagent.rpc.server")
+
+
+class AgentService(Protocol):
+    """What the RPC drives; the participant's ``Agent`` implements it."""
+
+    async def prepare(self, app: str, release: str, archive: Path, sha256: str
+                      ) -> msg.PrepareReply: ...
+
+    async def prepare_artifact(self, app: str, release: str, sha256: str
+                               ) -> msg.PrepareReply: ...
+
+    async def test(self, app: str, release: str, timeout: float) -> msg.TestReply: ...
+
+    async def start(self, app: str, release: str, count: int) -> msg.StartReply: ...
+
+    async def stop(self, instances: list[str], grace: float | None) -> msg.StopReply: ...
+
+    async def switch(self, app: str, instances: list[str]) -> msg.SwitchReply: ...
+
+    async def drain(self, instances: list[str], grace: float) -> msg.DrainReply: ...
+
+    async def offline(self, offline: bool) -> msg.OfflineReply: ...
+
+    async def debug(self, app: str, enabled: bool, ttl: float) -> msg.DebugReply: ...
+
+    def status(self) -> msg.StatusReply: ...
+
+    def logs(self, *, app: str | None, instance: str | None, n: int,
+             request_id: str | None = None) -> list[dict[str, Any]]: ...
+
+    def follow(self, *, app: str | None, instance: str | None,
+               request_id: str | None = None) -> AsyncIterator[dict[str, Any]]: ...
+
+    def persist(self) -> None:
+        """Write the agent's state (the ledger included) after a signal changed it."""
+
+
+class Ledger(Protocol):
+    """Term fencing and remembered results (``participant.signals.SignalLedger``)."""
+
+    def admit(self, signal_id: object, term: object) -> tuple[str, dict[str, Any] | None]: ...
+
+    def finish(self, signal_id: str, result: dict[str, Any]) -> None: ...
+
+    def abandon(self, signal_id: str) -> None: ...
+
+    async def wait(self, signal_id: str) -> dict[str, Any] | None: ...
+
+
+Translate = Callable[[Exception], msg.ErrorReply | None]
+
+
+def _dispatch(service: AgentService, message: msg.Signal[Any]) -> Awaitable[msg.Reply]:
+    """The service call a JSON signal stands for."""
+    match message:
+        case msg.Prepare():
+            return service.prepare_artifact(message.app, message.release, message.sha256)
+        case msg.Test():
+            return service.test(message.app, message.release, message.timeout)
+        case msg.Start():
+            return service.start(message.app, message.release, message.count)
+        case msg.Stop():
+            return service.stop(list(message.instances), message.grace)
+        case msg.Switch():
+            return service.switch(message.app, list(message.instances))
+        case msg.Drain():
+            return service.drain(list(message.instances), message.grace)
+        case msg.Offline():
+            return service.offline(message.offline)
+        case msg.Debug():
+            return service.debug(message.app, message.enabled, message.ttl)
+    raise AssertionError(f"no service call for {message!r}")
+
+
+def answer(doc: dict[str, Any], status: int = 200) -> JSONResponse:
+    """A JSON answer carrying this side's protocol version."""
+    return JSONResponse(doc, status_code=status, headers={version.HEADER: str(version.CURRENT)})
+
+
+def refuse(reply: msg.ErrorReply) -> JSONResponse:
+    return answer({k: v for k, v in codec.encode(reply).items() if v != ""}, reply.status)
+
+
+def bad_request(reason: str, status: int = 400, **where: str) -> JSONResponse:
+    return refuse(msg.ErrorReply(error=msg.ErrorCode.BAD_REQUEST, status=status, detail=reason,
+                                 **where))
+
+
+class _BodyError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+def rpc_app(service: AgentService, *, secret: str, ledger: Ledger, translate: Translate
+            ) -> Starlette:
+    """The RPC application; ``secret`` is the cluster secret every caller must present."""
+    if not secret:
+        raise ValueError("the RPC server needs a non-empty cluster secret")
+    expected = f"Bearer {secret}".encode()
+
+    def gate(request: Request) -> JSONResponse | version.Version:
+        """The caller's protocol version, or the refusal to send instead."""
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            log.warning("rpc request refused: bad or missing credentials", path=request.url.path,
+                        peer=request.client.host if request.client else None)
+            return refuse(msg.ErrorReply(error=msg.ErrorCode.UNAUTHORIZED, status=401,
+                                         detail="a valid cluster secret is required"))
+        try:
+            peer = version.Version.parse(request.headers.get(version.HEADER))
+            version.check(peer, peer_role="coordinator")
+        except VersionMismatch as exc:
+            log.warning("rpc request refused: protocol version", path=request.url.path,
+                        error=str(exc))
+            return refuse(msg.ErrorReply(error=msg.ErrorCode.VERSION_MISMATCH, status=400,
+                                         detail=str(exc)))
+        return peer
+
+    def failed(exc: Exception) -> JSONResponse:
+        if isinstance(exc, CodecError):
+            return bad_request(str(exc))
+        reply = translate(exc)
+        if reply is None:
+            raise exc
+        return refuse(reply)
+
+    async def fenced(message: msg.Signal[Any], act: Callable[[], Awaitable[msg.Reply]]
+                     ) -> Response:
+        try:
+            state, result = ledger.admit(message.id, message.term)
+        except Exception as exc:  # a stale term, a bad id: the participant says which
+            return failed(exc)
+        if state == RUNNING:
+            result = await ledger.wait(message.id)
+            if result is None:
+                return refuse(msg.ErrorReply(
+                    error=msg.ErrorCode.SIGNAL_FAILED, status=409,
+                    detail="the original signal failed; send a new id"))
+        if state in (DONE, RUNNING):
+            return answer({**(result or {}), "repeated": True})
+        try:
+            reply = await act()
+        except Exception as exc:
+            ledger.abandon(message.id)
+            return failed(exc)
+        except BaseException:
+            ledger.abandon(message.id)
+            raise
+        assert isinstance(reply, message.REPLY), (message, reply)
+        doc = codec.encode(reply)
+        ledger.finish(message.id, doc)
+        service.persist()
+        return answer(doc)
+
+    async def signal(request: Request) -> Response:
+        peer = gate(request)
+        if isinstance(peer, Response):
+            return peer
+        kind = request.path_params["kind"]
+        cls = msg.SIGNALS.get(kind)
+        if cls is None:
+            return refuse(msg.ErrorReply(error=msg.ErrorCode.UNKNOWN_SIGNAL, status=404,
+                                         detail=f"no signal named {kind!r}"))
+        try:
+            body = await read_object(request, limit=MAX_SIGNAL, error=_BodyError)
+            message = codec.decode(cls, body, ignore_unknown=version.lenient(peer))
+        except _BodyError as exc:
+            return bad_request(str(exc), exc.status)
+        except CodecError as exc:
+            return bad_request(f"{kind}: {exc}")
+        return await fenced(message, lambda: _dispatch(service, message))
+
+    async def upload(request: Request) -> Response:
+        peer = gate(request)
+        if isinstance(peer, Response):
+            return peer
+        app, release = request.path_params["app"], request.path_params["release"]
+        term = request.headers.get("x-superagent-term", "")
+        try:
+            message = codec.decode(msg.Upload, {
+                "id": request.headers.get("x-superagent-signal", ""),
+                "term": int(term) if term.isdigit() else term, "app": app, "release": release,
+                "sha256": request.headers.get("x-superagent-sha256", "").lower()})
+        except CodecError as exc:
+            return bad_request(f"upload: {exc} (headers X-Superagent-Signal, -Term, -Sha256)")
+        with tempfile.NamedTemporaryFile(prefix="upload-", suffix=".tar") as spool:
+            digest = hashlib.sha256()
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_ARCHIVE:
+                    return refuse(msg.ErrorReply(
+                        error=msg.ErrorCode.ARCHIVE_TOO_LARGE, status=413,
+                        detail=f"archive over {MAX_ARCHIVE} bytes", app=app, release=release))
+                digest.update(chunk)
+                spool.write(chunk)
+            spool.flush()
+            if digest.hexdigest() != message.sha256:
+                return refuse(msg.ErrorReply(
+                    error=msg.ErrorCode.CHECKSUM_MISMATCH, status=400, app=app, release=release,
+                    detail=f"archive sha256 is {digest.hexdigest()},"
+                           f" header says {message.sha256}"))
+            path = Path(spool.name)
+            return await fenced(message, lambda: service.prepare(app, release, path,
+                                                                 message.sha256))
+
+    async def status(request: Request) -> Response:
+        peer = gate(request)
+        if isinstance(peer, Response):
+            return peer
+        return answer(codec.encode(service.status()))
+
+    async def logs(request: Request) -> Response:
+        peer = gate(request)
+        if isinstance(peer, Response):
+            return peer
+        try:
+            query = msg.LogsQuery.from_params(dict(request.query_params))
+        except CodecError as exc:
+            return bad_request(f"logs: {exc}")
+        recent = service.logs(app=query.app, instance=query.instance, n=query.n,
+                              request_id=query.request_id)
+        if not query.follow:
+            return answer(codec.encode(msg.LogsReply(lines=tuple(recent))))
+
+        async def lines() -> AsyncIterator[bytes]:
+            for line in recent:
+                yield json.dumps(line).encode() + b"\n"
+            async for line in service.follow(app=query.app, instance=query.instance,
+                                             request_id=query.request_id):
+                yield json.dumps(line).encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson",
+                                 headers={version.HEADER: str(version.CURRENT)})
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("rpc request failed", path=request.url.path, exc_info=exc)
+        return refuse(msg.ErrorReply(error=msg.ErrorCode.INTERNAL, status=500,
+                                     detail=f"{type(exc).__name__}: {exc}"))
+
+    return Starlette(exception_handlers={Exception: unexpected}, routes=[
+        Route("/v1/signals/{kind}", signal, methods=["POST"]),
+        Route("/v1/releases/{app}/{release}", upload, methods=["PUT"]),
+        Route("/v1/status", status, methods=["GET"]),
+        Route("/v1/logs", logs, methods=["GET"]),
+    ])
