@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
+from superagent.backoff import Backoff
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy import model as m
 from superagent.coordinator.deploy import outcomes
@@ -96,7 +97,7 @@ class DeployRunner:
     async def _drive(self, deploy_id: str) -> None:
         scope = self._driving[deploy_id]
         bound = log.bind(deploy=deploy_id)
-        backoff = ROUND_BACKOFF
+        backoff = Backoff(ROUND_BACKOFF, ROUND_BACKOFF_MAX)
         try:
             with scope:
                 bound.info("deploy driven", leader=self.host.config.id)
@@ -116,14 +117,13 @@ class DeployRunner:
                             for action in actions:
                                 nursery.start_soon(self._act, record, action, refused)
                         if not refused:
-                            backoff = ROUND_BACKOFF
+                            backoff.reset()
                             continue
                         bound.error("deploy events refused; retrying the round",
-                                    errors=refused, retry_in=backoff)
+                                    errors=refused, retry_in=backoff.peek())
                     except Exception:  # one deploy's trouble never takes the coordinator down
-                        bound.exception("deploy round failed", retry_in=backoff)
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, ROUND_BACKOFF_MAX)
+                        bound.exception("deploy round failed", retry_in=backoff.peek())
+                    await trio.sleep(backoff.next())
         finally:
             del self._driving[deploy_id]
 
@@ -179,7 +179,7 @@ class DeployRunner:
                       wait: float) -> outcomes.Answer:
         """A signal that must happen (undoing, stopping): repeated with the same id until
         it is done; _Unreachable when it keeps being refused for INSIST_FOR seconds."""
-        delay, since = INSIST_BACKOFF, trio.current_time()
+        backoff, since = Backoff(INSIST_BACKOFF, INSIST_BACKOFF_MAX), trio.current_time()
         while True:
             answer = await self._signal(node, message, wait)
             if outcomes.done(action, answer):
@@ -190,8 +190,7 @@ class DeployRunner:
                                    f" {outcomes.detail(answer)}")
             log.warning("signal refused; retrying", node=node, kind=message.type,
                         id=message.id, error=outcomes.detail(answer))
-            await trio.sleep(delay)
-            delay = min(delay * 2, INSIST_BACKOFF_MAX)
+            await trio.sleep(backoff.next())
 
     def _ready_deadline(self, app: str, release: str) -> float:
         def deadline(s: ClusterState) -> float:
@@ -217,7 +216,7 @@ class DeployRunner:
     async def _call(self, node: str, send: Callable[[str], Awaitable[T]]) -> T:
         """``send(address)`` until the participant answers; _Unreachable once the node is
         lost (down, unregistered, or silent for NODE_LOST_AFTER seconds)."""
-        delay, since = RETRY_BACKOFF, trio.current_time()
+        backoff, since = Backoff(RETRY_BACKOFF, RETRY_BACKOFF_MAX), trio.current_time()
         while True:
             try:
                 return await send(self._address(node))
@@ -225,8 +224,7 @@ class DeployRunner:
                 if trio.current_time() - since > NODE_LOST_AFTER:
                     raise _Unreachable(f"node {node} unreachable: {exc}") from None
                 log.info("participant unreachable, retrying", node=node, error=str(exc))
-            await trio.sleep(delay)
-            delay = min(delay * 2, RETRY_BACKOFF_MAX)
+            await trio.sleep(backoff.next())
 
     async def _signal(self, node: str, message: msg.Signal[Any], wait: float
                       ) -> outcomes.Answer:
