@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 NODE_TIMEOUT = 1.5  # --node-timeout of the shared cluster: the membership test waits on it
 FAILOVER_BOUND = 2.0  # kill -9 of the leader -> a survivor names a new leader
 STEP_DOWN_BOUND = 3.0  # leader cut off from both followers -> it stops calling itself leader
+FOLLOWER_CATCH_UP = 5.0  # a follower applies what the leader committed within a few heartbeats
 WRITE_DEADLINE = 20.0  # a client keeps retrying one write (same key, other nodes) this long
 CLIENT_TIMEOUT = 3.0  # one attempt of that client
 
@@ -315,7 +316,13 @@ def test_artifact_survives_leader_kill(cluster: Cluster) -> None:
         assert got.status_code == 200, (i, got.status_code, got.text[:200])
         assert got.headers["x-superagent-sha256"] == sha
         assert hashlib.sha256(got.content).hexdigest() == sha and got.content == blob
-        assert cluster.get(i, "/api/v1/apps/art/releases").json()["releases"][0]["sha256"] == sha
+
+        def recorded(member: int = i) -> bool:
+            doc = cluster.get(member, "/api/v1/apps/art/releases").json()
+            return [r["sha256"] for r in doc.get("releases", [])] == [sha]
+        # A follower reads its own applied state: it learns that the new leader committed
+        # the old term's entries with the leader's next append (a heartbeat, ~0.1 s here).
+        wait_until(recorded, f"coordinator {i} to list release r1", timeout=FOLLOWER_CATCH_UP)
     for i in survivors:
         m = cluster.members[i]
         assert (m.data_dir / "artifacts" / "sha256" / sha[:2] / sha).read_bytes() == blob
