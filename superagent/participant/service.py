@@ -139,6 +139,10 @@ class Agent:
         self._applied: list[AppRoute] | None = None  # the apps of the last snapshot applied
         self._routes_lock = trio.Lock()
         self._routes_stale = trio.Event()  # a routed instance started or stopped serving
+        # app -> the instances its last switch replaced, still warm until stopped: the
+        # proxy's standbys, which serve when no routed instance can (a new release that
+        # dies right after its switch costs no request, and no coordinator round trip)
+        self.standby: dict[str, list[str]] = {}
         self.is_offline = False
         # a request is traced when its own timestamp falls in its app's window, however
         # late the proxy's batched record is read (see debug.sessions)
@@ -195,6 +199,8 @@ class Agent:
                 await self._adopt(record)
             self.routes = {app: [i for i in ids if i in self.instances]
                            for app, ids in saved.get("routes", {}).items()}
+            self.standby = {app: [i for i in ids if i in self.instances]
+                            for app, ids in saved.get("standby", {}).items()}
             if self.is_offline:
                 await self.proxy.set_offline(True)
             await self._apply_routes()
@@ -300,7 +306,7 @@ class Agent:
         if self.instances.get(instance_id) is not instance:
             return
         self.persist()
-        if any(instance_id in ids for ids in self.routes.values()):
+        if any(instance_id in ids for ids in (*self.routes.values(), *self.standby.values())):
             self._routes_stale.set()
 
     async def _keep_routes(self) -> None:
@@ -332,7 +338,8 @@ class Agent:
         """Write state.json atomically (temp file, fsync, rename)."""
         doc = {
             "version": STATE_VERSION, "node": self.config.node, "seq": self._seq,
-            "offline": self.is_offline, "routes": self.routes, "ledger": self.ledger.to_json(),
+            "offline": self.is_offline, "routes": self.routes, "standby": self.standby,
+            "ledger": self.ledger.to_json(),
             "debug": self.debug_sessions.to_json(),
             "instances": [inst.to_record() for inst in self.instances.values()],
         }
@@ -449,11 +456,12 @@ class Agent:
         remaining = await self.proxy.drain(
             instances, grace=self.config.drain_grace if grace is None else grace)
         unrouted = False
-        for app, ids in self.routes.items():
-            kept = [i for i in ids if i not in instances]
-            if kept != ids:
-                self.routes[app] = kept
-                unrouted = True
+        for table in (self.routes, self.standby):
+            for app, ids in table.items():
+                kept = [i for i in ids if i not in instances]
+                if kept != ids:
+                    table[app] = kept
+                    unrouted = True
         if unrouted:
             await self._apply_routes()
         for instance in targets:
@@ -472,7 +480,9 @@ class Agent:
             if instance.state is not State.READY:
                 raise InstanceNotReady(f"instance {instance_id} is {instance.state.value},"
                                        " not ready", app=app)
+        replaced = self.routes.get(app, [])
         self.routes[app] = list(instances)
+        self.standby[app] = [i for i in replaced if i not in instances]
         await self.proxy.undrain(instances)
         version = await self._apply_routes()
         self.persist()
@@ -574,11 +584,13 @@ class Agent:
                 spec = self.store.get(app, first.release).spec
                 r, limits = spec.routes, spec.limits
                 timeout = limits.timeout or Timeouts().first_byte
+                standby = [i for i in self.standby.get(app, ()) if i in self.instances]
                 apps.append(AppRoute(
                     name=app,
                     instances=tuple(RouteInstance(id=i, host="127.0.0.1",
-                                                  port=self.instances[i].config.port)
-                                    for i in ids if self.instances[i].serving),
+                                                  port=self.instances[i].config.port,
+                                                  standby=i in standby)
+                                    for i in (*ids, *standby) if self.instances[i].serving),
                     prefix=r.prefix if (r.prefix or r.hosts or r.port) else f"/{app}",
                     strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
                     hosts=r.hosts, port=r.port, max_body=limits.max_body,

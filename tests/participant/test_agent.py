@@ -469,3 +469,34 @@ def _kill_leftovers(data_dir: Path) -> None:
         if pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+async def test_a_new_release_dying_after_its_switch_costs_no_request(rig: Rig) -> None:
+    """The instances a switch replaced stay standbys while warm: when the new one dies
+    right after its switch, every request (even those racing the death) is answered by
+    the old one, draining or not, with no signal from the coordinator."""
+    assert (await rig.upload("hello", "r1", python_app())).status_code == 200
+    second = python_app(extra="# r2\n")
+    assert (await rig.upload("hello", "r2", second)).status_code == 200
+    started = await rig.signal("start", app="hello", release="r1")
+    assert started.status_code == 200, started.text
+    old = started.json()["instances"][0]["id"]
+    assert (await rig.signal("switch", app="hello", instances=[old])).status_code == 200
+    started = await rig.signal("start", app="hello", release="r2")
+    assert started.status_code == 200, started.text
+    new = started.json()["instances"][0]["id"]
+    assert (await rig.signal("switch", app="hello", instances=[new])).status_code == 200
+    assert (await rig.proxy.get("/hello/x")).json()["instance"] == new
+    drained = await rig.signal("drain", instances=[old], grace=0.5)
+    assert drained.status_code == 200, drained.text
+
+    victim = rig.agent.instances[new].pid
+    assert victim is not None
+    os.killpg(victim, signal.SIGKILL)
+    served = []
+    for n in range(40):  # from the moment of the kill: no wait for anyone to notice
+        response = await rig.proxy.get(f"/hello/after-{n}")
+        assert response.status_code == 200, (n, response.text)
+        served.append(response.json()["instance"])
+    assert set(served) <= {old, new} and served[-1] == old
+    assert rig.agent.standby == {"hello": [old]}
