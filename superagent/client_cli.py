@@ -83,6 +83,47 @@ def _apps(args: argparse.Namespace) -> int:
     return emit(args, client_of(args).get("/api/v1/apps"), render_apps)
 
 
+def render_instances(nodes: dict[str, Any], apps: dict[str, Any]) -> str:
+    """Every instance the participants reported (node, port, state, release, routed) and
+    each app's URLs."""
+    rows = []
+    for node in nodes["nodes"]:
+        status = node.get("status") or {}
+        routed = {i for ids in (status.get("routes") or {}).values() for i in ids}
+        rows += [(i["app"], node["name"], i["id"], i["release"], i["state"], i["port"],
+                  "yes" if i["id"] in routed else "")
+                 for i in status.get("instances", [])]
+    out = (table(sorted(rows), ("APP", "NODE", "INSTANCE", "RELEASE", "STATE", "PORT",
+                                "ROUTED"))
+           if rows else "no instances reported (instances show on the leader)")
+    urls = [(a["name"], " ".join(app_urls(a, nodes)) or "-") for a in apps["apps"]]
+    return out + ("\n\n" + table(urls, ("APP", "URLS")) if urls else "")
+
+
+def app_urls(app: dict[str, Any], nodes: dict[str, Any]) -> list[str]:
+    """Where the app answers: its route rule on each live node's proxy listeners (the
+    node's own address where a listener is on every interface)."""
+    routes = app["spec"].get("routes", {})
+    prefix, hosts, port = routes.get("prefix"), routes.get("hosts") or [], routes.get("port")
+    if not (prefix or hosts or port):
+        prefix = f"/{app['name']}"
+    urls: list[str] = []
+    for node in nodes["nodes"]:
+        status = node.get("status") or {}
+        if not node.get("up") or not status.get("listen"):
+            continue
+        node_host = node["address"].rsplit(":", 1)[0]
+        for listener in status["listen"]:
+            host, _, listen_port = listener.rpartition(":")
+            host = node_host if host in ("", "0.0.0.0", "[::]", "::") else host
+            if port:
+                urls.append(f"http://{host}:{port}/")
+            elif prefix:
+                urls.append(f"http://{host}:{listen_port}{prefix.rstrip('/')}/")
+            urls += [f"http://{name}:{listen_port}/" for name in hosts]
+    return list(dict.fromkeys(urls))
+
+
 def _status(args: argparse.Namespace) -> int:
     client = client_of(args)
     doc = {"cluster": client.get("/api/v1/cluster"), "nodes": client.get("/api/v1/nodes"),
@@ -90,7 +131,7 @@ def _status(args: argparse.Namespace) -> int:
 
     def render(d: dict[str, Any]) -> str:
         return "\n\n".join((render_cluster(d["cluster"]), render_nodes(d["nodes"]),
-                            render_apps(d["apps"])))
+                            render_apps(d["apps"]), render_instances(d["nodes"], d["apps"])))
     return emit(args, doc, render)
 
 
@@ -99,8 +140,9 @@ def render_releases(doc: dict[str, Any]) -> str:
         return f"{doc['app']}: no releases"
     rows = [(r["name"], r["sha256"][:12], f"{r['size'] / 1024:.1f} KiB", r["actor"],
              time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
-             "current" if r.get("current") else "") for r in doc["releases"]]
-    return table(rows, ("RELEASE", "SHA256", "SIZE", "BY", "CREATED", ""))
+             r.get("outcome") or "not deployed", "serving" if r.get("current") else "")
+            for r in doc["releases"]]
+    return table(rows, ("RELEASE", "SHA256", "SIZE", "BY", "CREATED", "LAST DEPLOY", ""))
 
 
 def _releases(args: argparse.Namespace) -> int:
@@ -143,7 +185,18 @@ def follow_deploy(client: Client, app: str, deploy_id: str, *, as_json: bool) ->
         print(f"{app}@{view['release']} {outcome}")
         for key, text in view.get("logs", []):
             print(f"--- {key} log ---\n{text.rstrip()}")
+        if view["status"] == "succeeded":
+            _print_urls(client, app)
     return 0 if view["status"] == "succeeded" else 1
+
+
+def _print_urls(client: Client, app: str) -> None:
+    try:
+        urls = app_urls(client.get(f"/api/v1/apps/{app}"), client.get("/api/v1/nodes"))
+    except ClientError:
+        return  # the deploy succeeded; where it serves is shown by `superagent status`
+    for url in urls:
+        print(f"  {url}")
 
 
 def _show_progress(deploy_id: str, view: dict[str, Any], shown: dict[str, str]) -> None:
@@ -190,10 +243,16 @@ def _deploy(args: argparse.Namespace) -> int:
               f" {packed.sha256[:12]}), uploading to {client.servers[0]}", file=sys.stderr)
         archive.seek(0)
         query = f"sha256={packed.sha256}"
+        if args.force:
+            query += "&force=true"
         if args.max_parallel:
             query += f"&max_parallel={args.max_parallel}"
         doc = client.post(f"/api/v1/apps/{app}/releases?{query}", content=archive,
                           headers={"content-type": "application/gzip"})
+    if doc.get("unchanged"):
+        print(f"{app}: {doc['detail']}", file=sys.stderr)
+        return emit(args, doc, lambda d: " ".join(app_urls(client.get(f"/api/v1/apps/{app}"),
+                                                           client.get("/api/v1/nodes"))))
     print(f"{app}@{doc['release']} recorded; deploy {doc['deploy_id']}", file=sys.stderr)
     if args.no_follow:
         return emit(args, doc, lambda d: d["deploy_id"])
@@ -202,7 +261,9 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace) -> int:
     client = client_of(args)
-    body = {"to": args.to} if args.to else {}
+    body: dict[str, Any] = {"to": args.to} if args.to else {}
+    if args.force:
+        body["force"] = True
     doc = client.post(f"/api/v1/apps/{args.app}/rollback", json=body)
     print(f"{args.app}: rolling back to {doc['release']}; deploy {doc['deploy_id']}",
           file=sys.stderr)
@@ -249,6 +310,8 @@ def add_client_commands(sub: Any) -> None:
                         help="nodes rolled at once (default 1)")
     deploy.add_argument("--no-follow", action="store_true",
                         help="print the deploy id and return without waiting")
+    deploy.add_argument("--force", action="store_true",
+                        help="deploy even when the content is what the app already serves")
     add_common(deploy)
     deploy.set_defaults(func=_deploy)
     releases = sub.add_parser("releases", help="an app's releases")
@@ -257,7 +320,10 @@ def add_client_commands(sub: Any) -> None:
     releases.set_defaults(func=_releases)
     back = sub.add_parser("rollback", help="deploy an earlier release again")
     back.add_argument("app")
-    back.add_argument("--to", metavar="rN", help="the release (default: the previous one)")
+    back.add_argument("--to", metavar="rN", help="the release (default: the newest earlier"
+                                                 " one that served)")
+    back.add_argument("--force", action="store_true",
+                      help="roll back to a release that never served")
     add_common(back)
     back.set_defaults(func=_rollback)
     for action, help_text in (("drain", "move traffic off a node (its /-/healthz answers 503)"),

@@ -129,6 +129,28 @@ def release_view(release: Any) -> dict[str, Any]:
     return doc
 
 
+def release_outcomes(state: ClusterState, app: str) -> dict[str, str]:
+    """Release name -> the status of its latest deploy (running, succeeded, rolled_back,
+    failed); a release never deployed is absent."""
+    outcomes: dict[str, str] = {}
+    for deploy in sorted((d for d in state.deploys.values() if d.app == app),
+                         key=lambda d: d.created_at):
+        outcomes[deploy.record["release"]] = deploy.record["status"]
+    return outcomes
+
+
+def ever_succeeded(state: ClusterState, app: str, release: str) -> bool:
+    """Whether a deploy of ``release`` succeeded (it served), as far as the kept deploy
+    records and the app's serving release tell."""
+    return state.apps[app].current_release == release or any(
+        d.app == app and d.record["release"] == release and d.record["status"] == "succeeded"
+        for d in state.deploys.values())
+
+
+def _truthy(value: object) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes"))
+
+
 def node_view(coordinator: ApiHost, node: Any, now: float) -> dict[str, Any]:
     doc = asdict(node)
     leading = coordinator.liveness.leader_since is not None
@@ -237,9 +259,13 @@ async def delete_app(request: Request, ctx: Context) -> Response:
 
 async def list_releases(request: Request, ctx: Context) -> Response:
     name = request.path_params["app"]
-    found = ctx.coordinator.read(
-        lambda s: [{**release_view(r), "current": f"r{r.number}" == s.apps[name].current_release}
-                   for r in s.releases[name]] if name in s.apps else None)
+    def view(s: ClusterState) -> list[dict[str, Any]] | None:
+        if name not in s.apps:
+            return None
+        outcomes = release_outcomes(s, name)
+        return [{**release_view(r), "current": f"r{r.number}" == s.apps[name].current_release,
+                 "outcome": outcomes.get(f"r{r.number}")} for r in s.releases[name]]
+    found = ctx.coordinator.read(view)
     if found is None:
         return error(404, "unknown_app", f"app {name!r} does not exist")
     return JSONResponse({"app": name, "releases": found})
@@ -255,8 +281,17 @@ async def create_release(request: Request, ctx: Context) -> Response:
                                           f" {APP_NAME.pattern}")
     expected = request.query_params.get("sha256")
     options = deploy_options(request.query_params)  # refused before anything is stored
+    force = _truthy(request.query_params.get("force"))
+    if expected and not force:  # the client named the content: no need to read it
+        unchanged = _unchanged(c, name, expected.strip().lower())
+        if unchanged is not None:
+            return unchanged
     sha256, size, spec = await c.store_release(request.stream(), app=name,
                                                expected_sha256=expected)
+    if not force:
+        unchanged = _unchanged(c, name, sha256)
+        if unchanged is not None:
+            return unchanged
     key = idempotency_key(request)
     spec_doc = spec_to_json(spec)
     if not c.read(lambda s: name in s.apps):
@@ -285,6 +320,21 @@ async def create_release(request: Request, ctx: Context) -> Response:
                      f"release {release} recorded, not deployed: {started.get('error')}",
                      release=release)
     return JSONResponse({**doc, "deploy_id": started["deploy_id"]}, status_code=201)
+
+
+def _unchanged(c: ApiHost, app: str, sha256: str) -> Response | None:
+    """The answer to an upload of what the app already serves (no release, no deploy), or
+    None when the content is new; ``force=true`` deploys it again all the same."""
+    serving = c.read(lambda s: next(
+        (f"r{r.number}" for r in s.releases.get(app, [])
+         if app in s.apps and f"r{r.number}" == s.apps[app].current_release
+         and r.sha256 == sha256), None))
+    if serving is None:
+        return None
+    return JSONResponse({"ok": True, "app": app, "release": serving, "sha256": sha256,
+                         "unchanged": True, "deploy_id": None,
+                         "detail": f"unchanged: {serving} already serving this content"
+                                   " (force=true deploys it again)"})
 
 
 def deploy_options(query: Any) -> dict[str, Any]:
@@ -389,25 +439,31 @@ async def rollback(request: Request, ctx: Context) -> Response:
     body = await read_json(request)
     to = body.get("to")
 
-    def choose(s: ClusterState) -> tuple[str | None, list[str]] | None:
+    def choose(s: ClusterState) -> tuple[str | None, list[str], list[str]] | None:
         if app not in s.apps:
             return None
         names = [f"r{r.number}" for r in s.releases[app]]
         current = s.apps[app].current_release
-        return current, names
+        served = [n for n in names if ever_succeeded(s, app, n)]
+        return current, names, served
 
     found = c.read(choose)
     if found is None:
         return error(404, "unknown_app", f"app {app!r} does not exist")
-    current, names = found
-    if to is None:
-        earlier = names[:names.index(current)] if current in names else []
+    current, names, served = found
+    if to is None:  # the newest release before the current one that served
+        earlier = [n for n in names[:names.index(current)] if n in served] \
+            if current in names else []
         if not earlier:
             return error(409, "nothing_to_roll_back_to",
                          f"{app} has no release before {current or 'its first deploy'}")
         to = earlier[-1]
     if not isinstance(to, str) or to not in names:
         return error(404, "unknown_release", f"{app} has no release {to!r}; it has {names}")
+    if not _truthy(body.get("force")) and not c.read(lambda s: ever_succeeded(s, app, to)):
+        return error(409, "never_succeeded",
+                     f"{app} {to} never served (no deploy of it succeeded); pass force to"
+                     " roll back to it all the same", release=to)
     started = await begin_deploy(c, app=app, release=to, actor=ctx.actor,
                                  key=idempotency_key(request), **deploy_options(body))
     if not started.get("ok"):

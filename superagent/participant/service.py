@@ -542,6 +542,7 @@ class Agent:
                            "release": inst.config.release, "state": inst.state.value,
                            "port": inst.config.port} for inst in self.instances.values()],
             "routes": self.routes, "offline": self.is_offline, "figures": _node_figures(),
+            "listen": list(self.config.listen),
         }
 
     def logs(self, *, app: str | None, instance: str | None, n: int,

@@ -170,12 +170,18 @@ async def test_release_without_participants_is_recorded_not_deployed(api: Api) -
     rollback = await api.call("POST", "/api/v1/apps/hello/rollback", json={})
     assert rollback.status_code == 409
     assert "no release before" in rollback.json()["detail"]
+    never = await api.call("POST", "/api/v1/apps/hello/rollback", json={"to": "r1"})
+    assert never.status_code == 409 and never.json()["error"] == "never_succeeded", never.text
+    forced = await api.call("POST", "/api/v1/apps/hello/rollback", json={"to": "r1",
+                                                                        "force": True})
+    assert forced.json()["error"] == "no_targets"  # past the check, nowhere to run it
     unknown = await api.call("POST", "/api/v1/apps/hello/rollback", json={"to": "r9"})
     assert unknown.status_code == 404
     bad = await api.call("POST", "/api/v1/apps/hello/releases?max_parallel=0", content=body)
     assert bad.status_code == 400 and "max_parallel" in bad.json()["detail"]
     releases = (await api.call("GET", "/api/v1/apps/hello/releases")).json()["releases"]
     assert len(releases) == 1  # refused before it was stored or recorded
+    assert (releases[0]["outcome"], releases[0]["current"]) == (None, False)  # never deployed
     missing = await api.call("GET", "/api/v1/apps/hello/deploys/nope")
     assert missing.status_code == 404
 

@@ -418,6 +418,12 @@ async def test_rollback_serves_the_earlier_release_without_rebuilding(cluster: C
     built = build_log.stat().st_mtime_ns
     assert (await cluster.deploy(cluster.write("back", "v2")))["status"] == "succeeded"
     assert (await cluster.get("/back/")).json()["release"] == "r2"
+    again = await cluster.upload(cluster.write("back", "v2"))  # what r2 already serves
+    assert again.status_code == 200 and again.json()["unchanged"] is True, again.text
+    assert again.json()["release"] == "r2" and "unchanged: r2" in again.json()["detail"]
+    releases = (await cluster.api.get("/api/v1/apps/back/releases")).json()["releases"]
+    assert [(r["name"], r["outcome"], r["current"]) for r in releases] == [
+        ("r1", "succeeded", False), ("r2", "succeeded", True)]
     started = time.monotonic()
     response = await cluster.api.post("/api/v1/apps/back/rollback", json={"to": "r1"})
     assert response.status_code == 201, response.text
@@ -480,3 +486,39 @@ async def test_one_deploy_at_a_time_and_cancel_compensates(cluster: Cluster) -> 
     assert "r3" in json.dumps(releases)
     deploys = (await cluster.api.get("/api/v1/apps/solo/deploys")).json()["deploys"]
     assert sorted(d["release"] for d in deploys) == ["r1", "r2"]
+
+
+async def test_the_cli_says_where_an_app_serves_and_what_each_release_did(
+        cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """`deploy` ends with the app's URL, `status` lists its instances (node, port, state,
+    release) and URLs, `releases` each release's last deploy and which one serves, and an
+    unchanged upload deploys nothing unless --force."""
+    from superagent.cli import main as cli_main
+
+    common = ["--server", cluster.embedded.coordinator.config.url, "--token",
+              cluster.embedded.token_file.read_text().strip()]
+    source = cluster.write("where", "v1")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = cli_main([*argv, *common])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    url = f"{cluster.proxy}/where/"
+    code, out, _ = await trio.to_thread.run_sync(lambda: run("deploy", str(source)))
+    assert code == 0 and "where@r1 succeeded" in out and url in out, out
+    assert (await cluster.get("/where/")).json()["release"] == "r1"
+    code, out, err = await trio.to_thread.run_sync(lambda: run("deploy", str(source)))
+    assert code == 0 and "unchanged: r1 already serving" in err, err
+    code, out, _ = await trio.to_thread.run_sync(lambda: run("deploy", str(source), "--force"))
+    assert code == 0 and "where@r2 succeeded" in out, out
+    code, out, _ = await trio.to_thread.run_sync(lambda: run("status"))
+    rows = {tuple(line.split()[2:6]) for line in out.splitlines()
+            if line.startswith("where ") and "ready" in line}
+    assert rows == {(i["instance"], "r2", "ready", str(i["port"]))
+                    for i in cluster.instances("where")}, out
+    assert url in out
+    code, out, _ = await trio.to_thread.run_sync(lambda: run("releases", "where"))
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "succeeded" in lines["r1"] and "serving" not in lines["r1"]
+    assert "succeeded" in lines["r2"] and lines["r2"].rstrip().endswith("serving")
