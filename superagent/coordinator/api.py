@@ -129,24 +129,6 @@ def release_view(release: Any) -> dict[str, Any]:
     return doc
 
 
-def release_outcomes(state: ClusterState, app: str) -> dict[str, str]:
-    """Release name -> the status of its latest deploy (running, succeeded, rolled_back,
-    failed); a release never deployed is absent."""
-    outcomes: dict[str, str] = {}
-    for deploy in sorted((d for d in state.deploys.values() if d.app == app),
-                         key=lambda d: d.created_at):
-        outcomes[deploy.record["release"]] = deploy.record["status"]
-    return outcomes
-
-
-def ever_succeeded(state: ClusterState, app: str, release: str) -> bool:
-    """Whether a deploy of ``release`` succeeded (it served), as far as the kept deploy
-    records and the app's serving release tell."""
-    return state.apps[app].current_release == release or any(
-        d.app == app and d.record["release"] == release and d.record["status"] == "succeeded"
-        for d in state.deploys.values())
-
-
 def _truthy(value: object) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes"))
 
@@ -262,7 +244,7 @@ async def list_releases(request: Request, ctx: Context) -> Response:
     def view(s: ClusterState) -> list[dict[str, Any]] | None:
         if name not in s.apps:
             return None
-        outcomes = release_outcomes(s, name)
+        outcomes = s.release_outcomes(name)
         return [{**release_view(r), "current": f"r{r.number}" == s.apps[name].current_release,
                  "outcome": outcomes.get(f"r{r.number}")} for r in s.releases[name]]
     found = ctx.coordinator.read(view)
@@ -444,7 +426,7 @@ async def rollback(request: Request, ctx: Context) -> Response:
             return None
         names = [f"r{r.number}" for r in s.releases[app]]
         current = s.apps[app].current_release
-        served = [n for n in names if ever_succeeded(s, app, n)]
+        served = [n for n in names if s.served(app, n)]
         return current, names, served
 
     found = c.read(choose)
@@ -460,7 +442,7 @@ async def rollback(request: Request, ctx: Context) -> Response:
         to = earlier[-1]
     if not isinstance(to, str) or to not in names:
         return error(404, "unknown_release", f"{app} has no release {to!r}; it has {names}")
-    if not _truthy(body.get("force")) and not c.read(lambda s: ever_succeeded(s, app, to)):
+    if not _truthy(body.get("force")) and not c.read(lambda s: s.served(app, to)):
         return error(409, "never_succeeded",
                      f"{app} {to} never served (no deploy of it succeeded); pass force to"
                      " roll back to it all the same", release=to)

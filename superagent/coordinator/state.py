@@ -49,6 +49,7 @@ FORMAT_VERSION = 1  # of the to_json document; from_json refuses others
 AUDIT_LIMIT = 1000  # entries kept: enough for "what happened today" without growing the snapshot
 IDEMPOTENCY_LIMIT = 10_000  # keys kept: client retries come within minutes, not 10k commands
 DEPLOY_LIMIT = 200  # deploy records kept; the oldest finished ones go first
+RETAIN_SUCCEEDED = 5  # releases that served kept prepared on each participant for rollbacks
 HISTORY_LIMIT = 500  # timeline entries kept per deploy
 
 Result = dict[str, Any]
@@ -72,6 +73,7 @@ class Release:
     env: dict[str, str]
     created_at: float
     actor: str
+    served: bool = False  # a deploy of it succeeded: a rollback target that is known good
 
 
 @dataclass(slots=True)
@@ -332,8 +334,8 @@ class ClusterState:
             # its first upload said.
             app = self.apps[c.app]
             app.current_release, app.updated_at = record.release, c.at
-            app.spec = next(r.spec for r in self.releases[c.app]
-                            if f"r{r.number}" == record.release)
+            release = next(r for r in self.releases[c.app] if f"r{r.number}" == record.release)
+            app.spec, release.served = release.spec, True
         outcome = record.status.value + (f": {record.reason}" if record.reason else "")
         return {"ok": True, "deploy_id": c.deploy_id, "status": record.status.value}, outcome
 
@@ -359,6 +361,31 @@ class ClusterState:
             raise Conflict(f"coordinator {c.coordinator} is already at {c.api_url}")
         self.coordinators[c.coordinator] = c.api_url
         return {"ok": True, "coordinator": c.coordinator}, c.api_url
+
+    # -- reads ------------------------------------------------------------------------
+
+    def release_outcomes(self, app: str) -> dict[str, str]:
+        """Release name -> the status of its latest kept deploy record (running, succeeded,
+        rolled_back, failed); a release with no kept deploy is absent."""
+        outcomes: dict[str, str] = {}
+        for deploy in sorted((d for d in self.deploys.values() if d.app == app),
+                             key=lambda d: d.created_at):
+            outcomes[deploy.record["release"]] = deploy.record["status"]
+        return outcomes
+
+    def served(self, app: str, release: str) -> bool:
+        """Whether a deploy of ``release`` ever succeeded."""
+        return any(f"r{r.number}" == release and r.served for r in self.releases.get(app, []))
+
+    def retained(self, app: str, release: str, *, succeeded: int = RETAIN_SUCCEEDED
+                 ) -> tuple[str, ...]:
+        """The releases a participant keeps prepared while it prepares ``release``: that
+        one, the serving one, and the newest ``succeeded`` that served (the previous one
+        among them). Failed releases never take the place of good ones."""
+        app_state = self.apps.get(app)
+        good = [f"r{r.number}" for r in self.releases.get(app, []) if r.served][-succeeded:]
+        current = [app_state.current_release] if app_state and app_state.current_release else []
+        return tuple(dict.fromkeys([release, *current, *reversed(good)]))
 
     # -- persistence ----------------------------------------------------------------
 
@@ -392,7 +419,13 @@ class ClusterState:
                 raise SnapshotError(f"unknown state format version {doc.get('version')!r}")
             state = cls()
             state.apps = {a["name"]: App(**a) for a in doc["apps"]}
-            state.releases = {app: [Release(**r) for r in rs]
+            # A state written before releases recorded ``served``: a release served if it
+            # serves now or a kept deploy of it succeeded.
+            good = {(d["app"], d["record"]["release"]) for d in doc["deploys"]
+                    if d["record"]["status"] == "succeeded"}
+            good |= {(a["name"], a["current_release"]) for a in doc["apps"]}
+            state.releases = {app: [Release(**{"served": (app, f"r{r['number']}") in good, **r})
+                                    for r in rs]
                               for app, rs in doc["releases"].items()}
             state.last_release = dict(doc["last_release"])
             state.nodes = {n["name"]: Node(**n) for n in doc["nodes"]}

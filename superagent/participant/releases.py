@@ -90,7 +90,7 @@ from superagent.procs import terminate_group
 
 log = structlog.get_logger("superagent.participant")
 
-DEFAULT_KEEP = 3  # prepared releases kept per app: the current one plus rollback targets
+DEFAULT_KEEP = 5  # prepared releases kept per app when no coordinator says which
 BUILD_TIMEOUT = 600.0  # seconds; a cold npm or pip install of a large app takes minutes
 BUILD_KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a build being stopped
 LOG_LIMIT = 1024**2  # bytes of build output kept; the end of a log is where the error is
@@ -526,8 +526,10 @@ class ReleaseStore:
         os.chown(prepared.path, os.geteuid(), gid, follow_symlinks=False)
         return True
 
-    def gc(self, app: str, in_use: set[str]) -> list[str]:
-        """Remove prepared releases beyond the newest ``keep``, never one in ``in_use``.
+    def gc(self, app: str, in_use: set[str], *, wanted: set[str] | None = None) -> list[str]:
+        """Remove prepared releases no longer wanted, never one in ``in_use``: with
+        ``wanted`` (the coordinator's retention: the serving release and the last ones
+        that served), every other one; without, those beyond the newest ``keep``.
 
         Also removes directories interrupted prepares left (not while one is running) and
         failed-build logs beyond the newest ``keep``. Returns the removed releases' names.
@@ -536,7 +538,9 @@ class ReleaseStore:
         prepared = self.releases(app)
         busy = {release for a, release in self._locks if a == app}
         removed: list[str] = []
-        for old in prepared[self.keep:]:
+        unwanted = (prepared[self.keep:] if wanted is None
+                    else [p for p in prepared if p.release not in wanted])
+        for old in unwanted:
             if old.release not in in_use and old.release not in busy:
                 _remove_dir(old.path)
                 removed.append(old.release)

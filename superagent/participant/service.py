@@ -75,7 +75,7 @@ from superagent.participant.ports import (
     ephemeral_overlap,
 )
 from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
-from superagent.participant.releases import ReleaseStore
+from superagent.participant.releases import DEFAULT_KEEP, ReleaseStore
 from superagent.participant.rpc import rpc_app
 from superagent.participant.signals import SignalLedger
 from superagent.participant.supervisor import (
@@ -107,7 +107,7 @@ class AgentConfig:
     parser: str = "httptools"
     groups: tuple[str, ...] = ("default",)
     ports: tuple[int, int] = (DEFAULT_LOW, DEFAULT_HIGH)
-    keep_releases: int = 3
+    keep_releases: int = DEFAULT_KEEP  # when the coordinator names no releases to keep
     drain_grace: float = 30.0  # in-flight requests get this long before an instance stops
     coordinator: tuple[str, ...] = ()  # coordinator API URLs; empty: no cluster to join
     advertise: str | None = None  # HOST:PORT coordinators reach the RPC at (default: rpc)
@@ -352,8 +352,11 @@ class Agent:
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------ signals
-    async def prepare(self, app: str, release: str, archive: Path, sha256: str
-                      ) -> msg.PrepareReply:
+    async def prepare(self, app: str, release: str, archive: Path, sha256: str,
+                      keep: tuple[str, ...] = ()) -> msg.PrepareReply:
+        """Prepare the release, then remove the app's releases no longer wanted: those not
+        in use and not in ``keep`` (the coordinator's retention), or beyond the newest
+        few when the coordinator named none."""
         user = await self._user(app)
         prepared = await self.store.prepare(
             app, release, archive, sha256,
@@ -361,15 +364,16 @@ class Agent:
             gid=user.gid if user and user.switched else None)
         in_use = {inst.config.release for inst in self.instances.values()
                   if inst.config.app == app} | {release}
-        removed = await trio.to_thread.run_sync(self.store.gc, app, in_use)
+        removed = await trio.to_thread.run_sync(
+            partial(self.store.gc, app, in_use, wanted=set(keep) or None))
         if removed:
             log.info("old releases removed", app=app, releases=removed)
         return msg.PrepareReply(app=app, release=release, sha256=prepared.sha256,
                                 build_log=str(prepared.build_log),
                                 removed_releases=tuple(removed))
 
-    async def prepare_artifact(self, app: str, release: str, sha256: str
-                               ) -> msg.PrepareReply:
+    async def prepare_artifact(self, app: str, release: str, sha256: str,
+                               keep: tuple[str, ...] = ()) -> msg.PrepareReply:
         """``prepare`` from the artifact ``sha256`` fetched from the coordinators.
 
         A release already prepared from that archive is returned without a download.
@@ -385,12 +389,12 @@ class Agent:
             with contextlib.suppress(UnknownRelease):  # InvalidName goes to the caller
                 if self.store.get(app, release).sha256 == sha256:
                     # ReleaseStore.prepare answers a same-archive repeat without reading it
-                    return await self.prepare(app, release, dest, sha256)
+                    return await self.prepare(app, release, dest, sha256, keep)
             try:
                 await self.link.fetch_artifact(sha256, dest)
             except ParticipantError as exc:
                 raise exc.bind(app=app, release=release) from None
-            return await self.prepare(app, release, dest, sha256)
+            return await self.prepare(app, release, dest, sha256, keep)
         finally:
             dest.unlink(missing_ok=True)
 

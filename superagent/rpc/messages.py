@@ -231,6 +231,9 @@ class Signal(Generic[R]):
         _want(self.term >= 0, "term", "must be a non-negative integer")
 
 
+_RELEASE_NAME = re.compile(r"r[1-9][0-9]{0,8}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Release(Signal[R]):
     app: str
@@ -258,9 +261,20 @@ class Upload(_Release[PrepareReply]):
 
 @dataclass(frozen=True, kw_only=True)
 class Prepare(Upload):
-    """Fetch the artifact ``sha256`` from the coordinators, then prepare the release."""
+    """Fetch the artifact ``sha256`` from the coordinators, then prepare the release.
+
+    ``keep`` (since 1.1) names the app's releases the coordinator wants kept prepared
+    (the serving one, the last ones that served): the participant then removes the
+    others not in use. Empty: the participant keeps its newest few.
+    """
 
     type: ClassVar[str] = "prepare"
+    keep: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _want(all(_RELEASE_NAME.fullmatch(name) for name in self.keep), "keep",
+              "must be release names such as r7")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -60,8 +60,8 @@ class AgentService(Protocol):
     async def prepare(self, app: str, release: str, archive: Path, sha256: str
                       ) -> msg.PrepareReply: ...
 
-    async def prepare_artifact(self, app: str, release: str, sha256: str
-                               ) -> msg.PrepareReply: ...
+    async def prepare_artifact(self, app: str, release: str, sha256: str,
+                               keep: tuple[str, ...] = ()) -> msg.PrepareReply: ...
 
     async def test(self, app: str, release: str, timeout: float) -> msg.TestReply: ...
 
@@ -108,7 +108,8 @@ def _dispatch(service: AgentService, message: msg.Signal[Any]) -> Awaitable[msg.
     """The service call a JSON signal stands for."""
     match message:
         case msg.Prepare():
-            return service.prepare_artifact(message.app, message.release, message.sha256)
+            return service.prepare_artifact(message.app, message.release, message.sha256,
+                                            message.keep)
         case msg.Test():
             return service.test(message.app, message.release, message.timeout)
         case msg.Start():

@@ -46,7 +46,8 @@ class Version:
         return cls(int(found.group(1)), int(found.group(2)))
 
 
-CURRENT = Version(1, 0)
+# 1.1: Prepare.keep (the releases the coordinator wants kept prepared)
+CURRENT = Version(1, 1)
 LEGACY = Version(1, 0)  # what a peer that sends no header speaks
 
 

@@ -297,3 +297,38 @@ def test_a_succeeded_deploy_makes_its_release_the_apps_spec() -> None:
     ok(state, cmd.FinishDeploy(**base(at=7.0), app="hello", deploy_id="d1"))
     app = state.apps["hello"]
     assert (app.current_release, app.spec, app.updated_at) == ("r2", newer, 7.0)
+
+
+def _served_via_deploy(state: ClusterState, release: str, deploy_id: str) -> None:
+    """Mark ``release`` deployed successfully, as the planner leaves such a deploy."""
+    from dataclasses import replace
+
+    from superagent.coordinator.deploy.model import DeployRecord, Stage, Status
+
+    ok(state, start_deploy(release=release, deploy_id=deploy_id))
+    deploy = state.deploys[deploy_id]
+    deploy.record = replace(DeployRecord.from_doc(deploy.record), stage=Stage.DONE,
+                            status=Status.SUCCEEDED).to_doc()
+    ok(state, cmd.FinishDeploy(**base(), app="hello", deploy_id=deploy_id))
+
+
+def test_retained_releases_are_the_serving_and_the_last_that_served() -> None:
+    """A prepare keeps the release it prepares, the serving one and the newest releases
+    that served; releases that never served take no good one's place."""
+    state = ClusterState()
+    run(state, create_app(), register())
+    for _ in range(9):
+        ok(state, add_release())
+    for number in (1, 2, 3, 4, 5, 6):
+        _served_via_deploy(state, f"r{number}", f"d{number}")
+    # r7, r8 and r9 never served (failed or rolled back)
+    assert [state.served("hello", f"r{n}") for n in range(1, 10)] == [True] * 6 + [False] * 3
+    assert state.retained("hello", "r9") == ("r9", "r6", "r5", "r4", "r3", "r2")
+    assert state.retained("hello", "r9", succeeded=2) == ("r9", "r6", "r5")
+    assert state.release_outcomes("hello")["r6"] == "succeeded"
+    # a state written before releases recorded `served` infers it on load
+    doc = json.loads(state.to_json())
+    for release in doc["releases"]["hello"]:
+        del release["served"]
+    again = ClusterState.from_json(json.dumps(doc))
+    assert [again.served("hello", f"r{n}") for n in range(1, 10)] == [True] * 6 + [False] * 3

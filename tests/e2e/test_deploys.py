@@ -522,3 +522,24 @@ async def test_the_cli_says_where_an_app_serves_and_what_each_release_did(
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "succeeded" in lines["r1"] and "serving" not in lines["r1"]
     assert "succeeded" in lines["r2"] and lines["r2"].rstrip().endswith("serving")
+
+
+async def test_failed_releases_never_evict_the_good_ones(cluster: Cluster) -> None:
+    """After r1 served, five releases fail their test gate: r1 is still prepared (the
+    failed ones are gone), and a rollback to it rebuilds nothing; a rollback to one that
+    never served asks for force."""
+    assert (await cluster.deploy(cluster.write("keep", "v1")))["status"] == "succeeded"
+    store = cluster.embedded.agent.store
+    built = store.get("keep", "r1").build_log.stat().st_mtime_ns
+    for n in range(2, 7):
+        view = await cluster.deploy(cluster.write("keep", f"v{n}", failing_test=True))
+        assert view["status"] == "failed", view
+    prepared = sorted(p.release for p in store.releases("keep"))
+    assert "r1" in prepared and len(prepared) <= 2, prepared  # r1 and the newest failed one
+    never = await cluster.api.post("/api/v1/apps/keep/rollback", json={"to": "r5"})
+    assert never.status_code == 409 and never.json()["error"] == "never_succeeded"
+    response = await cluster.api.post("/api/v1/apps/keep/rollback", json={"to": "r1"})
+    assert response.status_code == 201, response.text
+    view = await cluster.wait("keep", response.json()["deploy_id"])
+    assert (view["status"], view["release"]) == ("succeeded", "r1"), view
+    assert store.get("keep", "r1").build_log.stat().st_mtime_ns == built  # not rebuilt

@@ -361,3 +361,16 @@ async def test_unchanged_requirements_install_from_the_apps_cache(store: Release
     site = list((prepared.src / ".venv" / "lib").glob("python3*/site-packages/iniconfig"))
     assert site, prepared.build_log.read_text()
     assert stat.S_IMODE((store.cache_dir / "hello").stat().st_mode) == 0o700
+
+
+async def test_named_releases_are_kept_and_failed_ones_evict_nothing(store: ReleaseStore
+                                                                     ) -> None:
+    """With the coordinator's list, exactly the named and in-use releases stay prepared,
+    however many newer ones came after them."""
+    for n in range(1, 6):
+        archive = app_tar({"v.txt": str(n)})
+        await store.prepare("hello", f"r{n}", archive, sha(archive))
+    removed = store.gc("hello", {"r5"}, wanted={"r5", "r1"})
+    assert sorted(removed) == ["r2", "r3", "r4"]
+    assert sorted(p.release for p in store.releases("hello")) == ["r1", "r5"]
+    assert store.gc("hello", {"r5"}, wanted={"r5", "r1"}) == []

@@ -52,9 +52,9 @@ class FakeService:
                               log_path=Path("/x/build.log"), tail="boom", returncode=1)
         return msg.PrepareReply(app=app, release=release, sha256=sha256, build_log="b.log")
 
-    async def prepare_artifact(self, app: str, release: str, sha256: str
-                               ) -> msg.PrepareReply:
-        self.calls.append(("prepare_artifact", (app, release, sha256)))
+    async def prepare_artifact(self, app: str, release: str, sha256: str,
+                               keep: tuple[str, ...] = ()) -> msg.PrepareReply:
+        self.calls.append(("prepare_artifact", (app, release, sha256, *keep)))
         return msg.PrepareReply(app=app, release=release, sha256=sha256, build_log="b.log")
 
     async def test(self, app: str, release: str, timeout: float) -> msg.TestReply:

@@ -20,6 +20,7 @@ SIG = {"id": "d1/n1/start", "term": 4}
 EXAMPLES: list[Any] = [
     msg.Upload(**SIG, app="hello", release="r1", sha256=SHA),
     msg.Prepare(**SIG, app="hello", release="r1", sha256=SHA),
+    msg.Prepare(**SIG, app="hello", release="r3", sha256=SHA, keep=("r3", "r2", "r1")),
     msg.Test(**SIG, app="hello", release="r1", timeout=30.0),
     msg.Start(**SIG, app="hello", release="r1", count=2),
     msg.Stop(**SIG, instances=("hello@r1.1",), grace=5.0),
@@ -98,6 +99,7 @@ def test_unknown_field_is_refused_unless_lenient(message: Any) -> None:
     (msg.Debug, {"ttl": 0}, "ttl: must be 1..86400"),
     (msg.Test, {"timeout": 0}, "timeout: must be 0..86400"),
     (msg.Prepare, {"sha256": "XYZ"}, "sha256: must be a lower-case"),
+    (msg.Prepare, {"keep": ["r1", "../x"]}, "keep: must be release names"),
     (msg.StartReply, {"instances": [{"id": "i", "port": "1", "state": "ready"}]},
      r"instances\[0\].port: expected int, got str"),
     (msg.ErrorReply, {"error": "exploded"}, "error: expected one of"),

@@ -35,14 +35,16 @@ Answer = msg.Reply | msg.ErrorReply
 
 
 def signal_for(record: m.DeployRecord, action: m.NodeAction, *, term: int,
-               ready_deadline: float = 60.0) -> tuple[msg.Signal[Any], float]:
+               ready_deadline: float = 60.0, keep: tuple[str, ...] = ()
+               ) -> tuple[msg.Signal[Any], float]:
     """The message ``action`` sends (its id is the action's stable signal id) and the
-    seconds to wait for the answer. ``ready_deadline``: the release's, for a start."""
+    seconds to wait for the answer. ``ready_deadline``: the release's, for a start;
+    ``keep``: the releases a prepare leaves prepared (``ClusterState.retained``)."""
     sid = action.signal_id
     message: msg.Signal[Any]
     if isinstance(action, m.Prepare):
         message = msg.Prepare(id=sid, term=term, app=record.app, release=record.release,
-                              sha256=record.sha256)
+                              sha256=record.sha256, keep=keep)
         return message, BUILD_TIMEOUT
     if isinstance(action, m.Test):
         message = msg.Test(id=sid, term=term, app=record.app, release=record.release,

@@ -165,8 +165,11 @@ class DeployRunner:
             before = await self._status(node)
             old = before.routed(record.app) if before is not None else ()
             deadline = self._ready_deadline(record.app, record.release)
+        keep: tuple[str, ...] = ()
+        if isinstance(action, m.Prepare):
+            keep = self.host.read(lambda s: s.retained(record.app, record.release))
         message, wait = outcomes.signal_for(record, action, term=self.host.term(),
-                                            ready_deadline=deadline)
+                                            ready_deadline=deadline, keep=keep)
         if outcomes.must_happen(action):
             answer = await self._insist(node, action, message, wait)
         else:
