@@ -14,9 +14,7 @@ import pwd
 import shutil
 import stat
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -298,22 +296,11 @@ async def test_store_errors_are_release_errors(store: ReleaseStore, tmp_path: Pa
 
 
 # ---------------------------------------------------------------------------- as root
-@pytest.fixture
-def shared_root() -> Iterator[Path]:
-    """A store root the app user can reach (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="superagent-releases-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="building as another user needs root")
-async def test_build_runs_as_the_app_user(shared_root: Path) -> None:
+async def test_build_runs_as_the_app_user(world_dir: Path) -> None:
     """With uid/gid, the tree is the app user's and the build runs as it, without groups."""
     nobody = pwd.getpwnam("nobody")
-    store = ReleaseStore(shared_root / "store")
+    store = ReleaseStore(world_dir / "store")
     archive = app_tar({}, build="id -u > uid.txt; id -G > groups.txt; touch $HOME/home-ok")
     prepared = await store.prepare("hello", "r1", archive, sha(archive), uid=nobody.pw_uid,
                                    gid=nobody.pw_gid)
@@ -331,10 +318,10 @@ async def test_build_runs_as_the_app_user(shared_root: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing file owners needs root")
-async def test_release_owned_by_other_ids_is_given_back_before_a_start(shared_root: Path) -> None:
+async def test_release_owned_by_other_ids_is_given_back_before_a_start(world_dir: Path) -> None:
     """A release prepared for ids the app no longer has is given to its current ids."""
     nobody = pwd.getpwnam("nobody")
-    store = ReleaseStore(shared_root / "store")
+    store = ReleaseStore(world_dir / "store")
     archive = app_tar({})
     prepared = await store.prepare("hello", "r1", archive, sha(archive), uid=nobody.pw_uid,
                                    gid=nobody.pw_gid)

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -499,17 +498,6 @@ def test_config_record_round_trips(tmp_path: Path) -> None:
 
 
 # --- as root: a uid of its own and a cgroup ---------------------------------------------------
-
-
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A directory every user may read (pytest's tmp_path under /tmp is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="sa-supervisor-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def test_runs_as_app_user_in_cgroup(world_dir: Path) -> None:

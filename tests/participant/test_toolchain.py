@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +21,6 @@ from superagent.participant.toolchain import (
 )
 
 
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory every user may enter (pytest's tmp_path is private to its owner)."""
-    path = Path(tempfile.mkdtemp(prefix="superagent-toolchain-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
-
-
 def private_copy(tmp_path: Path, name: str, source: str) -> Path:
     """``source`` copied under a directory only its owner may enter (as in /root)."""
     private = tmp_path / "private"
@@ -44,9 +31,9 @@ def private_copy(tmp_path: Path, name: str, source: str) -> Path:
     return target
 
 
-def test_runnable_by_all_needs_the_file_and_every_directory_above_it(open_dir: Path) -> None:
+def test_runnable_by_all_needs_the_file_and_every_directory_above_it(world_dir: Path) -> None:
     """o+x on the file and on each parent directory; symlinks are followed."""
-    tmp_path = open_dir
+    tmp_path = world_dir
     tool = tmp_path / "open" / "tool"
     tool.parent.mkdir(mode=0o755)
     tool.write_text("#!/bin/sh\n")
@@ -79,12 +66,12 @@ def test_a_pinned_version_that_is_not_installed_is_named(tmp_path: Path) -> None
         find_python("3.99")
 
 
-def test_a_private_uv_is_copied_where_every_user_can_run_it(open_dir: Path) -> None:
+def test_a_private_uv_is_copied_where_every_user_can_run_it(world_dir: Path) -> None:
     """uv beside a private interpreter is copied once into the tools directory."""
     uv = shutil.which("uv", path=str(Path(sys.executable).parent))
     if uv is None:
         pytest.skip("uv is not installed beside this interpreter")
-    tmp_path = open_dir
+    tmp_path = world_dir
     own = private_copy(tmp_path, "python3", sys.executable)
     private_copy(tmp_path, "uv", uv)
     tools = tmp_path / "tools"
