@@ -110,6 +110,7 @@ class RoutesSpec:
 
     prefix: str | None = None
     strip_prefix: bool = False
+    rewrite_paths: bool = False  # put the stripped prefix back into Location/Set-Cookie paths
     hosts: tuple[str, ...] = ()
     port: int | None = None
 
@@ -272,6 +273,10 @@ def _read_routes(table: Table) -> RoutesSpec:
     strip_prefix = table.flag("strip_prefix", False)
     if strip_prefix and prefix is None:
         raise table.error("strip_prefix", "needs a prefix to strip: set routes.prefix")
+    rewrite_paths = table.flag("rewrite_paths", False)
+    if rewrite_paths and not strip_prefix:
+        raise table.error("rewrite_paths", "rewrites the paths of a stripped prefix: set"
+                                           " routes.strip_prefix")
     hosts: list[str] = []
     for value in table.str_list("hosts", []):
         host = _host_rule(table, value)
@@ -280,7 +285,8 @@ def _read_routes(table: Table) -> RoutesSpec:
         hosts.append(host)
     port: int | None = table.integer("port", None, minimum=1, maximum=65535)
     table.done()
-    return RoutesSpec(prefix=prefix, strip_prefix=strip_prefix, hosts=tuple(hosts), port=port)
+    return RoutesSpec(prefix=prefix, strip_prefix=strip_prefix, rewrite_paths=rewrite_paths,
+                      hosts=tuple(hosts), port=port)
 
 
 def _host_rule(table: Table, value: str) -> str:
@@ -458,6 +464,8 @@ def spec_to_json(spec: AppSpec) -> dict[str, Any]:
     _put(health, "path", h.path)
     _put(health, "ready_path", h.ready_path)
     routes: dict[str, Any] = {"strip_prefix": r.strip_prefix, "hosts": list(r.hosts)}
+    if r.rewrite_paths:
+        routes["rewrite_paths"] = True
     _put(routes, "prefix", r.prefix)
     _put(routes, "port", r.port)
     limits: dict[str, Any] = {"nofile": lim.nofile, "timeout": lim.timeout,

@@ -780,3 +780,13 @@ def test_build_python_pins_a_version() -> None:
     assert parse(minimal()).build.python is None
     for bad in ("python3.11", "2.7", "3.11.4", ""):
         expect_error(minimal(build={"python": bad}), "build.python", "Python version")
+
+
+def test_rewrite_paths_needs_a_stripped_prefix() -> None:
+    """[routes] rewrite_paths goes with strip_prefix, and survives the JSON form."""
+    spec = parse(minimal(routes={"prefix": "/web", "strip_prefix": True,
+                                 "rewrite_paths": True}))
+    assert spec.routes.rewrite_paths is True
+    assert spec_from_json(spec_to_json(spec)) == spec
+    expect_error(minimal(routes={"prefix": "/web", "rewrite_paths": True}),
+                 "routes.rewrite_paths", "strip_prefix")

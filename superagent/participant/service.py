@@ -598,6 +598,7 @@ class Agent:
                                     for i in (*ids, *standby) if self.instances[i].serving),
                     prefix=r.prefix if (r.prefix or r.hosts or r.port) else f"/{app}",
                     strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
+                    rewrite_paths=r.rewrite_paths,
                     hosts=r.hosts, port=r.port, max_body=limits.max_body,
                     timeouts=Timeouts(first_byte=timeout, idle=timeout)))
             if apps == self._applied:

@@ -98,6 +98,7 @@ def snapshot_to_wire(snapshot: RoutingSnapshot) -> dict[str, Any]:
                            **({"standby": True} if i.standby else {})}
                           for i in app.instances],
             "strip_prefix": app.strip_prefix,
+            **({"rewrite_paths": True} if app.rewrite_paths else {}),
             "hosts": list(app.hosts),
             "max_body": app.max_body,
             "retries": app.retries,
@@ -259,6 +260,7 @@ def _read_app(apps: Table, name: str) -> AppRoute:
         instances=tuple(instances),
         prefix=prefix,
         strip_prefix=t.flag("strip_prefix", False),
+        rewrite_paths=t.flag("rewrite_paths", False),
         hosts=tuple(hosts),
         port=port,
         max_body=t.size("max_body", DEFAULT_MAX_BODY),

@@ -80,8 +80,8 @@ class _Exchange:
     """One request's bookkeeping: what the access log, the metrics and expiry need."""
 
     __slots__ = ("app", "body_consumed", "bytes_in", "bytes_out", "error", "first_byte",
-                 "instance", "method", "request_id", "response_started", "retries", "rule",
-                 "started", "status", "target", "total_deadline")
+                 "instance", "method", "request_id", "response_started", "retries",
+                 "rewrite", "rule", "started", "status", "target", "total_deadline")
 
     def __init__(self) -> None:
         self.started = _monotonic()
@@ -100,6 +100,7 @@ class _Exchange:
         self.body_consumed = False
         self.rule: str | None = None
         self.first_byte: float | None = None  # when the upstream's response head arrived
+        self.rewrite = b""  # the stripped prefix the response's paths get back (rewrite_paths)
 
 
 class ClientConnection:
@@ -333,6 +334,8 @@ class ClientConnection:
         if app.timeouts.total > 0:
             x.total_deadline = x.started + app.timeouts.total
         head = http1.upstream_head(req, match.target, self.peer, x.request_id, match.stripped)
+        if app.rewrite_paths and match.stripped:
+            x.rewrite = match.stripped.encode()
         body = self._buffered_body(req, app)
         tried: list[str] = []
         last_error: UpstreamError | None = None
@@ -521,7 +524,8 @@ class ClientConnection:
         if req.upgrade is not None:
             keep_alive = False  # the client's parser stopped at the upgrade request
         x.first_byte = _monotonic()
-        plan = http1.client_head(resp, req, keep_alive=keep_alive, request_id=x.request_id)
+        plan = http1.client_head(resp, req, keep_alive=keep_alive, request_id=x.request_id,
+                                 prefix=x.rewrite)
         x.status = resp.status
         x.response_started = True
         mode = plan.body

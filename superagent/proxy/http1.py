@@ -274,9 +274,12 @@ class ResponsePlan:
         self.upstream_reusable = upstream_reusable
 
 
-def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_id: bytes
-                ) -> ResponsePlan:
-    """Plan the relay of ``resp`` (a final, non-101 response) to the client of ``req``."""
+def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_id: bytes,
+                prefix: bytes = b"") -> ResponsePlan:
+    """Plan the relay of ``resp`` (a final, non-101 response) to the client of ``req``.
+
+    ``prefix``: the stripped prefix to put back into ``Location`` and ``Set-Cookie`` paths
+    (an app's ``rewrite_paths``; see ``rewrite_path_header``)."""
     status = resp.status
     out = [_status_line(status)]
     length: bytes | None = None
@@ -287,6 +290,8 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
     for name, value in resp.headers:
         lname = name.lower()
         if lname not in owned:
+            if prefix and (lname == b"location" or lname == b"set-cookie"):
+                value = rewrite_path_header(lname, value, prefix, req.host_header)
             out += (name, b": ", value, b"\r\n")
         elif lname == b"content-length":
             length = value.strip()
@@ -352,6 +357,28 @@ def client_head(resp: ResponseHead, req: Request, *, keep_alive: bool, request_i
 
 
 _STATUS_LINES: Final[dict[int, bytes]] = {}
+
+
+def rewrite_path_header(lname: bytes, value: bytes, prefix: bytes, host: bytes) -> bytes:
+    """``Location`` or ``Set-Cookie`` of an app behind the stripped ``prefix``, as the
+    client must see it: an absolute-path Location (or an absolute URL on the request's own
+    ``host``) and a cookie's ``Path`` get the prefix in front. Anything else (another
+    host, a relative reference, a cookie without Path) is left as the app wrote it."""
+    if lname == b"location":
+        if value.startswith(b"/") and not value.startswith(b"//"):
+            return prefix + value
+        for scheme in (b"http://", b"https://"):
+            if host and value.lower().startswith(scheme + host.lower()):
+                rest = value[len(scheme) + len(host):]
+                if rest[:1] in (b"/", b"") :
+                    return value[:len(scheme) + len(host)] + prefix + (rest or b"/")
+        return value
+    parts = value.split(b";")
+    for index, part in enumerate(parts[1:], 1):
+        key, eq, path = part.strip().partition(b"=")
+        if eq and key.lower() == b"path" and path.startswith(b"/"):
+            parts[index] = b" Path=" + prefix + (b"" if path == b"/" else path)
+    return b";".join(parts)
 
 
 def _status_line(status: int) -> bytes:

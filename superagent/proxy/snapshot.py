@@ -52,6 +52,9 @@ class AppRoute:
     instances: tuple[Instance, ...]
     prefix: str | None = None
     strip_prefix: bool = False
+    # with strip_prefix: the prefix goes back into the responses' Location and Set-Cookie
+    # paths, for apps that cannot be told their mount point
+    rewrite_paths: bool = False
     hosts: tuple[str, ...] = ()
     port: int | None = None
     max_body: int = DEFAULT_MAX_BODY  # 0: no limit

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ import psutil
 import pytest
 import trio
 
+from superagent.participant.isolation import remove_app_user
 from superagent.participant.service import Agent, AgentConfig
 from tests.participant.children import child_python
 from tests.support.ports import free_port
@@ -266,12 +268,13 @@ async def test_a_tenant_cannot_read_another_tenants_files(rig: Rig, data_dir: Pa
 
 
 async def test_old_releases_are_collected_but_never_one_in_use(rig: Rig) -> None:
-    """Beyond the newest three, releases go, except one whose instance still runs."""
+    """Beyond the newest five (no coordinator names what to keep), releases go, except
+    one whose instance still runs."""
     assert (await rig.upload("hello", "r1", python_app())).status_code == 200
     started = await rig.signal("start", app="hello", release="r1")
     assert started.status_code == 200
     removed = []
-    for n in range(2, 6):  # distinct archives: a manifest comment tells them apart
+    for n in range(2, 8):  # distinct archives: a manifest comment tells them apart
         data = tarball({"superagent.toml": f'# r{n}\n[app]\nname = "hello"\n[run]\n'
                                            'command = "true"\n', "app.py": APP})
         answer = await rig.upload("hello", f"r{n}", data)
@@ -279,7 +282,7 @@ async def test_old_releases_are_collected_but_never_one_in_use(rig: Rig) -> None
         removed += answer.json()["removed_releases"]
     kept = (await rig.rpc.get("/v1/status")).json()["releases"]["hello"]
     assert "r1" in kept  # its instance runs
-    assert set(kept) == {"r1", "r3", "r4", "r5"} and removed == ["r2"]
+    assert set(kept) == {"r1", "r3", "r4", "r5", "r6", "r7"} and removed == ["r2"]
 
 
 async def test_debug_session_shows_proxy_and_app_for_one_request(rig: Rig) -> None:
@@ -500,3 +503,47 @@ async def test_a_new_release_dying_after_its_switch_costs_no_request(rig: Rig) -
         served.append(response.json()["instance"])
     assert set(served) <= {old, new} and served[-1] == old
     assert rig.agent.standby == {"hello": [old]}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-app users need root")
+async def test_two_agents_on_one_host_deploying_new_apps_at_once_stay_apart(
+        data_dir: Path) -> None:
+    """Two agents on one host start the same two new apps at the same moment: each app
+    gets one uid on both, reads its own source and not the other's."""
+    suffix = secrets.token_hex(3)  # new apps: their users are created by this test
+    apps = (f"tx{suffix}", f"ty{suffix}")
+    (data_dir / "a").mkdir(mode=0o755)
+    (data_dir / "b").mkdir(mode=0o755)
+    try:
+        async with running_agent(data_dir / "a") as one, running_agent(data_dir / "b") as two:
+            async def deploy_all(rig: Rig) -> None:
+                for name in apps:
+                    assert (await rig.upload(name, "r1", python_app(name))).status_code == 200
+                async with trio.open_nursery() as nursery:
+                    for name in apps:
+                        nursery.start_soon(start_and_switch, rig, name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(deploy_all, one)
+                nursery.start_soon(deploy_all, two)
+            for rig, root in ((one, data_dir / "a"), (two, data_dir / "b")):
+                reader, other = apps
+                own = root / "releases" / reader / "r1" / "src" / "app.py"
+                theirs = root / "releases" / other / "r1" / "src" / "app.py"
+                for path, status in ((own, 200), (theirs, 403)):
+                    response = await rig.proxy.get(f"/{reader}/read", params={"path": str(path)})
+                    assert response.status_code == status, (rig, path)
+            uids = {(name, inst.config.user.uid) for rig in (one, two)
+                    for inst in rig.agent.instances.values()
+                    for name in [inst.config.app] if inst.config.user is not None}
+            assert len(uids) == 2 and {name for name, _ in uids} == set(apps), uids
+    finally:
+        for name in apps:
+            remove_app_user(name)
+
+
+async def start_and_switch(rig: Rig, name: str) -> None:
+    started = await rig.signal("start", app=name, release="r1")
+    assert started.status_code == 200, started.text
+    ids = [i["id"] for i in started.json()["instances"]]
+    assert (await rig.signal("switch", app=name, instances=ids)).status_code == 200

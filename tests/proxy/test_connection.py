@@ -792,6 +792,28 @@ async def test_a_stripped_prefix_reaches_the_app_as_x_forwarded_prefix(make_prox
         assert (got.target, got.header("x-forwarded-prefix")) == ("/x", "/web")
 
 
+async def test_rewrite_paths_puts_the_prefix_back_into_redirects_and_cookies(make_proxy,
+                                                                              upstream):
+    """With rewrite_paths, an app's absolute-path redirect and cookie path name the prefix
+    the route stripped; without it they pass as the app wrote them."""
+    async def redirecting(conn):
+        while (req := await conn.read_request()) is not None:
+            await conn.respond(req, 302, headers=[(b"location", b"/next"),
+                                                  (b"set-cookie", b"sid=1; Path=/")])
+            if not conn.next_cycle():
+                return
+
+    async with upstream(redirecting) as up, make_proxy({
+            "web": app(up, prefix="/web", strip_prefix=True, rewrite_paths=True),
+            "raw": app(up, prefix="/raw", strip_prefix=True)}) as proxy:
+        client = await proxy.connect()
+        resp = await client.request("GET", "/web/start")
+        assert (resp.status, resp.header("location")) == (302, "/web/next"), resp
+        assert resp.header("set-cookie") == "sid=1; Path=/web"
+        resp = await client.request("GET", "/raw/start")
+        assert resp.header("location") == "/next" and resp.header("set-cookie") == "sid=1; Path=/"
+
+
 async def test_request_id_is_kept_when_valid_and_generated_otherwise(make_proxy, upstream):
     """A valid X-Request-Id travels unchanged; a missing or invalid one is replaced."""
     async with upstream() as up, make_proxy({"web": app(up)}) as proxy:

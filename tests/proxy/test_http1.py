@@ -28,6 +28,7 @@ from superagent.proxy.http1 import (
     client_head,
     error_response,
     interpret_request,
+    rewrite_path_header,
     upstream_head,
 )
 from superagent.proxy.parsers import RequestHead, ResponseHead
@@ -736,3 +737,32 @@ def test_request_ids_are_unique() -> None:
     assert len(set(ids)) == len(ids)
     # A generated id is one the proxy would accept back from a client.
     assert request([*HOST, (b"X-Request-Id", ids[0])]).request_id == ids[0]
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    (b"location", b"/relative-redirect/1", b"/web/relative-redirect/1"),
+    (b"location", b"/", b"/web/"),
+    (b"location", b"http://example.com/x?y=1", b"http://example.com/web/x?y=1"),
+    (b"location", b"https://EXAMPLE.com", b"https://EXAMPLE.com/web/"),
+    (b"location", b"http://other.example/x", b"http://other.example/x"),
+    (b"location", b"http://example.com.evil/x", b"http://example.com.evil/x"),
+    (b"location", b"//example.com/x", b"//example.com/x"),
+    (b"location", b"x/y", b"x/y"),
+    (b"set-cookie", b"sid=1; Path=/; HttpOnly", b"sid=1; Path=/web; HttpOnly"),
+    (b"set-cookie", b"sid=1; path=/app; Secure", b"sid=1; Path=/web/app; Secure"),
+    (b"set-cookie", b"sid=1; HttpOnly", b"sid=1; HttpOnly"),
+])
+def test_rewrite_path_header(name: bytes, value: bytes, expected: bytes) -> None:
+    """Absolute paths and same-host URLs get the stripped prefix back; nothing else."""
+    assert rewrite_path_header(name, value, b"/web", b"example.com") == expected
+
+
+def test_client_head_rewrites_paths_only_with_a_prefix() -> None:
+    """client_head rewrites Location and Set-Cookie for an app with rewrite_paths only."""
+    resp = response(302, [(b"Location", b"/next"), (b"Set-Cookie", b"a=b; Path=/"),
+                          (b"Content-Length", b"0")])
+    plain = client_head(resp, request(), keep_alive=True, request_id=RID).head
+    assert b"Location: /next\r\n" in plain and b"Path=/\r\n" in plain
+    rewritten = client_head(resp, request(), keep_alive=True, request_id=RID,
+                            prefix=b"/web").head
+    assert b"Location: /web/next\r\n" in rewritten and b"Path=/web\r\n" in rewritten
