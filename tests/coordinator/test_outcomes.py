@@ -83,6 +83,10 @@ STARTED = msg.StartReply(app="hello", release="r2", instances=(
      m.Cancel(reason="new instances on n1 are not healthy: hello@r2.2 backoff")),
     (DRAIN, msg.DrainReply(remaining={}), {"status": None},
      m.Cancel(reason="new instances on n1 are not healthy: hello@r2.2 gone")),
+    (DRAIN, msg.DrainReply(remaining={}),  # ready again, but it died once since its start
+     {"status": status(replace(instance("hello@r2.2"), restarts=1, last_exit_code=3))},
+     m.Cancel(reason="new instances on n1 are not healthy: hello@r2.2 restarted 1x"
+                     " (last exit 3)")),
     (DRAIN, refusal(msg.ErrorCode.PROXY_FAILED, "worker 0 silent"), {},
      m.Cancel(reason="draining the old instances on n1 failed: worker 0 silent")),
     (STOP_OLD, msg.StopReply(stopped=("hello@r1.1",), in_flight_cut={}), {},
@@ -121,3 +125,14 @@ def test_what_must_happen_and_what_needs_status() -> None:
     assert not outcomes.needs_status(START, STARTED)
     assert outcomes.needs_status(DRAIN, msg.DrainReply(remaining={}))
     assert not outcomes.needs_status(DRAIN, refusal())
+
+
+def test_the_drain_waits_out_the_watch_window_after_the_switch() -> None:
+    """The new instances' health is judged no sooner than WATCH_WINDOW after the node's
+    last switch (a release that dies two seconds after its switch is caught)."""
+    history = [[100.0, "started", "n1"], [101.0, "switched", "n1"], [101.5, "switched", "n2"]]
+    window = outcomes.WATCH_WINDOW
+    assert outcomes.watch_left(history, "n1", 101.0) == window
+    assert outcomes.watch_left(history, "n1", 102.0) == window - 1.0
+    assert outcomes.watch_left(history, "n1", 101.0 + window + 5) == 0.0
+    assert outcomes.watch_left(history, "n3", 101.0) == 0.0

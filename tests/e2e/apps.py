@@ -31,6 +31,11 @@ GRACE = 20.0  # seconds for plain requests in flight after SIGTERM (the longest 
 if MODE == "crash":
     print("e2e app: crashing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
+if MODE == "crash_after_ready":  # passes readiness, then dies
+    def _die():
+        print("e2e app: crashing after being ready", file=sys.stderr, flush=True)
+        os._exit(3)
+    threading.Timer(float(os.environ.get("CRASH_AFTER", "2")), _die).start()
 
 
 class Server(ThreadingHTTPServer):
@@ -68,8 +73,9 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/healthz":
             self.reply(200, {"ok": True})
         elif url.path == "/ready":
-            ready = MODE == "ok" or (MODE == "slow_ready" and time.monotonic() - STARTED
-                                     > float(os.environ.get("READY_AFTER", "0")))
+            ready = MODE in ("ok", "crash_after_ready") or (
+                MODE == "slow_ready" and time.monotonic() - STARTED
+                > float(os.environ.get("READY_AFTER", "0")))
             self.reply(200 if ready else 503, {"ready": ready})
         elif url.path == "/slow":
             seconds = min(float(parse_qs(url.query).get("s", ["1"])[0]), 30.0)

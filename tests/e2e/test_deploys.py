@@ -543,3 +543,28 @@ async def test_failed_releases_never_evict_the_good_ones(cluster: Cluster) -> No
     view = await cluster.wait("keep", response.json()["deploy_id"])
     assert (view["status"], view["release"]) == ("succeeded", "r1"), view
     assert store.get("keep", "r1").build_log.stat().st_mtime_ns == built  # not rebuilt
+
+
+async def test_a_release_that_dies_after_ready_costs_no_request(cluster: Cluster) -> None:
+    """Under keep-alive load with long requests, a release that passes readiness and dies
+    two seconds later is rolled back, and no request fails: the old instances are the
+    proxy's standbys from the switch until the deploy commits, and the drain's health
+    check waits out the watch window."""
+    first = await cluster.deploy(cluster.write("phoenix", "v1"))
+    assert first["status"] == "succeeded", first
+    load = Load(f"{cluster.proxy}/phoenix")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: load.run(3, long_requests=True,
+                                                          task_status=task_status))
+        view = await cluster.deploy(cluster.write("phoenix", "v2", mode="crash_after_ready"))
+        done_at = trio.current_time()
+        with trio.fail_after(REQUEST_TIMEOUT):
+            while sum(load.since(done_at).values()) < 30:
+                await trio.sleep(0.05)
+        load.stop.set()
+    print(f"\nready-then-crash: {view['status']} ({view['reason']}); requests by status"
+          f" {dict(load.statuses)}, connection errors {len(load.errors)}, long requests"
+          f" {dict(Counter(load.long))}")
+    assert view["status"] == "rolled_back", view
+    load.assert_clean()
+    assert load.since(done_at) == Counter({"r1": sum(load.since(done_at).values())})

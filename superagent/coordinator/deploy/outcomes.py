@@ -30,6 +30,9 @@ BUILD_TIMEOUT = 1800.0  # a prepare (download + build) answers within this
 START_MARGIN = 30.0  # on top of the app's ready deadline, for the agent's own work
 TEST_MARGIN = 30.0  # on top of the test's own timeout
 HEALTHY = ("ready", "unhealthy")  # instance states that still serve
+# A new release that passes readiness and dies soon after must be caught before the old
+# instances stop: the drain's health check comes at least this long after the switch.
+WATCH_WINDOW = 3.0
 
 Answer = msg.Reply | msg.ErrorReply
 
@@ -78,6 +81,26 @@ def done(action: m.NodeAction, answer: Answer) -> bool:
         return True
     return (isinstance(action, m.StopInstances)
             and answer.error is msg.ErrorCode.UNKNOWN_INSTANCE)
+
+
+def _sickness(instance: msg.InstanceStatus | None) -> str:
+    """Why a new instance cannot take over ("" when it can): gone, not serving, or it
+    exited since it started."""
+    if instance is None:
+        return "gone"
+    if instance.state not in HEALTHY:
+        return instance.state
+    if instance.restarts:
+        return f"restarted {instance.restarts}x (last exit {instance.last_exit_code})"
+    return ""
+
+
+def watch_left(history: list[list[Any]], node: str, now: float,
+               window: float = WATCH_WINDOW) -> float:
+    """Seconds still to watch ``node``'s new instances after its switch before their health
+    decides the drain's outcome (0 when the window has passed or there was no switch)."""
+    switched = [at for at, kind, where in history if kind == "switched" and where == node]
+    return max(0.0, switched[-1] + window - now) if switched else 0.0
 
 
 def needs_status(action: m.NodeAction, answer: Answer) -> bool:
@@ -130,10 +153,11 @@ def outcome(record: m.DeployRecord, action: m.NodeAction, answer: Answer, *,
         if refused is not None:
             return m.Cancel(reason=f"draining the old instances on {node} failed:"
                                    f" {detail(refused)}")
-        # the new instances served through the drain: still healthy, or compensate
-        states = {i.instance: i.state for i in (status.instances if status else ())}
-        sick = {i: states.get(i, "gone") for i in record.step_of(node).new
-                if states.get(i) not in HEALTHY}
+        # the new instances served through the drain and the watch window without a
+        # single exit (one that restarted may look ready again): healthy, or compensate
+        seen = {i.instance: i for i in (status.instances if status else ())}
+        sick = {i: _sickness(seen.get(i)) for i in record.step_of(node).new
+                if _sickness(seen.get(i))}
         if sick:
             return m.Cancel(reason=f"new instances on {node} are not healthy: "
                             + ", ".join(f"{i} {st}" for i, st in sorted(sick.items())))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -174,6 +175,10 @@ class DeployRunner:
             answer = await self._insist(node, action, message, wait)
         else:
             answer = await self._signal(node, message, wait)
+        if isinstance(action, m.Drain) and isinstance(answer, msg.Reply):
+            history = self.host.read(lambda s: list(s.deploys[record.deploy_id].history)
+                                     if record.deploy_id in s.deploys else [])
+            await trio.sleep(outcomes.watch_left(history, node, time.time()))
         status = (await self._status(node) if outcomes.needs_status(action, answer)
                   else None)
         return outcomes.outcome(record, action, answer, old=old, status=status)
