@@ -43,5 +43,8 @@ def setup_logging(level: str = "info", *, json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         # One write per line, so lines of processes sharing stderr never interleave.
         logger_factory=structlog.WriteLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
+        # Not cached: a logger cached on first use keeps the configuration of that moment
+        # for ever, so a later configure() (an embedder's, a test's capture_logs) would
+        # not reach it. The hot path does not log per request, so the saving is nil.
+        cache_logger_on_first_use=False,
     )

@@ -39,10 +39,12 @@ from superagent.pack import pack
 from superagent.up import Embedded, UpConfig
 from tests.e2e.apps import write_app
 from tests.support.ports import free_port
+from tests.support.wait import wait_until_async
 
 START_DEADLINE = 60.0  # coordinator election, participant join, proxy workers: busy 2-core CI
 DEPLOY_DEADLINE = 90.0  # one deploy of a tiny stdlib app, with long requests to drain
 REQUEST_TIMEOUT = 30.0
+HEARTBEAT_CATCH_UP = 10.0  # a participant's state reaches the coordinator with its next heartbeat
 PACE = 0.01  # seconds between one client's requests: keeps 2 cores free for the deploys
 LONG_EVERY = 2.5  # seconds between the starts of two long requests (each drain waits
 # for the ones in flight: at most SLOW, 3.75 s on average with these two figures)
@@ -512,11 +514,16 @@ async def test_the_cli_says_where_an_app_serves_and_what_each_release_did(
     assert code == 0 and "unchanged: r1 already serving" in err, err
     code, out, _ = await trio.to_thread.run_sync(lambda: run("deploy", str(source), "--force"))
     assert code == 0 and "where@r2 succeeded" in out, out
-    code, out, _ = await trio.to_thread.run_sync(lambda: run("status"))
-    rows = {tuple(line.split()[2:6]) for line in out.splitlines()
-            if line.startswith("where ") and "ready" in line}
-    assert rows == {(i["instance"], "r2", "ready", str(i["port"]))
-                    for i in cluster.instances("where")}, out
+    serving = {(i["instance"], "r2", "ready", str(i["port"])) for i in cluster.instances("where")}
+
+    async def status_shows_them() -> str | None:
+        # status reports what the participants' last heartbeats (one a second) said
+        code, out, _ = await trio.to_thread.run_sync(lambda: run("status"))
+        rows = {tuple(line.split()[2:6]) for line in out.splitlines()
+                if line.startswith("where ") and "where@" in line}
+        return out if code == 0 and rows == serving else None
+    out = await wait_until_async(status_shows_them, "status to list the r2 instances",
+                                 timeout=HEARTBEAT_CATCH_UP)
     assert url in out
     code, out, _ = await trio.to_thread.run_sync(lambda: run("releases", "where"))
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
