@@ -43,6 +43,7 @@ import trio
 
 from superagent.participant.toolchain import SYSTEM_PATH, runnable_by_all
 from tests.e2e.embedded import REQUEST_TIMEOUT, Cluster, running_cluster
+from tests.support.wait import wait_until_async
 
 BUILD_DEADLINE = 180.0  # one deploy whose build downloads packages, on a busy 2-core box
 # What a build log says when the package index cannot be reached (uv, pip, npm).
@@ -183,14 +184,10 @@ async def test_httpbin_on_gunicorn(cluster: Cluster,
     # appears there within a few of them
     expected = {(i["instance"], "r2", "ready", str(i["port"]))
                 for i in cluster.instances("httpbin")}
-    seen: set[tuple[str, ...]] = set()
-    out = "(no answer yet)"
-    with trio.move_on_after(STATUS_DEADLINE):
-        while (seen_out := await status_rows(cluster, capsys, "httpbin"))[0] != expected:
-            seen, out = seen_out
-            await trio.sleep(0.2)
-        seen, out = seen_out
-    assert seen == expected, out
+    _, out = await wait_until_async(lambda: status_rows(cluster, capsys, "httpbin"),
+                                    "status to list the r2 instance",
+                                    timeout=STATUS_DEADLINE,
+                                    until=lambda seen_out: seen_out[0] == expected)
     assert "http://httpbin.localhost:" in out, out
     print(f"\nhttpbin: first deploy {first_seconds:.1f}s (build {build['seconds']:.1f}s),"
           f" redeploy with unchanged requirements {second_seconds:.1f}s "
