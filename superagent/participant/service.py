@@ -419,39 +419,52 @@ class Agent:
         return codec.decode(msg.TestReply, result.to_json())
 
     async def start(self, app: str, release: str, count: int) -> msg.StartReply:
+        """Start ``count`` instances of a prepared release at once and answer when every one
+        is ready. When one fails to start, the first failure is raised once all have
+        settled; the ones that did come up keep running (the coordinator reads them from
+        ``status`` and stops them)."""
         assert self._nursery is not None
         prepared = self.store.get(app, release)
         user = await self._user(app)
-        if user is not None and user.switched:
-            await trio.to_thread.run_sync(self.store.ensure_owner, prepared, user.uid, user.gid)
-        started = []
+        switched = user if user is not None and user.switched else None
+        if switched is not None:
+            await trio.to_thread.run_sync(self.store.ensure_owner, prepared, switched.uid,
+                                          switched.gid)
+        log_dir = self.config.data_dir / "logs" / app
+        log_dir.mkdir(parents=True, exist_ok=True)
+        instances = []
         for _ in range(count):
             self._seq += 1
             instance_id = f"{app}@{release}.{self._seq}"
-            port = self.ports.allocate()
             home = self.config.data_dir / "homes" / instance_id
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log_dir = self.config.data_dir / "logs" / app
-            log_dir.mkdir(parents=True, exist_ok=True)
-            if user is not None and user.switched:
-                os.chown(home, user.uid, user.gid)
+            if switched is not None:
+                os.chown(home, switched.uid, switched.gid)
             config = InstanceConfig.from_spec(prepared.spec, release=release,
-                                              instance=instance_id, port=port,
+                                              instance=instance_id, port=self.ports.allocate(),
                                               cwd=prepared.src, home=home, log_dir=log_dir,
-                                              user=user if user and user.switched else None,
-                                              cgroups=self.cgroups)
-            instance = Instance(config)
+                                              user=switched, cgroups=self.cgroups)
+            instances.append(Instance(config))
+        failures: list[SupervisorError] = []
+
+        async def start_one(instance: Instance) -> None:
+            assert self._nursery is not None
             self._add(instance, from_start=True)
             try:
                 await self._nursery.start(self._supervise, instance)
-            except SupervisorError:
+            except SupervisorError as exc:
                 self._forget(instance)  # unless stopped meanwhile
-                self.persist()
-                raise
-            started.append(msg.StartedInstance(id=instance_id, port=port,
-                                               state=instance.state.value))
+                failures.append(exc)
             self.persist()
-        return msg.StartReply(app=app, release=release, instances=tuple(started))
+
+        async with trio.open_nursery() as starting:
+            for instance in instances:
+                starting.start_soon(start_one, instance)
+        if failures:
+            raise failures[0]
+        return msg.StartReply(app=app, release=release, instances=tuple(
+            msg.StartedInstance(id=i.config.instance, port=i.config.port, state=i.state.value)
+            for i in instances))
 
     async def stop(self, instances: list[str], grace: float | None) -> msg.StopReply:
         """Drain (no new requests; in-flight ones finish or hit the grace period), take the

@@ -547,3 +547,37 @@ async def start_and_switch(rig: Rig, name: str) -> None:
     assert started.status_code == 200, started.text
     ids = [i["id"] for i in started.json()["instances"]]
     assert (await rig.signal("switch", app=name, instances=ids)).status_code == 200
+
+
+BARRIER_APP = '''
+import http.server, os, pathlib
+barrier = pathlib.Path(os.environ["BARRIER_DIR"])
+(barrier / os.environ["SUPERAGENT_INSTANCE"]).write_text("up")
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # ready only once both instances run: a barrier between them
+        self.send_response(200 if len(list(barrier.iterdir())) >= 2 else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+'''
+
+
+async def test_the_instances_of_one_start_come_up_together(rig: Rig, world_dir: Path) -> None:
+    """start count=2 runs both instances at once: each becomes ready only when the other
+    runs too, which a one-after-the-other start could never satisfy."""
+    barrier = world_dir / "barrier"
+    barrier.mkdir(mode=0o777)
+    barrier.chmod(0o777)
+    manifest = (f'[app]\nname = "pair"\n[run]\ncommand = "{child_python()} app.py"\n'
+                '[health]\npath = "/healthz"\nready_deadline = "20s"\n'
+                f'[env]\nBARRIER_DIR = "{barrier}"\n')
+    upload = await rig.upload("pair", "r1", tarball({"superagent.toml": manifest,
+                                                     "app.py": BARRIER_APP}))
+    assert upload.status_code == 200, upload.text
+    started = await rig.signal("start", app="pair", release="r1", count=2)
+    assert started.status_code == 200, started.text
+    assert [i["state"] for i in started.json()["instances"]] == ["ready", "ready"]
