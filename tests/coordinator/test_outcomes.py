@@ -136,3 +136,19 @@ def test_the_drain_waits_out_the_watch_window_after_the_switch() -> None:
     assert outcomes.watch_left(history, "n1", 102.0) == window - 1.0
     assert outcomes.watch_left(history, "n1", 101.0 + window + 5) == 0.0
     assert outcomes.watch_left(history, "n3", 101.0) == 0.0
+
+
+def test_only_the_rolls_last_drain_waits_and_it_sees_every_node() -> None:
+    """The last node to drain is the one whose drain waits out the watch window; the
+    health rule names each sick instance of a node."""
+    rec = record()
+    pair = m.new_record(deploy_id="d1", app="hello", release="r2", sha256=SHA,
+                        nodes=(NODE, "n2"), per_node=1, max_parallel=1, drain_grace=5.0)
+    two = replace(pair, steps=(rec.steps[0], replace(pair.steps[1], step=m.Step.PREPARED)))
+    assert outcomes.last_to_drain(rec, NODE)  # the only node
+    assert not outcomes.last_to_drain(two, NODE)  # n2 has yet to roll
+    drained = replace(two, steps=(two.steps[0], replace(two.steps[1], step=m.Step.DRAINED)))
+    assert outcomes.last_to_drain(drained, NODE)
+    assert outcomes.unhealthy(rec, NODE, status(instance("hello@r2.2"))) is None
+    assert outcomes.unhealthy(rec, NODE, None) == m.Cancel(
+        reason="new instances on n1 are not healthy: hello@r2.2 gone")

@@ -31,7 +31,8 @@ START_MARGIN = 30.0  # on top of the app's ready deadline, for the agent's own w
 TEST_MARGIN = 30.0  # on top of the test's own timeout
 HEALTHY = ("ready", "unhealthy")  # instance states that still serve
 # A new release that passes readiness and dies soon after must be caught before the old
-# instances stop: the drain's health check comes at least this long after the switch.
+# instances stop: the last batch's drain judges every rolled node's new instances no sooner
+# than this long after its switch (earlier batches have been serving longer by then).
 WATCH_WINDOW = 3.0
 
 Answer = msg.Reply | msg.ErrorReply
@@ -83,6 +84,24 @@ def done(action: m.NodeAction, answer: Answer) -> bool:
             and answer.error is msg.ErrorCode.UNKNOWN_INSTANCE)
 
 
+def unhealthy(record: m.DeployRecord, node: str, status: msg.StatusReply | None
+              ) -> m.Cancel | None:
+    """The Cancel a node's new instances call for (gone, not serving, or exited once
+    since their start: one that restarted may look ready again), or None when healthy."""
+    seen = {i.instance: i for i in (status.instances if status else ())}
+    sick = {i: _sickness(seen.get(i)) for i in record.step_of(node).new
+            if _sickness(seen.get(i))}
+    if not sick:
+        return None
+    return m.Cancel(reason=f"new instances on {node} are not healthy: "
+                    + ", ".join(f"{i} {st}" for i, st in sorted(sick.items())))
+
+
+def last_to_drain(record: m.DeployRecord, node: str) -> bool:
+    """Whether ``node``'s drain is the roll's last: every other rolling node is drained."""
+    return all(s.step is m.Step.DRAINED or s.lost for s in record.steps if s.node != node)
+
+
 def _sickness(instance: msg.InstanceStatus | None) -> str:
     """Why a new instance cannot take over ("" when it can): gone, not serving, or it
     exited since it started."""
@@ -97,8 +116,8 @@ def _sickness(instance: msg.InstanceStatus | None) -> str:
 
 def watch_left(history: list[list[Any]], node: str, now: float,
                window: float = WATCH_WINDOW) -> float:
-    """Seconds still to watch ``node``'s new instances after its switch before their health
-    decides the drain's outcome (0 when the window has passed or there was no switch)."""
+    """Seconds still to watch after ``node``'s switch before the last drain's health check
+    (0 when the window has passed or there was no switch)."""
     switched = [at for at, kind, where in history if kind == "switched" and where == node]
     return max(0.0, switched[-1] + window - now) if switched else 0.0
 
@@ -153,15 +172,10 @@ def outcome(record: m.DeployRecord, action: m.NodeAction, answer: Answer, *,
         if refused is not None:
             return m.Cancel(reason=f"draining the old instances on {node} failed:"
                                    f" {detail(refused)}")
-        # the new instances served through the drain and the watch window without a
-        # single exit (one that restarted may look ready again): healthy, or compensate
-        seen = {i.instance: i for i in (status.instances if status else ())}
-        sick = {i: _sickness(seen.get(i)) for i in record.step_of(node).new
-                if _sickness(seen.get(i))}
-        if sick:
-            return m.Cancel(reason=f"new instances on {node} are not healthy: "
-                            + ", ".join(f"{i} {st}" for i, st in sorted(sick.items())))
-        return m.Drained(node=node)
+        # the new instances served through the drain (and, for the last batch, the watch
+        # window) without a single exit: healthy, or compensate
+        sick = unhealthy(record, node, status)
+        return sick if sick is not None else m.Drained(node=node)
     if isinstance(action, m.StopInstances):
         return (m.OldStopped if action.purpose == "commit" else m.NewStopped)(node=node)
     raise AssertionError(f"no outcome for {action!r}")

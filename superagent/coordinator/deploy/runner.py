@@ -175,13 +175,28 @@ class DeployRunner:
             answer = await self._insist(node, action, message, wait)
         else:
             answer = await self._signal(node, message, wait)
-        if isinstance(action, m.Drain) and isinstance(answer, msg.Reply):
-            history = self.host.read(lambda s: list(s.deploys[record.deploy_id].history)
-                                     if record.deploy_id in s.deploys else [])
-            await trio.sleep(outcomes.watch_left(history, node, time.time()))
+        if (isinstance(action, m.Drain) and isinstance(answer, msg.Reply)
+                and outcomes.last_to_drain(record, node)):
+            sick = await self._watch(record, node)
+            if sick is not None:
+                return sick
         status = (await self._status(node) if outcomes.needs_status(action, answer)
                   else None)
         return outcomes.outcome(record, action, answer, old=old, status=status)
+
+    async def _watch(self, record: m.DeployRecord, node: str) -> m.Event | None:
+        """Before the roll's last drain counts as done: wait out the watch window after
+        ``node``'s switch, then check the new instances of every other rolled node (the
+        caller checks ``node``'s own); the Cancel for the first that is not healthy."""
+        history = self.host.read(lambda s: list(s.deploys[record.deploy_id].history)
+                                 if record.deploy_id in s.deploys else [])
+        await trio.sleep(outcomes.watch_left(history, node, time.time()))
+        for step in record.steps:
+            if step.node != node and step.step is m.Step.DRAINED and not step.lost:
+                sick = outcomes.unhealthy(record, step.node, await self._status(step.node))
+                if sick is not None:
+                    return sick
+        return None
 
     async def _insist(self, node: str, action: m.NodeAction, message: msg.Signal[Any],
                       wait: float) -> outcomes.Answer:
