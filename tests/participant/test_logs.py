@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from superagent.debug import DebugSessions, LogFilter, LogLine, Subscription
 from superagent.participant.logfiles import FileLimits
 from superagent.participant.logs import POLL_INTERVAL, LogHub
 from tests.participant.children import child_python
+from tests.support.wait import wait_until_async
 
 WAIT = 10.0  # generous bound on any condition below; each is met in well under a second
 FAST_POLL = 0.01  # the hub's poll interval in the tests that run it
@@ -40,12 +40,6 @@ def paths(tmp_path: Path, instance: str = "web-1") -> tuple[Path, Path]:
 
 def texts(lines: list[LogLine]) -> list[str]:
     return [line.text for line in lines]
-
-
-async def wait_until(cond: Callable[[], bool]) -> None:
-    with trio.fail_after(WAIT):
-        while not cond():
-            await trio.sleep(FAST_POLL)
 
 
 async def drain(sub: Subscription) -> list[LogLine]:
@@ -165,7 +159,9 @@ async def test_copy_truncate_rotation_with_a_real_appending_child(tmp_path: Path
                 await trio.run_process([child_python(), "-I", "-c", CHATTY, str(count)],
                                        stdout=fd)
             last = f"line {count - 1:05d}"
-            await wait_until(lambda: any(t.startswith(last) for t in texts(hub.tail(n=count))))
+            await wait_until_async(
+                lambda: any(t.startswith(last) for t in texts(hub.tail(n=count))),
+                f"a line starting {last!r} in the tail", timeout=WAIT, interval=FAST_POLL)
             nursery.cancel_scope.cancel()
     finally:
         os.close(fd)
@@ -263,7 +259,8 @@ async def test_run_ends_subscriptions_and_remove_forgets(tmp_path: Path) -> None
             outer.start_soon(consume)
             async with trio.open_nursery() as nursery:
                 await nursery.start(hub.run)
-                await wait_until(lambda: hub.stats.polls >= 2)
+                await wait_until_async(lambda: hub.stats.polls >= 2, "two polls of the hub",
+                                       timeout=WAIT, interval=FAST_POLL)
                 assert "subscribers=1" in repr(hub) and "polls=" in repr(hub)
                 nursery.cancel_scope.cancel()
             await ended.wait()
