@@ -154,14 +154,16 @@ NODE_LOCK_FILES = ("package.json", "package-lock.json")
 
 def same_locked_packages(src: Path, earlier: list[Path]) -> Path | None:
     """The node_modules of the first of the ``earlier`` source trees whose package.json
-    and package-lock.json are byte for byte those of ``src`` (None without a lock file or
-    such a tree): the packages a lock file pins are the same, so they can be copied."""
-    if not (src / "package-lock.json").is_file():
+    (and package-lock.json, when ``src`` has one) are byte for byte those of ``src``, or
+    None: the same manifest resolves to the same packages (without a lock file, to those
+    the earlier build's ``npm install`` chose, as a lock file it wrote would pin them)."""
+    names = [name for name in NODE_LOCK_FILES if (src / name).is_file()]
+    if "package.json" not in names:
         return None
-    wanted = [(src / name).read_bytes() for name in NODE_LOCK_FILES]
+    wanted = [(src / name).read_bytes() for name in names]
     for tree in earlier:
         try:
-            if [(tree / name).read_bytes() for name in NODE_LOCK_FILES] == wanted \
+            if [(tree / name).read_bytes() for name in names] == wanted \
                     and (tree / "node_modules").is_dir():
                 return tree / "node_modules"
         except OSError:

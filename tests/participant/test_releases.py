@@ -152,6 +152,9 @@ async def test_unchanged_locked_node_packages_are_copied_not_installed(store: Re
     r3 = await store.prepare("hello", "r3", changed, sha(changed),
                              env={"npm_config_update_notifier": "false"})
     assert "npm ci" in r3.build_log.read_text()
+    unlocked = app_tar({"package.json": package, "lib.py": "# r4\n"})  # as r1: no lock
+    r4 = await store.prepare("hello", "r4", unlocked, sha(unlocked))
+    assert "cp -a" in r4.build_log.read_text() and "npm" not in r4.build_log.read_text()
 
 
 async def test_failed_build_keeps_only_the_log(store: ReleaseStore) -> None:
