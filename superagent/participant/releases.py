@@ -117,18 +117,15 @@ def needs_python(src: Path) -> bool:
     return (src / "requirements.txt").is_file() or (src / "pyproject.toml").is_file()
 
 
-def default_build_command(src: Path, tools: Toolchain | None, *,
-                          node_modules_from: Path | None = None) -> str | None:
+def default_build_command(src: Path, tools: Toolchain | None) -> str | None:
     """The detected build of a tree whose manifest has no ``[build] command``; None: none.
 
     requirements.txt (else pyproject.toml): a virtual environment in ``.venv`` on the
     toolchain's interpreter with the requirements (else the project) installed, by uv
     when the toolchain has it (its per-app cache makes an unchanged set install in well
     under a second), by pip otherwise; package.json: ``npm ci`` with a
-    package-lock.json, else ``npm install`` — or, with ``node_modules_from`` (an earlier
-    release of the app locked to the same packages, see ``same_locked_packages``), a copy
-    of that release's node_modules, which needs no registry. Both: both. ``tools`` may be
-    None only for a tree that does not ``needs_python``.
+    package-lock.json, else ``npm install``. Both: both. ``tools`` may be None only for
+    a tree that does not ``needs_python``.
     """
     steps: list[str] = []
     if needs_python(src):
@@ -141,34 +138,10 @@ def default_build_command(src: Path, tools: Toolchain | None, *,
         else:
             steps.append(f"{python} -m venv {VENV} && {VENV}/bin/pip install "
                          f"--disable-pip-version-check --no-input {what}")
-    if (src / "package.json").is_file() and node_modules_from is not None:
-        steps.append(f"cp -a {shlex.quote(str(node_modules_from))} node_modules")
-    elif (src / "package.json").is_file():
+    if (src / "package.json").is_file():
         npm = "npm ci" if (src / "package-lock.json").is_file() else "npm install"
         steps.append(f"{npm} --no-audit --no-fund")
     return " && ".join(steps) or None
-
-
-NODE_LOCK_FILES = ("package.json", "package-lock.json")
-
-
-def same_locked_packages(src: Path, earlier: list[Path]) -> Path | None:
-    """The node_modules of the first of the ``earlier`` source trees whose package.json
-    (and package-lock.json, when ``src`` has one) are byte for byte those of ``src``, or
-    None: the same manifest resolves to the same packages (without a lock file, to those
-    the earlier build's ``npm install`` chose, as a lock file it wrote would pin them)."""
-    names = [name for name in NODE_LOCK_FILES if (src / name).is_file()]
-    if "package.json" not in names:
-        return None
-    wanted = [(src / name).read_bytes() for name in names]
-    for tree in earlier:
-        try:
-            if [(tree / name).read_bytes() for name in names] == wanted \
-                    and (tree / "node_modules").is_dir():
-                return tree / "node_modules"
-        except OSError:
-            continue
-    return None
 
 
 @dataclass
@@ -405,10 +378,7 @@ class ReleaseStore:
             except ConfigError as exc:
                 raise BadManifest(str(exc)) from exc
             tools = await self._toolchain(spec, src, release_dir)
-            earlier = [r.src for r in self.releases(app)]
-            reuse = await trio.to_thread.run_sync(same_locked_packages, src, earlier)
-            command = spec.build.command or default_build_command(src, tools,
-                                                                  node_modules_from=reuse)
+            command = spec.build.command or default_build_command(src, tools)
             as_user = uid is not None or gid is not None
             cache = await trio.to_thread.run_sync(self._app_cache, app, uid, gid)
             if as_user:

@@ -130,33 +130,6 @@ async def test_node_app_builds_with_npm(store: ReleaseStore) -> None:
     assert "npm install --no-audit --no-fund" in prepared.build_log.read_text()
 
 
-async def test_unchanged_locked_node_packages_are_copied_not_installed(store: ReleaseStore
-                                                                       ) -> None:
-    """A release locked to the same packages as a prepared one copies its node_modules
-    instead of asking the registry again; a changed lock file installs afresh."""
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed; the Node build needs it")
-    package = json.dumps({"name": "hello", "version": "1.0.0", "private": True})
-    first = app_tar({"package.json": package})
-    r1 = await store.prepare("hello", "r1", first, sha(first),
-                             env={"npm_config_update_notifier": "false"})
-    (r1.src / "node_modules").mkdir(exist_ok=True)  # npm makes none for no dependencies
-    (r1.src / "node_modules" / "marker").write_text("from r1")  # what a copy carries over
-    lock = (r1.src / "package-lock.json").read_text()
-    locked = {"package.json": package, "package-lock.json": lock}
-    second = app_tar({**locked, "lib.py": "# r2\n"})
-    r2 = await store.prepare("hello", "r2", second, sha(second))
-    assert "cp -a" in r2.build_log.read_text() and "npm" not in r2.build_log.read_text()
-    assert (r2.src / "node_modules" / "marker").read_text() == "from r1"
-    changed = app_tar({**locked, "package-lock.json": lock.replace('"hello"', '"hello2"')})
-    r3 = await store.prepare("hello", "r3", changed, sha(changed),
-                             env={"npm_config_update_notifier": "false"})
-    assert "npm ci" in r3.build_log.read_text()
-    unlocked = app_tar({"package.json": package, "lib.py": "# r4\n"})  # as r1: no lock
-    r4 = await store.prepare("hello", "r4", unlocked, sha(unlocked))
-    assert "cp -a" in r4.build_log.read_text() and "npm" not in r4.build_log.read_text()
-
-
 async def test_failed_build_keeps_only_the_log(store: ReleaseStore) -> None:
     """A failing build raises BuildFailed with the log's tail; a later good release is clean."""
     archive = app_tar({}, build="echo compiling; echo 'error: boom' >&2; exit 3")
