@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -309,13 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _error_code(error: SuperagentError) -> str:
     """A stable name for ``--json`` error output: the API's code when the coordinator
-    gave one, else the error's class in kebab case (``ConfigError`` -> ``config-error``)."""
+    gave one, else the error's class in snake case (``ConfigError`` -> ``config_error``),
+    as the API's codes are written."""
     code = getattr(error, "code", "")
     if isinstance(code, str) and code:
         return code
-    name = type(error).__name__
-    return "".join(f"-{c.lower()}" if c.isupper() and i else c.lower()
-                   for i, c in enumerate(name))
+    return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", type(error).__name__).lower()
 
 
 def _our_error(exc: BaseException) -> SuperagentError | None:

@@ -140,7 +140,8 @@ def render_releases(doc: dict[str, Any]) -> str:
         return f"{doc['app']}: no releases"
     rows = [(r["name"], r["sha256"][:12], f"{r['size'] / 1024:.1f} KiB", r["actor"],
              time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
-             r.get("outcome") or "not deployed", "serving" if r.get("current") else "")
+             r.get("outcome") or ("succeeded" if r.get("served") else "not deployed"),
+             "serving" if r.get("current") else "")
             for r in doc["releases"]]
     return table(rows, ("RELEASE", "SHA256", "SIZE", "BY", "CREATED", "LAST DEPLOY", ""))
 
@@ -213,14 +214,15 @@ def _show_progress(deploy_id: str, view: dict[str, Any], shown: dict[str, str]) 
 def _name_of_procfile_app(directory: Path) -> str | None:
     """A Procfile-only app (no superagent.toml) is named after its directory, as piku and
     Heroku name an app after its repository; None when that is no valid app name."""
-    from superagent.manifest import MANIFEST
+    from superagent.manifest import MANIFEST, PROCFILE
     from superagent.names import is_app_name
 
-    if (directory / MANIFEST).is_file():
+    if (directory / MANIFEST).is_file() or not (directory / PROCFILE).is_file():
         return None
     name = directory.resolve().name.lower().replace("_", "-")
     if not is_app_name(name):
-        return None
+        raise ClientError(f"{directory}: the directory's name {name!r} is no valid app name"
+                          " (lower-case letters, digits, '-'): give --app")
     print(f"{directory}: no {MANIFEST}: deploying the Procfile app as {name!r} (the "
           f"directory's name; --app chooses another)", file=sys.stderr)
     return name
@@ -251,8 +253,11 @@ def _deploy(args: argparse.Namespace) -> int:
                           headers={"content-type": "application/gzip"})
     if doc.get("unchanged"):
         print(f"{app}: {doc['detail']}", file=sys.stderr)
-        return emit(args, doc, lambda d: " ".join(app_urls(client.get(f"/api/v1/apps/{app}"),
-                                                           client.get("/api/v1/nodes"))))
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_urls(client, app)
+        return 0
     print(f"{app}@{doc['release']} recorded; deploy {doc['deploy_id']}", file=sys.stderr)
     if args.no_follow:
         return emit(args, doc, lambda d: d["deploy_id"])

@@ -112,19 +112,6 @@ def decode(cls: type[T], doc: object, *, ignore_unknown: bool = False, path: str
     return cls(**values)
 
 
-def decode_tagged(registry: Mapping[str, type[T]], doc: object, *, what: str = "message",
-                  ignore_unknown: bool = False) -> T:
-    """The instance of whichever class of ``registry`` (tag → class) ``doc``'s tag names;
-    raises CodecError (field ``type``) for a missing or unknown tag."""
-    tag = doc.get(TAG) if isinstance(doc, Mapping) else None
-    if not isinstance(tag, str):
-        raise CodecError(f"a {what} needs a string tag", field=TAG)
-    cls = registry.get(tag)
-    if cls is None:
-        raise CodecError(f"unknown {what} type {tag!r}", field=TAG)
-    return decode(cls, doc, ignore_unknown=ignore_unknown)
-
-
 _HINTS: dict[type, dict[str, Any]] = {}  # resolved annotations, per class (they never change)
 
 

@@ -94,16 +94,6 @@ def test_int_is_taken_for_float() -> None:
     assert codec.decode(Inner, {"name": "n", "weight": 2}).weight == 2.0
 
 
-def test_decode_tagged() -> None:
-    """The registry picks the class by tag; a missing or unknown tag is refused."""
-    doc = codec.encode(example())
-    assert codec.decode_tagged({"outer": Outer}, doc) == example()
-    with pytest.raises(CodecError, match="unknown message type 'nope'"):
-        codec.decode_tagged({"outer": Outer}, {**doc, "type": "nope"})
-    with pytest.raises(CodecError, match="type"):
-        codec.decode_tagged({"outer": Outer}, [])
-
-
 def test_unsupported_annotation_is_a_programming_error() -> None:
     """An annotation the codec does not know is a TypeError, not a data error."""
     @dataclass(frozen=True, kw_only=True)

@@ -264,9 +264,14 @@ async def create_release(request: Request, ctx: Context) -> Response:
     expected = request.query_params.get("sha256")
     options = deploy_options(request.query_params)  # refused before anything is stored
     force = _truthy(request.query_params.get("force"))
-    if expected and not force:  # the client named the content: no need to read it
+    if expected and not force:  # the client named the content: nothing need be stored
         unchanged = _unchanged(c, name, expected.strip().lower())
         if unchanged is not None:
+            read = 0  # read (and drop) the body the client sends, so it sees the answer
+            async for chunk in request.stream():  # rather than a reset connection
+                read += len(chunk)
+                if read > UNCHANGED_DRAIN_MAX:
+                    break
             return unchanged
     sha256, size, spec = await c.store_release(request.stream(), app=name,
                                                expected_sha256=expected)
@@ -304,13 +309,17 @@ async def create_release(request: Request, ctx: Context) -> Response:
     return JSONResponse({**doc, "deploy_id": started["deploy_id"]}, status_code=201)
 
 
+UNCHANGED_DRAIN_MAX = 1024**3  # bytes of an unchanged upload read before answering anyway
+
+
 def _unchanged(c: ApiHost, app: str, sha256: str) -> Response | None:
     """The answer to an upload of what the app already serves (no release, no deploy), or
     None when the content is new; ``force=true`` deploys it again all the same."""
-    serving = c.read(lambda s: next(
+    serving = c.read(lambda s: None if any(d.app == app and d.running
+                                           for d in s.deploys.values()) else next(
         (f"r{r.number}" for r in s.releases.get(app, [])
          if app in s.apps and f"r{r.number}" == s.apps[app].current_release
-         and r.sha256 == sha256), None))
+         and r.sha256 == sha256), None))  # while a deploy runs the normal path says so
     if serving is None:
         return None
     return JSONResponse({"ok": True, "app": app, "release": serving, "sha256": sha256,
@@ -415,7 +424,7 @@ async def cancel_deploy(request: Request, ctx: Context) -> Response:
 
 
 async def rollback(request: Request, ctx: Context) -> Response:
-    """Deploy an earlier release again (default: the one before the current)."""
+    """Deploy an earlier release again (default: the newest earlier one that served)."""
     c = ctx.coordinator
     app = request.path_params["app"]
     body = await read_json(request)
@@ -426,7 +435,7 @@ async def rollback(request: Request, ctx: Context) -> Response:
             return None
         names = [f"r{r.number}" for r in s.releases[app]]
         current = s.apps[app].current_release
-        served = [n for n in names if s.served(app, n)]
+        served = [f"r{r.number}" for r in s.releases[app] if r.served]
         return current, names, served
 
     found = c.read(choose)
@@ -438,11 +447,12 @@ async def rollback(request: Request, ctx: Context) -> Response:
             if current in names else []
         if not earlier:
             return error(409, "nothing_to_roll_back_to",
-                         f"{app} has no release before {current or 'its first deploy'}")
+                         f"{app} has no release before {current or 'its first deploy'}"
+                         " that served")
         to = earlier[-1]
     if not isinstance(to, str) or to not in names:
         return error(404, "unknown_release", f"{app} has no release {to!r}; it has {names}")
-    if not _truthy(body.get("force")) and not c.read(lambda s: s.served(app, to)):
+    if not _truthy(body.get("force")) and to not in served:
         return error(409, "never_succeeded",
                      f"{app} {to} never served (no deploy of it succeeded); pass force to"
                      " roll back to it all the same", release=to)

@@ -75,7 +75,9 @@ class DebugSessions:
             raise ValueError(f"a debug session's ttl must be positive, not {ttl}")
         now = self.clock() if now is None else now
         known = self._windows.get(app)
-        opened = now if known is None else min(known.opened, now)
+        # extending a session keeps its start; one that ended starts afresh (the requests
+        # between the two were not asked for)
+        opened = min(known.opened, now) if known is not None and known.until >= now else now
         window = self._windows[app] = DebugWindow(opened=opened, until=now + ttl)
         self._wake()
         return window

@@ -124,7 +124,8 @@ def default_build_command(src: Path, tools: Toolchain | None) -> str | None:
     toolchain's interpreter with the requirements (else the project) installed, by uv
     when the toolchain has it (its per-app cache makes an unchanged set install in well
     under a second), by pip otherwise; package.json: ``npm ci`` with a
-    package-lock.json, else ``npm install``. Both: both. ``tools`` may be None only for
+    package-lock.json, else ``npm install`` (both preferring the app's cache to the
+    registry). Both: both. ``tools`` may be None only for
     a tree that does not ``needs_python``.
     """
     steps: list[str] = []
@@ -140,7 +141,9 @@ def default_build_command(src: Path, tools: Toolchain | None) -> str | None:
                          f"--disable-pip-version-check --no-input {what}")
     if (src / "package.json").is_file():
         npm = "npm ci" if (src / "package-lock.json").is_file() else "npm install"
-        steps.append(f"{npm} --no-audit --no-fund")
+        # --prefer-offline: the app's own npm cache answers what it holds, without a
+        # metadata round trip to the registry per package
+        steps.append(f"{npm} --prefer-offline --no-audit --no-fund")
     return " && ".join(steps) or None
 
 
@@ -282,7 +285,8 @@ class TestResult:
 
 
 class ReleaseStore:
-    """Prepared releases under ``root``, the newest ``keep`` per app kept by ``gc``."""
+    """Prepared releases under ``root``; ``gc`` keeps the ones named (or the newest
+    ``keep`` per app)."""
 
     def __init__(self, root: Path, *, keep: int = DEFAULT_KEEP,
                  max_bytes: int = MAX_ARCHIVE_BYTES, max_files: int = MAX_ARCHIVE_FILES,
@@ -313,9 +317,8 @@ class ReleaseStore:
 
         Raises ``InvalidName``, ``ChecksumMismatch``, ``UnsafeArchive``, ``BadManifest``,
         ``BuildFailed``, or ``ReleaseError`` (500) when the store itself fails. The build
-        runs ``env`` on top of the manifest's ``[env]`` on top of PATH, HOME (the release
-        directory), LANG=C.UTF-8, SUPERAGENT_APP and SUPERAGENT_RELEASE, and nothing else
-        of the agent's environment; as ``uid``/``gid`` when given (the agent is root).
+        gets ``command_env`` (with ``env`` on top) and runs as ``uid``/``gid`` when given
+        (the agent is root).
         """
         _check_name(app, "app")
         _check_name(release, "release")

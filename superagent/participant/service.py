@@ -279,6 +279,10 @@ class Agent:
             del self.instances[config.instance]
             self.ports.release(config.port)
             self.log_hub.remove(config.instance)
+            for table in (self.routes, self.standby):  # no route names what is gone
+                for app, ids in table.items():
+                    if config.instance in ids:
+                        table[app] = [i for i in ids if i != config.instance]
 
     async def _supervise(self, instance: Instance, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -407,6 +411,8 @@ class Agent:
             return codec.decode(msg.TestReply, (await self.store.test(app, release)).to_json())
         user = await self._user(app)
         uid, gid = (user.uid, user.gid) if user is not None and user.switched else (None, None)
+        if uid is not None and gid is not None:
+            await trio.to_thread.run_sync(self.store.ensure_owner, prepared, uid, gid)
         home = self.config.data_dir / "homes" / f"test-{app}@{release}.{secrets.token_hex(4)}"
         home.mkdir(mode=0o700, parents=True)
         try:
@@ -499,7 +505,9 @@ class Agent:
                                        " not ready", app=app)
         replaced = self.routes.get(app, [])
         self.routes[app] = list(instances)
-        self.standby[app] = [i for i in replaced if i not in instances]
+        # a repeated switch keeps the standbys an earlier one made
+        self.standby[app] = [i for i in dict.fromkeys((*replaced, *self.standby.get(app, ())))
+                             if i not in instances and i in self.instances]
         await self.proxy.undrain(instances)
         version = await self._apply_routes()
         self.persist()

@@ -25,11 +25,11 @@ from typing import Any
 import trio
 
 from superagent.participant.errors import SignalError, StaleTerm
+from superagent.rpc.server import DONE, NEW, RUNNING
 
 CAPACITY = 1000  # results remembered: far more than the signals of one retry window
 _ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
 
-NEW, DONE, RUNNING = "new", "done", "running"
 
 
 class SignalLedger:

@@ -106,9 +106,11 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 GROUP_POLL = 0.05  # while a stopped instance's cgroup empties (a cgroup cannot be waited on)
 # An app listening on other ports but not on $PORT this long is failed at once: long enough
-# for a server that opens a side port (metrics, debug) before its main one.
-WRONG_PORT_GRACE = 2.0
+# for a server that opens a side port (metrics, debug) and loads before its main one.
+WRONG_PORT_GRACE = 5.0
+PORT_CHECK_EVERY = 1.0  # seconds between looks at an unready instance's listening sockets
 TAIL_LINES = 20  # lines of stdout and of stderr a start failure carries to the deploy record
+TAIL_LINE_MAX = 300  # characters kept of each of them (app output may be long, or secret)
 TAIL_BYTES = 8192  # read from the end of each output file for them
 RECORD_VERSION = 1  # of the persisted form, ``Instance.to_record``
 
@@ -150,7 +152,8 @@ def _tail_of(path: Path, lines: int, limit: int = TAIL_BYTES) -> str:
             data = file.read()
     except OSError:
         return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+    return "\n".join(line if len(line) <= TAIL_LINE_MAX else line[:TAIL_LINE_MAX] + " [...]"
+                     for line in data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 def _exited(process: _Process) -> bool:
@@ -591,11 +594,16 @@ class Instance:
         health = config.health
         pauses = Backoff(READY_POLL_FIRST, READY_POLL)
         elsewhere_since: float | None = None
+        next_port_check = trio.current_time() + PORT_CHECK_EVERY
         with trio.move_on_after(health.ready_deadline):
             while True:
                 with trio.move_on_after(health.timeout):
                     if await probe(config.port, health.ready_path):
                         return True
+                if trio.current_time() < next_port_check:  # /proc walks are not free
+                    await trio.sleep(pauses.next())
+                    continue
+                next_port_check = trio.current_time() + PORT_CHECK_EVERY
                 ports = await trio.to_thread.run_sync(listening_ports, process.pid)
                 if ports and config.port not in ports:
                     now = trio.current_time()

@@ -23,11 +23,13 @@ agent's tools directory when its own location is private. Blocking (file system 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +80,9 @@ def find_python(pin: str | None = None, *, own: Path = Path(sys.executable),
             candidates.append(Path(found))
     for candidate in candidates:
         if runnable_by_all(candidate):
-            return candidate
+            # the file itself: a link through a private directory (a venv's python under
+            # /root linking to /usr/bin/python3) would not be followable by the app's user
+            return candidate.resolve()
     tried = ", ".join(str(c) for c in candidates) or f"no {names[0]} on {search}"
     raise _unusable(f"no Python interpreter the app's user can run ({tried}); install "
                     f"{names[0]} system-wide (e.g. apt-get install python3-venv)")
@@ -90,7 +94,7 @@ def find_uv(tools_dir: Path, *, own: Path = Path(sys.executable)) -> Path | None
     found = shutil.which("uv", path=str(own.parent)) or shutil.which("uv", path=SYSTEM_PATH)
     if found is None:
         return None
-    source = Path(found)
+    source = Path(found).resolve()
     if runnable_by_all(source):
         return source
     copy = tools_dir / "uv"
@@ -101,12 +105,17 @@ def find_uv(tools_dir: Path, *, own: Path = Path(sys.executable)) -> Path | None
                                                               src_stat.st_mtime)
     except FileNotFoundError:
         current = False
-    if not current:
+    if not current:  # a temporary file of its own: builds may copy at the same moment
         tools_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = tools_dir / ".uv.tmp"
-        shutil.copy2(source, tmp)
-        os.chmod(tmp, 0o755)
-        tmp.replace(copy)
+        fd, tmp = tempfile.mkstemp(dir=tools_dir, prefix=".uv.")
+        os.close(fd)
+        try:
+            shutil.copy2(source, tmp)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, copy)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     return copy if runnable_by_all(copy) else None
 
 
@@ -177,4 +186,5 @@ def build_env(cache_dir: Path, agent_env: Mapping[str, str]) -> dict[str, str]:
             "npm_config_cache": str(cache_dir / "npm"),
             "UV_PYTHON_DOWNLOADS": "never",  # the toolchain's interpreter, never a download
             "UV_SYSTEM_CERTS": "1",  # trust the machine's CA store, as pip and npm do
+            "UV_NATIVE_TLS": "1",  # the same, as uv releases before UV_SYSTEM_CERTS say it
             "UV_NO_PROGRESS": "1"}

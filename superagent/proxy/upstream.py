@@ -184,9 +184,9 @@ class Upstreams:
 
     def pick(self, app: AppRoute, exclude: Iterable[str] = ()) -> Upstream | None:
         """The routed, non-draining instance with the fewest requests in flight (ties
-        rotate); when there is none (or all are in ``exclude``), a standby or draining one
-        that is still alive: a request is better served by a warm instance on its way out
-        than refused."""
+        rotate); when there is none (or all are in ``exclude``), a standby (the warm
+        instances a switch replaced, draining or not) rather than a refusal. Draining
+        instances that are no standby never get a new request."""
         members = self._by_app.get(app.name)
         if not members:
             return None
@@ -198,9 +198,11 @@ class Upstreams:
             up = members[(self._turn + i) % n]
             if up.id in exclude:
                 continue
-            if up.draining or up.standby:
+            if up.standby:
                 if fallback is None or up.outstanding < fallback.outstanding:
                     fallback = up
+            elif up.draining:
+                continue
             elif best is None or up.outstanding < best.outstanding:
                 best = up
         return best if best is not None else fallback

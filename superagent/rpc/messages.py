@@ -7,7 +7,7 @@ Signals change a participant's state. Each is a frozen keyword-only dataclass wi
 one signal whose body is not JSON: its fields travel in headers and the body is the
 release tarball (``PUT /v1/releases/<app>/<release>``).
 
-Queries (``StatusQuery``, ``LogsQuery``) read and are neither fenced nor remembered.
+Queries (``GET /v1/status``, ``LogsQuery``) read and are neither fenced nor remembered.
 
 Replies are untagged: the request says which class to expect. A signal's reply has
 ``repeated`` set when it is the remembered answer to a repeated id. An error is an
@@ -379,13 +379,6 @@ SIGNALS: dict[str, type[Signal[Any]]] = {cls.type: cls for cls in (
 
 
 # -- queries ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True, kw_only=True)
-class StatusQuery:
-    """``GET /v1/status``: instances, routes, releases, isolation, figures."""
-
-    type: ClassVar[str] = "status"
-
 
 @dataclass(frozen=True, kw_only=True)
 class LogsQuery:

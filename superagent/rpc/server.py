@@ -235,7 +235,8 @@ def rpc_app(service: AgentService, *, secret: str, ledger: Ledger, translate: Tr
         try:
             message = codec.decode(msg.Upload, {
                 "id": request.headers.get("x-superagent-signal", ""),
-                "term": int(term) if term.isdigit() else term, "app": app, "release": release,
+                "term": int(term) if term.isascii() and term.isdigit() else term, "app": app,
+                "release": release,
                 "sha256": request.headers.get("x-superagent-sha256", "").lower()})
         except CodecError as exc:
             return bad_request(f"upload: {exc} (headers X-Superagent-Signal, -Term, -Sha256)")

@@ -138,17 +138,17 @@ def test_the_drain_waits_out_the_watch_window_after_the_switch() -> None:
     assert outcomes.watch_left(history, "n3", 101.0) == 0.0
 
 
-def test_only_the_rolls_last_drain_waits_and_it_sees_every_node() -> None:
-    """The last node to drain is the one whose drain waits out the watch window; the
-    health rule names each sick instance of a node."""
+def test_only_the_rolls_last_batch_waits_and_the_health_rule() -> None:
+    """The nodes of the roll's last batch wait out the watch window (all of them, however
+    many roll at once); the health rule names each sick instance of a node."""
     rec = record()
-    pair = m.new_record(deploy_id="d1", app="hello", release="r2", sha256=SHA,
-                        nodes=(NODE, "n2"), per_node=1, max_parallel=1, drain_grace=5.0)
-    two = replace(pair, steps=(rec.steps[0], replace(pair.steps[1], step=m.Step.PREPARED)))
-    assert outcomes.last_to_drain(rec, NODE)  # the only node
-    assert not outcomes.last_to_drain(two, NODE)  # n2 has yet to roll
-    drained = replace(two, steps=(two.steps[0], replace(two.steps[1], step=m.Step.DRAINED)))
-    assert outcomes.last_to_drain(drained, NODE)
+    assert outcomes.in_last_batch(rec, NODE)  # the only node
+    one_by_one = m.new_record(deploy_id="d1", app="hello", release="r2", sha256=SHA,
+                              nodes=(NODE, "n2"), per_node=1, max_parallel=1, drain_grace=5.0)
+    assert not outcomes.in_last_batch(one_by_one, NODE)
+    assert outcomes.in_last_batch(one_by_one, "n2")
+    together = replace(one_by_one, max_parallel=2)
+    assert outcomes.in_last_batch(together, NODE) and outcomes.in_last_batch(together, "n2")
     assert outcomes.unhealthy(rec, NODE, status(instance("hello@r2.2"))) is None
     assert outcomes.unhealthy(rec, NODE, None) == m.Cancel(
         reason="new instances on n1 are not healthy: hello@r2.2 gone")

@@ -127,7 +127,7 @@ async def test_node_app_builds_with_npm(store: ReleaseStore) -> None:
     prepared = await store.prepare("hello", "r1", archive, sha(archive),
                                    env={"npm_config_update_notifier": "false"})
     assert (prepared.src / "package-lock.json").exists()
-    assert "npm install --no-audit --no-fund" in prepared.build_log.read_text()
+    assert "npm install --prefer-offline --no-audit --no-fund" in prepared.build_log.read_text()
 
 
 async def test_failed_build_keeps_only_the_log(store: ReleaseStore) -> None:

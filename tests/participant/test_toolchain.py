@@ -56,7 +56,7 @@ def test_a_private_agent_interpreter_gives_way_to_the_systems(tmp_path: Path) ->
     if system is None or not runnable_by_all(Path(system)):
         pytest.skip("no system python3 that every user can run")
     own = private_copy(tmp_path, "python3", sys.executable)
-    assert find_python(own=own) == Path(system)
+    assert find_python(own=own) == Path(system).resolve()  # the file, not a link to it
     assert python_version(Path(system)).startswith("3.")
 
 
@@ -95,3 +95,15 @@ def test_release_bin_and_environment(tmp_path: Path) -> None:
     (src / ".venv" / "bin").mkdir(parents=True)
     assert release_env(src, "/usr/bin")["VIRTUAL_ENV"] == str(src / ".venv")
     assert "uv" in tools.describe() and "3.11.2" in tools.describe()
+
+
+def test_a_link_through_a_private_directory_is_followed_to_the_file(world_dir: Path) -> None:
+    """A venv's python under a private directory that links to a system interpreter is
+    usable, but only by its target: the release's bin/ must link the file itself."""
+    system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    if system is None or not runnable_by_all(Path(system)):
+        pytest.skip("no system python3 that every user can run")
+    private = world_dir / "private"
+    private.mkdir(mode=0o700)
+    (private / "python3").symlink_to(system)
+    assert find_python(own=private / "python3") == Path(system).resolve()

@@ -26,17 +26,20 @@ def test_routed_instances_are_preferred_to_standbys() -> None:
     assert ups.pick(app, exclude=["new", "old"]) is None
 
 
-def test_draining_instances_serve_only_when_nothing_else_can() -> None:
-    """Draining instances get no request while another can take it, rather than a 503
-    when none can; the least busy fallback wins."""
+def test_draining_instances_get_no_new_request_unless_they_are_standbys() -> None:
+    """A draining instance gets no new request (its drain must be able to end); a standby
+    serves when no routed instance can, draining or not, the least busy first."""
     ups, app = upstreams(Instance(id="a", host="127.0.0.1", port=1),
                          Instance(id="b", host="127.0.0.1", port=2),
-                         Instance(id="c", host="127.0.0.1", port=3, standby=True))
+                         Instance(id="c", host="127.0.0.1", port=3, standby=True),
+                         Instance(id="d", host="127.0.0.1", port=4, standby=True))
     ups.set_draining("a", True)
     assert {ups.pick(app).id for _ in range(10)} == {"b"}  # type: ignore[union-attr]
-    ups.by_id["c"].outstanding = 3
+    ups.set_draining("c", True)
+    ups.by_id["d"].outstanding = 3
     picked = ups.pick(app, exclude=["b"])
-    assert picked is not None and picked.id == "a"
+    assert picked is not None and picked.id == "c"
+    assert ups.pick(app, exclude=["b", "c", "d"]) is None  # never "a"
 
 
 def test_a_standby_mark_follows_the_snapshot_and_the_wire() -> None:

@@ -29,7 +29,6 @@ EXAMPLES: list[Any] = [
     msg.Drain(**SIG, instances=("hello@r1.1", "hello@r1.2"), grace=30.0),
     msg.Offline(**SIG, offline=True),
     msg.Debug(**SIG, app="hello", enabled=True, ttl=60.0),
-    msg.StatusQuery(),
     msg.LogsQuery(app="hello", request_id="r-1", n=5, follow=True),
     msg.PrepareReply(app="hello", release="r1", sha256=SHA, build_log="/x/build.log",
                      removed_releases=("r0",)),

@@ -97,9 +97,11 @@ def unhealthy(record: m.DeployRecord, node: str, status: msg.StatusReply | None
                     + ", ".join(f"{i} {st}" for i, st in sorted(sick.items())))
 
 
-def last_to_drain(record: m.DeployRecord, node: str) -> bool:
-    """Whether ``node``'s drain is the roll's last: every other rolling node is drained."""
-    return all(s.step is m.Step.DRAINED or s.lost for s in record.steps if s.node != node)
+def in_last_batch(record: m.DeployRecord, node: str) -> bool:
+    """Whether ``node`` rolls in the roll's last batch (whose drains wait out the watch
+    window; the nodes of one batch drain at the same time)."""
+    batches = m.batches(record)
+    return bool(batches) and node in batches[-1]
 
 
 def _sickness(instance: msg.InstanceStatus | None) -> str:
@@ -119,7 +121,8 @@ def watch_left(history: list[list[Any]], node: str, now: float,
     """Seconds still to watch after ``node``'s switch before the last drain's health check
     (0 when the window has passed or there was no switch)."""
     switched = [at for at, kind, where in history if kind == "switched" and where == node]
-    return max(0.0, switched[-1] + window - now) if switched else 0.0
+    # bounded by the window: the switch's time is another leader's clock, maybe skewed
+    return min(window, max(0.0, switched[-1] + window - now)) if switched else 0.0
 
 
 def needs_status(action: m.NodeAction, answer: Answer) -> bool:

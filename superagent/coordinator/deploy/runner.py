@@ -176,7 +176,7 @@ class DeployRunner:
         else:
             answer = await self._signal(node, message, wait)
         if (isinstance(action, m.Drain) and isinstance(answer, msg.Reply)
-                and outcomes.last_to_drain(record, node)):
+                and outcomes.in_last_batch(record, node)):
             sick = await self._watch(record, node)
             if sick is not None:
                 return sick
@@ -193,7 +193,11 @@ class DeployRunner:
         await trio.sleep(outcomes.watch_left(history, node, time.time()))
         for step in record.steps:
             if step.node != node and step.step is m.Step.DRAINED and not step.lost:
-                sick = outcomes.unhealthy(record, step.node, await self._status(step.node))
+                try:
+                    status = await self._status(step.node)
+                except _Unreachable as exc:  # that node is lost, not the one draining
+                    return m.NodeLost(node=step.node, error=str(exc))
+                sick = outcomes.unhealthy(record, step.node, status)
                 if sick is not None:
                     return sick
         return None
