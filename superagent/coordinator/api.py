@@ -309,6 +309,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
     return JSONResponse({**doc, "deploy_id": started["deploy_id"]}, status_code=201)
 
 
+ROLLBACK_PARALLEL = 1000  # nodes a rollback rolls at once by default: all of them
 UNCHANGED_DRAIN_MAX = 1024**3  # bytes of an unchanged upload read before answering anyway
 
 
@@ -456,8 +457,11 @@ async def rollback(request: Request, ctx: Context) -> Response:
         return error(409, "never_succeeded",
                      f"{app} {to} never served (no deploy of it succeeded); pass force to"
                      " roll back to it all the same", release=to)
+    options = deploy_options(body)
+    # a rollback is the way out of trouble: every node at once unless asked otherwise
+    options.setdefault("max_parallel", ROLLBACK_PARALLEL)
     started = await begin_deploy(c, app=app, release=to, actor=ctx.actor,
-                                 key=idempotency_key(request), **deploy_options(body))
+                                 key=idempotency_key(request), **options)
     if not started.get("ok"):
         return from_result(started)
     return JSONResponse({**started, "app": app}, status_code=201)

@@ -302,6 +302,10 @@ async def test_rollback_serves_the_earlier_release_without_rebuilding(cluster: C
     assert response.status_code == 201, response.text
     view = await cluster.wait("back", response.json()["deploy_id"])
     print(f"\nrollback to r1: {view['status']} in {time.monotonic() - started:.2f}s")
+    deploy_id = response.json()["deploy_id"]
+    parallel = cluster.embedded.coordinator.read(
+        lambda s: s.deploys[deploy_id].record["max_parallel"])
+    assert parallel >= 2  # a rollback rolls every node at once unless asked otherwise
     assert (view["status"], view["release"]) == ("succeeded", "r1"), view
     assert {(await cluster.get("/back/")).json()["release"] for _ in range(4)} == {"r1"}
     assert {i["release"] for i in cluster.instances("back")} == {"r1"}

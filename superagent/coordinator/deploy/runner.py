@@ -176,7 +176,9 @@ class DeployRunner:
         else:
             answer = await self._signal(node, message, wait)
         if (isinstance(action, m.Drain) and isinstance(answer, msg.Reply)
-                and outcomes.in_last_batch(record, node)):
+                and outcomes.in_last_batch(record, node)
+                # a release that served before (a rollback) has shown it stays up
+                and not self.host.read(lambda s: s.served(record.app, record.release))):
             sick = await self._watch(record, node)
             if sick is not None:
                 return sick
