@@ -340,7 +340,7 @@ async def test_express_and_ws(cluster: Cluster) -> None:
     first, first_seconds = await deploy_built(cluster, source("1"))
     assert first["release"] == "r1", first
     _, build = build_of(cluster, "chat", "r1")
-    assert build["command"] == "npm install --no-audit --no-fund", build
+    assert build["command"] == "npm install --prefer-offline --no-audit --no-fund", build
     assert_serving(cluster, "chat", "r1")
     home = (await proxied(cluster, "/chat/")).json()
     assert home == {"app": "chat", "release": "r1", "forwardedFor": "127.0.0.1"}, home
@@ -352,7 +352,7 @@ async def test_express_and_ws(cluster: Cluster) -> None:
     second, second_seconds = await deploy_built(cluster, source("2", lock.read_text()))
     assert second["release"] == "r2", second
     _, build2 = build_of(cluster, "chat", "r2")
-    assert build2["command"] == "npm ci --no-audit --no-fund", build2
+    assert build2["command"] == "npm ci --prefer-offline --no-audit --no-fund", build2
     assert_serving(cluster, "chat", "r2")
     assert (await proxied(cluster, "/chat/")).json()["release"] == "r2"
     assert await websocket_echo(cluster.proxy, "/chat/ws", "again") == "echo: again"
