@@ -21,6 +21,8 @@ from superagent.client import Client, ClientError, resolve_servers, resolve_toke
 
 FOLLOW_TIMEOUT = 30.0  # seconds without a byte of the progress stream (keep-alives come every 5)
 FOLLOW_RECONNECTS = 20
+URLS_WAIT = 5.0  # seconds for the participants' heartbeats to name their proxy listeners
+URLS_POLL = 0.25
 
 
 def client_of(args: argparse.Namespace) -> Client:
@@ -192,10 +194,17 @@ def follow_deploy(client: Client, app: str, deploy_id: str, *, as_json: bool) ->
 
 
 def _print_urls(client: Client, app: str) -> None:
-    try:
-        urls = app_urls(client.get(f"/api/v1/apps/{app}"), client.get("/api/v1/nodes"))
-    except ClientError:
-        return  # the deploy succeeded; where it serves is shown by `superagent status`
+    """The app's URLs, as soon as a participant's heartbeat has told the coordinator its
+    proxy listeners (one a second; waited for at most ``URLS_WAIT``)."""
+    deadline = time.monotonic() + URLS_WAIT
+    while True:
+        try:
+            urls = app_urls(client.get(f"/api/v1/apps/{app}"), client.get("/api/v1/nodes"))
+        except ClientError:
+            return  # the deploy succeeded; where it serves is shown by `superagent status`
+        if urls or time.monotonic() >= deadline:
+            break
+        time.sleep(URLS_POLL)
     for url in urls:
         print(f"  {url}")
 

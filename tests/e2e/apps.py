@@ -31,11 +31,7 @@ GRACE = 20.0  # seconds for plain requests in flight after SIGTERM (the longest 
 if MODE == "crash":
     print("e2e app: crashing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
-if MODE == "crash_after_ready":  # passes readiness, then dies
-    def _die():
-        print("e2e app: crashing after being ready", file=sys.stderr, flush=True)
-        os._exit(3)
-    threading.Timer(float(os.environ.get("CRASH_AFTER", "2")), _die).start()
+CRASH_AFTER = float(os.environ.get("CRASH_AFTER", "2"))  # crash_after_ready: when it dies
 
 
 class Server(ThreadingHTTPServer):
@@ -122,6 +118,14 @@ def main():
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
+    if MODE == "crash_after_ready":  # passes readiness, then dies between two answers
+        # (an answer cut in the middle is lost whatever serves it: nothing can replay it)
+        def die():
+            with server.cond:
+                server.cond.wait_for(lambda: server.in_flight == 0)
+                print("e2e app: crashing after being ready", file=sys.stderr, flush=True)
+                os._exit(3)
+        threading.Timer(CRASH_AFTER, die).start()
     print("e2e app: listening", flush=True)
     server.serve_forever()
     with server.cond:
