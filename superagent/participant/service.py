@@ -279,10 +279,18 @@ class Agent:
             del self.instances[config.instance]
             self.ports.release(config.port)
             self.log_hub.remove(config.instance)
-            for table in (self.routes, self.standby):  # no route names what is gone
-                for app, ids in table.items():
-                    if config.instance in ids:
-                        table[app] = [i for i in ids if i != config.instance]
+            self._unroute({config.instance})  # no route names what is gone
+
+    def _unroute(self, gone: set[str]) -> bool:
+        """Take ``gone`` out of every app's routes and standbys; True if any was there."""
+        changed = False
+        for table in (self.routes, self.standby):
+            for app, ids in table.items():
+                kept = [i for i in ids if i not in gone]
+                if kept != ids:
+                    table[app] = kept
+                    changed = True
+        return changed
 
     async def _supervise(self, instance: Instance, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -478,14 +486,7 @@ class Agent:
         targets = [self._instance(i) for i in instances]
         remaining = await self.proxy.drain(
             instances, grace=self.config.drain_grace if grace is None else grace)
-        unrouted = False
-        for table in (self.routes, self.standby):
-            for app, ids in table.items():
-                kept = [i for i in ids if i not in instances]
-                if kept != ids:
-                    table[app] = kept
-                    unrouted = True
-        if unrouted:
+        if self._unroute(set(instances)):
             await self._apply_routes()
         for instance in targets:
             await instance.stop()
