@@ -17,6 +17,7 @@ from dataclasses import replace
 from superagent import __version__
 from superagent.errors import SuperagentError
 from superagent.log import setup_logging
+from superagent.names import group_name_problem
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
@@ -75,6 +76,10 @@ def _participant(args: argparse.Namespace) -> int:
                                  for g in value.split(",") if g.strip()))
     if not groups:
         raise SuperagentError("--group needs a group name")
+    for group in groups:  # the coordinator refuses the registration otherwise, much later
+        problem = group_name_problem(group)
+        if problem is not None:
+            raise SuperagentError(f"--group: {problem}")
     if args.capacity < 0:
         raise SuperagentError("--capacity must be 0 or more")
     coordinator: tuple[str, ...] = ()

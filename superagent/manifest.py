@@ -31,14 +31,13 @@ from typing import Any
 from superagent.config import Table, parse_toml
 from superagent.errors import ConfigError, HTTPSyntaxError
 from superagent.httprules import DEFAULT_MAX_BODY, normalize_host, normalize_path
-from superagent.names import ENV_KEY, is_app_name
+from superagent.names import ENV_KEY, group_name_problem, is_app_name
 
 MANIFEST = "superagent.toml"
 PROCFILE = "Procfile"
 
-# App names and environment keys follow superagent.names. The patterns are used with
-# fullmatch: "^...$" with match() would accept a trailing newline.
-_GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+# App names, group names and environment keys follow superagent.names. The patterns are
+# used with fullmatch: "^...$" with match() would accept a trailing newline.
 _PROCFILE_LINE = re.compile(r"([A-Za-z0-9_-]+)\s*:\s*(.*)")
 PYTHON_PIN = re.compile(r"3(\.\d{1,2})?")  # [build] python: "3" or "3.N"
 RESERVED_ENV = "PORT"
@@ -47,6 +46,7 @@ RESERVED_ENV_PREFIX = "SUPERAGENT_"  # the agent sets SUPERAGENT_APP, _RELEASE, 
 MIN_MEMORY = 4 * 1024**2  # below this not even a bare interpreter starts; a typo like "256K"
 MAX_CPU = 64.0  # cores; more is a typo (cpu = 500 meaning 500 millicores)
 MAX_PER_NODE = 64  # instances of one app on one machine; more is a typo, not a plan
+MAX_INSTANCES = 10_000  # instances of one app in the whole cluster (a node takes 10,000 at most)
 MIN_NOFILE = 64  # an interpreter with a listening socket and a few imports needs this many
 MAX_NOFILE = 1024**2  # the Linux default fs.nr_open; setrlimit fails above it
 TEST_TIMEOUT = 600.0  # seconds the [test] command may run; a test suite gets as long as a build
@@ -117,14 +117,22 @@ class RoutesSpec:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ScaleSpec:
-    """``[scale]``: ``per_node`` instances on every machine of ``groups``.
+    """``[scale]``: ``per_node`` instances on every machine of ``groups``, or, with
+    ``instances`` set, that many in total spread over those machines.
 
+    ``per_node`` does not apply when ``instances`` is set; it is then kept at its default
+    (also when the spec is built directly), so the JSON round trip stays lossless.
     ``idle_timeout`` > 0 scales to zero after that many idle seconds; 0 never does.
     """
 
     groups: tuple[str, ...] = ("default",)
     per_node: int = 1
+    instances: int | None = None
     idle_timeout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.instances is not None and self.per_node != 1:
+            object.__setattr__(self, "per_node", 1)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -308,15 +316,19 @@ def _read_scale(table: Table) -> ScaleSpec:
     if not groups:
         raise table.error("groups", "must name at least one machine group")
     for group in groups:
-        if not _GROUP_NAME.fullmatch(group):
-            raise table.error("groups", (
-                f"{group!r} is not a valid group name: use lower-case letters, digits and '-', "
-                "starting with a letter or digit"))
+        problem = group_name_problem(group)
+        if problem is not None:
+            raise table.error("groups", problem)
     if len(set(groups)) != len(groups):
         raise table.error("groups", "a group is listed twice")
+    instances: int | None = table.integer("instances", None, minimum=1, maximum=MAX_INSTANCES)
+    if instances is not None and table.has("per_node"):
+        raise table.error("instances", "is K instances in total, per_node is k on every "
+                                       "machine: set one of the two, not both")
     spec = ScaleSpec(
         groups=tuple(groups),
         per_node=table.integer("per_node", d.per_node, minimum=0, maximum=MAX_PER_NODE),
+        instances=instances,
         idle_timeout=table.duration("idle_timeout", d.idle_timeout),
     )
     table.done()
@@ -485,11 +497,21 @@ def spec_to_json(spec: AppSpec) -> dict[str, Any]:
         "run": {"command": spec.run.command},
         "health": health,
         "routes": routes,
-        "scale": {"groups": list(s.groups), "per_node": s.per_node,
-                  "idle_timeout": s.idle_timeout},
+        "scale": _scale_json(s),
         "limits": limits,
         "env": dict(spec.env),
     }
+
+
+def _scale_json(s: ScaleSpec) -> dict[str, Any]:
+    # per_node and instances exclude each other in a manifest, so only the one that applies
+    # is written; a spec without instances keeps the document older coordinators wrote.
+    doc: dict[str, Any] = {"groups": list(s.groups), "idle_timeout": s.idle_timeout}
+    if s.instances is None:
+        doc["per_node"] = s.per_node
+    else:
+        doc["instances"] = s.instances
+    return doc
 
 
 def _put(target: dict[str, Any], key: str, value: object) -> None:

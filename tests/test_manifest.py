@@ -466,13 +466,54 @@ def test_bad_routes(values: dict[str, Any], key: str, fragment: str) -> None:
         ({"per_node": -1}, "scale.per_node", "at least 0"),
         ({"per_node": 65}, "scale.per_node", "at most 64"),
         ({"per_node": 1.5}, "scale.per_node", "expected an integer"),
+        ({"groups": ["g" * 41]}, "scale.groups", "1-40 lower-case"),
+        ({"instances": 0}, "scale.instances", "at least 1"),
+        ({"instances": 10_001}, "scale.instances", "at most 10000"),
+        ({"instances": "3"}, "scale.instances", "expected an integer"),
+        ({"instances": 3, "per_node": 1}, "scale.instances", "not both"),
         ({"idle_timeout": "-1s"}, "scale.idle_timeout", "expected a duration"),
         ({"idle_timeout": "1d"}, "scale.idle_timeout", "expected a duration"),
     ],
 )
 def test_bad_scale(values: dict[str, Any], key: str, fragment: str) -> None:
-    """Groups are named and non-empty; per_node stays within 0..64."""
+    """Groups are named and non-empty; per_node stays within 0..64; instances is 1..10000
+    and excludes an explicit per_node."""
     expect_error(minimal(scale=values), key, fragment)
+
+
+def test_instances_in_total() -> None:
+    """``instances`` is K in total; per_node then does not apply and keeps its default."""
+    spec = parse(minimal(scale={"groups": ["web"], "instances": 5}))
+    assert spec.scale == ScaleSpec(groups=("web",), per_node=1, instances=5)
+    doc = spec_to_json(spec)
+    assert doc["scale"] == {"groups": ["web"], "instances": 5, "idle_timeout": 0.0}
+    assert spec_from_json(doc) == spec
+    assert ScaleSpec(per_node=3, instances=2).per_node == 1  # built directly: the same
+
+
+def test_group_names_follow_the_shared_rule() -> None:
+    """A manifest accepts exactly the group names a node can register with."""
+    from superagent.coordinator.commands import RegisterNode
+    from superagent.names import GROUP_NAME_MAX
+
+    longest = "g" * GROUP_NAME_MAX
+    assert parse(minimal(scale={"groups": [longest]})).scale.groups == (longest,)
+    RegisterNode(key="k", at=1.0, actor="a", node="n1", address="h:1", groups=(longest,),
+                 capacity=1)
+
+
+def test_older_spec_json_without_instances_loads() -> None:
+    """A spec document written before ``instances`` existed loads unchanged and writes
+    back the same document (the Raft log and snapshots keep their bytes)."""
+    old = {"app": {"name": "hello"}, "build": {}, "test": {}, "run": {"command": "x"},
+           "health": {"interval": 5.0, "timeout": 2.0, "failures": 3,
+                      "ready_deadline": 60.0},
+           "routes": {"strip_prefix": False, "hosts": []},
+           "scale": {"groups": ["default"], "per_node": 2, "idle_timeout": 0.0},
+           "limits": {"nofile": 4096, "timeout": 30.0, "max_body": 10 * 1024**2}, "env": {}}
+    spec = spec_from_json(old)
+    assert (spec.scale.per_node, spec.scale.instances) == (2, None)
+    assert spec_to_json(spec)["scale"] == old["scale"]
 
 
 @pytest.mark.parametrize(

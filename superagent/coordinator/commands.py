@@ -32,8 +32,8 @@ from superagent.codec import canonical_json
 from superagent.coordinator.errors import CommandError, UnknownCommand
 from superagent.coordinator.lifecycle import Lifecycle
 from superagent.errors import CodecError
-from superagent.manifest import MAX_PER_NODE
-from superagent.names import APP_NAME, ENV_KEY, SHA256
+from superagent.manifest import MAX_INSTANCES, MAX_PER_NODE
+from superagent.names import APP_NAME, ENV_KEY, GROUP_NAME, SHA256
 
 KEY_MAX = 200  # idempotency keys are client-made (uuid, CI job id + step); 200 fits any sane one
 ACTOR_MAX = 200  # a token name or "user@host"; the audit log stores it verbatim
@@ -43,7 +43,8 @@ MAX_CAPACITY = 10_000  # instances one node may run; more is a typo
 MAX_RELEASE_SIZE = 4 * 1024**3  # bytes of a source tarball; the artifact store refuses more
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a hostname label or FQDN
-GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+TOKEN_NAME = GROUP_NAME  # a short label, like a group's
+SCALE_OUTCOMES = ("converged", "short", "replaced")  # how a scaling ends (FinishScale)
 DEPLOY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 API_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:_-]{1,250}")  # scheme://host:port, no path
 
@@ -70,6 +71,13 @@ class Command:
     def _match(self, name: str, pattern: re.Pattern[str], value: str) -> None:
         self._check(name, pattern.fullmatch(value) is not None,
                     f"{value!r} does not match {pattern.pattern}")
+
+    def _groups(self, name: str, groups: tuple[str, ...]) -> None:
+        """A non-empty list of distinct group names (superagent.names.GROUP_NAME)."""
+        self._check(name, len(groups) > 0, "must name at least one group")
+        self._check(name, len(set(groups)) == len(groups), "has duplicates")
+        for group in groups:
+            self._match(name, GROUP_NAME, group)
 
     def to_doc(self) -> dict[str, Any]:
         """The JSON-safe document ``decode_doc`` turns back into an equal command."""
@@ -169,12 +177,22 @@ class RegisterNode(_NodeCommand):
         self._check("address", 1 <= len(self.address) <= ADDRESS_MAX
                     and not any(c.isspace() for c in self.address),
                     f"must be 1-{ADDRESS_MAX} characters without spaces")
-        self._check("groups", len(self.groups) > 0, "must name at least one group")
-        self._check("groups", len(set(self.groups)) == len(self.groups), "has duplicates")
-        for group in self.groups:
-            self._match("groups", GROUP_NAME, group)
+        self._groups("groups", self.groups)
         self._check("capacity", 1 <= self.capacity <= MAX_CAPACITY,
                     f"must be 1-{MAX_CAPACITY}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelNode(_NodeCommand):
+    """The operator sets a node's groups; they win over the groups the node registers with
+    later (the node is then ``labeled``)."""
+
+    type: ClassVar[str] = "label_node"
+    groups: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._groups("groups", self.groups)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +225,7 @@ class SetPlacement(_AppCommand):
 
     type: ClassVar[str] = "set_placement"
     placement: dict[str, int]
+    reason: str = ""  # why the desired count is not met ("" when it is), for the operator
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -214,6 +233,61 @@ class SetPlacement(_AppCommand):
             self._match("placement", NODE_NAME, node)
             self._check("placement", 0 <= count <= MAX_PER_NODE,
                         f"{node}: must be 0-{MAX_PER_NODE} instances")
+        self._check("reason", len(self.reason) <= REASON_MAX,
+                    f"must be at most {REASON_MAX} characters")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetScale(_AppCommand):
+    """The run-time scale of ``app``, overriding its manifest's ``[scale]``.
+
+    ``per_node`` instances on every eligible node of ``groups``, or, when ``instances``
+    is set, that many in total (``per_node`` then does not apply). Starts a scaling
+    (``App.scaling``, named ``scale_id``; "" lets the state name it ``s<audit seq>``)
+    that the leader ends with ``FinishScale``.
+    """
+
+    type: ClassVar[str] = "set_scale"
+    groups: tuple[str, ...]
+    per_node: int = 1
+    instances: int | None = None
+    scale_id: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scale_id:
+            self._match("scale_id", DEPLOY_ID, self.scale_id)
+        self._groups("groups", self.groups)
+        self._check("per_node", 0 <= self.per_node <= MAX_PER_NODE,
+                    f"must be 0-{MAX_PER_NODE}")
+        self._check("instances", self.instances is None
+                    or 1 <= self.instances <= MAX_INSTANCES, f"must be 1-{MAX_INSTANCES}")
+
+    def scale(self) -> dict[str, Any]:
+        """The override as ``App.scale`` stores it."""
+        return {"groups": list(self.groups),
+                "per_node": self.per_node if self.instances is None else 1,
+                "instances": self.instances}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinishScale(_AppCommand):
+    """The leader is done with scaling ``scale_id`` of ``app``: its placement runs
+    (``converged``), cannot be met (``short``, ``reason`` says why), or a newer scale or
+    a deploy took its place (``replaced``)."""
+
+    type: ClassVar[str] = "finish_scale"
+    scale_id: str
+    outcome: str
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("scale_id", DEPLOY_ID, self.scale_id)
+        self._check("outcome", self.outcome in SCALE_OUTCOMES,
+                    f"must be one of {list(SCALE_OUTCOMES)}")
+        self._check("reason", len(self.reason) <= REASON_MAX,
+                    f"must be at most {REASON_MAX} characters")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,7 +339,7 @@ class AddToken(Command):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._match("name", GROUP_NAME, self.name)
+        self._match("name", TOKEN_NAME, self.name)
         self._match("sha256", SHA256, self.sha256)
 
     @property
@@ -293,9 +367,9 @@ class RegisterCoordinator(Command):
 
 COMMANDS: dict[str, type[Command]] = {
     cls.type: cls
-    for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, NodeUp,
-                NodeDown, SetNodeLifecycle, SetPlacement, StartDeploy, DeployEvent,
-                FinishDeploy, AddToken, RegisterCoordinator)
+    for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, LabelNode,
+                NodeUp, NodeDown, SetNodeLifecycle, SetPlacement, SetScale, FinishScale,
+                StartDeploy, DeployEvent, FinishDeploy, AddToken, RegisterCoordinator)
 }
 
 

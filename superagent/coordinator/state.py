@@ -62,6 +62,13 @@ class App:
     created_at: float
     updated_at: float
     current_release: str | None = None  # set by a deploy that succeeded ("r3")
+    # the run-time scale (SetScale): {"groups": [...], "per_node": k, "instances": K | None};
+    # None: the spec's [scale] applies (see ClusterState.effective_scale)
+    scale: dict[str, Any] | None = None
+    # the scaling in progress: {"id", "at", "actor", "scale"}; ended by FinishScale
+    scaling: dict[str, Any] | None = None
+    # the last ended scaling: the one above plus {"outcome", "reason", "finished_at"}
+    last_scaling: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -86,6 +93,7 @@ class Node:
     up: bool
     registered_at: float
     changed_at: float
+    labeled: bool = False  # groups set by LabelNode: a re-registration keeps them
 
 
 @dataclass(slots=True)
@@ -114,6 +122,7 @@ class ClusterState:
         self.last_release: dict[str, int] = {}
         self.nodes: dict[str, Node] = {}
         self.placement: dict[str, dict[str, int]] = {}  # app -> node -> instances
+        self.placement_reason: dict[str, str] = {}  # app -> why its placement falls short
         self.deploys: dict[str, Deploy] = {}
         self.audit: list[dict[str, Any]] = []
         self.audit_seq = 0
@@ -126,10 +135,13 @@ class ClusterState:
             cmd.DeleteApp: self._delete_app,
             cmd.AddRelease: self._add_release,
             cmd.RegisterNode: self._register_node,
+            cmd.LabelNode: self._label_node,
             cmd.NodeUp: self._node_up,
             cmd.NodeDown: self._node_down,
             cmd.SetNodeLifecycle: self._set_node_lifecycle,
             cmd.SetPlacement: self._set_placement,
+            cmd.SetScale: self._set_scale,
+            cmd.FinishScale: self._finish_scale,
             cmd.StartDeploy: self._start_deploy,
             cmd.DeployEvent: self._deploy_event,
             cmd.FinishDeploy: self._finish_deploy,
@@ -211,13 +223,14 @@ class ClusterState:
 
     def _delete_app(self, c: cmd.DeleteApp) -> tuple[Result, str]:
         self._app(c.app)
-        running = [d.deploy_id for d in self.deploys.values() if d.app == c.app and d.running]
+        running = self._running_deploys(c.app)
         if running:
             raise Conflict(f"deploy {running[0]} of {c.app} is running: cancel it and wait"
                            " for it to finish first", app=c.app)
         del self.apps[c.app]
         self.releases.pop(c.app, None)
         self.placement.pop(c.app, None)
+        self.placement_reason.pop(c.app, None)
         for deploy_id in [d.deploy_id for d in self.deploys.values() if d.app == c.app]:
             del self.deploys[deploy_id]
         return {"ok": True, "app": c.app}, "deleted"
@@ -239,9 +252,21 @@ class ClusterState:
                 name=c.node, address=c.address, groups=list(c.groups), capacity=c.capacity,
                 lifecycle=Lifecycle.ONLINE.value, up=True, registered_at=c.at, changed_at=c.at)
             return {"ok": True, "node": c.node, "created": True}, "registered"
-        node.address, node.groups, node.capacity = c.address, list(c.groups), c.capacity
+        node.address, node.capacity = c.address, c.capacity
+        if not node.labeled:  # the operator's label wins over the node's own --group
+            node.groups = list(c.groups)
         node.up, node.changed_at = True, c.at
         return {"ok": True, "node": c.node, "created": False}, "re-registered"
+
+    def _label_node(self, c: cmd.LabelNode) -> tuple[Result, str]:
+        node = self._node(c.node)
+        groups = list(c.groups)
+        changed = groups != node.groups or not node.labeled
+        node.groups, node.labeled = groups, True
+        if changed:
+            node.changed_at = c.at
+        return ({"ok": True, "node": c.node, "groups": groups, "changed": changed},
+                "groups " + ",".join(groups))
 
     def _set_up(self, c: cmd.NodeUp | cmd.NodeDown, up: bool) -> tuple[Result, str]:
         node = self._node(c.node)
@@ -275,9 +300,51 @@ class ClusterState:
             self.placement[c.app] = placement
         else:
             self.placement.pop(c.app, None)
+        if c.reason:
+            self.placement_reason[c.app] = c.reason
+        else:
+            self.placement_reason.pop(c.app, None)
         total = sum(placement.values())
+        outcome = f"{total} instances on {len(placement)} nodes"
         return ({"ok": True, "app": c.app, "instances": total},
-                f"{total} instances on {len(placement)} nodes")
+                f"{outcome}: {c.reason}" if c.reason else outcome)
+
+    def _set_scale(self, c: cmd.SetScale) -> tuple[Result, str]:
+        app = self._app(c.app)
+        running = self._running_deploys(c.app)
+        if running:
+            raise Conflict(f"deploy {running[0]} of {c.app} is running: scale it once the"
+                           " deploy is over (or cancel the deploy)", app=c.app)
+        scale_id = c.scale_id or f"s{self.audit_seq + 1}"  # this command's audit seq: unique
+        if (app.scaling or {}).get("id") == scale_id or (
+                (app.last_scaling or {}).get("id") == scale_id):
+            raise Conflict(f"scaling {scale_id} of {c.app} already exists", app=c.app)
+        replaced = app.scaling
+        if replaced is not None:  # the newer scale takes over; the old one ends here
+            app.last_scaling = {**replaced, "outcome": "replaced", "finished_at": c.at,
+                                "reason": f"replaced by scaling {scale_id}"}
+        scale = c.scale()
+        app.scale, app.updated_at = scale, c.at
+        app.scaling = {"id": scale_id, "at": c.at, "actor": c.actor, "scale": scale}
+        return ({"ok": True, "app": c.app, "scale_id": scale_id, "scale": copy.deepcopy(scale)},
+                f"scaling {scale_id}: {_describe_scale(scale)}")
+
+    def _finish_scale(self, c: cmd.FinishScale) -> tuple[Result, str]:
+        app = self._app(c.app)
+        scaling = app.scaling
+        if scaling is None or scaling["id"] != c.scale_id:
+            current = f" (scaling {scaling['id']} is)" if scaling else ""
+            raise Conflict(f"scaling {c.scale_id} of {c.app} is not in progress{current}",
+                           app=c.app)
+        app.last_scaling = {**scaling, "outcome": c.outcome, "reason": c.reason,
+                            "finished_at": c.at}
+        app.scaling = None
+        outcome = c.outcome + (f": {c.reason}" if c.reason else "")
+        return ({"ok": True, "app": c.app, "scale_id": c.scale_id, "outcome": c.outcome},
+                outcome)
+
+    def _running_deploys(self, app: str) -> list[str]:
+        return [d.deploy_id for d in self.deploys.values() if d.app == app and d.running]
 
     def _start_deploy(self, c: cmd.StartDeploy) -> tuple[Result, str]:
         self._app(c.app)
@@ -292,10 +359,14 @@ class ClusterState:
             raise UnknownRelease(c.app, int(record.release.lstrip("r") or 0))
         if c.deploy_id in self.deploys:
             raise Conflict(f"deploy {c.deploy_id!r} already exists", app=c.app)
-        running = [d.deploy_id for d in self.deploys.values() if d.app == c.app and d.running]
+        running = self._running_deploys(c.app)
         if running:
             raise Conflict(f"deploy {running[0]} of {c.app} is still running: wait for it to"
                            " finish or cancel it", app=c.app)
+        scaling = self.apps[c.app].scaling
+        if scaling is not None:
+            raise Conflict(f"scaling {scaling['id']} of {c.app} is in progress: deploy once"
+                           " it is over (or scale again to change it)", app=c.app)
         self.deploys[c.deploy_id] = Deploy(
             deploy_id=c.deploy_id, app=c.app, record=record.to_doc(), actor=c.actor,
             created_at=c.at, updated_at=c.at, history=[[c.at, "started", ""]])
@@ -364,6 +435,19 @@ class ClusterState:
 
     # -- reads ------------------------------------------------------------------------
 
+    def effective_scale(self, app: str) -> dict[str, Any]:
+        """The scale ``app`` runs at: the run-time override (SetScale) if there is one,
+        else its spec's ``[scale]``: ``{"groups": [...], "per_node": k, "instances": K|None}``.
+        Raises UnknownApp."""
+        found = self._app(app)
+        if found.scale is not None:
+            return copy.deepcopy(found.scale)
+        spec = found.spec.get("scale", {})
+        instances = spec.get("instances")
+        return {"groups": list(spec.get("groups", ["default"])),
+                "per_node": 1 if instances is not None else spec.get("per_node", 1),
+                "instances": instances}
+
     def release_outcomes(self, app: str) -> dict[str, str]:
         """Release name -> the status of its latest kept deploy record (running, succeeded,
         rolled_back, failed); a release with no kept deploy is absent."""
@@ -397,6 +481,7 @@ class ClusterState:
             "last_release": dict(self.last_release),
             "nodes": [asdict(n) for n in self.nodes.values()],
             "placement": copy.deepcopy(self.placement),
+            "placement_reason": dict(self.placement_reason),
             "deploys": [asdict(d) for d in self.deploys.values()],
             "audit": copy.deepcopy(self.audit),
             "audit_seq": self.audit_seq,
@@ -430,6 +515,7 @@ class ClusterState:
             state.last_release = dict(doc["last_release"])
             state.nodes = {n["name"]: Node(**n) for n in doc["nodes"]}
             state.placement = doc["placement"]
+            state.placement_reason = doc.get("placement_reason", {})  # newer than version 1
             state.deploys = {d["deploy_id"]: Deploy(**d) for d in doc["deploys"]}
             state.audit = doc["audit"]
             state.audit_seq = doc["audit_seq"]
@@ -462,6 +548,14 @@ def _checked_spec(doc: Mapping[str, Any], app: str, command_type: str) -> dict[s
         raise CommandError(f"names app {spec.name!r}, not {app!r}", field="spec",
                            command_type=command_type)
     return spec_to_json(spec)
+
+
+def _describe_scale(scale: Mapping[str, Any]) -> str:
+    """ "3 per node in web,api" or "5 instances in web", for the audit log."""
+    groups = ",".join(scale["groups"])
+    if scale.get("instances") is not None:
+        return f"{scale['instances']} instances in {groups}"
+    return f"{scale['per_node']} per node in {groups}"
 
 
 def _fingerprint(command: cmd.Command) -> str:

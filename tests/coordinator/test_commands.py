@@ -95,6 +95,51 @@ def test_field_rules_apply_to_direct_construction() -> None:
         cmd.AddRelease(**base(), app="a", sha256="xyz", size=1, spec={})
     with pytest.raises(CommandError, match="placement"):
         cmd.SetPlacement(**base(), app="a", placement={"n1": 10_000})
+    with pytest.raises(CommandError, match="reason"):
+        cmd.SetPlacement(**base(), app="a", placement={}, reason="x" * 2001)
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields", "field"),
+    [
+        (cmd.LabelNode, {"node": "n1", "groups": ()}, "groups"),
+        (cmd.LabelNode, {"node": "n1", "groups": ("web", "web")}, "groups"),
+        (cmd.LabelNode, {"node": "n1", "groups": ("g" * 41,)}, "groups"),
+        (cmd.LabelNode, {"node": "n 1", "groups": ("web",)}, "node"),
+        (cmd.SetScale, {"app": "a", "groups": ()}, "groups"),
+        (cmd.SetScale, {"app": "a", "groups": ("Web",)}, "groups"),
+        (cmd.SetScale, {"app": "a", "groups": ("web",), "per_node": 65}, "per_node"),
+        (cmd.SetScale, {"app": "a", "groups": ("web",), "per_node": -1}, "per_node"),
+        (cmd.SetScale, {"app": "a", "groups": ("web",), "instances": 0}, "instances"),
+        (cmd.SetScale, {"app": "a", "groups": ("web",), "instances": 10_001}, "instances"),
+        (cmd.SetScale, {"app": "a", "groups": ("web",), "scale_id": "a b"}, "scale_id"),
+        (cmd.FinishScale, {"app": "a", "scale_id": "s1", "outcome": "done"}, "outcome"),
+        (cmd.FinishScale, {"app": "a", "scale_id": "", "outcome": "short"}, "scale_id"),
+        (cmd.FinishScale, {"app": "a", "scale_id": "s1", "outcome": "short",
+                           "reason": "x" * 2001}, "reason"),
+    ],
+)
+def test_scale_command_fields(cls: type[cmd.Command], fields: dict[str, object],
+                              field: str) -> None:
+    """LabelNode, SetScale and FinishScale name the field they refuse."""
+    with pytest.raises(CommandError) as info:
+        cls(**base(), **fields)
+    assert (info.value.field, info.value.command_type) == (field, cls.type)
+
+
+def test_older_set_placement_without_reason_decodes() -> None:
+    """A SetPlacement logged before it had a reason still decodes, with no reason."""
+    doc = json.loads(cmd.SetPlacement(**base(), app="a", placement={"n1": 1}).to_json())
+    del doc["reason"]
+    assert cmd.decode(json.dumps(doc)).reason == ""  # type: ignore[attr-defined]
+
+
+def test_set_scale_stores_one_kind_of_scale() -> None:
+    """With ``instances`` set, ``per_node`` does not apply and is stored as its default."""
+    command = cmd.SetScale(**base(), app="a", groups=("web",), per_node=4, instances=6)
+    assert command.scale() == {"groups": ["web"], "per_node": 1, "instances": 6}
+    command = cmd.SetScale(**base(), app="a", groups=("web",), per_node=4)
+    assert command.scale() == {"groups": ["web"], "per_node": 4, "instances": None}
 
 
 def test_commands_are_frozen_and_keyword_only() -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator import state as state_mod
-from superagent.coordinator.errors import SnapshotError
+from superagent.coordinator.errors import SnapshotError, UnknownApp
 from superagent.coordinator.state import ClusterState
 from tests.coordinator.helpers import (
     add_release,
@@ -252,7 +252,14 @@ COMMAND_JSON = st.one_of(
     _cmd(cmd.SetNodeLifecycle, node=NODES,
          lifecycle=st.sampled_from(["online", "draining", "offline"])),
     _cmd(cmd.SetPlacement, app=APPS,
-         placement=st.dictionaries(NODES, st.integers(0, 3), max_size=3)),
+         placement=st.dictionaries(NODES, st.integers(0, 3), max_size=3),
+         reason=st.sampled_from(["", "no room"])),
+    _cmd(cmd.LabelNode, node=NODES, groups=st.sampled_from([("web",), ("gpu", "web")])),
+    _cmd(cmd.SetScale, app=APPS, groups=st.just(("web",)), per_node=st.integers(0, 3),
+         instances=st.one_of(st.none(), st.integers(1, 5)),
+         scale_id=st.sampled_from(["", "s1", "s2"])),
+    _cmd(cmd.FinishScale, app=APPS, scale_id=st.sampled_from(["s1", "s2", "s5"]),
+         outcome=st.sampled_from(["converged", "short"])),
     st.builds(lambda app, d, r: start_deploy(app, d, r).to_json(), APPS,
               st.sampled_from(["d1", "d2"]), st.sampled_from(["r1", "r2"])),
     st.builds(lambda app, d, n: cmd.DeployEvent(**base(), app=app, deploy_id=d,
@@ -332,3 +339,163 @@ def test_retained_releases_are_the_serving_and_the_last_that_served() -> None:
         del release["served"]
     again = ClusterState.from_json(json.dumps(doc))
     assert [again.served("hello", f"r{n}") for n in range(1, 10)] == [True] * 6 + [False] * 3
+
+
+# -- scale, labels, placement reasons -------------------------------------------
+
+
+def _scale(app: str = "hello", **kw: Any) -> cmd.SetScale:
+    return cmd.SetScale(**{**base(), "app": app, "groups": ("default",), **kw})
+
+
+def _finish(scale_id: str, outcome: str = "converged", reason: str = "") -> cmd.FinishScale:
+    return cmd.FinishScale(**base(at=9.0), app="hello", scale_id=scale_id, outcome=outcome,
+                           reason=reason)
+
+
+def _spec_with_scale(**scale: Any) -> dict[str, Any]:
+    from superagent.manifest import parse_manifest, spec_to_json
+
+    return spec_to_json(parse_manifest({"app": {"name": "hello"},
+                                        "run": {"command": "python app.py"},
+                                        "scale": scale}, source="test"))
+
+
+def test_effective_scale_is_the_override_else_the_spec() -> None:
+    """Without SetScale the spec's [scale] applies; SetScale overrides it."""
+    state = ClusterState()
+    ok(state, create_app(spec=_spec_with_scale(groups=["web"], per_node=2)))
+    assert state.effective_scale("hello") == {"groups": ["web"], "per_node": 2,
+                                              "instances": None}
+    ok(state, cmd.UpdateAppSpec(**base(), app="hello", spec=_spec_with_scale(instances=5)))
+    assert state.effective_scale("hello") == {"groups": ["default"], "per_node": 1,
+                                              "instances": 5}
+    result = ok(state, _scale(groups=("web", "api"), instances=3, scale_id="s1"))
+    assert result["scale"] == {"groups": ["web", "api"], "per_node": 1, "instances": 3}
+    assert state.effective_scale("hello") == result["scale"]
+    assert state.audit[-1]["outcome"] == "scaling s1: 3 instances in web,api"
+    state.effective_scale("hello")["groups"].append("x")  # a copy: the state is untouched
+    assert state.apps["hello"].scale == result["scale"]
+    with pytest.raises(UnknownApp):
+        state.effective_scale("nope")
+
+
+def test_scaling_runs_until_finish_scale() -> None:
+    """SetScale starts a scaling record; FinishScale ends it with its outcome and reason."""
+    state = ClusterState()
+    ok(state, create_app())
+    result = ok(state, _scale(per_node=3))
+    scale_id = result["scale_id"]
+    assert scale_id == f"s{state.audit_seq}"  # unnamed: the state names it after its seq
+    app = state.apps["hello"]
+    assert app.scaling == {"id": scale_id, "at": 1000.0, "actor": "tester",
+                           "scale": {"groups": ["default"], "per_node": 3, "instances": None}}
+    assert_rejected(state, _finish("other").to_json(), 409, "conflict")
+    ok(state, _finish(scale_id, "short", "2 of 3 instances: no room"))
+    assert app.scaling is None
+    assert app.last_scaling is not None
+    assert (app.last_scaling["id"], app.last_scaling["outcome"], app.last_scaling["reason"],
+            app.last_scaling["finished_at"]) == (scale_id, "short", "2 of 3 instances: no room",
+                                                 9.0)
+    assert state.audit[-1]["outcome"] == "short: 2 of 3 instances: no room"
+    result = state.apply(_finish(scale_id).to_json())  # over: a late finish is refused
+    assert result["ok"] is False and f"scaling {scale_id}" in result["error"]
+    assert state.apps["hello"].scale == {"groups": ["default"], "per_node": 3,
+                                         "instances": None}  # the override stays
+
+
+def test_a_newer_scale_replaces_the_running_one() -> None:
+    """Scaling again while a scaling runs ends the first as replaced."""
+    state = ClusterState()
+    ok(state, create_app())
+    ok(state, _scale(per_node=2, scale_id="s-a"))
+    ok(state, _scale(per_node=4, scale_id="s-b"))
+    app = state.apps["hello"]
+    assert app.scaling is not None and app.scaling["id"] == "s-b"
+    assert app.last_scaling is not None
+    assert (app.last_scaling["id"], app.last_scaling["outcome"]) == ("s-a", "replaced")
+    assert "s-b" in app.last_scaling["reason"]
+    for scale_id in ("s-a", "s-b"):  # ids are never reused
+        assert_rejected(state, _scale(scale_id=scale_id).to_json(), 409, "conflict")
+
+
+def test_scale_and_deploy_exclude_each_other() -> None:
+    """SetScale is refused while a deploy runs, StartDeploy while a scaling runs; each
+    error names what runs."""
+    state = ClusterState()
+    run(state, create_app(), add_release(), register())
+    ok(state, start_deploy())
+    result = state.apply(_scale(per_node=2).to_json())
+    assert (result["status"], result["code"]) == (409, "conflict")
+    assert "deploy d1 of hello is running" in result["error"]
+    assert state.apps["hello"].scaling is None and state.apps["hello"].scale is None
+
+    state = ClusterState()
+    run(state, create_app(), add_release(), register())
+    ok(state, _scale(per_node=2, scale_id="s7"))
+    result = state.apply(start_deploy().to_json())
+    assert (result["status"], result["code"]) == (409, "conflict")
+    assert "scaling s7 of hello is in progress" in result["error"]
+    ok(state, _finish("s7"))
+    ok(state, start_deploy())
+
+
+def test_scale_of_unknown_app_is_a_404() -> None:
+    state = ClusterState()
+    assert_rejected(state, _scale("nope").to_json(), 404, "unknown_app")
+    assert_rejected(state, cmd.FinishScale(**base(), app="nope", scale_id="s1",
+                                           outcome="converged").to_json(), 404, "unknown_app")
+
+
+def test_label_wins_over_reregistration() -> None:
+    """LabelNode sets the groups and marks the node labeled; a re-registration then keeps
+    the label's groups (but updates address and capacity)."""
+    state = ClusterState()
+    ok(state, register(groups=("default",)))
+    assert state.nodes["n1"].labeled is False
+    result = ok(state, cmd.LabelNode(**base(at=5.0), node="n1", groups=("web", "api")))
+    assert result == {"ok": True, "node": "n1", "groups": ["web", "api"], "changed": True}
+    assert state.audit[-1]["outcome"] == "groups web,api"
+    ok(state, register(groups=("gpu",), capacity=3, address="10.0.0.9:7000"))
+    node = state.nodes["n1"]
+    assert (node.groups, node.labeled, node.capacity, node.address) == (
+        ["web", "api"], True, 3, "10.0.0.9:7000")
+    assert ok(state, cmd.LabelNode(**base(), node="n1", groups=("web", "api")))[
+        "changed"] is False
+    assert_rejected(state, cmd.LabelNode(**base(), node="ghost", groups=("web",)).to_json(),
+                    404, "unknown_node")
+
+
+def test_placement_reason_is_kept_and_cleared() -> None:
+    """SetPlacement's reason is state.placement_reason[app]; an empty one clears it, and
+    deleting the app drops it."""
+    state = ClusterState()
+    run(state, create_app(), register())
+    ok(state, cmd.SetPlacement(**base(), app="hello", placement={"n1": 2},
+                               reason="2 of 3 instances: no room"))
+    assert state.placement_reason == {"hello": "2 of 3 instances: no room"}
+    assert state.audit[-1]["outcome"] == "2 instances on 1 nodes: 2 of 3 instances: no room"
+    ok(state, cmd.SetPlacement(**base(), app="hello", placement={"n1": 3}))
+    assert state.placement_reason == {}
+    ok(state, cmd.SetPlacement(**base(), app="hello", placement={}, reason="no eligible node"))
+    ok(state, cmd.DeleteApp(**base(), app="hello"))
+    assert state.placement_reason == {}
+
+
+def test_an_older_snapshot_loads_with_defaults() -> None:
+    """A state written before scale, scaling, labels and placement reasons loads."""
+    state = ClusterState()
+    run(state, create_app(), register(), cmd.SetPlacement(**base(), app="hello",
+                                                          placement={"n1": 1}))
+    doc = json.loads(state.to_json())
+    del doc["placement_reason"]
+    for app in doc["apps"]:
+        for key in ("scale", "scaling", "last_scaling"):
+            del app[key]
+    for node in doc["nodes"]:
+        del node["labeled"]
+    old = ClusterState.from_json(json.dumps(doc))
+    assert old.to_json() == state.to_json()
+    assert old.nodes["n1"].labeled is False and old.apps["hello"].scaling is None
+    assert old.effective_scale("hello") == {"groups": ["default"], "per_node": 1,
+                                            "instances": None}

@@ -478,6 +478,8 @@ async def test_prepare_signal_without_a_coordinator_is_a_clear_409(data_dir: Pat
     (["--coordinator", "http://a:1", "--rpc", "0.0.0.0:7001"], "give --advertise"),
     (["--coordinator", "http://a:1", "--advertise", "0.0.0.0:7001"], "not a wildcard"),
     (["--coordinator", "http://a:1", "--advertise", "host"], "--advertise"),
+    (["--group", "web,Web"], "--group: 'Web' is not a valid group name"),
+    (["--group", "g" * 41], "1-40 lower-case letters"),
 ])
 def test_cli_refuses_bad_coordinator_options(args: list[str], message: str,
                                              monkeypatch: pytest.MonkeyPatch,
