@@ -126,8 +126,8 @@ async def test_app_view_shows_placement_and_reported_instances(api: Api) -> None
 
     nodes = (await api.call("GET", "/api/v1/nodes")).json()["nodes"]
     n1, n2 = nodes
-    assert (n1["name"], n1["groups"], n1["labeled"], n1["up"], n1["lifecycle"],
-            n1["capacity"]) == ("n1", ["default"], False, True, "online", 4)
+    assert (n1["name"], n1["groups"], n1["labeled"], n1["lifecycle"], n1["capacity"]) == (
+        "n1", ["default"], False, "online", 4)  # (up: see the CLI test, which keeps beating)
     assert n1["instances"] == [mine, theirs] and n1["instances_used"] == 1  # stopped: free
     assert n2["instances"] == [] and n2["instances_used"] == 0  # registered, no status yet
 
