@@ -332,9 +332,9 @@ def add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> None
                         help="machine-readable output")
 
 
-def add_client_commands(sub: Any) -> None:
-    from superagent.client_scale import add_scale_commands
-
+def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
+    """Add the commands; returns the parsers of those that take nested actions (``nodes``,
+    whose ``label`` ``client_scale.add_scale_commands`` adds)."""
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("status", "cluster, nodes and apps at a glance", _status),
         ("cluster", "coordinator members, leader, term and health", _cluster),
@@ -348,7 +348,6 @@ def add_client_commands(sub: Any) -> None:
         add_common(parser)
         parser.set_defaults(func=func)
         parsers[name] = parser
-    add_scale_commands(sub, parsers["nodes"])
     deploy = sub.add_parser("deploy", help="pack a directory, upload it as a release and"
                                            " roll it out")
     deploy.add_argument("path", help="the app's source directory (with superagent.toml or a"
@@ -382,3 +381,4 @@ def add_client_commands(sub: Any) -> None:
         parser.add_argument("node")
         add_common(parser)
         parser.set_defaults(func=_lifecycle(action))
+    return parsers
