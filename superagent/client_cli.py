@@ -26,7 +26,8 @@ URLS_POLL = 0.25
 
 
 def client_of(args: argparse.Namespace) -> Client:
-    return Client(resolve_servers(args.server), resolve_token(args.token))
+    token, source = resolve_token(args.token)
+    return Client(resolve_servers(args.server), token, token_source=source)
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
