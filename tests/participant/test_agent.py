@@ -229,8 +229,13 @@ async def test_python_app_lifecycle_through_the_proxy(rig: Rig) -> None:
     assert [i["instance"] for i in status["instances"]] == [survivor]
     assert status["instances"][0]["figures"]["rss_bytes"] > 0
     assert status["releases"] == {"hello": ["r1"]}
-    logs = (await rig.rpc.get("/v1/logs", params={"app": "hello", "n": 50})).json()["lines"]
-    assert any("request /after" in line["text"] for line in logs)
+
+    async def logged_after() -> bool:
+        # the log hub polls the app's output files (every 0.1 s): wait for its next round
+        answer = await rig.rpc.get("/v1/logs", params={"app": "hello", "n": 50})
+        return any("request /after" in line["text"] for line in answer.json()["lines"])
+    await wait_until_async(logged_after, "the app's '/after' lines in the agent's logs",
+                           timeout=DEADLINE)
 
     same = await rig.signal("offline", term=1, offline=True)
     assert same.status_code == 200  # the term used so far
