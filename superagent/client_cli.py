@@ -28,8 +28,8 @@ URLS_POLL = 0.25
 
 def client_of(args: argparse.Namespace) -> Client:
     # nested commands (`nodes label`) leave the options out when not given: see add_common
-    return Client(resolve_servers(getattr(args, "server", None)),
-                  resolve_token(getattr(args, "token", None)))
+    token, source = resolve_token(getattr(args, "token", None))
+    return Client(resolve_servers(getattr(args, "server", None)), token, token_source=source)
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
