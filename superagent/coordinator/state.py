@@ -42,6 +42,8 @@ from superagent.coordinator.errors import (
     UnknownRelease,
 )
 from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
+from superagent.coordinator.policy import DEFAULT_TEAM
+from superagent.coordinator.tenancy import add_token, check_quota, revoke_token, set_quota
 from superagent.errors import ConfigError
 from superagent.manifest import spec_from_json, spec_to_json
 
@@ -69,6 +71,7 @@ class App:
     scaling: dict[str, Any] | None = None
     # the last ended scaling: the one above plus {"outcome", "reason", "finished_at"}
     last_scaling: dict[str, Any] | None = None
+    team: str = DEFAULT_TEAM  # who owns it (policy.py); apps made before teams: the default
 
 
 @dataclass(slots=True)
@@ -127,7 +130,8 @@ class ClusterState:
         self.audit: list[dict[str, Any]] = []
         self.audit_seq = 0
         self.idempotency: dict[str, dict[str, Any]] = {}  # key -> {fingerprint, result}
-        self.tokens: dict[str, dict[str, Any]] = {}  # name -> {sha256, created_at}
+        self.tokens: dict[str, dict[str, Any]] = {}  # name -> record (see tenancy.py)
+        self.quotas: dict[str, dict[str, int | None]] = {}  # team -> {apps, instances, memory}
         self.coordinators: dict[str, str] = {}  # coordinator id -> API base URL
         self._handlers: dict[type[cmd.Command], Callable[[Any], tuple[Result, str]]] = {
             cmd.CreateApp: self._create_app,
@@ -145,7 +149,9 @@ class ClusterState:
             cmd.StartDeploy: self._start_deploy,
             cmd.DeployEvent: self._deploy_event,
             cmd.FinishDeploy: self._finish_deploy,
-            cmd.AddToken: self._add_token,
+            cmd.AddToken: lambda c: add_token(self.tokens, c),
+            cmd.RevokeToken: lambda c: revoke_token(self.tokens, c),
+            cmd.SetQuota: lambda c: set_quota(self.quotas, c),
             cmd.RegisterCoordinator: self._register_coordinator,
         }
 
@@ -171,12 +177,13 @@ class ClusterState:
                 return error_result(Conflict(
                     f"idempotency key {command.key!r} was used for a different command"))
             return {**copy.deepcopy(seen["result"]), "repeated": True}
+        team = self._team_of(command)  # before the handler: DeleteApp forgets it
         try:
             result, outcome = self._handlers[type(command)](command)
         except CoordinatorError as exc:
             return error_result(exc)
         self._remember(command.key, fingerprint, result)
-        self._record_audit(command, outcome)
+        self._record_audit(command, outcome, team)
         return copy.deepcopy(result)
 
     def _remember(self, key: str, fingerprint: str, result: Result) -> None:
@@ -184,11 +191,18 @@ class ClusterState:
         while len(self.idempotency) > IDEMPOTENCY_LIMIT:
             del self.idempotency[next(iter(self.idempotency))]
 
-    def _record_audit(self, command: cmd.Command, outcome: str) -> None:
+    def _team_of(self, command: cmd.Command) -> str | None:
+        """The team a command is about, so the audit log can be filtered by team."""
+        if isinstance(command, cmd.CreateApp | cmd.SetQuota):
+            return command.team
+        app = self.apps.get(getattr(command, "app", ""))
+        return app.team if app is not None else None
+
+    def _record_audit(self, command: cmd.Command, outcome: str, team: str | None) -> None:
         self.audit_seq += 1
         self.audit.append({"seq": self.audit_seq, "at": command.at, "actor": command.actor,
                            "type": command.type, "target": command.target,
-                           "key": command.key, "outcome": outcome})
+                           "key": command.key, "outcome": outcome, "team": team})
         del self.audit[:-AUDIT_LIMIT]
 
     # -- handlers: validate everything first, then mutate; return (result, outcome) --
@@ -209,7 +223,9 @@ class ClusterState:
         if c.name in self.apps:
             raise Conflict(f"app {c.name!r} already exists", app=c.name)
         spec = _checked_spec(c.spec, c.name, c.type)
-        self.apps[c.name] = App(name=c.name, spec=spec, created_at=c.at, updated_at=c.at)
+        check_quota(self, c.team, new_app=True)
+        self.apps[c.name] = App(name=c.name, spec=spec, created_at=c.at, updated_at=c.at,
+                                team=c.team)
         self.releases[c.name] = []
         return {"ok": True, "app": c.name}, "created"
 
@@ -236,8 +252,9 @@ class ClusterState:
         return {"ok": True, "app": c.app}, "deleted"
 
     def _add_release(self, c: cmd.AddRelease) -> tuple[Result, str]:
-        self._app(c.app)
+        app = self._app(c.app)
         spec = _checked_spec(c.spec, c.app, c.type)
+        check_quota(self, app.team, app=c.app, spec=spec)
         number = self.last_release.get(c.app, 0) + 1
         self.releases[c.app].append(Release(
             number=number, sha256=c.sha256, size=c.size, spec=spec,
@@ -316,6 +333,7 @@ class ClusterState:
             raise Conflict(f"deploy {running[0]} of {c.app} is running: scale it once the"
                            " deploy is over (or cancel the deploy)", app=c.app)
         scale_id = c.scale_id or f"s{self.audit_seq + 1}"  # this command's audit seq: unique
+        check_quota(self, app.team, app=c.app, scale=c.scale())
         if (app.scaling or {}).get("id") == scale_id or (
                 (app.last_scaling or {}).get("id") == scale_id):
             raise Conflict(f"scaling {scale_id} of {c.app} already exists", app=c.app)
@@ -367,6 +385,8 @@ class ClusterState:
         if scaling is not None:
             raise Conflict(f"scaling {scaling['id']} of {c.app} is in progress: deploy once"
                            " it is over (or scale again to change it)", app=c.app)
+        release = next(r for r in self.releases[c.app] if f"r{r.number}" == record.release)
+        check_quota(self, self.apps[c.app].team, app=c.app, spec=release.spec)
         self.deploys[c.deploy_id] = Deploy(
             deploy_id=c.deploy_id, app=c.app, record=record.to_doc(), actor=c.actor,
             created_at=c.at, updated_at=c.at, history=[[c.at, "started", ""]])
@@ -418,12 +438,6 @@ class ClusterState:
         if deploy.finished:
             raise Conflict(f"deploy {deploy_id} is finished", app=app)
         return deploy
-
-    def _add_token(self, c: cmd.AddToken) -> tuple[Result, str]:
-        if c.name in self.tokens:
-            raise Conflict(f"token {c.name!r} already exists")
-        self.tokens[c.name] = {"sha256": c.sha256, "created_at": c.at}
-        return {"ok": True, "token": c.name}, "created"
 
     def _register_coordinator(self, c: cmd.RegisterCoordinator) -> tuple[Result, str]:
         if self.coordinators.get(c.coordinator) == c.api_url:
@@ -488,6 +502,7 @@ class ClusterState:
             # a list, not an object: insertion order decides eviction and must survive
             "idempotency": [[k, copy.deepcopy(v)] for k, v in self.idempotency.items()],
             "tokens": copy.deepcopy(self.tokens),
+            "quotas": copy.deepcopy(self.quotas),
             "coordinators": dict(self.coordinators),
         }
 
@@ -521,6 +536,7 @@ class ClusterState:
             state.audit_seq = doc["audit_seq"]
             state.idempotency = {k: v for k, v in doc["idempotency"]}
             state.tokens = doc["tokens"]
+            state.quotas = doc.get("quotas", {})  # newer than version 1
             state.coordinators = doc["coordinators"]
         except SnapshotError:
             raise

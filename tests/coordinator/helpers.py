@@ -72,6 +72,8 @@ def all_commands() -> list[cmd.Command]:
                         event={"type": "cancel", "reason": "operator"}),
         cmd.FinishDeploy(**base(), app="hello", deploy_id="d1"),
         cmd.AddToken(**base(), name="admin", sha256=SHA),
+        cmd.RevokeToken(**base(), name="admin"),
+        cmd.SetQuota(**base(), team="default", apps=5, memory=2**30),
         cmd.RegisterCoordinator(**base(), coordinator="c1", api_url="http://127.0.0.1:7100"),
         cmd.DeleteApp(**base(), app="hello"),
     ]
