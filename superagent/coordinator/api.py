@@ -2,22 +2,26 @@
 
 Authentication, by route (``ROUTES`` is the table, and the OpenAPI document is built from it):
 
-- ``admin``: ``Authorization: Bearer <API token>``; the token's name is the audit log's actor.
+- ``token``: ``Authorization: Bearer <API token>``; the token's name is the audit log's
+  actor, and the route's ``permission`` is checked against the token's role and teams
+  by the one policy (``policy.decide``, called by ``api_access.token_access``).
 - ``secret``: the cluster secret, for participants and peer coordinators.
 - ``any``: either of the two (participants and operators both fetch artifacts).
 - ``none``: ``/healthz``, ``/metrics`` and the OpenAPI document.
 
 Errors are JSON ``{"error": code, "detail": message}`` with the status the error names;
-a missing or wrong credential is a 401 before anything else is looked at. Every response
-carries ``X-Superagent-Leader`` (the leader's API URL) when a leader is known, so a client
-can go straight to it. Writes on a follower are not redirected: ``Coordinator.submit``
-forwards the command to the leader, and the two participant calls whose effect lives in
-the leader's memory (register, heartbeat) are forwarded as they are.
+a missing, wrong, expired or revoked credential is a 401 before anything else is looked
+at, and a token whose role or teams do not allow the route a 403 naming what is missing.
+Every response carries ``X-Superagent-Leader`` (the leader's API URL) when a leader is
+known, so a client can go straight to it. Writes on a follower are not redirected:
+``Coordinator.submit`` forwards the command to the leader, and the two participant calls
+whose effect lives in the leader's memory (register, heartbeat) are forwarded as they are.
 
 ``ROUTES`` is the one place routes are declared. Handlers live here and beside it:
 ``api_fleet`` (app and node views, scale, node labels) and ``api_deploys`` (a deploy's
-view and stream, cancel, rollback); ``api_common`` has what they share (context, JSON
-errors, request bodies, idempotency keys).
+view and stream, cancel, rollback), ``api_access`` (the token check, tokens, team quotas,
+the audit log); ``api_common`` has what they share (context, JSON errors, request bodies,
+idempotency keys).
 """
 
 from __future__ import annotations
@@ -37,6 +41,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from superagent import __version__
 from superagent.coordinator import commands as cmd
+from superagent.coordinator.api_access import (
+    QUOTA_BODY,
+    TOKEN_BODY,
+    audit,
+    create_token,
+    list_teams,
+    list_tokens,
+    new_app_team,
+    revoke_token,
+    set_quota,
+    token_access,
+    upload_team,
+)
 from superagent.coordinator.api_common import (
     Context,
     bad_request,
@@ -64,14 +81,27 @@ from superagent.coordinator.api_fleet import (
     reported,
     scale_app,
 )
-from superagent.coordinator.auth import bearer, is_secret, token_name
+from superagent.coordinator.api_openapi import openapi_document
+from superagent.coordinator.auth import bearer, is_secret
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
     CoordinatorError,
+    Forbidden,
     NoLeader,
     UnknownNode,
 )
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
+from superagent.coordinator.policy import (
+    APPS_READ,
+    APPS_WRITE,
+    ARTIFACTS_READ,
+    AUDIT_READ,
+    CLUSTER_READ,
+    NODES_READ,
+    NODES_WRITE,
+    QUOTAS_WRITE,
+    TOKENS_ADMIN,
+)
 from superagent.coordinator.state import ClusterState
 from superagent.errors import CodecError, ConfigError
 from superagent.jsonbody import field
@@ -82,7 +112,6 @@ from superagent.rpc.messages import Offline
 
 log = structlog.get_logger(__name__)
 
-AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
 OFFLINE_SIGNAL_TIMEOUT = 5.0  # best effort: a node that does not answer soon is told later
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD"})  # counted apart in /metrics
 
@@ -93,17 +122,19 @@ Handler = Callable[[Request, "Context"], Awaitable[Response]]
 class Endpoint:
     method: str
     path: str
-    auth: str  # admin | secret | any | none
+    auth: str  # token | secret | any | none
     summary: str
     handler: Handler
     status: int = 200  # the success status, for the OpenAPI document
     body: dict[str, Any] | None = None  # the JSON schema of the request body, if it has one
+    permission: str = ""  # what a token needs (policy.PERMISSIONS), for token and any
 
 
 def from_exception(exc: CoordinatorError | ConfigError) -> JSONResponse:
     if isinstance(exc, ConfigError):
         return error(400, "bad_manifest", str(exc))
-    return error(exc.status_hint, exc.code, str(exc))
+    extra = {"missing": exc.missing} if isinstance(exc, Forbidden) else {}
+    return error(exc.status_hint, exc.code, str(exc), **extra)
 
 
 # ---------------------------------------------------------------------- views of the state
@@ -156,7 +187,7 @@ async def metrics(request: Request, ctx: Context) -> Response:
 
 
 async def openapi(request: Request, ctx: Context) -> Response:
-    return JSONResponse(openapi_document())
+    return JSONResponse(openapi_document(ROUTES))
 
 
 async def cluster(request: Request, ctx: Context) -> Response:
@@ -182,16 +213,18 @@ async def cluster(request: Request, ctx: Context) -> Response:
 async def list_apps(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     instances = reported(c)
-    apps = c.read(lambda s: [app_view(s, n, instances) for n in sorted(s.apps)])
+    apps = c.read(lambda s: [app_view(s, n, instances) for n in sorted(s.apps)
+                             if ctx.sees(s.apps[n].team)])
     return JSONResponse({"apps": apps, "live": c.is_leader()})
 
 
 async def create_app(request: Request, ctx: Context) -> Response:
     body = await read_json(request)
+    team = new_app_team(ctx, body.pop("team", None))  # beside the manifest's tables
     spec = parse_manifest(body, source="request body")
     command = ctx.coordinator.command(cmd.CreateApp, actor=ctx.actor,
                                       key=idempotency_key(request), name=spec.name,
-                                      spec=spec_to_json(spec))
+                                      spec=spec_to_json(spec), team=team)
     result = await ctx.coordinator.submit(command)
     if not result.get("ok"):
         return from_result(result)
@@ -239,6 +272,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
                                           f" {APP_NAME.pattern}")
     expected = request.query_params.get("sha256")
     options = deploy_options(request.query_params)  # refused before anything is stored
+    team = upload_team(ctx, name, request.query_params.get("team"))
     force = truthy(request.query_params.get("force"))
     if expected and not force:  # the client named the content: nothing need be stored
         unchanged = _unchanged(c, name, expected.strip().lower())
@@ -259,7 +293,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
     spec_doc = spec_to_json(spec)
     if not c.read(lambda s: name in s.apps):
         created = await c.submit(c.command(cmd.CreateApp, actor=ctx.actor, name=name,
-                                           spec=spec_doc))
+                                           spec=spec_doc, team=team))
         if not created.get("ok") and created.get("code") != "conflict":
             return from_result(created)
     result = await c.submit(c.command(cmd.AddRelease, actor=ctx.actor, key=key, app=name,
@@ -393,17 +427,6 @@ async def _signal_offline(c: ApiHost, node: str, *, offline: bool, signal_id: st
     return True
 
 
-async def audit(request: Request, ctx: Context) -> Response:
-    try:
-        limit = int(request.query_params.get("limit", AUDIT_DEFAULT))
-    except ValueError:
-        return error(400, "bad_limit", "limit must be an integer")
-    if not 1 <= limit <= AUDIT_MAX:
-        return error(400, "bad_limit", f"limit must be 1..{AUDIT_MAX}")
-    entries = ctx.coordinator.read(lambda s: [dict(e) for e in s.audit[-limit:]])
-    return JSONResponse({"audit": entries[::-1]})
-
-
 async def forward(request: Request, ctx: Context) -> Response:
     """Send this request as it is to the leader and answer with the leader's answer."""
     c = ctx.coordinator
@@ -425,45 +448,72 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/healthz", "none", "Liveness; 503 while no leader is known", healthz),
     Endpoint("GET", "/metrics", "none", "Prometheus metrics", metrics),
     Endpoint("GET", "/api/v1/openapi.json", "none", "This API's OpenAPI document", openapi),
-    Endpoint("GET", "/api/v1/cluster", "admin",
-             "Raft members, leader, term, commit index, health", cluster),
-    Endpoint("GET", "/api/v1/apps", "admin", "List apps", list_apps),
-    Endpoint("POST", "/api/v1/apps", "admin",
-             "Create an app from a manifest document (superagent.toml as JSON)", create_app),
-    Endpoint("GET", "/api/v1/apps/{app}", "admin", "One app", get_app),
-    Endpoint("DELETE", "/api/v1/apps/{app}", "admin", "Delete an app", delete_app),
-    Endpoint("GET", "/api/v1/apps/{app}/releases", "admin", "An app's releases", list_releases),
-    Endpoint("POST", "/api/v1/apps/{app}/releases", "admin",
-             "Upload a source tarball (body) as a new release", create_release),
-    Endpoint("POST", "/api/v1/apps/{app}/scale", "admin",
+    Endpoint("GET", "/api/v1/cluster", "token",
+             "Raft members, leader, term, commit index, health", cluster,
+             permission=CLUSTER_READ),
+    Endpoint("GET", "/api/v1/apps", "token", "List apps (those of the token's teams)",
+             list_apps, permission=APPS_READ),
+    Endpoint("POST", "/api/v1/apps", "token",
+             "Create an app from a manifest document (superagent.toml as JSON; an optional"
+             " \"team\" beside its tables)", create_app, permission=APPS_WRITE),
+    Endpoint("GET", "/api/v1/apps/{app}", "token", "One app", get_app, permission=APPS_READ),
+    Endpoint("DELETE", "/api/v1/apps/{app}", "token", "Delete an app", delete_app,
+             permission=APPS_WRITE),
+    Endpoint("GET", "/api/v1/apps/{app}/releases", "token", "An app's releases",
+             list_releases, permission=APPS_READ),
+    Endpoint("POST", "/api/v1/apps/{app}/releases", "token",
+             "Upload a source tarball (body) as a new release (?team= for a new app)",
+             create_release, permission=APPS_WRITE),
+    Endpoint("POST", "/api/v1/apps/{app}/scale", "token",
              "Scale an app at run time ({\"per_node\": k} or {\"instances\": K}, optional"
-             " \"groups\"): 202 with the scaling", scale_app, 202, SCALE_BODY),
-    Endpoint("GET", "/api/v1/apps/{app}/deploys", "admin", "An app's deploys, newest first",
-             list_deploys),
-    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "admin",
-             "A deploy: stage, per-node steps, timeline, logs", get_deploy),
-    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}/events", "admin",
-             "Server-sent events of a deploy's progress until it is done", deploy_events),
-    Endpoint("POST", "/api/v1/apps/{app}/deploys/{deploy}/cancel", "admin",
-             "Cancel a running deploy (it is compensated)", cancel_deploy),
-    Endpoint("POST", "/api/v1/apps/{app}/rollback", "admin",
+             " \"groups\"): 202 with the scaling", scale_app, 202, SCALE_BODY,
+             permission=APPS_WRITE),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys", "token", "An app's deploys, newest first",
+             list_deploys, permission=APPS_READ),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "token",
+             "A deploy: stage, per-node steps, timeline, logs", get_deploy,
+             permission=APPS_READ),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}/events", "token",
+             "Server-sent events of a deploy's progress until it is done", deploy_events,
+             permission=APPS_READ),
+    Endpoint("POST", "/api/v1/apps/{app}/deploys/{deploy}/cancel", "token",
+             "Cancel a running deploy (it is compensated)", cancel_deploy,
+             permission=APPS_WRITE),
+    Endpoint("POST", "/api/v1/apps/{app}/rollback", "token",
              "Deploy an earlier release again ({\"to\": \"rN\"}, default the previous)",
-             rollback),
+             rollback, permission=APPS_WRITE),
     Endpoint("GET", "/api/v1/artifacts/{sha256}", "any", "A stored blob by sha256",
-             get_artifact),
-    Endpoint("GET", "/api/v1/nodes", "admin",
+             get_artifact, permission=ARTIFACTS_READ),
+    Endpoint("GET", "/api/v1/nodes", "token",
              "Participants: groups, lifecycle, liveness, capacity, instances",
-             list_nodes),
+             list_nodes, permission=NODES_READ),
     Endpoint("POST", "/api/v1/nodes/register", "secret", "A participant joins", register_node),
-    Endpoint("GET", "/api/v1/nodes/{node}", "admin", "One participant", get_node),
+    Endpoint("GET", "/api/v1/nodes/{node}", "token", "One participant", get_node,
+             permission=NODES_READ),
     Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "secret",
              "A participant's heartbeat", heartbeat),
-    Endpoint("POST", "/api/v1/nodes/{node}/groups", "admin",
+    Endpoint("POST", "/api/v1/nodes/{node}/groups", "token",
              "Label a node with groups ({\"groups\": [...]}); they win over its own",
-             label_node, body=LABEL_BODY),
-    Endpoint("POST", "/api/v1/nodes/{node}/{action}", "admin",
-             "Set a node's lifecycle: drain, offline or online", node_lifecycle),
-    Endpoint("GET", "/api/v1/audit", "admin", "The audit log, newest first (?limit=N)", audit),
+             label_node, body=LABEL_BODY, permission=NODES_WRITE),
+    Endpoint("POST", "/api/v1/nodes/{node}/{action}", "token",
+             "Set a node's lifecycle: drain, offline or online", node_lifecycle,
+             permission=NODES_WRITE),
+    Endpoint("GET", "/api/v1/audit", "token", "The audit log, newest first (?limit=N)",
+             audit, permission=AUDIT_READ),
+    Endpoint("GET", "/api/v1/tokens", "token",
+             "API tokens: name, role, teams, expiry, creation, last use (never the token)",
+             list_tokens, permission=TOKENS_ADMIN),
+    Endpoint("POST", "/api/v1/tokens", "token",
+             "Create an API token ({name, role, teams, expires_at}); shown once", create_token,
+             201, TOKEN_BODY, permission=TOKENS_ADMIN),
+    Endpoint("DELETE", "/api/v1/tokens/{name}", "token", "Revoke an API token", revoke_token,
+             permission=TOKENS_ADMIN),
+    Endpoint("GET", "/api/v1/teams", "token",
+             "Teams the token sees: their apps, quota and usage", list_teams,
+             permission=APPS_READ),
+    Endpoint("PUT", "/api/v1/teams/{team}/quota", "token",
+             "Set a team's quota ({apps, instances, memory}; null lifts one)", set_quota,
+             body=QUOTA_BODY, permission=QUOTAS_WRITE),
     Endpoint("POST", "/api/v1/internal/propose", "secret",
              "A command forwarded by a follower", propose),
     Endpoint("PUT", "/api/v1/internal/artifacts/{sha256}", "secret",
@@ -471,45 +521,18 @@ ROUTES: tuple[Endpoint, ...] = (
 )
 
 
-def openapi_document() -> dict[str, Any]:
-    paths: dict[str, dict[str, Any]] = {}
-    for e in ROUTES:
-        op: dict[str, Any] = {
-            "summary": e.summary, "operationId": e.handler.__name__,
-            "responses": {str(e.status): {"description": "OK" if e.status == 200
-                                          else "Accepted" if e.status == 202 else "Created"},
-                          "default": {"description": "Error: {error, detail}"}},
-        }
-        if e.body is not None:
-            op["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": e.body}}}
-        params = [p.strip("{}") for p in e.path.split("/") if p.startswith("{")]
-        if params:
-            op["parameters"] = [{"name": p, "in": "path", "required": True,
-                                 "schema": {"type": "string"}} for p in params]
-        if e.auth != "none":
-            op["security"] = [{"token": []}] if e.auth == "admin" else [{"secret": []}]
-            op["responses"]["401"] = {"description": "Missing or invalid credentials"}
-        paths.setdefault(e.path, {})[e.method.lower()] = op
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "superagent coordinator API", "version": __version__},
-        "paths": paths,
-        "components": {"securitySchemes": {
-            "token": {"type": "http", "scheme": "bearer",
-                      "description": "An API token (the admin token is shown at cluster init)"},
-            "secret": {"type": "http", "scheme": "bearer",
-                       "description": "The cluster secret (participants, coordinators)"}}},
-    }
-
-
 def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     async def view(request: Request) -> Response:
         credential = bearer(request.headers.get("authorization", ""))
-        actor = ""
+        actor, principal = "", None
         if e.auth != "none":
-            if e.auth in ("admin", "any"):
-                actor = coordinator.read(lambda s: token_name(credential, s.tokens)) or ""
+            if e.auth in ("token", "any"):
+                found = token_access(coordinator, credential, e.permission,
+                                     request.path_params)
+                if isinstance(found, Response):  # expired (401) or not allowed (403)
+                    return found
+                if found is not None:
+                    actor, principal = found.name, found
             if not actor and e.auth in ("secret", "any") and is_secret(
                     credential, coordinator.config.secret):
                 actor = "cluster"
@@ -518,7 +541,7 @@ def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitabl
                              if e.auth != "secret" else "the cluster secret is required",
                              )
         try:
-            return await e.handler(request, Context(coordinator, actor))
+            return await e.handler(request, Context(coordinator, actor, principal))
         except (CoordinatorError, ConfigError) as exc:
             return from_exception(exc)
         except ClientDisconnect:  # e.g. a replica cancelled once a majority held the blob

@@ -21,13 +21,38 @@ naming the limit a create, release, deploy or scale would pass.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.errors import Conflict, QuotaExceeded, UnknownToken
 
-if TYPE_CHECKING:
-    from superagent.coordinator.state import ClusterState
+
+class _App(Protocol):
+    @property
+    def team(self) -> str: ...
+    @property
+    def current_release(self) -> str | None: ...
+    @property
+    def spec(self) -> dict[str, Any]: ...
+    @property
+    def scale(self) -> dict[str, Any] | None: ...
+
+
+class _Node(Protocol):
+    @property
+    def groups(self) -> list[str]: ...
+
+
+class ClusterState(Protocol):
+    """What quotas read of ``state.ClusterState`` (which imports this module)."""
+
+    @property
+    def apps(self) -> Mapping[str, _App]: ...
+    @property
+    def nodes(self) -> Mapping[str, _Node]: ...
+    @property
+    def quotas(self) -> Mapping[str, Mapping[str, int | None]]: ...
 
 QUOTA_KEYS = ("apps", "instances", "memory")
 
