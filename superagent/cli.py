@@ -279,9 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from superagent.client_cli import add_client_commands
     from superagent.client_scale import add_scale_commands
+    from superagent.client_tokens import add_access_commands
 
     parsers = add_client_commands(sub)
     add_scale_commands(sub, parsers["nodes"])
+    add_access_commands(sub)
     return parser
 
 

@@ -87,11 +87,12 @@ def _scale_text(app: dict[str, Any]) -> str | None:
 def render_apps(doc: dict[str, Any]) -> str:
     if not doc["apps"]:
         return "no apps"
-    rows = [(a["name"], a["current_release"], a["latest_release"], a["releases"],
-             _scale_text(a), sum((a.get("placement") or {}).values()),
+    rows = [(a["name"], a.get("team"), a["current_release"], a["latest_release"],
+             a["releases"], _scale_text(a), sum((a.get("placement") or {}).values()),
              time.strftime("%Y-%m-%d %H:%M", time.localtime(a["updated_at"])))
             for a in doc["apps"]]
-    out = table(rows, ("APP", "SERVING", "LATEST", "RELEASES", "SCALE", "PLACED", "UPDATED"))
+    out = table(rows, ("APP", "TEAM", "SERVING", "LATEST", "RELEASES", "SCALE", "PLACED",
+                       "UPDATED"))
     short = [f"{a['name']}: {a['placement_reason']}" for a in doc["apps"]
              if a.get("placement_reason")]
     return "\n".join([out, *short])
@@ -282,6 +283,8 @@ def _deploy(args: argparse.Namespace) -> int:
             query += "&force=true"
         if args.max_parallel:
             query += f"&max_parallel={args.max_parallel}"
+        if args.team:
+            query += f"&team={args.team}"
         doc = client.post(f"/api/v1/apps/{app}/releases?{query}", content=archive,
                           headers={"content-type": "application/gzip"})
     if doc.get("unchanged"):
@@ -360,6 +363,8 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
                         help="print the deploy id and return without waiting")
     deploy.add_argument("--force", action="store_true",
                         help="deploy even when the content is what the app already serves")
+    deploy.add_argument("--team", help="the team a new app belongs to (default: the token's"
+                                       " only team; for an admin, default)")
     add_common(deploy)
     deploy.set_defaults(func=_deploy)
     releases = sub.add_parser("releases", help="an app's releases")
