@@ -296,6 +296,8 @@ async def create_release(request: Request, ctx: Context) -> Response:
                                            spec=spec_doc, team=team))
         if not created.get("ok") and created.get("code") != "conflict":
             return from_result(created)
+        # created at the same time by another token: it must be of a team this one serves
+        ctx.require(APPS_WRITE, c.read(lambda s: s.apps[name].team if name in s.apps else team))
     result = await c.submit(c.command(cmd.AddRelease, actor=ctx.actor, key=key, app=name,
                                       sha256=sha256, size=size, spec=spec_doc))
     if not result.get("ok"):

@@ -106,7 +106,7 @@ def new_app_team(ctx: Context, requested: object) -> str:
     """The team a new app goes to (the one asked for, else the token's own); raises
     Forbidden when the token may not create apps there."""
     if requested is not None and not isinstance(requested, str):
-        raise Forbidden("the team must be a team name", missing="team")
+        raise BadRequest(f"field 'team' must be a team name, got {requested!r}")
     if ctx.principal is None:
         return requested or "default"
     found = creation_team(ctx.principal, requested)

@@ -305,3 +305,26 @@ async def test_cli_tokens_and_teams_commands(api: Api, capsys: pytest.CaptureFix
     assert code == 0 and "revoked" in out
     code, _, err = await cli("apps", "--server", api.url, "--token", token)
     assert code == 2 and "refused" in err
+
+
+def test_every_token_route_names_a_known_permission() -> None:
+    from superagent.coordinator.api_openapi import openapi_document
+    from superagent.coordinator.policy import PERMISSIONS
+
+    doc = openapi_document(ROUTES)
+    for e in ROUTES:
+        op = doc["paths"][e.path][e.method.lower()]
+        if e.auth in ("token", "any"):
+            assert e.permission in PERMISSIONS, e
+            assert op["x-permission"] == e.permission and "403" in op["responses"]
+        else:
+            assert not e.permission and "x-permission" not in op, e
+
+
+async def test_a_team_that_is_no_name_is_a_400(api: Api) -> None:
+    response = await api.call("POST", "/api/v1/apps", json={
+        "app": {"name": "x"}, "run": {"command": "true"}, "team": 7})
+    assert response.status_code == 400 and "team" in response.json()["detail"]
+    response = await api.call("POST", "/api/v1/apps", json={
+        "app": {"name": "x"}, "run": {"command": "true"}, "team": "Not A Team"})
+    assert response.status_code == 400 and "team" in response.json()["detail"]
