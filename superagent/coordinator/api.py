@@ -467,9 +467,9 @@ ROUTES: tuple[Endpoint, ...] = (
              "Upload a source tarball (body) as a new release (?team= for a new app)",
              create_release, permission=APPS_WRITE),
     Endpoint("POST", "/api/v1/apps/{app}/scale", "token",
-             "Scale an app at run time ({\"per_node\": k} or {\"instances\": K}, optional"
-             " \"groups\"): 202 with the scaling", scale_app, 202, SCALE_BODY,
-             permission=APPS_WRITE),
+             "Scale an app at run time ({\"per_node\": k}, {\"instances\": K} or {\"auto\":"
+             " {min, max, target, metric}}, optional \"groups\"): 202 with the scaling",
+             scale_app, 202, SCALE_BODY, permission=APPS_WRITE),
     Endpoint("GET", "/api/v1/apps/{app}/deploys", "token", "An app's deploys, newest first",
              list_deploys, permission=APPS_READ),
     Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "token",

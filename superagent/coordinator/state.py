@@ -29,6 +29,7 @@ from typing import Any
 
 from superagent.codec import canonical_json
 from superagent.coordinator import commands as cmd
+from superagent.coordinator import tenancy
 from superagent.coordinator.deploy.model import DeployRecord, Stage, Status, event_from_doc
 from superagent.coordinator.deploy.planner import advance
 from superagent.coordinator.errors import (
@@ -43,9 +44,8 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
 from superagent.coordinator.policy import DEFAULT_TEAM
-from superagent.coordinator.tenancy import add_token, check_quota, revoke_token, set_quota
 from superagent.errors import ConfigError
-from superagent.manifest import spec_from_json, spec_to_json
+from superagent.manifest import describe_scale, spec_from_json, spec_to_json
 
 FORMAT_VERSION = 1  # of the to_json document; from_json refuses others
 AUDIT_LIMIT = 1000  # entries kept: enough for "what happened today" without growing the snapshot
@@ -64,13 +64,16 @@ class App:
     created_at: float
     updated_at: float
     current_release: str | None = None  # set by a deploy that succeeded ("r3")
-    # the run-time scale (SetScale): {"groups": [...], "per_node": k, "instances": K | None};
+    # the run-time scale (SetScale): {"groups": [...], "per_node": k, "instances": K | None,
+    # "auto": {"min", "max", "target", "metric"} (autoscaled; optional)};
     # None: the spec's [scale] applies (see ClusterState.effective_scale)
     scale: dict[str, Any] | None = None
     # the scaling in progress: {"id", "at", "actor", "scale"}; ended by FinishScale
     scaling: dict[str, Any] | None = None
     # the last ended scaling: the one above plus {"outcome", "reason", "finished_at"}
     last_scaling: dict[str, Any] | None = None
+    # an autoscaled app's instances as the autoscaler last decided (Autoscale); None: min
+    auto_instances: int | None = None
     team: str = DEFAULT_TEAM  # who owns it (policy.py); apps made before teams: the default
 
 
@@ -146,12 +149,13 @@ class ClusterState:
             cmd.SetPlacement: self._set_placement,
             cmd.SetScale: self._set_scale,
             cmd.FinishScale: self._finish_scale,
+            cmd.Autoscale: self._autoscale,
             cmd.StartDeploy: self._start_deploy,
             cmd.DeployEvent: self._deploy_event,
             cmd.FinishDeploy: self._finish_deploy,
-            cmd.AddToken: lambda c: add_token(self.tokens, c),
-            cmd.RevokeToken: lambda c: revoke_token(self.tokens, c),
-            cmd.SetQuota: lambda c: set_quota(self.quotas, c),
+            cmd.AddToken: lambda c: tenancy.add_token(self.tokens, c),
+            cmd.RevokeToken: lambda c: tenancy.revoke_token(self.tokens, c),
+            cmd.SetQuota: lambda c: tenancy.set_quota(self.quotas, c),
             cmd.RegisterCoordinator: self._register_coordinator,
         }
 
@@ -177,7 +181,7 @@ class ClusterState:
                 return error_result(Conflict(
                     f"idempotency key {command.key!r} was used for a different command"))
             return {**copy.deepcopy(seen["result"]), "repeated": True}
-        team = self._team_of(command)  # before the handler: DeleteApp forgets it
+        team = tenancy.audit_team(self, command)  # before the handler: DeleteApp forgets it
         try:
             result, outcome = self._handlers[type(command)](command)
         except CoordinatorError as exc:
@@ -190,13 +194,6 @@ class ClusterState:
         self.idempotency[key] = {"fingerprint": fingerprint, "result": copy.deepcopy(result)}
         while len(self.idempotency) > IDEMPOTENCY_LIMIT:
             del self.idempotency[next(iter(self.idempotency))]
-
-    def _team_of(self, command: cmd.Command) -> str | None:
-        """The team a command is about, so the audit log can be filtered by team."""
-        if isinstance(command, cmd.CreateApp | cmd.SetQuota):
-            return command.team
-        app = self.apps.get(getattr(command, "app", ""))
-        return app.team if app is not None else None
 
     def _record_audit(self, command: cmd.Command, outcome: str, team: str | None) -> None:
         self.audit_seq += 1
@@ -223,7 +220,7 @@ class ClusterState:
         if c.name in self.apps:
             raise Conflict(f"app {c.name!r} already exists", app=c.name)
         spec = _checked_spec(c.spec, c.name, c.type)
-        check_quota(self, c.team, new_app=True)
+        tenancy.check_quota(self, c.team, new_app=True)
         self.apps[c.name] = App(name=c.name, spec=spec, created_at=c.at, updated_at=c.at,
                                 team=c.team)
         self.releases[c.name] = []
@@ -254,7 +251,7 @@ class ClusterState:
     def _add_release(self, c: cmd.AddRelease) -> tuple[Result, str]:
         app = self._app(c.app)
         spec = _checked_spec(c.spec, c.app, c.type)
-        check_quota(self, app.team, app=c.app, spec=spec)
+        tenancy.check_quota(self, app.team, app=c.app, spec=spec)
         number = self.last_release.get(c.app, 0) + 1
         self.releases[c.app].append(Release(
             number=number, sha256=c.sha256, size=c.size, spec=spec,
@@ -333,7 +330,7 @@ class ClusterState:
             raise Conflict(f"deploy {running[0]} of {c.app} is running: scale it once the"
                            " deploy is over (or cancel the deploy)", app=c.app)
         scale_id = c.scale_id or f"s{self.audit_seq + 1}"  # this command's audit seq: unique
-        check_quota(self, app.team, app=c.app, scale=c.scale())
+        tenancy.check_quota(self, app.team, app=c.app, scale=c.scale())
         if (app.scaling or {}).get("id") == scale_id or (
                 (app.last_scaling or {}).get("id") == scale_id):
             raise Conflict(f"scaling {scale_id} of {c.app} already exists", app=c.app)
@@ -345,7 +342,7 @@ class ClusterState:
         app.scale, app.updated_at = scale, c.at
         app.scaling = {"id": scale_id, "at": c.at, "actor": c.actor, "scale": scale}
         return ({"ok": True, "app": c.app, "scale_id": scale_id, "scale": copy.deepcopy(scale)},
-                f"scaling {scale_id}: {_describe_scale(scale)}")
+                f"scaling {scale_id}: {describe_scale(scale)}")
 
     def _finish_scale(self, c: cmd.FinishScale) -> tuple[Result, str]:
         app = self._app(c.app)
@@ -360,6 +357,24 @@ class ClusterState:
         outcome = c.outcome + (f": {c.reason}" if c.reason else "")
         return ({"ok": True, "app": c.app, "scale_id": c.scale_id, "outcome": c.outcome},
                 outcome)
+
+    def _autoscale(self, c: cmd.Autoscale) -> tuple[Result, str]:
+        app = self._app(c.app)
+        auto = self.effective_scale(c.app).get("auto")
+        if auto is None:
+            raise Conflict(f"{c.app} is not autoscaled: its scale has no min/max", app=c.app)
+        if not auto["min"] <= c.instances <= auto["max"]:
+            raise CommandError(f"must be within min {auto['min']} and max {auto['max']}",
+                               field="instances", command_type=c.type)
+        running = self._running_deploys(c.app)
+        if running:
+            raise Conflict(f"deploy {running[0]} of {c.app} is running: the autoscaler"
+                           " waits for it", app=c.app)
+        before = self.effective_scale(c.app)["instances"]
+        app.auto_instances = c.instances
+        return ({"ok": True, "app": c.app, "instances": c.instances},
+                f"{before} -> {c.instances} instances: {c.reason}" if c.reason
+                else f"{before} -> {c.instances} instances")
 
     def _running_deploys(self, app: str) -> list[str]:
         return [d.deploy_id for d in self.deploys.values() if d.app == app and d.running]
@@ -386,7 +401,7 @@ class ClusterState:
             raise Conflict(f"scaling {scaling['id']} of {c.app} is in progress: deploy once"
                            " it is over (or scale again to change it)", app=c.app)
         release = next(r for r in self.releases[c.app] if f"r{r.number}" == record.release)
-        check_quota(self, self.apps[c.app].team, app=c.app, spec=release.spec)
+        tenancy.check_quota(self, self.apps[c.app].team, app=c.app, spec=release.spec)
         self.deploys[c.deploy_id] = Deploy(
             deploy_id=c.deploy_id, app=c.app, record=record.to_doc(), actor=c.actor,
             created_at=c.at, updated_at=c.at, history=[[c.at, "started", ""]])
@@ -455,12 +470,20 @@ class ClusterState:
         Raises UnknownApp."""
         found = self._app(app)
         if found.scale is not None:
-            return copy.deepcopy(found.scale)
-        spec = found.spec.get("scale", {})
-        instances = spec.get("instances")
-        return {"groups": list(spec.get("groups", ["default"])),
-                "per_node": 1 if instances is not None else spec.get("per_node", 1),
-                "instances": instances}
+            scale = copy.deepcopy(found.scale)
+        else:
+            spec = found.spec.get("scale", {})
+            instances = spec.get("instances")
+            scale = {"groups": list(spec.get("groups", ["default"])),
+                     "per_node": 1 if instances is not None else spec.get("per_node", 1),
+                     "instances": instances}
+            if "min" in spec:
+                scale["auto"] = {key: spec[key] for key in ("min", "max", "target", "metric")}
+        auto = scale.get("auto")
+        if auto is not None:  # autoscaled: what the autoscaler decided, within min..max
+            decided = auto["min"] if found.auto_instances is None else found.auto_instances
+            scale["instances"] = min(max(decided, auto["min"]), auto["max"])
+        return scale
 
     def release_outcomes(self, app: str) -> dict[str, str]:
         """Release name -> the status of its latest kept deploy record (running, succeeded,
@@ -564,14 +587,6 @@ def _checked_spec(doc: Mapping[str, Any], app: str, command_type: str) -> dict[s
         raise CommandError(f"names app {spec.name!r}, not {app!r}", field="spec",
                            command_type=command_type)
     return spec_to_json(spec)
-
-
-def _describe_scale(scale: Mapping[str, Any]) -> str:
-    """ "3 per node in web,api" or "5 instances in web", for the audit log."""
-    groups = ",".join(scale["groups"])
-    if scale.get("instances") is not None:
-        return f"{scale['instances']} instances in {groups}"
-    return f"{scale['per_node']} per node in {groups}"
 
 
 def _fingerprint(command: cmd.Command) -> str:

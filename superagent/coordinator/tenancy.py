@@ -11,9 +11,10 @@ Principal.from_record`` reads it so). Revoking deletes the record: the hash is g
 so the token authenticates nobody on any coordinator once the entry applies.
 
 A quota limits a team's apps, planned instances and their memory. ``usage`` plans
-instances from each app's effective scale as the scheduler would place it: ``instances``
-when the scale gives a total, else ``per_node`` on every registered node of the scale's
-groups; memory is the instances times the app's ``[limits] memory`` (an app without a
+instances from each app's scale as the scheduler would place it: ``instances`` when the
+scale gives a total, else ``per_node`` on every registered node of the scale's groups, and
+an autoscaled app at its ``max`` (the autoscaler's own decisions are never refused);
+memory is the instances times the app's ``[limits] memory`` (an app without a
 memory limit counts none). Only apps that serve (or the one being changed) count: an app
 created but never deployed runs nothing. ``check_quota`` raises ``QuotaExceeded``
 naming the limit a create, release, deploy or scale would pass.
@@ -87,6 +88,9 @@ def set_quota(quotas: dict[str, dict[str, int | None]], c: cmd.SetQuota
 
 
 def planned_instances(state: ClusterState, scale: dict[str, Any]) -> int:
+    auto = scale.get("auto")
+    if auto is not None:  # the autoscaler may take it up to its max at any time
+        return int(auto["max"])
     if scale.get("instances") is not None:
         return int(scale["instances"])
     groups = set(scale.get("groups", ()))
@@ -125,8 +129,19 @@ def usage(state: ClusterState, team: str, *, app: str = "", spec: dict[str, Any]
 
 def _spec_scale(spec: dict[str, Any]) -> dict[str, Any]:
     found = spec.get("scale", {})
-    return {"groups": list(found.get("groups", ["default"])),
-            "per_node": found.get("per_node", 1), "instances": found.get("instances")}
+    scale = {"groups": list(found.get("groups", ["default"])),
+             "per_node": found.get("per_node", 1), "instances": found.get("instances")}
+    if "max" in found:
+        scale["auto"] = {"max": found["max"]}
+    return scale
+
+
+def audit_team(state: ClusterState, command: cmd.Command) -> str | None:
+    """The team a command is about, so the audit log can be filtered by team."""
+    if isinstance(command, cmd.CreateApp | cmd.SetQuota):
+        return command.team
+    app = state.apps.get(getattr(command, "app", ""))
+    return app.team if app is not None else None
 
 
 def check_quota(state: ClusterState, team: str, **change: Any) -> None:

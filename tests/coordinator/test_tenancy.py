@@ -134,3 +134,13 @@ def test_quota_counts_the_release_a_deploy_makes_current() -> None:
     ok(state, cmd.SetQuota(**base(), team="shop", instances=1))  # r2 made before the quota
     refused(state, start_deploy("a", release="r2"), "quota_exceeded")
     ok(state, start_deploy("a", release="r1"))
+
+
+def test_an_autoscaled_app_counts_at_its_max() -> None:
+    state = ClusterState()
+    ok(state, create_app("a", team="shop", spec=sized("a")))
+    ok(state, cmd.SetQuota(**base(), team="shop", instances=4))
+    refused(state, cmd.SetScale(**base(), app="a", groups=("default",),
+                                auto={"min": 1, "max": 5, "target": 2.0}), "quota_exceeded")
+    ok(state, cmd.SetScale(**base(), app="a", groups=("default",),
+                           auto={"min": 1, "max": 4, "target": 2.0}))
