@@ -47,10 +47,16 @@ def _when(epoch: float | None) -> str | None:
     return None if epoch is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
 
 
+def _expiry(epoch: float | None) -> str:
+    if epoch is None:
+        return "never"
+    return f"{_when(epoch)}{' (expired)' if epoch <= time.time() else ''}"
+
+
 def render_tokens(doc: dict[str, Any]) -> str:
     rows = [(t["name"], t["role"], ",".join(t["teams"]) or ("*" if t["role"] != "deployer"
                                                              else "-"),
-             _when(t["expires_at"]) or "never", _when(t["created_at"]), t.get("created_by"),
+             _expiry(t["expires_at"]), _when(t["created_at"]), t.get("created_by"),
              _when(t.get("last_used")))
             for t in doc["tokens"]]
     out = table(rows, ("NAME", "ROLE", "TEAMS", "EXPIRES", "CREATED", "BY", "LAST USED"))
