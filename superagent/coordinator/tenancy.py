@@ -8,7 +8,8 @@ for the audit log. They are pure and deterministic (a command's time is its ``at
 A token record is ``{sha256, created_at, role, teams, expires_at, actor}``; a record
 written before roles has only the first two and is the admin token's (``policy.
 Principal.from_record`` reads it so). Revoking deletes the record: the hash is gone,
-so the token authenticates nobody on any coordinator once the entry applies.
+so the token authenticates nobody on any coordinator once the entry applies. The last
+admin token cannot be revoked: nobody could make another.
 
 A quota limits a team's apps, planned instances and their memory. ``usage`` plans
 instances from each app's scale as the scheduler would place it: ``instances`` when the
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.errors import Conflict, QuotaExceeded, UnknownToken
+from superagent.coordinator.policy import ADMIN
 
 
 class _App(Protocol):
@@ -72,6 +74,10 @@ def revoke_token(tokens: dict[str, dict[str, Any]], c: cmd.RevokeToken
                  ) -> tuple[dict[str, Any], str]:
     if c.name not in tokens:
         raise UnknownToken(c.name)
+    admins = [n for n, r in tokens.items() if r.get("role", ADMIN) == ADMIN]
+    if admins == [c.name]:  # nobody could make tokens or change nodes any more
+        raise Conflict(f"token {c.name!r} is the last admin token: create another admin"
+                       " token first")
     del tokens[c.name]
     return {"ok": True, "token": c.name}, "revoked"
 

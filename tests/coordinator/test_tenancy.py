@@ -68,6 +68,20 @@ def test_token_records_roles_and_revoke() -> None:
     refused(state, cmd.RevokeToken(**base(), name="ci"), "unknown_token")
 
 
+def test_the_last_admin_token_is_not_revoked() -> None:
+    state = ClusterState()
+    old = cmd.AddToken(**base(), name="admin", sha256=SHA).to_doc()
+    for key in ("role", "teams", "expires_at"):
+        del old[key]  # the admin token of a cluster made before roles
+    assert state.apply(json.dumps(old))["ok"]
+    ok(state, cmd.AddToken(**base(), name="watch", sha256=SHA, role="viewer"))
+    result = refused(state, cmd.RevokeToken(**base(), name="admin"), "conflict")
+    assert "last admin token" in result["error"]
+    ok(state, cmd.AddToken(**base(), name="root", sha256=SHA))
+    ok(state, cmd.RevokeToken(**base(), name="admin"))
+    refused(state, cmd.RevokeToken(**base(), name="root"), "conflict")
+
+
 @pytest.mark.parametrize(("fields", "problem"), [
     ({"role": "root"}, "role"),
     ({"role": "deployer"}, "teams"),
