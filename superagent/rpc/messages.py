@@ -56,6 +56,8 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"  # a malformed message: fix the sender
     UNAUTHORIZED = "unauthorized"  # no or a wrong cluster secret
     UNKNOWN_SIGNAL = "unknown_signal"  # no such signal on this path
+    NOT_FOUND = "not_found"  # no route for the path at all
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # the path takes other methods (see Allow)
     VERSION_MISMATCH = "version_mismatch"  # the peers speak different major versions
     STALE_TERM = "stale_term"  # a newer leader exists: the sender must stop acting
     SIGNAL_FAILED = "signal_failed"  # the original of a repeated id failed: send a new id
@@ -75,6 +77,10 @@ class ErrorCode(StrEnum):
     ISOLATION_FAILED = "isolation_failed"
     PORTS_EXHAUSTED = "ports_exhausted"
     INTERNAL = "internal"  # anything else: the participant's bug or its machine's trouble
+
+
+_FLAGS = {"": False, "0": False, "false": False, "no": False,
+          "1": True, "true": True, "yes": True}  # a boolean in a query string
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,6 +419,7 @@ class LogsQuery:
             n = int(params.get("n", "100"))
         except ValueError:
             raise CodecError("must be an integer", field="n") from None
+        follow = _FLAGS.get(params.get("follow", "0").lower())
+        _want(follow is not None, "follow", "must be 1 or 0 (true or false)")
         return cls(app=params.get("app") or None, instance=params.get("instance") or None,
-                   request_id=params.get("request_id") or None, n=n,
-                   follow=params.get("follow") in ("1", "true"))
+                   request_id=params.get("request_id") or None, n=n, follow=bool(follow))
