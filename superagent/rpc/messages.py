@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 from superagent.errors import CodecError
 from superagent.manifest import MAX_PER_NODE, TEST_TIMEOUT
-from superagent.names import SHA256
+from superagent.names import APP_NAME, SHA256, is_app_name
 
 SIGNAL_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
 MAX_COUNT = MAX_PER_NODE  # instances one start signal may ask for
@@ -36,6 +36,12 @@ DEBUG_TTL = 3600.0  # a debug session left open ends by itself after an hour
 MAX_DEBUG_TTL = 86400.0
 MAX_TEST_TIMEOUT = 86400.0  # a test signal's own timeout, at most a day
 MAX_LOG_LINES = 10_000  # lines one logs query may ask for
+
+
+def _want_app(app: str) -> None:
+    """An app name as every role spells it: it becomes a Unix user and a cgroup name on
+    the participant, so nothing else may reach the agent."""
+    _want(is_app_name(app), "app", f"must match {APP_NAME.pattern}")
 
 
 def _want(ok: bool, name: str, reason: str) -> None:
@@ -247,7 +253,7 @@ class _Release(Signal[R]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _want(len(self.app) > 0, "app", "must not be empty")
+        _want_app(self.app)
         _want(len(self.release) > 0, "release", "must not be empty")
 
 
@@ -337,6 +343,7 @@ class Switch(Signal[SwitchReply]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _want_app(self.app)
         _instances("instances", self.instances, allow_empty=True)
 
 
@@ -376,6 +383,7 @@ class Debug(Signal[DebugReply]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _want_app(self.app)
         _want(1 <= self.ttl <= MAX_DEBUG_TTL, "ttl", f"must be 1..{MAX_DEBUG_TTL:g} seconds")
 
 
