@@ -139,8 +139,8 @@ class BudgetReader:
         return data
 
     def seek(self, pos: int, whence: int = io.SEEK_SET, /) -> int:
-        if whence not in (io.SEEK_SET, io.SEEK_CUR):
-            raise io.UnsupportedOperation("seek from the end")
+        if whence not in (io.SEEK_SET, io.SEEK_CUR):  # tarfile never does, reading a stream
+            raise ArchiveRefused("not a streamable tar archive (seeks from its end)")
         target = pos + (self.stream.tell() if whence == io.SEEK_CUR else 0)
         self._check(target)
         if self.compressed is None:

@@ -398,7 +398,9 @@ def _check_archive(path: Path) -> None:
     try:
         check_archive(path)
     except ArchiveRefused as exc:
-        raise BadArchive(str(exc), member=exc.member,
+        # a name that is not UTF-8 arrives with surrogate escapes, which JSON cannot carry
+        member = exc.member.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise BadArchive(str(exc), member=member,
                          over_limit=isinstance(exc, ArchiveOverLimit)) from None
 
 
