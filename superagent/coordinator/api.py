@@ -454,8 +454,9 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("POST", "/api/v1/apps/{app}/releases", "admin",
              "Upload a source tarball (body) as a new release", create_release),
     Endpoint("POST", "/api/v1/apps/{app}/scale", "admin",
-             "Scale an app at run time ({\"per_node\": k} or {\"instances\": K}, optional"
-             " \"groups\"): 202 with the scaling", scale_app, 202, SCALE_BODY),
+             "Scale an app at run time ({\"per_node\": k}, {\"instances\": K} or {\"auto\":"
+             " {min, max, target, metric}}, optional \"groups\"): 202 with the scaling",
+             scale_app, 202, SCALE_BODY),
     Endpoint("GET", "/api/v1/apps/{app}/deploys", "admin", "An app's deploys, newest first",
              list_deploys),
     Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "admin",
