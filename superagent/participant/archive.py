@@ -42,11 +42,12 @@ from superagent.tarcheck import (
     MAX_ARCHIVE_FILES,
     READ_ERRORS,
     Entry,
+    check_archive,
     open_archive,
     scan,
 )
 
-__all__ = ["MAX_ARCHIVE_BYTES", "MAX_ARCHIVE_FILES", "safe_extract"]
+__all__ = ["MAX_ARCHIVE_BYTES", "MAX_ARCHIVE_FILES", "check", "safe_extract"]
 
 _CHUNK = 64 * 1024  # copy unit while unpacking
 
@@ -80,6 +81,14 @@ def safe_extract(archive: Path | bytes, dest: Path, *, max_bytes: int = MAX_ARCH
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def check(archive: Path | bytes, *, max_bytes: int = MAX_ARCHIVE_BYTES,
+          max_files: int = MAX_ARCHIVE_FILES) -> None:
+    """Check ``archive`` as ``safe_extract`` would, writing nothing; raises the same
+    ``UnsafeArchive`` / ``ArchiveTooLarge``. Blocking."""
+    with _translated():
+        check_archive(archive, max_bytes=max_bytes, max_files=max_files)
 
 
 @contextlib.contextmanager
