@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import structlog
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -41,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from superagent import __version__
 from superagent.coordinator import commands as cmd
+from superagent.coordinator import policy as perm
 from superagent.coordinator.api_access import (
     QUOTA_BODY,
     TOKEN_BODY,
@@ -55,13 +57,15 @@ from superagent.coordinator.api_access import (
     upload_team,
 )
 from superagent.coordinator.api_common import (
+    MAX_JSON,
     Context,
     bad_request,
     error,
     from_result,
     idempotency_key,
+    query_flag,
     read_json,
-    truthy,
+    unrouted,
 )
 from superagent.coordinator.api_deploys import (
     cancel_deploy,
@@ -85,33 +89,25 @@ from superagent.coordinator.api_openapi import openapi_document
 from superagent.coordinator.auth import bearer, is_secret
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
+    BadArchive,
     CoordinatorError,
     Forbidden,
     NoLeader,
     UnknownNode,
 )
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
-from superagent.coordinator.policy import (
-    APPS_READ,
-    APPS_WRITE,
-    ARTIFACTS_READ,
-    AUDIT_READ,
-    CLUSTER_READ,
-    NODES_READ,
-    NODES_WRITE,
-    QUOTAS_WRITE,
-    TOKENS_ADMIN,
-)
 from superagent.coordinator.state import ClusterState
 from superagent.errors import CodecError, ConfigError
-from superagent.jsonbody import field
+from superagent.jsonbody import field, parse_json, read_body
 from superagent.manifest import parse_manifest, spec_to_json
-from superagent.names import APP_NAME, is_app_name
+from superagent.names import APP_NAME, is_app_name, is_sha256
 from superagent.rpc.errors import RpcError
 from superagent.rpc.messages import Offline
 
 log = structlog.get_logger(__name__)
 
+MAX_COMMAND = 16 * 1024**2  # bytes of a forwarded command (a deploy record carries logs)
+MAX_COMMAND_DEPTH = 64  # nesting of a forwarded command (a spec inside a record inside it)
 OFFLINE_SIGNAL_TIMEOUT = 5.0  # best effort: a node that does not answer soon is told later
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD"})  # counted apart in /metrics
 
@@ -133,8 +129,11 @@ class Endpoint:
 def from_exception(exc: CoordinatorError | ConfigError) -> JSONResponse:
     if isinstance(exc, ConfigError):
         return error(400, "bad_manifest", str(exc))
-    extra = {"missing": exc.missing} if isinstance(exc, Forbidden) else {}
-    return error(exc.status_hint, exc.code, str(exc), **extra)
+    if isinstance(exc, BadArchive):
+        return error(exc.status_hint, exc.code, str(exc), member=exc.member)
+    if isinstance(exc, Forbidden):
+        return error(exc.status_hint, exc.code, str(exc), missing=exc.missing)
+    return error(exc.status_hint, exc.code, str(exc))
 
 
 # ---------------------------------------------------------------------- views of the state
@@ -271,11 +270,16 @@ async def create_release(request: Request, ctx: Context) -> Response:
         return error(400, "bad_app_name", f"app name {name!r} does not match"
                                           f" {APP_NAME.pattern}")
     expected = request.query_params.get("sha256")
+    if expected is not None:
+        expected = expected.strip().lower()
+        if not is_sha256(expected):
+            return error(400, "bad_request", "query parameter 'sha256' must be 64 hex digits")
     options = deploy_options(request.query_params)  # refused before anything is stored
     team = upload_team(ctx, name, request.query_params.get("team"))
-    force = truthy(request.query_params.get("force"))
+    force = query_flag(request, "force", default=False)
+    deploy = query_flag(request, "deploy", default=True)
     if expected and not force:  # the client named the content: nothing need be stored
-        unchanged = _unchanged(c, name, expected.strip().lower())
+        unchanged = _unchanged(c, name, expected)
         if unchanged is not None:
             read = 0  # read (and drop) the body the client sends, so it sees the answer
             async for chunk in request.stream():  # rather than a reset connection
@@ -296,8 +300,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
                                            spec=spec_doc, team=team))
         if not created.get("ok") and created.get("code") != "conflict":
             return from_result(created)
-        # created at the same time by another token: it must be of a team this one serves
-        ctx.require(APPS_WRITE, c.read(lambda s: s.apps[name].team if name in s.apps else team))
+        upload_team(ctx, name, team)  # made meanwhile by another token: of a team of this one?
     result = await c.submit(c.command(cmd.AddRelease, actor=ctx.actor, key=key, app=name,
                                       sha256=sha256, size=size, spec=spec_doc))
     if not result.get("ok"):
@@ -306,7 +309,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
     doc: dict[str, Any] = {"ok": True, "app": name, "release": release, "sha256": sha256,
                            "size": size, "repeated": bool(result.get("repeated")),
                            "deploy_id": None}
-    if request.query_params.get("deploy", "true") == "false":
+    if not deploy:
         return JSONResponse(doc, status_code=201)
     try:
         started = await begin_deploy(c, app=name, release=release, actor=ctx.actor,
@@ -362,8 +365,11 @@ async def propose(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     if not c.is_leader():
         return error(421, "not_leader", f"{c.config.id} is not the leader")
-    raw = await request.body()
-    cmd.decode(raw)  # refuse garbage before it reaches the log
+    raw = await read_body(request, limit=MAX_COMMAND, error=bad_request)
+    doc = parse_json(raw, error=bad_request, max_depth=MAX_COMMAND_DEPTH)
+    if not isinstance(doc, dict):
+        return error(400, "bad_command", "a command is a JSON object")
+    cmd.decode_doc(doc)  # refuse garbage before it reaches the log
     result = await c.raft.propose(raw.decode(), PROPOSE_TIMEOUT)
     # the follower waits until it has applied this far, so its next read sees the write
     return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
@@ -439,7 +445,9 @@ async def forward(request: Request, ctx: Context) -> Response:
                if k in ("authorization", "content-type", "idempotency-key")}
     try:
         answer = await c.http.request(request.method, f"{url}{request.url.path}",
-                                      content=await request.body(), headers=headers)
+                                      content=await read_body(request, limit=MAX_JSON,
+                                                              error=bad_request),
+                                      headers=headers)
     except httpx.HTTPError as exc:
         return error(503, "no_leader", f"the leader at {url} is unreachable: {exc!r}")
     return Response(answer.content, status_code=answer.status_code,
@@ -452,70 +460,70 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/openapi.json", "none", "This API's OpenAPI document", openapi),
     Endpoint("GET", "/api/v1/cluster", "token",
              "Raft members, leader, term, commit index, health", cluster,
-             permission=CLUSTER_READ),
+             permission=perm.CLUSTER_READ),
     Endpoint("GET", "/api/v1/apps", "token", "List apps (those of the token's teams)",
-             list_apps, permission=APPS_READ),
+             list_apps, permission=perm.APPS_READ),
     Endpoint("POST", "/api/v1/apps", "token",
              "Create an app from a manifest document (superagent.toml as JSON; an optional"
-             " \"team\" beside its tables)", create_app, permission=APPS_WRITE),
-    Endpoint("GET", "/api/v1/apps/{app}", "token", "One app", get_app, permission=APPS_READ),
+             " \"team\" beside its tables)", create_app, permission=perm.APPS_WRITE),
+    Endpoint("GET", "/api/v1/apps/{app}", "token", "One app", get_app, permission=perm.APPS_READ),
     Endpoint("DELETE", "/api/v1/apps/{app}", "token", "Delete an app", delete_app,
-             permission=APPS_WRITE),
+             permission=perm.APPS_WRITE),
     Endpoint("GET", "/api/v1/apps/{app}/releases", "token", "An app's releases",
-             list_releases, permission=APPS_READ),
+             list_releases, permission=perm.APPS_READ),
     Endpoint("POST", "/api/v1/apps/{app}/releases", "token",
              "Upload a source tarball (body) as a new release (?team= for a new app)",
-             create_release, permission=APPS_WRITE),
+             create_release, permission=perm.APPS_WRITE),
     Endpoint("POST", "/api/v1/apps/{app}/scale", "token",
              "Scale an app at run time ({\"per_node\": k}, {\"instances\": K} or {\"auto\":"
              " {min, max, target, metric}}, optional \"groups\"): 202 with the scaling",
-             scale_app, 202, SCALE_BODY, permission=APPS_WRITE),
+             scale_app, 202, SCALE_BODY, permission=perm.APPS_WRITE),
     Endpoint("GET", "/api/v1/apps/{app}/deploys", "token", "An app's deploys, newest first",
-             list_deploys, permission=APPS_READ),
+             list_deploys, permission=perm.APPS_READ),
     Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "token",
              "A deploy: stage, per-node steps, timeline, logs", get_deploy,
-             permission=APPS_READ),
+             permission=perm.APPS_READ),
     Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}/events", "token",
              "Server-sent events of a deploy's progress until it is done", deploy_events,
-             permission=APPS_READ),
+             permission=perm.APPS_READ),
     Endpoint("POST", "/api/v1/apps/{app}/deploys/{deploy}/cancel", "token",
              "Cancel a running deploy (it is compensated)", cancel_deploy,
-             permission=APPS_WRITE),
+             permission=perm.APPS_WRITE),
     Endpoint("POST", "/api/v1/apps/{app}/rollback", "token",
              "Deploy an earlier release again ({\"to\": \"rN\"}, default the previous)",
-             rollback, permission=APPS_WRITE),
+             rollback, permission=perm.APPS_WRITE),
     Endpoint("GET", "/api/v1/artifacts/{sha256}", "any", "A stored blob by sha256",
-             get_artifact, permission=ARTIFACTS_READ),
+             get_artifact, permission=perm.ARTIFACTS_READ),
     Endpoint("GET", "/api/v1/nodes", "token",
              "Participants: groups, lifecycle, liveness, capacity, instances",
-             list_nodes, permission=NODES_READ),
+             list_nodes, permission=perm.NODES_READ),
     Endpoint("POST", "/api/v1/nodes/register", "secret", "A participant joins", register_node),
     Endpoint("GET", "/api/v1/nodes/{node}", "token", "One participant", get_node,
-             permission=NODES_READ),
+             permission=perm.NODES_READ),
     Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "secret",
              "A participant's heartbeat", heartbeat),
     Endpoint("POST", "/api/v1/nodes/{node}/groups", "token",
              "Label a node with groups ({\"groups\": [...]}); they win over its own",
-             label_node, body=LABEL_BODY, permission=NODES_WRITE),
+             label_node, body=LABEL_BODY, permission=perm.NODES_WRITE),
     Endpoint("POST", "/api/v1/nodes/{node}/{action}", "token",
              "Set a node's lifecycle: drain, offline or online", node_lifecycle,
-             permission=NODES_WRITE),
+             permission=perm.NODES_WRITE),
     Endpoint("GET", "/api/v1/audit", "token", "The audit log, newest first (?limit=N)",
-             audit, permission=AUDIT_READ),
+             audit, permission=perm.AUDIT_READ),
     Endpoint("GET", "/api/v1/tokens", "token",
              "API tokens: name, role, teams, expiry, creation, last use (never the token)",
-             list_tokens, permission=TOKENS_ADMIN),
+             list_tokens, permission=perm.TOKENS_ADMIN),
     Endpoint("POST", "/api/v1/tokens", "token",
              "Create an API token ({name, role, teams, expires_at}); shown once", create_token,
-             201, TOKEN_BODY, permission=TOKENS_ADMIN),
+             201, TOKEN_BODY, permission=perm.TOKENS_ADMIN),
     Endpoint("DELETE", "/api/v1/tokens/{name}", "token", "Revoke an API token", revoke_token,
-             permission=TOKENS_ADMIN),
+             permission=perm.TOKENS_ADMIN),
     Endpoint("GET", "/api/v1/teams", "token",
              "Teams the token sees: their apps, quota and usage", list_teams,
-             permission=APPS_READ),
+             permission=perm.APPS_READ),
     Endpoint("PUT", "/api/v1/teams/{team}/quota", "token",
              "Set a team's quota ({apps, instances, memory}; null lifts one)", set_quota,
-             body=QUOTA_BODY, permission=QUOTAS_WRITE),
+             body=QUOTA_BODY, permission=perm.QUOTAS_WRITE),
     Endpoint("POST", "/api/v1/internal/propose", "secret",
              "A command forwarded by a follower", propose),
     Endpoint("PUT", "/api/v1/internal/artifacts/{sha256}", "secret",
@@ -585,5 +593,6 @@ def api_app(coordinator: ApiHost) -> ASGIApp:
         return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
     routes = [Route(e.path, _endpoint(coordinator, e), methods=[e.method]) for e in ROUTES]
-    app = Starlette(routes=routes, exception_handlers={Exception: unexpected})
+    app = Starlette(routes=routes, exception_handlers={Exception: unexpected,
+                                                       HTTPException: unrouted})
     return _LeaderHeader(app, coordinator)

@@ -44,6 +44,7 @@ from superagent.coordinator.errors import BadRequest, Conflict, Forbidden
 from superagent.coordinator.host import ApiHost
 from superagent.coordinator.policy import (
     ADMIN,
+    APPS_WRITE,
     ROLES,
     Decision,
     Principal,
@@ -116,14 +117,16 @@ def new_app_team(ctx: Context, requested: object) -> str:
 
 
 def upload_team(ctx: Context, app: str, requested: str | None) -> str:
-    """The team of an uploaded app: its own when it exists (``?team=`` must agree), else
-    the one a new app goes to (``new_app_team``)."""
+    """The team of an uploaded app: its own when it exists (``?team=`` must agree; raises
+    Forbidden unless the token may write it), else the one a new app goes to
+    (``new_app_team``)."""
     current = ctx.coordinator.read(lambda s: s.apps[app].team if app in s.apps else None)
     if current is None:
         return new_app_team(ctx, requested)
     if requested is not None and requested != current:
         raise Conflict(f"app {app!r} belongs to team {current!r}, not {requested!r}",
                        app=app)
+    ctx.require(APPS_WRITE, current)  # the route checked it, unless it was made since
     return str(current)
 
 
