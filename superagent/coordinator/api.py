@@ -490,8 +490,9 @@ async def propose(request: Request, ctx: Context) -> Response:
     if not c.is_leader():
         return error(421, "not_leader", f"{c.config.id} is not the leader")
     raw = await request.body()
-    cmd.decode(raw)  # refuse garbage before it reaches the log
+    command = cmd.decode(raw)  # refuse garbage before it reaches the log
     result = await c.raft.propose(raw.decode(), PROPOSE_TIMEOUT)
+    c.committed(command)
     # the follower waits until it has applied this far, so its next read sees the write
     return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
 
