@@ -488,11 +488,26 @@ class Agent:
             instances, grace=self.config.drain_grace if grace is None else grace)
         if self._unroute(set(instances)):
             await self._apply_routes()
-        for instance in targets:
-            await instance.stop()
+        failures: list[ParticipantError] = []
+
+        async def stop_one(instance: Instance) -> None:
+            try:
+                await instance.stop()
+            except ParticipantError as exc:  # its cgroup stays: the coordinator repeats
+                failures.append(exc)
+                return
             # a start that was still waiting for readiness may have cleaned up already
             self._forget(instance)
+
+        # At once: each stop waits out its app's own shutdown (a uvicorn takes 0.1-0.2 s),
+        # and one after the other they added up. Every stop runs to its end, whatever
+        # another one raised, before the first failure is answered.
+        async with trio.open_nursery() as stopping:
+            for instance in targets:
+                stopping.start_soon(stop_one, instance)
         self.persist()
+        if failures:
+            raise failures[0]
         return msg.StopReply(stopped=tuple(instances), in_flight_cut=remaining)
 
     async def switch(self, app: str, instances: list[str]) -> msg.SwitchReply:
