@@ -22,7 +22,9 @@ Per app, one after another, on the same cluster:
    from spawn until ``/healthz`` answers 200 (polled every 5 ms), median of ``--boots``: the
    same measure as the default mode's boot.
 3. **redeploys** r2..r6 with unchanged dependencies (only the app's ``VERSION`` changes), under
-   light keep-alive load: wall time per deploy and ``build.seconds`` on each node.
+   light keep-alive load: wall time per deploy, ``build.seconds`` on each node and whether
+   the build copied ``node_modules`` from the agent's dependency cache (``build.node_modules``
+   in ``release.json``).
 4. **rollback** to r1, five releases back (``POST /rollback {"to": "r1"}``): wall time vs the
    boot time, and proof that nothing was rebuilt: r1's ``build.log`` and ``release.json`` on
    both nodes keep the mtimes they had before.
@@ -173,6 +175,17 @@ def build_seconds(fleet: Fleet, app: str, release: str) -> list[float]:
     return [float(json.loads((release_dir(fleet, i, app, release) / "release.json")
                              .read_text())["build"]["seconds"])
             for i in range(len(fleet.members))]
+
+
+def modules_reused(fleet: Fleet, app: str, release: str) -> list[bool | None]:
+    """Whether each node's build of ``release`` copied node_modules from the agent's
+    dependency cache (``release.json`` ``build.node_modules.reused``; None: not consulted)."""
+    found: list[bool | None] = []
+    for i in range(len(fleet.members)):
+        doc = json.loads((release_dir(fleet, i, app, release) / "release.json").read_text())
+        modules = doc["build"].get("node_modules")
+        found.append(None if modules is None else bool(modules["reused"]))
+    return found
 
 
 def build_mtimes(fleet: Fleet, app: str, release: str) -> list[list[int]]:
@@ -339,10 +352,11 @@ def one_app(kind: str, cluster: Cluster, leader: int, fleet: Fleet, root: Path, 
         for n in range(2, 2 + REDEPLOYS):
             r = deploy_version(n, load)
             r["build_seconds"] = build_seconds(fleet, app, r["release"])
+            r["modules_reused"] = modules_reused(fleet, app, r["release"])
             redeploys.append(r)
             progress(f"{kind}: redeploy {r['release']} {r['deploy_s']:.2f} s, build"
-                     f" {r['build_seconds']} s per node, {r['failed']} failed of"
-                     f" {r['requests']}")
+                     f" {r['build_seconds']} s per node (node_modules from the cache:"
+                     f" {r['modules_reused']}), {r['failed']} failed of {r['requests']}")
         target = first["release"]
         before = build_mtimes(fleet, app, target)
         back = measured(cluster, leader, app, lambda: rollback(cluster, leader, app, target),
