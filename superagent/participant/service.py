@@ -41,7 +41,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 import trio
 
@@ -65,6 +64,7 @@ from superagent.participant.errors import (
     UnknownInstance,
     UnknownRelease,
 )
+from superagent.participant.figures import node_figures, process_figures
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.logs import LogHub
@@ -559,6 +559,9 @@ class Agent:
     def status(self) -> msg.StatusReply:
         """What ``GET /v1/status`` answers (decoded here, so a field the reply does not
         declare fails the agent's own tests rather than a coordinator)."""
+        instances = list(self.instances.values())
+        pids = [inst.pid for inst in instances]
+        figures = process_figures(pids)
         return codec.decode(msg.StatusReply, {
             "node": self.config.node, "groups": list(self.config.groups),
             "offline": self.is_offline,
@@ -569,11 +572,11 @@ class Agent:
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,
             "debug_sessions": self.debug_sessions.active(),
-            "instances": [{**inst.status(), "figures": _figures(inst.pid)}
-                          for inst in self.instances.values()],
+            "instances": [{**inst.status(), "figures": None if pid is None else figures.get(pid)}
+                          for inst, pid in zip(instances, pids, strict=True)],
             "releases": {app: [r.release for r in self.store.releases(app)]
                          for app in self._apps_on_disk()},
-            "figures": _node_figures(),
+            "figures": node_figures(),
         })
 
     def coordinator_status(self) -> dict[str, Any]:
@@ -582,7 +585,7 @@ class Agent:
             "instances": [{"id": inst.config.instance, "app": inst.config.app,
                            "release": inst.config.release, "state": inst.state.value,
                            "port": inst.config.port} for inst in self.instances.values()],
-            "routes": self.routes, "offline": self.is_offline, "figures": _node_figures(),
+            "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
             "listen": list(self.config.listen),
         }
 
@@ -643,34 +646,6 @@ class Agent:
             version = await self.proxy.apply(apps)
             self._applied = apps
             return version
-
-
-def _figures(pid: int | None) -> dict[str, Any] | None:
-    """CPU seconds, RSS, threads and TCP connections of an instance's process tree."""
-    if pid is None:
-        return None
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-        cpu = rss = threads = conns = 0.0
-        for proc in procs:
-            with proc.oneshot():
-                times = proc.cpu_times()
-                cpu += times.user + times.system
-                rss += proc.memory_info().rss
-                threads += proc.num_threads()
-            conns += len(proc.net_connections(kind="tcp"))
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-    return {"cpu_seconds": round(cpu, 3), "rss_bytes": int(rss), "threads": int(threads),
-            "connections": int(conns), "processes": len(procs)}
-
-
-def _node_figures() -> dict[str, Any]:
-    memory = psutil.virtual_memory()
-    return {"cpus": psutil.cpu_count(), "load": os.getloadavg(),
-            "memory_total": memory.total, "memory_available": memory.available,
-            "agent_rss_bytes": psutil.Process().memory_info().rss}
 
 
 async def _empty_cgroup(group: InstanceCgroup) -> None:
