@@ -119,11 +119,14 @@ class _Budget:
 
 
 def _sha256_file(path: Path) -> str | None:
+    """None when there is no such file; ``Uncacheable`` when it cannot be read."""
     try:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a directory named package-lock.json, a dangling link ...
+        raise Uncacheable(f"{path.name} unreadable: {exc.strerror}") from None
 
 
 def npm_env(env: Mapping[str, str], network: Iterable[str] = ()) -> dict[str, str]:

@@ -364,7 +364,12 @@ class ReleaseStore:
         except Uncacheable as exc:
             return _Modules(note=f"node_modules: not cached: {exc}\n")
         started = time.monotonic()
-        if self.modules.restore(app, key, src / MODULES):
+        try:
+            reused = self.modules.restore(app, key, src / MODULES)
+        except OSError as exc:  # the copy is removed: npm builds the tree
+            log.warning("cached node_modules not restored", app=app, key=key, error=str(exc))
+            return _Modules(key=key, note=f"node_modules: not restored ({exc.strerror})\n")
+        if reused:
             return _Modules(key=key, reused=True, seconds=time.monotonic() - started,
                             note=f"node_modules: reused from cache (key {key[:16]})\n")
         return _Modules(key=key, note=f"node_modules: not in the cache (key {key[:16]})\n")
@@ -373,6 +378,8 @@ class ReleaseStore:
         """After a successful npm build: a copy of its node_modules into the app's cache;
         the build log's line about it. Blocking."""
         if modules.key is None or modules.reused:
+            return ""
+        if not (src / MODULES).is_dir():  # no dependencies: npm made no tree
             return ""
         try:
             self.modules.store(app, modules.key, src / MODULES,

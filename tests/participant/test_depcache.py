@@ -66,8 +66,9 @@ def test_the_key_follows_package_json_lock_tools_and_what_npm_reads(tmp_path: Pa
 
 
 def test_trees_npm_must_build_every_time_are_not_keyed(tmp_path: Path) -> None:
-    """Install scripts of the package itself, a local directory dependency and a PATH of
-    the app's own make the tree uncacheable, each with its reason."""
+    """Install scripts of the package itself, a local directory dependency, a PATH of the
+    app's own and an unreadable lock file make the tree uncacheable, each with its
+    reason."""
     with pytest.raises(Uncacheable, match="install scripts of its own \\(postinstall\\)"):
         key(package(tmp_path / "a", scripts={"postinstall": "node build.js", "start": "x"}))
     src = package(tmp_path / "b", dependencies={"lib": "file:lib"})
@@ -76,6 +77,9 @@ def test_trees_npm_must_build_every_time_are_not_keyed(tmp_path: Path) -> None:
         key(src)
     with pytest.raises(Uncacheable, match="sets PATH"):
         key(package(tmp_path / "c"), PATH="/opt/node/bin")
+    (package(tmp_path / "d") / "package-lock.json").mkdir()
+    with pytest.raises(Uncacheable, match=r"package-lock\.json unreadable"):
+        key(tmp_path / "d")
 
 
 def test_a_local_tarball_dependency_is_in_the_key_by_its_content(tmp_path: Path) -> None:
