@@ -469,7 +469,9 @@ class Agent:
             except SupervisorError as exc:
                 self._forget(instance)  # unless stopped meanwhile
                 failures.append(exc)
-            self.persist()
+                self.persist()
+            # A started instance persisted itself at its spawn and when ready (each write
+            # an fsync on the event loop, which every other instance's start waits for).
 
         async with trio.open_nursery() as starting:
             for instance in instances:
