@@ -369,8 +369,9 @@ async def propose(request: Request, ctx: Context) -> Response:
     doc = parse_json(raw, error=bad_request, max_depth=MAX_COMMAND_DEPTH)
     if not isinstance(doc, dict):
         return error(400, "bad_command", "a command is a JSON object")
-    cmd.decode_doc(doc)  # refuse garbage before it reaches the log
+    command = cmd.decode_doc(doc)  # refuse garbage before it reaches the log
     result = await c.raft.propose(raw.decode(), PROPOSE_TIMEOUT)
+    c.committed(command)
     # the follower waits until it has applied this far, so its next read sees the write
     return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
 

@@ -102,6 +102,10 @@ class ApiHost(RunnerHost, Protocol):
 
     async def ensure_artifact(self, sha256: str) -> None: ...
 
+    def committed(self, command: cmd.Command) -> None:
+        """Called with each command a follower forwarded, once committed here."""
+        ...
+
     async def heartbeat(self, node: str, status: dict[str, Any] | None) -> bool: ...
 
     async def store_release(self, chunks: AsyncIterator[bytes], *, app: str,

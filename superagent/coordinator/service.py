@@ -203,7 +203,9 @@ class Coordinator:
         while True:
             try:
                 if self.is_leader():
-                    return await self.raft.propose(text, PROPOSE_TIMEOUT)
+                    result = await self.raft.propose(text, PROPOSE_TIMEOUT)
+                    self.committed(command)
+                    return result
                 url = self.leader_url()
                 if url is not None:
                     return await self._forward_command(url, text)
@@ -215,6 +217,12 @@ class Coordinator:
             if trio.current_time() + delay > deadline:
                 raise NoLeader(node=self.config.id, waited=SUBMIT_TIMEOUT)
             await trio.sleep(delay)
+
+    def committed(self, command: cmd.Command) -> None:
+        """``command`` was just committed through this node while it leads (submitted here
+        or forwarded by a follower): a new deploy is driven at once."""
+        if isinstance(command, cmd.StartDeploy):
+            self.deploys.wake()
 
     async def _forward_command(self, url: str, text: str) -> Result:
         assert self.http is not None

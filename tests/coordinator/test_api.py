@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from superagent.cli import main as cli_main
+from superagent.coordinator import commands as cmd
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
 from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
@@ -330,3 +331,28 @@ async def test_cli_deploys_a_procfile_app_under_its_directory_name(
     assert code == 2 and "no participant is online" in err  # recorded, nowhere to run
     releases = (await api.call("GET", "/api/v1/apps/proc-app/releases")).json()["releases"]
     assert [r["name"] for r in releases] == ["r1"]
+
+
+async def test_a_deploy_committed_here_wakes_the_runner(api: Api,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A StartDeploy committed on the leader, submitted there or forwarded by a follower
+    to /internal/propose, wakes the deploy runner (whatever the state answered); other
+    commands do not."""
+    woken: list[int] = []
+    monkeypatch.setattr(api.coordinator.deploys, "wake", lambda: woken.append(1))
+    c = api.coordinator
+    start = c.command(cmd.StartDeploy, actor="tester", app="ghost", deploy_id="ghost-r1-abc",
+                      record={})
+    assert not (await c.submit(start))["ok"]  # no such app: refused, committed all the same
+    assert woken == [1]
+    forwarded = c.command(cmd.StartDeploy, actor="tester", app="ghost",
+                          deploy_id="ghost-r1-abd", record={})
+    response = await api.call("POST", "/api/v1/internal/propose", token=SECRET,
+                              content=forwarded.to_json(),
+                              headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert woken == [1, 1]
+    other = c.command(cmd.RegisterCoordinator, actor="tester", coordinator="c1",
+                      api_url=api.url)
+    assert (await c.submit(other))["ok"]
+    assert woken == [1, 1]

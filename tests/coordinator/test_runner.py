@@ -17,7 +17,12 @@ import trio.testing
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy import model as m
-from superagent.coordinator.deploy.runner import NODE_LOST_AFTER, DeployRunner, begin_deploy
+from superagent.coordinator.deploy.runner import (
+    NODE_LOST_AFTER,
+    POLL,
+    DeployRunner,
+    begin_deploy,
+)
 from superagent.coordinator.state import ClusterState, Result
 from superagent.rpc import messages as msg
 from superagent.rpc.client import Participants
@@ -210,6 +215,26 @@ async def test_a_deploy_rolls_over_every_node(
     for address in NODES.values():
         agent = participants.agents[address]
         assert agent.routes["hello"] == tuple(agent.instances)
+
+
+async def test_a_woken_runner_drives_a_new_deploy_at_once(
+        host: FakeHost, participants: FakeParticipants, clock: trio.testing.MockClock
+) -> None:
+    """``wake`` after a deploy is committed: its first signal goes out within a round trip,
+    not at the runner's next look (up to ``POLL`` later)."""
+    runner = DeployRunner(host)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        await trio.sleep(POLL * 1.1)  # the runner has looked once and sleeps again
+        result = await begin_deploy(host, app="hello", release="r1", actor="tester")
+        assert result["ok"], result
+        committed = trio.current_time()
+        runner.wake()
+        with trio.fail_after(POLL):
+            while not participants.sent:
+                await trio.sleep(0.001)
+        assert trio.current_time() - committed < POLL / 4  # one 10 ms round trip
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_node_that_never_answers_is_lost_after_the_deadline(

@@ -59,7 +59,7 @@ from superagent.rpc.errors import BadReply, Refused, Unreachable, VersionMismatc
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-POLL = 0.2  # how often the runner looks for deploys to drive
+POLL = 0.2  # how often the runner looks for deploys to drive (``wake`` says so at once)
 NODE_LOST_AFTER = 30.0  # unreachable this long (and not yet marked down): lost
 DRAIN_GRACE = 30.0
 ROUND_BACKOFF, ROUND_BACKOFF_MAX = 1.0, 30.0  # after a round whose outcomes were refused
@@ -76,14 +76,22 @@ class DeployRunner:
     def __init__(self, host: RunnerHost) -> None:
         self.host = host
         self._driving: dict[str, trio.CancelScope] = {}
+        self._woken = trio.Event()
 
     def __repr__(self) -> str:
         return f"<DeployRunner driving={sorted(self._driving)}>"
 
+    def wake(self) -> None:
+        """A deploy was just committed here: look for it now, not at the next ``POLL``
+        (which would add up to 0.2 s to every deploy, a rollback's included)."""
+        self._woken.set()
+
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                await trio.sleep(POLL)
+                with trio.move_on_after(POLL):
+                    await self._woken.wait()
+                self._woken = trio.Event()
                 if not self.host.is_leader():
                     for scope in self._driving.values():
                         scope.cancel()
