@@ -67,6 +67,7 @@ from superagent.coordinator.api_common import (
     read_json,
     unrouted,
 )
+from superagent.coordinator.api_debug import DEBUG_BODY, close_debug, open_debug, trace
 from superagent.coordinator.api_deploys import (
     cancel_deploy,
     deploy_events,
@@ -85,6 +86,7 @@ from superagent.coordinator.api_fleet import (
     reported,
     scale_app,
 )
+from superagent.coordinator.api_logs import app_logs
 from superagent.coordinator.api_openapi import openapi_document
 from superagent.coordinator.auth import bearer, is_secret
 from superagent.coordinator.deploy.runner import begin_deploy
@@ -493,6 +495,20 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("POST", "/api/v1/apps/{app}/rollback", "token",
              "Deploy an earlier release again ({\"to\": \"rN\"}, default the previous)",
              rollback, permission=perm.APPS_WRITE),
+    Endpoint("GET", "/api/v1/apps/{app}/logs", "token",
+             "An app's output merged across its machines (?instance=&node=&stream=&since="
+             "&grep=&request_id=&n=; follow=1: server-sent events, resumable with"
+             " Last-Event-ID)", app_logs, permission=perm.APPS_READ),
+    Endpoint("POST", "/api/v1/apps/{app}/debug", "token",
+             "Open (or extend) a debug session on every machine running the app"
+             " ({\"ttl\": seconds})", open_debug, body=DEBUG_BODY,
+             permission=perm.APPS_WRITE),
+    Endpoint("DELETE", "/api/v1/apps/{app}/debug", "token",
+             "Close the app's debug session on every machine running it", close_debug,
+             permission=perm.APPS_WRITE),
+    Endpoint("GET", "/api/v1/trace/{request_id}", "token",
+             "Every line carrying a request id across the machines (?app= to narrow it),"
+             " the proxy's record among them", trace, permission=perm.APPS_READ),
     Endpoint("GET", "/api/v1/artifacts/{sha256}", "any", "A stored blob by sha256",
              get_artifact, permission=perm.ARTIFACTS_READ),
     Endpoint("GET", "/api/v1/nodes", "token",
