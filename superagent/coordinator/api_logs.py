@@ -75,6 +75,7 @@ KEEPALIVE = 15.0  # seconds of quiet before a keep-alive comment (proxies close 
 QUEUE = 1000  # events queued for one subscriber before new lines are dropped
 NODES_REFRESH = 2.0  # seconds between looks at which nodes run the app
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds before following a lost node again (doubling)
+RECENT_DEPLOYS = 3  # an app's deploys whose nodes are asked too (see app_nodes)
 KEEP_RELEASES = 5  # recent releases whose [env] values are hidden too (older lines)
 Write = Callable[[bytes], Awaitable[None]]
 
@@ -108,13 +109,21 @@ def redactor(c: ApiHost, apps: list[str] | None = None) -> Redactor:
 
 # ---------------------------------------------------------------------- which machines
 def app_nodes(c: ApiHost, app: str) -> dict[str, str]:
-    """Node -> RPC address of every registered node running (or placed to run) ``app``."""
+    """Node -> RPC address of every registered node running ``app``, placed to run it or
+    reached by one of its recent deploys."""
     instances = reported(c) or {}
     running = {node for node, found in instances.items()
                if any(i.get("app") == app for i in found)}
 
     def find(s: Any) -> dict[str, str]:
         names = set(s.placement.get(app, {})) | running
+        # a follower has no heartbeats, and an app scaled per node has no placement: the
+        # nodes its recent deploys went to are in the replicated state all the same
+        recent = sorted((d for d in s.deploys.values() if d.app == app),
+                        key=lambda d: d.created_at)[-RECENT_DEPLOYS:]
+        for deploy in recent:
+            names |= {str(step.get("node")) for step in deploy.record.get("steps", ())
+                      if isinstance(step, dict)}
         return {n: s.nodes[n].address for n in sorted(names) if n in s.nodes}
     found: dict[str, str] = c.read(find)
     return found
