@@ -387,6 +387,18 @@ def test_start_failure_without_instances_is_rolled_back_at_once() -> None:
     assert (rec.status, rec.step_of("n1").step) == (Status.ROLLED_BACK, Step.ROLLED_BACK)
 
 
+def test_start_failure_keeps_the_failing_instances_last_lines() -> None:
+    """The participant's whole answer (the instance's last stdout and stderr lines) is in
+    the record's logs; the step's error is only its summary line."""
+    tails = "instance a@r2.1 exited with 3\n--- last stdout ---\nhi\n--- last stderr ---\n" \
+        + "Traceback: boom " * 100
+    rec = advance(built(record(("n1",))), StartFailed(node="n1", error=tails[:50], log=tails))
+    assert rec.logs[-1][0] == "n1" and "--- last stderr ---" in rec.logs[-1][1]
+    assert rec.logs[-1][1].endswith("boom ")
+    older = advance(built(record(("n1",))), StartFailed(node="n1", error="no ports"))
+    assert older.logs == ()  # an event of an older leader, without a log
+
+
 def test_first_deploy_switches_back_to_nothing() -> None:
     """On an app's first deploy the compensating switch routes to no instance."""
     rec = feed(built(record(("n1", "n2"))), Started(node="n1", old=(), new=("a",)),

@@ -261,6 +261,8 @@ async def test_bad_releases_roll_back(cluster: Cluster) -> None:
         assert "start failed" in view["reason"], view
     assert "ready" in never["reason"], never
     assert "exit" in crash["reason"], crash
+    # the crashing instance's own last lines of stderr, whole, in the deploy's logs
+    assert "crashing on purpose" in json.dumps(crash["logs"]), crash["logs"]
     load.assert_clean()
     assert set(load.since(0)) == {"r1"}
     assert await _serving(cluster, "bad") == before

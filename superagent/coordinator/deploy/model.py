@@ -263,6 +263,8 @@ class StartFailed(NodeEvent):
     type: ClassVar[str] = "start_failed"
     error: str
     new: tuple[str, ...] = ()  # instances that did start and must be stopped
+    log: str = ""  # the participant's whole answer: the failing instance's last lines of
+    #                stdout and stderr, which ``error`` (one summary line) cuts short
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -163,7 +163,8 @@ def outcome(record: m.DeployRecord, action: m.NodeAction, answer: Answer, *,
                         if i.app == record.app and i.release == record.release
                         and i.instance not in old)
         return m.StartFailed(node=node, error=detail(refused) if refused else "no reply",
-                             new=came_up)
+                             new=came_up,
+                             log=m.log_tail(refused.detail) if refused is not None else "")
     if isinstance(action, m.SwitchBack):
         return m.SwitchedBack(node=node)
     if isinstance(action, m.Switch):

@@ -211,7 +211,7 @@ def advance(record: DeployRecord, event: Event) -> DeployRecord:
             step = replace(step, new=event.new, error=clip(event.error, ERROR_MAX))
             if not event.new:  # nothing to stop
                 step = replace(step, step=Step.ROLLED_BACK)
-            failure = f"start failed on {event.node}: {step.error}"
+            failure, log = f"start failed on {event.node}: {step.error}", event.log
         case Switched() if not current.old:  # nothing to drain
             step = replace(step, step=Step.DRAINED)
         case NodeLost():
