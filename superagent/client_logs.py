@@ -175,15 +175,18 @@ def follow(client: Client, path: str, handle: Callable[[str, dict[str, Any]], No
         try:
             with client.stream("GET", path, headers=headers, timeout=STREAM_TIMEOUT) as resp:
                 failures, pause = 0, 0.1
-                parser = SseParser()
-                for raw in resp.iter_lines():
-                    found = parser.feed(raw)
-                    if found is not None:
-                        kind, doc, event_id = found
-                        handle(kind, doc)
-                        if event_id:
-                            last_id = event_id
-                    if tick is not None and (found is not None or raw.startswith(":")):
+                parser, rest = SseParser(), b""
+                for chunk in resp.iter_bytes():  # all the lines a chunk holds, one flush
+                    *complete, rest = (rest + chunk).split(b"\n")
+                    for raw in complete:
+                        found = parser.feed(raw.decode("utf-8", "replace").rstrip("\r"))
+                        if found is not None:
+                            kind, doc, event_id = found
+                            handle(kind, doc)
+                            if event_id:
+                                last_id = event_id
+                    sys.stdout.flush()
+                    if tick is not None:
                         tick()
                 problem = "the coordinator ended the stream"
         except ClientError as exc:
@@ -236,7 +239,7 @@ def _logs(args: argparse.Namespace) -> int:
     def handle(kind: str, doc: dict[str, Any]) -> None:
         if kind == "line":
             print(json.dumps(doc) if args.json else
-                  render_line(doc, coloured=coloured, node=show_node), flush=True)
+                  render_line(doc, coloured=coloured, node=show_node))  # flushed per chunk
         elif args.json and kind in ("gap", "dropped", "node"):
             print(json.dumps({"event": kind, **doc}), file=sys.stderr, flush=True)
         else:
@@ -319,11 +322,11 @@ def _debug(args: argparse.Namespace) -> int:
         if joined is None:
             return
         if args.json:
-            print(json.dumps({"record": doc, "lines": joined}), flush=True)
+            print(json.dumps({"record": doc, "lines": joined}))
             return
-        print(render_record(doc, coloured=coloured), flush=True)
+        print(render_record(doc, coloured=coloured))
         for line in joined:
-            print("    " + render_line(line, coloured=coloured), flush=True)
+            print("    " + render_line(line, coloured=coloured))
 
     def tick() -> None:
         if time.monotonic() >= renew_at[0]:

@@ -64,7 +64,7 @@ from superagent.coordinator.logstream import (
     line_doc,
     parse_query,
 )
-from superagent.debug import Cursor, LogLine, merge_key
+from superagent.debug import DROPPED_NOTE, Cursor, LogLine, merge_key
 from superagent.rpc import messages as msg
 from superagent.rpc.errors import RpcError
 
@@ -73,6 +73,7 @@ log = structlog.get_logger(__name__)
 QUERY_TIMEOUT = 10.0  # seconds one participant has to answer a query
 KEEPALIVE = 15.0  # seconds of quiet before a keep-alive comment (proxies close idle streams)
 QUEUE = 1000  # events queued for one subscriber before new lines are dropped
+WRITE_BATCH = 200  # queued events sent in one write (one chunk, one syscall)
 NODES_REFRESH = 2.0  # seconds between looks at which nodes run the app
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds before following a lost node again (doubling)
 RECENT_DEPLOYS = 3  # an app's deploys whose nodes are asked too (see app_nodes)
@@ -253,10 +254,16 @@ async def follow(c: ApiHost, query: LogQuery, cursor: Cursor | None, write: Writ
             item: bytes | None = None
             with trio.move_on_after(KEEPALIVE):  # only the wait: a write is never cut
                 item = await receive.receive()
+            chunks = [item] if item is not None else [b": keep-alive\n\n"]
+            while len(chunks) < WRITE_BATCH:  # what else is queued goes in the same write
+                try:
+                    chunks.append(receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
             news = drops.news()
             if news is not None:
-                await write(event("dropped", news))
-            await write(item if item is not None else b": keep-alive\n\n")
+                chunks.insert(0, event("dropped", news))
+            await write(b"".join(chunks))
 
 
 async def _watch_nodes(c: ApiHost, query: LogQuery, nodes: dict[str, str],
@@ -293,6 +300,11 @@ async def _follow_node(c: ApiHost, query: LogQuery, node: str, address: str,
                     if lost:
                         offer(event("node", {"node": node, "state": "following"}), line=False)
                         lost, backoff = False, RETRY_MIN
+                    if doc.get("type") == DROPPED_NOTE:
+                        # the participant's queue for us overflowed (a burst): what its
+                        # buffers still hold is fetched now, the rest becomes a gap event
+                        await _catch_up(c, query, node, address, take)
+                        continue
                     line = from_participant(doc, node)
                     if line is not None:
                         take(line)
@@ -306,6 +318,21 @@ async def _follow_node(c: ApiHost, query: LogQuery, node: str, address: str,
                 log.info("log stream of a node lost", node=node, error=problem)
             await trio.sleep(backoff)
             backoff = min(RETRY_MAX, backoff * 2)
+
+
+async def _catch_up(c: ApiHost, query: LogQuery, node: str, address: str,
+                    take: Callable[[LogLine], None]) -> None:
+    """Read ``node``'s buffered lines through the tracker: those the client lacks are
+    sent (after a gap event for what the buffers no longer have)."""
+    try:
+        with trio.fail_after(QUERY_TIMEOUT):
+            reply = await reader(c).logs(address, query.participant_query(n=TAIL_FETCH),
+                                         timeout=QUERY_TIMEOUT)
+    except (RpcError, trio.TooSlowError):
+        return  # the next lines' sequence numbers tell the gap
+    lines = [line for doc in reply.lines if (line := from_participant(doc, node))]
+    for line in sorted(lines, key=merge_key):
+        take(line)
 
 
 class EventStream(Response):

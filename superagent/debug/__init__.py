@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from superagent.debug.errors import BadRecord, DebugError
 from superagent.debug.events import AccessRecord, access_line, access_record
-from superagent.debug.fanout import SUBSCRIBER_BUFFER, Fanout, Subscription
+from superagent.debug.fanout import DROPPED_NOTE, SUBSCRIBER_BUFFER, Fanout, Subscription
 from superagent.debug.filters import LogFilter
 from superagent.debug.records import (
     PROXY_SOURCE,
@@ -36,8 +36,9 @@ from superagent.debug.rings import RING_LINES, LineRing, merged_tail
 from superagent.debug.sessions import DEFAULT_TTL, DebugSessions, DebugWindow
 
 __all__ = [
-    "DEFAULT_TTL", "PROXY_SOURCE", "RING_LINES", "SUBSCRIBER_BUFFER", "AccessRecord",
-    "BadRecord", "Cursor", "DebugError", "DebugSessions", "DebugWindow", "Fanout", "LineRing",
+    "DEFAULT_TTL", "DROPPED_NOTE", "PROXY_SOURCE", "RING_LINES", "SUBSCRIBER_BUFFER",
+    "AccessRecord", "BadRecord", "Cursor", "DebugError", "DebugSessions", "DebugWindow",
+    "Fanout", "LineRing",
     "LogFilter", "LogLine", "Origin", "Position", "Source", "Stream", "Subscription",
     "access_line", "access_record", "make_line", "merge", "merge_key", "merged_tail",
 ]

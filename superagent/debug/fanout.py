@@ -27,6 +27,7 @@ from superagent.debug.filters import LogFilter
 from superagent.debug.records import LogLine
 
 SUBSCRIBER_BUFFER = 1000  # lines queued per subscriber before new ones are dropped
+DROPPED_NOTE = "dropped"  # the ``type`` of a stream's note of lines a subscription dropped
 
 
 class Subscription:
@@ -51,6 +52,11 @@ class Subscription:
         return (f"<Subscription {self.filter} queued={queued}/{self.buffer} "
                 f"delivered={self.delivered} dropped={self.dropped}"
                 f"{' closed' if self.closed else ''}>")
+
+    @property
+    def queued(self) -> int:
+        """Lines waiting in the queue."""
+        return int(self._receive.statistics().current_buffer_used)
 
     @property
     def closed(self) -> bool:

@@ -46,7 +46,7 @@ import trio
 
 from superagent import codec
 from superagent.config import parse_address
-from superagent.debug import DebugSessions, LogFilter
+from superagent.debug import DROPPED_NOTE, DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
 from superagent.manifest import TEST_TIMEOUT
 from superagent.participant.archive import check as check_archive
@@ -627,10 +627,19 @@ class Agent:
 
     async def follow(self, *, app: str | None, instance: str | None,
                      request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """New lines as their documents; after a line, ``{"type": "dropped", "dropped": n}``
+        when the subscription dropped ``n`` more since the last such note (its queue was
+        full: a burst larger than it), once what was queued is sent: a reader learns of
+        the loss at once rather than from the sequence numbers of the next line, which
+        may be long in coming."""
         wanted = LogFilter(app=app, instance=instance, request_id=request_id)
         with self.log_hub.subscribe(wanted) as subscription:
+            told = 0
             async for line in subscription:
                 yield line.to_json()
+                if subscription.dropped > told and not subscription.queued:  # once drained
+                    yield {"type": DROPPED_NOTE, "dropped": subscription.dropped - told}
+                    told = subscription.dropped
 
     # ------------------------------------------------------------------ helpers
     def _instance(self, instance_id: str) -> Instance:

@@ -82,3 +82,14 @@ async def test_closing_the_fanout_ends_every_subscription() -> None:
     assert late.closed and await drain(late) == []
     fanout.publish(batch(1, 1))
     assert first.delivered == 0 and "closed" in repr(fanout)
+
+
+async def test_queued_counts_what_waits_for_the_reader() -> None:
+    """``queued`` lets a producer tell its reader of drops once the queue is drained."""
+    fanout = Fanout()
+    with fanout.subscribe(buffer=2) as sub:
+        fanout.publish(batch(1, 3))
+        assert (sub.queued, sub.dropped) == (2, 1)
+        await sub.__anext__()
+        await sub.__anext__()
+        assert sub.queued == 0
