@@ -38,7 +38,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -276,7 +276,7 @@ def from_participant(doc: Mapping[str, Any], node: str) -> LogLine | None:
     """A participant's line document labelled with its node; None when malformed (a
     participant of another version: skipped, never a failed stream)."""
     try:
-        return replace(LogLine.from_json(dict(doc)), node=node)
+        return LogLine.from_json({**doc, "node": node})
     except BadRecord:
         return None
 
@@ -291,9 +291,11 @@ class Redactor:
     ``SECRET_MIN`` are left alone (they are flags and words, found everywhere)."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
-        found = {json.dumps(value)[1:-1]: name for name, value in env.items()
-                 if isinstance(value, str) and len(value) >= SECRET_MIN}
+        kept = {name: value for name, value in env.items()
+                if isinstance(value, str) and len(value) >= SECRET_MIN}
+        found = {json.dumps(value)[1:-1]: name for name, value in kept.items()}
         self._pairs = sorted(found.items(), key=lambda kv: -len(kv[0]))  # longest first
+        self._raw = tuple(kept.values())
 
     def __repr__(self) -> str:
         return f"<Redactor values={len(self._pairs)}>"
@@ -301,6 +303,9 @@ class Redactor:
     def __call__(self, doc: dict[str, Any]) -> dict[str, Any]:
         if not self._pairs:
             return doc
+        text = doc.get("text")
+        if isinstance(text, str) and not any(value in text for value in self._raw):
+            return doc  # the common case, without encoding the line (fields come from text)
         raw = json.dumps(doc)
         if not any(value in raw for value, _ in self._pairs):
             return doc

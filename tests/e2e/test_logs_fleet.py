@@ -6,6 +6,10 @@ each printing a ``tick`` line every ``TICK`` seconds. A follower's query merges 
 of both machines. Then ``superagent logs -f --json`` runs as a real process, given every
 coordinator's URL with the leader first; while it runs
 
+0. ``superagent debug`` opens a session on both machines, shows a request served by
+   node 2 with the app's line of it, and closes the session on Ctrl-C; one opened with a
+   2 s TTL ends on both by itself; the trace of the request through a follower names the
+   node that served it;
 1. participant 1's agent is SIGKILLed and started again on its data dir (its instance
    outlives it and keeps ticking): the stream goes on with that node's lines and reports
    the gap as an event (its lines are numbered afresh);
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.coordinator.cluster import Cluster
@@ -56,7 +62,7 @@ class Follower:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             with self.lock:
-                self.lines.append(json.loads(raw))
+                self.lines.append(json.loads(raw))  # --json: one document a line
 
     def _err(self) -> None:
         assert self.proc.stderr is not None
@@ -109,6 +115,42 @@ def test_follow_across_two_machines_a_participant_restart_and_a_leader_kill() ->
                              until=lambda d: {x["node"] for x in d["lines"]} == set(nodes))
             assert set(doc["nodes"]) == set(nodes), doc["nodes"]
             assert [x["ts"] for x in doc["lines"]] == sorted(x["ts"] for x in doc["lines"])
+
+            # a debug session through the CLI: opened on both machines, each request's
+            # record joined with the app's line, closed on Ctrl-C
+            debug = Follower([sys.executable, "-m", "superagent", "debug", APP, "--ttl", "5m",
+                              "--json", "--server", cluster.members[follower].url,
+                              "--token", cluster.token])
+            try:
+                wait_until(lambda: all(APP in fleet.status(i)["debug_sessions"]
+                                       for i in range(2)), "the session open on both nodes")
+                rid = "fleet-debug-1"
+
+                def joined() -> list[dict[str, Any]]:
+                    r = httpx.get(f"{fleet.members[1].proxy}/{APP}/hi",
+                                  headers={"x-request-id": rid}, timeout=10.0)
+                    assert r.status_code == 200, r.text
+                    with debug.lock:
+                        return [x for x in debug.lines
+                                if x["record"]["request_id"] == rid and x["lines"]]
+                shown = wait_until(joined, "the request's record and line from `debug`")
+                record = shown[0]["record"]
+                assert record["node"] == nodes[1] and record["fields"]["status"] == 200
+                assert shown[0]["lines"][0]["fields"]["msg"] == "handled /hi", shown
+                trace = cluster.get(follower, f"/api/v1/trace/{rid}").json()
+                assert {x["node"] for x in trace["proxy"]} == {nodes[1]}, trace
+                debug.proc.send_signal(signal.SIGINT)
+                assert debug.proc.wait(timeout=30) == 0, debug.errors
+                assert any("closed" in e for e in debug.errors), debug.errors
+                assert all(APP not in fleet.status(i)["debug_sessions"] for i in range(2))
+            finally:
+                debug.close()
+            # a session's TTL ends it on every machine
+            r = cluster.post(follower, f"/api/v1/apps/{APP}/debug", json={"ttl": 2})
+            assert r.status_code == 200 and r.json()["ok"], r.text
+            assert set(r.json()["nodes"]) == set(nodes), r.text
+            wait_until(lambda: not any(APP in fleet.status(i)["debug_sessions"]
+                                       for i in range(2)), "the sessions' end at the TTL")
 
             urls = [cluster.members[leader].url,
                     *(m.url for m in cluster.members if m.index != leader)]
