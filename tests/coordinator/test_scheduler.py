@@ -1,0 +1,320 @@
+"""Tests for superagent.coordinator.scheduler: the pure placement of apps on nodes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from superagent.coordinator.scheduler import AppScale, NodeInfo, Placement, place
+
+PROPERTY = settings(max_examples=200, deadline=None)
+
+
+def node(name: str, *groups: str, capacity: int = 100, eligible: bool = True) -> NodeInfo:
+    return NodeInfo(name=name, groups=frozenset(groups or ("default",)), capacity=capacity,
+                    eligible=eligible)
+
+
+def per_node(app: str, k: int = 1, *groups: str) -> AppScale:
+    return AppScale(app=app, groups=groups or ("default",), per_node=k, instances=None)
+
+
+def spread(app: str, k: int, *groups: str) -> AppScale:
+    return AppScale(app=app, groups=groups or ("default",), per_node=1, instances=k)
+
+
+def nodes_of(*names: str, capacity: int = 100) -> list[NodeInfo]:
+    return [node(name, capacity=capacity) for name in names]
+
+
+def moved(before: Mapping[str, int], after: Mapping[str, int]) -> int:
+    """Instances that had to stop somewhere (and start elsewhere)."""
+    return sum(max(0, count - after.get(name, 0)) for name, count in before.items())
+
+
+# -- per_node ----------------------------------------------------------------------------
+
+
+def test_per_node_puts_k_on_every_eligible_node() -> None:
+    """per_node = 2 on three nodes is two on each."""
+    result = place([per_node("web", 2)], nodes_of("a", "b", "c"), {})
+    assert result.nodes == {"web": {"a": 2, "b": 2, "c": 2}}
+    assert result.short == {}
+
+
+def test_per_node_zero_places_nothing_and_is_not_short() -> None:
+    """per_node = 0 is a wish for nothing: an empty placement, met."""
+    result = place([per_node("web", 0)], nodes_of("a"), {})
+    assert result.nodes == {"web": {}}
+    assert result.short == {}
+
+
+def test_groups_restrict_the_eligible_nodes() -> None:
+    """Only nodes in one of the app's groups get it; a node in several groups counts once."""
+    nodes = [node("a", "web"), node("b", "batch"), node("c", "web", "batch"), node("d", "gpu")]
+    result = place([per_node("site", 1, "web", "batch")], nodes, {})
+    assert result.nodes == {"site": {"a": 1, "b": 1, "c": 1}}
+
+
+def test_no_eligible_node_is_short_with_the_groups() -> None:
+    """An app whose groups no eligible node carries is placed nowhere, and says why."""
+    result = place([per_node("ml", 1, "gpu")], nodes_of("a"), {})
+    assert result.nodes == {"ml": {}}
+    assert result.short == {"ml": "no eligible node in groups ['gpu']"}
+
+
+@pytest.mark.parametrize("lifecycle", ["draining past its wait", "offline", "down"])
+def test_ineligible_nodes_get_nothing(lifecycle: str) -> None:
+    """A node the caller marks ineligible (draining, offline, down) gets no instance."""
+    nodes = [node("a"), node("b", eligible=False)]
+    result = place([per_node("web", 1), spread("api", 4)], nodes, {"api": {"b": 2}})
+    assert result.nodes == {"web": {"a": 1}, "api": {"a": 4}}, lifecycle
+
+
+# -- instances ---------------------------------------------------------------------------
+
+
+def test_instances_spread_evenly() -> None:
+    """instances = 5 over three nodes is 2, 2, 1: the extra ones go to the first names."""
+    result = place([spread("api", 5)], nodes_of("a", "b", "c"), {})
+    assert result.nodes == {"api": {"a": 2, "b": 2, "c": 1}}
+
+
+def test_instances_fewer_than_nodes_is_anti_affine() -> None:
+    """Two instances on four nodes never share a node."""
+    result = place([spread("api", 2)], nodes_of("a", "b", "c", "d"), {})
+    assert result.nodes["api"] == {"a": 1, "b": 1}
+
+
+def test_instances_ties_go_to_the_least_loaded_node() -> None:
+    """Between equal candidates the node with fewest instances in total wins, then the name."""
+    apps = [per_node("aaa", 3, "busy"), spread("bbb", 1)]
+    nodes = [node("a", "default", "busy"), node("b")]
+    assert place(apps, nodes, {}).nodes["bbb"] == {"b": 1}
+
+
+def test_instances_zero_places_nothing_and_is_not_short() -> None:
+    """instances = 0 is met by no instance, even with no eligible node."""
+    result = place([spread("api", 0, "gpu")], nodes_of("a"), {})
+    assert result.nodes == {"api": {}}
+    assert result.short == {}
+
+
+def test_previous_valid_placement_is_kept() -> None:
+    """A balanced previous placement stays as it is, even where the tie-break would differ."""
+    previous = {"api": {"b": 2, "c": 1, "a": 2}}
+    result = place([spread("api", 5)], nodes_of("a", "b", "c"), previous)
+    assert result.nodes["api"] == {"a": 2, "b": 2, "c": 1}
+    previous = {"api": {"c": 2, "b": 2, "a": 1}}
+    assert place([spread("api", 5)], nodes_of("a", "b", "c"), previous).nodes["api"] == \
+        {"a": 1, "b": 2, "c": 2}
+
+
+def test_node_joining_moves_as_few_as_possible() -> None:
+    """{a: 2, b: 2} with a new node c: one instance moves, the spread is even again."""
+    result = place([spread("api", 4)], nodes_of("a", "b", "c"), {"api": {"a": 2, "b": 2}})
+    assert result.nodes["api"] == {"a": 2, "b": 1, "c": 1}
+    assert moved({"a": 2, "b": 2}, result.nodes["api"]) == 1
+
+
+def test_node_returning_gets_its_share_back_with_minimal_moves() -> None:
+    """A node that was away (its instances went elsewhere) gets back only what evens out."""
+    away = place([spread("api", 6)], nodes_of("a", "b"), {"api": {"a": 2, "b": 2, "c": 2}})
+    assert away.nodes["api"] == {"a": 3, "b": 3}
+    back = place([spread("api", 6)], nodes_of("a", "b", "c"), away.nodes)
+    assert back.nodes["api"] == {"a": 2, "b": 2, "c": 2}
+    assert moved(away.nodes["api"], back.nodes["api"]) == 2
+
+
+def test_node_leaving_moves_only_its_instances() -> None:
+    """When a node goes, only its instances are placed again; the others stay."""
+    previous = {"api": {"a": 1, "b": 1, "c": 1}}
+    result = place([spread("api", 3)], nodes_of("a", "c", "d"), previous)
+    assert result.nodes["api"] == {"a": 1, "c": 1, "d": 1}
+
+
+def test_shrinking_instances_keeps_previous_nodes() -> None:
+    """Fewer instances: the ones left stay where instances were."""
+    previous = {"api": {"a": 1, "b": 1, "c": 1, "d": 1}}
+    result = place([spread("api", 2)], nodes_of("a", "b", "c", "d"), {"api": {"c": 1, "d": 1}})
+    assert result.nodes["api"] == {"c": 1, "d": 1}
+    result = place([spread("api", 3)], nodes_of("a", "b", "c", "d"), previous)
+    assert moved(previous["api"], result.nodes["api"]) == 1
+
+
+# -- capacity ----------------------------------------------------------------------------
+
+
+def test_capacity_is_never_exceeded_and_short_names_the_full_nodes() -> None:
+    """per_node beyond a node's room stops at its capacity, and the reason names it."""
+    apps = [per_node("a-first", 2), per_node("b-second", 2)]
+    result = place(apps, [node("web", capacity=3)], {})
+    assert result.nodes == {"a-first": {"web": 2}, "b-second": {"web": 1}}
+    assert result.short == {
+        "b-second": "1 of 2 instances: no room on eligible nodes (web: 3/3)"}
+
+
+def test_instances_fill_what_room_there_is() -> None:
+    """instances over small nodes fills every room, then reports the shortfall."""
+    result = place([spread("api", 7)], [node("a", capacity=2), node("b", capacity=3)], {})
+    assert result.nodes["api"] == {"a": 2, "b": 3}
+    assert result.short["api"] == "5 of 7 instances: no room on eligible nodes (a: 2/2, b: 3/3)"
+
+
+def test_instances_go_around_a_full_node() -> None:
+    """A full node gets none; the others share the rest evenly."""
+    nodes = [node("a", capacity=1), node("b"), node("c")]
+    result = place([per_node("aa", 1, "default"), spread("api", 4)], nodes, {})
+    assert result.nodes["api"] == {"b": 2, "c": 2}
+    assert "api" not in result.short
+
+
+def test_short_lists_at_most_three_full_nodes() -> None:
+    """A reason stays short when many nodes are full."""
+    nodes = [node(f"n{i}", capacity=0) for i in range(5)]
+    result = place([spread("api", 2)], nodes, {})
+    assert result.short["api"] == ("0 of 2 instances: no room on eligible nodes "
+                                   "(n0: 0/0, n1: 0/0, n2: 0/0, +2 more)")
+
+
+def test_apps_are_served_in_name_order() -> None:
+    """The first name wins a full node, whatever the input order."""
+    apps = [spread("zeta", 1), spread("alpha", 1)]
+    result = place(apps, [node("a", capacity=1)], {"zeta": {"a": 1}})
+    assert result.nodes == {"alpha": {"a": 1}, "zeta": {}}
+    assert "zeta" in result.short
+
+
+def test_bad_input_raises_value_error() -> None:
+    """Duplicate names and negative numbers are the caller's bug, named."""
+    with pytest.raises(ValueError, match="node 'a' listed twice"):
+        place([], [node("a"), node("a")], {})
+    with pytest.raises(ValueError, match="app 'x' listed twice"):
+        place([spread("x", 1), spread("x", 2)], [node("a")], {})
+    with pytest.raises(ValueError, match="capacity"):
+        place([], [node("a", capacity=-1)], {})
+    with pytest.raises(ValueError, match="negative scale"):
+        place([spread("x", -1)], [node("a")], {})
+
+
+def test_previous_for_unknown_apps_and_nodes_is_ignored() -> None:
+    """Stale previous entries (deleted apps, gone nodes) do not matter."""
+    result = place([spread("api", 1)], nodes_of("a"), {"gone": {"a": 5}, "api": {"zz": 1}})
+    assert result.nodes == {"api": {"a": 1}}
+
+
+def test_repr_summarises() -> None:
+    """The repr counts apps, instances and short apps."""
+    result = place([spread("api", 3), per_node("x", 1, "gpu")], nodes_of("a"), {})
+    assert repr(result) == "<Placement 2 apps, 3 instances, 1 short>"
+
+
+# -- properties --------------------------------------------------------------------------
+
+GROUPS = ("a", "b", "c")
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> tuple[list[AppScale], list[NodeInfo], dict[str, dict[str, int]]]:
+    node_names = draw(st.lists(st.sampled_from([f"n{i}" for i in range(7)]), min_size=1,
+                               max_size=7, unique=True))
+    nodes = [NodeInfo(name=name,
+                      groups=frozenset(draw(st.sets(st.sampled_from(GROUPS), max_size=2))),
+                      capacity=draw(st.integers(0, 8)), eligible=draw(st.booleans()))
+             for name in node_names]
+    app_names = draw(st.lists(st.sampled_from([f"app{i}" for i in range(8)]), min_size=1,
+                              max_size=8, unique=True))
+    apps = [AppScale(app=name,
+                     groups=tuple(draw(st.sets(st.sampled_from((*GROUPS, "d")), min_size=1,
+                                               max_size=2))),
+                     per_node=draw(st.integers(0, 3)),
+                     instances=draw(st.none() | st.integers(0, 12)))
+            for name in app_names]
+    previous = draw(st.dictionaries(
+        st.sampled_from(app_names),
+        st.dictionaries(st.sampled_from([f"n{i}" for i in range(8)]), st.integers(1, 5))))
+    return apps, nodes, previous
+
+
+def check_invariants(apps: Sequence[AppScale], nodes: Sequence[NodeInfo],
+                     result: Placement) -> None:
+    by_name = {n.name: n for n in nodes}
+    assert set(result.nodes) == {app.app for app in apps}
+    used = dict.fromkeys(by_name, 0)
+    for counts in result.nodes.values():
+        for name, count in counts.items():
+            used[name] += count
+    for name, total in used.items():
+        assert total <= by_name[name].capacity, f"{name} over capacity"
+    has_room = {name for name, total in used.items() if total < by_name[name].capacity}
+    for app in apps:
+        counts = result.nodes[app.app]
+        eligible = {n.name for n in nodes if n.eligible and n.groups & set(app.groups)}
+        assert all(count > 0 for count in counts.values())
+        assert set(counts) <= eligible, f"{app.app} on an ineligible node"
+        placed = sum(counts.values())
+        if app.instances is None:
+            for name in eligible:  # exactly k, or less only on a full node
+                count = counts.get(name, 0)
+                assert count == app.per_node or (count < app.per_node and name not in has_room)
+            wanted = app.per_node * len(eligible)
+        else:
+            wanted = app.instances
+            assert placed <= wanted
+            if placed < wanted:
+                assert not eligible & has_room, f"{app.app} short with room left"
+            roomy = [counts.get(name, 0) for name in eligible & has_room]
+            if roomy:  # never two more on a node than on an eligible node with room
+                assert max(counts.values(), default=0) - min(roomy) <= 1
+        desired = app.per_node if app.instances is None else app.instances
+        if not eligible and desired > 0:
+            assert result.short[app.app].startswith("no eligible node in groups")
+        else:
+            assert (app.app in result.short) == (placed < wanted)
+
+
+@PROPERTY
+@given(clusters())
+def test_place_invariants_and_stability(
+        cluster: tuple[list[AppScale], list[NodeInfo], dict[str, dict[str, int]]]) -> None:
+    """Capacity, eligibility, per_node exactness, even spread and short reasons hold, and
+    placing again from its own result changes nothing: place(place(x)) == place(x)."""
+    apps, nodes, previous = cluster
+    first = place(apps, nodes, previous)
+    check_invariants(apps, nodes, first)
+    assert place(apps, nodes, first.nodes) == first
+
+
+@PROPERTY
+@given(clusters(), st.randoms(use_true_random=False))
+def test_place_ignores_input_order(
+        cluster: tuple[list[AppScale], list[NodeInfo], dict[str, dict[str, int]]],
+        rng: random.Random) -> None:
+    """The order of apps and nodes in the input does not matter."""
+    apps, nodes, previous = cluster
+    shuffled_apps, shuffled_nodes = list(apps), list(nodes)
+    rng.shuffle(shuffled_apps)
+    rng.shuffle(shuffled_nodes)
+    assert place(shuffled_apps, shuffled_nodes, previous) == place(apps, nodes, previous)
+
+
+@PROPERTY
+@given(st.integers(1, 20), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**32))
+def test_joining_node_moves_the_minimum(instances: int, before: int, joined: int,
+                                        seed: int) -> None:
+    """With room everywhere, nodes joining move exactly what evening out needs."""
+    names = [f"n{i}" for i in range(before + joined)]
+    rng = random.Random(seed)
+    old = place([spread("api", instances)], nodes_of(*names[:before]), {}).nodes
+    rng.shuffle(names)
+    new = place([spread("api", instances)], nodes_of(*names), old).nodes["api"]
+    # The least any even spread over all nodes can move: every node keeps at most
+    # its share (L or L+1), and only `extra` nodes can keep L+1.
+    level, extra = divmod(instances, len(names))
+    over = sorted((count for count in old["api"].values()), reverse=True)
+    kept = sum(min(count, level + 1 if i < extra else level) for i, count in enumerate(over))
+    assert moved(old["api"], new) == instances - kept
