@@ -34,6 +34,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from superagent import __version__
 from superagent.coordinator import commands as cmd
+from superagent.coordinator.api_common import (
+    Context,
+    bad_request,
+    error,
+    from_result,
+    idempotency_key,
+    read_json,
+)
+from superagent.coordinator.api_fleet import (
+    LABEL_BODY,
+    SCALE_BODY,
+    app_view,
+    get_node,
+    label_node,
+    list_nodes,
+    reported,
+    scale_app,
+)
 from superagent.coordinator.auth import bearer, is_secret, token_name
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
@@ -46,7 +64,7 @@ from superagent.coordinator.errors import (
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
 from superagent.coordinator.state import ClusterState
 from superagent.errors import CodecError, ConfigError
-from superagent.jsonbody import field, read_object
+from superagent.jsonbody import field
 from superagent.manifest import parse_manifest, spec_to_json
 from superagent.names import APP_NAME, is_app_name
 from superagent.rpc.errors import RpcError
@@ -54,8 +72,6 @@ from superagent.rpc.messages import Offline
 
 log = structlog.get_logger(__name__)
 
-MAX_JSON = 1024 * 1024  # bytes of a JSON request body
-CLIENT_KEY_MAX = cmd.KEY_MAX - 16  # room for the suffixes of derived keys (":deploy")
 AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
 SSE_POLL, SSE_KEEPALIVE = 0.2, 5.0  # a deploy stream looks this often; comments when quiet
 OFFLINE_SIGNAL_TIMEOUT = 5.0  # best effort: a node that does not answer soon is told later
@@ -65,22 +81,14 @@ Handler = Callable[[Request, "Context"], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
-class Context:
-    coordinator: ApiHost
-    actor: str
-
-
-@dataclass(frozen=True)
 class Endpoint:
     method: str
     path: str
     auth: str  # admin | secret | any | none
     summary: str
     handler: Handler
-
-
-def error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status)
+    status: int = 200  # the success status, for the OpenAPI document
+    body: dict[str, Any] | None = None  # the JSON schema of the request body, if it has one
 
 
 def from_exception(exc: CoordinatorError | ConfigError) -> JSONResponse:
@@ -89,40 +97,7 @@ def from_exception(exc: CoordinatorError | ConfigError) -> JSONResponse:
     return error(exc.status_hint, exc.code, str(exc))
 
 
-def from_result(result: dict[str, Any], status: int = 200) -> JSONResponse:
-    """A state result as a response: its own status and code when it is an error."""
-    if result.get("ok"):
-        return JSONResponse(result, status_code=status)
-    return error(int(result.get("status", 400)), str(result.get("code", "error")),
-                 str(result.get("error", "")))
-
-
-def bad_request(message: str, status: int) -> CoordinatorError:
-    return BadRequest(message, status)
-
-
-async def read_json(request: Request) -> dict[str, Any]:
-    return await read_object(request, limit=MAX_JSON, error=bad_request)
-
-
-def idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= CLIENT_KEY_MAX:
-        raise BadRequest(f"Idempotency-Key must be 1-{CLIENT_KEY_MAX} characters")
-    return key
-
-
 # ---------------------------------------------------------------------- views of the state
-def app_view(state: ClusterState, name: str) -> dict[str, Any]:
-    app = state.apps[name]
-    releases = state.releases.get(name, [])
-    return {"name": name, "spec": app.spec, "created_at": app.created_at,
-            "updated_at": app.updated_at, "releases": len(releases),
-            "latest_release": f"r{releases[-1].number}" if releases else None,
-            "current_release": app.current_release,
-            "placement": state.placement.get(name, {})}
-
-
 def release_view(release: Any) -> dict[str, Any]:
     doc = asdict(release)
     doc["name"] = f"r{release.number}"
@@ -131,14 +106,6 @@ def release_view(release: Any) -> dict[str, Any]:
 
 def _truthy(value: object) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes"))
-
-
-def node_view(coordinator: ApiHost, node: Any, now: float) -> dict[str, Any]:
-    doc = asdict(node)
-    leading = coordinator.liveness.leader_since is not None
-    doc["heartbeat_age"] = coordinator.liveness.age(node.name, now) if leading else None
-    doc["status"] = coordinator.liveness.status.get(node.name) if leading else None
-    return doc
 
 
 # ---------------------------------------------------------------------- handlers
@@ -208,8 +175,10 @@ async def cluster(request: Request, ctx: Context) -> Response:
 
 
 async def list_apps(request: Request, ctx: Context) -> Response:
-    apps = ctx.coordinator.read(lambda s: [app_view(s, n) for n in sorted(s.apps)])
-    return JSONResponse({"apps": apps})
+    c = ctx.coordinator
+    instances = reported(c)
+    apps = c.read(lambda s: [app_view(s, n, instances) for n in sorted(s.apps)])
+    return JSONResponse({"apps": apps, "live": c.is_leader()})
 
 
 async def create_app(request: Request, ctx: Context) -> Response:
@@ -226,7 +195,9 @@ async def create_app(request: Request, ctx: Context) -> Response:
 
 async def get_app(request: Request, ctx: Context) -> Response:
     name = request.path_params["app"]
-    found = ctx.coordinator.read(lambda s: app_view(s, name) if name in s.apps else None)
+    c = ctx.coordinator
+    instances = reported(c)
+    found = c.read(lambda s: app_view(s, name, instances) if name in s.apps else None)
     if found is None:
         return error(404, "unknown_app", f"app {name!r} does not exist")
     return JSONResponse(found)
@@ -496,22 +467,6 @@ async def propose(request: Request, ctx: Context) -> Response:
     return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
 
 
-async def list_nodes(request: Request, ctx: Context) -> Response:
-    c = ctx.coordinator
-    now = _now()
-    nodes = c.read(lambda s: [node_view(c, n, now) for _, n in sorted(s.nodes.items())])
-    return JSONResponse({"nodes": nodes, "live": c.is_leader()})
-
-
-async def get_node(request: Request, ctx: Context) -> Response:
-    c = ctx.coordinator
-    name, now = request.path_params["node"], _now()
-    found = c.read(lambda s: node_view(c, s.nodes[name], now) if name in s.nodes else None)
-    if found is None:
-        return error(404, "unknown_node", f"node {name!r} is not registered")
-    return JSONResponse(found)
-
-
 async def register_node(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     if not c.is_leader():
@@ -600,10 +555,6 @@ async def forward(request: Request, ctx: Context) -> Response:
                     media_type=answer.headers.get("content-type"))
 
 
-def _now() -> float:
-    return trio.current_time()
-
-
 ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/healthz", "none", "Liveness; 503 while no leader is known", healthz),
     Endpoint("GET", "/metrics", "none", "Prometheus metrics", metrics),
@@ -618,6 +569,9 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/apps/{app}/releases", "admin", "An app's releases", list_releases),
     Endpoint("POST", "/api/v1/apps/{app}/releases", "admin",
              "Upload a source tarball (body) as a new release", create_release),
+    Endpoint("POST", "/api/v1/apps/{app}/scale", "admin",
+             "Scale an app at run time ({\"per_node\": k} or {\"instances\": K}, optional"
+             " \"groups\"): 202 with the scaling", scale_app, 202, SCALE_BODY),
     Endpoint("GET", "/api/v1/apps/{app}/deploys", "admin", "An app's deploys, newest first",
              list_deploys),
     Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "admin",
@@ -631,12 +585,16 @@ ROUTES: tuple[Endpoint, ...] = (
              rollback),
     Endpoint("GET", "/api/v1/artifacts/{sha256}", "any", "A stored blob by sha256",
              get_artifact),
-    Endpoint("GET", "/api/v1/nodes", "admin", "Participants with lifecycle and liveness",
+    Endpoint("GET", "/api/v1/nodes", "admin",
+             "Participants: groups, lifecycle, liveness, capacity, instances",
              list_nodes),
     Endpoint("POST", "/api/v1/nodes/register", "secret", "A participant joins", register_node),
     Endpoint("GET", "/api/v1/nodes/{node}", "admin", "One participant", get_node),
     Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "secret",
              "A participant's heartbeat", heartbeat),
+    Endpoint("POST", "/api/v1/nodes/{node}/groups", "admin",
+             "Label a node with groups ({\"groups\": [...]}); they win over its own",
+             label_node, body=LABEL_BODY),
     Endpoint("POST", "/api/v1/nodes/{node}/{action}", "admin",
              "Set a node's lifecycle: drain, offline or online", node_lifecycle),
     Endpoint("GET", "/api/v1/audit", "admin", "The audit log, newest first (?limit=N)", audit),
@@ -652,9 +610,13 @@ def openapi_document() -> dict[str, Any]:
     for e in ROUTES:
         op: dict[str, Any] = {
             "summary": e.summary, "operationId": e.handler.__name__,
-            "responses": {"200": {"description": "OK"},
+            "responses": {str(e.status): {"description": "OK" if e.status == 200
+                                          else "Accepted" if e.status == 202 else "Created"},
                           "default": {"description": "Error: {error, detail}"}},
         }
+        if e.body is not None:
+            op["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": e.body}}}
         params = [p.strip("{}") for p in e.path.split("/") if p.startswith("{")]
         if params:
             op["parameters"] = [{"name": p, "in": "path", "required": True,

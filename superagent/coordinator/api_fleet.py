@@ -1,0 +1,207 @@
+"""The API's views of apps and nodes as the fleet runs them, and the writes that change
+where apps run: ``POST /api/v1/apps/{app}/scale`` and ``POST /api/v1/nodes/{node}/groups``.
+
+Theory of operation: every view is built from one consistent read of the replicated
+state (``ApiHost.read``) plus, on the leader only, the heartbeats it has received
+(``liveness.status``): what each node reports running is in the leader's memory, not in
+Raft, so a follower answers ``null`` for it (and ``"live": false`` in lists) rather than
+something stale. The writes are single commands: ``SetScale`` (the leader's reconciler
+sees the new effective scale, places the app and ends the scaling with ``FinishScale``)
+and ``LabelNode``. A request is checked here field by field, so a bad one gets a 400
+naming the field before anything is proposed; what depends on the state (unknown app,
+a deploy running) is the state's answer (404, 409).
+
+Routes are declared in ``api.ROUTES`` with the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from superagent.coordinator import commands as cmd
+from superagent.coordinator.api_common import (
+    Context,
+    error,
+    from_result,
+    idempotency_key,
+    read_json,
+)
+from superagent.coordinator.errors import BadRequest
+from superagent.coordinator.host import ApiHost
+from superagent.coordinator.state import ClusterState, Node
+from superagent.manifest import MAX_INSTANCES, MAX_PER_NODE
+from superagent.names import GROUP_NAME, group_name_problem
+
+SCALE_FIELDS = ("per_node", "instances", "groups")
+_GROUPS = {"type": "array", "minItems": 1, "uniqueItems": True,
+           "items": {"type": "string", "pattern": f"^{GROUP_NAME.pattern}$"}}
+# request bodies, for the OpenAPI document (the handlers check them field by field)
+SCALE_BODY: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"per_node": {"type": "integer", "minimum": 0, "maximum": MAX_PER_NODE},
+                   "instances": {"type": "integer", "minimum": 1, "maximum": MAX_INSTANCES},
+                   "groups": _GROUPS},
+    "oneOf": [{"required": ["per_node"]}, {"required": ["instances"]}]}
+LABEL_BODY: dict[str, Any] = {"type": "object", "additionalProperties": False,
+                              "required": ["groups"], "properties": {"groups": _GROUPS}}
+STOPPED = "stopped"  # a reported instance in this state holds no place on its node
+
+
+# ---------------------------------------------------------------------- reported instances
+def reported(coordinator: ApiHost) -> dict[str, list[dict[str, Any]]] | None:
+    """Node -> the instances its last heartbeat reported ({id, app, release, state, port});
+    None when this coordinator does not lead (it has no heartbeats)."""
+    liveness = coordinator.liveness
+    if liveness.leader_since is None:
+        return None
+    found: dict[str, list[dict[str, Any]]] = {}
+    for node, status in liveness.status.items():
+        entries = status.get("instances") if isinstance(status, dict) else None
+        if isinstance(entries, list):
+            found[node] = [_instance(e) for e in entries if isinstance(e, dict)]
+    return found
+
+
+def _instance(entry: dict[str, Any]) -> dict[str, Any]:
+    # a heartbeat is the participant's word: keep the documented keys, nothing else
+    return {key: entry.get(key) for key in ("id", "app", "release", "state", "port")}
+
+
+# ---------------------------------------------------------------------- views
+def app_view(state: ClusterState, name: str,
+             instances: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """An app with its effective scale, placement and scaling; ``instances`` (from
+    ``reported``) adds, per node, what runs of it there (null: not known here)."""
+    app = state.apps[name]
+    releases = state.releases.get(name, [])
+    placement = state.placement.get(name, {})
+    doc: dict[str, Any] = {
+        "name": name, "spec": app.spec, "created_at": app.created_at,
+        "updated_at": app.updated_at, "releases": len(releases),
+        "latest_release": f"r{releases[-1].number}" if releases else None,
+        "current_release": app.current_release,
+        "scale": state.effective_scale(name), "scale_override": app.scale is not None,
+        "placement": placement,
+        "placement_reason": state.placement_reason.get(name, ""),
+        "scaling": app.scaling, "last_scaling": app.last_scaling,
+        "instances": None,
+    }
+    if instances is not None:
+        doc["instances"] = {
+            node: found for node in sorted({*placement, *instances})
+            if (found := [i for i in instances.get(node, []) if i["app"] == name])
+            or node in placement}
+    return doc
+
+
+def node_view(coordinator: ApiHost, node: Node, now: float) -> dict[str, Any]:
+    """A node's replicated record (groups, labeled, capacity, lifecycle, up) and, on the
+    leader, its last heartbeat: its age, the status and the instances it reports."""
+    doc = asdict(node)
+    leading = coordinator.liveness.leader_since is not None
+    doc["heartbeat_age"] = coordinator.liveness.age(node.name, now) if leading else None
+    doc["status"] = coordinator.liveness.status.get(node.name) if leading else None
+    listed = (reported(coordinator) or {}).get(node.name, []) if leading else None
+    doc["instances"] = listed
+    doc["instances_used"] = (None if listed is None
+                             else sum(1 for i in listed if i["state"] != STOPPED))
+    return doc
+
+
+def now() -> float:
+    return trio.current_time()
+
+
+# ---------------------------------------------------------------------- handlers
+async def list_nodes(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    at = now()
+    nodes = c.read(lambda s: [node_view(c, n, at) for _, n in sorted(s.nodes.items())])
+    return JSONResponse({"nodes": nodes, "live": c.is_leader()})
+
+
+async def get_node(request: Request, ctx: Context) -> Response:
+    c = ctx.coordinator
+    name, at = request.path_params["node"], now()
+    found = c.read(lambda s: node_view(c, s.nodes[name], at) if name in s.nodes else None)
+    if found is None:
+        return error(404, "unknown_node", f"node {name!r} is not registered")
+    return JSONResponse(found)
+
+
+async def label_node(request: Request, ctx: Context) -> Response:
+    """Set a node's groups; they stay when the node registers again with others."""
+    c = ctx.coordinator
+    body = await read_json(request)
+    _only(body, ("groups",))
+    if "groups" not in body:
+        raise BadRequest("missing field 'groups' (a list of group names)")
+    command = c.command(cmd.LabelNode, actor=ctx.actor, key=idempotency_key(request),
+                        node=request.path_params["node"], groups=_groups(body["groups"]))
+    return from_result(await c.submit(command))
+
+
+async def scale_app(request: Request, ctx: Context) -> Response:
+    """``{"per_node": k}`` or ``{"instances": K}``, with optional ``"groups"`` (default:
+    the app's current groups): 202 with the scaling the leader now carries out."""
+    c = ctx.coordinator
+    app = request.path_params["app"]
+    body = await read_json(request)
+    _only(body, SCALE_FIELDS)
+    per_node, instances = body.get("per_node"), body.get("instances")
+    if (per_node is None) == (instances is None):
+        raise BadRequest("give exactly one of 'per_node' (instances on every node of the"
+                         " groups) and 'instances' (in total)")
+    if per_node is not None:
+        _count("per_node", per_node, 0, MAX_PER_NODE)
+    if instances is not None:
+        _count("instances", instances, 1, MAX_INSTANCES)
+    current = c.read(lambda s: s.effective_scale(app) if app in s.apps else None)
+    if current is None:
+        return error(404, "unknown_app", f"app {app!r} does not exist")
+    groups = _groups(body["groups"]) if "groups" in body else tuple(current["groups"])
+    command = c.command(cmd.SetScale, actor=ctx.actor, key=idempotency_key(request), app=app,
+                        groups=groups, per_node=1 if per_node is None else per_node,
+                        instances=instances)
+    result = await c.submit(command)
+    if not result.get("ok"):
+        return from_result(result)
+    view = c.read(lambda s: app_view(s, app) if app in s.apps else None)
+    scaling = view["scaling"] if view else None
+    if scaling is None or scaling.get("id") != result["scale_id"]:  # already over
+        scaling = view["last_scaling"] if view else None
+    return JSONResponse({"ok": True, "app": app, "scale_id": result["scale_id"],
+                         "scale": result["scale"], "scaling": scaling}, status_code=202)
+
+
+# ---------------------------------------------------------------------- checks
+def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}: expected {list(allowed)}")
+
+
+def _count(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"field {name!r} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise BadRequest(f"field {name!r} must be {low}-{high}, got {value}")
+
+
+def _groups(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+        raise BadRequest(f"field 'groups' must be a list of group names, got {value!r}")
+    if not value:
+        raise BadRequest("field 'groups' must name at least one group")
+    for group in value:
+        problem = group_name_problem(group)
+        if problem is not None:
+            raise BadRequest(f"field 'groups': {problem}")
+    if len(set(value)) != len(value):
+        raise BadRequest("field 'groups' lists a group twice")
+    return tuple(value)
