@@ -31,8 +31,10 @@ coordinator leads, and every ``RECONCILE_PERIOD`` it does one round, decide then
 
 Reports lag: a heartbeat arrives every second, so right after an action the node's last
 report may not show it yet. A (node, app) whose action ended is left alone until a
-heartbeat received ``SETTLE`` seconds after the end; a Shrink waits while any action of
-its app is in flight (its decision counted the other nodes' instances).
+heartbeat received ``SETTLE`` seconds after the end, and so is every node of an app whose
+deploy ran in the last round (the deploy started and stopped instances too); a Shrink
+waits while any action of its app is in flight (its decision counted the other nodes'
+instances).
 
 Failures never stop the loop: a (node, app) whose action failed backs off exponentially
 (``superagent.backoff``), its error is logged when it changes, and after
@@ -131,6 +133,7 @@ class Reconciler:
         self._flight: dict[Key, _Flight] = {}
         self._ended: dict[Key, float] = {}  # when the last action of (node, app) ended
         self._failing: dict[Key, _Failing] = {}
+        self._was_busy: frozenset[str] = frozenset()  # apps a deploy ran for last round
         self._limiter = trio.CapacityLimiter(MAX_ACTIONS)
         self._logged: dict[str, str] = {}  # what was last logged per topic (log on change)
         self.rounds = 0
@@ -173,6 +176,7 @@ class Reconciler:
         self._ended.clear()
         self._failing.clear()
         self._logged.clear()
+        self._was_busy = frozenset()
         self._term = None
 
     async def round(self, nursery: trio.Nursery) -> None:
@@ -184,6 +188,12 @@ class Reconciler:
         await self._commit_placement(view, placement)
         now = trio.current_time()
         liveness = self.host.liveness
+        # a deploy changes what runs behind the reconciler's back: until a fresh heartbeat,
+        # the reports of an app that is or just was deployed do not count
+        for app in view.busy | self._was_busy:
+            for node in view.addresses:
+                self._ended[node, app] = now
+        self._was_busy = view.busy
         for key, ended in list(self._ended.items()):  # reports that show the last action
             last = liveness.last.get(key[0])
             if last is not None and last >= ended + SETTLE:
