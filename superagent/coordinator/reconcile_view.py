@@ -110,12 +110,16 @@ def unrouted(targets: Mapping[str, rc.AppTarget], reports: Mapping[str, rc.NodeR
     app's serving release that its routes do not reach (a grow whose switch failed after
     its start), for apps the node should serve and no deploy holds."""
     for node, report in sorted(reports.items()):
-        for app, target in sorted(targets.items()):
-            if target.busy or target.release is None or not target.placement.get(node):
-                continue
-            ready = _ready(report, app, target.release)
-            if set(ready) - set(report.routes.get(app, ())):
-                yield node, app, tuple(sorted(ready))
+        ready: dict[str, list[str]] = {}  # app -> its ready serving instances here
+        for i in report.instances:
+            target = targets.get(i.app)
+            if target is not None and i.release == target.release and i.state == READY:
+                ready.setdefault(i.app, []).append(i.id)
+        for app, ids in sorted(ready.items()):
+            target = targets[app]
+            if (not target.busy and target.placement.get(node)
+                    and set(ids) - set(report.routes.get(app, ()))):
+                yield node, app, tuple(sorted(ids))
 
 
 def converged(target: rc.AppTarget, reports: Mapping[str, rc.NodeReport]) -> bool:

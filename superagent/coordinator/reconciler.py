@@ -188,6 +188,9 @@ class Reconciler:
         await self._commit_placement(view, placement)
         now = trio.current_time()
         liveness = self.host.liveness
+        heard = {node: liveness.status[node] for node in view.addresses
+                 if node in liveness.status
+                 and (age := liveness.age(node, now)) is not None and age <= liveness.timeout}
         # a deploy changes what runs behind the reconciler's back: until a fresh heartbeat,
         # the reports of an app that is or just was deployed do not count
         for app in view.busy | self._was_busy:
@@ -196,11 +199,8 @@ class Reconciler:
         self._was_busy = view.busy
         for key, ended in list(self._ended.items()):  # reports that show the last action
             last = liveness.last.get(key[0])
-            if last is not None and last >= ended + SETTLE:
-                del self._ended[key]
-        heard = {node: liveness.status[node] for node in view.addresses
-                 if node in liveness.status
-                 and (age := liveness.age(node, now)) is not None and age <= liveness.timeout}
+            if key[0] not in heard or (last is not None and last >= ended + SETTLE):
+                del self._ended[key]  # (a node not heard is not planned for anyway)
         reports = reports_from(heard)
         targets = {app: rc.AppTarget(app=app, release=view.releases[app],
                                      placement=placement.nodes.get(app, {}),

@@ -461,6 +461,28 @@ async def test_an_app_under_deploy_is_left_alone(clock: trio.testing.MockClock) 
     assert s.host.state.placement["hello"] == {"n1": 1}
 
 
+async def test_reports_older_than_a_finished_deploy_are_not_acted_on(
+        clock: trio.testing.MockClock) -> None:
+    """A deploy starts an instance; the node's last report, older, shows none. Once the
+    deploy is over the reconciler waits for a fresh heartbeat instead of starting another."""
+    s = Scenario()
+    agent = s.node("n1")
+    s.app(scaled=False)
+    s.host.apply(cmd.StartDeploy(**base(at=wall()), app="hello", deploy_id="d1",
+                                 record=_record()))
+    async with s.running():
+        await trio.sleep(3)
+        s.silent.add("n1")  # its next heartbeat is late
+        agent.instances["hello@r1.1"] = Inst("hello", "r1")  # what the deploy started
+        agent.routes["hello"] = ("hello@r1.1",)
+        del s.host.state.deploys["d1"]  # the deploy is over
+        await trio.sleep(4)
+        assert s.fake.sent == []
+        s.silent.clear()
+        await trio.sleep(10)
+    assert s.fake.sent == []
+
+
 async def test_a_ready_instance_no_route_reaches_is_routed(
         clock: trio.testing.MockClock) -> None:
     """A ready instance of the serving release left unrouted is switched in."""
