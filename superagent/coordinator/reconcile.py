@@ -144,20 +144,26 @@ def _plan_app(app: str, target: AppTarget | None, on_nodes: Mapping[str, list[Re
             pending = pending or desired > 0
             continue
         instances = on_nodes.get(node, [])
-        live = [i for i in instances if i.release == release and i.state in LIVE]
+        live: list[Reported] = []
+        ready = 0
+        for instance in instances:
+            if instance.release == release and instance.state in LIVE:
+                live.append(instance)
+                ready += instance.state == READY
         if desired > len(live) and release is not None:  # desired > 0 implies a release
             grows.append(Grow(node=node, app=app, release=release,
                               count=desired - len(live)))
-        if sum(1 for i in live if i.state == READY) < desired:
+        if ready < desired:
             pending = True
+        if len(instances) == len(live) <= desired:
+            continue  # nothing to stop here (the common case: skip the sort)
         routed = frozenset(report.routes.get(app, ()))
         live.sort(key=lambda i: (i.state != READY, i.id not in routed, _age(i.id)))
         kept = live[:desired]
         kept_ids = {i.id for i in kept}
         stop = sorted(i.id for i in instances if i.id not in kept_ids)
-        if stop:
-            keep = sorted(i.id for i in kept if i.state == READY or i.id in routed)
-            shrinks.append(Shrink(node=node, app=app, stop=tuple(stop), keep=tuple(keep)))
+        keep = sorted(i.id for i in kept if i.state == READY or i.id in routed)
+        shrinks.append(Shrink(node=node, app=app, stop=tuple(stop), keep=tuple(keep)))
     return grows if pending else grows + shrinks
 
 
