@@ -284,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     coord.set_defaults(func=_coordinator)
 
     from superagent.client_cli import add_client_commands
+    from superagent.client_scale import add_scale_commands
 
-    add_client_commands(sub)
+    parsers = add_client_commands(sub)
+    add_scale_commands(sub, parsers["nodes"])
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The operator's commands: ``status``, ``cluster``, ``nodes``, ``apps``, node lifecycle.
+"""The operator's commands: ``status``, ``cluster``, ``nodes``, ``apps``, node lifecycle
+(``scale`` and ``nodes label`` are in ``client_scale``).
 
 Each talks to the coordinator API through ``client.Client``; ``--json`` prints the API's
 JSON as it is, otherwise a short table.
@@ -27,7 +28,9 @@ DRAIN_POLL = 1.0  # seconds between looks at what still runs on a draining node
 
 
 def client_of(args: argparse.Namespace) -> Client:
-    return Client(resolve_servers(args.server), resolve_token(args.token))
+    # nested commands (`nodes label`) leave the options out when not given: see add_common
+    return Client(resolve_servers(getattr(args, "server", None)),
+                  resolve_token(getattr(args, "token", None)))
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -56,22 +59,43 @@ def render_cluster(doc: dict[str, Any]) -> str:
 
 
 def render_nodes(doc: dict[str, Any]) -> str:
+    """NODE, ADDRESS, GROUPS ("*": labeled by the operator), LIFECYCLE, LIVE, INSTANCES
+    (used/capacity; "?" used when the answer is not the leader's), HEARTBEAT."""
     if not doc["nodes"]:
         return "no participants registered"
-    rows = [(n["name"], n["address"], ",".join(n["groups"]), n["lifecycle"],
-             "up" if n["up"] else "DOWN", n["capacity"], _ago(n.get("heartbeat_age")))
+    rows = [(n["name"], n["address"], ",".join(n["groups"]) + ("*" if n.get("labeled") else ""),
+             n["lifecycle"], "up" if n["up"] else "DOWN",
+             f"{'?' if n.get('instances_used') is None else n['instances_used']}"
+             f"/{n['capacity']}", _ago(n.get("heartbeat_age")))
             for n in doc["nodes"]]
-    return table(rows, ("NODE", "ADDRESS", "GROUPS", "LIFECYCLE", "LIVE", "CAPACITY",
-                        "HEARTBEAT"))
+    out = table(rows, ("NODE", "ADDRESS", "GROUPS", "LIFECYCLE", "LIVE", "INSTANCES",
+                       "HEARTBEAT"))
+    if any(n.get("labeled") for n in doc["nodes"]):
+        out += "\n* groups set by `superagent nodes label`"
+    return out
+
+
+def _scale_text(app: dict[str, Any]) -> str | None:
+    scale = app.get("scale")
+    if not scale:
+        return None
+    groups = ",".join(scale["groups"])
+    text = (f"{scale['instances']} in {groups}" if scale.get("instances") is not None
+            else f"{scale['per_node']}/node in {groups}")
+    return text + (" (scaling)" if app.get("scaling") else "")
 
 
 def render_apps(doc: dict[str, Any]) -> str:
     if not doc["apps"]:
         return "no apps"
     rows = [(a["name"], a["current_release"], a["latest_release"], a["releases"],
+             _scale_text(a), sum((a.get("placement") or {}).values()),
              time.strftime("%Y-%m-%d %H:%M", time.localtime(a["updated_at"])))
             for a in doc["apps"]]
-    return table(rows, ("APP", "SERVING", "LATEST", "RELEASES", "UPDATED"))
+    out = table(rows, ("APP", "SERVING", "LATEST", "RELEASES", "SCALE", "PLACED", "UPDATED"))
+    short = [f"{a['name']}: {a['placement_reason']}" for a in doc["apps"]
+             if a.get("placement_reason")]
+    return "\n".join([out, *short])
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -326,27 +350,37 @@ def _follow_drain(client: Client, node: str, *, quiet: bool) -> dict[str, Any]:
         time.sleep(DRAIN_POLL)
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", metavar="URL[,URL...]",
+def add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """--server, --token, --json. A nested command's parser (``nodes label``) leaves an
+    option out of the namespace when it is not given, or its default would overwrite
+    what was given before the action (``nodes --server X label ...``)."""
+    default = argparse.SUPPRESS if nested else None
+    parser.add_argument("--server", metavar="URL[,URL...]", default=default,
                         help="coordinator API (default: env SUPERAGENT_SERVER or"
                              " http://127.0.0.1:7100)")
-    parser.add_argument("--token", help="API token (default: env SUPERAGENT_TOKEN or"
-                                        " ./.superagent/admin-token)")
+    parser.add_argument("--token", default=default,
+                        help="API token (default: env SUPERAGENT_TOKEN or"
+                             " ./.superagent/admin-token)")
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
 
 
-def add_client_commands(sub: Any) -> None:
+def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
+    """Add the commands; returns the parsers of those that take nested actions (``nodes``,
+    whose ``label`` ``client_scale.add_scale_commands`` adds)."""
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("status", "cluster, nodes and apps at a glance", _status),
         ("cluster", "coordinator members, leader, term and health", _cluster),
-        ("nodes", "participants: groups, lifecycle, liveness", _nodes),
-        ("apps", "apps and their latest release", _apps),
+        ("nodes", "participants: groups, lifecycle, liveness, instances; `nodes label`"
+                  " sets a node's groups", _nodes),
+        ("apps", "apps, their latest release and scale", _apps),
     ]
+    parsers: dict[str, argparse.ArgumentParser] = {}
     for name, help_text, func in commands:
         parser = sub.add_parser(name, help=help_text)
         add_common(parser)
         parser.set_defaults(func=func)
+        parsers[name] = parser
     deploy = sub.add_parser("deploy", help="pack a directory, upload it as a release and"
                                            " roll it out")
     deploy.add_argument("path", help="the app's source directory (with superagent.toml or a"
@@ -384,3 +418,4 @@ def add_client_commands(sub: Any) -> None:
                                      " nothing runs on the node")
         add_common(parser)
         parser.set_defaults(func=_lifecycle(action))
+    return parsers

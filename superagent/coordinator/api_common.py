@@ -51,6 +51,11 @@ async def read_json(request: Request) -> dict[str, Any]:
     return await read_object(request, limit=MAX_JSON, error=bad_request)
 
 
+def truthy(value: object) -> bool:
+    """A flag from JSON (true) or a query string ("1", "true", "yes")."""
+    return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes"))
+
+
 def idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= CLIENT_KEY_MAX:

@@ -61,15 +61,20 @@ def reported(coordinator: ApiHost) -> dict[str, list[dict[str, Any]]] | None:
         return None
     found: dict[str, list[dict[str, Any]]] = {}
     for node, status in liveness.status.items():
-        entries = status.get("instances") if isinstance(status, dict) else None
-        if isinstance(entries, list):
-            found[node] = [_instance(e) for e in entries if isinstance(e, dict)]
+        listed = _instances(status)
+        if listed is not None:
+            found[node] = listed
     return found
 
 
-def _instance(entry: dict[str, Any]) -> dict[str, Any]:
+def _instances(status: object) -> list[dict[str, Any]] | None:
+    """The instances of one heartbeat status; None when it has no list of them."""
+    entries = status.get("instances") if isinstance(status, dict) else None
+    if not isinstance(entries, list):
+        return None
     # a heartbeat is the participant's word: keep the documented keys, nothing else
-    return {key: entry.get(key) for key in ("id", "app", "release", "state", "port")}
+    return [{key: e.get(key) for key in ("id", "app", "release", "state", "port")}
+            for e in entries if isinstance(e, dict)]
 
 
 # ---------------------------------------------------------------------- views
@@ -106,7 +111,7 @@ def node_view(coordinator: ApiHost, node: Node, now: float) -> dict[str, Any]:
     leading = coordinator.liveness.leader_since is not None
     doc["heartbeat_age"] = coordinator.liveness.age(node.name, now) if leading else None
     doc["status"] = coordinator.liveness.status.get(node.name) if leading else None
-    listed = (reported(coordinator) or {}).get(node.name, []) if leading else None
+    listed = (_instances(doc["status"]) or []) if leading else None
     doc["instances"] = listed
     doc["instances_used"] = (None if listed is None
                              else sum(1 for i in listed if i["state"] != STOPPED))

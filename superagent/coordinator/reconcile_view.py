@@ -22,6 +22,7 @@ from typing import Any
 
 from superagent.coordinator import reconcile as rc
 from superagent.coordinator import scheduler as sch
+from superagent.coordinator.membership import Liveness
 from superagent.coordinator.state import ClusterState, Node
 
 READY = "ready"
@@ -136,17 +137,21 @@ def converged(target: rc.AppTarget, reports: Mapping[str, rc.NodeReport]) -> boo
     return True
 
 
-def still_on(state: ClusterState, node: str, status: Mapping[str, Any] | None
-             ) -> dict[str, Any]:
+def still_on(state: ClusterState, node: str, liveness: Liveness, now: float
+             ) -> dict[str, Any] | None:
     """What keeps ``node`` from going offline: the instances its last heartbeat reports
-    (``status``; None when it was not heard recently) that have not stopped, and the apps
-    the placement still puts there. ``{"node", "lifecycle", "instances": [...],
-    "placed": {app: count}}``."""
-    report = reports_from({node: status}).get(node) if status is not None else None
+    (if heard within the liveness timeout) that have not stopped, and the apps the
+    placement still puts there. ``{"node", "lifecycle", "instances": [...], "placed":
+    {app: count}}``; None for an unknown node."""
+    found = state.nodes.get(node)
+    if found is None:
+        return None
+    age = liveness.age(node, now)
+    status = liveness.status.get(node) if age is not None and age <= liveness.timeout else None
+    report = reports_from({node: status})[node] if status is not None else None
     instances = [f"{i.id} ({i.state})" for i in (report.instances if report else ())
                  if i.state != "stopped"]
     placed = {app: nodes[node] for app, nodes in sorted(state.placement.items())
               if nodes.get(node)}
-    found = state.nodes.get(node)
-    return {"node": node, "lifecycle": found.lifecycle if found else None,
-            "instances": sorted(instances), "placed": placed}
+    return {"node": node, "lifecycle": found.lifecycle, "instances": sorted(instances),
+            "placed": placed}
