@@ -23,10 +23,7 @@ from superagent.coordinator import commands as cmd
 from superagent.coordinator.membership import Liveness
 from superagent.coordinator.reconcile import NodeReport, Reported
 from superagent.coordinator.reconcile_view import eligible, reports_from, view_of
-from superagent.coordinator.reconciler import (
-    FAILING_AFTER,
-    Reconciler,
-)
+from superagent.coordinator.reconciler import FAILING_AFTER, MAX_ACTIONS, Reconciler
 from superagent.coordinator.state import ClusterState, Result
 from superagent.rpc import messages as msg
 from superagent.rpc.client import Participants
@@ -446,6 +443,23 @@ async def test_losing_the_leadership_cancels_what_is_in_flight(
         s.host.leading = True
         await s.until(lambda: s.routed() == {"n1": 1}, "routed by the new term")
     assert {m.term for _, m in s.fake.sent[sent:]} == {4}
+
+
+async def test_actions_run_at_most_max_actions_at_once(
+        clock: trio.testing.MockClock) -> None:
+    """Ten nodes to grow with starts that hang: MAX_ACTIONS act, the others wait."""
+    s = Scenario()
+    nodes = [f"n{i}" for i in range(1, 11)]
+    for node in nodes:
+        s.node(node)
+    s.fake.hold.add("start")
+    s.app()
+    async with s.running():
+        await trio.sleep(30)
+        started = [n for n in nodes if s.fake.of(n, "start")]
+        assert len(started) == MAX_ACTIONS
+        assert sum(len(s.fake.of(n, "prepare")) for n in nodes) == MAX_ACTIONS
+        assert all(len(s.fake.of(n)) <= 2 for n in nodes)  # one action per node at a time
 
 
 async def test_an_app_under_deploy_is_left_alone(clock: trio.testing.MockClock) -> None:
