@@ -262,12 +262,20 @@ def test_a_drained_node_hands_its_work_over_without_a_failed_request(env: Env) -
 
 
 def test_a_new_leader_completes_a_scaling_its_predecessor_began(env: Env) -> None:
-    """SIGKILL of the leader right after it accepted web's scaling to two per node: the
-    next leader ends it, with exactly two instances running and routed on every node."""
+    """SIGKILL of the leader once its scaling of web to two per node has started a first
+    instance somewhere (or, if it was quicker than the poll, right after): the next leader
+    ends it, with exactly two instances running and routed on every node."""
     nodes = set(env.routed("web"))
     leader = env.leader()
     scale_id = env.scale("web", per_node=2)
+
+    def begun() -> dict[str, int] | None:  # some node runs a second instance already
+        live = env.live("web")
+        return live if any(n > 1 for n in live.values()) else None
+
+    seen = wait_until(begun, "a first new instance", timeout=CONVERGE, interval=0.02)
     env.cluster.kill9(leader)
+    print(f"killed the leader with web running {seen}")
     survivors = [i for i in range(len(env.cluster.members)) if i != leader]
     env.cluster.leader(among=survivors)
     assert env.wait_scaled("web", scale_id)["outcome"] == "converged"
