@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -229,28 +231,33 @@ def test_a_joining_participant_serves_its_groups_apps_without_a_command(env: Env
 
 
 def test_a_drained_node_hands_its_work_over_without_a_failed_request(env: Env) -> None:
-    """Drain the node holding a pair instance under load-balanced load: pair moves first,
-    then the node's instances stop; offline only once nothing runs there."""
+    """Drain (``superagent drain``) the node holding a pair instance under load-balanced
+    load: pair moves first, then the node's instances stop, and the command returns once
+    nothing runs there; offline is refused until then."""
     node = sorted(env.routed("pair"))[0]
     index = env.index(node)
     leader = env.leader()
     with BalancedLoad([f"{p.proxy}/web/" for p in env.fleet.members]) as load:
         wait_until(lambda: load.snapshot()[0] >= WARMUP, "load warmed up")
-        r = env.cluster.post(leader, f"/api/v1/nodes/{node}/drain")
-        assert r.status_code == 200 and r.json()["lifecycle"] == "draining", r.text
-        refused = env.cluster.post(leader, f"/api/v1/nodes/{node}/offline")
-        assert refused.status_code == 409 and node in refused.json()["detail"], refused.text
-        wait_until(lambda: node not in env.live(), f"nothing runs on {node}",
-                   timeout=CONVERGE)
+        drain = subprocess.Popen(
+            [sys.executable, "-m", "superagent", "drain", node,
+             "--server", env.cluster.api(leader), "--token", env.cluster.token],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(lambda: env.cluster.get(leader, f"/api/v1/nodes/{node}").json()[
+                "lifecycle"] == "draining", f"{node} draining")
+            refused = env.cluster.post(leader, f"/api/v1/nodes/{node}/offline")
+            assert refused.status_code == 409 and node in refused.json()["detail"], (
+                refused.text)
+            out, _ = drain.communicate(timeout=CONVERGE)
+        finally:
+            drain.kill()
+        assert drain.returncode == 0, out
+        assert "still running" in out and f"{node}: drained" in out, out
+        assert node not in env.live()
         assert sum(env.routed("pair").values()) == 2 and node not in env.routed("pair")
         assert node not in env.routed("web") and len(env.routed("web")) == 3
     _no_failures(load)
-
-    def nothing_left() -> bool:  # as the leader knows it: from the node's next heartbeat
-        left = env.cluster.get(env.leader(), f"/api/v1/nodes/{node}/running").json()
-        return left["instances"] == [] and left["placed"] == {}
-
-    wait_until(nothing_left, f"the leader sees nothing left on {node}", timeout=CONVERGE)
     offline = env.cluster.post(env.leader(), f"/api/v1/nodes/{node}/offline")
     assert offline.status_code == 200, offline.text
     online = env.cluster.post(env.leader(), f"/api/v1/nodes/{node}/online")
