@@ -210,6 +210,9 @@ class Reconciler:
         planned = {(a.node, a.app) for a in actions}
         actions += [_Reroute(node=node, app=app, instances=ids)
                     for node, app, ids in unrouted(targets, reports) if (node, app) not in planned]
+        wanted = {(a.node, a.app) for a in actions} | set(self._flight)
+        for key in [k for k in self._failing if k not in wanted]:
+            del self._failing[key]  # nothing left to do there: its failures are moot
         for action in actions:
             if self._may_start(action, now):
                 self._start(nursery, action)

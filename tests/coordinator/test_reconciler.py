@@ -423,6 +423,23 @@ async def test_a_failing_node_backs_off_and_the_scaling_ends_short(
     assert FAILING_AFTER <= len(starts) <= 10, len(starts)
 
 
+async def test_failures_of_a_node_that_no_longer_has_work_are_forgotten(
+        clock: trio.testing.MockClock) -> None:
+    """A node keeps refusing starts; once the app's instance is placed elsewhere (the node
+    drained), its failures no longer show in the placement reason."""
+    s = Scenario()
+    s.node("n1"), s.node("n2")
+    s.fake.refusing[(address("n1"), "start")] = msg.ErrorReply(
+        error=msg.ErrorCode.START_FAILED, status=500, detail="exit 1 before ready")
+    s.app(per_node=1)
+    async with s.running():
+        await s.until(lambda: "keep failing" in s.host.state.placement_reason.get("hello", ""),
+                      "failing", timeout=600)
+        s.host.apply(lifecycle("n1", "draining", at=wall()))
+        await s.until(lambda: not s.host.state.placement_reason.get("hello"), "forgotten")
+        assert s.host.state.placement["hello"] == {"n2": 1}
+
+
 async def test_losing_the_leadership_cancels_what_is_in_flight(
         clock: trio.testing.MockClock) -> None:
     """A start hangs; the leadership goes: it is cancelled and nothing more is sent; a new
