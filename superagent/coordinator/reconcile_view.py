@@ -62,8 +62,12 @@ def view_of(state: ClusterState, *, wall: float, drain_wait: float) -> ClusterVi
         scales.append(sch.AppScale(app=app, groups=tuple(scale.get("groups", ("default",))),
                                    per_node=int(scale.get("per_node", 1)),
                                    instances=None if instances is None else int(instances)))
+    # a draining node only keeps what it holds: one that holds nothing (its work already
+    # moved, and its drain wait begun again by a re-registration) gets nothing back
+    holding = {node for nodes in state.placement.values() for node in nodes}
     nodes = tuple(sch.NodeInfo(name=n.name, groups=frozenset(n.groups), capacity=n.capacity,
-                               eligible=eligible(n, wall=wall, drain_wait=drain_wait))
+                               eligible=eligible(n, wall=wall, drain_wait=drain_wait)
+                               and (n.lifecycle == "online" or n.name in holding))
                   for _, n in sorted(state.nodes.items()))
     return ClusterView(
         apps=apps, scales=tuple(scales), nodes=nodes,

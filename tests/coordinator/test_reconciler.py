@@ -582,6 +582,18 @@ def test_the_view_carries_effective_scales_busy_apps_and_scalings() -> None:
     assert set(view.scaling) == {"hello"}
 
 
+def test_a_draining_node_that_holds_nothing_gets_nothing() -> None:
+    """Within its drain wait a draining node keeps what it holds; one whose placement is
+    already empty (its wait begun again by a re-registration) is not eligible."""
+    state = ClusterState()
+    for command in (create_app(), register("n1", at=100.0), register("n2", at=100.0),
+                    lifecycle("n1", "draining", at=200.0), lifecycle("n2", "draining", at=200.0),
+                    cmd.SetPlacement(**base(), app="hello", placement={"n1": 1})):
+        assert state.apply(command.to_json())["ok"]
+    view = view_of(state, wall=201.0, drain_wait=5.0)
+    assert [(n.name, n.eligible) for n in view.nodes] == [("n1", True), ("n2", False)]
+
+
 def test_reports_skip_what_a_heartbeat_garbles() -> None:
     """Malformed instance entries and routes are dropped, the rest kept."""
     reports = reports_from({"n1": {
