@@ -45,21 +45,25 @@ def resolve_servers(server: str | None) -> list[str]:
     return urls
 
 
-def resolve_token(token: str | None) -> str:
-    """--token, else SUPERAGENT_TOKEN, else ./.superagent/admin-token."""
-    found = token or os.environ.get("SUPERAGENT_TOKEN")
-    if found:
-        return found.strip()
+def resolve_token(token: str | None) -> tuple[str, str]:
+    """``(token, where it came from)``: --token, else SUPERAGENT_TOKEN, else
+    ./.superagent/admin-token; ``("", "")`` when none is found."""
+    if token:
+        return token.strip(), "--token"
+    if os.environ.get("SUPERAGENT_TOKEN"):
+        return os.environ["SUPERAGENT_TOKEN"].strip(), "SUPERAGENT_TOKEN"
     try:
-        return TOKEN_FILE.read_text().strip()
+        return TOKEN_FILE.read_text().strip(), f"./{TOKEN_FILE}"
     except OSError:
-        return ""
+        return "", ""
 
 
 class Client:
-    def __init__(self, servers: Sequence[str], token: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, servers: Sequence[str], token: str, *, timeout: float = 120.0,
+                 token_source: str = "") -> None:
         self.servers = list(servers)
         self.token = token
+        self.token_source = token_source  # named when the token is refused
         self.timeout = timeout
 
     def __repr__(self) -> str:
@@ -104,7 +108,7 @@ class Client:
                         continue
                     if response.status_code >= 400:
                         response.read()
-                        raise _error(url, response, token_given=bool(self.token))
+                        raise _error(url, response, token=self.token, source=self.token_source)
                     yield response
                     return
                 finally:
@@ -148,7 +152,7 @@ def _message(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}"
 
 
-def _error(url: str, response: httpx.Response, *, token_given: bool) -> ClientError:
+def _error(url: str, response: httpx.Response, *, token: str, source: str) -> ClientError:
     code = ""
     try:
         body = response.json()
@@ -156,12 +160,14 @@ def _error(url: str, response: httpx.Response, *, token_given: bool) -> ClientEr
             code = str(body.get("error", ""))
     except ValueError:
         pass
-    if response.status_code == 401 and not token_given:
+    if response.status_code == 401 and not token:
         return ClientError(f"{url}: not authorised — no token given: pass --token, set "
                            f"SUPERAGENT_TOKEN or run where `superagent up` wrote "
                            f"{TOKEN_FILE} ({_message(response)})", status=401, code=code)
     if response.status_code == 401:
-        return ClientError(f"{url}: not authorised — the token was refused: check "
-                           f"--token or SUPERAGENT_TOKEN ({_message(response)})",
-                           status=401, code=code)
+        hint = (" (written by an earlier `superagent up`?): pass --token or set"
+                " SUPERAGENT_TOKEN" if source.endswith(str(TOKEN_FILE)) else "")
+        where = f" from {source}" if source else ""
+        return ClientError(f"{url}: not authorised — the token{where} was refused{hint}"
+                           f" ({_message(response)})", status=401, code=code)
     return ClientError(_message(response), status=response.status_code, code=code)

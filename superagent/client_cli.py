@@ -29,8 +29,8 @@ DRAIN_POLL = 1.0  # seconds between looks at what still runs on a draining node
 
 def client_of(args: argparse.Namespace) -> Client:
     # nested commands (`nodes label`) leave the options out when not given: see add_common
-    return Client(resolve_servers(getattr(args, "server", None)),
-                  resolve_token(getattr(args, "token", None)))
+    token, source = resolve_token(getattr(args, "token", None))
+    return Client(resolve_servers(getattr(args, "server", None)), token, token_source=source)
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:

@@ -631,12 +631,16 @@ def _sha256_of(archive: bytes | Path) -> str:
 
 
 def _chown_tree(top: Path, uid: int | None, gid: int | None) -> None:
-    """Give ``top`` and everything below it to uid/gid; symlinks themselves, never followed."""
+    """Give ``top`` and everything below it to uid/gid; symlinks themselves, never followed.
+
+    Walked by directory fd (``fwalk``), each entry changed relative to its directory's fd:
+    a directory swapped for a symlink while we walk is never followed out of the tree.
+    """
     u, g = (-1 if uid is None else uid), (-1 if gid is None else gid)
     os.chown(top, u, g, follow_symlinks=False)
-    for dirpath, dirnames, filenames in os.walk(top):  # does not descend into dir symlinks
+    for _, dirnames, filenames, dirfd in os.fwalk(top):  # does not descend into dir symlinks
         for name in dirnames + filenames:
-            os.chown(os.path.join(dirpath, name), u, g, follow_symlinks=False)
+            os.chown(name, u, g, dir_fd=dirfd, follow_symlinks=False)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

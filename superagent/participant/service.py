@@ -68,6 +68,7 @@ from superagent.participant.errors import (
 )
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
+from superagent.participant.load import LOAD_PERIOD, LoadSampler
 from superagent.participant.logs import LogHub
 from superagent.participant.ports import (
     DEFAULT_HIGH,
@@ -149,6 +150,7 @@ class Agent:
         # a request is traced when its own timestamp falls in its app's window, however
         # late the proxy's batched record is read (see debug.sessions)
         self.debug_sessions = DebugSessions()
+        self.load = LoadSampler()  # per-instance in-flight and CPU, for the heartbeat
         self._seq = 0
         self._nursery: trio.Nursery | None = None
         self.link: CoordinatorLink | None = None
@@ -197,6 +199,7 @@ class Agent:
             await nursery.start(self.log_hub.run)
             await nursery.start(self.debug_sessions.run, lambda _ended: self.persist())
             nursery.start_soon(self._keep_routes)
+            nursery.start_soon(self._sample_load)
             for record in saved.get("instances", []):
                 await self._adopt(record)
             self.routes = {app: [i for i in ids if i in self.instances]
@@ -570,14 +573,26 @@ class Agent:
         })
 
     def coordinator_status(self) -> dict[str, Any]:
-        """The compact status a heartbeat carries: what runs where, routes, offline, figures."""
+        """The compact status a heartbeat carries: what runs where (with each instance's
+        load: ``in_flight``, and ``cpu`` in cores once sampled twice), routes, offline,
+        figures."""
         return {
             "instances": [{"id": inst.config.instance, "app": inst.config.app,
                            "release": inst.config.release, "state": inst.state.value,
-                           "port": inst.config.port} for inst in self.instances.values()],
+                           "port": inst.config.port, **self.load.latest.get(instance_id, {})}
+                          for instance_id, inst in self.instances.items()],
             "routes": self.routes, "offline": self.is_offline, "figures": _node_figures(),
             "listen": list(self.config.listen),
         }
+
+    async def _sample_load(self) -> None:
+        """Every LOAD_PERIOD: the proxy's in-flight counts and the instances' CPU seconds."""
+        while True:
+            await trio.sleep(LOAD_PERIOD)
+            table = (await self.proxy.stats())["instances"]  # from the workers that answer
+            pids = {i: inst.pid for i, inst in self.instances.items()}
+            cpu = await trio.to_thread.run_sync(_cpu_seconds_of, pids)
+            self.load.sample(trio.current_time(), table, cpu)
 
     def logs(self, *, app: str | None, instance: str | None, n: int,
              request_id: str | None = None) -> list[dict[str, Any]]:
@@ -657,6 +672,21 @@ def _figures(pid: int | None) -> dict[str, Any] | None:
         return None
     return {"cpu_seconds": round(cpu, 3), "rss_bytes": int(rss), "threads": int(threads),
             "connections": int(conns), "processes": len(procs)}
+
+
+def _cpu_seconds_of(pids: dict[str, int | None]) -> dict[str, float | None]:
+    """User + system CPU seconds of each instance's process tree; None when it is gone."""
+    out: dict[str, float | None] = {}
+    for instance, pid in pids.items():
+        out[instance] = None
+        if pid is not None:
+            try:
+                root = psutil.Process(pid)
+                procs = (root, *root.children(recursive=True))
+                out[instance] = sum(sum(p.cpu_times()[:2]) for p in procs)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    return out
 
 
 def _node_figures() -> dict[str, Any]:

@@ -450,3 +450,31 @@ async def test_a_release_that_dies_after_ready_costs_no_request(cluster: Cluster
     assert view["status"] == "rolled_back", view
     load.assert_clean()
     assert load.since(done_at) == Counter({"r1": sum(load.since(done_at).values())})
+
+
+async def test_a_refused_token_is_named_by_where_it_came_from(
+        cluster: Cluster, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """401s say which token was refused: --token, SUPERAGENT_TOKEN, or a stale
+    ./.superagent/admin-token (with what to do instead)."""
+    from superagent.cli import main as cli_main
+
+    server = ["--server", cluster.embedded.coordinator.config.url]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SUPERAGENT_TOKEN", raising=False)
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = cli_main(["apps", *server, *argv])
+        return code, capsys.readouterr().err
+
+    code, err = await trio.to_thread.run_sync(lambda: run("--token", "wrong"))
+    assert code != 0 and "the token from --token was refused" in err, err
+    monkeypatch.setenv("SUPERAGENT_TOKEN", "wrong")
+    code, err = await trio.to_thread.run_sync(run)
+    assert code != 0 and "the token from SUPERAGENT_TOKEN was refused" in err, err
+    monkeypatch.delenv("SUPERAGENT_TOKEN")
+    (tmp_path / ".superagent").mkdir()
+    (tmp_path / ".superagent" / "admin-token").write_text("stale\n")
+    code, err = await trio.to_thread.run_sync(run)
+    assert code != 0 and "the token from ./.superagent/admin-token was refused" in err, err
+    assert "pass --token or set SUPERAGENT_TOKEN" in err and "Traceback" not in err

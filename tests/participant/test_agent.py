@@ -33,7 +33,7 @@ from superagent.participant.isolation import remove_app_user
 from superagent.participant.service import Agent, AgentConfig
 from tests.participant.children import child_python
 from tests.support.ports import free_port
-from tests.support.wait import wait_until
+from tests.support.wait import wait_until, wait_until_async
 
 SECRET = "agent-test-secret"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -229,8 +229,13 @@ async def test_python_app_lifecycle_through_the_proxy(rig: Rig) -> None:
     assert [i["instance"] for i in status["instances"]] == [survivor]
     assert status["instances"][0]["figures"]["rss_bytes"] > 0
     assert status["releases"] == {"hello": ["r1"]}
-    logs = (await rig.rpc.get("/v1/logs", params={"app": "hello", "n": 50})).json()["lines"]
-    assert any("request /after" in line["text"] for line in logs)
+
+    async def logged_after() -> bool:
+        # the log hub polls the app's output files (every 0.1 s): wait for its next round
+        answer = await rig.rpc.get("/v1/logs", params={"app": "hello", "n": 50})
+        return any("request /after" in line["text"] for line in answer.json()["lines"])
+    await wait_until_async(logged_after, "the app's '/after' lines in the agent's logs",
+                           timeout=DEADLINE)
 
     same = await rig.signal("offline", term=1, offline=True)
     assert same.status_code == 200  # the term used so far
@@ -581,3 +586,37 @@ async def test_the_instances_of_one_start_come_up_together(rig: Rig, world_dir: 
     started = await rig.signal("start", app="pair", release="r1", count=2)
     assert started.status_code == 200, started.text
     assert [i["state"] for i in started.json()["instances"]] == ["ready", "ready"]
+
+
+async def test_the_heartbeat_reports_each_instances_load(rig: Rig) -> None:
+    """Idle: in_flight 0 and, once sampled twice, CPU; a request held open shows as
+    in_flight 1 on its instance (sampled once a second: the request lasts several)."""
+    assert (await rig.upload("hello", "r1", python_app())).status_code == 200
+    started = await rig.signal("start", app="hello", release="r1", count=1)
+    assert started.status_code == 200, started.text
+    (instance,) = [i["id"] for i in started.json()["instances"]]
+    assert (await rig.signal("switch", app="hello", instances=[instance])).status_code == 200
+
+    def reported() -> dict[str, Any]:
+        (entry,) = rig.agent.coordinator_status()["instances"]
+        assert entry["id"] == instance
+        return entry
+
+    idle = await wait_until_async(lambda: (e := reported()).get("in_flight") == 0
+                                  and "cpu" in e and e, "CPU in the heartbeat",
+                                  timeout=DEADLINE)
+    assert idle["cpu"] >= 0
+    answers: list[int] = []
+
+    async def held() -> None:
+        answer = await rig.proxy.get("/hello/slow?s=6", headers={"Connection": "close"})
+        answers.append(answer.status_code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(held)
+        await wait_until_async(lambda: reported().get("in_flight") == 1,
+                               "the held request in the heartbeat's in_flight",
+                               timeout=DEADLINE)
+    assert answers == [200]
+    await wait_until_async(lambda: reported().get("in_flight") == 0,
+                           "in_flight back to 0", timeout=DEADLINE)

@@ -1,0 +1,170 @@
+"""Autoscaling decisions: how many instances an app with ``[scale] min``/``max`` should run.
+
+Pure: samples in, decisions out, the time passed in; the leader's reconciler feeds it and
+commits what it decides (``SetScale``), so every decision is in the audit log with the
+inputs that made it.
+
+Theory of operation (the rule Kubernetes' horizontal autoscaler made familiar):
+
+1. **Measure.** Each sample is the app's load at one moment: requests in flight summed
+   over its ready instances (the proxies' own counters), or the CPU its instances use in
+   cores. A sample is kept for ``window`` seconds; the load is the mean over the window,
+   so one burst or one lull moves nothing by itself.
+2. **Propose.** ``wanted = ceil(load / target)``: the instances that would carry the load
+   at ``target`` per instance. Within ``tolerance`` of the current count's load per
+   instance (``|load / (current * target) - 1| <= tolerance``) the proposal is the current
+   count: a load hovering at the target never moves it (hysteresis).
+3. **Limit.** Up: at most ``max_step_up`` times the current count at once, and not within
+   ``up_cooldown`` of the last change. Down: the highest proposal of the last
+   ``down_window`` seconds (a load that dips for a moment and comes back does not stop
+   instances only to start them again), and not within ``down_cooldown`` of the last
+   change. Always within ``[min, max]``.
+4. **Decide.** A count different from the current one is a ``Decision`` whose ``inputs``
+   say what it was made of; the same count is ``None``. Too few samples (less than half a
+   window's worth of time) decide nothing, except bringing a count outside ``[min, max]``
+   back inside.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+WINDOW = 30.0  # seconds of samples averaged: long enough to smooth a burst, short to follow a ramp
+DOWN_WINDOW = 60.0  # seconds of proposals a scale-down looks back over
+UP_COOLDOWN = 10.0  # seconds after a change before the next scale-up: new instances get warm
+DOWN_COOLDOWN = 60.0  # seconds after a change before a scale-down
+TOLERANCE = 0.1  # +-10% of the target per instance moves nothing
+MAX_STEP_UP = 2.0  # at most double at once: the next round sees what the new ones carry
+
+
+class Metric(StrEnum):
+    IN_FLIGHT = "in_flight"  # requests (and websockets) in flight per instance
+    CPU = "cpu"  # cores used per instance
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AutoSpec:
+    """An app's autoscaling policy (``[scale] min``, ``max``, ``target``, ``metric``)."""
+
+    min: int
+    max: int
+    target: float  # per instance, in the metric's unit
+    metric: Metric = Metric.IN_FLIGHT
+    window: float = WINDOW
+    down_window: float = DOWN_WINDOW
+    up_cooldown: float = UP_COOLDOWN
+    down_cooldown: float = DOWN_COOLDOWN
+    tolerance: float = TOLERANCE
+    max_step_up: float = MAX_STEP_UP
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.max or self.max < 1:
+            raise ValueError(f"min and max must satisfy 0 <= min <= max, max >= 1"
+                             f" (min {self.min}, max {self.max})")
+        if not (math.isfinite(self.target) and self.target > 0):
+            raise ValueError(f"target must be a positive number, not {self.target}")
+        for name in ("window", "down_window", "up_cooldown", "down_cooldown", "tolerance"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, not {value}")
+        if self.window <= 0:
+            raise ValueError("window must be positive")
+        if not (math.isfinite(self.max_step_up) and self.max_step_up >= 1):
+            raise ValueError(f"max_step_up must be >= 1, not {self.max_step_up}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Decision:
+    instances: int
+    reason: str
+    inputs: dict[str, Any]  # for the audit log: what the decision was made of
+
+
+@dataclass(slots=True)
+class Autoscaler:
+    """One app's samples and recent proposals; ``decide`` is called once per round."""
+
+    spec: AutoSpec
+    samples: deque[tuple[float, float]] = field(default_factory=deque)  # (at, load)
+    proposals: deque[tuple[float, int]] = field(default_factory=deque)  # (at, wanted)
+    changed_at: float | None = None  # the last decision's time (None: none yet)
+    first_at: float | None = None  # the first sample's time
+
+    def __repr__(self) -> str:
+        return (f"<Autoscaler {self.spec.metric.value} min={self.spec.min} max={self.spec.max}"
+                f" target={self.spec.target} samples={len(self.samples)}>")
+
+    def observe(self, at: float, load: float) -> None:
+        """One sample: the app's total load at ``at`` (not per instance)."""
+        if not math.isfinite(load) or load < 0:
+            raise ValueError(f"load must be a number >= 0, not {load}")
+        if self.first_at is None:
+            self.first_at = at
+        self.samples.append((at, load))
+        self._expire(at)
+
+    def load(self, now: float) -> float | None:
+        """The mean load over the window, or None without samples."""
+        self._expire(now)
+        if not self.samples:
+            return None
+        return sum(load for _, load in self.samples) / len(self.samples)
+
+    def decide(self, now: float, current: int) -> Decision | None:
+        """The new instance count, or None to keep ``current``."""
+        s = self.spec
+        clamped = min(max(current, s.min), s.max)
+        load = self.load(now)
+        warm = (self.first_at is not None and now - self.first_at >= s.window / 2)
+        if load is None or not warm:
+            if clamped != current:
+                return self._decision(now, current, clamped, load, clamped,
+                                      f"outside min {s.min} / max {s.max}")
+            return None
+        wanted = self._propose(load, current)
+        self.proposals.append((now, wanted))
+        while self.proposals and self.proposals[0][0] < now - s.down_window:
+            self.proposals.popleft()
+        since = math.inf if self.changed_at is None else now - self.changed_at
+        if wanted > current:
+            if since < s.up_cooldown and clamped == current:
+                return None
+            new = min(wanted, max(current + 1, math.floor(current * s.max_step_up)))
+        elif wanted < current:
+            if since < s.down_cooldown and clamped == current:
+                return None
+            new = min(current, max(p for _, p in self.proposals))  # the highest of the look-back
+        else:
+            new = current
+        new = min(max(new, s.min), s.max)
+        if new == current:
+            return None
+        per = load / current if current else load
+        word = "up" if new > current else "down"
+        return self._decision(now, current, new, load, wanted,
+                              f"scale {word}: {s.metric.value} {per:.2f} per instance"
+                              f" against target {s.target:g}")
+
+    def _propose(self, load: float, current: int) -> int:
+        s = self.spec
+        if current > 0 and abs(load / (current * s.target) - 1) <= s.tolerance:
+            return current
+        return math.ceil(load / s.target - 1e-9)
+
+    def _decision(self, now: float, current: int, new: int, load: float | None,
+                  wanted: int, reason: str) -> Decision:
+        self.changed_at = now
+        self.proposals.clear()  # a new count starts a new look-back
+        inputs = {"metric": self.spec.metric.value, "load": load, "target": self.spec.target,
+                  "current": current, "wanted": wanted, "min": self.spec.min,
+                  "max": self.spec.max, "samples": len(self.samples),
+                  "window": self.spec.window}
+        return Decision(instances=new, reason=f"{reason}: {current} -> {new}", inputs=inputs)
+
+    def _expire(self, now: float) -> None:
+        while self.samples and self.samples[0][0] < now - self.spec.window:
+            self.samples.popleft()
