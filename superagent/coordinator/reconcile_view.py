@@ -33,7 +33,7 @@ class ClusterView:
     """The part of the state one reconcile round uses."""
 
     apps: tuple[str, ...]
-    scales: tuple[sch.AppScale, ...]
+    scales: tuple[sch.AppScale, ...]  # of the apps that have a serving release
     nodes: tuple[sch.NodeInfo, ...]
     addresses: dict[str, str]  # node -> RPC address
     placement: dict[str, dict[str, int]]  # the committed placement
@@ -57,6 +57,8 @@ def view_of(state: ClusterState, *, wall: float, drain_wait: float) -> ClusterVi
     apps = tuple(sorted(state.apps))
     scales = []
     for app in apps:
+        if state.apps[app].current_release is None:
+            continue  # never deployed: it runs nothing, so it takes no room anywhere
         scale = state.effective_scale(app)
         instances = scale.get("instances")
         scales.append(sch.AppScale(app=app, groups=tuple(scale.get("groups", ("default",))),

@@ -3,9 +3,11 @@
 Theory of operation. Every coordinator runs ``Reconciler.run``; it acts only while this
 coordinator leads, and every ``RECONCILE_PERIOD`` it does one round, decide then act:
 
-1. **Place.** ``scheduler.place`` turns the apps' effective scales and the nodes
-   (``node_infos``: eligible = up and online, or draining but still within ``drain_wait``
-   of the node's ``changed_at``) into the desired placement, sticky to the previous one.
+1. **Place.** ``scheduler.place`` turns the effective scales of the apps that have a
+   serving release (one never deployed runs nothing, so it is not placed) and the nodes
+   (``reconcile_view.view_of``: eligible = up and online, or draining but still within
+   ``drain_wait`` of the node's ``changed_at``) into the desired placement, sticky to the
+   previous one.
    Where an app's placement or its reason changed, ``SetPlacement`` commits it. The
    reason is the scheduler's ``short`` explanation, plus the trouble of an app whose
    actions keep failing, so ``superagent apps`` says why an app runs short.
@@ -220,7 +222,7 @@ class Reconciler:
 
     # ------------------------------------------------------------------ placement
     async def _commit_placement(self, view: ClusterView, placement: sch.Placement) -> None:
-        for app in view.apps:
+        for app in (scale.app for scale in view.scales):
             nodes = dict(sorted(placement.nodes.get(app, {}).items()))
             reason = self._reason(app, placement)
             if nodes == view.placement.get(app, {}) and reason == view.reasons.get(app, ""):

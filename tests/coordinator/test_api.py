@@ -336,7 +336,7 @@ async def test_cli_queries_against_the_api(api: Api, capsys: pytest.CaptureFixtu
     assert code == 0 and "leader c1" in out and "no participants" in out
     code, _, err = await trio.to_thread.run_sync(
         lambda: run("apps", "--server", api.url, "--token", "sa_bad"))
-    assert code == 2 and "the token was refused" in err
+    assert code == 2 and "the token from --token was refused" in err
     code, out, err = await trio.to_thread.run_sync(
         lambda: run("apps", "--json", "--server", api.url, "--token", "sa_bad"))
     assert code == 2 and out == ""

@@ -569,16 +569,19 @@ def test_a_draining_node_is_eligible_only_within_the_drain_wait() -> None:
 
 
 def test_the_view_carries_effective_scales_busy_apps_and_scalings() -> None:
-    """The view names each app's effective scale, serving release and scaling."""
+    """The view names each app's serving release and scaling, and the effective scale of
+    the apps that serve (one never deployed is not placed)."""
     state = ClusterState()
-    for command in (create_app(), add_release(), register("n1"),
+    for command in (create_app(), add_release(), create_app("idle"), register("n1"),
                     cmd.SetScale(**base(), app="hello", groups=("default",), instances=3)):
         assert state.apply(command.to_json())["ok"]
+    state.apps["hello"].current_release = "r1"
     view = view_of(state, wall=2000.0, drain_wait=5.0)
-    assert view.apps == ("hello",)
-    assert view.scales[0].instances == 3 and view.scales[0].groups == ("default",)
+    assert view.apps == ("hello", "idle")
+    assert [(s.app, s.instances, s.groups) for s in view.scales] == [
+        ("hello", 3, ("default",))]
     assert view.nodes[0].eligible and view.addresses == {"n1": "10.0.0.1:7000"}
-    assert view.releases == {"hello": None} and view.busy == frozenset()
+    assert view.releases == {"hello": "r1", "idle": None} and view.busy == frozenset()
     assert set(view.scaling) == {"hello"}
 
 
