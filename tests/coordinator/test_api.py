@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -15,6 +16,7 @@ import pytest
 import trio
 
 from superagent.cli import main as cli_main
+from superagent.coordinator.reconciler import Reconciler
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
 from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
@@ -57,6 +59,8 @@ async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
         data_dir=tmp_path / "c1", secret=SECRET, admin_token_file=tmp_path / "token",
         node_timeout=1.0, max_upload=64 * 1024)
     coordinator = Coordinator(config)
+    # the API alone: tests play the reconciler's part (placements, FinishScale) themselves
+    coordinator.reconciler = Reconciler(coordinator, period=math.inf)
     await nursery.start(coordinator.run)
     token_file = tmp_path / "token"
     await wait_until_async(token_file.exists, "the admin token file", timeout=10.0)
