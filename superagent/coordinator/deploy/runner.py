@@ -329,7 +329,7 @@ async def begin_deploy(c: RunnerHost, *, app: str, release: str, actor: str,
     Raises UnknownApp, NoTargets (409) when no participant can take it, CommandError for
     bad parameters; a running deploy of the same app is a 409 result.
     """
-    def plan(s: ClusterState) -> tuple[dict[str, int], AppSpec, str, int]:
+    def plan(s: ClusterState) -> tuple[dict[str, int], list[str], str, int]:
         if app not in s.apps:
             raise UnknownApp(app)
         rel = next((x for x in s.releases[app] if f"r{x.number}" == release), None)
@@ -338,12 +338,13 @@ async def begin_deploy(c: RunnerHost, *, app: str, release: str, actor: str,
         spec = spec_from_json(rel.spec)
         override = s.apps[app].scale
         per_node = int(override["per_node"]) if override else spec.scale.per_node
-        return targets(s, spec, app), spec, rel.sha256, max(1, per_node)
+        groups = list(override["groups"]) if override else list(spec.scale.groups)
+        return targets(s, spec, app), groups, rel.sha256, max(1, per_node)
 
-    nodes, spec, sha256, per_node = c.read(plan)
+    nodes, groups, sha256, per_node = c.read(plan)
     if not nodes:
         raise NoTargets(f"{app}@{release}: no participant is online and up in groups"
-                        f" {list(spec.scale.groups)}", app=app)
+                        f" {groups}", app=app)
     # a client's retry (same key) names the same deploy, so it applies once
     suffix = hashlib.sha256(key.encode()).hexdigest()[:6] if key else secrets.token_hex(3)
     deploy_id = f"{app}-{release}-{suffix}"
