@@ -26,7 +26,11 @@ coordinator leads, and every ``RECONCILE_PERIOD`` it does one round, decide then
    retried id is not acted on twice, while the next action is never mistaken for an
    earlier one. A ready instance of the serving release that no route reaches (a switch
    that failed after its start) is routed again by a plain Switch.
-4. **Finish.** An app's ``scaling`` ends with ``FinishScale``: ``converged`` once every
+4. **Autoscale.** An autoscaled app's load (the in-flight requests or CPU its serving
+   instances report in their heartbeats) feeds its ``autoscale.Autoscaler``; a decision is
+   committed as ``Autoscale`` and moves the placement from the next round on. A new
+   leader starts the autoscalers afresh (they learn the load again within a window).
+5. **Finish.** An app's ``scaling`` ends with ``FinishScale``: ``converged`` once every
    node of its placement reports that many ready instances and nothing else is to do,
    ``short`` (with the reason) once what can run runs but the placement falls short, or
    its actions keep failing.
@@ -63,6 +67,7 @@ from superagent.backoff import Backoff
 from superagent.coordinator import commands as cmd
 from superagent.coordinator import reconcile as rc
 from superagent.coordinator import scheduler as sch
+from superagent.coordinator.autoscale import Autoscalers, app_load, auto_spec
 from superagent.coordinator.commands import REASON_MAX
 from superagent.coordinator.deploy.outcomes import BUILD_TIMEOUT, SIGNAL_TIMEOUT, START_MARGIN
 from superagent.coordinator.errors import CoordinatorError
@@ -137,6 +142,7 @@ class Reconciler:
         self._failing: dict[Key, _Failing] = {}
         self._was_busy: frozenset[str] = frozenset()  # apps a deploy ran for last round
         self._limiter = trio.CapacityLimiter(MAX_ACTIONS)
+        self._autoscalers = Autoscalers()
         self._logged: dict[str, str] = {}  # what was last logged per topic (log on change)
         self.rounds = 0
 
@@ -179,6 +185,7 @@ class Reconciler:
         self._failing.clear()
         self._logged.clear()
         self._was_busy = frozenset()
+        self._autoscalers = Autoscalers()  # a new leader learns the load afresh
         self._term = None
 
     async def round(self, nursery: trio.Nursery) -> None:
@@ -203,6 +210,7 @@ class Reconciler:
             last = liveness.last.get(key[0])
             if key[0] not in heard or (last is not None and last >= ended + SETTLE):
                 del self._ended[key]  # (a node not heard is not planned for anyway)
+        await self._autoscale(view, heard, now)
         reports = reports_from(heard)
         targets = {app: rc.AppTarget(app=app, release=view.releases[app],
                                      placement=placement.nodes.get(app, {}),
@@ -219,6 +227,41 @@ class Reconciler:
             if self._may_start(action, now):
                 self._start(nursery, action)
         await self._finish_scales(view, placement, targets, reports, actions)
+
+    # ------------------------------------------------------------------ autoscaling
+    async def _autoscale(self, view: ClusterView, heard: Mapping[str, Mapping[str, Any]],
+                         now: float) -> None:
+        """Feed each autoscaled app's load (from the heartbeats) to its autoscaler and
+        commit a decision as ``Autoscale``; an app a deploy runs for waits."""
+        def autoscaled(s: ClusterState) -> dict[str, tuple[dict[str, Any], int, str]]:
+            found = {}
+            for name, app in s.apps.items():
+                scale = s.effective_scale(name)
+                if scale.get("auto") is not None and app.current_release is not None:
+                    found[name] = (scale["auto"], scale["instances"], app.current_release)
+            return found
+
+        apps = self.host.read(autoscaled)
+        self._autoscalers.keep_only(set(apps))
+        for app, (auto, current, release) in sorted(apps.items()):
+            if app in view.busy:
+                continue
+            spec = auto_spec(auto)
+            load = app_load(heard, app, release, spec.metric)
+            decision = self._autoscalers.decide(now, app, spec, current, load)
+            if decision is None:
+                continue
+            try:
+                result = await self.host.submit(self.host.command(
+                    cmd.Autoscale, actor=self._actor, app=app, instances=decision.instances,
+                    reason=decision.reason[:REASON_MAX], inputs=decision.inputs))
+            except CoordinatorError as exc:
+                result = {"ok": False, "error": str(exc)}
+            if result.get("ok"):
+                log.info("autoscale", app=app, instances=decision.instances,
+                         reason=decision.reason)
+            elif self._changed(f"autoscale/{app}", str(result.get("error"))):
+                log.warning("autoscale not committed", app=app, error=result.get("error"))
 
     # ------------------------------------------------------------------ placement
     async def _commit_placement(self, view: ClusterView, placement: sch.Placement) -> None:

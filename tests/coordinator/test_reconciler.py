@@ -226,6 +226,7 @@ class Scenario:
         self.reconciler = Reconciler(self.host, drain_wait=DRAIN_WAIT, drain_grace=1.0,
                                      wall=wall)
         self.silent: set[str] = set()  # nodes whose heartbeats stop
+        self.load: dict[str, float] = {}  # app -> in-flight requests, spread over its ready
 
     def node(self, name: str, groups: tuple[str, ...] = ("default",), capacity: int = 8
              ) -> FakeAgent:
@@ -255,8 +256,17 @@ class Scenario:
         while True:
             for agent in self.fake.agents.values():
                 if agent.node not in self.silent and address(agent.node) not in self.fake.down:
-                    self.host.liveness.beat(agent.node, trio.current_time(), agent.heartbeat())
+                    self.host.liveness.beat(agent.node, trio.current_time(),
+                                            self._with_load(agent.heartbeat()))
             await trio.sleep(BEAT)
+
+    def _with_load(self, status: dict[str, Any]) -> dict[str, Any]:
+        for entry in status["instances"]:
+            ready = sum(len([n for n in a.running(entry["app"])
+                             if a.instances[n].state == "ready"])
+                        for a in self.fake.agents.values())
+            entry["in_flight"] = self.load.get(entry["app"], 0.0) / max(ready, 1)
+        return status
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Scenario]:
@@ -613,3 +623,47 @@ def test_reports_skip_what_a_heartbeat_garbles() -> None:
 def _record() -> dict[str, Any]:
     from tests.coordinator.helpers import deploy_record
     return deploy_record(nodes=("n1",))
+
+
+# ---------------------------------------------------------------------- autoscaling
+
+
+async def test_an_autoscaled_app_follows_its_load_up_and_down_without_flapping(
+        clock: trio.testing.MockClock) -> None:
+    """min 1, max 6, target 5 in-flight per instance: a load of 20 brings 4 instances
+    (one step at a time within the cooldowns, never down on the way up), its end brings
+    them back to 1; every decision is an Autoscale in the audit log with its inputs."""
+    s = Scenario()
+    s.node("n1"), s.node("n2")
+    s.app(scaled=False)
+    s.host.apply(cmd.SetScale(**base(at=wall()), app="hello", groups=("default",),
+                              auto={"min": 1, "max": 6, "target": 5}))
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            total = sum(s.counts().values())
+            if not seen or seen[-1] != total:
+                seen.append(total)
+            await trio.sleep(0.5)
+
+    async with s.running():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await s.until(lambda: sum(s.counts().values()) == 1, "the min instance")
+            s.load["hello"] = 20.0
+            await s.until(lambda: sum(s.counts().values()) == 4 and not s.fake.hold,
+                          "4 instances for a load of 20")
+            await trio.sleep(120)  # the load holds: nothing more moves
+            assert sum(s.counts().values()) == 4
+            peak = len(seen)
+            s.load["hello"] = 0.0
+            await s.until(lambda: sum(s.counts().values()) == 1, "back to min",
+                          timeout=600)
+            nursery.cancel_scope.cancel()
+    up, down = seen[:peak], seen[peak - 1:]
+    assert up == sorted(up) and down == sorted(down, reverse=True), seen
+    decisions = [e["outcome"] for e in s.host.state.audit if e["type"] == "autoscale"]
+    assert decisions[0].startswith("1 -> 2 instances: scale up: in_flight 20.00 per instance")
+    assert all('"load":' in d and '"samples":' in d for d in decisions), decisions
+    assert len(decisions) <= 5, decisions  # 1->2->4 (at most doubling), then down
