@@ -24,6 +24,7 @@ FOLLOW_TIMEOUT = 30.0  # seconds without a byte of the progress stream (keep-ali
 FOLLOW_RECONNECTS = 20
 URLS_WAIT = 5.0  # seconds for the participants' heartbeats to name their proxy listeners
 URLS_POLL = 0.25
+DRAIN_POLL = 1.0  # seconds between looks at what still runs on a draining node
 
 
 def client_of(args: argparse.Namespace) -> Client:
@@ -313,11 +314,43 @@ def _rollback(args: argparse.Namespace) -> int:
 
 def _lifecycle(action: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        doc = client_of(args).post(f"/api/v1/nodes/{args.node}/{action}")
-        return emit(args, doc, lambda d: f"{d['node']}: {d['lifecycle']}"
-                    + ("" if d.get("signalled") else " (participant not reached: it applies"
-                       " the lifecycle when it is)"))
+        client = client_of(args)
+        doc = client.post(f"/api/v1/nodes/{args.node}/{action}")
+
+        def render(d: dict[str, Any]) -> str:
+            return f"{d['node']}: {d['lifecycle']}" + (
+                "" if d.get("signalled") else " (participant not reached: it applies the"
+                " lifecycle when it is)")
+        if action != "drain" or args.no_wait:
+            return emit(args, doc, render)
+        if not args.json:
+            print(render(doc), flush=True)
+        left = _follow_drain(client, args.node, quiet=args.json)
+        if args.json:
+            return emit(args, {**doc, "running": left}, str)
+        if left["lifecycle"] != "draining":
+            print(f"{args.node}: no longer draining (now {left['lifecycle']})")
+            return 1
+        print(f"{args.node}: drained, nothing runs there; `superagent offline {args.node}`"
+              " takes it out of service")
+        return 0
     return run
+
+
+def _follow_drain(client: Client, node: str, *, quiet: bool) -> dict[str, Any]:
+    """Poll what still runs on a draining node until nothing does (or it stops draining);
+    print what is left whenever it changes."""
+    shown = ""
+    while True:
+        left: dict[str, Any] = client.get(f"/api/v1/nodes/{node}/running")
+        if left["lifecycle"] != "draining" or not (left["instances"] or left["placed"]):
+            return left
+        line = f"{node}: still running {', '.join(left['instances']) or '-'}; placed " + (
+            ", ".join(f"{app} x{n}" for app, n in left["placed"].items()) or "-")
+        if line != shown and not quiet:
+            print(line, flush=True)
+            shown = line
+        time.sleep(DRAIN_POLL)
 
 
 def add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
@@ -384,6 +417,10 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
                               ("online", "put a node back in service")):
         parser = sub.add_parser(action, help=help_text)
         parser.add_argument("node")
+        if action == "drain":
+            parser.add_argument("--no-wait", action="store_true",
+                                help="return at once instead of following the drain until"
+                                     " nothing runs on the node")
         add_common(parser)
         parser.set_defaults(func=_lifecycle(action))
     return parsers
