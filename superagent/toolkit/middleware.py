@@ -21,7 +21,9 @@ and other scopes pass through untouched. The id is also put in ``scope["state"]`
 WSGI: a WSGI response may be an iterable produced lazily after the app returned (a
 streaming generator), so the app call and every step of the iteration run inside one
 ``contextvars.Context`` of the request, where the id is set: lines written while a
-streamed body is generated carry the id too. ``close()`` runs there as well. The id is
+streamed body is generated carry the id too. ``close()`` runs there as well. A list or
+tuple body, or the server's ``wsgi.file_wrapper``, is returned as it is: sending it runs
+no app code, and the server may use what it is (a one-item list's length, sendfile). The id is
 also in ``environ["superagent.request_id"]``.
 
 Standard library only, Python 3.8 syntax: this package runs inside apps.
@@ -113,6 +115,12 @@ class WSGIRequestIdMiddleware:
             return start_response(status, headers, exc_info)
 
         body = ctx.run(self.app, environ, start_with_id)
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(body, (list, tuple)) or (
+                isinstance(file_wrapper, type) and isinstance(body, file_wrapper)):
+            # Sending these runs no app code, and wrapped they would lose what servers
+            # use them for: the length of a one-item list, sendfile for a file.
+            return body
         return _BoundBody(body, ctx)
 
 

@@ -215,6 +215,7 @@ def test_wsgi_on_a_threaded_wsgiref_server(wsgi_app: Served) -> None:
 
     own = wsgi_app.get("/own", "sent-id")
     assert own.headers.get_list("x-request-id") == ["app-chosen"]
+    assert own.headers.get("content-length") == "3"  # a list body is passed on unwrapped
 
 
 # --- in process: the middlewares' edge cases -------------------------------------------------
@@ -268,3 +269,19 @@ def test_wsgi_passes_exc_info_and_closes_the_body_in_the_request() -> None:
     body.close()  # type: ignore[attr-defined]
     assert started[0][1] == [("X-Request-Id", "w-1")] and started[0][2][0] is ValueError
     assert closed == ["w-1"] and toolkit.current_request_id() is None
+
+
+def test_wsgi_returns_lists_and_file_wrappers_as_they_are() -> None:
+    class FileWrapper:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+    listed, wrapped = [b"a"], FileWrapper(None)
+    for body in (listed, wrapped):
+        def inner(environ: dict[str, Any], start_response: Any, body: Any = body) -> Any:
+            start_response("200 OK", [])
+            return body
+
+        got = toolkit.WSGIRequestIdMiddleware(inner)({"wsgi.file_wrapper": FileWrapper},
+                                                     lambda *args: None)
+        assert got is body
