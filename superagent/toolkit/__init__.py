@@ -16,8 +16,9 @@ is the app's side of that join:
 
 It imports nothing but the standard library and keeps to Python 3.8 syntax, and its
 modules import each other relatively, so an app whose environment lacks superagent can
-copy this directory in as a package of its own (``superagent_toolkit/``, say) and import
-it from there. docs/toolkit.md has the examples and the wire format.
+carry a copy as a package of its own (``python -m superagent.toolkit APP_DIR`` writes
+``APP_DIR/superagent_toolkit/``) and import it from there. docs/toolkit.md has the
+examples and the wire format.
 """
 
 from __future__ import annotations

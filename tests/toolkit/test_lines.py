@@ -255,3 +255,28 @@ def test_the_import_contract_forbids_every_other_module() -> None:
                 if (p.suffix == ".py" and p.stem != "__init__" and p.stem != "__main__")
                 or (p.is_dir() and (p / "__init__.py").exists())}
     assert set(contract["forbidden_modules"]) == siblings - {"superagent.toolkit"}
+
+
+def test_vendor_copies_the_modules_into_an_app(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "superagent_toolkit").mkdir()
+    (app / "superagent_toolkit" / "lines.py").write_text("stale")
+    done = subprocess.run([sys.executable, "-m", "superagent.toolkit", str(app)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    copied = {p.name for p in (app / "superagent_toolkit").iterdir()}
+    assert copied == {p.name for p in TOOLKIT.glob("*.py")} - {"__main__.py"}
+    assert (app / "superagent_toolkit" / "lines.py").read_text() == (
+        TOOLKIT / "lines.py").read_text()
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import superagent_toolkit"
+    subprocess.run([sys.executable, "-I", "-c", code, str(app)], check=True, timeout=60)
+
+
+def test_vendor_refuses_a_missing_directory(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "superagent.toolkit", str(tmp_path / "no")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    message = f"python -m superagent.toolkit: {tmp_path / 'no'}: not a directory"
+    assert done.stderr.strip() == message
+    assert "Traceback" not in done.stderr
