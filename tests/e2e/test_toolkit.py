@@ -11,7 +11,6 @@ echoed on the response the proxy relays.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from superagent import toolkit
+from superagent.toolkit.__main__ import vendor
 from tests.e2e.embedded import REQUEST_TIMEOUT, Cluster, running_cluster
 from tests.participant.children import child_python
 from tests.support.wait import wait_until_async
@@ -62,8 +61,8 @@ async def cluster() -> AsyncIterator[Cluster]:
 
 
 def write_app(dest: Path) -> Path:
-    shutil.copytree(Path(toolkit.__file__).parent, dest / "superagent_toolkit",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    dest.mkdir(parents=True)
+    vendor(dest)
     (dest / "app.py").write_text(APP)
     (dest / "superagent.toml").write_text(
         f'[app]\nname = "orders"\n[run]\ncommand = "{child_python()} app.py"\n'

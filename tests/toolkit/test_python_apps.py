@@ -10,7 +10,6 @@ iterated, after the app returned. In-process tests cover the middlewares' edge c
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from superagent import toolkit
+from superagent.toolkit.__main__ import vendor
 from tests.toolkit.servers import Served, check_together, served
 
 ASGI_APP = '''\
@@ -156,8 +156,8 @@ def asgi_app(tmp_path: Path) -> Any:
 @pytest.fixture
 def wsgi_app(tmp_path: Path) -> Any:
     script = tmp_path / "app" / "wsgi_app.py"
-    shutil.copytree(Path(toolkit.__file__).parent, script.parent / "superagent_toolkit",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    script.parent.mkdir()
+    vendor(script.parent)
     script.write_text(WSGI_APP)
     with served("wsgi-app", tmp_path / "wsgi.log",
                 [sys.executable, "-I", str(script)]) as app:
