@@ -647,20 +647,19 @@ async def test_an_autoscaled_app_follows_its_load_up_and_down_without_flapping(
                 seen.append(total)
             await trio.sleep(0.5)
 
-    async with s.running():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            await s.until(lambda: sum(s.counts().values()) == 1, "the min instance")
-            s.load["hello"] = 20.0
-            await s.until(lambda: sum(s.counts().values()) == 4 and not s.fake.hold,
-                          "4 instances for a load of 20")
-            await trio.sleep(120)  # the load holds: nothing more moves
-            assert sum(s.counts().values()) == 4
-            peak = len(seen)
-            s.load["hello"] = 0.0
-            await s.until(lambda: sum(s.counts().values()) == 1, "back to min",
-                          timeout=600)
-            nursery.cancel_scope.cancel()
+    async with s.running(), trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await s.until(lambda: sum(s.counts().values()) == 1, "the min instance")
+        s.load["hello"] = 20.0
+        await s.until(lambda: sum(s.counts().values()) == 4 and not s.fake.hold,
+                      "4 instances for a load of 20")
+        await trio.sleep(120)  # the load holds: nothing more moves
+        assert sum(s.counts().values()) == 4
+        peak = len(seen)
+        s.load["hello"] = 0.0
+        await s.until(lambda: sum(s.counts().values()) == 1, "back to min",
+                      timeout=600)
+        nursery.cancel_scope.cancel()
     up, down = seen[:peak], seen[peak - 1:]
     assert up == sorted(up) and down == sorted(down, reverse=True), seen
     decisions = [e["outcome"] for e in s.host.state.audit if e["type"] == "autoscale"]
