@@ -80,8 +80,11 @@ def _scale_text(app: dict[str, Any]) -> str | None:
     if not scale:
         return None
     groups = ",".join(scale["groups"])
+    auto = scale.get("auto")
     text = (f"{scale['instances']} in {groups}" if scale.get("instances") is not None
             else f"{scale['per_node']}/node in {groups}")
+    if auto is not None:
+        text += f" (auto {auto['min']}-{auto['max']})"
     return text + (" (scaling)" if app.get("scaling") else "")
 
 
@@ -109,6 +112,18 @@ def _nodes(args: argparse.Namespace) -> int:
 
 def _apps(args: argparse.Namespace) -> int:
     return emit(args, client_of(args).get("/api/v1/apps"), render_apps)
+
+
+def render_audit(doc: dict[str, Any]) -> str:
+    rows = [(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])), e["actor"],
+             e["type"], e["target"], e["outcome"]) for e in doc["audit"]]
+    return table(rows, ("AT", "ACTOR", "COMMAND", "TARGET", "OUTCOME")) if rows else (
+        "no audit entries")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    return emit(args, client_of(args).get(f"/api/v1/audit?limit={args.limit}"),
+                render_audit)
 
 
 def render_instances(nodes: dict[str, Any], apps: dict[str, Any]) -> str:
@@ -384,6 +399,12 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
         add_common(parser)
         parser.set_defaults(func=func)
         parsers[name] = parser
+    audit = sub.add_parser("audit", help="who did what, newest first (deploys, scalings,"
+                                         " autoscaler decisions with their inputs, ...)")
+    audit.add_argument("--limit", type=int, default=50, metavar="N",
+                       help="entries to show (default 50)")
+    add_common(audit)
+    audit.set_defaults(func=_audit)
     deploy = sub.add_parser("deploy", help="pack a directory, upload it as a release and"
                                            " roll it out")
     deploy.add_argument("path", help="the app's source directory (with superagent.toml or a"
