@@ -21,6 +21,7 @@ from superagent.names import group_name_problem
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
+MAX_DRAIN_WAIT = 3600.0  # a drain wait beyond an hour is a typo
 
 
 def _proxy(args: argparse.Namespace) -> int:
@@ -172,11 +173,13 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise SuperagentError(f"--api-url {args.api_url!r} must start with http:// or https://")
     if args.node_timeout <= 0:
         raise SuperagentError("--node-timeout must be positive")
+    if not 0 <= args.drain_wait <= MAX_DRAIN_WAIT:
+        raise SuperagentError(f"--drain-wait must be 0..{MAX_DRAIN_WAIT:g} seconds")
     config = CoordinatorConfig(
         id=args.id, peers=peers, api=parse_address(args.api, source="--api", key=args.api),
         data_dir=Path(args.data_dir).resolve(), secret=_secret(args), api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
-        node_timeout=args.node_timeout)
+        node_timeout=args.node_timeout, drain_wait=args.drain_wait)
     _serve_until_signal(Coordinator(config).run)
     return 0
 
@@ -275,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the first leader writes the admin token it creates (0600)")
     coord.add_argument("--node-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="a participant silent this long is marked down (default 10)")
+    coord.add_argument("--drain-wait", type=float, default=5.0, metavar="SECONDS",
+                       help="a draining node keeps its instances this long, so the front load"
+                            " balancer takes it out first (default 5)")
     coord.set_defaults(func=_coordinator)
 
     from superagent.client_cli import add_client_commands

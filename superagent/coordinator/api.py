@@ -83,6 +83,7 @@ from superagent.coordinator.api_fleet import (
     get_node,
     label_node,
     list_nodes,
+    now,
     reported,
     scale_app,
 )
@@ -92,12 +93,14 @@ from superagent.coordinator.auth import bearer, is_secret
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
     BadArchive,
+    Conflict,
     CoordinatorError,
     Forbidden,
     NoLeader,
     UnknownNode,
 )
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
+from superagent.coordinator.reconcile_view import still_on
 from superagent.coordinator.state import ClusterState
 from superagent.errors import CodecError, ConfigError
 from superagent.jsonbody import field, parse_json, read_body
@@ -407,14 +410,40 @@ async def heartbeat(request: Request, ctx: Context) -> Response:
     return JSONResponse({"ok": True})
 
 
+def _still_on(c: ApiHost, node: str) -> dict[str, Any]:
+    """What still runs on (or is placed on) ``node``, as this leader knows it."""
+    found: dict[str, Any] | None = c.read(lambda s: still_on(s, node, c.liveness, now()))
+    if found is None:
+        raise UnknownNode(node)
+    return found
+
+
+async def node_running(request: Request, ctx: Context) -> Response:
+    """What still runs on a node: a drain is over when both lists are empty."""
+    c = ctx.coordinator
+    if not c.is_leader():  # the heartbeats are in the leader's memory
+        return await forward(request, ctx)
+    return JSONResponse(_still_on(c, request.path_params["node"]))
+
+
 async def node_lifecycle(request: Request, ctx: Context) -> Response:
-    """drain / offline / online: commit the lifecycle, then tell the participant."""
+    """drain / offline / online: commit the lifecycle, then tell the participant. A node
+    goes offline only once nothing runs or is placed on it (409 naming what does)."""
     c = ctx.coordinator
     node, action = request.path_params["node"], request.path_params["action"]
     target = {"drain": "draining", "offline": "offline", "online": "online"}.get(action)
     if target is None:
         return error(404, "unknown_action", f"no node action {action!r}:"
                                             " use drain, offline or online")
+    if target == "offline":
+        if not c.is_leader():  # the heartbeats are in the leader's memory
+            return await forward(request, ctx)
+        left = _still_on(c, node)
+        if left["lifecycle"] == "draining" and (left["instances"] or left["placed"]):
+            what = left["instances"] or [f"{app} ({n} placed)"
+                                         for app, n in left["placed"].items()]
+            raise Conflict(f"node {node} still runs {', '.join(what)}: wait until its drain"
+                           f" is over (superagent drain {node} follows it)")
     command = c.command(cmd.SetNodeLifecycle, actor=ctx.actor, key=idempotency_key(request),
                         node=node, lifecycle=target)
     result = await c.submit(command)
@@ -522,6 +551,9 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("POST", "/api/v1/nodes/{node}/groups", "token",
              "Label a node with groups ({\"groups\": [...]}); they win over its own",
              label_node, body=LABEL_BODY, permission=perm.NODES_WRITE),
+    Endpoint("GET", "/api/v1/nodes/{node}/running", "token",
+             "What still runs or is placed on a node (a drain is over when nothing is)",
+             node_running, permission=perm.NODES_READ),
     Endpoint("POST", "/api/v1/nodes/{node}/{action}", "token",
              "Set a node's lifecycle: drain, offline or online", node_lifecycle,
              permission=perm.NODES_WRITE),

@@ -372,9 +372,12 @@ class ClusterState:
                            " waits for it", app=c.app)
         before = self.effective_scale(c.app)["instances"]
         app.auto_instances = c.instances
-        return ({"ok": True, "app": c.app, "instances": c.instances},
-                f"{before} -> {c.instances} instances: {c.reason}" if c.reason
-                else f"{before} -> {c.instances} instances")
+        outcome = f"{before} -> {c.instances} instances"
+        if c.reason:
+            outcome += f": {c.reason}"
+        if c.inputs:
+            outcome += f" (inputs {canonical_json(c.inputs)})"
+        return {"ok": True, "app": c.app, "instances": c.instances}, outcome
 
     def _running_deploys(self, app: str) -> list[str]:
         return [d.deploy_id for d in self.deploys.values() if d.app == app and d.running]

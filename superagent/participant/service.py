@@ -61,6 +61,7 @@ from superagent.participant.errors import (
     CoordinatorError,
     InstanceNotReady,
     ParticipantError,
+    StartFailed,
     SupervisorError,
     UnknownInstance,
     UnknownRelease,
@@ -146,6 +147,7 @@ class Agent:
         # dies right after its switch costs no request, and no coordinator round trip)
         self.standby: dict[str, list[str]] = {}
         self.is_offline = False
+        self.closing = False  # stop_all began: no more starts
         # a request is traced when its own timestamp falls in its app's window, however
         # late the proxy's batched record is read (see debug.sessions)
         self.debug_sessions = DebugSessions()
@@ -221,7 +223,10 @@ class Agent:
             await trio.sleep_forever()
 
     async def stop_all(self) -> None:
-        """Stop every instance (draining first) and the proxy workers: the node goes away."""
+        """Stop every instance (draining first) and the proxy workers: the node goes away.
+        From now on a start is refused: the coordinators' reconciler, seeing the instances
+        go, would otherwise start new ones that outlive the agent."""
+        self.closing = True
         await self.proxy.set_offline(True)
         if self.instances:
             await self.stop(list(self.instances), None)
@@ -454,6 +459,9 @@ class Agent:
         settled; the ones that did come up keep running (the coordinator reads them from
         ``status`` and stops them)."""
         assert self._nursery is not None
+        if self.closing:
+            raise StartFailed("the agent is shutting down and stops its apps",
+                              returncode=None, app=app, release=release)
         prepared = self.store.get(app, release)
         user = await self._user(app)
         switched = user if user is not None and user.switched else None
