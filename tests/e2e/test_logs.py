@@ -25,6 +25,7 @@ import httpx
 import pytest
 import trio
 
+from superagent.coordinator import api_logs
 from tests.e2e.embedded import Cluster, running_cluster
 from tests.e2e.logapp import write_log_app
 from tests.support.wait import wait_until_async
@@ -198,9 +199,17 @@ def keys(events: list[tuple[str, dict[str, Any], str | None]]) -> list[tuple[str
 
 
 async def test_follow_resumes_without_duplicates_and_survives_a_slow_reader(
-        cluster: Cluster) -> None:
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_logs, "KEEPALIVE", 0.3)  # the embedded coordinator is in-process
     await deploy(cluster, per_node=1)
     url = f"/api/v1/apps/{APP}/logs"
+    async with cluster.api.stream("GET", url, params={"follow": "1", "n": "1",
+                                                      "grep": "nothing matches this"},
+                                  timeout=None) as response:
+        with trio.fail_after(10.0):  # a quiet stream still says it is alive
+            async for raw in response.aiter_lines():
+                if raw == ": keep-alive":
+                    break
     first: list[tuple[str, dict[str, Any], str | None]] = []
     async with trio.open_nursery() as nursery, cluster.api.stream(
             "GET", url, params={"follow": "1", "n": "5"}, timeout=None) as response:
