@@ -264,8 +264,10 @@ def notice(kind: str, doc: dict[str, Any]) -> None:
               f"{clean(str(doc.get('source')), 80)} missing: "
               f"{clean(str(doc.get('reason')), 300)}", file=sys.stderr, flush=True)
     elif kind == "dropped":
+        lost = (f"; {doc['events_lost']} gap or node notice(s) lost too"
+                if doc.get("events_lost") else "")
         print(f"-- dropped {doc.get('dropped')} line(s) (reading too slowly or over the"
-              f" stream's rate; {doc.get('total')} in all)", file=sys.stderr, flush=True)
+              f" stream's rate; {doc.get('total')} in all{lost})", file=sys.stderr, flush=True)
     elif kind == "node":
         state = doc.get("state")
         detail = f": {clean(str(doc.get('error')), 300)}" if doc.get("error") else ""

@@ -20,7 +20,10 @@ heartbeats report an instance of it — through the coordinator's own participan
   machine is lost or followed again, and ``: keep-alive`` comments every ``KEEPALIVE``
   seconds of quiet. One task per node follows that node's NDJSON stream, and follows it
   again (with backoff) when it ends: a participant restart is a reconnection, and the
-  tail the participant repeats is suppressed by the ``logstream.Tracker``. A client
+  tail the participant repeats is suppressed by the ``logstream.Tracker``. ``SETTLE``
+  seconds after each (re)connection the node's buffered lines are read once more
+  through the tracker: a participant takes the tail it sends before it subscribes to
+  new lines, and a line read in between would otherwise be in neither. A client
   that reconnects with ``Last-Event-ID`` (to this or any other coordinator, e.g. after a
   leader change) gets no backlog, only what follows its cursor. The node tasks never
   wait for the client: they put events in a bounded queue (``QUEUE``) with
@@ -76,6 +79,7 @@ QUEUE = 1000  # events queued for one subscriber before new lines are dropped
 WRITE_BATCH = 200  # queued events sent in one write (one chunk, one syscall)
 NODES_REFRESH = 2.0  # seconds between looks at which nodes run the app
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds before following a lost node again (doubling)
+SETTLE = 0.5  # seconds after a node's stream starts before its buffers are read once more
 RECENT_DEPLOYS = 3  # an app's deploys whose nodes are asked too (see app_nodes)
 KEEP_RELEASES = 5  # recent releases whose [env] values are hidden too (older lines)
 Write = Callable[[bytes], Awaitable[None]]
@@ -191,16 +195,19 @@ class _Drops:
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {"rate": 0, "queue": 0}
+        self.events = 0  # gap and node events lost to a full queue
         self._reported = dict(self.counts)
+        self._events_reported = 0
 
     def news(self) -> dict[str, Any] | None:
         fresh = {k: v - self._reported[k] for k, v in self.counts.items()
                  if v > self._reported[k]}
-        if not fresh:
+        events = self.events - self._events_reported
+        if not fresh and not events:
             return None
-        self._reported = dict(self.counts)
+        self._reported, self._events_reported = dict(self.counts), self.events
         return {"dropped": sum(fresh.values()), "by_reason": fresh,
-                "total": sum(self.counts.values())}
+                "total": sum(self.counts.values()), "events_lost": events}
 
 
 async def follow(c: ApiHost, query: LogQuery, cursor: Cursor | None, write: Write) -> None:
@@ -235,7 +242,8 @@ async def follow(c: ApiHost, query: LogQuery, cursor: Cursor | None, write: Writ
         except trio.WouldBlock:
             if line:
                 drops.counts["queue"] += 1
-            # a gap or node event lost to a full queue: the drop count says lines went
+            else:
+                drops.events += 1
 
     def take(line: LogLine) -> None:
         new, gap = tracker.admit(line)
@@ -246,7 +254,8 @@ async def follow(c: ApiHost, query: LogQuery, cursor: Cursor | None, write: Writ
         if not limit.take(time.monotonic()):
             drops.counts["rate"] += 1
             return
-        offer(event("line", hide(line_doc(line)), event_id=encode_id(tracker.cursor())), line=True)
+        offer(event("line", hide(line_doc(line)), event_id=encode_id(tracker.cursor())),
+              line=True)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_nodes, c, query, nodes, take, offer)
@@ -294,30 +303,42 @@ async def _follow_node(c: ApiHost, query: LogQuery, node: str, address: str,
     wanted = query.participant_query(n=TAIL_FETCH)
     backoff, lost = RETRY_MIN, False
     with scope:
-        while True:
-            try:
-                async for doc in reader(c).follow(address, wanted):
-                    if lost:
-                        offer(event("node", {"node": node, "state": "following"}), line=False)
-                        lost, backoff = False, RETRY_MIN
-                    if doc.get("type") == DROPPED_NOTE:
-                        # the participant's queue for us overflowed (a burst): what its
-                        # buffers still hold is fetched now, the rest becomes a gap event
-                        await _catch_up(c, query, node, address, take)
-                        continue
-                    line = from_participant(doc, node)
-                    if line is not None:
-                        take(line)
-                problem = "the participant ended the stream"
-            except RpcError as exc:
-                problem = str(exc)
-            if not lost:
-                lost = True
-                offer(event("node", {"node": node, "state": "lost", "error": problem}),
-                      line=False)
-                log.info("log stream of a node lost", node=node, error=problem)
-            await trio.sleep(backoff)
-            backoff = min(RETRY_MAX, backoff * 2)
+        async with trio.open_nursery() as nursery:
+            while True:
+                nursery.start_soon(_settle, c, query, node, address, take)
+                try:
+                    async for doc in reader(c).follow(address, wanted):
+                        if lost:
+                            offer(event("node", {"node": node, "state": "following"}),
+                                  line=False)
+                            lost, backoff = False, RETRY_MIN
+                        if doc.get("type") == DROPPED_NOTE:
+                            # the participant's queue for us overflowed (a burst): what
+                            # its buffers still hold is fetched now, the rest is a gap
+                            await _catch_up(c, query, node, address, take)
+                            continue
+                        line = from_participant(doc, node)
+                        if line is not None:
+                            take(line)
+                    problem = "the participant ended the stream"
+                except RpcError as exc:
+                    problem = str(exc)
+                if not lost:
+                    lost = True
+                    offer(event("node", {"node": node, "state": "lost", "error": problem}),
+                          line=False)
+                    log.info("log stream of a node lost", node=node, error=problem)
+                await trio.sleep(backoff)
+                backoff = min(RETRY_MAX, backoff * 2)
+
+
+async def _settle(c: ApiHost, query: LogQuery, node: str, address: str,
+                  take: Callable[[LogLine], None]) -> None:
+    """Shortly after a node's stream (re)started, read its buffered lines through the
+    tracker: a participant takes the tail it sends before it subscribes to new lines, so
+    a line read in between would be in neither (what the stream sent is dropped as seen)."""
+    await trio.sleep(SETTLE)
+    await _catch_up(c, query, node, address, take)
 
 
 async def _catch_up(c: ApiHost, query: LogQuery, node: str, address: str,

@@ -233,8 +233,10 @@ async def test_follow_resumes_without_duplicates_and_survives_a_slow_reader(
             timeout=None) as response:
         assert response.status_code == 200
         nursery.start_soon(read_events, response, second)
-        await wait_until_async(lambda: sum(d.get("request_id") == "b4" for _, d, _ in second),
-                               "the line of b4 streamed after the resumption")
+        await wait_until_async(lambda: [(k, d.get("request_id"), d.get("seq"), d.get("missing"))
+                                        for k, d, _ in second],
+                               "the line of b4 streamed after the resumption",
+                               until=lambda got: any(rid == "b4" for _, rid, _, _ in got))
         nursery.cancel_scope.cancel()
     assert ("open", {"app": APP, "nodes": [cluster.embedded.agent.config.node],
                      "resumed": True}, None) in second
