@@ -153,8 +153,9 @@ def _label(args: argparse.Namespace) -> int:
                 + ("" if d.get("changed", True) else " (unchanged)"))
 
 
-def add_scale_commands(sub: Any, nodes: argparse.ArgumentParser) -> None:
-    """``scale`` on the top level, ``label`` under the ``nodes`` parser."""
+def add_scale_commands(sub: Any, nodes: argparse.ArgumentParser) -> Any:
+    """``scale`` on the top level, ``label`` under the ``nodes`` parser; returns the
+    ``nodes`` parser's sub-commands, for other modules to add theirs."""
     scale = sub.add_parser("scale", help="change how many instances of an app run, and where")
     scale.add_argument("app")
     scale.add_argument("--per-node", type=int, metavar="K",
@@ -175,3 +176,4 @@ def add_scale_commands(sub: Any, nodes: argparse.ArgumentParser) -> None:
                        help="the node's machine groups, comma-separated")
     add_common(label, nested=True)
     label.set_defaults(func=_label)
+    return nested

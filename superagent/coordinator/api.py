@@ -3,9 +3,14 @@
 Authentication, by route (``ROUTES`` is the table, and the OpenAPI document is built from it):
 
 - ``admin``: ``Authorization: Bearer <API token>``; the token's name is the audit log's actor.
-- ``secret``: the cluster secret, for participants and peer coordinators.
-- ``any``: either of the two (participants and operators both fetch artifacts).
+- ``secret``: the coordinators' secret, for peer coordinators only.
+- ``node``: a participant's machine credential, for its own node only.
+- ``any``: an API token, or a machine credential for the artifacts of its own apps.
+- ``join``: a join token (enrolment).
 - ``none``: ``/healthz``, ``/metrics`` and the OpenAPI document.
+
+``auth.authenticate_machine`` decides everything but API tokens: a machine credential is
+refused with 403 outside its scope and 401 everywhere once revoked.
 
 Errors are JSON ``{"error": code, "detail": message}`` with the status the error names;
 a missing or wrong credential is a 401 before anything else is looked at. Every response
@@ -64,7 +69,14 @@ from superagent.coordinator.api_fleet import (
     reported,
     scale_app,
 )
-from superagent.coordinator.auth import bearer, is_secret, token_name
+from superagent.coordinator.api_trust import (
+    ENROL_BODY,
+    JOIN_TOKEN_BODY,
+    create_join_token,
+    enrol_node,
+    revoke_node,
+)
+from superagent.coordinator.auth import authenticate_machine, bearer, token_name
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
     CoordinatorError,
@@ -93,7 +105,7 @@ Handler = Callable[[Request, "Context"], Awaitable[Response]]
 class Endpoint:
     method: str
     path: str
-    auth: str  # admin | secret | any | none
+    auth: str  # admin | secret | node | any | join | none
     summary: str
     handler: Handler
     status: int = 200  # the success status, for the OpenAPI document
@@ -339,6 +351,9 @@ async def register_node(request: Request, ctx: Context) -> Response:
         return await forward(request, ctx)
     body = await read_json(request)
     node = field(body, "node", str, error=bad_request)
+    if ctx.actor.startswith("node:") and ctx.actor != f"node:{node}":
+        return error(403, "forbidden", f"this credential is {ctx.actor}'s: it cannot"
+                                       f" register node {node!r}")
     command = c.command(cmd.RegisterNode, actor=f"node:{node}", node=node,
                         address=field(body, "address", str, error=bad_request),
                         groups=tuple(field(body, "groups", list, error=bad_request,
@@ -454,13 +469,21 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/nodes", "admin",
              "Participants: groups, lifecycle, liveness, capacity, instances",
              list_nodes),
-    Endpoint("POST", "/api/v1/nodes/register", "secret", "A participant joins", register_node),
+    Endpoint("POST", "/api/v1/nodes/register", "node", "A participant joins", register_node),
+    Endpoint("POST", "/api/v1/nodes/enrol", "join",
+             "A machine exchanges a join token for its credential (bearer: the join token)",
+             enrol_node, body=ENROL_BODY),
+    Endpoint("POST", "/api/v1/nodes/join-tokens", "admin",
+             "Make a join token (shown once): {\"expires\": \"1h\", \"uses\": 1,"
+             " \"node\": optional}", create_join_token, 201, JOIN_TOKEN_BODY),
     Endpoint("GET", "/api/v1/nodes/{node}", "admin", "One participant", get_node),
-    Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "secret",
+    Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "node",
              "A participant's heartbeat", heartbeat),
     Endpoint("POST", "/api/v1/nodes/{node}/groups", "admin",
              "Label a node with groups ({\"groups\": [...]}); they win over its own",
              label_node, body=LABEL_BODY),
+    Endpoint("POST", "/api/v1/nodes/{node}/revoke", "admin",
+             "Revoke a node's credential: refused from now on, no more work", revoke_node),
     Endpoint("POST", "/api/v1/nodes/{node}/{action}", "admin",
              "Set a node's lifecycle: drain, offline or online", node_lifecycle),
     Endpoint("GET", "/api/v1/audit", "admin", "The audit log, newest first (?limit=N)", audit),
@@ -488,7 +511,8 @@ def openapi_document() -> dict[str, Any]:
             op["parameters"] = [{"name": p, "in": "path", "required": True,
                                  "schema": {"type": "string"}} for p in params]
         if e.auth != "none":
-            op["security"] = [{"token": []}] if e.auth == "admin" else [{"secret": []}]
+            op["security"] = ([{"token": []}, {"node": []}] if e.auth == "any"
+                              else [{_SCHEMES.get(e.auth, "token"): []}])
             op["responses"]["401"] = {"description": "Missing or invalid credentials"}
         paths.setdefault(e.path, {})[e.method.lower()] = op
     return {
@@ -499,8 +523,15 @@ def openapi_document() -> dict[str, Any]:
             "token": {"type": "http", "scheme": "bearer",
                       "description": "An API token (the admin token is shown at cluster init)"},
             "secret": {"type": "http", "scheme": "bearer",
-                       "description": "The cluster secret (participants, coordinators)"}}},
+                       "description": "The coordinators' secret (peer coordinators only)"},
+            "node": {"type": "http", "scheme": "bearer",
+                     "description": "A participant's machine credential"},
+            "join": {"type": "http", "scheme": "bearer",
+                     "description": "A join token (superagent nodes join-token)"}}},
     }
+
+
+_SCHEMES = {"admin": "token", "secret": "secret", "node": "node", "join": "join"}
 
 
 def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitable[Response]]:
@@ -510,13 +541,12 @@ def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitabl
         if e.auth != "none":
             if e.auth in ("admin", "any"):
                 actor = coordinator.read(lambda s: token_name(credential, s.tokens)) or ""
-            if not actor and e.auth in ("secret", "any") and is_secret(
-                    credential, coordinator.config.secret):
-                actor = "cluster"
             if not actor:
-                return error(401, "unauthorized", "a valid API token is required"
-                             if e.auth != "secret" else "the cluster secret is required",
-                             )
+                machine = authenticate_machine(coordinator, e.auth, request.path_params,
+                                               credential)
+                if not machine.actor:
+                    return error(machine.status, machine.code, machine.detail)
+                actor = machine.actor
         try:
             return await e.handler(request, Context(coordinator, actor))
         except (CoordinatorError, ConfigError) as exc:

@@ -42,6 +42,7 @@ from superagent.coordinator.errors import (
     UnknownRelease,
 )
 from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
+from superagent.coordinator.trust import Trust
 from superagent.errors import ConfigError
 from superagent.manifest import spec_from_json, spec_to_json
 
@@ -129,6 +130,7 @@ class ClusterState:
         self.idempotency: dict[str, dict[str, Any]] = {}  # key -> {fingerprint, result}
         self.tokens: dict[str, dict[str, Any]] = {}  # name -> {sha256, created_at}
         self.coordinators: dict[str, str] = {}  # coordinator id -> API base URL
+        self.trust = Trust()  # join tokens and node credentials (see coordinator.trust)
         self._handlers: dict[type[cmd.Command], Callable[[Any], tuple[Result, str]]] = {
             cmd.CreateApp: self._create_app,
             cmd.UpdateAppSpec: self._update_app_spec,
@@ -147,6 +149,10 @@ class ClusterState:
             cmd.FinishDeploy: self._finish_deploy,
             cmd.AddToken: self._add_token,
             cmd.RegisterCoordinator: self._register_coordinator,
+            # late-bound: from_json replaces ``trust``
+            cmd.AddJoinToken: lambda c: self.trust.add_join_token(c),
+            cmd.EnrolNode: lambda c: self.trust.enrol(c),
+            cmd.RevokeNode: lambda c: self.trust.revoke(c, self.nodes),
         }
 
     def __repr__(self) -> str:
@@ -246,6 +252,7 @@ class ClusterState:
         return {"ok": True, "app": c.app, "release": number}, f"created r{number}"
 
     def _register_node(self, c: cmd.RegisterNode) -> tuple[Result, str]:
+        self.trust.check_not_revoked(c.node)
         node = self.nodes.get(c.node)
         if node is None:
             self.nodes[c.node] = Node(
@@ -270,6 +277,8 @@ class ClusterState:
 
     def _set_up(self, c: cmd.NodeUp | cmd.NodeDown, up: bool) -> tuple[Result, str]:
         node = self._node(c.node)
+        if up:
+            self.trust.check_not_revoked(c.node)
         changed = node.up != up
         node.up = up
         if changed:
@@ -489,6 +498,7 @@ class ClusterState:
             "idempotency": [[k, copy.deepcopy(v)] for k, v in self.idempotency.items()],
             "tokens": copy.deepcopy(self.tokens),
             "coordinators": dict(self.coordinators),
+            **self.trust.to_doc(),
         }
 
     def to_json(self) -> str:
@@ -522,6 +532,7 @@ class ClusterState:
             state.idempotency = {k: v for k, v in doc["idempotency"]}
             state.tokens = doc["tokens"]
             state.coordinators = doc["coordinators"]
+            state.trust = Trust.from_doc(doc)  # absent from states older than trust
         except SnapshotError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -73,5 +73,9 @@ def all_commands() -> list[cmd.Command]:
         cmd.FinishDeploy(**base(), app="hello", deploy_id="d1"),
         cmd.AddToken(**base(), name="admin", sha256=SHA),
         cmd.RegisterCoordinator(**base(), coordinator="c1", api_url="http://127.0.0.1:7100"),
+        cmd.AddJoinToken(**base(), sha256=SHA, expires_at=5000.0),
+        cmd.EnrolNode(**base(), node="n2", join_sha256=SHA,
+                      credential_sha256="b" * 64, signal_key="c" * 64),
+        cmd.RevokeNode(**base(), node="n2"),
         cmd.DeleteApp(**base(), app="hello"),
     ]
