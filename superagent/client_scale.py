@@ -26,6 +26,7 @@ from typing import Any
 
 from superagent.client import Client, ClientError
 from superagent.client_cli import add_common, client_of, emit
+from superagent.manifest import AUTOSCALE_METRICS, describe_scale
 from superagent.names import group_name_problem
 
 SCALE_POLL = 0.5  # seconds between looks at a scaling in progress
@@ -46,28 +47,46 @@ def parse_groups(value: str) -> list[str]:
     return groups
 
 
-def describe_scale(scale: dict[str, Any]) -> str:
-    """ "2 per node in web,api" or "5 instances in web"."""
-    groups = ",".join(scale["groups"])
-    if scale.get("instances") is not None:
-        return f"{scale['instances']} instances in {groups}"
-    return f"{scale['per_node']} per node in {groups}"
-
-
 def scale_body(args: argparse.Namespace) -> dict[str, Any]:
-    """The request body from --per-node / --instances / --groups; raises ClientError."""
-    if (args.per_node is None) == (args.instances is None):
-        raise ClientError("give exactly one of --per-node K (K on every node of the groups)"
-                          " and --instances K (K in total)")
+    """The request body from --per-node / --instances / --auto / --groups; raises
+    ClientError."""
+    if sum(x is not None for x in (args.per_node, args.instances, args.auto)) != 1:
+        raise ClientError("give exactly one of --per-node K (K on every node of the groups),"
+                          " --instances K (K in total) and --auto MIN:MAX (autoscaled)")
+    if (args.target is not None or args.metric is not None) and args.auto is None:
+        raise ClientError("--target and --metric go with --auto MIN:MAX")
     if args.per_node is not None and args.per_node < 0:
         raise ClientError("--per-node must be 0 or more")
     if args.instances is not None and args.instances < 1:
         raise ClientError("--instances must be 1 or more")
-    body: dict[str, Any] = ({"per_node": args.per_node} if args.per_node is not None
-                            else {"instances": args.instances})
+    body: dict[str, Any]
+    if args.auto is not None:
+        body = {"auto": _auto(args.auto, args.target, args.metric)}
+    elif args.per_node is not None:
+        body = {"per_node": args.per_node}
+    else:
+        body = {"instances": args.instances}
     if args.groups is not None:
         body["groups"] = parse_groups(args.groups)
     return body
+
+
+def _auto(bounds: str, target: float | None, metric: str | None) -> dict[str, Any]:
+    """``MIN:MAX`` with --target (required) and --metric as the API's ``auto`` object."""
+    low, sep, high = bounds.partition(":")
+    if not sep or not low.isdigit() or not high.isdigit():
+        raise ClientError(f"--auto takes MIN:MAX, e.g. 2:10, not {bounds!r}")
+    if int(low) > int(high) or int(high) < 1:
+        raise ClientError(f"--auto {bounds}: MIN must not be above MAX, and MAX at least 1")
+    if target is None:
+        raise ClientError("--auto needs --target N: the in-flight requests (or, with"
+                          " --metric cpu, the cores) one instance should carry")
+    if not target > 0:
+        raise ClientError("--target must be above 0")
+    auto: dict[str, Any] = {"min": int(low), "max": int(high), "target": target}
+    if metric is not None:
+        auto["metric"] = metric
+    return auto
 
 
 def node_counts(view: dict[str, Any]) -> dict[str, str]:
@@ -162,6 +181,12 @@ def add_scale_commands(sub: Any, nodes: argparse.ArgumentParser) -> Any:
                        help="K instances on every eligible node of the groups")
     scale.add_argument("--instances", type=int, metavar="K",
                        help="K instances in total, spread over the eligible nodes")
+    scale.add_argument("--auto", metavar="MIN:MAX",
+                       help="autoscale between MIN and MAX instances in total")
+    scale.add_argument("--target", type=float, metavar="N",
+                       help="with --auto: the load one instance should carry")
+    scale.add_argument("--metric", choices=AUTOSCALE_METRICS,
+                       help="with --auto: in_flight requests (default) or cpu cores")
     scale.add_argument("--groups", metavar="A,B",
                        help="machine groups the app runs in (default: its current ones)")
     scale.add_argument("--no-follow", action="store_true",

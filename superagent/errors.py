@@ -51,3 +51,22 @@ class CodecError(SuperagentError, ValueError):
     def top(self) -> str:
         """The top-level field the error is in (``steps`` for ``steps[1].node``)."""
         return self.field.split(".", 1)[0].split("[", 1)[0]
+
+
+class ArchiveRefused(SuperagentError):
+    """A release archive breaks a rule of ``superagent.tarcheck``.
+
+    ``member`` names the offending entry ("" when the archive as a whole is at fault),
+    ``reason`` says what is wrong with it. The coordinator answers it at upload with a 400
+    and the participant at prepare; each translates it into its own error class.
+    """
+
+    def __init__(self, reason: str, *, member: str = "") -> None:
+        self.reason = reason
+        self.member = member
+        super().__init__(f"archive member {member!r}: {reason}" if member
+                         else f"archive: {reason}")
+
+
+class ArchiveOverLimit(ArchiveRefused):
+    """The archive is over the member-count, unpacked-size or compression-ratio limit."""

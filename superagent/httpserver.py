@@ -3,18 +3,33 @@
 The proxy's admin API and the agent's RPC both use this; bind errors surface as
 ``ConfigError`` naming the address before hypercorn starts, so a taken port is a
 one-line startup error rather than a traceback from deep inside the server.
+``allowed_methods`` is the ``Allow`` header both apps send with a 405.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import trio
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Scope
 
 from superagent.errors import ConfigError
 
 GRACEFUL_TIMEOUT = 1.0  # internal APIs: open requests get this long when the server stops
+
+
+def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> list[str]:
+    """Every method some route of ``routes`` takes on the request's path (for ``Allow``)."""
+    allowed: set[str] = set()
+    for route in routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:
+                allowed |= route.methods
+    return sorted(allowed)
 
 
 def check_bindable(address: tuple[str, int], *, source: str = "", key: str = "") -> None:

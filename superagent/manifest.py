@@ -46,6 +46,7 @@ RESERVED_ENV_PREFIX = "SUPERAGENT_"  # the agent sets SUPERAGENT_APP, _RELEASE, 
 MIN_MEMORY = 4 * 1024**2  # below this not even a bare interpreter starts; a typo like "256K"
 MAX_CPU = 64.0  # cores; more is a typo (cpu = 500 meaning 500 millicores)
 MAX_PER_NODE = 64  # instances of one app on one machine; more is a typo, not a plan
+AUTOSCALE_METRICS = ("in_flight", "cpu")  # what [scale] target is per instance of
 MAX_INSTANCES = 10_000  # instances of one app in the whole cluster (a node takes 10,000 at most)
 MIN_NOFILE = 64  # an interpreter with a listening socket and a few imports needs this many
 MAX_NOFILE = 1024**2  # the Linux default fs.nr_open; setrlimit fails above it
@@ -123,12 +124,27 @@ class ScaleSpec:
     ``per_node`` does not apply when ``instances`` is set; it is then kept at its default
     (also when the spec is built directly), so the JSON round trip stays lossless.
     ``idle_timeout`` > 0 scales to zero after that many idle seconds; 0 never does.
+    With ``min``/``max`` set the app is autoscaled: between ``min`` and ``max`` instances
+    in total, aiming at ``target`` per instance of ``metric`` (``in_flight`` requests, or
+    ``cpu`` cores); ``instances`` and ``per_node`` then do not apply.
     """
 
     groups: tuple[str, ...] = ("default",)
     per_node: int = 1
     instances: int | None = None
     idle_timeout: float = 0.0
+    min: int | None = None
+    max: int | None = None
+    target: float | None = None
+    metric: str = "in_flight"
+
+    @property
+    def auto(self) -> dict[str, Any] | None:
+        """The autoscaling policy as the coordinator stores it, or None."""
+        if self.min is None or self.max is None or self.target is None:
+            return None
+        return {"min": self.min, "max": self.max, "target": self.target,
+                "metric": self.metric}
 
     def __post_init__(self) -> None:
         if self.instances is not None and self.per_node != 1:
@@ -330,9 +346,39 @@ def _read_scale(table: Table) -> ScaleSpec:
         per_node=table.integer("per_node", d.per_node, minimum=0, maximum=MAX_PER_NODE),
         instances=instances,
         idle_timeout=table.duration("idle_timeout", d.idle_timeout),
+        **_read_autoscale(table),
     )
     table.done()
     return spec
+
+
+def _read_autoscale(table: Table) -> dict[str, Any]:
+    """``min``, ``max``, ``target``, ``metric``: all of min/max/target, or none of them."""
+    keys = ("min", "max", "target", "metric")
+    given = [key for key in keys if table.has(key)]
+    if not given:
+        return {}
+    for key in ("min", "max", "target"):
+        if not table.has(key):
+            raise table.error(key, f"is required with {', '.join(given)}: autoscaling needs"
+                                   " min, max and target")
+    for other in ("instances", "per_node"):
+        if table.has(other):
+            raise table.error(other, "does not apply to an autoscaled app (min/max set):"
+                                     " remove it")
+    low = table.integer("min", minimum=0, maximum=MAX_INSTANCES)
+    high = table.integer("max", minimum=1, maximum=MAX_INSTANCES)
+    if low > high:
+        raise table.error("min", f"must not be above max ({low} > {high})")
+    target = table.raw("target")
+    if isinstance(target, bool) or not isinstance(target, int | float) or not (
+            0 < target < float("inf")):
+        raise table.error("target", f"must be a positive number per instance, not {target!r}")
+    metric = table.raw("metric", "in_flight")
+    if metric not in AUTOSCALE_METRICS:
+        raise table.error("metric", f"must be one of {', '.join(AUTOSCALE_METRICS)},"
+                                    f" not {metric!r}")
+    return {"min": low, "max": high, "target": float(target), "metric": metric}
 
 
 def _read_limits(table: Table) -> LimitsSpec:
@@ -503,11 +549,27 @@ def spec_to_json(spec: AppSpec) -> dict[str, Any]:
     }
 
 
+def describe_scale(scale: Mapping[str, Any]) -> str:
+    """A scale document (``ClusterState.effective_scale``, the API's ``scale``) in words:
+    "2 per node in web,api", "5 instances in web" or "1-8 instances in web, autoscaled to
+    10 in_flight per instance"."""
+    groups = ",".join(scale["groups"])
+    auto = scale.get("auto")
+    if auto is not None:
+        return (f"{auto['min']}-{auto['max']} instances in {groups}, autoscaled to"
+                f" {auto['target']:g} {auto['metric']} per instance")
+    if scale.get("instances") is not None:
+        return f"{scale['instances']} instances in {groups}"
+    return f"{scale['per_node']} per node in {groups}"
+
+
 def _scale_json(s: ScaleSpec) -> dict[str, Any]:
     # per_node and instances exclude each other in a manifest, so only the one that applies
     # is written; a spec without instances keeps the document older coordinators wrote.
     doc: dict[str, Any] = {"groups": list(s.groups), "idle_timeout": s.idle_timeout}
-    if s.instances is None:
+    if s.auto is not None:
+        doc.update(s.auto)
+    elif s.instances is None:
         doc["per_node"] = s.per_node
     else:
         doc["instances"] = s.instances

@@ -41,9 +41,10 @@ import pathspec
 
 from superagent.errors import SuperagentError
 from superagent.manifest import MANIFEST, PROCFILE, load_manifest
+from superagent.tarcheck import MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES
 
-MAX_PACK_BYTES = 512 * 1024**2  # the participant's MAX_ARCHIVE_BYTES: more would be refused there
-MAX_PACK_FILES = 20_000  # the participant's MAX_ARCHIVE_FILES, counted the same way (all members)
+MAX_PACK_BYTES = MAX_ARCHIVE_BYTES  # more would be refused at upload (superagent.tarcheck)
+MAX_PACK_FILES = MAX_ARCHIVE_FILES  # counted the same way (all members)
 IGNORE_FILES = (".gitignore", ".superagentignore")  # read in this order; later rules win
 # Never deployed, whatever the ignore files say: history, caches and environments the
 # build recreates, and the agent's own state.

@@ -471,6 +471,15 @@ def test_bad_routes(values: dict[str, Any], key: str, fragment: str) -> None:
         ({"instances": 10_001}, "scale.instances", "at most 10000"),
         ({"instances": "3"}, "scale.instances", "expected an integer"),
         ({"instances": 3, "per_node": 1}, "scale.instances", "not both"),
+        ({"min": 1, "max": 3}, "scale.target", "required with min, max"),
+        ({"target": 5}, "scale.min", "required with target"),
+        ({"min": 4, "max": 3, "target": 5}, "scale.min", "not be above max"),
+        ({"min": 1, "max": 3, "target": 0}, "scale.target", "positive number"),
+        ({"min": 1, "max": 3, "target": "5"}, "scale.target", "positive number"),
+        ({"min": 1, "max": 3, "target": 5, "metric": "rps"}, "scale.metric", "in_flight, cpu"),
+        ({"min": 1, "max": 3, "target": 5, "instances": 2}, "scale.instances", "autoscaled"),
+        ({"min": 1, "max": 3, "target": 5, "per_node": 2}, "scale.per_node", "autoscaled"),
+        ({"min": 1, "max": 0, "target": 5}, "scale.max", "at least 1"),
         ({"idle_timeout": "-1s"}, "scale.idle_timeout", "expected a duration"),
         ({"idle_timeout": "1d"}, "scale.idle_timeout", "expected a duration"),
     ],
@@ -489,6 +498,19 @@ def test_instances_in_total() -> None:
     assert doc["scale"] == {"groups": ["web"], "instances": 5, "idle_timeout": 0.0}
     assert spec_from_json(doc) == spec
     assert ScaleSpec(per_node=3, instances=2).per_node == 1  # built directly: the same
+
+
+def test_autoscaling_keys() -> None:
+    """min/max/target (and metric) make an autoscaled app; the JSON keeps exactly them."""
+    spec = parse(minimal(scale={"groups": ["web"], "min": 1, "max": 8, "target": 10,
+                                "metric": "cpu"}))
+    assert spec.scale.auto == {"min": 1, "max": 8, "target": 10.0, "metric": "cpu"}
+    doc = spec_to_json(spec)
+    assert doc["scale"] == {"groups": ["web"], "idle_timeout": 0.0, "min": 1, "max": 8,
+                            "target": 10.0, "metric": "cpu"}
+    assert spec_from_json(doc) == spec
+    assert parse(minimal(scale={"min": 0, "max": 2, "target": 3})).scale.metric == "in_flight"
+    assert parse(minimal()).scale.auto is None
 
 
 def test_group_names_follow_the_shared_rule() -> None:

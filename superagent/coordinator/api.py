@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 import structlog
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -43,13 +44,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from superagent import __version__
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.api_common import (
+    MAX_JSON,
     Context,
     bad_request,
     error,
     from_result,
     idempotency_key,
+    query_flag,
     read_json,
-    truthy,
+    unrouted,
 )
 from superagent.coordinator.api_deploys import (
     cancel_deploy,
@@ -79,6 +82,7 @@ from superagent.coordinator.api_trust import (
 from superagent.coordinator.auth import authenticate_machine, bearer, token_name
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
+    BadArchive,
     CoordinatorError,
     NoLeader,
     UnknownNode,
@@ -86,15 +90,17 @@ from superagent.coordinator.errors import (
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
 from superagent.coordinator.state import ClusterState
 from superagent.errors import CodecError, ConfigError
-from superagent.jsonbody import field
+from superagent.jsonbody import field, parse_json, read_body
 from superagent.manifest import parse_manifest, spec_to_json
-from superagent.names import APP_NAME, is_app_name
+from superagent.names import APP_NAME, is_app_name, is_sha256
 from superagent.rpc.errors import RpcError
 from superagent.rpc.messages import Offline
 
 log = structlog.get_logger(__name__)
 
 AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
+MAX_COMMAND = 16 * 1024**2  # bytes of a forwarded command (a deploy record carries logs)
+MAX_COMMAND_DEPTH = 64  # nesting of a forwarded command (a spec inside a record inside it)
 OFFLINE_SIGNAL_TIMEOUT = 5.0  # best effort: a node that does not answer soon is told later
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD"})  # counted apart in /metrics
 
@@ -115,6 +121,8 @@ class Endpoint:
 def from_exception(exc: CoordinatorError | ConfigError) -> JSONResponse:
     if isinstance(exc, ConfigError):
         return error(400, "bad_manifest", str(exc))
+    if isinstance(exc, BadArchive):
+        return error(exc.status_hint, exc.code, str(exc), member=exc.member)
     return error(exc.status_hint, exc.code, str(exc))
 
 
@@ -250,10 +258,15 @@ async def create_release(request: Request, ctx: Context) -> Response:
         return error(400, "bad_app_name", f"app name {name!r} does not match"
                                           f" {APP_NAME.pattern}")
     expected = request.query_params.get("sha256")
+    if expected is not None:
+        expected = expected.strip().lower()
+        if not is_sha256(expected):
+            return error(400, "bad_request", "query parameter 'sha256' must be 64 hex digits")
     options = deploy_options(request.query_params)  # refused before anything is stored
-    force = truthy(request.query_params.get("force"))
+    force = query_flag(request, "force", default=False)
+    deploy = query_flag(request, "deploy", default=True)
     if expected and not force:  # the client named the content: nothing need be stored
-        unchanged = _unchanged(c, name, expected.strip().lower())
+        unchanged = _unchanged(c, name, expected)
         if unchanged is not None:
             read = 0  # read (and drop) the body the client sends, so it sees the answer
             async for chunk in request.stream():  # rather than a reset connection
@@ -282,7 +295,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
     doc: dict[str, Any] = {"ok": True, "app": name, "release": release, "sha256": sha256,
                            "size": size, "repeated": bool(result.get("repeated")),
                            "deploy_id": None}
-    if request.query_params.get("deploy", "true") == "false":
+    if not deploy:
         return JSONResponse(doc, status_code=201)
     try:
         started = await begin_deploy(c, app=name, release=release, actor=ctx.actor,
@@ -338,8 +351,11 @@ async def propose(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     if not c.is_leader():
         return error(421, "not_leader", f"{c.config.id} is not the leader")
-    raw = await request.body()
-    cmd.decode(raw)  # refuse garbage before it reaches the log
+    raw = await read_body(request, limit=MAX_COMMAND, error=bad_request)
+    doc = parse_json(raw, error=bad_request, max_depth=MAX_COMMAND_DEPTH)
+    if not isinstance(doc, dict):
+        return error(400, "bad_command", "a command is a JSON object")
+    cmd.decode_doc(doc)  # refuse garbage before it reaches the log
     result = await c.raft.propose(raw.decode(), PROPOSE_TIMEOUT)
     # the follower waits until it has applied this far, so its next read sees the write
     return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
@@ -429,7 +445,9 @@ async def forward(request: Request, ctx: Context) -> Response:
                if k in ("authorization", "content-type", "idempotency-key")}
     try:
         answer = await c.http.request(request.method, f"{url}{request.url.path}",
-                                      content=await request.body(), headers=headers)
+                                      content=await read_body(request, limit=MAX_JSON,
+                                                              error=bad_request),
+                                      headers=headers)
     except httpx.HTTPError as exc:
         return error(503, "no_leader", f"the leader at {url} is unreachable: {exc!r}")
     return Response(answer.content, status_code=answer.status_code,
@@ -451,8 +469,9 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("POST", "/api/v1/apps/{app}/releases", "admin",
              "Upload a source tarball (body) as a new release", create_release),
     Endpoint("POST", "/api/v1/apps/{app}/scale", "admin",
-             "Scale an app at run time ({\"per_node\": k} or {\"instances\": K}, optional"
-             " \"groups\"): 202 with the scaling", scale_app, 202, SCALE_BODY),
+             "Scale an app at run time ({\"per_node\": k}, {\"instances\": K} or {\"auto\":"
+             " {min, max, target, metric}}, optional \"groups\"): 202 with the scaling",
+             scale_app, 202, SCALE_BODY),
     Endpoint("GET", "/api/v1/apps/{app}/deploys", "admin", "An app's deploys, newest first",
              list_deploys),
     Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "admin",
@@ -590,5 +609,6 @@ def api_app(coordinator: ApiHost) -> ASGIApp:
         return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
     routes = [Route(e.path, _endpoint(coordinator, e), methods=[e.method]) for e in ROUTES]
-    app = Starlette(routes=routes, exception_handlers={Exception: unexpected})
+    app = Starlette(routes=routes, exception_handlers={Exception: unexpected,
+                                                       HTTPException: unrouted})
     return _LeaderHeader(app, coordinator)

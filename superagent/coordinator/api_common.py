@@ -5,7 +5,9 @@ The routes themselves are declared in one place, ``api.ROUTES``; the handlers li
 ``api`` and in modules beside it (``api_fleet``), which import from here rather than
 from ``api`` so that ``api`` can import their handlers without a cycle.
 
-Errors are JSON ``{"error": code, "detail": message}`` with the status the error names.
+Errors are JSON ``{"error": code, "detail": message}`` with the status the error names;
+``unrouted`` gives a path no route matches (404 ``not_found``) and a method the path does
+not take (405 ``method_not_allowed``, with ``Allow``) that same shape.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.errors import BadRequest, CoordinatorError
 from superagent.coordinator.host import ApiHost
+from superagent.httpserver import allowed_methods
 from superagent.jsonbody import read_object
 
 MAX_JSON = 1024 * 1024  # bytes of a JSON request body
@@ -54,6 +58,35 @@ async def read_json(request: Request) -> dict[str, Any]:
 def truthy(value: object) -> bool:
     """A flag from JSON (true) or a query string ("1", "true", "yes")."""
     return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "yes"))
+
+
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def query_flag(request: Request, name: str, *, default: bool) -> bool:
+    """A boolean query parameter; anything but 1/0, true/false, yes/no is a 400 naming it."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = _FLAGS.get(raw.strip().lower())
+    if value is None:
+        raise BadRequest(f"query parameter {name!r} must be true or false, not {raw[:40]!r}")
+    return value
+
+
+async def unrouted(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no route, a method the route does not take) as JSON."""
+    assert isinstance(exc, HTTPException)
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        return error(404, "not_found", f"no route for {path}")
+    if exc.status_code == 405:
+        allowed = allowed_methods(request.app.router.routes, request.scope)
+        response = error(405, "method_not_allowed", f"{method} is not allowed on {path};"
+                                                    f" allowed: {', '.join(allowed)}")
+        response.headers["allow"] = ", ".join(allowed)
+        return response
+    return error(exc.status_code, "http_error", str(exc.detail))
 
 
 def idempotency_key(request: Request) -> str | None:

@@ -31,13 +31,14 @@ from superagent.coordinator.api_common import (
     idempotency_key,
     read_json,
 )
+from superagent.coordinator.autoscale import auto_spec
 from superagent.coordinator.errors import BadRequest
 from superagent.coordinator.host import ApiHost
 from superagent.coordinator.state import ClusterState, Node
 from superagent.manifest import MAX_INSTANCES, MAX_PER_NODE
 from superagent.names import GROUP_NAME, group_name_problem
 
-SCALE_FIELDS = ("per_node", "instances", "groups")
+SCALE_FIELDS = ("per_node", "instances", "auto", "groups")
 _GROUPS = {"type": "array", "minItems": 1, "uniqueItems": True,
            "items": {"type": "string", "pattern": f"^{GROUP_NAME.pattern}$"}}
 # request bodies, for the OpenAPI document (the handlers check them field by field)
@@ -45,8 +46,16 @@ SCALE_BODY: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "properties": {"per_node": {"type": "integer", "minimum": 0, "maximum": MAX_PER_NODE},
                    "instances": {"type": "integer", "minimum": 1, "maximum": MAX_INSTANCES},
+                   "auto": {"type": "object", "additionalProperties": False,
+                            "required": ["min", "max", "target"],
+                            "properties": {"min": {"type": "integer", "minimum": 0},
+                                           "max": {"type": "integer", "minimum": 1},
+                                           "target": {"type": "number",
+                                                      "exclusiveMinimum": 0},
+                                           "metric": {"enum": ["in_flight", "cpu"]}}},
                    "groups": _GROUPS},
-    "oneOf": [{"required": ["per_node"]}, {"required": ["instances"]}]}
+    "oneOf": [{"required": ["per_node"]}, {"required": ["instances"]},
+              {"required": ["auto"]}]}
 LABEL_BODY: dict[str, Any] = {"type": "object", "additionalProperties": False,
                               "required": ["groups"], "properties": {"groups": _GROUPS}}
 STOPPED = "stopped"  # a reported instance in this state holds no place on its node
@@ -152,27 +161,39 @@ async def label_node(request: Request, ctx: Context) -> Response:
 
 
 async def scale_app(request: Request, ctx: Context) -> Response:
-    """``{"per_node": k}`` or ``{"instances": K}``, with optional ``"groups"`` (default:
-    the app's current groups): 202 with the scaling the leader now carries out."""
+    """``{"per_node": k}``, ``{"instances": K}`` or ``{"auto": {"min", "max", "target",
+    "metric"?}}``, with optional ``"groups"`` (default: the app's current groups): 202 with
+    the scaling the leader now carries out."""
     c = ctx.coordinator
     app = request.path_params["app"]
     body = await read_json(request)
     _only(body, SCALE_FIELDS)
-    per_node, instances = body.get("per_node"), body.get("instances")
-    if (per_node is None) == (instances is None):
+    per_node, instances, auto = body.get("per_node"), body.get("instances"), body.get("auto")
+    if sum(x is not None for x in (per_node, instances, auto)) != 1:
         raise BadRequest("give exactly one of 'per_node' (instances on every node of the"
-                         " groups) and 'instances' (in total)")
+                         " groups), 'instances' (in total) and 'auto' (autoscaling:"
+                         " {min, max, target, metric})")
     if per_node is not None:
         _count("per_node", per_node, 0, MAX_PER_NODE)
     if instances is not None:
         _count("instances", instances, 1, MAX_INSTANCES)
+    if auto is not None:
+        if not isinstance(auto, dict):
+            raise BadRequest(f"field 'auto' must be an object, got {auto!r}")
+        _only(auto, ("min", "max", "target", "metric"))
+        try:
+            auto = auto_spec(auto).to_doc()
+        except KeyError as exc:
+            raise BadRequest(f"field 'auto' needs {exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"field 'auto': {exc}") from None
     current = c.read(lambda s: s.effective_scale(app) if app in s.apps else None)
     if current is None:
         return error(404, "unknown_app", f"app {app!r} does not exist")
     groups = _groups(body["groups"]) if "groups" in body else tuple(current["groups"])
     command = c.command(cmd.SetScale, actor=ctx.actor, key=idempotency_key(request), app=app,
                         groups=groups, per_node=1 if per_node is None else per_node,
-                        instances=instances)
+                        instances=instances, auto=auto)
     result = await c.submit(command)
     if not result.get("ok"):
         return from_result(result)

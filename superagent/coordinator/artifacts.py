@@ -109,14 +109,17 @@ class ArtifactStore:
         return Artifact(sha256=sha256, size=size)
 
     async def put(
-        self, chunks: AsyncIterator[bytes], *, expected_sha256: str | None = None
+        self, chunks: AsyncIterator[bytes], *, expected_sha256: str | None = None,
+        check: Callable[[Path], object] | None = None,
     ) -> Artifact:
         """Store the bytes of ``chunks`` and return the blob.
 
         Raises ``ArtifactTooLarge`` as soon as the upload passes ``max_bytes``,
         ``ChecksumMismatch`` when it does not hash to ``expected_sha256``, and
-        ``BadArtifactName`` when ``expected_sha256`` is malformed. On any error or
-        cancellation nothing is left on disk. The caller keeps ownership of ``chunks``.
+        ``BadArtifactName`` when ``expected_sha256`` is malformed. ``check``, when given,
+        is called (in a thread) with the complete temporary file before it is installed;
+        whatever it raises refuses the upload. On any error or cancellation nothing is left
+        on disk. The caller keeps ownership of ``chunks``.
         """
         if expected_sha256 is not None:
             validate_sha256(expected_sha256)
@@ -135,6 +138,8 @@ class ArtifactStore:
             sha256 = digest.hexdigest()
             if expected_sha256 is not None and sha256 != expected_sha256:
                 raise ChecksumMismatch(expected=expected_sha256, actual=sha256)
+            if check is not None:
+                await trio.to_thread.run_sync(check, tmp)
             kept = await trio.to_thread.run_sync(_install, tmp, self.path(sha256))
         finally:
             if not kept:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -75,6 +76,25 @@ class AutoSpec:
             raise ValueError("window must be positive")
         if not (math.isfinite(self.max_step_up) and self.max_step_up >= 1):
             raise ValueError(f"max_step_up must be >= 1, not {self.max_step_up}")
+
+
+    def to_doc(self) -> dict[str, Any]:
+        """The policy as the replicated state stores it (``[scale]``'s keys)."""
+        return {"min": self.min, "max": self.max, "target": self.target,
+                "metric": self.metric.value}
+
+
+def auto_spec(doc: Mapping[str, Any]) -> AutoSpec:
+    """The policy of a ``{"min", "max", "target", "metric"?}`` document; raises
+    ValueError (or KeyError for a missing key, TypeError for a wrong type)."""
+    for key in ("min", "max"):
+        if isinstance(doc[key], bool) or not isinstance(doc[key], int):
+            raise TypeError(f"{key} must be an integer, not {doc[key]!r}")
+    target = doc["target"]
+    if isinstance(target, bool) or not isinstance(target, int | float):
+        raise TypeError(f"target must be a number, not {target!r}")
+    return AutoSpec(min=doc["min"], max=doc["max"], target=float(target),
+                    metric=Metric(doc.get("metric", Metric.IN_FLIGHT.value)))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -168,3 +188,47 @@ class Autoscaler:
     def _expire(self, now: float) -> None:
         while self.samples and self.samples[0][0] < now - self.spec.window:
             self.samples.popleft()
+
+
+LIVE_STATES = ("ready", "unhealthy")  # instances whose load counts: they are serving
+
+
+def app_load(statuses: Mapping[str, Mapping[str, Any]], app: str, release: str,
+             metric: Metric) -> float | None:
+    """An app's total load from the nodes' heartbeat statuses: ``metric`` summed over its
+    serving instances of ``release``; None when no node reports one (nothing to learn)."""
+    total, seen = 0.0, False
+    for status in statuses.values():
+        for entry in status.get("instances") or ():
+            if (isinstance(entry, Mapping) and entry.get("app") == app
+                    and entry.get("release") == release and entry.get("state") in LIVE_STATES):
+                value = entry.get(metric.value)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    total += float(value)
+                    seen = True
+    return total if seen else None
+
+
+class Autoscalers:
+    """The leader's autoscalers, one per autoscaled app; a changed policy starts afresh."""
+
+    def __init__(self) -> None:
+        self._by_app: dict[str, Autoscaler] = {}
+
+    def __repr__(self) -> str:
+        return f"<Autoscalers {sorted(self._by_app)}>"
+
+    def decide(self, now: float, app: str, spec: AutoSpec, current: int,
+               load: float | None) -> Decision | None:
+        """Feed ``load`` (when known) and ask for a decision for ``app`` at ``current``."""
+        scaler = self._by_app.get(app)
+        if scaler is None or scaler.spec != spec:
+            scaler = self._by_app[app] = Autoscaler(spec)
+        if load is not None:
+            scaler.observe(now, load)
+        return scaler.decide(now, current)
+
+    def keep_only(self, apps: set[str]) -> None:
+        """Forget the apps no longer autoscaled (deleted, or scaled by hand)."""
+        for app in set(self._by_app) - apps:
+            del self._by_app[app]

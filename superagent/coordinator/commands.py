@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from superagent import codec
 from superagent.codec import canonical_json
+from superagent.coordinator.autoscale import auto_spec
 from superagent.coordinator.errors import CommandError, UnknownCommand
 from superagent.coordinator.lifecycle import Lifecycle
 from superagent.errors import CodecError
@@ -253,6 +254,8 @@ class SetScale(_AppCommand):
     per_node: int = 1
     instances: int | None = None
     scale_id: str = ""
+    # autoscaling {"min", "max", "target", "metric"}: instances then follow the load
+    auto: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -263,12 +266,47 @@ class SetScale(_AppCommand):
                     f"must be 0-{MAX_PER_NODE}")
         self._check("instances", self.instances is None
                     or 1 <= self.instances <= MAX_INSTANCES, f"must be 1-{MAX_INSTANCES}")
+        if self.auto is not None:
+            self._check("auto", self.instances is None, "excludes instances")
+            self._check("auto", set(self.auto) <= {"min", "max", "target", "metric"},
+                        "takes min, max, target and metric")
+            try:
+                policy = auto_spec(self.auto)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise CommandError(f"not an autoscaling policy: {exc}", field="auto",
+                                   command_type=self.type) from None
+            self._check("auto", policy.max <= MAX_INSTANCES, f"max must be at most"
+                                                             f" {MAX_INSTANCES}")
 
     def scale(self) -> dict[str, Any]:
         """The override as ``App.scale`` stores it."""
-        return {"groups": list(self.groups),
-                "per_node": self.per_node if self.instances is None else 1,
-                "instances": self.instances}
+        doc: dict[str, Any] = {"groups": list(self.groups),
+                               "per_node": self.per_node if self.instances is None else 1,
+                               "instances": self.instances}
+        if self.auto is not None:
+            doc["auto"] = auto_spec(self.auto).to_doc()
+        return doc
+
+
+@dataclass(frozen=True, kw_only=True)
+class Autoscale(_AppCommand):
+    """The autoscaler's decision: an autoscaled app runs ``instances`` now.
+
+    Not a scaling (``App.scaling``): it never blocks a deploy; ``reason`` and ``inputs``
+    (what the decision was made of) go to the audit log.
+    """
+
+    type: ClassVar[str] = "autoscale"
+    instances: int
+    reason: str = ""
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check("instances", 0 <= self.instances <= MAX_INSTANCES,
+                    f"must be 0-{MAX_INSTANCES}")
+        self._check("reason", len(self.reason) <= REASON_MAX,
+                    f"must be at most {REASON_MAX} characters")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -420,7 +458,7 @@ COMMANDS: dict[str, type[Command]] = {
     cls.type: cls
     for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, LabelNode,
                 NodeUp, NodeDown, SetNodeLifecycle, SetPlacement, SetScale, FinishScale,
-                StartDeploy, DeployEvent, FinishDeploy, AddToken, RegisterCoordinator,
+                Autoscale, StartDeploy, DeployEvent, FinishDeploy, AddToken, RegisterCoordinator,
                 AddJoinToken, EnrolNode, RevokeNode)
 }
 

@@ -231,6 +231,21 @@ class ArtifactTooLarge(ArtifactError):
         super().__init__(f"upload exceeds the limit of {max_bytes} bytes")
 
 
+class BadArchive(ArtifactError):
+    """An uploaded release archive breaks a rule of ``superagent.tarcheck`` (the rules the
+    participant unpacks with); ``member`` names the entry ("" for the whole archive). The
+    upload was refused before anything was stored, recorded or replicated."""
+
+    status_hint = 400
+    code = "unsafe_archive"
+
+    def __init__(self, message: str, *, member: str, over_limit: bool = False) -> None:
+        self.member = member
+        if over_limit:
+            self.code = "archive_too_large"
+        super().__init__(message)
+
+
 class UnknownArtifact(ArtifactError):
     status_hint = 404
     code = "unknown_artifact"

@@ -11,9 +11,11 @@ Theory of operation. Every coordinator runs the same code; Raft decides which on
   coordinator id (``--peers``), and each coordinator registers its API URL in the
   replicated state (``RegisterCoordinator``) once a leader exists, so every node can
   forward to the leader's API.
-- **Artifacts.** An upload is stored here, then replicated to a majority of coordinators
-  before its release is committed. A coordinator asked for a blob it lacks fetches it from
-  a peer first.
+- **Artifacts.** An upload is checked with the participant's archive rules
+  (``superagent.tarcheck``: paths, links, devices, member count, unpacked size, ratio) and
+  refused with a 400 naming the member before it is stored; an accepted one is stored
+  here, then replicated to a majority of coordinators before its release is committed. A
+  coordinator asked for a blob it lacks fetches it from a peer first.
 - **Membership.** Participants register (a Raft write) and heartbeat (memory of the
   leader only; see ``membership``). The leader's ``_watch_nodes`` loop commits
   ``NodeDown``/``NodeUp`` transitions.
@@ -43,6 +45,7 @@ from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, P
 from superagent.coordinator.auth import new_token, token_hash, write_private
 from superagent.coordinator.deploy.runner import DeployRunner
 from superagent.coordinator.errors import (
+    BadArchive,
     CoordinatorError,
     ForwardRefused,
     NoLeader,
@@ -53,10 +56,11 @@ from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT
 from superagent.coordinator.membership import Liveness
 from superagent.coordinator.raft import RaftNode
 from superagent.coordinator.state import ClusterState, Result
-from superagent.errors import ConfigError
+from superagent.errors import ArchiveOverLimit, ArchiveRefused, ConfigError
 from superagent.httpserver import check_bindable, serve_app
 from superagent.manifest import AppSpec, manifest_from
 from superagent.rpc.client import ParticipantClient, Participants
+from superagent.tarcheck import check_archive
 
 log = structlog.get_logger(__name__)
 
@@ -269,10 +273,14 @@ class Coordinator:
                             expected_sha256: str | None = None) -> tuple[str, int, AppSpec]:
         """Store an uploaded tarball, read its manifest, replicate it to a majority.
 
-        Raises ArtifactTooLarge (413), ChecksumMismatch (400), ConfigError (bad manifest),
-        NoQuorum (503).
+        The archive is checked with the participant's rules (``superagent.tarcheck``) before
+        it is installed in the store: a bad one leaves no blob, no release, no replica.
+
+        Raises ArtifactTooLarge (413), ChecksumMismatch (400), BadArchive (400, naming the
+        member), ConfigError (bad manifest), NoQuorum (503).
         """
-        artifact = await self.store.put(chunks, expected_sha256=expected_sha256)
+        artifact = await self.store.put(chunks, expected_sha256=expected_sha256,
+                                        check=_check_archive)
         path = self.store.path(artifact.sha256)
         try:
             spec = await trio.to_thread.run_sync(_manifest_of_tarball, path, app)
@@ -403,6 +411,17 @@ class Coordinator:
 
 class _Misdirected(Exception):
     """The node a command was forwarded to could not take it (it stopped leading)."""
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse an uploaded archive the participants would refuse; raises BadArchive."""
+    try:
+        check_archive(path)
+    except ArchiveRefused as exc:
+        # a name that is not UTF-8 arrives with surrogate escapes, which JSON cannot carry
+        member = exc.member.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise BadArchive(str(exc), member=member,
+                         over_limit=isinstance(exc, ArchiveOverLimit)) from None
 
 
 def _manifest_of_tarball(path: Path, app: str) -> AppSpec:

@@ -44,7 +44,7 @@ from superagent.coordinator.errors import (
 from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
 from superagent.coordinator.trust import Trust
 from superagent.errors import ConfigError
-from superagent.manifest import spec_from_json, spec_to_json
+from superagent.manifest import describe_scale, spec_from_json, spec_to_json
 
 FORMAT_VERSION = 1  # of the to_json document; from_json refuses others
 AUDIT_LIMIT = 1000  # entries kept: enough for "what happened today" without growing the snapshot
@@ -63,13 +63,16 @@ class App:
     created_at: float
     updated_at: float
     current_release: str | None = None  # set by a deploy that succeeded ("r3")
-    # the run-time scale (SetScale): {"groups": [...], "per_node": k, "instances": K | None};
+    # the run-time scale (SetScale): {"groups": [...], "per_node": k, "instances": K | None,
+    # "auto": {"min", "max", "target", "metric"} (autoscaled; optional)};
     # None: the spec's [scale] applies (see ClusterState.effective_scale)
     scale: dict[str, Any] | None = None
     # the scaling in progress: {"id", "at", "actor", "scale"}; ended by FinishScale
     scaling: dict[str, Any] | None = None
     # the last ended scaling: the one above plus {"outcome", "reason", "finished_at"}
     last_scaling: dict[str, Any] | None = None
+    # an autoscaled app's instances as the autoscaler last decided (Autoscale); None: min
+    auto_instances: int | None = None
 
 
 @dataclass(slots=True)
@@ -144,6 +147,7 @@ class ClusterState:
             cmd.SetPlacement: self._set_placement,
             cmd.SetScale: self._set_scale,
             cmd.FinishScale: self._finish_scale,
+            cmd.Autoscale: self._autoscale,
             cmd.StartDeploy: self._start_deploy,
             cmd.DeployEvent: self._deploy_event,
             cmd.FinishDeploy: self._finish_deploy,
@@ -336,7 +340,7 @@ class ClusterState:
         app.scale, app.updated_at = scale, c.at
         app.scaling = {"id": scale_id, "at": c.at, "actor": c.actor, "scale": scale}
         return ({"ok": True, "app": c.app, "scale_id": scale_id, "scale": copy.deepcopy(scale)},
-                f"scaling {scale_id}: {_describe_scale(scale)}")
+                f"scaling {scale_id}: {describe_scale(scale)}")
 
     def _finish_scale(self, c: cmd.FinishScale) -> tuple[Result, str]:
         app = self._app(c.app)
@@ -351,6 +355,24 @@ class ClusterState:
         outcome = c.outcome + (f": {c.reason}" if c.reason else "")
         return ({"ok": True, "app": c.app, "scale_id": c.scale_id, "outcome": c.outcome},
                 outcome)
+
+    def _autoscale(self, c: cmd.Autoscale) -> tuple[Result, str]:
+        app = self._app(c.app)
+        auto = self.effective_scale(c.app).get("auto")
+        if auto is None:
+            raise Conflict(f"{c.app} is not autoscaled: its scale has no min/max", app=c.app)
+        if not auto["min"] <= c.instances <= auto["max"]:
+            raise CommandError(f"must be within min {auto['min']} and max {auto['max']}",
+                               field="instances", command_type=c.type)
+        running = self._running_deploys(c.app)
+        if running:
+            raise Conflict(f"deploy {running[0]} of {c.app} is running: the autoscaler"
+                           " waits for it", app=c.app)
+        before = self.effective_scale(c.app)["instances"]
+        app.auto_instances = c.instances
+        return ({"ok": True, "app": c.app, "instances": c.instances},
+                f"{before} -> {c.instances} instances: {c.reason}" if c.reason
+                else f"{before} -> {c.instances} instances")
 
     def _running_deploys(self, app: str) -> list[str]:
         return [d.deploy_id for d in self.deploys.values() if d.app == app and d.running]
@@ -450,12 +472,20 @@ class ClusterState:
         Raises UnknownApp."""
         found = self._app(app)
         if found.scale is not None:
-            return copy.deepcopy(found.scale)
-        spec = found.spec.get("scale", {})
-        instances = spec.get("instances")
-        return {"groups": list(spec.get("groups", ["default"])),
-                "per_node": 1 if instances is not None else spec.get("per_node", 1),
-                "instances": instances}
+            scale = copy.deepcopy(found.scale)
+        else:
+            spec = found.spec.get("scale", {})
+            instances = spec.get("instances")
+            scale = {"groups": list(spec.get("groups", ["default"])),
+                     "per_node": 1 if instances is not None else spec.get("per_node", 1),
+                     "instances": instances}
+            if "min" in spec:
+                scale["auto"] = {key: spec[key] for key in ("min", "max", "target", "metric")}
+        auto = scale.get("auto")
+        if auto is not None:  # autoscaled: what the autoscaler decided, within min..max
+            decided = auto["min"] if found.auto_instances is None else found.auto_instances
+            scale["instances"] = min(max(decided, auto["min"]), auto["max"])
+        return scale
 
     def release_outcomes(self, app: str) -> dict[str, str]:
         """Release name -> the status of its latest kept deploy record (running, succeeded,
@@ -559,14 +589,6 @@ def _checked_spec(doc: Mapping[str, Any], app: str, command_type: str) -> dict[s
         raise CommandError(f"names app {spec.name!r}, not {app!r}", field="spec",
                            command_type=command_type)
     return spec_to_json(spec)
-
-
-def _describe_scale(scale: Mapping[str, Any]) -> str:
-    """ "3 per node in web,api" or "5 instances in web", for the audit log."""
-    groups = ",".join(scale["groups"])
-    if scale.get("instances") is not None:
-        return f"{scale['instances']} instances in {groups}"
-    return f"{scale['per_node']} per node in {groups}"
 
 
 def _fingerprint(command: cmd.Command) -> str:

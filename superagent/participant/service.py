@@ -50,6 +50,7 @@ from superagent.config import parse_address
 from superagent.debug import DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
 from superagent.manifest import TEST_TIMEOUT
+from superagent.participant.archive import check as check_archive
 from superagent.participant.cgroups import (
     PARENT_GROUP,
     InstanceCgroup,
@@ -384,7 +385,14 @@ class Agent:
                       keep: tuple[str, ...] = ()) -> msg.PrepareReply:
         """Prepare the release, then remove the app's releases no longer wanted: those not
         in use and not in ``keep`` (the coordinator's retention), or beyond the newest
-        few when the coordinator named none."""
+        few when the coordinator named none.
+
+        A new archive is checked before anything is made for it: a refused one never
+        creates the app's system user."""
+        if not self._prepared_from(app, release, sha256):
+            await trio.to_thread.run_sync(partial(
+                check_archive, archive, max_bytes=self.store.max_bytes,
+                max_files=self.store.max_files))
         user = await self._user(app)
         prepared = await self.store.prepare(
             app, release, archive, sha256,
@@ -414,10 +422,9 @@ class Agent:
                                    app=app, release=release)
         dest = self.config.data_dir / "downloads" / f"artifact-{secrets.token_hex(8)}.tar"
         try:
-            with contextlib.suppress(UnknownRelease):  # InvalidName goes to the caller
-                if self.store.get(app, release).sha256 == sha256:
-                    # ReleaseStore.prepare answers a same-archive repeat without reading it
-                    return await self.prepare(app, release, dest, sha256, keep)
+            if self._prepared_from(app, release, sha256):
+                # ReleaseStore.prepare answers a same-archive repeat without reading it
+                return await self.prepare(app, release, dest, sha256, keep)
             try:
                 await self.link.fetch_artifact(sha256, dest)
             except ParticipantError as exc:
@@ -425,6 +432,12 @@ class Agent:
             return await self.prepare(app, release, dest, sha256, keep)
         finally:
             dest.unlink(missing_ok=True)
+
+    def _prepared_from(self, app: str, release: str, sha256: str) -> bool:
+        """Whether ``app@release`` is prepared from the archive ``sha256`` (a repeat)."""
+        with contextlib.suppress(UnknownRelease):  # InvalidName goes to the caller
+            return self.store.get(app, release).sha256 == sha256
+        return False
 
     async def test(self, app: str, release: str, timeout: float = TEST_TIMEOUT
                    ) -> msg.TestReply:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 from superagent.errors import CodecError
 from superagent.manifest import MAX_PER_NODE, TEST_TIMEOUT
-from superagent.names import SHA256
+from superagent.names import APP_NAME, SHA256, is_app_name
 
 SIGNAL_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
 MAX_COUNT = MAX_PER_NODE  # instances one start signal may ask for
@@ -36,6 +36,12 @@ DEBUG_TTL = 3600.0  # a debug session left open ends by itself after an hour
 MAX_DEBUG_TTL = 86400.0
 MAX_TEST_TIMEOUT = 86400.0  # a test signal's own timeout, at most a day
 MAX_LOG_LINES = 10_000  # lines one logs query may ask for
+
+
+def _want_app(app: str) -> None:
+    """An app name as every role spells it: it becomes a Unix user and a cgroup name on
+    the participant, so nothing else may reach the agent."""
+    _want(is_app_name(app), "app", f"must match {APP_NAME.pattern}")
 
 
 def _want(ok: bool, name: str, reason: str) -> None:
@@ -56,6 +62,8 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"  # a malformed message: fix the sender
     UNAUTHORIZED = "unauthorized"  # no or a wrong cluster secret
     UNKNOWN_SIGNAL = "unknown_signal"  # no such signal on this path
+    NOT_FOUND = "not_found"  # no route for the path at all
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # the path takes other methods (see Allow)
     VERSION_MISMATCH = "version_mismatch"  # the peers speak different major versions
     STALE_TERM = "stale_term"  # a newer leader exists: the sender must stop acting
     SIGNAL_FAILED = "signal_failed"  # the original of a repeated id failed: send a new id
@@ -75,6 +83,10 @@ class ErrorCode(StrEnum):
     ISOLATION_FAILED = "isolation_failed"
     PORTS_EXHAUSTED = "ports_exhausted"
     INTERNAL = "internal"  # anything else: the participant's bug or its machine's trouble
+
+
+_FLAGS = {"": False, "0": False, "false": False, "no": False,
+          "1": True, "true": True, "yes": True}  # a boolean in a query string
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,7 +253,7 @@ class _Release(Signal[R]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _want(len(self.app) > 0, "app", "must not be empty")
+        _want_app(self.app)
         _want(len(self.release) > 0, "release", "must not be empty")
 
 
@@ -331,6 +343,7 @@ class Switch(Signal[SwitchReply]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _want_app(self.app)
         _instances("instances", self.instances, allow_empty=True)
 
 
@@ -370,6 +383,7 @@ class Debug(Signal[DebugReply]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _want_app(self.app)
         _want(1 <= self.ttl <= MAX_DEBUG_TTL, "ttl", f"must be 1..{MAX_DEBUG_TTL:g} seconds")
 
 
@@ -413,6 +427,7 @@ class LogsQuery:
             n = int(params.get("n", "100"))
         except ValueError:
             raise CodecError("must be an integer", field="n") from None
+        follow = _FLAGS.get(params.get("follow", "0").lower())
+        _want(follow is not None, "follow", "must be 1 or 0 (true or false)")
         return cls(app=params.get("app") or None, instance=params.get("instance") or None,
-                   request_id=params.get("request_id") or None, n=n,
-                   follow=params.get("follow") in ("1", "true"))
+                   request_id=params.get("request_id") or None, n=n, follow=bool(follow))

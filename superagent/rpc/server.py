@@ -39,12 +39,14 @@ from typing import Any, Protocol
 
 import structlog
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from superagent import codec
 from superagent.errors import CodecError
+from superagent.httpserver import allowed_methods
 from superagent.jsonbody import read_object
 from superagent.rpc import messages as msg
 from superagent.rpc import version
@@ -52,6 +54,7 @@ from superagent.rpc.errors import VersionMismatch
 
 MAX_ARCHIVE = 512 * 1024 * 1024  # an uploaded release; the extractor has its own budgets
 MAX_SIGNAL = 1024 * 1024  # a signal's JSON body
+_MAX_TERM = 20  # digits of a term header: a 64-bit counter; longer is refused as not an int
 NEW, DONE, RUNNING = "new", "done", "running"  # what ``Ledger.admit`` answers
 log = structlog.get_logger("superagent.rpc.server")
 
@@ -243,7 +246,8 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
         try:
             message = codec.decode(msg.Upload, {
                 "id": request.headers.get("x-superagent-signal", ""),
-                "term": int(term) if term.isascii() and term.isdigit() else term, "app": app,
+                "term": int(term) if term.isascii() and term.isdigit() and len(term) <= _MAX_TERM
+                else term, "app": app,
                 "release": release,
                 "sha256": request.headers.get("x-superagent-sha256", "").lower()})
         except CodecError as exc:
@@ -298,14 +302,32 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
         return StreamingResponse(lines(), media_type="application/x-ndjson",
                                  headers={version.HEADER: str(version.CURRENT)})
 
+    async def unrouted(request: Request, exc: Exception) -> Response:
+        """Starlette's own refusals (no route, a method the route does not take) as JSON."""
+        assert isinstance(exc, HTTPException)
+        method, path = request.method, request.url.path
+        if exc.status_code == 405:
+            allowed = allowed_methods(request.app.router.routes, request.scope)
+            response = refuse(msg.ErrorReply(
+                error=msg.ErrorCode.METHOD_NOT_ALLOWED, status=405,
+                detail=f"{method} is not allowed on {path}; allowed: {', '.join(allowed)}"))
+            response.headers["allow"] = ", ".join(allowed)
+            return response
+        if exc.status_code == 404:
+            return refuse(msg.ErrorReply(error=msg.ErrorCode.NOT_FOUND, status=404,
+                                         detail=f"no route for {path}"))
+        return bad_request(str(exc.detail), exc.status_code)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("rpc request failed", path=request.url.path, exc_info=exc)
         return refuse(msg.ErrorReply(error=msg.ErrorCode.INTERNAL, status=500,
                                      detail=f"{type(exc).__name__}: {exc}"))
 
-    return Starlette(exception_handlers={Exception: unexpected}, routes=[
+    routes = [
         Route("/v1/signals/{kind}", signal, methods=["POST"]),
         Route("/v1/releases/{app}/{release}", upload, methods=["PUT"]),
         Route("/v1/status", status, methods=["GET"]),
         Route("/v1/logs", logs, methods=["GET"]),
-    ])
+    ]
+    return Starlette(exception_handlers={Exception: unexpected, HTTPException: unrouted},
+                     routes=routes)

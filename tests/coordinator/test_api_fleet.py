@@ -79,6 +79,12 @@ async def test_scale_starts_a_scaling_that_finish_scale_ends(api: Api) -> None:
     ({"instances": 2, "groups": ["Web"]}, 400, "'Web' is not a valid group name"),
     ({"instances": 2, "groups": ["a", "a"]}, 400, "twice"),
     ({"instances": 2, "replicas": 3}, 400, "unknown field 'replicas'"),
+    ({"instances": 2, "auto": {"min": 1, "max": 2, "target": 1}}, 400, "exactly one of"),
+    ({"auto": [1, 2]}, 400, "'auto' must be an object"),
+    ({"auto": {"min": 1, "max": 2}}, 400, "'auto' needs 'target'"),
+    ({"auto": {"min": 3, "max": 2, "target": 1}}, 400, "min <= max"),
+    ({"auto": {"min": 1, "max": 2, "target": 1, "metric": "rps"}}, 400, "'rps'"),
+    ({"auto": {"min": 1, "max": 2, "target": 1, "step": 2}}, 400, "unknown field 'step'"),
 ])
 async def test_bad_scale_requests_name_the_field(api: Api, body: dict[str, Any],
                                                  status: int, fragment: str) -> None:
@@ -87,6 +93,17 @@ async def test_bad_scale_requests_name_the_field(api: Api, body: dict[str, Any],
     assert response.status_code == status, response.text
     assert fragment in response.json()["detail"]
     assert (await app(api))["scaling"] is None
+
+
+async def test_scale_to_autoscaling(api: Api) -> None:
+    """{"auto": {...}} makes the app autoscaled: it runs min instances until decided."""
+    await create(api)
+    response = await api.call("POST", "/api/v1/apps/hello/scale",
+                              json={"auto": {"min": 2, "max": 5, "target": 8}})
+    assert response.status_code == 202, response.text
+    assert response.json()["scale"]["auto"] == {"min": 2, "max": 5, "target": 8.0,
+                                                "metric": "in_flight"}
+    assert (await app(api))["scale"]["instances"] == 2
 
 
 async def test_scale_of_unknown_app_and_during_a_deploy(api: Api) -> None:
@@ -166,7 +183,7 @@ async def test_openapi_documents_the_scale_and_label_routes(api: Api) -> None:
     scale = doc["paths"]["/api/v1/apps/{app}/scale"]["post"]
     assert "202" in scale["responses"]
     schema = scale["requestBody"]["content"]["application/json"]["schema"]
-    assert set(schema["properties"]) == {"per_node", "instances", "groups"}
+    assert set(schema["properties"]) == {"per_node", "instances", "auto", "groups"}
     label = doc["paths"]["/api/v1/nodes/{node}/groups"]["post"]
     assert label["requestBody"]["content"]["application/json"]["schema"]["required"] == [
         "groups"]

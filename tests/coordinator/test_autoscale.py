@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from superagent.coordinator.autoscale import Autoscaler, AutoSpec, Metric
+from superagent.coordinator.autoscale import Autoscaler, Autoscalers, AutoSpec, Metric, app_load
 
 SPEC = AutoSpec(min=1, max=10, target=5.0)
 
@@ -129,3 +130,34 @@ def test_a_ramp_up_and_down_never_flaps(peak: float, up: int, hold: int, down: i
     assert counts[:peak_at + 1] == sorted(counts[:peak_at + 1])  # no down while rising
     assert counts[peak_at:] == sorted(counts[peak_at:], reverse=True)  # no up while falling
     assert final == SPEC.min
+
+
+def test_app_load_sums_the_serving_instances_of_the_release() -> None:
+    statuses: dict[str, dict[str, Any]] = {
+        "n1": {"instances": [
+            {"app": "web", "release": "r2", "state": "ready", "in_flight": 3, "cpu": 0.5},
+            {"app": "web", "release": "r1", "state": "ready", "in_flight": 9},  # old release
+            {"app": "web", "release": "r2", "state": "starting", "in_flight": 4}]},
+        "n2": {"instances": [
+            {"app": "web", "release": "r2", "state": "unhealthy", "in_flight": 2},
+            {"app": "api", "release": "r2", "state": "ready", "in_flight": 7},
+            "not an entry"]},
+        "n3": {}}
+    assert app_load(statuses, "web", "r2", Metric.IN_FLIGHT) == 5.0
+    assert app_load(statuses, "web", "r2", Metric.CPU) == 0.5
+    assert app_load(statuses, "web", "r3", Metric.IN_FLIGHT) is None
+    assert app_load({}, "web", "r2", Metric.IN_FLIGHT) is None
+
+
+def test_autoscalers_start_afresh_when_the_policy_changes() -> None:
+    book = Autoscalers()
+    spec = AutoSpec(min=1, max=10, target=5.0)
+    decision = None
+    for i in range(20):
+        decision = book.decide(float(i), "web", spec, 1, 40.0) or decision
+    assert decision is not None and decision.instances == 2
+    wider = AutoSpec(min=3, max=10, target=5.0)
+    first = book.decide(20.0, "web", wider, 2, 40.0)  # new policy: no samples, but below min
+    assert first is not None and first.instances == 3 and first.inputs["samples"] == 1
+    book.keep_only(set())
+    assert "web" not in repr(book)

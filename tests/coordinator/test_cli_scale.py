@@ -201,12 +201,22 @@ async def test_scale_nodes_and_label_commands(api: Api, nursery: trio.Nursery,
             (("scale", "hello", "--instances", "0"), "--instances must be 1 or more"),
             (("scale", "hello", "--per-node", "1", "--groups", "Web"), "not a valid group"),
             (("scale", "nope", "--per-node", "1"), "app 'nope' does not exist"),
+            (("scale", "hello", "--auto", "2-5", "--target", "3"), "--auto takes MIN:MAX"),
+            (("scale", "hello", "--auto", "5:2", "--target", "3"), "MIN must not be above"),
+            (("scale", "hello", "--auto", "2:5"), "--auto needs --target N"),
+            (("scale", "hello", "--auto", "2:5", "--target", "0"), "--target must be above"),
+            (("scale", "hello", "--instances", "2", "--target", "3"), "go with --auto"),
             (("nodes", "label", "n1", "--groups", ","), "at least one group name"),
             (("nodes", "label", "ghost", "--groups", "web"), "'ghost' is not registered")):
         code, out, err = await trio.to_thread.run_sync(functools.partial(run, *argv))
         assert code == 2 and out == "" and message in err, (argv, err)
         assert len(err.strip().splitlines()) == 1, err
 
+    code, out, err = await trio.to_thread.run_sync(
+        lambda: run("scale", "hello", "--auto", "1:4", "--target", "0.5", "--metric", "cpu",
+                    "--no-follow"))
+    assert code == 0 and "to 1-4 instances in web,api, autoscaled to 0.5 cpu per instance" in (
+        out + err), (out, err)
     code, out, err = await trio.to_thread.run_sync(
         lambda: run("nodes", "label", "n1", "--groups", "web,eu"))
     assert (code, out) == (0, "n1: groups web,eu\n"), err

@@ -440,6 +440,53 @@ def test_scale_and_deploy_exclude_each_other() -> None:
     ok(state, start_deploy())
 
 
+def test_an_autoscaled_app_runs_what_the_autoscaler_decided_within_its_bounds() -> None:
+    """[scale] min/max/target (spec or override): instances start at min; Autoscale moves
+    them within min..max, says why in the audit log and never blocks a deploy."""
+    state = ClusterState()
+    run(state, create_app(spec=_spec_with_scale(groups=["web"], min=2, max=6, target=4)),
+        add_release(), register())
+    auto = {"min": 2, "max": 6, "target": 4.0, "metric": "in_flight"}
+    assert state.effective_scale("hello") == {"groups": ["web"], "per_node": 1,
+                                              "instances": 2, "auto": auto}
+    ok(state, cmd.Autoscale(**base(), app="hello", instances=5,
+                            reason="scale up: in_flight 9.0 per instance", inputs={"load": 18}))
+    assert state.effective_scale("hello")["instances"] == 5
+    assert state.audit[-1]["outcome"] == "2 -> 5 instances: scale up: in_flight 9.0 per instance"
+    assert state.apps["hello"].scaling is None  # not a scaling: deploys go on
+    assert_rejected(state, cmd.Autoscale(**base(), app="hello", instances=7).to_json(),
+                    400, "bad_command")
+    ok(state, start_deploy())
+    result = state.apply(cmd.Autoscale(**base(), app="hello", instances=3).to_json())
+    assert (result["status"], "deploy d1" in result["error"]) == (409, True)
+
+    state = ClusterState()
+    ok(state, create_app())
+    assert_rejected(state, cmd.Autoscale(**base(), app="hello", instances=1).to_json(),
+                    409, "conflict")  # not autoscaled
+    result = ok(state, _scale(auto={"min": 1, "max": 3, "target": 0.5, "metric": "cpu"}))
+    assert result["scale"]["auto"] == {"min": 1, "max": 3, "target": 0.5, "metric": "cpu"}
+    assert state.effective_scale("hello")["instances"] == 1
+    assert "1-3 instances in default, autoscaled to 0.5 cpu per instance" in (
+        state.audit[-1]["outcome"])
+    ok(state, cmd.Autoscale(**base(), app="hello", instances=3))
+    ok(state, _scale(auto={"min": 1, "max": 2, "target": 0.5}))  # a lower max clamps
+    assert state.effective_scale("hello")["instances"] == 2
+
+
+@pytest.mark.parametrize("auto", [
+    {"min": 3, "max": 2, "target": 1}, {"min": 1, "max": 2}, {"min": 1, "max": 2, "target": 0},
+    {"min": 1, "max": 2, "target": 1, "metric": "rps"}, {"min": "1", "max": 2, "target": 1},
+    {"min": 1, "max": 2, "target": 1, "extra": 1},
+])
+def test_a_bad_autoscaling_policy_is_a_400_naming_auto(auto: dict[str, Any]) -> None:
+    state = ClusterState()
+    ok(state, create_app())
+    result = state.apply(json.dumps({**_scale().to_doc(), "auto": auto}))
+    assert (result["status"], result["code"]) == (400, "bad_command"), result
+    assert result["error"].startswith("set_scale.auto: "), result
+
+
 def test_scale_of_unknown_app_is_a_404() -> None:
     state = ClusterState()
     assert_rejected(state, _scale("nope").to_json(), 404, "unknown_app")

@@ -620,3 +620,20 @@ async def test_the_heartbeat_reports_each_instances_load(rig: Rig) -> None:
     assert answers == [200]
     await wait_until_async(lambda: reported().get("in_flight") == 0,
                            "in_flight back to 0", timeout=DEADLINE)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="app users are created only when running as root")
+async def test_a_refused_archive_creates_no_app_user(rig: Rig) -> None:
+    """The archive of a new app is checked before its system user is made: a refused one
+    leaves no user behind (nor an id that could be handed to another app later)."""
+    import pwd
+
+    from superagent.participant.isolation import app_user_name
+    from tests.participant.tarballs import file, make_tar
+
+    app = f"refused-{secrets.token_hex(3)}"
+    answer = await rig.upload(app, "r1", make_tar([file("/etc/evil", b"x")]))
+    assert answer.status_code == 400, answer.text
+    assert "/etc/evil" in answer.text
+    with pytest.raises(KeyError):
+        pwd.getpwnam(app_user_name(app))

@@ -19,7 +19,15 @@ import pytest
 from superagent.participant import archive as archive_module
 from superagent.participant.archive import safe_extract
 from superagent.participant.errors import ArchiveTooLarge, UnsafeArchive
-from tests.participant.tarballs import Member, directory, file, link, make_tar, special
+from tests.participant.tarballs import (
+    Member,
+    directory,
+    file,
+    link,
+    make_tar,
+    special,
+    zero_bomb,
+)
 
 MiB = 1024**2
 
@@ -173,4 +181,14 @@ def test_refuses_unreadable_archives(archive: bytes, out: Path) -> None:
     """Garbage and truncated archives are UnsafeArchive, not tarfile or zlib errors."""
     with pytest.raises(UnsafeArchive):
         safe_extract(archive, out / "src")
+    assert list(out.iterdir()) == []
+
+
+def test_refuses_a_compression_ratio_bomb_with_the_shared_rule(out: Path) -> None:
+    """The ratio rule of ``superagent.tarcheck`` applies at prepare too, as ArchiveTooLarge."""
+    bomb = zero_bomb("zeros.bin", 300 * MiB, first=(file("app.py", "x"),))
+    with pytest.raises(ArchiveTooLarge, match="times its compressed size") as caught:
+        safe_extract(bomb, out / "src")
+    assert caught.value.member == "zeros.bin"
+    assert caught.value.status_hint == 413
     assert list(out.iterdir()) == []
