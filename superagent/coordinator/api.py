@@ -370,6 +370,9 @@ async def register_node(request: Request, ctx: Context) -> Response:
     if ctx.actor.startswith("node:") and ctx.actor != f"node:{node}":
         return error(403, "forbidden", f"this credential is {ctx.actor}'s: it cannot"
                                        f" register node {node!r}")
+    if ctx.actor == "participants" and c.read(lambda s: s.trust.enrolled(node)):
+        return error(403, "forbidden", f"node {node!r} is enrolled: it registers with its"
+                                       " own credential, not the shared participant secret")
     command = c.command(cmd.RegisterNode, actor=f"node:{node}", node=node,
                         address=field(body, "address", str, error=bad_request),
                         groups=tuple(field(body, "groups", list, error=bad_request,

@@ -113,10 +113,14 @@ def app_view(state: ClusterState, name: str,
     return doc
 
 
-def node_view(coordinator: ApiHost, node: Node, now: float) -> dict[str, Any]:
-    """A node's replicated record (groups, labeled, capacity, lifecycle, up) and, on the
-    leader, its last heartbeat: its age, the status and the instances it reports."""
+def node_view(coordinator: ApiHost, node: Node, now: float, credential: str = ""
+              ) -> dict[str, Any]:
+    """A node's replicated record (groups, labeled, capacity, lifecycle, up), how it
+    authenticates (``credential``: enrolled, revoked, or shared secret before it enrolled)
+    and, on the leader, its last heartbeat: its age, the status and the instances it
+    reports."""
     doc = asdict(node)
+    doc["credential"] = credential or None
     leading = coordinator.liveness.leader_since is not None
     doc["heartbeat_age"] = coordinator.liveness.age(node.name, now) if leading else None
     doc["status"] = coordinator.liveness.status.get(node.name) if leading else None
@@ -127,6 +131,14 @@ def node_view(coordinator: ApiHost, node: Node, now: float) -> dict[str, Any]:
     return doc
 
 
+def credential_of(state: ClusterState, node: str) -> str:
+    """"revoked", "enrolled", or "shared secret" (a node registered before machine
+    credentials, see docs/coordinator.md "Migrating")."""
+    if state.trust.revoked(node):
+        return "revoked"
+    return "enrolled" if state.trust.enrolled(node) else "shared secret"
+
+
 def now() -> float:
     return trio.current_time()
 
@@ -135,14 +147,16 @@ def now() -> float:
 async def list_nodes(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     at = now()
-    nodes = c.read(lambda s: [node_view(c, n, at) for _, n in sorted(s.nodes.items())])
+    nodes = c.read(lambda s: [node_view(c, n, at, credential_of(s, n.name))
+                              for _, n in sorted(s.nodes.items())])
     return JSONResponse({"nodes": nodes, "live": c.is_leader()})
 
 
 async def get_node(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     name, at = request.path_params["node"], now()
-    found = c.read(lambda s: node_view(c, s.nodes[name], at) if name in s.nodes else None)
+    found = c.read(lambda s: node_view(c, s.nodes[name], at, credential_of(s, name))
+                   if name in s.nodes else None)
     if found is None:
         return error(404, "unknown_node", f"node {name!r} is not registered")
     return JSONResponse(found)

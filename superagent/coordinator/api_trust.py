@@ -5,9 +5,10 @@ its sha256 is committed (``AddJoinToken``). ``POST /api/v1/nodes/enrol`` (bearer
 token) commits ``EnrolNode``: the state spends the token and records the hash of the
 machine's credential and its signal key (the participant made both, see
 ``superagent.rpc.credentials``); a bad, spent or expired token is a 401 ``join_refused``
-naming which. ``POST /api/v1/nodes/{node}/revoke`` (admin) commits ``RevokeNode``: the
-node's credential is refused from then on (401) and the node is marked down, so it gets no
-work; enrolling it again needs a join token issued for it.
+naming which. An unknown token is refused before anything is proposed, so requests with
+made-up tokens never reach the Raft log. ``POST /api/v1/nodes/{node}/revoke`` (admin)
+commits ``RevokeNode``: the node's credential is refused from then on (401) and the node is
+marked down, so it gets no work; enrolling it again needs a join token issued for it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ async def enrol_node(request: Request, ctx: Context) -> Response:
     body = await read_json(request)
     node = field(body, "node", str, error=bad_request)
     credential_sha256 = field(body, "credential_sha256", str, error=bad_request)
+    if not c.read(lambda s: s.trust.known_join(credential_hash(join), node,
+                                               credential_sha256)):
+        return error(401, "join_refused", "the join token is unknown or already used: ask"
+                                          " an admin for a new one (superagent nodes"
+                                          " join-token)")
     command = c.command(cmd.EnrolNode, actor=f"node:{node}",
                         key=f"enrol:{node}:{credential_sha256[:32]}", node=node,
                         join_sha256=credential_hash(join), credential_sha256=credential_sha256,

@@ -10,7 +10,7 @@ Machines authenticate otherwise (``authenticate_machine``), by the route's ``aut
 - ``secret``: peer calls (``/api/v1/internal/*``): the coordinators' secret only.
 - ``node``: a participant's own calls (register, heartbeat): its machine credential, and
   only for its own node; the coordinators' secret; the legacy shared participant secret
-  while a cluster migrates (``participant_secret``).
+  while a cluster migrates (``participant_secret``), for nodes not enrolled yet.
 - ``any``: artifact fetches: as ``node``, but a machine credential only for the artifact
   of a release of an app placed on its node (``placement``) or named by a deploy to it.
 - ``join``: enrolment: the bearer is a join token, checked when the enrolment commits.
@@ -105,6 +105,8 @@ _MISSING = {
     "join": "a join token is required (superagent nodes join-token)",
     "admin": "a valid API token is required",
 }
+_ENROLLED = ("node {node!r} is enrolled: it calls with its own credential, not the shared"
+             " participant secret")
 _NODE_SCOPE = ("a participant credential may only register, heartbeat and fetch the"
                " artifacts of its own apps")
 
@@ -119,6 +121,9 @@ def authenticate_machine(host: ApiHost, auth: str, params: Mapping[str, str],
     if auth in ("secret", "node", "any") and equal(credential, config.secret):
         return Access(actor="cluster")
     if auth in ("node", "any") and equal(credential, config.participant_secret):
+        named = params.get("node", "")
+        if named and host.read(lambda s: s.trust.enrolled(named)):
+            return Access(status=403, code="forbidden", detail=_ENROLLED.format(node=named))
         return Access(actor="participants")
     node, revoked = host.read(lambda s: s.trust.node_of(credential_hash(credential)))
     if node is None:

@@ -67,6 +67,19 @@ class Trust:
                 found = (node, bool(record["revoked"]))
         return found
 
+    def enrolled(self, node: str) -> bool:
+        """Whether ``node`` has a credential (live or revoked): the shared secret of a
+        migration no longer speaks for it."""
+        record = self.credentials.get(node)
+        return record is not None and bool(record["sha256"] or record["revoked"])
+
+    def known_join(self, join_sha256: str, node: str, credential_sha256: str) -> bool:
+        """Whether an enrolment could succeed: the token exists, or it repeats the node's
+        enrolment (checked before proposing, so junk never reaches the Raft log)."""
+        current = self.credentials.get(node)
+        return join_sha256 in self.join_tokens or (
+            current is not None and current["sha256"] == credential_sha256)
+
     def revoked(self, node: str) -> bool:
         record = self.credentials.get(node)
         return record is not None and bool(record["revoked"])
