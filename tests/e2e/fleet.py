@@ -4,9 +4,10 @@
 processes (nodes ``n1-<tag>``, ``n2-<tag>`` ..., the tag from ``root``'s name) on free
 loopback ports (one RPC and one proxy port each, ``tests.support.ports``), each with its own
 data dir under ``root`` and one proxy worker, joined to the coordinators with
-``--stop-on-exit`` and, given ``join_token``, enrolled with it (each then keeps its own
-credential), else with the legacy shared secret. Calls to a participant's RPC bear what a
-coordinator's would: the signal key derived from its credential (or the shared secret).
+``--stop-on-exit``, enrolled with ``join_token`` when one is given (each then keeps its
+own credential) and holding the legacy shared ``secret`` unless it is None. Calls to a
+participant's RPC bear what a coordinator's would: the signal key derived from its
+credential (or the shared secret).
 ``wait_joined(cluster)`` waits until the cluster lists every node up and online. Each
 agent is a ``tests.support.procs.LoggedProcess``: its output goes to ``root/<node>.log``
 and a failing test's report shows the tail.
@@ -163,7 +164,7 @@ class Fleet:
     """``size`` participant processes joined to ``coordinators`` (see the module docstring)."""
 
     def __init__(self, root: Path, coordinators: list[str], size: int = 2, *,
-                 secret: str = SECRET, join_token: str | None = None,
+                 secret: str | None = SECRET, join_token: str | None = None,
                  log_level: str = "info") -> None:
         self.root = root
         self.coordinators = coordinators
@@ -195,11 +196,13 @@ class Fleet:
                 "--coordinator", ",".join(self.coordinators), "--stop-on-exit"]
 
     def start(self, i: int) -> None:
-        credential = ({"SUPERAGENT_JOIN_TOKEN": self.join_token} if self.join_token
-                      else {"SUPERAGENT_SECRET": self.secret})
         env = {k: v for k, v in os.environ.items()
                if k not in ("SUPERAGENT_SECRET", "SUPERAGENT_JOIN_TOKEN")}
-        self.members[i].start(self.argv(i), env={**env, **credential})
+        if self.join_token:
+            env["SUPERAGENT_JOIN_TOKEN"] = self.join_token
+        if self.secret:
+            env["SUPERAGENT_SECRET"] = self.secret
+        self.members[i].start(self.argv(i), env=env)
 
     def credential(self, i: int) -> str | None:
         """Participant ``i``'s own credential, once it is enrolled."""
@@ -208,7 +211,7 @@ class Fleet:
     def rpc_headers(self, i: int) -> dict[str, str]:
         """What a coordinator's call to participant ``i`` bears."""
         credential = self.credential(i)
-        key = signal_key(credential) if credential else self.secret
+        key = signal_key(credential) if credential else self.secret or ""
         return {"authorization": f"Bearer {key}"}
 
     def start_all(self) -> None:

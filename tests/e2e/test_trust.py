@@ -112,7 +112,7 @@ def test_participants_hold_their_own_credentials_and_nothing_more() -> None:
     passed = False
     try:
         with Cluster(root / "coordinators", participant_secret=None) as cluster, \
-                Fleet(root, [m.url for m in cluster.members]) as fleet:
+                Fleet(root, [m.url for m in cluster.members], secret=None) as fleet:
             cluster.start_all()
             leader = cluster.wait_ready()
             fleet.join_token = cluster.join_token(leader, uses=2)
