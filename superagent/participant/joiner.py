@@ -188,8 +188,9 @@ class Reachability:
 class _RoundFailed(Exception):
     """Every coordinator failed one round; ``tried`` says how, per URL."""
 
-    def __init__(self, tried: dict[str, str]) -> None:
+    def __init__(self, tried: dict[str, str], *, refused: bool = False) -> None:
         self.tried = tried
+        self.refused = refused  # the cluster answered, and refused this machine's credential
         super().__init__("; ".join(f"{u}: {why}" for u, why in tried.items()))
 
 
@@ -316,6 +317,7 @@ class CoordinatorLink:
         async with self._client() as client:
             task_status.started()
             registered = False
+            refused_logged: str | None = None  # logged once while it lasts
             while True:
                 try:
                     if not registered:
@@ -325,11 +327,15 @@ class CoordinatorLink:
                         registered = False  # the cluster does not know this node
                         continue
                 except _RoundFailed as exc:
-                    event = self.reachability.failed()
-                    if event is not None:
+                    event = ("the cluster refuses this machine's credential (revoked?): enrol"
+                             " it again with a join token issued for this node"
+                             if exc.refused else self.reachability.failed())
+                    if event is not None and event != refused_logged:
                         self._log.warning(event, tried=exc.tried)
+                    refused_logged = event if exc.refused else None
                     await trio.sleep(backoff.next())
                     continue
+                refused_logged = None
                 event = self.reachability.succeeded()
                 if event is not None:
                     self._log.info(event, leader=self.leader_url)
@@ -341,7 +347,8 @@ class CoordinatorLink:
                 "capacity": self.capacity}
         response = await self._round(client, "POST", "/api/v1/nodes/register", body)
         if response.status_code != 200:
-            raise _RoundFailed({str(response.url): _status_reason(response)})
+            raise _RoundFailed({str(response.url): _status_reason(response)},
+                               refused=response.status_code in (401, 403))
         self.registrations += 1
         self._log.debug("registered", created=_json(response).get("created"),
                         coordinator=str(response.url))
@@ -354,7 +361,8 @@ class CoordinatorLink:
             self._log.info("coordinator does not know this node; registering again")
             return False
         if response.status_code != 200:
-            raise _RoundFailed({str(response.url): _status_reason(response)})
+            raise _RoundFailed({str(response.url): _status_reason(response)},
+                               refused=response.status_code in (401, 403))
         self.heartbeats += 1
         return True
 

@@ -115,6 +115,10 @@ class FakeCoordinator:
 
     async def heartbeat(self, request: Request) -> Response:
         node = request.path_params["node"]
+        if self.mode == "revoked":
+            self.refused += 1
+            self._note()
+            return self._answer({"error": "node_revoked", "detail": "revoked"}, 401)
         if self.mode == "no_leader":
             self.refused += 1
             self._note()
@@ -617,3 +621,19 @@ async def test_a_refused_join_token_is_an_error_naming_why(data_dir: Path) -> No
 def test_a_link_without_any_credential_is_refused() -> None:
     with pytest.raises(ConfigError, match="join token"):
         make_link(["http://127.0.0.1:1"], secret="")
+
+
+async def test_a_revoked_machine_says_so_once_and_keeps_trying() -> None:
+    """Heartbeats answered 401: one warning that names the credential (not an outage),
+    retried with backoff; when the cluster accepts it again, it carries on."""
+    async with coordinators(1) as [fake]:
+        with capture_logs() as logs:
+            async with running(make_link([fake.url])):
+                await fake.wait_until(lambda: len(fake.heartbeats) >= 1)
+                fake.mode = "revoked"
+                await fake.wait_until(lambda: fake.refused >= 3)
+                fake.mode = "ok"
+                beats = len(fake.heartbeats)
+                await fake.wait_until(lambda: len(fake.heartbeats) > beats)
+    warnings = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1 and "refuses this machine's credential" in warnings[0], warnings
