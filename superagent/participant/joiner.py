@@ -237,6 +237,9 @@ class CoordinatorLink:
             raise ConfigError("no credential to join the cluster with: give a join token"
                               " (superagent nodes join-token)", source="participant")
         self.node = node
+        if self.credential and join_token:
+            log.info("already enrolled: the join token is not used (remove the credential"
+                     " file to enrol again)", node=node, credential=str(credential_file))
         self.address = address
         self.groups = list(groups)
         self.capacity = capacity
