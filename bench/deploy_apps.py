@@ -20,9 +20,13 @@ Per app, one after another, on the same cluster:
 2. **boot**: the app's run command spawned directly (``/bin/sh -c``, the release's venv or
    ``node_modules`` on PATH, ``PORT`` set, no agent) in node 1's built r1 source tree, timed
    from spawn until ``/healthz`` answers 200 (polled every 5 ms), median of ``--boots``: the
-   same measure as the default mode's boot.
+   same measure as the default mode's boot. Then the same with 4 spawned at once (2 nodes x
+   ``PER_NODE``), until the last answers: what a rollback, which starts every node's
+   instances at once, meets when both nodes share this machine's cores.
 3. **redeploys** r2..r6 with unchanged dependencies (only the app's ``VERSION`` changes), under
-   light keep-alive load: wall time per deploy and ``build.seconds`` on each node.
+   light keep-alive load: wall time per deploy, ``build.seconds`` on each node and whether
+   the build copied ``node_modules`` from the agent's dependency cache (``build.node_modules``
+   in ``release.json``).
 4. **rollback** to r1, five releases back (``POST /rollback {"to": "r1"}``): wall time vs the
    boot time, and proof that nothing was rebuilt: r1's ``build.log`` and ``release.json`` on
    both nodes keep the mtimes they had before.
@@ -175,6 +179,17 @@ def build_seconds(fleet: Fleet, app: str, release: str) -> list[float]:
             for i in range(len(fleet.members))]
 
 
+def modules_reused(fleet: Fleet, app: str, release: str) -> list[bool | None]:
+    """Whether each node's build of ``release`` copied node_modules from the agent's
+    dependency cache (``release.json`` ``build.node_modules.reused``; None: not consulted)."""
+    found: list[bool | None] = []
+    for i in range(len(fleet.members)):
+        doc = json.loads((release_dir(fleet, i, app, release) / "release.json").read_text())
+        modules = doc["build"].get("node_modules")
+        found.append(None if modules is None else bool(modules["reused"]))
+    return found
+
+
 def build_mtimes(fleet: Fleet, app: str, release: str) -> list[list[int]]:
     """(build.log, release.json) mtimes in ns of ``release`` on every node."""
     return [[(release_dir(fleet, i, app, release) / name).stat().st_mtime_ns
@@ -266,39 +281,51 @@ def rollback(cluster: Cluster, leader: int, app: str, to: str) -> dict[str, Any]
     return {"deploy_id": body["deploy_id"], "release": to}
 
 
-def boot_time(src: Path, kind: str, runs: int) -> dict[str, Any]:
+def boot_time(src: Path, kind: str, runs: int, *, together: int = 1) -> dict[str, Any]:
     """The run command spawned directly in a built tree: spawn -> /healthz 200, ``runs``
-    times (as bench/deploy times the demo app)."""
+    times (as bench/deploy times the demo app). With ``together`` > 1, that many are
+    spawned at once each time and the time is until the last one answers: what a rollback
+    of every node at once meets on this one machine (2 nodes x ``PER_NODE``)."""
     path = f"{src}/.venv/bin:{src}/node_modules/.bin:/usr/local/bin:/usr/bin:/bin"
     samples = []
     with httpx.Client(trust_env=False, timeout=1.0) as http:
-        for port in free_ports(runs):
-            env = {"PATH": path, "PORT": str(port), "HOME": str(src), "LANG": "C.UTF-8",
-                   "SUPERAGENT_APP": KINDS[kind]["app"], "SUPERAGENT_RELEASE": "boot",
-                   "SUPERAGENT_INSTANCE": "boot.1", "VERSION": "boot"}
-            if (src / ".venv").is_dir():
-                env["VIRTUAL_ENV"] = str(src / ".venv")
+        for _ in range(runs):
+            ports = free_ports(together)
             t0 = time.perf_counter()
-            proc = subprocess.Popen(["/bin/sh", "-c", "exec " + KINDS[kind]["run"]],
-                                    cwd=src, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            procs = {}
+            for port in ports:
+                env = {"PATH": path, "PORT": str(port), "HOME": str(src), "LANG": "C.UTF-8",
+                       "SUPERAGENT_APP": KINDS[kind]["app"], "SUPERAGENT_RELEASE": "boot",
+                       "SUPERAGENT_INSTANCE": f"boot.{port}", "VERSION": "boot"}
+                if (src / ".venv").is_dir():
+                    env["VIRTUAL_ENV"] = str(src / ".venv")
+                procs[port] = subprocess.Popen(
+                    ["/bin/sh", "-c", "exec " + KINDS[kind]["run"]], cwd=src, env=env,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    start_new_session=True)
             try:
-                while True:
-                    try:
-                        if http.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{kind} app exited with {proc.returncode} at boot")
+                waiting = set(ports)
+                while waiting:
+                    for port in sorted(waiting):
+                        try:
+                            if http.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                                waiting.discard(port)
+                        except httpx.HTTPError:
+                            pass
+                        if procs[port].poll() is not None:
+                            raise RuntimeError(f"{kind} app exited with"
+                                               f" {procs[port].returncode} at boot")
                     if time.perf_counter() - t0 > BOOT_TIMEOUT:
                         raise RuntimeError(f"{kind} app did not answer in {BOOT_TIMEOUT} s")
-                    time.sleep(BOOT_POLL)  # a probe interval, bounded by the checks above
+                    if waiting:
+                        time.sleep(BOOT_POLL)  # a probe interval, bounded by the checks above
                 samples.append(time.perf_counter() - t0)
             finally:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=BOOT_TIMEOUT)
-    return {"n": runs, "median_ms": round(statistics.median(samples) * 1000, 1),
+                for proc in procs.values():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=BOOT_TIMEOUT)
+    return {"n": runs, "together": together,
+            "median_ms": round(statistics.median(samples) * 1000, 1),
             "min_ms": round(min(samples) * 1000, 1), "max_ms": round(max(samples) * 1000, 1)}
 
 
@@ -328,8 +355,13 @@ def one_app(kind: str, cluster: Cluster, leader: int, fleet: Fleet, root: Path, 
     first["build_seconds"] = build_seconds(fleet, app, first["release"])
     progress(f"{kind}: first deploy {first['deploy_s']:.2f} s (build {first['build_seconds']}"
              " s per node, cold cache)")
-    boot = boot_time(release_dir(fleet, 0, app, first["release"]) / "src", kind, boots)
+    built = release_dir(fleet, 0, app, first["release"]) / "src"
+    boot = boot_time(built, kind, boots)
     progress(f"{kind}: boot (spawn -> /healthz 200) median {boot['median_ms']} ms of {boots}")
+    together = len(fleet.members) * PER_NODE
+    boot_all = boot_time(built, kind, boots, together=together)
+    progress(f"{kind}: {together} boots at once, until the last answers: median"
+             f" {boot_all['median_ms']} ms of {boots}")
     load = Load([f"{p.proxy}/{app}/" for p in fleet.members for _ in range(clients)])
     load.start()
     try:
@@ -339,10 +371,11 @@ def one_app(kind: str, cluster: Cluster, leader: int, fleet: Fleet, root: Path, 
         for n in range(2, 2 + REDEPLOYS):
             r = deploy_version(n, load)
             r["build_seconds"] = build_seconds(fleet, app, r["release"])
+            r["modules_reused"] = modules_reused(fleet, app, r["release"])
             redeploys.append(r)
             progress(f"{kind}: redeploy {r['release']} {r['deploy_s']:.2f} s, build"
-                     f" {r['build_seconds']} s per node, {r['failed']} failed of"
-                     f" {r['requests']}")
+                     f" {r['build_seconds']} s per node (node_modules from the cache:"
+                     f" {r['modules_reused']}), {r['failed']} failed of {r['requests']}")
         target = first["release"]
         before = build_mtimes(fleet, app, target)
         back = measured(cluster, leader, app, lambda: rollback(cluster, leader, app, target),
@@ -383,7 +416,8 @@ def one_app(kind: str, cluster: Cluster, leader: int, fleet: Fleet, root: Path, 
                  f" {crash['requests_with_window']}, serving {crash['serving']}")
     finally:
         load.stop()
-    return {"app": app, "first": first, "boot": boot, "redeploys": redeploys,
+    return {"app": app, "first": first, "boot": boot, "boot_together": boot_all,
+            "redeploys": redeploys,
             "redeploy_deploy_s": summary([r["deploy_s"] for r in redeploys]),
             "redeploy_build_s": summary([s for r in redeploys for s in r["build_seconds"]]),
             "rollback": back, "ready_then_crash": crash,
@@ -419,6 +453,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
              "<= 1 s"),
             ("", "redeploy, same deps: POST -> done (median)",
              f"{f['redeploy_deploy_s']['median_s']:.2f} s", ""),
+            ("", f"{f['boot_together']['together']} boots at once (the rollback's floor here)",
+             f"{f['boot_together']['median_ms']:.0f} ms", ""),
             ("", "rollback to r1 (5 back): POST -> done", f"{rb['deploy_s']:.2f} s",
              f"<= boot + 1 s = {boot / 1000 + 1:.2f} s"),
             ("", "  rollback rebuilt anything", "yes" if rb["rebuilt"] else "no", "no"),

@@ -21,6 +21,7 @@ from superagent.names import group_name_problem
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
+MAX_DRAIN_WAIT = 3600.0  # a drain wait beyond an hour is a typo
 
 
 def _proxy(args: argparse.Namespace) -> int:
@@ -140,15 +141,6 @@ def _read_value(path: str | None, option: str, env: str) -> str:
     return os.environ.get(env, "").strip()
 
 
-def _secret(args: argparse.Namespace) -> str:
-    """The cluster secret from --secret-file or SUPERAGENT_SECRET."""
-    secret = _read_value(args.secret_file, "--secret-file", "SUPERAGENT_SECRET")
-    if not secret:
-        raise SuperagentError("the cluster secret is required: --secret-file FILE or the"
-                              " SUPERAGENT_SECRET environment variable")
-    return secret
-
-
 def _coordinator_secrets(args: argparse.Namespace) -> tuple[str, str]:
     """(the coordinators' secret, the legacy participant secret or "").
 
@@ -225,13 +217,15 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise SuperagentError(f"--api-url {args.api_url!r} must start with http:// or https://")
     if args.node_timeout <= 0:
         raise SuperagentError("--node-timeout must be positive")
+    if not 0 <= args.drain_wait <= MAX_DRAIN_WAIT:
+        raise SuperagentError(f"--drain-wait must be 0..{MAX_DRAIN_WAIT:g} seconds")
     secret, shared = _coordinator_secrets(args)
     config = CoordinatorConfig(
         id=args.id, peers=peers, api=parse_address(args.api, source="--api", key=args.api),
         data_dir=Path(args.data_dir).resolve(), secret=secret, participant_secret=shared,
         api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
-        node_timeout=args.node_timeout)
+        node_timeout=args.node_timeout, drain_wait=args.drain_wait)
     _serve_until_signal(Coordinator(config).run)
     return 0
 
@@ -341,14 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the first leader writes the admin token it creates (0600)")
     coord.add_argument("--node-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="a participant silent this long is marked down (default 10)")
+    coord.add_argument("--drain-wait", type=float, default=5.0, metavar="SECONDS",
+                       help="a draining node keeps its instances this long, so the front load"
+                            " balancer takes it out first (default 5)")
     coord.set_defaults(func=_coordinator)
 
     from superagent.client_cli import add_client_commands
     from superagent.client_scale import add_scale_commands
+    from superagent.client_tokens import add_access_commands
     from superagent.client_trust import add_trust_commands
 
     parsers = add_client_commands(sub)
     add_trust_commands(add_scale_commands(sub, parsers["nodes"]))
+    add_access_commands(sub)
     return parser
 
 

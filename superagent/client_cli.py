@@ -24,6 +24,7 @@ FOLLOW_TIMEOUT = 30.0  # seconds without a byte of the progress stream (keep-ali
 FOLLOW_RECONNECTS = 20
 URLS_WAIT = 5.0  # seconds for the participants' heartbeats to name their proxy listeners
 URLS_POLL = 0.25
+DRAIN_POLL = 1.0  # seconds between looks at what still runs on a draining node
 
 
 def client_of(args: argparse.Namespace) -> Client:
@@ -79,19 +80,23 @@ def _scale_text(app: dict[str, Any]) -> str | None:
     if not scale:
         return None
     groups = ",".join(scale["groups"])
+    auto = scale.get("auto")
     text = (f"{scale['instances']} in {groups}" if scale.get("instances") is not None
             else f"{scale['per_node']}/node in {groups}")
+    if auto is not None:
+        text += f" (auto {auto['min']}-{auto['max']})"
     return text + (" (scaling)" if app.get("scaling") else "")
 
 
 def render_apps(doc: dict[str, Any]) -> str:
     if not doc["apps"]:
         return "no apps"
-    rows = [(a["name"], a["current_release"], a["latest_release"], a["releases"],
-             _scale_text(a), sum((a.get("placement") or {}).values()),
+    rows = [(a["name"], a.get("team"), a["current_release"], a["latest_release"],
+             a["releases"], _scale_text(a), sum((a.get("placement") or {}).values()),
              time.strftime("%Y-%m-%d %H:%M", time.localtime(a["updated_at"])))
             for a in doc["apps"]]
-    out = table(rows, ("APP", "SERVING", "LATEST", "RELEASES", "SCALE", "PLACED", "UPDATED"))
+    out = table(rows, ("APP", "TEAM", "SERVING", "LATEST", "RELEASES", "SCALE", "PLACED",
+                       "UPDATED"))
     short = [f"{a['name']}: {a['placement_reason']}" for a in doc["apps"]
              if a.get("placement_reason")]
     return "\n".join([out, *short])
@@ -107,6 +112,18 @@ def _nodes(args: argparse.Namespace) -> int:
 
 def _apps(args: argparse.Namespace) -> int:
     return emit(args, client_of(args).get("/api/v1/apps"), render_apps)
+
+
+def render_audit(doc: dict[str, Any]) -> str:
+    rows = [(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])), e["actor"],
+             e["type"], e["target"], e["outcome"]) for e in doc["audit"]]
+    return table(rows, ("AT", "ACTOR", "COMMAND", "TARGET", "OUTCOME")) if rows else (
+        "no audit entries")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    return emit(args, client_of(args).get(f"/api/v1/audit?limit={args.limit}"),
+                render_audit)
 
 
 def render_instances(nodes: dict[str, Any], apps: dict[str, Any]) -> str:
@@ -282,6 +299,8 @@ def _deploy(args: argparse.Namespace) -> int:
             query += "&force=true"
         if args.max_parallel:
             query += f"&max_parallel={args.max_parallel}"
+        if args.team:
+            query += f"&team={args.team}"
         doc = client.post(f"/api/v1/apps/{app}/releases?{query}", content=archive,
                           headers={"content-type": "application/gzip"})
     if doc.get("unchanged"):
@@ -310,11 +329,43 @@ def _rollback(args: argparse.Namespace) -> int:
 
 def _lifecycle(action: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        doc = client_of(args).post(f"/api/v1/nodes/{args.node}/{action}")
-        return emit(args, doc, lambda d: f"{d['node']}: {d['lifecycle']}"
-                    + ("" if d.get("signalled") else " (participant not reached: it applies"
-                       " the lifecycle when it is)"))
+        client = client_of(args)
+        doc = client.post(f"/api/v1/nodes/{args.node}/{action}")
+
+        def render(d: dict[str, Any]) -> str:
+            return f"{d['node']}: {d['lifecycle']}" + (
+                "" if d.get("signalled") else " (participant not reached: it applies the"
+                " lifecycle when it is)")
+        if action != "drain" or args.no_wait:
+            return emit(args, doc, render)
+        if not args.json:
+            print(render(doc), flush=True)
+        left = _follow_drain(client, args.node, quiet=args.json)
+        if args.json:
+            return emit(args, {**doc, "running": left}, str)
+        if left["lifecycle"] != "draining":
+            print(f"{args.node}: no longer draining (now {left['lifecycle']})")
+            return 1
+        print(f"{args.node}: drained, nothing runs there; `superagent offline {args.node}`"
+              " takes it out of service")
+        return 0
     return run
+
+
+def _follow_drain(client: Client, node: str, *, quiet: bool) -> dict[str, Any]:
+    """Poll what still runs on a draining node until nothing does (or it stops draining);
+    print what is left whenever it changes."""
+    shown = ""
+    while True:
+        left: dict[str, Any] = client.get(f"/api/v1/nodes/{node}/running")
+        if left["lifecycle"] != "draining" or not (left["instances"] or left["placed"]):
+            return left
+        line = f"{node}: still running {', '.join(left['instances']) or '-'}; placed " + (
+            ", ".join(f"{app} x{n}" for app, n in left["placed"].items()) or "-")
+        if line != shown and not quiet:
+            print(line, flush=True)
+            shown = line
+        time.sleep(DRAIN_POLL)
 
 
 def add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
@@ -348,6 +399,12 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
         add_common(parser)
         parser.set_defaults(func=func)
         parsers[name] = parser
+    audit = sub.add_parser("audit", help="who did what, newest first (deploys, scalings,"
+                                         " autoscaler decisions with their inputs, ...)")
+    audit.add_argument("--limit", type=int, default=50, metavar="N",
+                       help="entries to show (default 50)")
+    add_common(audit)
+    audit.set_defaults(func=_audit)
     deploy = sub.add_parser("deploy", help="pack a directory, upload it as a release and"
                                            " roll it out")
     deploy.add_argument("path", help="the app's source directory (with superagent.toml or a"
@@ -360,6 +417,8 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
                         help="print the deploy id and return without waiting")
     deploy.add_argument("--force", action="store_true",
                         help="deploy even when the content is what the app already serves")
+    deploy.add_argument("--team", help="the team a new app belongs to (default: the token's"
+                                       " only team; for an admin, default)")
     add_common(deploy)
     deploy.set_defaults(func=_deploy)
     releases = sub.add_parser("releases", help="an app's releases")
@@ -379,6 +438,10 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
                               ("online", "put a node back in service")):
         parser = sub.add_parser(action, help=help_text)
         parser.add_argument("node")
+        if action == "drain":
+            parser.add_argument("--no-wait", action="store_true",
+                                help="return at once instead of following the drain until"
+                                     " nothing runs on the node")
         add_common(parser)
         parser.set_defaults(func=_lifecycle(action))
     return parsers

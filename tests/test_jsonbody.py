@@ -4,7 +4,6 @@ naming the problem, never a RecursionError or a value a response could not encod
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -51,13 +50,14 @@ def test_depth_counts_brackets_outside_strings_only() -> None:
     assert parse_json(b'"\\ud83d\\ude00"', error=Refused) == "\U0001f600"  # a proper pair
 
 
-@pytest.mark.parametrize("raw", [b'"\\"' * 400_000, b'"' + b"\\" * 1_000_000,
-                                 b"[]" * 500_000, b'"a' * 500_000])
-def test_the_depth_scan_is_linear(raw: bytes) -> None:
-    """Unterminated strings full of escapes cannot make the scan quadratic."""
-    started = time.monotonic()
-    nesting_depth(raw)
-    assert time.monotonic() - started < 1.0
+@pytest.mark.parametrize(("raw", "depth"), [(b'"\\"' * 400_000, 0),
+                                            (b'"' + b"\\" * 1_000_000, 0),
+                                            (b"[]" * 500_000, 1), (b'"a' * 500_000, 0)])
+def test_the_depth_scan_of_hostile_bodies(raw: bytes, depth: int) -> None:
+    """Megabytes of unterminated strings full of escapes scan to the right depth (the
+    token pattern has no nested repetition, so the scan stays linear: a quadratic one
+    would not finish here)."""
+    assert nesting_depth(raw) == depth
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text()

@@ -4,8 +4,6 @@ the limits (members, declared size, compression ratio) hit early and fast."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from superagent.errors import ArchiveOverLimit, ArchiveRefused
@@ -40,22 +38,18 @@ def test_refuses_a_declared_2gib_file_from_its_header() -> None:
     """A 2 GiB zero file compressed to 2 MB is refused at its header, reading no data."""
     bomb = zero_bomb("zeros.bin", 2 * 1024**3, first=(MANIFEST,))
     assert len(bomb) < 3 * MiB
-    started = time.monotonic()
     with pytest.raises(ArchiveOverLimit, match="declares 2147483648") as caught:
         check_archive(bomb)
     assert caught.value.member == "zeros.bin"
-    assert time.monotonic() - started < 1.0
 
 
 def test_refuses_a_compression_ratio_past_the_floor() -> None:
     """300 MiB of zeros (under the size limit) in 300 KB is refused once the stream passes
     the floor at more than MAX_RATIO times what was read: no 300 MiB decompression."""
     bomb = zero_bomb("zeros.bin", 300 * MiB, first=(MANIFEST,))
-    started = time.monotonic()
     with pytest.raises(ArchiveOverLimit, match=f"more than {MAX_RATIO} times") as caught:
         check_archive(bomb)
     assert caught.value.member == "zeros.bin"
-    assert time.monotonic() - started < 2.0
 
 
 def test_a_high_ratio_below_the_floor_is_fine() -> None:

@@ -2,7 +2,9 @@
 
 Authentication, by route (``ROUTES`` is the table, and the OpenAPI document is built from it):
 
-- ``admin``: ``Authorization: Bearer <API token>``; the token's name is the audit log's actor.
+- ``token``: ``Authorization: Bearer <API token>``; the token's name is the audit log's
+  actor, and the route's ``permission`` is checked against the token's role and teams
+  by the one policy (``policy.decide``, called by ``api_access.token_access``).
 - ``secret``: the coordinators' secret, for peer coordinators only.
 - ``node``: a participant's machine credential, for its own node only.
 - ``any``: an API token, or a machine credential for the artifacts of its own apps.
@@ -13,16 +15,18 @@ Authentication, by route (``ROUTES`` is the table, and the OpenAPI document is b
 refused with 403 outside its scope and 401 everywhere once revoked.
 
 Errors are JSON ``{"error": code, "detail": message}`` with the status the error names;
-a missing or wrong credential is a 401 before anything else is looked at. Every response
-carries ``X-Superagent-Leader`` (the leader's API URL) when a leader is known, so a client
-can go straight to it. Writes on a follower are not redirected: ``Coordinator.submit``
-forwards the command to the leader, and the two participant calls whose effect lives in
-the leader's memory (register, heartbeat) are forwarded as they are.
+a missing, wrong, expired or revoked credential is a 401 before anything else is looked
+at, and a token whose role or teams do not allow the route a 403 naming what is missing.
+Every response carries ``X-Superagent-Leader`` (the leader's API URL) when a leader is
+known, so a client can go straight to it. Writes on a follower are not redirected:
+``Coordinator.submit`` forwards the command to the leader, and the two participant calls
+whose effect lives in the leader's memory (register, heartbeat) are forwarded as they are.
 
 ``ROUTES`` is the one place routes are declared. Handlers live here and beside it:
 ``api_fleet`` (app and node views, scale, node labels) and ``api_deploys`` (a deploy's
-view and stream, cancel, rollback); ``api_common`` has what they share (context, JSON
-errors, request bodies, idempotency keys).
+view and stream, cancel, rollback), ``api_access`` (the token check, tokens, team quotas,
+the audit log); ``api_common`` has what they share (context, JSON errors, request bodies,
+idempotency keys).
 """
 
 from __future__ import annotations
@@ -43,6 +47,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from superagent import __version__
 from superagent.coordinator import commands as cmd
+from superagent.coordinator import policy as perm
+from superagent.coordinator.api_access import (
+    QUOTA_BODY,
+    TOKEN_BODY,
+    audit,
+    create_token,
+    list_teams,
+    list_tokens,
+    new_app_team,
+    revoke_token,
+    set_quota,
+    token_access,
+    upload_team,
+)
 from superagent.coordinator.api_common import (
     MAX_JSON,
     Context,
@@ -69,9 +87,11 @@ from superagent.coordinator.api_fleet import (
     get_node,
     label_node,
     list_nodes,
+    now,
     reported,
     scale_app,
 )
+from superagent.coordinator.api_openapi import openapi_document
 from superagent.coordinator.api_trust import (
     ENROL_BODY,
     JOIN_TOKEN_BODY,
@@ -79,15 +99,18 @@ from superagent.coordinator.api_trust import (
     enrol_node,
     revoke_node,
 )
-from superagent.coordinator.auth import authenticate_machine, bearer, token_name
+from superagent.coordinator.auth import authenticate_machine, bearer
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
     BadArchive,
+    Conflict,
     CoordinatorError,
+    Forbidden,
     NoLeader,
     UnknownNode,
 )
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
+from superagent.coordinator.reconcile_view import still_on
 from superagent.coordinator.state import ClusterState
 from superagent.errors import CodecError, ConfigError
 from superagent.jsonbody import field, parse_json, read_body
@@ -98,7 +121,6 @@ from superagent.rpc.messages import Offline
 
 log = structlog.get_logger(__name__)
 
-AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
 MAX_COMMAND = 16 * 1024**2  # bytes of a forwarded command (a deploy record carries logs)
 MAX_COMMAND_DEPTH = 64  # nesting of a forwarded command (a spec inside a record inside it)
 OFFLINE_SIGNAL_TIMEOUT = 5.0  # best effort: a node that does not answer soon is told later
@@ -111,11 +133,12 @@ Handler = Callable[[Request, "Context"], Awaitable[Response]]
 class Endpoint:
     method: str
     path: str
-    auth: str  # admin | secret | node | any | join | none
+    auth: str  # token | secret | node | any | join | none
     summary: str
     handler: Handler
     status: int = 200  # the success status, for the OpenAPI document
     body: dict[str, Any] | None = None  # the JSON schema of the request body, if it has one
+    permission: str = ""  # what a token needs (policy.PERMISSIONS), for token and any
 
 
 def from_exception(exc: CoordinatorError | ConfigError) -> JSONResponse:
@@ -123,6 +146,8 @@ def from_exception(exc: CoordinatorError | ConfigError) -> JSONResponse:
         return error(400, "bad_manifest", str(exc))
     if isinstance(exc, BadArchive):
         return error(exc.status_hint, exc.code, str(exc), member=exc.member)
+    if isinstance(exc, Forbidden):
+        return error(exc.status_hint, exc.code, str(exc), missing=exc.missing)
     return error(exc.status_hint, exc.code, str(exc))
 
 
@@ -176,7 +201,7 @@ async def metrics(request: Request, ctx: Context) -> Response:
 
 
 async def openapi(request: Request, ctx: Context) -> Response:
-    return JSONResponse(openapi_document())
+    return JSONResponse(openapi_document(ROUTES))
 
 
 async def cluster(request: Request, ctx: Context) -> Response:
@@ -202,16 +227,18 @@ async def cluster(request: Request, ctx: Context) -> Response:
 async def list_apps(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     instances = reported(c)
-    apps = c.read(lambda s: [app_view(s, n, instances) for n in sorted(s.apps)])
+    apps = c.read(lambda s: [app_view(s, n, instances) for n in sorted(s.apps)
+                             if ctx.sees(s.apps[n].team)])
     return JSONResponse({"apps": apps, "live": c.is_leader()})
 
 
 async def create_app(request: Request, ctx: Context) -> Response:
     body = await read_json(request)
+    team = new_app_team(ctx, body.pop("team", None))  # beside the manifest's tables
     spec = parse_manifest(body, source="request body")
     command = ctx.coordinator.command(cmd.CreateApp, actor=ctx.actor,
                                       key=idempotency_key(request), name=spec.name,
-                                      spec=spec_to_json(spec))
+                                      spec=spec_to_json(spec), team=team)
     result = await ctx.coordinator.submit(command)
     if not result.get("ok"):
         return from_result(result)
@@ -263,6 +290,7 @@ async def create_release(request: Request, ctx: Context) -> Response:
         if not is_sha256(expected):
             return error(400, "bad_request", "query parameter 'sha256' must be 64 hex digits")
     options = deploy_options(request.query_params)  # refused before anything is stored
+    team = upload_team(ctx, name, request.query_params.get("team"))
     force = query_flag(request, "force", default=False)
     deploy = query_flag(request, "deploy", default=True)
     if expected and not force:  # the client named the content: nothing need be stored
@@ -284,9 +312,10 @@ async def create_release(request: Request, ctx: Context) -> Response:
     spec_doc = spec_to_json(spec)
     if not c.read(lambda s: name in s.apps):
         created = await c.submit(c.command(cmd.CreateApp, actor=ctx.actor, name=name,
-                                           spec=spec_doc))
+                                           spec=spec_doc, team=team))
         if not created.get("ok") and created.get("code") != "conflict":
             return from_result(created)
+        upload_team(ctx, name, team)  # made meanwhile by another token: of a team of this one?
     result = await c.submit(c.command(cmd.AddRelease, actor=ctx.actor, key=key, app=name,
                                       sha256=sha256, size=size, spec=spec_doc))
     if not result.get("ok"):
@@ -355,8 +384,9 @@ async def propose(request: Request, ctx: Context) -> Response:
     doc = parse_json(raw, error=bad_request, max_depth=MAX_COMMAND_DEPTH)
     if not isinstance(doc, dict):
         return error(400, "bad_command", "a command is a JSON object")
-    cmd.decode_doc(doc)  # refuse garbage before it reaches the log
+    command = cmd.decode_doc(doc)  # refuse garbage before it reaches the log
     result = await c.raft.propose(raw.decode(), PROPOSE_TIMEOUT)
+    c.committed(command)
     # the follower waits until it has applied this far, so its next read sees the write
     return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
 
@@ -396,14 +426,40 @@ async def heartbeat(request: Request, ctx: Context) -> Response:
     return JSONResponse({"ok": True})
 
 
+def _still_on(c: ApiHost, node: str) -> dict[str, Any]:
+    """What still runs on (or is placed on) ``node``, as this leader knows it."""
+    found: dict[str, Any] | None = c.read(lambda s: still_on(s, node, c.liveness, now()))
+    if found is None:
+        raise UnknownNode(node)
+    return found
+
+
+async def node_running(request: Request, ctx: Context) -> Response:
+    """What still runs on a node: a drain is over when both lists are empty."""
+    c = ctx.coordinator
+    if not c.is_leader():  # the heartbeats are in the leader's memory
+        return await forward(request, ctx)
+    return JSONResponse(_still_on(c, request.path_params["node"]))
+
+
 async def node_lifecycle(request: Request, ctx: Context) -> Response:
-    """drain / offline / online: commit the lifecycle, then tell the participant."""
+    """drain / offline / online: commit the lifecycle, then tell the participant. A node
+    goes offline only once nothing runs or is placed on it (409 naming what does)."""
     c = ctx.coordinator
     node, action = request.path_params["node"], request.path_params["action"]
     target = {"drain": "draining", "offline": "offline", "online": "online"}.get(action)
     if target is None:
         return error(404, "unknown_action", f"no node action {action!r}:"
                                             " use drain, offline or online")
+    if target == "offline":
+        if not c.is_leader():  # the heartbeats are in the leader's memory
+            return await forward(request, ctx)
+        left = _still_on(c, node)
+        if left["lifecycle"] == "draining" and (left["instances"] or left["placed"]):
+            what = left["instances"] or [f"{app} ({n} placed)"
+                                         for app, n in left["placed"].items()]
+            raise Conflict(f"node {node} still runs {', '.join(what)}: wait until its drain"
+                           f" is over (superagent drain {node} follows it)")
     command = c.command(cmd.SetNodeLifecycle, actor=ctx.actor, key=idempotency_key(request),
                         node=node, lifecycle=target)
     result = await c.submit(command)
@@ -425,17 +481,6 @@ async def _signal_offline(c: ApiHost, node: str, *, offline: bool, signal_id: st
         log.warning("participant not signalled", node=node, error=str(exc))
         return False
     return True
-
-
-async def audit(request: Request, ctx: Context) -> Response:
-    try:
-        limit = int(request.query_params.get("limit", AUDIT_DEFAULT))
-    except ValueError:
-        return error(400, "bad_limit", "limit must be an integer")
-    if not 1 <= limit <= AUDIT_MAX:
-        return error(400, "bad_limit", f"limit must be 1..{AUDIT_MAX}")
-    entries = ctx.coordinator.read(lambda s: [dict(e) for e in s.audit[-limit:]])
-    return JSONResponse({"audit": entries[::-1]})
 
 
 async def forward(request: Request, ctx: Context) -> Response:
@@ -461,54 +506,85 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/healthz", "none", "Liveness; 503 while no leader is known", healthz),
     Endpoint("GET", "/metrics", "none", "Prometheus metrics", metrics),
     Endpoint("GET", "/api/v1/openapi.json", "none", "This API's OpenAPI document", openapi),
-    Endpoint("GET", "/api/v1/cluster", "admin",
-             "Raft members, leader, term, commit index, health", cluster),
-    Endpoint("GET", "/api/v1/apps", "admin", "List apps", list_apps),
-    Endpoint("POST", "/api/v1/apps", "admin",
-             "Create an app from a manifest document (superagent.toml as JSON)", create_app),
-    Endpoint("GET", "/api/v1/apps/{app}", "admin", "One app", get_app),
-    Endpoint("DELETE", "/api/v1/apps/{app}", "admin", "Delete an app", delete_app),
-    Endpoint("GET", "/api/v1/apps/{app}/releases", "admin", "An app's releases", list_releases),
-    Endpoint("POST", "/api/v1/apps/{app}/releases", "admin",
-             "Upload a source tarball (body) as a new release", create_release),
-    Endpoint("POST", "/api/v1/apps/{app}/scale", "admin",
+    Endpoint("GET", "/api/v1/cluster", "token",
+             "Raft members, leader, term, commit index, health", cluster,
+             permission=perm.CLUSTER_READ),
+    Endpoint("GET", "/api/v1/apps", "token", "List apps (those of the token's teams)",
+             list_apps, permission=perm.APPS_READ),
+    Endpoint("POST", "/api/v1/apps", "token",
+             "Create an app from a manifest document (superagent.toml as JSON; an optional"
+             " \"team\" beside its tables)", create_app, permission=perm.APPS_WRITE),
+    Endpoint("GET", "/api/v1/apps/{app}", "token", "One app", get_app, permission=perm.APPS_READ),
+    Endpoint("DELETE", "/api/v1/apps/{app}", "token", "Delete an app", delete_app,
+             permission=perm.APPS_WRITE),
+    Endpoint("GET", "/api/v1/apps/{app}/releases", "token", "An app's releases",
+             list_releases, permission=perm.APPS_READ),
+    Endpoint("POST", "/api/v1/apps/{app}/releases", "token",
+             "Upload a source tarball (body) as a new release (?team= for a new app)",
+             create_release, permission=perm.APPS_WRITE),
+    Endpoint("POST", "/api/v1/apps/{app}/scale", "token",
              "Scale an app at run time ({\"per_node\": k}, {\"instances\": K} or {\"auto\":"
              " {min, max, target, metric}}, optional \"groups\"): 202 with the scaling",
-             scale_app, 202, SCALE_BODY),
-    Endpoint("GET", "/api/v1/apps/{app}/deploys", "admin", "An app's deploys, newest first",
-             list_deploys),
-    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "admin",
-             "A deploy: stage, per-node steps, timeline, logs", get_deploy),
-    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}/events", "admin",
-             "Server-sent events of a deploy's progress until it is done", deploy_events),
-    Endpoint("POST", "/api/v1/apps/{app}/deploys/{deploy}/cancel", "admin",
-             "Cancel a running deploy (it is compensated)", cancel_deploy),
-    Endpoint("POST", "/api/v1/apps/{app}/rollback", "admin",
+             scale_app, 202, SCALE_BODY, permission=perm.APPS_WRITE),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys", "token", "An app's deploys, newest first",
+             list_deploys, permission=perm.APPS_READ),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}", "token",
+             "A deploy: stage, per-node steps, timeline, logs", get_deploy,
+             permission=perm.APPS_READ),
+    Endpoint("GET", "/api/v1/apps/{app}/deploys/{deploy}/events", "token",
+             "Server-sent events of a deploy's progress until it is done", deploy_events,
+             permission=perm.APPS_READ),
+    Endpoint("POST", "/api/v1/apps/{app}/deploys/{deploy}/cancel", "token",
+             "Cancel a running deploy (it is compensated)", cancel_deploy,
+             permission=perm.APPS_WRITE),
+    Endpoint("POST", "/api/v1/apps/{app}/rollback", "token",
              "Deploy an earlier release again ({\"to\": \"rN\"}, default the previous)",
-             rollback),
+             rollback, permission=perm.APPS_WRITE),
     Endpoint("GET", "/api/v1/artifacts/{sha256}", "any", "A stored blob by sha256",
-             get_artifact),
-    Endpoint("GET", "/api/v1/nodes", "admin",
+             get_artifact, permission=perm.ARTIFACTS_READ),
+    Endpoint("GET", "/api/v1/nodes", "token",
              "Participants: groups, lifecycle, liveness, capacity, instances",
-             list_nodes),
+             list_nodes, permission=perm.NODES_READ),
     Endpoint("POST", "/api/v1/nodes/register", "node", "A participant joins", register_node),
     Endpoint("POST", "/api/v1/nodes/enrol", "join",
              "A machine exchanges a join token for its credential (bearer: the join token)",
              enrol_node, body=ENROL_BODY),
-    Endpoint("POST", "/api/v1/nodes/join-tokens", "admin",
+    Endpoint("POST", "/api/v1/nodes/join-tokens", "token",
              "Make a join token (shown once): {\"expires\": \"1h\", \"uses\": 1,"
-             " \"node\": optional}", create_join_token, 201, JOIN_TOKEN_BODY),
-    Endpoint("GET", "/api/v1/nodes/{node}", "admin", "One participant", get_node),
+             " \"node\": optional}", create_join_token, 201, JOIN_TOKEN_BODY,
+             permission=perm.NODES_WRITE),
+    Endpoint("GET", "/api/v1/nodes/{node}", "token", "One participant", get_node,
+             permission=perm.NODES_READ),
     Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "node",
              "A participant's heartbeat", heartbeat),
-    Endpoint("POST", "/api/v1/nodes/{node}/groups", "admin",
+    Endpoint("POST", "/api/v1/nodes/{node}/groups", "token",
              "Label a node with groups ({\"groups\": [...]}); they win over its own",
-             label_node, body=LABEL_BODY),
-    Endpoint("POST", "/api/v1/nodes/{node}/revoke", "admin",
-             "Revoke a node's credential: refused from now on, no more work", revoke_node),
-    Endpoint("POST", "/api/v1/nodes/{node}/{action}", "admin",
-             "Set a node's lifecycle: drain, offline or online", node_lifecycle),
-    Endpoint("GET", "/api/v1/audit", "admin", "The audit log, newest first (?limit=N)", audit),
+             label_node, body=LABEL_BODY, permission=perm.NODES_WRITE),
+    Endpoint("GET", "/api/v1/nodes/{node}/running", "token",
+             "What still runs or is placed on a node (a drain is over when nothing is)",
+             node_running, permission=perm.NODES_READ),
+    Endpoint("POST", "/api/v1/nodes/{node}/revoke", "token",
+             "Revoke a node's credential: refused from now on, no more work", revoke_node,
+             permission=perm.NODES_WRITE),
+    Endpoint("POST", "/api/v1/nodes/{node}/{action}", "token",
+             "Set a node's lifecycle: drain, offline or online", node_lifecycle,
+             permission=perm.NODES_WRITE),
+    Endpoint("GET", "/api/v1/audit", "token", "The audit log, newest first (?limit=N)",
+             audit, permission=perm.AUDIT_READ),
+    Endpoint("GET", "/api/v1/tokens", "token",
+             "API tokens: name, role, teams, expiry, creation, last use (never the token)",
+             list_tokens, permission=perm.TOKENS_ADMIN),
+    Endpoint("POST", "/api/v1/tokens", "token",
+             "Create an API token ({name, role, teams, expires_at}); shown once", create_token,
+             201, TOKEN_BODY, permission=perm.TOKENS_ADMIN),
+    Endpoint("DELETE", "/api/v1/tokens/{name}", "token", "Revoke an API token", revoke_token,
+             permission=perm.TOKENS_ADMIN),
+    Endpoint("GET", "/api/v1/teams", "token",
+             "Teams the token sees: their apps, quota and usage", list_teams,
+             permission=perm.APPS_READ),
+    Endpoint("PUT", "/api/v1/teams/{team}/quota", "token",
+             "Set a team's quota ({apps, instances, memory}; null lifts one)", set_quota,
+             body=QUOTA_BODY, permission=perm.QUOTAS_WRITE),
     Endpoint("POST", "/api/v1/internal/propose", "secret",
              "A command forwarded by a follower", propose),
     Endpoint("PUT", "/api/v1/internal/artifacts/{sha256}", "secret",
@@ -516,53 +592,18 @@ ROUTES: tuple[Endpoint, ...] = (
 )
 
 
-def openapi_document() -> dict[str, Any]:
-    paths: dict[str, dict[str, Any]] = {}
-    for e in ROUTES:
-        op: dict[str, Any] = {
-            "summary": e.summary, "operationId": e.handler.__name__,
-            "responses": {str(e.status): {"description": "OK" if e.status == 200
-                                          else "Accepted" if e.status == 202 else "Created"},
-                          "default": {"description": "Error: {error, detail}"}},
-        }
-        if e.body is not None:
-            op["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": e.body}}}
-        params = [p.strip("{}") for p in e.path.split("/") if p.startswith("{")]
-        if params:
-            op["parameters"] = [{"name": p, "in": "path", "required": True,
-                                 "schema": {"type": "string"}} for p in params]
-        if e.auth != "none":
-            op["security"] = ([{"token": []}, {"node": []}] if e.auth == "any"
-                              else [{_SCHEMES.get(e.auth, "token"): []}])
-            op["responses"]["401"] = {"description": "Missing or invalid credentials"}
-        paths.setdefault(e.path, {})[e.method.lower()] = op
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "superagent coordinator API", "version": __version__},
-        "paths": paths,
-        "components": {"securitySchemes": {
-            "token": {"type": "http", "scheme": "bearer",
-                      "description": "An API token (the admin token is shown at cluster init)"},
-            "secret": {"type": "http", "scheme": "bearer",
-                       "description": "The coordinators' secret (peer coordinators only)"},
-            "node": {"type": "http", "scheme": "bearer",
-                     "description": "A participant's machine credential"},
-            "join": {"type": "http", "scheme": "bearer",
-                     "description": "A join token (superagent nodes join-token)"}}},
-    }
-
-
-_SCHEMES = {"admin": "token", "secret": "secret", "node": "node", "join": "join"}
-
-
 def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     async def view(request: Request) -> Response:
         credential = bearer(request.headers.get("authorization", ""))
-        actor = ""
+        actor, principal = "", None
         if e.auth != "none":
-            if e.auth in ("admin", "any"):
-                actor = coordinator.read(lambda s: token_name(credential, s.tokens)) or ""
+            if e.auth in ("token", "any"):
+                found = token_access(coordinator, credential, e.permission,
+                                     request.path_params)
+                if isinstance(found, Response):  # expired (401) or not allowed (403)
+                    return found
+                if found is not None:
+                    actor, principal = found.name, found
             if not actor:
                 machine = authenticate_machine(coordinator, e.auth, request.path_params,
                                                credential)
@@ -570,7 +611,7 @@ def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitabl
                     return error(machine.status, machine.code, machine.detail)
                 actor = machine.actor
         try:
-            return await e.handler(request, Context(coordinator, actor))
+            return await e.handler(request, Context(coordinator, actor, principal))
         except (CoordinatorError, ConfigError) as exc:
             return from_exception(exc)
         except ClientDisconnect:  # e.g. a replica cancelled once a majority held the blob

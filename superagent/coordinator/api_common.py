@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from superagent.coordinator import commands as cmd
-from superagent.coordinator.errors import BadRequest, CoordinatorError
+from superagent.coordinator.errors import BadRequest, CoordinatorError, Forbidden
 from superagent.coordinator.host import ApiHost
+from superagent.coordinator.policy import Principal, decide, sees
 from superagent.httpserver import allowed_methods
 from superagent.jsonbody import read_object
 
@@ -33,6 +34,20 @@ CLIENT_KEY_MAX = cmd.KEY_MAX - 16  # room for the suffixes of derived keys (":de
 class Context:
     coordinator: ApiHost
     actor: str
+    principal: Principal | None = None  # the API token's; None for a machine
+
+    def sees(self, team: str) -> bool:
+        """Whether lists show this caller things of ``team`` (``policy.sees``)."""
+        return self.principal is None or sees(self.principal, team)
+
+    def require(self, permission: str, team: str) -> None:
+        """Raise Forbidden unless the caller may use ``permission`` on ``team``: for the
+        checks a handler makes past the route's own (the team a new app goes to)."""
+        if self.principal is None:
+            return
+        decision = decide(self.principal, permission, team)
+        if not decision.allowed:
+            raise Forbidden(decision.reason, missing=decision.missing)
 
 
 def error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:

@@ -16,6 +16,7 @@ Routes are declared in ``api.ROUTES`` with the rest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -34,6 +35,7 @@ from superagent.coordinator.api_common import (
 from superagent.coordinator.autoscale import auto_spec
 from superagent.coordinator.errors import BadRequest
 from superagent.coordinator.host import ApiHost
+from superagent.coordinator.policy import ADMIN
 from superagent.coordinator.state import ClusterState, Node
 from superagent.manifest import MAX_INSTANCES, MAX_PER_NODE
 from superagent.names import GROUP_NAME, group_name_problem
@@ -95,7 +97,7 @@ def app_view(state: ClusterState, name: str,
     releases = state.releases.get(name, [])
     placement = state.placement.get(name, {})
     doc: dict[str, Any] = {
-        "name": name, "spec": app.spec, "created_at": app.created_at,
+        "name": name, "team": app.team, "spec": app.spec, "created_at": app.created_at,
         "updated_at": app.updated_at, "releases": len(releases),
         "latest_release": f"r{releases[-1].number}" if releases else None,
         "current_release": app.current_release,
@@ -113,21 +115,30 @@ def app_view(state: ClusterState, name: str,
     return doc
 
 
-def node_view(coordinator: ApiHost, node: Node, now: float, credential: str = ""
+def node_view(coordinator: ApiHost, node: Node, now: float,
+              shown: Callable[[str], bool] | None = None, credential: str = ""
               ) -> dict[str, Any]:
     """A node's replicated record (groups, labeled, capacity, lifecycle, up), how it
     authenticates (``credential``: enrolled, revoked, or shared secret before it enrolled)
-    and, on the leader, its last heartbeat: its age, the status and the instances it
-    reports."""
+    and, on the leader, its last heartbeat: its age, the status and the instances it reports.
+    ``shown(app)`` keeps the instances and routes of the apps the caller may see (the
+    count of instances used stays the node's own: it tells how full the node is)."""
     doc = asdict(node)
     doc["credential"] = credential or None
     leading = coordinator.liveness.leader_since is not None
     doc["heartbeat_age"] = coordinator.liveness.age(node.name, now) if leading else None
-    doc["status"] = coordinator.liveness.status.get(node.name) if leading else None
-    listed = (_instances(doc["status"]) or []) if leading else None
-    doc["instances"] = listed
+    status = coordinator.liveness.status.get(node.name) if leading else None
+    listed = (_instances(status) or []) if leading else None
     doc["instances_used"] = (None if listed is None
                              else sum(1 for i in listed if i["state"] != STOPPED))
+    if shown is not None and isinstance(status, dict):
+        status = {**status,
+                  "instances": [i for i in status.get("instances") or []
+                                if isinstance(i, dict) and shown(str(i.get("app")))],
+                  "routes": {app: ids for app, ids in (status.get("routes") or {}).items()
+                             if shown(app)}}
+        listed = [i for i in listed or [] if shown(str(i["app"]))]
+    doc["status"], doc["instances"] = status, listed
     return doc
 
 
@@ -139,6 +150,15 @@ def credential_of(state: ClusterState, node: str) -> str:
     return "enrolled" if state.trust.enrolled(node) else "shared secret"
 
 
+def _shown(ctx: Context, state: ClusterState) -> Callable[[str], bool] | None:
+    """None for a caller who sees every app, else whether it sees the app of a name (an
+    app no longer in the state is nobody's but an admin's)."""
+    if ctx.principal is None or ctx.principal.role == ADMIN:
+        return None
+    teams = {name: app.team for name, app in state.apps.items()}
+    return lambda app: app in teams and ctx.sees(teams[app])
+
+
 def now() -> float:
     return trio.current_time()
 
@@ -147,7 +167,7 @@ def now() -> float:
 async def list_nodes(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     at = now()
-    nodes = c.read(lambda s: [node_view(c, n, at, credential_of(s, n.name))
+    nodes = c.read(lambda s: [node_view(c, n, at, _shown(ctx, s), credential_of(s, n.name))
                               for _, n in sorted(s.nodes.items())])
     return JSONResponse({"nodes": nodes, "live": c.is_leader()})
 
@@ -155,7 +175,8 @@ async def list_nodes(request: Request, ctx: Context) -> Response:
 async def get_node(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     name, at = request.path_params["node"], now()
-    found = c.read(lambda s: node_view(c, s.nodes[name], at, credential_of(s, name))
+    found = c.read(lambda s: node_view(c, s.nodes[name], at, _shown(ctx, s),
+                                       credential_of(s, name))
                    if name in s.nodes else None)
     if found is None:
         return error(404, "unknown_node", f"node {name!r} is not registered")

@@ -14,7 +14,7 @@ Machines authenticate otherwise (``authenticate_machine``), by the route's ``aut
 - ``any``: artifact fetches: as ``node``, but a machine credential only for the artifact
   of a release of an app placed on its node (``placement``) or named by a deploy to it.
 - ``join``: enrolment: the bearer is a join token, checked when the enrolment commits.
-- ``admin``: API tokens only (checked before this function).
+- ``token``: API tokens only (checked before this function).
 
 A machine credential presented anywhere else is answered 403; a revoked one 401
 everywhere. See ``superagent.rpc.credentials`` for how credentials are made.
@@ -103,7 +103,7 @@ _MISSING = {
     "node": "a participant credential is required",
     "any": "a valid API token or participant credential is required",
     "join": "a join token is required (superagent nodes join-token)",
-    "admin": "a valid API token is required",
+    "token": "a valid API token is required",
 }
 _ENROLLED = ("node {node!r} is enrolled: it calls with its own credential, not the shared"
              " participant secret")
@@ -114,7 +114,7 @@ _NODE_SCOPE = ("a participant credential may only register, heartbeat and fetch 
 def authenticate_machine(host: ApiHost, auth: str, params: Mapping[str, str],
                          credential: str | None) -> Access:
     """The access of a request not made with an API token (see the module docstring)."""
-    refused = Access(detail=_MISSING.get(auth, _MISSING["admin"]))
+    refused = Access(detail=_MISSING.get(auth, _MISSING["token"]))
     if credential is None:
         return refused
     config = host.config

@@ -32,6 +32,7 @@ from superagent.codec import canonical_json
 from superagent.coordinator.autoscale import auto_spec
 from superagent.coordinator.errors import CommandError, UnknownCommand
 from superagent.coordinator.lifecycle import Lifecycle
+from superagent.coordinator.policy import ADMIN, DEFAULT_TEAM, DEPLOYER, ROLES
 from superagent.errors import CodecError
 from superagent.manifest import MAX_INSTANCES, MAX_PER_NODE
 from superagent.names import APP_NAME, ENV_KEY, GROUP_NAME, SHA256
@@ -46,6 +47,8 @@ MAX_JOIN_USES = 10_000  # machines one join token may enrol; more is a typo
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a hostname label or FQDN
 TOKEN_NAME = GROUP_NAME  # a short label, like a group's
+TEAM_NAME = GROUP_NAME  # likewise
+QUOTA_MAX = 2**62  # a quota is a count or a byte size; more is a typo
 SCALE_OUTCOMES = ("converged", "short", "replaced")  # how a scaling ends (FinishScale)
 DEPLOY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 API_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:_-]{1,250}")  # scheme://host:port, no path
@@ -99,10 +102,12 @@ class CreateApp(Command):
     type: ClassVar[str] = "create_app"
     name: str
     spec: dict[str, Any]  # the manifest's JSON form (superagent.manifest.spec_to_json)
+    team: str = DEFAULT_TEAM  # the team that owns the app (older entries: the default one)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._match("name", APP_NAME, self.name)
+        self._match("team", TEAM_NAME, self.team)
 
     @property
     def target(self) -> str:
@@ -370,20 +375,78 @@ class FinishDeploy(_AppCommand):
 
 @dataclass(frozen=True, kw_only=True)
 class AddToken(Command):
-    """An API token: only its sha256 is replicated, the token itself is shown once."""
+    """An API token: only its sha256 is replicated, the token itself is shown once.
+
+    ``role`` is one of ``policy.ROLES``; ``teams`` scope a deployer (at least one) or a
+    viewer (none: every team); an admin has none. ``expires_at`` (epoch) ends it. An
+    entry written before roles is the admin token's, which the defaults make it."""
 
     type: ClassVar[str] = "add_token"
     name: str
     sha256: str
+    role: str = ADMIN
+    teams: tuple[str, ...] = ()
+    expires_at: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._match("name", TOKEN_NAME, self.name)
         self._match("sha256", SHA256, self.sha256)
+        self._check("role", self.role in ROLES, f"must be one of {list(ROLES)}")
+        for team in self.teams:
+            self._match("teams", TEAM_NAME, team)
+        self._check("teams", len(set(self.teams)) == len(self.teams), "has duplicates")
+        self._check("teams", self.role != ADMIN or not self.teams,
+                    "an admin token is not limited to teams")
+        self._check("teams", self.role != DEPLOYER or bool(self.teams),
+                    "a deployer token needs at least one team")
+        self._check("expires_at", self.expires_at is None or (
+            math.isfinite(self.expires_at) and self.expires_at > 0),
+            "must be a finite epoch time")
 
     @property
     def target(self) -> str:
         return f"token:{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RevokeToken(Command):
+    """Forget an API token: from this entry on, it authenticates nobody."""
+
+    type: ClassVar[str] = "revoke_token"
+    name: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("name", TOKEN_NAME, self.name)
+
+    @property
+    def target(self) -> str:
+        return f"token:{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetQuota(Command):
+    """A team's limits: apps, planned instances and their memory (bytes, from the apps'
+    ``[limits] memory``); None lifts one. All None removes the team's quota."""
+
+    type: ClassVar[str] = "set_quota"
+    team: str
+    apps: int | None = None
+    instances: int | None = None
+    memory: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("team", TEAM_NAME, self.team)
+        for name in ("apps", "instances", "memory"):
+            value = getattr(self, name)
+            self._check(name, value is None or 0 <= value <= QUOTA_MAX,
+                        f"must be 0-{QUOTA_MAX}")
+
+    @property
+    def target(self) -> str:
+        return f"team:{self.team}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -458,8 +521,8 @@ COMMANDS: dict[str, type[Command]] = {
     cls.type: cls
     for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, LabelNode,
                 NodeUp, NodeDown, SetNodeLifecycle, SetPlacement, SetScale, FinishScale,
-                Autoscale, StartDeploy, DeployEvent, FinishDeploy, AddToken, RegisterCoordinator,
-                AddJoinToken, EnrolNode, RevokeNode)
+                Autoscale, StartDeploy, DeployEvent, FinishDeploy, AddToken, RevokeToken,
+                SetQuota, RegisterCoordinator, AddJoinToken, EnrolNode, RevokeNode)
 }
 
 

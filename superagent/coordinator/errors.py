@@ -8,6 +8,7 @@ the same status, code and message.
 - ``CommandError`` (400): the command itself is malformed; fix it, do not retry.
 - ``UnknownApp`` / ``UnknownNode`` / ``UnknownRelease`` (404): the command names
   something the cluster does not have.
+- ``Forbidden`` (403): the API token may not do this (role or team); ask an admin.
 - ``Conflict`` (409): the command is well formed but the current state forbids it
   (app exists, illegal lifecycle transition, idempotency key reused); look at the
   state and decide again.
@@ -108,11 +109,42 @@ class UnknownDeploy(CoordinatorError):
         super().__init__(f"app {app!r} has no deploy {deploy_id!r}", app=app)
 
 
+class UnknownToken(CoordinatorError):
+    status_hint = 404
+    code = "unknown_token"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"token {name!r} does not exist")
+
+
+class Forbidden(CoordinatorError):
+    """The token is valid but its role or teams do not allow this (``policy.decide``);
+    ``missing`` names the permission (``apps:write``) or scope (``team:shop``) it lacks."""
+
+    status_hint = 403
+    code = "forbidden"
+
+    def __init__(self, message: str, *, missing: str = "") -> None:
+        self.missing = missing
+        super().__init__(message)
+
+
 class Conflict(CoordinatorError):
     """The command is valid but the current state forbids it."""
 
     status_hint = 409
     code = "conflict"
+
+
+class QuotaExceeded(Conflict):
+    """A create, release, deploy or scale would take a team past one of its quotas."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, team: str, quota: str, wanted: int, limit: int) -> None:
+        self.team, self.quota, self.wanted, self.limit = team, quota, wanted, limit
+        super().__init__(f"team {team!r} would use {wanted} {quota}, over its quota of"
+                         f" {limit} (superagent teams quota {team})")
 
 
 class NoTargets(Conflict):

@@ -1,11 +1,12 @@
-"""What the API and the deploy runner use of a coordinator: narrow ``Protocol``s.
+"""What the API, the deploy runner and the reconciler use of a coordinator: ``Protocol``s.
 
-``Coordinator`` (``service.py``) wires Raft, the artifact store, membership, the API and
-the deploy runner. The API (``api.py``) and the runner (``deploy/runner.py``) need only a
-part of it, and depending on that part rather than on the class keeps the modules out of
-an import cycle (service → api → service) and lets tests hand the runner a small fake.
-``Coordinator`` satisfies both protocols structurally; mypy checks it where it passes
-itself to ``api_app`` and ``DeployRunner``.
+``Coordinator`` (``service.py``) wires Raft, the artifact store, membership, the API, the
+deploy runner and the reconciler. The API (``api.py``), the runner (``deploy/runner.py``)
+and the reconciler (``reconciler.py``) need only a part of it, and depending on that part
+rather than on the class keeps the modules out of an import cycle (service → api →
+service) and lets tests hand the runner and the reconciler small fakes. ``Coordinator``
+satisfies the protocols structurally; mypy checks it where it passes itself to
+``api_app``, ``DeployRunner`` and ``Reconciler``.
 
 The two constants the API shares with the service's forwarding live here for the same
 reason.
@@ -77,8 +78,17 @@ class RunnerHost(Protocol):
                 **fields: Any) -> cmd.Command: ...
 
 
-class ApiHost(RunnerHost, Protocol):
-    """What the HTTP API uses, on top of the runner's part."""
+class ReconcilerHost(RunnerHost, Protocol):
+    """What the reconciler uses: the runner's part and the heartbeats' liveness."""
+
+    @property
+    def liveness(self) -> Liveness:
+        """Last heartbeat (time and status) per node, while this coordinator leads."""
+        ...
+
+
+class ApiHost(ReconcilerHost, Protocol):
+    """What the HTTP API uses, on top of the runner's and the reconciler's part."""
 
     @property
     def config(self) -> ApiIdentity: ...
@@ -88,9 +98,6 @@ class ApiHost(RunnerHost, Protocol):
 
     @property
     def store(self) -> ArtifactStore: ...
-
-    @property
-    def liveness(self) -> Liveness: ...
 
     @property
     def http(self) -> httpx.AsyncClient | None: ...
@@ -106,6 +113,10 @@ class ApiHost(RunnerHost, Protocol):
     def leader_url(self) -> str | None: ...
 
     async def ensure_artifact(self, sha256: str) -> None: ...
+
+    def committed(self, command: cmd.Command) -> None:
+        """Called with each command a follower forwarded, once committed here."""
+        ...
 
     async def heartbeat(self, node: str, status: dict[str, Any] | None) -> bool: ...
 

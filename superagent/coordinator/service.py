@@ -19,6 +19,8 @@ Theory of operation. Every coordinator runs the same code; Raft decides which on
 - **Membership.** Participants register (a Raft write) and heartbeat (memory of the
   leader only; see ``membership``). The leader's ``_watch_nodes`` loop commits
   ``NodeDown``/``NodeUp`` transitions.
+- **Acting.** The leader's ``DeployRunner`` drives deploys; its ``Reconciler`` keeps the
+  placement committed and the participants running what it says (see ``reconciler``).
 - **The admin token** is created by the first leader of a new cluster: committed as a
   hash, printed once on stdout (and written to ``admin_token_file`` when configured).
 """
@@ -55,6 +57,7 @@ from superagent.coordinator.errors import (
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT
 from superagent.coordinator.membership import Liveness
 from superagent.coordinator.raft import RaftNode
+from superagent.coordinator.reconciler import DRAIN_WAIT, Reconciler
 from superagent.coordinator.state import ClusterState, Result
 from superagent.errors import ArchiveOverLimit, ArchiveRefused, ConfigError
 from superagent.httpserver import check_bindable, serve_app
@@ -87,6 +90,9 @@ class CoordinatorConfig:
     admin_token_file: Path | None = None
     node_timeout: float = NODE_TIMEOUT
     max_upload: int = DEFAULT_MAX_BYTES
+    # a draining node keeps its instances this long (the front load balancer sees its
+    # /-/healthz answer 503 and stops sending), then the reconciler moves them
+    drain_wait: float = DRAIN_WAIT
     extra: dict[str, Any] = field(default_factory=dict)
     # the secret participants shared before machine credentials (a migration; "": none)
     participant_secret: str = ""
@@ -121,6 +127,7 @@ class Coordinator:
         self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
         self._by_raft = {address: cid for cid, address in config.peers.items()}
         self.deploys = DeployRunner(self)
+        self.reconciler = Reconciler(self, drain_wait=config.drain_wait)
         self._log = log.bind(coordinator=config.id)
 
     def __repr__(self) -> str:
@@ -149,6 +156,7 @@ class Coordinator:
                     nursery.start_soon(self._init_admin_token)
                     nursery.start_soon(self._watch_nodes)
                     nursery.start_soon(self.deploys.run)
+                    await nursery.start(self.reconciler.run)
                     self._log.info("coordinator ready", api=self.config.url,
                                    raft=self.config.raft_address,
                                    peers=sorted(self.config.peers))
@@ -221,7 +229,9 @@ class Coordinator:
         while True:
             try:
                 if self.is_leader():
-                    return await self.raft.propose(text, PROPOSE_TIMEOUT)
+                    result = await self.raft.propose(text, PROPOSE_TIMEOUT)
+                    self.committed(command)
+                    return result
                 url = self.leader_url()
                 if url is not None:
                     return await self._forward_command(url, text)
@@ -233,6 +243,12 @@ class Coordinator:
             if trio.current_time() + delay > deadline:
                 raise NoLeader(node=self.config.id, waited=SUBMIT_TIMEOUT)
             await trio.sleep(delay)
+
+    def committed(self, command: cmd.Command) -> None:
+        """``command`` was just committed through this node while it leads (submitted here
+        or forwarded by a follower): a new deploy is driven at once."""
+        if isinstance(command, cmd.StartDeploy):
+            self.deploys.wake()
 
     async def _forward_command(self, url: str, text: str) -> Result:
         assert self.http is not None

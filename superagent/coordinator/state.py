@@ -29,6 +29,7 @@ from typing import Any
 
 from superagent.codec import canonical_json
 from superagent.coordinator import commands as cmd
+from superagent.coordinator import tenancy
 from superagent.coordinator.deploy.model import DeployRecord, Stage, Status, event_from_doc
 from superagent.coordinator.deploy.planner import advance
 from superagent.coordinator.errors import (
@@ -42,6 +43,7 @@ from superagent.coordinator.errors import (
     UnknownRelease,
 )
 from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
+from superagent.coordinator.policy import DEFAULT_TEAM
 from superagent.coordinator.trust import Trust
 from superagent.errors import ConfigError
 from superagent.manifest import describe_scale, spec_from_json, spec_to_json
@@ -73,6 +75,7 @@ class App:
     last_scaling: dict[str, Any] | None = None
     # an autoscaled app's instances as the autoscaler last decided (Autoscale); None: min
     auto_instances: int | None = None
+    team: str = DEFAULT_TEAM  # who owns it (policy.py); apps made before teams: the default
 
 
 @dataclass(slots=True)
@@ -131,7 +134,8 @@ class ClusterState:
         self.audit: list[dict[str, Any]] = []
         self.audit_seq = 0
         self.idempotency: dict[str, dict[str, Any]] = {}  # key -> {fingerprint, result}
-        self.tokens: dict[str, dict[str, Any]] = {}  # name -> {sha256, created_at}
+        self.tokens: dict[str, dict[str, Any]] = {}  # name -> record (see tenancy.py)
+        self.quotas: dict[str, dict[str, int | None]] = {}  # team -> {apps, instances, memory}
         self.coordinators: dict[str, str] = {}  # coordinator id -> API base URL
         self.trust = Trust()  # join tokens and node credentials (see coordinator.trust)
         self._handlers: dict[type[cmd.Command], Callable[[Any], tuple[Result, str]]] = {
@@ -151,7 +155,9 @@ class ClusterState:
             cmd.StartDeploy: self._start_deploy,
             cmd.DeployEvent: self._deploy_event,
             cmd.FinishDeploy: self._finish_deploy,
-            cmd.AddToken: self._add_token,
+            cmd.AddToken: lambda c: tenancy.add_token(self.tokens, c),
+            cmd.RevokeToken: lambda c: tenancy.revoke_token(self.tokens, c),
+            cmd.SetQuota: lambda c: tenancy.set_quota(self.quotas, c),
             cmd.RegisterCoordinator: self._register_coordinator,
             # late-bound: from_json replaces ``trust``
             cmd.AddJoinToken: lambda c: self.trust.add_join_token(c),
@@ -181,12 +187,13 @@ class ClusterState:
                 return error_result(Conflict(
                     f"idempotency key {command.key!r} was used for a different command"))
             return {**copy.deepcopy(seen["result"]), "repeated": True}
+        team = tenancy.audit_team(self, command)  # before the handler: DeleteApp forgets it
         try:
             result, outcome = self._handlers[type(command)](command)
         except CoordinatorError as exc:
             return error_result(exc)
         self._remember(command.key, fingerprint, result)
-        self._record_audit(command, outcome)
+        self._record_audit(command, outcome, team)
         return copy.deepcopy(result)
 
     def _remember(self, key: str, fingerprint: str, result: Result) -> None:
@@ -194,11 +201,11 @@ class ClusterState:
         while len(self.idempotency) > IDEMPOTENCY_LIMIT:
             del self.idempotency[next(iter(self.idempotency))]
 
-    def _record_audit(self, command: cmd.Command, outcome: str) -> None:
+    def _record_audit(self, command: cmd.Command, outcome: str, team: str | None) -> None:
         self.audit_seq += 1
         self.audit.append({"seq": self.audit_seq, "at": command.at, "actor": command.actor,
                            "type": command.type, "target": command.target,
-                           "key": command.key, "outcome": outcome})
+                           "key": command.key, "outcome": outcome, "team": team})
         del self.audit[:-AUDIT_LIMIT]
 
     # -- handlers: validate everything first, then mutate; return (result, outcome) --
@@ -219,7 +226,9 @@ class ClusterState:
         if c.name in self.apps:
             raise Conflict(f"app {c.name!r} already exists", app=c.name)
         spec = _checked_spec(c.spec, c.name, c.type)
-        self.apps[c.name] = App(name=c.name, spec=spec, created_at=c.at, updated_at=c.at)
+        tenancy.check_quota(self, c.team, new_app=True)
+        self.apps[c.name] = App(name=c.name, spec=spec, created_at=c.at, updated_at=c.at,
+                                team=c.team)
         self.releases[c.name] = []
         return {"ok": True, "app": c.name}, "created"
 
@@ -246,8 +255,9 @@ class ClusterState:
         return {"ok": True, "app": c.app}, "deleted"
 
     def _add_release(self, c: cmd.AddRelease) -> tuple[Result, str]:
-        self._app(c.app)
+        app = self._app(c.app)
         spec = _checked_spec(c.spec, c.app, c.type)
+        tenancy.check_quota(self, app.team, app=c.app, spec=spec)
         number = self.last_release.get(c.app, 0) + 1
         self.releases[c.app].append(Release(
             number=number, sha256=c.sha256, size=c.size, spec=spec,
@@ -329,6 +339,7 @@ class ClusterState:
             raise Conflict(f"deploy {running[0]} of {c.app} is running: scale it once the"
                            " deploy is over (or cancel the deploy)", app=c.app)
         scale_id = c.scale_id or f"s{self.audit_seq + 1}"  # this command's audit seq: unique
+        tenancy.check_quota(self, app.team, app=c.app, scale=c.scale())
         if (app.scaling or {}).get("id") == scale_id or (
                 (app.last_scaling or {}).get("id") == scale_id):
             raise Conflict(f"scaling {scale_id} of {c.app} already exists", app=c.app)
@@ -370,9 +381,12 @@ class ClusterState:
                            " waits for it", app=c.app)
         before = self.effective_scale(c.app)["instances"]
         app.auto_instances = c.instances
-        return ({"ok": True, "app": c.app, "instances": c.instances},
-                f"{before} -> {c.instances} instances: {c.reason}" if c.reason
-                else f"{before} -> {c.instances} instances")
+        outcome = f"{before} -> {c.instances} instances"
+        if c.reason:
+            outcome += f": {c.reason}"
+        if c.inputs:
+            outcome += f" (inputs {canonical_json(c.inputs)})"
+        return {"ok": True, "app": c.app, "instances": c.instances}, outcome
 
     def _running_deploys(self, app: str) -> list[str]:
         return [d.deploy_id for d in self.deploys.values() if d.app == app and d.running]
@@ -398,6 +412,8 @@ class ClusterState:
         if scaling is not None:
             raise Conflict(f"scaling {scaling['id']} of {c.app} is in progress: deploy once"
                            " it is over (or scale again to change it)", app=c.app)
+        release = next(r for r in self.releases[c.app] if f"r{r.number}" == record.release)
+        tenancy.check_quota(self, self.apps[c.app].team, app=c.app, spec=release.spec)
         self.deploys[c.deploy_id] = Deploy(
             deploy_id=c.deploy_id, app=c.app, record=record.to_doc(), actor=c.actor,
             created_at=c.at, updated_at=c.at, history=[[c.at, "started", ""]])
@@ -449,12 +465,6 @@ class ClusterState:
         if deploy.finished:
             raise Conflict(f"deploy {deploy_id} is finished", app=app)
         return deploy
-
-    def _add_token(self, c: cmd.AddToken) -> tuple[Result, str]:
-        if c.name in self.tokens:
-            raise Conflict(f"token {c.name!r} already exists")
-        self.tokens[c.name] = {"sha256": c.sha256, "created_at": c.at}
-        return {"ok": True, "token": c.name}, "created"
 
     def _register_coordinator(self, c: cmd.RegisterCoordinator) -> tuple[Result, str]:
         if self.coordinators.get(c.coordinator) == c.api_url:
@@ -527,6 +537,7 @@ class ClusterState:
             # a list, not an object: insertion order decides eviction and must survive
             "idempotency": [[k, copy.deepcopy(v)] for k, v in self.idempotency.items()],
             "tokens": copy.deepcopy(self.tokens),
+            "quotas": copy.deepcopy(self.quotas),
             "coordinators": dict(self.coordinators),
             **self.trust.to_doc(),
         }
@@ -561,6 +572,7 @@ class ClusterState:
             state.audit_seq = doc["audit_seq"]
             state.idempotency = {k: v for k, v in doc["idempotency"]}
             state.tokens = doc["tokens"]
+            state.quotas = doc.get("quotas", {})  # newer than version 1
             state.coordinators = doc["coordinators"]
             state.trust = Trust.from_doc(doc)  # absent from states older than trust
         except SnapshotError:

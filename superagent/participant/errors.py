@@ -119,6 +119,11 @@ class BadManifest(ReleaseError):
     status_hint = 422
 
 
+class Uncacheable(ReleaseError):
+    """A dependency tree the cache does not keep or give (``depcache``); the message says
+    why. Never answered: the build runs npm instead."""
+
+
 class BuildFailed(ReleaseError):
     """The build command failed or timed out.
 

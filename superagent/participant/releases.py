@@ -49,14 +49,12 @@ import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -69,6 +67,17 @@ from superagent.errors import ConfigError
 from superagent.manifest import TEST_TIMEOUT, AppSpec, load_manifest, spec_from_json, spec_to_json
 from superagent.names import SHA256
 from superagent.participant.archive import MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES, safe_extract
+from superagent.participant.build import (
+    DEFAULT_PATH,
+    BuildResult,
+    command_env,
+    default_build_command,
+    log_tail,
+    needs_python,
+    npm_command,
+    run_build,
+)
+from superagent.participant.depcache import MODULES, DependencyCache, node_key
 from superagent.participant.errors import (
     BadManifest,
     BuildFailed,
@@ -76,27 +85,15 @@ from superagent.participant.errors import (
     InvalidName,
     ParticipantError,
     ReleaseError,
+    Uncacheable,
     UnknownRelease,
 )
-from superagent.participant.toolchain import (
-    VENV,
-    Toolchain,
-    build_env,
-    install_bin,
-    release_env,
-    toolchain,
-)
-from superagent.procs import terminate_group
+from superagent.participant.toolchain import BUILD_NETWORK_ENV, Toolchain, install_bin, toolchain
 
 log = structlog.get_logger("superagent.participant")
 
 DEFAULT_KEEP = 5  # prepared releases kept per app when no coordinator says which
 BUILD_TIMEOUT = 600.0  # seconds; a cold npm or pip install of a large app takes minutes
-BUILD_KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a build being stopped
-LOG_LIMIT = 1024**2  # bytes of build output kept; the end of a log is where the error is
-TAIL_LINES = 40  # lines of the log a BuildFailed carries to the deploy record and the CLI
-DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"  # build PATH when the agent has none
-BUILD_UMASK = 0o022  # whatever the agent's umask, the build makes files the runtime can read
 TEST_LOG_LIMIT = 64 * 1024  # bytes of test output returned: it travels in a signal's answer
 
 SRC = "src"
@@ -106,139 +103,28 @@ FAILED_LOG_SUFFIX = ".failed.log"
 
 # Directory names: no '/', no leading '.' (temporary and removing directories are hidden).
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-_CHUNK = 64 * 1024  # read unit for build output
-
-
-# --- build -----------------------------------------------------------------------------------
-
-
-def needs_python(src: Path) -> bool:
-    """Whether the detected build of ``src`` makes a Python environment."""
-    return (src / "requirements.txt").is_file() or (src / "pyproject.toml").is_file()
-
-
-def default_build_command(src: Path, tools: Toolchain | None) -> str | None:
-    """The detected build of a tree whose manifest has no ``[build] command``; None: none.
-
-    requirements.txt (else pyproject.toml): a virtual environment in ``.venv`` on the
-    toolchain's interpreter with the requirements (else the project) installed, by uv
-    when the toolchain has it (its per-app cache makes an unchanged set install in well
-    under a second), by pip otherwise; package.json: ``npm ci`` with a
-    package-lock.json, else ``npm install`` (both preferring the app's cache to the
-    registry). Both: both. ``tools`` may be None only for
-    a tree that does not ``needs_python``.
-    """
-    steps: list[str] = []
-    if needs_python(src):
-        assert tools is not None
-        python = shlex.quote(str(tools.python))
-        what = "-r requirements.txt" if (src / "requirements.txt").is_file() else "."
-        if tools.uv is not None:
-            steps.append(f"uv venv --quiet --python {python} {VENV} && uv pip install "
-                         f"--python {VENV}/bin/python {what}")
-        else:
-            steps.append(f"{python} -m venv {VENV} && {VENV}/bin/pip install "
-                         f"--disable-pip-version-check --no-input {what}")
-    if (src / "package.json").is_file():
-        npm = "npm ci" if (src / "package-lock.json").is_file() else "npm install"
-        # --prefer-offline: the app's own npm cache answers what it holds, without a
-        # metadata round trip to the registry per package
-        steps.append(f"{npm} --prefer-offline --no-audit --no-fund")
-    return " && ".join(steps) or None
-
-
-@dataclass
-class _BuildOutput:
-    """The build log being collected: a header line, then the last ``limit`` bytes of output."""
-
-    head: bytes
-    limit: int = LOG_LIMIT
-    tail: bytearray = field(default_factory=bytearray)
-    dropped: int = 0
-
-    def feed(self, data: bytes | bytearray) -> None:
-        self.tail += data
-        excess = len(self.tail) - self.limit
-        if excess > 0:
-            del self.tail[:excess]
-            self.dropped += excess
-
-    def render(self, footer: str) -> bytes:
-        notice = f"[... {self.dropped} bytes of output dropped ...]\n" if self.dropped else ""
-        newline = b"\n" if self.tail and not self.tail.endswith(b"\n") else b""
-        return self.head + notice.encode() + bytes(self.tail) + newline + footer.encode()
-
-
-@dataclass(frozen=True, slots=True)
-class _BuildResult:
-    returncode: int | None  # None: timed out
-    log: bytes
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-
-def command_env(app: str, release: str, *, home: Path, spec: AppSpec, src: Path,
-                cache: Path | None = None,
-                extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The whole environment of a build or test command: PATH (the release's venv,
-    node_modules/.bin and bin/ first: ``toolchain.release_env``), VIRTUAL_ENV once there
-    is one, HOME, LANG=C.UTF-8, SUPERAGENT_APP and SUPERAGENT_RELEASE, for builds (with
-    ``cache``) the package caches and the machine's index settings
-    (``toolchain.build_env``), under the manifest's ``[env]``, under ``extra``; nothing
-    else of the agent's environment."""
-    return {"HOME": str(home), "LANG": "C.UTF-8", "SUPERAGENT_APP": app,
-            "SUPERAGENT_RELEASE": release,
-            **release_env(src, os.environ.get("PATH") or DEFAULT_PATH),
-            **(build_env(cache, os.environ) if cache is not None else {}),
-            **spec.env_dict(), **(extra or {})}
-
-
-async def _run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: int | None,
-                     gid: int | None, timeout: float, limit: int = LOG_LIMIT,
-                     note: str = "") -> _BuildResult:
-    """``/bin/sh -c command`` in its own session; output interleaved into a bounded log.
-
-    On timeout or cancellation the whole process group gets SIGTERM, then SIGKILL after
-    ``BUILD_KILL_GRACE``; stragglers left in the group after a normal exit are killed too.
-    The output is read to end-of-file, so a background child that keeps the build's stdout
-    open holds the build until the timeout (and then fails it): builds must not leave
-    daemons behind.
-    """
-    output = _BuildOutput(head=f"{note}$ {command}\n".encode(), limit=limit)
-    started = time.monotonic()
-    as_user = uid is not None or gid is not None
-    proc = await trio.lowlevel.open_process(
-        ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, cwd=str(cwd), env=dict(env), start_new_session=True,
-        umask=BUILD_UMASK, user=uid, group=gid, extra_groups=[] if as_user else None)
-    stdout = proc.stdout
-    assert stdout is not None  # stdout=PIPE
-    try:
-        with trio.move_on_after(timeout) as scope:
-            while chunk := await stdout.receive_some(_CHUNK):
-                output.feed(chunk)
-            await proc.wait()
-    finally:
-        with trio.CancelScope(shield=True):
-            await terminate_group(proc, grace=BUILD_KILL_GRACE)
-            await stdout.aclose()
-    seconds = time.monotonic() - started
-    if scope.cancelled_caught:
-        return _BuildResult(None, output.render(f"[timed out after {timeout:g}s]\n"), seconds)
-    code = proc.returncode
-    return _BuildResult(code, output.render(f"[exit status {code} after {seconds:.1f}s]\n"),
-                        seconds)
-
-
-def _tail(log_bytes: bytes) -> str:
-    lines = log_bytes.decode("utf-8", "replace").splitlines()
-    return "\n".join(lines[-TAIL_LINES:])
 
 
 # --- the store -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Modules:
+    """What the dependency cache did for one build: ``key`` None when the tree is not
+    cached (or not npm's); ``note`` is the build log's line about it."""
+
+    key: str | None = None
+    reused: bool = False
+    seconds: float = 0.0  # the copy from the cache
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """release.json's ``build.node_modules``, when the cache was consulted."""
+        if self.key is None:
+            return {}
+        return {"node_modules": {"key": self.key, "reused": self.reused,
+                                 "copy_seconds": round(self.seconds, 3)}}
+
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -290,15 +176,18 @@ class ReleaseStore:
 
     def __init__(self, root: Path, *, keep: int = DEFAULT_KEEP,
                  max_bytes: int = MAX_ARCHIVE_BYTES, max_files: int = MAX_ARCHIVE_FILES,
-                 tools_dir: Path | None = None, cache_dir: Path | None = None) -> None:
+                 tools_dir: Path | None = None, cache_dir: Path | None = None,
+                 modules_dir: Path | None = None) -> None:
         """``tools_dir`` holds what builds need and the agent's own copy is not runnable
-        by the app users (uv), ``cache_dir`` one package cache per app; both default to
-        siblings of ``root``."""
+        by the app users (uv), ``cache_dir`` one package cache per app (the app user's),
+        ``modules_dir`` the built node_modules trees of each app (the agent's alone:
+        ``depcache``); all default to siblings of ``root``."""
         if keep < 1:
             raise ValueError("keep must be at least 1: the current release")
         self.root = Path(root)
         self.tools_dir = tools_dir or self.root.parent / "tools"
         self.cache_dir = cache_dir or self.root.parent / "cache"
+        self.modules = DependencyCache(modules_dir or self.root.parent / "modules")
         self.keep = keep
         self.max_bytes = max_bytes
         self.max_files = max_files
@@ -381,7 +270,11 @@ class ReleaseStore:
             except ConfigError as exc:
                 raise BadManifest(str(exc)) from exc
             tools = await self._toolchain(spec, src, release_dir)
-            command = spec.build.command or default_build_command(src, tools)
+            # Before the tree is the app user's: a cached node_modules is copied in as
+            # the agent, then chowned with the rest below.
+            modules = await trio.to_thread.run_sync(self._reuse_modules, app, spec, src, env)
+            command = spec.build.command or default_build_command(
+                src, tools, npm=not modules.reused)
             as_user = uid is not None or gid is not None
             cache = await trio.to_thread.run_sync(self._app_cache, app, uid, gid)
             if as_user:
@@ -389,14 +282,19 @@ class ReleaseStore:
                 os.chown(release_dir, -1 if uid is None else uid, -1 if gid is None else gid)
             note = (f"# tools: {tools.describe()}\n" if tools is not None
                     else "# tools: no Python interpreter the app's user can run\n")
+            note += modules.note
             if command is None:
-                result = _BuildResult(0, note.encode() + b"no build step: no [build] command, "
-                                      b"requirements.txt, pyproject.toml or package.json\n", 0.0)
+                result = BuildResult(0, note.encode() + (
+                    b"npm not run\n" if modules.reused else
+                    b"no build step: no [build] command, requirements.txt, pyproject.toml "
+                    b"or package.json\n"), 0.0)
             else:
                 build_env = command_env(app, release, home=release_dir, spec=spec, src=src,
                                         cache=cache, extra=env)
-                result = await _run_build(command, cwd=src, env=build_env, uid=uid, gid=gid,
+                result = await run_build(command, cwd=src, env=build_env, uid=uid, gid=gid,
                                           timeout=timeout, note=note)
+            result = BuildResult(result.returncode, result.log,
+                                 result.seconds + modules.seconds)
             if as_user:
                 # The build is over: the release directory is the agent's again, enterable
                 # only by the app's group; the source tree is the app user's alone, so other
@@ -412,12 +310,15 @@ class ReleaseStore:
                 bound.warning("build failed", returncode=result.returncode,
                               seconds=round(result.seconds, 1), log=str(failed_log))
                 raise BuildFailed(f"build {what}; log in {failed_log}", log_path=failed_log,
-                                  tail=_tail(result.log), returncode=result.returncode,
+                                  tail=log_tail(result.log), returncode=result.returncode,
                                   timed_out=result.returncode is None)
-            _write_atomic(release_dir / BUILD_LOG, result.log)
+            # Before release.json: no instance of this release has run yet.
+            kept = await trio.to_thread.run_sync(self._keep_modules, app, modules, src, uid)
+            _write_atomic(release_dir / BUILD_LOG, result.log + kept.encode())
             doc = {"app": app, "release": release, "sha256": expected,
                    "prepared_at": datetime.now(UTC).isoformat(),
-                   "build": {"command": command, "seconds": round(result.seconds, 3)},
+                   "build": {"command": command, "seconds": round(result.seconds, 3),
+                             **modules.to_json()},
                    "spec": spec_to_json(spec)}
             _write_atomic(release_dir / RELEASE_JSON, json.dumps(doc, indent=2).encode())
         except BaseException:
@@ -444,6 +345,49 @@ class ReleaseStore:
             return None
         await trio.to_thread.run_sync(install_bin, release_dir, tools)
         return tools
+
+    def _reuse_modules(self, app: str, spec: AppSpec, src: Path, env: Mapping[str, str]
+                       ) -> _Modules:
+        """The app's cached node_modules for this tree copied into ``src`` when there is
+        one (see ``depcache``): only for the detected npm build. Blocking."""
+        if spec.build.command is not None or not (src / "package.json").is_file():
+            return _Modules()
+        if os.path.lexists(src / MODULES):
+            return _Modules(note="node_modules: shipped in the archive, not cached\n")
+        agent_path = os.environ.get("PATH") or DEFAULT_PATH
+        key_env = {**{name: os.environ[name] for name in BUILD_NETWORK_ENV
+                      if name in os.environ}, **spec.env_dict(), **env}
+        try:
+            key = node_key(src, versions=self.modules.tools.versions(agent_path),
+                           npm_command=npm_command(src), env=key_env,
+                           network=BUILD_NETWORK_ENV)
+        except Uncacheable as exc:
+            return _Modules(note=f"node_modules: not cached: {exc}\n")
+        started = time.monotonic()
+        try:
+            reused = self.modules.restore(app, key, src / MODULES)
+        except OSError as exc:  # the copy is removed: npm builds the tree
+            log.warning("cached node_modules not restored", app=app, key=key, error=str(exc))
+            return _Modules(key=key, note=f"node_modules: not restored ({exc.strerror})\n")
+        if reused:
+            return _Modules(key=key, reused=True, seconds=time.monotonic() - started,
+                            note=f"node_modules: reused from cache (key {key[:16]})\n")
+        return _Modules(key=key, note=f"node_modules: not in the cache (key {key[:16]})\n")
+
+    def _keep_modules(self, app: str, modules: _Modules, src: Path, uid: int | None) -> str:
+        """After a successful npm build: a copy of its node_modules into the app's cache;
+        the build log's line about it. Blocking."""
+        if modules.key is None or modules.reused:
+            return ""
+        if not (src / MODULES).is_dir():  # no dependencies: npm made no tree
+            return ""
+        try:
+            self.modules.store(app, modules.key, src / MODULES,
+                               owner=os.geteuid() if uid is None else uid)
+        except (Uncacheable, OSError) as exc:  # the build stands; the next one runs npm
+            log.warning("node_modules not cached", app=app, key=modules.key, reason=str(exc))
+            return f"node_modules: not cached: {exc}\n"
+        return f"node_modules: kept in the cache (key {modules.key[:16]})\n"
 
     def _app_cache(self, app: str, uid: int | None, gid: int | None) -> Path:
         """The app's package cache (uv, pip, npm), its user's alone: apps never share a
@@ -479,7 +423,7 @@ class ReleaseStore:
         env.pop("PORT", None)
         bound = log.bind(app=app, release=release)
         bound.info("running the release's tests", command=command)
-        result = await _run_build(command, cwd=prepared.src, env=env, uid=uid, gid=gid,
+        result = await run_build(command, cwd=prepared.src, env=env, uid=uid, gid=gid,
                                   timeout=timeout, limit=TEST_LOG_LIMIT)
         outcome = TestResult(app=app, release=release, skipped=False,
                              exit_code=result.returncode, timed_out=result.returncode is None,

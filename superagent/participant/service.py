@@ -41,7 +41,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 import trio
 
@@ -62,10 +61,12 @@ from superagent.participant.errors import (
     CoordinatorError,
     InstanceNotReady,
     ParticipantError,
+    StartFailed,
     SupervisorError,
     UnknownInstance,
     UnknownRelease,
 )
+from superagent.participant.figures import cpu_seconds, node_figures, process_figures
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.load import LOAD_PERIOD, LoadSampler
@@ -148,6 +149,7 @@ class Agent:
         # dies right after its switch costs no request, and no coordinator round trip)
         self.standby: dict[str, list[str]] = {}
         self.is_offline = False
+        self.closing = False  # stop_all began: no more starts
         # a request is traced when its own timestamp falls in its app's window, however
         # late the proxy's batched record is read (see debug.sessions)
         self.debug_sessions = DebugSessions()
@@ -234,7 +236,10 @@ class Agent:
             await trio.sleep_forever()
 
     async def stop_all(self) -> None:
-        """Stop every instance (draining first) and the proxy workers: the node goes away."""
+        """Stop every instance (draining first) and the proxy workers: the node goes away.
+        From now on a start is refused: the coordinators' reconciler, seeing the instances
+        go, would otherwise start new ones that outlive the agent."""
+        self.closing = True
         await self.proxy.set_offline(True)
         if self.instances:
             await self.stop(list(self.instances), None)
@@ -467,6 +472,9 @@ class Agent:
         settled; the ones that did come up keep running (the coordinator reads them from
         ``status`` and stops them)."""
         assert self._nursery is not None
+        if self.closing:
+            raise StartFailed("the agent is shutting down and stops its apps",
+                              returncode=None, app=app, release=release)
         prepared = self.store.get(app, release)
         user = await self._user(app)
         switched = user if user is not None and user.switched else None
@@ -498,7 +506,9 @@ class Agent:
             except SupervisorError as exc:
                 self._forget(instance)  # unless stopped meanwhile
                 failures.append(exc)
-            self.persist()
+                self.persist()
+            # A started instance persisted itself at its spawn and when ready (each write
+            # an fsync on the event loop, which every other instance's start waits for).
 
         async with trio.open_nursery() as starting:
             for instance in instances:
@@ -517,11 +527,26 @@ class Agent:
             instances, grace=self.config.drain_grace if grace is None else grace)
         if self._unroute(set(instances)):
             await self._apply_routes()
-        for instance in targets:
-            await instance.stop()
+        failures: list[ParticipantError] = []
+
+        async def stop_one(instance: Instance) -> None:
+            try:
+                await instance.stop()
+            except ParticipantError as exc:  # its cgroup stays: the coordinator repeats
+                failures.append(exc)
+                return
             # a start that was still waiting for readiness may have cleaned up already
             self._forget(instance)
+
+        # At once: each stop waits out its app's own shutdown (a uvicorn takes 0.1-0.2 s),
+        # and one after the other they added up. Every stop runs to its end, whatever
+        # another one raised, before the first failure is answered.
+        async with trio.open_nursery() as stopping:
+            for instance in targets:
+                stopping.start_soon(stop_one, instance)
         self.persist()
+        if failures:
+            raise failures[0]
         return msg.StopReply(stopped=tuple(instances), in_flight_cut=remaining)
 
     async def switch(self, app: str, instances: list[str]) -> msg.SwitchReply:
@@ -573,6 +598,9 @@ class Agent:
     def status(self) -> msg.StatusReply:
         """What ``GET /v1/status`` answers (decoded here, so a field the reply does not
         declare fails the agent's own tests rather than a coordinator)."""
+        instances = list(self.instances.values())
+        pids = [inst.pid for inst in instances]
+        figures = process_figures(pids)
         return codec.decode(msg.StatusReply, {
             "node": self.config.node, "groups": list(self.config.groups),
             "offline": self.is_offline,
@@ -583,11 +611,11 @@ class Agent:
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,
             "debug_sessions": self.debug_sessions.active(),
-            "instances": [{**inst.status(), "figures": _figures(inst.pid)}
-                          for inst in self.instances.values()],
+            "instances": [{**inst.status(), "figures": None if pid is None else figures.get(pid)}
+                          for inst, pid in zip(instances, pids, strict=True)],
             "releases": {app: [r.release for r in self.store.releases(app)]
                          for app in self._apps_on_disk()},
-            "figures": _node_figures(),
+            "figures": node_figures(),
         })
 
     def coordinator_status(self) -> dict[str, Any]:
@@ -599,7 +627,7 @@ class Agent:
                            "release": inst.config.release, "state": inst.state.value,
                            "port": inst.config.port, **self.load.latest.get(instance_id, {})}
                           for instance_id, inst in self.instances.items()],
-            "routes": self.routes, "offline": self.is_offline, "figures": _node_figures(),
+            "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
             "listen": list(self.config.listen),
         }
 
@@ -609,7 +637,8 @@ class Agent:
             await trio.sleep(LOAD_PERIOD)
             table = (await self.proxy.stats())["instances"]  # from the workers that answer
             pids = {i: inst.pid for i, inst in self.instances.items()}
-            cpu = await trio.to_thread.run_sync(_cpu_seconds_of, pids)
+            by_pid = await trio.to_thread.run_sync(cpu_seconds, pids.values())
+            cpu = {i: None if pid is None else by_pid.get(pid) for i, pid in pids.items()}
             self.load.sample(trio.current_time(), table, cpu)
 
     def logs(self, *, app: str | None, instance: str | None, n: int,
@@ -669,49 +698,6 @@ class Agent:
             version = await self.proxy.apply(apps)
             self._applied = apps
             return version
-
-
-def _figures(pid: int | None) -> dict[str, Any] | None:
-    """CPU seconds, RSS, threads and TCP connections of an instance's process tree."""
-    if pid is None:
-        return None
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-        cpu = rss = threads = conns = 0.0
-        for proc in procs:
-            with proc.oneshot():
-                times = proc.cpu_times()
-                cpu += times.user + times.system
-                rss += proc.memory_info().rss
-                threads += proc.num_threads()
-            conns += len(proc.net_connections(kind="tcp"))
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-    return {"cpu_seconds": round(cpu, 3), "rss_bytes": int(rss), "threads": int(threads),
-            "connections": int(conns), "processes": len(procs)}
-
-
-def _cpu_seconds_of(pids: dict[str, int | None]) -> dict[str, float | None]:
-    """User + system CPU seconds of each instance's process tree; None when it is gone."""
-    out: dict[str, float | None] = {}
-    for instance, pid in pids.items():
-        out[instance] = None
-        if pid is not None:
-            try:
-                root = psutil.Process(pid)
-                procs = (root, *root.children(recursive=True))
-                out[instance] = sum(sum(p.cpu_times()[:2]) for p in procs)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-    return out
-
-
-def _node_figures() -> dict[str, Any]:
-    memory = psutil.virtual_memory()
-    return {"cpus": psutil.cpu_count(), "load": os.getloadavg(),
-            "memory_total": memory.total, "memory_available": memory.available,
-            "agent_rss_bytes": psutil.Process().memory_info().rss}
 
 
 async def _empty_cgroup(group: InstanceCgroup) -> None:

@@ -94,8 +94,11 @@ log = structlog.get_logger("superagent.participant")
 DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL; what most app servers need to drain
 # Readiness probes start READY_POLL_FIRST apart and back off to READY_POLL: most apps are
 # ready within tens of milliseconds, and a fixed 100 ms step would add up to 100 ms to each.
+# The cap is small too: a probe of a booting app is a refused loopback connect (well under
+# a millisecond of the agent's time), and an app that gets ready after 0.2-1 s (a uvicorn,
+# an express) waited up to 100 ms, 50 on average, for the probe that sees it at a 0.1 s cap.
 READY_POLL_FIRST = 0.005
-READY_POLL = 0.1
+READY_POLL = 0.025
 BACKOFF_INITIAL = 0.5  # first restart delay; doubles per consecutive crash
 BACKOFF_MAX = 30.0  # cap on the restart delay
 MAX_RESTARTS = 5  # this many restarts within RESTART_WINDOW is a crash loop

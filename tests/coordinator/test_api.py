@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -15,7 +16,10 @@ import pytest
 import trio
 
 from superagent.cli import main as cli_main
+from superagent.coordinator import commands as cmd
+from superagent.coordinator.reconciler import Reconciler
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
+from tests.coordinator.helpers import spec
 from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
 
@@ -57,6 +61,8 @@ async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
         data_dir=tmp_path / "c1", secret=SECRET, admin_token_file=tmp_path / "token",
         node_timeout=1.0, max_upload=64 * 1024)
     coordinator = Coordinator(config)
+    # the API alone: tests play the reconciler's part (placements, FinishScale) themselves
+    coordinator.reconciler = Reconciler(coordinator, period=math.inf)
     await nursery.start(coordinator.run)
     token_file = tmp_path / "token"
     await wait_until_async(token_file.exists, "the admin token file", timeout=10.0)
@@ -258,6 +264,65 @@ async def test_node_lifecycle_drain_offline_online(api: Api) -> None:
     assert (await api.call("POST", "/api/v1/nodes/zz/drain")).status_code == 404
 
 
+async def test_offline_is_refused_while_the_node_still_runs_instances(api: Api) -> None:
+    """A draining node whose heartbeat reports a live instance cannot go offline (409 naming
+    it); once nothing runs there, it can. ``running`` says what is left."""
+    await api.call("POST", "/api/v1/nodes/register", token=SECRET,
+                   json={"node": "n1", "address": f"127.0.0.1:{free_port()}"})
+    instance = {"id": "web@r1.1", "app": "web", "release": "r1", "state": "ready", "port": 1}
+    await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET,
+                   json={"status": {"instances": [instance], "routes": {}}})
+    assert (await api.call("POST", "/api/v1/nodes/n1/drain")).status_code == 200
+    left = await api.call("GET", "/api/v1/nodes/n1/running")
+    assert left.json() == {"node": "n1", "lifecycle": "draining",
+                           "instances": ["web@r1.1 (ready)"], "placed": {}}
+    refused = await api.call("POST", "/api/v1/nodes/n1/offline")
+    assert refused.status_code == 409, refused.text
+    assert "web@r1.1" in refused.json()["detail"]
+    await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET,
+                   json={"status": {"instances": [{**instance, "state": "stopped"}]}})
+    assert (await api.call("GET", "/api/v1/nodes/n1/running")).json()["instances"] == []
+    offline = await api.call("POST", "/api/v1/nodes/n1/offline")
+    assert offline.status_code == 200 and offline.json()["lifecycle"] == "offline"
+    assert (await api.call("GET", "/api/v1/nodes/zz/running")).status_code == 404
+
+
+async def test_cli_drain_follows_until_nothing_runs(
+        api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    """``superagent drain`` shows what still runs and ends once the node runs nothing."""
+    await api.call("POST", "/api/v1/nodes/register", token=SECRET,
+                   json={"node": "n1", "address": f"127.0.0.1:{free_port()}"})
+    instance = {"id": "web@r1.1", "app": "web", "release": "r1", "state": "ready", "port": 1}
+    codes: list[int] = []
+
+    async def beat(instances: list[dict[str, Any]]) -> None:
+        await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET,
+                       json={"status": {"instances": instances, "routes": {}}})
+
+    def polls() -> int:  # the CLI's looks at what still runs
+        return api.coordinator.requests.get(("GET", 200), 0)
+
+    async def drain() -> None:
+        codes.append(await trio.to_thread.run_sync(lambda: cli_main(
+            ["drain", "n1", "--server", api.url, "--token", api.token])))
+
+    await beat([instance])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        with trio.fail_after(10):
+            while api.coordinator.read(lambda s: s.nodes["n1"].lifecycle) != "draining":
+                await beat([instance])  # within the 1 s node timeout
+                await trio.sleep(0.1)
+            seen = polls()
+            while polls() < seen + 2:  # the CLI has seen the instance still running
+                await beat([instance])
+                await trio.sleep(0.1)
+        await beat([])
+    out = capsys.readouterr().out
+    assert codes == [0], out
+    assert "still running web@r1.1 (ready)" in out and "n1: drained" in out
+
+
 async def test_cli_queries_against_the_api(api: Api, capsys: pytest.CaptureFixture[str]
                                            ) -> None:
     await api.call("POST", "/api/v1/apps", json={"app": {"name": "web"},
@@ -362,3 +427,30 @@ async def test_cli_deploys_a_procfile_app_under_its_directory_name(
     assert code == 2 and "no participant is online" in err  # recorded, nowhere to run
     releases = (await api.call("GET", "/api/v1/apps/proc-app/releases")).json()["releases"]
     assert [r["name"] for r in releases] == ["r1"]
+
+
+async def test_a_deploy_committed_here_wakes_the_runner(api: Api,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A StartDeploy committed on the leader, submitted there or forwarded by a follower
+    to /internal/propose, wakes the deploy runner (whatever the state answered); other
+    commands do not."""
+    woken: list[int] = []
+    monkeypatch.setattr(api.coordinator.deploys, "wake", lambda: woken.append(1))
+    c = api.coordinator
+    start = c.command(cmd.StartDeploy, actor="tester", app="ghost", deploy_id="ghost-r1-abc",
+                      record={})
+    assert not (await c.submit(start))["ok"]  # no such app: refused, committed all the same
+    assert woken == [1]
+    forwarded = c.command(cmd.StartDeploy, actor="tester", app="ghost",
+                          deploy_id="ghost-r1-abd", record={})
+    response = await api.call("POST", "/api/v1/internal/propose", token=SECRET,
+                              content=forwarded.to_json(),
+                              headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert woken == [1, 1]
+    # another command (a fresh app: it always applies; the coordinator's own
+    # RegisterCoordinator may already be in, and a repeat of it is refused)
+    other = c.command(cmd.CreateApp, actor="tester", name="waker", spec=spec("waker"))
+    created = await c.submit(other)
+    assert created["ok"], created
+    assert woken == [1, 1]

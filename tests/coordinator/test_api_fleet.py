@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trio
 
 from superagent.coordinator import commands as cmd
 from tests.coordinator import test_api
@@ -106,11 +107,24 @@ async def test_scale_to_autoscaling(api: Api) -> None:
     assert (await app(api))["scale"]["instances"] == 2
 
 
-async def test_scale_of_unknown_app_and_during_a_deploy(api: Api) -> None:
+async def test_scale_of_unknown_app_and_during_a_deploy(api: Api,
+                                                       nursery: trio.Nursery) -> None:
     missing = await api.call("POST", "/api/v1/apps/nope/scale", json={"per_node": 1})
     assert missing.status_code == 404 and missing.json()["error"] == "unknown_app"
     await create(api)
     await commit(api, cmd.AddRelease, app="hello", sha256=SHA, size=1, spec=spec())
+    # n1 beats, so the deploy runner keeps retrying its unreachable address (for
+    # NODE_LOST_AFTER, 30 s) instead of failing the deploy at once: it stays running
+    registered = await api.call("POST", "/api/v1/nodes/register", token=SECRET,
+                                json={"node": "n1", "address": "127.0.0.1:9"})
+    assert registered.status_code == 200, registered.text
+
+    async def beat() -> None:
+        while True:
+            await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET,
+                           json={"status": {"instances": [], "routes": {}}})
+            await trio.sleep(0.2)  # a heartbeat period, not a synchronisation
+    nursery.start_soon(beat)
     await commit(api, cmd.StartDeploy, app="hello", deploy_id="d1",
                  record=deploy_record(deploy_id="d1"))
     busy = await api.call("POST", "/api/v1/apps/hello/scale", json={"per_node": 2})

@@ -217,6 +217,16 @@ async def test_scale_nodes_and_label_commands(api: Api, nursery: trio.Nursery,
                     "--no-follow"))
     assert code == 0 and "to 1-4 instances in web,api, autoscaled to 0.5 cpu per instance" in (
         out + err), (out, err)
+    code, out, err = await trio.to_thread.run_sync(lambda: run("audit", "--limit", "2"))
+    assert code == 0 and out.splitlines()[0].split() == ["AT", "ACTOR", "COMMAND", "TARGET",
+                                                         "OUTCOME"], (out, err)
+    code, out, err = await trio.to_thread.run_sync(
+        lambda: run("audit", "--limit", "2", "--json"))
+    newest = json.loads(out)["audit"][0]  # (the table's rows start like log lines)
+    assert newest["type"] == "set_scale", newest
+    assert "autoscaled to 0.5 cpu per instance" in newest["outcome"], newest
+    code, out, err = await trio.to_thread.run_sync(lambda: run("audit", "--limit", "0"))
+    assert code == 2 and "limit must be 1..1000" in err, err
     code, out, err = await trio.to_thread.run_sync(
         lambda: run("nodes", "label", "n1", "--groups", "web,eu"))
     assert (code, out) == (0, "n1: groups web,eu\n"), err

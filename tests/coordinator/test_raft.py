@@ -289,6 +289,27 @@ async def test_single_node_propose_in_process(tmp_path: Path) -> None:
         again.close()
 
 
+async def test_single_node_commits_without_waiting_for_a_tick(tmp_path: Path) -> None:
+    """Alone, a leader commits a proposal at once, not one tick period (50 ms) later."""
+    node = RaftNode(f"127.0.0.1:{free_port()}", [], secret=SECRET, data_dir=tmp_path,
+                    state=CounterState())
+    node.start()
+    try:
+        with trio.fail_after(ELECTION_DEADLINE):
+            while not node.is_leader():
+                await trio.sleep(0.05)
+        proposals = 20
+        started = time.perf_counter()
+        for i in range(proposals):
+            await node.propose(json.dumps({"id": str(i), "key": "a"}), 2.0)
+        took = time.perf_counter() - started
+        # a tick each would be 20 x 50 ms = 1 s; at once they take a few ms (more when busy)
+        assert took < proposals * 0.05 / 2, f"{proposals} commits took {took:.3f} s"
+        assert node.read_state(lambda s: s.counts) == {"a": proposals}  # type: ignore[attr-defined]
+    finally:
+        node.close()
+
+
 async def test_follower_raises_not_leader_in_process(tmp_path: Path) -> None:
     """A node that cannot reach its peers has no leader: propose raises NotLeader(None)."""
     peers = [f"127.0.0.1:{port}" for port in free_ports(2)]

@@ -17,8 +17,15 @@ import trio.testing
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy import model as m
-from superagent.coordinator.deploy.runner import NODE_LOST_AFTER, DeployRunner, begin_deploy
+from superagent.coordinator.deploy.runner import (
+    NODE_LOST_AFTER,
+    POLL,
+    DeployRunner,
+    begin_deploy,
+    targets,
+)
 from superagent.coordinator.state import ClusterState, Result
+from superagent.manifest import parse_manifest, spec_from_json, spec_to_json
 from superagent.rpc import messages as msg
 from superagent.rpc.client import Participants
 from superagent.rpc.errors import Refused, Unreachable
@@ -212,6 +219,26 @@ async def test_a_deploy_rolls_over_every_node(
         assert agent.routes["hello"] == tuple(agent.instances)
 
 
+async def test_a_woken_runner_drives_a_new_deploy_at_once(
+        host: FakeHost, participants: FakeParticipants, clock: trio.testing.MockClock
+) -> None:
+    """``wake`` after a deploy is committed: its first signal goes out within a round trip,
+    not at the runner's next look (up to ``POLL`` later)."""
+    runner = DeployRunner(host)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        await trio.sleep(POLL * 1.1)  # the runner has looked once and sleeps again
+        result = await begin_deploy(host, app="hello", release="r1", actor="tester")
+        assert result["ok"], result
+        committed = trio.current_time()
+        runner.wake()
+        with trio.fail_after(POLL):
+            while not participants.sent:
+                await trio.sleep(0.001)
+        assert trio.current_time() - committed < POLL / 4  # one 10 ms round trip
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_node_that_never_answers_is_lost_after_the_deadline(
         host: FakeHost, participants: FakeParticipants, clock: trio.testing.MockClock
 ) -> None:
@@ -276,3 +303,56 @@ async def test_stopping_instances_already_gone_counts_as_done(
     record = await deploy(host)
     assert record.status is m.Status.SUCCEEDED, record
     assert participants.of("n1").count("stop") == 1
+
+
+def _instances_release(host: FakeHost, instances: int) -> None:
+    """Release r2 of hello, whose manifest asks for ``instances`` in total."""
+    doc = spec_to_json(parse_manifest({"app": {"name": "hello"}, "run": {"command": "x"},
+                                       "scale": {"instances": instances}}, source="test"))
+    assert host.state.apply(add_release(spec=doc).to_json())["ok"]
+
+
+async def _deploy_r2(host: FakeHost) -> m.DeployRecord:
+    result = await begin_deploy(host, app="hello", release="r2", actor="tester")
+    assert result["ok"], result
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(DeployRunner(host).run)
+        with trio.fail_after(DEADLINE):
+            while host.state.deploys[result["deploy_id"]].running:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    return host.record(result["deploy_id"])
+
+
+async def test_an_instances_app_rolls_over_its_placement_with_its_counts(
+        host: FakeHost, participants: FakeParticipants, clock: trio.testing.MockClock
+) -> None:
+    """An ``instances`` app placed 2 on n2 and none on n1 starts 2 on n2 only."""
+    _instances_release(host, 2)
+    assert host.state.apply(cmd.SetPlacement(key="p", at=1.0, actor="t", app="hello",
+                                             placement={"n2": 2}).to_json())["ok"]
+    record = await _deploy_r2(host)
+    assert record.status is m.Status.SUCCEEDED, record
+    assert record.nodes == ("n2",) and record.step_of("n2").count == 2
+    starts = [message for address, message in participants.sent
+              if isinstance(message, msg.Start)]
+    assert [(s.count, s.release) for s in starts] == [(2, "r2")]
+
+
+async def test_a_first_deploy_of_an_instances_app_uses_the_scheduler(
+        host: FakeHost, participants: FakeParticipants, clock: trio.testing.MockClock
+) -> None:
+    """Without a placement yet, 3 instances are spread 2 + 1 over the two nodes."""
+    _instances_release(host, 3)
+    record = await _deploy_r2(host)
+    assert record.status is m.Status.SUCCEEDED, record
+    assert sorted(s.count for s in record.steps) == [1, 2]
+    starts = sorted(message.count for _, message in participants.sent
+                    if isinstance(message, msg.Start))
+    assert starts == [1, 2]
+
+
+def test_a_per_node_app_targets_every_eligible_node(host: FakeHost) -> None:
+    """per_node apps: every up, online node of the groups, count 0 (the record's)."""
+    spec = spec_from_json(host.state.releases["hello"][0].spec)
+    assert targets(host.state, spec, "hello") == {"n1": 0, "n2": 0}

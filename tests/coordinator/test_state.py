@@ -452,7 +452,8 @@ def test_an_autoscaled_app_runs_what_the_autoscaler_decided_within_its_bounds() 
     ok(state, cmd.Autoscale(**base(), app="hello", instances=5,
                             reason="scale up: in_flight 9.0 per instance", inputs={"load": 18}))
     assert state.effective_scale("hello")["instances"] == 5
-    assert state.audit[-1]["outcome"] == "2 -> 5 instances: scale up: in_flight 9.0 per instance"
+    assert state.audit[-1]["outcome"] == ("2 -> 5 instances: scale up: in_flight 9.0 per"
+                                          ' instance (inputs {"load":18})')
     assert state.apps["hello"].scaling is None  # not a scaling: deploys go on
     assert_rejected(state, cmd.Autoscale(**base(), app="hello", instances=7).to_json(),
                     400, "bad_command")

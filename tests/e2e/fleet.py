@@ -165,7 +165,7 @@ class Fleet:
 
     def __init__(self, root: Path, coordinators: list[str], size: int = 2, *,
                  secret: str | None = SECRET, join_token: str | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", groups: tuple[str, ...] = ("default",)) -> None:
         self.root = root
         self.coordinators = coordinators
         self.secret = secret
@@ -174,6 +174,7 @@ class Fleet:
         ports = free_ports(2 * size)
         self.members = [Participant(i, root, ports[2 * i], ports[2 * i + 1])
                         for i in range(size)]
+        self.groups: dict[int, tuple[str, ...]] = dict.fromkeys(range(size), groups)
         self.http = httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT)
 
     def __repr__(self) -> str:
@@ -192,7 +193,8 @@ class Fleet:
         return [sys.executable, "-m", "superagent", "--log-level", self.log_level,
                 "participant", "--data-dir", str(p.data_dir),
                 "--rpc", f"127.0.0.1:{p.rpc_port}", "--listen", f"127.0.0.1:{p.listen_port}",
-                "--proxy-workers", "1", "--node", p.node, "--group", "default",
+                "--proxy-workers", "1", "--node", p.node,
+                "--group", ",".join(self.groups.get(i, ("default",))),
                 "--coordinator", ",".join(self.coordinators), "--stop-on-exit"]
 
     def start(self, i: int) -> None:
@@ -217,6 +219,29 @@ class Fleet:
     def start_all(self) -> None:
         for i in range(len(self.members)):
             self.start(i)
+
+    def add(self, groups: tuple[str, ...] = ("default",)) -> int:
+        """One more member (not started) in ``groups``; its index."""
+        index = len(self.members)
+        rpc_port, listen_port = free_ports(2)
+        self.members.append(Participant(index, self.root, rpc_port, listen_port))
+        self.groups[index] = groups
+        return index
+
+    def kill9(self, i: int) -> None:
+        """The machine of member ``i`` dies: SIGKILL its agent, proxy workers and app
+        instances (instances run in sessions of their own, so the agent's tree is taken
+        first), and reap the agent."""
+        p = self.members[i]
+        assert p.proc is not None
+        tree: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            tree = psutil.Process(p.proc.pid).children(recursive=True)
+        p.kill9()
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(tree, timeout=STOP_GRACE)
 
     def wait_joined(self, cluster: Cluster, member: int,
                     timeout: float = JOIN_TIMEOUT) -> None:
@@ -339,9 +364,16 @@ class Load:
         with self._lock:
             return self.requests, sum(self.failed.values())
 
+    def sending(self, http: httpx.Client, url: str) -> bool:
+        """Whether to send to ``url`` now (a subclass may act as a load balancer)."""
+        return True
+
     def _client(self, url: str) -> None:
         with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT) as http:
             while not self._stop.is_set():
+                if not self.sending(http, url):
+                    self._stop.wait(self.pace)
+                    continue
                 key, failure = self._one(http, url)
                 with self._lock:
                     self.requests += 1

@@ -637,3 +637,55 @@ async def test_a_refused_archive_creates_no_app_user(rig: Rig) -> None:
     assert "/etc/evil" in answer.text
     with pytest.raises(KeyError):
         pwd.getpwnam(app_user_name(app))
+
+
+STOP_BARRIER_APP = '''
+import http.server, os, pathlib, signal, time
+barrier = pathlib.Path(os.environ["BARRIER_DIR"])
+me = os.environ["SUPERAGENT_INSTANCE"]
+
+def on_term(*_):  # exit cleanly only once the other instance got its SIGTERM too
+    (barrier / f"term-{me}").write_text("")
+    deadline = time.monotonic() + 20
+    while len(list(barrier.glob("term-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if len(list(barrier.glob("term-*"))) >= 2:
+        (barrier / f"clean-{me}").write_text("")
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+'''
+
+
+async def test_the_instances_of_one_stop_are_stopped_together(rig: Rig, world_dir: Path
+                                                              ) -> None:
+    """stop of two instances signals both at once: each exits cleanly only after the other
+    got its SIGTERM, which one-after-the-other stops (the first killed at its grace) never
+    satisfy."""
+    barrier = world_dir / "stop-barrier"
+    barrier.mkdir(mode=0o777)
+    barrier.chmod(0o777)
+    manifest = (f'[app]\nname = "pair"\n[run]\ncommand = "{child_python()} app.py"\n'
+                '[health]\npath = "/healthz"\n'
+                f'[env]\nBARRIER_DIR = "{barrier}"\n')
+    upload = await rig.upload("pair", "r1", tarball({"superagent.toml": manifest,
+                                                     "app.py": STOP_BARRIER_APP}))
+    assert upload.status_code == 200, upload.text
+    started = await rig.signal("start", app="pair", release="r1", count=2)
+    assert started.status_code == 200, started.text
+    ids = [i["id"] for i in started.json()["instances"]]
+    stopped = await rig.signal("stop", instances=ids, grace=3)
+    assert stopped.status_code == 200, stopped.text
+    assert sorted(stopped.json()["stopped"]) == sorted(ids)
+    assert sorted(p.name for p in barrier.glob("clean-*")) == sorted(f"clean-{i}" for i in ids)
+    assert not [i for i in rig.agent.instances if i in ids]

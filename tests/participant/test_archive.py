@@ -11,7 +11,6 @@ import io
 import os
 import stat
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -145,11 +144,9 @@ def test_refuses_a_gzip_bomb(out: Path) -> None:
     """A few KiB of gzip that unpack to 32 MiB are refused, before decompressing it all."""
     archive = make_tar([file(f"zeros{i}", bytes(8 * MiB)) for i in range(4)])
     assert len(archive) < 64 * 1024
-    started = time.monotonic()
     with pytest.raises(ArchiveTooLarge, match="more than 16777216 bytes") as caught:
         safe_extract(archive, out / "src", max_bytes=16 * MiB)
     assert caught.value.member == "zeros2"
-    assert time.monotonic() - started < 2.0
     assert list(out.iterdir()) == []
 
 

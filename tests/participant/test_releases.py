@@ -198,10 +198,8 @@ async def test_prepare_is_idempotent(store: ReleaseStore, tmp_path: Path) -> Non
     marker = tmp_path / "builds"
     archive = app_tar({}, build='echo built >> "$MARKER"')
     first = await store.prepare("hello", "r1", archive, sha(archive), env={"MARKER": str(marker)})
-    started = time.monotonic()
     second = await store.prepare("hello", "r1", archive, sha(archive),
                                  env={"MARKER": str(marker)})
-    assert time.monotonic() - started < 0.5
     assert second == first
     assert marker_lines(marker) == ["built"]
     assert store.get("hello", "r1") == first

@@ -105,7 +105,8 @@ def clip(text: str, limit: int) -> str:
 class NodeStep:
     """One target node's progress. ``old``: instances that served before (read when the
     node starts rolling); ``new``: instances this deploy started; ``lost``: unreachable,
-    excluded from further actions."""
+    excluded from further actions; ``count``: the instances to start there (0: the
+    record's ``per_node``; an ``instances`` app's placement gives each node its own)."""
 
     node: str
     step: Step
@@ -113,11 +114,14 @@ class NodeStep:
     new: tuple[str, ...]
     error: str = ""
     lost: bool = False
+    count: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step", Step(self.step))  # accept the plain string too
         object.__setattr__(self, "old", tuple(self.old))
         object.__setattr__(self, "new", tuple(self.new))
+        _want(isinstance(self.count, int) and 0 <= self.count <= MAX_PER_NODE, "count",
+              f"0-{MAX_PER_NODE}")
 
     def to_doc(self) -> dict[str, Any]:
         return codec.encode(self)
@@ -196,19 +200,23 @@ class DeployRecord:
 
 
 def new_record(*, deploy_id: str, app: str, release: str, sha256: str, nodes: Iterable[str],
-               per_node: int, max_parallel: int, drain_grace: float) -> DeployRecord:
-    """A deploy at its first step; raises ValueError naming the bad argument."""
+               per_node: int, max_parallel: int, drain_grace: float,
+               counts: Mapping[str, int] | None = None) -> DeployRecord:
+    """A deploy at its first step; raises ValueError naming the bad argument. ``counts``:
+    the instances to start per node where it is not ``per_node``."""
     if isinstance(nodes, str):
         raise ValueError("nodes: must be a list of node names, not a string")
     nodes = tuple(nodes)
     if not nodes:
         raise ValueError("nodes: must be a non-empty list")
+    counts = counts or {}
     return DeployRecord(
         deploy_id=deploy_id, app=app, release=release, sha256=sha256, nodes=nodes,
         per_node=per_node, max_parallel=max_parallel, drain_grace=drain_grace,
         stage=Stage.BUILD, status=Status.RUNNING, reason="", tested=False,
         test_node=nodes[0], logs=(),
-        steps=tuple(NodeStep(node=n, step=Step.PENDING, old=(), new=()) for n in nodes))
+        steps=tuple(NodeStep(node=n, step=Step.PENDING, old=(), new=(),
+                             count=counts.get(n, 0)) for n in nodes))
 
 
 def batches(record: DeployRecord) -> list[tuple[str, ...]]:

@@ -88,7 +88,7 @@ from superagent.coordinator.deploy.model import (
 # -- deciding --------------------------------------------------------------------------------
 
 def _start(r: DeployRecord, s: NodeStep) -> Action:
-    return Start(deploy_id=r.deploy_id, node=s.node, count=r.per_node)
+    return Start(deploy_id=r.deploy_id, node=s.node, count=s.count or r.per_node)
 
 
 def _switch(r: DeployRecord, s: NodeStep) -> Action:

@@ -45,12 +45,14 @@ import trio
 
 from superagent.backoff import Backoff
 from superagent.coordinator import commands as cmd
+from superagent.coordinator import scheduler as sch
 from superagent.coordinator.deploy import model as m
 from superagent.coordinator.deploy import outcomes
 from superagent.coordinator.deploy import planner as p
 from superagent.coordinator.deploy.outcomes import SIGNAL_TIMEOUT
 from superagent.coordinator.errors import CommandError, NoTargets, UnknownApp, UnknownRelease
 from superagent.coordinator.host import RunnerHost
+from superagent.coordinator.reconcile_view import view_of
 from superagent.coordinator.state import ClusterState
 from superagent.manifest import AppSpec, spec_from_json
 from superagent.rpc import messages as msg
@@ -59,7 +61,7 @@ from superagent.rpc.errors import BadReply, Refused, Unreachable, VersionMismatc
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-POLL = 0.2  # how often the runner looks for deploys to drive
+POLL = 0.2  # how often the runner looks for deploys to drive (``wake`` says so at once)
 NODE_LOST_AFTER = 30.0  # unreachable this long (and not yet marked down): lost
 DRAIN_GRACE = 30.0
 ROUND_BACKOFF, ROUND_BACKOFF_MAX = 1.0, 30.0  # after a round whose outcomes were refused
@@ -76,14 +78,22 @@ class DeployRunner:
     def __init__(self, host: RunnerHost) -> None:
         self.host = host
         self._driving: dict[str, trio.CancelScope] = {}
+        self._woken = trio.Event()
 
     def __repr__(self) -> str:
         return f"<DeployRunner driving={sorted(self._driving)}>"
 
+    def wake(self) -> None:
+        """A deploy was just committed here: look for it now, not at the next ``POLL``
+        (which would add up to 0.2 s to every deploy, a rollback's included)."""
+        self._woken.set()
+
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                await trio.sleep(POLL)
+                with trio.move_on_after(POLL):
+                    await self._woken.wait()
+                self._woken = trio.Event()
                 if not self.host.is_leader():
                     for scope in self._driving.values():
                         scope.cancel()
@@ -287,12 +297,36 @@ class DeployRunner:
         return await self._call(node, send)
 
 
-def targets(state: ClusterState, spec: AppSpec) -> list[str]:
-    """The nodes a deploy of a release with ``spec`` rolls over: online, up, in one of the
-    release's groups."""
-    groups = set(spec.scale.groups)
-    return sorted(n.name for n in state.nodes.values()
-                  if n.up and n.lifecycle == "online" and groups & set(n.groups))
+def targets(state: ClusterState, spec: AppSpec, app: str | None = None) -> dict[str, int]:
+    """The nodes a deploy of a release with ``spec`` rolls over, each with the instances to
+    start there (0: the record's ``per_node``), in roll order.
+
+    The scale is the app's run-time override (``superagent scale``) if it has one, else
+    the release's ``[scale]``. A ``per_node`` app rolls over every node that is online, up
+    and in one of its groups. An ``instances`` app rolls over the nodes of its placement
+    (those still up), each with its own count; before its first placement, over the
+    scheduler's placement of it among the cluster's current one.
+    """
+    found = state.apps.get(app) if app is not None else None
+    override = found.scale if found is not None else None
+    groups = set(override["groups"] if override else spec.scale.groups)
+    instances = override.get("instances") if override else spec.scale.instances
+    eligible = {n.name for n in state.nodes.values()
+                if n.up and n.lifecycle == "online" and groups & set(n.groups)}
+    if instances is None or app is None:
+        return dict.fromkeys(sorted(eligible), 0)
+    placed = {node: count for node, count in sorted(state.placement.get(app, {}).items())
+              if count > 0 and node in state.nodes and state.nodes[node].up}
+    if placed:
+        return placed
+    scale = sch.AppScale(app=app, groups=tuple(sorted(groups)), per_node=1,
+                         instances=int(instances))
+    view = view_of(state, wall=0.0, drain_wait=0.0)
+    others = [other for other in view.scales if other.app != app]
+    nodes = [sch.NodeInfo(name=n.name, groups=n.groups, capacity=n.capacity,
+                          eligible=n.name in eligible) for n in view.nodes]
+    placement = sch.place([*others, scale], nodes, state.placement)
+    return dict(sorted(placement.nodes.get(app, {}).items()))
 
 
 async def begin_deploy(c: RunnerHost, *, app: str, release: str, actor: str,
@@ -303,25 +337,28 @@ async def begin_deploy(c: RunnerHost, *, app: str, release: str, actor: str,
     Raises UnknownApp, NoTargets (409) when no participant can take it, CommandError for
     bad parameters; a running deploy of the same app is a 409 result.
     """
-    def plan(s: ClusterState) -> tuple[list[str], AppSpec, str]:
+    def plan(s: ClusterState) -> tuple[dict[str, int], list[str], str, int]:
         if app not in s.apps:
             raise UnknownApp(app)
         rel = next((x for x in s.releases[app] if f"r{x.number}" == release), None)
         if rel is None:
             raise UnknownRelease(app, int(release.lstrip("r") or 0))
         spec = spec_from_json(rel.spec)
-        return targets(s, spec), spec, rel.sha256
+        override = s.apps[app].scale
+        per_node = int(override["per_node"]) if override else spec.scale.per_node
+        groups = list(override["groups"]) if override else list(spec.scale.groups)
+        return targets(s, spec, app), groups, rel.sha256, max(1, per_node)
 
-    nodes, spec, sha256 = c.read(plan)
+    nodes, groups, sha256, per_node = c.read(plan)
     if not nodes:
         raise NoTargets(f"{app}@{release}: no participant is online and up in groups"
-                        f" {list(spec.scale.groups)}", app=app)
+                        f" {groups}", app=app)
     # a client's retry (same key) names the same deploy, so it applies once
     suffix = hashlib.sha256(key.encode()).hexdigest()[:6] if key else secrets.token_hex(3)
     deploy_id = f"{app}-{release}-{suffix}"
     try:
         record = m.new_record(deploy_id=deploy_id, app=app, release=release, sha256=sha256,
-                              nodes=nodes, per_node=spec.scale.per_node,
+                              nodes=list(nodes), counts=nodes, per_node=per_node,
                               max_parallel=max_parallel, drain_grace=drain_grace)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
