@@ -183,6 +183,7 @@ class ClusterState:
             return {**copy.deepcopy(seen["result"]), "repeated": True}
         team = tenancy.audit_team(self, command)  # before the handler: DeleteApp forgets it
         try:
+            tenancy.check_scope(self, command)
             result, outcome = self._handlers[type(command)](command)
         except CoordinatorError as exc:
             return error_result(exc)
