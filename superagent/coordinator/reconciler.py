@@ -216,7 +216,11 @@ class Reconciler:
                                      placement=placement.nodes.get(app, {}),
                                      busy=app in view.busy)
                    for app in view.apps}
-        actions: list[rc.Action | _Reroute] = list(rc.plan(targets, reports))
+        # an app the placement cannot fully hold (no room: another app took it first)
+        # keeps what it runs: shrinking it would stop serving instances for nothing
+        actions: list[rc.Action | _Reroute] = [
+            a for a in rc.plan(targets, reports)
+            if not (isinstance(a, rc.Shrink) and a.app in placement.short)]
         planned = {(a.node, a.app) for a in actions}
         actions += [_Reroute(node=node, app=app, instances=ids)
                     for node, app, ids in unrouted(targets, reports) if (node, app) not in planned]
