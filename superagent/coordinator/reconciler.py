@@ -250,9 +250,14 @@ class Reconciler:
         for app, (auto, current, release) in sorted(apps.items()):
             if app in view.busy:
                 continue
-            spec = auto_spec(auto)
-            load = app_load(heard, app, release, spec.metric)
-            decision = self._autoscalers.decide(now, app, spec, current, load)
+            try:  # one app's trouble never stops the others' (or the round's) work
+                spec = auto_spec(auto)
+                load = app_load(heard, app, release, spec.metric)
+                decision = self._autoscalers.decide(now, app, spec, current, load)
+            except (ValueError, TypeError, KeyError) as exc:
+                if self._changed(f"autoscale/{app}", repr(exc)):
+                    log.warning("autoscaler failed", app=app, error=repr(exc))
+                continue
             if decision is None:
                 continue
             try:
