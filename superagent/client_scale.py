@@ -76,8 +76,8 @@ def _auto(bounds: str, target: float | None, metric: str | None) -> dict[str, An
     low, sep, high = bounds.partition(":")
     if not sep or not low.isdigit() or not high.isdigit():
         raise ClientError(f"--auto takes MIN:MAX, e.g. 2:10, not {bounds!r}")
-    if int(low) > int(high) or int(high) < 1:
-        raise ClientError(f"--auto {bounds}: MIN must not be above MAX, and MAX at least 1")
+    if int(low) > int(high) or int(low) < 1:
+        raise ClientError(f"--auto {bounds}: MIN must be at least 1 and not above MAX")
     if target is None:
         raise ClientError("--auto needs --target N: the in-flight requests (or, with"
                           " --metric cpu, the cores) one instance should carry")

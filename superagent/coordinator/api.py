@@ -491,11 +491,16 @@ async def forward(request: Request, ctx: Context) -> Response:
         raise NoLeader(node=c.config.id)
     headers = {k: v for k, v in request.headers.items()
                if k in ("authorization", "content-type", "idempotency-key")}
+    # the path as the client sent it (still percent-encoded): a decoded one may hold
+    # characters no URL can carry
+    path = bytes(request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
     try:
-        answer = await c.http.request(request.method, f"{url}{request.url.path}",
+        answer = await c.http.request(request.method, f"{url}{path}",
                                       content=await read_body(request, limit=MAX_JSON,
                                                               error=bad_request),
                                       headers=headers)
+    except httpx.InvalidURL as exc:
+        return error(400, "bad_path", f"the path cannot be forwarded to the leader: {exc}")
     except httpx.HTTPError as exc:
         return error(503, "no_leader", f"the leader at {url} is unreachable: {exc!r}")
     return Response(answer.content, status_code=answer.status_code,

@@ -56,6 +56,9 @@ RETAIN_SUCCEEDED = 5  # releases that served kept prepared on each participant f
 HISTORY_LIMIT = 500  # timeline entries kept per deploy
 
 Result = dict[str, Any]
+# Commands the leader derives every round (where instances go): the app views show them,
+# and in the bounded audit log they would push out what people and decisions did.
+UNAUDITED = (cmd.SetPlacement,)
 
 
 @dataclass(slots=True)
@@ -189,11 +192,13 @@ class ClusterState:
             return {**copy.deepcopy(seen["result"]), "repeated": True}
         team = tenancy.audit_team(self, command)  # before the handler: DeleteApp forgets it
         try:
+            tenancy.check_scope(self, command)
             result, outcome = self._handlers[type(command)](command)
         except CoordinatorError as exc:
             return error_result(exc)
         self._remember(command.key, fingerprint, result)
-        self._record_audit(command, outcome, team)
+        if not isinstance(command, UNAUDITED):
+            self._record_audit(command, outcome, team)
         return copy.deepcopy(result)
 
     def _remember(self, key: str, fingerprint: str, result: Result) -> None:

@@ -203,6 +203,17 @@ def _auth(cluster: Cluster, route: Endpoint) -> dict[str, str]:
     return cluster.admin() if route.auth != "none" else {"authorization": ""}
 
 
+@pytest.mark.parametrize("node", ["\x1f", "\u00b2\x1b7dW", "a b", "%"])
+def test_a_forwarded_path_keeps_its_encoding(cluster: Cluster, node: str) -> None:
+    """A follower forwards a heartbeat for a node name no URL can carry decoded (control
+    characters, spaces): the leader answers it (an unknown node), never a 500."""
+    follower = (cluster.leader() + 1) % 3
+    response = cluster.post(follower, f"/api/v1/nodes/{quote(node, safe='')}/heartbeat",
+                            json={"status": {}}, headers=SECRET_AUTH)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"] == "unknown_node", response.text
+
+
 @given(route=st.sampled_from(ROUTES), params=st.lists(PARAMS, min_size=3, max_size=3),
        body=BODIES, query=QUERY, member=st.integers(0, 2))
 @settings(max_examples=120, deadline=None, database=None,
