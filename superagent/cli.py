@@ -68,7 +68,7 @@ def _participant(args: argparse.Namespace) -> int:
     from superagent.participant.joiner import parse_coordinator_urls
     from superagent.participant.service import Agent, AgentConfig
 
-    secret = _secret(args)
+    secret, join_token = _participant_credentials(args)
     listen = tuple(args.listen or ["0.0.0.0:8080"])
     for address in listen:
         parse_address(address, source="--listen", key=address)
@@ -98,7 +98,7 @@ def _participant(args: argparse.Namespace) -> int:
             raise SuperagentError(f"--rpc {args.rpc} is not an address coordinators can"
                                   " reach: give --advertise HOST:PORT")
     config = AgentConfig(
-        data_dir=Path(args.data_dir).resolve(), secret=secret,
+        data_dir=Path(args.data_dir).resolve(), secret=secret, join_token=join_token,
         node=args.node or socket.gethostname(), rpc=rpc, listen=listen,
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
         groups=groups, coordinator=coordinator, advertise=advertise,
@@ -128,22 +128,66 @@ def _serve_until_signal(run: Callable[..., Awaitable[None]], *,
     trio.run(main)
 
 
-def _secret(args: argparse.Namespace) -> str:
-    """The cluster secret from --secret-file or SUPERAGENT_SECRET."""
+def _read_value(path: str | None, option: str, env: str) -> str:
+    """The value in file ``path`` (``option``), else in the environment variable ``env``."""
     import os
     from pathlib import Path
 
-    secret = os.environ.get("SUPERAGENT_SECRET", "")
-    if args.secret_file:
+    if path:
         try:
-            secret = Path(args.secret_file).read_text().strip()
+            return Path(path).read_text().strip()
         except OSError as exc:
-            raise SuperagentError(f"cannot read --secret-file {args.secret_file}:"
-                                  f" {exc.strerror}") from None
-    if not secret:
-        raise SuperagentError("the cluster secret is required: --secret-file FILE or the"
-                              " SUPERAGENT_SECRET environment variable")
-    return secret
+            raise SuperagentError(f"cannot read {option} {path}: {exc.strerror}") from None
+    return os.environ.get(env, "").strip()
+
+
+def _coordinator_secrets(args: argparse.Namespace) -> tuple[str, str]:
+    """(the coordinators' secret, the legacy participant secret or "").
+
+    With --coordinator-secret-file (or SUPERAGENT_COORDINATOR_SECRET), the old shared
+    secret (--secret-file, SUPERAGENT_SECRET), if still given, is only accepted from
+    participants that have not been enrolled yet. Without it, the shared secret is both,
+    as before machine credentials (docs/coordinator.md, "Migrating")."""
+    import structlog
+
+    own = _read_value(args.coordinator_secret_file, "--coordinator-secret-file",
+                      "SUPERAGENT_COORDINATOR_SECRET")
+    shared = _read_value(args.secret_file, "--secret-file", "SUPERAGENT_SECRET")
+    if own:
+        if own == shared:
+            raise SuperagentError("the coordinators' secret must differ from the shared"
+                                  " participant secret")
+        return own, shared
+    if not shared:
+        raise SuperagentError("the coordinators' secret is required:"
+                              " --coordinator-secret-file FILE or the"
+                              " SUPERAGENT_COORDINATOR_SECRET environment variable")
+    structlog.get_logger("superagent.cli").warning(
+        "participants share the coordinators' secret (--secret-file alone): any of them"
+        " can reach the Raft port; enrol them with join tokens and restart the"
+        " coordinators with --coordinator-secret-file (docs/coordinator.md, Migrating)")
+    return shared, shared
+
+
+def _participant_credentials(args: argparse.Namespace) -> tuple[str, str]:
+    """(legacy shared secret or "", join token or ""); an enrolled machine needs neither
+    (its credential is in its data dir)."""
+    from pathlib import Path
+
+    from superagent.rpc.credentials import CREDENTIAL_FILE, JOIN_TOKEN_PREFIX
+
+    token = args.join_token or _read_value(args.join_token_file, "--join-token-file",
+                                           "SUPERAGENT_JOIN_TOKEN")
+    if token and not token.startswith(JOIN_TOKEN_PREFIX):
+        raise SuperagentError(f"the join token must start with {JOIN_TOKEN_PREFIX!r}: make"
+                              " one with `superagent nodes join-token`")
+    secret = _read_value(args.secret_file, "--secret-file", "SUPERAGENT_SECRET")
+    enrolled = (Path(args.data_dir) / CREDENTIAL_FILE).exists()
+    if not (token or secret or enrolled):
+        raise SuperagentError("this machine has no credential yet: give --join-token TOKEN"
+                              " (or --join-token-file FILE, env SUPERAGENT_JOIN_TOKEN);"
+                              " an admin makes one with `superagent nodes join-token`")
+    return secret, token
 
 
 def _coordinator(args: argparse.Namespace) -> int:
@@ -175,9 +219,11 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise SuperagentError("--node-timeout must be positive")
     if not 0 <= args.drain_wait <= MAX_DRAIN_WAIT:
         raise SuperagentError(f"--drain-wait must be 0..{MAX_DRAIN_WAIT:g} seconds")
+    secret, shared = _coordinator_secrets(args)
     config = CoordinatorConfig(
         id=args.id, peers=peers, api=parse_address(args.api, source="--api", key=args.api),
-        data_dir=Path(args.data_dir).resolve(), secret=_secret(args), api_url=args.api_url or "",
+        data_dir=Path(args.data_dir).resolve(), secret=secret, participant_secret=shared,
+        api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
         node_timeout=args.node_timeout, drain_wait=args.drain_wait)
     _serve_until_signal(Coordinator(config).run)
@@ -250,8 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the RPC address coordinators reach this agent at (default: --rpc)")
     part.add_argument("--capacity", type=int, default=100, metavar="N",
                       help="instances this node offers the cluster (default 100)")
+    part.add_argument("--join-token", metavar="TOKEN",
+                      help="enrol this machine with a join token (`superagent nodes"
+                           " join-token`); it then keeps its own credential in --data-dir")
+    part.add_argument("--join-token-file", metavar="FILE",
+                      help="file with the join token (or env SUPERAGENT_JOIN_TOKEN)")
     part.add_argument("--secret-file", metavar="FILE",
-                      help="file with the cluster secret (or env SUPERAGENT_SECRET)")
+                      help="legacy: the secret all participants shared before join tokens"
+                           " (or env SUPERAGENT_SECRET)")
     part.add_argument("--stop-on-exit", action="store_true",
                       help="stop apps and proxy workers when the agent exits (default: they"
                            " keep serving and a restarted agent re-adopts them)")
@@ -272,8 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--data-dir", default=".superagent/coordinator", metavar="DIR",
                        help="Raft journal, snapshots and artifacts"
                             " (default .superagent/coordinator)")
+    coord.add_argument("--coordinator-secret-file", metavar="FILE",
+                       help="file with the coordinators' own secret (or env"
+                            " SUPERAGENT_COORDINATOR_SECRET): Raft and peer calls;"
+                            " participants never get it")
     coord.add_argument("--secret-file", metavar="FILE",
-                       help="file with the cluster secret (or env SUPERAGENT_SECRET)")
+                       help="legacy: the secret participants shared (or env"
+                            " SUPERAGENT_SECRET); alone, it is also the coordinators' secret")
     coord.add_argument("--admin-token-file", metavar="FILE",
                        help="where the first leader writes the admin token it creates (0600)")
     coord.add_argument("--node-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -287,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     from superagent.client_logs import add_log_commands
     from superagent.client_scale import add_scale_commands
     from superagent.client_tokens import add_access_commands
+    from superagent.client_trust import add_trust_commands
 
     parsers = add_client_commands(sub)
-    add_scale_commands(sub, parsers["nodes"])
+    add_trust_commands(add_scale_commands(sub, parsers["nodes"]))
     add_access_commands(sub)
     add_log_commands(sub)
     return parser

@@ -76,8 +76,8 @@ def _auto(bounds: str, target: float | None, metric: str | None) -> dict[str, An
     low, sep, high = bounds.partition(":")
     if not sep or not low.isdigit() or not high.isdigit():
         raise ClientError(f"--auto takes MIN:MAX, e.g. 2:10, not {bounds!r}")
-    if int(low) > int(high) or int(high) < 1:
-        raise ClientError(f"--auto {bounds}: MIN must not be above MAX, and MAX at least 1")
+    if int(low) > int(high) or int(low) < 1:
+        raise ClientError(f"--auto {bounds}: MIN must be at least 1 and not above MAX")
     if target is None:
         raise ClientError("--auto needs --target N: the in-flight requests (or, with"
                           " --metric cpu, the cores) one instance should carry")
@@ -172,8 +172,9 @@ def _label(args: argparse.Namespace) -> int:
                 + ("" if d.get("changed", True) else " (unchanged)"))
 
 
-def add_scale_commands(sub: Any, nodes: argparse.ArgumentParser) -> None:
-    """``scale`` on the top level, ``label`` under the ``nodes`` parser."""
+def add_scale_commands(sub: Any, nodes: argparse.ArgumentParser) -> Any:
+    """``scale`` on the top level, ``label`` under the ``nodes`` parser; returns the
+    ``nodes`` parser's sub-commands, for other modules to add theirs."""
     scale = sub.add_parser("scale", help="change how many instances of an app run, and where")
     scale.add_argument("app")
     scale.add_argument("--per-node", type=int, metavar="K",
@@ -200,3 +201,4 @@ def add_scale_commands(sub: Any, nodes: argparse.ArgumentParser) -> None:
                        help="the node's machine groups, comma-separated")
     add_common(label, nested=True)
     label.set_defaults(func=_label)
+    return nested

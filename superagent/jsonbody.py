@@ -16,6 +16,7 @@ bytes with a 413.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -60,7 +61,7 @@ def parse_json(raw: bytes, *, error: ErrorFactory, max_depth: int = MAX_DEPTH) -
     if nesting_depth(raw, stop_above=max_depth) > max_depth:
         raise error(f"request body nests arrays and objects more than {max_depth} deep", 400)
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except _Constant as exc:
         raise error(f"request body holds {exc}, which is not a JSON number", 400) from None
     except (ValueError, RecursionError):
@@ -98,6 +99,15 @@ class _Constant(ValueError):
 
 def _no_constant(name: str) -> Any:
     raise _Constant(name)
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a float (``1e999``) is refused rather
+    than read as infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise _Constant(text)
+    return value
 
 
 def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *,

@@ -366,7 +366,8 @@ def _read_autoscale(table: Table) -> dict[str, Any]:
         if table.has(other):
             raise table.error(other, "does not apply to an autoscaled app (min/max set):"
                                      " remove it")
-    low = table.integer("min", minimum=0, maximum=MAX_INSTANCES)
+    # at least 1: with none running no load is reported, so nothing would ever scale up
+    low = table.integer("min", minimum=1, maximum=MAX_INSTANCES)
     high = table.integer("max", minimum=1, maximum=MAX_INSTANCES)
     if low > high:
         raise table.error("min", f"must not be above max ({low} > {high})")

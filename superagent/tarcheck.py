@@ -246,7 +246,7 @@ def scan(tf: tarfile.TarFile, *, max_bytes: int, max_files: int) -> list[Entry]:
             if above == "file":
                 raise ArchiveRefused("lies below a regular file", member=entry.member.name)
         if entry.kind == "symlink":
-            reason = _link_escapes(links, entry.parts[:-1], entry.member.linkname)
+            reason = link_escapes(links, entry.parts[:-1], entry.member.linkname)
             if reason is not None:
                 raise ArchiveRefused(f"{reason} (target {entry.member.linkname!r})",
                                      member=entry.member.name)
@@ -301,9 +301,10 @@ def _check_link_target(member: tarfile.TarInfo) -> None:
         raise ArchiveRefused("symlink target too long", member=member.name)
 
 
-def _link_escapes(links: Mapping[tuple[str, ...], str], where: tuple[str, ...], target: str
+def link_escapes(links: Mapping[tuple[str, ...], str], where: tuple[str, ...], target: str
                   ) -> str | None:
     """Why ``target``, a symlink in directory ``where``, leaves the tree; None if it stays.
+    ``links`` maps every symlink of the tree (its path parts) to its target.
 
     Resolved like the kernel does, through every symlink in the archive: a lexical check
     alone would pass ``s -> .`` plus ``t -> s/..``, which points at the parent of the tree.

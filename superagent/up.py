@@ -1,13 +1,15 @@
 """``superagent up``: the embedded single-machine cluster.
 
 One process runs a single-node coordinator and one participant (whose proxy workers are
-its children), with everything under ``./.superagent/``: the cluster secret (created once,
-0600), the admin token (written by the coordinator when the cluster is created), the Raft
-journal, the artifacts, the releases and the logs. Running it again resumes the same
-cluster: apps that had a release serving are deployed again through the saga (their
-releases are still prepared, so nothing is rebuilt). ``--demo`` deploys the bundled demo
-app when it is not there yet. Ctrl-C (or SIGTERM) stops the apps, the proxy and the
-coordinator, in that order.
+its children), with everything under ``./.superagent/``: the coordinator's secret (created
+once, 0600; the participant never uses it), the participant's own credential (enrolled at
+the first start with a join token this process makes and commits itself), the admin
+token (written by the coordinator when the cluster is created), the Raft journal, the
+artifacts, the releases and the logs. Running it again resumes the same cluster: apps
+that had a release serving are deployed again through the saga (their releases are still
+prepared, so nothing is rebuilt). ``--demo`` deploys the bundled demo app when it is not
+there yet. Ctrl-C (or SIGTERM) stops the apps, the proxy and the coordinator, in that
+order.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import secrets
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +29,17 @@ import structlog
 import trio
 
 from superagent.coordinator.auth import write_private
+from superagent.coordinator.commands import AddJoinToken
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
 from superagent.errors import SuperagentError
 from superagent.participant.service import Agent, AgentConfig
+from superagent.rpc.credentials import (
+    CREDENTIAL_FILE,
+    credential_hash,
+    new_join_token,
+    read_credential,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +49,7 @@ DEMO_APP = "hello"
 READY_TIMEOUT = 30.0
 DEPLOY_TIMEOUT = 300.0
 TOKEN_FILE_WAIT = 10.0
+JOIN_TOKEN_TTL = 300.0  # the participant enrols right after the token is committed
 
 
 @dataclass(frozen=True)
@@ -92,14 +103,19 @@ class Embedded:
     def __init__(self, config: UpConfig) -> None:
         self.config = config
         state = config.state_dir
-        secret = read_or_create_secret(state / "secret")
+        secret = read_or_create_secret(state / "secret")  # the coordinator's only
         self.token_file = state / "admin-token"
         self.coordinator = Coordinator(CoordinatorConfig(
             id=NODE, peers={NODE: f"{config.raft[0]}:{config.raft[1]}"}, api=config.api,
             data_dir=state / "coordinator", secret=secret, admin_token_file=self.token_file))
         self.node = f"{NODE}-{state_id(state)[:6]}"
+        data_dir = participant_dir(state)
+        # a new participant (or one of a cluster made before machine credentials) enrols
+        # with a join token for its node, committed in ``run`` before it starts
+        self.join_token = ("" if read_credential(data_dir / CREDENTIAL_FILE)
+                           else new_join_token())
         self.agent = Agent(AgentConfig(
-            data_dir=participant_dir(state), secret=secret, node=self.node, rpc=config.rpc,
+            data_dir=data_dir, join_token=self.join_token, node=self.node, rpc=config.rpc,
             listen=(config.listen,), proxy_workers=1, coordinator=(self.coordinator.config.url,),
             advertise=f"{config.rpc[0]}:{config.rpc[1]}"))
 
@@ -125,6 +141,7 @@ class Embedded:
                 try:
                     with starting:
                         await nursery.start(self.coordinator.run)
+                        await self._issue_join_token()
                         await nursery.start(self.agent.run)
                         agent_started = True
                         await self._wait_for_node()
@@ -141,6 +158,21 @@ class Embedded:
                         with trio.CancelScope(shield=True):
                             await self.agent.stop_all()
                     nursery.cancel_scope.cancel()
+
+    async def _issue_join_token(self) -> None:
+        """Commit the hash of the participant's join token (for its node, one use)."""
+        if not self.join_token:
+            return
+        digest = credential_hash(self.join_token)
+        with trio.move_on_after(READY_TIMEOUT) as waited:
+            result = await self.coordinator.submit(self.coordinator.command(
+                AddJoinToken, actor="superagent-up", key=f"up:join:{digest[:32]}",
+                sha256=digest, expires_at=time.time() + JOIN_TOKEN_TTL, uses=1,
+                node=self.node))
+        if waited.cancelled_caught or not result.get("ok"):
+            raise SuperagentError("the coordinator did not accept the participant's join"
+                                  " token" + ("" if waited.cancelled_caught
+                                              else f": {result.get('error')}"))
 
     async def _wait_for_node(self) -> None:
         with trio.move_on_after(READY_TIMEOUT) as waited:

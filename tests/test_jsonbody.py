@@ -32,6 +32,7 @@ def refused(raw: bytes) -> str:
     (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "deep"),
     (b'{"x": NaN}', "NaN"),
     (b"[Infinity]", "Infinity"),
+    (b'{"max_parallel": 1e999}', "1e999"),
     (b'"\\ud800"', "surrogate"),
     (b"\xff\xfe{}", "not UTF-8"),
     ('{"é": 1}'.encode("utf-16"), "not UTF-8"),

@@ -479,7 +479,7 @@ def test_bad_routes(values: dict[str, Any], key: str, fragment: str) -> None:
         ({"min": 1, "max": 3, "target": 5, "metric": "rps"}, "scale.metric", "in_flight, cpu"),
         ({"min": 1, "max": 3, "target": 5, "instances": 2}, "scale.instances", "autoscaled"),
         ({"min": 1, "max": 3, "target": 5, "per_node": 2}, "scale.per_node", "autoscaled"),
-        ({"min": 1, "max": 0, "target": 5}, "scale.max", "at least 1"),
+        ({"min": 0, "max": 2, "target": 5}, "scale.min", "at least 1"),
         ({"idle_timeout": "-1s"}, "scale.idle_timeout", "expected a duration"),
         ({"idle_timeout": "1d"}, "scale.idle_timeout", "expected a duration"),
     ],
@@ -509,7 +509,7 @@ def test_autoscaling_keys() -> None:
     assert doc["scale"] == {"groups": ["web"], "idle_timeout": 0.0, "min": 1, "max": 8,
                             "target": 10.0, "metric": "cpu"}
     assert spec_from_json(doc) == spec
-    assert parse(minimal(scale={"min": 0, "max": 2, "target": 3})).scale.metric == "in_flight"
+    assert parse(minimal(scale={"min": 1, "max": 2, "target": 3})).scale.metric == "in_flight"
     assert parse(minimal()).scale.auto is None
 
 

@@ -5,9 +5,14 @@ Authentication, by route (``ROUTES`` is the table, and the OpenAPI document is b
 - ``token``: ``Authorization: Bearer <API token>``; the token's name is the audit log's
   actor, and the route's ``permission`` is checked against the token's role and teams
   by the one policy (``policy.decide``, called by ``api_access.token_access``).
-- ``secret``: the cluster secret, for participants and peer coordinators.
-- ``any``: either of the two (participants and operators both fetch artifacts).
+- ``secret``: the coordinators' secret, for peer coordinators only.
+- ``node``: a participant's machine credential, for its own node only.
+- ``any``: an API token, or a machine credential for the artifacts of its own apps.
+- ``join``: a join token (enrolment).
 - ``none``: ``/healthz``, ``/metrics`` and the OpenAPI document.
+
+``auth.authenticate_machine`` decides everything but API tokens: a machine credential is
+refused with 403 outside its scope and 401 everywhere once revoked.
 
 Errors are JSON ``{"error": code, "detail": message}`` with the status the error names;
 a missing, wrong, expired or revoked credential is a 401 before anything else is looked
@@ -89,7 +94,14 @@ from superagent.coordinator.api_fleet import (
 )
 from superagent.coordinator.api_logs import app_logs
 from superagent.coordinator.api_openapi import openapi_document
-from superagent.coordinator.auth import bearer, is_secret
+from superagent.coordinator.api_trust import (
+    ENROL_BODY,
+    JOIN_TOKEN_BODY,
+    create_join_token,
+    enrol_node,
+    revoke_node,
+)
+from superagent.coordinator.auth import authenticate_machine, bearer
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
     BadArchive,
@@ -123,7 +135,7 @@ Handler = Callable[[Request, "Context"], Awaitable[Response]]
 class Endpoint:
     method: str
     path: str
-    auth: str  # token | secret | any | none
+    auth: str  # token | secret | node | any | join | none
     summary: str
     handler: Handler
     status: int = 200  # the success status, for the OpenAPI document
@@ -387,6 +399,12 @@ async def register_node(request: Request, ctx: Context) -> Response:
         return await forward(request, ctx)
     body = await read_json(request)
     node = field(body, "node", str, error=bad_request)
+    if ctx.actor.startswith("node:") and ctx.actor != f"node:{node}":
+        return error(403, "forbidden", f"this credential is {ctx.actor}'s: it cannot"
+                                       f" register node {node!r}")
+    if ctx.actor == "participants" and c.read(lambda s: s.trust.enrolled(node)):
+        return error(403, "forbidden", f"node {node!r} is enrolled: it registers with its"
+                                       " own credential, not the shared participant secret")
     command = c.command(cmd.RegisterNode, actor=f"node:{node}", node=node,
                         address=field(body, "address", str, error=bad_request),
                         groups=tuple(field(body, "groups", list, error=bad_request,
@@ -475,11 +493,16 @@ async def forward(request: Request, ctx: Context) -> Response:
         raise NoLeader(node=c.config.id)
     headers = {k: v for k, v in request.headers.items()
                if k in ("authorization", "content-type", "idempotency-key")}
+    # the path as the client sent it (still percent-encoded): a decoded one may hold
+    # characters no URL can carry
+    path = bytes(request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
     try:
-        answer = await c.http.request(request.method, f"{url}{request.url.path}",
+        answer = await c.http.request(request.method, f"{url}{path}",
                                       content=await read_body(request, limit=MAX_JSON,
                                                               error=bad_request),
                                       headers=headers)
+    except httpx.InvalidURL as exc:
+        return error(400, "bad_path", f"the path cannot be forwarded to the leader: {exc}")
     except httpx.HTTPError as exc:
         return error(503, "no_leader", f"the leader at {url} is unreachable: {exc!r}")
     return Response(answer.content, status_code=answer.status_code,
@@ -543,10 +566,17 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/nodes", "token",
              "Participants: groups, lifecycle, liveness, capacity, instances",
              list_nodes, permission=perm.NODES_READ),
-    Endpoint("POST", "/api/v1/nodes/register", "secret", "A participant joins", register_node),
+    Endpoint("POST", "/api/v1/nodes/register", "node", "A participant joins", register_node),
+    Endpoint("POST", "/api/v1/nodes/enrol", "join",
+             "A machine exchanges a join token for its credential (bearer: the join token)",
+             enrol_node, body=ENROL_BODY),
+    Endpoint("POST", "/api/v1/nodes/join-tokens", "token",
+             "Make a join token (shown once): {\"expires\": \"1h\", \"uses\": 1,"
+             " \"node\": optional}", create_join_token, 201, JOIN_TOKEN_BODY,
+             permission=perm.NODES_WRITE),
     Endpoint("GET", "/api/v1/nodes/{node}", "token", "One participant", get_node,
              permission=perm.NODES_READ),
-    Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "secret",
+    Endpoint("POST", "/api/v1/nodes/{node}/heartbeat", "node",
              "A participant's heartbeat", heartbeat),
     Endpoint("POST", "/api/v1/nodes/{node}/groups", "token",
              "Label a node with groups ({\"groups\": [...]}); they win over its own",
@@ -554,6 +584,9 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/nodes/{node}/running", "token",
              "What still runs or is placed on a node (a drain is over when nothing is)",
              node_running, permission=perm.NODES_READ),
+    Endpoint("POST", "/api/v1/nodes/{node}/revoke", "token",
+             "Revoke a node's credential: refused from now on, no more work", revoke_node,
+             permission=perm.NODES_WRITE),
     Endpoint("POST", "/api/v1/nodes/{node}/{action}", "token",
              "Set a node's lifecycle: drain, offline or online", node_lifecycle,
              permission=perm.NODES_WRITE),
@@ -592,13 +625,12 @@ def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitabl
                     return found
                 if found is not None:
                     actor, principal = found.name, found
-            if not actor and e.auth in ("secret", "any") and is_secret(
-                    credential, coordinator.config.secret):
-                actor = "cluster"
             if not actor:
-                return error(401, "unauthorized", "a valid API token is required"
-                             if e.auth != "secret" else "the cluster secret is required",
-                             )
+                machine = authenticate_machine(coordinator, e.auth, request.path_params,
+                                               credential)
+                if not machine.actor:
+                    return error(machine.status, machine.code, machine.detail)
+                actor = machine.actor
         try:
             return await e.handler(request, Context(coordinator, actor, principal))
         except (CoordinatorError, ConfigError) as exc:

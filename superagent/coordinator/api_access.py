@@ -51,6 +51,7 @@ from superagent.coordinator.policy import (
     creation_team,
     decide,
     expired,
+    sees,
 )
 from superagent.coordinator.state import ClusterState
 from superagent.coordinator.tenancy import QUOTA_KEYS, usage
@@ -98,6 +99,10 @@ def token_access(coordinator: ApiHost, credential: str | None, permission: str,
         return error(401, "unauthorized", f"token {principal.name!r} expired at {when}")
     _last_used.setdefault(coordinator, {})[principal.name] = now
     decision = decide(principal, permission, team)
+    if not decision.allowed and team is not None and not sees(principal, team):
+        # what the token may not see does not exist for it: a 403 naming the team would
+        # tell which apps other teams have
+        return error(404, "unknown_app", f"app {app!r} does not exist")
     if not decision.allowed:
         return error(403, "forbidden", decision.reason, missing=decision.missing)
     return principal

@@ -34,7 +34,7 @@ CLIENT_KEY_MAX = cmd.KEY_MAX - 16  # room for the suffixes of derived keys (":de
 class Context:
     coordinator: ApiHost
     actor: str
-    principal: Principal | None = None  # the API token's; None for the cluster secret
+    principal: Principal | None = None  # the API token's; None for a machine
 
     def sees(self, team: str) -> bool:
         """Whether lists show this caller things of ``team`` (``policy.sees``)."""

@@ -50,7 +50,7 @@ SCALE_BODY: dict[str, Any] = {
                    "instances": {"type": "integer", "minimum": 1, "maximum": MAX_INSTANCES},
                    "auto": {"type": "object", "additionalProperties": False,
                             "required": ["min", "max", "target"],
-                            "properties": {"min": {"type": "integer", "minimum": 0},
+                            "properties": {"min": {"type": "integer", "minimum": 1},
                                            "max": {"type": "integer", "minimum": 1},
                                            "target": {"type": "number",
                                                       "exclusiveMinimum": 0},
@@ -116,12 +116,15 @@ def app_view(state: ClusterState, name: str,
 
 
 def node_view(coordinator: ApiHost, node: Node, now: float,
-              shown: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """A node's replicated record (groups, labeled, capacity, lifecycle, up) and, on the
-    leader, its last heartbeat: its age, the status and the instances it reports.
+              shown: Callable[[str], bool] | None = None, credential: str = ""
+              ) -> dict[str, Any]:
+    """A node's replicated record (groups, labeled, capacity, lifecycle, up), how it
+    authenticates (``credential``: enrolled, revoked, or shared secret before it enrolled)
+    and, on the leader, its last heartbeat: its age, the status and the instances it reports.
     ``shown(app)`` keeps the instances and routes of the apps the caller may see (the
     count of instances used stays the node's own: it tells how full the node is)."""
     doc = asdict(node)
+    doc["credential"] = credential or None
     leading = coordinator.liveness.leader_since is not None
     doc["heartbeat_age"] = coordinator.liveness.age(node.name, now) if leading else None
     status = coordinator.liveness.status.get(node.name) if leading else None
@@ -137,6 +140,14 @@ def node_view(coordinator: ApiHost, node: Node, now: float,
         listed = [i for i in listed or [] if shown(str(i["app"]))]
     doc["status"], doc["instances"] = status, listed
     return doc
+
+
+def credential_of(state: ClusterState, node: str) -> str:
+    """"revoked", "enrolled", or "shared secret" (a node registered before machine
+    credentials, see docs/coordinator.md "Migrating")."""
+    if state.trust.revoked(node):
+        return "revoked"
+    return "enrolled" if state.trust.enrolled(node) else "shared secret"
 
 
 def _shown(ctx: Context, state: ClusterState) -> Callable[[str], bool] | None:
@@ -156,7 +167,7 @@ def now() -> float:
 async def list_nodes(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     at = now()
-    nodes = c.read(lambda s: [node_view(c, n, at, _shown(ctx, s))
+    nodes = c.read(lambda s: [node_view(c, n, at, _shown(ctx, s), credential_of(s, n.name))
                               for _, n in sorted(s.nodes.items())])
     return JSONResponse({"nodes": nodes, "live": c.is_leader()})
 
@@ -164,7 +175,8 @@ async def list_nodes(request: Request, ctx: Context) -> Response:
 async def get_node(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     name, at = request.path_params["node"], now()
-    found = c.read(lambda s: node_view(c, s.nodes[name], at, _shown(ctx, s))
+    found = c.read(lambda s: node_view(c, s.nodes[name], at, _shown(ctx, s),
+                                       credential_of(s, name))
                    if name in s.nodes else None)
     if found is None:
         return error(404, "unknown_node", f"node {name!r} is not registered")

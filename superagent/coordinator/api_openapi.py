@@ -1,7 +1,8 @@
 """The coordinator API's OpenAPI 3.1 document, built from the route table (``api.ROUTES``).
 
-Each route's ``auth`` becomes its security requirement (an API token, the cluster secret,
-either, or none) and its ``permission`` an ``x-permission`` extension with the 403 a
+Each route's ``auth`` becomes its security requirement (an API token, the coordinators'
+secret, a participant's machine credential, a token or a credential, a join token, or
+none) and its ``permission`` an ``x-permission`` extension with the 403 a
 token without it gets, so a client can tell what a token needs before it calls.
 """
 
@@ -32,8 +33,8 @@ def openapi_document(routes: Sequence[Any]) -> dict[str, Any]:
             op["parameters"] = [{"name": p, "in": "path", "required": True,
                                  "schema": {"type": "string"}} for p in params]
         if e.auth != "none":
-            op["security"] = ([{"token": []}] if e.auth == "token" else [{"secret": []}]
-                              if e.auth == "secret" else [{"token": []}, {"secret": []}])
+            op["security"] = ([{"token": []}, {"node": []}] if e.auth == "any"
+                              else [{e.auth: []}])
             op["responses"]["401"] = {"description": "Missing or invalid credentials"}
         if e.permission:
             op["x-permission"] = e.permission
@@ -48,5 +49,9 @@ def openapi_document(routes: Sequence[Any]) -> dict[str, Any]:
             "token": {"type": "http", "scheme": "bearer",
                       "description": "An API token (the admin token is shown at cluster init)"},
             "secret": {"type": "http", "scheme": "bearer",
-                       "description": "The cluster secret (participants, coordinators)"}}},
+                       "description": "The coordinators' secret (peer coordinators only)"},
+            "node": {"type": "http", "scheme": "bearer",
+                     "description": "A participant's machine credential"},
+            "join": {"type": "http", "scheme": "bearer",
+                     "description": "A join token (superagent nodes join-token)"}}},
     }

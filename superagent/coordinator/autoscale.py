@@ -63,8 +63,9 @@ class AutoSpec:
     max_step_up: float = MAX_STEP_UP
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min <= self.max or self.max < 1:
-            raise ValueError(f"min and max must satisfy 0 <= min <= max, max >= 1"
+        # min >= 1: an app at 0 instances reports no load, so it would never scale up
+        if not 1 <= self.min <= self.max:
+            raise ValueError(f"min and max must satisfy 1 <= min <= max"
                              f" (min {self.min}, max {self.max})")
         if not (math.isfinite(self.target) and self.target > 0):
             raise ValueError(f"target must be a positive number, not {self.target}")
@@ -203,7 +204,10 @@ def app_load(statuses: Mapping[str, Mapping[str, Any]], app: str, release: str,
             if (isinstance(entry, Mapping) and entry.get("app") == app
                     and entry.get("release") == release and entry.get("state") in LIVE_STATES):
                 value = entry.get(metric.value)
-                if isinstance(value, int | float) and not isinstance(value, bool):
+                # a participant's word: a value that is no load (negative, not finite,
+                # not a number) is skipped rather than trusted
+                if (isinstance(value, int | float) and not isinstance(value, bool)
+                        and 0 <= value < math.inf):
                     total += float(value)
                     seen = True
     return total if seen else None

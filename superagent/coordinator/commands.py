@@ -43,6 +43,7 @@ REASON_MAX = 2000  # a deploy failure reason is a summary, the full log lives el
 ADDRESS_MAX = 255  # host:port of a participant's RPC server
 MAX_CAPACITY = 10_000  # instances one node may run; more is a typo
 MAX_RELEASE_SIZE = 4 * 1024**3  # bytes of a source tarball; the artifact store refuses more
+MAX_JOIN_USES = 10_000  # machines one join token may enrol; more is a typo
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a hostname label or FQDN
 TOKEN_NAME = GROUP_NAME  # a short label, like a group's
@@ -466,12 +467,62 @@ class RegisterCoordinator(Command):
         return f"coordinator:{self.coordinator}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class AddJoinToken(Command):
+    """A join token: only its sha256 is replicated. It enrols up to ``uses`` machines (0:
+    any number) until ``expires_at``; with ``node`` set, only that node, whose credential
+    it may replace (a reinstalled machine)."""
+
+    type: ClassVar[str] = "add_join_token"
+    sha256: str
+    expires_at: float
+    uses: int = 1
+    node: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("sha256", SHA256, self.sha256)
+        self._check("expires_at", math.isfinite(self.expires_at) and self.expires_at > self.at,
+                    "must be a finite epoch time after the command's")
+        self._check("uses", 0 <= self.uses <= MAX_JOIN_USES, f"must be 0-{MAX_JOIN_USES}")
+        if self.node:
+            self._match("node", NODE_NAME, self.node)
+
+    @property
+    def target(self) -> str:
+        return f"join-token:{self.sha256[:12]}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnrolNode(_NodeCommand):
+    """A machine exchanges a join token (by its sha256) for its own credential (by its
+    sha256, plus the key coordinators sign their signals to it with)."""
+
+    type: ClassVar[str] = "enrol_node"
+    join_sha256: str
+    credential_sha256: str
+    signal_key: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("join_sha256", SHA256, self.join_sha256)
+        self._match("credential_sha256", SHA256, self.credential_sha256)
+        self._match("signal_key", SHA256, self.signal_key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RevokeNode(_NodeCommand):
+    """The node's credential is refused from now on and the node gets no work."""
+
+    type: ClassVar[str] = "revoke_node"
+
+
 COMMANDS: dict[str, type[Command]] = {
     cls.type: cls
     for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, LabelNode,
                 NodeUp, NodeDown, SetNodeLifecycle, SetPlacement, SetScale, FinishScale,
                 Autoscale, StartDeploy, DeployEvent, FinishDeploy, AddToken, RevokeToken,
-                SetQuota, RegisterCoordinator)
+                SetQuota, RegisterCoordinator, AddJoinToken, EnrolNode, RevokeNode)
 }
 
 

@@ -77,6 +77,21 @@ class UnknownNode(CoordinatorError):
         super().__init__(f"node {node!r} is not registered", node=node)
 
 
+class JoinRefused(CoordinatorError):
+    """A join token that is unknown, spent, expired or bound to another node; or a node
+    name already enrolled with another credential."""
+
+    status_hint = 401
+    code = "join_refused"
+
+
+class NodeRevoked(CoordinatorError):
+    """The node's credential was revoked: it may not register or come up again."""
+
+    status_hint = 401
+    code = "node_revoked"
+
+
 class UnknownRelease(CoordinatorError):
     status_hint = 404
     code = "unknown_release"

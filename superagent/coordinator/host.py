@@ -44,7 +44,12 @@ class Identity(Protocol):
 class ApiIdentity(Identity, Protocol):
     @property
     def secret(self) -> str:
-        """The cluster secret, which peers and participants present."""
+        """The coordinators' secret, which peers present (and nothing else holds)."""
+        ...
+
+    @property
+    def participant_secret(self) -> str:
+        """The legacy secret shared by participants during a migration ("": none)."""
         ...
 
 

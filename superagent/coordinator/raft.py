@@ -22,7 +22,15 @@ in base64). We chose the hooks over "keep the state as a JSON string attribute" 
 attribute would have to be re-encoded on every apply (O(state) per command) to be current when
 pysyncobj snapshots; the hooks encode it only at compaction time. Nothing of ours is pickled;
 pysyncobj still pickles its own messages and journal entries (whose payload is our JSON string),
-which is why the cluster password is mandatory: it encrypts and authenticates the Raft port.
+which is why the password is mandatory: it encrypts and authenticates the Raft port.
+
+Who can reach the Raft port. The password is derived from the coordinators' secret, which
+only coordinators hold (participants have their own credentials, docs/coordinator.md
+"Trust"). pysyncobj checks every frame with Fernet (HMAC-SHA256 over the ciphertext)
+*before* it unpickles it and drops the connection on a frame that fails, so a peer without
+the secret never gets a byte unpickled (tests/coordinator/test_raft_port.py shows it). The
+port binds exactly the configured address (``bindAddress``), not every interface, which is
+pysyncobj's default.
 
 Leadership. ``leaderFallbackTimeout`` is ~2 s, so a leader cut off from a quorum demotes itself
 within about 2 s (the library default is 30 s). Proposals are accepted only on the leader; a
@@ -67,7 +75,7 @@ CONNECTION_RETRY_TIME = 1.0
 WATCH_PERIOD = 0.1
 #: Bound on how long ``start()``/``close()`` wait for the owner thread.
 THREAD_START_TIMEOUT = 10.0
-#: Label HMAC'd with the cluster secret to derive the Raft password (domain separation).
+#: Label HMAC'd with the coordinators' secret to derive the Raft password (domain separation).
 _PASSWORD_LABEL = b"superagent/raft/password/v1"
 #: Version tag of our full-dump file format.
 _DUMP_FORMAT = 1
@@ -104,7 +112,7 @@ class StateMachine(Protocol):
 
 
 def derive_password(secret: str) -> str:
-    """The pysyncobj password for a cluster secret (hex HMAC-SHA256 of a fixed label)."""
+    """The pysyncobj password for the coordinators' secret (hex HMAC-SHA256 of a label)."""
     return hmac.new(secret.encode(), _PASSWORD_LABEL, hashlib.sha256).hexdigest()
 
 
@@ -189,7 +197,8 @@ class RaftNode:
         state: StateMachine,
     ) -> None:
         if not secret:
-            raise ValueError("a cluster secret is required: the Raft port is unsafe without one")
+            raise ValueError("the coordinators' secret is required: the Raft port is unsafe"
+                             " without one")
         self.self_address = self_address
         self.peers = [p for p in peers if p != self_address]
         self.data_dir = data_dir
@@ -216,6 +225,7 @@ class RaftNode:
     def _conf(self) -> SyncObjConf:
         return SyncObjConf(
             password=self._password,
+            bindAddress=self.self_address,  # pysyncobj binds 0.0.0.0 unless told
             journalFile=str(self.data_dir / "raft.journal"),
             fullDumpFile=str(self.data_dir / "raft.dump"),
             appendEntriesUseBatch=False,

@@ -216,7 +216,11 @@ class Reconciler:
                                      placement=placement.nodes.get(app, {}),
                                      busy=app in view.busy)
                    for app in view.apps}
-        actions: list[rc.Action | _Reroute] = list(rc.plan(targets, reports))
+        # an app the placement cannot fully hold (no room: another app took it first)
+        # keeps what it runs: shrinking it would stop serving instances for nothing
+        actions: list[rc.Action | _Reroute] = [
+            a for a in rc.plan(targets, reports)
+            if not (isinstance(a, rc.Shrink) and a.app in placement.short)]
         planned = {(a.node, a.app) for a in actions}
         actions += [_Reroute(node=node, app=app, instances=ids)
                     for node, app, ids in unrouted(targets, reports) if (node, app) not in planned]
@@ -246,9 +250,14 @@ class Reconciler:
         for app, (auto, current, release) in sorted(apps.items()):
             if app in view.busy:
                 continue
-            spec = auto_spec(auto)
-            load = app_load(heard, app, release, spec.metric)
-            decision = self._autoscalers.decide(now, app, spec, current, load)
+            try:  # one app's trouble never stops the others' (or the round's) work
+                spec = auto_spec(auto)
+                load = app_load(heard, app, release, spec.metric)
+                decision = self._autoscalers.decide(now, app, spec, current, load)
+            except (ValueError, TypeError, KeyError) as exc:
+                if self._changed(f"autoscale/{app}", repr(exc)):
+                    log.warning("autoscaler failed", app=app, error=repr(exc))
+                continue
             if decision is None:
                 continue
             try:

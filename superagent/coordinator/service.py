@@ -85,7 +85,7 @@ class CoordinatorConfig:
     peers: dict[str, str]  # coordinator id -> Raft address, this one included
     api: tuple[str, int]
     data_dir: Path
-    secret: str
+    secret: str  # the coordinators' own: Raft password, peer calls; never on a participant
     api_url: str = ""  # advertised base URL; default http://<api host>:<api port>
     admin_token_file: Path | None = None
     node_timeout: float = NODE_TIMEOUT
@@ -94,6 +94,8 @@ class CoordinatorConfig:
     # /-/healthz answer 503 and stops sending), then the reconciler moves them
     drain_wait: float = DRAIN_WAIT
     extra: dict[str, Any] = field(default_factory=dict)
+    # the secret participants shared before machine credentials (a migration; "": none)
+    participant_secret: str = ""
 
     @property
     def raft_address(self) -> str:
@@ -139,12 +141,14 @@ class Coordinator:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         await trio.to_thread.run_sync(self.raft.start)
         try:
-            # to peers and participants, authenticated with the cluster secret by default
+            # to peers with the coordinators' secret; to participants each with its own key
             async with httpx.AsyncClient(
                     timeout=httpx.Timeout(10.0, connect=2.0),
-                    headers={"authorization": f"Bearer {self.config.secret}"}) as http:
+                    headers={"authorization": f"Bearer {self.config.secret}"}) as http, \
+                    httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0),
+                                      trust_env=False) as to_nodes:
                 self.http = http
-                self._participants = ParticipantClient(http)
+                self._participants = ParticipantClient(to_nodes, credentials=self.signal_key)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.raft.watch)
                     await nursery.start(serve_app, api_app(self), self.config.api)
@@ -198,6 +202,20 @@ class Coordinator:
         """Every other coordinator's API URL (None until it registered)."""
         known: dict[str, str] = self.read(lambda s: dict(s.coordinators))
         return {cid: known.get(cid) for cid in sorted(self.config.peers) if cid != self.config.id}
+
+    def signal_key(self, address: str) -> str | None:
+        """The bearer of signals to the participant at ``address``: its signal key; the
+        legacy participant secret for a node enrolled before machine credentials; None
+        (the participant refuses the signal) for a revoked node."""
+        def find(s: ClusterState) -> str | None:
+            for name, node in s.nodes.items():
+                if node.address == address:
+                    if s.trust.revoked(name):
+                        return None
+                    return s.trust.signal_key(name) or self.config.participant_secret or None
+            return self.config.participant_secret or None
+        found: str | None = self.read(find)
+        return found
 
     # ------------------------------------------------------------------ writes
     async def submit(self, command: cmd.Command) -> Result:
@@ -352,7 +370,9 @@ class Coordinator:
                     self.liveness.follow()
             if not leading:
                 continue
-            up = self.read(lambda s: {n.name: n.up for n in s.nodes.values()})
+            # a revoked node stays down, whatever heartbeats came before the revocation
+            up = self.read(lambda s: {n.name: n.up for n in s.nodes.values()
+                                      if not s.trust.revoked(n.name)})
             down, back = self.liveness.due(up, now)
             for name, cls in [(n, cmd.NodeDown) for n in down] + [(n, cmd.NodeUp) for n in back]:
                 try:

@@ -44,6 +44,7 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.lifecycle import Lifecycle, next_lifecycle
 from superagent.coordinator.policy import DEFAULT_TEAM
+from superagent.coordinator.trust import Trust
 from superagent.errors import ConfigError
 from superagent.manifest import describe_scale, spec_from_json, spec_to_json
 
@@ -55,6 +56,9 @@ RETAIN_SUCCEEDED = 5  # releases that served kept prepared on each participant f
 HISTORY_LIMIT = 500  # timeline entries kept per deploy
 
 Result = dict[str, Any]
+# Commands the leader derives every round (where instances go): the app views show them,
+# and in the bounded audit log they would push out what people and decisions did.
+UNAUDITED = (cmd.SetPlacement,)
 
 
 @dataclass(slots=True)
@@ -136,6 +140,7 @@ class ClusterState:
         self.tokens: dict[str, dict[str, Any]] = {}  # name -> record (see tenancy.py)
         self.quotas: dict[str, dict[str, int | None]] = {}  # team -> {apps, instances, memory}
         self.coordinators: dict[str, str] = {}  # coordinator id -> API base URL
+        self.trust = Trust()  # join tokens and node credentials (see coordinator.trust)
         self._handlers: dict[type[cmd.Command], Callable[[Any], tuple[Result, str]]] = {
             cmd.CreateApp: self._create_app,
             cmd.UpdateAppSpec: self._update_app_spec,
@@ -157,6 +162,10 @@ class ClusterState:
             cmd.RevokeToken: lambda c: tenancy.revoke_token(self.tokens, c),
             cmd.SetQuota: lambda c: tenancy.set_quota(self.quotas, c),
             cmd.RegisterCoordinator: self._register_coordinator,
+            # late-bound: from_json replaces ``trust``
+            cmd.AddJoinToken: lambda c: self.trust.add_join_token(c),
+            cmd.EnrolNode: lambda c: self.trust.enrol(c),
+            cmd.RevokeNode: lambda c: self.trust.revoke(c, self.nodes),
         }
 
     def __repr__(self) -> str:
@@ -183,11 +192,13 @@ class ClusterState:
             return {**copy.deepcopy(seen["result"]), "repeated": True}
         team = tenancy.audit_team(self, command)  # before the handler: DeleteApp forgets it
         try:
+            tenancy.check_scope(self, command)
             result, outcome = self._handlers[type(command)](command)
         except CoordinatorError as exc:
             return error_result(exc)
         self._remember(command.key, fingerprint, result)
-        self._record_audit(command, outcome, team)
+        if not isinstance(command, UNAUDITED):
+            self._record_audit(command, outcome, team)
         return copy.deepcopy(result)
 
     def _remember(self, key: str, fingerprint: str, result: Result) -> None:
@@ -260,6 +271,7 @@ class ClusterState:
         return {"ok": True, "app": c.app, "release": number}, f"created r{number}"
 
     def _register_node(self, c: cmd.RegisterNode) -> tuple[Result, str]:
+        self.trust.check_not_revoked(c.node)
         node = self.nodes.get(c.node)
         if node is None:
             self.nodes[c.node] = Node(
@@ -284,6 +296,8 @@ class ClusterState:
 
     def _set_up(self, c: cmd.NodeUp | cmd.NodeDown, up: bool) -> tuple[Result, str]:
         node = self._node(c.node)
+        if up:
+            self.trust.check_not_revoked(c.node)
         changed = node.up != up
         node.up = up
         if changed:
@@ -530,6 +544,7 @@ class ClusterState:
             "tokens": copy.deepcopy(self.tokens),
             "quotas": copy.deepcopy(self.quotas),
             "coordinators": dict(self.coordinators),
+            **self.trust.to_doc(),
         }
 
     def to_json(self) -> str:
@@ -564,6 +579,7 @@ class ClusterState:
             state.tokens = doc["tokens"]
             state.quotas = doc.get("quotas", {})  # newer than version 1
             state.coordinators = doc["coordinators"]
+            state.trust = Trust.from_doc(doc)  # absent from states older than trust
         except SnapshotError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from superagent.coordinator import commands as cmd
-from superagent.coordinator.errors import Conflict, QuotaExceeded, UnknownToken
-from superagent.coordinator.policy import ADMIN
+from superagent.coordinator.errors import Conflict, Forbidden, QuotaExceeded, UnknownToken
+from superagent.coordinator.policy import ADMIN, APPS_WRITE, Principal, decide
 
 
 class _App(Protocol):
@@ -48,7 +48,7 @@ class _Node(Protocol):
 
 
 class ClusterState(Protocol):
-    """What quotas read of ``state.ClusterState`` (which imports this module)."""
+    """What quotas and scopes read of ``state.ClusterState`` (which imports this module)."""
 
     @property
     def apps(self) -> Mapping[str, _App]: ...
@@ -56,6 +56,8 @@ class ClusterState(Protocol):
     def nodes(self) -> Mapping[str, _Node]: ...
     @property
     def quotas(self) -> Mapping[str, Mapping[str, int | None]]: ...
+    @property
+    def tokens(self) -> Mapping[str, Mapping[str, Any]]: ...
 
 QUOTA_KEYS = ("apps", "instances", "memory")
 
@@ -148,6 +150,23 @@ def audit_team(state: ClusterState, command: cmd.Command) -> str | None:
         return command.team
     app = state.apps.get(getattr(command, "app", ""))
     return app.team if app is not None else None
+
+
+def check_scope(state: ClusterState, command: cmd.Command) -> None:
+    """Raise Forbidden when a token's write names an app of a team the token may not
+    write: the API checked the team when the request came in, and this checks it again
+    where the command applies, so an app created (or deleted and made again by another
+    team) in between is never written by the wrong team. Actors that are not tokens (the
+    leader's own work, participants, the cluster secret) are not scoped."""
+    if isinstance(command, cmd.CreateApp):
+        return  # its team is checked by the API against the token that names it
+    record = state.tokens.get(command.actor)
+    app = state.apps.get(getattr(command, "app", ""))
+    if record is None or app is None:
+        return
+    decision = decide(Principal.from_record(command.actor, record), APPS_WRITE, app.team)
+    if not decision.allowed:
+        raise Forbidden(decision.reason, missing=decision.missing)
 
 
 def check_quota(state: ClusterState, team: str, **change: Any) -> None:

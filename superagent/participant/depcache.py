@@ -68,6 +68,7 @@ from pathlib import Path
 import structlog
 
 from superagent.participant.errors import Uncacheable
+from superagent.tarcheck import link_escapes
 
 log = structlog.get_logger("superagent.participant")
 
@@ -236,10 +237,13 @@ def _run_version(argv: list[str], path: str | None = None) -> str:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _copy_tree(src_fd: int, dst_fd: int, *, owner: int, budget: _Budget, depth: int = 0,
+def _copy_tree(src_fd: int, dst_fd: int, *, owner: int, budget: _Budget,
+               links: dict[tuple[str, ...], str], depth: int = 0,
                inside: tuple[str, ...] = ()) -> None:
     """Copy the directory ``src_fd`` into the empty directory ``dst_fd`` (see the module
-    docstring's Trust); raises ``Uncacheable`` on anything it refuses."""
+    docstring's Trust), collecting its symlinks in ``links`` (path parts -> target) for the
+    caller to resolve once the whole tree is known; raises ``Uncacheable`` on anything it
+    refuses."""
     if depth > MAX_DEPTH:
         raise Uncacheable(f"nested deeper than {MAX_DEPTH} directories")
     with os.scandir(src_fd) as it:
@@ -253,8 +257,9 @@ def _copy_tree(src_fd: int, dst_fd: int, *, owner: int, budget: _Budget, depth: 
         budget.add()
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(name, dir_fd=src_fd)
-            if os.path.isabs(target) or _escapes(inside, target):
+            if os.path.isabs(target):
                 raise Uncacheable(f"{where} links out of the tree ({target})")
+            links[(*inside, name)] = target
             os.symlink(target, name, dir_fd=dst_fd)
         elif stat.S_ISDIR(st.st_mode):
             sub_src = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
@@ -263,8 +268,8 @@ def _copy_tree(src_fd: int, dst_fd: int, *, owner: int, budget: _Budget, depth: 
                 os.mkdir(name, 0o700, dir_fd=dst_fd)
                 sub_dst = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
                 try:
-                    _copy_tree(sub_src, sub_dst, owner=owner, budget=budget, depth=depth + 1,
-                               inside=(*inside, name))
+                    _copy_tree(sub_src, sub_dst, owner=owner, budget=budget, links=links,
+                               depth=depth + 1, inside=(*inside, name))
                     os.fchmod(sub_dst, mode | 0o700)
                 finally:
                     os.close(sub_dst)
@@ -275,20 +280,6 @@ def _copy_tree(src_fd: int, dst_fd: int, *, owner: int, budget: _Budget, depth: 
             _copy_file(src_fd, dst_fd, name, st, mode, where)
         else:
             raise Uncacheable(f"{where} is not a file, directory or symlink")
-
-
-def _escapes(inside: tuple[str, ...], target: str) -> bool:
-    """Whether ``target``, relative to the directory ``inside`` (from the tree's top),
-    leaves the tree."""
-    depth = len(inside)
-    for part in target.split("/"):
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return True
-        elif part not in ("", "."):
-            depth += 1
-    return False
 
 
 def _same(fd: int, listed: os.stat_result, where: str) -> None:
@@ -358,8 +349,13 @@ def copy_tree(source: Path, dest: Path, *, owner: int, max_bytes: int = MAX_TREE
         try:
             out = os.open(dest, _DIR_FLAGS)
             try:
-                _copy_tree(top, out, owner=owner,
+                links: dict[tuple[str, ...], str] = {}
+                _copy_tree(top, out, owner=owner, links=links,
                            budget=_Budget(max_entries=max_entries, max_bytes=max_bytes))
+                for path, target in links.items():  # resolved through each other, as
+                    if link_escapes(links, path[:-1], target):  # the kernel would
+                        where = "/".join(path)
+                        raise Uncacheable(f"{where} links out of the tree ({target})")
                 os.fchmod(out, (stat.S_IMODE(st.st_mode) & 0o777) | 0o700)
             finally:
                 os.close(out)

@@ -281,6 +281,13 @@ class CoordinatorError(ParticipantError):
     status_hint = 409
 
 
+class EnrolmentRefused(CoordinatorError):
+    """The coordinators refused this machine's join token (unknown, used, expired, issued
+    for another node) or its node name (already enrolled): the agent cannot join."""
+
+    status_hint = 401
+
+
 class ArtifactUnavailable(CoordinatorError):
     """No coordinator served the artifact ``sha256`` intact.
 

@@ -22,6 +22,17 @@ A coordinator that lacks the blob (404), is down, or serves bytes with another h
 skipped for the next; when none served it intact, ``ArtifactUnavailable`` names the hash and
 what each URL said, and nothing is left on disk.
 
+Credentials. A machine enrolled once keeps its own credential in ``<data_dir>/credential``
+(0600) and bears it on every request. A new machine enrols first (``enrol``, before the
+agent serves anything): it makes its credential, writes it beside the final file
+(``credential.pending``), sends its hash and signal key with the join token as bearer
+(``POST /api/v1/nodes/enrol``) and moves the file into place once the cluster accepted it,
+so a retry after a lost answer sends the same values and is answered as a repeat. A
+refusal (401/403/409/400: unknown, used or expired token, name taken) raises
+``EnrolmentRefused`` with the coordinator's explanation; an unreachable cluster is retried.
+A cluster still in migration accepts the old shared ``secret`` instead (see
+docs/participant.md, "Migrating").
+
 ``Endpoints`` and ``Reachability`` do no I/O (they are tested synchronously);
 ``CoordinatorLink`` only moves requests and handles time.
 """
@@ -44,7 +55,12 @@ import trio
 from superagent.backoff import Backoff
 from superagent.errors import ConfigError
 from superagent.names import SHA256
-from superagent.participant.errors import ArtifactUnavailable, ChecksumMismatch
+from superagent.participant.errors import (
+    ArtifactUnavailable,
+    ChecksumMismatch,
+    EnrolmentRefused,
+)
+from superagent.rpc import credentials as creds
 
 log = structlog.get_logger("superagent.participant.joiner")
 
@@ -172,8 +188,9 @@ class Reachability:
 class _RoundFailed(Exception):
     """Every coordinator failed one round; ``tried`` says how, per URL."""
 
-    def __init__(self, tried: dict[str, str]) -> None:
+    def __init__(self, tried: dict[str, str], *, refused: bool = False) -> None:
         self.tried = tried
+        self.refused = refused  # the cluster answered, and refused this machine's credential
         super().__init__("; ".join(f"{u}: {why}" for u, why in tried.items()))
 
 
@@ -200,10 +217,11 @@ class CoordinatorLink:
     ``status`` is called before every heartbeat for the compact status to send.
     """
 
-    def __init__(self, urls: list[str], *, secret: str, node: str, address: str,
+    def __init__(self, urls: list[str], *, secret: str = "", node: str, address: str,
                  groups: list[str] | tuple[str, ...], capacity: int,
                  status: Callable[[], dict[str, Any]], interval: float = HEARTBEAT_INTERVAL,
-                 request_timeout: float = REQUEST_TIMEOUT) -> None:
+                 request_timeout: float = REQUEST_TIMEOUT, join_token: str = "",
+                 credential_file: Path | None = None) -> None:
         normalised = [normalise_url(u) for u in urls]
         bad = [u for u, n in zip(urls, normalised, strict=True) if n is None]
         if bad or not urls:
@@ -211,7 +229,17 @@ class CoordinatorLink:
                               else "no coordinator URL given", source="coordinator")
         self.endpoints = Endpoints(dict.fromkeys(n for n in normalised if n is not None))
         self.secret = secret
+        self.join_token = join_token
+        self.credential_file = credential_file
+        self.credential = (creds.read_credential(credential_file)
+                           if credential_file is not None else None)
+        if not (self.credential or secret or join_token):
+            raise ConfigError("no credential to join the cluster with: give a join token"
+                              " (superagent nodes join-token)", source="participant")
         self.node = node
+        if self.credential and join_token:
+            log.info("already enrolled: the join token is not used (remove the credential"
+                     " file to enrol again)", node=node, credential=str(credential_file))
         self.address = address
         self.groups = list(groups)
         self.capacity = capacity
@@ -234,11 +262,54 @@ class CoordinatorLink:
         it, else the coordinator that answered last, else the first configured URL."""
         return self.endpoints.first
 
+    @property
+    def needs_enrolment(self) -> bool:
+        return self.credential is None and bool(self.join_token)
+
+    def _auth(self) -> dict[str, str]:
+        """This machine's credential (the legacy shared secret before it has one)."""
+        return {"Authorization": f"Bearer {self.credential or self.secret}"}
+
     def _client(self) -> httpx.AsyncClient:
         # trust_env=False: cluster traffic goes straight to the coordinators, never
         # through an HTTP proxy configured for the machine's outbound traffic.
-        return httpx.AsyncClient(headers={"Authorization": f"Bearer {self.secret}"},
-                                 timeout=self.request_timeout, trust_env=False)
+        return httpx.AsyncClient(timeout=self.request_timeout, trust_env=False)
+
+    # ------------------------------------------------------------------ enrolment
+    async def enrol(self) -> None:
+        """Exchange the join token for this machine's credential (see the module
+        docstring); retries while no coordinator answers. Raises EnrolmentRefused."""
+        if not self.needs_enrolment:
+            return
+        assert self.credential_file is not None, "enrolment needs a credential file"
+        pending = self.credential_file.with_name(self.credential_file.name + ".pending")
+        credential = creds.read_credential(pending)
+        if credential is None:
+            credential = creds.new_credential()
+            creds.write_credential(pending, credential)
+        body = {"node": self.node, "credential_sha256": creds.credential_hash(credential),
+                "signal_key": creds.signal_key(credential)}
+        backoff = Backoff(BACKOFF_START, BACKOFF_MAX)
+        async with self._client() as client:
+            while True:
+                try:
+                    response = await self._round(
+                        client, "POST", "/api/v1/nodes/enrol", body,
+                        headers={"Authorization": f"Bearer {self.join_token}"})
+                except _RoundFailed as exc:
+                    event = self.reachability.failed()
+                    if event is not None:
+                        self._log.warning(event, tried=exc.tried)
+                    await trio.sleep(backoff.next())
+                    continue
+                break
+        if response.status_code != 200:
+            detail = _json(response).get("detail") or _status_reason(response)
+            raise EnrolmentRefused(f"the cluster refused to enrol node {self.node!r}:"
+                                   f" {detail}", status_hint=response.status_code)
+        os.replace(pending, self.credential_file)
+        self.credential = credential
+        self._log.info("enrolled", coordinator=str(response.url))
 
     # ------------------------------------------------------------------ membership
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -249,6 +320,7 @@ class CoordinatorLink:
         async with self._client() as client:
             task_status.started()
             registered = False
+            refused_logged: str | None = None  # logged once while it lasts
             while True:
                 try:
                     if not registered:
@@ -258,11 +330,15 @@ class CoordinatorLink:
                         registered = False  # the cluster does not know this node
                         continue
                 except _RoundFailed as exc:
-                    event = self.reachability.failed()
-                    if event is not None:
+                    event = ("the cluster refuses this machine's credential (revoked?): enrol"
+                             " it again with a join token issued for this node"
+                             if exc.refused else self.reachability.failed())
+                    if event is not None and event != refused_logged:
                         self._log.warning(event, tried=exc.tried)
+                    refused_logged = event if exc.refused else None
                     await trio.sleep(backoff.next())
                     continue
+                refused_logged = None
                 event = self.reachability.succeeded()
                 if event is not None:
                     self._log.info(event, leader=self.leader_url)
@@ -274,7 +350,8 @@ class CoordinatorLink:
                 "capacity": self.capacity}
         response = await self._round(client, "POST", "/api/v1/nodes/register", body)
         if response.status_code != 200:
-            raise _RoundFailed({str(response.url): _status_reason(response)})
+            raise _RoundFailed({str(response.url): _status_reason(response)},
+                               refused=response.status_code in (401, 403))
         self.registrations += 1
         self._log.debug("registered", created=_json(response).get("created"),
                         coordinator=str(response.url))
@@ -287,18 +364,21 @@ class CoordinatorLink:
             self._log.info("coordinator does not know this node; registering again")
             return False
         if response.status_code != 200:
-            raise _RoundFailed({str(response.url): _status_reason(response)})
+            raise _RoundFailed({str(response.url): _status_reason(response)},
+                               refused=response.status_code in (401, 403))
         self.heartbeats += 1
         return True
 
     async def _round(self, client: httpx.AsyncClient, method: str, path: str,
-                     body: dict[str, Any]) -> httpx.Response:
+                     body: dict[str, Any], *, headers: dict[str, str] | None = None
+                     ) -> httpx.Response:
         """The first answer below 500 from the coordinators, leader first; raises
         _RoundFailed when every one failed."""
         tried: dict[str, str] = {}
         for url in self.endpoints.walk():
             try:
-                response = await client.request(method, url + path, json=body)
+                response = await client.request(method, url + path, json=body,
+                                                 headers=headers or self._auth())
             except httpx.HTTPError as exc:
                 tried[url] = _reason(exc)
                 self.endpoints.failed(url)
@@ -350,7 +430,8 @@ class CoordinatorLink:
         fd, tmp_name = _temp_beside(dest)
         tmp = Path(tmp_name)
         try:
-            async with client.stream("GET", f"{url}/api/v1/artifacts/{expected}") as response:
+            async with client.stream("GET", f"{url}/api/v1/artifacts/{expected}",
+                                     headers=self._auth()) as response:
                 if response.status_code != 200:
                     if response.status_code >= 500:
                         self.endpoints.failed(url)

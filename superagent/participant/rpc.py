@@ -2,12 +2,14 @@
 
 The protocol (paths, messages, fencing, versions) is ``superagent.rpc``'s; what belongs to
 the participant is handed in here: the ``Agent`` as the service, its ``SignalLedger`` and
-the cluster secret every caller must present, and ``error_reply``, the one place where the
+the keys a caller must present, and ``error_reply``, the one place where the
 participant's error classes become the protocol's ``ErrorCode`` (a ``ParticipantError``'s
 ``status_hint`` stays the HTTP status, its ``app``, ``release`` and log tail travel along).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 from starlette.applications import Starlette
 
@@ -48,6 +50,8 @@ def error_reply(exc: Exception) -> ErrorReply | None:
                       release=exc.release, log=getattr(exc, "tail", "") or "")
 
 
-def rpc_app(service: AgentService, *, secret: str, ledger: Ledger) -> Starlette:
-    """The RPC application; ``secret`` is the cluster secret every caller must present."""
-    return _server_app(service, secret=secret, ledger=ledger, translate=error_reply)
+def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger,
+            keys: Callable[[], Iterable[str]] | None = None) -> Starlette:
+    """The RPC application; a caller presents ``secret`` (legacy) or one of ``keys()``."""
+    return _server_app(service, secret=secret, ledger=ledger, translate=error_reply,
+                       keys=keys)

@@ -91,6 +91,7 @@ from superagent.participant.supervisor import (
 from superagent.proxy.snapshot import AppRoute, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
 from superagent.rpc import messages as msg
+from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -102,7 +103,8 @@ class AgentConfig:
     """Settings of ``superagent participant``."""
 
     data_dir: Path
-    secret: str
+    secret: str = ""  # the legacy shared secret of a cluster in migration ("": none)
+    join_token: str = ""  # enrols the machine once; then <data_dir>/credential is used
     node: str = socket.gethostname()
     rpc: tuple[str, int] = ("127.0.0.1", 7001)
     listen: tuple[str, ...] = ("0.0.0.0:8080",)
@@ -161,7 +163,15 @@ class Agent:
                 list(config.coordinator), secret=config.secret, node=config.node,
                 address=config.advertise or f"{host}:{port}", groups=config.groups,
                 capacity=config.capacity, status=self.coordinator_status,
-                interval=config.heartbeat_interval)
+                interval=config.heartbeat_interval, join_token=config.join_token,
+                credential_file=data / CREDENTIAL_FILE)
+        self._credential = read_credential(data / CREDENTIAL_FILE)  # without a link
+
+    def signal_keys(self) -> list[str]:
+        """The keys a coordinator's signal may bear: the one derived from this machine's
+        credential (see ``superagent.rpc.credentials``)."""
+        credential = self.link.credential if self.link is not None else self._credential
+        return [signal_key(credential)] if credential else []
 
     def __repr__(self) -> str:
         return (f"<Agent node={self.config.node} instances={len(self.instances)}"
@@ -190,6 +200,8 @@ class Agent:
                         ports=f"{overlap[0]}-{overlap[1]}")
         # a taken RPC port fails before proxy workers are spawned (they would outlive us)
         check_bindable(self.config.rpc, key="--rpc")
+        if self.link is not None:  # a new machine: before anything runs (raises if refused)
+            await self.link.enrol()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self.proxy.start()
@@ -212,6 +224,7 @@ class Agent:
             await self._apply_routes()
             self.persist()
             await nursery.start(serve_app, rpc_app(self, secret=self.config.secret,
+                                                   keys=self.signal_keys,
                                                    ledger=self.ledger), self.config.rpc)
             log.info("participant ready", node=self.config.node,
                      rpc=f"{self.config.rpc[0]}:{self.config.rpc[1]}",

@@ -10,14 +10,16 @@ out) raise ``Unreachable``; retrying is the caller's decision — a signal may b
 with the same id, the participant answers a repeat from its ledger.
 
 The client does one attempt per call and owns no connection: the ``httpx.AsyncClient`` is
-the caller's (it carries the cluster secret in its default headers) and so is its life.
+the caller's and so is its life. ``credentials(address)`` names the bearer each request
+carries: the signal key the coordinators keep for that participant (see
+``superagent.rpc.credentials``); None sends none, and the participant refuses it.
 ``Participants`` is the narrow interface callers depend on, so tests can hand in a fake.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 import httpx
@@ -47,8 +49,16 @@ class Participants(Protocol):
 class ParticipantClient:
     """The RPC over ``http`` (see the module docstring)."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, *,
+                 credentials: Callable[[str], str | None] | None = None) -> None:
         self.http = http
+        self.credentials = credentials
+
+    def _headers(self, address: str, extra: Mapping[str, str] | None = None
+                 ) -> dict[str, str]:
+        bearer = self.credentials(address) if self.credentials is not None else None
+        auth = {"authorization": f"Bearer {bearer}"} if bearer else {}
+        return {**_HEADERS, **auth, **(extra or {})}
 
     def __repr__(self) -> str:
         return f"<ParticipantClient protocol={version.CURRENT}>"
@@ -89,7 +99,8 @@ class ParticipantClient:
         params = {**query.params(), "follow": "1"}
         try:
             async with self.http.stream("GET", f"http://{address}/v1/logs", params=params,
-                                        headers=_HEADERS, timeout=None) as response:
+                                        headers=self._headers(address),
+                                        timeout=None) as response:
                 if response.status_code != 200:
                     await response.aread()
                     self._reply(response, msg.LogsReply)  # raises the refusal
@@ -106,7 +117,7 @@ class ParticipantClient:
                     ) -> httpx.Response:
         try:
             return await self.http.request(method, f"http://{address}{path}", timeout=timeout,
-                                           headers={**_HEADERS, **(headers or {})}, **kwargs)
+                                           headers=self._headers(address, headers), **kwargs)
         except httpx.HTTPError as exc:
             raise Unreachable(f"participant {address}: {exc!r}", address=address) from None
 

@@ -60,7 +60,7 @@ class ErrorCode(StrEnum):
     """Why a participant refused: what the caller does next depends on it."""
 
     BAD_REQUEST = "bad_request"  # a malformed message: fix the sender
-    UNAUTHORIZED = "unauthorized"  # no or a wrong cluster secret
+    UNAUTHORIZED = "unauthorized"  # no or a wrong key (the signal key only coordinators hold)
     UNKNOWN_SIGNAL = "unknown_signal"  # no such signal on this path
     NOT_FOUND = "not_found"  # no route for the path at all
     METHOD_NOT_ALLOWED = "method_not_allowed"  # the path takes other methods (see Allow)

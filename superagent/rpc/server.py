@@ -1,7 +1,9 @@
 """The participant's side of the RPC: one Starlette app that decodes, fences and dispatches.
 
-Theory of operation. Every request is checked in the same order: the cluster secret
-(``Authorization: Bearer <secret>``, else 401 and a warning), the protocol version (a
+Theory of operation. Every request is checked in the same order: the caller's key
+(``Authorization: Bearer <key>``, else 401 and a warning; the keys are the signal key
+derived from this machine's credential, which only the coordinators also hold, and the
+legacy shared secret while a cluster migrates), the protocol version (a
 different major is refused, see ``version.py``), then the message itself, decoded by the
 shared codec into its typed class (an unknown field, a missing one or a wrong type is a
 ``BAD_REQUEST`` naming the field). A signal is then fenced and made idempotent by the
@@ -31,7 +33,7 @@ import hashlib
 import hmac
 import json
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -150,21 +152,27 @@ class _BodyError(Exception):
         super().__init__(message)
 
 
-def rpc_app(service: AgentService, *, secret: str, ledger: Ledger, translate: Translate
-            ) -> Starlette:
-    """The RPC application; ``secret`` is the cluster secret every caller must present."""
-    if not secret:
-        raise ValueError("the RPC server needs a non-empty cluster secret")
-    expected = f"Bearer {secret}".encode()
+def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translate: Translate,
+            keys: Callable[[], Iterable[str]] | None = None) -> Starlette:
+    """The RPC application; a caller must present ``secret`` or one of ``keys()`` (asked
+    on every request: a machine's key exists once it is enrolled)."""
+    if not secret and keys is None:
+        raise ValueError("the RPC server needs a key or a non-empty secret")
+
+    def accepted(given: bytes) -> bool:
+        found = False
+        for key in ([secret] if secret else []) + list(keys() if keys else []):
+            found |= bool(key) and hmac.compare_digest(given, f"Bearer {key}".encode())
+        return found
 
     def gate(request: Request) -> JSONResponse | version.Version:
         """The caller's protocol version, or the refusal to send instead."""
         given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        if not accepted(given):
             log.warning("rpc request refused: bad or missing credentials", path=request.url.path,
                         peer=request.client.host if request.client else None)
             return refuse(msg.ErrorReply(error=msg.ErrorCode.UNAUTHORIZED, status=401,
-                                         detail="a valid cluster secret is required"))
+                                         detail="a coordinator's key is required"))
         try:
             peer = version.Version.parse(request.headers.get(version.HEADER))
             version.check(peer, peer_role="coordinator")

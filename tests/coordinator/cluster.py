@@ -2,7 +2,10 @@
 
 ``Cluster(root, size=3)`` picks free loopback ports (one Raft and one API port per member,
 ``tests.support.ports``), gives member *i* (id ``c{i+1}``) its own data dir under ``root``,
-and shares one secret file and one admin-token file between them. ``start_all()`` then
+and shares one coordinators' secret file and one admin-token file between them. Unless
+``participant_secret=None``, the members also accept the legacy shared participant secret
+``SECRET`` (a cluster in migration), which tests use to call participant endpoints as a
+participant would; ``join_token()`` makes a join token for real participants. ``start_all()`` then
 ``wait_ready()`` waits until every running member names the same leader, knows every
 member's API URL (so followers can forward writes), and the first leader has written the
 admin token; ``token`` holds it from then on.
@@ -33,7 +36,8 @@ from tests.support.ports import free_ports
 from tests.support.procs import LoggedProcess
 from tests.support.wait import wait_until
 
-SECRET = "cluster-test-secret"
+SECRET = "cluster-test-secret"  # the legacy secret participants shared
+COORDINATOR_SECRET = "cluster-test-coordinators-secret"  # Raft and peer calls only
 READY_TIMEOUT = 30.0  # cold start (imports, first election, token, API URLs): ~3 s normally
 STEP_TIMEOUT = 15.0  # any other single condition waited for
 STOP_GRACE = 10.0  # SIGTERM -> exit; then SIGKILL
@@ -62,15 +66,19 @@ class Cluster:
     """N coordinator processes on loopback (see the module docstring)."""
 
     def __init__(self, root: Path, size: int = 3, *, node_timeout: float | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", participant_secret: str | None = SECRET) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         ports = free_ports(2 * size)
         self.members = [Member(i, root, ports[2 * i], ports[2 * i + 1]) for i in range(size)]
         self.node_timeout = node_timeout
         self.log_level = log_level
-        self.secret_file = root / "secret"
-        self.secret_file.write_text(SECRET + "\n")
+        self.coordinator_secret_file = root / "coordinator-secret"
+        self.coordinator_secret_file.write_text(COORDINATOR_SECRET + "\n")
+        self.secret_file: Path | None = None
+        if participant_secret is not None:
+            self.secret_file = root / "secret"
+            self.secret_file.write_text(participant_secret + "\n")
         self.token_file = root / "admin-token"
         self.token = ""
         self.http = httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT)
@@ -95,8 +103,11 @@ class Cluster:
                                             for o in self.members)]
         argv = [sys.executable, "-m", "superagent", "--log-level", self.log_level,
                 "coordinator", "--id", m.id, *topology, "--api", f"127.0.0.1:{m.api_port}",
-                "--data-dir", str(m.data_dir), "--secret-file", str(self.secret_file),
+                "--data-dir", str(m.data_dir),
+                "--coordinator-secret-file", str(self.coordinator_secret_file),
                 "--admin-token-file", str(self.token_file)]
+        if self.secret_file is not None:
+            argv += ["--secret-file", str(self.secret_file)]
         if self.node_timeout is not None:
             argv += ["--node-timeout", str(self.node_timeout)]
         return argv
@@ -158,6 +169,17 @@ class Cluster:
 
     def post(self, i: int, path: str, **kw: Any) -> httpx.Response:
         return self.request("POST", i, path, **kw)
+
+    def join_token(self, i: int, *, uses: int = 1, expires: str = "1h",
+                   node: str | None = None) -> str:
+        """A join token made through member ``i`` (``uses=0``: any number of machines)."""
+        body: dict[str, Any] = {"uses": uses, "expires": expires}
+        if node is not None:
+            body["node"] = node
+        r = self.post(i, "/api/v1/nodes/join-tokens", json=body)
+        assert r.status_code == 201, r.text
+        token: str = r.json()["token"]
+        return token
 
     def health(self, i: int) -> dict[str, Any] | None:
         """Member ``i``'s /healthz body (200 or 503), or None when it does not answer."""

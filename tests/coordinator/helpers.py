@@ -82,5 +82,9 @@ def all_commands() -> list[cmd.Command]:
         cmd.RevokeToken(**base(), name="ci"),
         cmd.SetQuota(**base(), team="default", apps=5, memory=2**30),
         cmd.RegisterCoordinator(**base(), coordinator="c1", api_url="http://127.0.0.1:7100"),
+        cmd.AddJoinToken(**base(), sha256=SHA, expires_at=5000.0),
+        cmd.EnrolNode(**base(), node="n2", join_sha256=SHA,
+                      credential_sha256="b" * 64, signal_key="c" * 64),
+        cmd.RevokeNode(**base(), node="n2"),
         cmd.DeleteApp(**base(), app="hello"),
     ]

@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     args = parser.parse_args()
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    node = RaftNode(args.self_address, args.peers.split(","), secret=args.secret,
+    node = RaftNode(args.self_address, [p for p in args.peers.split(",") if p], secret=args.secret,
                     data_dir=Path(args.data), state=CounterState())
     node.start()
     try:

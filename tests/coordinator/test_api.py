@@ -375,6 +375,38 @@ def test_bad_coordinator_arguments_are_one_line_errors(tmp_path: Path,
     assert code == 2 and "secret" in capsys.readouterr().err
 
 
+def test_the_coordinators_secret_and_the_legacy_participant_secret(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--coordinator-secret-file is the coordinators' own; --secret-file beside it is only a
+    participant secret; alone, it is both (as before); the two may not be equal."""
+    seen: list[CoordinatorConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(config: CoordinatorConfig) -> None:
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr("superagent.coordinator.service.Coordinator", capture)
+    monkeypatch.delenv("SUPERAGENT_SECRET", raising=False)
+    monkeypatch.delenv("SUPERAGENT_COORDINATOR_SECRET", raising=False)
+    own, shared = tmp_path / "own", tmp_path / "shared"
+    own.write_text("coordinators-only\n")
+    shared.write_text("shared\n")
+    base = ["coordinator", "--data-dir", str(tmp_path / "d")]
+    for extra in (["--coordinator-secret-file", str(own), "--secret-file", str(shared)],
+                  ["--coordinator-secret-file", str(own)], ["--secret-file", str(shared)]):
+        with pytest.raises(Stop):
+            cli_main([*base, *extra])
+    assert [(c.secret, c.participant_secret) for c in seen] == [
+        ("coordinators-only", "shared"), ("coordinators-only", ""), ("shared", "shared")]
+    code = cli_main([*base, "--coordinator-secret-file", str(shared), "--secret-file",
+                     str(shared)])
+    assert code == 2 and "must differ" in capsys.readouterr().err
+
+
 def test_config_url_defaults_to_api_address(tmp_path: Path) -> None:
     config = CoordinatorConfig(id="c1", peers={"c1": "127.0.0.1:1"}, api=("::1", 80),
                                data_dir=tmp_path, secret="s")

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from superagent.coordinator.api import ROUTES, Endpoint
-from tests.coordinator.cluster import SECRET, Cluster
+from tests.coordinator.cluster import COORDINATOR_SECRET, SECRET, Cluster
 from tests.participant.tarballs import (
     file,
     link,
@@ -33,7 +33,8 @@ from tests.participant.tarballs import (
 
 APP = "evil"
 MANIFEST = file("superagent.toml", f'[app]\nname = "{APP}"\n[run]\ncommand = "true"\n')
-SECRET_AUTH = {"authorization": f"Bearer {SECRET}"}
+SECRET_AUTH = {"authorization": f"Bearer {SECRET}"}  # participants' (legacy, shared)
+PEER_AUTH = {"authorization": f"Bearer {COORDINATOR_SECRET}"}  # coordinators' only
 TRACEBACK_MARKERS = ("Traceback", "api handler failed", '"exception"')
 
 
@@ -136,7 +137,7 @@ def test_deep_json_is_a_400_not_a_recursion_error(cluster: Cluster, member: int)
     routes = [("/api/v1/apps", {}), ("/api/v1/nodes/register", SECRET_AUTH),
               ("/api/v1/apps/x/scale", {})]
     if member == 0:
-        routes.append(("/api/v1/internal/propose", SECRET_AUTH))
+        routes.append(("/api/v1/internal/propose", PEER_AUTH))
     for path, headers in routes:
         response = cluster.post(i, path, content=deep, headers=headers)
         assert response.status_code == 400, (path, response.text)
@@ -194,8 +195,23 @@ QUERY = st.dictionaries(st.sampled_from(["limit", "sha256", "force", "deploy", "
 
 def _auth(cluster: Cluster, route: Endpoint) -> dict[str, str]:
     if route.auth == "secret":
+        return PEER_AUTH
+    if route.auth == "node":
         return SECRET_AUTH
+    if route.auth == "join":
+        return {"authorization": "Bearer sj_not-a-join-token"}
     return cluster.admin() if route.auth != "none" else {"authorization": ""}
+
+
+@pytest.mark.parametrize("node", ["\x1f", "\u00b2\x1b7dW", "a b", "%"])
+def test_a_forwarded_path_keeps_its_encoding(cluster: Cluster, node: str) -> None:
+    """A follower forwards a heartbeat for a node name no URL can carry decoded (control
+    characters, spaces): the leader answers it (an unknown node), never a 500."""
+    follower = (cluster.leader() + 1) % 3
+    response = cluster.post(follower, f"/api/v1/nodes/{quote(node, safe='')}/heartbeat",
+                            json={"status": {}}, headers=SECRET_AUTH)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"] == "unknown_node", response.text
 
 
 @given(route=st.sampled_from(ROUTES), params=st.lists(PARAMS, min_size=3, max_size=3),

@@ -99,7 +99,7 @@ def test_every_decision_carries_its_inputs() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"min": 3, "max": 2, "target": 1.0}, {"min": 0, "max": 0, "target": 1.0},
+    {"min": 3, "max": 2, "target": 1.0}, {"min": 0, "max": 2, "target": 1.0},
     {"min": 1, "max": 2, "target": 0.0}, {"min": 1, "max": 2, "target": math.nan},
     {"min": 1, "max": 2, "target": 1.0, "window": 0.0},
     {"min": 1, "max": 2, "target": 1.0, "max_step_up": 0.5},
@@ -161,3 +161,12 @@ def test_autoscalers_start_afresh_when_the_policy_changes() -> None:
     assert first is not None and first.instances == 3 and first.inputs["samples"] == 1
     book.keep_only(set())
     assert "web" not in repr(book)
+
+
+def test_app_load_skips_values_that_are_no_load() -> None:
+    statuses: dict[str, dict[str, Any]] = {"n1": {"instances": [
+        {"app": "web", "release": "r1", "state": "ready", "in_flight": math.inf},
+        {"app": "web", "release": "r1", "state": "ready", "in_flight": -3},
+        {"app": "web", "release": "r1", "state": "ready", "in_flight": True},
+        {"app": "web", "release": "r1", "state": "ready", "in_flight": 2}]}}
+    assert app_load(statuses, "web", "r1", Metric.IN_FLIGHT) == 2.0

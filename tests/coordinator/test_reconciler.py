@@ -666,3 +666,23 @@ async def test_an_autoscaled_app_follows_its_load_up_and_down_without_flapping(
     assert decisions[0].startswith("1 -> 2 instances: scale up: in_flight 20.00 per instance")
     assert all('"load":' in d and '"samples":' in d for d in decisions), decisions
     assert len(decisions) <= 5, decisions  # 1->2->4 (at most doubling), then down
+
+
+async def test_an_app_the_placement_cannot_hold_keeps_what_it_runs(
+        clock: trio.testing.MockClock) -> None:
+    """Apps take room in name order: a later app that takes a full node's room first
+    leaves the earlier one short, and that one keeps its serving instance (a shrink would
+    stop it for nothing); its reason says why."""
+    s = Scenario()
+    s.node("n1", capacity=1)
+    s.app("zshop", instances=1)
+    async with s.running():
+        await s.until(lambda: s.counts("zshop") == {"n1": 1}, "zshop running")
+        s.app("aaa", instances=1)
+        await s.until(lambda: s.host.state.placement_reason.get("zshop", ""),
+                      "zshop's placement to fall short")
+        await trio.sleep(30)  # rounds go by: nothing stops zshop
+        assert s.counts("zshop") == {"n1": 1}
+        assert not [m for m in s.fake.of("n1", "stop")
+                    if any(i.startswith("zshop@") for i in m.instances)]
+    assert "no room" in s.host.state.placement_reason["zshop"]

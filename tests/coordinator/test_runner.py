@@ -356,3 +356,15 @@ def test_a_per_node_app_targets_every_eligible_node(host: FakeHost) -> None:
     """per_node apps: every up, online node of the groups, count 0 (the record's)."""
     spec = spec_from_json(host.state.releases["hello"][0].spec)
     assert targets(host.state, spec, "hello") == {"n1": 0, "n2": 0}
+
+
+def test_an_autoscaled_app_targets_its_decided_count(host: FakeHost) -> None:
+    """An autoscaled app deploys as an instances app at what its autoscaler decided (min
+    before any decision), never per_node 1 on every node."""
+    assert host.state.apply(cmd.SetScale(key="s", at=1.0, actor="t", app="hello",
+                                         groups=("default",),
+                                         auto={"min": 3, "max": 8, "target": 5}).to_json())["ok"]
+    spec = spec_from_json(host.state.releases["hello"][0].spec)
+    assert sum(targets(host.state, spec, "hello").values()) == 3
+    host.state.apps["hello"].auto_instances = 5
+    assert sum(targets(host.state, spec, "hello").values()) == 5

@@ -158,3 +158,24 @@ def test_an_autoscaled_app_counts_at_its_max() -> None:
                                 auto={"min": 1, "max": 5, "target": 2.0}), "quota_exceeded")
     ok(state, cmd.SetScale(**base(), app="a", groups=("default",),
                            auto={"min": 1, "max": 4, "target": 2.0}))
+
+
+def test_a_tokens_write_is_checked_again_where_it_applies() -> None:
+    """The API checks an app's team when a request comes in; the state checks it again
+    when the command applies, so a write by a deployer of team blog never lands on an
+    app that team shop made in between. The leader's own work is not scoped."""
+    state = ClusterState()
+    ok(state, cmd.AddToken(**base(), name="blogdep", sha256=SHA, role="deployer",
+                           teams=("blog",)))
+    ok(state, cmd.AddToken(**base(), name="root", sha256=SHA))
+    ok(state, create_app("shopapp", team="shop"))
+    scale = {"app": "shopapp", "groups": ("default",), "per_node": 0}
+    result = refused(state, cmd.SetScale(**{**base(), "actor": "blogdep"}, **scale),
+                     "forbidden")
+    assert "not of team 'shop'" in result["error"], result
+    assert state.apps["shopapp"].scale is None
+    ok(state, cmd.SetScale(**{**base(), "actor": "root"}, **scale))
+    ok(state, cmd.SetScale(**{**base(), "actor": "coordinator:c1"}, **scale))
+    ok(state, create_app("blogapp", team="blog"))
+    ok(state, cmd.SetScale(**{**base(), "actor": "blogdep"},
+                           **{**scale, "app": "blogapp"}))

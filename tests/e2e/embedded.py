@@ -4,7 +4,8 @@
 participant with one proxy worker) on free loopback ports, in a fresh world-traversable
 directory under /tmp (as root the agent runs app instances as per-app system users, who
 must reach their release directories), and yields a ``Cluster``: an API client with the
-cluster's token, the proxy's and the participant RPC's base URLs, and helpers that upload
+cluster's token, the proxy's and the participant RPC's base URLs (and ``rpc_key``, the key
+coordinators sign their signals to it with), and helpers that upload
 an app directory exactly as ``superagent deploy`` does and wait for the deploy's end.
 
 On the way out every instance and proxy worker is stopped, and psutil checks that no
@@ -48,7 +49,7 @@ class Cluster:
     api: httpx.AsyncClient
     proxy: str
     rpc: str
-    secret: str
+    rpc_key: str  # what a coordinator's signal to the participant bears
     src: Path
 
     def __repr__(self) -> str:
@@ -146,7 +147,7 @@ async def running_cluster() -> AsyncIterator[Cluster]:
                 try:
                     yield Cluster(embedded, api, f"http://127.0.0.1:{listen}",
                                   f"http://{config.rpc[0]}:{config.rpc[1]}",
-                                  (config.state_dir / "secret").read_text().strip(),
+                                  embedded.agent.signal_keys()[0],
                                   state_dir / "src")
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(START_DEADLINE):

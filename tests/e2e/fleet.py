@@ -3,10 +3,14 @@
 ``Fleet(root, coordinators=[url, ...], size=2)`` runs ``size`` ``superagent participant``
 processes (nodes ``n1-<tag>``, ``n2-<tag>`` ..., the tag from ``root``'s name) on free
 loopback ports (one RPC and one proxy port each, ``tests.support.ports``), each with its own
-data dir under ``root`` and one proxy worker, joined to the coordinators
-with the cluster's secret and ``--stop-on-exit``. ``wait_joined(cluster)`` waits until the
-cluster lists every node up and online. Each agent is a ``tests.support.procs.LoggedProcess``:
-its output goes to ``root/<node>.log`` and a failing test's report shows the tail.
+data dir under ``root`` and one proxy worker, joined to the coordinators with
+``--stop-on-exit``, enrolled with ``join_token`` when one is given (each then keeps its
+own credential) and holding the legacy shared ``secret`` unless it is None. Calls to a
+participant's RPC bear what a coordinator's would: the signal key derived from its
+credential (or the shared secret).
+``wait_joined(cluster)`` waits until the cluster lists every node up and online. Each
+agent is a ``tests.support.procs.LoggedProcess``: its output goes to ``root/<node>.log``
+and a failing test's report shows the tail.
 
 Cleanup, whatever state a test left things in: ``close()`` takes the psutil tree of every
 agent (its proxy workers and app instances; instances run in sessions of their own, so the
@@ -46,6 +50,7 @@ import httpx
 import psutil
 
 from superagent.pack import pack
+from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
 from tests.coordinator.cluster import SECRET, Cluster
 from tests.participant.children import world_executable
 from tests.support.ports import free_ports
@@ -159,18 +164,18 @@ class Fleet:
     """``size`` participant processes joined to ``coordinators`` (see the module docstring)."""
 
     def __init__(self, root: Path, coordinators: list[str], size: int = 2, *,
-                 secret: str = SECRET, log_level: str = "info",
-                 groups: tuple[str, ...] = ("default",)) -> None:
+                 secret: str | None = SECRET, join_token: str | None = None,
+                 log_level: str = "info", groups: tuple[str, ...] = ("default",)) -> None:
         self.root = root
         self.coordinators = coordinators
         self.secret = secret
+        self.join_token = join_token
         self.log_level = log_level
         ports = free_ports(2 * size)
         self.members = [Participant(i, root, ports[2 * i], ports[2 * i + 1])
                         for i in range(size)]
         self.groups: dict[int, tuple[str, ...]] = dict.fromkeys(range(size), groups)
-        self.http = httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT,
-                                 headers={"authorization": f"Bearer {secret}"})
+        self.http = httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT)
 
     def __repr__(self) -> str:
         return f"<Fleet {self.root} {self.members}>"
@@ -193,8 +198,23 @@ class Fleet:
                 "--coordinator", ",".join(self.coordinators), "--stop-on-exit"]
 
     def start(self, i: int) -> None:
-        self.members[i].start(self.argv(i),
-                              env={**os.environ, "SUPERAGENT_SECRET": self.secret})
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("SUPERAGENT_SECRET", "SUPERAGENT_JOIN_TOKEN")}
+        if self.join_token:
+            env["SUPERAGENT_JOIN_TOKEN"] = self.join_token
+        if self.secret:
+            env["SUPERAGENT_SECRET"] = self.secret
+        self.members[i].start(self.argv(i), env=env)
+
+    def credential(self, i: int) -> str | None:
+        """Participant ``i``'s own credential, once it is enrolled."""
+        return read_credential(self.members[i].data_dir / CREDENTIAL_FILE)
+
+    def rpc_headers(self, i: int) -> dict[str, str]:
+        """What a coordinator's call to participant ``i`` bears."""
+        credential = self.credential(i)
+        key = signal_key(credential) if credential else self.secret or ""
+        return {"authorization": f"Bearer {key}"}
 
     def start_all(self) -> None:
         for i in range(len(self.members)):
@@ -265,14 +285,15 @@ class Fleet:
 
     # ------------------------------------------------------------------ queries
     def status(self, i: int) -> dict[str, Any]:
-        r = self.http.get(self.members[i].rpc + "/v1/status")
+        r = self.http.get(self.members[i].rpc + "/v1/status", headers=self.rpc_headers(i))
         r.raise_for_status()
         body: dict[str, Any] = r.json()
         return body
 
     def signal(self, i: int, kind: str, body: dict[str, Any]) -> httpx.Response:
-        """POST a signal to participant ``i``'s RPC, with the cluster secret."""
-        return self.http.post(self.members[i].rpc + f"/v1/signals/{kind}", json=body)
+        """POST a signal to participant ``i``'s RPC, as a coordinator would."""
+        return self.http.post(self.members[i].rpc + f"/v1/signals/{kind}", json=body,
+                              headers=self.rpc_headers(i))
 
     def serving(self, i: int, app: str) -> tuple[set[str], dict[str, dict[str, Any]]]:
         """(the releases of the instances participant ``i`` routes ``app`` to,

@@ -323,7 +323,7 @@ async def test_stale_term_signal_is_refused(cluster: Cluster) -> None:
         response = await http.post(
             f"{cluster.rpc}/v1/signals/stop",
             json={"id": "stale-leader-stop-1", "term": 0, "instances": ids, "grace": 1},
-            headers={"authorization": f"Bearer {cluster.secret}"})
+            headers={"authorization": f"Bearer {cluster.rpc_key}"})
     assert response.status_code == 409, response.text
     assert response.json()["error"] == "stale_term", response.text
     assert await _serving(cluster, "fence") == (release, ids)

@@ -108,10 +108,12 @@ def test_leader_killed_mid_deploy_is_finished_or_compensated_by_the_new_leader()
     root = make_root("sa-e2e-failover-")
     passed = False
     try:
-        with Cluster(root / "coordinators", log_level="info") as cluster, \
-                Fleet(root, [m.url for m in cluster.members]) as fleet:
+        with Cluster(root / "coordinators", log_level="info",
+                     participant_secret=None) as cluster, \
+                Fleet(root, [m.url for m in cluster.members], secret=None) as fleet:
             cluster.start_all()
             leader = cluster.wait_ready()
+            fleet.join_token = cluster.join_token(leader, uses=len(fleet.members))
             fleet.start_all()
             fleet.wait_joined(cluster, leader)
 

@@ -76,7 +76,7 @@ def write_app(dest: Path) -> Path:
 async def logs_of(cluster: Cluster, request_id: str) -> list[dict[str, Any]]:
     """The participant's captured lines of one request id, from its RPC."""
     async with httpx.AsyncClient(base_url=cluster.rpc, timeout=REQUEST_TIMEOUT,
-                                 headers={"authorization": f"Bearer {cluster.secret}"}) as rpc:
+                                 headers={"authorization": f"Bearer {cluster.rpc_key}"}) as rpc:
         response = await rpc.get("/v1/logs", params={"app": "orders",
                                                      "request_id": request_id, "n": "50"})
     assert response.status_code == 200, response.text

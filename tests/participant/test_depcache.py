@@ -126,6 +126,17 @@ def test_copy_tree_refuses_a_link_out_of_the_tree(tmp_path: Path, target: str) -
     assert not (tmp_path / "dst").exists()
 
 
+def test_copy_tree_resolves_links_through_each_other(tmp_path: Path) -> None:
+    """``s -> .`` with ``t -> s/s/../..`` looks inside the tree to a lexical check but
+    resolves two levels above it: refused, nothing stays."""
+    source = tree(tmp_path / "src")
+    (source / "dep" / "s").symlink_to(".")
+    (source / "dep" / "t").symlink_to("s/s/../..")
+    with pytest.raises(Uncacheable, match="links out of the tree"):
+        copy_tree(source, tmp_path / "dst", owner=os.geteuid())
+    assert not (tmp_path / "dst").exists()
+
+
 def test_copy_tree_refuses_what_is_not_a_file_directory_or_link(tmp_path: Path) -> None:
     """A fifo in the tree refuses the copy (it is never opened)."""
     source = tree(tmp_path / "src")

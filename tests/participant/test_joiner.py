@@ -31,7 +31,11 @@ from superagent.backoff import Backoff
 from superagent.cli import main
 from superagent.errors import ConfigError
 from superagent.httpserver import serve_app
-from superagent.participant.errors import ArtifactUnavailable, ChecksumMismatch
+from superagent.participant.errors import (
+    ArtifactUnavailable,
+    ChecksumMismatch,
+    EnrolmentRefused,
+)
 from superagent.participant.joiner import (
     BACKOFF_MAX,
     BACKOFF_START,
@@ -41,6 +45,12 @@ from superagent.participant.joiner import (
     parse_coordinator_urls,
 )
 from superagent.participant.service import Agent, AgentConfig
+from superagent.rpc.credentials import (
+    CREDENTIAL_FILE,
+    credential_hash,
+    read_credential,
+    signal_key,
+)
 from tests.participant.test_agent import tarball
 from tests.support.ports import free_port
 
@@ -69,6 +79,8 @@ class FakeCoordinator:
         self.unknown = 0  # heartbeats answered 404 UnknownNode
         self.fetches: list[str] = []
         self.auth: set[str] = set()
+        self.enrolments: list[tuple[str, dict[str, Any]]] = []  # (authorization, body)
+        self.enrol_answers: list[tuple[int, dict[str, Any]]] = []  # then 200 ok
         self._changed = trio.Event()
 
     def __repr__(self) -> str:
@@ -103,6 +115,10 @@ class FakeCoordinator:
 
     async def heartbeat(self, request: Request) -> Response:
         node = request.path_params["node"]
+        if self.mode == "revoked":
+            self.refused += 1
+            self._note()
+            return self._answer({"error": "node_revoked", "detail": "revoked"}, 401)
         if self.mode == "no_leader":
             self.refused += 1
             self._note()
@@ -123,8 +139,16 @@ class FakeCoordinator:
             return self._answer({"error": "UnknownArtifact", "detail": sha256}, 404)
         return Response(self.blobs[sha256], media_type="application/octet-stream")
 
+    async def enrol(self, request: Request) -> Response:
+        self.enrolments.append((request.headers.get("authorization", ""),
+                                await request.json()))
+        self._note()
+        status, body = self.enrol_answers.pop(0) if self.enrol_answers else (200, {"ok": True})
+        return self._answer(body, status)
+
     def app(self) -> Starlette:
         return Starlette(routes=[
+            Route("/api/v1/nodes/enrol", self.enrol, methods=["POST"]),
             Route("/api/v1/nodes/register", self.register, methods=["POST"]),
             Route("/api/v1/nodes/{node}/heartbeat", self.heartbeat, methods=["POST"]),
             Route("/api/v1/artifacts/{sha256}", self.artifact, methods=["GET"]),
@@ -492,6 +516,24 @@ def test_cli_refuses_bad_coordinator_options(args: list[str], message: str,
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "no credential yet: give --join-token"),
+    (["--join-token", "sa_admin-token-by-mistake"], "must start with 'sj_'"),
+])
+def test_cli_needs_a_join_token_until_enrolled(args: list[str], message: str,
+                                               tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a credential, a join token or the legacy secret: one line, exit status 2."""
+    monkeypatch.delenv("SUPERAGENT_SECRET", raising=False)
+    monkeypatch.delenv("SUPERAGENT_JOIN_TOKEN", raising=False)
+    monkeypatch.setattr("superagent.cli.setup_logging", lambda level: None)
+    assert main(["participant", "--data-dir", str(tmp_path), "--coordinator",
+                 "http://127.0.0.1:1", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_builds_the_agent_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """--coordinator, --group (comma-separated too), --capacity and --advertise reach
     AgentConfig; --advertise defaults to the --rpc address."""
@@ -520,3 +562,78 @@ def test_cli_builds_the_agent_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert first.advertise is None and first.rpc == ("10.0.0.9", 7001)
     assert second.advertise == "10.0.0.9:7002"
     assert json.dumps(second.coordinator) == '["http://a:7100"]'
+
+
+# --- enrolment -------------------------------------------------------------------------------
+
+JOIN = "sj_" + "j" * 43
+
+
+async def test_a_new_machine_enrols_once_and_then_uses_its_own_credential(
+        data_dir: Path) -> None:
+    """The join token is the bearer of the enrolment only; the credential (0600 in the data
+    dir) of everything after it; the cluster gets its hash and signal key, never itself."""
+    file = data_dir / CREDENTIAL_FILE
+    async with coordinators(1) as [fake]:
+        link = make_link([fake.url], secret="", join_token=JOIN, credential_file=file)
+        with trio.fail_after(DEADLINE):
+            await link.enrol()
+        credential = read_credential(file)
+        assert credential is not None and link.credential == credential
+        assert file.stat().st_mode & 0o777 == 0o600
+        [(auth, body)] = fake.enrolments
+        assert auth == f"Bearer {JOIN}"
+        assert body == {"node": "n1", "credential_sha256": credential_hash(credential),
+                        "signal_key": signal_key(credential)}
+        async with running(link):
+            await fake.wait_until(lambda: len(fake.heartbeats) >= 1)
+        assert fake.auth == {f"Bearer {credential}"}
+        again = make_link([fake.url], secret="", join_token=JOIN, credential_file=file)
+        assert not again.needs_enrolment and again.credential == credential
+
+
+async def test_an_enrolment_retried_after_a_lost_answer_sends_the_same_credential(
+        data_dir: Path) -> None:
+    """A 503 (no leader) is retried with the same values, so the cluster answers the
+    repeat instead of spending the token twice."""
+    async with coordinators(1) as [fake]:
+        fake.enrol_answers = [(503, {"error": "no_leader", "detail": "election"})]
+        link = make_link([fake.url], secret="", join_token=JOIN,
+                         credential_file=data_dir / CREDENTIAL_FILE)
+        with trio.fail_after(DEADLINE):
+            await link.enrol()
+        first, second = fake.enrolments
+        assert first == second
+
+
+async def test_a_refused_join_token_is_an_error_naming_why(data_dir: Path) -> None:
+    """401 join_refused: EnrolmentRefused with the coordinator's detail; no credential."""
+    file = data_dir / CREDENTIAL_FILE
+    async with coordinators(1) as [fake]:
+        fake.enrol_answers = [(401, {"error": "join_refused",
+                                     "detail": "the join token has expired"})]
+        link = make_link([fake.url], secret="", join_token=JOIN, credential_file=file)
+        with trio.fail_after(DEADLINE), pytest.raises(EnrolmentRefused, match="expired"):
+            await link.enrol()
+        assert not file.exists() and link.credential is None
+
+
+def test_a_link_without_any_credential_is_refused() -> None:
+    with pytest.raises(ConfigError, match="join token"):
+        make_link(["http://127.0.0.1:1"], secret="")
+
+
+async def test_a_revoked_machine_says_so_once_and_keeps_trying() -> None:
+    """Heartbeats answered 401: one warning that names the credential (not an outage),
+    retried with backoff; when the cluster accepts it again, it carries on."""
+    async with coordinators(1) as [fake]:
+        with capture_logs() as logs:
+            async with running(make_link([fake.url])):
+                await fake.wait_until(lambda: len(fake.heartbeats) >= 1)
+                fake.mode = "revoked"
+                await fake.wait_until(lambda: fake.refused >= 3)
+                fake.mode = "ok"
+                beats = len(fake.heartbeats)
+                await fake.wait_until(lambda: len(fake.heartbeats) > beats)
+    warnings = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1 and "refuses this machine's credential" in warnings[0], warnings

@@ -142,6 +142,20 @@ def test_requests_without_the_secret_get_401(client: TestClient, service: FakeSe
     assert service.calls == []
 
 
+def test_only_the_current_signal_key_is_accepted(service: FakeService) -> None:
+    """Keys are asked on every request: none before enrolment (all refused), then the
+    machine's signal key only; the credential itself is no key."""
+    keys: list[str] = []
+    app = rpc_app(service, keys=lambda: keys, ledger=SignalLedger())
+    with TestClient(app, backend="trio") as c:
+        assert c.get("/v1/status", headers={"Authorization": "Bearer "}).status_code == 401
+        keys.append("the-signal-key")
+        assert c.get("/v1/status",
+                     headers={"Authorization": "Bearer the-signal-key"}).status_code == 200
+        for wrong in ("Bearer the-credential", "Bearer the-signal-ke", "the-signal-key"):
+            assert c.get("/v1/status", headers={"Authorization": wrong}).status_code == 401
+
+
 def test_start_runs_once_and_a_retry_gets_the_same_result(client: TestClient,
                                                           service: FakeService) -> None:
     """A retried signal id returns the first result; the service acted once."""

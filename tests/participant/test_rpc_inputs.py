@@ -177,7 +177,10 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], dict[str, str],
 
 def fuzz(base_url: str, seen: list[int]) -> None:
     """Runs in a worker thread while the agent serves on trio."""
-    with httpx.Client(base_url=base_url, timeout=20.0) as http:
+    # a fresh connection per request: a kept-alive one the server closes for idleness
+    # just as the next request goes out is a client-side race, not the agent's answer
+    with httpx.Client(base_url=base_url, timeout=20.0,
+                      limits=httpx.Limits(max_keepalive_connections=0)) as http:
         @given(requests())
         @settings(max_examples=120, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow])

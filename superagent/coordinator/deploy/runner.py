@@ -305,12 +305,17 @@ def targets(state: ClusterState, spec: AppSpec, app: str | None = None) -> dict[
     the release's ``[scale]``. A ``per_node`` app rolls over every node that is online, up
     and in one of its groups. An ``instances`` app rolls over the nodes of its placement
     (those still up), each with its own count; before its first placement, over the
-    scheduler's placement of it among the cluster's current one.
+    scheduler's placement of it among the cluster's current one. An autoscaled app is an
+    ``instances`` app at the count its autoscaler decided (``min`` before any decision).
     """
     found = state.apps.get(app) if app is not None else None
     override = found.scale if found is not None else None
     groups = set(override["groups"] if override else spec.scale.groups)
     instances = override.get("instances") if override else spec.scale.instances
+    auto = override.get("auto") if override else spec.scale.auto
+    if auto is not None:  # autoscaled: as many as the autoscaler decided, within bounds
+        decided = found.auto_instances if found and found.auto_instances is not None else 0
+        instances = min(max(decided, auto["min"]), auto["max"])
     eligible = {n.name for n in state.nodes.values()
                 if n.up and n.lifecycle == "online" and groups & set(n.groups)}
     if instances is None or app is None:
