@@ -21,7 +21,8 @@ close them when their TTL passes; the coordinator only relays:
   is asked, and only lines of apps the token may read are shown.
 
 Reading a trace is ``apps:read``; opening or closing a session is ``apps:write`` (both
-scoped to the app's team, checked by the route table's policy).
+scoped to the app's team, checked by the route table's policy: a token that may not see
+the app's team gets a 404, as for any app of another team).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ async def trace(request: Request, ctx: Context) -> Response:
     app = request.query_params.get("app") or None
     if app is not None:
         team = c.read(lambda s: s.apps[app].team if app in s.apps else None)
-        if team is None:
+        if team is None or not ctx.sees(team):  # another team's app does not exist for it
             return error(404, "unknown_app", f"app {app!r} does not exist")
         ctx.require(APPS_READ, team)
         nodes = app_nodes(c, app)

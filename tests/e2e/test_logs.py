@@ -6,7 +6,8 @@ A real coordinator, participant and proxy (``tests.e2e.embedded``) run the chatt
 grep, since, request id, n) and their 400s, the app's ``[env]`` value hidden, a debug
 session opened and closed through the coordinator (and ended by its TTL on the
 participant), the trace of a request (the app's line and the proxy's record) through the
-API and the CLI, 403s for a token of another team, a follow resumed with
+API and the CLI, 404s for a token of another team (its apps do not exist for it) and
+a 403 for a viewer opening a session, a follow resumed with
 ``Last-Event-ID`` without duplicates, and a reader that does not read: the app and the
 proxy keep their pace and the stream reports what it dropped.
 
@@ -159,22 +160,31 @@ async def test_logs_filters_debug_trace_and_permissions(cluster: Cluster) -> Non
     bad_ttl = await cluster.api.post(f"/api/v1/apps/{APP}/debug", json={"ttl": 0})
     assert bad_ttl.status_code == 400 and "ttl" in bad_ttl.json()["detail"]
 
-    # a token of another team sees none of it
+    # a token of another team sees none of it (its apps do not exist for it: 404), and a
+    # viewer of the app's team may read but not open a session (403)
     other = await token_of(cluster, "other-viewer", "viewer", ["other"])
     deployer = await token_of(cluster, "other-deployer", "deployer", ["other"])
+    viewer = await token_of(cluster, "own-viewer", "viewer", ["default"])
     headers = {"authorization": f"Bearer {other}"}
     for method, path in (("GET", f"/api/v1/apps/{APP}/logs"),
                          ("GET", f"/api/v1/apps/{APP}/logs?follow=1"),
                          ("GET", f"/api/v1/trace/rid-traced?app={APP}")):
         response = await cluster.api.request(method, path, headers=headers)
-        assert response.status_code == 403, (path, response.text)
+        assert response.status_code == 404, (path, response.text)
+        assert response.json()["error"] == "unknown_app", response.text
     response = await cluster.api.post(f"/api/v1/apps/{APP}/debug", json={"ttl": 60},
                                       headers={"authorization": f"Bearer {deployer}"})
-    assert response.status_code == 403, response.text
+    assert response.status_code == 404, response.text
+    response = await cluster.api.post(f"/api/v1/apps/{APP}/debug", json={"ttl": 60},
+                                      headers={"authorization": f"Bearer {viewer}"})
+    assert response.status_code == 403 and response.json()["missing"] == "apps:write"
+    own = await cluster.api.get(f"/api/v1/apps/{APP}/logs",
+                                headers={"authorization": f"Bearer {viewer}"})
+    assert own.status_code == 200 and own.json()["lines"], own.text
     response = await cluster.api.get("/api/v1/trace/rid-traced", headers=headers)
     assert response.status_code == 200 and response.json()["lines"] == [], response.text
     code, _, err = await cli(cluster, "logs", APP, token=other)
-    assert code != 0 and "team" in err, err
+    assert code != 0 and "does not exist" in err, err
 
 
 async def read_events(response: httpx.Response, into: list[tuple[str, dict[str, Any],
