@@ -1,5 +1,6 @@
 """Suite-wide pytest hooks and fixtures: failing tests show the tails of their processes'
-logs; ``world_dir`` is a directory other users may enter."""
+logs; ``world_dir`` is a directory other users may enter; structlog's configuration is
+put back after every test."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.support.logs import pytest_runtest_makereport  # noqa: F401
 
@@ -23,3 +25,15 @@ def world_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config() -> Iterator[None]:
+    """A test that runs the CLI in this process (``cli.main``) configures structlog for
+    the whole process, e.g. ``--log-level error``: later tests' ``capture_logs`` then saw
+    no warnings at all. Each test gets back the configuration it started with."""
+    saved = structlog.get_config()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
