@@ -23,10 +23,12 @@ known, so a client can go straight to it. Writes on a follower are not redirecte
 whose effect lives in the leader's memory (register, heartbeat) are forwarded as they are.
 
 ``ROUTES`` is the one place routes are declared. Handlers live here and beside it:
-``api_fleet`` (app and node views, scale, node labels) and ``api_deploys`` (a deploy's
-view and stream, cancel, rollback), ``api_access`` (the token check, tokens, team quotas,
-the audit log); ``api_common`` has what they share (context, JSON errors, request bodies,
-idempotency keys).
+``api_fleet`` (app and node views, scale, node labels), ``api_nodes`` (register,
+heartbeat, drain / offline / online), ``api_deploys`` (a deploy's view and stream,
+cancel, rollback), ``api_access`` (the token check, tokens, team quotas, the audit log),
+``api_trust`` (join tokens, enrolment, revoke), ``api_logs`` and ``api_debug`` (logs,
+debug sessions, traces); ``api_common`` has what they share (context, JSON errors,
+request bodies, idempotency keys, forwarding to the leader).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import httpx
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -62,7 +63,6 @@ from superagent.coordinator.api_access import (
     upload_team,
 )
 from superagent.coordinator.api_common import (
-    MAX_JSON,
     Context,
     bad_request,
     error,
@@ -88,11 +88,16 @@ from superagent.coordinator.api_fleet import (
     get_node,
     label_node,
     list_nodes,
-    now,
     reported,
     scale_app,
 )
 from superagent.coordinator.api_logs import app_logs
+from superagent.coordinator.api_nodes import (
+    heartbeat,
+    node_lifecycle,
+    node_running,
+    register_node,
+)
 from superagent.coordinator.api_openapi import openapi_document
 from superagent.coordinator.api_trust import (
     ENROL_BODY,
@@ -105,27 +110,20 @@ from superagent.coordinator.auth import authenticate_machine, bearer
 from superagent.coordinator.deploy.runner import begin_deploy
 from superagent.coordinator.errors import (
     BadArchive,
-    Conflict,
     CoordinatorError,
     Forbidden,
-    NoLeader,
-    UnknownNode,
 )
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
-from superagent.coordinator.reconcile_view import still_on
 from superagent.coordinator.state import ClusterState
-from superagent.errors import CodecError, ConfigError
-from superagent.jsonbody import field, parse_json, read_body
+from superagent.errors import ConfigError
+from superagent.jsonbody import parse_json, read_body
 from superagent.manifest import parse_manifest, spec_to_json
 from superagent.names import APP_NAME, is_app_name, is_sha256
-from superagent.rpc.errors import RpcError
-from superagent.rpc.messages import Offline
 
 log = structlog.get_logger(__name__)
 
 MAX_COMMAND = 16 * 1024**2  # bytes of a forwarded command (a deploy record carries logs)
 MAX_COMMAND_DEPTH = 64  # nesting of a forwarded command (a spec inside a record inside it)
-OFFLINE_SIGNAL_TIMEOUT = 5.0  # best effort: a node that does not answer soon is told later
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD"})  # counted apart in /metrics
 
 Handler = Callable[[Request, "Context"], Awaitable[Response]]
@@ -391,122 +389,6 @@ async def propose(request: Request, ctx: Context) -> Response:
     c.committed(command)
     # the follower waits until it has applied this far, so its next read sees the write
     return JSONResponse({**result, APPLIED_INDEX: c.raft.status()["commit_index"]})
-
-
-async def register_node(request: Request, ctx: Context) -> Response:
-    c = ctx.coordinator
-    if not c.is_leader():
-        return await forward(request, ctx)
-    body = await read_json(request)
-    node = field(body, "node", str, error=bad_request)
-    if ctx.actor.startswith("node:") and ctx.actor != f"node:{node}":
-        return error(403, "forbidden", f"this credential is {ctx.actor}'s: it cannot"
-                                       f" register node {node!r}")
-    if ctx.actor == "participants" and c.read(lambda s: s.trust.enrolled(node)):
-        return error(403, "forbidden", f"node {node!r} is enrolled: it registers with its"
-                                       " own credential, not the shared participant secret")
-    command = c.command(cmd.RegisterNode, actor=f"node:{node}", node=node,
-                        address=field(body, "address", str, error=bad_request),
-                        groups=tuple(field(body, "groups", list, error=bad_request,
-                                           default=["default"])),
-                        capacity=field(body, "capacity", int, error=bad_request, default=100))
-    result = await c.submit(command)
-    if result.get("ok"):
-        await c.heartbeat(node, None)
-    return from_result(result)
-
-
-async def heartbeat(request: Request, ctx: Context) -> Response:
-    c = ctx.coordinator
-    if not c.is_leader():
-        return await forward(request, ctx)
-    body = await read_json(request)
-    status = body.get("status")
-    node = request.path_params["node"]
-    if not await c.heartbeat(node, status if isinstance(status, dict) else None):
-        raise UnknownNode(node)
-    return JSONResponse({"ok": True})
-
-
-def _still_on(c: ApiHost, node: str) -> dict[str, Any]:
-    """What still runs on (or is placed on) ``node``, as this leader knows it."""
-    found: dict[str, Any] | None = c.read(lambda s: still_on(s, node, c.liveness, now()))
-    if found is None:
-        raise UnknownNode(node)
-    return found
-
-
-async def node_running(request: Request, ctx: Context) -> Response:
-    """What still runs on a node: a drain is over when both lists are empty."""
-    c = ctx.coordinator
-    if not c.is_leader():  # the heartbeats are in the leader's memory
-        return await forward(request, ctx)
-    return JSONResponse(_still_on(c, request.path_params["node"]))
-
-
-async def node_lifecycle(request: Request, ctx: Context) -> Response:
-    """drain / offline / online: commit the lifecycle, then tell the participant. A node
-    goes offline only once nothing runs or is placed on it (409 naming what does)."""
-    c = ctx.coordinator
-    node, action = request.path_params["node"], request.path_params["action"]
-    target = {"drain": "draining", "offline": "offline", "online": "online"}.get(action)
-    if target is None:
-        return error(404, "unknown_action", f"no node action {action!r}:"
-                                            " use drain, offline or online")
-    if target == "offline":
-        if not c.is_leader():  # the heartbeats are in the leader's memory
-            return await forward(request, ctx)
-        left = _still_on(c, node)
-        if left["lifecycle"] == "draining" and (left["instances"] or left["placed"]):
-            what = left["instances"] or [f"{app} ({n} placed)"
-                                         for app, n in left["placed"].items()]
-            raise Conflict(f"node {node} still runs {', '.join(what)}: wait until its drain"
-                           f" is over (superagent drain {node} follows it)")
-    command = c.command(cmd.SetNodeLifecycle, actor=ctx.actor, key=idempotency_key(request),
-                        node=node, lifecycle=target)
-    result = await c.submit(command)
-    if not result.get("ok"):
-        return from_result(result)
-    signalled = await _signal_offline(c, node, offline=target != "online", signal_id=command.key)
-    return JSONResponse({**result, "signalled": signalled})
-
-
-async def _signal_offline(c: ApiHost, node: str, *, offline: bool, signal_id: str) -> bool:
-    """Best effort: the participant's proxy answers 503 on /-/healthz while not online."""
-    address = c.read(lambda s: s.nodes[node].address if node in s.nodes else None)
-    if address is None or c.http is None:
-        return False
-    try:
-        message = Offline(id=f"lifecycle-{signal_id}", term=c.term(), offline=offline)
-        await c.participants.signal(address, message, timeout=OFFLINE_SIGNAL_TIMEOUT)
-    except (RpcError, CodecError) as exc:  # a key unfit for a signal id, or no answer
-        log.warning("participant not signalled", node=node, error=str(exc))
-        return False
-    return True
-
-
-async def forward(request: Request, ctx: Context) -> Response:
-    """Send this request as it is to the leader and answer with the leader's answer."""
-    c = ctx.coordinator
-    url = c.leader_url()
-    if url is None or c.http is None:
-        raise NoLeader(node=c.config.id)
-    headers = {k: v for k, v in request.headers.items()
-               if k in ("authorization", "content-type", "idempotency-key")}
-    # the path as the client sent it (still percent-encoded): a decoded one may hold
-    # characters no URL can carry
-    path = bytes(request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
-    try:
-        answer = await c.http.request(request.method, f"{url}{path}",
-                                      content=await read_body(request, limit=MAX_JSON,
-                                                              error=bad_request),
-                                      headers=headers)
-    except httpx.InvalidURL as exc:
-        return error(400, "bad_path", f"the path cannot be forwarded to the leader: {exc}")
-    except httpx.HTTPError as exc:
-        return error(503, "no_leader", f"the leader at {url} is unreachable: {exc!r}")
-    return Response(answer.content, status_code=answer.status_code,
-                    media_type=answer.headers.get("content-type"))
 
 
 ROUTES: tuple[Endpoint, ...] = (

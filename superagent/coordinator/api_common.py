@@ -15,16 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from superagent.coordinator import commands as cmd
-from superagent.coordinator.errors import BadRequest, CoordinatorError, Forbidden
+from superagent.coordinator.errors import BadRequest, CoordinatorError, Forbidden, NoLeader
 from superagent.coordinator.host import ApiHost
 from superagent.coordinator.policy import Principal, decide, sees
 from superagent.httpserver import allowed_methods
-from superagent.jsonbody import read_object
+from superagent.jsonbody import read_body, read_object
 
 MAX_JSON = 1024 * 1024  # bytes of a JSON request body
 CLIENT_KEY_MAX = cmd.KEY_MAX - 16  # room for the suffixes of derived keys (":deploy")
@@ -109,3 +110,27 @@ def idempotency_key(request: Request) -> str | None:
     if key is not None and not 1 <= len(key) <= CLIENT_KEY_MAX:
         raise BadRequest(f"Idempotency-Key must be 1-{CLIENT_KEY_MAX} characters")
     return key
+
+
+async def forward(request: Request, ctx: Context) -> Response:
+    """Send this request as it is to the leader and answer with the leader's answer."""
+    c = ctx.coordinator
+    url = c.leader_url()
+    if url is None or c.http is None:
+        raise NoLeader(node=c.config.id)
+    headers = {k: v for k, v in request.headers.items()
+               if k in ("authorization", "content-type", "idempotency-key")}
+    # the path as the client sent it (still percent-encoded): a decoded one may hold
+    # characters no URL can carry
+    path = bytes(request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+    try:
+        answer = await c.http.request(request.method, f"{url}{path}",
+                                      content=await read_body(request, limit=MAX_JSON,
+                                                              error=bad_request),
+                                      headers=headers)
+    except httpx.InvalidURL as exc:
+        return error(400, "bad_path", f"the path cannot be forwarded to the leader: {exc}")
+    except httpx.HTTPError as exc:
+        return error(503, "no_leader", f"the leader at {url} is unreachable: {exc!r}")
+    return Response(answer.content, status_code=answer.status_code,
+                    media_type=answer.headers.get("content-type"))
