@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -73,6 +74,19 @@ def make_root(prefix: str) -> Path:
     root.chmod(0o755)
     (root / "coordinators").mkdir(mode=0o700)
     return root
+
+
+@contextlib.contextmanager
+def kept_on_failure(prefix: str) -> Iterator[Path]:
+    """A fresh root (``make_root``) removed when the block ends well and kept, with its
+    data dirs and logs, when it raises, so a failure can be read afterwards."""
+    root = make_root(prefix)
+    try:
+        yield root
+    except BaseException:
+        print(f"data dirs and logs kept in {root}")
+        raise
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def app_python() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,8 @@ from tests.e2e.fleet import (
     Fleet,
     Load,
     deploy_record,
+    kept_on_failure,
     leftovers,
-    make_root,
     upload,
     wait_deploy_done,
     write_demo_app,
@@ -105,9 +104,7 @@ def check_serves_one_release(root: Path, fleet: Fleet, winner: str, loser: str) 
 @pytest.mark.slow
 def test_leader_killed_mid_deploy_is_finished_or_compensated_by_the_new_leader() -> None:
     """kill -9 of the leader mid-roll: the new leader ends the deploy, one release serves."""
-    root = make_root("sa-e2e-failover-")
-    passed = False
-    try:
+    with kept_on_failure("sa-e2e-failover-") as root:
         with Cluster(root / "coordinators", log_level="info",
                      participant_secret=None) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], secret=None) as fleet:
@@ -170,9 +167,3 @@ def test_leader_killed_mid_deploy_is_finished_or_compensated_by_the_new_leader()
                 _, instances = fleet.serving(i, APP)
                 assert instances[serving[0]]["state"] == "ready", instances
         assert leftovers(root) == []
-        passed = True
-    finally:
-        if passed:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"data dirs and logs kept in {root}")

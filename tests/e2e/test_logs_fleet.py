@@ -24,7 +24,6 @@ processes are cleaned up even on failure.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import httpx
 import pytest
 
 from tests.coordinator.cluster import Cluster
-from tests.e2e.fleet import Fleet, app_python, leftovers, make_root, upload, wait_deploy_done
+from tests.e2e.fleet import Fleet, app_python, kept_on_failure, leftovers, upload, wait_deploy_done
 from tests.e2e.logapp import write_log_app
 from tests.support.wait import wait_until
 
@@ -89,9 +88,7 @@ class Follower:
 
 @pytest.mark.slow
 def test_follow_across_two_machines_a_participant_restart_and_a_leader_kill() -> None:
-    root = make_root("sa-e2e-logs-")
-    passed = False
-    try:
+    with kept_on_failure("sa-e2e-logs-") as root:
         with Cluster(root / "coordinators") as cluster, \
                 Fleet(root, [m.url for m in cluster.members]) as fleet:
             cluster.start_all()
@@ -193,10 +190,4 @@ def test_follow_across_two_machines_a_participant_restart_and_a_leader_kill() ->
             print(f"\n{len(lines)} lines followed; events {follow.events};"
                   f" reconnections {[e for e in follow.errors if 'reconnecting' in e]}")
         assert leftovers(root) == []
-        passed = True
-    finally:
-        if passed:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"data dirs and logs kept in {root}")
 

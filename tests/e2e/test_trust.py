@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -38,8 +37,8 @@ from tests.coordinator.cluster import Cluster
 from tests.e2e.fleet import (
     REQUEST_TIMEOUT,
     Fleet,
+    kept_on_failure,
     leftovers,
-    make_root,
     upload,
     wait_deploy_done,
     write_demo_app,
@@ -108,9 +107,7 @@ def cli(cluster: Cluster, *argv: str) -> str:
 @pytest.mark.slow
 def test_participants_hold_their_own_credentials_and_nothing_more() -> None:
     """Scope, Raft port, artifact placement, revocation and bad join tokens (see above)."""
-    root = make_root("sa-e2e-trust-")
-    passed = False
-    try:
+    with kept_on_failure("sa-e2e-trust-") as root:
         with Cluster(root / "coordinators", participant_secret=None) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], secret=None) as fleet:
             cluster.start_all()
@@ -201,12 +198,6 @@ def test_participants_hold_their_own_credentials_and_nothing_more() -> None:
             wait_until(lambda: time.time() > doc["expires_at"] + 0.5, "the token expired")
             assert "expired" in enrol_fails(root, urls, doc["token"], "late-node")
         assert leftovers(root) == []
-        passed = True
-    finally:
-        if passed:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"data dirs and logs kept in {root}")
 
 
 def nodes_of(record: dict[str, Any]) -> list[str]:

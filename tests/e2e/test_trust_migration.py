@@ -10,15 +10,13 @@ the next deploy reaches it, so the coordinators' signals bore its own signal key
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from tests.coordinator.cluster import SECRET, Cluster
 from tests.e2e.fleet import (
     Fleet,
+    kept_on_failure,
     leftovers,
-    make_root,
     upload,
     wait_deploy_done,
     write_demo_app,
@@ -31,9 +29,7 @@ APP = "migrating"
 @pytest.mark.slow
 def test_a_shared_secret_participant_enrols_in_place() -> None:
     """Legacy join and deploy, then enrolment with a node-bound token and a deploy again."""
-    root = make_root("sa-e2e-migrate-")
-    passed = False
-    try:
+    with kept_on_failure("sa-e2e-migrate-") as root:
         with Cluster(root / "coordinators", participant_secret=SECRET) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], size=1) as fleet:
             cluster.start_all()
@@ -71,9 +67,3 @@ def test_a_shared_secret_participant_enrols_in_place() -> None:
             releases, _ = fleet.serving(0, APP)
             assert releases == {second["release"]}, releases
         assert leftovers(root) == []
-        passed = True
-    finally:
-        if passed:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"data dirs and logs kept in {root}")
