@@ -68,10 +68,6 @@ def token_name(credential: str | None, tokens: Mapping[str, Mapping[str, Any]]) 
     return found
 
 
-def is_secret(credential: str | None, secret: str) -> bool:
-    return credential is not None and hmac.compare_digest(credential.encode(), secret.encode())
-
-
 def write_private(path: Path, text: str) -> None:
     """Write a credential readable by its owner only, whatever the file's mode was before
     (written beside it and renamed into place, so a reader never sees half of it)."""
