@@ -646,15 +646,22 @@ class Agent:
         return [line.to_json() for line in self.log_hub.tail(instance=instance, app=app, n=n,
                                                              request_id=request_id)]
 
-    async def follow(self, *, app: str | None, instance: str | None,
+    async def follow(self, *, app: str | None, instance: str | None, n: int,
                      request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """New lines as their documents; after a line, ``{"type": "dropped", "dropped": n}``
-        when the subscription dropped ``n`` more since the last such note (its queue was
-        full: a burst larger than it), once what was queued is sent: a reader learns of
-        the loss at once rather than from the sequence numbers of the next line, which
-        may be long in coming."""
+        """The newest ``n`` lines, then new lines as their documents; after a line,
+        ``{"type": "dropped", "dropped": n}`` when the subscription dropped ``n`` more since
+        the last such note (its queue was full: a burst larger than it), once what was
+        queued is sent: a reader learns of the loss at once rather than from the sequence
+        numbers of the next line, which may be long in coming.
+
+        The tail is read in the same step as the subscription begins (no await between):
+        the log hub records and publishes a poll's lines in one step too, so each line is
+        in the tail or in the subscription, never in both and never in neither."""
         wanted = LogFilter(app=app, instance=instance, request_id=request_id)
         with self.log_hub.subscribe(wanted) as subscription:
+            tail = self.logs(app=app, instance=instance, n=n, request_id=request_id)
+            for doc in tail:
+                yield doc
             told = 0
             async for line in subscription:
                 yield line.to_json()

@@ -87,8 +87,11 @@ class AgentService(Protocol):
     def logs(self, *, app: str | None, instance: str | None, n: int,
              request_id: str | None = None) -> list[dict[str, Any]]: ...
 
-    def follow(self, *, app: str | None, instance: str | None,
-               request_id: str | None = None) -> AsyncIterator[dict[str, Any]]: ...
+    def follow(self, *, app: str | None, instance: str | None, n: int,
+               request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The newest ``n`` lines, then each new line as it comes: the tail is read where
+        the subscription begins, so no line falls between the two or comes twice."""
+        ...
 
     def persist(self) -> None:
         """Write the agent's state (the ledger included) after a signal changed it."""
@@ -287,16 +290,14 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
             query = msg.LogsQuery.from_params(dict(request.query_params))
         except CodecError as exc:
             return bad_request(f"logs: {exc}")
-        recent = service.logs(app=query.app, instance=query.instance, n=query.n,
-                              request_id=query.request_id)
         if not query.follow:
+            recent = service.logs(app=query.app, instance=query.instance, n=query.n,
+                                  request_id=query.request_id)
             return answer(codec.encode(msg.LogsReply(lines=tuple(recent))))
 
         async def lines() -> AsyncIterator[bytes]:
-            for line in recent:
-                yield json.dumps(line).encode() + b"\n"
             async for line in service.follow(app=query.app, instance=query.instance,
-                                             request_id=query.request_id):
+                                             n=query.n, request_id=query.request_id):
                 yield json.dumps(line).encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson",

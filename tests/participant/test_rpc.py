@@ -98,8 +98,10 @@ class FakeService:
         return [{"text": f"line {i}", "app": app, "request_id": request_id}
                 for i in range(min(n, 2))]
 
-    async def follow(self, *, app: str | None, instance: str | None,
+    async def follow(self, *, app: str | None, instance: str | None, n: int,
                      request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        for line in self.logs(app=app, instance=instance, n=n, request_id=request_id):
+            yield line
         yield {"text": "live 1"}
         yield {"text": "live 2"}
 
