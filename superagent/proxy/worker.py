@@ -94,6 +94,7 @@ class Worker:
                     if lifeline is not None:
                         outer.start_soon(self._watch_lifeline, lifeline, stop)
                     outer.start_soon(self._reap)
+                    await outer.start(self.state.holds.run_wakes)  # cold starts' wakes
                     if self.state.access_log is not None:
                         outer.start_soon(self._flush_access_log)
                     task_status.started()
