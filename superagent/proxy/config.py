@@ -33,7 +33,7 @@ from superagent.proxy.snapshot import (
 )
 
 PARSERS = ("httptools", "h11")
-COLD_STATES = ("idle", "starting", "failed")
+COLD_STATES = ("idle", "starting", "failed", "serving")
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 

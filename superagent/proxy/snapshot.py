@@ -55,7 +55,7 @@ class ColdStart:
     worker asks the driver to start an instance on.
     """
 
-    state: str = "idle"
+    state: str = "idle"  # idle, starting, failed; serving while instances run
     reason: str = ""
     queue: int = 100
     wait: float = 30.0

@@ -1,0 +1,250 @@
+"""Scale to zero with real processes: an idle app stops, a request starts it again.
+
+An in-process agent with one real proxy worker and real app processes: the app idles
+after its ``idle_timeout``; 100 concurrent requests on the idle app are all answered by
+the one instance their hold started; a start that fails answers every held request with
+the named 503 within its bound; a websocket to an idle app connects; an open tunnel or a
+request in flight keeps an app from idling; and an agent that goes away while a request
+is held leaves the client with an answer or an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from superagent.participant.service import Agent
+from tests.participant.children import child_python
+from tests.participant.test_agent import (
+    DEADLINE,
+    Rig,
+    _kill_leftovers,
+    running_agent,
+    tarball,
+)
+from tests.support.wait import wait_until_async
+
+APP = r'''
+import json, os, socket, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+if os.path.exists(os.environ.get("FAIL_FLAG", "/nonexistent")):
+    print("refusing to start: the fail flag is set", file=sys.stderr, flush=True)
+    sys.exit(3)
+time.sleep(float(os.environ.get("BOOT_SECONDS", "0")))
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while True:  # echo until the client closes
+                data = self.connection.recv(65536)
+                if not data:
+                    return
+                self.connection.sendall(data)
+        if self.path.startswith("/slow"):
+            time.sleep(float(self.path.split("=")[1]))
+        body = json.dumps({"instance": os.environ["SUPERAGENT_INSTANCE"],
+                           "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer.request_queue_size = 256
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+'''
+
+
+def cold_app(name: str, *, fail_flag: Path, boot: float = 0.0, idle: str = "1s") -> bytes:
+    manifest = (f'[app]\nname = "{name}"\n[run]\ncommand = "{child_python()} app.py"\n'
+                f'[health]\nready_path = "/"\nready_deadline = "3s"\n'
+                f'[routes]\nprefix = "/{name}"\nstrip_prefix = true\n'
+                f'[scale]\nidle_timeout = "{idle}"\n'
+                f'[env]\nFAIL_FLAG = "{fail_flag}"\nBOOT_SECONDS = "{boot}"\n')
+    return tarball({"superagent.toml": manifest, "app.py": APP})
+
+
+async def serve(rig: Rig, name: str, data: bytes) -> list[str]:
+    assert (await rig.upload(name, "r1", data)).status_code == 200
+    started = await rig.signal("start", app=name, release="r1", count=1)
+    assert started.status_code == 200, started.text
+    ids = [i["id"] for i in started.json()["instances"]]
+    assert (await rig.signal("switch", app=name, instances=ids)).status_code == 200
+    return ids
+
+
+def state_of(agent: Agent, app: str) -> dict[str, Any]:
+    return agent.app_states().get(app, {})
+
+
+async def until_idle(rig: Rig, app: str) -> None:
+    await wait_until_async(lambda: _idle_now(rig.agent, app), f"{app} idle", timeout=DEADLINE)
+
+
+async def _idle_now(agent: Agent, app: str) -> bool:
+    return (state_of(agent, app).get("state") == "idle"
+            and not any(i.config.app == app for i in agent.instances.values()))
+
+
+def running(agent: Agent, app: str) -> list[str]:
+    return [i for i, inst in agent.instances.items() if inst.config.app == app]
+
+
+async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
+        data_dir: Path) -> None:
+    """The app idles; 100 requests at once are held, one instance starts, all get 200 from
+    it with X-Superagent-Cold-Start, and the cold-start histogram counts one start."""
+    async with running_agent(data_dir) as rig:
+        await serve(rig, "sleepy", cold_app("sleepy", fail_flag=data_dir / "fail-flag"))
+        await until_idle(rig, "sleepy")
+        status = (await rig.rpc.get("/v1/status")).json()
+        assert status["apps"]["sleepy"]["state"] == "idle"
+        assert status["routes"]["sleepy"] == []
+
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        answers: list[httpx.Response] = []
+        async with httpx.AsyncClient(base_url=rig.proxy.base_url, timeout=DEADLINE,
+                                     limits=limits) as client:
+            async def one(n: int) -> None:
+                answers.append(await client.get(f"/sleepy/n{n}"))
+
+            async with trio.open_nursery() as nursery:
+                for n in range(100):
+                    nursery.start_soon(one, n)
+        assert sorted(a.status_code for a in answers) == [200] * 100, [
+            a.text for a in answers if a.status_code != 200][:3]
+        assert len({a.json()["instance"] for a in answers}) == 1
+        assert all(a.headers.get("X-Superagent-Cold-Start", "").isdigit() for a in answers)
+        assert len(running(rig.agent, "sleepy")) == 1
+        assert state_of(rig.agent, "sleepy") == {"state": "serving"}
+        stats = await rig.agent.proxy.stats()
+        assert stats["cold_starts"]["sleepy"][-1] == 1  # one cold start observed
+        warm = await rig.proxy.get("/sleepy/warm")
+        assert warm.status_code == 200 and "X-Superagent-Cold-Start" not in warm.headers
+
+
+async def test_a_failing_cold_start_answers_every_held_request_with_the_named_503(
+        data_dir: Path) -> None:
+    """With the app refusing to start, every held request gets 503 start-failed with
+    Retry-After within the hold's bound, and the reason is in the app's status."""
+    flag = data_dir / "fail-flag"
+    async with running_agent(data_dir) as rig:
+        await serve(rig, "broken", cold_app("broken", fail_flag=flag))
+        await until_idle(rig, "broken")
+        flag.write_text("fail")
+        flag.chmod(0o644)
+        answers: list[httpx.Response] = []
+        began = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            async def one(n: int) -> None:
+                answers.append(await rig.proxy.get(f"/broken/n{n}"))
+
+            for n in range(20):
+                nursery.start_soon(one, n)
+        assert trio.current_time() - began < 3.0 + 5.0  # ready_deadline + the hold's margin
+        assert {a.status_code for a in answers} == {503}
+        assert {a.headers["X-Superagent-Error"] for a in answers} == {"start-failed"}
+        assert all(a.headers.get("Retry-After") == "5" for a in answers)
+        state = state_of(rig.agent, "broken")
+        assert state["state"] == "idle" and "start" in state["start_error"], state
+        again = await rig.proxy.get("/broken/again")  # within the retry delay: refused at once
+        assert again.status_code == 503 and again.headers["X-Superagent-Error"] == "start-failed"
+
+
+def _upgrade(port: int, path: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _echo(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(4096)
+        assert chunk
+        got += chunk
+    return got
+
+
+async def test_a_websocket_to_an_idle_app_connects_and_an_open_one_keeps_it_up(
+        data_dir: Path) -> None:
+    """An upgrade to the idle app is held and connects; while that tunnel stays open (and
+    while a slow request is in flight) the app is not idled, past several timeouts."""
+    async with running_agent(data_dir) as rig:
+        await serve(rig, "ws", cold_app("ws", fail_flag=data_dir / "fail-flag"))
+        await until_idle(rig, "ws")
+        port = int(rig.proxy.base_url.port or 0)
+        sock = await trio.to_thread.run_sync(_upgrade, port, "/ws/socket")
+        try:
+            assert await trio.to_thread.run_sync(_echo, sock, b"hello") == b"hello"
+            instance = running(rig.agent, "ws")
+            assert len(instance) == 1
+            await trio.sleep(3.0)  # three idle timeouts with the tunnel open and silent
+            assert running(rig.agent, "ws") == instance
+            assert await trio.to_thread.run_sync(_echo, sock, b"still") == b"still"
+        finally:
+            sock.close()
+        slow = await rig.proxy.get("/ws/slow=3")  # in flight across three idle timeouts
+        assert slow.status_code == 200 and running(rig.agent, "ws") == instance
+        await until_idle(rig, "ws")  # once nothing is open, it idles
+
+
+async def test_a_request_held_when_the_agent_goes_gets_an_answer_or_an_error(
+        data_dir: Path) -> None:
+    """The agent stops (cancelled, leaving its proxy worker: as after kill -9) while a
+    request is held for a slow-booting app: the client gets 200 or 503 within the hold's
+    bound, never a hang."""
+    flag = data_dir / "fail-flag"
+    async with running_agent(data_dir, stop_all=False) as rig:
+        await serve(rig, "slowboot", cold_app("slowboot", fail_flag=flag, boot=1.0))
+        await until_idle(rig, "slowboot")
+        port = int(rig.proxy.base_url.port or 0)
+        result: list[int] = []
+
+        async def held() -> None:
+            async with httpx.AsyncClient(timeout=30.0) as client:
+                answer = await client.get(f"http://127.0.0.1:{port}/slowboot/x")
+                result.append(answer.status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held)
+            await wait_until_async(lambda: _starting(rig.agent), "cold start begun",
+                                   timeout=DEADLINE)
+            # the bound: the hold's wait (ready_deadline + margin) and some slack
+            nursery.cancel_scope.deadline = trio.current_time() + 3.0 + 5.0 + 5.0
+            _stop_agent_only(rig)
+        assert result and result[0] in (200, 503), result
+    _kill_leftovers(data_dir)
+
+
+async def _starting(agent: Agent) -> bool:
+    return state_of(agent, "slowboot").get("state") == "starting"
+
+
+def _stop_agent_only(rig: Rig) -> None:
+    """Cancel the agent's own tasks (wake socket, supervisors) as a kill would end them."""
+    assert rig.agent._nursery is not None
+    rig.agent._nursery.cancel_scope.cancel()
