@@ -10,6 +10,7 @@ is held leaves the client with an answer or an error, never a hang.
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import trio
 
+from superagent.participant.proxydriver import ACCESS_LOG
 from superagent.participant.service import Agent
 from tests.participant.children import child_python
 from tests.participant.test_agent import (
@@ -61,6 +63,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self):
+        size = len(self.rfile.read(int(self.headers["Content-Length"])))
+        body = json.dumps({"instance": os.environ["SUPERAGENT_INSTANCE"], "size": size}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, *args):
         pass
 
@@ -87,6 +97,15 @@ async def serve(rig: Rig, name: str, data: bytes) -> list[str]:
     return ids
 
 
+BODY = 200_000
+
+
+async def _cold_records(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, lines)
+            if r.get("app") == "sleepy" and "cold_start_ms" in r]
+
+
 def state_of(agent: Agent, app: str) -> dict[str, Any]:
     return agent.app_states().get(app, {})
 
@@ -106,8 +125,10 @@ def running(agent: Agent, app: str) -> list[str]:
 
 async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
         data_dir: Path) -> None:
-    """The app idles; 100 requests at once are held, one instance starts, all get 200 from
-    it with X-Superagent-Cold-Start, and the cold-start histogram counts one start."""
+    """The app idles; 100 requests at once (ten of them uploading 200 KB: more than the
+    worker reads ahead) are held, one instance starts, all get 200 from it with
+    X-Superagent-Cold-Start and whole bodies, the cold-start histogram counts one start
+    and the access log records the wait."""
     async with running_agent(data_dir) as rig:
         await serve(rig, "sleepy", cold_app("sleepy", fail_flag=data_dir / "fail-flag"))
         await until_idle(rig, "sleepy")
@@ -120,7 +141,10 @@ async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
         async with httpx.AsyncClient(base_url=rig.proxy.base_url, timeout=DEADLINE,
                                      limits=limits) as client:
             async def one(n: int) -> None:
-                answers.append(await client.get(f"/sleepy/n{n}"))
+                if n % 10:
+                    answers.append(await client.get(f"/sleepy/n{n}"))
+                else:
+                    answers.append(await client.post(f"/sleepy/n{n}", content=b"x" * BODY))
 
             async with trio.open_nursery() as nursery:
                 for n in range(100):
@@ -128,6 +152,7 @@ async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
         assert sorted(a.status_code for a in answers) == [200] * 100, [
             a.text for a in answers if a.status_code != 200][:3]
         assert len({a.json()["instance"] for a in answers}) == 1
+        assert [a.json()["size"] for a in answers if "size" in a.json()] == [BODY] * 10
         assert all(a.headers.get("X-Superagent-Cold-Start", "").isdigit() for a in answers)
         assert len(running(rig.agent, "sleepy")) == 1
         assert state_of(rig.agent, "sleepy") == {"state": "serving"}
@@ -135,6 +160,11 @@ async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
         assert stats["cold_starts"]["sleepy"][-1] == 1  # one cold start observed
         warm = await rig.proxy.get("/sleepy/warm")
         assert warm.status_code == 200 and "X-Superagent-Cold-Start" not in warm.headers
+        access_log = rig.agent.proxy.run_dir / ACCESS_LOG
+        records = await wait_until_async(
+            lambda: _cold_records(access_log), "cold-start access records",
+            until=lambda found: len(found) == 100, timeout=DEADLINE)
+        assert all(r["cold_start_ms"] >= 0 and r["status"] == 200 for r in records)
 
 
 async def test_a_failing_cold_start_answers_every_held_request_with_the_named_503(
