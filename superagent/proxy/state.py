@@ -67,11 +67,14 @@ class WorkerState:
         self.settings = snapshot.settings
         self._peers.clear()
         self.table = RouteTable(snapshot)
-        if self.holds.by_app:
-            self._settle_holds(time.monotonic())
+        self.settle_holds()
 
-    def _settle_holds(self, now: float) -> None:
-        """Release the held requests the new table decides (``hold.Holds.settle``)."""
+    def settle_holds(self) -> None:
+        """Release the held requests the current table and drain marks decide
+        (``hold.Holds.settle``): after a snapshot, and after an instance is undrained."""
+        if not self.holds.by_app:
+            return
+        now = time.monotonic()
         apps = self.table.apps
         has_instance = {name: self.upstreams.pick(apps[name]) is not None
                         for name in self.holds.by_app if name in apps}

@@ -159,6 +159,8 @@ class Worker:
             up = state.upstreams.set_draining(instance, bool(message.get("draining", True)))
             if up is None:
                 return {"ok": False, "error": f"unknown instance {instance!r}"}
+            if not up.draining:
+                state.settle_holds()  # an idling called off: what it held may go now
             return {"ok": True, "in_flight": up.outstanding, "draining": up.draining}
         if kind == "node":
             state.node_draining = bool(message.get("draining", True))

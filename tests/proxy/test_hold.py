@@ -21,7 +21,8 @@ from superagent.proxy.hold import (
     with_retry_after,
 )
 from superagent.proxy.http1 import error_response
-from superagent.proxy.snapshot import AppRoute, ColdStart
+from superagent.proxy.snapshot import AppRoute, ColdStart, Instance, RoutingSnapshot
+from superagent.proxy.state import WorkerState
 
 COLD = ColdStart(queue=3, wait=10.0)
 
@@ -133,3 +134,20 @@ def test_headers_are_added_to_heads_and_answers() -> None:
         b"HTTP/1.1 200 OK\r\nA: b\r\nX: 12\r\n\r\n")
     answer = with_retry_after(error_response(503, START_FAILED, "x", b"id", close=False), 5)
     assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n")
+
+
+def test_an_undrained_instance_releases_what_was_held_while_it_drained() -> None:
+    """An idling called off (its instance marked draining, then not): the held requests
+    go to the instance at once, without waiting for a snapshot."""
+    app = AppRoute(name="web", instances=(Instance(id="i1", host="127.0.0.1", port=1),),
+                   prefix="/web", cold=COLD)
+    state = WorkerState(parser="httptools",
+                        snapshot=RoutingSnapshot(version=1, listeners=(), apps=(app,)))
+    state.upstreams.set_draining("i1", True)
+    waiter = state.holds.admit("web", COLD, 0.0)
+    state.settle_holds()
+    assert waiter.outcome is None  # still draining: nothing to pick
+    state.upstreams.set_draining("i1", False)
+    state.settle_holds()
+    assert waiter.outcome == READY
+    assert state.metrics.cold_starts["web"][-1] == 1
