@@ -50,7 +50,7 @@ SCALE_BODY: dict[str, Any] = {
                    "instances": {"type": "integer", "minimum": 1, "maximum": MAX_INSTANCES},
                    "auto": {"type": "object", "additionalProperties": False,
                             "required": ["min", "max", "target"],
-                            "properties": {"min": {"type": "integer", "minimum": 1},
+                            "properties": {"min": {"type": "integer", "minimum": 0},
                                            "max": {"type": "integer", "minimum": 1},
                                            "target": {"type": "number",
                                                       "exclusiveMinimum": 0},
