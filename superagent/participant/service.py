@@ -35,6 +35,7 @@ import os
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -158,6 +159,8 @@ class Agent:
         self.cold: dict[str, ColdApp] = {}
         self.activity = ActivityWatch()
         self.idle_ids: set[str] = set()  # instance ids stopped for idleness: stop is a no-op
+        self._cold_users: dict[str, AppUser] = {}  # app -> its user, as its last start found
+        self._owned: set[tuple[str, str]] = set()  # (app, release) given to the app's user
         self.is_offline = False
         self.closing = False  # stop_all began: no more starts
         # a request is traced when its own timestamp falls in its app's window, however
@@ -500,11 +503,18 @@ class Agent:
             raise StartFailed("the agent is shutting down and stops its apps",
                               returncode=None, app=app, release=release)
         prepared = self.store.get(app, release)
-        user = await self._user(app)
+        # a cold start (an idle app woken by a request) reuses what the first start checked:
+        # the app's user (useradd takes a host-wide lock) and the release's owner
+        user = self._cold_users.get(app) if app in self.cold else None
+        if user is None:
+            user = await self._user(app)
         switched = user if user is not None and user.switched else None
-        if switched is not None:
+        if switched is not None and not (app in self.cold and (app, release) in self._owned):
             await trio.to_thread.run_sync(self.store.ensure_owner, prepared, switched.uid,
                                           switched.gid)
+            self._owned.add((app, release))
+        if user is not None:
+            self._cold_users[app] = user
         log_dir = self.config.data_dir / "logs" / app
         log_dir.mkdir(parents=True, exist_ok=True)
         instances = []
@@ -819,18 +829,35 @@ class Agent:
         """Start an idle app's instances (as many as it had) and route them; a failure
         goes to the app's status, the log and the held requests (503 start-failed)."""
         cold = self.cold[app]
-        began = trio.current_time()
+        began, wall = trio.current_time(), time.time()
         log.info("cold start", app=app, release=cold.release, instances=len(cold.ids))
         try:
-            await self._apply_routes()  # status and workers: starting
             reply = await self.start(app, cold.release, max(1, len(cold.ids)))
+            started = trio.current_time()
             if self.cold.get(app) is not cold:
                 return  # a deploy or a stop took the app over meanwhile
             cold.on(Event.READY)
-            await self.switch(app, [i.id for i in reply.instances])
+            # what ``switch`` does, minus its undrain of instances no worker knows yet: the
+            # held requests wait for this snapshot, so nothing else (no fsync) goes first
+            del self.cold[app]
+            self.routes[app] = [i.id for i in reply.instances]
+            self.standby[app] = []
             self.activity.touch(app, trio.current_time())
+            await self._apply_routes()
+            routed = trio.current_time()
+            self.persist()
+            first = self.instances.get(reply.instances[0].id)
+            spawned = first.started_at if first is not None else None
+            ready = first.ready_at if first is not None else None
+            # where the time went: before the spawn (user, cgroup), the app's own boot (to
+            # its first ready probe), the rest of the start, the routing snapshot
             log.info("cold start done", app=app, release=cold.release,
-                     ms=round((trio.current_time() - began) * 1000, 1))
+                     ms=round((routed - began) * 1000, 1),
+                     spawn_ms=None if spawned is None else round((spawned - wall) * 1000, 1),
+                     boot_ms=(None if spawned is None or ready is None
+                              else round((ready - spawned) * 1000, 1)),
+                     start_ms=round((started - began) * 1000, 1),
+                     route_ms=round((routed - started) * 1000, 1))
         except ParticipantError as exc:
             if self.cold.get(app) is cold and cold.phase is Phase.STARTING:
                 cold.on(Event.FAILED, now=trio.current_time(), reason=str(exc))
