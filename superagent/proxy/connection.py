@@ -35,7 +35,7 @@ from typing import Final
 import trio
 
 from superagent.proxy import hold, http1, netio
-from superagent.proxy.errors import HTTPError, ProtocolError, UpstreamError
+from superagent.proxy.errors import ColdStartError, HTTPError, ProtocolError, UpstreamError
 from superagent.proxy.http1 import BODY_CHUNKED, BODY_NONE, Request
 from superagent.proxy.netio import PeerGone, recv, send_all
 from superagent.proxy.parsers import (
@@ -304,7 +304,7 @@ class ClientConnection:
             x.request_id = self.state.request_ids.next()
         data = http1.error_response(exc.status, exc.code, exc.detail, x.request_id,
                                     close=close, head_only=head_only)
-        if isinstance(exc, hold.ColdStartError):
+        if isinstance(exc, ColdStartError):
             data = hold.with_retry_after(data, exc.retry_after)
         self.arm("client-send", ERROR_SEND_TIMEOUT)
         await self._send(data)

@@ -34,7 +34,7 @@ import structlog
 import trio
 
 from superagent.proxy import control
-from superagent.proxy.errors import HTTPError
+from superagent.proxy.errors import ColdStartError
 
 if TYPE_CHECKING:
     from superagent.proxy.snapshot import AppRoute, ColdStart
@@ -43,21 +43,11 @@ QUEUE_FULL: Final = "queue-full"
 START_FAILED: Final = "start-failed"
 START_TIMEOUT: Final = "start-timeout"
 READY: Final = "ready"
-RETRY_AFTER: Final = 5  # seconds a client is told to wait after a refused cold start
 WAKE_RETRY: Final = 0.5  # seconds between attempts to reach a driver that is away
 WAKE_TIMEOUT: Final = 2.0  # the driver answers a wake at once; longer means it is stuck
 COLD_START_HEADER: Final = b"X-Superagent-Cold-Start"
 
 log = structlog.get_logger("superagent.proxy.hold")
-
-
-class ColdStartError(HTTPError):
-    """A held request the proxy answers 503 (``code``: queue-full, start-failed or
-    start-timeout), with ``Retry-After``."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(503, code, detail)
-        self.retry_after = RETRY_AFTER
 
 
 class Waiter:

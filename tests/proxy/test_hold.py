@@ -10,12 +10,12 @@ import trio
 import trio.testing
 
 from superagent.proxy import control
+from superagent.proxy.errors import ColdStartError
 from superagent.proxy.hold import (
     QUEUE_FULL,
     READY,
     START_FAILED,
     START_TIMEOUT,
-    ColdStartError,
     Holds,
     with_header,
     with_retry_after,
