@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from superagent.debug.events import access_line, access_record
 from superagent.debug.filters import LogFilter
@@ -43,9 +43,10 @@ RECENT_APPS = 64  # apps kept; beyond, the least recently written one is forgott
 PER_RECORD = 120  # bytes of bookkeeping per kept record (its tuple and bytes header)
 
 
-@dataclass(frozen=True, slots=True)
-class Kept:
-    """One record as read: its number, read time, its instance's release, its raw line."""
+class Kept(NamedTuple):
+    """One record as read: its number, read time, its instance's release, its raw line.
+
+    A named tuple, not a frozen dataclass: one is made per request the proxy serves."""
 
     seq: int
     ts: float
