@@ -8,9 +8,8 @@ session opened and closed through the coordinator (and ended by its TTL on the
 participant), the trace of a request (the app's line and the proxy's record) through the
 API and the CLI, also of a request made outside any session, 404s for a token of another
 team (its apps do not exist for it) and a 403 for a viewer opening a session, a follow
-resumed with
-``Last-Event-ID`` without duplicates, and a reader that does not read: the app and the
-proxy keep their pace and the stream reports what it dropped.
+resumed with ``Last-Event-ID`` without duplicates, and a reader that does not read: the
+app and the proxy keep their pace and the stream reports what it dropped.
 
 Every wait polls a condition under a deadline; the CLI runs as a real subprocess.
 """
