@@ -288,7 +288,7 @@ def _read_routes(table: Table) -> RoutesSpec:
     prefix: str | None = table.text("prefix", None)
     if prefix is not None:
         try:
-            prefix = normalize_path(prefix)
+            prefix = normalize_path(prefix, merge_slashes=True)
         except HTTPSyntaxError as exc:
             raise table.error("prefix", f"{exc}, got {prefix!r}") from None
         if "?" in prefix or "%" in prefix:
