@@ -15,7 +15,9 @@ encoded ``.``, ``/`` or backslash, which browsers never send. Route rules
 functions, so a rule is written in the form requests are compared in.
 
 ``DEFAULT_MAX_BODY`` is the request body limit of an app that sets none, in the
-manifest and in the proxy alike.
+manifest and in the proxy alike; ``DEFAULT_MIN_BODY_RATE`` the slowest a streamed
+request body may arrive, and ``DEFAULT_UPGRADES`` the Upgrade protocols tunnelled to an
+app (``upgrade_protocol`` checks a name an app allows).
 
 This module is part of the proxy's hot path (``normalize_path`` runs per request):
 ``scripts/compile-proxy`` compiles it with mypyc in the proxy's group, so it imports
@@ -30,6 +32,9 @@ from typing import Final
 from superagent.errors import HTTPSyntaxError
 
 DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024  # a request body limit that fits APIs and form uploads
+DEFAULT_MIN_BODY_RATE: Final = 1024  # bytes/s: far below any real client, far above a drip
+DEFAULT_UPGRADES: Final = ("websocket",)
+_PROTOCOL_OK = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+(?:/[a-z0-9!#$%&'*+.^_`|~-]+)?")
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -86,6 +91,18 @@ def suspicious_path(path: str) -> bool:
     if "/." not in path:
         return False
     return any(part == "." or part == ".." for part in path.split("/"))
+
+
+def upgrade_protocol(value: str) -> str:
+    """The lower-case form of an Upgrade protocol an app allows; raises HTTPSyntaxError."""
+    name = value.strip().lower()
+    if _PROTOCOL_OK.fullmatch(name) is None:
+        raise HTTPSyntaxError(f"not a protocol name: {value!r}")
+    if name.split("/")[0] == "h2c":
+        # HTTP/2 over cleartext would carry requests past routing and the forwarding
+        # headers: the proxy never tunnels it.
+        raise HTTPSyntaxError("h2c cannot be tunnelled (the proxy speaks HTTP/1.1)")
+    return name
 
 
 def _decode_unreserved(path: str) -> str:

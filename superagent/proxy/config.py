@@ -21,10 +21,15 @@ from typing import Any
 
 from superagent.config import Table, parse_address, read_toml
 from superagent.errors import ConfigError, HTTPSyntaxError
-from superagent.httprules import DEFAULT_MAX_BODY, normalize_host, normalize_path
-from superagent.proxy.snapshot import (
+from superagent.httprules import (
+    DEFAULT_MAX_BODY,
     DEFAULT_MIN_BODY_RATE,
     DEFAULT_UPGRADES,
+    normalize_host,
+    normalize_path,
+    upgrade_protocol,
+)
+from superagent.proxy.snapshot import (
     PATH_POLICIES,
     AppRoute,
     Instance,
@@ -36,7 +41,6 @@ from superagent.proxy.snapshot import (
 
 PARSERS = ("httptools", "h11")
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+(?:/[a-z0-9!#$%&'*+.^_`|~-]+)?")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -218,13 +222,10 @@ def _positive(table: Table, name: str, default: float) -> float:
 def _read_upgrades(t: Table) -> tuple[str, ...]:
     upgrades: list[str] = []
     for value in t.str_list("upgrades", list(DEFAULT_UPGRADES)):
-        name = value.strip().lower()
-        if not _TOKEN.fullmatch(name):
-            raise t.error("upgrades", f"not a protocol name: {value!r}")
-        if name.split("/")[0] == "h2c":
-            # HTTP/2 over cleartext would carry requests past routing and the forwarding
-            # headers: the proxy never tunnels it.
-            raise t.error("upgrades", "h2c cannot be tunnelled (the proxy speaks HTTP/1.1)")
+        try:
+            name = upgrade_protocol(value)
+        except HTTPSyntaxError as exc:
+            raise t.error("upgrades", str(exc)) from None
         if name not in upgrades:
             upgrades.append(name)
     return tuple(upgrades)

@@ -13,10 +13,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Final
 
-from superagent.httprules import DEFAULT_MAX_BODY
+from superagent.httprules import DEFAULT_MAX_BODY, DEFAULT_MIN_BODY_RATE, DEFAULT_UPGRADES
 
-DEFAULT_UPGRADES: Final = ("websocket",)
-DEFAULT_MIN_BODY_RATE: Final = 1024  # bytes/s: far below any real client, far above a drip
 PATH_POLICIES: Final = ("normalize", "reject")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
