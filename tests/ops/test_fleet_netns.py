@@ -142,6 +142,9 @@ def test_every_machine_serves_on_its_own_address(fleet: Fleet) -> None:
         assert answers == Counter({200: 10}), (m["name"], answers)
         # Its own enrolment and its own copy of the release, fetched from the coordinators.
         data = Path(m["dir"]) / "participant"
+        proxy = json.loads((data / "proxy" / "proxy.json").read_text())
+        assert proxy["snapshot"]["proxy"]["trusted_proxies"] == [
+            f"{fleet.doc['host_address']}/32"]
         assert (data / "credential").exists()
         assert any((data / "releases" / fleet.app).iterdir())
     http.close()
