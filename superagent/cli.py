@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord.set_defaults(func=_coordinator)
 
     from superagent.client_cli import add_client_commands
+    from superagent.client_cluster import add_cluster_commands
     from superagent.client_logs import add_log_commands
     from superagent.client_scale import add_scale_commands
     from superagent.client_tokens import add_access_commands
@@ -371,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_commands(add_scale_commands(sub, parsers["nodes"]))
     add_access_commands(sub)
     add_log_commands(sub)
+    add_cluster_commands(sub, parsers["cluster"])
     return parser
 
 
