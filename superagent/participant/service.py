@@ -770,7 +770,12 @@ class Agent:
         cold = ColdApp(app=app, release=self.instances[ids[0]].config.release,
                        ids=tuple(ids))
         self.cold[app] = cold
-        remaining = await self.proxy.drain([*ids, *standby], grace=0)
+        try:
+            remaining = await self.proxy.drain([*ids, *standby], grace=0)
+        except ParticipantError:
+            if self.cold.get(app) is cold:  # nothing changed: the app keeps serving
+                del self.cold[app]
+            raise
         if any(remaining.values()) or self.cold.get(app) is not cold \
                 or self.routes.get(app) != ids:
             if self.cold.get(app) is cold:
