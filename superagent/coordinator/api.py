@@ -61,6 +61,7 @@ from superagent.coordinator.api_access import (
     set_quota,
     token_access,
     upload_team,
+    whoami,
 )
 from superagent.coordinator.api_common import (
     Context,
@@ -99,6 +100,7 @@ from superagent.coordinator.api_nodes import (
     register_node,
 )
 from superagent.coordinator.api_openapi import openapi_document
+from superagent.coordinator.api_traffic import traffic
 from superagent.coordinator.api_trust import (
     ENROL_BODY,
     JOIN_TOKEN_BODY,
@@ -115,6 +117,7 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
 from superagent.coordinator.state import ClusterState
+from superagent.coordinator.ui.web import Dashboard
 from superagent.errors import ConfigError
 from superagent.jsonbody import parse_json, read_body
 from superagent.manifest import parse_manifest, spec_to_json
@@ -211,9 +214,15 @@ async def cluster(request: Request, ctx: Context) -> Response:
     members = []
     for cid, address in sorted(c.config.peers.items()):
         connected = True if cid == c.config.id else status["partners"].get(address, False)
+        # lag: log entries the member is behind the commit index, as this one knows it
+        # (its own applied index; a partner's matched index, known on the leader only)
+        matched = (status["last_applied"] if cid == c.config.id
+                   else status.get("match_index", {}).get(address))
         members.append({"id": cid, "raft": address, "api_url": urls.get(cid),
                         "self": cid == c.config.id, "connected": connected,
-                        "leader": address == status["leader"]})
+                        "leader": address == status["leader"],
+                        "lag": None if matched is None
+                        else max(0, status["commit_index"] - matched)})
     digest = c.read(lambda s: s.digest())
     return JSONResponse({
         "id": c.config.id, "leader": c.leader_id(), "leader_url": c.leader_url(),
@@ -398,6 +407,13 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/cluster", "token",
              "Raft members, leader, term, commit index, health", cluster,
              permission=perm.CLUSTER_READ),
+    Endpoint("GET", "/api/v1/whoami", "token",
+             "The token's name, role, teams, expiry and the permissions of its role",
+             whoami, permission=perm.CLUSTER_READ),
+    Endpoint("GET", "/api/v1/traffic", "token",
+             "The proxies' cumulative request counts and latency histograms per app (the"
+             " apps the token sees), summed over machines: take two to get rates",
+             traffic, permission=perm.APPS_READ),
     Endpoint("GET", "/api/v1/apps", "token", "List apps (those of the token's teams)",
              list_apps, permission=perm.APPS_READ),
     Endpoint("POST", "/api/v1/apps", "token",
@@ -495,9 +511,17 @@ ROUTES: tuple[Endpoint, ...] = (
 )
 
 
-def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(coordinator: ApiHost, e: Endpoint, dashboard: Dashboard
+              ) -> Callable[[Request], Awaitable[Response]]:
     async def view(request: Request) -> Response:
         credential = bearer(request.headers.get("authorization", ""))
+        if credential is None and e.auth in ("token", "any"):
+            session = dashboard.session_credential(request)  # the dashboard's cookie
+            if isinstance(session, Response):
+                return session
+            if session is not None:
+                credential = session
+                request = _with_bearer(request, session)  # what forward() passes on
         actor, principal = "", None
         if e.auth != "none":
             if e.auth in ("token", "any"):
@@ -522,6 +546,15 @@ def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitabl
             return error(400, "client_disconnected", "the client closed the request")
     view.__name__ = e.handler.__name__
     return view
+
+
+def _with_bearer(request: Request, token: str) -> Request:
+    """The request as if it had come with ``Authorization: Bearer token``."""
+    headers = [(k, v) for k, v in request.scope["headers"]
+               if k not in (b"authorization", b"cookie")]
+    scope = {**request.scope, "headers": [*headers, (b"authorization",
+                                                      f"Bearer {token}".encode())]}
+    return Request(scope, request.receive)
 
 
 class _LeaderHeader:
@@ -555,7 +588,14 @@ def api_app(coordinator: ApiHost) -> ASGIApp:
         log.exception("api handler failed", path=request.url.path)
         return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
-    routes = [Route(e.path, _endpoint(coordinator, e), methods=[e.method]) for e in ROUTES]
+    dashboard = Dashboard(coordinator)
+    routes = [Route(e.path, _endpoint(coordinator, e, dashboard), methods=[e.method])
+              for e in ROUTES]
+    routes += [Route("/ui", dashboard.root, methods=["GET"]),
+               Route("/ui/", dashboard.page, methods=["GET"]),
+               Route("/ui/login", dashboard.login, methods=["POST"]),
+               Route("/ui/logout", dashboard.logout, methods=["POST"]),
+               Route("/ui/{name}", dashboard.page, methods=["GET"])]
     app = Starlette(routes=routes, exception_handlers={Exception: unexpected,
                                                        HTTPException: unrouted})
     return _LeaderHeader(app, coordinator)
