@@ -5,6 +5,8 @@ Authentication, by route (``ROUTES`` is the table, and the OpenAPI document is b
 - ``token``: ``Authorization: Bearer <API token>``; the token's name is the audit log's
   actor, and the route's ``permission`` is checked against the token's role and teams
   by the one policy (``policy.decide``, called by ``api_access.token_access``).
+  Without that header, the dashboard's session cookie stands for the token it was made
+  from (``ui.web.Dashboard.session_credential``; writes also need its CSRF header).
 - ``secret``: the coordinators' secret, for peer coordinators only.
 - ``node``: a participant's machine credential, for its own node only.
 - ``any``: an API token, or a machine credential for the artifacts of its own apps.
@@ -27,8 +29,9 @@ whose effect lives in the leader's memory (register, heartbeat) are forwarded as
 heartbeat, drain / offline / online), ``api_deploys`` (a deploy's view and stream,
 cancel, rollback), ``api_access`` (the token check, tokens, team quotas, the audit log),
 ``api_trust`` (join tokens, enrolment, revoke), ``api_logs`` and ``api_debug`` (logs,
-debug sessions, traces); ``api_common`` has what they share (context, JSON errors,
-request bodies, idempotency keys, forwarding to the leader).
+debug sessions, traces), ``api_traffic`` (the proxies' counters); the dashboard's
+pages, login and logout (``/ui``) are ``ui.web``'s; ``api_common`` has what they share
+(context, JSON errors, request bodies, idempotency keys, forwarding to the leader).
 """
 
 from __future__ import annotations

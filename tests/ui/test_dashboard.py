@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -121,8 +122,14 @@ def drive(t: Target) -> None:
             expect(apps).to_contain_text("2 ready", timeout=WAIT)
             expect(apps.locator("a", has_text="/hello/")).to_have_count(1)
             expect(page.locator("main")).to_contain_text("healthy")
-            fetch(f"{t.proxy}/hello/")  # traffic for the overview's figures
-            expect(apps.locator("svg.spark")).to_have_count(1, timeout=WAIT)
+            # traffic: the figures come from two heartbeats' counters with requests between
+            p50 = apps.locator("tbody tr").first.locator("td.num").nth(2)
+            deadline = time.monotonic() + WAIT / 1000
+            while "ms" not in p50.inner_text():
+                assert time.monotonic() < deadline, "no latency figure on the overview"
+                fetch(f"{t.proxy}/hello/")
+                page.wait_for_timeout(100)  # a poll, not a wait for the page: it moves on
+            expect(apps.locator("svg.spark")).to_have_count(1)
             shot(t, page, "overview")
 
             # the keyboard reaches the navigation
@@ -154,7 +161,7 @@ def drive(t: Target) -> None:
             expect(timeline).to_contain_text("succeeded", timeout=DEPLOY_WAIT)
             expect(page.locator("#serving")).to_have_text("r2", timeout=WAIT)
             assert any("/deploys/hello-r2" in url for url in streams), streams
-            shot(t, page, "app")
+            shot(t, page, "app", full=False)
 
             # roll back with the button, once confirmed
             page.once("dialog", lambda dialog: dialog.accept())

@@ -17,7 +17,7 @@ export function machines(main, ctx) {
   async function act(node, action) {
     try {
       await post(`/api/v1/nodes/${enc(node)}/${action}`);
-      flash(`${node}: ${action} done`, 'ok');
+      flash(`${node}: ${action} accepted`, 'ok');
     } catch (error) { flash(`${node}: ${action} refused: ${error.message}`, 'bad'); }
     refresh();
   }
