@@ -158,7 +158,7 @@ def drive(t: Target) -> None:
             expect(timeline).to_contain_text("of r2", timeout=WAIT)
             expect(timeline).to_contain_text("running", timeout=WAIT)
             expect(timeline).to_contain_text("tested", timeout=DEPLOY_WAIT)
-            expect(timeline).to_contain_text("succeeded", timeout=DEPLOY_WAIT)
+            expect(timeline).to_contain_text("✓ succeeded", timeout=DEPLOY_WAIT)  # finished
             expect(page.locator("#serving")).to_have_text("r2", timeout=WAIT)
             assert any("/deploys/hello-r2" in url for url in streams), streams
             shot(t, page, "app", full=False)
@@ -168,6 +168,8 @@ def drive(t: Target) -> None:
             page.click("button[aria-label='Roll back to r1']")
             expect(page.locator("#serving")).to_have_text("r1", timeout=DEPLOY_WAIT)
             expect(timeline).to_contain_text("of r1", timeout=WAIT)
+            expect(timeline).to_contain_text("✓ succeeded", timeout=DEPLOY_WAIT)  # a scale
+            # while the rollback's deploy runs would be refused (409)
 
             # scale from the page
             page.fill("#scale-count", "1")

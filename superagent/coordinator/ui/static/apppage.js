@@ -21,7 +21,7 @@ function timeline(deploy) {
   const start = deploy.history.length ? deploy.history[0][0] : deploy.created_at;
   return h('div', { id: 'timeline' },
     h('p', {}, `Deploy ${deploy.deploy_id} of ${deploy.release} by ${deploy.actor}: `,
-      badge(deploy.finished ? deploy.status : `${deploy.status}, ${deploy.stage}`,
+      badge(deploy.finished ? deploy.status : `${deploy.status}, ${deploy.stage} (in progress)`,
         deploy.finished ? OUTCOME[deploy.status] || 'info' : 'info'),
       deploy.reason ? ` — ${deploy.reason}` : ''),
     table('Steps per machine', ['machine', 'step', 'old instances', 'new instances', 'error'],
