@@ -56,8 +56,9 @@ export function appPage(main, ctx, name) {
   const summary = h('div', {}, h('p', {}, 'Loading…'));
   const releases = h('div', {});
   const deployBox = h('div', { 'aria-live': 'polite' }, h('p', {}, 'No deploy yet.'));
-  const logList = h('ol', { class: 'logs', id: 'log-lines', 'aria-label': 'Log lines' });
-  const requests = h('ol', { class: 'logs', id: 'debug-requests', 'aria-label': 'Requests' });
+  // tabindex: a scrolling list must be reachable from the keyboard to be scrolled
+  const logList = h('ol', { class: 'logs', id: 'log-lines', 'aria-label': 'Log lines', tabindex: '0' });
+  const requests = h('ol', { class: 'logs', id: 'debug-requests', 'aria-label': 'Requests', tabindex: '0' });
   const traceBox = h('div', { id: 'trace', 'aria-live': 'polite' });
   const logState = h('p', { class: 'help', id: 'log-state' });
 

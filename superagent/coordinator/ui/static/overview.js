@@ -44,6 +44,10 @@ export function clusterSection(c) {
     h('p', {}, c.healthy ? badge('healthy', 'ok') : badge('no quorum or no leader', 'bad'),
       ` leader ${c.leader || 'none'} · term ${c.term} · commit index ${c.commit_index}`,
       ` · applied ${c.last_applied} · answered by ${c.id} · version ${c.version}`),
+    c.leader && c.leader !== c.id && c.leader_url
+      ? h('p', { class: 'help' }, 'This coordinator follows: running instances, machines\' heartbeats and',
+        ' the members\' lag are known on the leader, ', h('a', { href: `${c.leader_url}/ui/` }, `${c.leader_url}/ui/`), '.')
+      : null,
     table('Raft members', ['member', 'role', 'connected', 'lag (entries)', 'API'],
       c.members.map((m) => h('tr', {},
         h('td', {}, m.id, m.self ? ' (this one)' : ''),
