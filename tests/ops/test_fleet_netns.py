@@ -99,9 +99,11 @@ def fleet() -> Iterator[Fleet]:
                           "--drain-wait", str(DRAIN_WAIT)])
             doc_file = root / "fleet" / "fleet.json"
 
-            def up() -> dict[str, Any] | None:
+            def up() -> dict[str, Any]:  # written whole (renamed into place) once up
                 assert script.alive(), f"fleet-netns exited:\n{script.tail(80)}"
-                return json.loads(doc_file.read_text()) if doc_file.exists() else None
+                found: dict[str, Any] = (json.loads(doc_file.read_text())
+                                         if doc_file.exists() else {})
+                return found
 
             doc = wait_until(up, "the namespace fleet up", timeout=UP_TIMEOUT, interval=0.2)
             print(f"fleet-netns timings: {doc['timings']}")
