@@ -203,6 +203,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from superagent.config import parse_address
+    from superagent.coordinator.autoscale import parse_timing
     from superagent.coordinator.commands import NODE_NAME
     from superagent.coordinator.service import Coordinator, CoordinatorConfig
 
@@ -228,13 +229,17 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise SuperagentError("--node-timeout must be positive")
     if not 0 <= args.drain_wait <= MAX_DRAIN_WAIT:
         raise SuperagentError(f"--drain-wait must be 0..{MAX_DRAIN_WAIT:g} seconds")
+    try:
+        timing = parse_timing(args.autoscale_timing or "")
+    except ValueError as exc:
+        raise SuperagentError(f"--autoscale-timing: {exc}") from None
     secret, shared = _coordinator_secrets(args)
     config = CoordinatorConfig(
         id=args.id, peers=peers, api=parse_address(args.api, source="--api", key=args.api),
         data_dir=Path(args.data_dir).resolve(), secret=secret, participant_secret=shared,
         api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
-        node_timeout=args.node_timeout, drain_wait=args.drain_wait)
+        node_timeout=args.node_timeout, drain_wait=args.drain_wait, autoscale=timing)
     _serve_until_signal(Coordinator(config).run)
     return 0
 
@@ -350,9 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--drain-wait", type=float, default=5.0, metavar="SECONDS",
                        help="a draining node keeps its instances this long, so the front load"
                             " balancer takes it out first (default 5)")
+    coord.add_argument("--autoscale-timing", metavar="NAME=SECONDS,...",
+                       help="the autoscalers' window, down_window, up_cooldown and"
+                            " down_cooldown (defaults 30, 60, 10, 60); e.g."
+                            " window=4,up_cooldown=2 for a test")
     coord.set_defaults(func=_coordinator)
 
     from superagent.client_cli import add_client_commands
+    from superagent.client_cluster import add_cluster_commands
     from superagent.client_logs import add_log_commands
     from superagent.client_scale import add_scale_commands
     from superagent.client_tokens import add_access_commands
@@ -362,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_commands(add_scale_commands(sub, parsers["nodes"]))
     add_access_commands(sub)
     add_log_commands(sub)
+    add_cluster_commands(sub, parsers["cluster"])
     return parser
 
 

@@ -714,6 +714,7 @@ class Agent:
                     strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
                     rewrite_paths=r.rewrite_paths,
                     hosts=r.hosts, port=r.port, max_body=limits.max_body,
+                    min_body_rate=limits.min_body_rate, upgrades=r.upgrades,
                     timeouts=Timeouts(first_byte=timeout, idle=timeout)))
             if apps == self._applied:
                 return self.proxy.snapshot.version
