@@ -64,11 +64,15 @@ class AppRoute:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Listener:
-    """A listening address; ``app`` is set for a dedicated port, ``None`` for a shared one."""
+    """A listening address; ``app`` is set for a dedicated port, ``None`` for a shared one.
+
+    ``tls``: clients speak TLS here, with the snapshot's ``ServerSettings.tls_cert``.
+    """
 
     host: str
     port: int
     app: str | None = None
+    tls: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +89,9 @@ class ServerSettings:
     access_log: bool = True
     pool_idle_timeout: float = 4.0
     pool_max_idle: int = 64
+    # PEM files of the TLS listeners (tls.py); key None: the key is in the certificate file
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
