@@ -244,6 +244,20 @@ def _up(args: argparse.Namespace) -> int:
                            listen=args.listen, demo=args.demo))
 
 
+def _version(args: argparse.Namespace) -> int:
+    """The version, and whether this installation's proxy hot path runs compiled."""
+    from superagent.compiled import hot_path
+
+    compiled, why = hot_path()
+    if args.json:
+        print(json.dumps({"version": __version__, "proxy_hot_path":
+                          "compiled" if compiled else "pure", "reason": why}))
+    else:
+        print(f"superagent {__version__}\nproxy hot path: "
+              f"{'compiled' if compiled else 'pure Python'} ({why})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superagent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"superagent {__version__}")
@@ -251,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    version = sub.add_parser("version", help="the version, and whether the proxy's hot path"
+                                             " runs compiled here (and why not)")
+    version.set_defaults(func=_version)
 
     up = sub.add_parser("up", help="run a single-machine cluster here (coordinator +"
                                    " participant + proxy)")

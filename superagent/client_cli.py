@@ -167,13 +167,23 @@ def app_urls(app: dict[str, Any], nodes: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
+def render_hot_paths(doc: dict[str, Any]) -> str:
+    """Each node's proxy hot path (compiled or pure Python, and why), from its heartbeat;
+    nothing from agents that do not report it."""
+    lines = [f"{n['name']}: {(n.get('status') or {}).get('proxy_hot_path')}"
+             for n in doc["nodes"] if (n.get("status") or {}).get("proxy_hot_path")]
+    return "\n" + "\n".join(["proxy hot path:", *(f"  {line}" for line in lines)]
+                             ) if lines else ""
+
+
 def _status(args: argparse.Namespace) -> int:
     client = client_of(args)
     doc = {"cluster": client.get("/api/v1/cluster"), "nodes": client.get("/api/v1/nodes"),
            "apps": client.get("/api/v1/apps")}
 
     def render(d: dict[str, Any]) -> str:
-        return "\n\n".join((render_cluster(d["cluster"]), render_nodes(d["nodes"]),
+        nodes = render_nodes(d["nodes"]) + render_hot_paths(d["nodes"])
+        return "\n\n".join((render_cluster(d["cluster"]), nodes,
                             render_apps(d["apps"]), render_instances(d["nodes"], d["apps"])))
     return emit(args, doc, render)
 

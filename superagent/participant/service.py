@@ -45,6 +45,7 @@ import structlog
 import trio
 
 from superagent import codec
+from superagent.compiled import describe as describe_hot_path
 from superagent.config import parse_address
 from superagent.debug import DROPPED_NOTE, DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
@@ -125,6 +126,9 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        # Which the proxy workers this agent starts run, for `superagent status`: fixed
+        # by the installation (pip's build or scripts/compile-proxy), so read once.
+        self.hot_path = describe_hot_path()
         data = config.data_dir
         self.store = ReleaseStore(data / "releases", keep=config.keep_releases)
         listener_ports = [parse_address(a, source="participant", key="listen")[1]
@@ -628,7 +632,7 @@ class Agent:
                            "port": inst.config.port, **self.load.latest.get(instance_id, {})}
                           for instance_id, inst in self.instances.items()],
             "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
-            "listen": list(self.config.listen),
+            "listen": list(self.config.listen), "proxy_hot_path": self.hot_path,
         }
 
     async def _sample_load(self) -> None:
