@@ -13,11 +13,15 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from superagent import __version__
 from superagent.errors import SuperagentError
 from superagent.log import setup_logging
 from superagent.names import group_name_problem
+
+if TYPE_CHECKING:
+    from superagent.proxy.snapshot import ServerSettings
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
@@ -97,12 +101,13 @@ def _participant(args: argparse.Namespace) -> int:
         elif rpc[0] in ("0.0.0.0", "::", ""):
             raise SuperagentError(f"--rpc {args.rpc} is not an address coordinators can"
                                   " reach: give --advertise HOST:PORT")
+    tls_listen, proxy_settings = _participant_proxy(args, listen)
     config = AgentConfig(
         data_dir=Path(args.data_dir).resolve(), secret=secret, join_token=join_token,
         node=args.node or socket.gethostname(), rpc=rpc, listen=listen,
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
         groups=groups, coordinator=coordinator, advertise=advertise,
-        capacity=args.capacity)
+        capacity=args.capacity, tls_listen=tls_listen, proxy_settings=proxy_settings)
     agent = Agent(config)
     _serve_until_signal(agent.run, before_exit=agent.stop_all if args.stop_on_exit else None)
     return 0
@@ -167,6 +172,43 @@ def _coordinator_secrets(args: argparse.Namespace) -> tuple[str, str]:
         " can reach the Raft port; enrol them with join tokens and restart the"
         " coordinators with --coordinator-secret-file (docs/coordinator.md, Migrating)")
     return shared, shared
+
+
+def _participant_proxy(args: argparse.Namespace, listen: tuple[str, ...]
+                       ) -> tuple[tuple[str, ...], ServerSettings]:
+    """The proxy's TLS listeners and settings from the participant's flags; the
+    certificate is loaded once here, so a bad one stops the agent with its file named."""
+    import ipaddress
+    from pathlib import Path
+
+    from superagent.config import parse_address
+    from superagent.proxy.snapshot import ServerSettings
+    from superagent.proxy.tls import CertFiles, load_context
+
+    tls_listen = tuple(args.tls_listen or ())
+    ports = {parse_address(a, source="--listen", key=a)[1] for a in listen}
+    for address in tls_listen:
+        port = parse_address(address, source="--tls-listen", key=address)[1]
+        if port in ports:
+            raise SuperagentError(f"--tls-listen {address}: port {port} is already a listener")
+        ports.add(port)
+    if tls_listen and not args.tls_cert:
+        raise SuperagentError("--tls-listen needs --tls-cert (a PEM certificate file)")
+    if args.tls_key and not args.tls_cert:
+        raise SuperagentError("--tls-key needs --tls-cert")
+    cert = str(Path(args.tls_cert).resolve()) if args.tls_cert else None
+    key = str(Path(args.tls_key).resolve()) if args.tls_key else None
+    if cert is not None:
+        load_context(CertFiles(cert=cert, key=key))  # ConfigError names the file
+    networks = []
+    for value in args.trusted_proxy or ():
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise SuperagentError(f"--trusted-proxy {value}: not an IP address or"
+                                  " network") from None
+    return tls_listen, ServerSettings(trusted_proxies=tuple(networks), tls_cert=cert,
+                                      tls_key=key)
 
 
 def _participant_credentials(args: argparse.Namespace) -> tuple[str, str]:
@@ -301,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="internal RPC address (default 127.0.0.1:7001)")
     part.add_argument("--listen", action="append", metavar="HOST:PORT",
                       help="proxy listener, repeatable (default 0.0.0.0:8080)")
+    part.add_argument("--tls-listen", action="append", metavar="HOST:PORT",
+                      help="proxy listener that speaks TLS, repeatable (needs --tls-cert)")
+    part.add_argument("--tls-cert", metavar="FILE",
+                      help="PEM certificate chain of the TLS listeners; re-read when it changes")
+    part.add_argument("--tls-key", metavar="FILE",
+                      help="PEM private key of --tls-cert (default: in the same file)")
+    part.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                      help="a front load balancer's address or network, repeatable: its"
+                           " X-Forwarded-* and Forwarded headers are kept (ops/TLS.md)")
     part.add_argument("--proxy-workers", type=int, metavar="N",
                       help="proxy worker processes (default: one per CPU)")
     part.add_argument("--parser", choices=("httptools", "h11"), default="httptools")

@@ -36,7 +36,7 @@ import secrets
 import shutil
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,7 @@ from superagent.participant.supervisor import (
     InstanceConfig,
     State,
 )
-from superagent.proxy.snapshot import AppRoute, Timeouts
+from superagent.proxy.snapshot import AppRoute, ServerSettings, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
 from superagent.rpc import messages as msg
 from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
@@ -119,6 +119,9 @@ class AgentConfig:
     advertise: str | None = None  # HOST:PORT coordinators reach the RPC at (default: rpc)
     capacity: int = 100  # instances this node offers the scheduler
     heartbeat_interval: float = 1.0  # seconds between heartbeats to the coordinator
+    tls_listen: tuple[str, ...] = ()  # proxy listeners that speak TLS (docs/proxy-config.md)
+    # The proxy's settings: trusted_proxies (a front load balancer), tls_cert and tls_key.
+    proxy_settings: ServerSettings = field(default_factory=ServerSettings)
 
 
 class Agent:
@@ -132,12 +135,14 @@ class Agent:
         data = config.data_dir
         self.store = ReleaseStore(data / "releases", keep=config.keep_releases)
         listener_ports = [parse_address(a, source="participant", key="listen")[1]
-                          for a in config.listen]
+                          for a in (*config.listen, *config.tls_listen)]
         self.ports = PortAllocator(*config.ports, reserved=listener_ports,
                                    start=int(hashlib.sha256(config.node.encode()).hexdigest(),
                                              16))
         self.proxy = ProxyDriver(data / "proxy", workers=config.proxy_workers,
-                                 parser=config.parser, listen=config.listen)
+                                 parser=config.parser, listen=config.listen,
+                                 tls_listen=config.tls_listen,
+                                 settings=config.proxy_settings)
         self.log_hub = LogHub()
         # one parent group per node name, so two agents on one machine never share a group
         self.cgroups = (detect_cgroups(parent=f"{PARENT_GROUP}.{config.node}")

@@ -130,7 +130,9 @@ async def serve_tls(sock: socket.socket, context: ssl.SSLContext, handshake_time
                     serve: Callable[[socket.socket], Awaitable[None]]) -> None:
     """Terminate TLS on the accepted ``sock`` and ``serve`` the plain end of a socket pair."""
     transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    stream = trio.SSLStream(transport, context, server_side=True, https_compatible=True)
+    # Not https_compatible: closing sends close_notify, which strict clients expect; a
+    # client's EOF without one is a BrokenResourceError, taken as its end of stream.
+    stream = trio.SSLStream(transport, context, server_side=True)
     done = False
     try:
         with trio.move_on_after(handshake_timeout):
