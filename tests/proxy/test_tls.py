@@ -135,6 +135,29 @@ async def test_https_and_http_listeners_side_by_side(
             assert [line["status"] for line in lines] == [200, 200, 200]
 
 
+async def test_big_request_bodies_cross_the_terminator(
+        make_proxy: Callable[..., Any], upstream: Callable[..., Any],
+        pair: tuple[Path, Path, bytes]) -> None:
+    """Many TLS records and full socket buffers on the way in, twice on one connection."""
+    import hashlib
+    import json
+
+    cert_path, key_path, cert = pair
+    body = os.urandom(3 << 20)
+    with reserved_port() as tls_port:
+        async with upstream() as up, make_proxy(
+                {"web": app_of(up)}, tls_listen=[f"127.0.0.1:{tls_port}"],
+                tls_cert=str(cert_path), tls_key=str(key_path)):
+            client, _ = await tls_client(tls_port, trusting(cert))
+            for _ in range(2):
+                resp = await client.request("POST", "/upload", body=body, timeout=30.0)
+                assert resp.status == 200, resp
+                seen = json.loads(resp.body)
+                assert seen["body_len"] == len(body)
+                assert seen["sha256"] == hashlib.sha256(body).hexdigest()
+            await client.stream.aclose()
+
+
 async def test_certificate_files_reload_without_dropping_the_listener(
         make_proxy: Callable[..., Any], upstream: Callable[..., Any],
         pair: tuple[Path, Path, bytes], tmp_path: Path) -> None:
