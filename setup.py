@@ -61,10 +61,12 @@ class BuildHotPath(build_ext):
         if self.inplace or getattr(self, "editable_mode", False):
             return  # an editable install: the checkout stays pure (scripts/compile-proxy)
         target = Path(self.build_lib)
+        compiled = _compiled()
+        compiled.clean(target)  # what an earlier build left in this build dir goes first
         reason = _why_not()
         if reason is None:
             try:
-                _compiled().build(target)
+                compiled.build(target)
             except Exception as exc:  # never fail the install for the faster path
                 first = str(exc).strip().splitlines()
                 reason = "the compile failed: " + (first[-1] if first else type(exc).__name__)

@@ -85,7 +85,7 @@ def main() -> int:
     results: dict[str, object] = {}
     failures: list[str] = []
     try:
-        source = tmp / "src"
+        source = tmp / "src"  # one copy per install: an in-tree build leaves build/ behind
         copy_tree(source)
         bin_dir, seconds = install(tmp, "compiled", source, {})
         got = version(bin_dir)
@@ -96,6 +96,8 @@ def main() -> int:
         if not modules_compiled(bin_dir):
             failures.append("pip install: the hot modules did not import as extensions")
         if args.with_fallback:
+            source = tmp / "src-fallback"
+            copy_tree(source)
             bin_dir, seconds = install(tmp, "fallback", source, {"CC": "false"})
             got = version(bin_dir)
             results["fallback_install_seconds"] = round(seconds, 1)

@@ -77,9 +77,10 @@ def _extension_names() -> list[str]:
                                                      for m in HOT_MODULES]
 
 
-def _extensions() -> list[Path]:
+def _extensions(root: Path | None = None) -> list[Path]:
+    base = ROOT if root is None else root
     names = [*_extension_names(), f"{_LEGACY[0]}{SUFFIX}"]
-    return [p for p in (ROOT / name for name in names) if p.exists()]
+    return [p for p in (base / name for name in names) if p.exists()]
 
 
 def _read_json(path: Path) -> object:
@@ -150,8 +151,7 @@ def build(target: Path | None = None) -> None:
     import subprocess
     import tempfile
 
-    if target is None:
-        clean()
+    clean(target)  # a build dir used before may hold another source's extensions
     dest = ROOT if target is None else target
     sources = _digests()
     scratch = Path(tempfile.mkdtemp(prefix="superagent-mypyc-"))
@@ -178,12 +178,14 @@ def build(target: Path | None = None) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def clean() -> None:
-    """Remove the compiled extensions and the stamp."""
-    for path in _extensions():
+def clean(root: Path | None = None) -> None:
+    """Remove the compiled extensions and the stamp (from ``root``: a package build's tree,
+    where an earlier build may have left them)."""
+    base = ROOT if root is None else root
+    for path in _extensions(base):
         path.unlink(missing_ok=True)
-    STAMP.unlink(missing_ok=True)
-    (ROOT / _LEGACY[1]).unlink(missing_ok=True)
+    (base / STAMP.relative_to(ROOT)).unlink(missing_ok=True)
+    (base / _LEGACY[1]).unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

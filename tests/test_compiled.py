@@ -125,6 +125,11 @@ def test_a_build_into_a_target_leaves_the_tree_alone(root: Path, tmp_path_factor
 
     extensions = fake_build(root)
     target = tmp_path_factory.mktemp("build")
+    stale = [target / path.relative_to(root) for path in extensions]
+    stale.append(target / "superagent" / ".compiled.json")
+    for path in stale:  # an earlier build of this build dir: never shipped again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"old")
 
     def failing(*args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(args, 1, "", "error: no compiler")
@@ -133,6 +138,7 @@ def test_a_build_into_a_target_leaves_the_tree_alone(root: Path, tmp_path_factor
     with pytest.raises(RuntimeError, match="no compiler"):
         compiled.build(target)
     assert all(path.exists() for path in extensions)
+    assert not any(path.exists() for path in stale)
     assert not (target / "superagent" / ".compiled.json").exists()
 
 
