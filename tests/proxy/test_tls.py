@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -267,10 +268,10 @@ def test_the_proxy_process_serves_https_from_its_toml(
                     f'workers = 2\ngrace = "2s"\ntls_listen = ["127.0.0.1:{tls_port}"]\n'
                     f'tls_cert = "cert.pem"\ntls_key = "key.pem"\n'
                     f'[apps.web]\nprefix = "/"\ninstances = ["{up.address}"]\n')
-    proc = subprocess.Popen([sys.executable, "-m", "superagent", "proxy", "--config",
-                             str(conf)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "stderr.log", "wb"),  # noqa: SIM115
-                            start_new_session=True)
+    with open(tmp_path / "stderr.log", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "superagent", "proxy", "--config",
+                                 str(conf)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
     try:
         def serving() -> bool:
             assert proc.poll() is None, (tmp_path / "stderr.log").read_text()
@@ -288,6 +289,11 @@ def test_the_proxy_process_serves_https_from_its_toml(
         wait_until(serving, "the TLS listener to serve", timeout=30.0)
         assert get_once(port, "/y").status_code == 200
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=15)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         up.close()
+    assert proc.returncode == 0, (tmp_path / "stderr.log").read_text()
