@@ -68,8 +68,11 @@ class BuildHotPath(build_ext):
             try:
                 compiled.build(target)
             except Exception as exc:  # never fail the install for the faster path
-                first = str(exc).strip().splitlines()
-                reason = "the compile failed: " + (first[-1] if first else type(exc).__name__)
+                lines = str(exc).strip().splitlines()
+                last = lines[-1] if lines else type(exc).__name__
+                # one short line for `superagent version`; pip -v shows the whole output
+                reason = "the compile failed: " + (last[:117] + "..." if len(last) > 120
+                                                   else last)
                 print(f"superagent: the proxy's hot path stays pure Python: {exc}",
                       file=sys.stderr)
         info = {"compiled": reason is None, "reason": reason or "compiled at install"}
