@@ -13,15 +13,11 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from superagent import __version__
 from superagent.errors import SuperagentError
 from superagent.log import setup_logging
 from superagent.names import group_name_problem
-
-if TYPE_CHECKING:
-    from superagent.proxy.snapshot import ServerSettings
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
@@ -64,6 +60,7 @@ def _proxy(args: argparse.Namespace) -> int:
 
 
 def _participant(args: argparse.Namespace) -> int:
+    import ipaddress
     import os
     import socket
     from pathlib import Path
@@ -87,6 +84,14 @@ def _participant(args: argparse.Namespace) -> int:
             raise SuperagentError(f"--group: {problem}")
     if args.capacity < 0:
         raise SuperagentError("--capacity must be 0 or more")
+    trusted = tuple(n.strip() for value in args.trusted_proxy or []
+                    for n in value.split(",") if n.strip())
+    for network in trusted:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError:
+            raise SuperagentError(f"--trusted-proxy {network!r} is not an IP network"
+                                  " (e.g. 10.0.0.0/8 or 10.0.0.2)") from None
     coordinator: tuple[str, ...] = ()
     advertise = None
     if args.coordinator:
@@ -101,13 +106,14 @@ def _participant(args: argparse.Namespace) -> int:
         elif rpc[0] in ("0.0.0.0", "::", ""):
             raise SuperagentError(f"--rpc {args.rpc} is not an address coordinators can"
                                   " reach: give --advertise HOST:PORT")
-    tls_listen, proxy_settings = _participant_proxy(args, listen)
+    tls_listen, tls_cert, tls_key = _participant_tls(args, listen)
     config = AgentConfig(
         data_dir=Path(args.data_dir).resolve(), secret=secret, join_token=join_token,
         node=args.node or socket.gethostname(), rpc=rpc, listen=listen,
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
         groups=groups, coordinator=coordinator, advertise=advertise,
-        capacity=args.capacity, tls_listen=tls_listen, proxy_settings=proxy_settings)
+        capacity=args.capacity, trusted_proxies=trusted, tls_listen=tls_listen,
+        tls_cert=tls_cert, tls_key=tls_key)
     agent = Agent(config)
     _serve_until_signal(agent.run, before_exit=agent.stop_all if args.stop_on_exit else None)
     return 0
@@ -174,15 +180,14 @@ def _coordinator_secrets(args: argparse.Namespace) -> tuple[str, str]:
     return shared, shared
 
 
-def _participant_proxy(args: argparse.Namespace, listen: tuple[str, ...]
-                       ) -> tuple[tuple[str, ...], ServerSettings]:
-    """The proxy's TLS listeners and settings from the participant's flags; the
-    certificate is loaded once here, so a bad one stops the agent with its file named."""
-    import ipaddress
+def _participant_tls(args: argparse.Namespace, listen: tuple[str, ...]
+                     ) -> tuple[tuple[str, ...], str | None, str | None]:
+    """The proxy's TLS listeners and their certificate and key files (absolute) from the
+    participant's flags; the pair is loaded once here, so a bad one stops the agent with
+    its file named."""
     from pathlib import Path
 
     from superagent.config import parse_address
-    from superagent.proxy.snapshot import ServerSettings
     from superagent.proxy.tls import CertFiles, load_context
 
     tls_listen = tuple(args.tls_listen or ())
@@ -200,15 +205,7 @@ def _participant_proxy(args: argparse.Namespace, listen: tuple[str, ...]
     key = str(Path(args.tls_key).resolve()) if args.tls_key else None
     if cert is not None:
         load_context(CertFiles(cert=cert, key=key))  # ConfigError names the file
-    networks = []
-    for value in args.trusted_proxy or ():
-        try:
-            networks.append(ipaddress.ip_network(value, strict=False))
-        except ValueError:
-            raise SuperagentError(f"--trusted-proxy {value}: not an IP address or"
-                                  " network") from None
-    return tls_listen, ServerSettings(trusted_proxies=tuple(networks), tls_cert=cert,
-                                      tls_key=key)
+    return tls_listen, cert, key
 
 
 def _participant_credentials(args: argparse.Namespace) -> tuple[str, str]:
@@ -236,6 +233,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from superagent.config import parse_address
+    from superagent.coordinator.autoscale import parse_timing
     from superagent.coordinator.commands import NODE_NAME
     from superagent.coordinator.service import Coordinator, CoordinatorConfig
 
@@ -261,13 +259,17 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise SuperagentError("--node-timeout must be positive")
     if not 0 <= args.drain_wait <= MAX_DRAIN_WAIT:
         raise SuperagentError(f"--drain-wait must be 0..{MAX_DRAIN_WAIT:g} seconds")
+    try:
+        timing = parse_timing(args.autoscale_timing or "")
+    except ValueError as exc:
+        raise SuperagentError(f"--autoscale-timing: {exc}") from None
     secret, shared = _coordinator_secrets(args)
     config = CoordinatorConfig(
         id=args.id, peers=peers, api=parse_address(args.api, source="--api", key=args.api),
         data_dir=Path(args.data_dir).resolve(), secret=secret, participant_secret=shared,
         api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
-        node_timeout=args.node_timeout, drain_wait=args.drain_wait)
+        node_timeout=args.node_timeout, drain_wait=args.drain_wait, autoscale=timing)
     _serve_until_signal(Coordinator(config).run)
     return 0
 
@@ -349,9 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="PEM certificate chain of the TLS listeners; re-read when it changes")
     part.add_argument("--tls-key", metavar="FILE",
                       help="PEM private key of --tls-cert (default: in the same file)")
-    part.add_argument("--trusted-proxy", action="append", metavar="CIDR",
-                      help="a front load balancer's address or network, repeatable: its"
-                           " X-Forwarded-* and Forwarded headers are kept (ops/TLS.md)")
     part.add_argument("--proxy-workers", type=int, metavar="N",
                       help="proxy worker processes (default: one per CPU)")
     part.add_argument("--parser", choices=("httptools", "h11"), default="httptools")
@@ -365,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the RPC address coordinators reach this agent at (default: --rpc)")
     part.add_argument("--capacity", type=int, default=100, metavar="N",
                       help="instances this node offers the cluster (default 100)")
+    part.add_argument("--trusted-proxy", action="append", metavar="NETWORK[,NETWORK...]",
+                      help="front load balancers (IP or network) whose X-Forwarded-* headers"
+                           " the proxy keeps and appends to; others' are replaced")
     part.add_argument("--join-token", metavar="TOKEN",
                       help="enrol this machine with a join token (`superagent nodes"
                            " join-token`); it then keeps its own credential in --data-dir")
@@ -407,9 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--drain-wait", type=float, default=5.0, metavar="SECONDS",
                        help="a draining node keeps its instances this long, so the front load"
                             " balancer takes it out first (default 5)")
+    coord.add_argument("--autoscale-timing", metavar="NAME=SECONDS,...",
+                       help="the autoscalers' window, down_window, up_cooldown and"
+                            " down_cooldown (defaults 30, 60, 10, 60); e.g."
+                            " window=4,up_cooldown=2 for a test")
     coord.set_defaults(func=_coordinator)
 
     from superagent.client_cli import add_client_commands
+    from superagent.client_cluster import add_cluster_commands
     from superagent.client_logs import add_log_commands
     from superagent.client_scale import add_scale_commands
     from superagent.client_tokens import add_access_commands
@@ -419,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_commands(add_scale_commands(sub, parsers["nodes"]))
     add_access_commands(sub)
     add_log_commands(sub)
+    add_cluster_commands(sub, parsers["cluster"])
     return parser
 
 

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
 import shutil
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,13 @@ class AgentConfig:
     coordinator: tuple[str, ...] = ()  # coordinator API URLs; empty: no cluster to join
     advertise: str | None = None  # HOST:PORT coordinators reach the RPC at (default: rpc)
     capacity: int = 100  # instances this node offers the scheduler
+    # Front load balancers whose X-Forwarded-For/-Proto/-Host the proxy appends to rather
+    # than replaces, so apps see the client and not the balancer (networks, "10.0.0.0/8").
+    trusted_proxies: tuple[str, ...] = ()
     heartbeat_interval: float = 1.0  # seconds between heartbeats to the coordinator
     tls_listen: tuple[str, ...] = ()  # proxy listeners that speak TLS (docs/proxy-config.md)
-    # The proxy's settings: trusted_proxies (a front load balancer), tls_cert and tls_key.
-    proxy_settings: ServerSettings = field(default_factory=ServerSettings)
+    tls_cert: str | None = None  # their PEM certificate chain, an absolute path
+    tls_key: str | None = None  # its PEM private key (None: in the tls_cert file)
 
 
 class Agent:
@@ -142,7 +146,10 @@ class Agent:
         self.proxy = ProxyDriver(data / "proxy", workers=config.proxy_workers,
                                  parser=config.parser, listen=config.listen,
                                  tls_listen=config.tls_listen,
-                                 settings=config.proxy_settings)
+                                 settings=ServerSettings(
+                                     trusted_proxies=tuple(ipaddress.ip_network(n)
+                                                           for n in config.trusted_proxies),
+                                     tls_cert=config.tls_cert, tls_key=config.tls_key))
         self.log_hub = LogHub()
         # one parent group per node name, so two agents on one machine never share a group
         self.cgroups = (detect_cgroups(parent=f"{PARENT_GROUP}.{config.node}")
@@ -717,6 +724,7 @@ class Agent:
                     strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
                     rewrite_paths=r.rewrite_paths,
                     hosts=r.hosts, port=r.port, max_body=limits.max_body,
+                    min_body_rate=limits.min_body_rate, upgrades=r.upgrades,
                     timeouts=Timeouts(first_byte=timeout, idle=timeout)))
             if apps == self._applied:
                 return self.proxy.snapshot.version

@@ -349,7 +349,7 @@ async def test_a_tls_listener_serves_https_beside_the_plain_one(run_dir: Path) -
     (["--tls-listen", "127.0.0.1:8080", "--tls-cert", "c.pem"], "port 8080 is already"),
     (["--tls-listen", "127.0.0.1:8443", "--tls-cert", "/nonexistent/c.pem"],
      "/nonexistent/c.pem does not exist"),
-    (["--trusted-proxy", "10.0.0.300"], "--trusted-proxy 10.0.0.300: not an IP"),
+    (["--trusted-proxy", "10.0.0.300"], "--trusted-proxy '10.0.0.300' is not an IP"),
 ])
 def test_participant_proxy_flags_are_checked(flags: list[str], message: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
