@@ -102,7 +102,7 @@ def _participant(args: argparse.Namespace) -> int:
         node=args.node or socket.gethostname(), rpc=rpc, listen=listen,
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
         groups=groups, coordinator=coordinator, advertise=advertise,
-        capacity=args.capacity)
+        capacity=args.capacity, agent_cgroup=True)
     agent = Agent(config)
     _serve_until_signal(agent.run, before_exit=agent.stop_all if args.stop_on_exit else None)
     return 0

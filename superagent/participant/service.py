@@ -52,6 +52,7 @@ from superagent.manifest import TEST_TIMEOUT
 from superagent.participant.archive import check as check_archive
 from superagent.participant.cgroups import (
     PARENT_GROUP,
+    AgentCgroup,
     InstanceCgroup,
     detect_cgroups,
     remove_empty_parent,
@@ -118,6 +119,10 @@ class AgentConfig:
     advertise: str | None = None  # HOST:PORT coordinators reach the RPC at (default: rpc)
     capacity: int = 100  # instances this node offers the scheduler
     heartbeat_interval: float = 1.0  # seconds between heartbeats to the coordinator
+    # Move the agent and its proxy workers into the cpu group weighted above the apps
+    # (cgroups.AgentCgroup). ``superagent participant`` does; an agent embedded in another
+    # process (tests) leaves that process where it is.
+    agent_cgroup: bool = False
 
 
 class Agent:
@@ -138,6 +143,7 @@ class Agent:
         # one parent group per node name, so two agents on one machine never share a group
         self.cgroups = (detect_cgroups(parent=f"{PARENT_GROUP}.{config.node}")
                         if os.geteuid() == 0 else None)
+        self.agent_group: AgentCgroup | None = None
         self.ledger = SignalLedger()
         self.instances: dict[str, Instance] = {}
         self.routes: dict[str, list[str]] = {}  # app -> the instances switch() routed
@@ -202,9 +208,16 @@ class Agent:
         check_bindable(self.config.rpc, key="--rpc")
         if self.link is not None:  # a new machine: before anything runs (raises if refused)
             await self.link.enrol()
+        if self.config.agent_cgroup and self.cgroups is not None:
+            # before the workers start: they inherit the group
+            self.agent_group = await trio.to_thread.run_sync(AgentCgroup.create, self.cgroups)
+            self._join_agent_group(os.getpid())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self.proxy.start()
+            for slot in self.proxy.slots:  # adopted workers of an earlier agent, too
+                if slot.process is not None and slot.process.pid is not None:
+                    self._join_agent_group(slot.process.pid)
             await nursery.start(self.proxy.supervise)
             self.log_hub.add_proxy_events(self.proxy.run_dir / ACCESS_LOG,
                                           wanted=self.debug_sessions.covers,
@@ -234,6 +247,12 @@ class Agent:
                 await nursery.start(self.link.run)
             task_status.started()
             await trio.sleep_forever()
+
+    def _join_agent_group(self, pid: int) -> None:
+        if self.agent_group is not None:
+            problem = self.agent_group.add(pid)
+            if problem is not None:
+                log.warning("process not in the agent's cpu group", pid=pid, reason=problem)
 
     async def stop_all(self) -> None:
         """Stop every instance (draining first) and the proxy workers: the node goes away.
@@ -606,7 +625,9 @@ class Agent:
             "offline": self.is_offline,
             "isolation": {"root": os.geteuid() == 0,
                           "cgroups": self.cgroups.mode if self.cgroups else "none",
-                          "reason": self.cgroups.reason if self.cgroups else "not root"},
+                          "reason": self.cgroups.reason if self.cgroups else "not root",
+                          "agent_cgroup": (self.agent_group.to_json()
+                                           if self.agent_group is not None else None)},
             "proxy": {"version": self.proxy.snapshot.version,
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,

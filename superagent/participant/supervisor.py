@@ -78,7 +78,12 @@ import trio
 from superagent.backoff import Backoff
 from superagent.manifest import AppSpec, HealthSpec
 from superagent.participant.adoption import AdoptedProcess, process_create_time
-from superagent.participant.cgroups import CgroupLimits, CgroupSupport, InstanceCgroup
+from superagent.participant.cgroups import (
+    CgroupLimits,
+    CgroupSupport,
+    InstanceCgroup,
+    app_cpu_weight,
+)
 from superagent.participant.errors import (
     AdoptionFailed,
     InvalidTransition,
@@ -208,6 +213,7 @@ class InstanceConfig:
                    command=spec.run.command, home=home, log_dir=log_dir, env=spec.env_dict(),
                    health=spec.health, user=user, cgroups=cgroups,
                    cgroup_limits=CgroupLimits(memory=limits.memory, cpu=limits.cpu,
+                                              cpu_weight=app_cpu_weight(limits.cpu),
                                               pids=limits.pids),
                    rlimits=RLimits(nofile=limits.nofile))
 
