@@ -29,6 +29,8 @@ everything, for a node that is being taken away.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -48,7 +50,7 @@ from superagent import codec
 from superagent.config import parse_address
 from superagent.debug import DROPPED_NOTE, DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
-from superagent.manifest import TEST_TIMEOUT
+from superagent.manifest import TEST_TIMEOUT, PermissionsSpec
 from superagent.participant.archive import check as check_archive
 from superagent.participant.cgroups import (
     PARENT_GROUP,
@@ -72,6 +74,13 @@ from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.load import LOAD_PERIOD, LoadSampler
 from superagent.participant.logs import LogHub
+from superagent.participant.permissions import (
+    EGRESS_TABLE,
+    LOOPBACK_GROUP,
+    PermissionSupport,
+    detect_permissions,
+    unenforced,
+)
 from superagent.participant.ports import (
     DEFAULT_HIGH,
     DEFAULT_LOW,
@@ -123,6 +132,10 @@ class AgentConfig:
     # (cgroups.AgentCgroup). ``superagent participant`` does; an agent embedded in another
     # process (tests) leaves that process where it is.
     agent_cgroup: bool = False
+    # [permissions]: the group of loopback-only instances and the nftables table keyed on it
+    # (host-wide; tests pass their own names)
+    loopback_group: str = LOOPBACK_GROUP
+    egress_table: str = EGRESS_TABLE
 
 
 class Agent:
@@ -144,6 +157,9 @@ class Agent:
         self.cgroups = (detect_cgroups(parent=f"{PARENT_GROUP}.{config.node}")
                         if os.geteuid() == 0 else None)
         self.agent_group: AgentCgroup | None = None
+        # detected when the first instance asks for a permission: an agent whose apps ask
+        # for none never touches nftables or groups
+        self.permissions: PermissionSupport | None = None
         self.ledger = SignalLedger()
         self.instances: dict[str, Instance] = {}
         self.routes: dict[str, list[str]] = {}  # app -> the instances switch() routed
@@ -248,6 +264,13 @@ class Agent:
             task_status.started()
             await trio.sleep_forever()
 
+    async def _permission_support(self, wanted: PermissionsSpec) -> PermissionSupport | None:
+        if self.permissions is None and wanted != PermissionsSpec():
+            self.permissions = await trio.to_thread.run_sync(functools.partial(
+                detect_permissions, group=self.config.loopback_group,
+                table=self.config.egress_table))
+        return self.permissions
+
     def _join_agent_group(self, pid: int) -> None:
         if self.agent_group is not None:
             problem = self.agent_group.add(pid)
@@ -274,6 +297,9 @@ class Agent:
         assert self._nursery is not None
         try:
             config = InstanceConfig.from_record(record["config"], cgroups=self.cgroups)
+            wanted = PermissionsSpec(network=config.network, filesystem=config.filesystem)
+            config = dataclasses.replace(config,
+                                         permission_support=await self._permission_support(wanted))
         except (KeyError, ValueError, TypeError) as exc:
             log.error("unreadable instance record; it will not be served", error=str(exc),
                       record=record.get("config", {}).get("instance"))
@@ -502,6 +528,7 @@ class Agent:
                                           switched.gid)
         log_dir = self.config.data_dir / "logs" / app
         log_dir.mkdir(parents=True, exist_ok=True)
+        permissions = await self._permission_support(prepared.spec.permissions)
         instances = []
         for _ in range(count):
             self._seq += 1
@@ -513,7 +540,9 @@ class Agent:
             config = InstanceConfig.from_spec(prepared.spec, release=release,
                                               instance=instance_id, port=self.ports.allocate(),
                                               cwd=prepared.src, home=home, log_dir=log_dir,
-                                              user=switched, cgroups=self.cgroups)
+                                              user=switched, cgroups=self.cgroups,
+                                              release_dir=prepared.path,
+                                              permissions=permissions)
             instances.append(Instance(config))
         failures: list[SupervisorError] = []
 
@@ -627,7 +656,9 @@ class Agent:
                           "cgroups": self.cgroups.mode if self.cgroups else "none",
                           "reason": self.cgroups.reason if self.cgroups else "not root",
                           "agent_cgroup": (self.agent_group.to_json()
-                                           if self.agent_group is not None else None)},
+                                           if self.agent_group is not None else None),
+                          "permissions": (self.permissions.to_json()
+                                          if self.permissions is not None else None)},
             "proxy": {"version": self.proxy.snapshot.version,
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,
@@ -641,12 +672,16 @@ class Agent:
 
     def coordinator_status(self) -> dict[str, Any]:
         """The compact status a heartbeat carries: what runs where (with each instance's
-        load: ``in_flight``, and ``cpu`` in cores once sampled twice), routes, offline,
-        figures."""
+        load: ``in_flight``, and ``cpu`` in cores once sampled twice, and ``unenforced``: the
+        permissions its manifest asks for that this machine cannot enforce), routes,
+        offline, figures."""
         return {
             "instances": [{"id": inst.config.instance, "app": inst.config.app,
                            "release": inst.config.release, "state": inst.state.value,
-                           "port": inst.config.port, **self.load.latest.get(instance_id, {})}
+                           "port": inst.config.port,
+                           "unenforced": unenforced(inst.isolation.permissions
+                                                    if inst.isolation is not None else None),
+                           **self.load.latest.get(instance_id, {})}
                           for instance_id, inst in self.instances.items()],
             "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
             "listen": list(self.config.listen),
