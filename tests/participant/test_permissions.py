@@ -282,3 +282,19 @@ def test_unenforceable_permissions_are_reported_not_refused() -> None:
     # nothing asked, nothing reported
     assert build_sandbox(None, network="any", filesystem="any", writable=(),
                          switched_user=True).report == {}
+
+
+def test_status_names_unenforced_permissions() -> None:
+    """``superagent status`` lists, under its instance table, each instance with a
+    permission its node does not enforce; an instance without any gets no line."""
+    from superagent.client_cli import render_instances
+
+    base = {"app": "hello", "release": "r1", "state": "ready", "port": 5000}
+    nodes = {"nodes": [{"name": "n1", "up": True, "address": "127.0.0.1:7001", "status": {
+        "routes": {}, "listen": [], "instances": [
+            {**base, "id": "hello@r1.1", "unenforced": ["filesystem", "network"]},
+            {**base, "id": "hello@r1.2", "unenforced": []},
+            {**base, "id": "hello@r1.3"}]}}]}
+    text = render_instances(nodes, {"apps": []})
+    assert "permissions NOT enforced:\n  hello@r1.1 on n1: filesystem, network" in text
+    assert "hello@r1.2 on" not in text and "hello@r1.3 on" not in text
