@@ -296,8 +296,11 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
         raise IsolationError(f"cannot switch to user {user.name if user else ''} without root")
     uid = user.uid if user is not None else -1
     gid = user.gid if user is not None else -1
+    groups: list[int] = []
     if sandbox is not None and sandbox.gid is not None:
-        gid = sandbox.gid
+        # the sandbox's group becomes the primary one (sockets carry it, see permissions);
+        # the app's own stays as a supplementary group, for its files
+        groups, gid = [gid], sandbox.gid
     enter_sandbox = sandbox.prepare() if sandbox is not None else (lambda: None)
     procs_files = cgroup.procs_files() if cgroup is not None else ()
     rlimits = tuple((_RLIMIT[name], (value, value))
@@ -321,7 +324,7 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
             code = get_errno()
             raise OSError(code, strerror(code))
         if switch:
-            os.setgroups([])
+            os.setgroups(groups)
             os.setgid(gid)
             os.setuid(uid)
 

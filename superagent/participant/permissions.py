@@ -12,8 +12,8 @@ starts and its status names the permission as not enforced. Three steps:
    a throwaway child that unshares one). Each has ``None`` (enforceable) or a reason.
 2. **Network: one host-wide nftables rule keyed on a group.** Instances of
    loopback-only apps run with the primary group ``sa-loopback`` (created on demand,
-   a system group) instead of their app's group; their uid stays the app's, so files
-   and the per-uid limits are unchanged. The table ``inet superagent_egress`` rejects,
+   a system group), their app's group becoming a supplementary one; their uid stays
+   the app's, so access to their files and the per-uid limits are unchanged. The table ``inet superagent_egress`` rejects,
    in the output hook, every packet of a socket owned by that gid whose destination is
    not 127.0.0.0/8 or ::1: the packet is refused before routing sends it anywhere
    (connect fails at once, a datagram send fails with EPERM) and nothing leaves the
@@ -28,6 +28,8 @@ starts and its status names the permission as not enforced. Three steps:
    host), bind-mounts the release directory and the instance's data directory onto
    themselves, then remounts every other mount read-only (bind remounts, keeping each
    mount's nosuid/nodev/noexec flags). Writes outside those two trees fail with EROFS.
+   It changes into its working directory again at the end: the one Popen entered
+   before is the directory under the now read-only mount.
    Open file descriptors the agent passed (the log files) refer to the host's mounts
    and stay writable.
 
@@ -225,6 +227,10 @@ class Sandbox:
                 result = mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags,
                                None)
                 check(result, point)
+            # Popen changed into the working directory before this ran: the directory it
+            # holds is the one under the old (now read-only) mount, not the bind mount on
+            # top; resolving the path again lands in the writable tree
+            os.chdir(os.getcwd())
 
         return enter
 
