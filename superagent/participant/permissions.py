@@ -13,8 +13,8 @@ starts and its status names the permission as not enforced. Three steps:
 2. **Network: one host-wide nftables rule keyed on a group.** Instances of
    loopback-only apps run with the primary group ``sa-loopback`` (created on demand,
    a system group), their app's group becoming a supplementary one; their uid stays
-   the app's, so access to their files and the per-uid limits are unchanged. The table ``inet superagent_egress`` rejects,
-   in the output hook, every packet of a socket owned by that gid whose destination is
+   the app's, so access to their files and the per-uid limits are unchanged. The
+   table ``inet superagent_egress`` rejects, in the output hook, every packet of a socket owned by that gid whose destination is
    not 127.0.0.0/8 or ::1: the packet is refused before routing sends it anywhere
    (connect fails at once, a datagram send fails with EPERM) and nothing leaves the
    machine. Keying on the gid rather than the uid leaves the app's builds (same uid,

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from superagent.participant.permissions import remove_egress_table
-from tests.participant.test_agent import running_agent, start_and_switch, tarball
 from tests.participant.children import child_python
+from tests.participant.test_agent import running_agent, start_and_switch, tarball
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: permissions are enforced as root only")
