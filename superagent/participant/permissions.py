@@ -14,15 +14,15 @@ starts and its status names the permission as not enforced. Three steps:
    loopback-only apps run with the primary group ``sa-loopback`` (created on demand,
    a system group), their app's group becoming a supplementary one; their uid stays
    the app's, so access to their files and the per-uid limits are unchanged. The
-   table ``inet superagent_egress`` rejects, in the output hook, every packet of a socket owned by that gid whose destination is
-   not 127.0.0.0/8 or ::1: the packet is refused before routing sends it anywhere
-   (connect fails at once, a datagram send fails with EPERM) and nothing leaves the
-   machine. Keying on the gid rather than the uid leaves the app's builds (same uid,
+   table ``inet superagent_egress`` rejects, in the output hook, every packet of a
+   socket owned by that gid whose destination is not 127.0.0.0/8 or ::1: the packet
+   is refused before routing sends it anywhere (connect fails at once, a datagram
+   send fails with EPERM) and nothing leaves the machine. Keying on the gid rather than the uid leaves the app's builds (same uid,
    own gid) free to fetch dependencies, and makes the rule static: every agent on the
    host writes the same table, atomically, and nothing follows instance lifetimes. An
    app cannot leave the group: it has no CAP_SETGID and ``no_new_privs`` stops setgid
    binaries.
-3. **Filesystem: a mount namespace per instance.** ``Sandbox.enter()`` runs in the
+3. **Filesystem: a mount namespace per instance.** ``Sandbox.prepare()``'s function runs in the
    child between fork and exec (``isolation.child_setup``), still as root: it unshares
    the mount namespace, makes every mount private (nothing propagates back to the
    host), bind-mounts the release directory and the instance's data directory onto
