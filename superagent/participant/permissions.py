@@ -17,8 +17,8 @@ starts and its status names the permission as not enforced. Three steps:
    table ``inet superagent_egress`` rejects, in the output hook, every packet of a
    socket owned by that gid whose destination is not 127.0.0.0/8 or ::1: the packet
    is refused before routing sends it anywhere (connect fails at once, a datagram
-   send fails with EPERM) and nothing leaves the machine. Keying on the gid rather than the uid leaves the app's builds (same uid,
-   own gid) free to fetch dependencies, and makes the rule static: every agent on the
+   send fails with EPERM) and nothing leaves the machine. Keying on the gid rather
+   than the uid leaves the app's builds (same uid, own gid) free to fetch dependencies, and makes the rule static: every agent on the
    host writes the same table, atomically, and nothing follows instance lifetimes. An
    app cannot leave the group: it has no CAP_SETGID and ``no_new_privs`` stops setgid
    binaries.
