@@ -10,19 +10,19 @@ starts and its status names the permission as not enforced. Three steps:
    machine can enforce. Network needs root, ``nft`` (nftables) and a kernel that
    accepts the egress table; filesystem needs root and a mount namespace (probed by
    a throwaway child that unshares one). Each has ``None`` (enforceable) or a reason.
-2. **Network: one host-wide nftables rule keyed on a group.** Instances of
-   loopback-only apps run with the primary group ``sa-loopback`` (created on demand,
-   a system group), their app's group becoming a supplementary one; their uid stays
-   the app's, so access to their files and the per-uid limits are unchanged. The
-   table ``inet superagent_egress`` rejects, in the output hook, every packet of a
-   socket owned by that gid whose destination is not 127.0.0.0/8 or ::1: the packet
-   is refused before routing sends it anywhere (connect fails at once, a datagram
-   send fails with EPERM) and nothing leaves the machine. Keying on the gid rather
-   than the uid leaves the app's builds (same uid, own gid) free to fetch dependencies, and makes the rule static: every agent on the
-   host writes the same table, atomically, and nothing follows instance lifetimes. An
-   app cannot leave the group: it has no CAP_SETGID and ``no_new_privs`` stops setgid
-   binaries.
-3. **Filesystem: a mount namespace per instance.** ``Sandbox.prepare()``'s function runs in the
+2. **Network: one host-wide nftables rule keyed on a group.** Instances of loopback-only
+   apps run with the primary group ``sa-loopback`` (created on demand, a system group),
+   their app's group becoming a supplementary one; their uid stays the app's, so access
+   to their files and the per-uid limits are unchanged. The table ``inet
+   superagent_egress`` rejects, in the output hook, every packet of a socket owned by
+   that gid whose destination is not 127.0.0.0/8 or ::1: the packet is refused before
+   routing sends it anywhere (connect fails at once, a datagram send fails with EPERM)
+   and nothing leaves the machine. Keying on the gid rather than the uid leaves the
+   app's builds (same uid, own gid) free to fetch dependencies, and makes the rule
+   static: every agent on the host writes the same table, atomically, and nothing
+   follows instance lifetimes. An app cannot leave the group: it has no CAP_SETGID and
+   ``no_new_privs`` stops setgid binaries.
+3. **Filesystem: a mount namespace per instance.** What ``Sandbox.prepare()`` returns runs in the
    child between fork and exec (``isolation.child_setup``), still as root: it unshares
    the mount namespace, makes every mount private (nothing propagates back to the
    host), bind-mounts the release directory and the instance's data directory onto
