@@ -44,6 +44,7 @@ import grp
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,19 +166,16 @@ def remove_egress_table(table: str) -> None:
 
 
 def probe_mount_namespace() -> str | None:
-    """None when a child can unshare its mount namespace, else why not."""
-    unshare = _libc_call("unshare")
-
-    def probe() -> None:
-        if unshare(CLONE_NEWNS) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    try:
-        subprocess.run(["/bin/true"], preexec_fn=probe, check=True,
-                       timeout=PROBE_TIMEOUT)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"cannot create a mount namespace: {exc}"
+    """None when a throwaway child can enter the whole sandbox (unshare, bind mount,
+    remount every mount of this machine read-only), else why not: a mount the kernel
+    will not remount is found here, not at an instance's start."""
+    with tempfile.TemporaryDirectory(prefix="sa-probe-") as kept:
+        enter = Sandbox(writable=(os.fsencode(kept),)).prepare()
+        try:
+            subprocess.run(["/bin/true"], preexec_fn=enter, check=True,
+                           timeout=PROBE_TIMEOUT, cwd="/")
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"cannot create a read-only mount namespace: {exc}"
     return None
 
 
