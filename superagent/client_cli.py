@@ -55,6 +55,8 @@ def render_cluster(doc: dict[str, Any]) -> str:
             f" {doc['commit_index']}  {'healthy' if doc['healthy'] else 'UNHEALTHY'}")
     rows = [(m["id"], m["raft"], m["api_url"], "yes" if m["connected"] else "no",
              "leader" if m["leader"] else "") for m in doc["members"]]
+    if doc.get("artifacts_missing"):
+        head += f"\n{doc['artifacts_missing']} artifacts not yet fetched by {doc['id']}"
     return head + "\n" + table(rows, ("ID", "RAFT", "API", "CONNECTED", "ROLE"))
 
 
@@ -396,12 +398,13 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
     whose ``label`` ``client_scale.add_scale_commands`` adds)."""
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("status", "cluster, nodes and apps at a glance", _status),
-        ("cluster", "coordinator members, leader, term and health", _cluster),
+        ("cluster", "coordinator members, leader, term and health; `cluster add|remove`"
+                    " changes them", _cluster),
         ("nodes", "participants: groups, lifecycle, liveness, instances; `nodes label`"
                   " sets a node's groups", _nodes),
         ("apps", "apps, their latest release and scale", _apps),
     ]
-    parsers: dict[str, argparse.ArgumentParser] = {}
+    parsers: dict[str, argparse.ArgumentParser] = {}  # those with nested commands
     for name, help_text, func in commands:
         parser = sub.add_parser(name, help=help_text)
         add_common(parser)

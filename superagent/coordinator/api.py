@@ -62,6 +62,13 @@ from superagent.coordinator.api_access import (
     token_access,
     upload_team,
 )
+from superagent.coordinator.api_cluster import (
+    add_member,
+    backup,
+    members_view,
+    remove_member,
+    restore,
+)
 from superagent.coordinator.api_common import (
     Context,
     bad_request,
@@ -124,6 +131,9 @@ log = structlog.get_logger(__name__)
 
 MAX_COMMAND = 16 * 1024**2  # bytes of a forwarded command (a deploy record carries logs)
 MAX_COMMAND_DEPTH = 64  # nesting of a forwarded command (a spec inside a record inside it)
+MEMBER_BODY: dict[str, Any] = {
+    "type": "object", "required": ["id", "raft"],
+    "properties": {"id": {"type": "string"}, "raft": {"type": "string"}}}
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD"})  # counted apart in /metrics
 
 Handler = Callable[[Request, "Context"], Awaitable[Response]]
@@ -207,20 +217,14 @@ async def openapi(request: Request, ctx: Context) -> Response:
 async def cluster(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     status = c.raft.status()
-    urls = c.read(lambda s: dict(s.coordinators))
-    members = []
-    for cid, address in sorted(c.config.peers.items()):
-        connected = True if cid == c.config.id else status["partners"].get(address, False)
-        members.append({"id": cid, "raft": address, "api_url": urls.get(cid),
-                        "self": cid == c.config.id, "connected": connected,
-                        "leader": address == status["leader"]})
     digest = c.read(lambda s: s.digest())
     return JSONResponse({
         "id": c.config.id, "leader": c.leader_id(), "leader_url": c.leader_url(),
         "term": status["term"], "commit_index": status["commit_index"],
         "last_applied": status["last_applied"], "has_quorum": status["has_quorum"],
         "healthy": status["has_quorum"] and status["leader"] is not None,
-        "members": members, "state_digest": digest, "version": __version__,
+        "members": members_view(c), "state_digest": digest, "version": __version__,
+        "artifacts_missing": len(await c.missing_artifacts()),
         "uptime": round(time.time() - c.started_at, 3)})
 
 
@@ -398,6 +402,19 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/cluster", "token",
              "Raft members, leader, term, commit index, health", cluster,
              permission=perm.CLUSTER_READ),
+    Endpoint("POST", "/api/v1/cluster/members", "token",
+             "Add a coordinator ({\"id\": \"c4\", \"raft\": \"host:port\"}; start it first"
+             " with --peers naming every member and itself)", add_member, body=MEMBER_BODY,
+             permission=perm.CLUSTER_ADMIN),
+    Endpoint("DELETE", "/api/v1/cluster/members/{coordinator}", "token",
+             "Remove a coordinator (refused when the live members left would not be a"
+             " majority)", remove_member, permission=perm.CLUSTER_ADMIN),
+    Endpoint("GET", "/api/v1/backup", "token",
+             "A consistent backup (tar) of the state and every artifact it names",
+             backup, permission=perm.CLUSTER_ADMIN),
+    Endpoint("POST", "/api/v1/restore", "token",
+             "Restore a backup (the body) onto a new, empty cluster", restore,
+             permission=perm.CLUSTER_ADMIN),
     Endpoint("GET", "/api/v1/apps", "token", "List apps (those of the token's teams)",
              list_apps, permission=perm.APPS_READ),
     Endpoint("POST", "/api/v1/apps", "token",
