@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from superagent.participant.isolation import remove_app_user
 from superagent.participant.permissions import remove_egress_table
 from tests.participant.children import child_python
 from tests.participant.test_agent import running_agent, start_and_switch, tarball
@@ -76,25 +77,36 @@ def names() -> Iterator[dict[str, str]]:
         subprocess.run(["groupdel", found["loopback_group"]], capture_output=True, check=False)
 
 
+@pytest.fixture
+def app() -> Iterator[str]:
+    """The app's name, random-suffixed: it names the system user the agent creates, which
+    is deleted afterwards."""
+    name = "perm-" + "".join(random.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=6))
+    try:
+        yield name
+    finally:
+        remove_app_user(name)
+
+
 def instance_status(status: dict[str, Any], app: str) -> dict[str, Any]:
     (found,) = [i for i in status["instances"] if i["app"] == app]
     return found
 
 
-async def test_permissions_enforced_inside_the_instance(data_dir: Path,
+async def test_permissions_enforced_inside_the_instance(data_dir: Path, app: str,
                                                         names: dict[str, str]) -> None:
     if shutil.which("nft") is None:
         pytest.skip("needs nft (nftables) to enforce network = 'loopback'")
     async with running_agent(data_dir, **names) as rig:
         rpc_port = rig.agent.config.rpc[1]
-        assert (await rig.upload("perm", "r1", probe_app("perm", rpc_port))).status_code == 200
-        await start_and_switch(rig, "perm")
-        answer = await rig.proxy.get("/perm/probe")
+        assert (await rig.upload(app, "r1", probe_app(app, rpc_port))).status_code == 200
+        await start_and_switch(rig, app)
+        answer = await rig.proxy.get(f"/{app}/probe")
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"release": "ok", "data": "ok", "tmp": "errno30",
                                  "loopback": "ok"}
         status = (await rig.rpc.get("/v1/status")).json()
-        permissions = instance_status(status, "perm")["isolation"]["permissions"]
+        permissions = instance_status(status, app)["isolation"]["permissions"]
         assert permissions["network"]["enforced"] is True, permissions
         assert permissions["filesystem"]["enforced"] is True, permissions
         assert status["isolation"]["permissions"] == {"network": "enforced",
@@ -104,18 +116,18 @@ async def test_permissions_enforced_inside_the_instance(data_dir: Path,
 
 
 async def test_an_unenforceable_permission_still_starts_and_is_reported(
-        data_dir: Path, names: dict[str, str]) -> None:
+        data_dir: Path, app: str, names: dict[str, str]) -> None:
     """nft refuses the table (a name it cannot parse stands for a machine without
     nftables): the instance runs, the network is open, and every status says so."""
     async with running_agent(data_dir, **{**names, "egress_table": "no such table"}) as rig:
         rpc_port = rig.agent.config.rpc[1]
-        assert (await rig.upload("perm", "r1", probe_app("perm", rpc_port))).status_code == 200
-        await start_and_switch(rig, "perm")
-        answer = await rig.proxy.get("/perm/probe")
+        assert (await rig.upload(app, "r1", probe_app(app, rpc_port))).status_code == 200
+        await start_and_switch(rig, app)
+        answer = await rig.proxy.get(f"/{app}/probe")
         assert answer.status_code == 200, answer.text
         assert answer.json()["loopback"] == "ok"
         status = (await rig.rpc.get("/v1/status")).json()
-        network = instance_status(status, "perm")["isolation"]["permissions"]["network"]
+        network = instance_status(status, app)["isolation"]["permissions"]["network"]
         assert network["enforced"] is False and network["wanted"] == "loopback"
         assert network["reason"], network
         assert status["isolation"]["permissions"]["network"] != "enforced"
