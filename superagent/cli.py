@@ -106,12 +106,14 @@ def _participant(args: argparse.Namespace) -> int:
         elif rpc[0] in ("0.0.0.0", "::", ""):
             raise SuperagentError(f"--rpc {args.rpc} is not an address coordinators can"
                                   " reach: give --advertise HOST:PORT")
+    tls_listen, tls_cert, tls_key = _participant_tls(args, listen)
     config = AgentConfig(
         data_dir=Path(args.data_dir).resolve(), secret=secret, join_token=join_token,
         node=args.node or socket.gethostname(), rpc=rpc, listen=listen,
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
         groups=groups, coordinator=coordinator, advertise=advertise,
-        capacity=args.capacity, trusted_proxies=trusted)
+        capacity=args.capacity, trusted_proxies=trusted, tls_listen=tls_listen,
+        tls_cert=tls_cert, tls_key=tls_key, agent_cgroup=True)
     agent = Agent(config)
     _serve_until_signal(agent.run, before_exit=agent.stop_all if args.stop_on_exit else None)
     return 0
@@ -176,6 +178,34 @@ def _coordinator_secrets(args: argparse.Namespace) -> tuple[str, str]:
         " can reach the Raft port; enrol them with join tokens and restart the"
         " coordinators with --coordinator-secret-file (docs/coordinator.md, Migrating)")
     return shared, shared
+
+
+def _participant_tls(args: argparse.Namespace, listen: tuple[str, ...]
+                     ) -> tuple[tuple[str, ...], str | None, str | None]:
+    """The proxy's TLS listeners and their certificate and key files (absolute) from the
+    participant's flags; the pair is loaded once here, so a bad one stops the agent with
+    its file named."""
+    from pathlib import Path
+
+    from superagent.config import parse_address
+    from superagent.proxy.tls import CertFiles, load_context
+
+    tls_listen = tuple(args.tls_listen or ())
+    ports = {parse_address(a, source="--listen", key=a)[1] for a in listen}
+    for address in tls_listen:
+        port = parse_address(address, source="--tls-listen", key=address)[1]
+        if port in ports:
+            raise SuperagentError(f"--tls-listen {address}: port {port} is already a listener")
+        ports.add(port)
+    if tls_listen and not args.tls_cert:
+        raise SuperagentError("--tls-listen needs --tls-cert (a PEM certificate file)")
+    if args.tls_key and not args.tls_cert:
+        raise SuperagentError("--tls-key needs --tls-cert")
+    cert = str(Path(args.tls_cert).resolve()) if args.tls_cert else None
+    key = str(Path(args.tls_key).resolve()) if args.tls_key else None
+    if cert is not None:
+        load_context(CertFiles(cert=cert, key=key))  # ConfigError names the file
+    return tls_listen, cert, key
 
 
 def _participant_credentials(args: argparse.Namespace) -> tuple[str, str]:
@@ -258,6 +288,20 @@ def _up(args: argparse.Namespace) -> int:
                            listen=args.listen, demo=args.demo))
 
 
+def _version(args: argparse.Namespace) -> int:
+    """The version, and whether this installation's proxy hot path runs compiled."""
+    from superagent.compiled import hot_path
+
+    compiled, why = hot_path()
+    if args.json:
+        print(json.dumps({"version": __version__, "proxy_hot_path":
+                          "compiled" if compiled else "pure", "reason": why}))
+    else:
+        print(f"superagent {__version__}\nproxy hot path: "
+              f"{'compiled' if compiled else 'pure Python'} ({why})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superagent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"superagent {__version__}")
@@ -265,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    version = sub.add_parser("version", help="the version, and whether the proxy's hot path"
+                                             " runs compiled here (and why not)")
+    version.set_defaults(func=_version)
 
     up = sub.add_parser("up", help="run a single-machine cluster here (coordinator +"
                                    " participant + proxy)")
@@ -297,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="internal RPC address (default 127.0.0.1:7001)")
     part.add_argument("--listen", action="append", metavar="HOST:PORT",
                       help="proxy listener, repeatable (default 0.0.0.0:8080)")
+    part.add_argument("--tls-listen", action="append", metavar="HOST:PORT",
+                      help="proxy listener that speaks TLS, repeatable (needs --tls-cert)")
+    part.add_argument("--tls-cert", metavar="FILE",
+                      help="PEM certificate chain of the TLS listeners; re-read when it changes")
+    part.add_argument("--tls-key", metavar="FILE",
+                      help="PEM private key of --tls-cert (default: in the same file)")
     part.add_argument("--proxy-workers", type=int, metavar="N",
                       help="proxy worker processes (default: one per CPU)")
     part.add_argument("--parser", choices=("httptools", "h11"), default="httptools")

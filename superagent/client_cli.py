@@ -142,6 +142,14 @@ def render_instances(nodes: dict[str, Any], apps: dict[str, Any]) -> str:
     out = (table(sorted(rows), ("APP", "NODE", "INSTANCE", "RELEASE", "STATE", "PORT",
                                 "ROUTED"))
            if rows else "no instances reported (instances show on the leader)")
+    # a permission the manifest asks for that the node cannot enforce (no root, no nft,
+    # no mount namespace): the instance runs, and this says it runs without it
+    gaps = sorted(f"{i['id']} on {node['name']}: {', '.join(i['unenforced'])}"
+                  for node in nodes["nodes"]
+                  for i in (node.get("status") or {}).get("instances", [])
+                  if i.get("unenforced"))
+    if gaps:
+        out += "\n\npermissions NOT enforced:\n" + "\n".join(f"  {gap}" for gap in gaps)
     urls = [(a["name"], " ".join(app_urls(a, nodes)) or "-") for a in apps["apps"]]
     return out + ("\n\n" + table(urls, ("APP", "URLS")) if urls else "")
 
@@ -170,13 +178,23 @@ def app_urls(app: dict[str, Any], nodes: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
+def render_hot_paths(doc: dict[str, Any]) -> str:
+    """Each node's proxy hot path (compiled or pure Python, and why), from its heartbeat;
+    nothing from agents that do not report it."""
+    lines = [f"{n['name']}: {(n.get('status') or {}).get('proxy_hot_path')}"
+             for n in doc["nodes"] if (n.get("status") or {}).get("proxy_hot_path")]
+    return "\n" + "\n".join(["proxy hot path:", *(f"  {line}" for line in lines)]
+                             ) if lines else ""
+
+
 def _status(args: argparse.Namespace) -> int:
     client = client_of(args)
     doc = {"cluster": client.get("/api/v1/cluster"), "nodes": client.get("/api/v1/nodes"),
            "apps": client.get("/api/v1/apps")}
 
     def render(d: dict[str, Any]) -> str:
-        return "\n\n".join((render_cluster(d["cluster"]), render_nodes(d["nodes"]),
+        nodes = render_nodes(d["nodes"]) + render_hot_paths(d["nodes"])
+        return "\n\n".join((render_cluster(d["cluster"]), nodes,
                             render_apps(d["apps"]), render_instances(d["nodes"], d["apps"])))
     return emit(args, doc, render)
 
