@@ -60,6 +60,7 @@ def _proxy(args: argparse.Namespace) -> int:
 
 
 def _participant(args: argparse.Namespace) -> int:
+    import ipaddress
     import os
     import socket
     from pathlib import Path
@@ -83,6 +84,14 @@ def _participant(args: argparse.Namespace) -> int:
             raise SuperagentError(f"--group: {problem}")
     if args.capacity < 0:
         raise SuperagentError("--capacity must be 0 or more")
+    trusted = tuple(n.strip() for value in args.trusted_proxy or []
+                    for n in value.split(",") if n.strip())
+    for network in trusted:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError:
+            raise SuperagentError(f"--trusted-proxy {network!r} is not an IP network"
+                                  " (e.g. 10.0.0.0/8 or 10.0.0.2)") from None
     coordinator: tuple[str, ...] = ()
     advertise = None
     if args.coordinator:
@@ -102,7 +111,7 @@ def _participant(args: argparse.Namespace) -> int:
         node=args.node or socket.gethostname(), rpc=rpc, listen=listen,
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
         groups=groups, coordinator=coordinator, advertise=advertise,
-        capacity=args.capacity)
+        capacity=args.capacity, trusted_proxies=trusted)
     agent = Agent(config)
     _serve_until_signal(agent.run, before_exit=agent.stop_all if args.stop_on_exit else None)
     return 0
@@ -194,6 +203,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from superagent.config import parse_address
+    from superagent.coordinator.autoscale import parse_timing
     from superagent.coordinator.commands import NODE_NAME
     from superagent.coordinator.service import Coordinator, CoordinatorConfig
 
@@ -219,13 +229,17 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise SuperagentError("--node-timeout must be positive")
     if not 0 <= args.drain_wait <= MAX_DRAIN_WAIT:
         raise SuperagentError(f"--drain-wait must be 0..{MAX_DRAIN_WAIT:g} seconds")
+    try:
+        timing = parse_timing(args.autoscale_timing or "")
+    except ValueError as exc:
+        raise SuperagentError(f"--autoscale-timing: {exc}") from None
     secret, shared = _coordinator_secrets(args)
     config = CoordinatorConfig(
         id=args.id, peers=peers, api=parse_address(args.api, source="--api", key=args.api),
         data_dir=Path(args.data_dir).resolve(), secret=secret, participant_secret=shared,
         api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
-        node_timeout=args.node_timeout, drain_wait=args.drain_wait)
+        node_timeout=args.node_timeout, drain_wait=args.drain_wait, autoscale=timing)
     _serve_until_signal(Coordinator(config).run)
     return 0
 
@@ -296,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the RPC address coordinators reach this agent at (default: --rpc)")
     part.add_argument("--capacity", type=int, default=100, metavar="N",
                       help="instances this node offers the cluster (default 100)")
+    part.add_argument("--trusted-proxy", action="append", metavar="NETWORK[,NETWORK...]",
+                      help="front load balancers (IP or network) whose X-Forwarded-* headers"
+                           " the proxy keeps and appends to; others' are replaced")
     part.add_argument("--join-token", metavar="TOKEN",
                       help="enrol this machine with a join token (`superagent nodes"
                            " join-token`); it then keeps its own credential in --data-dir")
@@ -338,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--drain-wait", type=float, default=5.0, metavar="SECONDS",
                        help="a draining node keeps its instances this long, so the front load"
                             " balancer takes it out first (default 5)")
+    coord.add_argument("--autoscale-timing", metavar="NAME=SECONDS,...",
+                       help="the autoscalers' window, down_window, up_cooldown and"
+                            " down_cooldown (defaults 30, 60, 10, 60); e.g."
+                            " window=4,up_cooldown=2 for a test")
     coord.set_defaults(func=_coordinator)
 
     from superagent.client_cli import add_client_commands

@@ -4,13 +4,20 @@ The proxy normalises every request's path and host before it routes, and sends t
 normalised path upstream, so the app sees exactly the path the proxy routed:
 unreserved percent-escapes are decoded (``%2E`` is a dot, so ``%2E%2E`` is a dot
 segment and is removed), other escapes are upper-cased but stay encoded (``%2F`` and
-``%5C`` never act as separators), dot segments are removed and duplicate slashes
-folded. A request therefore cannot climb out of the prefix it matched. Route rules
+``%5C`` never act as separators), and dot segments are removed. These are RFC 3986
+equivalences, so proxy and app agree on what the path names. Repeated slashes are not
+one (``/a//b`` is another resource than ``/a/b``, and folding them would move a
+request from the app at ``/a`` to the app at ``/a/b``): they are kept unless the caller
+asks for ``merge_slashes``. A request cannot climb out of the prefix it matched.
+``suspicious_path`` finds what ``path_policy = "reject"`` refuses: dot segments and
+encoded ``.``, ``/`` or backslash, which browsers never send. Route rules
 (a manifest's ``[routes]``, the standalone proxy's config) go through the same
 functions, so a rule is written in the form requests are compared in.
 
 ``DEFAULT_MAX_BODY`` is the request body limit of an app that sets none, in the
-manifest and in the proxy alike.
+manifest and in the proxy alike; ``DEFAULT_MIN_BODY_RATE`` the slowest a streamed
+request body may arrive, and ``DEFAULT_UPGRADES`` the Upgrade protocols tunnelled to an
+app (``upgrade_protocol`` checks a name an app allows).
 
 This module is part of the proxy's hot path (``normalize_path`` runs per request):
 ``scripts/compile-proxy`` compiles it with mypyc in the proxy's group, so it imports
@@ -25,6 +32,9 @@ from typing import Final
 from superagent.errors import HTTPSyntaxError
 
 DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024  # a request body limit that fits APIs and form uploads
+DEFAULT_MIN_BODY_RATE: Final = 1024  # bytes/s: far below any real client, far above a drip
+DEFAULT_UPGRADES: Final = ("websocket",)
+_PROTOCOL_OK = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+(?:/[a-z0-9!#$%&'*+.^_`|~-]+)?")
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -33,11 +43,13 @@ _PATH_OK = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 _HOST_OK = re.compile(r"(?:[a-z0-9\-._~!$&'()*+,;=%]+|\[[0-9a-f:.]+\])")
 
 
-def normalize_path(path: str) -> str:
-    """The canonical form of an origin-form path (no query); raises HTTPSyntaxError if invalid."""
+def normalize_path(path: str, merge_slashes: bool = False) -> str:
+    """The canonical form of an origin-form path (no query); raises HTTPSyntaxError if invalid.
+
+    ``merge_slashes`` also folds repeated slashes (``/a//b`` -> ``/a/b``)."""
     if not path.startswith("/"):
         raise HTTPSyntaxError("request target must start with '/'")
-    if "%" not in path and "//" not in path and "/." not in path:
+    if "%" not in path and "/." not in path and not (merge_slashes and "//" in path):
         if _PATH_OK.fullmatch(path) is None:
             raise HTTPSyntaxError("invalid character in request path")
         return path
@@ -48,7 +60,7 @@ def normalize_path(path: str) -> str:
     segments: list[str] = []
     parts = path.split("/")
     for part in parts[1:-1]:
-        if part in ("", "."):
+        if part == "." or (merge_slashes and not part):
             continue
         if part == "..":
             if segments:
@@ -64,6 +76,33 @@ def normalize_path(path: str) -> str:
         last = ""
     segments.append(last)
     return "/" + "/".join(segments)
+
+
+_SUSPICIOUS_ESCAPES: Final = ("%2e", "%2f", "%5c")
+
+
+def suspicious_path(path: str) -> bool:
+    """True when the raw ``path`` holds a dot segment or an encoded ``.``, ``/`` or ``\\``."""
+    if "%" in path:
+        lowered = path.lower()
+        for escape in _SUSPICIOUS_ESCAPES:
+            if escape in lowered:
+                return True
+    if "/." not in path:
+        return False
+    return any(part == "." or part == ".." for part in path.split("/"))
+
+
+def upgrade_protocol(value: str) -> str:
+    """The lower-case form of an Upgrade protocol an app allows; raises HTTPSyntaxError."""
+    name = value.strip().lower()
+    if _PROTOCOL_OK.fullmatch(name) is None:
+        raise HTTPSyntaxError(f"not a protocol name: {value!r}")
+    if name.split("/")[0] == "h2c":
+        # HTTP/2 over cleartext would carry requests past routing and the forwarding
+        # headers: the proxy never tunnels it.
+        raise HTTPSyntaxError("h2c cannot be tunnelled (the proxy speaks HTTP/1.1)")
+    return name
 
 
 def _decode_unreserved(path: str) -> str:

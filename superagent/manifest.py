@@ -30,7 +30,14 @@ from typing import Any
 
 from superagent.config import Table, parse_toml
 from superagent.errors import ConfigError, HTTPSyntaxError
-from superagent.httprules import DEFAULT_MAX_BODY, normalize_host, normalize_path
+from superagent.httprules import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MIN_BODY_RATE,
+    DEFAULT_UPGRADES,
+    normalize_host,
+    normalize_path,
+    upgrade_protocol,
+)
 from superagent.names import ENV_KEY, group_name_problem, is_app_name
 
 MANIFEST = "superagent.toml"
@@ -114,6 +121,7 @@ class RoutesSpec:
     rewrite_paths: bool = False  # put the stripped prefix back into Location/Set-Cookie paths
     hosts: tuple[str, ...] = ()
     port: int | None = None
+    upgrades: tuple[str, ...] = DEFAULT_UPGRADES  # Upgrade protocols the proxy tunnels
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -157,7 +165,8 @@ class LimitsSpec:
 
     ``memory`` in bytes, ``cpu`` in cores, ``pids`` a task count; None is unlimited.
     ``timeout`` is the proxy's whole-request timeout in seconds (0: none) and
-    ``max_body`` the request body limit in bytes (0: none).
+    ``max_body`` the request body limit in bytes (0: none), ``min_body_rate`` the
+    slowest a streamed request body may arrive, in bytes per second (0: no minimum).
     """
 
     memory: int | None = None
@@ -166,6 +175,7 @@ class LimitsSpec:
     nofile: int = 4096
     timeout: float = 30.0
     max_body: int = DEFAULT_MAX_BODY
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -288,7 +298,7 @@ def _read_routes(table: Table) -> RoutesSpec:
     prefix: str | None = table.text("prefix", None)
     if prefix is not None:
         try:
-            prefix = normalize_path(prefix)
+            prefix = normalize_path(prefix, merge_slashes=True)
         except HTTPSyntaxError as exc:
             raise table.error("prefix", f"{exc}, got {prefix!r}") from None
         if "?" in prefix or "%" in prefix:
@@ -308,9 +318,15 @@ def _read_routes(table: Table) -> RoutesSpec:
             raise table.error("hosts", f"host {host!r} is listed twice")
         hosts.append(host)
     port: int | None = table.integer("port", None, minimum=1, maximum=65535)
+    upgrades: list[str] = []
+    for value in table.str_list("upgrades", list(DEFAULT_UPGRADES)):
+        try:
+            upgrades.append(upgrade_protocol(value))
+        except HTTPSyntaxError as exc:
+            raise table.error("upgrades", str(exc)) from None
     table.done()
     return RoutesSpec(prefix=prefix, strip_prefix=strip_prefix, rewrite_paths=rewrite_paths,
-                      hosts=tuple(hosts), port=port)
+                      hosts=tuple(hosts), port=port, upgrades=tuple(dict.fromkeys(upgrades)))
 
 
 def _host_rule(table: Table, value: str) -> str:
@@ -405,6 +421,7 @@ def _read_limits(table: Table) -> LimitsSpec:
         nofile=table.integer("nofile", d.nofile, minimum=MIN_NOFILE, maximum=MAX_NOFILE),
         timeout=table.duration("timeout", d.timeout),
         max_body=table.size("max_body", d.max_body),
+        min_body_rate=table.size("min_body_rate", d.min_body_rate),
     )
     table.done()
     return spec
@@ -527,8 +544,12 @@ def spec_to_json(spec: AppSpec) -> dict[str, Any]:
         routes["rewrite_paths"] = True
     _put(routes, "prefix", r.prefix)
     _put(routes, "port", r.port)
+    if r.upgrades != DEFAULT_UPGRADES:  # only when set: older documents stay as they were
+        routes["upgrades"] = list(r.upgrades)
     limits: dict[str, Any] = {"nofile": lim.nofile, "timeout": lim.timeout,
                               "max_body": lim.max_body}
+    if lim.min_body_rate != DEFAULT_MIN_BODY_RATE:
+        limits["min_body_rate"] = lim.min_body_rate
     _put(limits, "memory", lim.memory)
     _put(limits, "cpu", lim.cpu)
     _put(limits, "pids", lim.pids)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from superagent.errors import HTTPSyntaxError
-from superagent.httprules import normalize_host, normalize_path
+from superagent.httprules import normalize_host, normalize_path, suspicious_path
 
 # ----------------------------------------------------------------------------- normalize_path
 
@@ -27,16 +27,38 @@ from superagent.httprules import normalize_host, normalize_path
         ("/a/..", "/"),
         ("/.", "/"),
         ("/..", "/"),
-        ("/a//b", "/a/b"),
-        ("//a///b//", "/a/b/"),
-        ("//", "/"),
+        ("/a//b", "/a//b"),
+        ("//a///b//", "//a///b//"),
+        ("//", "//"),
+        ("/a//../b", "/a/b"),
         ("/a/.../b", "/a/.../b"),
         ("/a/..b/c.", "/a/..b/c."),
     ],
 )
 def test_normalize_path_dot_segments_and_slashes(raw: str, expected: str) -> None:
-    """Dot segments are removed, duplicate slashes folded, a trailing slash kept."""
+    """Dot segments are removed (RFC 3986 5.2.4), repeated slashes kept, a trailing slash
+    kept."""
     assert normalize_path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("/a//b", "/a/b"), ("//a///b//", "/a/b/"), ("//", "/"), ("/a//./b", "/a/b")],
+)
+def test_normalize_path_merges_slashes_on_request(raw: str, expected: str) -> None:
+    """``merge_slashes`` folds repeated slashes as well."""
+    assert normalize_path(raw, merge_slashes=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "suspicious"),
+    [("/a/b", False), ("/a/.b/c.", False), ("/a%41", False), ("/a/./b", True),
+     ("/a/../b", True), ("/..", True), ("/a/%2e/b", True), ("/a%2Fb", True),
+     ("/a%5cb", True), ("/x.%2E", True)],
+)
+def test_suspicious_path(raw: str, suspicious: bool) -> None:
+    """What ``path_policy = "reject"`` refuses: dot segments, encoded '.', '/', '\\'."""
+    assert suspicious_path(raw) is suspicious
 
 
 @pytest.mark.parametrize(

@@ -853,3 +853,18 @@ def test_rewrite_paths_needs_a_stripped_prefix() -> None:
     assert spec_from_json(spec_to_json(spec)) == spec
     expect_error(minimal(routes={"prefix": "/web", "rewrite_paths": True}),
                  "routes.rewrite_paths", "strip_prefix")
+
+
+def test_upgrades_and_min_body_rate_reach_the_spec_and_its_json() -> None:
+    """[routes] upgrades and [limits] min_body_rate are read, checked, and kept in the JSON
+    form only when set (older documents stay byte for byte)."""
+    spec = parse(minimal(routes={"prefix": "/web", "upgrades": ["websocket", "Foo"]},
+                         limits={"min_body_rate": "512"}))
+    assert spec.routes.upgrades == ("websocket", "foo")
+    assert spec.limits.min_body_rate == 512
+    assert spec_from_json(spec_to_json(spec)) == spec
+    plain = parse(minimal())
+    assert plain.routes.upgrades == ("websocket",) and plain.limits.min_body_rate == 1024
+    doc = spec_to_json(plain)
+    assert "upgrades" not in doc["routes"] and "min_body_rate" not in doc["limits"]
+    expect_error(minimal(routes={"upgrades": ["h2c"]}), "routes.upgrades", "h2c")

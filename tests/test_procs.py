@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,11 @@ async def test_terminate_group_kills_what_ignores_sigterm() -> None:
 async def test_terminate_group_waits_for_members_then_kills_stragglers(tmp_path: Path) -> None:
     """With members=True the grace covers a member that outlives its leader; a member
     that would outlive the grace is killed with the group."""
-    marker = tmp_path / "finished"
+    marker, heard = tmp_path / "finished", tmp_path / "heard"
     (tmp_path / "polite.py").write_text(textwrap.dedent(f"""
         import pathlib, signal, sys, time
         def done(*_):
+            pathlib.Path({str(heard)!r}).write_text(str(time.monotonic()))
             time.sleep(0.3)  # finishing its requests
             pathlib.Path({str(marker)!r}).write_text("done")
             sys.exit(0)
@@ -102,11 +104,18 @@ async def test_terminate_group_waits_for_members_then_kills_stragglers(tmp_path:
             assert chunk, "the shell died before it was ready"
             out += chunk
     stubborn = int(out.split()[0])
-    started = trio.current_time()
+    before = sorted(procs.group_members(proc.pid))
+    started, signalled = trio.current_time(), time.monotonic()
     with trio.fail_after(TEST_DEADLINE):
         assert await procs.terminate_group(proc, grace=2.0, members=True)
-    assert marker.read_text() == "done", "the member did not get its grace period"
-    assert trio.current_time() - started >= 2.0, "the stubborn member was not waited for"
+    elapsed = trio.current_time() - started
+    # Everything needed to tell a stop that ended early from a member that never heard
+    # its SIGTERM (the shell's exit code is 0 only if it did hear it).
+    seen = (f"members before {before}; shell exit {proc.returncode}; stop took {elapsed:.2f} s;"
+            f" member heard SIGTERM after "
+            f"{float(heard.read_text()) - signalled if heard.exists() else None} s")
+    assert marker.exists(), f"the member did not get its grace period: {seen}"
+    assert elapsed >= 2.0, f"the stubborn member was not waited for: {seen}"
     with trio.fail_after(TEST_DEADLINE):
         while _alive(stubborn) and procs.group_members(proc.pid):
             await trio.sleep(0.01)  # the orphan is reaped by init, not by us

@@ -45,6 +45,7 @@ from superagent.coordinator import commands as cmd
 from superagent.coordinator.api import api_app
 from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, Peer, replicate
 from superagent.coordinator.auth import new_token, token_hash, write_private
+from superagent.coordinator.autoscale import DEFAULT_TIMING, AutoTiming
 from superagent.coordinator.deploy.runner import DeployRunner
 from superagent.coordinator.errors import (
     BadArchive,
@@ -96,6 +97,8 @@ class CoordinatorConfig:
     # a draining node keeps its instances this long (the front load balancer sees its
     # /-/healthz answer 503 and stops sending), then the reconciler moves them
     drain_wait: float = DRAIN_WAIT
+    # the autoscalers' windows and cooldowns (--autoscale-timing; defaults: autoscale's)
+    autoscale: AutoTiming = DEFAULT_TIMING
     extra: dict[str, Any] = field(default_factory=dict)
     # the secret participants shared before machine credentials (a migration; "": none)
     participant_secret: str = ""
@@ -130,7 +133,8 @@ class Coordinator:
         self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
         self.membership_lock = trio.Lock()  # one change of the coordinators at a time
         self.deploys = DeployRunner(self)
-        self.reconciler = Reconciler(self, drain_wait=config.drain_wait)
+        self.reconciler = Reconciler(self, drain_wait=config.drain_wait,
+                                     autoscale=config.autoscale)
         self._log = log.bind(coordinator=config.id)
 
     def __repr__(self) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -88,7 +89,7 @@ from superagent.participant.supervisor import (
     InstanceConfig,
     State,
 )
-from superagent.proxy.snapshot import AppRoute, Timeouts
+from superagent.proxy.snapshot import AppRoute, ServerSettings, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
 from superagent.rpc import messages as msg
 from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
@@ -117,6 +118,9 @@ class AgentConfig:
     coordinator: tuple[str, ...] = ()  # coordinator API URLs; empty: no cluster to join
     advertise: str | None = None  # HOST:PORT coordinators reach the RPC at (default: rpc)
     capacity: int = 100  # instances this node offers the scheduler
+    # Front load balancers whose X-Forwarded-For/-Proto/-Host the proxy appends to rather
+    # than replaces, so apps see the client and not the balancer (networks, "10.0.0.0/8").
+    trusted_proxies: tuple[str, ...] = ()
     heartbeat_interval: float = 1.0  # seconds between heartbeats to the coordinator
 
 
@@ -133,7 +137,9 @@ class Agent:
                                    start=int(hashlib.sha256(config.node.encode()).hexdigest(),
                                              16))
         self.proxy = ProxyDriver(data / "proxy", workers=config.proxy_workers,
-                                 parser=config.parser, listen=config.listen)
+                                 parser=config.parser, listen=config.listen,
+                                 settings=ServerSettings(trusted_proxies=tuple(
+                                     ipaddress.ip_network(n) for n in config.trusted_proxies)))
         self.log_hub = LogHub()
         # one parent group per node name, so two agents on one machine never share a group
         self.cgroups = (detect_cgroups(parent=f"{PARENT_GROUP}.{config.node}")
@@ -708,6 +714,7 @@ class Agent:
                     strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
                     rewrite_paths=r.rewrite_paths,
                     hosts=r.hosts, port=r.port, max_body=limits.max_body,
+                    min_body_rate=limits.min_body_rate, upgrades=r.upgrades,
                     timeouts=Timeouts(first_byte=timeout, idle=timeout)))
             if apps == self._applied:
                 return self.proxy.snapshot.version

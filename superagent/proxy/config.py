@@ -21,8 +21,16 @@ from typing import Any
 
 from superagent.config import Table, parse_address, read_toml
 from superagent.errors import ConfigError, HTTPSyntaxError
-from superagent.httprules import DEFAULT_MAX_BODY, normalize_host, normalize_path
+from superagent.httprules import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MIN_BODY_RATE,
+    DEFAULT_UPGRADES,
+    normalize_host,
+    normalize_path,
+    upgrade_protocol,
+)
 from superagent.proxy.snapshot import (
+    PATH_POLICIES,
     AppRoute,
     Instance,
     Listener,
@@ -87,6 +95,8 @@ def snapshot_to_wire(snapshot: RoutingSnapshot) -> dict[str, Any]:
         "access_log": s.access_log,
         "pool_idle_timeout": s.pool_idle_timeout,
         "pool_max_idle": s.pool_max_idle,
+        "merge_slashes": s.merge_slashes,
+        "path_policy": s.path_policy,
     }
     if dedicated:
         proxy["dedicated_host"] = dedicated[0].host
@@ -101,9 +111,12 @@ def snapshot_to_wire(snapshot: RoutingSnapshot) -> dict[str, Any]:
             **({"rewrite_paths": True} if app.rewrite_paths else {}),
             "hosts": list(app.hosts),
             "max_body": app.max_body,
+            "min_body_rate": app.min_body_rate,
+            "upgrades": list(app.upgrades),
             "retries": app.retries,
             "timeouts": {"connect": t.connect, "first_byte": t.first_byte, "idle": t.idle,
-                         "total": t.total, "websocket_idle": t.websocket_idle},
+                         "total": t.total, "websocket_idle": t.websocket_idle,
+                         "body_window": t.body_window, "body": t.body},
         }
         if app.prefix is not None:
             entry["prefix"] = app.prefix
@@ -194,6 +207,8 @@ def _read_settings(proxy: Table) -> ServerSettings:
         access_log=proxy.flag("access_log", d.access_log),
         pool_idle_timeout=proxy.duration("pool_idle_timeout", d.pool_idle_timeout),
         pool_max_idle=proxy.integer("pool_max_idle", d.pool_max_idle, minimum=0),
+        merge_slashes=proxy.flag("merge_slashes", d.merge_slashes),
+        path_policy=proxy.text("path_policy", d.path_policy, choices=PATH_POLICIES),
     )
 
 
@@ -202,6 +217,18 @@ def _positive(table: Table, name: str, default: float) -> float:
     if value <= 0:
         raise table.error(name, "must be greater than zero")
     return value
+
+
+def _read_upgrades(t: Table) -> tuple[str, ...]:
+    upgrades: list[str] = []
+    for value in t.str_list("upgrades", list(DEFAULT_UPGRADES)):
+        try:
+            name = upgrade_protocol(value)
+        except HTTPSyntaxError as exc:
+            raise t.error("upgrades", str(exc)) from None
+        if name not in upgrades:
+            upgrades.append(name)
+    return tuple(upgrades)
 
 
 def _read_app(apps: Table, name: str) -> AppRoute:
@@ -230,7 +257,7 @@ def _read_app(apps: Table, name: str) -> AppRoute:
     prefix = t.text("prefix", None)
     if prefix is not None:
         try:
-            prefix = normalize_path(prefix)
+            prefix = normalize_path(prefix, merge_slashes=True)
         except HTTPSyntaxError as exc:
             raise t.error("prefix", str(exc)) from None
         if "?" in prefix or "%" in prefix:
@@ -253,6 +280,8 @@ def _read_app(apps: Table, name: str) -> AppRoute:
         idle=_positive(timeouts_table, "idle", d.idle),
         total=timeouts_table.duration("total", d.total),
         websocket_idle=_positive(timeouts_table, "websocket_idle", d.websocket_idle),
+        body_window=_positive(timeouts_table, "body_window", d.body_window),
+        body=timeouts_table.duration("body", d.body),
     )
     timeouts_table.done()
     app = AppRoute(
@@ -264,6 +293,8 @@ def _read_app(apps: Table, name: str) -> AppRoute:
         hosts=tuple(hosts),
         port=port,
         max_body=t.size("max_body", DEFAULT_MAX_BODY),
+        min_body_rate=t.size("min_body_rate", DEFAULT_MIN_BODY_RATE),
+        upgrades=_read_upgrades(t),
         retries=t.integer("retries", 2, minimum=0, maximum=10),
         timeouts=timeouts,
     )

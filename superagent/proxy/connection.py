@@ -56,7 +56,7 @@ HEALTH_PATH: Final = "/-/healthz"
 CLIENT_CLOSED: Final = 499  # logged status when the client left before an answer (as nginx does)
 _STATUS_CODES: Final = {400: "bad-request", 408: "client-header-timeout", 413: "body-too-large",
                  414: "request-line-too-long", 431: "headers-too-large",
-                 505: "version-not-supported"}
+                 501: "not-implemented", 505: "version-not-supported"}
 # Phases whose expiry the proxy answers itself when no response byte was sent yet.
 _EXPIRY_ANSWERS: Final = {
     "client-header": (408, "client-header-timeout", "request head not received in time"),
@@ -204,8 +204,7 @@ class ClientConnection:
         if isinstance(event, ParseFailure):
             if self.x is None:
                 self.x = _Exchange()
-            code = _STATUS_CODES.get(event.status, "bad-request")
-            await self._answer_error(ProtocolError(event.status, event.detail, code))
+            await self._answer_error(_refusal(event))
             self._account()
         return None
 
@@ -219,9 +218,11 @@ class ClientConnection:
         req: Request | None = None
         keep_alive = False
         try:
-            req = http1.interpret_request(head)
+            settings = state.settings
+            req = http1.interpret_request(head, settings.merge_slashes,
+                                          settings.path_policy == "reject")
             x.method = req.method
-            x.target = req.path + req.query
+            x.target = "*" if req.asterisk else req.path + req.query
             x.request_id = req.request_id or state.request_ids.next()
             keep_alive = req.keep_alive and not state.closing and req.upgrade is None
             if req.path == HEALTH_PATH:
@@ -231,7 +232,10 @@ class ClientConnection:
                 raise HTTPError(404, "no-route", f"no app serves {req.host or ''}{req.path}")
             x.app = match.app.name
             x.rule = match.rule
+            if req.upgrade is not None:
+                req.upgrade = http1.allowed_upgrade(req.upgrade, match.app.upgrades)
             max_body = match.app.max_body
+            self.parser.limit_body(max_body)
             if max_body and req.content_length is not None and req.content_length > max_body:
                 raise HTTPError(413, "body-too-large",
                                 f"request body exceeds the app's limit of {max_body} bytes")
@@ -333,7 +337,8 @@ class ClientConnection:
         assert x is not None
         if app.timeouts.total > 0:
             x.total_deadline = x.started + app.timeouts.total
-        head = http1.upstream_head(req, match.target, self.peer, x.request_id, match.stripped)
+        head = http1.upstream_head(req, "*" if req.asterisk else match.target, self.peer,
+                                   x.request_id, match.stripped)
         if app.rewrite_paths and match.stripped:
             x.rewrite = match.stripped.encode()
         body = self._buffered_body(req, app)
@@ -374,7 +379,7 @@ class ClientConnection:
         if END not in events:
             for event in events:
                 if isinstance(event, ParseFailure):  # refuse before anything reaches the app
-                    raise ProtocolError(event.status, event.detail)
+                    raise _refusal(event)
             return None
         parts: list[bytes] = []
         size = 0
@@ -386,7 +391,7 @@ class ClientConnection:
                 parts.append(event)
                 size += len(event)
             elif isinstance(event, ParseFailure):
-                raise ProtocolError(event.status, event.detail)
+                raise _refusal(event)
         if app.max_body and size > app.max_body:
             raise HTTPError(413, "body-too-large",
                             f"request body exceeds the app's limit of {app.max_body} bytes",
@@ -515,8 +520,12 @@ class ClientConnection:
                 raise UpstreamError(502, "upstream-bad-response", event.detail)
         resp = event
         if resp.status == 101:
-            if req.upgrade is None:
-                raise UpstreamError(502, "upstream-bad-response", "unexpected 101 response")
+            if not http1.switch_allowed(resp, req.upgrade):
+                # A tunnel nobody allowed would carry the client's later requests past
+                # routing and the forwarding headers: refuse it and end the connection.
+                raise HTTPError(502, "upstream-bad-response",
+                                "the app switched to a protocol that was not offered",
+                                close=True)
             if events and events[0] is END:
                 events.popleft()
             await self._tunnel(conn, resp, timeouts)
@@ -607,12 +616,25 @@ class ClientConnection:
             netio.shutdown_write(dst)
 
 
+def _refusal(failure: ParseFailure) -> ProtocolError:
+    """The answer to a request the parser refused (the code its status documents)."""
+    return ProtocolError(failure.status, failure.detail,
+                         _STATUS_CODES.get(failure.status, "bad-request"))
+
+
 class _Upload:
     """Streams a request body from the client to the upstream, beside the response wait.
 
     It has its own timeouts (the connection's deadline belongs to the response side) and
     never raises: a failure is kept in ``error`` and the upstream connection is closed, so
     the app can never take a truncated body for a whole one.
+
+    A client that drips its body would otherwise hold a connection and an upstream for as
+    long as each byte comes within ``idle``. So the time spent waiting for the client is
+    cut into windows of ``timeouts.body_window``: each must bring ``app.min_body_rate``
+    bytes per second on average, and the whole body must arrive within ``timeouts.body``
+    (when set). Waiting for the app to read does not count against the client. Each
+    failure is the client's: 408 ``client-body-timeout``.
     """
 
     __slots__ = ("client", "conn", "done", "error", "req", "timeouts")
@@ -636,20 +658,45 @@ class _Upload:
         events = client.events
         app = client.state.table.apps.get(x.app)
         max_body = app.max_body if app is not None else 0
+        rate = app.min_body_rate if app is not None else 0
         chunked = self.req.chunked
         upstream = self.conn.sock
-        idle = self.timeouts.idle
+        timeouts = self.timeouts
+        idle = timeouts.idle
+        window = timeouts.body_window
+        deadline = trio.current_time() + timeouts.body if timeouts.body > 0 else math.inf
+        waited = 0.0  # time spent waiting for the client in the current window
+        arrived = 0  # bytes the client sent in it
         size = 0
         try:
             if self.req.expect_continue:
                 await send_all(client.sock, http1.CONTINUE)
             while True:
                 while not events:
-                    with trio.move_on_after(idle) as slow:
+                    began = trio.current_time()
+                    wait = min(idle, deadline - began, window - waited if rate else idle)
+                    data = b""
+                    with trio.move_on_after(max(wait, 0.0)) as slow:
                         data = await recv(client.sock)
-                    if slow.cancelled_caught:
+                    now = trio.current_time()
+                    waited += now - began
+                    arrived += len(data)
+                    if now >= deadline:
+                        raise HTTPError(408, "client-body-timeout",
+                                        "request body not received within the body timeout",
+                                        close=True)
+                    if rate and waited >= window:
+                        if arrived < rate * waited:
+                            raise HTTPError(408, "client-body-timeout",
+                                            f"request body slower than {rate} bytes/s",
+                                            close=True)
+                        waited = 0.0
+                        arrived = 0
+                    elif slow.cancelled_caught:
                         raise HTTPError(408, "client-body-timeout",
                                         "request body not received in time", close=True)
+                    if slow.cancelled_caught:
+                        continue
                     if not data:
                         client.parser.feed_eof()
                         if not events:
@@ -672,7 +719,7 @@ class _Upload:
                         raise UpstreamError(504, "upstream-idle-timeout",
                                             "the app stopped reading the request body")
                 elif isinstance(event, ParseFailure):
-                    raise ProtocolError(event.status, event.detail)
+                    raise _refusal(event)
             if chunked:
                 await send_all(upstream, http1.LAST_CHUNK)
             x.bytes_in += size

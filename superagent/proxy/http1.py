@@ -5,7 +5,17 @@ every parser shares (version, framing conflicts, Host, target form). The
 ``*_head`` functions serialise the one canonical message that crosses the proxy
 in each direction: hop-by-hop headers and every header named in ``Connection``
 removed, framing re-derived (``Content-Length`` or ``chunked``, never both),
-forwarding headers set by the proxy itself. Nothing here does I/O.
+forwarding headers (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``) set by the proxy
+itself. A header whose name differs from one of those, or from a framing header, only by
+``_`` for ``-`` is dropped: WSGI and CGI servers fold both spellings into one environ
+name, so ``X_Real_IP`` would otherwise stand in for the proxy's own.
+
+Upgrades: a request's ``Upgrade`` offer is kept only for the protocols its app allows
+(``allowed_upgrade``; websocket by default, never h2c), and a connection that carried an
+offer is not reused, as the parsers stop at it. ``switch_allowed`` checks an upstream's
+101 against what was offered; anything else is refused rather than tunnelled, because a
+tunnel carries later requests past routing and the forwarding headers. Nothing here
+does I/O.
 """
 
 from __future__ import annotations
@@ -17,8 +27,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from superagent.errors import HTTPSyntaxError
-from superagent.httprules import normalize_host, normalize_path
-from superagent.proxy.errors import ProtocolError, UpstreamError
+from superagent.httprules import normalize_host, normalize_path, suspicious_path
+from superagent.proxy.errors import HTTPError, ProtocolError, UpstreamError
 from superagent.proxy.parsers import Headers, RequestHead, ResponseHead
 from superagent.proxy.routes import split_target
 
@@ -28,9 +38,17 @@ HOP_BY_HOP: Final = frozenset({
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
 # Request headers the proxy sets itself (client-supplied copies are dropped or merged).
+# HTTP2-Settings belongs to the h2c upgrade, which is never tunnelled.
 _REQUEST_OWNED: Final = HOP_BY_HOP | {
     b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"x-forwarded-prefix", b"forwarded", b"via", b"x-request-id",
+    b"x-real-ip", b"http2-settings",
+}
+# Names whose "_" spelling is dropped (see the module docstring): everything the proxy
+# owns plus the forwarding headers other proxies set.
+_UNDERSCORE_SHADOWED: Final = _REQUEST_OWNED | {
+    b"x-forwarded-port", b"x-forwarded-server", b"x-forwarded-scheme", b"x-forwarded-ssl",
+    b"x-client-ip", b"x-original-forwarded-for", b"client-ip", b"true-client-ip",
 }
 _RESPONSE_OWNED: Final = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id"}
 _REQUEST_ID_OK: Final = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,200}")
@@ -66,6 +84,8 @@ class Request:
     request_id: bytes | None = None
     connection_tokens: frozenset[bytes] = frozenset()
     forwarded: bytes | None = None
+    asterisk = False  # "OPTIONS *": routed as "/", sent upstream in asterisk form
+    real_ip: bytes | None = None
     xff: bytes | None = None
     xfproto: bytes | None = None
     xfhost: bytes | None = None
@@ -80,8 +100,12 @@ class Request:
         return self.chunked or bool(self.content_length)
 
 
-def interpret_request(head: RequestHead) -> Request:
-    """Validate ``head`` and return the ``Request``; raises ProtocolError (connection closes)."""
+def interpret_request(head: RequestHead, merge_slashes: bool = False,
+                      reject_paths: bool = False) -> Request:
+    """Validate ``head`` and return the ``Request``; raises ProtocolError (connection closes).
+
+    ``merge_slashes`` folds repeated slashes in the path; ``reject_paths`` refuses a path
+    with dot segments or encoded ``.``, ``/``, backslash (``path_policy = "reject"``)."""
     req = Request()
     version = head.version
     if version != "1.1" and version != "1.0":
@@ -108,6 +132,8 @@ def interpret_request(head: RequestHead) -> Request:
         name, value = item
         lname = name.lower()
         if lname not in owned:
+            if b"_" in lname and lname.replace(b"_", b"-") in _UNDERSCORE_SHADOWED:
+                continue
             kept.append(item)
             continue
         if lname == b"host":
@@ -135,6 +161,8 @@ def interpret_request(head: RequestHead) -> Request:
             req.xff = value if req.xff is None else req.xff + b", " + value
         elif lname == b"forwarded":
             req.forwarded = value if req.forwarded is None else req.forwarded + b", " + value
+        elif lname == b"x-real-ip":
+            req.real_ip = value
         elif lname == b"x-forwarded-proto":
             req.xfproto = value
         elif lname == b"x-forwarded-host":
@@ -173,7 +201,8 @@ def interpret_request(head: RequestHead) -> Request:
     if len(hosts) > 1:
         raise ProtocolError(400, "more than one Host header")
     if target == "*" and method == "OPTIONS":
-        target = "/"  # asterisk-form: asked of the app's root
+        target = "/"  # asterisk-form: routed as the root, relayed as "*"
+        req.asterisk = True
     if target[:1] == "/" and "#" not in target:  # origin-form, the common case
         target_host = None
         path, sep, query = target.partition("?")
@@ -200,14 +229,43 @@ def interpret_request(head: RequestHead) -> Request:
         raise ProtocolError(400, "missing Host header")
     else:
         req.host = target_host
+    if reject_paths and suspicious_path(path):
+        raise HTTPError(400, "path-rejected", "dot segments and encoded '.', '/' or '\\'"
+                        " are refused here (path_policy)", close=True)
     try:
-        req.path = normalize_path(path)
+        req.path = normalize_path(path, merge_slashes)
     except HTTPSyntaxError as exc:
         raise ProtocolError(400, str(exc)) from None
     req.query = query
-    if upgrade is not None and b"upgrade" in tokens and method == "GET":
-        req.upgrade = upgrade.strip()
+    if upgrade is not None and b"upgrade" in tokens:
+        # The parsers stop at an upgrade offer, whatever comes of it: no reuse.
+        req.keep_alive = False
+        if method == "GET":
+            req.upgrade = upgrade.strip()
     return req
+
+
+def allowed_upgrade(offer: bytes, allowed: tuple[str, ...]) -> bytes | None:
+    """The part of an ``Upgrade`` offer the app allows (protocol names, case-insensitive,
+    a ``/version`` kept), or None when nothing is left."""
+    kept = []
+    for item in offer.split(b","):
+        protocol = item.strip()
+        name = protocol.split(b"/")[0].lower()
+        if name and name != b"h2c" and name.decode("latin-1") in allowed:
+            kept.append(protocol)
+    return b", ".join(kept) if kept else None
+
+
+def switch_allowed(resp: ResponseHead, offer: bytes | None) -> bool:
+    """True when a 101 switches to a protocol that was offered (and so allowed)."""
+    if offer is None:
+        return False
+    offered = {item.strip().split(b"/")[0].lower() for item in offer.split(b",")}
+    chosen = [v for n, v in resp.headers if n.lower() == b"upgrade"]
+    if len(chosen) != 1:
+        return False
+    return chosen[0].strip().split(b"/")[0].lower() in offered
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +293,9 @@ def upstream_head(req: Request, target: str, peer: Peer, request_id: bytes,
     ip = peer.ip.encode()
     host = req.host_header or (req.host or "").encode()
     own = b"for=" + peer.forwarded_for + b";proto=" + peer.proto + b';host="' + host + b'"'
+    real_ip = ip
     if peer.trusted:
+        real_ip = req.real_ip or ip  # the front proxy's view of the client, when it sent one
         xff = req.xff + b", " + ip if req.xff else ip
         proto = req.xfproto or peer.proto
         xfhost = req.xfhost or host
@@ -247,6 +307,7 @@ def upstream_head(req: Request, target: str, peer: Peer, request_id: bytes,
         parts += (name, b": ", value, b"\r\n")
     parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto,
               b"\r\nX-Forwarded-Host: ", xfhost, b"\r\nForwarded: ", forwarded,
+              b"\r\nX-Real-IP: ", real_ip,
               b"\r\nVia: ", req.via + b", " + VIA if req.via else VIA,
               b"\r\nX-Request-Id: ", request_id, b"\r\n")
     outer = req.xfprefix.rstrip(b"/") if peer.trusted and req.xfprefix else b""

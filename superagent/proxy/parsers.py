@@ -110,6 +110,10 @@ class RequestParser(Protocol):
     def upgrade_leftover(self) -> bytes:
         """Bytes after an upgrade request's head: the first bytes of the tunnel."""
 
+    def limit_body(self, max_body: int) -> None:
+        """The current request's app takes at most ``max_body`` bytes (0: no limit): a
+        chunk announcing more is refused with 413 before any of it is relayed."""
+
 
 class ResponseParser(Protocol):
     events: deque[Event]
@@ -240,6 +244,9 @@ class HttptoolsRequestParser:
     def upgrade_leftover(self) -> bytes:
         return self._leftover
 
+    def limit_body(self, max_body: int) -> None:
+        pass  # llhttp refuses chunk sizes past 2^64; max_body is counted as data streams
+
 
 class HttptoolsResponseParser:
     """llhttp-backed response parser; it lives as long as its upstream connection."""
@@ -331,12 +338,25 @@ class HttptoolsResponseParser:
         return self._leftover
 
 
+_ECHO_START = re.compile(r"\s*:?\s*(?:b'|b\"|bytearray\(|\{!r\}|'|\")")
+
+
 def _describe(exc: Exception) -> str:
+    """A parser error as a detail for the error body: the library's words without the peer's
+    bytes (h11 quotes the offending line as a Python repr; an answer never echoes input)."""
     text = str(exc) or type(exc).__name__
-    return text[:200]
+    found = _ECHO_START.search(text)
+    if found is not None:
+        text = text[:found.start()] or type(exc).__name__
+    return "".join(ch for ch in text[:200] if " " <= ch <= "~")
 
 
 # --------------------------------------------------------------------------- h11
+
+# The largest chunk h11 may announce before routing tells the app's max_body: a size no real
+# client sends, far below 2^63, so a front proxy that wraps sizes at 64 bits cannot read
+# the framing differently (h11 itself accepts 20 hex digits).
+MAX_CHUNK_SIZE: Final = 1 << 40
 
 # What h11 would accept in a head but we refuse: obs-fold, a bare CR or LF, control characters.
 # A CR at the very end of what arrived so far may still be followed by its LF.
@@ -351,13 +371,14 @@ class H11RequestParser:
     time costs linear work.
     """
 
-    __slots__ = ("_conn", "_failed", "_head_buf", "_head_checked", "_limits", "_scanned",
-                 "_start", "events")
+    __slots__ = ("_conn", "_failed", "_head_buf", "_head_checked", "_limits", "_max_body",
+                 "_scanned", "_start", "events")
 
     def __init__(self, limits: Limits) -> None:
         self.events: deque[Event] = deque()
         self._limits = limits
         self._failed = False
+        self._max_body = 0
         self._new_cycle()
 
     def __repr__(self) -> str:
@@ -365,6 +386,7 @@ class H11RequestParser:
 
     def _new_cycle(self) -> None:
         self._conn = h11.Connection(h11.SERVER)
+        self._max_body = 0
         self._head_buf = bytearray()
         self._head_checked = False
         self._start = 0  # where the request line starts (empty lines before it are skipped)
@@ -420,7 +442,10 @@ class H11RequestParser:
                 return self._fail(exc.error_status_hint, _describe(exc))
             kind = type(event)
             if kind is h11.Data:
-                self.events.append(bytes(event.data))  # type: ignore[union-attr]
+                data = bytes(event.data)  # type: ignore[union-attr]
+                if self._chunk_too_big(len(data)):
+                    return
+                self.events.append(data)
             elif kind is h11.Request:
                 req: h11.Request = event  # type: ignore[assignment]
                 if len(req.headers) > self._limits.max_headers:
@@ -432,7 +457,29 @@ class H11RequestParser:
                 self.events.append(END)
                 return
             else:  # NEED_DATA, PAUSED or ConnectionClosed
+                self._chunk_too_big(0)  # a chunk header may have arrived without data
                 return
+
+    def _chunk_too_big(self, taken: int) -> bool:
+        """Fail when the chunk being read announced more than the limit; ``taken``: its
+        bytes h11 just handed over. h11 keeps a chunk's remaining size in its reader,
+        which is the only place the announced size can be seen before the data."""
+        remaining = getattr(getattr(self._conn, "_reader", None), "_bytes_in_chunk", 0)
+        if not isinstance(remaining, int) or not remaining:
+            return False
+        announced = remaining + taken
+        if self._max_body and announced > self._max_body:
+            self._fail(413, "a chunk larger than the app's body limit")
+            return True
+        if announced > MAX_CHUNK_SIZE:
+            self._fail(400, "chunk size too large")
+            return True
+        return False
+
+    def limit_body(self, max_body: int) -> None:
+        self._max_body = max_body
+        if self._head_checked and not self._failed:
+            self._chunk_too_big(0)
 
     def feed_eof(self) -> None:
         if self._failed:
@@ -473,9 +520,10 @@ class H11ResponseParser:
         # h11 learns the request's method (HEAD) and upgrade wish from a request it "sent".
         self._done = False
         conn = h11.Connection(h11.CLIENT)
-        headers = [(b"host", b"upstream"), (b"content-length", b"0")]
-        if upgrade is not None:
-            headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        # An upgrade is always "proposed", so that a 101 nobody offered parses as a 101
+        # (the relay refuses it and closes the client connection) rather than as garbage.
+        headers = [(b"host", b"upstream"), (b"content-length", b"0"),
+                   (b"connection", b"upgrade"), (b"upgrade", upgrade or b"none")]
         conn.send(h11.Request(method=b"HEAD" if head_request else b"GET", target=b"/",
                               headers=headers))
         conn.send(h11.EndOfMessage())

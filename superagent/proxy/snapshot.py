@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Final
 
-from superagent.httprules import DEFAULT_MAX_BODY
+from superagent.httprules import DEFAULT_MAX_BODY, DEFAULT_MIN_BODY_RATE, DEFAULT_UPGRADES
 
+PATH_POLICIES: Final = ("normalize", "reject")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -26,6 +28,12 @@ class Timeouts:
     idle: float = 60.0
     total: float = 0.0
     websocket_idle: float = 3600.0
+    # A streamed request body: the client must send at least ``AppRoute.min_body_rate``
+    # bytes per second, averaged over each ``body_window`` seconds the proxy waits for it
+    # (time spent waiting for the app to read does not count), and all of it within
+    # ``body`` seconds (0: no limit). Either failing is answered 408 client-body-timeout.
+    body_window: float = 10.0
+    body: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,6 +66,10 @@ class AppRoute:
     hosts: tuple[str, ...] = ()
     port: int | None = None
     max_body: int = DEFAULT_MAX_BODY  # 0: no limit
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE  # bytes/s over timeouts.body_window; 0: none
+    # Upgrade protocols tunnelled to the app (lower case); any other Upgrade is dropped
+    # and the request relayed as a plain one.
+    upgrades: tuple[str, ...] = DEFAULT_UPGRADES
     retries: int = 2
     timeouts: Timeouts = field(default_factory=Timeouts)
 
@@ -85,6 +97,8 @@ class ServerSettings:
     access_log: bool = True
     pool_idle_timeout: float = 4.0
     pool_max_idle: int = 64
+    merge_slashes: bool = False  # fold "//" in request paths (not an RFC 3986 equivalence)
+    path_policy: str = "normalize"  # "reject": 400 for dot segments, encoded dot/slash/backslash
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

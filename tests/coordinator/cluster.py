@@ -67,8 +67,10 @@ class Cluster:
     """N coordinator processes on loopback (see the module docstring)."""
 
     def __init__(self, root: Path, size: int = 3, *, node_timeout: float | None = None,
-                 log_level: str = "info", participant_secret: str | None = SECRET) -> None:
+                 log_level: str = "info", participant_secret: str | None = SECRET,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.extra_args = extra_args  # more `superagent coordinator` options, for every member
         self.root.mkdir(parents=True, exist_ok=True)
         ports = free_ports(2 * size)
         self.members = [Member(i, root, ports[2 * i], ports[2 * i + 1]) for i in range(size)]
@@ -111,7 +113,7 @@ class Cluster:
             argv += ["--secret-file", str(self.secret_file)]
         if self.node_timeout is not None:
             argv += ["--node-timeout", str(self.node_timeout)]
-        return argv
+        return argv + list(self.extra_args)
 
     def start(self, i: int) -> None:
         """Start member ``i`` (again, on the same ports and data dir)."""

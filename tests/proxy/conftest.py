@@ -54,7 +54,7 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
 # Headers the proxy owns on the way up: exactly one copy each.
 PROXY_OWNED = (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-               b"forwarded", b"via", b"x-request-id")
+               b"forwarded", b"via", b"x-request-id", b"x-real-ip")
 _TCP_FIN_WAIT2 = 5  # tcpi_state once the peer acknowledged our FIN
 
 

@@ -46,12 +46,16 @@ trusted_proxies = ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]
 access_log = false
 pool_idle_timeout = "2500ms"
 pool_max_idle = 8
+merge_slashes = true
+path_policy = "reject"
 
 [apps.web]
 prefix = "/web/"
 strip_prefix = true
 instances = ["127.0.0.1:9000", { id = "web-b", address = "[::1]:9001" }]
 max_body = "1M"
+min_body_rate = "2K"
+upgrades = ["WebSocket", "foo/2"]
 retries = 1
 
 [apps.web.timeouts]
@@ -60,6 +64,8 @@ first_byte = "30s"
 idle = "45s"
 total = "2m"
 websocket_idle = "1h"
+body_window = "5s"
+body = "90s"
 
 [apps.api]
 hosts = ["API.example.com", "*.api.example.com"]
@@ -111,15 +117,17 @@ def test_load_full_config(tmp_path: Path) -> None:
         max_request_line=4096, max_connections=500,
         trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"),
                          ipaddress.ip_network("192.168.1.7/32")),
-        access_log=False, pool_idle_timeout=2.5, pool_max_idle=8)
+        access_log=False, pool_idle_timeout=2.5, pool_max_idle=8, merge_slashes=True,
+        path_policy="reject")
     web, api, admin = snap.apps
     assert web == AppRoute(
         name="web",
         instances=(Instance(id="127.0.0.1:9000", host="127.0.0.1", port=9000),
                    Instance(id="web-b", host="::1", port=9001)),
         prefix="/web", strip_prefix=True, max_body=1024 * 1024, retries=1,
+        min_body_rate=2048, upgrades=("websocket", "foo/2"),
         timeouts=Timeouts(connect=1.0, first_byte=30.0, idle=45.0, total=120.0,
-                          websocket_idle=3600.0))
+                          websocket_idle=3600.0, body_window=5.0, body=90.0))
     assert api.hosts == ("api.example.com", "*.api.example.com")
     assert api.prefix is None and api.port is None
     assert api.instances == (Instance(id="127.0.0.1:9100", host="127.0.0.1", port=9100),)
@@ -288,6 +296,14 @@ INVALID_DOCUMENTS = [
         (with_changes(apps__web__port=70000), "apps.web.port", "at most 65535"),
         (with_changes(apps__web__retries=11), "apps.web.retries", "at most 10"),
         (with_changes(apps__web__max_body="lots"), "apps.web.max_body", "size"),
+        (with_changes(apps__web__min_body_rate="slow"), "apps.web.min_body_rate", "size"),
+        (with_changes(apps__web__upgrades=["h2c"]), "apps.web.upgrades", "h2c cannot"),
+        (with_changes(apps__web__upgrades=["web socket"]), "apps.web.upgrades",
+         "not a protocol"),
+        (with_changes(apps__web__timeouts={"body_window": "0"}),
+         "apps.web.timeouts.body_window", "greater than zero"),
+        (with_changes(proxy__path_policy="strict"), "proxy.path_policy", "one of"),
+        (with_changes(proxy__merge_slashes="no"), "proxy.merge_slashes", "true or false"),
         (with_changes(apps__web__strip_prefix=1), "apps.web.strip_prefix", "true or false"),
         (with_changes(apps__web=5), "apps.web", "expected a table"),
         (with_changes(apps__bad__name={"prefix": "/x"}), "apps.bad.name", "unknown key"),

@@ -215,8 +215,9 @@ SEGMENTS = ["", ".", "..", "%2e", "%2E", "%2e%2E", "%2E%2e", ".%2e", "%2e.", "%2
             "%5c..", "%2e%2e%2f", "%61", "%62", "h%65llo", "x"]
 
 
-def reference_normalize(path: str) -> str:
-    """RFC 3986 remove_dot_segments after decoding unreserved escapes, empty segments folded."""
+def reference_normalize(path: str, merge: bool = False) -> str:
+    """RFC 3986 remove_dot_segments after decoding unreserved escapes (``merge``: empty
+    segments folded too)."""
     def decode(m: re.Match[str]) -> str:
         ch = chr(int(m.group(1), 16))
         return ch if ch in UNRESERVED else "%" + m.group(1).upper()
@@ -227,7 +228,7 @@ def reference_normalize(path: str) -> str:
         if seg == "..":
             if out:
                 out.pop()
-        elif seg not in ("", "."):
+        elif seg != "." and (seg or not merge):
             out.append(seg)
             continue
         if i == len(parts) - 1:
@@ -237,7 +238,7 @@ def reference_normalize(path: str) -> str:
 
 def expected_app(normalized: str) -> str:
     """The app whose prefix is the longest segment-wise prefix of ``normalized``."""
-    segs = [s for s in normalized.split("/") if s]
+    segs = normalized.split("/")[1:]  # an empty segment is a segment (no merge_slashes)
     best, best_len = PREFIX_APPS["/"], 0
     for prefix, name in PREFIX_APPS.items():
         psegs = [s for s in prefix.split("/") if s]
@@ -254,15 +255,17 @@ paths = st.builds(
 
 
 @settings(max_examples=400, deadline=None)
-@given(paths)
-def test_normalize_path_properties(path: str) -> None:
-    """Normalisation is idempotent, matches RFC 3986 dot removal, and leaves no dot segments."""
-    n = normalize_path(path)
-    assert normalize_path(n) == n
-    assert n == reference_normalize(path)
+@given(paths, st.booleans())
+def test_normalize_path_properties(path: str, merge: bool) -> None:
+    """Normalisation is idempotent, matches RFC 3986 dot removal, and leaves no dot segments
+    (nor, with merge_slashes, empty ones)."""
+    n = normalize_path(path, merge)
+    assert normalize_path(n, merge) == n
+    assert n == reference_normalize(path, merge)
     segs = n.split("/")[1:]
     assert all(s not in (".", "..") for s in segs)
-    assert all(segs[:-1]), f"empty segment inside {n!r}"
+    if merge:
+        assert all(segs[:-1]), f"empty segment inside {n!r}"
     assert re.search(r"%2[eE]|%2f|%5c", n) is None  # dots decoded, other escapes upper-case
 
 
