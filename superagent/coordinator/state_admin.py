@@ -20,15 +20,28 @@ must be.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Self
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.errors import Conflict, UnknownCoordinator
 
-if TYPE_CHECKING:
-    from superagent.coordinator.state import ClusterState
-
 Result = dict[str, Any]
+
+
+class ClusterState(Protocol):
+    """The part of ``state.ClusterState`` used here (a Protocol: state imports this
+    module)."""
+
+    apps: dict[str, Any]
+    releases: dict[str, list[Any]]
+    nodes: dict[str, Any]
+    deploys: dict[str, Any]
+    tokens: dict[str, dict[str, Any]]
+    coordinators: dict[str, str]
+    members: dict[str, str]
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self: ...
 #: What a restore copies from the backup; the rest is the restoring cluster's own.
 RESTORED = ("apps", "releases", "last_release", "nodes", "placement", "placement_reason",
             "deploys", "audit", "audit_seq", "idempotency", "quotas", "trust")
