@@ -19,7 +19,9 @@ Theory of operation.
 - **Restore** (``POST /api/v1/restore``, the backup as the body) onto an empty cluster:
   the file is staged and checked completely, each blob is stored here and replicated to
   a majority, then ``RestoreState`` replaces the state (``state_admin``). A cluster that
-  is not empty answers 409 before anything is stored.
+  is not empty answers 409 once the body is read, before anything is stored. Staged
+  files live under ``<data dir>/backup-staging`` and are removed when the request ends
+  (and at the coordinator's start, after a crash).
 
 Both need the ``cluster:admin`` permission (admin tokens).
 """
@@ -165,6 +167,11 @@ async def _hand_over(c: ApiHost) -> None:
 
 
 # ---------------------------------------------------------------------- backup
+def clear_staging(data_dir: Path) -> None:
+    """Remove what a crash left staged (called at the coordinator's start)."""
+    shutil.rmtree(data_dir / STAGING, ignore_errors=True)
+
+
 def _staging(c: ApiHost) -> Path:
     path = c.config.data_dir / STAGING / secrets.token_hex(8)
     path.mkdir(parents=True)
@@ -200,14 +207,16 @@ async def backup(request: Request, ctx: Context) -> Response:
 # ---------------------------------------------------------------------- restore
 async def restore(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
-    if not c.read(state_admin.is_empty):
-        return error(409, "conflict", "the cluster is not empty: a backup is restored onto"
-                                      " a new cluster, before its participants start")
     key = idempotency_key(request)
     staging = await trio.to_thread.run_sync(_staging, c)
     try:
         upload = staging / "upload.tar"
+        # the whole body first: a client refused mid-upload sees a reset, not the 409
         await _receive(request.stream(), upload)
+        if not c.read(state_admin.is_empty):
+            return error(409, "conflict", "the cluster is not empty: a backup is restored"
+                                          " onto a new cluster, before its participants"
+                                          " start")
         found: Backup = await trio.to_thread.run_sync(
             lambda: read_backup(upload, staging / "artifacts", max_blob=c.config.max_upload))
         for sha256, blob in sorted(found.artifacts.items()):
