@@ -67,6 +67,7 @@ from superagent.jsonbody import field
 log = structlog.get_logger(__name__)
 
 MEMBERSHIP_TIMEOUT = 10.0  # one membership entry committed (a Raft round, or an election)
+PROBE_TIMEOUT = 2.0  # a new member's Raft port answers a TCP connect within this
 HANDOVER_TIMEOUT = 5.0  # a leader removing itself waits this long for its successor
 BACKUP_MAX = 64 * 1024**3  # bytes of an uploaded backup: far above a real cluster's
 STAGING = "backup-staging"  # under the data dir: files being written or read, then removed
@@ -119,8 +120,9 @@ async def _change(c: ApiHost, kind: str, cid: str, address: str, actor: str) -> 
         status = c.raft.status()
         live = {m for m, a in members.items()
                 if a == c.config.raft_address or status["partners"].get(a)}
+        answers = kind == ADD and await _answers(address)
         change = plan_change(kind=kind, coordinator=cid, address=address, members=members,
-                             live=live)
+                             live=live, joining_answers=answers)
         log.info("coordinators change", kind=kind, coordinator=cid, address=change.address,
                  noop=change.noop, after=change.members_after)
         if kind == ADD:
@@ -131,6 +133,21 @@ async def _change(c: ApiHost, kind: str, cid: str, address: str, actor: str) -> 
         else:
             await _raft_change(c, "remove", change.address)
             await _commit(c, c.command(cmd.RemoveCoordinator, actor=actor, coordinator=cid))
+
+
+async def _answers(address: str) -> bool:
+    """Whether something accepts a TCP connection at ``address`` (host:port) now."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return False
+    with trio.move_on_after(PROBE_TIMEOUT):
+        try:
+            stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+    return False
 
 
 async def _commit(c: ApiHost, command: cmd.Command) -> None:
