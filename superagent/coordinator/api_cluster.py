@@ -37,14 +37,14 @@ from typing import Any
 
 import structlog
 import trio
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from superagent import __version__
 from superagent.coordinator import commands as cmd
 from superagent.coordinator import state_admin
 from superagent.coordinator.api_common import (
+    MAX_JSON,
     Context,
     bad_request,
     error,
@@ -62,7 +62,7 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.host import ApiHost
 from superagent.coordinator.quorum import ADD, REMOVE, plan_change
-from superagent.jsonbody import field
+from superagent.jsonbody import field, read_body
 
 log = structlog.get_logger(__name__)
 
@@ -197,6 +197,9 @@ def _staging(c: ApiHost) -> Path:
 
 async def backup(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
+    # a GET has no use for a body, but one left unread under a streamed answer could stall
+    # the connection (seen with hypercorn): read it, within bounds, first
+    await read_body(request, limit=MAX_JSON, error=bad_request)
     await c.barrier()  # everything committed before this request is in the copy
     state_json, needed, digest = c.read(
         lambda s: (s.to_json(), sorted(needed_artifacts(s)), s.digest()))
@@ -216,9 +219,22 @@ async def backup(request: Request, ctx: Context) -> Response:
         raise
     log.info("backup taken", commit_index=index, artifacts=len(needed),
              bytes=path.stat().st_size)
-    return FileResponse(path, media_type="application/x-tar",
-                        filename=f"superagent-backup-{int(meta['taken_at'])}.tar",
-                        background=BackgroundTask(shutil.rmtree, staging, True))
+    size = path.stat().st_size
+    name = f"superagent-backup-{int(meta['taken_at'])}.tar"
+    return StreamingResponse(_sent_then_removed(path, staging),
+                             media_type="application/x-tar",
+                             headers={"content-length": str(size),
+                                      "content-disposition": f'attachment; filename="{name}"'})
+
+
+async def _sent_then_removed(path: Path, staging: Path) -> AsyncIterator[bytes]:
+    """The file's bytes; the staging dir is removed when they are sent or the client left."""
+    try:
+        async for chunk in _chunks(path):
+            yield chunk
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(shutil.rmtree, staging, True)
 
 
 # ---------------------------------------------------------------------- restore
