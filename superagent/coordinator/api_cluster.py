@@ -76,15 +76,21 @@ _CHUNK = 1024 * 1024
 
 # ---------------------------------------------------------------------- membership
 def members_view(c: ApiHost) -> list[dict[str, Any]]:
-    """Every current member: id, Raft and API addresses, connected, leader, self."""
+    """Every current member: id, Raft and API addresses, connected, leader, self, lag."""
     status = c.raft.status()
     urls: dict[str, str] = c.read(lambda s: dict(s.coordinators))
     rows = []
     for cid, address in sorted(c.member_ids().items()):
         me = address == c.config.raft_address
+        # lag: log entries the member is behind the commit index, as this one knows it
+        # (its own applied index; a partner's matched index, known on the leader only)
+        matched = (status["last_applied"] if me
+                   else status.get("match_index", {}).get(address))
         rows.append({"id": cid, "raft": address, "api_url": urls.get(cid), "self": me,
                      "connected": True if me else status["partners"].get(address, False),
-                     "leader": address == status["leader"]})
+                     "leader": address == status["leader"],
+                     "lag": None if matched is None
+                     else max(0, status["commit_index"] - matched)})
     return rows
 
 

@@ -367,9 +367,10 @@ class RaftNode:
 
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot: self, leader, is_leader, term, commit_index, last_applied,
-        has_quorum and partners (address -> connected)."""
+        has_quorum, partners (address -> connected) and, on the leader, match_index
+        (address -> the partner's matched log index)."""
         raw = self._running().getStatus()
-        prefix = "partner_node_status_server_"
+        prefix, match = "partner_node_status_server_", "match_idx_server_"
         leader = raw["leader"]
         return {
             "self": self.self_address,
@@ -383,6 +384,9 @@ class RaftNode:
                 key[len(prefix):]: value == 2 for key, value in raw.items()
                 if key.startswith(prefix)
             },
+            # on the leader: how far each partner's log is known to match its own
+            "match_index": {key[len(match):]: value for key, value in raw.items()
+                            if key.startswith(match) and key != "match_idx_count"},
         }
 
     # -- trio bridge -----------------------------------------------------------------------

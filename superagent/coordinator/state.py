@@ -169,7 +169,8 @@ class ClusterState:
             cmd.RevokeNode: lambda c: self.trust.revoke(c, self.nodes),
             cmd.AddCoordinator: lambda c: state_admin.add_coordinator(self, c),
             cmd.RemoveCoordinator: lambda c: state_admin.remove_coordinator(self, c),
-            cmd.RestoreState: lambda c: state_admin.restore(self, c),
+            cmd.RestoreState: lambda c: state_admin.restore(
+                self, c, ClusterState.from_json(c.state)),
         }
 
     def __repr__(self) -> str:

@@ -20,7 +20,7 @@ must be.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.errors import Conflict, UnknownCoordinator
@@ -29,19 +29,17 @@ Result = dict[str, Any]
 
 
 class ClusterState(Protocol):
-    """The part of ``state.ClusterState`` used here (a Protocol: state imports this
-    module)."""
+    """What these transitions use of ``state.ClusterState`` (a Protocol rather than an
+    import: ``state`` imports this module)."""
 
     apps: dict[str, Any]
-    releases: dict[str, list[Any]]
+    releases: dict[str, Any]
     nodes: dict[str, Any]
     deploys: dict[str, Any]
     tokens: dict[str, dict[str, Any]]
     coordinators: dict[str, str]
     members: dict[str, str]
 
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Self: ...
 #: What a restore copies from the backup; the rest is the restoring cluster's own.
 RESTORED = ("apps", "releases", "last_release", "nodes", "placement", "placement_reason",
             "deploys", "audit", "audit_seq", "idempotency", "quotas", "trust")
@@ -69,12 +67,14 @@ def is_empty(state: ClusterState) -> bool:
     return not (state.apps or state.releases or state.nodes or state.deploys)
 
 
-def restore(state: ClusterState, c: cmd.RestoreState) -> tuple[Result, str]:
+def restore(state: ClusterState, c: cmd.RestoreState,
+            backup: ClusterState) -> tuple[Result, str]:
+    """Replace ``state`` by ``backup`` (``c.state`` decoded, SnapshotError checked by the
+    API before) as the module docstring says."""
     if not is_empty(state):
         raise Conflict(f"the cluster is not empty ({len(state.apps)} apps,"
                        f" {len(state.nodes)} nodes): a backup is restored onto a new cluster,"
                        " before its participants start")
-    backup = type(state).from_json(c.state)  # SnapshotError: checked by the API before
     for name in RESTORED:
         setattr(state, name, getattr(backup, name))
     for node in state.nodes.values():

@@ -70,7 +70,7 @@ from superagent.participant.errors import (
 from superagent.participant.figures import cpu_seconds, node_figures, process_figures
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
-from superagent.participant.load import LOAD_PERIOD, LoadSampler
+from superagent.participant.load import LOAD_PERIOD, LoadSampler, traffic
 from superagent.participant.logs import LogHub
 from superagent.participant.ports import (
     DEFAULT_HIGH,
@@ -89,6 +89,7 @@ from superagent.participant.supervisor import (
     InstanceConfig,
     State,
 )
+from superagent.proxy.metrics import BUCKETS
 from superagent.proxy.snapshot import AppRoute, ServerSettings, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
 from superagent.rpc import messages as msg
@@ -160,6 +161,7 @@ class Agent:
         # late the proxy's batched record is read (see debug.sessions)
         self.debug_sessions = DebugSessions()
         self.load = LoadSampler()  # per-instance in-flight and CPU, for the heartbeat
+        self.traffic: dict[str, Any] = {}  # the proxy's counters per app, for the heartbeat
         self._seq = 0
         self._nursery: trio.Nursery | None = None
         self.link: CoordinatorLink | None = None
@@ -634,14 +636,16 @@ class Agent:
                            "port": inst.config.port, **self.load.latest.get(instance_id, {})}
                           for instance_id, inst in self.instances.items()],
             "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
-            "listen": list(self.config.listen),
+            "listen": list(self.config.listen), "traffic": self.traffic,
         }
 
     async def _sample_load(self) -> None:
         """Every LOAD_PERIOD: the proxy's in-flight counts and the instances' CPU seconds."""
         while True:
             await trio.sleep(LOAD_PERIOD)
-            table = (await self.proxy.stats())["instances"]  # from the workers that answer
+            stats = await self.proxy.stats()  # from the workers that answer
+            table = stats["instances"]
+            self.traffic = traffic(stats, BUCKETS)
             pids = {i: inst.pid for i, inst in self.instances.items()}
             by_pid = await trio.to_thread.run_sync(cpu_seconds, pids.values())
             cpu = {i: None if pid is None else by_pid.get(pid) for i, pid in pids.items()}

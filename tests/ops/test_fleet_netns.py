@@ -8,9 +8,10 @@ app deployed by the CLI. The tests then
 - send traffic to every participant's own address, scale the app through a coordinator
   that is reached by its address, and check that each machine enrolled and fetched the
   release on its own (nothing assumed loopback or a shared filesystem);
-- run ``ops/haproxy/haproxy.cfg`` (only its addresses changed) in front of the three
-  machines and drain one under a bounded load: HAProxy's check sees its ``/-/healthz``
-  503 and takes it out before its instances go, so no request fails.
+- run ``ops/haproxy/haproxy.cfg`` (only its addresses and the example app's name
+  changed) in front of the three machines and drain one under a bounded load: HAProxy's
+  checks see its ``/-/healthz`` 503 and take it out of both backends before its
+  instances go, so no request fails.
 
 Needs root, ``ip`` and ``nsenter`` (skipped, naming what is missing, otherwise); the
 HAProxy test needs haproxy (``scripts/test`` installs it). Names carry a random suffix and
@@ -98,9 +99,11 @@ def fleet() -> Iterator[Fleet]:
                           "--drain-wait", str(DRAIN_WAIT)])
             doc_file = root / "fleet" / "fleet.json"
 
-            def up() -> dict[str, Any] | None:
+            def up() -> dict[str, Any]:  # written whole (renamed into place) once up
                 assert script.alive(), f"fleet-netns exited:\n{script.tail(80)}"
-                return json.loads(doc_file.read_text()) if doc_file.exists() else None
+                found: dict[str, Any] = (json.loads(doc_file.read_text())
+                                         if doc_file.exists() else {})
+                return found
 
             doc = wait_until(up, "the namespace fleet up", timeout=UP_TIMEOUT, interval=0.2)
             print(f"fleet-netns timings: {doc['timings']}")
@@ -195,15 +198,15 @@ def haproxy_config(fleet: Fleet, sock: Path) -> str:
     """ops/haproxy/haproxy.cfg with the fleet's machines, a bind on the fleet's bridge
     address and an admin socket to read the servers' state: nothing else changed."""
     text = HAPROXY_CFG.read_text()
-    text = re.sub(r"(?m)^    server .*\n", "", text)
     servers = "".join(f"    server {m['name']} {m['address']}:8080\n" for m in fleet.machines)
-    text = text.rstrip("\n") + "\n" + servers
+    text = re.sub(r"(?m)(^    server .*\n)+", servers, text)  # each backend's servers
+    text = text.replace("/hello/", f"/{fleet.app}/")  # the per-app backend's example app
     text = text.replace("    bind :80", f"    bind {fleet.doc['host_address']}:{LB_PORT}")
     return text.replace("global\n", f"global\n    stats socket {sock} mode 600 level admin\n")
 
 
-def server_states(sock: Path) -> dict[str, str]:
-    """HAProxy's view of each server of the backend: UP, DOWN, ..."""
+def server_states(sock: Path, backend: str = "superagent") -> dict[str, str]:
+    """HAProxy's view of each server of ``backend``: UP, DOWN, ..."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(str(sock))
@@ -214,7 +217,7 @@ def server_states(sock: Path) -> dict[str, str]:
     states = {}
     for line in data.decode().splitlines():
         fields = line.split(",")
-        if len(fields) > 17 and fields[0] == "superagent" and fields[1] not in (
+        if len(fields) > 17 and fields[0] == backend and fields[1] not in (
                 "BACKEND", "FRONTEND"):
             states[fields[1]] = fields[17].split(" ")[0]
     return states
@@ -230,15 +233,17 @@ def test_haproxy_takes_a_draining_machine_out_with_no_failed_request(
     lb = LoggedProcess("haproxy", tmp_path / "haproxy.log")
     lb.start([haproxy, "-db", "-f", str(cfg)])
     try:
-        wait_until(lambda: set(server_states(sock).values()) == {"UP"},
-                   "HAProxy sees every machine UP", timeout=30.0)
+        wait_until(lambda: all(set(server_states(sock, b).values()) == {"UP"}
+                               for b in ("superagent", "app_hello")),
+                   "HAProxy sees every machine UP, with the app", timeout=30.0)
         drained = fleet.machines[0]
         with BalancedLoad(f"http://{fleet.doc['host_address']}:{LB_PORT}/{fleet.app}/") as load:
             wait_until(lambda: {m for _, m in load.answers} >= {"m1", "m2", "m3"},
                        "load answered by every machine")
             t_drain = time.monotonic()
             fleet.client.post(f"/api/v1/nodes/{drained['node']}/drain")
-            wait_until(lambda: server_states(sock).get(drained["name"]) == "DOWN",
+            wait_until(lambda: all(server_states(sock, b).get(drained["name"]) == "DOWN"
+                                   for b in ("superagent", "app_hello")),
                        f"HAProxy takes {drained['name']} out", timeout=30.0)
             t_out = time.monotonic()
 

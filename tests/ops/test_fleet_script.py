@@ -18,6 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "ops" / "fleet-netns"
     (["up", "--machines", "2", "--coordinators", "3"], "at most --machines"),
     (["up", "--machines", "0"], "--machines must be 1..200"),
     (["sideways"], "invalid choice"),
+    (["down", "nothex"], "a fleet's suffix is 6 hex digits"),
 ])
 def test_bad_arguments_are_named(argv: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True,
@@ -37,3 +38,12 @@ def test_bad_names_are_named(argv: list[str], message: str) -> None:
                           text=True, timeout=30)
     assert (done.returncode, done.stderr.strip()) == (2, f"fleet-netns: {message}" + (
         " (a /24 of the private 10.0.0.0/8)" if "subnet" in message else ""))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the script checks --dir only as root")
+def test_a_used_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "m1").mkdir()  # another fleet's state: never mixed with a new one
+    done = subprocess.run([sys.executable, str(SCRIPT), "up", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stderr.strip()) == (
+        2, f"fleet-netns: --dir {tmp_path} is not empty: give a new or empty directory")
