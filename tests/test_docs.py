@@ -20,7 +20,7 @@ def test_proxy_config_example_validates() -> None:
                                              source="docs/proxy-config.md", version=1)
     assert process.parser == "httptools"
     assert {app.name for app in snapshot.apps} == {"hello", "billing"}
-    assert [lst.port for lst in snapshot.listeners] == [8080, 9001]
+    assert [lst.port for lst in snapshot.listeners] == [8080, 8443, 9001]
 
 
 def test_demo_config_validates() -> None:

@@ -19,7 +19,9 @@ Theory of operation.
 - **Restore** (``POST /api/v1/restore``, the backup as the body) onto an empty cluster:
   the file is staged and checked completely, each blob is stored here and replicated to
   a majority, then ``RestoreState`` replaces the state (``state_admin``). A cluster that
-  is not empty answers 409 before anything is stored.
+  is not empty answers 409 once the body is read, before anything is stored. Staged
+  files live under ``<data dir>/backup-staging`` and are removed when the request ends
+  (and at the coordinator's start, after a crash).
 
 Both need the ``cluster:admin`` permission (admin tokens).
 """
@@ -35,14 +37,14 @@ from typing import Any
 
 import structlog
 import trio
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from superagent import __version__
 from superagent.coordinator import commands as cmd
 from superagent.coordinator import state_admin
 from superagent.coordinator.api_common import (
+    MAX_JSON,
     Context,
     bad_request,
     error,
@@ -60,11 +62,12 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.host import ApiHost
 from superagent.coordinator.quorum import ADD, REMOVE, plan_change
-from superagent.jsonbody import field
+from superagent.jsonbody import field, read_body
 
 log = structlog.get_logger(__name__)
 
 MEMBERSHIP_TIMEOUT = 10.0  # one membership entry committed (a Raft round, or an election)
+PROBE_TIMEOUT = 2.0  # a new member's Raft port answers a TCP connect within this
 HANDOVER_TIMEOUT = 5.0  # a leader removing itself waits this long for its successor
 BACKUP_MAX = 64 * 1024**3  # bytes of an uploaded backup: far above a real cluster's
 STAGING = "backup-staging"  # under the data dir: files being written or read, then removed
@@ -123,8 +126,9 @@ async def _change(c: ApiHost, kind: str, cid: str, address: str, actor: str) -> 
         status = c.raft.status()
         live = {m for m, a in members.items()
                 if a == c.config.raft_address or status["partners"].get(a)}
+        answers = kind == ADD and await _answers(address)
         change = plan_change(kind=kind, coordinator=cid, address=address, members=members,
-                             live=live)
+                             live=live, joining_answers=answers)
         log.info("coordinators change", kind=kind, coordinator=cid, address=change.address,
                  noop=change.noop, after=change.members_after)
         if kind == ADD:
@@ -135,6 +139,21 @@ async def _change(c: ApiHost, kind: str, cid: str, address: str, actor: str) -> 
         else:
             await _raft_change(c, "remove", change.address)
             await _commit(c, c.command(cmd.RemoveCoordinator, actor=actor, coordinator=cid))
+
+
+async def _answers(address: str) -> bool:
+    """Whether something accepts a TCP connection at ``address`` (host:port) now."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return False
+    with trio.move_on_after(PROBE_TIMEOUT):
+        try:
+            stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+    return False
 
 
 async def _commit(c: ApiHost, command: cmd.Command) -> None:
@@ -171,6 +190,11 @@ async def _hand_over(c: ApiHost) -> None:
 
 
 # ---------------------------------------------------------------------- backup
+def clear_staging(data_dir: Path) -> None:
+    """Remove what a crash left staged (called at the coordinator's start)."""
+    shutil.rmtree(data_dir / STAGING, ignore_errors=True)
+
+
 def _staging(c: ApiHost) -> Path:
     path = c.config.data_dir / STAGING / secrets.token_hex(8)
     path.mkdir(parents=True)
@@ -179,6 +203,9 @@ def _staging(c: ApiHost) -> Path:
 
 async def backup(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
+    # a GET has no use for a body, but one left unread under a streamed answer could stall
+    # the connection (seen with hypercorn): read it, within bounds, first
+    await read_body(request, limit=MAX_JSON, error=bad_request)
     await c.barrier()  # everything committed before this request is in the copy
     state_json, needed, digest = c.read(
         lambda s: (s.to_json(), sorted(needed_artifacts(s)), s.digest()))
@@ -198,22 +225,37 @@ async def backup(request: Request, ctx: Context) -> Response:
         raise
     log.info("backup taken", commit_index=index, artifacts=len(needed),
              bytes=path.stat().st_size)
-    return FileResponse(path, media_type="application/x-tar",
-                        filename=f"superagent-backup-{int(meta['taken_at'])}.tar",
-                        background=BackgroundTask(shutil.rmtree, staging, True))
+    size = path.stat().st_size
+    name = f"superagent-backup-{int(meta['taken_at'])}.tar"
+    return StreamingResponse(_sent_then_removed(path, staging),
+                             media_type="application/x-tar",
+                             headers={"content-length": str(size),
+                                      "content-disposition": f'attachment; filename="{name}"'})
+
+
+async def _sent_then_removed(path: Path, staging: Path) -> AsyncIterator[bytes]:
+    """The file's bytes; the staging dir is removed when they are sent or the client left."""
+    try:
+        async for chunk in _chunks(path):
+            yield chunk
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(shutil.rmtree, staging, True)
 
 
 # ---------------------------------------------------------------------- restore
 async def restore(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
-    if not c.read(state_admin.is_empty):
-        return error(409, "conflict", "the cluster is not empty: a backup is restored onto"
-                                      " a new cluster, before its participants start")
     key = idempotency_key(request)
     staging = await trio.to_thread.run_sync(_staging, c)
     try:
         upload = staging / "upload.tar"
+        # the whole body first: a client refused mid-upload sees a reset, not the 409
         await _receive(request.stream(), upload)
+        if not c.read(state_admin.is_empty):
+            return error(409, "conflict", "the cluster is not empty: a backup is restored"
+                                          " onto a new cluster, before its participants"
+                                          " start")
         found: Backup = await trio.to_thread.run_sync(
             lambda: read_backup(upload, staging / "artifacts", max_blob=c.config.max_upload))
         for sha256, blob in sorted(found.artifacts.items()):

@@ -9,7 +9,11 @@ where one more failure, or the change itself, loses the quorum silently. Concret
 
 - add ``id`` at ``address``: ``id`` not a member yet (the same id at the same address is
   already done: ``noop``), the address not another member's, and
-  ``live > (members + 1) / 2``;
+  ``live + joining > (members + 1) / 2``, where ``joining`` is 1 when something already
+  answers on the new member's Raft port (it was started first, as documented) and 0
+  otherwise. Counting it lets a lone coordinator grow to two (and then three); not
+  counting a silent one keeps an add of a member that never comes up from stalling the
+  cluster, which could then not even remove it again;
 - remove ``id``: ``id`` a member and not the last one, and
   ``live - {id} > (members - 1) / 2``.
 
@@ -41,8 +45,10 @@ class MemberChange:
 
 
 def plan_change(*, kind: str, coordinator: str, address: str,
-                members: Mapping[str, str], live: Set[str]) -> MemberChange:
-    """Check a change of ``members`` (id -> Raft address) given the ``live`` ids.
+                members: Mapping[str, str], live: Set[str],
+                joining_answers: bool = False) -> MemberChange:
+    """Check a change of ``members`` (id -> Raft address) given the ``live`` ids (and,
+    for an add, whether the new member's Raft port answers).
 
     ``address`` is needed to add and ignored to remove. Raises BadRequest,
     UnknownCoordinator, MembershipRefused (see the module docstring)."""
@@ -62,7 +68,8 @@ def plan_change(*, kind: str, coordinator: str, address: str,
         if owner is not None:
             raise MembershipRefused(f"Raft address {address} is coordinator {owner}'s")
         after = (*sorted(members), coordinator)
-        _majority(len(alive), len(after), f"adding {coordinator}")
+        _majority(len(alive) + int(joining_answers), len(after), f"adding {coordinator}"
+                  + ("" if joining_answers else f" (nothing answers at {address} yet)"))
         return MemberChange(kind=kind, coordinator=coordinator, address=address,
                             members_after=tuple(sorted(after)))
     if kind == REMOVE:

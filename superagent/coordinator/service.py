@@ -43,6 +43,7 @@ import trio
 from superagent.backoff import Backoff
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.api import api_app
+from superagent.coordinator.api_cluster import clear_staging
 from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, Peer, replicate
 from superagent.coordinator.auth import new_token, token_hash, write_private
 from superagent.coordinator.autoscale import DEFAULT_TIMING, AutoTiming
@@ -146,6 +147,7 @@ class Coordinator:
         """Start Raft and serve the API until cancelled."""
         check_bindable(self.config.api, key="--api")
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        await trio.to_thread.run_sync(clear_staging, self.config.data_dir)
         await trio.to_thread.run_sync(self.raft.start)
         try:
             # to peers with the coordinators' secret; to participants each with its own key

@@ -26,6 +26,17 @@ def test_adding_to_a_healthy_cluster_is_planned() -> None:
     assert change.members_after == ("c1", "c2", "c3", "c4") and not change.noop
 
 
+def test_a_lone_coordinator_grows_only_to_a_member_that_answers() -> None:
+    """1 -> 2: the new member must count, so its Raft port must answer already."""
+    one = {"c1": "10.0.0.1:7110"}
+    with pytest.raises(MembershipRefused, match=r"nothing answers at 10\.0\.0\.2:7110 yet"):
+        plan_change(kind=ADD, coordinator="c2", address="10.0.0.2:7110", members=one,
+                    live={"c1"})
+    change = plan_change(kind=ADD, coordinator="c2", address="10.0.0.2:7110", members=one,
+                         live={"c1"}, joining_answers=True)
+    assert change.members_after == ("c1", "c2")
+
+
 def test_adding_what_is_there_is_a_noop() -> None:
     """The same id at the same address: a retry after a timeout."""
     change = plan_change(kind=ADD, coordinator="c3", address=THREE["c3"], members=THREE,
@@ -34,7 +45,7 @@ def test_adding_what_is_there_is_a_noop() -> None:
 
 
 @pytest.mark.parametrize(("coordinator", "address", "live", "expected", "words"), [
-    ("c4", "10.0.0.4:7110", {"c1", "c2"}, MembershipRefused, "2 live of 4"),
+    ("c4", "10.0.0.4:7110", {"c1", "c2"}, MembershipRefused, "2 live of 4 members, not a"),
     ("c3", "10.0.0.9:7110", set(THREE), MembershipRefused, "remove it first"),
     ("c4", THREE["c2"], set(THREE), MembershipRefused, "coordinator c2's"),
     ("c4", "no-port", set(THREE), BadRequest, "host:port"),

@@ -111,9 +111,11 @@ def test_replace_a_coordinator_and_upgrade_the_agent_while_apps_serve() -> None:
             cluster.start(c4)
             second = upload(cluster, 1, write_demo_app(app_dir, name=APP, version="2",
                                                        per_node=1))
+            began = time.monotonic()
             added = cli(cluster, 1, "cluster", "add", "c4",
                         f"127.0.0.1:{cluster.members[c4].raft_port}")
             assert added.returncode == 0, added.stderr + added.stdout
+            print(f"cluster add c4 (CLI, until caught up): {time.monotonic() - began:.2f} s")
             assert "caught up" in added.stdout, added.stdout
             assert wait_deploy_done(cluster, [1, 2], APP, second["deploy_id"])["status"] \
                 == "succeeded"
@@ -125,9 +127,11 @@ def test_replace_a_coordinator_and_upgrade_the_agent_while_apps_serve() -> None:
             third = upload(cluster, c4, write_demo_app(app_dir, name=APP, version="3",
                                                        per_node=1))
             gone = cluster.members[leader].id
+            began = time.monotonic()
             removed = cluster.request("DELETE", c4, f"/api/v1/cluster/members/{gone}",
                                       timeout=30.0)
             assert removed.status_code == 200, removed.text
+            print(f"remove the leader (hand-over included): {time.monotonic() - began:.2f} s")
             assert {m["id"] for m in removed.json()["members"]} == \
                 {"c1", "c2", "c3", "c4"} - {gone}
             cluster.stop(leader)
