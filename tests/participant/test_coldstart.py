@@ -11,6 +11,7 @@ hang.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import trio
 
 from superagent.participant.proxydriver import ACCESS_LOG
@@ -36,9 +38,11 @@ from tests.participant.test_agent import (
     Rig,
     _kill_leftovers,
     _wait_status,
+    node_of,
     running_agent,
     tarball,
 )
+from tests.support import logs
 from tests.support.ports import free_port
 from tests.support.wait import wait_until, wait_until_async
 
@@ -261,8 +265,9 @@ def test_kill_9_of_the_agent_while_a_request_is_held_never_hangs(data_dir: Path)
     rpc_port, listen_port = free_port(), free_port()
     argv = [sys.executable, "-m", "superagent", "participant", "--data-dir", str(data_dir),
             "--rpc", f"127.0.0.1:{rpc_port}", "--listen", f"127.0.0.1:{listen_port}",
-            "--proxy-workers", "1"]
+            "--proxy-workers", "1", "--node", node_of(data_dir)]
     log = open(data_dir / "agent.log", "ab")  # noqa: SIM115 - closed in finally
+    logs.watch("agent", data_dir / "agent.log")  # its tail is shown if the test fails
     agent = subprocess.Popen(argv, env={**os.environ, "SUPERAGENT_SECRET": SECRET},
                              stdout=log, stderr=log, start_new_session=True)
     rpc = httpx.Client(base_url=f"http://127.0.0.1:{rpc_port}", headers=AUTH,
@@ -314,7 +319,17 @@ def test_kill_9_of_the_agent_while_a_request_is_held_never_hangs(data_dir: Path)
             agent.kill()
             agent.wait()
         _kill_leftovers(data_dir)
+        _kill_unrecorded(data_dir)
         log.close()
+
+
+def _kill_unrecorded(data_dir: Path) -> None:
+    """An instance the killed agent spawned but had not recorded yet: found by its working
+    directory, inside the data directory."""
+    for process in psutil.process_iter(["cwd"]):
+        if str(process.info.get("cwd") or "").startswith(str(data_dir)):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 HOLD_BOUND = 3.0 + 5.0  # the app's ready_deadline + the agent's HOLD_MARGIN
