@@ -60,6 +60,7 @@ def _proxy(args: argparse.Namespace) -> int:
 
 
 def _participant(args: argparse.Namespace) -> int:
+    import ipaddress
     import os
     import socket
     from pathlib import Path
@@ -83,6 +84,14 @@ def _participant(args: argparse.Namespace) -> int:
             raise SuperagentError(f"--group: {problem}")
     if args.capacity < 0:
         raise SuperagentError("--capacity must be 0 or more")
+    trusted = tuple(n.strip() for value in args.trusted_proxy or []
+                    for n in value.split(",") if n.strip())
+    for network in trusted:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError:
+            raise SuperagentError(f"--trusted-proxy {network!r} is not an IP network"
+                                  " (e.g. 10.0.0.0/8 or 10.0.0.2)") from None
     coordinator: tuple[str, ...] = ()
     advertise = None
     if args.coordinator:
@@ -97,12 +106,14 @@ def _participant(args: argparse.Namespace) -> int:
         elif rpc[0] in ("0.0.0.0", "::", ""):
             raise SuperagentError(f"--rpc {args.rpc} is not an address coordinators can"
                                   " reach: give --advertise HOST:PORT")
+    tls_listen, tls_cert, tls_key = _participant_tls(args, listen)
     config = AgentConfig(
         data_dir=Path(args.data_dir).resolve(), secret=secret, join_token=join_token,
         node=args.node or socket.gethostname(), rpc=rpc, listen=listen,
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
         groups=groups, coordinator=coordinator, advertise=advertise,
-        capacity=args.capacity)
+        capacity=args.capacity, trusted_proxies=trusted, tls_listen=tls_listen,
+        tls_cert=tls_cert, tls_key=tls_key)
     agent = Agent(config)
     _serve_until_signal(agent.run, before_exit=agent.stop_all if args.stop_on_exit else None)
     return 0
@@ -169,6 +180,34 @@ def _coordinator_secrets(args: argparse.Namespace) -> tuple[str, str]:
     return shared, shared
 
 
+def _participant_tls(args: argparse.Namespace, listen: tuple[str, ...]
+                     ) -> tuple[tuple[str, ...], str | None, str | None]:
+    """The proxy's TLS listeners and their certificate and key files (absolute) from the
+    participant's flags; the pair is loaded once here, so a bad one stops the agent with
+    its file named."""
+    from pathlib import Path
+
+    from superagent.config import parse_address
+    from superagent.proxy.tls import CertFiles, load_context
+
+    tls_listen = tuple(args.tls_listen or ())
+    ports = {parse_address(a, source="--listen", key=a)[1] for a in listen}
+    for address in tls_listen:
+        port = parse_address(address, source="--tls-listen", key=address)[1]
+        if port in ports:
+            raise SuperagentError(f"--tls-listen {address}: port {port} is already a listener")
+        ports.add(port)
+    if tls_listen and not args.tls_cert:
+        raise SuperagentError("--tls-listen needs --tls-cert (a PEM certificate file)")
+    if args.tls_key and not args.tls_cert:
+        raise SuperagentError("--tls-key needs --tls-cert")
+    cert = str(Path(args.tls_cert).resolve()) if args.tls_cert else None
+    key = str(Path(args.tls_key).resolve()) if args.tls_key else None
+    if cert is not None:
+        load_context(CertFiles(cert=cert, key=key))  # ConfigError names the file
+    return tls_listen, cert, key
+
+
 def _participant_credentials(args: argparse.Namespace) -> tuple[str, str]:
     """(legacy shared secret or "", join token or ""); an enrolled machine needs neither
     (its credential is in its data dir)."""
@@ -194,6 +233,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from superagent.config import parse_address
+    from superagent.coordinator.autoscale import parse_timing
     from superagent.coordinator.commands import NODE_NAME
     from superagent.coordinator.service import Coordinator, CoordinatorConfig
 
@@ -219,13 +259,17 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise SuperagentError("--node-timeout must be positive")
     if not 0 <= args.drain_wait <= MAX_DRAIN_WAIT:
         raise SuperagentError(f"--drain-wait must be 0..{MAX_DRAIN_WAIT:g} seconds")
+    try:
+        timing = parse_timing(args.autoscale_timing or "")
+    except ValueError as exc:
+        raise SuperagentError(f"--autoscale-timing: {exc}") from None
     secret, shared = _coordinator_secrets(args)
     config = CoordinatorConfig(
         id=args.id, peers=peers, api=parse_address(args.api, source="--api", key=args.api),
         data_dir=Path(args.data_dir).resolve(), secret=secret, participant_secret=shared,
         api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
-        node_timeout=args.node_timeout, drain_wait=args.drain_wait)
+        node_timeout=args.node_timeout, drain_wait=args.drain_wait, autoscale=timing)
     _serve_until_signal(Coordinator(config).run)
     return 0
 
@@ -244,6 +288,20 @@ def _up(args: argparse.Namespace) -> int:
                            listen=args.listen, demo=args.demo))
 
 
+def _version(args: argparse.Namespace) -> int:
+    """The version, and whether this installation's proxy hot path runs compiled."""
+    from superagent.compiled import hot_path
+
+    compiled, why = hot_path()
+    if args.json:
+        print(json.dumps({"version": __version__, "proxy_hot_path":
+                          "compiled" if compiled else "pure", "reason": why}))
+    else:
+        print(f"superagent {__version__}\nproxy hot path: "
+              f"{'compiled' if compiled else 'pure Python'} ({why})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superagent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"superagent {__version__}")
@@ -251,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    version = sub.add_parser("version", help="the version, and whether the proxy's hot path"
+                                             " runs compiled here (and why not)")
+    version.set_defaults(func=_version)
 
     up = sub.add_parser("up", help="run a single-machine cluster here (coordinator +"
                                    " participant + proxy)")
@@ -283,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="internal RPC address (default 127.0.0.1:7001)")
     part.add_argument("--listen", action="append", metavar="HOST:PORT",
                       help="proxy listener, repeatable (default 0.0.0.0:8080)")
+    part.add_argument("--tls-listen", action="append", metavar="HOST:PORT",
+                      help="proxy listener that speaks TLS, repeatable (needs --tls-cert)")
+    part.add_argument("--tls-cert", metavar="FILE",
+                      help="PEM certificate chain of the TLS listeners; re-read when it changes")
+    part.add_argument("--tls-key", metavar="FILE",
+                      help="PEM private key of --tls-cert (default: in the same file)")
     part.add_argument("--proxy-workers", type=int, metavar="N",
                       help="proxy worker processes (default: one per CPU)")
     part.add_argument("--parser", choices=("httptools", "h11"), default="httptools")
@@ -296,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the RPC address coordinators reach this agent at (default: --rpc)")
     part.add_argument("--capacity", type=int, default=100, metavar="N",
                       help="instances this node offers the cluster (default 100)")
+    part.add_argument("--trusted-proxy", action="append", metavar="NETWORK[,NETWORK...]",
+                      help="front load balancers (IP or network) whose X-Forwarded-* headers"
+                           " the proxy keeps and appends to; others' are replaced")
     part.add_argument("--join-token", metavar="TOKEN",
                       help="enrol this machine with a join token (`superagent nodes"
                            " join-token`); it then keeps its own credential in --data-dir")
@@ -338,9 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--drain-wait", type=float, default=5.0, metavar="SECONDS",
                        help="a draining node keeps its instances this long, so the front load"
                             " balancer takes it out first (default 5)")
+    coord.add_argument("--autoscale-timing", metavar="NAME=SECONDS,...",
+                       help="the autoscalers' window, down_window, up_cooldown and"
+                            " down_cooldown (defaults 30, 60, 10, 60); e.g."
+                            " window=4,up_cooldown=2 for a test")
     coord.set_defaults(func=_coordinator)
 
     from superagent.client_cli import add_client_commands
+    from superagent.client_cluster import add_cluster_commands
     from superagent.client_logs import add_log_commands
     from superagent.client_scale import add_scale_commands
     from superagent.client_tokens import add_access_commands
@@ -350,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_commands(add_scale_commands(sub, parsers["nodes"]))
     add_access_commands(sub)
     add_log_commands(sub)
+    add_cluster_commands(sub, parsers["cluster"])
     return parser
 
 

@@ -4,10 +4,18 @@
 coordinator cannot be reached or has no leader; any coordinator takes writes (followers
 forward them), so no redirect is needed. Errors become ``ClientError`` with the server's
 own message.
+
+What each node runs is known to the leader alone (its heartbeats are not in Raft): a
+follower answers a list of nodes or apps with ``"live": false`` and null run-time fields.
+A GET answered that way is asked again of the leader its ``X-Superagent-Leader`` names,
+once, and the leader goes first for the client's later requests; so ``superagent nodes``,
+``status`` and the URLs ``deploy`` prints are complete whichever coordinator is listed
+first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -116,16 +124,33 @@ class Client:
         raise ClientError("no coordinator answered: " + "; ".join(failures))
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """The JSON answer of ``method path``; raises ClientError."""
+        """The JSON answer of ``method path``; raises ClientError. A GET that a follower
+        answered without the leader's live view is asked of the leader (module docstring)."""
+        doc, answered, leader = self._request(method, path, **kwargs)
+        if (method == "GET" and isinstance(doc, dict) and doc.get("live") is False
+                and leader and answered != leader):
+            self.servers = [leader, *(s for s in self.servers if s != leader)]
+            with contextlib.suppress(ClientError):  # gone meanwhile: the follower's answer
+                live, _, _ = self._request(method, path, **kwargs)
+                return live
+        return doc
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> tuple[Any, str, str]:
+        """(the JSON answer, the URL of the coordinator that gave it, the leader's URL it
+        named or "")."""
         with self.stream(method, path, **kwargs) as response:
             try:
                 response.read()
             except httpx.HTTPError as exc:
                 raise ClientError(f"the answer was cut off: {_describe(exc)}") from None
+            url = str(response.url)
+            answered = next((s for s in self.servers if url.startswith(s.rstrip("/") + "/")),
+                            "")
+            leader = response.headers.get("x-superagent-leader", "").rstrip("/")
             try:
-                return response.json()
+                return response.json(), answered.rstrip("/"), leader
             except ValueError:
-                return response.text
+                return response.text, answered.rstrip("/"), leader
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)

@@ -55,6 +55,8 @@ def render_cluster(doc: dict[str, Any]) -> str:
             f" {doc['commit_index']}  {'healthy' if doc['healthy'] else 'UNHEALTHY'}")
     rows = [(m["id"], m["raft"], m["api_url"], "yes" if m["connected"] else "no",
              "leader" if m["leader"] else "") for m in doc["members"]]
+    if doc.get("artifacts_missing"):
+        head += f"\n{doc['artifacts_missing']} artifacts not yet fetched by {doc['id']}"
     return head + "\n" + table(rows, ("ID", "RAFT", "API", "CONNECTED", "ROLE"))
 
 
@@ -167,13 +169,23 @@ def app_urls(app: dict[str, Any], nodes: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
+def render_hot_paths(doc: dict[str, Any]) -> str:
+    """Each node's proxy hot path (compiled or pure Python, and why), from its heartbeat;
+    nothing from agents that do not report it."""
+    lines = [f"{n['name']}: {(n.get('status') or {}).get('proxy_hot_path')}"
+             for n in doc["nodes"] if (n.get("status") or {}).get("proxy_hot_path")]
+    return "\n" + "\n".join(["proxy hot path:", *(f"  {line}" for line in lines)]
+                             ) if lines else ""
+
+
 def _status(args: argparse.Namespace) -> int:
     client = client_of(args)
     doc = {"cluster": client.get("/api/v1/cluster"), "nodes": client.get("/api/v1/nodes"),
            "apps": client.get("/api/v1/apps")}
 
     def render(d: dict[str, Any]) -> str:
-        return "\n\n".join((render_cluster(d["cluster"]), render_nodes(d["nodes"]),
+        nodes = render_nodes(d["nodes"]) + render_hot_paths(d["nodes"])
+        return "\n\n".join((render_cluster(d["cluster"]), nodes,
                             render_apps(d["apps"]), render_instances(d["nodes"], d["apps"])))
     return emit(args, doc, render)
 
@@ -388,12 +400,13 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
     whose ``label`` ``client_scale.add_scale_commands`` adds)."""
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("status", "cluster, nodes and apps at a glance", _status),
-        ("cluster", "coordinator members, leader, term and health", _cluster),
+        ("cluster", "coordinator members, leader, term and health; `cluster add|remove`"
+                    " changes them", _cluster),
         ("nodes", "participants: groups, lifecycle, liveness, instances; `nodes label`"
                   " sets a node's groups", _nodes),
         ("apps", "apps, their latest release and scale", _apps),
     ]
-    parsers: dict[str, argparse.ArgumentParser] = {}
+    parsers: dict[str, argparse.ArgumentParser] = {}  # those with nested commands
     for name, help_text, func in commands:
         parser = sub.add_parser(name, help=help_text)
         add_common(parser)

@@ -11,6 +11,14 @@ importing the compiled core module must not load the proxy package. ``STAMP`` re
 the sha256 of every source compiled. ``clean`` removes the extensions; ``status`` says
 which modules run compiled.
 
+``setup.py`` calls ``build`` with a target of its own when the package is built for
+``pip install`` (never for an editable install, which stays pure until
+``scripts/compile-proxy``): the extensions and the stamp land in the wheel beside the
+sources, and ``BUILD_INFO`` records whether it compiled and, when not, why (no compiler,
+mypyc missing, ``SUPERAGENT_PURE=1``...). ``hot_path`` answers which path this
+installation runs and why, from those files alone (no proxy module is imported), for
+``superagent version`` and ``status``.
+
 ``drop_stale`` runs whenever ``superagent`` is imported (before any hot module can be,
 the core one included): when any source changed since the group was built (or
 extensions exist that no stamp accounts for), every extension is deleted with a
@@ -38,6 +46,8 @@ HOT_MODULES = (
 GROUP = "superagent._hot"  # mypyc's runtime for the group: superagent/_hot__mypyc
 ROOT = Path(__file__).resolve().parent.parent  # the directory holding the superagent package
 STAMP = ROOT / "superagent" / ".compiled.json"
+# Written by the package build only (setup.py): {"compiled": bool, "reason": str}.
+BUILD_INFO = ROOT / "superagent" / ".build.json"
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
 # What builds made before the group took in a core module left behind: their runtime and
 # stamp lived in the proxy package. Removed like any extension no stamp accounts for.
@@ -67,9 +77,17 @@ def _extension_names() -> list[str]:
                                                      for m in HOT_MODULES]
 
 
-def _extensions() -> list[Path]:
+def _extensions(root: Path | None = None) -> list[Path]:
+    base = ROOT if root is None else root
     names = [*_extension_names(), f"{_LEGACY[0]}{SUFFIX}"]
-    return [p for p in (ROOT / name for name in names) if p.exists()]
+    return [p for p in (base / name for name in names) if p.exists()]
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _read_stamp() -> dict[str, str]:
@@ -101,13 +119,40 @@ def status() -> dict[str, bool]:
             for m in HOT_MODULES}
 
 
-def build() -> None:
-    """Compile the group in a scratch copy and install the extensions beside the sources."""
+def hot_path() -> tuple[bool, str]:
+    """Whether the proxy's hot path runs compiled here, and why (or why not).
+
+    Read from the files (extensions, stamp, ``BUILD_INFO``) after ``drop_stale`` ran at
+    import, so it is what a proxy worker started now would load.
+    """
+    info = _read_json(BUILD_INFO)
+    installed = info if isinstance(info, dict) else {}
+    present = [(ROOT / name).exists() for name in _extension_names()]
+    if all(present) and _read_stamp() == _digests():
+        how = "built at install" if installed.get("compiled") else "built by compile-proxy"
+        return True, f"mypyc, {how}"
+    if any(present):
+        return False, "an incomplete compiled build (run scripts/compile-proxy again)"
+    if "reason" in installed:
+        return False, str(installed["reason"])
+    return False, "not compiled in this checkout; scripts/compile-proxy builds it"
+
+
+def describe() -> str:
+    """One line for humans: ``compiled (mypyc, built at install)`` or ``pure Python (why)``."""
+    compiled, why = hot_path()
+    return f"{'compiled' if compiled else 'pure Python'} ({why})"
+
+
+def build(target: Path | None = None) -> None:
+    """Compile the group in a scratch copy and install the extensions beside the sources,
+    or into ``target`` (a package build's tree: the sources there are left alone)."""
     import shutil  # only a build needs these: drop_stale runs at every import of superagent
     import subprocess
     import tempfile
 
-    clean()
+    clean(target)  # a build dir used before may hold another source's extensions
+    dest = ROOT if target is None else target
     sources = _digests()
     scratch = Path(tempfile.mkdtemp(prefix="superagent-mypyc-"))
     try:
@@ -123,19 +168,24 @@ def build() -> None:
             raise RuntimeError("the sources changed while they were compiled; build again")
         # The stamp first, so a proxy importing meanwhile keeps what is there; the group's
         # runtime before the modules that load it.
-        STAMP.write_text(json.dumps(sources, indent=1, sort_keys=True) + "\n")
+        stamp = dest / STAMP.relative_to(ROOT)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(sources, indent=1, sort_keys=True) + "\n")
         for name in _extension_names():
-            shutil.copy2(scratch / name, ROOT / name)
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(scratch / name, dest / name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def clean() -> None:
-    """Remove the compiled extensions and the stamp."""
-    for path in _extensions():
+def clean(root: Path | None = None) -> None:
+    """Remove the compiled extensions and the stamp (from ``root``: a package build's tree,
+    where an earlier build may have left them)."""
+    base = ROOT if root is None else root
+    for path in _extensions(base):
         path.unlink(missing_ok=True)
-    STAMP.unlink(missing_ok=True)
-    (ROOT / _LEGACY[1]).unlink(missing_ok=True)
+    (base / STAMP.relative_to(ROOT)).unlink(missing_ok=True)
+    (base / _LEGACY[1]).unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:
@@ -154,6 +204,7 @@ def main(argv: list[str]) -> int:
     if command == "status":
         for module, compiled in status().items():
             print(f"{module}: {'compiled' if compiled else 'pure Python'}")
+        print(f"hot path: {describe()}")
         return 0
     print("usage: scripts/compile-proxy [build|clean|status]", file=sys.stderr)
     return 2

@@ -206,3 +206,11 @@ def test_a_reader_that_goes_away_is_no_traceback(config: Path) -> None:
     err = process.stderr.read().decode()
     assert process.wait(timeout=TIMEOUT) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_a_bad_autoscale_timing_is_one_line(tmp_path: Path) -> None:
+    """superagent coordinator --autoscale-timing with an unknown name or a bad value is
+    refused at start with one line naming it."""
+    for bad, named in (("speed=3", "speed"), ("window=-1", "window")):
+        result = run("coordinator", "--data-dir", str(tmp_path), "--autoscale-timing", bad)
+        assert_one_line_error(result, "--autoscale-timing", named)

@@ -5,6 +5,8 @@ Authentication, by route (``ROUTES`` is the table, and the OpenAPI document is b
 - ``token``: ``Authorization: Bearer <API token>``; the token's name is the audit log's
   actor, and the route's ``permission`` is checked against the token's role and teams
   by the one policy (``policy.decide``, called by ``api_access.token_access``).
+  Without that header, the dashboard's session cookie stands for the token it was made
+  from (``ui.web.Dashboard.session_credential``; writes also need its CSRF header).
 - ``secret``: the coordinators' secret, for peer coordinators only.
 - ``node``: a participant's machine credential, for its own node only.
 - ``any``: an API token, or a machine credential for the artifacts of its own apps.
@@ -27,8 +29,9 @@ whose effect lives in the leader's memory (register, heartbeat) are forwarded as
 heartbeat, drain / offline / online), ``api_deploys`` (a deploy's view and stream,
 cancel, rollback), ``api_access`` (the token check, tokens, team quotas, the audit log),
 ``api_trust`` (join tokens, enrolment, revoke), ``api_logs`` and ``api_debug`` (logs,
-debug sessions, traces); ``api_common`` has what they share (context, JSON errors,
-request bodies, idempotency keys, forwarding to the leader).
+debug sessions, traces), ``api_traffic`` (the proxies' counters); the dashboard's
+pages, login and logout (``/ui``) are ``ui.web``'s; ``api_common`` has what they share
+(context, JSON errors, request bodies, idempotency keys, forwarding to the leader).
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ from superagent.coordinator.api_access import (
     set_quota,
     token_access,
     upload_team,
+    whoami,
+)
+from superagent.coordinator.api_cluster import (
+    add_member,
+    backup,
+    members_view,
+    remove_member,
+    restore,
 )
 from superagent.coordinator.api_common import (
     Context,
@@ -99,6 +110,7 @@ from superagent.coordinator.api_nodes import (
     register_node,
 )
 from superagent.coordinator.api_openapi import openapi_document
+from superagent.coordinator.api_traffic import traffic
 from superagent.coordinator.api_trust import (
     ENROL_BODY,
     JOIN_TOKEN_BODY,
@@ -115,6 +127,7 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT, ApiHost
 from superagent.coordinator.state import ClusterState
+from superagent.coordinator.ui.web import Dashboard
 from superagent.errors import ConfigError
 from superagent.jsonbody import parse_json, read_body
 from superagent.manifest import parse_manifest, spec_to_json
@@ -124,6 +137,9 @@ log = structlog.get_logger(__name__)
 
 MAX_COMMAND = 16 * 1024**2  # bytes of a forwarded command (a deploy record carries logs)
 MAX_COMMAND_DEPTH = 64  # nesting of a forwarded command (a spec inside a record inside it)
+MEMBER_BODY: dict[str, Any] = {
+    "type": "object", "required": ["id", "raft"],
+    "properties": {"id": {"type": "string"}, "raft": {"type": "string"}}}
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD"})  # counted apart in /metrics
 
 Handler = Callable[[Request, "Context"], Awaitable[Response]]
@@ -207,20 +223,14 @@ async def openapi(request: Request, ctx: Context) -> Response:
 async def cluster(request: Request, ctx: Context) -> Response:
     c = ctx.coordinator
     status = c.raft.status()
-    urls = c.read(lambda s: dict(s.coordinators))
-    members = []
-    for cid, address in sorted(c.config.peers.items()):
-        connected = True if cid == c.config.id else status["partners"].get(address, False)
-        members.append({"id": cid, "raft": address, "api_url": urls.get(cid),
-                        "self": cid == c.config.id, "connected": connected,
-                        "leader": address == status["leader"]})
     digest = c.read(lambda s: s.digest())
     return JSONResponse({
         "id": c.config.id, "leader": c.leader_id(), "leader_url": c.leader_url(),
         "term": status["term"], "commit_index": status["commit_index"],
         "last_applied": status["last_applied"], "has_quorum": status["has_quorum"],
         "healthy": status["has_quorum"] and status["leader"] is not None,
-        "members": members, "state_digest": digest, "version": __version__,
+        "members": members_view(c), "state_digest": digest, "version": __version__,
+        "artifacts_missing": len(await c.missing_artifacts()),
         "uptime": round(time.time() - c.started_at, 3)})
 
 
@@ -398,6 +408,26 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/cluster", "token",
              "Raft members, leader, term, commit index, health", cluster,
              permission=perm.CLUSTER_READ),
+    Endpoint("GET", "/api/v1/whoami", "token",
+             "The token's name, role, teams, expiry and the permissions of its role",
+             whoami, permission=perm.CLUSTER_READ),
+    Endpoint("GET", "/api/v1/traffic", "token",
+             "The proxies' cumulative request counts and latency histograms per app (the"
+             " apps the token sees), summed over machines: take two to get rates",
+             traffic, permission=perm.APPS_READ),
+    Endpoint("POST", "/api/v1/cluster/members", "token",
+             "Add a coordinator ({\"id\": \"c4\", \"raft\": \"host:port\"}; start it first"
+             " with --peers naming every member and itself)", add_member, body=MEMBER_BODY,
+             permission=perm.CLUSTER_ADMIN),
+    Endpoint("DELETE", "/api/v1/cluster/members/{coordinator}", "token",
+             "Remove a coordinator (refused when the live members left would not be a"
+             " majority)", remove_member, permission=perm.CLUSTER_ADMIN),
+    Endpoint("GET", "/api/v1/backup", "token",
+             "A consistent backup (tar) of the state and every artifact it names",
+             backup, permission=perm.CLUSTER_ADMIN),
+    Endpoint("POST", "/api/v1/restore", "token",
+             "Restore a backup (the body) onto a new, empty cluster", restore,
+             permission=perm.CLUSTER_ADMIN),
     Endpoint("GET", "/api/v1/apps", "token", "List apps (those of the token's teams)",
              list_apps, permission=perm.APPS_READ),
     Endpoint("POST", "/api/v1/apps", "token",
@@ -495,9 +525,17 @@ ROUTES: tuple[Endpoint, ...] = (
 )
 
 
-def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(coordinator: ApiHost, e: Endpoint, dashboard: Dashboard
+              ) -> Callable[[Request], Awaitable[Response]]:
     async def view(request: Request) -> Response:
         credential = bearer(request.headers.get("authorization", ""))
+        if credential is None and e.auth in ("token", "any"):
+            session = dashboard.session_credential(request)  # the dashboard's cookie
+            if isinstance(session, Response):
+                return session
+            if session is not None:
+                credential = session
+                request = _with_bearer(request, session)  # what forward() passes on
         actor, principal = "", None
         if e.auth != "none":
             if e.auth in ("token", "any"):
@@ -522,6 +560,15 @@ def _endpoint(coordinator: ApiHost, e: Endpoint) -> Callable[[Request], Awaitabl
             return error(400, "client_disconnected", "the client closed the request")
     view.__name__ = e.handler.__name__
     return view
+
+
+def _with_bearer(request: Request, token: str) -> Request:
+    """The request as if it had come with ``Authorization: Bearer token``."""
+    headers = [(k, v) for k, v in request.scope["headers"]
+               if k not in (b"authorization", b"cookie")]
+    scope = {**request.scope, "headers": [*headers, (b"authorization",
+                                                      f"Bearer {token}".encode())]}
+    return Request(scope, request.receive)
 
 
 class _LeaderHeader:
@@ -555,7 +602,14 @@ def api_app(coordinator: ApiHost) -> ASGIApp:
         log.exception("api handler failed", path=request.url.path)
         return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
-    routes = [Route(e.path, _endpoint(coordinator, e), methods=[e.method]) for e in ROUTES]
+    dashboard = Dashboard(coordinator)
+    routes = [Route(e.path, _endpoint(coordinator, e, dashboard), methods=[e.method])
+              for e in ROUTES]
+    routes += [Route("/ui", dashboard.root, methods=["GET"]),
+               Route("/ui/", dashboard.page, methods=["GET"]),
+               Route("/ui/login", dashboard.login, methods=["POST"]),
+               Route("/ui/logout", dashboard.logout, methods=["POST"]),
+               Route("/ui/{name}", dashboard.page, methods=["GET"])]
     app = Starlette(routes=routes, exception_handlers={Exception: unexpected,
                                                        HTTPException: unrouted})
     return _LeaderHeader(app, coordinator)

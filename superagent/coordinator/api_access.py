@@ -45,6 +45,7 @@ from superagent.coordinator.host import ApiHost
 from superagent.coordinator.policy import (
     ADMIN,
     APPS_WRITE,
+    GRANTS,
     ROLES,
     Decision,
     Principal,
@@ -150,6 +151,20 @@ def audit_visible(ctx: Context, entry: Mapping[str, Any]) -> bool:
                 lambda s: s.apps[app].team if app in s.apps else "default")
         return ctx.sees(str(team))
     return not target.startswith("token:")
+
+
+def whoami_doc(principal: Principal) -> dict[str, Any]:
+    """A token's name, role, teams, expiry and the permissions its role holds (scoped
+    ones only for its teams): what a client such as the dashboard shows and offers."""
+    return {"name": principal.name, "role": principal.role, "teams": list(principal.teams),
+            "expires_at": principal.expires_at,
+            "permissions": sorted(GRANTS.get(principal.role, frozenset()))}
+
+
+async def whoami(request: Request, ctx: Context) -> Response:
+    if ctx.principal is None:  # a token route always has one
+        return error(401, "unauthorized", "an API token is needed")
+    return JSONResponse(whoami_doc(ctx.principal))
 
 
 async def audit(request: Request, ctx: Context) -> Response:

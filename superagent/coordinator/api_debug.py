@@ -16,7 +16,8 @@ close them when their TTL passes; the coordinator only relays:
   posting again before it ends, which also reaches nodes the app was scaled onto.
 - ``GET /api/v1/trace/{request_id}`` (``?app=`` to narrow it) asks every node concerned
   for the lines carrying that request id (``/v1/logs?request_id=``): the app's own lines
-  and events that name it, and the proxy's record while a session was open. They come
+  and events that name it, and the proxy's record (a session's line, or one of the app's
+  recent records every participant keeps whether or not a session is open). They come
   back merged by time, each labelled with its node. Without ``app`` every node that is up
   is asked, and only lines of apps the token may read are shown.
 

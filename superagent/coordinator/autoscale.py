@@ -23,6 +23,12 @@ Theory of operation (the rule Kubernetes' horizontal autoscaler made familiar):
    say what it was made of; the same count is ``None``. Too few samples (less than half a
    window's worth of time) decide nothing, except bringing a count outside ``[min, max]``
    back inside.
+
+The four timings (``window``, ``down_window``, ``up_cooldown``, ``down_cooldown``) are the
+cluster's, not the app's: ``AutoTiming``, from ``superagent coordinator
+--autoscale-timing window=30,down_window=60,...`` (defaults: the constants below), is laid
+over every app's policy by the reconciler. Shorter timings follow a load faster and flap
+more easily; they exist so that a test or a small cluster can watch a whole ramp.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -83,6 +89,58 @@ class AutoSpec:
         """The policy as the replicated state stores it (``[scale]``'s keys)."""
         return {"min": self.min, "max": self.max, "target": self.target,
                 "metric": self.metric.value}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AutoTiming:
+    """The cluster's autoscaling timings, in seconds (see the module docstring)."""
+
+    window: float = WINDOW
+    down_window: float = DOWN_WINDOW
+    up_cooldown: float = UP_COOLDOWN
+    down_cooldown: float = DOWN_COOLDOWN
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"autoscale timing {f.name} must be a number of seconds"
+                                 f" >= 0, not {value}")
+        if self.window <= 0:
+            raise ValueError("autoscale timing window must be above 0 seconds")
+
+    def apply(self, spec: AutoSpec) -> AutoSpec:
+        """``spec`` with these timings."""
+        return replace(spec, window=self.window, down_window=self.down_window,
+                       up_cooldown=self.up_cooldown, down_cooldown=self.down_cooldown)
+
+    def to_text(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name):g}" for f in fields(self))
+
+
+DEFAULT_TIMING = AutoTiming()
+
+
+def parse_timing(text: str) -> AutoTiming:
+    """``window=30,down_window=60,up_cooldown=10,down_cooldown=60`` (any subset; the
+    others keep their defaults) as an ``AutoTiming``; raises ValueError naming the item."""
+    names = [f.name for f in fields(AutoTiming)]
+    values: dict[str, float] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, raw = item.strip().partition("=")
+        key = key.strip()
+        if not sep or key not in names:
+            raise ValueError(f"{item.strip()!r} is not NAME=SECONDS with NAME one of"
+                             f" {', '.join(names)}")
+        if key in values:
+            raise ValueError(f"{key} is given twice")
+        try:
+            values[key] = float(raw)
+        except ValueError:
+            raise ValueError(f"{key}: {raw.strip()!r} is not a number of seconds") from None
+    return AutoTiming(**values)
 
 
 def auto_spec(doc: Mapping[str, Any]) -> AutoSpec:
@@ -183,7 +241,9 @@ class Autoscaler:
         inputs = {"metric": self.spec.metric.value, "load": load, "target": self.spec.target,
                   "current": current, "wanted": wanted, "min": self.spec.min,
                   "max": self.spec.max, "samples": len(self.samples),
-                  "window": self.spec.window}
+                  "window": self.spec.window, "down_window": self.spec.down_window,
+                  "up_cooldown": self.spec.up_cooldown,
+                  "down_cooldown": self.spec.down_cooldown}
         return Decision(instances=new, reason=f"{reason}: {current} -> {new}", inputs=inputs)
 
     def _expire(self, now: float) -> None:

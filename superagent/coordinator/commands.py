@@ -51,6 +51,7 @@ TEAM_NAME = GROUP_NAME  # likewise
 QUOTA_MAX = 2**62  # a quota is a count or a byte size; more is a typo
 SCALE_OUTCOMES = ("converged", "short", "replaced")  # how a scaling ends (FinishScale)
 DEPLOY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RAFT_ADDRESS = re.compile(r"[A-Za-z0-9.\[\]:_-]{1,250}:[0-9]{1,5}")  # host:port
 API_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:_-]{1,250}")  # scheme://host:port, no path
 
 
@@ -517,12 +518,67 @@ class RevokeNode(_NodeCommand):
     type: ClassVar[str] = "revoke_node"
 
 
+@dataclass(frozen=True, kw_only=True)
+class AddCoordinator(Command):
+    """Coordinator ``coordinator`` joins the Raft members at ``raft_address`` (committed
+    before pysyncobj's own membership entry, so every member can name it at once)."""
+
+    type: ClassVar[str] = "add_coordinator"
+    coordinator: str
+    raft_address: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("coordinator", NODE_NAME, self.coordinator)
+        self._match("raft_address", RAFT_ADDRESS, self.raft_address)
+
+    @property
+    def target(self) -> str:
+        return f"coordinator:{self.coordinator}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoveCoordinator(Command):
+    """Coordinator ``coordinator`` left the Raft members: forget its addresses."""
+
+    type: ClassVar[str] = "remove_coordinator"
+    coordinator: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._match("coordinator", NODE_NAME, self.coordinator)
+
+    @property
+    def target(self) -> str:
+        return f"coordinator:{self.coordinator}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreState(Command):
+    """Replace an empty cluster's state with a backup's (``state``: its JSON; see
+    ``coordinator.backup``). ``source`` names the backup for the audit log."""
+
+    type: ClassVar[str] = "restore_state"
+    state: str
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check("state", self.state.startswith("{"), "must be a state's JSON document")
+        self._check("source", len(self.source) <= REASON_MAX, f"at most {REASON_MAX} characters")
+
+    @property
+    def target(self) -> str:
+        return "cluster"
+
+
 COMMANDS: dict[str, type[Command]] = {
     cls.type: cls
     for cls in (CreateApp, UpdateAppSpec, DeleteApp, AddRelease, RegisterNode, LabelNode,
                 NodeUp, NodeDown, SetNodeLifecycle, SetPlacement, SetScale, FinishScale,
                 Autoscale, StartDeploy, DeployEvent, FinishDeploy, AddToken, RevokeToken,
-                SetQuota, RegisterCoordinator, AddJoinToken, EnrolNode, RevokeNode)
+                SetQuota, RegisterCoordinator, AddJoinToken, EnrolNode, RevokeNode,
+                AddCoordinator, RemoveCoordinator, RestoreState)
 }
 
 

@@ -77,6 +77,14 @@ class UnknownNode(CoordinatorError):
         super().__init__(f"node {node!r} is not registered", node=node)
 
 
+class UnknownCoordinator(CoordinatorError):
+    status_hint = 404
+    code = "unknown_coordinator"
+
+    def __init__(self, coordinator: str) -> None:
+        super().__init__(f"coordinator {coordinator!r} is not a member", node=coordinator)
+
+
 class JoinRefused(CoordinatorError):
     """A join token that is unknown, spent, expired or bound to another node; or a node
     name already enrolled with another credential."""
@@ -136,6 +144,13 @@ class Conflict(CoordinatorError):
     code = "conflict"
 
 
+class MembershipRefused(Conflict):
+    """A change of the coordinators' membership is refused: it would leave no majority of
+    live members, another change is under way, or it is void."""
+
+    code = "membership_refused"
+
+
 class QuotaExceeded(Conflict):
     """A create, release, deploy or scale would take a team past one of its quotas."""
 
@@ -169,6 +184,13 @@ class SnapshotError(CoordinatorError):
     """A persisted ``ClusterState`` document is corrupt or of an unknown version."""
 
     code = "bad_snapshot"
+
+
+class BadBackup(CoordinatorError):
+    """A backup file that cannot be restored: the message names the member or release."""
+
+    status_hint = 400
+    code = "bad_backup"
 
 
 class RaftError(CoordinatorError):

@@ -15,9 +15,11 @@ reason.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import trio
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.artifacts import ArtifactStore
@@ -46,6 +48,22 @@ class ApiIdentity(Identity, Protocol):
     def secret(self) -> str:
         """The coordinators' secret, which peers present (and nothing else holds)."""
         ...
+
+    @property
+    def data_dir(self) -> Path:
+        """The coordinator's own directory (backups are staged under it)."""
+        ...
+
+    @property
+    def raft_address(self) -> str: ...
+
+    @property
+    def url(self) -> str:
+        """This coordinator's advertised API base URL."""
+        ...
+
+    @property
+    def max_upload(self) -> int: ...
 
     @property
     def participant_secret(self) -> str:
@@ -113,6 +131,19 @@ class ApiHost(ReconcilerHost, Protocol):
     def leader_url(self) -> str | None: ...
 
     async def ensure_artifact(self, sha256: str) -> None: ...
+
+    async def missing_artifacts(self) -> list[str]: ...
+
+    async def replicate_artifact(self, sha256: str, size: int) -> None: ...
+
+    async def barrier(self) -> None: ...
+
+    def member_ids(self) -> dict[str, str]:
+        """The current Raft members: coordinator id -> Raft address."""
+        ...
+
+    @property
+    def membership_lock(self) -> trio.Lock: ...
 
     def committed(self, command: cmd.Command) -> None:
         """Called with each command a follower forwarded, once committed here."""

@@ -13,7 +13,8 @@ The roles:
 - ``admin``: everything, every team (the token made at cluster init is one).
 - ``deployer``: reads the fleet (cluster, nodes, audit), and reads and changes the apps
   of its teams: create, upload/deploy, rollback, cancel, scale, delete. No node writes,
-  no tokens, no quotas, no artifacts by hash.
+  no tokens, no quotas, no artifacts by hash, no cluster administration (coordinators,
+  backups).
 - ``viewer``: reads the fleet and the apps of its teams (of every team when it has none).
 
 A token past its ``expires_at`` is no principal at all (``expired``): the API answers 401,
@@ -35,8 +36,9 @@ APPS_READ, APPS_WRITE = "apps:read", "apps:write"
 NODES_READ, NODES_WRITE = "nodes:read", "nodes:write"
 CLUSTER_READ, AUDIT_READ = "cluster:read", "audit:read"
 ARTIFACTS_READ, TOKENS_ADMIN, QUOTAS_WRITE = "artifacts:read", "tokens:admin", "quotas:write"
+CLUSTER_ADMIN = "cluster:admin"  # change the coordinators, take and restore backups
 PERMISSIONS = (APPS_READ, APPS_WRITE, NODES_READ, NODES_WRITE, CLUSTER_READ, AUDIT_READ,
-               ARTIFACTS_READ, TOKENS_ADMIN, QUOTAS_WRITE)
+               ARTIFACTS_READ, TOKENS_ADMIN, QUOTAS_WRITE, CLUSTER_ADMIN)
 
 # what each role holds; a scoped permission is further limited to the token's teams
 GRANTS: Mapping[str, frozenset[str]] = {

@@ -32,6 +32,17 @@ the secret never gets a byte unpickled (tests/coordinator/test_raft_port.py show
 port binds exactly the configured address (``bindAddress``), not every interface, which is
 pysyncobj's default.
 
+Membership. The members are given at the first start (``--peers``) and changed at run time
+with pysyncobj's dynamic membership (``dynamicMembershipChange``): ``change_membership``
+appends one ``add``/``rem`` entry on the leader, which takes effect on each node when it
+appends the entry and commits under the new configuration; pysyncobj itself refuses a
+second change while one is uncommitted. pysyncobj does not replay membership entries of
+the journal at a restart: a node starts with the members it is given, and loading a dump
+resets them to the dump's. So every node records the members it last saw in
+``members.json`` in its data dir (``watch`` writes it on every change) and starts from
+that file when it exists, in preference to ``--peers``; the first dump loaded at start
+keeps the file's members too (later dumps, sent by a leader, carry the leader's).
+
 Leadership. ``leaderFallbackTimeout`` is ~2 s, so a leader cut off from a quorum demotes itself
 within about 2 s (the library default is 30 s). Proposals are accepted only on the leader; a
 follower raises ``NotLeader`` naming the leader (pysyncobj would silently forward them).
@@ -77,6 +88,8 @@ WATCH_PERIOD = 0.1
 THREAD_START_TIMEOUT = 10.0
 #: Label HMAC'd with the coordinators' secret to derive the Raft password (domain separation).
 _PASSWORD_LABEL = b"superagent/raft/password/v1"
+#: The members this node last saw (addresses), read at start in preference to ``--peers``.
+MEMBERS_FILE = "members.json"
 #: Version tag of our full-dump file format.
 _DUMP_FORMAT = 1
 
@@ -134,7 +147,13 @@ class _Replica(SyncObj):  # type: ignore[misc]
         self._outstanding = 0  # our commands whose result has not come back yet
         self._count_lock = threading.Lock()  # the caller's thread adds, the tick thread takes
         self._nudge: PipeNotifier | None = None  # made on the tick thread, which owns the poller
+        self._calls: list[Callable[[], None]] = []  # run on the tick thread (``on_tick``)
         super().__init__(self_address, peers, conf)
+
+    def on_tick(self, call: Callable[[], None]) -> None:
+        """Run ``call`` once on the tick thread, which alone may touch pysyncobj's state."""
+        with self._count_lock:
+            self._calls.append(call)
 
     def _applyCommand(self, command: Any, callback: Any, commandType: Any = None) -> None:
         if not callable(callback):  # a peer's forwarded command: answered by message
@@ -159,6 +178,10 @@ class _Replica(SyncObj):  # type: ignore[misc]
         of a one-coordinator cluster took 50 ms; while a command of ours waits for its
         result the next tick starts at once instead (a single leader commits it there).
         """
+        with self._count_lock:
+            calls, self._calls = self._calls, []
+        for call in calls:
+            call()
         super()._checkCommandsToApply()
         if self._outstanding and not self.otherNodes and self._isLeader():
             if self._nudge is None:
@@ -200,8 +223,14 @@ class RaftNode:
             raise ValueError("the coordinators' secret is required: the Raft port is unsafe"
                              " without one")
         self.self_address = self_address
-        self.peers = [p for p in peers if p != self_address]
         self.data_dir = data_dir
+        self.recorded = read_members(data_dir)  # the members seen before a restart
+        if self.recorded is not None:
+            peers = self.recorded
+        self.peers = [p for p in peers if p != self_address]
+        self._members_seen = sorted({self_address, *self.peers})
+        # a dump of our own is loaded at start: it keeps the recorded members
+        self._first_dump = (data_dir / "raft.dump").exists()
         self._holder = _Holder(state)
         self._password = derive_password(secret)
         self._replica: _Replica | None = None
@@ -231,7 +260,7 @@ class RaftNode:
             appendEntriesUseBatch=False,
             leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT,
             connectionRetryTime=CONNECTION_RETRY_TIME,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=True,
             useFork=False,  # never fork a threaded trio process; snapshots are small JSON
             serializer=self._write_dump,
             deserializer=self._read_dump,
@@ -297,7 +326,12 @@ class RaftNode:
             raise ValueError(f"{filename}: unknown dump format {doc.get('format')!r}")
         with self._holder.lock:
             self._holder.state = type(self._holder.state).from_json(doc["state"])
-        cluster = {TCPNode(address) for address in doc["cluster"]}
+        addresses = doc["cluster"]
+        if self._first_dump and self.recorded is not None:
+            # our own dump, older than the members we saw after it (see Membership)
+            addresses = self.recorded
+        self._first_dump = False
+        cluster = {TCPNode(address) for address in addresses}
         return (_decode_entry(doc["last"]), _decode_entry(doc["prev"]), cluster)
 
     # -- queries ---------------------------------------------------------------------------
@@ -326,11 +360,17 @@ class RaftNode:
         """Whether this node currently believes it is the leader."""
         return bool(self._running()._isLeader())
 
+    def members(self) -> list[str]:
+        """Every member's Raft address as this node sees it now, itself included."""
+        others = self._running().otherNodes
+        return sorted({self.self_address, *(str(node.address) for node in others)})
+
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot: self, leader, is_leader, term, commit_index, last_applied,
-        has_quorum and partners (address -> connected)."""
+        has_quorum, partners (address -> connected) and, on the leader, match_index
+        (address -> the partner's matched log index)."""
         raw = self._running().getStatus()
-        prefix = "partner_node_status_server_"
+        prefix, match = "partner_node_status_server_", "match_idx_server_"
         leader = raw["leader"]
         return {
             "self": self.self_address,
@@ -344,6 +384,9 @@ class RaftNode:
                 key[len(prefix):]: value == 2 for key, value in raw.items()
                 if key.startswith(prefix)
             },
+            # on the leader: how far each partner's log is known to match its own
+            "match_index": {key[len(match):]: value for key, value in raw.items()
+                            if key.startswith(match) and key != "match_idx_count"},
         }
 
     # -- trio bridge -----------------------------------------------------------------------
@@ -384,8 +427,72 @@ class RaftNode:
             node=self.self_address,
         )
 
+    async def change_membership(self, kind: str, address: str, timeout: float) -> None:
+        """Add (``kind="add"``) or remove (``"remove"``) the member at ``address``; returns
+        once the change committed. Only on the leader (NotLeader); RaftError
+        ``request_denied`` when another change is still uncommitted or the change is void
+        (already a member, not a member, this node); RaftTimeout."""
+        replica = self._running()
+        if not replica._isLeader():
+            raise NotLeader(self.leader(), node=self.self_address)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list[int] = []
+
+        def on_result(result: Any, error: int) -> None:  # runs on the tick thread
+            outcome.append(error)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        change = replica.addNodeToCluster if kind == "add" else replica.removeNodeFromCluster
+        change(address, callback=on_result)
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not outcome:
+            raise RaftTimeout(timeout, node=self.self_address)
+        if outcome[0] != FAIL_REASON.SUCCESS:
+            reason, maybe = _FAILURES.get(outcome[0], (f"code_{outcome[0]}", True))
+            raise RaftError(f"Raft refused the membership change: {reason}", reason=reason,
+                            may_have_committed=maybe, node=self.self_address)
+        self._record_members()
+
+    async def transfer_leadership(self, timeout: float) -> None:
+        """Ask the most caught-up connected follower to take the leadership (Raft
+        ``TimeoutNow``); returns once the request is sent. RaftError ``request_denied``
+        when no follower is caught up, NotLeader on a follower."""
+        replica = self._running()
+        if not replica._isLeader():
+            raise NotLeader(self.leader(), node=self.self_address)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list[int] = []
+
+        def on_result(result: Any, error: int) -> None:  # runs on the tick thread
+            outcome.append(error)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        replica.on_tick(lambda: replica.transferLeadership(None, callback=on_result))
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not outcome:
+            raise RaftTimeout(timeout, node=self.self_address)
+        if outcome[0] != FAIL_REASON.SUCCESS:
+            reason, _ = _FAILURES.get(outcome[0], (f"code_{outcome[0]}", False))
+            raise RaftError(f"Raft refused to hand the leadership over: {reason}",
+                            reason=reason, node=self.self_address)
+
+    def _record_members(self) -> None:
+        """Write ``members.json`` when the members changed since it was last written."""
+        members = self.members()
+        if members != self._members_seen:
+            write_members(self.data_dir, members)
+            self._members_seen = members
+            self._log.info("raft.members", members=members)
+
     async def watch(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Log leadership changes and quorum loss/regain, sampling every WATCH_PERIOD."""
+        """Log leadership changes and quorum loss/regain, sampling every WATCH_PERIOD, and
+        record the members whenever they change."""
         last = self.status()
         self._log.info("raft.status", leader=last["leader"], term=last["term"],
                        has_quorum=last["has_quorum"])
@@ -393,6 +500,7 @@ class RaftNode:
         while True:
             await trio.sleep(WATCH_PERIOD)
             now = self.status()
+            self._record_members()
             if (now["leader"], now["is_leader"]) != (last["leader"], last["is_leader"]):
                 self._log.info("raft.leader_changed", leader=now["leader"],
                                previous=last["leader"], is_leader=now["is_leader"],
@@ -401,3 +509,30 @@ class RaftNode:
                 event = "raft.quorum_regained" if now["has_quorum"] else "raft.quorum_lost"
                 self._log.warning(event, term=now["term"], partners=now["partners"])
             last = now
+
+
+def read_members(data_dir: Path) -> list[str] | None:
+    """The members recorded in ``data_dir`` (see Membership), or None when none are."""
+    try:
+        doc = json.loads((data_dir / MEMBERS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RaftError(f"{data_dir / MEMBERS_FILE}: unreadable: {exc}",
+                        reason="members_file") from None
+    members = doc.get("members") if isinstance(doc, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise RaftError(f"{data_dir / MEMBERS_FILE}: no list of addresses under 'members'",
+                        reason="members_file")
+    return members
+
+
+def write_members(data_dir: Path, members: list[str]) -> None:
+    """Record ``members`` atomically (a crash leaves the old file or the new one)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / (MEMBERS_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"members": members}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, data_dir / MEMBERS_FILE)

@@ -30,6 +30,7 @@ coordinator leads, and every ``RECONCILE_PERIOD`` it does one round, decide then
    instances report in their heartbeats) feeds its ``autoscale.Autoscaler``; a decision is
    committed as ``Autoscale`` and moves the placement from the next round on. A new
    leader starts the autoscalers afresh (they learn the load again within a window).
+   Their windows and cooldowns are the coordinator's ``--autoscale-timing``.
 5. **Finish.** An app's ``scaling`` ends with ``FinishScale``: ``converged`` once every
    node of its placement reports that many ready instances and nothing else is to do,
    ``short`` (with the reason) once what can run runs but the placement falls short, or
@@ -67,7 +68,13 @@ from superagent.backoff import Backoff
 from superagent.coordinator import commands as cmd
 from superagent.coordinator import reconcile as rc
 from superagent.coordinator import scheduler as sch
-from superagent.coordinator.autoscale import Autoscalers, app_load, auto_spec
+from superagent.coordinator.autoscale import (
+    DEFAULT_TIMING,
+    Autoscalers,
+    AutoTiming,
+    app_load,
+    auto_spec,
+)
 from superagent.coordinator.commands import REASON_MAX
 from superagent.coordinator.deploy.outcomes import BUILD_TIMEOUT, SIGNAL_TIMEOUT, START_MARGIN
 from superagent.coordinator.errors import CoordinatorError
@@ -129,8 +136,10 @@ class Reconciler:
 
     def __init__(self, host: ReconcilerHost, *, drain_wait: float = DRAIN_WAIT,
                  drain_grace: float = DRAIN_GRACE, period: float = RECONCILE_PERIOD,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 autoscale: AutoTiming = DEFAULT_TIMING) -> None:
         self.host = host
+        self.autoscale_timing = autoscale  # laid over every app's policy
         self.drain_wait = drain_wait
         self.drain_grace = drain_grace
         self.period = period
@@ -251,7 +260,7 @@ class Reconciler:
             if app in view.busy:
                 continue
             try:  # one app's trouble never stops the others' (or the round's) work
-                spec = auto_spec(auto)
+                spec = self.autoscale_timing.apply(auto_spec(auto))
                 load = app_load(heard, app, release, spec.metric)
                 decision = self._autoscalers.decide(now, app, spec, current, load)
             except (ValueError, TypeError, KeyError) as exc:

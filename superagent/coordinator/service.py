@@ -45,6 +45,7 @@ from superagent.coordinator import commands as cmd
 from superagent.coordinator.api import api_app
 from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, Peer, replicate
 from superagent.coordinator.auth import new_token, token_hash, write_private
+from superagent.coordinator.autoscale import DEFAULT_TIMING, AutoTiming
 from superagent.coordinator.deploy.runner import DeployRunner
 from superagent.coordinator.errors import (
     BadArchive,
@@ -75,6 +76,9 @@ NODE_TIMEOUT = 10.0  # a participant silent this long is marked down
 WATCH_PERIOD = 0.5  # how often the leader checks liveness and its own registration
 MANIFEST_MAX = 1024 * 1024  # bytes of a manifest read from an uploaded tarball
 CATCH_UP_TIMEOUT = 2.0  # a follower waits this long to apply what it forwarded
+# how often a coordinator looks for release blobs it lacks (one that joined, or missed a
+# replication) and fetches them from a peer: a new member holds every artifact soon
+ARTIFACT_SYNC_PERIOD = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class CoordinatorConfig:
     # a draining node keeps its instances this long (the front load balancer sees its
     # /-/healthz answer 503 and stops sending), then the reconciler moves them
     drain_wait: float = DRAIN_WAIT
+    # the autoscalers' windows and cooldowns (--autoscale-timing; defaults: autoscale's)
+    autoscale: AutoTiming = DEFAULT_TIMING
     extra: dict[str, Any] = field(default_factory=dict)
     # the secret participants shared before machine credentials (a migration; "": none)
     participant_secret: str = ""
@@ -125,9 +131,10 @@ class Coordinator:
         self._participants: ParticipantClient | None = None
         self.started_at = time.time()
         self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
-        self._by_raft = {address: cid for cid, address in config.peers.items()}
+        self.membership_lock = trio.Lock()  # one change of the coordinators at a time
         self.deploys = DeployRunner(self)
-        self.reconciler = Reconciler(self, drain_wait=config.drain_wait)
+        self.reconciler = Reconciler(self, drain_wait=config.drain_wait,
+                                     autoscale=config.autoscale)
         self._log = log.bind(coordinator=config.id)
 
     def __repr__(self) -> str:
@@ -155,6 +162,7 @@ class Coordinator:
                     nursery.start_soon(self._register_self)
                     nursery.start_soon(self._init_admin_token)
                     nursery.start_soon(self._watch_nodes)
+                    nursery.start_soon(self._sync_artifacts)
                     nursery.start_soon(self.deploys.run)
                     await nursery.start(self.reconciler.run)
                     self._log.info("coordinator ready", api=self.config.url,
@@ -184,9 +192,19 @@ class Coordinator:
         assert self._participants is not None, "the coordinator is not running"
         return self._participants
 
+    def member_ids(self) -> dict[str, str]:
+        """The current Raft members as coordinator id -> Raft address: the ids from
+        ``--peers`` and those added at run time (the replicated ``members``); a member
+        no one named yet appears under its address."""
+        names = {address: cid for cid, address in self.config.peers.items()}
+        names.update({address: cid for cid, address in self.read(lambda s: s.members).items()})
+        return {names.get(address, address): address for address in self.raft.members()}
+
     def leader_id(self) -> str | None:
         address = self.raft.leader()
-        return None if address is None else self._by_raft.get(address)
+        if address is None:
+            return None
+        return next((cid for cid, a in self.member_ids().items() if a == address), address)
 
     def leader_url(self) -> str | None:
         """The leader's API URL, once it has registered it."""
@@ -201,7 +219,7 @@ class Coordinator:
     def peer_urls(self) -> dict[str, str | None]:
         """Every other coordinator's API URL (None until it registered)."""
         known: dict[str, str] = self.read(lambda s: dict(s.coordinators))
-        return {cid: known.get(cid) for cid in sorted(self.config.peers) if cid != self.config.id}
+        return {cid: known.get(cid) for cid in sorted(self.member_ids()) if cid != self.config.id}
 
     def signal_key(self, address: str) -> str | None:
         """The bearer of signals to the participant at ``address``: its signal key; the
@@ -311,6 +329,11 @@ class Coordinator:
             raise
         return artifact.sha256, artifact.size, spec
 
+    async def replicate_artifact(self, sha256: str, size: int) -> None:
+        """Send a blob stored here to peers until a majority holds it; raises NoQuorum."""
+        await replicate(sha256, size, self.store, self._artifact_peers(),
+                        timeout=REPLICATE_TIMEOUT)
+
     def _artifact_peers(self) -> list[Peer]:
         return [self._peer_sender(cid, url) for cid, url in self.peer_urls().items()]
 
@@ -348,6 +371,25 @@ class Coordinator:
                 self._log.warning("artifact fetch from peer failed", sha256=sha256, peer=cid,
                                   error=repr(exc))
         raise UnknownArtifact(sha256)
+
+    async def missing_artifacts(self) -> list[str]:
+        """The blobs the replicated releases name that this coordinator does not hold."""
+        needed: set[str] = self.read(lambda s: {r.sha256 for rs in s.releases.values()
+                                                for r in rs})
+        def lacking() -> list[str]:  # one thread hop for all of them
+            return sorted(sha for sha in needed if not self.store.path(sha).is_file())
+        return await trio.to_thread.run_sync(lacking)
+
+    async def _sync_artifacts(self) -> None:
+        """Fetch, from a peer, every release blob this coordinator lacks (see
+        ARTIFACT_SYNC_PERIOD); a blob no peer has yet is tried again next round."""
+        while True:
+            for sha256 in await self.missing_artifacts():
+                try:
+                    await self.ensure_artifact(sha256)
+                except CoordinatorError as exc:
+                    self._log.info("artifact not synced yet", sha256=sha256, error=str(exc))
+            await trio.sleep(ARTIFACT_SYNC_PERIOD)
 
     # ------------------------------------------------------------------ membership
     async def heartbeat(self, node: str, status: dict[str, Any] | None) -> bool:

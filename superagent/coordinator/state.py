@@ -29,7 +29,7 @@ from typing import Any
 
 from superagent.codec import canonical_json
 from superagent.coordinator import commands as cmd
-from superagent.coordinator import tenancy
+from superagent.coordinator import state_admin, tenancy
 from superagent.coordinator.deploy.model import DeployRecord, Stage, Status, event_from_doc
 from superagent.coordinator.deploy.planner import advance
 from superagent.coordinator.errors import (
@@ -140,6 +140,7 @@ class ClusterState:
         self.tokens: dict[str, dict[str, Any]] = {}  # name -> record (see tenancy.py)
         self.quotas: dict[str, dict[str, int | None]] = {}  # team -> {apps, instances, memory}
         self.coordinators: dict[str, str] = {}  # coordinator id -> API base URL
+        self.members: dict[str, str] = {}  # coordinator id -> Raft address (added at run time)
         self.trust = Trust()  # join tokens and node credentials (see coordinator.trust)
         self._handlers: dict[type[cmd.Command], Callable[[Any], tuple[Result, str]]] = {
             cmd.CreateApp: self._create_app,
@@ -166,6 +167,10 @@ class ClusterState:
             cmd.AddJoinToken: lambda c: self.trust.add_join_token(c),
             cmd.EnrolNode: lambda c: self.trust.enrol(c),
             cmd.RevokeNode: lambda c: self.trust.revoke(c, self.nodes),
+            cmd.AddCoordinator: lambda c: state_admin.add_coordinator(self, c),
+            cmd.RemoveCoordinator: lambda c: state_admin.remove_coordinator(self, c),
+            cmd.RestoreState: lambda c: state_admin.restore(
+                self, c, ClusterState.from_json(c.state)),
         }
 
     def __repr__(self) -> str:
@@ -545,6 +550,8 @@ class ClusterState:
             "quotas": copy.deepcopy(self.quotas),
             "coordinators": dict(self.coordinators),
             **self.trust.to_doc(),
+            # only when set: a state without run-time members keeps its digest
+            **({"members": dict(self.members)} if self.members else {}),
         }
 
     def to_json(self) -> str:
@@ -580,6 +587,7 @@ class ClusterState:
             state.quotas = doc.get("quotas", {})  # newer than version 1
             state.coordinators = doc["coordinators"]
             state.trust = Trust.from_doc(doc)  # absent from states older than trust
+            state.members = dict(doc.get("members", {}))  # absent before membership changes
         except SnapshotError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -11,7 +11,9 @@ or does I/O other than trio memory channels:
 - ``rings``: ``LineRing``, the last lines of one source, and ``merged_tail``;
 - ``fanout``: ``Fanout`` and ``Subscription``, bounded per subscriber with drop counters;
 - ``events``: the proxy's access records as ``proxy`` lines of the app they served;
-- ``sessions``: ``DebugSessions``, per-app windows with a TTL.
+- ``sessions``: ``DebugSessions``, per-app windows with a TTL;
+- ``recent``: ``RecentRecords``, every app's last proxy records, session or not (for
+  ``trace``), bounded by count and bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from superagent.debug.errors import BadRecord, DebugError
 from superagent.debug.events import AccessRecord, access_line, access_record
 from superagent.debug.fanout import DROPPED_NOTE, SUBSCRIBER_BUFFER, Fanout, Subscription
 from superagent.debug.filters import LogFilter
+from superagent.debug.recent import (
+    PER_RECORD,
+    RECENT_APPS,
+    RECENT_BYTES,
+    RECENT_RECORDS,
+    Kept,
+    RecentRecords,
+)
 from superagent.debug.records import (
     PROXY_SOURCE,
     Cursor,
@@ -36,9 +46,10 @@ from superagent.debug.rings import RING_LINES, LineRing, merged_tail
 from superagent.debug.sessions import DEFAULT_TTL, DebugSessions, DebugWindow
 
 __all__ = [
-    "DEFAULT_TTL", "DROPPED_NOTE", "PROXY_SOURCE", "RING_LINES", "SUBSCRIBER_BUFFER",
+    "DEFAULT_TTL", "DROPPED_NOTE", "PER_RECORD", "PROXY_SOURCE", "RECENT_APPS",
+    "RECENT_BYTES", "RECENT_RECORDS", "RING_LINES", "SUBSCRIBER_BUFFER",
     "AccessRecord", "BadRecord", "Cursor", "DebugError", "DebugSessions", "DebugWindow",
-    "Fanout", "LineRing",
-    "LogFilter", "LogLine", "Origin", "Position", "Source", "Stream", "Subscription",
+    "Fanout", "Kept", "LineRing", "LogFilter", "LogLine", "Origin", "Position",
+    "RecentRecords", "Source", "Stream", "Subscription",
     "access_line", "access_record", "make_line", "merge", "merge_key", "merged_tail",
 ]

@@ -38,8 +38,9 @@ class AccessRecord:
 def access_record(raw: bytes | str) -> AccessRecord | None:
     """Parse one access-log line; ``None`` for anything that is not a request's record."""
     record: Any = None
-    with contextlib.suppress(ValueError, RecursionError):
-        record = json.loads(raw)
+    with contextlib.suppress(ValueError, RecursionError):  # UnicodeDecodeError included
+        # decoding first spares json.loads its encoding detection: one per request served
+        record = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
     if not isinstance(record, dict) or record.get("event") != ACCESS_EVENT:
         return None
     app, when = record.get("app"), record.get("ts")

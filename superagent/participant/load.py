@@ -50,3 +50,15 @@ class LoadSampler:
             del self._cpu[gone]
         self.latest = out
         return out
+
+
+def traffic(stats: Mapping[str, Any], le: tuple[float, ...]) -> dict[str, Any]:
+    """The heartbeat's ``traffic``: the proxy's cumulative figures per app (responses by
+    status, the latency histogram over the bounds ``le``) from its merged ``stats``, for
+    the coordinator's ``GET /api/v1/traffic`` (clients turn two readings into rates)."""
+    apps: dict[str, dict[str, Any]] = {}
+    for (app, status), n in (stats.get("requests") or {}).items():
+        apps.setdefault(app, {"statuses": {}, "latency": []})["statuses"][str(status)] = n
+    for app, histogram in (stats.get("latency") or {}).items():
+        apps.setdefault(app, {"statuses": {}, "latency": []})["latency"] = list(histogram)
+    return {"le": list(le), "apps": apps}

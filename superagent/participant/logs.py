@@ -13,7 +13,10 @@ what it produces is the transport-neutral model of ``superagent.debug``:
    (JSON object lines kept as structured events). ``InstanceLog`` holds both files of an
    instance, numbers its lines (one source, one sequence) and keeps the last ones in a
    ``debug.LineRing``. ``ProxyEventLog`` follows the proxy workers' access log the same
-   way and keeps the records of apps with an open debug session as ``proxy`` lines.
+   way and keeps the records of apps with an open debug session as ``proxy`` lines;
+   every app's last records are kept besides in a ``debug.RecentRecords`` ring (bounded
+   by count and bytes), so the trace of a request made outside any session still has
+   the proxy's record (``tail`` with a request id looks there too).
 2. **Fan out (trio).** ``LogHub.run`` polls every instance every ``POLL_INTERVAL``. The
    file reads (and the copies of truncates) run in a worker thread so they never
    stall the event loop; ring buffers and the ``debug.Fanout`` of subscribers are only
@@ -42,15 +45,18 @@ from superagent.debug import (
     RING_LINES,
     SUBSCRIBER_BUFFER,
     Fanout,
+    Kept,
     LineRing,
     LogFilter,
     LogLine,
     Origin,
+    RecentRecords,
     Stream,
     Subscription,
     access_line,
     access_record,
     make_line,
+    merge,
     merged_tail,
 )
 from superagent.participant.logfiles import DEFAULT_LIMITS, FileFollower, FileLimits
@@ -149,26 +155,47 @@ class ProxyEventLog(InstanceLog):
 
     def __init__(self, path: Path, *, wanted: Callable[[str, float], bool],
                  release_of: Callable[[str, str], str], ring: int = RING_LINES,
-                 limits: FileLimits = DEFAULT_LIMITS) -> None:
+                 limits: FileLimits = DEFAULT_LIMITS,
+                 recent: RecentRecords | None = None) -> None:
         super().__init__(Origin(app="-", release="", instance=PROXY_EVENTS), path, path,
                          from_start=False, ring=ring, limits=limits)
         self._followers["stderr"].close()
         del self._followers["stderr"]
         self._wanted = wanted
         self._release_of = release_of
+        self.recent = recent if recent is not None else RecentRecords()
+        self._pending: list[tuple[str, Kept]] = []  # read, not yet in ``recent``
 
     def read_new(self) -> list[LogLine]:
+        """Every record is numbered and kept for ``recent`` (handed over by ``record``,
+        on the trio thread); those of apps in a session also become lines. The numbers
+        of one app's lines then jump where other apps' records were, which the proxy
+        source's readers expect (``coordinator.logstream``: no gap for it)."""
         lines: list[LogLine] = []
         raw = self._followers["stdout"].read()
         ts = time.time()
+        pending = self._pending
         for text, cut in raw:
             event = None if cut else access_record(text)
-            if event is None or not self._wanted(event.app, event.logged):
+            if event is None:
                 continue
             self._seq += 1
-            lines.append(access_line(event, release=self._release_of(event.app, event.instance),
-                                     ts=ts, seq=self._seq))
+            release = self._release_of(event.app, event.instance)
+            pending.append((event.app, Kept(self._seq, ts, release, text)))
+            if self._wanted(event.app, event.logged):
+                lines.append(access_line(event, release=release, ts=ts, seq=self._seq))
         return lines
+
+    def record(self, lines: Iterable[LogLine]) -> None:
+        super().record(lines)
+        pending, self._pending = self._pending, []
+        for app, kept in pending:
+            self.recent.add(app, kept)
+
+    def find(self, filter: LogFilter) -> list[LogLine]:
+        """The kept records of ``filter.request_id`` (required), session or not."""
+        assert filter.request_id is not None
+        return self.recent.find(filter.request_id, filter)
 
 
 # --- the hub (trio) ----------------------------------------------------------------------------
@@ -237,7 +264,15 @@ class LogHub:
         """The last ``n`` buffered lines matching, oldest first (the proxy's debug events
         included: they carry their app and instance)."""
         wanted = LogFilter(app=app, instance=instance, request_id=request_id)
-        return merged_tail((ilog.ring for ilog in self._logs.values()), wanted, n)
+        lines = merged_tail((ilog.ring for ilog in self._logs.values()), wanted, n)
+        proxy = self._logs.get(PROXY_EVENTS)
+        if request_id is None or not isinstance(proxy, ProxyEventLog):
+            return lines
+        # one request's proxy record is kept whether or not a session was open; the
+        # same record read through a session is already among ``lines``
+        have = {line.seq for line in lines if line.stream == "proxy"}
+        kept = [line for line in proxy.find(wanted) if line.seq not in have]
+        return list(merge(lines, kept))[-n:] if kept else lines
 
     def add_proxy_events(self, path: Path, *, wanted: Callable[[str, float], bool],
                          release_of: Callable[[str, str], str]) -> None:
@@ -280,9 +315,9 @@ class LogHub:
                         log.warning("log output dropped: written faster than it is read",
                                     instance=ilog.instance, app=ilog.origin.app,
                                     dropped_bytes=ilog.dropped_bytes)
-                if ilog.closed or not lines:
+                if ilog.closed:
                     continue  # removed while we were reading
-                ilog.record(lines)
+                ilog.record(lines)  # also with no lines: the proxy's keeps its records
                 new += lines
             self.stats.lines += len(new)
             self.fanout.publish(new)

@@ -97,7 +97,8 @@ class ProxyDriver:
     def __init__(self, run_dir: Path, *, workers: int, parser: str = "httptools",
                  grace: float = 30.0, listen: Sequence[str] = ("0.0.0.0:8080",),
                  dedicated_host: str | None = None,
-                 settings: ServerSettings = ServerSettings()) -> None:  # noqa: B008 (frozen)
+                 settings: ServerSettings = ServerSettings(),  # noqa: B008 (frozen)
+                 tls_listen: Sequence[str] = ()) -> None:
         if workers < 1:
             raise ValueError("a proxy driver needs at least one worker")
         self.run_dir = Path(run_dir)
@@ -105,7 +106,9 @@ class ProxyDriver:
         self.grace = grace
         self.listeners = tuple(
             Listener(host=h, port=p) for h, p in
-            (parse_address(a, source="ProxyDriver", key="listen") for a in listen))
+            (parse_address(a, source="ProxyDriver", key="listen") for a in listen)) + tuple(
+            Listener(host=h, port=p, tls=True) for h, p in
+            (parse_address(a, source="ProxyDriver", key="tls_listen") for a in tls_listen))
         self.dedicated_host = dedicated_host or (self.listeners[0].host if self.listeners
                                                  else "0.0.0.0")
         self.settings = settings

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -45,6 +46,7 @@ import structlog
 import trio
 
 from superagent import codec
+from superagent.compiled import describe as describe_hot_path
 from superagent.config import parse_address
 from superagent.debug import DROPPED_NOTE, DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
@@ -69,7 +71,7 @@ from superagent.participant.errors import (
 from superagent.participant.figures import cpu_seconds, node_figures, process_figures
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
-from superagent.participant.load import LOAD_PERIOD, LoadSampler
+from superagent.participant.load import LOAD_PERIOD, LoadSampler, traffic
 from superagent.participant.logs import LogHub
 from superagent.participant.ports import (
     DEFAULT_HIGH,
@@ -88,7 +90,8 @@ from superagent.participant.supervisor import (
     InstanceConfig,
     State,
 )
-from superagent.proxy.snapshot import AppRoute, Timeouts
+from superagent.proxy.metrics import BUCKETS
+from superagent.proxy.snapshot import AppRoute, ServerSettings, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
 from superagent.rpc import messages as msg
 from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
@@ -117,7 +120,13 @@ class AgentConfig:
     coordinator: tuple[str, ...] = ()  # coordinator API URLs; empty: no cluster to join
     advertise: str | None = None  # HOST:PORT coordinators reach the RPC at (default: rpc)
     capacity: int = 100  # instances this node offers the scheduler
+    # Front load balancers whose X-Forwarded-For/-Proto/-Host the proxy appends to rather
+    # than replaces, so apps see the client and not the balancer (networks, "10.0.0.0/8").
+    trusted_proxies: tuple[str, ...] = ()
     heartbeat_interval: float = 1.0  # seconds between heartbeats to the coordinator
+    tls_listen: tuple[str, ...] = ()  # proxy listeners that speak TLS (docs/proxy-config.md)
+    tls_cert: str | None = None  # their PEM certificate chain, an absolute path
+    tls_key: str | None = None  # its PEM private key (None: in the tls_cert file)
 
 
 class Agent:
@@ -125,15 +134,23 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        # Which the proxy workers this agent starts run, for `superagent status`: fixed
+        # by the installation (pip's build or scripts/compile-proxy), so read once.
+        self.hot_path = describe_hot_path()
         data = config.data_dir
         self.store = ReleaseStore(data / "releases", keep=config.keep_releases)
         listener_ports = [parse_address(a, source="participant", key="listen")[1]
-                          for a in config.listen]
+                          for a in (*config.listen, *config.tls_listen)]
         self.ports = PortAllocator(*config.ports, reserved=listener_ports,
                                    start=int(hashlib.sha256(config.node.encode()).hexdigest(),
                                              16))
         self.proxy = ProxyDriver(data / "proxy", workers=config.proxy_workers,
-                                 parser=config.parser, listen=config.listen)
+                                 parser=config.parser, listen=config.listen,
+                                 tls_listen=config.tls_listen,
+                                 settings=ServerSettings(
+                                     trusted_proxies=tuple(ipaddress.ip_network(n)
+                                                           for n in config.trusted_proxies),
+                                     tls_cert=config.tls_cert, tls_key=config.tls_key))
         self.log_hub = LogHub()
         # one parent group per node name, so two agents on one machine never share a group
         self.cgroups = (detect_cgroups(parent=f"{PARENT_GROUP}.{config.node}")
@@ -154,6 +171,7 @@ class Agent:
         # late the proxy's batched record is read (see debug.sessions)
         self.debug_sessions = DebugSessions()
         self.load = LoadSampler()  # per-instance in-flight and CPU, for the heartbeat
+        self.traffic: dict[str, Any] = {}  # the proxy's counters per app, for the heartbeat
         self._seq = 0
         self._nursery: trio.Nursery | None = None
         self.link: CoordinatorLink | None = None
@@ -628,14 +646,17 @@ class Agent:
                            "port": inst.config.port, **self.load.latest.get(instance_id, {})}
                           for instance_id, inst in self.instances.items()],
             "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
-            "listen": list(self.config.listen),
+            "listen": list(self.config.listen), "traffic": self.traffic,
+            "proxy_hot_path": self.hot_path,
         }
 
     async def _sample_load(self) -> None:
         """Every LOAD_PERIOD: the proxy's in-flight counts and the instances' CPU seconds."""
         while True:
             await trio.sleep(LOAD_PERIOD)
-            table = (await self.proxy.stats())["instances"]  # from the workers that answer
+            stats = await self.proxy.stats()  # from the workers that answer
+            table = stats["instances"]
+            self.traffic = traffic(stats, BUCKETS)
             pids = {i: inst.pid for i, inst in self.instances.items()}
             by_pid = await trio.to_thread.run_sync(cpu_seconds, pids.values())
             cpu = {i: None if pid is None else by_pid.get(pid) for i, pid in pids.items()}

@@ -16,7 +16,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from superagent.config import Table, parse_address, read_toml
@@ -38,6 +38,7 @@ from superagent.proxy.snapshot import (
     ServerSettings,
     Timeouts,
 )
+from superagent.proxy.tls import CertFiles, load_context
 
 PARSERS = ("httptools", "h11")
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -57,9 +58,24 @@ class ProxyConfig:
 
 
 def load_config(path: str) -> tuple[ProxyConfig, RoutingSnapshot]:
-    """Read and validate a proxy config file; raises ConfigError naming file and key."""
+    """Read and validate a proxy config file; raises ConfigError naming file and key.
+
+    Relative TLS file paths are taken from the config file's directory, and the
+    certificate is loaded once here, so ``--check`` and a reload refuse a bad one.
+    """
     doc = read_toml(path)
-    return config_from_document(doc, source=path, version=1)
+    process, snapshot = config_from_document(doc, source=path, version=1)
+    s = snapshot.settings
+    if s.tls_cert is not None:
+        base = os.path.dirname(os.path.abspath(path))
+        cert = os.path.join(base, s.tls_cert)
+        key = None if s.tls_key is None else os.path.join(base, s.tls_key)
+        try:
+            load_context(CertFiles(cert=cert, key=key))
+        except ConfigError as exc:
+            raise ConfigError(str(exc), source=path, key="proxy.tls_cert") from None
+        snapshot = replace(snapshot, settings=replace(s, tls_cert=cert, tls_key=key))
+    return process, snapshot
 
 
 def config_from_document(doc: Mapping[str, Any], *, source: str, version: int
@@ -81,7 +97,10 @@ def snapshot_from_wire(doc: Mapping[str, Any]) -> RoutingSnapshot:
 def snapshot_to_wire(snapshot: RoutingSnapshot) -> dict[str, Any]:
     """The JSON-ready document that ``snapshot_from_wire`` turns back into ``snapshot``."""
     s = snapshot.settings
-    shared = [f"{_fmt_host(lst.host)}:{lst.port}" for lst in snapshot.listeners if lst.app is None]
+    shared = [f"{_fmt_host(lst.host)}:{lst.port}" for lst in snapshot.listeners
+              if lst.app is None and not lst.tls]
+    secure = [f"{_fmt_host(lst.host)}:{lst.port}" for lst in snapshot.listeners
+              if lst.app is None and lst.tls]
     dedicated = [lst for lst in snapshot.listeners if lst.app is not None]
     proxy: dict[str, Any] = {
         "listen": shared,
@@ -100,6 +119,12 @@ def snapshot_to_wire(snapshot: RoutingSnapshot) -> dict[str, Any]:
     }
     if dedicated:
         proxy["dedicated_host"] = dedicated[0].host
+    if secure:
+        proxy["tls_listen"] = secure
+    if s.tls_cert is not None:
+        proxy["tls_cert"] = s.tls_cert
+    if s.tls_key is not None:
+        proxy["tls_key"] = s.tls_key
     apps: dict[str, Any] = {}
     for app in snapshot.apps:
         t = app.timeouts
@@ -150,6 +175,15 @@ def _read_snapshot(root: Table, proxy: Table, *, version: int) -> RoutingSnapsho
         if any(lst.port == port for lst in shared):
             raise proxy.error("listen", f"port {port} is listed twice")
         shared.append(Listener(host=host, port=port))
+    for value in proxy.str_list("tls_listen", []):
+        host, port = parse_address(value, source=proxy.source, key=proxy.key("tls_listen"))
+        if any(lst.port == port for lst in shared):
+            raise proxy.error("tls_listen", f"port {port} is listed twice")
+        shared.append(Listener(host=host, port=port, tls=True))
+    if any(lst.tls for lst in shared) and settings.tls_cert is None:
+        raise proxy.error("tls_listen", "TLS listeners need tls_cert (a PEM certificate file)")
+    if settings.tls_key is not None and settings.tls_cert is None:
+        raise proxy.error("tls_key", "tls_key needs tls_cert")
     default_host = shared[0].host if shared else "0.0.0.0"
     dedicated_host = proxy.text("dedicated_host", default_host)
     proxy.done()
@@ -209,7 +243,16 @@ def _read_settings(proxy: Table) -> ServerSettings:
         pool_max_idle=proxy.integer("pool_max_idle", d.pool_max_idle, minimum=0),
         merge_slashes=proxy.flag("merge_slashes", d.merge_slashes),
         path_policy=proxy.text("path_policy", d.path_policy, choices=PATH_POLICIES),
+        tls_cert=_path(proxy, "tls_cert"),
+        tls_key=_path(proxy, "tls_key"),
     )
+
+
+def _path(table: Table, name: str) -> str | None:
+    value = table.text(name, None)
+    if value is not None and not value.strip():
+        raise table.error(name, "must be a file path")
+    return None if value is None else str(value)
 
 
 def _positive(table: Table, name: str, default: float) -> float:

@@ -76,11 +76,15 @@ class AppRoute:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Listener:
-    """A listening address; ``app`` is set for a dedicated port, ``None`` for a shared one."""
+    """A listening address; ``app`` is set for a dedicated port, ``None`` for a shared one.
+
+    ``tls``: clients speak TLS here, with the snapshot's ``ServerSettings.tls_cert``.
+    """
 
     host: str
     port: int
     app: str | None = None
+    tls: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -99,6 +103,9 @@ class ServerSettings:
     pool_max_idle: int = 64
     merge_slashes: bool = False  # fold "//" in request paths (not an RFC 3986 equivalence)
     path_policy: str = "normalize"  # "reject": 400 for dot segments, encoded dot/slash/backslash
+    # PEM files of the TLS listeners (tls.py); key None: the key is in the certificate file
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -28,10 +28,11 @@ import trio
 from superagent.compiled import status as compiled_status
 from superagent.errors import ConfigError
 from superagent.log import setup_logging
-from superagent.proxy import control, http1, netio
+from superagent.proxy import control, http1, netio, tls
 from superagent.proxy.accesslog import AccessLog
 from superagent.proxy.config import PARSERS, snapshot_from_wire
 from superagent.proxy.connection import ClientConnection
+from superagent.proxy.http1 import Peer
 from superagent.proxy.snapshot import Listener, RoutingSnapshot
 from superagent.proxy.state import WorkerState
 
@@ -72,6 +73,8 @@ class Worker:
         self.state = WorkerState(parser=parser, snapshot=empty, access_log=access_log)
         self.grace = grace
         self._listeners: dict[tuple[str, int], tuple[socket.socket, trio.CancelScope]] = {}
+        self._tls: dict[tuple[str, int], tls.CertFiles] = {}  # the TLS listeners' files
+        self.certs = tls.CertStore()
         self._connections: trio.Nursery | None = None
         self._listen_nursery: trio.Nursery | None = None
         self._all_closed = trio.Event()
@@ -175,6 +178,7 @@ class Worker:
         """
         assert self._listen_nursery is not None
         wanted = {(lst.host, lst.port): lst for lst in snapshot.listeners}
+        secure = self._tls_files(snapshot)
         fresh: dict[tuple[str, int], socket.socket] = {}
         for key, lst in wanted.items():
             if key in self._listeners:
@@ -187,10 +191,12 @@ class Worker:
                 raise ConfigError(f"cannot listen on {lst.host}:{lst.port}: {exc.strerror}"
                                   ) from None
         self.state.apply(snapshot)
+        self._tls = secure
+        self.certs.keep_only(set(secure.values()))
         for key, sock in fresh.items():
             scope = trio.CancelScope()
             self._listeners[key] = (sock, scope)
-            self._listen_nursery.start_soon(self._accept, sock, key[1], scope)
+            self._listen_nursery.start_soon(self._accept, sock, key, scope)
         for key in [k for k in self._listeners if k not in wanted]:
             sock, scope = self._listeners.pop(key)
             scope.cancel()
@@ -198,15 +204,27 @@ class Worker:
         log.info("snapshot applied", version=snapshot.version, apps=len(snapshot.apps),
                  listeners=[f"{h}:{p}" for h, p in wanted])
 
+    def _tls_files(self, snapshot: RoutingSnapshot) -> dict[tuple[str, int], tls.CertFiles]:
+        """The TLS listeners of ``snapshot`` and their files, loaded once (so a certificate
+        that does not load refuses the snapshot); raises ConfigError."""
+        s = snapshot.settings
+        if s.tls_cert is None:
+            return {}
+        files = tls.CertFiles(cert=s.tls_cert, key=s.tls_key)
+        self.certs.context(files)
+        return {(lst.host, lst.port): files for lst in snapshot.listeners if lst.tls}
+
     def _stop_listening(self) -> None:
         for sock, scope in self._listeners.values():
             scope.cancel()
             netio.close(sock)
         self._listeners.clear()
 
-    async def _accept(self, listener: socket.socket, port: int, scope: trio.CancelScope) -> None:
+    async def _accept(self, listener: socket.socket, key: tuple[str, int],
+                      scope: trio.CancelScope) -> None:
         assert self._connections is not None
         nursery = self._connections
+        port = key[1]
         with scope:
             while True:
                 try:
@@ -224,9 +242,12 @@ class Worker:
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 netio.prepare_accepted(sock)
-                nursery.start_soon(self._serve, sock, port, address[0])
+                # Looked up per accept: a snapshot may have switched the listener's TLS.
+                nursery.start_soon(self._serve, sock, port, address[0], self._tls.get(key))
 
-    async def _serve(self, sock: socket.socket, port: int, peer_ip: str) -> None:
+    async def _serve(self, sock: socket.socket, port: int, peer_ip: str,
+                     tls_files: tls.CertFiles | None = None) -> None:
+        """Serve one accepted connection; ``tls_files``: it arrived on a TLS listener."""
         state = self.state
         if len(state.live) >= state.settings.max_connections:
             with contextlib.suppress(OSError):  # best effort: the socket buffer takes it or not
@@ -234,12 +255,26 @@ class Worker:
             netio.close(sock)
             return
         try:
-            await ClientConnection(sock, state, port, peer_ip).run()
+            if tls_files is None:
+                await ClientConnection(sock, state, port, peer_ip).run()
+            else:
+                await tls.serve_tls(sock, self.certs.context(tls_files),
+                                    state.settings.header_timeout,
+                                    lambda plain: self._serve_https(plain, port, peer_ip))
+        except ConfigError as exc:  # never loaded: apply() loads it first, so not expected
+            log.error("TLS certificate unusable", error=str(exc), port=port)
+            netio.close(sock)
         except Exception:
             log.exception("connection failed", port=port)
         finally:
             if state.closing and not state.live:
                 self._all_closed.set()
+
+    async def _serve_https(self, plain: socket.socket, port: int, peer_ip: str) -> None:
+        """A ``ClientConnection`` on the plain end of a TLS connection (tls.py)."""
+        conn = ClientConnection(plain, self.state, port, peer_ip)
+        conn.peer = Peer(ip=conn.peer.ip, trusted=conn.peer.trusted, proto=b"https")
+        await conn.run()
 
 
 def main(argv: list[str] | None = None) -> int:

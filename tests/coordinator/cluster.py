@@ -6,6 +6,7 @@ and shares one coordinators' secret file and one admin-token file between them. 
 ``participant_secret=None``, the members also accept the legacy shared participant secret
 ``SECRET`` (a cluster in migration), which tests use to call participant endpoints as a
 participant would; ``join_token()`` makes a join token for real participants. ``start_all()`` then
+``add_member()`` makes one more (started later, then added with ``cluster add``).
 ``wait_ready()`` waits until every running member names the same leader, knows every
 member's API URL (so followers can forward writes), and the first leader has written the
 admin token; ``token`` holds it from then on.
@@ -66,8 +67,10 @@ class Cluster:
     """N coordinator processes on loopback (see the module docstring)."""
 
     def __init__(self, root: Path, size: int = 3, *, node_timeout: float | None = None,
-                 log_level: str = "info", participant_secret: str | None = SECRET) -> None:
+                 log_level: str = "info", participant_secret: str | None = SECRET,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.extra_args = extra_args  # more `superagent coordinator` options, for every member
         self.root.mkdir(parents=True, exist_ok=True)
         ports = free_ports(2 * size)
         self.members = [Member(i, root, ports[2 * i], ports[2 * i + 1]) for i in range(size)]
@@ -110,11 +113,19 @@ class Cluster:
             argv += ["--secret-file", str(self.secret_file)]
         if self.node_timeout is not None:
             argv += ["--node-timeout", str(self.node_timeout)]
-        return argv
+        return argv + list(self.extra_args)
 
     def start(self, i: int) -> None:
         """Start member ``i`` (again, on the same ports and data dir)."""
         self.members[i].start(self.argv(i))
+
+    def add_member(self) -> int:
+        """One more member (not started, not yet in the Raft members: ``cluster add`` it),
+        whose ``--peers`` name every member so far and itself; its index."""
+        index = len(self.members)
+        raft_port, api_port = free_ports(2)
+        self.members.append(Member(index, self.root, raft_port, api_port))
+        return index
 
     def start_all(self) -> None:
         for i in range(len(self.members)):

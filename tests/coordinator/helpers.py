@@ -7,6 +7,7 @@ from typing import Any
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy.model import new_record
+from superagent.coordinator.state import ClusterState
 from superagent.manifest import parse_manifest, spec_to_json
 
 SHA = "ab" * 32
@@ -52,9 +53,13 @@ def start_deploy(app: str = "hello", deploy_id: str = "d1", release: str = "r1",
                               "record": deploy_record(app, deploy_id, release), **kw})
 
 
+EMPTY_STATE = ClusterState().to_json()
+
+
 def all_commands() -> list[cmd.Command]:
     """One valid instance of every command type, in an order that applies cleanly."""
     return [
+        cmd.RestoreState(**base(), state=EMPTY_STATE, source="test"),  # onto an empty one
         create_app(),
         cmd.UpdateAppSpec(**base(), app="hello", spec=spec(command="python app2.py")),
         add_release(),
@@ -86,5 +91,7 @@ def all_commands() -> list[cmd.Command]:
         cmd.EnrolNode(**base(), node="n2", join_sha256=SHA,
                       credential_sha256="b" * 64, signal_key="c" * 64),
         cmd.RevokeNode(**base(), node="n2"),
+        cmd.AddCoordinator(**base(), coordinator="c4", raft_address="127.0.0.1:7114"),
+        cmd.RemoveCoordinator(**base(), coordinator="c4"),
         cmd.DeleteApp(**base(), app="hello"),
     ]

@@ -23,7 +23,7 @@ api = test_api.api  # the fixture: a real single-node coordinator
 READS = {"cluster:read", "apps:read", "nodes:read", "audit:read"}
 GRANTS = {
     "admin": READS | {"apps:write", "nodes:write", "artifacts:read", "tokens:admin",
-                      "quotas:write"},
+                      "quotas:write", "cluster:admin"},
     "deployer": READS | {"apps:write"},
     "viewer": READS,
     "viewer-all": READS,

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from superagent.coordinator.autoscale import Autoscaler, Autoscalers, AutoSpec, Metric, app_load
+from superagent.coordinator.autoscale import (
+    DEFAULT_TIMING,
+    Autoscaler,
+    Autoscalers,
+    AutoSpec,
+    AutoTiming,
+    Metric,
+    app_load,
+    parse_timing,
+)
 
 SPEC = AutoSpec(min=1, max=10, target=5.0)
 
@@ -170,3 +179,42 @@ def test_app_load_skips_values_that_are_no_load() -> None:
         {"app": "web", "release": "r1", "state": "ready", "in_flight": True},
         {"app": "web", "release": "r1", "state": "ready", "in_flight": 2}]}}
     assert app_load(statuses, "web", "r1", Metric.IN_FLIGHT) == 2.0
+
+
+def test_timing_parses_any_subset_and_applies_over_a_policy() -> None:
+    """--autoscale-timing: the named timings replace the defaults; bad input names itself."""
+    assert parse_timing("") == DEFAULT_TIMING == AutoTiming()
+    timing = parse_timing(" window=4, up_cooldown=0.5 ,down_cooldown=2")
+    assert timing == AutoTiming(window=4, up_cooldown=0.5, down_cooldown=2,
+                                down_window=DEFAULT_TIMING.down_window)
+    assert parse_timing(timing.to_text()) == timing
+    spec = timing.apply(SPEC)
+    assert (spec.window, spec.up_cooldown, spec.down_cooldown, spec.min, spec.target) == (
+        4.0, 0.5, 2.0, SPEC.min, SPEC.target)
+    assert DEFAULT_TIMING.apply(SPEC) == SPEC  # the defaults change nothing
+    for bad, named in (("window", "NAME=SECONDS"), ("speed=3", "speed"),
+                       ("window=soon", "window"), ("window=1,window=2", "twice"),
+                       ("window=0", "window"), ("up_cooldown=-1", "up_cooldown"),
+                       ("down_window=inf", "down_window")):
+        with pytest.raises(ValueError, match=named):
+            parse_timing(bad)
+
+
+def test_shorter_timings_follow_a_ramp_sooner_and_say_so() -> None:
+    """With a 4 s window and 1-2 s cooldowns a ramp up and back down takes seconds, and
+    each decision's inputs name the timings it was made with."""
+    fast = AutoTiming(window=4, down_window=2, up_cooldown=1, down_cooldown=2)
+    scaler = Autoscaler(fast.apply(AutoSpec(min=1, max=3, target=1.0)))
+    current, changes = run(scaler, [4.0] * 8 + [0.0] * 24, start=1, period=0.5)
+    assert current == 1
+    counts = [count for _, count in changes]
+    top = counts.index(max(counts))
+    assert max(counts) == 3 and counts[:top + 1] == sorted(counts[:top + 1])
+    assert counts[top:] == sorted(counts[top:], reverse=True)  # no flapping
+    assert changes[-1][0] < 12.0
+    scaler = Autoscaler(fast.apply(AutoSpec(min=1, max=3, target=1.0)))
+    scaler.observe(0.0, 4.0)
+    scaler.observe(2.0, 4.0)
+    decision = scaler.decide(2.0, 1)
+    assert decision is not None and decision.inputs["up_cooldown"] == 1.0
+    assert decision.inputs["window"] == 4.0 and decision.inputs["down_cooldown"] == 2.0

@@ -52,7 +52,7 @@ def test_every_command_applies() -> None:
     assert all(r["ok"] for r in results), results
     assert [e["type"] for e in state.audit] == [c.type for c in all_commands()
                                                 if c.type != "set_placement"]
-    entry = state.audit[0]
+    entry = state.audit[1]  # the first is the restore of an empty state
     assert entry["actor"] == "tester" and entry["at"] == 1000.0
     assert entry["target"] == "app:hello" and entry["outcome"] == "created"
 

@@ -4,7 +4,8 @@
 processes (nodes ``n1-<tag>``, ``n2-<tag>`` ..., the tag from ``root``'s name) on free
 loopback ports (one RPC and one proxy port each, ``tests.support.ports``), each with its own
 data dir under ``root`` and one proxy worker, joined to the coordinators with
-``--stop-on-exit``, enrolled with ``join_token`` when one is given (each then keeps its
+``--stop-on-exit`` (unless ``stop_on_exit=False``: an agent that is upgraded leaves its
+apps and proxy workers running), enrolled with ``join_token`` when one is given (each then keeps its
 own credential) and holding the legacy shared ``secret`` unless it is None. Calls to a
 participant's RPC bear what a coordinator's would: the signal key derived from its
 credential (or the shared secret).
@@ -179,8 +180,10 @@ class Fleet:
 
     def __init__(self, root: Path, coordinators: list[str], size: int = 2, *,
                  secret: str | None = SECRET, join_token: str | None = None,
-                 log_level: str = "info", groups: tuple[str, ...] = ("default",)) -> None:
+                 log_level: str = "info", groups: tuple[str, ...] = ("default",),
+                 stop_on_exit: bool = True) -> None:
         self.root = root
+        self.stop_on_exit = stop_on_exit
         self.coordinators = coordinators
         self.secret = secret
         self.join_token = join_token
@@ -209,7 +212,8 @@ class Fleet:
                 "--rpc", f"127.0.0.1:{p.rpc_port}", "--listen", f"127.0.0.1:{p.listen_port}",
                 "--proxy-workers", "1", "--node", p.node,
                 "--group", ",".join(self.groups.get(i, ("default",))),
-                "--coordinator", ",".join(self.coordinators), "--stop-on-exit"]
+                "--coordinator", ",".join(self.coordinators),
+                *(["--stop-on-exit"] if self.stop_on_exit else [])]
 
     def start(self, i: int) -> None:
         env = {k: v for k, v in os.environ.items()

@@ -6,10 +6,10 @@ A real coordinator, participant and proxy (``tests.e2e.embedded``) run the chatt
 grep, since, request id, n) and their 400s, the app's ``[env]`` value hidden, a debug
 session opened and closed through the coordinator (and ended by its TTL on the
 participant), the trace of a request (the app's line and the proxy's record) through the
-API and the CLI, 404s for a token of another team (its apps do not exist for it) and
-a 403 for a viewer opening a session, a follow resumed with
-``Last-Event-ID`` without duplicates, and a reader that does not read: the app and the
-proxy keep their pace and the stream reports what it dropped.
+API and the CLI, also of a request made outside any session, 404s for a token of another
+team (its apps do not exist for it) and a 403 for a viewer opening a session, a follow
+resumed with ``Last-Event-ID`` without duplicates, and a reader that does not read: the
+app and the proxy keep their pace and the stream reports what it dropped.
 
 Every wait polls a condition under a deadline; the CLI runs as a real subprocess.
 """
@@ -122,7 +122,29 @@ async def test_logs_filters_debug_trace_and_permissions(cluster: Cluster) -> Non
     async def by_rid() -> list[dict[str, Any]]:
         return list((await logs(cluster, request_id="rid-plain"))["lines"])
     found = await wait_until_async(by_rid, "the line of rid-plain")
-    assert found[0]["fields"]["msg"] == "handled /hello", found
+    assert [x["fields"]["msg"] for x in found if x["stream"] == "stdout"] == [
+        "handled /hello"], found
+
+    # outside any debug session the proxy's record is kept too (the participant's recent
+    # records): the trace shows it, route, instance, status and timings, beside the app's
+    # line; the app's stream without a request id gets no proxy lines for it
+    assert APP not in cluster.embedded.agent.status().debug_sessions
+
+    async def plain_trace() -> dict[str, Any] | None:
+        response = await cluster.api.get("/api/v1/trace/rid-plain")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body if {x["stream"] for x in body["lines"]} == {"stdout", "proxy"} else None
+    plain = await wait_until_async(plain_trace, "the proxy's record of rid-plain")
+    assert len(plain["proxy"]) == 1, plain
+    kept = plain["proxy"][0]
+    assert kept["instance"] in instances and kept["node"] == node, kept
+    assert kept["fields"]["status"] == 200 and kept["fields"]["path"] == f"/{APP}/hello"
+    assert kept["fields"]["rule"] and kept["fields"]["duration_ms"] >= 0
+    assert kept["fields"]["first_byte_ms"] is not None, kept
+    assert [x["fields"]["msg"] for x in plain["lines"] if x["stream"] == "stdout"] == [
+        "handled /hello"], plain
+    assert not [x for x in (await logs(cluster))["lines"] if x["stream"] == "proxy"]
 
     # a debug session through the coordinator: the proxy's record joins the app's line
     opened = await cluster.api.post(f"/api/v1/apps/{APP}/debug", json={"ttl": 120})

@@ -19,7 +19,11 @@ that cluster, each leaving it serving:
    completes it (every node runs and routes exactly the new count, the scaling ends
    ``converged``);
 5. a machine holding a ``pair`` instance dies (its agent, proxy and instances SIGKILLed):
-   ``pair`` serves twice again on the survivors.
+   ``pair`` serves twice again on the survivors;
+6. an autoscaled app (``min = 1``, ``max = 3``, one in-flight request per instance) under
+   a ramp of slow requests grows to its max and no further, shrinks back to its min once
+   the load stops, without flapping, every decision in the audit log with its inputs (the
+   coordinators run with short autoscale windows and cooldowns, ``AUTOSCALE_TIMING``).
 
 Every wait polls a condition under a deadline; the only sleep paces the load clients.
 On the way out every process is stopped and psutil confirms nothing is left.
@@ -28,9 +32,12 @@ On the way out every process is stopped and psutil confirms nothing is left.
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +68,12 @@ JOIN_SERVES = 30.0  # a joining node serves its groups' apps within this
 HEALTH_EVERY = 0.5  # how often the emulated front load balancer checks /-/healthz
 WARMUP = 20  # load requests seen before the change under test begins
 GROUPS = ("default", "web")
+# the autoscalers' timings on this cluster: a whole ramp up and down within seconds
+# (the defaults, 30/60/10/60 s, would take minutes)
+AUTOSCALE_TIMING = "window=3,down_window=2,up_cooldown=1,down_cooldown=2"
+RAMP_CLIENTS = 4  # concurrent slow requests at the top of the ramp: 4 in flight > max 3
+RAMP_STEP = 0.5  # seconds between one more client joining the ramp (pacing the load)
+SLOW = 0.5  # seconds each request of the ramp takes in the app
 
 
 @dataclass
@@ -162,7 +175,8 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     failed_before = request.session.testsfailed
     passed = False
     try:
-        with Cluster(root / "coordinators", node_timeout=NODE_TIMEOUT) as cluster, \
+        with Cluster(root / "coordinators", node_timeout=NODE_TIMEOUT,
+                     extra_args=("--autoscale-timing", AUTOSCALE_TIMING)) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], size=3,
                       groups=GROUPS) as fleet:
             cluster.start_all()
@@ -306,3 +320,114 @@ def test_a_dead_machine_s_instances_run_again_on_the_survivors(env: Env) -> None
         r = httpx.get(f"{env.fleet.members[env.index(node)].proxy}/pair/",
                       timeout=REQUEST_TIMEOUT)
         assert r.status_code == 200 and r.json()["app"] == "pair", r.text
+
+
+class Ramp:
+    """Slow requests (``SLOW`` s each) through one proxy from up to ``RAMP_CLIENTS``
+    threads, one more every ``RAMP_STEP`` seconds; counts answers and failures."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ok = 0
+        self.failed: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> Ramp:
+        self._threads.append(threading.Thread(target=self._grow, daemon=True))
+        self._threads[0].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(timeout=REQUEST_TIMEOUT + 5)
+
+    def _grow(self) -> None:
+        for _ in range(RAMP_CLIENTS):
+            client = threading.Thread(target=self._client, daemon=True)
+            self._threads.append(client)
+            client.start()
+            if self._stop.wait(RAMP_STEP):  # pacing the ramp, not synchronising
+                return
+
+    def _client(self) -> None:
+        with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT) as http:
+            while not self._stop.is_set():
+                try:
+                    r = http.get(self.url)
+                    failure = None if r.status_code == 200 else f"status {r.status_code}"
+                except httpx.HTTPError as exc:
+                    failure = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    if failure is None:
+                        self.ok += 1
+                    else:
+                        self.failed.append(failure)
+
+
+def _autoscale_decisions(env: Env, app: str) -> list[tuple[int, int, dict[str, Any]]]:
+    """(before, after, inputs) of every Autoscale of ``app`` in the audit log, oldest first."""
+    r = env.cluster.get(env.leader(), "/api/v1/audit", params={"limit": 1000},
+                        timeout=REQUEST_TIMEOUT)
+    r.raise_for_status()
+    found = []
+    for entry in reversed(r.json()["audit"]):
+        if entry["type"] != "autoscale" or entry["target"] != f"app:{app}":
+            continue
+        counts = re.match(r"(\d+) -> (\d+) instances: .* \(inputs (\{.*\})\)$",
+                          entry["outcome"])
+        assert counts is not None, entry
+        found.append((int(counts[1]), int(counts[2]), json.loads(counts[3])))
+    return found
+
+
+def test_autoscaling_follows_a_load_ramp_up_and_back_down(env: Env) -> None:
+    """auto (min 1, max 3, target 1 in flight): a ramp to 4 concurrent slow requests takes
+    it to 3 instances and no further; with the load gone it returns to 1; the decisions go
+    up, then down (no flapping), each in the audit log with what it was made of."""
+    began = time.monotonic()
+    started = upload(env.cluster, env.leader(),
+                     write_app(env.root, "auto", "min = 1\nmax = 3\ntarget = 1"))
+    record = wait_deploy_done(env.cluster, [env.leader()], "auto", started["deploy_id"])
+    assert record["status"] == "succeeded", record
+    wait_until(lambda: sum(env.routed("auto").values()) == 1, "auto runs once",
+               timeout=CONVERGE)
+    node = next(iter(env.routed("auto")))  # sticky: this instance stays while others come
+    proxy = env.fleet.members[env.index(node)].proxy
+    peak = 0
+
+    def total(want: int) -> bool:
+        nonlocal peak
+        count = sum(env.live("auto").values())
+        peak = max(peak, count)
+        return count == want
+
+    with Ramp(f"{proxy}/auto/slow?s={SLOW}") as ramp:
+        wait_until(lambda: total(3), "auto grown to its max", timeout=CONVERGE)
+        wait_until(lambda: sum(env.routed("auto").values()) == 3, "3 instances routed",
+                   timeout=CONVERGE)
+        grown = time.monotonic()
+        ramp.stop()
+    assert ramp.failed == [] and ramp.ok > 0, ramp.failed[:5]
+    wait_until(lambda: total(1), "auto back to its min", timeout=CONVERGE)
+    print(f"auto: up to 3 in {grown - began:.1f}s (deploy included), down to 1"
+          f" {time.monotonic() - grown:.1f}s after the load stopped")
+    assert peak == 3  # never above max
+    decisions = _autoscale_decisions(env, "auto")
+    steps = [after for _, after, _ in decisions]
+    assert 3 in steps, decisions
+    top = steps.index(3)
+    assert steps[:top + 1] == sorted(steps[:top + 1]) and steps[-1] == 1, decisions
+    assert steps[top:] == sorted(steps[top:], reverse=True), decisions  # no flapping
+    for before, after, inputs in decisions:
+        assert 1 <= after <= 3 and before != after
+        assert inputs["current"] == before and inputs["min"] == 1 and inputs["max"] == 3
+        assert inputs["target"] == 1 and inputs["metric"] == "in_flight"
+        assert inputs["load"] is not None and inputs["samples"] >= 1
+        assert inputs["window"] == 3 and inputs["up_cooldown"] == 1, inputs
+        assert (inputs["wanted"] > before) == (after > before), inputs

@@ -292,7 +292,9 @@ async def test_old_releases_are_collected_but_never_one_in_use(rig: Rig) -> None
 
 async def test_debug_session_shows_proxy_and_app_for_one_request(rig: Rig) -> None:
     """While a debug session is open, one request id shows the proxy's record (rule,
-    instance, status, timings) beside the app's own line; outside it, only the app's."""
+    instance, status, timings) beside the app's own line, and the record is a line of the
+    app's stream; outside it the record is found by its request id only (the agent keeps
+    every app's recent records), never a line of the stream."""
     assert (await rig.upload("hello", "r1", python_app())).status_code == 200
     ids = [i["id"] for i in (await rig.signal("start", app="hello", release="r1")
                              ).json()["instances"]]
@@ -330,8 +332,15 @@ async def test_debug_session_shows_proxy_and_app_for_one_request(rig: Rig) -> No
     for request_id, lines in (("dbg-before", before), ("dbg-after", after)):
         again = (await rig.rpc.get("/v1/logs", params={
             "app": "hello", "request_id": request_id})).json()["lines"]
-        assert [line["stream"] for line in again] == ["stdout"], request_id
-        assert [line["stream"] for line in lines] == ["stdout"], request_id
+        assert sorted(line["stream"] for line in again) == ["proxy", "stdout"], request_id
+        kept = next(line for line in again if line["stream"] == "proxy")
+        assert kept["instance"] == ids[0] and kept["fields"]["status"] == 200, kept
+        assert "stdout" in {line["stream"] for line in lines}, request_id
+    stream = (await rig.rpc.get("/v1/logs", params={"app": "hello", "n": 1000})
+              ).json()["lines"]
+    in_stream = {line["request_id"] for line in stream if line["stream"] == "proxy"}
+    assert {"dbg-during", "dbg-barrier"} <= in_stream
+    assert not in_stream & {"dbg-before", "dbg-after"}, in_stream
 
 
 async def test_unknown_things_get_clear_errors(rig: Rig) -> None:

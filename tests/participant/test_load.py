@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from superagent.participant.load import LoadSampler
+from superagent.participant.load import LoadSampler, traffic
 
 
 def test_in_flight_comes_from_the_proxy_table_and_cpu_needs_two_readings() -> None:
@@ -25,3 +25,12 @@ def test_a_restarted_process_or_a_gone_instance_starts_over() -> None:
     sampler.sample(2.0, {}, {"web-1": 0.7})
     assert sampler.sample(3.0, {}, {"web-1": 1.7})["web-1"]["cpu"] == pytest.approx(1.0)
     assert set(sampler.latest) == {"web-1"}
+
+
+def test_traffic_is_the_proxy_counters_per_app_with_the_bucket_bounds() -> None:
+    stats = {"requests": {("a", 200): 5, ("a", 502): 1, ("b", 200): 2},
+             "latency": {"a": [1.0, 5.0, 0.0, 0.3, 6.0]}, "instances": {}}
+    assert traffic(stats, (0.1, 1.0)) == {"le": [0.1, 1.0], "apps": {
+        "a": {"statuses": {"200": 5, "502": 1}, "latency": [1.0, 5.0, 0.0, 0.3, 6.0]},
+        "b": {"statuses": {"200": 2}, "latency": []}}}
+    assert traffic({}, (0.1,)) == {"le": [0.1], "apps": {}}

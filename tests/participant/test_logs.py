@@ -243,8 +243,16 @@ async def test_proxy_events_of_debugged_apps_join_their_tail(tmp_path: Path) -> 
         got = await drain(sub)
     assert [(line.stream, line.release) for line in got] == [
         ("stdout", "r3"), ("proxy", "release of web-1")]
-    assert [line.stream for line in hub.tail(app="web", request_id="req-1")] == [
-        "stdout", "proxy"]
+    # by request id, the records outside any session are found too (the recent ring),
+    # the one the session made a line of only once
+    by_rid = hub.tail(app="web", request_id="req-1")
+    assert [(line.stream, line.fields and line.fields.get("ts")) for line in by_rid] == [
+        ("stdout", None), ("proxy", 1010.0), ("proxy", 2000.0)]
+    assert by_rid[1] == got[1] and by_rid[2].seq > by_rid[1].seq
+    assert [line.app for line in hub.tail(request_id="req-1") if line.stream == "proxy"
+            ] == ["web", "api", "web"]
+    assert hub.tail(app="api", request_id="nope") == []
+    # without a request id only the session's lines show: the stream is as it was
     assert [line.stream for line in hub.tail(instance="web-1")] == ["stdout", "proxy"]
     assert "proxy-events" in hub and got[1].fields == record
 

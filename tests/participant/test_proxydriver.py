@@ -308,3 +308,56 @@ async def test_supervise_restarts_a_killed_worker_with_the_current_snapshot(
         finally:
             await d.stop()
     assert live_workers(pids) == [] and _workers_under(str(run_dir)) == []
+
+
+async def test_a_tls_listener_serves_https_beside_the_plain_one(run_dir: Path) -> None:
+    """--tls-listen: the workers terminate TLS with the agent's certificate files."""
+    import ssl
+
+    from superagent.proxy.snapshot import ServerSettings
+    from tests.proxy.test_tls import self_signed, trusting, write_pair
+
+    cert, key = self_signed("node")
+    cert_path, key_path = write_pair(run_dir, cert, key)
+    port, tls_port = free_port(), free_port()
+    d = ProxyDriver(run_dir, workers=1, parser="httptools", grace=5.0,
+                    listen=(f"127.0.0.1:{port}",), tls_listen=(f"127.0.0.1:{tls_port}",),
+                    settings=ServerSettings(tls_cert=str(cert_path), tls_key=str(key_path)))
+    async with upstreams("a") as (a,):
+        try:
+            await d.start()
+            await d.apply([app(a)])
+            assert await get(port) == (200, "a")
+            with trio.fail_after(STEP):
+                tcp = await trio.open_tcp_stream("127.0.0.1", tls_port)
+                stream = trio.SSLStream(tcp, trusting(cert), server_hostname="localhost")
+                async with stream:
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n"
+                                          b"Connection: close\r\n\r\n")
+                    data = b""
+                    while chunk := await stream.receive_some(65536):
+                        data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a"), data
+            assert isinstance(stream.context, ssl.SSLContext)
+        finally:
+            await d.stop()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tls-listen", "127.0.0.1:8443"], "--tls-listen needs --tls-cert"),
+    (["--tls-key", "k.pem"], "--tls-key needs --tls-cert"),
+    (["--tls-listen", "127.0.0.1:8080", "--tls-cert", "c.pem"], "port 8080 is already"),
+    (["--tls-listen", "127.0.0.1:8443", "--tls-cert", "/nonexistent/c.pem"],
+     "/nonexistent/c.pem does not exist"),
+    (["--trusted-proxy", "10.0.0.300"], "--trusted-proxy '10.0.0.300' is not an IP"),
+])
+def test_participant_proxy_flags_are_checked(flags: list[str], message: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from superagent.cli import main
+    from superagent.rpc.credentials import JOIN_TOKEN_PREFIX
+
+    code = main(["participant", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:8080",
+                 "--join-token", f"{JOIN_TOKEN_PREFIX}unused", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err

@@ -1,0 +1,83 @@
+"""Safety checks of a change of the coordinators' membership: pure, decided before acting.
+
+Theory of operation. Raft stays available while a majority of its members are live; a
+membership change moves the majority. So a change is allowed only when the members that
+are live *now* are still a majority of the membership *after* it: adding a member (which
+counts as not live until it catches up) or removing one must never leave the cluster
+where one more failure, or the change itself, loses the quorum silently. Concretely, with
+``live`` the members the leader is connected to (itself included):
+
+- add ``id`` at ``address``: ``id`` not a member yet (the same id at the same address is
+  already done: ``noop``), the address not another member's, and
+  ``live > (members + 1) / 2``;
+- remove ``id``: ``id`` a member and not the last one, and
+  ``live - {id} > (members - 1) / 2``.
+
+One change at a time is the caller's lock plus pysyncobj's own rule (no second change
+before the first commits). Errors: ``BadRequest`` (400) for a malformed id or address,
+``UnknownCoordinator`` (404), ``MembershipRefused`` (409) naming the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+
+from superagent.coordinator.commands import NODE_NAME, RAFT_ADDRESS
+from superagent.coordinator.errors import BadRequest, MembershipRefused, UnknownCoordinator
+
+ADD, REMOVE = "add", "remove"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemberChange:
+    """What to do: ``kind`` of ``coordinator`` at ``address``; ``noop`` when already done."""
+
+    kind: str
+    coordinator: str
+    address: str
+    members_after: tuple[str, ...]  # coordinator ids
+    noop: bool = False
+
+
+def plan_change(*, kind: str, coordinator: str, address: str,
+                members: Mapping[str, str], live: Set[str]) -> MemberChange:
+    """Check a change of ``members`` (id -> Raft address) given the ``live`` ids.
+
+    ``address`` is needed to add and ignored to remove. Raises BadRequest,
+    UnknownCoordinator, MembershipRefused (see the module docstring)."""
+    if NODE_NAME.fullmatch(coordinator) is None:
+        raise BadRequest(f"coordinator id {coordinator!r} does not match {NODE_NAME.pattern}")
+    alive = {m for m in live if m in members}
+    if kind == ADD:
+        if RAFT_ADDRESS.fullmatch(address) is None:
+            raise BadRequest(f"Raft address {address!r} is not host:port")
+        if members.get(coordinator) == address:
+            return MemberChange(kind=kind, coordinator=coordinator, address=address,
+                                members_after=tuple(sorted(members)), noop=True)
+        if coordinator in members:
+            raise MembershipRefused(f"coordinator {coordinator} is a member at"
+                                    f" {members[coordinator]}: remove it first")
+        owner = next((m for m, a in members.items() if a == address), None)
+        if owner is not None:
+            raise MembershipRefused(f"Raft address {address} is coordinator {owner}'s")
+        after = (*sorted(members), coordinator)
+        _majority(len(alive), len(after), f"adding {coordinator}")
+        return MemberChange(kind=kind, coordinator=coordinator, address=address,
+                            members_after=tuple(sorted(after)))
+    if kind == REMOVE:
+        if coordinator not in members:
+            raise UnknownCoordinator(coordinator)
+        if len(members) == 1:
+            raise MembershipRefused(f"coordinator {coordinator} is the only member")
+        after = tuple(sorted(m for m in members if m != coordinator))
+        _majority(len(alive - {coordinator}), len(after), f"removing {coordinator}")
+        return MemberChange(kind=kind, coordinator=coordinator,
+                            address=members[coordinator], members_after=after)
+    raise BadRequest(f"unknown membership change {kind!r}: add or remove")
+
+
+def _majority(live: int, size: int, what: str) -> None:
+    if not live > size / 2:
+        raise MembershipRefused(f"{what} would leave {live} live of {size} members, not a"
+                                f" majority: bring the missing members back first")

@@ -1,0 +1,181 @@
+"""TLS on the proxy's listeners: certificates that follow their files, and the terminator.
+
+A listener marked ``tls`` in the routing snapshot (``tls_listen`` in docs/proxy-config.md)
+hands each accepted socket to ``serve_tls`` instead of straight to a ``ClientConnection``.
+``serve_tls`` does the handshake with trio's ``SSLStream`` (bounded by the
+``header_timeout``), then opens a Unix socket pair: the ordinary ``ClientConnection``
+serves one end exactly as it serves a TCP client, while two pump tasks move bytes
+between the TLS stream and the other end. The per-request hot path therefore knows
+nothing of TLS and runs the same code, compiled or not; TLS costs one extra copy per
+direction on top of the cipher, which is small beside the cipher itself. End of stream
+travels both ways: a client's close (close_notify or FIN) half-closes the pair, so the
+connection sees end of stream as from a TCP client; the connection closing its end
+makes the terminator send close_notify and close the TCP socket.
+
+Certificates. ``CertStore.context`` returns the ``ssl.SSLContext`` of a certificate and
+key file pair and loads it again when either file changed (inode, size, mtime, ctime).
+It is asked at every TLS accept, so a renewed certificate serves from the next
+connection on: two ``stat`` calls beside a handshake's cost, no timer, and the
+listening socket is never touched (connections in flight keep the context they were
+accepted with). A pair that does not load, say a new certificate written before its
+new key, leaves the last good context serving; the failure is logged once per state of
+the files, and the pair is loaded again as soon as they change once more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from superagent.errors import ConfigError
+
+PUMP_SIZE = 65536  # bytes moved per read, either direction
+CLOSE_TIMEOUT = 1.0  # seconds the close_notify may take before the socket is just closed
+
+log = structlog.get_logger("superagent.proxy.tls")
+
+# A file's identity and contents as stat() sees them; None when it cannot be read.
+_Signature = tuple[int, int, int, int] | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CertFiles:
+    """A PEM certificate chain and its private key (``key`` None: in the same file)."""
+
+    cert: str
+    key: str | None = None
+
+
+def load_context(files: CertFiles) -> ssl.SSLContext:
+    """A server context for ``files``; raises ConfigError naming the file and the cause."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    for path in (files.cert, files.key):
+        if path is not None and not os.access(path, os.R_OK):
+            reason = "does not exist" if not os.path.exists(path) else "is not readable"
+            raise ConfigError(f"TLS file {path} {reason}")
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except ssl.SSLError as exc:
+        where = files.cert if files.key is None else f"{files.cert} and {files.key}"
+        raise ConfigError(f"TLS files {where} are not a PEM certificate chain and its "
+                          f"private key ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS files: {exc}") from None
+    return context
+
+
+def _signature(path: str | None) -> _Signature:
+    if path is None:
+        return (0, 0, 0, 0)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class CertStore:
+    """The loaded context of every certificate pair in use, reloaded when its files change."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[CertFiles, tuple[tuple[_Signature, _Signature], ssl.SSLContext]] = {}
+        self._refused: dict[CertFiles, tuple[_Signature, _Signature]] = {}
+
+    def __repr__(self) -> str:
+        return f"<CertStore pairs={len(self._loaded)}>"
+
+    def context(self, files: CertFiles) -> ssl.SSLContext:
+        """The context for ``files`` as they are now, or the last good one.
+
+        Raises ConfigError only when the pair never loaded.
+        """
+        seen = (_signature(files.cert), _signature(files.key))
+        current = self._loaded.get(files)
+        if current is not None and current[0] == seen:
+            return current[1]
+        if current is not None and self._refused.get(files) == seen:
+            return current[1]  # this state of the files was refused before: logged then
+        try:
+            context = load_context(files)
+        except ConfigError as exc:
+            if current is None:
+                raise
+            self._refused[files] = seen
+            log.warning("TLS certificate not reloaded; the previous one keeps serving",
+                        cert=files.cert, error=str(exc))
+            return current[1]
+        if current is not None:
+            log.info("TLS certificate reloaded", cert=files.cert)
+        self._loaded[files] = (seen, context)
+        self._refused.pop(files, None)
+        return context
+
+    def keep_only(self, wanted: set[CertFiles]) -> None:
+        """Forget the pairs no listener uses any more."""
+        for files in [f for f in self._loaded if f not in wanted]:
+            del self._loaded[files]
+            self._refused.pop(files, None)
+
+
+async def serve_tls(sock: socket.socket, context: ssl.SSLContext, handshake_timeout: float,
+                    serve: Callable[[socket.socket], Awaitable[None]]) -> None:
+    """Terminate TLS on the accepted ``sock`` and ``serve`` the plain end of a socket pair."""
+    transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    # Not https_compatible: closing sends close_notify, which strict clients expect; a
+    # client's EOF without one is a BrokenResourceError, taken as its end of stream.
+    stream = trio.SSLStream(transport, context, server_side=True)
+    done = False
+    try:
+        with trio.move_on_after(handshake_timeout):
+            await stream.do_handshake()
+            done = True
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # a scanner, a client that does not trust us, a reset: nothing to answer
+    if not done:
+        await trio.aclose_forcefully(transport)
+        return
+    inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    inner.setblocking(False)
+    plain = trio.SocketStream(trio.socket.from_stdlib_socket(outer))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump, stream, plain)
+        await serve(inner)  # closes ``inner`` when the connection ends
+
+
+async def _pump(stream: trio.SSLStream[trio.SocketStream], plain: trio.SocketStream) -> None:
+    """Move bytes both ways until the connection closes its end, then close the TLS side."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_client_to_proxy, stream, plain)
+        try:
+            while data := await plain.receive_some(PUMP_SIZE):
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: closing ``outer`` below tells the connection
+        nursery.cancel_scope.cancel()
+    with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+        scope.shield = True
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()  # close_notify, then the TCP socket
+    await trio.aclose_forcefully(stream)
+    await trio.aclose_forcefully(plain)
+
+
+async def _client_to_proxy(stream: trio.SSLStream[trio.SocketStream],
+                           plain: trio.SocketStream) -> None:
+    try:
+        while data := await stream.receive_some(PUMP_SIZE):
+            await plain.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    # The client is done sending: the connection reads end of stream, as from TCP.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await plain.send_eof()

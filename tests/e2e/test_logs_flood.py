@@ -1,0 +1,211 @@
+"""An app writing ~50 MB/s while ``superagent logs -f`` follows it: the coordinator's
+memory stays flat.
+
+A real coordinator (tests/coordinator/cluster.py, one member) and one real participant
+(tests/e2e/fleet.py) run ``flood``, a stdlib app whose ``/flood?seconds=S&mb=R`` writes
+``R`` MB/s of 1 KiB lines to stdout for ``S`` seconds, paced every 10 ms, and answers how
+much it wrote. ``superagent logs flood -f --json`` runs as a real process against the
+coordinator and reads as fast as it can. The coordinator's RSS (psutil) is sampled every
+``SAMPLE`` seconds from just before the flood until it ends.
+
+What is asserted: the app really wrote at least ``MIN_RATE`` (else the test proves
+nothing); the follower received lines of the flood and was told of what it lost (the
+bounds worked, nothing silently); the coordinator's RSS rose by less than ``RSS_BOUND``
+over its level with the follower attached, and did not keep rising during the flood
+(``GROWTH_BOUND`` between the first and the last third of it). Every wait polls a
+condition under a deadline; processes are cleaned up even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.coordinator.cluster import Cluster
+from tests.e2e.fleet import Fleet, app_python, kept_on_failure, leftovers, upload, wait_deploy_done
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.slow
+
+APP = "flood"
+FLOOD_SECONDS = 4.0
+FLOOD_MB = 50.0  # MB/s the app writes
+MIN_RATE = 35.0  # MB/s it must at least reach on a busy 2-core machine
+SAMPLE = 0.1  # seconds between RSS samples
+MiB = 1024 * 1024
+# The coordinator holds, per follower, a queue of at most 1000 events (api_logs.QUEUE),
+# a flood's lines arrive from the participant in batches of at most its subscription's
+# 1000 lines (debug.SUBSCRIBER_BUFFER), and the rate limit passes 5000 lines/s on: with
+# 1 KiB lines that is a few MiB of lines held at once (as JSON and as LogLine objects,
+# ~3x the text). 32 MiB leaves room for the allocator and the HTTP buffers, and is a
+# sixth of the ~200 MB that flows past: a coordinator that kept even a fraction of what
+# it relays would exceed it.
+RSS_BOUND = 32 * MiB
+# A coordinator that leaked a little per line would rise steadily: between the first
+# and the last third of the flood it may rise by no more than this.
+GROWTH_BOUND = 8 * MiB
+
+FLOOD_APP = '''\
+import json, os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+INSTANCE = os.environ.get("SUPERAGENT_INSTANCE", "?")
+PAD = b"x" * 1000
+print(f"started {INSTANCE}", flush=True)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        body = b""
+        if url.path == "/flood":
+            query = parse_qs(url.query)
+            seconds, rate = float(query["seconds"][0]), float(query["mb"][0]) * 1e6
+            out, written, n, t0 = sys.stdout.buffer, 0, 0, time.monotonic()
+            while (elapsed := time.monotonic() - t0) < seconds:
+                while written < rate * min(elapsed + 0.01, seconds):  # what is due by now
+                    block = b"".join(b"flood %d %s\\n" % (n + i, PAD) for i in range(64))
+                    out.write(block)
+                    written += len(block)
+                    n += 64
+                out.flush()
+                time.sleep(0.01)  # pacing the output, 10 ms at a time
+            body = json.dumps({"bytes": written, "lines": n,
+                               "seconds": time.monotonic() - t0}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+'''
+
+
+def write_flood_app(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "app.py").write_text(FLOOD_APP)
+    (dest / "superagent.toml").write_text(
+        f'[app]\nname = "{APP}"\n'
+        f'[run]\ncommand = "{app_python()} app.py"\n'
+        '[health]\npath = "/healthz"\nready_path = "/healthz"\n'
+        f'[routes]\nprefix = "/{APP}"\nstrip_prefix = true\n'
+        '[scale]\nper_node = 1\n')
+    for path in (dest, *dest.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dest
+
+
+class Follower:
+    """``superagent logs -f --json`` as a process: counts flood lines, keeps the events
+    it reports on stderr (``dropped``, ``gap``)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.started = False
+        self.flood_lines = 0
+        self.events: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._out, daemon=True).start()
+        threading.Thread(target=self._err, daemon=True).start()
+
+    def _out(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self.lock:
+                if '"flood ' in raw:
+                    self.flood_lines += 1
+                elif '"started ' in raw:
+                    self.started = True
+
+    def _err(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                continue
+            with self.lock:
+                self.events.append(doc)
+
+    def lost(self) -> int:
+        with self.lock:
+            return sum(int(e.get("dropped") or 0) + int(e.get("missing") or 0)
+                       for e in self.events)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_a_flooding_app_does_not_grow_the_coordinators_memory() -> None:
+    began = time.monotonic()
+    with kept_on_failure("sa-e2e-flood-") as root:
+        with Cluster(root / "coordinators", size=1) as cluster, \
+                Fleet(root, [m.url for m in cluster.members], size=1) as fleet:
+            cluster.start_all()
+            leader = cluster.wait_ready()
+            fleet.start_all()
+            fleet.wait_joined(cluster, leader)
+            started = upload(cluster, leader, write_flood_app(root / "src" / APP))
+            record = wait_deploy_done(cluster, [leader], APP, started["deploy_id"])
+            assert record["status"] == "succeeded", record
+            coordinator = psutil.Process(cluster.members[leader].pid)
+            follower = Follower([sys.executable, "-m", "superagent", "logs", APP, "-f",
+                                 "--json", "-n", "5", "--server", cluster.members[leader].url,
+                                 "--token", cluster.token])
+            try:
+                wait_until(lambda: follower.started, "the follower shows the app's lines")
+                ready = time.monotonic()
+                before = coordinator.memory_info().rss
+                answer: dict[str, Any] = {}
+
+                def flood() -> None:
+                    r = httpx.get(f"{fleet.members[0].proxy}/{APP}/flood",
+                                  params={"seconds": FLOOD_SECONDS, "mb": FLOOD_MB},
+                                  timeout=FLOOD_SECONDS + 60)
+                    answer.update(r.json())
+
+                writer = threading.Thread(target=flood, daemon=True)
+                writer.start()
+                samples: list[int] = []
+                while writer.is_alive():
+                    samples.append(coordinator.memory_info().rss)
+                    writer.join(SAMPLE)  # the sampling period; ends early when done
+                assert answer, "the flood request failed"
+                rate = answer["bytes"] / answer["seconds"] / 1e6
+                wait_until(lambda: follower.flood_lines > 0 and follower.lost() > 0,
+                           "flood lines and a report of what was dropped")
+                samples.append(coordinator.memory_info().rss)
+            finally:
+                follower.close()
+            third = max(1, len(samples) // 3)
+            first, last = max(samples[:third]), max(samples[-third:])
+            peak = max(samples)
+            print(f"flood: {answer['bytes'] / 1e6:.0f} MB in {answer['seconds']:.1f}s"
+                  f" ({rate:.0f} MB/s); follower got {follower.flood_lines} lines,"
+                  f" was told of {follower.lost()} lost; coordinator RSS"
+                  f" {before / MiB:.1f} MiB before, peak {peak / MiB:.1f} MiB,"
+                  f" first third {first / MiB:.1f}, last third {last / MiB:.1f};"
+                  f" set up in {ready - began:.1f}s, flooded for {time.monotonic() - ready:.1f}s")
+            assert rate >= MIN_RATE, answer
+            assert peak - before < RSS_BOUND
+            assert last - first < GROWTH_BOUND
+        left = leftovers(root)
+        assert left == [], "\n".join(left)
