@@ -113,7 +113,7 @@ def _participant(args: argparse.Namespace) -> int:
         proxy_workers=args.proxy_workers or os.cpu_count() or 1, parser=args.parser,
         groups=groups, coordinator=coordinator, advertise=advertise,
         capacity=args.capacity, trusted_proxies=trusted, tls_listen=tls_listen,
-        tls_cert=tls_cert, tls_key=tls_key)
+        tls_cert=tls_cert, tls_key=tls_key, agent_cgroup=True)
     agent = Agent(config)
     _serve_until_signal(agent.run, before_exit=agent.stop_all if args.stop_on_exit else None)
     return 0

@@ -141,6 +141,14 @@ def render_instances(nodes: dict[str, Any], apps: dict[str, Any]) -> str:
     out = (table(sorted(rows), ("APP", "NODE", "INSTANCE", "RELEASE", "STATE", "PORT",
                                 "ROUTED"))
            if rows else "no instances reported (instances show on the leader)")
+    # a permission the manifest asks for that the node cannot enforce (no root, no nft,
+    # no mount namespace): the instance runs, and this says it runs without it
+    gaps = sorted(f"{i['id']} on {node['name']}: {', '.join(i['unenforced'])}"
+                  for node in nodes["nodes"]
+                  for i in (node.get("status") or {}).get("instances", [])
+                  if i.get("unenforced"))
+    if gaps:
+        out += "\n\npermissions NOT enforced:\n" + "\n".join(f"  {gap}" for gap in gaps)
     urls = [(a["name"], " ".join(app_urls(a, nodes)) or "-") for a in apps["apps"]]
     return out + ("\n\n" + table(urls, ("APP", "URLS")) if urls else "")
 

@@ -178,6 +178,21 @@ class LimitsSpec:
     min_body_rate: int = DEFAULT_MIN_BODY_RATE
 
 
+NETWORK_PERMISSIONS = ("any", "loopback")  # [permissions] network
+FILESYSTEM_PERMISSIONS = ("any", "release")  # [permissions] filesystem
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PermissionsSpec:
+    """``[permissions]``: what an app's instances may do (the agent enforces it where the
+    kernel lets it, and its status says where it cannot). ``network = "loopback"``: no
+    egress except to loopback addresses; ``filesystem = "release"``: everything outside
+    the release and the instance's data directory is read-only."""
+
+    network: str = "any"
+    filesystem: str = "any"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AppSpec:
     """A validated manifest. ``env`` is sorted by key (also when built directly)."""
@@ -191,6 +206,7 @@ class AppSpec:
     scale: ScaleSpec
     limits: LimitsSpec
     env: tuple[tuple[str, str], ...] = ()
+    permissions: PermissionsSpec = PermissionsSpec()
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(self.env))
@@ -220,6 +236,7 @@ def parse_manifest(doc: Mapping[str, Any], *, source: str) -> AppSpec:
         scale=_read_scale(root.table("scale")),
         limits=_read_limits(root.table("limits")),
         env=_read_env(root.table("env")),
+        permissions=_read_permissions(root.table("permissions")),
     )
     root.done()
     return spec
@@ -427,6 +444,14 @@ def _read_limits(table: Table) -> LimitsSpec:
     return spec
 
 
+def _read_permissions(table: Table) -> PermissionsSpec:
+    spec = PermissionsSpec(
+        network=table.text("network", "any", choices=NETWORK_PERMISSIONS),
+        filesystem=table.text("filesystem", "any", choices=FILESYSTEM_PERMISSIONS))
+    table.done()
+    return spec
+
+
 def _read_env(table: Table) -> tuple[tuple[str, str], ...]:
     env: list[tuple[str, str]] = []
     for key in table:
@@ -568,6 +593,10 @@ def spec_to_json(spec: AppSpec) -> dict[str, Any]:
         "scale": _scale_json(s),
         "limits": limits,
         "env": dict(spec.env),
+        # only when set: a spec without permissions keeps the document older versions wrote
+        **({"permissions": {"network": spec.permissions.network,
+                            "filesystem": spec.permissions.filesystem}}
+           if spec.permissions != PermissionsSpec() else {}),
     }
 
 

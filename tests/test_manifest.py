@@ -781,6 +781,21 @@ def test_json_round_trip(spec: AppSpec) -> None:
     assert spec_from_json(json.loads(text)) == spec
 
 
+def test_permissions_parse_default_and_round_trip() -> None:
+    """[permissions] takes network = any|loopback and filesystem = any|release; a spec
+    without it writes no permissions table (the document older versions wrote)."""
+    spec = parse(minimal(permissions={"network": "loopback", "filesystem": "release"}))
+    assert (spec.permissions.network, spec.permissions.filesystem) == ("loopback", "release")
+    assert spec_from_json(json.loads(json.dumps(spec_to_json(spec)))) == spec
+    plain = parse(minimal())
+    assert (plain.permissions.network, plain.permissions.filesystem) == ("any", "any")
+    assert "permissions" not in spec_to_json(plain)
+    expect_error(minimal(permissions={"network": "lan"}), "permissions.network", "loopback")
+    expect_error(minimal(permissions={"filesystem": "none"}), "permissions.filesystem",
+                 "release")
+    expect_error(minimal(permissions={"disk": "any"}), "permissions.disk")
+
+
 def test_json_round_trip_of_partial_health_and_routes() -> None:
     """Readiness without liveness, hosts without prefix, and a port alone survive the trip."""
     spec = parse(minimal(health={"ready_path": "/r"}, routes={"hosts": ["*.a.com"], "port": 81},

@@ -84,8 +84,17 @@ def _instances(status: object) -> list[dict[str, Any]] | None:
     if not isinstance(entries, list):
         return None
     # a heartbeat is the participant's word: keep the documented keys, nothing else
-    return [{key: e.get(key) for key in ("id", "app", "release", "state", "port")}
+    return [{**{key: e.get(key) for key in ("id", "app", "release", "state", "port")},
+             "unenforced": _names(e.get("unenforced"))}
             for e in entries if isinstance(e, dict)]
+
+
+def _names(value: object) -> list[str]:
+    """The permissions a participant says it cannot enforce ([] from one that predates
+    them, or for anything that is not a list of names)."""
+    if not isinstance(value, list):
+        return []
+    return [str(v) for v in value if isinstance(v, str)]
 
 
 # ---------------------------------------------------------------------- views

@@ -18,9 +18,20 @@ the group):
    ``<parent>/<app>/<instance>`` in each hierarchy and writes the limits:
    memory (swap capped at 0 where the kernel accounts swap, so an instance over
    its limit is OOM-killed rather than swapping the machine to a halt), a CFS
-   cpu quota and a pids maximum. It reads the limits back, so the report shows
-   what the kernel really applied. ``kill_all()`` and ``remove()`` end it. In
-   mode ``"none"`` every method is a no-op and ``repr()`` says why.
+   cpu quota, a cpu weight and a pids maximum. It reads the limits back, so the
+   report shows what the kernel really applied. ``kill_all()`` and ``remove()``
+   end it. In mode ``"none"`` every method is a no-op and ``repr()`` says why.
+3. **The agent's own group.** A quota bounds a hog's share over a period, not
+   when it runs: a proxy worker that wakes up on a core where a neighbour's hog
+   runs waits for the scheduler to prefer it. ``AgentCgroup`` is the group
+   ``<parent>.agent``, a sibling of ``<parent>`` at the hierarchy's top, with the
+   highest cpu weight (``AGENT_CPU_WEIGHT``) against the apps' default
+   (``APP_CPU_WEIGHT``, given to every app group and to ``<parent>`` itself): the
+   agent and its proxy workers move into it, so a waking worker preempts the
+   apps at once. Only the cpu controller: in v1 the agent keeps its memory and
+   pids groups (whatever started it set those), in v2 a group has all controllers
+   but only ``cpu.weight`` is written. Processes the agent starts later (proxy
+   workers, builds) inherit it; instances do not, they join their own group.
 
 Everything that touches the system is blocking (small file writes, rmdir polls);
 async callers run it with ``trio.to_thread.run_sync``. Errors are
@@ -60,6 +71,14 @@ CPU_QUOTA_MIN_US = 1_000  # the kernel refuses a quota under 1 ms
 REMOVE_TIMEOUT = 2.0  # killed tasks leave their group within ms; a big exit under load takes longer
 REMOVE_POLL = 0.01  # rmdir retry interval while a killed group empties
 KILL_ROUNDS = 20  # kill_all sweeps again to catch children forked during a sweep
+# cpu weights in cgroup v2 units (1..10000, 100 is the kernel's default); v1 cpu.shares are
+# weight * 1024 / 100. The agent's group outweighs the apps' 100 to 1, so the proxy gets the
+# CPU the moment it is runnable, however busy the apps are.
+APP_CPU_WEIGHT = 100
+APPS_CPU_WEIGHT = 1_000  # <parent>, all apps together, against the machine's other processes
+AGENT_CPU_WEIGHT = 10_000
+CPU_WEIGHT_MAX = 10_000
+AGENT_GROUP_SUFFIX = ".agent"  # <parent>.agent: the agent and its proxy workers
 _GROUP_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:+-]{0,199}$")
 
 
@@ -101,6 +120,8 @@ def remove_empty_parent(support: CgroupSupport) -> None:
                 app.rmdir()
         with contextlib.suppress(OSError):
             top.rmdir()
+        with contextlib.suppress(OSError):  # busy while the agent (or a worker) is still in it
+            top.with_name(top.name + AGENT_GROUP_SUFFIX).rmdir()
 
 
 def detect_cgroups(root: Path = CGROUP_ROOT, *, parent: str = PARENT_GROUP) -> CgroupSupport:
@@ -186,6 +207,7 @@ class CgroupLimits:
     memory: int | None = None  # bytes of RAM; swap is capped at 0 where the kernel accounts it
     cpu: float | None = None  # CPUs: 0.5 is half of one core's time
     pids: int | None = None  # processes and threads
+    cpu_weight: int = APP_CPU_WEIGHT  # the group's share under contention (v2 units)
 
     def __post_init__(self) -> None:
         if self.memory is not None and self.memory < 1024 * 1024:
@@ -195,6 +217,9 @@ class CgroupLimits:
             raise ConfigError(f"must be at least {least}, got {self.cpu}", key="limits.cpu")
         if self.pids is not None and self.pids < 1:
             raise ConfigError(f"must be at least 1, got {self.pids}", key="limits.pids")
+        if not 1 <= self.cpu_weight <= CPU_WEIGHT_MAX:
+            raise ConfigError(f"must be 1 to {CPU_WEIGHT_MAX}, got {self.cpu_weight}",
+                              key="limits.cpu_weight")
 
 
 class InstanceCgroup:
@@ -282,6 +307,8 @@ class InstanceCgroup:
         quota = "max" if limits.cpu is None else str(round(limits.cpu * CPU_PERIOD_US))
         _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
         self.applied["cpu.max"] = _read(path / "cpu.max")
+        _write(path / "cpu.weight", str(limits.cpu_weight))
+        self.applied["cpu.weight"] = _read(path / "cpu.weight")
         if "pids" in controllers:
             _write(path / "pids.max", _or_max(limits.pids))
             self.applied["pids.max"] = _read(path / "pids.max")
@@ -307,6 +334,8 @@ class InstanceCgroup:
         _write(cpu / "cpu.cfs_quota_us", quota)
         self.applied["cpu.cfs_quota_us"] = _read(cpu / "cpu.cfs_quota_us")
         self.applied["cpu.cfs_period_us"] = _read(cpu / "cpu.cfs_period_us")
+        _write(cpu / "cpu.shares", str(v1_shares(limits.cpu_weight)))
+        self.applied["cpu.shares"] = _read(cpu / "cpu.shares")
         _write(pids / "pids.max", _or_max(limits.pids))
         self.applied["pids.max"] = _read(pids / "pids.max")
 
@@ -407,6 +436,80 @@ class InstanceCgroup:
         for path in self.paths.values():
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+# --- the agent's group ------------------------------------------------------------------------
+
+
+def app_cpu_weight(cpu: float | None) -> int:
+    """An instance's cpu weight: ``APP_CPU_WEIGHT`` scaled down by a quota under one core.
+
+    An app held to half a core has no claim to an equal share of a contended core either:
+    with half the weight, a neighbour that wakes up on the core it hogs runs first.
+    """
+    if cpu is None or cpu >= 1:
+        return APP_CPU_WEIGHT
+    return max(1, round(APP_CPU_WEIGHT * cpu))
+
+
+def v1_shares(weight: int) -> int:
+    """cgroup v1 ``cpu.shares`` for a v2 ``cpu.weight`` (100 -> 1024, the default)."""
+    return max(2, weight * 1024 // 100)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentCgroup:
+    """The agent's cpu group (see the module docstring, step 3), as ``AgentCgroup.create``
+    left it: ``path`` None when there is none (mode "none", or it could not be made, with
+    ``reason``); ``weight`` the value read back (cpu.weight, or cpu.shares in v1)."""
+
+    path: Path | None
+    reason: str
+    weight: str = ""
+
+    @classmethod
+    def create(cls, support: CgroupSupport, *, weight: int = AGENT_CPU_WEIGHT) -> AgentCgroup:
+        """Make ``<parent>.agent`` with ``weight`` and give ``<parent>`` (the apps' common
+        group) the apps' weight. Never raises: a failure is the ``reason`` (one warning)."""
+        if support.mode == "none":
+            return cls(path=None, reason=f"no cgroups: {support.reason}")
+        cpu_root = support.v2_root if support.mode == "v2" else support.v1_roots.get("cpu")
+        if cpu_root is None:
+            return cls(path=None, reason="no cpu hierarchy")
+        path = cpu_root / f"{support.parent}{AGENT_GROUP_SUFFIX}"
+        apps = cpu_root / support.parent
+        try:
+            path.mkdir(exist_ok=True)
+            apps.mkdir(exist_ok=True)
+            if support.mode == "v2":
+                _write(path / "cpu.weight", str(weight))
+                _write(apps / "cpu.weight", str(APPS_CPU_WEIGHT))
+                applied = _read(path / "cpu.weight")
+            else:
+                _write(path / "cpu.shares", str(v1_shares(weight)))
+                _write(apps / "cpu.shares", str(v1_shares(APPS_CPU_WEIGHT)))
+                applied = _read(path / "cpu.shares")
+        except OSError as exc:
+            reason = f"cannot set up the agent's cpu group {path}: {exc.strerror or exc}"
+            log.warning("agent cgroup unusable: the proxy shares the CPU with the apps",
+                        reason=reason)
+            return cls(path=None, reason=reason)
+        key = "cpu.weight" if support.mode == "v2" else "cpu.shares"
+        return cls(path=path, reason=f"{path} with {key} {applied}", weight=applied)
+
+    def add(self, pid: int) -> str | None:
+        """Move process ``pid`` (all its threads) in; None when done, else why not."""
+        if self.path is None:
+            return self.reason
+        try:
+            _write(self.path / "cgroup.procs", str(pid))
+        except OSError as exc:
+            return f"cannot move pid {pid} into {self.path}: {exc.strerror or exc}"
+        return None
+
+    def to_json(self) -> dict[str, object]:
+        return {"path": str(self.path) if self.path is not None else None,
+                "weight": self.weight, "reason": self.reason}
 
 
 def _check_group_name(app: str, name: str) -> None:

@@ -51,6 +51,7 @@ import structlog
 
 from superagent.participant.cgroups import CgroupMode, InstanceCgroup
 from superagent.participant.errors import IsolationError
+from superagent.participant.permissions import Sandbox
 
 log = structlog.get_logger("superagent.participant")
 
@@ -268,7 +269,7 @@ def _load_prctl() -> Callable[[int, int, int, int, int], int]:
 
 
 def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
-                limits: RLimits) -> Callable[[], None]:
+                limits: RLimits, sandbox: Sandbox | None = None) -> Callable[[], None]:
     """The ``preexec_fn`` for ``subprocess.Popen`` / ``trio.lowlevel.open_process``.
 
     In the child, between fork and exec: write its pid to ``cgroup.procs`` in every
@@ -286,6 +287,8 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
     that one thread, so the same reasoning holds.) A new session is the caller's job: pass
     ``start_new_session=True``, and not ``user``/``group``/``extra_groups``, which Popen
     would apply before this runs.
+    ``sandbox`` (``permissions``) adds the instance's permissions: its mount namespace
+    is entered right after the cgroup (still root), and its ``gid`` replaces the user's.
     Raises ``IsolationError`` (in the parent) for a user switch without root.
     """
     switch = user is not None and user.switched
@@ -293,6 +296,12 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
         raise IsolationError(f"cannot switch to user {user.name if user else ''} without root")
     uid = user.uid if user is not None else -1
     gid = user.gid if user is not None else -1
+    groups: list[int] = []
+    if sandbox is not None and sandbox.gid is not None:
+        # the sandbox's group becomes the primary one (sockets carry it, see permissions);
+        # the app's own stays as a supplementary group, for its files
+        groups, gid = [gid], sandbox.gid
+    enter_sandbox = sandbox.prepare() if sandbox is not None else (lambda: None)
     procs_files = cgroup.procs_files() if cgroup is not None else ()
     rlimits = tuple((_RLIMIT[name], (value, value))
                     for name, value in effective_rlimits(limits, app_user=switch).items())
@@ -308,13 +317,14 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
                 os.write(fd, pid)
             finally:
                 os.close(fd)
+        enter_sandbox()
         for which, pair in rlimits:
             resource.setrlimit(which, pair)
         if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             code = get_errno()
             raise OSError(code, strerror(code))
         if switch:
-            os.setgroups([])
+            os.setgroups(groups)
             os.setgid(gid)
             os.setuid(uid)
 
@@ -338,10 +348,12 @@ class IsolationReport:
     cgroup_limits: Mapping[str, object] = field(default_factory=dict, hash=False)
     no_new_privs: bool = True
     rlimits: Mapping[str, int] = field(default_factory=dict, hash=False)
+    # permission name -> {"wanted", "enforced", "reason"}; only those the manifest restricts
+    permissions: Mapping[str, Mapping[str, object]] = field(default_factory=dict, hash=False)
 
     @classmethod
     def build(cls, user: AppUser | None, cgroup: InstanceCgroup | None,
-              limits: RLimits) -> IsolationReport:
+              limits: RLimits, sandbox: Sandbox | None = None) -> IsolationReport:
         """The report of an instance started with ``child_setup(user, cgroup, limits)``."""
         if user is None:
             user = current_user()
@@ -352,7 +364,8 @@ class IsolationReport:
                                  (cgroup.paths.items() if cgroup is not None else ())},
                    cgroup_limits=dict(cgroup.applied) if cgroup is not None else {},
                    no_new_privs=True,
-                   rlimits=effective_rlimits(limits, app_user=user.switched))
+                   rlimits=effective_rlimits(limits, app_user=user.switched),
+                   permissions=dict(sandbox.report or {}) if sandbox is not None else {})
 
     def to_json(self) -> dict[str, object]:
         """A JSON-able dict (plain str/int/bool/dict values)."""
@@ -362,4 +375,5 @@ class IsolationReport:
             "cgroup": {"mode": self.cgroup_mode, "reason": self.cgroup_reason,
                        "paths": dict(self.cgroup_paths), "limits": dict(self.cgroup_limits)},
             "no_new_privs": self.no_new_privs, "rlimits": dict(self.rlimits),
+            "permissions": {name: dict(entry) for name, entry in self.permissions.items()},
         }

@@ -29,6 +29,8 @@ everything, for a node that is being taken away.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import ipaddress
 import json
@@ -50,10 +52,11 @@ from superagent.compiled import describe as describe_hot_path
 from superagent.config import parse_address
 from superagent.debug import DROPPED_NOTE, DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
-from superagent.manifest import TEST_TIMEOUT
+from superagent.manifest import TEST_TIMEOUT, PermissionsSpec
 from superagent.participant.archive import check as check_archive
 from superagent.participant.cgroups import (
     PARENT_GROUP,
+    AgentCgroup,
     InstanceCgroup,
     detect_cgroups,
     remove_empty_parent,
@@ -73,6 +76,13 @@ from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.load import LOAD_PERIOD, LoadSampler, traffic
 from superagent.participant.logs import LogHub
+from superagent.participant.permissions import (
+    EGRESS_TABLE,
+    LOOPBACK_GROUP,
+    PermissionSupport,
+    detect_permissions,
+    unenforced,
+)
 from superagent.participant.ports import (
     DEFAULT_HIGH,
     DEFAULT_LOW,
@@ -127,6 +137,14 @@ class AgentConfig:
     tls_listen: tuple[str, ...] = ()  # proxy listeners that speak TLS (docs/proxy-config.md)
     tls_cert: str | None = None  # their PEM certificate chain, an absolute path
     tls_key: str | None = None  # its PEM private key (None: in the tls_cert file)
+    # Move the agent and its proxy workers into the cpu group weighted above the apps
+    # (cgroups.AgentCgroup). ``superagent participant`` does; an agent embedded in another
+    # process (tests) leaves that process where it is.
+    agent_cgroup: bool = False
+    # [permissions]: the group of loopback-only instances and the nftables table keyed on it
+    # (host-wide; tests pass their own names)
+    loopback_group: str = LOOPBACK_GROUP
+    egress_table: str = EGRESS_TABLE
 
 
 class Agent:
@@ -155,6 +173,10 @@ class Agent:
         # one parent group per node name, so two agents on one machine never share a group
         self.cgroups = (detect_cgroups(parent=f"{PARENT_GROUP}.{config.node}")
                         if os.geteuid() == 0 else None)
+        self.agent_group: AgentCgroup | None = None
+        # detected when the first instance asks for a permission: an agent whose apps ask
+        # for none never touches nftables or groups
+        self.permissions: PermissionSupport | None = None
         self.ledger = SignalLedger()
         self.instances: dict[str, Instance] = {}
         self.routes: dict[str, list[str]] = {}  # app -> the instances switch() routed
@@ -220,9 +242,16 @@ class Agent:
         check_bindable(self.config.rpc, key="--rpc")
         if self.link is not None:  # a new machine: before anything runs (raises if refused)
             await self.link.enrol()
+        if self.config.agent_cgroup and self.cgroups is not None:
+            # before the workers start: they inherit the group
+            self.agent_group = await trio.to_thread.run_sync(AgentCgroup.create, self.cgroups)
+            self._join_agent_group(os.getpid())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self.proxy.start()
+            for slot in self.proxy.slots:  # adopted workers of an earlier agent, too
+                if slot.process is not None and slot.process.pid is not None:
+                    self._join_agent_group(slot.process.pid)
             await nursery.start(self.proxy.supervise)
             self.log_hub.add_proxy_events(self.proxy.run_dir / ACCESS_LOG,
                                           wanted=self.debug_sessions.covers,
@@ -253,6 +282,19 @@ class Agent:
             task_status.started()
             await trio.sleep_forever()
 
+    async def _permission_support(self, wanted: PermissionsSpec) -> PermissionSupport | None:
+        if self.permissions is None and wanted != PermissionsSpec():
+            self.permissions = await trio.to_thread.run_sync(functools.partial(
+                detect_permissions, group=self.config.loopback_group,
+                table=self.config.egress_table))
+        return self.permissions
+
+    def _join_agent_group(self, pid: int) -> None:
+        if self.agent_group is not None:
+            problem = self.agent_group.add(pid)
+            if problem is not None:
+                log.warning("process not in the agent's cpu group", pid=pid, reason=problem)
+
     async def stop_all(self) -> None:
         """Stop every instance (draining first) and the proxy workers: the node goes away.
         From now on a start is refused: the coordinators' reconciler, seeing the instances
@@ -273,6 +315,9 @@ class Agent:
         assert self._nursery is not None
         try:
             config = InstanceConfig.from_record(record["config"], cgroups=self.cgroups)
+            wanted = PermissionsSpec(network=config.network, filesystem=config.filesystem)
+            config = dataclasses.replace(config,
+                                         permission_support=await self._permission_support(wanted))
         except (KeyError, ValueError, TypeError) as exc:
             log.error("unreadable instance record; it will not be served", error=str(exc),
                       record=record.get("config", {}).get("instance"))
@@ -501,6 +546,7 @@ class Agent:
                                           switched.gid)
         log_dir = self.config.data_dir / "logs" / app
         log_dir.mkdir(parents=True, exist_ok=True)
+        permissions = await self._permission_support(prepared.spec.permissions)
         instances = []
         for _ in range(count):
             self._seq += 1
@@ -512,7 +558,9 @@ class Agent:
             config = InstanceConfig.from_spec(prepared.spec, release=release,
                                               instance=instance_id, port=self.ports.allocate(),
                                               cwd=prepared.src, home=home, log_dir=log_dir,
-                                              user=switched, cgroups=self.cgroups)
+                                              user=switched, cgroups=self.cgroups,
+                                              release_dir=prepared.path,
+                                              permissions=permissions)
             instances.append(Instance(config))
         failures: list[SupervisorError] = []
 
@@ -624,7 +672,11 @@ class Agent:
             "offline": self.is_offline,
             "isolation": {"root": os.geteuid() == 0,
                           "cgroups": self.cgroups.mode if self.cgroups else "none",
-                          "reason": self.cgroups.reason if self.cgroups else "not root"},
+                          "reason": self.cgroups.reason if self.cgroups else "not root",
+                          "agent_cgroup": (self.agent_group.to_json()
+                                           if self.agent_group is not None else None),
+                          "permissions": (self.permissions.to_json()
+                                          if self.permissions is not None else None)},
             "proxy": {"version": self.proxy.snapshot.version,
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,
@@ -638,12 +690,16 @@ class Agent:
 
     def coordinator_status(self) -> dict[str, Any]:
         """The compact status a heartbeat carries: what runs where (with each instance's
-        load: ``in_flight``, and ``cpu`` in cores once sampled twice), routes, offline,
-        figures."""
+        load: ``in_flight``, and ``cpu`` in cores once sampled twice, and ``unenforced``: the
+        permissions its manifest asks for that this machine cannot enforce), routes,
+        offline, figures."""
         return {
             "instances": [{"id": inst.config.instance, "app": inst.config.app,
                            "release": inst.config.release, "state": inst.state.value,
-                           "port": inst.config.port, **self.load.latest.get(instance_id, {})}
+                           "port": inst.config.port,
+                           "unenforced": unenforced(inst.isolation.permissions
+                                                    if inst.isolation is not None else None),
+                           **self.load.latest.get(instance_id, {})}
                           for instance_id, inst in self.instances.items()],
             "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
             "listen": list(self.config.listen), "traffic": self.traffic,

@@ -78,7 +78,12 @@ import trio
 from superagent.backoff import Backoff
 from superagent.manifest import AppSpec, HealthSpec
 from superagent.participant.adoption import AdoptedProcess, process_create_time
-from superagent.participant.cgroups import CgroupLimits, CgroupSupport, InstanceCgroup
+from superagent.participant.cgroups import (
+    CgroupLimits,
+    CgroupSupport,
+    InstanceCgroup,
+    app_cpu_weight,
+)
 from superagent.participant.errors import (
     AdoptionFailed,
     InvalidTransition,
@@ -86,6 +91,7 @@ from superagent.participant.errors import (
     SupervisorError,
 )
 from superagent.participant.isolation import AppUser, IsolationReport, RLimits, child_setup
+from superagent.participant.permissions import PermissionSupport, Sandbox, build_sandbox
 from superagent.participant.toolchain import release_env
 from superagent.procs import REAP_TIMEOUT, terminate_group
 
@@ -191,6 +197,12 @@ class InstanceConfig:
     cgroups: CgroupSupport | None = None
     cgroup_limits: CgroupLimits = field(default_factory=CgroupLimits)
     rlimits: RLimits = field(default_factory=RLimits)
+    # [permissions] of the manifest; ``writable`` the trees a "release" filesystem keeps
+    # writable; ``permission_support`` what the agent can enforce (not recorded, like cgroups)
+    network: str = "any"
+    filesystem: str = "any"
+    writable: tuple[Path, ...] = ()
+    permission_support: PermissionSupport | None = None
     grace: float = DEFAULT_GRACE
     backoff_initial: float = BACKOFF_INITIAL
     backoff_max: float = BACKOFF_MAX
@@ -201,15 +213,21 @@ class InstanceConfig:
     @classmethod
     def from_spec(cls, spec: AppSpec, *, release: str, instance: str, port: int, cwd: Path,
                   home: Path, log_dir: Path, user: AppUser | None = None,
-                  cgroups: CgroupSupport | None = None) -> InstanceConfig:
-        """The config of an instance of ``spec`` (limits, health, env and command from it)."""
+                  cgroups: CgroupSupport | None = None, release_dir: Path | None = None,
+                  permissions: PermissionSupport | None = None) -> InstanceConfig:
+        """The config of an instance of ``spec`` (limits, health, env, command and
+        permissions from it); ``release_dir`` and ``home`` stay writable under
+        ``filesystem = "release"``."""
         limits = spec.limits
         return cls(app=spec.name, release=release, instance=instance, port=port, cwd=cwd,
                    command=spec.run.command, home=home, log_dir=log_dir, env=spec.env_dict(),
                    health=spec.health, user=user, cgroups=cgroups,
                    cgroup_limits=CgroupLimits(memory=limits.memory, cpu=limits.cpu,
+                                              cpu_weight=app_cpu_weight(limits.cpu),
                                               pids=limits.pids),
-                   rlimits=RLimits(nofile=limits.nofile))
+                   rlimits=RLimits(nofile=limits.nofile),
+                   network=spec.permissions.network, filesystem=spec.permissions.filesystem,
+                   writable=(release_dir or cwd, home), permission_support=permissions)
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-able dict from which ``from_record`` rebuilds this config.
@@ -223,14 +241,16 @@ class InstanceConfig:
             "health": asdict(self.health),
             "user": asdict(self.user) if self.user is not None else None,
             "cgroup_limits": asdict(self.cgroup_limits), "rlimits": asdict(self.rlimits),
-            "grace": self.grace, "backoff_initial": self.backoff_initial,
+            "network": self.network, "filesystem": self.filesystem,
+            "writable": [str(p) for p in self.writable], "grace": self.grace,
+            "backoff_initial": self.backoff_initial,
             "backoff_max": self.backoff_max, "max_restarts": self.max_restarts,
             "restart_window": self.restart_window, "log_max_bytes": self.log_max_bytes,
         }
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], *,
-                    cgroups: CgroupSupport | None = None) -> InstanceConfig:
+    def from_record(cls, record: Mapping[str, Any], *, cgroups: CgroupSupport | None = None,
+                    permissions: PermissionSupport | None = None) -> InstanceConfig:
         """The config ``to_record`` wrote, with the agent's current cgroup ``support``.
 
         Raises ``SupervisorError`` naming the problem when the record is malformed.
@@ -246,6 +266,11 @@ class InstanceConfig:
                 user=AppUser(**user) if user is not None else None, cgroups=cgroups,
                 cgroup_limits=CgroupLimits(**record["cgroup_limits"]),
                 rlimits=RLimits(**record["rlimits"]), grace=float(record["grace"]),
+                # records of agents before [permissions] have none: "any"
+                network=str(record.get("network", "any")),
+                filesystem=str(record.get("filesystem", "any")),
+                writable=tuple(Path(p) for p in record.get("writable", ())),
+                permission_support=permissions,
                 backoff_initial=float(record["backoff_initial"]),
                 backoff_max=float(record["backoff_max"]),
                 max_restarts=int(record["max_restarts"]),
@@ -255,6 +280,12 @@ class InstanceConfig:
             raise SupervisorError(f"malformed instance record: {exc!r}",
                                   app=str(record.get("app", "")),
                                   instance=str(record.get("instance", ""))) from exc
+
+    def sandbox(self) -> Sandbox:
+        """The instance's permissions as this agent can enforce them."""
+        return build_sandbox(self.permission_support, network=self.network,
+                             filesystem=self.filesystem, writable=self.writable,
+                             switched_user=self.user is not None and self.user.switched)
 
     @property
     def out_log(self) -> Path:
@@ -418,7 +449,7 @@ class Instance:
             instance._cgroup = InstanceCgroup.existing(config.cgroups, config.app,
                                                        config.instance)
         instance.isolation = IsolationReport.build(config.user, instance._cgroup,
-                                                   config.rlimits)
+                                                   config.rlimits, config.sandbox())
         instance._log.info("instance adopted", pid=pid, port=config.port)
         return instance
 
@@ -651,8 +682,10 @@ class Instance:
             self._cgroup = await trio.to_thread.run_sync(
                 InstanceCgroup.create, config.cgroups, config.app, config.instance,
                 config.cgroup_limits)
-        preexec = child_setup(config.user, self._cgroup, config.rlimits)
-        self.isolation = IsolationReport.build(config.user, self._cgroup, config.rlimits)
+        sandbox = config.sandbox()
+        preexec = child_setup(config.user, self._cgroup, config.rlimits, sandbox)
+        self.isolation = IsolationReport.build(config.user, self._cgroup, config.rlimits,
+                                               sandbox)
         await trio.to_thread.run_sync(self._prepare_dirs)
         out_fd = await trio.to_thread.run_sync(self._open_log, config.out_log)
         try:
@@ -683,6 +716,8 @@ class Instance:
         config = self.config
         env = {**release_env(config.cwd, DEFAULT_PATH), "HOME": str(config.home),
                "LANG": DEFAULT_LANG}
+        if config.filesystem == "release":  # /tmp is read-only then; the manifest may differ
+            env["TMPDIR"] = str(config.home)
         env.update(config.env)
         # Set last: the manifest refuses these keys, and the agent's values must win.
         env.update({"PORT": str(config.port), "SUPERAGENT_APP": config.app,

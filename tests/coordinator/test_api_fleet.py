@@ -140,11 +140,15 @@ async def test_app_view_shows_placement_and_reported_instances(api: Api) -> None
                                     json={"node": node, "address": "127.0.0.1:9",
                                           "capacity": 4})
         assert registered.status_code == 200, registered.text
-    mine = {"id": "hello-1", "app": "hello", "release": "r1", "state": "ready", "port": 5000}
-    theirs = {"id": "other-1", "app": "other", "release": "r2", "state": "stopped",
-              "port": 5001}
+    # mine: a permission its node cannot enforce; theirs: from a participant that
+    # predates permissions (no "unenforced"), shown with none
+    mine = {"id": "hello-1", "app": "hello", "release": "r1", "state": "ready", "port": 5000,
+            "unenforced": ["network"]}
+    theirs_beat = {"id": "other-1", "app": "other", "release": "r2", "state": "stopped",
+                   "port": 5001}
+    theirs = {**theirs_beat, "unenforced": []}
     beat = await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET,
-                          json={"status": {"instances": [mine, {**theirs, "extra": 1}],
+                          json={"status": {"instances": [mine, {**theirs_beat, "extra": 1}],
                                            "routes": {}}})
     assert beat.status_code == 200
     await commit(api, cmd.SetPlacement, app="hello", placement={"n1": 1, "n2": 2},

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +24,16 @@ from structlog.testing import capture_logs
 
 from superagent.errors import ConfigError
 from superagent.participant.cgroups import (
+    AGENT_CPU_WEIGHT,
+    APP_CPU_WEIGHT,
+    AgentCgroup,
     CgroupLimits,
     CgroupSupport,
     InstanceCgroup,
+    app_cpu_weight,
     detect_cgroups,
     remove_empty_parent,
+    v1_shares,
 )
 from superagent.participant.errors import IsolationError
 from superagent.participant.isolation import IsolationReport, RLimits, child_setup
@@ -90,6 +96,21 @@ def remove_groups(support: CgroupSupport) -> None:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.01)
+
+
+def remove_groups_at(path: Path | None) -> None:
+    """rmdir one group whose processes are gone (they leave within ms of their death)."""
+    deadline = time.monotonic() + REMOVE_TIMEOUT
+    while path is not None:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 @pytest.fixture
@@ -401,3 +422,57 @@ def test_remove_empty_parent_keeps_what_is_in_use(tmp_path: Path) -> None:
                                       v1_roots=roots))
     assert not (roots["memory"] / "superagent.n1").exists()
     assert busy.exists() and not (roots["pids"] / "superagent.n1" / "idle").exists()
+
+
+# --- cpu weights and the agent's group ----------------------------------------------------------
+
+
+def test_cpu_weight_written_in_fake_trees(tmp_path: Path) -> None:
+    """v2 writes cpu.weight, v1 the equivalent cpu.shares; a quota under a core lowers it."""
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "cgroup.controllers").write_text("cpu memory pids\n")
+    v2 = detect_cgroups(tmp_path / "v2")
+    InstanceCgroup.create(v2, "hello", "i1", CgroupLimits(cpu=0.5,
+                                                          cpu_weight=app_cpu_weight(0.5)))
+    assert (tmp_path / "v2" / "superagent" / "hello" / "i1" / "cpu.weight").read_text() == "50"
+    fake_v1(tmp_path / "v1")
+    v1 = detect_cgroups(tmp_path / "v1")
+    InstanceCgroup.create(v1, "hello", "i1", CgroupLimits())
+    shares = tmp_path / "v1" / "cpu" / "superagent" / "hello" / "i1" / "cpu.shares"
+    assert shares.read_text() == "1024"
+    assert app_cpu_weight(None) == app_cpu_weight(3.0) == APP_CPU_WEIGHT
+    with pytest.raises(ConfigError, match="cpu_weight"):
+        CgroupLimits(cpu_weight=0)
+
+
+def test_agent_group_outweighs_the_apps_in_fake_tree(tmp_path: Path) -> None:
+    """<parent>.agent beside <parent>, weighted above it; nothing without cgroups."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    support = detect_cgroups(tmp_path)
+    group = AgentCgroup.create(support)
+    assert group.path == tmp_path / "superagent.agent"
+    agent = int((tmp_path / "superagent.agent" / "cpu.weight").read_text())
+    apps = int((tmp_path / "superagent" / "cpu.weight").read_text())
+    assert agent == AGENT_CPU_WEIGHT > apps
+    assert group.add(4242) is None
+    assert (tmp_path / "superagent.agent" / "cgroup.procs").read_text() == "4242"
+    none = AgentCgroup.create(CgroupSupport(mode="none", reason="no hierarchy"))
+    assert none.path is None and "no hierarchy" in (none.add(1) or "")
+
+
+def test_agent_group_real(cgroups: CgroupSupport) -> None:
+    """A real child moved into the agent's group is listed there, with the weight read back."""
+    group = AgentCgroup.create(cgroups)
+    assert group.path is not None, group.reason
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert group.add(child.pid) is None
+        listed = (group.path / "cgroup.procs").read_text().split()
+        assert str(child.pid) in listed
+        key = "cpu.weight" if cgroups.mode == "v2" else "cpu.shares"
+        expected = AGENT_CPU_WEIGHT if cgroups.mode == "v2" else v1_shares(AGENT_CPU_WEIGHT)
+        assert int((group.path / key).read_text()) == expected == int(group.weight)
+    finally:
+        child.kill()
+        child.wait()
+        remove_groups_at(group.path)
