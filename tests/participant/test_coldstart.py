@@ -15,19 +15,23 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+import pytest
 import trio
 
+from superagent.participant.isolation import remove_app_user
 from superagent.participant.proxydriver import ACCESS_LOG
 from superagent.participant.service import Agent
 from tests.participant.children import child_python
@@ -116,10 +120,20 @@ async def serve(rig: Rig, name: str, data: bytes) -> list[str]:
 BODY = 200_000
 
 
-async def _cold_records(path: Path) -> list[dict[str, Any]]:
+@pytest.fixture
+def app() -> Iterator[str]:
+    """A fresh app name; its system user (made when the tests run as root) goes after."""
+    name = f"cold-{secrets.token_hex(3)}"
+    try:
+        yield name
+    finally:
+        remove_app_user(name)
+
+
+async def _cold_records(path: Path, app: str) -> list[dict[str, Any]]:
     lines = path.read_text().splitlines() if path.exists() else []
     return [r for r in map(json.loads, lines)
-            if r.get("app") == "sleepy" and "cold_start_ms" in r]
+            if r.get("app") == app and "cold_start_ms" in r]
 
 
 def state_of(agent: Agent, app: str) -> dict[str, Any]:
@@ -140,17 +154,17 @@ def running(agent: Agent, app: str) -> list[str]:
 
 
 async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
-        data_dir: Path) -> None:
+        data_dir: Path, app: str) -> None:
     """The app idles; 100 requests at once (ten of them uploading 200 KB: more than the
     worker reads ahead) are held, one instance starts, all get 200 from it with
     X-Superagent-Cold-Start and whole bodies, the cold-start histogram counts one start
     and the access log records the wait."""
     async with running_agent(data_dir) as rig:
-        await serve(rig, "sleepy", cold_app("sleepy", fail_flag=data_dir / "fail-flag"))
-        await until_idle(rig, "sleepy")
+        await serve(rig, app, cold_app(app, fail_flag=data_dir / "fail-flag"))
+        await until_idle(rig, app)
         status = (await rig.rpc.get("/v1/status")).json()
-        assert status["apps"]["sleepy"]["state"] == "idle"
-        assert status["routes"]["sleepy"] == []
+        assert status["apps"][app]["state"] == "idle"
+        assert status["routes"][app] == []
 
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
         answers: list[httpx.Response] = []
@@ -158,9 +172,9 @@ async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
                                      limits=limits) as client:
             async def one(n: int) -> None:
                 if n % 10:
-                    answers.append(await client.get(f"/sleepy/n{n}"))
+                    answers.append(await client.get(f"/{app}/n{n}"))
                 else:
-                    answers.append(await client.post(f"/sleepy/n{n}", content=b"x" * BODY))
+                    answers.append(await client.post(f"/{app}/n{n}", content=b"x" * BODY))
 
             async with trio.open_nursery() as nursery:
                 for n in range(100):
@@ -170,34 +184,34 @@ async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
         assert len({a.json()["instance"] for a in answers}) == 1
         assert [a.json()["size"] for a in answers if "size" in a.json()] == [BODY] * 10
         assert all(a.headers.get("X-Superagent-Cold-Start", "").isdigit() for a in answers)
-        assert len(running(rig.agent, "sleepy")) == 1
-        assert state_of(rig.agent, "sleepy") == {"state": "serving"}
+        assert len(running(rig.agent, app)) == 1
+        assert state_of(rig.agent, app) == {"state": "serving"}
         stats = await rig.agent.proxy.stats()
-        assert stats["cold_starts"]["sleepy"][-1] == 1  # one cold start observed
-        warm = await rig.proxy.get("/sleepy/warm")
+        assert stats["cold_starts"][app][-1] == 1  # one cold start observed
+        warm = await rig.proxy.get(f"/{app}/warm")
         assert warm.status_code == 200 and "X-Superagent-Cold-Start" not in warm.headers
         access_log = rig.agent.proxy.run_dir / ACCESS_LOG
         records = await wait_until_async(
-            lambda: _cold_records(access_log), "cold-start access records",
+            lambda: _cold_records(access_log, app), "cold-start access records",
             until=lambda found: len(found) == 100, timeout=DEADLINE)
         assert all(r["cold_start_ms"] >= 0 and r["status"] == 200 for r in records)
 
 
 async def test_a_failing_cold_start_answers_every_held_request_with_the_named_503(
-        data_dir: Path) -> None:
+        data_dir: Path, app: str) -> None:
     """With the app refusing to start, every held request gets 503 start-failed with
     Retry-After within the hold's bound, and the reason is in the app's status."""
     flag = data_dir / "fail-flag"
     async with running_agent(data_dir) as rig:
-        await serve(rig, "broken", cold_app("broken", fail_flag=flag))
-        await until_idle(rig, "broken")
+        await serve(rig, app, cold_app(app, fail_flag=flag))
+        await until_idle(rig, app)
         flag.write_text("fail")
         flag.chmod(0o644)
         answers: list[httpx.Response] = []
         began = trio.current_time()
         async with trio.open_nursery() as nursery:
             async def one(n: int) -> None:
-                answers.append(await rig.proxy.get(f"/broken/n{n}"))
+                answers.append(await rig.proxy.get(f"/{app}/n{n}"))
 
             for n in range(20):
                 nursery.start_soon(one, n)
@@ -205,9 +219,9 @@ async def test_a_failing_cold_start_answers_every_held_request_with_the_named_50
         assert {a.status_code for a in answers} == {503}
         assert {a.headers["X-Superagent-Error"] for a in answers} == {"start-failed"}
         assert all(a.headers.get("Retry-After") == "5" for a in answers)
-        state = state_of(rig.agent, "broken")
+        state = state_of(rig.agent, app)
         assert state["state"] == "idle" and "start" in state["start_error"], state
-        again = await rig.proxy.get("/broken/again")  # within the retry delay: refused at once
+        again = await rig.proxy.get(f"/{app}/again")  # within the retry delay: refused at once
         assert again.status_code == 503 and again.headers["X-Superagent-Error"] == "start-failed"
 
 
@@ -236,29 +250,30 @@ def _echo(sock: socket.socket, data: bytes) -> bytes:
 
 
 async def test_a_websocket_to_an_idle_app_connects_and_an_open_one_keeps_it_up(
-        data_dir: Path) -> None:
+        data_dir: Path, app: str) -> None:
     """An upgrade to the idle app is held and connects; while that tunnel stays open (and
     while a slow request is in flight) the app is not idled, past several timeouts."""
     async with running_agent(data_dir) as rig:
-        await serve(rig, "ws", cold_app("ws", fail_flag=data_dir / "fail-flag"))
-        await until_idle(rig, "ws")
+        await serve(rig, app, cold_app(app, fail_flag=data_dir / "fail-flag"))
+        await until_idle(rig, app)
         port = int(rig.proxy.base_url.port or 0)
-        sock = await trio.to_thread.run_sync(_upgrade, port, "/ws/socket")
+        sock = await trio.to_thread.run_sync(_upgrade, port, f"/{app}/socket")
         try:
             assert await trio.to_thread.run_sync(_echo, sock, b"hello") == b"hello"
-            instance = running(rig.agent, "ws")
+            instance = running(rig.agent, app)
             assert len(instance) == 1
             await trio.sleep(3.0)  # three idle timeouts with the tunnel open and silent
-            assert running(rig.agent, "ws") == instance
+            assert running(rig.agent, app) == instance
             assert await trio.to_thread.run_sync(_echo, sock, b"still") == b"still"
         finally:
             sock.close()
-        slow = await rig.proxy.get("/ws/slow=3")  # in flight across three idle timeouts
-        assert slow.status_code == 200 and running(rig.agent, "ws") == instance
-        await until_idle(rig, "ws")  # once nothing is open, it idles
+        slow = await rig.proxy.get(f"/{app}/slow=3")  # in flight across three idle timeouts
+        assert slow.status_code == 200 and running(rig.agent, app) == instance
+        await until_idle(rig, app)  # once nothing is open, it idles
 
 
-def test_kill_9_of_the_agent_while_a_request_is_held_never_hangs(data_dir: Path) -> None:
+def test_kill_9_of_the_agent_while_a_request_is_held_never_hangs(data_dir: Path, app: str
+                                                                 ) -> None:
     """The agent (a real process) is killed with SIGKILL while a request waits for a
     slow-booting app's cold start: the client gets an answer or an error (here 503
     start-timeout: no agent is left to route the instance) within the hold's bound."""
@@ -277,7 +292,7 @@ def test_kill_9_of_the_agent_while_a_request_is_held_never_hangs(data_dir: Path)
     def held() -> None:
         began = time.monotonic()
         try:
-            answer = httpx.get(f"http://127.0.0.1:{listen_port}/slowboot/x", timeout=30.0)
+            answer = httpx.get(f"http://127.0.0.1:{listen_port}/{app}/x", timeout=30.0)
             result.update(status=answer.status_code,
                           error=answer.headers.get("X-Superagent-Error"))
         except httpx.HTTPError as exc:
@@ -285,21 +300,21 @@ def test_kill_9_of_the_agent_while_a_request_is_held_never_hangs(data_dir: Path)
         result["seconds"] = time.monotonic() - began
 
     def app_state() -> str:
-        return str(rpc.get("/v1/status").json()["apps"].get("slowboot", {}).get("state"))
+        return str(rpc.get("/v1/status").json()["apps"].get(app, {}).get("state"))
 
     client = threading.Thread(target=held)
     try:
         _wait_status(rpc, DEADLINE)
-        data = cold_app("slowboot", fail_flag=data_dir / "fail-flag", boot=1.5)
-        assert rpc.put("/v1/releases/slowboot/r1", content=data, headers={
+        data = cold_app(app, fail_flag=data_dir / "fail-flag", boot=1.5)
+        assert rpc.put(f"/v1/releases/{app}/r1", content=data, headers={
             "X-Superagent-Sha256": hashlib.sha256(data).hexdigest(),
             "X-Superagent-Signal": "p1", "X-Superagent-Term": "1"}).status_code == 200
         started = rpc.post("/v1/signals/start", json={
-            "id": "s1", "term": 1, "app": "slowboot", "release": "r1", "count": 1})
+            "id": "s1", "term": 1, "app": app, "release": "r1", "count": 1})
         assert started.status_code == 200, started.text
         ids = [i["id"] for i in started.json()["instances"]]
         assert rpc.post("/v1/signals/switch", json={
-            "id": "w1", "term": 1, "app": "slowboot", "instances": ids}).status_code == 200
+            "id": "w1", "term": 1, "app": app, "instances": ids}).status_code == 200
         wait_until(app_state, "the app idle", until=lambda s: s == "idle", timeout=DEADLINE,
                    interval=0.1)
         client.start()
