@@ -432,26 +432,11 @@ class RaftNode:
         once the change committed. Only on the leader (NotLeader); RaftError
         ``request_denied`` when another change is still uncommitted or the change is void
         (already a member, not a member, this node); RaftTimeout."""
-        replica = self._running()
-        if not replica._isLeader():
-            raise NotLeader(self.leader(), node=self.self_address)
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        outcome: list[int] = []
-
-        def on_result(result: Any, error: int) -> None:  # runs on the tick thread
-            outcome.append(error)
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
-
+        replica = self._leading()
         change = replica.addNodeToCluster if kind == "add" else replica.removeNodeFromCluster
-        change(address, callback=on_result)
-        with trio.move_on_after(timeout):
-            await done.wait()
-        if not outcome:
-            raise RaftTimeout(timeout, node=self.self_address)
-        if outcome[0] != FAIL_REASON.SUCCESS:
-            reason, maybe = _FAILURES.get(outcome[0], (f"code_{outcome[0]}", True))
+        error = await self._outcome(lambda done: change(address, callback=done), timeout)
+        if error != FAIL_REASON.SUCCESS:
+            reason, maybe = _FAILURES.get(error, (f"code_{error}", True))
             raise RaftError(f"Raft refused the membership change: {reason}", reason=reason,
                             may_have_committed=maybe, node=self.self_address)
         self._record_members()
@@ -460,9 +445,25 @@ class RaftNode:
         """Ask the most caught-up connected follower to take the leadership (Raft
         ``TimeoutNow``); returns once the request is sent. RaftError ``request_denied``
         when no follower is caught up, NotLeader on a follower."""
+        replica = self._leading()
+        error = await self._outcome(
+            lambda done: replica.on_tick(
+                lambda: replica.transferLeadership(None, callback=done)), timeout)
+        if error != FAIL_REASON.SUCCESS:
+            reason, _ = _FAILURES.get(error, (f"code_{error}", False))
+            raise RaftError(f"Raft refused to hand the leadership over: {reason}",
+                            reason=reason, node=self.self_address)
+
+    def _leading(self) -> _Replica:
         replica = self._running()
         if not replica._isLeader():
             raise NotLeader(self.leader(), node=self.self_address)
+        return replica
+
+    async def _outcome(self, start: Callable[[Callable[[Any, int], None]], None],
+                       timeout: float) -> int:
+        """Start a pysyncobj request with ``start(callback)`` and wait up to ``timeout``
+        for its callback (which runs on the tick thread); its error code, or RaftTimeout."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         outcome: list[int] = []
@@ -472,15 +473,12 @@ class RaftNode:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(done.set)
 
-        replica.on_tick(lambda: replica.transferLeadership(None, callback=on_result))
+        start(on_result)
         with trio.move_on_after(timeout):
             await done.wait()
         if not outcome:
             raise RaftTimeout(timeout, node=self.self_address)
-        if outcome[0] != FAIL_REASON.SUCCESS:
-            reason, _ = _FAILURES.get(outcome[0], (f"code_{outcome[0]}", False))
-            raise RaftError(f"Raft refused to hand the leadership over: {reason}",
-                            reason=reason, node=self.self_address)
+        return outcome[0]
 
     def _record_members(self) -> None:
         """Write ``members.json`` when the members changed since it was last written."""
