@@ -58,6 +58,9 @@ def plan_change(*, kind: str, coordinator: str, address: str,
     if kind == ADD:
         if RAFT_ADDRESS.fullmatch(address) is None:
             raise BadRequest(f"Raft address {address!r} is not host:port")
+        port = int(address.rpartition(":")[2])
+        if not 1 <= port <= 65535:  # the pattern allows 5 digits: such a member is unreachable
+            raise BadRequest(f"Raft address {address!r}: port {port} is not 1..65535")
         if members.get(coordinator) == address:
             return MemberChange(kind=kind, coordinator=coordinator, address=address,
                                 members_after=tuple(sorted(members)), noop=True)

@@ -218,3 +218,4 @@ async def test_a_malformed_heartbeat_does_not_break_traffic(api: Api) -> None:
     answer = await api.call("GET", "/api/v1/traffic")
     assert answer.status_code == 200, answer.text
     assert answer.json()["apps"]["shop-web"]["requests"] == 0
+
