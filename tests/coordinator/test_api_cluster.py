@@ -1,9 +1,14 @@
-"""The membership routes on a real single-coordinator cluster: bad input is a 400 naming it."""
+"""The membership routes on real coordinators: bad input is a 400 naming it, and a
+removal that is refused changes nothing (not even who leads)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.coordinator import test_api
+from tests.coordinator.cluster import Cluster
 from tests.coordinator.test_api import Api
+from tests.support.wait import wait_until
 
 api = test_api.api  # the fixture: a real single-node coordinator
 
@@ -15,3 +20,24 @@ async def test_adding_a_coordinator_at_an_impossible_port_is_a_400(api: Api) -> 
                             json={"id": "c9", "raft": "127.0.0.1:99999"})
     assert answer.status_code == 400, answer.text
     assert "99999" in answer.json()["detail"]
+
+
+def test_a_refused_removal_of_the_leader_keeps_it_leading(tmp_path: Path) -> None:
+    """Removing the leader of three while another member is down would leave 1 live of 2:
+    the leader refuses at once (409), without first handing its leadership over to the
+    one follower left (an election for nothing, and a cluster briefly without a leader)."""
+    with Cluster(tmp_path) as cluster:
+        cluster.start_all()
+        leader = cluster.wait_ready()
+        down, other = (i for i in range(3) if i != leader)
+        cluster.kill9(down)
+        gone = cluster.members[down].id
+        wait_until(lambda: not next(m["connected"] for m in cluster.cluster_view(leader)
+                                    ["members"] if m["id"] == gone),
+                   f"the leader sees {gone} gone", timeout=10.0)
+        refused = cluster.request("DELETE", leader,
+                                  f"/api/v1/cluster/members/{cluster.members[leader].id}")
+        assert refused.status_code == 409, refused.text
+        assert "1 live of 2" in refused.json()["detail"]
+        assert cluster.health(leader) is not None
+        assert cluster.leader(among=[leader, other]) == leader
