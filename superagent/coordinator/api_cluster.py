@@ -145,6 +145,9 @@ async def _plan(c: ApiHost, kind: str, cid: str, address: str) -> MemberChange:
     status = c.raft.status()
     live = {m for m, a in members.items()
             if a == c.config.raft_address or status["partners"].get(a)}
+    if kind == ADD:  # bad input first, as the most lenient plan: then probe the address
+        plan_change(kind=kind, coordinator=cid, address=address, members=members, live=live,
+                    joining_answers=True)
     answers = kind == ADD and await _answers(address)
     return plan_change(kind=kind, coordinator=cid, address=address, members=members,
                        live=live, joining_answers=answers)
@@ -158,7 +161,7 @@ async def _answers(address: str) -> bool:
     with trio.move_on_after(PROBE_TIMEOUT):
         try:
             stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a name IDNA cannot encode
             return False
         await stream.aclose()
         return True

@@ -41,3 +41,12 @@ def test_a_refused_removal_of_the_leader_keeps_it_leading(tmp_path: Path) -> Non
         assert "1 live of 2" in refused.json()["detail"]
         assert cluster.health(leader) is not None
         assert cluster.leader(among=[leader, other]) == leader
+
+
+async def test_adding_a_coordinator_at_an_impossible_host_is_a_400(api: Api) -> None:
+    """A host name no resolver takes (a label over 63 characters) is named as bad input,
+    not an internal error from probing it."""
+    answer = await api.call("POST", "/api/v1/cluster/members",
+                            json={"id": "c9", "raft": "a" * 70 + ":7110"})
+    assert answer.status_code == 400, answer.text
+    assert "not an IP address or" in answer.json()["detail"]
