@@ -8,6 +8,7 @@ from pathlib import Path
 from tests.coordinator import test_api
 from tests.coordinator.cluster import Cluster
 from tests.coordinator.test_api import Api
+from tests.coordinator.test_backup import META, tar_of
 from tests.support.wait import wait_until
 
 api = test_api.api  # the fixture: a real single-node coordinator
@@ -50,3 +51,13 @@ async def test_adding_a_coordinator_at_an_impossible_host_is_a_400(api: Api) -> 
                             json={"id": "c9", "raft": "a" * 70 + ":7110"})
     assert answer.status_code == 400, answer.text
     assert "not an IP address or" in answer.json()["detail"]
+
+
+async def test_a_backup_nested_past_the_parsers_limit_is_a_400(api: Api) -> None:
+    """A state.json of nested brackets is a bad backup (400 naming the member), not a
+    500 from the JSON parser's recursion limit."""
+    body = tar_of({"backup.json": META, "state.json": b"[" * 200_000})
+    answer = await api.call("POST", "/api/v1/restore", content=body,
+                            headers={"content-type": "application/x-tar"})
+    assert answer.status_code == 400, answer.text
+    assert "state.json" in answer.json()["detail"]
