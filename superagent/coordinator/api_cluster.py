@@ -56,10 +56,12 @@ from superagent.coordinator.api_common import (
 )
 from superagent.coordinator.backup import Backup, needed_artifacts, read_backup, write_backup
 from superagent.coordinator.errors import (
+    ArtifactUnavailable,
     BadBackup,
     MembershipRefused,
     NoLeader,
     RaftError,
+    UnknownArtifact,
 )
 from superagent.coordinator.host import ApiHost
 from superagent.coordinator.quorum import ADD, REMOVE, MemberChange, plan_change
@@ -223,7 +225,10 @@ async def backup(request: Request, ctx: Context) -> Response:
         lambda s: (s.to_json(), sorted(needed_artifacts(s)), s.digest()))
     index = c.raft.status()["last_applied"]
     for sha256 in needed:
-        await c.ensure_artifact(sha256)
+        try:
+            await c.ensure_artifact(sha256)
+        except UnknownArtifact as exc:  # not a 404: the route exists, the blob is away
+            raise ArtifactUnavailable(sha256, why=str(exc)) from None
     staging = await trio.to_thread.run_sync(_staging, c)
     path = staging / "backup.tar"
     meta = {"taken_at": time.time(), "coordinator": c.config.id, "commit_index": index,

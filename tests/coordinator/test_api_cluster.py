@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.coordinator import test_api
 from tests.coordinator.cluster import Cluster
-from tests.coordinator.test_api import Api
+from tests.coordinator.test_api import MANIFEST, Api, tarball
 from tests.coordinator.test_backup import META, tar_of
 from tests.support.wait import wait_until
 
@@ -61,3 +61,17 @@ async def test_a_backup_nested_past_the_parsers_limit_is_a_400(api: Api) -> None
                             headers={"content-type": "application/x-tar"})
     assert answer.status_code == 400, answer.text
     assert "state.json" in answer.json()["detail"]
+
+
+async def test_a_backup_missing_a_blob_everywhere_is_a_503_naming_it(api: Api) -> None:
+    """A release whose blob no coordinator holds (lost disk, peers down) makes the backup
+    impossible for now: 503 naming the artifact, not a 404 as if the route were unknown."""
+    body = tarball({"superagent.toml": MANIFEST, "app.py": b"print('hi')\n"})
+    uploaded = await api.call("POST", "/api/v1/apps/hello/releases?deploy=false", content=body)
+    assert uploaded.status_code == 201, uploaded.text
+    sha256 = uploaded.json()["sha256"]
+    api.coordinator.store.path(sha256).unlink()
+    answer = await api.call("GET", "/api/v1/backup")
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"] == "artifact_unavailable"
+    assert sha256 in answer.json()["detail"]
