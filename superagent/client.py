@@ -129,10 +129,16 @@ class Client:
         doc, answered, leader = self._request(method, path, **kwargs)
         if (method == "GET" and isinstance(doc, dict) and doc.get("live") is False
                 and leader and answered != leader):
+            configured = self.servers
             self.servers = [leader, *(s for s in self.servers if s != leader)]
             with contextlib.suppress(ClientError):  # gone meanwhile: the follower's answer
-                live, _, _ = self._request(method, path, **kwargs)
+                live, answered, _ = self._request(method, path, **kwargs)
+                if answered != leader:
+                    # the leader did not answer, another coordinator did: the leader does
+                    # not go first for later requests, which would each try it in vain
+                    self.servers = configured
                 return live
+            self.servers = configured
         return doc
 
     def _request(self, method: str, path: str, **kwargs: Any) -> tuple[Any, str, str]:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -77,27 +77,43 @@ def _remove(args: argparse.Namespace) -> int:
 def _backup(args: argparse.Namespace) -> int:
     client = client_of(args)
     if args.file == "-":
-        with client.stream("GET", "/api/v1/backup", timeout=BACKUP_TIMEOUT) as response:
-            for chunk in response.iter_bytes(CHUNK):
-                sys.stdout.buffer.write(chunk)
+        _download(client, sys.stdout.buffer)
         return 0
     target = Path(args.file)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.")
+    # checked before anything is fetched: a backup can take minutes to download
+    if target.is_dir():
+        raise ClientError(f"{target} is a directory: name the backup file to write")
     try:
-        size = 0
-        with os.fdopen(fd, "wb") as out, \
-                client.stream("GET", "/api/v1/backup", timeout=BACKUP_TIMEOUT) as response:
-            for chunk in response.iter_bytes(CHUNK):
-                out.write(chunk)
-                size += len(chunk)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    except OSError as exc:
+        raise ClientError(f"cannot write in {target.parent}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            size = _download(client, out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise ClientError(f"cannot write {target}: {exc.strerror}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone once renamed: only a failure leaves it
     return emit(args, {"ok": True, "file": str(target), "bytes": size},
                 lambda d: f"backup written to {d['file']} ({d['bytes']} bytes)")
+
+
+def _download(client: Any, out: BinaryIO) -> int:
+    """Write the backup's bytes to ``out``; their count. A transfer cut off (the
+    coordinator stopped, the network failed) is a ClientError, not a traceback."""
+    size = 0
+    with client.stream("GET", "/api/v1/backup", timeout=BACKUP_TIMEOUT) as response:
+        try:
+            for chunk in response.iter_bytes(CHUNK):
+                out.write(chunk)
+                size += len(chunk)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"the backup was cut off after {size} bytes ({exc}):"
+                              " nothing usable was written; take it again") from None
+    return size
 
 
 def _restore(args: argparse.Namespace) -> int:

@@ -86,3 +86,6 @@ def test_an_unreachable_leader_leaves_the_followers_answer(
     follower.leader = "http://127.0.0.1:9"  # named, but gone
     client = Client([follower.url], "t", timeout=5.0)
     assert client.get("/api/v1/nodes")["live"] is False
+    # nor does it go first afterwards: every later request would try it before the
+    # coordinators that answer (a connect timeout each when the address is unreachable)
+    assert client.servers == [follower.url]

@@ -8,8 +8,9 @@ Theory of operation.
   ``quorum.plan_change`` from the members it sees and those it is connected to, then acts:
   an add commits ``AddCoordinator`` (the id of the address) and then pysyncobj's own
   membership entry; a remove commits pysyncobj's entry and then ``RemoveCoordinator``.
-  Removing the leader itself first hands the leadership to a caught-up follower and
-  forwards the request to it. A new member catches up by itself: Raft sends it the log
+  Removing the leader itself is checked the same way, then the leader hands the
+  leadership to a caught-up follower and forwards the request to it (which decides
+  again, under its own lock). A new member catches up by itself: Raft sends it the log
   (or a snapshot) and its artifact sync fetches every release blob from its peers; its
   ``GET /api/v1/cluster`` reports ``last_applied`` and ``artifacts_missing``.
 - **Backup** (``GET /api/v1/backup``): any coordinator first passes a barrier (it has
@@ -55,13 +56,15 @@ from superagent.coordinator.api_common import (
 )
 from superagent.coordinator.backup import Backup, needed_artifacts, read_backup, write_backup
 from superagent.coordinator.errors import (
+    ArtifactUnavailable,
     BadBackup,
     MembershipRefused,
     NoLeader,
     RaftError,
+    UnknownArtifact,
 )
 from superagent.coordinator.host import ApiHost
-from superagent.coordinator.quorum import ADD, REMOVE, plan_change
+from superagent.coordinator.quorum import ADD, REMOVE, MemberChange, plan_change
 from superagent.jsonbody import field, read_body
 
 log = structlog.get_logger(__name__)
@@ -111,6 +114,8 @@ async def remove_member(request: Request, ctx: Context) -> Response:
         return await forward(request, ctx)
     cid = request.path_params["coordinator"]
     if c.member_ids().get(cid) == c.config.raft_address:
+        # decide first: a removal the successor would refuse must not cost an election
+        await _plan(c, REMOVE, cid, "")
         await _hand_over(c)  # a leader cannot remove itself: its successor does
         return await forward(request, ctx)
     await _change(c, REMOVE, cid, "", ctx.actor)
@@ -122,13 +127,7 @@ async def _change(c: ApiHost, kind: str, cid: str, address: str, actor: str) -> 
     if c.membership_lock.locked():
         raise MembershipRefused("another change of the coordinators is under way")
     async with c.membership_lock:
-        members = c.member_ids()
-        status = c.raft.status()
-        live = {m for m, a in members.items()
-                if a == c.config.raft_address or status["partners"].get(a)}
-        answers = kind == ADD and await _answers(address)
-        change = plan_change(kind=kind, coordinator=cid, address=address, members=members,
-                             live=live, joining_answers=answers)
+        change = await _plan(c, kind, cid, address)
         log.info("coordinators change", kind=kind, coordinator=cid, address=change.address,
                  noop=change.noop, after=change.members_after)
         if kind == ADD:
@@ -141,6 +140,21 @@ async def _change(c: ApiHost, kind: str, cid: str, address: str, actor: str) -> 
             await _commit(c, c.command(cmd.RemoveCoordinator, actor=actor, coordinator=cid))
 
 
+async def _plan(c: ApiHost, kind: str, cid: str, address: str) -> MemberChange:
+    """``quorum.plan_change`` from the members this coordinator sees and is connected to
+    now (and, for an add, whether the new member's Raft port answers)."""
+    members = c.member_ids()
+    status = c.raft.status()
+    live = {m for m, a in members.items()
+            if a == c.config.raft_address or status["partners"].get(a)}
+    if kind == ADD:  # bad input first, as the most lenient plan: then probe the address
+        plan_change(kind=kind, coordinator=cid, address=address, members=members, live=live,
+                    joining_answers=True)
+    answers = kind == ADD and await _answers(address)
+    return plan_change(kind=kind, coordinator=cid, address=address, members=members,
+                       live=live, joining_answers=answers)
+
+
 async def _answers(address: str) -> bool:
     """Whether something accepts a TCP connection at ``address`` (host:port) now."""
     host, _, port = address.rpartition(":")
@@ -149,7 +163,7 @@ async def _answers(address: str) -> bool:
     with trio.move_on_after(PROBE_TIMEOUT):
         try:
             stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a name IDNA cannot encode
             return False
         await stream.aclose()
         return True
@@ -211,7 +225,10 @@ async def backup(request: Request, ctx: Context) -> Response:
         lambda s: (s.to_json(), sorted(needed_artifacts(s)), s.digest()))
     index = c.raft.status()["last_applied"]
     for sha256 in needed:
-        await c.ensure_artifact(sha256)
+        try:
+            await c.ensure_artifact(sha256)
+        except UnknownArtifact as exc:  # not a 404: the route exists, the blob is away
+            raise ArtifactUnavailable(sha256, why=str(exc)) from None
     staging = await trio.to_thread.run_sync(_staging, c)
     path = staging / "backup.tar"
     meta = {"taken_at": time.time(), "coordinator": c.config.id, "commit_index": index,

@@ -23,14 +23,33 @@ from starlette.responses import JSONResponse, Response
 
 from superagent.coordinator.api_common import Context, forward
 
+# the largest figure taken from a heartbeat: a count or a number of seconds beyond it is
+# no real proxy's, and bounding each one keeps the sums over nodes finite (an int too
+# large for a float, or an infinite sum, would fail the view or its JSON encoding)
+MAX_FIGURE = float(2**53)
+
+
+def _figure(value: object) -> float | None:
+    """``value`` as a float when it is a plausible counter: a number (not a bool) in
+    0..MAX_FIGURE; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and not 0 <= value <= MAX_FIGURE:
+        return None  # checked before float(), which fails on a huge int
+    number = float(value)
+    return number if 0.0 <= number <= MAX_FIGURE else None
+
 
 def _add(into: list[float], values: object) -> list[float]:
-    if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
+    if not isinstance(values, list):
         return into
-    if len(into) < len(values):
-        into.extend([0.0] * (len(values) - len(into)))
-    for i, v in enumerate(values):
-        into[i] += float(v)
+    figures = [_figure(v) for v in values]
+    if any(f is None for f in figures):
+        return into
+    if len(into) < len(figures):
+        into.extend([0.0] * (len(figures) - len(into)))
+    for i, f in enumerate(figures):
+        into[i] += f or 0.0
     return into
 
 
@@ -46,15 +65,18 @@ def merge_traffic(statuses: dict[str, Any], shown: set[str]) -> dict[str, Any]:
         if not isinstance(traffic, dict) or not isinstance(traffic.get("apps"), dict):
             continue
         if isinstance(traffic.get("le"), list) and not le:
-            le = [float(b) for b in traffic["le"] if isinstance(b, int | float)]
+            le = [f for f in map(_figure, traffic["le"]) if f is not None]
         for app, figures in traffic["apps"].items():
             if app not in shown or not isinstance(figures, dict):
                 continue
             acc = apps.setdefault(app, {"requests": 0, "errors": 0, "statuses": {},
                                         "latency": [], "nodes": []})
             acc["nodes"].append(node)
-            for code, n in (figures.get("statuses") or {}).items():
-                if isinstance(n, int) and str(code).isdigit():
+            counts = figures.get("statuses")
+            for code, n in (counts.items() if isinstance(counts, dict) else ()):
+                # isascii: "²".isdigit() holds, but int() refuses it
+                if (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_FIGURE
+                        and str(code).isascii() and str(code).isdigit()):
                     acc["statuses"][str(code)] = acc["statuses"].get(str(code), 0) + n
                     acc["requests"] += n
                     acc["errors"] += n if int(code) >= 500 else 0

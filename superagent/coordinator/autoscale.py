@@ -97,6 +97,11 @@ class AutoSpec:
                 "metric": self.metric.value}
 
 
+# the longest timing: every app keeps one sample per reconciler round (a second) for its
+# window, so a window of days would hold that many per app on the leader
+MAX_TIMING = 3600.0
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AutoTiming:
     """The cluster's autoscaling timings, in seconds (see the module docstring)."""
@@ -109,9 +114,9 @@ class AutoTiming:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not (math.isfinite(value) and value >= 0):
+            if not (math.isfinite(value) and 0 <= value <= MAX_TIMING):
                 raise ValueError(f"autoscale timing {f.name} must be a number of seconds"
-                                 f" >= 0, not {value}")
+                                 f" in 0..{MAX_TIMING:g}, not {value}")
         if self.window <= 0:
             raise ValueError("autoscale timing window must be above 0 seconds")
 

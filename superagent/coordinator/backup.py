@@ -138,7 +138,7 @@ def _json_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> d
         raise BadBackup(f"{member.name} is over {limit} bytes")
     try:
         doc = json.loads(_read(tar, member))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the limit
         raise BadBackup(f"{member.name} is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadBackup(f"{member.name} is not a JSON object")

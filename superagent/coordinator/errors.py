@@ -308,6 +308,18 @@ class UnknownArtifact(ArtifactError):
         super().__init__(f"artifact {sha256} is not in this store", sha256=sha256)
 
 
+class ArtifactUnavailable(ArtifactError):
+    """A blob the state names is held by no coordinator that answered: retry once the
+    peers are back (a backup cannot be taken without it)."""
+
+    status_hint = 503
+    code = "artifact_unavailable"
+
+    def __init__(self, sha256: str, *, why: str) -> None:
+        super().__init__(f"artifact {sha256} is on no coordinator that answered ({why})",
+                         sha256=sha256)
+
+
 class CorruptArtifact(ArtifactError):
     """A stored blob no longer hashes to its name; it has been removed (fetch it again)."""
 

@@ -24,6 +24,8 @@ before the first commits). Errors: ``BadRequest`` (400) for a malformed id or ad
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
@@ -58,6 +60,13 @@ def plan_change(*, kind: str, coordinator: str, address: str,
     if kind == ADD:
         if RAFT_ADDRESS.fullmatch(address) is None:
             raise BadRequest(f"Raft address {address!r} is not host:port")
+        host, _, port_text = address.rpartition(":")
+        port = int(port_text)
+        if not 1 <= port <= 65535:  # the pattern allows 5 digits: such a member is unreachable
+            raise BadRequest(f"Raft address {address!r}: port {port} is not 1..65535")
+        if not _host_ok(host):  # nor can a host no resolver takes ever answer
+            raise BadRequest(f"Raft address {address!r}: {host!r} is not an IP address or"
+                             f" a host name")
         if members.get(coordinator) == address:
             return MemberChange(kind=kind, coordinator=coordinator, address=address,
                                 members_after=tuple(sorted(members)), noop=True)
@@ -82,6 +91,21 @@ def plan_change(*, kind: str, coordinator: str, address: str,
         return MemberChange(kind=kind, coordinator=coordinator,
                             address=members[coordinator], members_after=after)
     raise BadRequest(f"unknown membership change {kind!r}: add or remove")
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host_ok(host: str) -> bool:
+    """An IP address ([bracketed] when IPv6 has a port after it) or a DNS name: labels of
+    1..63 characters, 253 in all (what getaddrinfo accepts)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return bare == host and len(host) <= 253 and all(
+            _LABEL.fullmatch(label) for label in host.split("."))
+    return ip.version == 6 or bare == host  # no brackets round an IPv4 address
 
 
 def _majority(live: int, size: int, what: str) -> None:

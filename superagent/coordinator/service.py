@@ -47,6 +47,7 @@ from superagent.coordinator.api_cluster import clear_staging
 from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, Peer, replicate
 from superagent.coordinator.auth import new_token, token_hash, write_private
 from superagent.coordinator.autoscale import DEFAULT_TIMING, AutoTiming
+from superagent.coordinator.backup import needed_artifacts
 from superagent.coordinator.deploy.runner import DeployRunner
 from superagent.coordinator.errors import (
     BadArchive,
@@ -376,8 +377,7 @@ class Coordinator:
 
     async def missing_artifacts(self) -> list[str]:
         """The blobs the replicated releases name that this coordinator does not hold."""
-        needed: set[str] = self.read(lambda s: {r.sha256 for rs in s.releases.values()
-                                                for r in rs})
+        needed: set[str] = self.read(needed_artifacts)
         def lacking() -> list[str]:  # one thread hop for all of them
             return sorted(sha for sha in needed if not self.store.path(sha).is_file())
         return await trio.to_thread.run_sync(lacking)

@@ -591,7 +591,9 @@ class ClusterState:
             state.members = dict(doc.get("members", {}))  # absent before membership changes
         except SnapshotError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            # RecursionError: nested past the parser's limit (a backup's state.json is
+            # the uploader's word; RestoreState decodes it again inside apply)
             raise SnapshotError(f"corrupt state document: {exc!r}") from None
         return state
 

@@ -4,6 +4,7 @@ session cookie in place of a bearer (same checks), CSRF on writes, whoami, traff
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -183,3 +184,38 @@ def test_sessions_end_when_idle_at_their_lifetime_and_beyond_the_limit() -> None
     assert store.get(third.id, 41.0) is None
     assert csrf_ok(second, second.csrf) and not csrf_ok(second, None)
     assert not csrf_ok(second, second.csrf + "x")
+
+
+def test_traffic_survives_any_heartbeat_document() -> None:
+    """A participant's figures are summed into a JSON answer: a number that cannot be a
+    float, sums past the float range, a digit that int() refuses, or statuses that are
+    not an object must be skipped, not fail the view (or its JSON encoding)."""
+    huge = {"statuses": {"200": 1}, "latency": [1e308, 1.0]}
+    statuses = {"n1": {"traffic": {"le": [10**400, 0.5], "apps": {"a": huge}}},
+                "n2": {"traffic": {"le": [], "apps": {"a": huge}}},
+                "n3": {"traffic": {"apps": {"a": {"statuses": {"²": 3, "201": 2},
+                                                  "latency": [10**400]}}}},
+                "n4": {"traffic": {"apps": {"a": {"statuses": ["200"]}}}},
+                "n5": {"traffic": {"apps": {"a": {"statuses": {"200": True, "500": -4}}}}}}
+    doc = merge_traffic(statuses, {"a"})
+    json.dumps(doc, allow_nan=False)  # what JSONResponse does
+    assert doc["le"] == [0.5]
+    assert doc["apps"]["a"]["statuses"] == {"200": 2, "201": 2}
+    assert doc["apps"]["a"]["requests"] == 4 and doc["apps"]["a"]["errors"] == 0
+
+
+async def test_a_malformed_heartbeat_does_not_break_traffic(api: Api) -> None:
+    await make_app(api, "shop-web", "shop")
+    reg = await api.call("POST", "/api/v1/nodes/register", token=SECRET,
+                         json={"node": "n1", "address": "127.0.0.1:9"})
+    assert reg.status_code == 200, reg.text
+    traffic = {"le": [10**400], "apps": {"shop-web": {"statuses": {"²": 1},
+                                                      "latency": [1e308, 1e308]}}}
+    for node in ("n1", "n1"):  # twice: the sums of two readings stay finite too
+        beat = await api.call("POST", f"/api/v1/nodes/{node}/heartbeat", token=SECRET,
+                              json={"status": {"instances": [], "traffic": traffic}})
+        assert beat.status_code == 200, beat.text
+    answer = await api.call("GET", "/api/v1/traffic")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["apps"]["shop-web"]["requests"] == 0
+

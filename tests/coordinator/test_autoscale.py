@@ -203,7 +203,9 @@ def test_timing_parses_any_subset_and_applies_over_a_policy() -> None:
     for bad, named in (("window", "NAME=SECONDS"), ("speed=3", "speed"),
                        ("window=soon", "window"), ("window=1,window=2", "twice"),
                        ("window=0", "window"), ("up_cooldown=-1", "up_cooldown"),
-                       ("down_window=inf", "down_window")):
+                       ("down_window=inf", "down_window"),
+                       # one sample a second per app stays in memory for the window
+                       ("window=1e9", "window .*0..3600"), ("down_cooldown=86400", "3600")):
         with pytest.raises(ValueError, match=named):
             parse_timing(bad)
 

@@ -70,6 +70,9 @@ META = json.dumps({"format": 1}).encode()
      "which the backup lacks"),
     ({"backup.json": META, f"artifacts/{SHA}": b"other bytes"}, "does not hash"),
     ({"backup.json": b"[]"}, "not a JSON object"),
+    # nested past the parser's recursion limit: bad input, not an internal error
+    ({"backup.json": b"[" * 60_000}, "backup.json is not JSON"),
+    ({"backup.json": META, "state.json": b"[" * 200_000}, "state.json"),
 ])
 def test_a_bad_backup_is_refused_naming_what_is_wrong(
         tmp_path: Path, members: dict[str, bytes], words: str) -> None:

@@ -49,6 +49,11 @@ def test_adding_what_is_there_is_a_noop() -> None:
     ("c3", "10.0.0.9:7110", set(THREE), MembershipRefused, "remove it first"),
     ("c4", THREE["c2"], set(THREE), MembershipRefused, "coordinator c2's"),
     ("c4", "no-port", set(THREE), BadRequest, "host:port"),
+    ("c4", "10.0.0.4:99999", set(THREE), BadRequest, "port 99999 is not 1..65535"),
+    ("c4", "10.0.0.4:0", set(THREE), BadRequest, "port 0 is not 1..65535"),
+    ("c4", "a" * 64 + ".example:7110", set(THREE), BadRequest, "not an IP address or"),
+    ("c4", "host..example:7110", set(THREE), BadRequest, "not an IP address or"),
+    ("c4", "[10.0.0.4]:7110", set(THREE), BadRequest, "not an IP address or"),
     ("bad id!", "10.0.0.4:7110", set(THREE), BadRequest, "does not match"),
 ])
 def test_unsafe_or_malformed_additions_are_refused(
