@@ -245,6 +245,7 @@ class Agent:
         if self.config.agent_cgroup and self.cgroups is not None:
             # before the workers start: they inherit the group
             self.agent_group = await trio.to_thread.run_sync(AgentCgroup.create, self.cgroups)
+            self.store.build_cgroup = self.agent_group.builds  # builds: an app's weight
             self._join_agent_group(os.getpid())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
