@@ -77,10 +77,12 @@ from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.load import LOAD_PERIOD, LoadSampler, traffic
 from superagent.participant.logs import LogHub
 from superagent.participant.permissions import (
+    EGRESS_CHECK_PERIOD,
     EGRESS_TABLE,
     LOOPBACK_GROUP,
     PermissionSupport,
     detect_permissions,
+    restore_egress_table,
     unenforced,
 )
 from superagent.participant.ports import (
@@ -261,6 +263,7 @@ class Agent:
             await nursery.start(self.debug_sessions.run, lambda _ended: self.persist())
             nursery.start_soon(self._keep_routes)
             nursery.start_soon(self._sample_load)
+            nursery.start_soon(self._keep_egress_table)
             for record in saved.get("instances", []):
                 await self._adopt(record)
             self.routes = {app: [i for i in ids if i in self.instances]
@@ -289,6 +292,13 @@ class Agent:
                 detect_permissions, group=self.config.loopback_group,
                 table=self.config.egress_table))
         return self.permissions
+
+    async def _keep_egress_table(self) -> None:
+        """A firewall reload drops the nftables egress table: put it back (permissions)."""
+        while True:
+            await trio.sleep(EGRESS_CHECK_PERIOD)
+            if self.permissions is not None and self.permissions.loopback_gid is not None:
+                await trio.to_thread.run_sync(restore_egress_table, self.permissions)
 
     def _join_agent_group(self, pid: int) -> None:
         if self.agent_group is not None:
