@@ -19,6 +19,12 @@ from starlette.types import Scope
 from superagent.errors import ConfigError
 
 GRACEFUL_TIMEOUT = 1.0  # internal APIs: open requests get this long when the server stops
+# An idle kept-alive connection is closed by the client, never by us: httpx (the CLI, the
+# agents, the coordinators) drops a pooled connection after 5 s idle, which is also
+# hypercorn's default here. With equal timeouts a client sent its next request on a
+# connection at the instant the server closed it, and got "Server disconnected without
+# sending a response". 75 s, as nginx and the proxy keep clients' connections.
+KEEP_ALIVE_TIMEOUT = 75.0
 
 
 def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> list[str]:
@@ -58,4 +64,5 @@ async def serve_app(app: Any, address: tuple[str, int], *, source: str = "", key
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     await serve(app, config, task_status=task_status)
