@@ -471,6 +471,7 @@ class AgentCgroup:
     reason: str
     weight: str = ""
     builds: Path | None = None  # cgroup.procs of <parent>/_builds in the cpu hierarchy
+    origin: Path | None = None  # the cpu group the creating process was in (``leave``)
 
     @classmethod
     def create(cls, support: CgroupSupport, *, weight: int = AGENT_CPU_WEIGHT) -> AgentCgroup:
@@ -504,8 +505,19 @@ class AgentCgroup:
                         reason=reason)
             return cls(path=None, reason=reason)
         key = "cpu.weight" if support.mode == "v2" else "cpu.shares"
+        origin = _own_cpu_group(support, cpu_root)
         return cls(path=path, reason=f"{path} with {key} {applied}", weight=applied,
-                   builds=builds / "cgroup.procs")
+                   builds=builds / "cgroup.procs", origin=None if origin == path else origin)
+
+    def leave(self) -> None:
+        """Move this process back to the group it came from and remove the agent's group
+        (empty once the proxy workers stopped): the node is going away. Never raises."""
+        if self.path is None or self.origin is None:
+            return
+        with contextlib.suppress(OSError):
+            _write(self.origin / "cgroup.procs", str(os.getpid()))
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
     def add(self, pid: int) -> str | None:
         """Move process ``pid`` (all its threads) in; None when done, else why not."""
@@ -520,6 +532,19 @@ class AgentCgroup:
     def to_json(self) -> dict[str, object]:
         return {"path": str(self.path) if self.path is not None else None,
                 "weight": self.weight, "reason": self.reason}
+
+
+def _own_cpu_group(support: CgroupSupport, cpu_root: Path) -> Path | None:
+    """This process's group in the cpu hierarchy ``cpu_root``, from /proc/self/cgroup."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, where = line.split(":", 2)
+        if (controllers == "" if support.mode == "v2" else "cpu" in controllers.split(",")):
+            return cpu_root / where.lstrip("/")
+    return None
 
 
 def _check_group_name(app: str, name: str) -> None:

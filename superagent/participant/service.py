@@ -315,6 +315,8 @@ class Agent:
         if self.instances:
             await self.stop(list(self.instances), None)
         await self.proxy.stop()
+        if self.agent_group is not None:  # its workers are gone: nothing else is in it
+            await trio.to_thread.run_sync(self.agent_group.leave)
         if self.cgroups is not None:
             await trio.to_thread.run_sync(remove_empty_parent, self.cgroups)
         self.persist()
