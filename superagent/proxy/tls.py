@@ -59,6 +59,8 @@ def load_context(files: CertFiles) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     for path in (files.cert, files.key):
+        if path is not None and "\0" in path:  # os.access would raise ValueError
+            raise ConfigError(f"TLS file path {path!r} contains a NUL byte")
         if path is not None and not os.access(path, os.R_OK):
             reason = "does not exist" if not os.path.exists(path) else "is not readable"
             raise ConfigError(f"TLS file {path} {reason}")

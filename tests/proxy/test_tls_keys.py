@@ -60,3 +60,14 @@ def test_an_encrypted_key_is_refused_without_a_prompt(tmp_path: Path) -> None:
         os.close(terminal)
     assert done.returncode == 3, done.stderr
     assert "key.pem" in done.stderr and "passphrase" in done.stderr
+
+
+def test_a_nul_byte_in_a_tls_path_is_a_config_error(tmp_path: Path) -> None:
+    """TOML strings may hold U+0000, which no file name can: a clear error, no traceback."""
+    config = tmp_path / "proxy.toml"
+    config.write_text('[proxy]\nlisten = ["127.0.0.1:1"]\ntls_listen = ["127.0.0.1:2"]\n'
+                      'tls_cert = "cert\\u0000.pem"\n')
+    done = subprocess.run([sys.executable, "-m", "superagent", "proxy", "--config", str(config),
+                           "--check"], capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "NUL" in done.stderr, done.stderr
