@@ -194,11 +194,32 @@ def probe_mount_namespace() -> str | None:
     will not remount is found here, not at an instance's start."""
     with tempfile.TemporaryDirectory(prefix="sa-probe-") as kept:
         enter = Sandbox(writable=(os.fsencode(kept),)).prepare()
+        # Popen says only that the preexec_fn raised; the reason must say which step failed
+        # and why (EPERM on unshare in a service without CAP_SYS_ADMIN, a mount that
+        # refuses the remount...): the child writes it to a pipe first.
+        read_end, write_end = os.pipe()
+
+        def enter_or_explain() -> None:
+            try:
+                enter()
+            except BaseException as exc:
+                os.write(write_end, str(exc).encode(errors="replace")[:1000] or b"failed")
+                raise
+
         try:
-            subprocess.run(["/bin/true"], preexec_fn=enter, check=True,
-                           timeout=PROBE_TIMEOUT, cwd="/")
+            subprocess.run(["/bin/true"], preexec_fn=enter_or_explain, check=True,
+                           timeout=PROBE_TIMEOUT, cwd="/", pass_fds=(write_end,))
         except (OSError, subprocess.SubprocessError) as exc:
-            return f"cannot create a read-only mount namespace: {exc}"
+            os.close(write_end)
+            write_end = -1
+            with os.fdopen(read_end, "rb") as pipe:
+                why = pipe.read().decode(errors="replace")
+            read_end = -1
+            return f"cannot create a read-only mount namespace: {why or exc}"
+        finally:
+            for fd in (read_end, write_end):
+                if fd >= 0:
+                    os.close(fd)
     return None
 
 

@@ -19,6 +19,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -311,3 +312,19 @@ def test_the_egress_table_is_restored_only_when_gone(support: PermissionSupport)
                             capture_output=True, text=True, check=True).stdout
     assert listed.count(f"skgid {support.loopback_gid} ") == 2, listed
     assert restore_egress_table(support) is False
+
+
+def test_an_unusable_mount_namespace_is_explained() -> None:
+    """Without CAP_SYS_ADMIN (a restricted service unit) the probe fails, and its reason
+    says which step and why, not just that the child's setup raised."""
+    need_root()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv (util-linux) to drop CAP_SYS_ADMIN")
+    code = ("from superagent.participant.permissions import probe_mount_namespace\n"
+            "print(probe_mount_namespace())\n")
+    done = subprocess.run([setpriv, "--bounding-set=-sys_admin", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    reason = done.stdout.strip()
+    assert "unshare" in reason and "Operation not permitted" in reason, reason
