@@ -95,10 +95,11 @@ def render_apps(doc: dict[str, Any]) -> str:
         return "no apps"
     rows = [(a["name"], a.get("team"), a["current_release"], a["latest_release"],
              a["releases"], _scale_text(a), sum((a.get("placement") or {}).values()),
+             a.get("state") or "-",
              time.strftime("%Y-%m-%d %H:%M", time.localtime(a["updated_at"])))
             for a in doc["apps"]]
     out = table(rows, ("APP", "TEAM", "SERVING", "LATEST", "RELEASES", "SCALE", "PLACED",
-                       "UPDATED"))
+                       "STATE", "UPDATED"))
     short = [f"{a['name']}: {a['placement_reason']}" for a in doc["apps"]
              if a.get("placement_reason")]
     return "\n".join([out, *short])

@@ -374,19 +374,22 @@ def _read_scale(table: Table) -> ScaleSpec:
     if instances is not None and table.has("per_node"):
         raise table.error("instances", "is K instances in total, per_node is k on every "
                                        "machine: set one of the two, not both")
+    idle_timeout = table.duration("idle_timeout", d.idle_timeout)
     spec = ScaleSpec(
         groups=tuple(groups),
         per_node=table.integer("per_node", d.per_node, minimum=0, maximum=MAX_PER_NODE),
         instances=instances,
-        idle_timeout=table.duration("idle_timeout", d.idle_timeout),
-        **_read_autoscale(table),
+        idle_timeout=idle_timeout,
+        **_read_autoscale(table, idle_timeout),
     )
     table.done()
     return spec
 
 
-def _read_autoscale(table: Table) -> dict[str, Any]:
-    """``min``, ``max``, ``target``, ``metric``: all of min/max/target, or none of them."""
+def _read_autoscale(table: Table, idle_timeout: float) -> dict[str, Any]:
+    """``min``, ``max``, ``target``, ``metric``: all of min/max/target, or none of them.
+    ``min = 0`` only with ``idle_timeout``: the app scales to zero on its nodes when idle
+    (while it serves, the autoscaler's floor is 1)."""
     keys = ("min", "max", "target", "metric")
     given = [key for key in keys if table.has(key)]
     if not given:
@@ -399,8 +402,12 @@ def _read_autoscale(table: Table) -> dict[str, Any]:
         if table.has(other):
             raise table.error(other, "does not apply to an autoscaled app (min/max set):"
                                      " remove it")
-    # at least 1: with none running no load is reported, so nothing would ever scale up
-    low = table.integer("min", minimum=1, maximum=MAX_INSTANCES)
+    # at least 1: with none running no load is reported, so nothing would ever scale up;
+    # 0 is the idle app of scale to zero, which a request starts on its node
+    if table.raw("min") == 0 and idle_timeout <= 0:
+        raise table.error("min", "must be at least 1 without [scale] idle_timeout (0: the"
+                                 " app scales to zero, which needs idle_timeout)")
+    low = table.integer("min", minimum=0 if idle_timeout > 0 else 1, maximum=MAX_INSTANCES)
     high = table.integer("max", minimum=1, maximum=MAX_INSTANCES)
     if low > high:
         raise table.error("min", f"must not be above max ({low} > {high})")

@@ -870,6 +870,14 @@ def test_rewrite_paths_needs_a_stripped_prefix() -> None:
                  "routes.rewrite_paths", "strip_prefix")
 
 
+def test_min_0_is_scale_to_zero_and_needs_idle_timeout() -> None:
+    """``min = 0`` with ``idle_timeout``: the app may idle to zero; the JSON form keeps it."""
+    spec = parse(minimal(scale={"min": 0, "max": 4, "target": 5, "idle_timeout": "5m"}))
+    assert spec.scale.auto == {"min": 0, "max": 4, "target": 5.0, "metric": "in_flight"}
+    assert spec.scale.idle_timeout == 300.0
+    assert spec_from_json(spec_to_json(spec)) == spec
+
+
 def test_upgrades_and_min_body_rate_reach_the_spec_and_its_json() -> None:
     """[routes] upgrades and [limits] min_body_rate are read, checked, and kept in the JSON
     form only when set (older documents stay byte for byte)."""

@@ -50,7 +50,7 @@ SCALE_BODY: dict[str, Any] = {
                    "instances": {"type": "integer", "minimum": 1, "maximum": MAX_INSTANCES},
                    "auto": {"type": "object", "additionalProperties": False,
                             "required": ["min", "max", "target"],
-                            "properties": {"min": {"type": "integer", "minimum": 1},
+                            "properties": {"min": {"type": "integer", "minimum": 0},
                                            "max": {"type": "integer", "minimum": 1},
                                            "target": {"type": "number",
                                                       "exclusiveMinimum": 0},
@@ -61,6 +61,7 @@ SCALE_BODY: dict[str, Any] = {
 LABEL_BODY: dict[str, Any] = {"type": "object", "additionalProperties": False,
                               "required": ["groups"], "properties": {"groups": _GROUPS}}
 STOPPED = "stopped"  # a reported instance in this state holds no place on its node
+IDLE = "idle"  # stopped by its node for idleness (scale to zero): holds no memory there
 
 
 # ---------------------------------------------------------------------- reported instances
@@ -114,14 +115,29 @@ def app_view(state: ClusterState, name: str,
         "placement": placement,
         "placement_reason": state.placement_reason.get(name, ""),
         "scaling": app.scaling, "last_scaling": app.last_scaling,
-        "instances": None,
+        "instances": None, "state": None,
     }
     if instances is not None:
         doc["instances"] = {
             node: found for node in sorted({*placement, *instances})
             if (found := [i for i in instances.get(node, []) if i["app"] == name])
             or node in placement}
+        doc["state"] = app_state([i["state"] for found in doc["instances"].values()
+                                  for i in found])
     return doc
+
+
+def app_state(states: list[Any]) -> str | None:
+    """An app's state from its reported instances' states: ``serving`` when one serves,
+    else ``starting`` when one starts, else ``idle`` when scaled to zero; None when
+    nothing of it is reported."""
+    if any(s in ("ready", "unhealthy") for s in states):
+        return "serving"
+    if "starting" in states:
+        return "starting"
+    if IDLE in states:
+        return IDLE
+    return None
 
 
 def node_view(coordinator: ApiHost, node: Node, now: float,
@@ -139,7 +155,7 @@ def node_view(coordinator: ApiHost, node: Node, now: float,
     status = coordinator.liveness.status.get(node.name) if leading else None
     listed = (_instances(status) or []) if leading else None
     doc["instances_used"] = (None if listed is None
-                             else sum(1 for i in listed if i["state"] != STOPPED))
+                             else sum(1 for i in listed if i["state"] not in (STOPPED, IDLE)))
     if shown is not None and isinstance(status, dict):
         status = {**status,
                   "instances": [i for i in status.get("instances") or []

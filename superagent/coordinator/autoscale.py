@@ -69,9 +69,10 @@ class AutoSpec:
     max_step_up: float = MAX_STEP_UP
 
     def __post_init__(self) -> None:
-        # min >= 1: an app at 0 instances reports no load, so it would never scale up
-        if not 1 <= self.min <= self.max:
-            raise ValueError(f"min and max must satisfy 1 <= min <= max"
+        # min 0 is scale to zero (the app's nodes idle it); the autoscaler's floor stays 1:
+        # an app at 0 instances reports no load, so it would never scale up
+        if not 0 <= self.min <= self.max or self.max < 1:
+            raise ValueError(f"min and max must satisfy 0 <= min <= max, 1 <= max"
                              f" (min {self.min}, max {self.max})")
         if not (math.isfinite(self.target) and self.target > 0):
             raise ValueError(f"target must be a positive number, not {self.target}")
@@ -84,6 +85,11 @@ class AutoSpec:
         if not (math.isfinite(self.max_step_up) and self.max_step_up >= 1):
             raise ValueError(f"max_step_up must be >= 1, not {self.max_step_up}")
 
+
+    @property
+    def floor(self) -> int:
+        """The fewest instances the autoscaler runs: ``min``, and 1 for ``min = 0``."""
+        return max(1, self.min)
 
     def to_doc(self) -> dict[str, Any]:
         """The policy as the replicated state stores it (``[scale]``'s keys)."""
@@ -196,7 +202,7 @@ class Autoscaler:
     def decide(self, now: float, current: int) -> Decision | None:
         """The new instance count, or None to keep ``current``."""
         s = self.spec
-        clamped = min(max(current, s.min), s.max)
+        clamped = min(max(current, s.floor), s.max)
         load = self.load(now)
         warm = (self.first_at is not None and now - self.first_at >= s.window / 2)
         if load is None or not warm:
@@ -219,7 +225,7 @@ class Autoscaler:
             new = min(current, max(p for _, p in self.proposals))  # the highest of the look-back
         else:
             new = current
-        new = min(max(new, s.min), s.max)
+        new = min(max(new, s.floor), s.max)
         if new == current:
             return None
         per = load / current if current else load

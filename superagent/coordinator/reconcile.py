@@ -20,6 +20,10 @@ Per node and app:
   (deleted) or has no release (never deployed: run nothing). They are stopped by one
   ``Shrink`` per node, which also sets the app's routes there to the instances it keeps.
 - Instances in ``stopping`` or ``stopped`` are ignored: a stop is under way or done.
+- An ``idle`` instance (its node stopped it for idleness: scale to zero) counts as live
+  and ready: the app is where its placement wants it, and its node starts it again on the
+  next request. So neither the reconciler nor a node's drain wakes an idle app; scaling an
+  app out (a Grow on a node where it is idle) starts instances there, which wakes it.
 - An app whose deploy runs (``busy``) gets no action at all: the deploy owns it.
 
 **Safety.** Stopping waits for replacements: an app's ``Shrink`` actions are planned only
@@ -46,9 +50,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-LIVE = frozenset({"starting", "ready", "unhealthy"})  # serving or about to
+# "idle": stopped by its node for idleness (scale to zero); a request starts it there
+LIVE = frozenset({"starting", "ready", "unhealthy", "idle"})  # serving or about to
 IGNORED = frozenset({"stopping", "stopped"})  # a stop is under way or done
 READY = "ready"
+IDLE = "idle"
+AS_READY = frozenset({READY, IDLE})  # what counts as a ready instance
 _SEQUENCE = re.compile(r"(\d+)$")  # "web@r3.12" -> 12: participants number instances
 
 
@@ -149,7 +156,7 @@ def _plan_app(app: str, target: AppTarget | None, on_nodes: Mapping[str, list[Re
         for instance in instances:
             if instance.release == release and instance.state in LIVE:
                 live.append(instance)
-                ready += instance.state == READY
+                ready += instance.state in AS_READY
         if desired > len(live) and release is not None:  # desired > 0 implies a release
             grows.append(Grow(node=node, app=app, release=release,
                               count=desired - len(live)))
@@ -158,11 +165,12 @@ def _plan_app(app: str, target: AppTarget | None, on_nodes: Mapping[str, list[Re
         if len(instances) == len(live) <= desired:
             continue  # nothing to stop here (the common case: skip the sort)
         routed = frozenset(report.routes.get(app, ()))
-        live.sort(key=lambda i: (i.state != READY, i.id not in routed, _age(i.id)))
+        live.sort(key=lambda i: (i.state not in AS_READY, i.id not in routed, _age(i.id)))
         kept = live[:desired]
         kept_ids = {i.id for i in kept}
         stop = sorted(i.id for i in instances if i.id not in kept_ids)
-        keep = sorted(i.id for i in kept if i.state == READY or i.id in routed)
+        # an idle instance is kept as the node's record of the idle app (routed, empty)
+        keep = sorted(i.id for i in kept if i.state in AS_READY or i.id in routed)
         shrinks.append(Shrink(node=node, app=app, stop=tuple(stop), keep=tuple(keep)))
     return grows if pending else grows + shrinks
 

@@ -108,7 +108,7 @@ def reports_from(statuses: Mapping[str, Mapping[str, Any]]) -> dict[str, rc.Node
 
 def _ready(report: rc.NodeReport, app: str, release: str) -> list[str]:
     return [i.id for i in report.instances
-            if i.app == app and i.release == release and i.state == READY]
+            if i.app == app and i.release == release and i.state in rc.AS_READY]
 
 
 def unrouted(targets: Mapping[str, rc.AppTarget], reports: Mapping[str, rc.NodeReport]

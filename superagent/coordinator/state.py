@@ -504,7 +504,8 @@ class ClusterState:
         auto = scale.get("auto")
         if auto is not None:  # autoscaled: what the autoscaler decided, within min..max
             decided = auto["min"] if found.auto_instances is None else found.auto_instances
-            scale["instances"] = min(max(decided, auto["min"]), auto["max"])
+            # min 0 (scale to zero) runs at least 1: the nodes idle the app, not the plan
+            scale["instances"] = min(max(decided, auto["min"], 1), auto["max"])
         return scale
 
     def release_outcomes(self, app: str) -> dict[str, str]:

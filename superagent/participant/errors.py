@@ -308,3 +308,8 @@ class ArtifactUnavailable(CoordinatorError):
         super().__init__(f"artifact {sha256} is not available from any coordinator"
                          f" ({reasons})", app=app, release=release,
                          status_hint=404 if missing else None)
+
+
+class IllegalTransition(ParticipantError):
+    """An app's scale-to-zero record was asked to make a move its table does not allow
+    (``participant/idle.py``); the message names the phase and the event."""

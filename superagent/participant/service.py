@@ -38,6 +38,7 @@ import os
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -72,6 +73,7 @@ from superagent.participant.errors import (
     UnknownRelease,
 )
 from superagent.participant.figures import cpu_seconds, node_figures, process_figures
+from superagent.participant.idle import ActivityWatch, ColdApp, Event, Phase, app_counts
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.load import LOAD_PERIOD, LoadSampler, traffic
@@ -102,14 +104,19 @@ from superagent.participant.supervisor import (
     InstanceConfig,
     State,
 )
+from superagent.proxy.control import serve_control
 from superagent.proxy.metrics import BUCKETS
-from superagent.proxy.snapshot import AppRoute, ServerSettings, Timeouts
+from superagent.proxy.snapshot import AppRoute, ColdStart, ServerSettings, Timeouts
 from superagent.proxy.snapshot import Instance as RouteInstance
 from superagent.rpc import messages as msg
 from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+IDLE_TICK = 1.0  # seconds between looks at the proxy's figures for apps that scale to zero
+HOLD_QUEUE = 256  # requests each proxy worker holds per app during its cold start
+HOLD_MARGIN = 5.0  # seconds a held request waits beyond the app's ready deadline
+WAKE_SOCKET = "wake.sock"  # in the proxy's run directory: workers ask for cold starts here
 log = structlog.get_logger("superagent.participant")
 
 
@@ -189,6 +196,12 @@ class Agent:
         # proxy's standbys, which serve when no routed instance can (a new release that
         # dies right after its switch costs no request, and no coordinator round trip)
         self.standby: dict[str, list[str]] = {}
+        # apps scaled to zero here (``idle.py``): routed with no instance, started on demand
+        self.cold: dict[str, ColdApp] = {}
+        self.activity = ActivityWatch()
+        self.idle_ids: set[str] = set()  # instance ids stopped for idleness: stop is a no-op
+        self._cold_users: dict[str, AppUser] = {}  # app -> its user, as its last start found
+        self._owned: set[tuple[str, str]] = set()  # (app, release) given to the app's user
         self.is_offline = False
         self.closing = False  # stop_all began: no more starts
         # a request is traced when its own timestamp falls in its app's window, however
@@ -208,6 +221,10 @@ class Agent:
                 interval=config.heartbeat_interval, join_token=config.join_token,
                 credential_file=data / CREDENTIAL_FILE)
         self._credential = read_credential(data / CREDENTIAL_FILE)  # without a link
+
+    @property
+    def wake_path(self) -> Path:
+        return self.proxy.run_dir / WAKE_SOCKET
 
     def signal_keys(self) -> list[str]:
         """The keys a coordinator's signal may bear: the one derived from this machine's
@@ -264,6 +281,13 @@ class Agent:
             nursery.start_soon(self._keep_routes)
             nursery.start_soon(self._sample_load)
             nursery.start_soon(self._keep_egress_table)
+            await nursery.start(serve_control, str(self.wake_path), self._on_wake)
+            nursery.start_soon(self._watch_idle)
+            for doc in saved.get("cold", []):
+                with contextlib.suppress(KeyError, ValueError, TypeError):
+                    cold = ColdApp.from_json(doc)
+                    self.cold[cold.app] = cold
+                    self.idle_ids.update(cold.ids)
             for record in saved.get("instances", []):
                 await self._adopt(record)
             self.routes = {app: [i for i in ids if i in self.instances]
@@ -449,6 +473,7 @@ class Agent:
         doc = {
             "version": STATE_VERSION, "node": self.config.node, "seq": self._seq,
             "offline": self.is_offline, "routes": self.routes, "standby": self.standby,
+            "cold": [cold.to_json() for cold in self.cold.values()],
             "ledger": self.ledger.to_json(),
             "debug": self.debug_sessions.to_json(),
             "instances": [inst.to_record() for inst in self.instances.values()],
@@ -481,6 +506,8 @@ class Agent:
             gid=user.gid if user and user.switched else None)
         in_use = {inst.config.release for inst in self.instances.values()
                   if inst.config.app == app} | {release}
+        if app in self.cold:  # an idle app's release is in use: a request starts it
+            in_use.add(self.cold[app].release)
         removed = await trio.to_thread.run_sync(
             partial(self.store.gc, app, in_use, wanted=set(keep) or None))
         if removed:
@@ -552,11 +579,18 @@ class Agent:
             raise StartFailed("the agent is shutting down and stops its apps",
                               returncode=None, app=app, release=release)
         prepared = self.store.get(app, release)
-        user = await self._user(app)
+        # a cold start (an idle app woken by a request) reuses what the first start checked:
+        # the app's user (useradd takes a host-wide lock) and the release's owner
+        user = self._cold_users.get(app) if app in self.cold else None
+        if user is None:
+            user = await self._user(app)
         switched = user if user is not None and user.switched else None
-        if switched is not None:
+        if switched is not None and not (app in self.cold and (app, release) in self._owned):
             await trio.to_thread.run_sync(self.store.ensure_owner, prepared, switched.uid,
                                           switched.gid)
+            self._owned.add((app, release))
+        if user is not None:
+            self._cold_users[app] = user
         log_dir = self.config.data_dir / "logs" / app
         log_dir.mkdir(parents=True, exist_ok=True)
         permissions = await self._permission_support(prepared.spec.permissions)
@@ -600,7 +634,12 @@ class Agent:
 
     async def stop(self, instances: list[str], grace: float | None) -> msg.StopReply:
         """Drain (no new requests; in-flight ones finish or hit the grace period), take the
-        instances out of the routes, then stop them."""
+        instances out of the routes, then stop them. An instance stopped for idleness is
+        stopped already: it leaves its app's idle record (the last one, the app's route)."""
+        asked = tuple(instances)
+        if self._forget_idle(instances):
+            await self._apply_routes()
+        instances = [i for i in instances if i not in self.idle_ids]
         targets = [self._instance(i) for i in instances]
         remaining = await self.proxy.drain(
             instances, grace=self.config.drain_grace if grace is None else grace)
@@ -626,7 +665,7 @@ class Agent:
         self.persist()
         if failures:
             raise failures[0]
-        return msg.StopReply(stopped=tuple(instances), in_flight_cut=remaining)
+        return msg.StopReply(stopped=asked, in_flight_cut=remaining)
 
     async def switch(self, app: str, instances: list[str]) -> msg.SwitchReply:
         for instance_id in instances:
@@ -637,6 +676,14 @@ class Agent:
             if instance.state is not State.READY:
                 raise InstanceNotReady(f"instance {instance_id} is {instance.state.value},"
                                        " not ready", app=app)
+        cold = self.cold.get(app)
+        if cold is not None and instances and set(instances) <= set(cold.ids):
+            cold.ids = tuple(instances)  # keep these idle instances (the others go)
+            self.persist()
+            return msg.SwitchReply(app=app, instances=tuple(instances),
+                                   version=self.proxy.snapshot.version)
+        if self.cold.pop(app, None) is not None:  # a deploy or a scaling wakes an idle app
+            self.activity.touch(app, trio.current_time())
         replaced = self.routes.get(app, [])
         self.routes[app] = list(instances)
         # a repeated switch keeps the standbys an earlier one made
@@ -648,6 +695,7 @@ class Agent:
         return msg.SwitchReply(app=app, instances=tuple(instances), version=version)
 
     async def drain(self, instances: list[str], grace: float) -> msg.DrainReply:
+        instances = [i for i in instances if i not in self.idle_ids]  # nothing to drain
         for instance_id in instances:
             self._instance(instance_id)
         return msg.DrainReply(remaining=await self.proxy.drain(instances, grace=grace))
@@ -693,6 +741,7 @@ class Agent:
             "proxy": {"version": self.proxy.snapshot.version,
                       "workers": [s.pid for s in self.proxy.slots]},
             "routes": self.routes,
+            "apps": self.app_states(),
             "debug_sessions": self.debug_sessions.active(),
             "instances": [{**inst.status(), "figures": None if pid is None else figures.get(pid)}
                           for inst, pid in zip(instances, pids, strict=True)],
@@ -713,10 +762,13 @@ class Agent:
                            "unenforced": unenforced(inst.isolation.permissions
                                                     if inst.isolation is not None else None),
                            **self.load.latest.get(instance_id, {})}
-                          for instance_id, inst in self.instances.items()],
+                          for instance_id, inst in self.instances.items()]
+            # an idle app's stopped instances: the coordinator counts them as running
+            + [{"id": i, "app": cold.app, "release": cold.release, "state": "idle",
+                "port": None} for cold in self.cold.values() for i in cold.ids],
             "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
             "listen": list(self.config.listen), "traffic": self.traffic,
-            "proxy_hot_path": self.hot_path,
+            "proxy_hot_path": self.hot_path, "apps": self.app_states(),
         }
 
     async def _sample_load(self) -> None:
@@ -730,6 +782,184 @@ class Agent:
             by_pid = await trio.to_thread.run_sync(cpu_seconds, pids.values())
             cpu = {i: None if pid is None else by_pid.get(pid) for i, pid in pids.items()}
             self.load.sample(trio.current_time(), table, cpu)
+
+    def app_states(self) -> dict[str, dict[str, Any]]:
+        """Each app with routes here: ``state`` idle, starting or serving; an idle app's
+        ``release`` and ``instances`` (the count a cold start starts); ``start_error``
+        when its last cold start failed."""
+        states: dict[str, dict[str, Any]] = {
+            app: {"state": "serving"} for app, ids in self.routes.items() if ids}
+        for app, cold in self.cold.items():
+            states[app] = {"state": cold.state, "release": cold.release,
+                           "instances": len(cold.ids),
+                           **({"start_error": cold.reason} if cold.reason else {})}
+        return states
+
+    # ------------------------------------------------------------------ scale to zero
+    def _forget_idle(self, instances: list[str]) -> bool:
+        """Take stopped idle instances out of their apps' idle records (a record left with
+        none is dropped: the app is no longer here); True when a record changed."""
+        gone = set(instances) & self.idle_ids
+        changed = False
+        for app, cold in list(self.cold.items()):
+            kept = tuple(i for i in cold.ids if i not in gone)
+            if kept != cold.ids:
+                changed = True
+                if kept or cold.phase is Phase.STARTING:
+                    cold.ids = kept
+                else:
+                    del self.cold[app]
+        return changed
+
+    def _idle_timeouts(self) -> dict[str, float]:
+        """The routed, serving apps that scale to zero, and their idle timeouts."""
+        timeouts = {}
+        for app, ids in self.routes.items():
+            if ids and app not in self.cold and ids[0] in self.instances:
+                release = self.instances[ids[0]].config.release
+                with contextlib.suppress(ParticipantError):
+                    timeout = self.store.get(app, release).spec.scale.idle_timeout
+                    if timeout > 0:
+                        timeouts[app] = timeout
+        return timeouts
+
+    async def _watch_idle(self) -> None:
+        """Every IDLE_TICK: note each watched app's traffic; idle the ones due."""
+        while True:
+            await trio.sleep(IDLE_TICK)
+            timeouts = self._idle_timeouts()
+            for app in [a for a in self.activity.seen if a not in timeouts]:
+                self.activity.forget(app)
+            if not timeouts or self.closing:
+                continue
+            requests, in_flight = app_counts(await self.proxy.stats())
+            now = trio.current_time()
+            for app in timeouts:
+                self.activity.observe(app, now, requests=requests.get(app, 0),
+                                      in_flight=in_flight.get(app, 0))
+            for app in self.activity.due(now, timeouts):
+                try:
+                    await self._go_idle(app)
+                except ParticipantError as exc:
+                    log.error("app not idled", app=app, error=str(exc))
+                    self.activity.touch(app, trio.current_time())
+
+    async def _go_idle(self, app: str) -> None:
+        """Drain ``app``'s instances; with nothing in flight after the mark, route it with
+        none and stop them (see ``idle.py``); else route them again."""
+        ids = list(self.routes.get(app, []))
+        standby = [i for i in self.standby.get(app, []) if i in self.instances]
+        if not ids or app in self.cold or any(i not in self.instances for i in ids):
+            return
+        cold = ColdApp(app=app, release=self.instances[ids[0]].config.release,
+                       ids=tuple(ids))
+        self.cold[app] = cold
+        try:
+            remaining = await self.proxy.drain([*ids, *standby], grace=0)
+        except ParticipantError:
+            if self.cold.get(app) is cold:  # nothing changed: the app keeps serving
+                del self.cold[app]
+            raise
+        if any(remaining.values()) or self.cold.get(app) is not cold \
+                or self.routes.get(app) != ids:
+            if self.cold.get(app) is cold:
+                cold.on(Event.BUSY)
+                del self.cold[app]
+            await self.proxy.undrain([*ids, *standby])
+            self.activity.touch(app, trio.current_time())
+            return
+        self.routes[app] = []
+        self.standby[app] = []
+        self.idle_ids.update(ids)
+        await self._apply_routes()
+        targets = [self.instances[i] for i in (*ids, *standby) if i in self.instances]
+        async with trio.open_nursery() as stopping:
+            for instance in targets:
+                stopping.start_soon(self._stop_quietly, instance)
+        self.activity.forget(app)
+        if self.cold.get(app) is cold:
+            cold.on(Event.STOPPED)
+            log.info("app idle: its instances stopped", app=app, release=cold.release,
+                     instances=ids)
+            if cold.wanted:
+                cold.wanted = False
+                cold.on(Event.WAKE)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._cold_start, app)
+        self.persist()
+
+    async def _stop_quietly(self, instance: Instance) -> None:
+        try:
+            await instance.stop()
+        except ParticipantError as exc:
+            log.error("idle instance did not stop", instance=instance.config.instance,
+                      error=str(exc))
+            return
+        self._forget(instance)
+
+    async def _on_wake(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A proxy worker holds a request for ``app``: start it unless starting (or
+        refused after a recent failure). Answered at once."""
+        if message.get("type") != "wake" or not isinstance(message.get("app"), str):
+            raise ValueError("expected {'type': 'wake', 'app': NAME}")
+        app = message["app"]
+        cold = self.cold.get(app)
+        if cold is None:  # serving (the next snapshot routes it) or not here at all
+            if self.routes.get(app) or app in self._applied_names():
+                return {"ok": True}
+            return {"ok": False, "error": f"app {app!r} is not routed on this node"}
+        before = cold.phase
+        ok, reason = cold.wake(trio.current_time())
+        if not ok:
+            return {"ok": False, "error": f"app {app!r} failed to start: {reason}"}
+        if before is not Phase.STARTING and cold.phase is Phase.STARTING:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._cold_start, app)
+        return {"ok": True}
+
+    def _applied_names(self) -> set[str]:
+        return {route.name for route in self._applied or ()}
+
+    async def _cold_start(self, app: str) -> None:
+        """Start an idle app's instances (as many as it had) and route them; a failure
+        goes to the app's status, the log and the held requests (503 start-failed)."""
+        cold = self.cold[app]
+        began, wall = trio.current_time(), time.time()
+        log.info("cold start", app=app, release=cold.release, instances=len(cold.ids))
+        try:
+            reply = await self.start(app, cold.release, max(1, len(cold.ids)))
+            started = trio.current_time()
+            if self.cold.get(app) is not cold:
+                return  # a deploy or a stop took the app over meanwhile
+            cold.on(Event.READY)
+            # what ``switch`` does, minus its undrain of instances no worker knows yet: the
+            # held requests wait for this snapshot, so nothing else (no fsync) goes first
+            del self.cold[app]
+            self.routes[app] = [i.id for i in reply.instances]
+            self.standby[app] = []
+            self.activity.touch(app, trio.current_time())
+            await self._apply_routes()
+            routed = trio.current_time()
+            self.persist()
+            first = self.instances.get(reply.instances[0].id)
+            spawned = first.started_at if first is not None else None
+            ready = first.ready_at if first is not None else None
+            # where the time went: before the spawn (user, cgroup), the app's own boot (to
+            # its first ready probe), the rest of the start, the routing snapshot
+            log.info("cold start done", app=app, release=cold.release,
+                     ms=round((routed - began) * 1000, 1),
+                     spawn_ms=None if spawned is None else round((spawned - wall) * 1000, 1),
+                     boot_ms=(None if spawned is None or ready is None
+                              else round((ready - spawned) * 1000, 1)),
+                     start_ms=round((started - began) * 1000, 1),
+                     route_ms=round((routed - started) * 1000, 1))
+        except ParticipantError as exc:
+            if self.cold.get(app) is cold and cold.phase is Phase.STARTING:
+                cold.on(Event.FAILED, now=trio.current_time(), reason=str(exc))
+                log.error("cold start failed", app=app, release=cold.release, error=str(exc))
+                with contextlib.suppress(ParticipantError):
+                    await self._apply_routes()
+            self.persist()
 
     def logs(self, *, app: str | None, instance: str | None, n: int,
              request_id: str | None = None) -> list[dict[str, Any]]:
@@ -780,11 +1010,13 @@ class Agent:
         returns the snapshot version in force."""
         async with self._routes_lock:  # computed and applied in one go: the newest wins
             apps = []
-            for app, ids in sorted(self.routes.items()):
-                if not ids:
+            for app, ids in sorted({**self.routes, **{a: [] for a in self.cold}}.items()):
+                cold = self.cold.get(app)
+                if not ids and cold is None:
                     continue
-                first = self.instances[ids[0]].config
-                spec = self.store.get(app, first.release).spec
+                release = self.instances[ids[0]].config.release if ids else (
+                    cold.release if cold is not None else "")
+                spec = self.store.get(app, release).spec
                 r, limits = spec.routes, spec.limits
                 timeout = limits.timeout or Timeouts().first_byte
                 standby = [i for i in self.standby.get(app, ()) if i in self.instances]
@@ -799,12 +1031,20 @@ class Agent:
                     rewrite_paths=r.rewrite_paths,
                     hosts=r.hosts, port=r.port, max_body=limits.max_body,
                     min_body_rate=limits.min_body_rate, upgrades=r.upgrades,
-                    timeouts=Timeouts(first_byte=timeout, idle=timeout)))
+                    timeouts=Timeouts(first_byte=timeout, idle=timeout),
+                    cold=None if spec.scale.idle_timeout <= 0 and cold is None else ColdStart(
+                        state=_COLD_STATES.get(cold.phase, "idle") if cold else "serving",
+                        reason=cold.reason if cold else "", queue=HOLD_QUEUE,
+                        wait=spec.health.ready_deadline + HOLD_MARGIN,
+                        wake=str(self.wake_path))))
             if apps == self._applied:
                 return self.proxy.snapshot.version
             version = await self.proxy.apply(apps)
             self._applied = apps
             return version
+
+
+_COLD_STATES = {Phase.STARTING: "starting", Phase.FAILED: "failed"}  # else: idle
 
 
 async def _empty_cgroup(group: InstanceCgroup) -> None:

@@ -32,6 +32,7 @@ from superagent.httprules import (
 from superagent.proxy.snapshot import (
     PATH_POLICIES,
     AppRoute,
+    ColdStart,
     Instance,
     Listener,
     RoutingSnapshot,
@@ -41,6 +42,7 @@ from superagent.proxy.snapshot import (
 from superagent.proxy.tls import CertFiles, load_context
 
 PARSERS = ("httptools", "h11")
+COLD_STATES = ("idle", "starting", "failed", "serving")
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -147,6 +149,10 @@ def snapshot_to_wire(snapshot: RoutingSnapshot) -> dict[str, Any]:
             entry["prefix"] = app.prefix
         if app.port is not None:
             entry["port"] = app.port
+        if app.cold is not None:
+            c = app.cold
+            entry["cold"] = {"state": c.state, "reason": c.reason, "queue": c.queue,
+                             "wait": c.wait, "wake": c.wake}
         apps[app.name] = entry
     return {"version": snapshot.version, "proxy": proxy, "apps": apps}
 
@@ -327,6 +333,7 @@ def _read_app(apps: Table, name: str) -> AppRoute:
         body=timeouts_table.duration("body", d.body),
     )
     timeouts_table.done()
+    cold = _read_cold(t) if t.has("cold") else None
     app = AppRoute(
         name=name,
         instances=tuple(instances),
@@ -340,8 +347,24 @@ def _read_app(apps: Table, name: str) -> AppRoute:
         upgrades=_read_upgrades(t),
         retries=t.integer("retries", 2, minimum=0, maximum=10),
         timeouts=timeouts,
+        cold=cold,
     )
     t.done()
     if prefix is None and not hosts and port is None:
         raise apps.error(name, "has no route: set prefix, hosts or port")
     return app
+
+
+def _read_cold(app: Table) -> ColdStart:
+    """``cold``: the scale-to-zero settings a driver sets (see ``snapshot.ColdStart``)."""
+    c = app.table("cold")
+    d = ColdStart()
+    cold = ColdStart(
+        state=c.text("state", d.state, choices=COLD_STATES),
+        reason=c.text("reason", d.reason),
+        queue=c.integer("queue", d.queue, minimum=1, maximum=100_000),
+        wait=_positive(c, "wait", d.wait),
+        wake=c.text("wake", d.wake),
+    )
+    c.done()
+    return cold

@@ -34,8 +34,8 @@ from typing import Final
 
 import trio
 
-from superagent.proxy import http1, netio
-from superagent.proxy.errors import HTTPError, ProtocolError, UpstreamError
+from superagent.proxy import hold, http1, netio
+from superagent.proxy.errors import ColdStartError, HTTPError, ProtocolError, UpstreamError
 from superagent.proxy.http1 import BODY_CHUNKED, BODY_NONE, Request
 from superagent.proxy.netio import PeerGone, recv, send_all
 from superagent.proxy.parsers import (
@@ -79,7 +79,7 @@ class _Stale(Exception):
 class _Exchange:
     """One request's bookkeeping: what the access log, the metrics and expiry need."""
 
-    __slots__ = ("app", "body_consumed", "bytes_in", "bytes_out", "error", "first_byte",
+    __slots__ = ("app", "body_consumed", "bytes_in", "bytes_out", "cold", "error", "first_byte",
                  "instance", "method", "request_id", "response_started", "retries",
                  "rewrite", "rule", "started", "status", "target", "total_deadline")
 
@@ -101,6 +101,7 @@ class _Exchange:
         self.rule: str | None = None
         self.first_byte: float | None = None  # when the upstream's response head arrived
         self.rewrite = b""  # the stripped prefix the response's paths get back (rewrite_paths)
+        self.cold: float | None = None  # seconds held for the app's cold start
 
 
 class ClientConnection:
@@ -274,7 +275,7 @@ class ClientConnection:
         state.metrics.observe(x.app, x.status, elapsed)
         log = state.access_log
         if log is not None and state.settings.access_log:
-            log.record({
+            record = {
                 "request_id": x.request_id.decode("ascii", "replace"), "app": x.app,
                 "instance": x.instance, "method": x.method, "path": x.target,
                 "status": x.status, "bytes_in": x.bytes_in, "bytes_out": x.bytes_out,
@@ -282,7 +283,10 @@ class ClientConnection:
                 "error": x.error, "peer": self.peer.ip, "rule": x.rule,
                 "first_byte_ms": (round((x.first_byte - x.started) * 1000, 3)
                                   if x.first_byte is not None else None),
-            })
+            }
+            if x.cold is not None:
+                record["cold_start_ms"] = round(x.cold * 1000, 3)
+            log.record(record)
 
     async def _health(self, req: Request, keep_alive: bool) -> bool:
         assert self.x is not None
@@ -304,6 +308,8 @@ class ClientConnection:
             x.request_id = self.state.request_ids.next()
         data = http1.error_response(exc.status, exc.code, exc.detail, x.request_id,
                                     close=close, head_only=head_only)
+        if isinstance(exc, ColdStartError):
+            data = hold.with_retry_after(data, exc.retry_after)
         self.arm("client-send", ERROR_SEND_TIMEOUT)
         await self._send(data)
 
@@ -347,6 +353,9 @@ class ClientConnection:
         while True:
             up = state.upstreams.pick(app, tried)
             if up is None:
+                if app.cold is not None and not tried and x.cold is None:
+                    await self._hold(app)  # an app scaled to zero: wait for its start
+                    continue
                 if last_error is not None:
                     raise last_error
                 raise UpstreamError(503, "no-instance", f"app {app.name!r} has no instance ready")
@@ -365,6 +374,26 @@ class ClientConnection:
                 state.metrics.retry(app.name)
             finally:
                 up.outstanding -= 1
+
+    async def _hold(self, app: AppRoute) -> None:
+        """Wait (bounded) for the cold start of ``app`` (``hold.py``); raises
+        ColdStartError (503) when it overflows, fails or takes too long."""
+        x = self.x
+        cold = app.cold
+        assert x is not None and cold is not None
+        holds = self.state.holds
+        waiter = holds.admit(app.name, cold, _monotonic())
+        self.phase = "cold-start"
+        self.deadline = math.inf  # the hold's own bound applies, not the previous phase's
+        try:
+            with trio.move_on_after(cold.wait):
+                await waiter.event.wait()
+        finally:
+            holds.leave(waiter)
+        error = waiter.error(cold.wait)
+        if error is not None:
+            raise error
+        x.cold = _monotonic() - waiter.since
 
     def _buffered_body(self, req: Request, app: AppRoute) -> list[bytes] | None:
         """The whole body when it is already parsed (or there is none); None to stream it."""
@@ -538,7 +567,7 @@ class ClientConnection:
         x.status = resp.status
         x.response_started = True
         mode = plan.body
-        out = [plan.head]
+        out = [plan.head if x.cold is None else _cold_head(plan.head, x.cold)]
         client = self.sock
         while True:
             finished = False
@@ -587,7 +616,10 @@ class ClientConnection:
         x.response_started = True
         idle = timeouts.websocket_idle
         self.arm("websocket-idle", idle)
-        await send_all(self.sock, http1.switching_head(resp) + conn.parser.upgrade_leftover())
+        switching = http1.switching_head(resp)
+        if x.cold is not None:
+            switching = _cold_head(switching, x.cold)
+        await send_all(self.sock, switching + conn.parser.upgrade_leftover())
         early = self.parser.upgrade_leftover()
         if early:
             await send_all(conn.sock, early)
@@ -614,6 +646,11 @@ class ClientConnection:
                 await send_all(dst, data)
         except PeerGone:
             netio.shutdown_write(dst)
+
+
+def _cold_head(head: bytes, seconds: float) -> bytes:
+    """A response head with ``X-Superagent-Cold-Start``: how long the request was held."""
+    return hold.with_header(head, hold.COLD_START_HEADER, b"%d" % round(seconds * 1000))
 
 
 def _refusal(failure: ParseFailure) -> ProtocolError:

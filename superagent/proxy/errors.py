@@ -8,6 +8,8 @@ a small JSON response; nothing here does I/O.
 
 from __future__ import annotations
 
+from typing import Final
+
 from superagent.errors import SuperagentError
 
 
@@ -38,6 +40,19 @@ class UpstreamError(HTTPError):
         # so the exchange may be retried on a fresh connection or another instance.
         self.replayable = replayable
         super().__init__(status, code, detail)
+
+
+RETRY_AFTER: Final = 5  # seconds a client is told to wait after a refused cold start
+
+
+class ColdStartError(HTTPError):
+    """A request held for an app's cold start (``hold.py``) that the proxy answers 503
+    (``code``: queue-full, start-failed or start-timeout), with ``Retry-After``. Defined
+    here, in the compiled group, because an interpreted class cannot extend a compiled one."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(503, code, detail)
+        self.retry_after = RETRY_AFTER
 
 
 class WorkerStartError(SuperagentError):

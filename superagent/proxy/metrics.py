@@ -13,6 +13,8 @@ from typing import Any, Final
 # Latency buckets in seconds: a loopback hop is sub-millisecond, slow apps take seconds.
 BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                   10.0)
+# Cold-start buckets in seconds: from a small binary's boot to a large app's import time.
+COLD_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _bisect: Final = bisect.bisect_left
 
 
@@ -34,10 +36,12 @@ class _AppFigures:
 class Metrics:
     """Counters of one worker."""
 
-    __slots__ = ("apps", "connect_errors", "retries")
+    __slots__ = ("apps", "cold_starts", "connect_errors", "retries")
 
     def __init__(self) -> None:
         self.apps: dict[str, _AppFigures] = {}
+        # app -> cold-start bucket counts (the last: slower), the sum of seconds, the count
+        self.cold_starts: dict[str, list[float]] = {}
         self.retries: dict[str, int] = {}
         self.connect_errors: dict[str, int] = {}
 
@@ -53,6 +57,15 @@ class Metrics:
         figures.buckets[_bisect(BUCKETS, seconds)] += 1
         figures.total += seconds
         figures.count += 1
+
+    def cold_start(self, app: str, seconds: float) -> None:
+        """One cold start of ``app``: how long its first held request waited."""
+        hist = self.cold_starts.get(app)
+        if hist is None:
+            hist = self.cold_starts[app] = [0.0] * (len(COLD_BUCKETS) + 3)
+        hist[_bisect(COLD_BUCKETS, seconds)] += 1
+        hist[-2] += seconds
+        hist[-1] += 1
 
     def retry(self, app: str) -> None:
         self.retries[app] = self.retries.get(app, 0) + 1
@@ -70,6 +83,7 @@ class Metrics:
                         for app, f in self.apps.items()},
             "retries": self.retries,
             "connect_errors": self.connect_errors,
+            "cold_starts": {app: list(hist) for app, hist in self.cold_starts.items()},
         }
 
 
@@ -79,6 +93,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     latency: dict[str, list[float]] = {}
     retries: dict[str, int] = {}
     errors: dict[str, int] = {}
+    cold: dict[str, list[float]] = {}
     instances: dict[str, dict[str, Any]] = {}
     for part in parts:
         m = part["metrics"]
@@ -86,6 +101,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             requests[(app, status)] = requests.get((app, status), 0) + n
         for app, hist in m["latency"].items():
             acc = latency.setdefault(app, [0.0] * len(hist))
+            for i, v in enumerate(hist):
+                acc[i] += v
+        for app, hist in m.get("cold_starts", {}).items():  # older workers have none
+            acc = cold.setdefault(app, [0.0] * len(hist))
             for i, v in enumerate(hist):
                 acc[i] += v
         for source, dest in ((m["retries"], retries), (m["connect_errors"], errors)):
@@ -98,7 +117,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             acc_inst["pool_idle"] += info["pool_idle"]
             acc_inst["draining"] = acc_inst["draining"] or info["draining"]
     return {"requests": requests, "latency": latency, "retries": retries,
-            "connect_errors": errors, "instances": instances}
+            "connect_errors": errors, "instances": instances, "cold_starts": cold}
 
 
 def _label(value: str) -> str:
@@ -123,6 +142,18 @@ def render(merged: dict[str, Any], *, workers: int) -> str:
         cumulative = 0.0
         name = "superagent_proxy_request_duration_seconds"
         for bound, count in zip(BUCKETS, hist, strict=False):
+            cumulative += count
+            out.append(f'{name}_bucket{{app="{_label(app)}",le="{bound}"}} {int(cumulative)}')
+        out.append(f'{name}_bucket{{app="{_label(app)}",le="+Inf"}} {int(hist[-1])}')
+        out.append(f'{name}_sum{{app="{_label(app)}"}} {hist[-2]:.6f}')
+        out.append(f'{name}_count{{app="{_label(app)}"}} {int(hist[-1])}')
+    out += ["# HELP superagent_proxy_cold_start_seconds Wait of the first request held for an"
+            " app's cold start, from its arrival to its instance being routed.",
+            "# TYPE superagent_proxy_cold_start_seconds histogram"]
+    for app, hist in sorted(merged.get("cold_starts", {}).items()):
+        cumulative = 0.0
+        name = "superagent_proxy_cold_start_seconds"
+        for bound, count in zip(COLD_BUCKETS, hist, strict=False):
             cumulative += count
             out.append(f'{name}_bucket{{app="{_label(app)}",le="{bound}"}} {int(cumulative)}')
         out.append(f'{name}_bucket{{app="{_label(app)}",le="+Inf"}} {int(hist[-1])}')

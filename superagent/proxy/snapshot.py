@@ -53,6 +53,24 @@ class Instance:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ColdStart:
+    """An app that scales to zero: with no instance to pick, a request is held while the
+    driver starts one (``superagent/proxy/hold.py``).
+
+    ``state`` is the driver's word: ``idle`` (nothing runs), ``starting`` or ``failed``
+    (``reason`` says why; held requests get a 503 naming it). ``queue`` bounds the held
+    requests per worker, ``wait`` how long each is held; ``wake`` is the Unix socket a
+    worker asks the driver to start an instance on.
+    """
+
+    state: str = "idle"  # idle, starting, failed; serving while instances run
+    reason: str = ""
+    queue: int = 100
+    wait: float = 30.0
+    wake: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AppRoute:
     """An app: its rules (dedicated port, hosts, prefix), instances and limits."""
 
@@ -72,6 +90,7 @@ class AppRoute:
     upgrades: tuple[str, ...] = DEFAULT_UPGRADES
     retries: int = 2
     timeouts: Timeouts = field(default_factory=Timeouts)
+    cold: ColdStart | None = None  # set for an app that may have no instance (scale to zero)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -11,10 +11,12 @@ whose deadline passed.
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 from superagent.proxy import http1
 from superagent.proxy.accesslog import AccessLog
+from superagent.proxy.hold import Holds
 from superagent.proxy.http1 import Peer
 from superagent.proxy.metrics import Metrics
 from superagent.proxy.routes import RouteTable
@@ -32,7 +34,7 @@ PEER_CACHE_SIZE = 4096  # a cache of trusted-proxy decisions, bounded against ma
 class WorkerState:
     """What every connection of a worker shares: the current table, pools, counters."""
 
-    __slots__ = ("_peers", "access_log", "closing", "live", "metrics", "node_draining",
+    __slots__ = ("_peers", "access_log", "closing", "holds", "live", "metrics", "node_draining",
                  "parser", "request_ids", "settings", "table", "upstreams")
 
     def __init__(self, *, parser: str, snapshot: RoutingSnapshot,
@@ -45,6 +47,7 @@ class WorkerState:
         self.closing = False
         self.node_draining = False
         self.live: set[ClientConnection] = set()
+        self.holds = Holds()  # requests waiting for an app's cold start
         self._peers: dict[str, Peer] = {}
         self.table = RouteTable(snapshot)
         self.settings = snapshot.settings
@@ -64,6 +67,19 @@ class WorkerState:
         self.settings = snapshot.settings
         self._peers.clear()
         self.table = RouteTable(snapshot)
+        self.settle_holds()
+
+    def settle_holds(self) -> None:
+        """Release the held requests the current table and drain marks decide
+        (``hold.Holds.settle``): after a snapshot, and after an instance is undrained."""
+        if not self.holds.by_app:
+            return
+        now = time.monotonic()
+        apps = self.table.apps
+        has_instance = {name: self.upstreams.pick(apps[name]) is not None
+                        for name in self.holds.by_app if name in apps}
+        for name, since in self.holds.settle(apps, has_instance):
+            self.metrics.cold_start(name, now - since)
 
     def reap(self, now: float) -> None:
         """Expire every connection whose deadline has passed."""
@@ -96,6 +112,7 @@ class WorkerState:
         return {
             "version": self.table.version,
             "connections": len(self.live),
+            "held": self.holds.held,
             "metrics": self.metrics.to_json(),
             "instances": {
                 up.id: {"app": up.app, "in_flight": up.outstanding, "pool_idle": len(up.idle),

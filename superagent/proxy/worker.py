@@ -97,6 +97,7 @@ class Worker:
                     if lifeline is not None:
                         outer.start_soon(self._watch_lifeline, lifeline, stop)
                     outer.start_soon(self._reap)
+                    await outer.start(self.state.holds.run_wakes)  # cold starts' wakes
                     if self.state.access_log is not None:
                         outer.start_soon(self._flush_access_log)
                     task_status.started()
@@ -161,6 +162,8 @@ class Worker:
             up = state.upstreams.set_draining(instance, bool(message.get("draining", True)))
             if up is None:
                 return {"ok": False, "error": f"unknown instance {instance!r}"}
+            if not up.draining:
+                state.settle_holds()  # an idling called off: what it held may go now
             return {"ok": True, "in_flight": up.outstanding, "draining": up.draining}
         if kind == "node":
             state.node_draining = bool(message.get("draining", True))

@@ -22,7 +22,7 @@ field, so a malformed message cannot be built on either side. Everything goes th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
@@ -211,6 +211,8 @@ class StatusReply:
     instances: tuple[InstanceStatus, ...]
     releases: dict[str, tuple[str, ...]]
     figures: dict[str, Any]
+    # app -> {"state": idle|starting|serving, ...} (scale to zero); older agents send none
+    apps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def routed(self, app: str) -> tuple[str, ...]:
         return self.routes.get(app, ())

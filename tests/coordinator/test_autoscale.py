@@ -108,7 +108,7 @@ def test_every_decision_carries_its_inputs() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"min": 3, "max": 2, "target": 1.0}, {"min": 0, "max": 2, "target": 1.0},
+    {"min": 3, "max": 2, "target": 1.0}, {"min": 0, "max": 0, "target": 1.0},
     {"min": 1, "max": 2, "target": 0.0}, {"min": 1, "max": 2, "target": math.nan},
     {"min": 1, "max": 2, "target": 1.0, "window": 0.0},
     {"min": 1, "max": 2, "target": 1.0, "max_step_up": 0.5},
@@ -179,6 +179,14 @@ def test_app_load_skips_values_that_are_no_load() -> None:
         {"app": "web", "release": "r1", "state": "ready", "in_flight": True},
         {"app": "web", "release": "r1", "state": "ready", "in_flight": 2}]}}
     assert app_load(statuses, "web", "r1", Metric.IN_FLIGHT) == 2.0
+
+
+def test_min_0_keeps_a_floor_of_one_instance() -> None:
+    """min 0 is scale to zero, which the nodes do by idling: the autoscaler runs >= 1."""
+    spec = AutoSpec(min=0, max=4, target=5.0)
+    assert spec.floor == 1
+    decision = Autoscaler(spec).decide(0.0, 0)
+    assert decision is not None and decision.instances == 1
 
 
 def test_timing_parses_any_subset_and_applies_over_a_policy() -> None:

@@ -344,3 +344,32 @@ def test_simulated_cluster_converges_and_never_loses_the_last_ready_instance(
                 assert not mine, f"{app} still runs on {node}: {mine}"
             else:
                 assert mine == {(app, t.release, "ready"): t.placement[node]}
+
+
+# -- scale to zero -----------------------------------------------------------------------
+
+
+def test_idle_instances_count_as_running_and_ready() -> None:
+    """An app its node idled (instances reported ``idle``, no route) needs nothing: no Grow
+    wakes it, and another app's Shrink is not held back by it."""
+    idle = report("a", inst("web@r2.1", "idle"), inst("web@r2.2", "idle"), routes={})
+    assert plan({"web": target(a=2)}, reports(idle)) == []
+
+
+def test_scaling_an_idle_app_out_starts_instances_and_in_keeps_idle_ones() -> None:
+    """More wanted than idle: a Grow (which wakes the app there); fewer: the surplus idle
+    instances are stopped and the kept ones named, so the app stays routed and idle."""
+    idle = report("a", inst("web@r2.1", "idle"), inst("web@r2.2", "idle"), routes={})
+    assert plan({"web": target(a=3)}, reports(idle)) == [
+        Grow(node="a", app="web", release="r2", count=1)]
+    assert plan({"web": target(a=1)}, reports(idle)) == [
+        Shrink(node="a", app="web", stop=("web@r2.2",), keep=("web@r2.1",))]
+
+
+def test_a_node_drained_of_an_idle_app_stops_it_without_waking_it() -> None:
+    """The placement moved elsewhere: the idle instances are stopped (a no-op on the
+    node), once the new node reports the app ready or idle."""
+    old = report("a", inst("web@r2.1", "idle"), routes={})
+    new = report("b", inst("web@r2.5", "idle"), routes={})
+    assert plan({"web": target(b=1)}, reports(old, new)) == [
+        Shrink(node="a", app="web", stop=("web@r2.1",), keep=())]

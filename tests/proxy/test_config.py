@@ -21,6 +21,7 @@ from superagent.proxy.config import (
 )
 from superagent.proxy.snapshot import (
     AppRoute,
+    ColdStart,
     Instance,
     Listener,
     RoutingSnapshot,
@@ -365,3 +366,19 @@ def test_wire_errors_name_snapshot_and_key() -> None:
         snapshot_from_wire(wire)
     assert info.value.source == "snapshot"
     assert info.value.key == "apps.web.timeouts.idle"
+
+
+def test_a_cold_block_round_trips_and_bad_values_are_named() -> None:
+    """An app's scale-to-zero block survives the wire form; a bad state or queue is
+    refused naming the key."""
+    cold = ColdStart(state="failed", reason="exit 3", queue=7, wait=12.5, wake="/run/w.sock")
+    snap = RoutingSnapshot(version=3, listeners=(Listener(host="127.0.0.1", port=80),),
+                           apps=(AppRoute(name="a", instances=(), prefix="/a", cold=cold),))
+    wire = json.loads(json.dumps(snapshot_to_wire(snap)))
+    assert snapshot_from_wire(wire) == snap
+    for key, value in (("state", "asleep"), ("queue", 0), ("wait", "0")):
+        bad = copy.deepcopy(wire)
+        bad["apps"]["a"]["cold"][key] = value
+        with pytest.raises(ConfigError) as info:
+            snapshot_from_wire(bad)
+        assert info.value.key == f"apps.a.cold.{key}"

@@ -33,9 +33,13 @@ function instancesCell(app) {
   const parts = [];
   for (const [node, list] of Object.entries(app.instances)) {
     const ready = list.filter((i) => i.state === 'ready').length;
-    parts.push(`${node}: ${ready} ready / ${list.length} (placed ${app.placement[node] || 0})`);
+    const idle = list.filter((i) => i.state === 'idle').length;  // scaled to zero there
+    parts.push(`${node}: ${ready} ready${idle ? `, ${idle} idle` : ''} / ${list.length}`
+               + ` (placed ${app.placement[node] || 0})`);
   }
-  return parts.length ? parts.flatMap((p, i) => (i ? [h('br'), p] : [p])) : 'none';
+  // serving, starting (a cold start runs) or idle (scaled to zero: a request starts it)
+  const state = app.state ? [badge(app.state, app.state === 'serving' ? 'ok' : 'info'), h('br')] : [];
+  return parts.length ? [...state, ...parts.flatMap((p, i) => (i ? [h('br'), p] : [p]))] : 'none';
 }
 
 export function clusterSection(c) {
