@@ -17,9 +17,10 @@ import os
 import shlex
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -126,24 +127,52 @@ def command_env(app: str, release: str, *, home: Path, spec: AppSpec, src: Path,
             **spec.env_dict(), **(extra or {})}
 
 
+def _join_then_switch(procs: Path, uid: int | None, gid: int | None) -> Callable[[], None]:
+    """A ``preexec_fn``: join the cgroup whose ``cgroup.procs`` is ``procs`` (as root, so
+    before the user switch, which it then does as Popen's user/group would)."""
+    path = os.fsencode(procs)
+
+    def enter() -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the build still runs, in the agent's group: slower apps, not a failure
+        if uid is not None or gid is not None:
+            os.setgroups([])
+        if gid is not None:
+            os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+
+    return enter
+
+
 async def run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: int | None,
-                     gid: int | None, timeout: float, limit: int = LOG_LIMIT,
-                     note: str = "") -> BuildResult:
+                    gid: int | None, timeout: float, limit: int = LOG_LIMIT,
+                    note: str = "", cgroup: Path | None = None) -> BuildResult:
     """``/bin/sh -c command`` in its own session; output interleaved into a bounded log.
 
     On timeout or cancellation the whole process group gets SIGTERM, then SIGKILL after
     ``BUILD_KILL_GRACE``; stragglers left in the group after a normal exit are killed too.
     The output is read to end-of-file, so a background child that keeps the build's stdout
     open holds the build until the timeout (and then fails it): builds must not leave
-    daemons behind.
+    daemons behind. ``cgroup``: the ``cgroup.procs`` file the build joins first
+    (``cgroups.AgentCgroup.builds``); None leaves it in the agent's group.
     """
     output = BuildOutput(head=f"{note}$ {command}\n".encode(), limit=limit)
     started = time.monotonic()
     as_user = uid is not None or gid is not None
+    switch: dict[str, Any] = (
+        {"preexec_fn": _join_then_switch(cgroup, uid, gid)} if cgroup is not None
+        else {"user": uid, "group": gid, "extra_groups": [] if as_user else None})
     proc = await trio.lowlevel.open_process(
         ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, cwd=str(cwd), env=dict(env), start_new_session=True,
-        umask=BUILD_UMASK, user=uid, group=gid, extra_groups=[] if as_user else None)
+        umask=BUILD_UMASK, **switch)
     stdout = proc.stdout
     assert stdout is not None  # stdout=PIPE
     try:

@@ -31,7 +31,10 @@ the group):
    apps at once. Only the cpu controller: in v1 the agent keeps its memory and
    pids groups (whatever started it set those), in v2 a group has all controllers
    but only ``cpu.weight`` is written. Processes the agent starts later (proxy
-   workers, builds) inherit it; instances do not, they join their own group.
+   workers) inherit it; instances do not, they join their own group. Builds and
+   ``[test]`` commands run the apps' code too: they join ``<parent>/_builds``
+   (``AgentCgroup.builds``), weighted as one app, rather than outweighing every app
+   and competing with the proxy workers at the agent's weight.
 
 Everything that touches the system is blocking (small file writes, rmdir polls);
 async callers run it with ``trio.to_thread.run_sync``. Errors are
@@ -79,6 +82,7 @@ APPS_CPU_WEIGHT = 1_000  # <parent>, all apps together, against the machine's ot
 AGENT_CPU_WEIGHT = 10_000
 CPU_WEIGHT_MAX = 10_000
 AGENT_GROUP_SUFFIX = ".agent"  # <parent>.agent: the agent and its proxy workers
+BUILDS_GROUP = "_builds"  # <parent>/_builds: builds and [test] commands (no app is named so)
 _GROUP_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:+-]{0,199}$")
 
 
@@ -466,6 +470,8 @@ class AgentCgroup:
     path: Path | None
     reason: str
     weight: str = ""
+    builds: Path | None = None  # cgroup.procs of <parent>/_builds in the cpu hierarchy
+    origin: Path | None = None  # the cpu group the creating process was in (``leave``)
 
     @classmethod
     def create(cls, support: CgroupSupport, *, weight: int = AGENT_CPU_WEIGHT) -> AgentCgroup:
@@ -478,16 +484,20 @@ class AgentCgroup:
             return cls(path=None, reason="no cpu hierarchy")
         path = cpu_root / f"{support.parent}{AGENT_GROUP_SUFFIX}"
         apps = cpu_root / support.parent
+        builds = apps / BUILDS_GROUP
         try:
             path.mkdir(exist_ok=True)
             apps.mkdir(exist_ok=True)
+            builds.mkdir(exist_ok=True)
             if support.mode == "v2":
                 _write(path / "cpu.weight", str(weight))
                 _write(apps / "cpu.weight", str(APPS_CPU_WEIGHT))
+                _write(builds / "cpu.weight", str(APP_CPU_WEIGHT))
                 applied = _read(path / "cpu.weight")
             else:
                 _write(path / "cpu.shares", str(v1_shares(weight)))
                 _write(apps / "cpu.shares", str(v1_shares(APPS_CPU_WEIGHT)))
+                _write(builds / "cpu.shares", str(v1_shares(APP_CPU_WEIGHT)))
                 applied = _read(path / "cpu.shares")
         except OSError as exc:
             reason = f"cannot set up the agent's cpu group {path}: {exc.strerror or exc}"
@@ -495,7 +505,19 @@ class AgentCgroup:
                         reason=reason)
             return cls(path=None, reason=reason)
         key = "cpu.weight" if support.mode == "v2" else "cpu.shares"
-        return cls(path=path, reason=f"{path} with {key} {applied}", weight=applied)
+        origin = _own_cpu_group(support, cpu_root)
+        return cls(path=path, reason=f"{path} with {key} {applied}", weight=applied,
+                   builds=builds / "cgroup.procs", origin=None if origin == path else origin)
+
+    def leave(self) -> None:
+        """Move this process back to the group it came from and remove the agent's group
+        (empty once the proxy workers stopped): the node is going away. Never raises."""
+        if self.path is None or self.origin is None:
+            return
+        with contextlib.suppress(OSError):
+            _write(self.origin / "cgroup.procs", str(os.getpid()))
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
     def add(self, pid: int) -> str | None:
         """Move process ``pid`` (all its threads) in; None when done, else why not."""
@@ -510,6 +532,19 @@ class AgentCgroup:
     def to_json(self) -> dict[str, object]:
         return {"path": str(self.path) if self.path is not None else None,
                 "weight": self.weight, "reason": self.reason}
+
+
+def _own_cpu_group(support: CgroupSupport, cpu_root: Path) -> Path | None:
+    """This process's group in the cpu hierarchy ``cpu_root``, from /proc/self/cgroup."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, where = line.split(":", 2)
+        if (controllers == "" if support.mode == "v2" else "cpu" in controllers.split(",")):
+            return cpu_root / where.lstrip("/")
+    return None
 
 
 def _check_group_name(app: str, name: str) -> None:

@@ -21,7 +21,9 @@ starts and its status names the permission as not enforced. Three steps:
    app's builds (same uid, own gid) free to fetch dependencies, and makes the rule
    static: every agent on the host writes the same table, atomically, and nothing
    follows instance lifetimes. An app cannot leave the group: it has no CAP_SETGID and
-   ``no_new_privs`` stops setgid binaries.
+   ``no_new_privs`` stops setgid binaries. A firewall reload (``nft flush ruleset``,
+   ``systemctl restart nftables``) deletes the table while instances run: the agent
+   checks it every ``EGRESS_CHECK_PERIOD`` and loads it again (``restore_egress_table``).
 3. **Filesystem: a mount namespace per instance.** What ``Sandbox.prepare()`` returns runs in the
    child between fork and exec (``isolation.child_setup``), still as root: it unshares
    the mount namespace, makes every mount private (nothing propagates back to the
@@ -60,6 +62,7 @@ EGRESS_TABLE = "superagent_egress"  # nftables table (family inet), host-wide
 NFT_TIMEOUT = 10.0
 GROUPADD_TIMEOUT = 30.0
 PROBE_TIMEOUT = 10.0
+EGRESS_CHECK_PERIOD = 5.0  # seconds a deleted egress table may stay gone (a firewall reload)
 
 CLONE_NEWNS = 0x00020000  # <linux/sched.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -157,6 +160,26 @@ def install_egress_table(table: str, gid: int) -> str | None:
     return None
 
 
+def restore_egress_table(support: PermissionSupport) -> bool:
+    """Load the egress table again when it is gone or lost its rules (a firewall reload
+    flushes the whole ruleset); True when it did. Never raises."""
+    nft = shutil.which("nft")
+    if support.loopback_gid is None or nft is None:
+        return False
+    try:
+        listed = subprocess.run([nft, "list", "table", "inet", support.table],
+                                capture_output=True, text=True, timeout=NFT_TIMEOUT,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if listed.returncode == 0 and listed.stdout.count(f"skgid {support.loopback_gid} ") >= 2:
+        return False
+    problem = install_egress_table(support.table, support.loopback_gid)
+    log.warning("nftables egress table was gone: loaded again", table=support.table,
+                problem=problem)
+    return problem is None
+
+
 def remove_egress_table(table: str) -> None:
     """Delete ``table`` (tests; production keeps the host-wide table). Never raises."""
     nft = shutil.which("nft")
@@ -171,11 +194,32 @@ def probe_mount_namespace() -> str | None:
     will not remount is found here, not at an instance's start."""
     with tempfile.TemporaryDirectory(prefix="sa-probe-") as kept:
         enter = Sandbox(writable=(os.fsencode(kept),)).prepare()
+        # Popen says only that the preexec_fn raised; the reason must say which step failed
+        # and why (EPERM on unshare in a service without CAP_SYS_ADMIN, a mount that
+        # refuses the remount...): the child writes it to a pipe first.
+        read_end, write_end = os.pipe()
+
+        def enter_or_explain() -> None:
+            try:
+                enter()
+            except BaseException as exc:
+                os.write(write_end, str(exc).encode(errors="replace")[:1000] or b"failed")
+                raise
+
         try:
-            subprocess.run(["/bin/true"], preexec_fn=enter, check=True,
-                           timeout=PROBE_TIMEOUT, cwd="/")
+            subprocess.run(["/bin/true"], preexec_fn=enter_or_explain, check=True,
+                           timeout=PROBE_TIMEOUT, cwd="/", pass_fds=(write_end,))
         except (OSError, subprocess.SubprocessError) as exc:
-            return f"cannot create a read-only mount namespace: {exc}"
+            os.close(write_end)
+            write_end = -1
+            with os.fdopen(read_end, "rb") as pipe:
+                why = pipe.read().decode(errors="replace")
+            read_end = -1
+            return f"cannot create a read-only mount namespace: {why or exc}"
+        finally:
+            for fd in (read_end, write_end):
+                if fd >= 0:
+                    os.close(fd)
     return None
 
 

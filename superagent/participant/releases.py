@@ -193,6 +193,9 @@ class ReleaseStore:
         self.max_files = max_files
         self._locks: dict[tuple[str, str], trio.Lock] = {}
         self._preparing: set[tuple[str, str]] = set()
+        # cgroup.procs of the group builds and tests join (cgroups.AgentCgroup.builds,
+        # set by the agent once it made it); None: they stay in the agent's group
+        self.build_cgroup: Path | None = None
 
     def __repr__(self) -> str:
         preparing = ", ".join(sorted(f"{app}@{release}" for app, release in self._preparing))
@@ -292,7 +295,7 @@ class ReleaseStore:
                 build_env = command_env(app, release, home=release_dir, spec=spec, src=src,
                                         cache=cache, extra=env)
                 result = await run_build(command, cwd=src, env=build_env, uid=uid, gid=gid,
-                                          timeout=timeout, note=note)
+                                          timeout=timeout, note=note, cgroup=self.build_cgroup)
             result = BuildResult(result.returncode, result.log,
                                  result.seconds + modules.seconds)
             if as_user:
@@ -424,7 +427,8 @@ class ReleaseStore:
         bound = log.bind(app=app, release=release)
         bound.info("running the release's tests", command=command)
         result = await run_build(command, cwd=prepared.src, env=env, uid=uid, gid=gid,
-                                  timeout=timeout, limit=TEST_LOG_LIMIT)
+                                  timeout=timeout, limit=TEST_LOG_LIMIT,
+                                  cgroup=self.build_cgroup)
         outcome = TestResult(app=app, release=release, skipped=False,
                              exit_code=result.returncode, timed_out=result.returncode is None,
                              log=result.log.decode("utf-8", "replace"),

@@ -79,10 +79,12 @@ from superagent.participant.joiner import CoordinatorLink
 from superagent.participant.load import LOAD_PERIOD, LoadSampler, traffic
 from superagent.participant.logs import LogHub
 from superagent.participant.permissions import (
+    EGRESS_CHECK_PERIOD,
     EGRESS_TABLE,
     LOOPBACK_GROUP,
     PermissionSupport,
     detect_permissions,
+    restore_egress_table,
     unenforced,
 )
 from superagent.participant.ports import (
@@ -262,6 +264,7 @@ class Agent:
         if self.config.agent_cgroup and self.cgroups is not None:
             # before the workers start: they inherit the group
             self.agent_group = await trio.to_thread.run_sync(AgentCgroup.create, self.cgroups)
+            self.store.build_cgroup = self.agent_group.builds  # builds: an app's weight
             self._join_agent_group(os.getpid())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -277,6 +280,7 @@ class Agent:
             await nursery.start(self.debug_sessions.run, lambda _ended: self.persist())
             nursery.start_soon(self._keep_routes)
             nursery.start_soon(self._sample_load)
+            nursery.start_soon(self._keep_egress_table)
             await nursery.start(serve_control, str(self.wake_path), self._on_wake)
             nursery.start_soon(self._watch_idle)
             for doc in saved.get("cold", []):
@@ -313,6 +317,13 @@ class Agent:
                 table=self.config.egress_table))
         return self.permissions
 
+    async def _keep_egress_table(self) -> None:
+        """A firewall reload drops the nftables egress table: put it back (permissions)."""
+        while True:
+            await trio.sleep(EGRESS_CHECK_PERIOD)
+            if self.permissions is not None and self.permissions.loopback_gid is not None:
+                await trio.to_thread.run_sync(restore_egress_table, self.permissions)
+
     def _join_agent_group(self, pid: int) -> None:
         if self.agent_group is not None:
             problem = self.agent_group.add(pid)
@@ -328,6 +339,8 @@ class Agent:
         if self.instances:
             await self.stop(list(self.instances), None)
         await self.proxy.stop()
+        if self.agent_group is not None:  # its workers are gone: nothing else is in it
+            await trio.to_thread.run_sync(self.agent_group.leave)
         if self.cgroups is not None:
             await trio.to_thread.run_sync(remove_empty_parent, self.cgroups)
         self.persist()

@@ -59,11 +59,19 @@ def load_context(files: CertFiles) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     for path in (files.cert, files.key):
+        if path is not None and "\0" in path:  # os.access would raise ValueError
+            raise ConfigError(f"TLS file path {path!r} contains a NUL byte")
         if path is not None and not os.access(path, os.R_OK):
             reason = "does not exist" if not os.path.exists(path) else "is not readable"
             raise ConfigError(f"TLS file {path} {reason}")
+    def no_passphrase() -> bytes:
+        # Without a callback OpenSSL prompts on the controlling terminal: the agent, or a
+        # worker reloading a renewed certificate, would wait there for nobody.
+        raise ConfigError(f"TLS key {files.key or files.cert} is protected by a passphrase;"
+                          " give an unencrypted key (openssl pkey -in KEY -out PLAIN)")
+
     try:
-        context.load_cert_chain(files.cert, files.key)
+        context.load_cert_chain(files.cert, files.key, password=no_passphrase)
     except ssl.SSLError as exc:
         where = files.cert if files.key is None else f"{files.cert} and {files.key}"
         raise ConfigError(f"TLS files {where} are not a PEM certificate chain and its "

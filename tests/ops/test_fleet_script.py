@@ -47,3 +47,34 @@ def test_a_used_directory_is_refused(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stderr.strip()) == (
         2, f"fleet-netns: --dir {tmp_path} is not empty: give a new or empty directory")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates cgroups (root)")
+def test_teardown_removes_the_agents_cpu_groups_too() -> None:
+    """An agent started by ``superagent participant`` lives in ``superagent.<node>.agent``
+    beside its apps' ``superagent.<node>`` (cgroups.AgentCgroup); the fleet's teardown
+    removes both once they are empty, or every fleet leaves one group per machine."""
+    import importlib.machinery
+    import importlib.util
+    import secrets
+
+    loader = importlib.machinery.SourceFileLoader("fleet_netns", str(SCRIPT))
+    spec = importlib.util.spec_from_loader("fleet_netns", loader)
+    assert spec is not None
+    fleet = importlib.util.module_from_spec(spec)
+    loader.exec_module(fleet)
+    root = fleet.CGROUP_ROOT
+    hierarchy = root / "cpu" if (root / "cpu" / "cgroup.procs").is_file() else root
+    if not (hierarchy / "cgroup.procs").is_file() or not os.access(hierarchy, os.W_OK):
+        pytest.skip(f"no writable cgroup hierarchy at {hierarchy}")
+    node = f"m1-{secrets.token_hex(3)}"
+    made = [hierarchy / f"superagent.{node}", hierarchy / f"superagent.{node}.agent"]
+    try:
+        for path in made:
+            path.mkdir()
+        fleet.remove_cgroups([node])
+        assert [p for p in made if p.exists()] == []
+    finally:
+        for path in made:
+            if path.exists():
+                path.rmdir()

@@ -4,9 +4,13 @@ isolation left working), and the command lines they build parse with today's fla
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +110,44 @@ def test_systemd_accepts_the_units(tmp_path: Path) -> None:
     # verify exits 0 on an unknown key and only says so: any output is a finding.
     assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), (
         done.stdout + done.stderr)
+
+
+def _restricts_mount_namespaces(value: str) -> bool:
+    """systemd's RestrictNamespaces=: yes/no, a list of the types allowed, or ~list of
+    those refused."""
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("", "no", "false", "off", "0"):
+        return False
+    if value.startswith("~"):
+        return "mnt" in value[1:].split()
+    return "mnt" not in value.split()
+
+
+def test_the_participant_unit_leaves_app_permissions_enforceable(tmp_path: Path) -> None:
+    """[permissions] need CAP_NET_ADMIN (nft) and CAP_SYS_ADMIN plus mount namespaces (a
+    filesystem = "release" instance's read-only namespace): the agent, run with the unit's
+    capability bounding set, detects both as enforceable."""
+    unit = directives(UNITS[1])
+    assert not _restricts_mount_namespaces(unit.get("RestrictNamespaces", ["no"])[-1])
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or shutil.which("nft") is None:
+        pytest.skip("needs root, setpriv and nft (the agent's own conditions)")
+    caps = unit["CapabilityBoundingSet"][0].split()
+    bounding = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    name = "sa-unit-" + "".join(random.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=6))
+    code = ("import json, sys\n"
+            "from superagent.participant.permissions import detect_permissions\n"
+            "print(json.dumps(detect_permissions(group=sys.argv[1], table=sys.argv[2])"
+            ".to_json()))\n")
+    try:
+        done = subprocess.run([setpriv, f"--bounding-set={bounding}", sys.executable, "-c", code,
+                               name, name.replace("-", "_")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1]) == {"network": "enforced",
+                                                            "filesystem": "enforced"}
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", name.replace("-", "_")],
+                       capture_output=True, check=False)
+        subprocess.run(["groupdel", name], capture_output=True, check=False)

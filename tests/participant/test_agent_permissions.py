@@ -23,6 +23,7 @@ from superagent.participant.isolation import remove_app_user
 from superagent.participant.permissions import remove_egress_table
 from tests.participant.children import child_python
 from tests.participant.test_agent import running_agent, start_and_switch, tarball
+from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: permissions are enforced as root only")
@@ -94,7 +95,9 @@ def instance_status(status: dict[str, Any], app: str) -> dict[str, Any]:
 
 
 async def test_permissions_enforced_inside_the_instance(data_dir: Path, app: str,
-                                                        names: dict[str, str]) -> None:
+                                                        names: dict[str, str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("superagent.participant.service.EGRESS_CHECK_PERIOD", 0.2)
     if shutil.which("nft") is None:
         pytest.skip("needs nft (nftables) to enforce network = 'loopback'")
     async with running_agent(data_dir, **names) as rig:
@@ -113,6 +116,13 @@ async def test_permissions_enforced_inside_the_instance(data_dir: Path, app: str
                                                       "filesystem": "enforced"}
         (beat,) = rig.agent.coordinator_status()["instances"]
         assert beat["unenforced"] == []
+        # A firewall reload (nft flush ruleset) drops the table while the instance runs:
+        # the agent loads it again, or the app would reach anything from then on.
+        subprocess.run(["nft", "delete", "table", "inet", names["egress_table"]], check=True,
+                       capture_output=True)
+        await wait_until_async(lambda: subprocess.run(
+            ["nft", "list", "table", "inet", names["egress_table"]], capture_output=True,
+            check=False).returncode == 0, "the egress table loaded again")
 
 
 async def test_an_unenforceable_permission_still_starts_and_is_reported(

@@ -476,3 +476,36 @@ def test_agent_group_real(cgroups: CgroupSupport) -> None:
         child.kill()
         child.wait()
         remove_groups_at(group.path)
+
+
+def test_agent_group_is_removed_when_the_agent_leaves(cgroups: CgroupSupport) -> None:
+    """``leave`` (the node going away: ``stop_all``) moves the agent back to the group it
+    came from and removes ``<parent>.agent``; it runs in a child standing for the agent."""
+    code = ("import json, sys\n"
+            "from pathlib import Path\n"
+            "from superagent.participant.cgroups import AgentCgroup, CgroupSupport\n"
+            "f = json.loads(sys.argv[1])\n"
+            "support = CgroupSupport(mode=f['mode'], parent=f['parent'], reason=f['reason'],\n"
+            "    v2_root=Path(f['v2_root']) if f['v2_root'] else None,\n"
+            "    v2_controllers=tuple(f['v2_controllers']),\n"
+            "    v1_roots={k: Path(v) for k, v in f['v1_roots'].items()})\n"
+            "before = Path('/proc/self/cgroup').read_text()\n"
+            "group = AgentCgroup.create(support)\n"
+            "assert group.add(__import__('os').getpid()) is None, group.reason\n"
+            "assert before != Path('/proc/self/cgroup').read_text()\n"
+            "group.leave()\n"
+            "assert before == Path('/proc/self/cgroup').read_text()\n"
+            "print(group.path)\n")
+    fields = {"mode": cgroups.mode, "parent": cgroups.parent, "reason": cgroups.reason,
+              "v2_root": str(cgroups.v2_root) if cgroups.v2_root else None,
+              "v2_controllers": list(cgroups.v2_controllers),
+              "v1_roots": {k: str(v) for k, v in cgroups.v1_roots.items()}}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(fields)],
+                          capture_output=True, text=True, timeout=30)
+    path = Path(done.stdout.strip()) if done.stdout.strip() else None
+    try:
+        assert done.returncode == 0, done.stderr
+        assert path is not None and not path.exists()
+    finally:
+        if path is not None and path.exists():
+            remove_groups_at(path)

@@ -19,6 +19,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from superagent.participant.permissions import (
     detect_permissions,
     probe_mount_namespace,
     remove_egress_table,
+    restore_egress_table,
     unenforced,
 )
 from tests.participant.children import run_child
@@ -298,3 +300,31 @@ def test_status_names_unenforced_permissions() -> None:
     text = render_instances(nodes, {"apps": []})
     assert "permissions NOT enforced:\n  hello@r1.1 on n1: filesystem, network" in text
     assert "hello@r1.2 on" not in text and "hello@r1.3 on" not in text
+
+
+def test_the_egress_table_is_restored_only_when_gone(support: PermissionSupport) -> None:
+    """``restore_egress_table`` leaves an intact table alone (the agent calls it every few
+    seconds) and loads a deleted one again, rules included."""
+    assert restore_egress_table(support) is False
+    remove_egress_table(support.table)
+    assert restore_egress_table(support) is True
+    listed = subprocess.run(["nft", "list", "table", "inet", support.table],
+                            capture_output=True, text=True, check=True).stdout
+    assert listed.count(f"skgid {support.loopback_gid} ") == 2, listed
+    assert restore_egress_table(support) is False
+
+
+def test_an_unusable_mount_namespace_is_explained() -> None:
+    """Without CAP_SYS_ADMIN (a restricted service unit) the probe fails, and its reason
+    says which step and why, not just that the child's setup raised."""
+    need_root()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv (util-linux) to drop CAP_SYS_ADMIN")
+    code = ("from superagent.participant.permissions import probe_mount_namespace\n"
+            "print(probe_mount_namespace())\n")
+    done = subprocess.run([setpriv, "--bounding-set=-sys_admin", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    reason = done.stdout.strip()
+    assert "unshare" in reason and "Operation not permitted" in reason, reason
