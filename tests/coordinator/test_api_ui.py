@@ -186,6 +186,17 @@ def test_sessions_end_when_idle_at_their_lifetime_and_beyond_the_limit() -> None
     assert not csrf_ok(second, second.csrf + "x")
 
 
+def test_a_flood_of_logins_with_one_token_ends_only_its_own_sessions() -> None:
+    """Beyond ``per_token`` sessions a token's own least recently used session ends; the
+    sessions of other tokens stay, however many logins the one token makes."""
+    store = SessionStore(limit=10, per_token=3)
+    admin = store.create("admin", now=0.0)
+    viewer = [store.create("viewer", now=1.0) for _ in range(100)]
+    assert store.get(admin.id, 2.0) == admin
+    assert [store.get(v.id, 2.0) is not None for v in viewer[-4:]] == [False, True, True, True]
+    assert len(store) == 4
+
+
 def test_traffic_survives_any_heartbeat_document() -> None:
     """A participant's figures are summed into a JSON answer: a number that cannot be a
     float, sums past the float range, a digit that int() refuses, or statuses that are
