@@ -24,23 +24,24 @@ start time, workers by their control sockets) instead of restarting them. An ins
 whose process is gone by then (or was between restarts) is started afresh with the same
 id and port, after a SIGKILL of whatever is left in its cgroup. ``stop_all`` ends
 everything, for a node that is being taken away.
+
+This module holds the agent's state and its RPC signals; the rest is in modules whose
+functions take the ``Agent`` explicitly: ``tracking`` (adopting, adding, supervising and
+forgetting instances), ``routing`` (the snapshot pushed to the proxy workers),
+``scaletozero`` (idling apps and cold starts), ``reporting`` (status, heartbeat, load),
+``egress`` (permission detection, the nftables egress table) and ``agentstate``
+(state.json).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import hashlib
 import ipaddress
-import json
 import os
 import secrets
 import shutil
-import socket
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,18 @@ from superagent.compiled import describe as describe_hot_path
 from superagent.config import parse_address
 from superagent.debug import DROPPED_NOTE, DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
-from superagent.manifest import TEST_TIMEOUT, PermissionsSpec
+from superagent.manifest import TEST_TIMEOUT
+from superagent.participant import agentstate, reporting
+from superagent.participant.agentview import AgentConfig as AgentConfig  # the CLI's, tests'
 from superagent.participant.archive import check as check_archive
 from superagent.participant.cgroups import (
     PARENT_GROUP,
     AgentCgroup,
-    InstanceCgroup,
     detect_cgroups,
     remove_empty_parent,
 )
+from superagent.participant.egress import keep_egress_table, permission_support
 from superagent.participant.errors import (
-    AdoptionFailed,
     CoordinatorError,
     InstanceNotReady,
     ParticipantError,
@@ -72,88 +74,28 @@ from superagent.participant.errors import (
     UnknownInstance,
     UnknownRelease,
 )
-from superagent.participant.figures import cpu_seconds, node_figures, process_figures
-from superagent.participant.idle import ActivityWatch, ColdApp, Event, Phase, app_counts
+from superagent.participant.idle import ActivityWatch, ColdApp
 from superagent.participant.isolation import AppUser, ensure_app_user
 from superagent.participant.joiner import CoordinatorLink
-from superagent.participant.load import LOAD_PERIOD, LoadSampler, traffic
+from superagent.participant.load import LoadSampler
 from superagent.participant.logs import LogHub
-from superagent.participant.permissions import (
-    EGRESS_CHECK_PERIOD,
-    EGRESS_TABLE,
-    LOOPBACK_GROUP,
-    PermissionSupport,
-    detect_permissions,
-    restore_egress_table,
-    unenforced,
-)
-from superagent.participant.ports import (
-    DEFAULT_HIGH,
-    DEFAULT_LOW,
-    PortAllocator,
-    ephemeral_overlap,
-)
+from superagent.participant.permissions import PermissionSupport
+from superagent.participant.ports import PortAllocator, ephemeral_overlap
 from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
-from superagent.participant.releases import DEFAULT_KEEP, ReleaseStore
+from superagent.participant.releases import ReleaseStore
+from superagent.participant.routing import apply_routes, keep_routes, unroute
 from superagent.participant.rpc import rpc_app
+from superagent.participant.scaletozero import forget_idle, on_wake, watch_idle
 from superagent.participant.signals import SignalLedger
-from superagent.participant.supervisor import (
-    GROUP_POLL,
-    REAP_TIMEOUT,
-    Instance,
-    InstanceConfig,
-    State,
-)
+from superagent.participant.supervisor import Instance, InstanceConfig, State
+from superagent.participant.tracking import add, adopt, forget, join_agent_group, supervise
 from superagent.proxy.control import serve_control
-from superagent.proxy.metrics import BUCKETS
-from superagent.proxy.snapshot import AppRoute, ColdStart, ServerSettings, Timeouts
-from superagent.proxy.snapshot import Instance as RouteInstance
+from superagent.proxy.snapshot import AppRoute, ServerSettings
 from superagent.rpc import messages as msg
 from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
 
-STATE_FILE = "state.json"
-STATE_VERSION = 1
-IDLE_TICK = 1.0  # seconds between looks at the proxy's figures for apps that scale to zero
-HOLD_QUEUE = 256  # requests each proxy worker holds per app during its cold start
-HOLD_MARGIN = 5.0  # seconds a held request waits beyond the app's ready deadline
 WAKE_SOCKET = "wake.sock"  # in the proxy's run directory: workers ask for cold starts here
 log = structlog.get_logger("superagent.participant")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class AgentConfig:
-    """Settings of ``superagent participant``."""
-
-    data_dir: Path
-    secret: str = ""  # the legacy shared secret of a cluster in migration ("": none)
-    join_token: str = ""  # enrols the machine once; then <data_dir>/credential is used
-    node: str = socket.gethostname()
-    rpc: tuple[str, int] = ("127.0.0.1", 7001)
-    listen: tuple[str, ...] = ("0.0.0.0:8080",)
-    proxy_workers: int = 1
-    parser: str = "httptools"
-    groups: tuple[str, ...] = ("default",)
-    ports: tuple[int, int] = (DEFAULT_LOW, DEFAULT_HIGH)
-    keep_releases: int = DEFAULT_KEEP  # when the coordinator names no releases to keep
-    drain_grace: float = 30.0  # in-flight requests get this long before an instance stops
-    coordinator: tuple[str, ...] = ()  # coordinator API URLs; empty: no cluster to join
-    advertise: str | None = None  # HOST:PORT coordinators reach the RPC at (default: rpc)
-    capacity: int = 100  # instances this node offers the scheduler
-    # Front load balancers whose X-Forwarded-For/-Proto/-Host the proxy appends to rather
-    # than replaces, so apps see the client and not the balancer (networks, "10.0.0.0/8").
-    trusted_proxies: tuple[str, ...] = ()
-    heartbeat_interval: float = 1.0  # seconds between heartbeats to the coordinator
-    tls_listen: tuple[str, ...] = ()  # proxy listeners that speak TLS (docs/proxy-config.md)
-    tls_cert: str | None = None  # their PEM certificate chain, an absolute path
-    tls_key: str | None = None  # its PEM private key (None: in the tls_cert file)
-    # Move the agent and its proxy workers into the cpu group weighted above the apps
-    # (cgroups.AgentCgroup). ``superagent participant`` does; an agent embedded in another
-    # process (tests) leaves that process where it is.
-    agent_cgroup: bool = False
-    # [permissions]: the group of loopback-only instances and the nftables table keyed on it
-    # (host-wide; tests pass their own names)
-    loopback_group: str = LOOPBACK_GROUP
-    egress_table: str = EGRESS_TABLE
 
 
 class Agent:
@@ -250,7 +192,7 @@ class Agent:
             path = self.config.data_dir / sub
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(mode)
-        saved = self._load_state()
+        saved = agentstate.load_state(self)
         overlap = ephemeral_overlap(*self.config.ports)
         if overlap is not None:
             log.warning("instance ports overlap the kernel's ephemeral range: outgoing"
@@ -265,38 +207,38 @@ class Agent:
             # before the workers start: they inherit the group
             self.agent_group = await trio.to_thread.run_sync(AgentCgroup.create, self.cgroups)
             self.store.build_cgroup = self.agent_group.builds  # builds: an app's weight
-            self._join_agent_group(os.getpid())
+            join_agent_group(self, os.getpid())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self.proxy.start()
             for slot in self.proxy.slots:  # adopted workers of an earlier agent, too
                 if slot.process is not None and slot.process.pid is not None:
-                    self._join_agent_group(slot.process.pid)
+                    join_agent_group(self, slot.process.pid)
             await nursery.start(self.proxy.supervise)
             self.log_hub.add_proxy_events(self.proxy.run_dir / ACCESS_LOG,
                                           wanted=self.debug_sessions.covers,
                                           release_of=self._release_of)
             await nursery.start(self.log_hub.run)
             await nursery.start(self.debug_sessions.run, lambda _ended: self.persist())
-            nursery.start_soon(self._keep_routes)
-            nursery.start_soon(self._sample_load)
-            nursery.start_soon(self._keep_egress_table)
-            await nursery.start(serve_control, str(self.wake_path), self._on_wake)
-            nursery.start_soon(self._watch_idle)
+            nursery.start_soon(keep_routes, self)
+            nursery.start_soon(reporting.sample_load, self)
+            nursery.start_soon(keep_egress_table, self)
+            await nursery.start(serve_control, str(self.wake_path), partial(on_wake, self))
+            nursery.start_soon(watch_idle, self)
             for doc in saved.get("cold", []):
                 with contextlib.suppress(KeyError, ValueError, TypeError):
                     cold = ColdApp.from_json(doc)
                     self.cold[cold.app] = cold
                     self.idle_ids.update(cold.ids)
             for record in saved.get("instances", []):
-                await self._adopt(record)
+                await adopt(self, record)
             self.routes = {app: [i for i in ids if i in self.instances]
                            for app, ids in saved.get("routes", {}).items()}
             self.standby = {app: [i for i in ids if i in self.instances]
                             for app, ids in saved.get("standby", {}).items()}
             if self.is_offline:
                 await self.proxy.set_offline(True)
-            await self._apply_routes()
+            await apply_routes(self)
             self.persist()
             await nursery.start(serve_app, rpc_app(self, secret=self.config.secret,
                                                    keys=self.signal_keys,
@@ -309,26 +251,6 @@ class Agent:
                 await nursery.start(self.link.run)
             task_status.started()
             await trio.sleep_forever()
-
-    async def _permission_support(self, wanted: PermissionsSpec) -> PermissionSupport | None:
-        if self.permissions is None and wanted != PermissionsSpec():
-            self.permissions = await trio.to_thread.run_sync(functools.partial(
-                detect_permissions, group=self.config.loopback_group,
-                table=self.config.egress_table))
-        return self.permissions
-
-    async def _keep_egress_table(self) -> None:
-        """A firewall reload drops the nftables egress table: put it back (permissions)."""
-        while True:
-            await trio.sleep(EGRESS_CHECK_PERIOD)
-            if self.permissions is not None and self.permissions.loopback_gid is not None:
-                await trio.to_thread.run_sync(restore_egress_table, self.permissions)
-
-    def _join_agent_group(self, pid: int) -> None:
-        if self.agent_group is not None:
-            problem = self.agent_group.add(pid)
-            if problem is not None:
-                log.warning("process not in the agent's cpu group", pid=pid, reason=problem)
 
     async def stop_all(self) -> None:
         """Stop every instance (draining first) and the proxy workers: the node goes away.
@@ -345,146 +267,10 @@ class Agent:
             await trio.to_thread.run_sync(remove_empty_parent, self.cgroups)
         self.persist()
 
-    async def _adopt(self, record: dict[str, Any]) -> None:
-        """Supervise again the instance a previous agent recorded: its process when it
-        still runs, else a fresh one with the same id and port (started in the
-        background, so one slow app does not hold up the agent's start)."""
-        assert self._nursery is not None
-        try:
-            config = InstanceConfig.from_record(record["config"], cgroups=self.cgroups)
-            wanted = PermissionsSpec(network=config.network, filesystem=config.filesystem)
-            config = dataclasses.replace(config,
-                                         permission_support=await self._permission_support(wanted))
-        except (KeyError, ValueError, TypeError) as exc:
-            log.error("unreadable instance record; it will not be served", error=str(exc),
-                      record=record.get("config", {}).get("instance"))
-            return
-        self.ports.adopt(config.port)
-        try:
-            if record.get("pid") is None:
-                raise AdoptionFailed("no process was running", pid=0,
-                                     instance=config.instance)
-            instance = Instance.adopt(config, pid=int(record["pid"]),
-                                      create_time=float(record["create_time"]))
-        except (AdoptionFailed, KeyError, ValueError, TypeError) as exc:
-            log.warning("instance not adopted; starting it afresh", error=str(exc),
-                        instance=config.instance)
-            if config.cgroups is not None:  # a process nobody recorded may hold the port
-                await _empty_cgroup(InstanceCgroup.existing(config.cgroups, config.app,
-                                                            config.instance))
-            instance = Instance(config)
-            self._add(instance, from_start=False)  # the old process's output is not replayed
-            self._nursery.start_soon(self._supervise, instance)
-            return
-        self._add(instance, from_start=False)
-        try:
-            await self._nursery.start(self._supervise, instance)
-        except SupervisorError as exc:
-            self._forget(instance)
-            log.warning("adopted instance did not become ready", error=str(exc),
-                        instance=config.instance)
-            return
-        log.info("instance adopted", instance=config.instance, pid=record["pid"])
-
-    def _add(self, instance: Instance, *, from_start: bool) -> None:
-        """Track ``instance``: its changes are persisted and may change the routes."""
-        config = instance.config
-        self.instances[config.instance] = instance
-        instance.on_change = self._instance_changed
-        self.log_hub.add(config.app, config.release, config.instance, config.out_log,
-                         config.err_log, from_start=from_start)
-
-    def _forget(self, instance: Instance) -> None:
-        """Stop tracking ``instance`` (stopped, or failed to start) unless already done."""
-        config = instance.config
-        if self.instances.get(config.instance) is instance:
-            del self.instances[config.instance]
-            self.ports.release(config.port)
-            self.log_hub.remove(config.instance)
-            self._unroute({config.instance})  # no route names what is gone
-
-    def _unroute(self, gone: set[str]) -> bool:
-        """Take ``gone`` out of every app's routes and standbys; True if any was there."""
-        changed = False
-        for table in (self.routes, self.standby):
-            for app, ids in table.items():
-                kept = [i for i in ids if i not in gone]
-                if kept != ids:
-                    table[app] = kept
-                    changed = True
-        return changed
-
-    async def _supervise(self, instance: Instance, *,
-                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                         ) -> None:
-        """``instance.run``, whose failures before it is ready go to the starter (through
-        ``nursery.start``) and after it to the log: one instance never takes the agent
-        down."""
-        started = _Started(task_status)
-        try:
-            await instance.run(task_status=started)
-        except SupervisorError as exc:  # IsolationError is one too
-            if not started.done:
-                if task_status is not trio.TASK_STATUS_IGNORED:
-                    raise  # the starter forgets the instance
-                self._forget(instance)  # a fresh start of a lost instance failed
-                self.persist()
-                self._routes_stale.set()
-            log.error("instance supervision ended", instance=instance.config.instance,
-                      error=str(exc))
-
-    def _instance_changed(self, instance: Instance) -> None:
-        """A state or process change: persist the pid; wake the route keeper when the
-        instance is routed."""
-        instance_id = instance.config.instance
-        if self.instances.get(instance_id) is not instance:
-            return
-        self.persist()
-        if any(instance_id in ids for ids in (*self.routes.values(), *self.standby.values())):
-            self._routes_stale.set()
-
-    async def _keep_routes(self) -> None:
-        """Re-apply the routes whenever a routed instance starts or stops serving."""
-        while True:
-            await self._routes_stale.wait()
-            self._routes_stale = trio.Event()
-            try:
-                await self._apply_routes()
-            except ParticipantError as exc:
-                log.error("routes not applied after an instance changed", error=str(exc))
-
     # ------------------------------------------------------------------ state
-    def _load_state(self) -> dict[str, Any]:
-        path = self.config.data_dir / STATE_FILE
-        try:
-            doc: dict[str, Any] = json.loads(path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise ParticipantError(f"cannot read {path}: {exc}") from None
-        self.ledger = SignalLedger.from_json(doc.get("ledger", {}))
-        self._seq = int(doc.get("seq", 0))
-        self.is_offline = bool(doc.get("offline", False))
-        self.debug_sessions.load(doc.get("debug", {}))
-        return doc
-
     def persist(self) -> None:
-        """Write state.json atomically (temp file, fsync, rename)."""
-        doc = {
-            "version": STATE_VERSION, "node": self.config.node, "seq": self._seq,
-            "offline": self.is_offline, "routes": self.routes, "standby": self.standby,
-            "cold": [cold.to_json() for cold in self.cold.values()],
-            "ledger": self.ledger.to_json(),
-            "debug": self.debug_sessions.to_json(),
-            "instances": [inst.to_record() for inst in self.instances.values()],
-        }
-        path = self.config.data_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Write state.json atomically (``agentstate.persist``)."""
+        agentstate.persist(self)
 
     # ------------------------------------------------------------------ signals
     async def prepare(self, app: str, release: str, archive: Path, sha256: str,
@@ -593,7 +379,7 @@ class Agent:
             self._cold_users[app] = user
         log_dir = self.config.data_dir / "logs" / app
         log_dir.mkdir(parents=True, exist_ok=True)
-        permissions = await self._permission_support(prepared.spec.permissions)
+        permissions = await permission_support(self, prepared.spec.permissions)
         instances = []
         for _ in range(count):
             self._seq += 1
@@ -613,11 +399,11 @@ class Agent:
 
         async def start_one(instance: Instance) -> None:
             assert self._nursery is not None
-            self._add(instance, from_start=True)
+            add(self, instance, from_start=True)
             try:
-                await self._nursery.start(self._supervise, instance)
+                await self._nursery.start(supervise, self, instance)
             except SupervisorError as exc:
-                self._forget(instance)  # unless stopped meanwhile
+                forget(self, instance)  # unless stopped meanwhile
                 failures.append(exc)
                 self.persist()
             # A started instance persisted itself at its spawn and when ready (each write
@@ -637,14 +423,14 @@ class Agent:
         instances out of the routes, then stop them. An instance stopped for idleness is
         stopped already: it leaves its app's idle record (the last one, the app's route)."""
         asked = tuple(instances)
-        if self._forget_idle(instances):
-            await self._apply_routes()
+        if forget_idle(self, instances):
+            await apply_routes(self)
         instances = [i for i in instances if i not in self.idle_ids]
         targets = [self._instance(i) for i in instances]
         remaining = await self.proxy.drain(
             instances, grace=self.config.drain_grace if grace is None else grace)
-        if self._unroute(set(instances)):
-            await self._apply_routes()
+        if unroute(self, set(instances)):
+            await apply_routes(self)
         failures: list[ParticipantError] = []
 
         async def stop_one(instance: Instance) -> None:
@@ -654,7 +440,7 @@ class Agent:
                 failures.append(exc)
                 return
             # a start that was still waiting for readiness may have cleaned up already
-            self._forget(instance)
+            forget(self, instance)
 
         # At once: each stop waits out its app's own shutdown (a uvicorn takes 0.1-0.2 s),
         # and one after the other they added up. Every stop runs to its end, whatever
@@ -690,7 +476,7 @@ class Agent:
         self.standby[app] = [i for i in dict.fromkeys((*replaced, *self.standby.get(app, ())))
                              if i not in instances and i in self.instances]
         await self.proxy.undrain(instances)
-        version = await self._apply_routes()
+        version = await apply_routes(self)
         self.persist()
         return msg.SwitchReply(app=app, instances=tuple(instances), version=version)
 
@@ -723,243 +509,17 @@ class Agent:
 
     # ------------------------------------------------------------------ queries
     def status(self) -> msg.StatusReply:
-        """What ``GET /v1/status`` answers (decoded here, so a field the reply does not
-        declare fails the agent's own tests rather than a coordinator)."""
-        instances = list(self.instances.values())
-        pids = [inst.pid for inst in instances]
-        figures = process_figures(pids)
-        return codec.decode(msg.StatusReply, {
-            "node": self.config.node, "groups": list(self.config.groups),
-            "offline": self.is_offline,
-            "isolation": {"root": os.geteuid() == 0,
-                          "cgroups": self.cgroups.mode if self.cgroups else "none",
-                          "reason": self.cgroups.reason if self.cgroups else "not root",
-                          "agent_cgroup": (self.agent_group.to_json()
-                                           if self.agent_group is not None else None),
-                          "permissions": (self.permissions.to_json()
-                                          if self.permissions is not None else None)},
-            "proxy": {"version": self.proxy.snapshot.version,
-                      "workers": [s.pid for s in self.proxy.slots]},
-            "routes": self.routes,
-            "apps": self.app_states(),
-            "debug_sessions": self.debug_sessions.active(),
-            "instances": [{**inst.status(), "figures": None if pid is None else figures.get(pid)}
-                          for inst, pid in zip(instances, pids, strict=True)],
-            "releases": {app: [r.release for r in self.store.releases(app)]
-                         for app in self._apps_on_disk()},
-            "figures": node_figures(),
-        })
+        """What ``GET /v1/status`` answers (``reporting.status``)."""
+        return reporting.status(self)
 
     def coordinator_status(self) -> dict[str, Any]:
-        """The compact status a heartbeat carries: what runs where (with each instance's
-        load: ``in_flight``, and ``cpu`` in cores once sampled twice, and ``unenforced``: the
-        permissions its manifest asks for that this machine cannot enforce), routes,
-        offline, figures."""
-        return {
-            "instances": [{"id": inst.config.instance, "app": inst.config.app,
-                           "release": inst.config.release, "state": inst.state.value,
-                           "port": inst.config.port,
-                           "unenforced": unenforced(inst.isolation.permissions
-                                                    if inst.isolation is not None else None),
-                           **self.load.latest.get(instance_id, {})}
-                          for instance_id, inst in self.instances.items()]
-            # an idle app's stopped instances: the coordinator counts them as running
-            + [{"id": i, "app": cold.app, "release": cold.release, "state": "idle",
-                "port": None} for cold in self.cold.values() for i in cold.ids],
-            "routes": self.routes, "offline": self.is_offline, "figures": node_figures(),
-            "listen": list(self.config.listen), "traffic": self.traffic,
-            "proxy_hot_path": self.hot_path, "apps": self.app_states(),
-        }
-
-    async def _sample_load(self) -> None:
-        """Every LOAD_PERIOD: the proxy's in-flight counts and the instances' CPU seconds."""
-        while True:
-            await trio.sleep(LOAD_PERIOD)
-            stats = await self.proxy.stats()  # from the workers that answer
-            table = stats["instances"]
-            self.traffic = traffic(stats, BUCKETS)
-            pids = {i: inst.pid for i, inst in self.instances.items()}
-            by_pid = await trio.to_thread.run_sync(cpu_seconds, pids.values())
-            cpu = {i: None if pid is None else by_pid.get(pid) for i, pid in pids.items()}
-            self.load.sample(trio.current_time(), table, cpu)
+        """The compact status a heartbeat carries (``reporting.coordinator_status``)."""
+        return reporting.coordinator_status(self)
 
     def app_states(self) -> dict[str, dict[str, Any]]:
-        """Each app with routes here: ``state`` idle, starting or serving; an idle app's
-        ``release`` and ``instances`` (the count a cold start starts); ``start_error``
-        when its last cold start failed."""
-        states: dict[str, dict[str, Any]] = {
-            app: {"state": "serving"} for app, ids in self.routes.items() if ids}
-        for app, cold in self.cold.items():
-            states[app] = {"state": cold.state, "release": cold.release,
-                           "instances": len(cold.ids),
-                           **({"start_error": cold.reason} if cold.reason else {})}
-        return states
-
-    # ------------------------------------------------------------------ scale to zero
-    def _forget_idle(self, instances: list[str]) -> bool:
-        """Take stopped idle instances out of their apps' idle records (a record left with
-        none is dropped: the app is no longer here); True when a record changed."""
-        gone = set(instances) & self.idle_ids
-        changed = False
-        for app, cold in list(self.cold.items()):
-            kept = tuple(i for i in cold.ids if i not in gone)
-            if kept != cold.ids:
-                changed = True
-                if kept or cold.phase is Phase.STARTING:
-                    cold.ids = kept
-                else:
-                    del self.cold[app]
-        return changed
-
-    def _idle_timeouts(self) -> dict[str, float]:
-        """The routed, serving apps that scale to zero, and their idle timeouts."""
-        timeouts = {}
-        for app, ids in self.routes.items():
-            if ids and app not in self.cold and ids[0] in self.instances:
-                release = self.instances[ids[0]].config.release
-                with contextlib.suppress(ParticipantError):
-                    timeout = self.store.get(app, release).spec.scale.idle_timeout
-                    if timeout > 0:
-                        timeouts[app] = timeout
-        return timeouts
-
-    async def _watch_idle(self) -> None:
-        """Every IDLE_TICK: note each watched app's traffic; idle the ones due."""
-        while True:
-            await trio.sleep(IDLE_TICK)
-            timeouts = self._idle_timeouts()
-            for app in [a for a in self.activity.seen if a not in timeouts]:
-                self.activity.forget(app)
-            if not timeouts or self.closing:
-                continue
-            requests, in_flight = app_counts(await self.proxy.stats())
-            now = trio.current_time()
-            for app in timeouts:
-                self.activity.observe(app, now, requests=requests.get(app, 0),
-                                      in_flight=in_flight.get(app, 0))
-            for app in self.activity.due(now, timeouts):
-                try:
-                    await self._go_idle(app)
-                except ParticipantError as exc:
-                    log.error("app not idled", app=app, error=str(exc))
-                    self.activity.touch(app, trio.current_time())
-
-    async def _go_idle(self, app: str) -> None:
-        """Drain ``app``'s instances; with nothing in flight after the mark, route it with
-        none and stop them (see ``idle.py``); else route them again."""
-        ids = list(self.routes.get(app, []))
-        standby = [i for i in self.standby.get(app, []) if i in self.instances]
-        if not ids or app in self.cold or any(i not in self.instances for i in ids):
-            return
-        cold = ColdApp(app=app, release=self.instances[ids[0]].config.release,
-                       ids=tuple(ids))
-        self.cold[app] = cold
-        try:
-            remaining = await self.proxy.drain([*ids, *standby], grace=0)
-        except ParticipantError:
-            if self.cold.get(app) is cold:  # nothing changed: the app keeps serving
-                del self.cold[app]
-            raise
-        if any(remaining.values()) or self.cold.get(app) is not cold \
-                or self.routes.get(app) != ids:
-            if self.cold.get(app) is cold:
-                cold.on(Event.BUSY)
-                del self.cold[app]
-            await self.proxy.undrain([*ids, *standby])
-            self.activity.touch(app, trio.current_time())
-            return
-        self.routes[app] = []
-        self.standby[app] = []
-        self.idle_ids.update(ids)
-        await self._apply_routes()
-        targets = [self.instances[i] for i in (*ids, *standby) if i in self.instances]
-        async with trio.open_nursery() as stopping:
-            for instance in targets:
-                stopping.start_soon(self._stop_quietly, instance)
-        self.activity.forget(app)
-        if self.cold.get(app) is cold:
-            cold.on(Event.STOPPED)
-            log.info("app idle: its instances stopped", app=app, release=cold.release,
-                     instances=ids)
-            if cold.wanted:
-                cold.wanted = False
-                cold.on(Event.WAKE)
-                assert self._nursery is not None
-                self._nursery.start_soon(self._cold_start, app)
-        self.persist()
-
-    async def _stop_quietly(self, instance: Instance) -> None:
-        try:
-            await instance.stop()
-        except ParticipantError as exc:
-            log.error("idle instance did not stop", instance=instance.config.instance,
-                      error=str(exc))
-            return
-        self._forget(instance)
-
-    async def _on_wake(self, message: dict[str, Any]) -> dict[str, Any]:
-        """A proxy worker holds a request for ``app``: start it unless starting (or
-        refused after a recent failure). Answered at once."""
-        if message.get("type") != "wake" or not isinstance(message.get("app"), str):
-            raise ValueError("expected {'type': 'wake', 'app': NAME}")
-        app = message["app"]
-        cold = self.cold.get(app)
-        if cold is None:  # serving (the next snapshot routes it) or not here at all
-            if self.routes.get(app) or app in self._applied_names():
-                return {"ok": True}
-            return {"ok": False, "error": f"app {app!r} is not routed on this node"}
-        before = cold.phase
-        ok, reason = cold.wake(trio.current_time())
-        if not ok:
-            return {"ok": False, "error": f"app {app!r} failed to start: {reason}"}
-        if before is not Phase.STARTING and cold.phase is Phase.STARTING:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._cold_start, app)
-        return {"ok": True}
-
-    def _applied_names(self) -> set[str]:
-        return {route.name for route in self._applied or ()}
-
-    async def _cold_start(self, app: str) -> None:
-        """Start an idle app's instances (as many as it had) and route them; a failure
-        goes to the app's status, the log and the held requests (503 start-failed)."""
-        cold = self.cold[app]
-        began, wall = trio.current_time(), time.time()
-        log.info("cold start", app=app, release=cold.release, instances=len(cold.ids))
-        try:
-            reply = await self.start(app, cold.release, max(1, len(cold.ids)))
-            started = trio.current_time()
-            if self.cold.get(app) is not cold:
-                return  # a deploy or a stop took the app over meanwhile
-            cold.on(Event.READY)
-            # what ``switch`` does, minus its undrain of instances no worker knows yet: the
-            # held requests wait for this snapshot, so nothing else (no fsync) goes first
-            del self.cold[app]
-            self.routes[app] = [i.id for i in reply.instances]
-            self.standby[app] = []
-            self.activity.touch(app, trio.current_time())
-            await self._apply_routes()
-            routed = trio.current_time()
-            self.persist()
-            first = self.instances.get(reply.instances[0].id)
-            spawned = first.started_at if first is not None else None
-            ready = first.ready_at if first is not None else None
-            # where the time went: before the spawn (user, cgroup), the app's own boot (to
-            # its first ready probe), the rest of the start, the routing snapshot
-            log.info("cold start done", app=app, release=cold.release,
-                     ms=round((routed - began) * 1000, 1),
-                     spawn_ms=None if spawned is None else round((spawned - wall) * 1000, 1),
-                     boot_ms=(None if spawned is None or ready is None
-                              else round((ready - spawned) * 1000, 1)),
-                     start_ms=round((started - began) * 1000, 1),
-                     route_ms=round((routed - started) * 1000, 1))
-        except ParticipantError as exc:
-            if self.cold.get(app) is cold and cold.phase is Phase.STARTING:
-                cold.on(Event.FAILED, now=trio.current_time(), reason=str(exc))
-                log.error("cold start failed", app=app, release=cold.release, error=str(exc))
-                with contextlib.suppress(ParticipantError):
-                    await self._apply_routes()
-            self.persist()
+        """Each app with routes here and its scale-to-zero state
+        (``reporting.app_states``)."""
+        return reporting.app_states(self)
 
     def logs(self, *, app: str | None, instance: str | None, n: int,
              request_id: str | None = None) -> list[dict[str, Any]]:
@@ -1000,67 +560,3 @@ class Agent:
         if os.geteuid() != 0:
             return None
         return await trio.to_thread.run_sync(ensure_app_user, app)
-
-    def _apps_on_disk(self) -> list[str]:
-        root = self.store.root
-        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
-
-    async def _apply_routes(self) -> int:
-        """Push the routes (their serving instances) to the proxy unless unchanged;
-        returns the snapshot version in force."""
-        async with self._routes_lock:  # computed and applied in one go: the newest wins
-            apps = []
-            for app, ids in sorted({**self.routes, **{a: [] for a in self.cold}}.items()):
-                cold = self.cold.get(app)
-                if not ids and cold is None:
-                    continue
-                release = self.instances[ids[0]].config.release if ids else (
-                    cold.release if cold is not None else "")
-                spec = self.store.get(app, release).spec
-                r, limits = spec.routes, spec.limits
-                timeout = limits.timeout or Timeouts().first_byte
-                standby = [i for i in self.standby.get(app, ()) if i in self.instances]
-                apps.append(AppRoute(
-                    name=app,
-                    instances=tuple(RouteInstance(id=i, host="127.0.0.1",
-                                                  port=self.instances[i].config.port,
-                                                  standby=i in standby)
-                                    for i in (*ids, *standby) if self.instances[i].serving),
-                    prefix=r.prefix if (r.prefix or r.hosts or r.port) else f"/{app}",
-                    strip_prefix=r.strip_prefix if r.prefix else not (r.hosts or r.port),
-                    rewrite_paths=r.rewrite_paths,
-                    hosts=r.hosts, port=r.port, max_body=limits.max_body,
-                    min_body_rate=limits.min_body_rate, upgrades=r.upgrades,
-                    timeouts=Timeouts(first_byte=timeout, idle=timeout),
-                    cold=None if spec.scale.idle_timeout <= 0 and cold is None else ColdStart(
-                        state=_COLD_STATES.get(cold.phase, "idle") if cold else "serving",
-                        reason=cold.reason if cold else "", queue=HOLD_QUEUE,
-                        wait=spec.health.ready_deadline + HOLD_MARGIN,
-                        wake=str(self.wake_path))))
-            if apps == self._applied:
-                return self.proxy.snapshot.version
-            version = await self.proxy.apply(apps)
-            self._applied = apps
-            return version
-
-
-_COLD_STATES = {Phase.STARTING: "starting", Phase.FAILED: "failed"}  # else: idle
-
-
-async def _empty_cgroup(group: InstanceCgroup) -> None:
-    """SIGKILL what is in ``group`` until it is empty (bounded by REAP_TIMEOUT)."""
-    with trio.move_on_after(REAP_TIMEOUT):
-        while await trio.to_thread.run_sync(group.kill_all):
-            await trio.sleep(GROUP_POLL)
-
-
-class _Started:
-    """A ``task_status`` that remembers whether ``started`` was called."""
-
-    def __init__(self, inner: trio.TaskStatus[None]) -> None:
-        self.inner = inner
-        self.done = False
-
-    def started(self, value: None = None) -> None:
-        self.done = True
-        self.inner.started(value)

@@ -97,7 +97,7 @@ def instance_status(status: dict[str, Any], app: str) -> dict[str, Any]:
 async def test_permissions_enforced_inside_the_instance(data_dir: Path, app: str,
                                                         names: dict[str, str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("superagent.participant.service.EGRESS_CHECK_PERIOD", 0.2)
+    monkeypatch.setattr("superagent.participant.egress.EGRESS_CHECK_PERIOD", 0.2)
     if shutil.which("nft") is None:
         pytest.skip("needs nft (nftables) to enforce network = 'loopback'")
     async with running_agent(data_dir, **names) as rig:

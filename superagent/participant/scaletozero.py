@@ -1,0 +1,204 @@
+"""The agent's scale to zero, its I/O shell: idling apps, waking them, cold starts.
+
+The decisions are ``idle.py``'s (``ActivityWatch``, ``ColdApp`` and its transition
+table); these functions act on an ``Agent``'s tables. Every IDLE_TICK ``watch_idle``
+reads the proxy's figures for the routed apps whose release sets an idle timeout; an
+app due is drained with no grace (``go_idle``): with nothing in flight after the mark
+it is routed with no instance (a ``ColdStart`` entry, so the proxy workers hold its
+requests) and its instances are stopped, else it is routed again. A worker holding a
+request asks through the wake socket (``on_wake``); ``cold_start`` then starts as many
+instances as the app had and routes them, or records the failure (503 start-failed).
+See docs/participant.md#scale-to-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from superagent.participant.agentview import AgentView
+from superagent.participant.errors import ParticipantError
+from superagent.participant.idle import ColdApp, Event, Phase, app_counts
+from superagent.participant.routing import apply_routes
+from superagent.participant.supervisor import Instance
+from superagent.participant.tracking import forget
+
+IDLE_TICK = 1.0  # seconds between looks at the proxy's figures for apps that scale to zero
+log = structlog.get_logger("superagent.participant")
+
+
+def forget_idle(agent: AgentView, instances: list[str]) -> bool:
+    """Take stopped idle instances out of their apps' idle records (a record left with
+    none is dropped: the app is no longer here); True when a record changed."""
+    gone = set(instances) & agent.idle_ids
+    changed = False
+    for app, cold in list(agent.cold.items()):
+        kept = tuple(i for i in cold.ids if i not in gone)
+        if kept != cold.ids:
+            changed = True
+            if kept or cold.phase is Phase.STARTING:
+                cold.ids = kept
+            else:
+                del agent.cold[app]
+    return changed
+
+
+def idle_timeouts(agent: AgentView) -> dict[str, float]:
+    """The routed, serving apps that scale to zero, and their idle timeouts."""
+    timeouts = {}
+    for app, ids in agent.routes.items():
+        if ids and app not in agent.cold and ids[0] in agent.instances:
+            release = agent.instances[ids[0]].config.release
+            with contextlib.suppress(ParticipantError):
+                timeout = agent.store.get(app, release).spec.scale.idle_timeout
+                if timeout > 0:
+                    timeouts[app] = timeout
+    return timeouts
+
+
+async def watch_idle(agent: AgentView) -> None:
+    """Every IDLE_TICK: note each watched app's traffic; idle the ones due."""
+    while True:
+        await trio.sleep(IDLE_TICK)
+        timeouts = idle_timeouts(agent)
+        for app in [a for a in agent.activity.seen if a not in timeouts]:
+            agent.activity.forget(app)
+        if not timeouts or agent.closing:
+            continue
+        requests, in_flight = app_counts(await agent.proxy.stats())
+        now = trio.current_time()
+        for app in timeouts:
+            agent.activity.observe(app, now, requests=requests.get(app, 0),
+                                  in_flight=in_flight.get(app, 0))
+        for app in agent.activity.due(now, timeouts):
+            try:
+                await go_idle(agent, app)
+            except ParticipantError as exc:
+                log.error("app not idled", app=app, error=str(exc))
+                agent.activity.touch(app, trio.current_time())
+
+
+async def go_idle(agent: AgentView, app: str) -> None:
+    """Drain ``app``'s instances; with nothing in flight after the mark, route it with
+    none and stop them (see ``idle.py``); else route them again."""
+    ids = list(agent.routes.get(app, []))
+    standby = [i for i in agent.standby.get(app, []) if i in agent.instances]
+    if not ids or app in agent.cold or any(i not in agent.instances for i in ids):
+        return
+    cold = ColdApp(app=app, release=agent.instances[ids[0]].config.release,
+                   ids=tuple(ids))
+    agent.cold[app] = cold
+    try:
+        remaining = await agent.proxy.drain([*ids, *standby], grace=0)
+    except ParticipantError:
+        if agent.cold.get(app) is cold:  # nothing changed: the app keeps serving
+            del agent.cold[app]
+        raise
+    if any(remaining.values()) or agent.cold.get(app) is not cold \
+            or agent.routes.get(app) != ids:
+        if agent.cold.get(app) is cold:
+            cold.on(Event.BUSY)
+            del agent.cold[app]
+        await agent.proxy.undrain([*ids, *standby])
+        agent.activity.touch(app, trio.current_time())
+        return
+    agent.routes[app] = []
+    agent.standby[app] = []
+    agent.idle_ids.update(ids)
+    await apply_routes(agent)
+    targets = [agent.instances[i] for i in (*ids, *standby) if i in agent.instances]
+    async with trio.open_nursery() as stopping:
+        for instance in targets:
+            stopping.start_soon(stop_quietly, agent, instance)
+    agent.activity.forget(app)
+    if agent.cold.get(app) is cold:
+        cold.on(Event.STOPPED)
+        log.info("app idle: its instances stopped", app=app, release=cold.release,
+                 instances=ids)
+        if cold.wanted:
+            cold.wanted = False
+            cold.on(Event.WAKE)
+            assert agent._nursery is not None
+            agent._nursery.start_soon(cold_start, agent, app)
+    agent.persist()
+
+
+async def stop_quietly(agent: AgentView, instance: Instance) -> None:
+    try:
+        await instance.stop()
+    except ParticipantError as exc:
+        log.error("idle instance did not stop", instance=instance.config.instance,
+                  error=str(exc))
+        return
+    forget(agent, instance)
+
+
+async def on_wake(agent: AgentView, message: dict[str, Any]) -> dict[str, Any]:
+    """A proxy worker holds a request for ``app``: start it unless starting (or
+    refused after a recent failure). Answered at once."""
+    if message.get("type") != "wake" or not isinstance(message.get("app"), str):
+        raise ValueError("expected {'type': 'wake', 'app': NAME}")
+    app = message["app"]
+    cold = agent.cold.get(app)
+    if cold is None:  # serving (the next snapshot routes it) or not here at all
+        if agent.routes.get(app) or app in applied_names(agent):
+            return {"ok": True}
+        return {"ok": False, "error": f"app {app!r} is not routed on this node"}
+    before = cold.phase
+    ok, reason = cold.wake(trio.current_time())
+    if not ok:
+        return {"ok": False, "error": f"app {app!r} failed to start: {reason}"}
+    if before is not Phase.STARTING and cold.phase is Phase.STARTING:
+        assert agent._nursery is not None
+        agent._nursery.start_soon(cold_start, agent, app)
+    return {"ok": True}
+
+
+def applied_names(agent: AgentView) -> set[str]:
+    return {route.name for route in agent._applied or ()}
+
+
+async def cold_start(agent: AgentView, app: str) -> None:
+    """Start an idle app's instances (as many as it had) and route them; a failure
+    goes to the app's status, the log and the held requests (503 start-failed)."""
+    cold = agent.cold[app]
+    began, wall = trio.current_time(), time.time()
+    log.info("cold start", app=app, release=cold.release, instances=len(cold.ids))
+    try:
+        reply = await agent.start(app, cold.release, max(1, len(cold.ids)))
+        started = trio.current_time()
+        if agent.cold.get(app) is not cold:
+            return  # a deploy or a stop took the app over meanwhile
+        cold.on(Event.READY)
+        # what ``switch`` does, minus its undrain of instances no worker knows yet: the
+        # held requests wait for this snapshot, so nothing else (no fsync) goes first
+        del agent.cold[app]
+        agent.routes[app] = [i.id for i in reply.instances]
+        agent.standby[app] = []
+        agent.activity.touch(app, trio.current_time())
+        await apply_routes(agent)
+        routed = trio.current_time()
+        agent.persist()
+        first = agent.instances.get(reply.instances[0].id)
+        spawned = first.started_at if first is not None else None
+        ready = first.ready_at if first is not None else None
+        # where the time went: before the spawn (user, cgroup), the app's own boot (to
+        # its first ready probe), the rest of the start, the routing snapshot
+        log.info("cold start done", app=app, release=cold.release,
+                 ms=round((routed - began) * 1000, 1),
+                 spawn_ms=None if spawned is None else round((spawned - wall) * 1000, 1),
+                 boot_ms=(None if spawned is None or ready is None
+                          else round((ready - spawned) * 1000, 1)),
+                 start_ms=round((started - began) * 1000, 1),
+                 route_ms=round((routed - started) * 1000, 1))
+    except ParticipantError as exc:
+        if agent.cold.get(app) is cold and cold.phase is Phase.STARTING:
+            cold.on(Event.FAILED, now=trio.current_time(), reason=str(exc))
+            log.error("cold start failed", app=app, release=cold.release, error=str(exc))
+            with contextlib.suppress(ParticipantError):
+                await apply_routes(agent)
+        agent.persist()
