@@ -226,7 +226,7 @@ def test_config_keys_are_checked(tmp_path: Path, pair: tuple[Path, Path, bytes])
         return {"proxy": {"listen": ["127.0.0.1:8080"], **proxy},
                 "apps": {"web": {"prefix": "/", "instances": ["127.0.0.1:9"]}}}
 
-    with pytest.raises(ConfigError, match=r"proxy\.tls_listen: TLS listeners need tls_cert"):
+    with pytest.raises(ConfigError, match=r"proxy\.tls_listen: tls_listen needs tls_cert"):
         config_from_document(doc(tls_listen=["127.0.0.1:8443"]), source="t", version=1)
     with pytest.raises(ConfigError, match=r"proxy\.tls_listen: port 8080 is listed twice"):
         config_from_document(doc(tls_listen=["127.0.0.1:8080"], tls_cert="c.pem"),
