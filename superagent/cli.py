@@ -183,28 +183,36 @@ def _coordinator_secrets(args: argparse.Namespace) -> tuple[str, str]:
 def _participant_tls(args: argparse.Namespace, listen: tuple[str, ...]
                      ) -> tuple[tuple[str, ...], str | None, str | None]:
     """The proxy's TLS listeners and their certificate and key files (absolute) from the
-    participant's flags; the pair is loaded once here, so a bad one stops the agent with
-    its file named."""
+    participant's flags. Usage errors stop the agent (status 2); files that do not load
+    (not there yet at boot, mid-renewal) do not: the plain listeners serve and the TLS ones
+    wait for the pair (superagent/proxy/tls.py), so a restart policy is never needed."""
     from pathlib import Path
 
+    import structlog
+
     from superagent.config import parse_address
-    from superagent.proxy.tls import CertFiles, load_context
+    from superagent.errors import ConfigError
+    from superagent.proxy.tls import CertFiles, listener_problem, load_context
 
     tls_listen = tuple(args.tls_listen or ())
-    ports = {parse_address(a, source="--listen", key=a)[1] for a in listen}
-    for address in tls_listen:
-        port = parse_address(address, source="--tls-listen", key=address)[1]
-        if port in ports:
-            raise SuperagentError(f"--tls-listen {address}: port {port} is already a listener")
-        ports.add(port)
-    if tls_listen and not args.tls_cert:
-        raise SuperagentError("--tls-listen needs --tls-cert (a PEM certificate file)")
-    if args.tls_key and not args.tls_cert:
-        raise SuperagentError("--tls-key needs --tls-cert")
+    plain = [parse_address(a, source="--listen", key=a) for a in listen]
+    secure = [parse_address(a, source="--tls-listen", key=a) for a in tls_listen]
+    problem = listener_problem(plain, secure, cert=bool(args.tls_cert), key=bool(args.tls_key),
+                               name=lambda setting: "--" + setting.replace("_", "-"))
+    if problem is not None:
+        flag = "--" + problem.setting.replace("_", "-")
+        where = "" if problem.address is None else (
+            f"{flag} {problem.address[0]}:{problem.address[1]}: ")
+        raise SuperagentError(where + problem.message)
     cert = str(Path(args.tls_cert).resolve()) if args.tls_cert else None
     key = str(Path(args.tls_key).resolve()) if args.tls_key else None
     if cert is not None:
-        load_context(CertFiles(cert=cert, key=key))  # ConfigError names the file
+        try:
+            load_context(CertFiles(cert=cert, key=key))
+        except ConfigError as exc:
+            structlog.get_logger("superagent.cli").warning(
+                "TLS certificate does not load yet; the TLS listeners refuse handshakes"
+                " until it does (the plain ones serve)", error=str(exc))
     return tls_listen, cert, key
 
 

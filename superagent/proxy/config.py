@@ -39,7 +39,7 @@ from superagent.proxy.snapshot import (
     ServerSettings,
     Timeouts,
 )
-from superagent.proxy.tls import CertFiles, load_context
+from superagent.proxy.tls import CertFiles, listener_problem, load_context
 
 PARSERS = ("httptools", "h11")
 COLD_STATES = ("idle", "starting", "failed", "serving")
@@ -175,21 +175,15 @@ def _read_process(proxy: Table) -> ProxyConfig:
 
 def _read_snapshot(root: Table, proxy: Table, *, version: int) -> RoutingSnapshot:
     settings = _read_settings(proxy)
-    shared: list[Listener] = []
-    for value in proxy.str_list("listen", ["0.0.0.0:8080"]):
-        host, port = parse_address(value, source=proxy.source, key=proxy.key("listen"))
-        if any(lst.port == port for lst in shared):
-            raise proxy.error("listen", f"port {port} is listed twice")
-        shared.append(Listener(host=host, port=port))
-    for value in proxy.str_list("tls_listen", []):
-        host, port = parse_address(value, source=proxy.source, key=proxy.key("tls_listen"))
-        if any(lst.port == port for lst in shared):
-            raise proxy.error("tls_listen", f"port {port} is listed twice")
-        shared.append(Listener(host=host, port=port, tls=True))
-    if any(lst.tls for lst in shared) and settings.tls_cert is None:
-        raise proxy.error("tls_listen", "TLS listeners need tls_cert (a PEM certificate file)")
-    if settings.tls_key is not None and settings.tls_cert is None:
-        raise proxy.error("tls_key", "tls_key needs tls_cert")
+    plain, secure = ([parse_address(value, source=proxy.source, key=proxy.key(name))
+                      for value in proxy.str_list(name, default)]
+                     for name, default in (("listen", ["0.0.0.0:8080"]), ("tls_listen", [])))
+    problem = listener_problem(plain, secure, cert=settings.tls_cert is not None,
+                               key=settings.tls_key is not None)
+    if problem is not None:
+        raise proxy.error(problem.setting, problem.message)
+    shared = [Listener(host=h, port=p) for h, p in plain] + [
+        Listener(host=h, port=p, tls=True) for h, p in secure]
     default_host = shared[0].host if shared else "0.0.0.0"
     dedicated_host = proxy.text("dedicated_host", default_host)
     proxy.done()

@@ -116,8 +116,11 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             acc_inst["in_flight"] += info["in_flight"]
             acc_inst["pool_idle"] += info["pool_idle"]
             acc_inst["draining"] = acc_inst["draining"] or info["draining"]
+    # Why a TLS certificate pair does not load, once per distinct reason (worker.py).
+    tls_errors = sorted({why for part in parts for why in part.get("tls_errors", ())})
     return {"requests": requests, "latency": latency, "retries": retries,
-            "connect_errors": errors, "instances": instances, "cold_starts": cold}
+            "connect_errors": errors, "instances": instances, "cold_starts": cold,
+            "tls_errors": tls_errors}
 
 
 def _label(value: str) -> str:

@@ -20,6 +20,16 @@ listening socket is never touched (connections in flight keep the context they w
 accepted with). A pair that does not load, say a new certificate written before its
 new key, leaves the last good context serving; the failure is logged once per state of
 the files, and the pair is loaded again as soon as they change once more.
+
+A pair that has never loaded (the files are not there yet at boot, a mount comes late,
+a renewal is half-written) is the environment's state, not a wrong setting: the worker
+serves its plain listeners anyway and each TLS connection is closed before its
+handshake, until an accept finds the files loadable. ``CertStore.errors`` says why for
+``stats``; the failure is logged once per state of the files, as above.
+
+``listener_problem`` holds the checks that are usage errors (a TLS listener without a
+certificate, a key without one, a port listed twice), shared by the proxy's config file
+and the participant's flags, which only spell the settings differently.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -51,6 +61,40 @@ class CertFiles:
 
     cert: str
     key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListenerProblem:
+    """What is wrong with a set of listener settings: ``setting`` ("listen", "tls_listen"
+    or "tls_key") is at fault; ``address`` is the listener at fault, if one is."""
+
+    setting: str
+    message: str
+    address: tuple[str, int] | None = None
+
+
+def listener_problem(listen: Sequence[tuple[str, int]], tls_listen: Sequence[tuple[str, int]],
+                     *, cert: bool, key: bool, name: Callable[[str], str] = str
+                     ) -> ListenerProblem | None:
+    """The first usage error in these listeners and certificate settings, or None.
+
+    ``name`` spells a setting as its user writes it ("tls_cert", "--tls-cert"). Whether
+    the files load is not checked here: that is the environment's state (see above).
+    """
+    ports: set[int] = set()
+    for setting, addresses in (("listen", listen), ("tls_listen", tls_listen)):
+        for host, port in addresses:
+            if port in ports:
+                return ListenerProblem(setting=setting, address=(host, port),
+                                       message=f"port {port} is listed twice")
+            ports.add(port)
+    if tls_listen and not cert:
+        return ListenerProblem(setting="tls_listen", message=f"{name('tls_listen')} needs "
+                               f"{name('tls_cert')} (a PEM certificate file)")
+    if key and not cert:
+        return ListenerProblem(setting="tls_key",
+                               message=f"{name('tls_key')} needs {name('tls_cert')}")
+    return None
 
 
 def load_context(files: CertFiles) -> ssl.SSLContext:
@@ -96,10 +140,11 @@ class CertStore:
 
     def __init__(self) -> None:
         self._loaded: dict[CertFiles, tuple[tuple[_Signature, _Signature], ssl.SSLContext]] = {}
-        self._refused: dict[CertFiles, tuple[_Signature, _Signature]] = {}
+        # The state of the files last refused, and why (for a pair with no context yet).
+        self._refused: dict[CertFiles, tuple[tuple[_Signature, _Signature], str]] = {}
 
     def __repr__(self) -> str:
-        return f"<CertStore pairs={len(self._loaded)}>"
+        return f"<CertStore pairs={len(self._loaded)} refused={len(self._refused)}>"
 
     def context(self, files: CertFiles) -> ssl.SSLContext:
         """The context for ``files`` as they are now, or the last good one.
@@ -110,27 +155,36 @@ class CertStore:
         current = self._loaded.get(files)
         if current is not None and current[0] == seen:
             return current[1]
-        if current is not None and self._refused.get(files) == seen:
-            return current[1]  # this state of the files was refused before: logged then
+        refused = self._refused.get(files)
+        if refused is not None and refused[0] == seen:  # refused before, and logged then
+            if current is None:
+                raise ConfigError(refused[1])
+            return current[1]
         try:
             context = load_context(files)
         except ConfigError as exc:
+            self._refused[files] = (seen, str(exc))
             if current is None:
+                log.warning("TLS certificate does not load; its listeners refuse handshakes"
+                            " until it does", cert=files.cert, error=str(exc))
                 raise
-            self._refused[files] = seen
             log.warning("TLS certificate not reloaded; the previous one keeps serving",
                         cert=files.cert, error=str(exc))
             return current[1]
-        if current is not None:
+        if current is not None or refused is not None:
             log.info("TLS certificate reloaded", cert=files.cert)
         self._loaded[files] = (seen, context)
         self._refused.pop(files, None)
         return context
 
+    def errors(self) -> list[str]:
+        """Why each pair with no context to serve does not load."""
+        return [why for files, (_, why) in self._refused.items() if files not in self._loaded]
+
     def keep_only(self, wanted: set[CertFiles]) -> None:
         """Forget the pairs no listener uses any more."""
-        for files in [f for f in self._loaded if f not in wanted]:
-            del self._loaded[files]
+        for files in [f for f in (*self._loaded, *self._refused) if f not in wanted]:
+            self._loaded.pop(files, None)
             self._refused.pop(files, None)
 
 

@@ -169,7 +169,8 @@ class Worker:
             state.node_draining = bool(message.get("draining", True))
             return {"ok": True, "draining": state.node_draining}
         if kind == "stats":
-            return {"ok": True, "pid": os.getpid(), "stats": state.stats()}
+            return {"ok": True, "pid": os.getpid(),
+                    "stats": {**state.stats(), "tls_errors": self.certs.errors()}}
         if kind == "ping":
             return {"ok": True, "pid": os.getpid(), "version": state.table.version}
         raise ValueError(f"unknown control message type {kind!r}")
@@ -208,13 +209,16 @@ class Worker:
                  listeners=[f"{h}:{p}" for h, p in wanted])
 
     def _tls_files(self, snapshot: RoutingSnapshot) -> dict[tuple[str, int], tls.CertFiles]:
-        """The TLS listeners of ``snapshot`` and their files, loaded once (so a certificate
-        that does not load refuses the snapshot); raises ConfigError."""
+        """The TLS listeners of ``snapshot`` and their files, loaded once now so a pair that
+        does not load is logged when the snapshot arrives. Such a pair does not refuse the
+        snapshot: the plain listeners serve, and the TLS ones close each connection until
+        the files load (tls.py)."""
         s = snapshot.settings
         if s.tls_cert is None:
             return {}
         files = tls.CertFiles(cert=s.tls_cert, key=s.tls_key)
-        self.certs.context(files)
+        with contextlib.suppress(ConfigError):  # CertStore logged it
+            self.certs.context(files)
         return {(lst.host, lst.port): files for lst in snapshot.listeners if lst.tls}
 
     def _stop_listening(self) -> None:
@@ -264,8 +268,7 @@ class Worker:
                 await tls.serve_tls(sock, self.certs.context(tls_files),
                                     state.settings.header_timeout,
                                     lambda plain: self._serve_https(plain, port, peer_ip))
-        except ConfigError as exc:  # never loaded: apply() loads it first, so not expected
-            log.error("TLS certificate unusable", error=str(exc), port=port)
+        except ConfigError:  # the pair never loaded yet: no handshake (CertStore logged it)
             netio.close(sock)
         except Exception:
             log.exception("connection failed", port=port)

@@ -343,12 +343,73 @@ async def test_a_tls_listener_serves_https_beside_the_plain_one(run_dir: Path) -
             await d.stop()
 
 
+async def test_a_certificate_that_does_not_load_yet_leaves_plain_http_serving(
+        run_dir: Path) -> None:
+    """A fresh worker whose certificate files are missing (mid-renewal, a late mount)
+    serves its plain listeners, refuses TLS handshakes and says why in ``stats``, then
+    serves HTTPS from the next connection once the pair loads."""
+    import ssl
+
+    from superagent.proxy.snapshot import ServerSettings
+    from tests.proxy.test_tls import self_signed, trusting, write_pair
+
+    certs = run_dir / "certs"
+    certs.mkdir()
+    cert_path, key_path = certs / "cert.pem", certs / "key.pem"
+    port, tls_port = free_port(), free_port()
+    d = ProxyDriver(run_dir, workers=1, parser="httptools", grace=5.0,
+                    listen=(f"127.0.0.1:{port}",), tls_listen=(f"127.0.0.1:{tls_port}",),
+                    settings=ServerSettings(tls_cert=str(cert_path), tls_key=str(key_path)))
+    cert, key = self_signed("node")
+
+    async def https() -> bytes:
+        with trio.fail_after(STEP):
+            tcp = await trio.open_tcp_stream("127.0.0.1", tls_port)
+            stream = trio.SSLStream(tcp, trusting(cert), server_hostname="localhost")
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n"
+                                      b"Connection: close\r\n\r\n")
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+        return data
+
+    async with upstreams("a") as (a,):
+        try:
+            await d.start()
+            await d.apply([app(a)])
+            assert await get(port) == (200, "a")
+            with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
+                await https()
+            stats = await d.stats()
+            assert any("cert.pem does not exist" in e for e in stats["tls_errors"]), stats
+            write_pair(certs, cert, key)
+            data = await https()
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a"), data
+            assert (await d.stats())["tls_errors"] == []
+        finally:
+            await d.stop()
+
+
+def test_tls_files_that_do_not_load_are_no_usage_error(tmp_path: Path) -> None:
+    """A missing certificate is the environment's state, not a wrong command line: the
+    agent starts (its TLS listeners wait for the pair) instead of exiting with status 2,
+    which the systemd unit would never restart."""
+    import argparse
+
+    from superagent.cli import _participant_tls
+
+    args = argparse.Namespace(tls_listen=["127.0.0.1:8443"], tls_cert="/nonexistent/c.pem",
+                              tls_key=None)
+    assert _participant_tls(args, ("127.0.0.1:8080",)) == (
+        ("127.0.0.1:8443",), "/nonexistent/c.pem", None)
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--tls-listen", "127.0.0.1:8443"], "--tls-listen needs --tls-cert"),
     (["--tls-key", "k.pem"], "--tls-key needs --tls-cert"),
-    (["--tls-listen", "127.0.0.1:8080", "--tls-cert", "c.pem"], "port 8080 is already"),
-    (["--tls-listen", "127.0.0.1:8443", "--tls-cert", "/nonexistent/c.pem"],
-     "/nonexistent/c.pem does not exist"),
+    (["--tls-listen", "127.0.0.1:8080", "--tls-cert", "c.pem"],
+     "--tls-listen 127.0.0.1:8080: port 8080 is listed twice"),
     (["--trusted-proxy", "10.0.0.300"], "--trusted-proxy '10.0.0.300' is not an IP"),
 ])
 def test_participant_proxy_flags_are_checked(flags: list[str], message: str, tmp_path: Path,

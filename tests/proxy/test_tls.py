@@ -226,7 +226,7 @@ def test_config_keys_are_checked(tmp_path: Path, pair: tuple[Path, Path, bytes])
         return {"proxy": {"listen": ["127.0.0.1:8080"], **proxy},
                 "apps": {"web": {"prefix": "/", "instances": ["127.0.0.1:9"]}}}
 
-    with pytest.raises(ConfigError, match=r"proxy\.tls_listen: TLS listeners need tls_cert"):
+    with pytest.raises(ConfigError, match=r"proxy\.tls_listen: tls_listen needs tls_cert"):
         config_from_document(doc(tls_listen=["127.0.0.1:8443"]), source="t", version=1)
     with pytest.raises(ConfigError, match=r"proxy\.tls_listen: port 8080 is listed twice"):
         config_from_document(doc(tls_listen=["127.0.0.1:8080"], tls_cert="c.pem"),
@@ -297,3 +297,25 @@ def test_the_proxy_process_serves_https_from_its_toml(
             proc.wait()
         up.close()
     assert proc.returncode == 0, (tmp_path / "stderr.log").read_text()
+
+
+def test_a_pair_that_never_loaded_is_retried_when_its_files_change(tmp_path: Path) -> None:
+    """No good context yet: every ask raises, the failure is logged once per state of the
+    files and listed by ``errors``; writing the pair makes the next ask serve it."""
+    from structlog.testing import capture_logs
+
+    from superagent.proxy.tls import CertFiles, CertStore
+
+    files = CertFiles(cert=str(tmp_path / "cert.pem"), key=str(tmp_path / "key.pem"))
+    store = CertStore()
+    with capture_logs() as logs:
+        for _ in range(3):
+            with pytest.raises(ConfigError, match=r"cert\.pem does not exist"):
+                store.context(files)
+    assert len([e for e in logs if e["log_level"] == "warning"]) == 1, logs
+    assert len(store.errors()) == 1 and "cert.pem does not exist" in store.errors()[0]
+    write_pair(tmp_path, *self_signed("late"))
+    assert isinstance(store.context(files), ssl.SSLContext)
+    assert store.errors() == []
+    store.keep_only(set())
+    assert repr(store) == "<CertStore pairs=0 refused=0>"
