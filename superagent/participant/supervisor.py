@@ -53,51 +53,43 @@ Log files: before each spawn a file over ``log_max_bytes`` is renamed to ``<name
 the new child gets a fresh one; while an instance runs, ``logs.LogHub`` reads its files
 line by line and bounds them by copy-truncate.
 
-The state machine (``transition``) is pure; everything else is the trio shell.
+The state machine (``instancestate.transition``) is pure; the config and its persisted
+form are ``instanceconfig.InstanceConfig``, the health probe and the listening-port
+check ``probes``; this module is the trio shell around them (and re-exports
+``InstanceConfig``, ``State``, ``Event``, ``transition`` and ``probe``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import re
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import h11
-import psutil
 import structlog
 import trio
 
 from superagent.backoff import Backoff
-from superagent.manifest import AppSpec, HealthSpec
 from superagent.participant.adoption import AdoptedProcess, process_create_time
-from superagent.participant.cgroups import (
-    CgroupLimits,
-    CgroupSupport,
-    InstanceCgroup,
-    app_cpu_weight,
-)
-from superagent.participant.errors import (
-    AdoptionFailed,
-    InvalidTransition,
-    StartFailed,
-    SupervisorError,
-)
-from superagent.participant.isolation import AppUser, IsolationReport, RLimits, child_setup
-from superagent.participant.permissions import PermissionSupport, Sandbox, build_sandbox
+from superagent.participant.cgroups import InstanceCgroup
+from superagent.participant.errors import AdoptionFailed, StartFailed, SupervisorError
+from superagent.participant.instanceconfig import InstanceConfig as InstanceConfig
+from superagent.participant.instancestate import Event as Event
+from superagent.participant.instancestate import State as State
+from superagent.participant.instancestate import transition as transition
+from superagent.participant.isolation import IsolationReport, child_setup
+from superagent.participant.probes import listening_ports
+from superagent.participant.probes import probe as probe
 from superagent.participant.toolchain import release_env
 from superagent.procs import REAP_TIMEOUT, terminate_group
 
 log = structlog.get_logger("superagent.participant")
 
-DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL; what most app servers need to drain
 # Readiness probes start READY_POLL_FIRST apart and back off to READY_POLL: most apps are
 # ready within tens of milliseconds, and a fixed 100 ms step would add up to 100 ms to each.
 # The cap is small too: a probe of a booting app is a refused loopback connect (well under
@@ -105,12 +97,6 @@ DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL; what most app serve
 # an express) waited up to 100 ms, 50 on average, for the probe that sees it at a 0.1 s cap.
 READY_POLL_FIRST = 0.005
 READY_POLL = 0.025
-BACKOFF_INITIAL = 0.5  # first restart delay; doubles per consecutive crash
-BACKOFF_MAX = 30.0  # cap on the restart delay
-MAX_RESTARTS = 5  # this many restarts within RESTART_WINDOW is a crash loop
-RESTART_WINDOW = 60.0  # seconds
-LOG_MAX_BYTES = 10 * 1024**2  # rotate a log file over this size at the next spawn
-MAX_RESPONSE_HEAD = 16 * 1024  # a health answer's status line and headers fit in this
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 GROUP_POLL = 0.05  # while a stopped instance's cgroup empties (a cgroup cannot be waited on)
@@ -125,21 +111,6 @@ RECORD_VERSION = 1  # of the persisted form, ``Instance.to_record``
 
 # The process an instance supervises: its own child, or one adopted from an earlier agent.
 _Process: TypeAlias = trio.Process | AdoptedProcess
-
-
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports the process ``pid`` and its descendants listen on (empty when gone)."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return set()
-    ports: set[int] = set()
-    for proc in processes:
-        with contextlib.suppress(psutil.Error):
-            ports.update(conn.laddr.port for conn in proc.net_connections(kind="tcp")
-                         if conn.status == psutil.CONN_LISTEN and conn.laddr)
-    return ports
 
 
 def output_tails(config: InstanceConfig, lines: int = TAIL_LINES) -> str:
@@ -169,219 +140,6 @@ def _exited(process: _Process) -> bool:
     if isinstance(process, AdoptedProcess):
         return process.exited
     return process.returncode is not None
-
-
-# --- configuration ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class InstanceConfig:
-    """Everything one instance needs; tunables default to the named constants above.
-
-    ``cwd`` is the release's source directory, ``home`` a writable per-instance directory
-    (created, and chowned to the app user when switching), ``cgroups`` the agent's
-    detected support (None: no cgroup at all).
-    """
-
-    app: str
-    release: str
-    instance: str
-    port: int
-    cwd: Path
-    command: str
-    home: Path
-    log_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    health: HealthSpec = field(default_factory=HealthSpec)
-    user: AppUser | None = None
-    cgroups: CgroupSupport | None = None
-    cgroup_limits: CgroupLimits = field(default_factory=CgroupLimits)
-    rlimits: RLimits = field(default_factory=RLimits)
-    # [permissions] of the manifest; ``writable`` the trees a "release" filesystem keeps
-    # writable; ``permission_support`` what the agent can enforce (not recorded, like cgroups)
-    network: str = "any"
-    filesystem: str = "any"
-    writable: tuple[Path, ...] = ()
-    permission_support: PermissionSupport | None = None
-    grace: float = DEFAULT_GRACE
-    backoff_initial: float = BACKOFF_INITIAL
-    backoff_max: float = BACKOFF_MAX
-    max_restarts: int = MAX_RESTARTS
-    restart_window: float = RESTART_WINDOW
-    log_max_bytes: int = LOG_MAX_BYTES
-
-    @classmethod
-    def from_spec(cls, spec: AppSpec, *, release: str, instance: str, port: int, cwd: Path,
-                  home: Path, log_dir: Path, user: AppUser | None = None,
-                  cgroups: CgroupSupport | None = None, release_dir: Path | None = None,
-                  permissions: PermissionSupport | None = None) -> InstanceConfig:
-        """The config of an instance of ``spec`` (limits, health, env, command and
-        permissions from it); ``release_dir`` and ``home`` stay writable under
-        ``filesystem = "release"``."""
-        limits = spec.limits
-        return cls(app=spec.name, release=release, instance=instance, port=port, cwd=cwd,
-                   command=spec.run.command, home=home, log_dir=log_dir, env=spec.env_dict(),
-                   health=spec.health, user=user, cgroups=cgroups,
-                   cgroup_limits=CgroupLimits(memory=limits.memory, cpu=limits.cpu,
-                                              cpu_weight=app_cpu_weight(limits.cpu),
-                                              pids=limits.pids),
-                   rlimits=RLimits(nofile=limits.nofile),
-                   network=spec.permissions.network, filesystem=spec.permissions.filesystem,
-                   writable=(release_dir or cwd, home), permission_support=permissions)
-
-    def to_record(self) -> dict[str, Any]:
-        """A JSON-able dict from which ``from_record`` rebuilds this config.
-
-        ``cgroups`` is left out: it is the agent's detected support, not the instance's.
-        """
-        return {
-            "app": self.app, "release": self.release, "instance": self.instance,
-            "port": self.port, "cwd": str(self.cwd), "command": self.command,
-            "home": str(self.home), "log_dir": str(self.log_dir), "env": dict(self.env),
-            "health": asdict(self.health),
-            "user": asdict(self.user) if self.user is not None else None,
-            "cgroup_limits": asdict(self.cgroup_limits), "rlimits": asdict(self.rlimits),
-            "network": self.network, "filesystem": self.filesystem,
-            "writable": [str(p) for p in self.writable], "grace": self.grace,
-            "backoff_initial": self.backoff_initial,
-            "backoff_max": self.backoff_max, "max_restarts": self.max_restarts,
-            "restart_window": self.restart_window, "log_max_bytes": self.log_max_bytes,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, cgroups: CgroupSupport | None = None,
-                    permissions: PermissionSupport | None = None) -> InstanceConfig:
-        """The config ``to_record`` wrote, with the agent's current cgroup ``support``.
-
-        Raises ``SupervisorError`` naming the problem when the record is malformed.
-        """
-        try:
-            user = record["user"]
-            return cls(
-                app=record["app"], release=record["release"], instance=record["instance"],
-                port=int(record["port"]), cwd=Path(record["cwd"]), command=record["command"],
-                home=Path(record["home"]), log_dir=Path(record["log_dir"]),
-                env={str(k): str(v) for k, v in record["env"].items()},
-                health=HealthSpec(**record["health"]),
-                user=AppUser(**user) if user is not None else None, cgroups=cgroups,
-                cgroup_limits=CgroupLimits(**record["cgroup_limits"]),
-                rlimits=RLimits(**record["rlimits"]), grace=float(record["grace"]),
-                # records of agents before [permissions] have none: "any"
-                network=str(record.get("network", "any")),
-                filesystem=str(record.get("filesystem", "any")),
-                writable=tuple(Path(p) for p in record.get("writable", ())),
-                permission_support=permissions,
-                backoff_initial=float(record["backoff_initial"]),
-                backoff_max=float(record["backoff_max"]),
-                max_restarts=int(record["max_restarts"]),
-                restart_window=float(record["restart_window"]),
-                log_max_bytes=int(record["log_max_bytes"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise SupervisorError(f"malformed instance record: {exc!r}",
-                                  app=str(record.get("app", "")),
-                                  instance=str(record.get("instance", ""))) from exc
-
-    def sandbox(self) -> Sandbox:
-        """The instance's permissions as this agent can enforce them."""
-        return build_sandbox(self.permission_support, network=self.network,
-                             filesystem=self.filesystem, writable=self.writable,
-                             switched_user=self.user is not None and self.user.switched)
-
-    @property
-    def out_log(self) -> Path:
-        return self.log_dir / f"{self.instance}.out.log"
-
-    @property
-    def err_log(self) -> Path:
-        return self.log_dir / f"{self.instance}.err.log"
-
-
-# --- the state machine (pure) -----------------------------------------------------------------
-
-
-class State(enum.Enum):
-    STARTING = "starting"  # spawned, waiting for readiness
-    READY = "ready"  # answered readiness; liveness checks running
-    UNHEALTHY = "unhealthy"  # some liveness checks failed, fewer than ``failures``
-    BACKOFF = "backoff"  # exited; waiting before the next spawn
-    CRASH_LOOP = "crash_loop"  # too many restarts in the window; given up
-    STOPPING = "stopping"  # stop() in progress
-    STOPPED = "stopped"  # no process, nothing more will happen
-
-
-class Event(enum.Enum):
-    READY = "ready"
-    CHECK_OK = "check_ok"
-    CHECK_FAILED = "check_failed"
-    EXITED = "exited"  # the process ended (by itself, or killed for failing its checks)
-    RESTART = "restart"
-    CRASH_LOOP = "crash_loop"
-    START_FAILED = "start_failed"  # the first start failed: give up, run() raises
-    STOP = "stop"
-    STOPPED = "stopped"
-
-
-_TRANSITIONS: dict[tuple[State, Event], State] = {
-    (State.STARTING, Event.READY): State.READY,
-    (State.STARTING, Event.EXITED): State.BACKOFF,
-    (State.STARTING, Event.START_FAILED): State.STOPPED,
-    (State.READY, Event.CHECK_OK): State.READY,
-    (State.READY, Event.CHECK_FAILED): State.UNHEALTHY,
-    (State.READY, Event.EXITED): State.BACKOFF,
-    (State.UNHEALTHY, Event.CHECK_OK): State.READY,
-    (State.UNHEALTHY, Event.CHECK_FAILED): State.UNHEALTHY,
-    (State.UNHEALTHY, Event.EXITED): State.BACKOFF,
-    (State.BACKOFF, Event.RESTART): State.STARTING,
-    (State.BACKOFF, Event.CRASH_LOOP): State.CRASH_LOOP,
-    (State.STOPPING, Event.STOPPED): State.STOPPED,
-}
-for _state in State:
-    if _state not in (State.STOPPING, State.STOPPED):
-        _TRANSITIONS[(_state, Event.STOP)] = State.STOPPING
-
-
-def transition(state: State, event: Event, *, instance: str = "") -> State:
-    """The state after ``event``; raises ``InvalidTransition`` naming both when not allowed."""
-    try:
-        return _TRANSITIONS[(state, event)]
-    except KeyError:
-        raise InvalidTransition(state.name, event.name, instance=instance) from None
-
-
-# --- the health probe -------------------------------------------------------------------------
-
-
-async def probe(port: int, path: str | None) -> bool:
-    """True when ``GET path`` on 127.0.0.1:port answers 2xx; with no ``path``, when
-    ``GET /`` gets any HTTP answer below 500 (the app serves HTTP; an accepted TCP
-    connection alone is not enough).
-
-    The caller bounds it with a timeout. Never raises for network or protocol errors.
-    """
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-    except OSError:
-        return False
-    async with stream:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-        request = h11.Request(method="GET", target=path or "/",
-                              headers=[("Host", f"127.0.0.1:{port}"), ("Connection", "close"),
-                                       ("User-Agent", "superagent-health")])
-        try:
-            await stream.send_all(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(4096)
-                    conn.receive_data(data)
-                    continue
-                if isinstance(event, h11.Response):
-                    return (200 <= event.status_code < 300 if path
-                            else event.status_code < 500)
-                if isinstance(event, h11.ConnectionClosed):
-                    return False
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError):
-            return False
 
 
 # --- the instance -----------------------------------------------------------------------------
