@@ -71,7 +71,8 @@ log = structlog.get_logger(__name__)
 
 MEMBERSHIP_TIMEOUT = 10.0  # one membership entry committed (a Raft round, or an election)
 PROBE_TIMEOUT = 2.0  # a new member's Raft port answers a TCP connect within this
-HANDOVER_TIMEOUT = 5.0  # a leader removing itself waits this long for its successor
+HANDOVER_TIMEOUT = 6.0  # a leader removing itself waits this long for its successor
+HANDOVER_ATTEMPT = 1.5  # ...asking again when after this long it still (or again) leads
 BACKUP_MAX = 64 * 1024**3  # bytes of an uploaded backup: far above a real cluster's
 STAGING = "backup-staging"  # under the data dir: files being written or read, then removed
 _CHUNK = 1024 * 1024
@@ -188,18 +189,34 @@ async def _raft_change(c: ApiHost, kind: str, address: str) -> None:
 
 
 async def _hand_over(c: ApiHost) -> None:
-    """Make a caught-up follower the leader, and wait until it is known."""
+    """Make a caught-up follower the leader, and wait until it is known.
+
+    A hand-over can miss: pysyncobj sends ``TimeoutNow`` only to a follower that holds the
+    leader's whole log, but the leader goes on appending (a deploy running), so the
+    follower's election may find voters with a longer log, fail, and this node win the
+    next one. So it asks again while it (again) leads, within ``HANDOVER_TIMEOUT``; a
+    refusal because no follower is caught up at that instant is retried the same way.
+    """
     if len(c.member_ids()) == 1:
         raise MembershipRefused(f"coordinator {c.config.id} is the only member")
-    try:
-        await c.raft.transfer_leadership(HANDOVER_TIMEOUT)
-    except RaftError as exc:
-        raise MembershipRefused(f"{c.config.id} leads and no follower could take over"
-                                f" ({exc.reason}): retry in a moment") from None
+    refused = ""
     with trio.move_on_after(HANDOVER_TIMEOUT):
-        while c.is_leader() or c.leader_url() in (None, c.config.url):
-            await trio.sleep(0.05)
-        return
+        while True:
+            if c.is_leader():
+                try:
+                    await c.raft.transfer_leadership(HANDOVER_ATTEMPT)
+                except RaftError as exc:
+                    if exc.reason != "request_denied":
+                        raise MembershipRefused(f"{c.config.id} leads and cannot hand over"
+                                                f" ({exc.reason}): retry in a moment") from None
+                    refused = exc.reason
+            with trio.move_on_after(HANDOVER_ATTEMPT):
+                while c.is_leader() or c.leader_url() in (None, c.config.url):
+                    await trio.sleep(0.05)
+                return
+    if refused and c.is_leader():
+        raise MembershipRefused(f"{c.config.id} leads and no follower could take over"
+                                f" ({refused}): retry in a moment")
     raise NoLeader(node=c.config.id, waited=HANDOVER_TIMEOUT)
 
 
