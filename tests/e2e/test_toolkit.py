@@ -95,10 +95,16 @@ async def test_emitted_events_are_filed_under_the_request_id(cluster: Cluster) -
         assert response.status_code == 200, response.text
         assert response.headers.get_list("x-request-id") == [request_id]
 
-    lines = await wait_until_async(lambda: logs_of(cluster, "trace-me.42"),
-                                   "the participant to serve both lines of the request",
-                                   until=lambda found: len(found) >= 2)
-    assert len(lines) == 2, lines
+    # the app's two lines, and the proxy's record of the request, which the participant
+    # keeps for a request-id query (it reads the proxy's access log apart, so it may come
+    # before or after them)
+    found = await wait_until_async(
+        lambda: logs_of(cluster, "trace-me.42"),
+        "the participant to serve both lines of the request and the proxy's record",
+        until=lambda found: len(found) >= 3)
+    assert [line["stream"] for line in found].count("proxy") == 1, found
+    lines = [line for line in found if line["stream"] != "proxy"]
+    assert len(lines) == 2, found
     event, record = lines
     assert all(line["request_id"] == "trace-me.42" and line["app"] == "orders"
                and line["stream"] == "stdout" for line in lines), lines
