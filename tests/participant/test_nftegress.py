@@ -4,9 +4,11 @@ Whether the rules keep packets in is tested in ``test_permissions``."""
 
 from __future__ import annotations
 
+import grp
 import os
 import random
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 
@@ -24,7 +26,11 @@ from superagent.participant.nftegress import (
     remove_egress_table,
     run_nft,
 )
-from superagent.participant.permissions import PermissionSupport, restore_egress_table
+from superagent.participant.permissions import (
+    PermissionSupport,
+    detect_permissions,
+    restore_egress_table,
+)
 
 AGENTS = 6  # agents loading the table at once in the concurrency test
 
@@ -118,3 +124,18 @@ def test_the_egress_table_is_restored_only_when_gone(table: str) -> None:
     unsupported = PermissionSupport(network_problem="no nft", filesystem_problem=None,
                                     table=table)
     assert restore_egress_table(unsupported, [60303]) is False
+
+
+def test_the_shared_group_of_earlier_agents_stays_restricted(table: str) -> None:
+    """Instances an earlier agent started run with the shared group it used: while that
+    group exists, detection puts its gid in the set, so they stay on loopback."""
+    group = table.replace("satest_", "sa-lotest-")
+    subprocess.run(["groupadd", "--system", group], check=True, capture_output=True)
+    try:
+        gid = grp.getgrnam(group).gr_gid
+        support = detect_permissions(group=group, table=table)
+        assert support.network_problem is None, support
+        assert support.legacy_gid == gid and egress_intact(table, [gid])
+        assert detect_permissions(group=f"{group}-gone", table=table).legacy_gid is None
+    finally:
+        subprocess.run(["groupdel", group], capture_output=True, check=False)
