@@ -35,7 +35,9 @@ Set elements are only ever added (``add element`` of one present is a no-op), ne
 flushed: loading the table again does not remove another agent's apps. A firewall reload
 (``nft flush ruleset``) deletes the table; each agent checks it every
 ``EGRESS_CHECK_PERIOD`` and loads it again with the groups of its own instances, so each
-agent restores its own entries.
+agent restores its own entries. (Earlier agents keyed the table on one shared group,
+``sa-loopback``; while it exists its gid is in the set and in the two rules they wrote, so
+an earlier agent still running beside this one finds its rules and leaves the table be.)
 
 The scripts and the parsing of ``nft list`` are pure; ``run_nft`` is the one blocking
 call (async callers use ``trio.to_thread``).
@@ -61,10 +63,18 @@ RULE_COUNT = len(_RULES)
 _ELEMENTS = re.compile(rf"set {GID_SET} {{[^}}]*?elements = {{([^}}]*)}}", re.S)
 
 
-def egress_ruleset(table: str, gids: Iterable[int] = ()) -> str:
+def egress_ruleset(table: str, gids: Iterable[int] = (), *,
+                   legacy_gid: int | None = None) -> str:
     """The nft script that loads ``table`` (one transaction): declares what is missing,
-    replaces the chain's rules, and adds ``gids`` to the set, keeping its other elements."""
-    rules = "".join(f"    {rule}\n" for rule in _RULES)
+    replaces the chain's rules, and adds ``gids`` to the set, keeping its other elements.
+
+    ``legacy_gid`` (the shared group of earlier agents, also in ``gids``) adds the rules
+    those agents wrote, naming it: an earlier agent still running on the host checks for
+    them and, not finding them, would delete and reload the whole table, set included."""
+    legacy = () if legacy_gid is None else (
+        f"meta skgid {legacy_gid} ip daddr != 127.0.0.0/8 {_REJECT}",
+        f"meta skgid {legacy_gid} ip6 daddr != ::1 {_REJECT}")
+    rules = "".join(f"    {rule}\n" for rule in (*_RULES, *legacy))
     return (f"table inet {table} {{\n"
             f"  set {GID_SET} {{ typeof meta skgid; }}\n"
             f"  chain output {{ type filter hook output priority 0; policy accept; }}\n"
@@ -108,9 +118,11 @@ def run_nft(*args: str, script: str | None = None) -> tuple[int, str]:
     return 0, done.stdout
 
 
-def install_egress_table(table: str, gids: Iterable[int] = ()) -> str | None:
-    """Load the egress table with ``gids`` in its set; None when done, else why not."""
-    code, output = run_nft(script=egress_ruleset(table, gids))
+def install_egress_table(table: str, gids: Iterable[int] = (), *,
+                         legacy_gid: int | None = None) -> str | None:
+    """Load the egress table with ``gids`` in its set (see ``egress_ruleset``); None when
+    done, else why not."""
+    code, output = run_nft(script=egress_ruleset(table, gids, legacy_gid=legacy_gid))
     if code == -1:
         return output
     if code != 0:

@@ -103,7 +103,8 @@ def detect_permissions(*, group: str = LOOPBACK_GROUP,
     if os.geteuid() != 0:
         return UNSUPPORTED
     legacy = _group_gid(group)
-    network = install_egress_table(table, () if legacy is None else (legacy,))
+    network = install_egress_table(table, () if legacy is None else (legacy,),
+                                   legacy_gid=legacy)
     filesystem = probe_mount_namespace()
     for name, problem in (("network", network), ("filesystem", filesystem)):
         if problem is not None:
@@ -129,7 +130,7 @@ def restore_egress_table(support: PermissionSupport, gids: Iterable[int]) -> boo
     wanted = set(gids) | ({support.legacy_gid} if support.legacy_gid is not None else set())
     if egress_intact(support.table, wanted):
         return False
-    problem = install_egress_table(support.table, wanted)
+    problem = install_egress_table(support.table, wanted, legacy_gid=support.legacy_gid)
     log.warning("nftables egress table was gone or incomplete: loaded again",
                 table=support.table, problem=problem)
     return problem is None

@@ -45,6 +45,9 @@ def test_the_ruleset_keeps_other_agents_entries() -> None:
     assert script.count(f"meta skgid @{GID_SET}") == RULE_COUNT
     assert "th dport 53" in script  # the resolvers' port, on loopback too
     assert admit_script("t", []) == ""
+    # the shared group of earlier agents gets the rules they look for, naming it
+    legacy = egress_ruleset("t", [7], legacy_gid=7)
+    assert legacy.count("meta skgid 7 ") == 2 and legacy.count("@") == RULE_COUNT
 
 
 LISTING = """table inet t {
@@ -136,6 +139,9 @@ def test_the_shared_group_of_earlier_agents_stays_restricted(table: str) -> None
         support = detect_permissions(group=group, table=table)
         assert support.network_problem is None, support
         assert support.legacy_gid == gid and egress_intact(table, [gid])
+        # what an earlier agent checks before it would reload the table its own way
+        code, listed = run_nft("list", "table", "inet", table)
+        assert code == 0 and listed.count(f"skgid {gid} ") >= 2, listed
         assert detect_permissions(group=f"{group}-gone", table=table).legacy_gid is None
     finally:
         subprocess.run(["groupdel", group], capture_output=True, check=False)
