@@ -42,11 +42,12 @@ async def permission_support(agent: AgentView, wanted: PermissionsSpec
     return agent.permissions
 
 
-def admit_app(app: str, table: str) -> int:
+def admit_app(app: str, table: str, legacy_gid: int | None = None) -> int:
     """The gid of ``app``'s egress group, created when missing and added to ``table``'s
-    set. Raises ``IsolationError``. Blocking."""
+    set (the table is loaded again if a firewall reload deleted it; ``legacy_gid``: see
+    ``PermissionSupport``). Raises ``IsolationError``. Blocking."""
     gid = ensure_loopback_group(app)
-    problem = admit_gids(table, (gid,))
+    problem = admit_gids(table, (gid,), legacy_gid=legacy_gid)
     if problem is not None:
         raise IsolationError(problem, app=app)
     return gid
@@ -61,7 +62,8 @@ async def loopback_user(user: AppUser | None, *, app: str, network: str,
             or support.network_problem is not None or user.loopback_gid is not None):
         return user
     try:
-        gid = await trio.to_thread.run_sync(admit_app, app, support.table)
+        gid = await trio.to_thread.run_sync(admit_app, app, support.table,
+                                            support.legacy_gid)
     except IsolationError as exc:
         log.warning("app egress group not set up: network permission not enforced",
                     app=app, error=str(exc))

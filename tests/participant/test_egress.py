@@ -20,7 +20,7 @@ def admitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Records admissions instead of creating groups; gid 4242 for every app."""
     calls: list[tuple[str, str]] = []
 
-    def admit(app: str, table: str) -> int:
+    def admit(app: str, table: str, legacy_gid: int | None = None) -> int:
         calls.append((app, table))
         return 4242
 
@@ -53,7 +53,7 @@ async def test_a_group_that_cannot_be_set_up_leaves_the_user_unchanged(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A failing groupadd or nft leaves the user as it was: the instance starts and its
     sandbox reports the network permission as not enforced."""
-    def fail(app: str, table: str) -> int:
+    def fail(app: str, table: str, legacy_gid: int | None = None) -> int:
         raise IsolationError("groupadd failed", app=app)
 
     monkeypatch.setattr(egress, "admit_app", fail)
