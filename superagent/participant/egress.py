@@ -7,7 +7,9 @@ user the app's egress group, created and added to the table's set first (so the 
 packet is already matched). A firewall reload drops the host-wide nftables egress table;
 ``keep_egress_table`` (a task of the agent's nursery) puts it back every
 EGRESS_CHECK_PERIOD, with the egress groups of this agent's instances: each agent
-restores its own entries and never removes another's (see ``nftegress``).
+restores its own entries and never removes another's (see ``nftegress``). An instance
+adopted after an agent restart has its group put back in the set at once (``readmit``):
+the table may have been deleted while no agent ran.
 """
 
 from __future__ import annotations
@@ -69,6 +71,23 @@ async def loopback_user(user: AppUser | None, *, app: str, network: str,
                     app=app, error=str(exc))
         return user
     return dataclasses.replace(user, loopback_gid=gid)
+
+
+async def readmit(user: AppUser | None, *, network: str,
+                  support: PermissionSupport | None) -> None:
+    """Put the egress group an adopted instance runs with back in the table's set.
+
+    The instance kept running while no agent watched: a firewall reload in that time
+    deleted the table, and the instance must not wait for the next periodic check to be
+    restricted again. A failure is logged (the check retries)."""
+    if (user is None or user.loopback_gid is None or network == "any" or support is None
+            or support.network_problem is not None):
+        return
+    problem = await trio.to_thread.run_sync(functools.partial(
+        admit_gids, support.table, (user.loopback_gid,), legacy_gid=support.legacy_gid))
+    if problem is not None:
+        log.warning("adopted instance's egress group not put back in the set",
+                    gid=user.loopback_gid, error=problem)
 
 
 def egress_gids(agent: AgentView) -> set[int]:

@@ -22,7 +22,7 @@ import trio
 from superagent.manifest import PermissionsSpec
 from superagent.participant.agentview import AgentView
 from superagent.participant.cgroups import InstanceCgroup
-from superagent.participant.egress import loopback_user, permission_support
+from superagent.participant.egress import loopback_user, permission_support, readmit
 from superagent.participant.errors import AdoptionFailed, SupervisorError
 from superagent.participant.routing import unroute
 from superagent.participant.supervisor import GROUP_POLL, REAP_TIMEOUT, Instance, InstanceConfig
@@ -39,6 +39,8 @@ async def adopt(agent: AgentView, record: dict[str, Any]) -> None:
         config = InstanceConfig.from_record(record["config"], cgroups=agent.cgroups)
         wanted = PermissionsSpec(network=config.network, filesystem=config.filesystem)
         support = await permission_support(agent, wanted)
+        # its group back in the egress set, should a firewall reload have dropped it
+        await readmit(config.user, network=config.network, support=support)
         # a record of an earlier agent has no egress group: a fresh start needs one
         user = await loopback_user(config.user, app=config.app, network=config.network,
                                    support=support)
