@@ -4,6 +4,8 @@ egress group. Setting the group up for real (root, groupadd, nft) is tested in
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from superagent.participant import egress
@@ -59,3 +61,34 @@ async def test_a_group_that_cannot_be_set_up_leaves_the_user_unchanged(
     monkeypatch.setattr(egress, "admit_app", fail)
     assert await egress.loopback_user(USER, app="shop", network="loopback",
                                       support=ENFORCEABLE) is USER
+
+
+async def test_a_user_with_its_group_is_put_back_in_the_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold start reuses the user of the app's last start, egress group included. A
+    firewall reload while the app was idle deleted the set its gid was in (and the
+    agent's check only puts back the groups of running instances): the gid goes into the
+    set again before the instance starts, or, when it cannot, the instance starts with
+    its app's group and its permission reported as not enforced, never unrestricted
+    while reported enforced."""
+    loaded: list[tuple[str, tuple[int, ...], int | None]] = []
+    problem: list[str | None] = [None]
+
+    def admit_gids(table: str, gids: tuple[int, ...], *,
+                   legacy_gid: int | None = None) -> str | None:
+        loaded.append((table, tuple(gids), legacy_gid))
+        return problem[0]
+
+    monkeypatch.setattr(egress, "admit_gids", admit_gids)
+    user = dataclasses.replace(USER, loopback_gid=4243)
+    support = dataclasses.replace(ENFORCEABLE, legacy_gid=77)
+    assert await egress.loopback_user(user, app="shop", network="loopback",
+                                      support=support) is user
+    assert loaded == [("t", (4243,), 77)]
+    problem[0] = "nft refused"
+    unenforced = await egress.loopback_user(user, app="shop", network="loopback",
+                                            support=support)
+    assert unenforced is not None and unenforced.loopback_gid is None
+    assert await egress.loopback_user(user, app="shop", network="any",
+                                      support=support) is user
+    assert len(loaded) == 2
