@@ -57,12 +57,26 @@ def admit_app(app: str, table: str, legacy_gid: int | None = None) -> int:
 
 async def loopback_user(user: AppUser | None, *, app: str, network: str,
                         support: PermissionSupport | None) -> AppUser | None:
-    """``user`` with its app's egress group when the app is loopback-only and the agent
-    can enforce it; unchanged otherwise, or when the group cannot be set up (logged; the
-    instance then starts with the permission reported as not enforced)."""
+    """``user`` with its app's egress group, in the egress set, when the app is
+    loopback-only and the agent can enforce it; unchanged otherwise, or when the group
+    cannot be set up (logged; the instance then starts with the permission reported as
+    not enforced).
+
+    A user that has the group already (a cold start reuses the last start's) has it put
+    back in the set: a firewall reload while the app was idle deleted it, and the agent's
+    check only restores the groups of running instances. When that fails the instance
+    starts without the group, reported as not enforced."""
     if (user is None or not user.switched or network == "any" or support is None
-            or support.network_problem is not None or user.loopback_gid is not None):
+            or support.network_problem is not None):
         return user
+    if user.loopback_gid is not None:
+        problem = await trio.to_thread.run_sync(functools.partial(
+            admit_gids, support.table, (user.loopback_gid,), legacy_gid=support.legacy_gid))
+        if problem is None:
+            return user
+        log.warning("app egress group not put back in the set: network permission not "
+                    "enforced", app=app, error=problem)
+        return dataclasses.replace(user, loopback_gid=None)
     try:
         gid = await trio.to_thread.run_sync(admit_app, app, support.table,
                                             support.legacy_gid)
