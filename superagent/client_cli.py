@@ -46,6 +46,15 @@ def emit(args: argparse.Namespace, doc: Any, render: Callable[[Any], str]) -> in
     return 0
 
 
+def showing(path: str, render: Callable[[Any], str]) -> Callable[[argparse.Namespace], int]:
+    """The command that GETs ``path`` and prints the answer with ``render`` (or as JSON
+    with ``--json``); ``{name}`` fields in ``path`` are filled from the arguments."""
+
+    def show(args: argparse.Namespace) -> int:
+        return emit(args, client_of(args).get(path.format_map(vars(args))), render)
+    return show
+
+
 def _ago(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}s ago"
 
@@ -58,6 +67,9 @@ def render_cluster(doc: dict[str, Any]) -> str:
     if doc.get("artifacts_missing"):
         head += f"\n{doc['artifacts_missing']} artifacts not yet fetched by {doc['id']}"
     return head + "\n" + table(rows, ("ID", "RAFT", "API", "CONNECTED", "ROLE"))
+
+
+SHOW_CLUSTER = showing("/api/v1/cluster", render_cluster)  # `cluster` and `cluster list`
 
 
 def render_nodes(doc: dict[str, Any]) -> str:
@@ -105,16 +117,7 @@ def render_apps(doc: dict[str, Any]) -> str:
     return "\n".join([out, *short])
 
 
-def _cluster(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/cluster"), render_cluster)
 
-
-def _nodes(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/nodes"), render_nodes)
-
-
-def _apps(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/apps"), render_apps)
 
 
 def render_audit(doc: dict[str, Any]) -> str:
@@ -122,11 +125,6 @@ def render_audit(doc: dict[str, Any]) -> str:
              e["type"], e["target"], e["outcome"]) for e in doc["audit"]]
     return table(rows, ("AT", "ACTOR", "COMMAND", "TARGET", "OUTCOME")) if rows else (
         "no audit entries")
-
-
-def _audit(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get(f"/api/v1/audit?limit={args.limit}"),
-                render_audit)
 
 
 def render_instances(nodes: dict[str, Any], apps: dict[str, Any]) -> str:
@@ -208,11 +206,6 @@ def render_releases(doc: dict[str, Any]) -> str:
              "serving" if r.get("current") else "")
             for r in doc["releases"]]
     return table(rows, ("RELEASE", "SHA256", "SIZE", "BY", "CREATED", "LAST DEPLOY", ""))
-
-
-def _releases(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get(f"/api/v1/apps/{args.app}/releases"),
-                render_releases)
 
 
 def follow_deploy(client: Client, app: str, deploy_id: str, *, as_json: bool) -> int:
@@ -410,10 +403,10 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("status", "cluster, nodes and apps at a glance", _status),
         ("cluster", "coordinator members, leader, term and health; `cluster add|remove`"
-                    " changes them", _cluster),
+                    " changes them", SHOW_CLUSTER),
         ("nodes", "participants: groups, lifecycle, liveness, instances; `nodes label`"
-                  " sets a node's groups", _nodes),
-        ("apps", "apps, their latest release and scale", _apps),
+                  " sets a node's groups", showing("/api/v1/nodes", render_nodes)),
+        ("apps", "apps, their latest release and scale", showing("/api/v1/apps", render_apps)),
     ]
     parsers: dict[str, argparse.ArgumentParser] = {}  # those with nested commands
     for name, help_text, func in commands:
@@ -426,7 +419,7 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
     audit.add_argument("--limit", type=int, default=50, metavar="N",
                        help="entries to show (default 50)")
     add_common(audit)
-    audit.set_defaults(func=_audit)
+    audit.set_defaults(func=showing("/api/v1/audit?limit={limit}", render_audit))
     deploy = sub.add_parser("deploy", help="pack a directory, upload it as a release and"
                                            " roll it out")
     deploy.add_argument("path", help="the app's source directory (with superagent.toml or a"
@@ -446,7 +439,7 @@ def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
     releases = sub.add_parser("releases", help="an app's releases")
     releases.add_argument("app")
     add_common(releases)
-    releases.set_defaults(func=_releases)
+    releases.set_defaults(func=showing("/api/v1/apps/{app}/releases", render_releases))
     back = sub.add_parser("rollback", help="deploy an earlier release again")
     back.add_argument("app")
     back.add_argument("--to", metavar="rN", help="the release (default: the newest earlier"

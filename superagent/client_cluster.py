@@ -24,16 +24,12 @@ from typing import Any, BinaryIO
 import httpx
 
 from superagent.client import ClientError
-from superagent.client_cli import add_common, client_of, emit, render_cluster
+from superagent.client_cli import SHOW_CLUSTER, add_common, client_of, emit
 
 CATCH_UP_WAIT = 120.0  # seconds `cluster add` waits for the new member to catch up
 CATCH_UP_POLL = 0.5
 BACKUP_TIMEOUT = 600.0  # one backup or restore request, artifacts included
 CHUNK = 1024 * 1024
-
-
-def _list(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/cluster"), render_cluster)
 
 
 def _add(args: argparse.Namespace) -> int:
@@ -134,7 +130,7 @@ def add_cluster_commands(sub: Any, cluster: argparse.ArgumentParser) -> None:
     nested = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     listing = nested.add_parser("list", help="the coordinators (the default)")
     add_common(listing, nested=True)
-    listing.set_defaults(func=_list)
+    listing.set_defaults(func=SHOW_CLUSTER)
     add = nested.add_parser("add", help="add a coordinator (start it first, with --peers"
                                         " naming every member and itself)")
     add.add_argument("id", help="its --id")

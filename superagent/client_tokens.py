@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from superagent.client import ClientError
-from superagent.client_cli import add_common, client_of, emit, table
+from superagent.client_cli import add_common, client_of, emit, showing, table
 from superagent.config import parse_size
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -82,10 +82,6 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/tokens"), render_tokens)
-
-
 def _revoke(args: argparse.Namespace) -> int:
     doc = client_of(args).request("DELETE", f"/api/v1/tokens/{args.name}",
                                   headers={"idempotency-key": secrets.token_hex(16)})
@@ -134,16 +130,14 @@ def render_teams(doc: dict[str, Any]) -> str:
     return table(rows, ("TEAM", "APPS", "INSTANCES", "MEMORY")) + "\n(used/quota; - no limit)"
 
 
-def _teams(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/teams"), render_teams)
-
-
 def add_access_commands(sub: Any) -> None:
     """``tokens`` (create, list, revoke) and ``teams`` (list, quota)."""
+    list_tokens = showing("/api/v1/tokens", render_tokens)
+    list_teams = showing("/api/v1/teams", render_teams)
     tokens = sub.add_parser("tokens", help="API tokens: `tokens create|list|revoke`"
                                            " (admin; without an action: list)")
     add_common(tokens)
-    tokens.set_defaults(func=_list)
+    tokens.set_defaults(func=list_tokens)
     actions = tokens.add_subparsers(dest="tokens_command", metavar="ACTION")
     create = actions.add_parser("create", help="make a token; it is printed once")
     create.add_argument("name")
@@ -158,7 +152,7 @@ def add_access_commands(sub: Any) -> None:
                              " (default: never)")
     create.set_defaults(func=_create)
     listing = actions.add_parser("list", help="names, roles, teams, expiry, last use")
-    listing.set_defaults(func=_list)
+    listing.set_defaults(func=list_tokens)
     revoke = actions.add_parser("revoke", help="end a token now")
     revoke.add_argument("name")
     revoke.set_defaults(func=_revoke)
@@ -168,10 +162,10 @@ def add_access_commands(sub: Any) -> None:
     teams = sub.add_parser("teams", help="teams with their quota and usage; `teams quota`"
                                          " sets one (admin)")
     add_common(teams)
-    teams.set_defaults(func=_teams)
+    teams.set_defaults(func=list_teams)
     team_actions = teams.add_subparsers(dest="teams_command", metavar="ACTION")
     team_list = team_actions.add_parser("list", help="teams the token sees")
-    team_list.set_defaults(func=_teams)
+    team_list.set_defaults(func=list_teams)
     quota = team_actions.add_parser("quota", help="set a team's quota (left-out limits are"
                                                   " lifted)")
     quota.add_argument("team")
