@@ -18,8 +18,8 @@ condition under a deadline; processes are cleaned up even on failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +32,7 @@ import pytest
 from tests.coordinator.cluster import Cluster
 from tests.e2e.fleet import Fleet, app_python, kept_on_failure, leftovers, upload, wait_deploy_done
 from tests.e2e.logapp import write_log_app
+from tests.support.piped import PipedProcess
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -54,47 +55,31 @@ RSS_BOUND = 32 * MiB
 # and the last third of the flood it may rise by no more than this.
 GROWTH_BOUND = 8 * MiB
 
-class Follower:
+
+class Follower(PipedProcess):
     """``superagent logs -f --json`` as a process: counts flood lines, keeps the events
     it reports on stderr (``dropped``, ``gap``)."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
         self.started = False
         self.flood_lines = 0
         self.events: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._out, daemon=True).start()
-        threading.Thread(target=self._err, daemon=True).start()
+        super().__init__(argv)
 
-    def _out(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self.lock:
-                if '"flood ' in raw:
-                    self.flood_lines += 1
-                elif '"started ' in raw:
-                    self.started = True
+    def on_out(self, raw: str) -> None:
+        if '"flood ' in raw:
+            self.flood_lines += 1
+        elif '"started ' in raw:
+            self.started = True
 
-    def _err(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                continue
-            with self.lock:
-                self.events.append(doc)
+    def on_err(self, raw: str) -> None:
+        with contextlib.suppress(ValueError):  # not an event: a plain message
+            self.events.append(json.loads(raw))
 
     def lost(self) -> int:
         with self.lock:
             return sum(int(e.get("dropped") or 0) + int(e.get("missing") or 0)
                        for e in self.events)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 def test_a_flooding_app_does_not_grow_the_coordinators_memory() -> None:
