@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.e2e.fleet import write_manifest
 from tests.participant.children import child_python
 
 APP = '''\
@@ -98,16 +99,7 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forev
 def write_log_app(dest: Path, *, name: str, per_node: int = 2, tick: float = 0.0,
                   python: str | None = None, token: str = "s3cr3t-value") -> Path:
     """Write the app into ``dest`` (created); returns ``dest``."""
-    python = python or child_python()
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "app.py").write_text(APP)
-    (dest / "superagent.toml").write_text(
-        f'[app]\nname = "{name}"\n'
-        f'[run]\ncommand = "{python} app.py"\n'
-        '[health]\npath = "/healthz"\nready_path = "/healthz"\n'
-        f'[routes]\nprefix = "/{name}"\nstrip_prefix = true\n'
-        f'[scale]\nper_node = {per_node}\n'
-        f'[env]\nTICK = "{tick}"\nTOKEN = "{token}"\n')
-    for path in (dest, *dest.iterdir()):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return dest
+    return write_manifest(dest, name=name, python=python or child_python(), per_node=per_node,
+                          env={"TICK": str(tick), "TOKEN": token})
