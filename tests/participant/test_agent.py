@@ -412,9 +412,13 @@ def _wait_status(client: httpx.Client, deadline: float) -> dict[str, Any]:
 def test_agent_sigkill_under_load_loses_no_request(data_dir: Path) -> None:
     """kill -9 of the agent under load, then a restart: it re-adopts, 0 requests fail."""
     rpc_port, listen_port = free_port(), free_port()
+    # The node's own name, not the host name (the default): instances' cgroups are named
+    # <node>/<app>/<instance>, and this test run beside itself (another checkout's suite
+    # on the same machine) would otherwise find its hello@r1.1 group holding the other's
+    # processes and fail the start.
     argv = [sys.executable, "-m", "superagent", "participant", "--data-dir", str(data_dir),
             "--rpc", f"127.0.0.1:{rpc_port}", "--listen", f"127.0.0.1:{listen_port}",
-            "--proxy-workers", "2"]
+            "--proxy-workers", "2", "--node", node_of(data_dir)]
     env = {**os.environ, "SUPERAGENT_SECRET": SECRET}
     log = open(data_dir / "agent.log", "ab")  # noqa: SIM115 - closed in finally
     watching = watched(agent_logs(data_dir, 2))
