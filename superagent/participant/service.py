@@ -74,7 +74,6 @@ from superagent.participant.errors import (
     InstanceNotReady,
     ParticipantError,
     StartFailed,
-    SupervisorError,
     UnknownInstance,
     UnknownRelease,
 )
@@ -402,14 +401,14 @@ class Agent:
                                               release_dir=prepared.path,
                                               permissions=permissions)
             instances.append(Instance(config))
-        failures: list[SupervisorError] = []
+        failures: list[ParticipantError] = []
 
         async def start_one(instance: Instance) -> None:
             assert self._nursery is not None
             add(self, instance, from_start=True)
             try:
                 await self._nursery.start(supervise, self, instance)
-            except SupervisorError as exc:
+            except ParticipantError as exc:  # an IsolationError too: the reply names it
                 forget(self, instance)  # unless stopped meanwhile
                 failures.append(exc)
                 self.persist()

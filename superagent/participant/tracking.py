@@ -23,7 +23,7 @@ from superagent.manifest import PermissionsSpec
 from superagent.participant.agentview import AgentView
 from superagent.participant.cgroups import InstanceCgroup
 from superagent.participant.egress import loopback_user, permission_support, readmit
-from superagent.participant.errors import AdoptionFailed, SupervisorError
+from superagent.participant.errors import AdoptionFailed, ParticipantError
 from superagent.participant.routing import unroute
 from superagent.participant.supervisor import GROUP_POLL, REAP_TIMEOUT, Instance, InstanceConfig
 
@@ -74,7 +74,7 @@ async def adopt(agent: AgentView, record: dict[str, Any]) -> None:
     add(agent, instance, from_start=False)
     try:
         await agent._nursery.start(supervise, agent, instance)
-    except SupervisorError as exc:
+    except ParticipantError as exc:
         forget(agent, instance)
         log.warning("adopted instance did not become ready", error=str(exc),
                     instance=config.instance)
@@ -110,7 +110,9 @@ async def supervise(agent: AgentView, instance: Instance, *,
     started = _Started(task_status)
     try:
         await instance.run(task_status=started)
-    except SupervisorError as exc:  # IsolationError is one too
+    # ParticipantError, not only SupervisorError: an IsolationError (a cgroup that cannot
+    # be made, or already holds another's processes) must not end the agent either
+    except ParticipantError as exc:
         if not started.done:
             if task_status is not trio.TASK_STATUS_IGNORED:
                 raise  # the starter forgets the instance
