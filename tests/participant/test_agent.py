@@ -49,6 +49,9 @@ HOME = os.environ["HOME"]
 # With WARM_UNTIL_GO set, every start after the first warms up until $HOME/go exists:
 # it listens at once but answers 503 to /healthz and 500 to everything else.
 WARMING = bool(os.environ.get("WARM_UNTIL_GO")) and os.path.exists(f"{HOME}/started")
+# With ONLY_ONCE set, every start after the first exits before it listens.
+if os.environ.get("ONLY_ONCE") and os.path.exists(f"{HOME}/started"):
+    sys.exit(3)
 open(f"{HOME}/started", "w").close()
 
 class Handler(BaseHTTPRequestHandler):
@@ -525,10 +528,10 @@ async def test_a_new_release_dying_after_its_switch_costs_no_request(rig: Rig) -
     the old one, draining or not, with no signal from the coordinator."""
     assert (await rig.upload("hello", "r1", python_app())).status_code == 200
     # The supervisor restarts the killed instance after 0.5 s, and once ready it is routed
-    # again; on a loaded machine the 40 requests below outlast that. Its restarts warm up
-    # (not ready, so not routed) until $HOME/go exists, which the test never creates: every
-    # request below is the old instance's to answer, however slowly they run.
-    second = python_app(extra='# r2\n[env]\nWARM_UNTIL_GO = "1"\n')
+    # again; on a loaded machine the 40 requests below outlast that. Its restarts exit
+    # before they listen (ONLY_ONCE): every request below is the old instance's to
+    # answer, however slowly they run.
+    second = python_app(extra='# r2\n[env]\nONLY_ONCE = "1"\n')
     assert (await rig.upload("hello", "r2", second)).status_code == 200
     started = await rig.signal("start", app="hello", release="r1")
     assert started.status_code == 200, started.text
