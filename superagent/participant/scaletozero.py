@@ -8,6 +8,8 @@ it is routed with no instance (a ``ColdStart`` entry, so the proxy workers hold 
 requests) and its instances are stopped, else it is routed again. A worker holding a
 request asks through the wake socket (``on_wake``); ``cold_start`` then starts as many
 instances as the app had and routes them, or records the failure (503 start-failed).
+An agent killed during a cold start leaves the new instances' records: its successor
+routes them (``resume_cold_starts``).
 See docs/participant.md#scale-to-zero.
 """
 
@@ -158,6 +160,29 @@ async def on_wake(agent: AgentView, message: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True}
 
 
+def resume_cold_starts(agent: AgentView) -> list[str]:
+    """At the agent's start: an idle app whose instances of its idle release run (a cold
+    start the previous agent was killed in, after their spawn but before the state named
+    them the app's routes) is serving again with them; returns those apps.
+
+    Their records (and pids) were on disk before they could be ready (``agentstate``), so
+    they are adopted, or started afresh; routed, they serve once ready. Left as they were,
+    they would run unrouted while a request started the app once more."""
+    routed = {i for ids in (*agent.routes.values(), *agent.standby.values()) for i in ids}
+    resumed = []
+    for app, cold in list(agent.cold.items()):
+        ids = [i for i, inst in agent.instances.items() if inst.config.app == app
+               and inst.config.release == cold.release and i not in routed]
+        if ids:
+            del agent.cold[app]
+            agent.routes[app] = ids
+            agent.standby[app] = []
+            resumed.append(app)
+            log.info("cold start resumed: its instances are routed", app=app,
+                     release=cold.release, instances=ids)
+    return resumed
+
+
 def applied_names(agent: AgentView) -> set[str]:
     return {route.name for route in agent._applied or ()}
 
@@ -175,7 +200,10 @@ async def cold_start(agent: AgentView, app: str) -> None:
             return  # a deploy or a stop took the app over meanwhile
         cold.on(Event.READY)
         # what ``switch`` does, minus its undrain of instances no worker knows yet: the
-        # held requests wait for this snapshot, so nothing else (no fsync) goes first
+        # held requests wait for this snapshot, so nothing else goes first. The state
+        # write is asked after it (and runs off the loop): the instances' records and pids
+        # are on disk already, and an agent killed before this write routes them again
+        # at its start (``resume_cold_starts``)
         del agent.cold[app]
         agent.routes[app] = [i.id for i in reply.instances]
         agent.standby[app] = []
@@ -184,12 +212,17 @@ async def cold_start(agent: AgentView, app: str) -> None:
         routed = trio.current_time()
         agent.persist()
         first = agent.instances.get(reply.instances[0].id)
+        forked = first.fork_at if first is not None else None
         spawned = first.started_at if first is not None else None
         ready = first.ready_at if first is not None else None
-        # where the time went: before the spawn (user, cgroup), the app's own boot (to
-        # its first ready probe), the rest of the start, the routing snapshot
+        # where the time went: before the spawn (set-up: user, cgroup, files, the record
+        # on disk; then the fork and exec), the app's own boot (to its first ready probe),
+        # the rest of the start, the routing snapshot
         log.info("cold start done", app=app, release=cold.release,
                  ms=round((routed - began) * 1000, 1),
+                 setup_ms=None if forked is None else round((forked - wall) * 1000, 1),
+                 fork_ms=(None if forked is None or spawned is None
+                          else round((spawned - forked) * 1000, 1)),
                  spawn_ms=None if spawned is None else round((spawned - wall) * 1000, 1),
                  boot_ms=(None if spawned is None or ready is None
                           else round((ready - spawned) * 1000, 1)),

@@ -94,7 +94,12 @@ class AgentService(Protocol):
         ...
 
     def persist(self) -> None:
-        """Write the agent's state (the ledger included) after a signal changed it."""
+        """Ask for the agent's state (the ledger included) to be written after a signal
+        changed it."""
+
+    async def persisted(self) -> None:
+        """Return once the state asked for is on disk: a signal is answered only then, as
+        the coordinator acts on the answer."""
 
 
 class Ledger(Protocol):
@@ -220,6 +225,10 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
         doc = codec.encode(reply)
         ledger.finish(message.id, doc)
         service.persist()
+        try:
+            await service.persisted()
+        except Exception as exc:  # the state is not on disk: the answer says so
+            return failed(exc)
         return answer(doc)
 
     async def signal(request: Request) -> Response:

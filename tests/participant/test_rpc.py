@@ -39,7 +39,8 @@ class FakeService:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
-        self.persisted = 0
+        self.asked = 0  # persist() calls
+        self.flushed = 0  # of them, covered by a persisted() before an answer
         self.fail = False
 
     async def prepare(self, app: str, release: str, archive: Path, sha256: str
@@ -106,7 +107,10 @@ class FakeService:
         yield {"text": "live 2"}
 
     def persist(self) -> None:
-        self.persisted += 1
+        self.asked += 1
+
+    async def persisted(self) -> None:
+        self.flushed = self.asked
 
 
 STATUS = msg.StatusReply(node="n1", groups=("default",), offline=False, isolation={},
@@ -167,7 +171,7 @@ def test_start_runs_once_and_a_retry_gets_the_same_result(client: TestClient,
     second = signal(client, "start", body)
     assert second.json() == {**first.json(), "repeated": True}
     assert service.calls == [("start", ("hello", "r7", 2))]
-    assert service.persisted == 1
+    assert service.asked == service.flushed == 1
 
 
 def test_stale_term_is_refused_with_409(client: TestClient, service: FakeService) -> None:
