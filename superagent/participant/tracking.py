@@ -23,7 +23,7 @@ import trio
 from superagent.manifest import PermissionsSpec
 from superagent.participant.agentview import AgentView
 from superagent.participant.cgroups import InstanceCgroup
-from superagent.participant.egress import permission_support
+from superagent.participant.egress import loopback_user, permission_support
 from superagent.participant.errors import AdoptionFailed, StateWriteError, SupervisorError
 from superagent.participant.routing import unroute
 from superagent.participant.supervisor import GROUP_POLL, REAP_TIMEOUT, Instance, InstanceConfig
@@ -39,8 +39,11 @@ async def adopt(agent: AgentView, record: dict[str, Any]) -> None:
     try:
         config = InstanceConfig.from_record(record["config"], cgroups=agent.cgroups)
         wanted = PermissionsSpec(network=config.network, filesystem=config.filesystem)
-        config = dataclasses.replace(config,
-                                     permission_support=await permission_support(agent, wanted))
+        support = await permission_support(agent, wanted)
+        # a record of an earlier agent has no egress group: a fresh start needs one
+        user = await loopback_user(config.user, app=config.app, network=config.network,
+                                   support=support)
+        config = dataclasses.replace(config, permission_support=support, user=user)
     except (KeyError, ValueError, TypeError) as exc:
         log.error("unreadable instance record; it will not be served", error=str(exc),
                   record=record.get("config", {}).get("instance"))
