@@ -212,6 +212,10 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
                     error=msg.ErrorCode.SIGNAL_FAILED, status=409,
                     detail="the original signal failed; send a new id"))
         if state in (DONE, RUNNING):
+            try:  # the first answer may still wait for the state to be on disk
+                await service.persisted()
+            except Exception as exc:
+                return failed(exc)
             return answer({**(result or {}), "repeated": True})
         try:
             reply = await act()
