@@ -78,6 +78,9 @@ class ColdApp:
     reason: str = ""  # why the last cold start failed
     failed_at: float = 0.0
     wanted: bool = False  # woken while stopping: start once stopped
+    # its cold start passed the capacity check: until its instances run, the room they
+    # will take counts for the other cold starts (one not checked yet takes none)
+    fitted: bool = False
 
     def __repr__(self) -> str:
         return f"<ColdApp {self.app}@{self.release} {self.phase.value} x{len(self.ids)}>"
@@ -89,6 +92,7 @@ class ColdApp:
             raise IllegalTransition(f"idle record of {self.app!r}: no transition from"
                                     f" {self.phase.value} on {event.value}", app=self.app)
         self.phase = new
+        self.fitted = False  # a new start is checked again
         if new is Phase.FAILED:
             self.reason = reason
             self.failed_at = now

@@ -153,14 +153,15 @@ _RUNNING = frozenset({State.STARTING, State.READY, State.UNHEALTHY, State.BACKOF
 
 def running_instances(agent: AgentView, but: str) -> int:
     """The node's running instances, counting the cold starts under way of apps other
-    than ``but`` at the size they will have."""
+    than ``but`` at the size they will have: those that passed their capacity check
+    (``fitted``; two apps woken at once must not each count the other and both fail)."""
     by_app: dict[str, int] = {}
     for instance in agent.instances.values():
         if instance.state in _RUNNING:
             by_app[instance.config.app] = by_app.get(instance.config.app, 0) + 1
     pending = sum(max(0, max(1, len(cold.ids)) - by_app.get(name, 0))
                   for name, cold in agent.cold.items()
-                  if name != but and cold.phase is Phase.STARTING)
+                  if name != but and cold.phase is Phase.STARTING and cold.fitted)
     return sum(by_app.values()) + pending
 
 
@@ -170,6 +171,7 @@ async def make_room_for(agent: AgentView, app: str, wanted: int) -> None:
     (least recently used first); raises NoRoom when there is still no room."""
     capacity = agent.config.capacity
     if running_instances(agent, app) + wanted <= capacity:
+        _fitted(agent, app)  # no await since the count: no other start came in between
         return  # the common case: nothing to read, nothing on the cold start's path
     _, in_flight = app_counts(await agent.proxy.stats())
     now = trio.current_time()
@@ -194,6 +196,14 @@ async def make_room_for(agent: AgentView, app: str, wanted: int) -> None:
         raise NoRoom(make_room(capacity=capacity, running=running, wanted=wanted,
                                candidates=()).reason,
                      app=app, release=cold.release if cold is not None else "")
+    _fitted(agent, app)
+
+
+def _fitted(agent: AgentView, app: str) -> None:
+    """``app``'s cold start fits: the room it will take counts for the other ones."""
+    cold = agent.cold.get(app)
+    if cold is not None and cold.phase is Phase.STARTING:
+        cold.fitted = True
 
 
 async def on_wake(agent: AgentView, message: dict[str, Any]) -> dict[str, Any]:

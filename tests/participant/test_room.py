@@ -1,0 +1,106 @@
+"""Tests for superagent.participant.scaletozero.make_room_for: fitting a cold start in the
+node's capacity, against a stand-in for the agent's tables (no processes; ``go_idle`` is
+replaced by one that stops the app's routed instances, or finds it busy). The real-process
+behaviour is in test_coldstart.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from superagent.participant import scaletozero
+from superagent.participant.errors import NoRoom
+from superagent.participant.idle import ActivityWatch, ColdApp, Phase
+from superagent.participant.instancestate import State
+
+
+@dataclass
+class _Config:
+    app: str
+    release: str = "r1"
+    capacity: int = 0
+
+
+@dataclass
+class _Instance:
+    config: _Config
+    state: State = State.READY
+
+
+@dataclass
+class _Prepared:
+    spec: Any
+
+
+class _Store:
+    def get(self, app: str, release: str) -> _Prepared:
+        scale = type("Scale", (), {"idle_timeout": 60.0})()
+        return _Prepared(spec=type("Spec", (), {"scale": scale})())
+
+
+@dataclass
+class _Proxy:
+    in_flight: dict[str, int] = field(default_factory=dict)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"requests": {}, "instances": {
+            f"{app}-probe": {"app": app, "in_flight": n} for app, n in self.in_flight.items()}}
+
+
+@dataclass
+class _Agent:
+    config: _Config
+    instances: dict[str, _Instance] = field(default_factory=dict)
+    routes: dict[str, list[str]] = field(default_factory=dict)
+    standby: dict[str, list[str]] = field(default_factory=dict)
+    cold: dict[str, ColdApp] = field(default_factory=dict)
+    activity: ActivityWatch = field(default_factory=ActivityWatch)
+    store: _Store = field(default_factory=_Store)
+    proxy: _Proxy = field(default_factory=_Proxy)
+    idled: list[str] = field(default_factory=list)
+    busy: set[str] = field(default_factory=set)
+
+    def serve(self, app: str, *states: State, routed: int | None = None,
+              active_at: float = 0.0) -> None:
+        """``app`` runs instances in these states, the first ``routed`` of them routed."""
+        ids = [f"{app}@r1.{n}" for n in range(len(states))]
+        for instance_id, state in zip(ids, states, strict=True):
+            self.instances[instance_id] = _Instance(config=_Config(app=app), state=state)
+        self.routes[app] = ids[:len(ids) if routed is None else routed]
+        self.activity.observe(app, active_at, requests=0, in_flight=0)
+
+    def waking(self, app: str, count: int = 1) -> None:
+        self.cold[app] = ColdApp(app=app, release="r1",
+                                 ids=tuple(f"{app}@r1.{n}" for n in range(count)),
+                                 phase=Phase.STARTING)
+
+
+@pytest.fixture
+def idling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """go_idle as the real one ends: a busy app keeps running, else its routed and standby
+    instances stop and it is idle."""
+    async def go_idle(agent: _Agent, app: str) -> None:
+        agent.idled.append(app)
+        if app in agent.busy:
+            return
+        for instance_id in [*agent.routes.pop(app, []), *agent.standby.pop(app, [])]:
+            agent.instances[instance_id].state = State.STOPPED
+        agent.cold[app] = ColdApp(app=app, release="r1", ids=(), phase=Phase.IDLE)
+
+    monkeypatch.setattr(scaletozero, "go_idle", go_idle)
+
+
+async def test_two_cold_starts_at_once_one_fits_and_the_other_is_refused(
+        idling: None) -> None:
+    """Room for one: two apps woken together (both starting before either is checked)
+    do not both give way to the other. The first checked starts; the second counts it."""
+    agent = _Agent(config=_Config(app="", capacity=1))
+    agent.waking("a")
+    agent.waking("b")
+    await scaletozero.make_room_for(agent, "a", 1)  # type: ignore[arg-type]
+    with pytest.raises(NoRoom, match=r"node at capacity: 1/1 running"):
+        await scaletozero.make_room_for(agent, "b", 1)  # type: ignore[arg-type]
+    assert agent.idled == []
+
