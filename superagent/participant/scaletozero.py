@@ -165,6 +165,13 @@ def running_instances(agent: AgentView, but: str) -> int:
     return sum(by_app.values()) + pending
 
 
+def freed_by_idling(agent: AgentView, app: str) -> int:
+    """The running instances ``go_idle`` would stop: the app's routed and standby ones (an
+    instance it runs unrouted, e.g. started and not switched to yet, keeps running)."""
+    ids = {*agent.routes.get(app, ()), *agent.standby.get(app, ())}
+    return sum(1 for i in ids if i in agent.instances and agent.instances[i].state in _RUNNING)
+
+
 async def make_room_for(agent: AgentView, app: str, wanted: int) -> None:
     """Fit a cold start of ``wanted`` instances of ``app`` in the node's capacity: idle the
     other serving scale-to-zero apps with nothing in flight that ``make_room`` picks
@@ -177,9 +184,7 @@ async def make_room_for(agent: AgentView, app: str, wanted: int) -> None:
     now = trio.current_time()
     candidates = [
         Evictable(app=other, active_at=seen.active_at if seen is not None else now,
-                  instances=sum(1 for i in agent.instances.values()
-                                if i.config.app == other and i.state in _RUNNING),
-                  in_flight=in_flight.get(other, 0))
+                  instances=freed_by_idling(agent, other), in_flight=in_flight.get(other, 0))
         for other in idle_timeouts(agent) if other != app
         for seen in [agent.activity.seen.get(other)]]
     room = make_room(capacity=capacity, running=running_instances(agent, app),

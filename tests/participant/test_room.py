@@ -104,3 +104,16 @@ async def test_two_cold_starts_at_once_one_fits_and_the_other_is_refused(
         await scaletozero.make_room_for(agent, "b", 1)  # type: ignore[arg-type]
     assert agent.idled == []
 
+async def test_an_app_frees_only_the_instances_idling_stops(idling: None) -> None:
+    """Idling stops an app's routed (and standby) instances; one it runs unrouted (a start
+    not switched to yet) keeps running, so it is no room made: with only that app to
+    idle, the start is refused at once and nothing is idled for nothing."""
+    agent = _Agent(config=_Config(app="", capacity=2))
+    agent.serve("web", State.READY, State.STARTING, routed=1)
+    agent.waking("cold", 2)
+    with pytest.raises(NoRoom, match=r"node at capacity: 2/2 running"):
+        await scaletozero.make_room_for(agent, "cold", 2)  # type: ignore[arg-type]
+    assert agent.idled == []
+    agent.standby["web"] = ["web@r1.1"]  # a standby is stopped too: that makes room
+    await scaletozero.make_room_for(agent, "cold", 2)  # type: ignore[arg-type]
+    assert agent.idled == ["web"]
