@@ -23,7 +23,9 @@ coordinator's scheduler keeps room for one (an idle app takes none, but each nod
 reserve for the largest of them); a second one on a full node is made room for here:
 ``make_room`` picks the other scale-to-zero apps with nothing in flight to idle first,
 least recently used first, just enough of them; when even all of them would not do,
-nothing is idled and the start fails with ``node at capacity: N/N running``.
+nothing is idled and the start fails with ``node at capacity: N/N running``. The agent
+idles the first pick and asks again (with the apps it tried left out), so an app a
+request reached meanwhile, which stays up, gives way to the next in line.
 
 ``ColdApp`` is one app's record; its ``phase`` changes only through ``ColdApp.on``, a
 transition table whose illegal moves raise ``IllegalTransition`` naming phase and event.

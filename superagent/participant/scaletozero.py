@@ -175,33 +175,39 @@ def freed_by_idling(agent: AgentView, app: str) -> int:
 async def make_room_for(agent: AgentView, app: str, wanted: int) -> None:
     """Fit a cold start of ``wanted`` instances of ``app`` in the node's capacity: idle the
     other serving scale-to-zero apps with nothing in flight that ``make_room`` picks
-    (least recently used first); raises NoRoom when there is still no room."""
+    (least recently used first), one at a time, deciding again after each (one that a
+    request reached meanwhile stays up: the next in line goes instead); raises NoRoom
+    when the apps not tried yet would not make room."""
     capacity = agent.config.capacity
     if running_instances(agent, app) + wanted <= capacity:
         _fitted(agent, app)  # no await since the count: no other start came in between
         return  # the common case: nothing to read, nothing on the cold start's path
-    _, in_flight = app_counts(await agent.proxy.stats())
-    now = trio.current_time()
-    candidates = [
-        Evictable(app=other, active_at=seen.active_at if seen is not None else now,
-                  instances=freed_by_idling(agent, other), in_flight=in_flight.get(other, 0))
-        for other in idle_timeouts(agent) if other != app
-        for seen in [agent.activity.seen.get(other)]]
-    room = make_room(capacity=capacity, running=running_instances(agent, app),
-                     wanted=wanted, candidates=candidates)
-    for other in room.evict:
+    tried: set[str] = set()
+    while True:
+        _, in_flight = app_counts(await agent.proxy.stats())
+        now = trio.current_time()
+        candidates = [
+            Evictable(app=other, active_at=seen.active_at if seen is not None else now,
+                      instances=freed_by_idling(agent, other),
+                      in_flight=in_flight.get(other, 0))
+            for other in idle_timeouts(agent) if other != app and other not in tried
+            for seen in [agent.activity.seen.get(other)]]
+        room = make_room(capacity=capacity, running=running_instances(agent, app),
+                         wanted=wanted, candidates=candidates)
+        if not room.fits:
+            cold = agent.cold.get(app)
+            raise NoRoom(room.reason, app=app,
+                         release=cold.release if cold is not None else "")
+        if not room.evict:
+            _fitted(agent, app)  # no await since the count
+            return
+        other = room.evict[0]
+        tried.add(other)
         log.info("idling an app to make room for a cold start", app=other, cold_app=app)
         try:
             await go_idle(agent, other)
         except ParticipantError as exc:
             log.error("app not idled", app=other, error=str(exc))
-    running = running_instances(agent, app)
-    if running + wanted > capacity:
-        cold = agent.cold.get(app)
-        raise NoRoom(make_room(capacity=capacity, running=running, wanted=wanted,
-                               candidates=()).reason,
-                     app=app, release=cold.release if cold is not None else "")
-    _fitted(agent, app)
 
 
 def _fitted(agent: AgentView, app: str) -> None:

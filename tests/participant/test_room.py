@@ -117,3 +117,18 @@ async def test_an_app_frees_only_the_instances_idling_stops(idling: None) -> Non
     agent.standby["web"] = ["web@r1.1"]  # a standby is stopped too: that makes room
     await scaletozero.make_room_for(agent, "cold", 2)  # type: ignore[arg-type]
     assert agent.idled == ["web"]
+
+async def test_an_app_found_busy_while_idling_gives_way_to_the_next_one(
+        idling: None) -> None:
+    """The proxy's figures said the least recently used app had nothing in flight, but a
+    request reached it while it was being idled (it stays up): the next app in line is
+    idled instead, and the start fits."""
+    agent = _Agent(config=_Config(app="", capacity=2))
+    agent.serve("old", State.READY, active_at=0.0)
+    agent.serve("new", State.READY, active_at=10.0)
+    agent.busy.add("old")
+    agent.waking("cold")
+    await scaletozero.make_room_for(agent, "cold", 1)  # type: ignore[arg-type]
+    assert agent.idled == ["old", "new"]
+    assert agent.instances["old@r1.0"].state is State.READY
+
