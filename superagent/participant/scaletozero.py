@@ -250,6 +250,8 @@ async def cold_start(agent: AgentView, app: str) -> None:
     log.info("cold start", app=app, release=cold.release, instances=len(cold.ids))
     try:
         await make_room_for(agent, app, max(1, len(cold.ids)))
+        if agent.cold.get(app) is not cold:
+            return  # taken over (a deploy or a scaling switched it) while room was made
         reply = await agent.start(app, cold.release, max(1, len(cold.ids)))
         started = trio.current_time()
         if agent.cold.get(app) is not cold:

@@ -132,3 +132,28 @@ async def test_an_app_found_busy_while_idling_gives_way_to_the_next_one(
     assert agent.idled == ["old", "new"]
     assert agent.instances["old@r1.0"].state is State.READY
 
+
+
+async def test_a_cold_start_taken_over_while_room_is_made_starts_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making room can take a while (another app's instances stop); a deploy or a scaling
+    that switches the app meanwhile takes it over (its idle record goes): the cold start
+    then starts nothing rather than instances nobody routes."""
+    agent = _Agent(config=_Config(app="", capacity=1))
+    agent.serve("other", State.READY)
+    agent.waking("cold")
+    started: list[str] = []
+
+    async def go_idle(agent: _Agent, app: str) -> None:
+        agent.instances["other@r1.0"].state = State.STOPPED
+        del agent.cold["cold"]  # what a switch of "cold" does
+
+    async def start(app: str, release: str, count: int) -> None:
+        started.append(app)
+        raise AssertionError("started an app taken over")
+
+    monkeypatch.setattr(scaletozero, "go_idle", go_idle)
+    monkeypatch.setattr(agent, "start", start, raising=False)
+    monkeypatch.setattr(agent, "persist", lambda: None, raising=False)
+    await scaletozero.cold_start(agent, "cold")  # type: ignore[arg-type]
+    assert started == []
