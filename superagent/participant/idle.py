@@ -185,7 +185,7 @@ class Evictable:
     """A serving scale-to-zero app that a cold start may idle to make room."""
 
     app: str
-    instances: int  # its running instances: the room idling it frees
+    instances: int  # the running instances idling it stops: the room it frees
     active_at: float  # its last traffic (``ActivityWatch``)
     in_flight: int = 0  # requests and tunnels open now: such an app is never picked
 
