@@ -363,7 +363,8 @@ class ProxyDriver:
                     await self._broadcast({"type": "drain", "instance": instance,
                                            "draining": draining})
             finally:
-                await self._save_state()
+                with trio.CancelScope(shield=True):  # recorded even when cancelled
+                    await self._save_state()
 
     async def set_offline(self, offline: bool) -> None:
         """Node-level drain: every worker's ``/-/healthz`` answers 503 while offline."""
@@ -372,7 +373,8 @@ class ProxyDriver:
             try:
                 await self._broadcast({"type": "node", "draining": offline})
             finally:
-                await self._save_state()
+                with trio.CancelScope(shield=True):
+                    await self._save_state()
         log.info("node offline" if offline else "node online")
 
     async def stats(self) -> dict[str, Any]:
