@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -291,6 +292,8 @@ def _upgrade(port: int, path: str) -> socket.socket:
         assert chunk, head
         head += chunk
     assert head.startswith(b"HTTP/1.1 101"), head
+    # the switch to an idle app was held for its cold start, and says how long
+    assert re.search(rb"\r\nX-Superagent-Cold-Start: \d+\r\n", head), head
     return sock
 
 
