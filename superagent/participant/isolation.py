@@ -55,6 +55,7 @@ import structlog
 
 from superagent.participant.cgroups import CgroupMode, InstanceCgroup
 from superagent.participant.errors import IsolationError
+from superagent.participant.nftegress import EGRESS_TABLE, GID_SET, run_nft
 from superagent.participant.permissions import Sandbox
 
 log = structlog.get_logger("superagent.participant")
@@ -225,12 +226,13 @@ def current_user() -> AppUser:
     return AppUser(name=name, uid=uid, gid=os.getegid(), switched=False)
 
 
-def remove_app_user(app: str) -> bool:
+def remove_app_user(app: str, *, egress_table: str = EGRESS_TABLE) -> bool:
     """Delete ``app``'s system user (and its group, and its egress group): False when
     there was no user.
 
-    For deleting an app for good; its files must be gone first, and its egress group's
-    gid out of the egress set (a later group may get the same gid). Raises
+    For deleting an app for good, once its files are gone and its instances stopped on
+    every agent of the host. The egress group's gid leaves ``egress_table``'s set first:
+    a later group may get the same gid, and would be cut off the network. Raises
     ``IsolationError`` for a non-system user of that name or when userdel fails.
     """
     name = app_user_name(app)
@@ -238,6 +240,8 @@ def remove_app_user(app: str) -> bool:
         loopback = loopback_group_name(app)
         gid = _lookup_group(loopback)
         if gid is not None and 0 < gid < _uid_min():
+            # fails when the gid (or the table) is not there: nothing to take out then
+            run_nft(script=f"delete element inet {egress_table} {GID_SET} {{ {gid} }}\n")
             groupdel = shutil.which("groupdel") or "/usr/sbin/groupdel"
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 subprocess.run([groupdel, loopback], capture_output=True,

@@ -130,12 +130,19 @@ def install_egress_table(table: str, gids: Iterable[int] = (), *,
     return None
 
 
-def admit_gids(table: str, gids: Iterable[int]) -> str | None:
-    """Add ``gids`` to the table's set; None when done, else why not."""
-    script = admit_script(table, gids)
-    if not script:
+def admit_gids(table: str, gids: Iterable[int], *, legacy_gid: int | None = None
+               ) -> str | None:
+    """Add ``gids`` to the table's set; None when done, else why not.
+
+    The whole table is loaded with them (``egress_ruleset``), not just ``add element``: a
+    firewall reload may have deleted it since the agent last looked, and an instance
+    admitted into a missing set would start unrestricted and stay so."""
+    gids = set(gids)
+    if not gids:
         return None
-    code, output = run_nft(script=script)
+    if legacy_gid is not None:  # egress_ruleset's rules for it need it in the set
+        gids.add(legacy_gid)
+    code, output = run_nft(script=egress_ruleset(table, gids, legacy_gid=legacy_gid))
     return None if code == 0 else f"cannot add groups to the egress set: {output}"
 
 

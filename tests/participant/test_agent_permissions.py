@@ -25,6 +25,7 @@ from superagent.participant.isolation import loopback_group_name, remove_app_use
 from superagent.participant.nftegress import egress_intact, remove_egress_table
 from tests.participant.children import child_python
 from tests.participant.test_agent import running_agent, start_and_switch, tarball
+from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
@@ -147,3 +148,29 @@ async def test_an_unenforceable_permission_still_starts_and_is_reported(
         assert status["isolation"]["permissions"]["network"] != "enforced"
         (beat,) = rig.agent.coordinator_status()["instances"]
         assert "network" in beat["unenforced"]
+
+
+async def test_an_adopted_instance_is_put_back_in_the_egress_set(
+        data_dir: Path, app: str, names: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A firewall reload while no agent runs deletes the table: the agent that adopts the
+    instance (still running, with its egress group) loads it again with that group as it
+    adopts it, not at its next periodic check (an hour away here)."""
+    monkeypatch.setattr("superagent.participant.egress.EGRESS_CHECK_PERIOD", 3600.0)
+    if shutil.which("nft") is None:
+        pytest.skip("needs nft (nftables) to enforce network = 'loopback'")
+    rpc_port, listen_port = free_port(), free_port()
+    async with running_agent(data_dir, rpc_port, listen_port, stop_all=False,
+                             **names) as rig:
+        assert (await rig.upload(app, "r1", probe_app(app, rpc_port))).status_code == 200
+        await start_and_switch(rig, app)
+        (pid,) = [instance.pid for instance in rig.agent.instances.values()]
+    egress_gid = grp.getgrnam(loopback_group_name(app)).gr_gid
+    subprocess.run(["nft", "delete", "table", "inet", names["egress_table"]], check=True,
+                   capture_output=True)
+    async with running_agent(data_dir, rpc_port, listen_port, **names) as rig:
+        (adopted,) = rig.agent.instances.values()
+        assert adopted.pid == pid  # the same process, adopted, not started again
+        await wait_until_async(lambda: egress_intact(names["egress_table"], [egress_gid]),
+                               "the adopted instance's egress group back in the set",
+                               timeout=5.0)

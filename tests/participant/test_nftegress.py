@@ -145,3 +145,16 @@ def test_the_shared_group_of_earlier_agents_stays_restricted(table: str) -> None
         assert detect_permissions(group=f"{group}-gone", table=table).legacy_gid is None
     finally:
         subprocess.run(["groupdel", group], capture_output=True, check=False)
+
+
+def test_a_group_is_admitted_into_a_table_a_firewall_reload_deleted(table: str) -> None:
+    """A firewall reload deletes the table; an instance that starts before the agent's next
+    check must still start restricted: admitting its group loads the whole table again,
+    the earlier agents' rules included, rather than failing (which left the instance
+    unrestricted for its whole life)."""
+    assert install_egress_table(table, [60400]) is None
+    remove_egress_table(table)
+    assert admit_gids(table, [60401], legacy_gid=60402) is None
+    assert egress_intact(table, [60401, 60402])
+    code, listed = run_nft("list", "table", "inet", table)
+    assert code == 0 and listed.count("skgid 60402 ") == 2, listed

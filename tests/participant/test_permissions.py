@@ -44,8 +44,11 @@ from superagent.participant.isolation import (
     remove_app_user,
 )
 from superagent.participant.nftegress import (
+    egress_intact,
     egress_ruleset,
+    parse_listing,
     remove_egress_table,
+    run_nft,
 )
 from superagent.participant.permissions import (
     PermissionSupport,
@@ -557,3 +560,21 @@ def test_an_unusable_mount_namespace_is_explained() -> None:
     assert done.returncode == 0, done.stderr
     reason = done.stdout.strip()
     assert "unshare" in reason and "Operation not permitted" in reason, reason
+
+
+def test_deleting_an_app_takes_its_egress_gid_out_of_the_set(
+        support: PermissionSupport) -> None:
+    """groupdel frees the gid of the app's egress group for the next group made on the
+    host (at once, often: system gids are handed out from the top down); left in the set,
+    it would cut that group off the network: the builds and instances of an app that may
+    use it, or anything else of the host that gets the gid."""
+    app = f"perm-{suffix()}"
+    try:
+        ensure_app_user(app)
+        gid = admit_app(app, support.table)
+        assert egress_intact(support.table, [gid])
+    finally:
+        remove_app_user(app, egress_table=support.table)
+    code, listed = run_nft("list", "table", "inet", support.table)
+    assert code == 0, listed
+    assert gid not in parse_listing(listed)[1], listed
