@@ -124,8 +124,7 @@ async def serve(rig: Rig, name: str, data: bytes) -> list[str]:
 BODY = 200_000
 
 
-@pytest.fixture
-def app() -> Iterator[str]:
+def _fresh_app() -> Iterator[str]:
     """A fresh app name; its system user (made when the tests run as root) goes after."""
     name = f"cold-{secrets.token_hex(3)}"
     try:
@@ -134,14 +133,8 @@ def app() -> Iterator[str]:
         remove_app_user(name)
 
 
-@pytest.fixture
-def app2() -> Iterator[str]:
-    """A second fresh app name, its user removed after."""
-    name = f"cold-{secrets.token_hex(3)}"
-    try:
-        yield name
-    finally:
-        remove_app_user(name)
+app = pytest.fixture(_fresh_app, name="app")
+app2 = pytest.fixture(_fresh_app, name="app2")  # a second app beside the first
 
 
 async def _cold_records(path: Path, app: str) -> list[dict[str, Any]]:
