@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -123,8 +124,7 @@ async def serve(rig: Rig, name: str, data: bytes) -> list[str]:
 BODY = 200_000
 
 
-@pytest.fixture
-def app() -> Iterator[str]:
+def _fresh_app() -> Iterator[str]:
     """A fresh app name; its system user (made when the tests run as root) goes after."""
     name = f"cold-{secrets.token_hex(3)}"
     try:
@@ -133,14 +133,8 @@ def app() -> Iterator[str]:
         remove_app_user(name)
 
 
-@pytest.fixture
-def app2() -> Iterator[str]:
-    """A second fresh app name, its user removed after."""
-    name = f"cold-{secrets.token_hex(3)}"
-    try:
-        yield name
-    finally:
-        remove_app_user(name)
+app = pytest.fixture(_fresh_app, name="app")
+app2 = pytest.fixture(_fresh_app, name="app2")  # a second app beside the first
 
 
 async def _cold_records(path: Path, app: str) -> list[dict[str, Any]]:
@@ -291,6 +285,8 @@ def _upgrade(port: int, path: str) -> socket.socket:
         assert chunk, head
         head += chunk
     assert head.startswith(b"HTTP/1.1 101"), head
+    # the switch to an idle app was held for its cold start, and says how long
+    assert re.search(rb"\r\nX-Superagent-Cold-Start: \d+\r\n", head), head
     return sock
 
 
