@@ -63,18 +63,13 @@ async def gated_fork(fork: Callable[[Callable[[], None]], Awaitable[trio.Process
     read_end, write_end = os.pipe()
     forked: list[trio.Process] = []
     failed: list[OSError | subprocess.SubprocessError] = []
-    closed: list[bool] = []
 
     async def open_gate() -> None:
         try:
             await record()
-        except BaseException:
-            os.close(write_end)  # unwritten: the child reads the pipe's end and exits
-            closed.append(True)
-            raise
-        # Written, but kept open until the fork is done: closed before it, the child's
-        # close of its copy would fail (or close another file that took the number).
-        os.write(write_end, GATE_OPEN)
+            os.write(write_end, GATE_OPEN)
+        finally:
+            os.close(write_end)  # unwritten, the child reads the pipe's end and exits
 
     async def spawn() -> None:
         try:
@@ -88,8 +83,6 @@ async def gated_fork(fork: Callable[[Callable[[], None]], Awaitable[trio.Process
             nursery.start_soon(spawn)
     finally:
         os.close(read_end)
-        if not closed:
-            os.close(write_end)
     if failed:
         raise failed[0]
     return forked[0]

@@ -50,18 +50,3 @@ async def test_a_child_whose_record_is_never_written_runs_nothing(tmp_path: Path
     assert scope.cancelled_caught
     # gated_fork returned after the fork's thread did: the child had exited, unexec'd
     assert not marker.exists()
-
-
-async def test_a_record_already_on_disk_opens_the_gate_before_the_fork(tmp_path: Path
-                                                                       ) -> None:
-    """The record's wait returns at once (nothing left to write): the pipe stays open
-    until the child is forked, which then runs as usual, several times over."""
-    for n in range(5):
-        marker = tmp_path / f"ran-{n}"
-
-        async def record() -> None:
-            pass
-
-        process = await gated_fork(forker(marker), lambda: None, record)
-        assert await process.wait() == 0
-        assert marker.read_text() == "ran\n"
