@@ -13,9 +13,7 @@ An ``Instance`` owns one app process at a time and is driven by one task,
    first when the agent has cgroup support), sets rlimits and no_new_privs and drops
    to the app's uid. stdout and stderr are files ``<log_dir>/<instance>.out.log`` /
    ``.err.log`` opened ``O_APPEND`` by the agent and handed to the child as its fds —
-   not pipes — so an app keeps running and logging while the agent restarts. With an
-   owner's ``keep_record``, the child waits for the owner's record of it before all
-   that (``spawning.gated_fork``), and the pid is recorded before the readiness probes.
+   not pipes — so an app keeps running and logging while the agent restarts.
 2. **Readiness.** ``GET ready_path`` over HTTP/1.1 on 127.0.0.1:port, first every
    ``READY_POLL_FIRST`` seconds, backing off to ``READY_POLL``; a 2xx answer is ready (an
    accepted TCP connection alone is not; an app that declares no health path is ready
@@ -596,4 +594,5 @@ class Instance:
 
 
 __all__ = ["GROUP_POLL", "REAP_TIMEOUT", "Event", "Instance", "InstanceConfig", "State", "probe",
-           "shell_command", "transition"]
+           "shell_command",
+           "transition"]
