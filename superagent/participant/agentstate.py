@@ -21,10 +21,8 @@ asked so far is on disk:
 - every RPC answer (``superagent.rpc.server``): a coordinator acts on it, so what it says
   (instances started or stopped, routes switched, the ledger's result) must survive;
 - a new process (``supervisor.Instance.keep_record``): the instance's record is on disk
-  before the process runs anything (it is forked meanwhile but waits for it, see
-  ``spawning.gated_fork``) and its pid right after, before it can be ready and routed. An
-  agent killed before the record is written leaves a child that exits unexec'd; killed
-  before the pid is written, its successor finds the record without one and starts the
+  before it is spawned and its pid right after, before it can be ready and routed. An
+  agent killed before the pid is written finds the record without one and starts the
   instance afresh, after a SIGKILL of whatever is in its cgroup; killed after it, it
   adopts the process.
 

@@ -63,11 +63,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -85,8 +85,6 @@ from superagent.participant.instancestate import transition as transition
 from superagent.participant.isolation import IsolationReport, child_setup
 from superagent.participant.probes import listening_ports
 from superagent.participant.probes import probe as probe
-from superagent.participant.spawning import gated_fork
-from superagent.participant.spawning import shell_command as shell_command
 from superagent.participant.toolchain import release_env
 from superagent.procs import REAP_TIMEOUT, terminate_group
 
@@ -183,10 +181,9 @@ class Instance:
         # Called after every change of state or of process (a restart's new pid), so the
         # owner can persist the pid and route only serving instances.
         self.on_change: Callable[[Instance], None] | None = None
-        # Awaited during each spawn (the child waits for it before it runs anything, see
-        # ``spawning.gated_fork``) and again right after it (before the readiness probes): the
-        # owner returns once its record of the instance, then of its new pid, is on disk,
-        # so an owner killed at any moment finds every process that runs the app.
+        # Awaited before each spawn and again right after it (before the readiness probes):
+        # the owner returns once its record of the instance, then of its new pid, is on
+        # disk, so an owner killed at any moment finds every process it started.
         self.keep_record: Callable[[Instance], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:
@@ -455,12 +452,15 @@ class Instance:
                                                sandbox)
         out_fd, err_fd = await trio.to_thread.run_sync(self._open_files)  # one thread hop
         try:
+            if self.keep_record is not None:
+                # the owner's record of this instance is on disk before its process exists
+                await self.keep_record(self)
             self.fork_at = time.time()
-            if self.keep_record is None:
-                process = await self._fork(preexec, out_fd, err_fd)
-            else:  # the child runs nothing until the record is on disk
-                process = await gated_fork(partial(self._fork, out_fd=out_fd, err_fd=err_fd),
-                                           preexec, partial(self.keep_record, self))
+            process = await trio.lowlevel.open_process(
+                ["/bin/sh", "-c", shell_command(config.command)], cwd=config.cwd,
+                env=self._environment(),
+                stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+                start_new_session=True, preexec_fn=preexec, close_fds=True)
         except (OSError, subprocess.SubprocessError) as exc:
             raise SupervisorError(f"cannot spawn instance {config.instance}: {exc}",
                                   app=config.app, release=config.release,
@@ -479,14 +479,6 @@ class Instance:
             # point after this finds the process by its record (the app boots meanwhile)
             await self.keep_record(self)
         return process
-
-    async def _fork(self, preexec: Callable[[], None], out_fd: int, err_fd: int
-                    ) -> trio.Process:
-        config = self.config
-        return await trio.lowlevel.open_process(
-            ["/bin/sh", "-c", shell_command(config.command)], cwd=config.cwd,
-            env=self._environment(), stdin=subprocess.DEVNULL, stdout=out_fd,
-            stderr=err_fd, start_new_session=True, preexec_fn=preexec, close_fds=True)
 
     def _environment(self) -> dict[str, str]:
         config = self.config
@@ -591,6 +583,18 @@ class Instance:
             self._fire(Event.STOPPED)
             self._stopped.set()
         self._log.info("instance stopped", last_exit=self.last_exit)
+
+
+_SHELL_SYNTAX = re.compile(r"[;&|<>()`$\\\n*?\[\]{}~#!]|^\s*\w+=")
+
+
+def shell_command(command: str) -> str:
+    """The ``sh -c`` argument for ``command``: a simple command is ``exec``'d, so the app is
+    the group leader and gets SIGTERM itself (some shells, dash among them, fork it)."""
+    if (_SHELL_SYNTAX.search(command) or not command.strip()
+            or command.split()[0] == "exec"):
+        return command
+    return f"exec {command}"
 
 
 __all__ = ["GROUP_POLL", "REAP_TIMEOUT", "Event", "Instance", "InstanceConfig", "State", "probe",
