@@ -475,8 +475,7 @@ class Instance:
         self._log.info("instance spawned", pid=process.pid, port=config.port)
         self._changed()
         if self.keep_record is not None:
-            # ... and so is its pid before it can be ready (routed): an agent killed at any
-            # point after this finds the process by its record (the app boots meanwhile)
+            # ... and its pid before it can be ready (routed); the app boots meanwhile
             await self.keep_record(self)
         return process
 
@@ -494,8 +493,7 @@ class Instance:
         return env
 
     def _open_files(self) -> tuple[int, int]:
-        """Make the log and home directories, then open stdout's and stderr's files
-        (blocking): the file descriptors for the child."""
+        """Make the log and home dirs, open stdout's and stderr's files: the child's fds."""
         config = self.config
         config.log_dir.mkdir(parents=True, exist_ok=True)
         config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -598,5 +596,4 @@ def shell_command(command: str) -> str:
 
 
 __all__ = ["GROUP_POLL", "REAP_TIMEOUT", "Event", "Instance", "InstanceConfig", "State", "probe",
-           "shell_command",
-           "transition"]
+           "shell_command", "transition"]
