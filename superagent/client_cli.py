@@ -2,7 +2,10 @@
 (``scale`` and ``nodes label`` are in ``client_scale``).
 
 Each talks to the coordinator API through ``client.Client``; ``--json`` prints the API's
-JSON as it is, otherwise a short table.
+JSON as it is, otherwise a short table. Every client command, here and in the other
+``client_*`` modules, gets its parser from ``command`` (its own arguments, then the
+common ``--server``/``--token``/``--json``), and one that only shows a document is
+``showing(path, render)``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ FOLLOW_RECONNECTS = 20
 URLS_WAIT = 5.0  # seconds for the participants' heartbeats to name their proxy listeners
 URLS_POLL = 0.25
 DRAIN_POLL = 1.0  # seconds between looks at what still runs on a draining node
+
+Handler = Callable[[argparse.Namespace], int]  # what runs a command: its exit status
 
 
 def client_of(args: argparse.Namespace) -> Client:
@@ -46,6 +52,15 @@ def emit(args: argparse.Namespace, doc: Any, render: Callable[[Any], str]) -> in
     return 0
 
 
+def showing(path: str, render: Callable[[Any], str]) -> Handler:
+    """The command that GETs ``path`` and prints the answer with ``render`` (or as JSON
+    with ``--json``); ``{name}`` fields in ``path`` are filled from the arguments."""
+
+    def show(args: argparse.Namespace) -> int:
+        return emit(args, client_of(args).get(path.format_map(vars(args))), render)
+    return show
+
+
 def _ago(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}s ago"
 
@@ -58,6 +73,9 @@ def render_cluster(doc: dict[str, Any]) -> str:
     if doc.get("artifacts_missing"):
         head += f"\n{doc['artifacts_missing']} artifacts not yet fetched by {doc['id']}"
     return head + "\n" + table(rows, ("ID", "RAFT", "API", "CONNECTED", "ROLE"))
+
+
+SHOW_CLUSTER = showing("/api/v1/cluster", render_cluster)  # `cluster` and `cluster list`
 
 
 def render_nodes(doc: dict[str, Any]) -> str:
@@ -105,16 +123,7 @@ def render_apps(doc: dict[str, Any]) -> str:
     return "\n".join([out, *short])
 
 
-def _cluster(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/cluster"), render_cluster)
 
-
-def _nodes(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/nodes"), render_nodes)
-
-
-def _apps(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/apps"), render_apps)
 
 
 def render_audit(doc: dict[str, Any]) -> str:
@@ -122,11 +131,6 @@ def render_audit(doc: dict[str, Any]) -> str:
              e["type"], e["target"], e["outcome"]) for e in doc["audit"]]
     return table(rows, ("AT", "ACTOR", "COMMAND", "TARGET", "OUTCOME")) if rows else (
         "no audit entries")
-
-
-def _audit(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get(f"/api/v1/audit?limit={args.limit}"),
-                render_audit)
 
 
 def render_instances(nodes: dict[str, Any], apps: dict[str, Any]) -> str:
@@ -208,11 +212,6 @@ def render_releases(doc: dict[str, Any]) -> str:
              "serving" if r.get("current") else "")
             for r in doc["releases"]]
     return table(rows, ("RELEASE", "SHA256", "SIZE", "BY", "CREATED", "LAST DEPLOY", ""))
-
-
-def _releases(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get(f"/api/v1/apps/{args.app}/releases"),
-                render_releases)
 
 
 def follow_deploy(client: Client, app: str, deploy_id: str, *, as_json: bool) -> int:
@@ -348,7 +347,7 @@ def _rollback(args: argparse.Namespace) -> int:
     return follow_deploy(client, args.app, doc["deploy_id"], as_json=args.json)
 
 
-def _lifecycle(action: str) -> Callable[[argparse.Namespace], int]:
+def _lifecycle(action: str) -> Handler:
     def run(args: argparse.Namespace) -> int:
         client = client_of(args)
         doc = client.post(f"/api/v1/nodes/{args.node}/{action}")
@@ -404,66 +403,68 @@ def add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> None
                         help="machine-readable output")
 
 
+@contextmanager
+def command(parsers: Any, name: str, help_text: str, func: Handler, *,
+            nested: bool = False) -> Iterator[argparse.ArgumentParser]:
+    """The parser of command ``name`` under ``parsers``: the block adds the command's own
+    arguments, then come the common options (``add_common``, last in its help) and the
+    function that runs it."""
+    parser = parsers.add_parser(name, help=help_text)
+    yield parser
+    add_common(parser, nested=nested)
+    parser.set_defaults(func=func)
+
+
 def add_client_commands(sub: Any) -> dict[str, argparse.ArgumentParser]:
     """Add the commands; returns the parsers of those that take nested actions (``nodes``,
     whose ``label`` ``client_scale.add_scale_commands`` adds)."""
-    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+    commands: list[tuple[str, str, Handler]] = [
         ("status", "cluster, nodes and apps at a glance", _status),
         ("cluster", "coordinator members, leader, term and health; `cluster add|remove`"
-                    " changes them", _cluster),
+                    " changes them", SHOW_CLUSTER),
         ("nodes", "participants: groups, lifecycle, liveness, instances; `nodes label`"
-                  " sets a node's groups", _nodes),
-        ("apps", "apps, their latest release and scale", _apps),
+                  " sets a node's groups", showing("/api/v1/nodes", render_nodes)),
+        ("apps", "apps, their latest release and scale", showing("/api/v1/apps", render_apps)),
     ]
     parsers: dict[str, argparse.ArgumentParser] = {}  # those with nested commands
     for name, help_text, func in commands:
-        parser = sub.add_parser(name, help=help_text)
-        add_common(parser)
-        parser.set_defaults(func=func)
-        parsers[name] = parser
-    audit = sub.add_parser("audit", help="who did what, newest first (deploys, scalings,"
-                                         " autoscaler decisions with their inputs, ...)")
-    audit.add_argument("--limit", type=int, default=50, metavar="N",
-                       help="entries to show (default 50)")
-    add_common(audit)
-    audit.set_defaults(func=_audit)
-    deploy = sub.add_parser("deploy", help="pack a directory, upload it as a release and"
-                                           " roll it out")
-    deploy.add_argument("path", help="the app's source directory (with superagent.toml or a"
-                                     " Procfile)")
-    deploy.add_argument("--app", help="app name (default: from the manifest; for a Procfile"
-                                      " app, the directory's name)")
-    deploy.add_argument("--max-parallel", type=int, metavar="N",
-                        help="nodes rolled at once (default 1)")
-    deploy.add_argument("--no-follow", action="store_true",
-                        help="print the deploy id and return without waiting")
-    deploy.add_argument("--force", action="store_true",
-                        help="deploy even when the content is what the app already serves")
-    deploy.add_argument("--team", help="the team a new app belongs to (default: the token's"
-                                       " only team; for an admin, default)")
-    add_common(deploy)
-    deploy.set_defaults(func=_deploy)
-    releases = sub.add_parser("releases", help="an app's releases")
-    releases.add_argument("app")
-    add_common(releases)
-    releases.set_defaults(func=_releases)
-    back = sub.add_parser("rollback", help="deploy an earlier release again")
-    back.add_argument("app")
-    back.add_argument("--to", metavar="rN", help="the release (default: the newest earlier"
-                                                 " one that served)")
-    back.add_argument("--force", action="store_true",
-                      help="roll back to a release that never served")
-    add_common(back)
-    back.set_defaults(func=_rollback)
+        with command(sub, name, help_text, func) as parser:
+            parsers[name] = parser
+    with command(sub, "audit", "who did what, newest first (deploys, scalings, autoscaler"
+                 " decisions with their inputs, ...)",
+                 showing("/api/v1/audit?limit={limit}", render_audit)) as audit:
+        audit.add_argument("--limit", type=int, default=50, metavar="N",
+                           help="entries to show (default 50)")
+    with command(sub, "deploy", "pack a directory, upload it as a release and roll it out",
+                 _deploy) as deploy:
+        deploy.add_argument("path", help="the app's source directory (with superagent.toml"
+                                         " or a Procfile)")
+        deploy.add_argument("--app", help="app name (default: from the manifest; for a"
+                                          " Procfile app, the directory's name)")
+        deploy.add_argument("--max-parallel", type=int, metavar="N",
+                            help="nodes rolled at once (default 1)")
+        deploy.add_argument("--no-follow", action="store_true",
+                            help="print the deploy id and return without waiting")
+        deploy.add_argument("--force", action="store_true",
+                            help="deploy even when the content is what the app already serves")
+        deploy.add_argument("--team", help="the team a new app belongs to (default: the"
+                                           " token's only team; for an admin, default)")
+    with command(sub, "releases", "an app's releases",
+                 showing("/api/v1/apps/{app}/releases", render_releases)) as releases:
+        releases.add_argument("app")
+    with command(sub, "rollback", "deploy an earlier release again", _rollback) as back:
+        back.add_argument("app")
+        back.add_argument("--to", metavar="rN", help="the release (default: the newest"
+                                                     " earlier one that served)")
+        back.add_argument("--force", action="store_true",
+                          help="roll back to a release that never served")
     for action, help_text in (("drain", "move traffic off a node (its /-/healthz answers 503)"),
                               ("offline", "take a drained node out of service"),
                               ("online", "put a node back in service")):
-        parser = sub.add_parser(action, help=help_text)
-        parser.add_argument("node")
-        if action == "drain":
-            parser.add_argument("--no-wait", action="store_true",
-                                help="return at once instead of following the drain until"
-                                     " nothing runs on the node")
-        add_common(parser)
-        parser.set_defaults(func=_lifecycle(action))
+        with command(sub, action, help_text, _lifecycle(action)) as parser:
+            parser.add_argument("node")
+            if action == "drain":
+                parser.add_argument("--no-wait", action="store_true",
+                                    help="return at once instead of following the drain"
+                                         " until nothing runs on the node")
     return parsers

@@ -24,16 +24,12 @@ from typing import Any, BinaryIO
 import httpx
 
 from superagent.client import ClientError
-from superagent.client_cli import add_common, client_of, emit, render_cluster
+from superagent.client_cli import SHOW_CLUSTER, client_of, command, emit
 
 CATCH_UP_WAIT = 120.0  # seconds `cluster add` waits for the new member to catch up
 CATCH_UP_POLL = 0.5
 BACKUP_TIMEOUT = 600.0  # one backup or restore request, artifacts included
 CHUNK = 1024 * 1024
-
-
-def _list(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/cluster"), render_cluster)
 
 
 def _add(args: argparse.Namespace) -> int:
@@ -132,28 +128,20 @@ def add_cluster_commands(sub: Any, cluster: argparse.ArgumentParser) -> None:
     """``cluster list|add|remove`` under the ``cluster`` parser; ``backup`` and ``restore``
     on the top level."""
     nested = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
-    listing = nested.add_parser("list", help="the coordinators (the default)")
-    add_common(listing, nested=True)
-    listing.set_defaults(func=_list)
-    add = nested.add_parser("add", help="add a coordinator (start it first, with --peers"
-                                        " naming every member and itself)")
-    add.add_argument("id", help="its --id")
-    add.add_argument("raft", metavar="HOST:PORT", help="its Raft address")
-    add.add_argument("--no-wait", action="store_true",
-                     help="return once added, without waiting for it to catch up")
-    add_common(add, nested=True)
-    add.set_defaults(func=_add)
-    remove = nested.add_parser("remove", help="remove a coordinator (refused when the live"
-                                              " members left would not be a majority)")
-    remove.add_argument("id")
-    add_common(remove, nested=True)
-    remove.set_defaults(func=_remove)
-    backup = sub.add_parser("backup", help="write a consistent backup of the running cluster"
-                                           " (state and artifacts) to FILE")
-    backup.add_argument("file", metavar="FILE", help="where to write it (-: stdout)")
-    add_common(backup)
-    backup.set_defaults(func=_backup)
-    restore = sub.add_parser("restore", help="restore a backup onto a new, empty cluster")
-    restore.add_argument("file", metavar="FILE")
-    add_common(restore)
-    restore.set_defaults(func=_restore)
+    with command(nested, "list", "the coordinators (the default)", SHOW_CLUSTER, nested=True):
+        pass
+    with command(nested, "add", "add a coordinator (start it first, with --peers naming every"
+                 " member and itself)", _add, nested=True) as add:
+        add.add_argument("id", help="its --id")
+        add.add_argument("raft", metavar="HOST:PORT", help="its Raft address")
+        add.add_argument("--no-wait", action="store_true",
+                         help="return once added, without waiting for it to catch up")
+    with command(nested, "remove", "remove a coordinator (refused when the live members left"
+                 " would not be a majority)", _remove, nested=True) as remove:
+        remove.add_argument("id")
+    with command(sub, "backup", "write a consistent backup of the running cluster (state and"
+                 " artifacts) to FILE", _backup) as backup:
+        backup.add_argument("file", metavar="FILE", help="where to write it (-: stdout)")
+    with command(sub, "restore", "restore a backup onto a new, empty cluster",
+                 _restore) as restore:
+        restore.add_argument("file", metavar="FILE")

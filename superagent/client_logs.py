@@ -43,7 +43,7 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from superagent.client import Client, ClientError
-from superagent.client_cli import add_common, client_of
+from superagent.client_cli import client_of, command
 
 LINE_MAX = 4000  # characters of one line shown; the rest is cut with a marker
 RECONNECTS = 30  # consecutive failed reconnections before `logs -f` gives up
@@ -385,33 +385,29 @@ def _trace(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- parsers
 def add_log_commands(sub: Any) -> None:
-    logs = sub.add_parser("logs", help="an app's output, merged across its machines")
-    logs.add_argument("app")
-    logs.add_argument("-f", "--follow", action="store_true",
-                      help="keep printing new lines (reconnects on its own)")
-    logs.add_argument("--since", metavar="WHEN",
-                      help="only lines from then on: 30s, 10m, 2h, 1d or an epoch")
-    logs.add_argument("--instance", metavar="ID", help="only this instance")
-    logs.add_argument("--node", metavar="N", help="only this machine")
-    logs.add_argument("--stream", choices=("stdout", "stderr", "proxy"),
-                      help="only this stream")
-    logs.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT")
-    logs.add_argument("--request-id", metavar="ID", help="only lines of this request")
-    logs.add_argument("-n", dest="lines", type=int, metavar="N",
-                      help="how many recent lines (default 100)")
-    logs.add_argument("--nodes", action="store_true", help="prefix lines with their machine")
-    add_common(logs)
-    logs.set_defaults(func=_logs)
+    with command(sub, "logs", "an app's output, merged across its machines", _logs) as logs:
+        logs.add_argument("app")
+        logs.add_argument("-f", "--follow", action="store_true",
+                          help="keep printing new lines (reconnects on its own)")
+        logs.add_argument("--since", metavar="WHEN",
+                          help="only lines from then on: 30s, 10m, 2h, 1d or an epoch")
+        logs.add_argument("--instance", metavar="ID", help="only this instance")
+        logs.add_argument("--node", metavar="N", help="only this machine")
+        logs.add_argument("--stream", choices=("stdout", "stderr", "proxy"),
+                          help="only this stream")
+        logs.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT")
+        logs.add_argument("--request-id", metavar="ID", help="only lines of this request")
+        logs.add_argument("-n", dest="lines", type=int, metavar="N",
+                          help="how many recent lines (default 100)")
+        logs.add_argument("--nodes", action="store_true",
+                          help="prefix lines with their machine")
 
-    debug = sub.add_parser("debug", help="trace an app's requests live (a debug session)")
-    debug.add_argument("app")
-    debug.add_argument("--ttl", default="30m", metavar="DURATION",
-                       help="the session ends by itself after this long (default 30m)")
-    add_common(debug)
-    debug.set_defaults(func=_debug)
+    with command(sub, "debug", "trace an app's requests live (a debug session)",
+                 _debug) as debug:
+        debug.add_argument("app")
+        debug.add_argument("--ttl", default="30m", metavar="DURATION",
+                           help="the session ends by itself after this long (default 30m)")
 
-    trace = sub.add_parser("trace", help="one request's lines across the machines")
-    trace.add_argument("request_id", metavar="REQUEST_ID")
-    trace.add_argument("--app", help="only this app's machines")
-    add_common(trace)
-    trace.set_defaults(func=_trace)
+    with command(sub, "trace", "one request's lines across the machines", _trace) as trace:
+        trace.add_argument("request_id", metavar="REQUEST_ID")
+        trace.add_argument("--app", help="only this app's machines")

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from superagent.client import Client, ClientError
-from superagent.client_cli import add_common, client_of, emit
+from superagent.client_cli import client_of, command, emit
 from superagent.manifest import AUTOSCALE_METRICS, describe_scale
 from superagent.names import group_name_problem
 
@@ -175,30 +175,27 @@ def _label(args: argparse.Namespace) -> int:
 def add_scale_commands(sub: Any, nodes: argparse.ArgumentParser) -> Any:
     """``scale`` on the top level, ``label`` under the ``nodes`` parser; returns the
     ``nodes`` parser's sub-commands, for other modules to add theirs."""
-    scale = sub.add_parser("scale", help="change how many instances of an app run, and where")
-    scale.add_argument("app")
-    scale.add_argument("--per-node", type=int, metavar="K",
-                       help="K instances on every eligible node of the groups")
-    scale.add_argument("--instances", type=int, metavar="K",
-                       help="K instances in total, spread over the eligible nodes")
-    scale.add_argument("--auto", metavar="MIN:MAX",
-                       help="autoscale between MIN and MAX instances in total")
-    scale.add_argument("--target", type=float, metavar="N",
-                       help="with --auto: the load one instance should carry")
-    scale.add_argument("--metric", choices=AUTOSCALE_METRICS,
-                       help="with --auto: in_flight requests (default) or cpu cores")
-    scale.add_argument("--groups", metavar="A,B",
-                       help="machine groups the app runs in (default: its current ones)")
-    scale.add_argument("--no-follow", action="store_true",
-                       help="print the scaling id and return without waiting")
-    add_common(scale)
-    scale.set_defaults(func=_scale)
+    with command(sub, "scale", "change how many instances of an app run, and where",
+                 _scale) as scale:
+        scale.add_argument("app")
+        scale.add_argument("--per-node", type=int, metavar="K",
+                           help="K instances on every eligible node of the groups")
+        scale.add_argument("--instances", type=int, metavar="K",
+                           help="K instances in total, spread over the eligible nodes")
+        scale.add_argument("--auto", metavar="MIN:MAX",
+                           help="autoscale between MIN and MAX instances in total")
+        scale.add_argument("--target", type=float, metavar="N",
+                           help="with --auto: the load one instance should carry")
+        scale.add_argument("--metric", choices=AUTOSCALE_METRICS,
+                           help="with --auto: in_flight requests (default) or cpu cores")
+        scale.add_argument("--groups", metavar="A,B",
+                           help="machine groups the app runs in (default: its current ones)")
+        scale.add_argument("--no-follow", action="store_true",
+                           help="print the scaling id and return without waiting")
     nested = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
-    label = nested.add_parser("label", help="set a node's groups (they win over its own"
-                                            " --group)")
-    label.add_argument("node")
-    label.add_argument("--groups", required=True, metavar="A,B",
-                       help="the node's machine groups, comma-separated")
-    add_common(label, nested=True)
-    label.set_defaults(func=_label)
+    with command(nested, "label", "set a node's groups (they win over its own --group)",
+                 _label, nested=True) as label:
+        label.add_argument("node")
+        label.add_argument("--groups", required=True, metavar="A,B",
+                           help="the node's machine groups, comma-separated")
     return nested

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from superagent.client import ClientError
-from superagent.client_cli import add_common, client_of, emit, table
+from superagent.client_cli import client_of, command, emit, showing, table
 from superagent.config import parse_size
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -82,10 +82,6 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/tokens"), render_tokens)
-
-
 def _revoke(args: argparse.Namespace) -> int:
     doc = client_of(args).request("DELETE", f"/api/v1/tokens/{args.name}",
                                   headers={"idempotency-key": secrets.token_hex(16)})
@@ -134,52 +130,44 @@ def render_teams(doc: dict[str, Any]) -> str:
     return table(rows, ("TEAM", "APPS", "INSTANCES", "MEMORY")) + "\n(used/quota; - no limit)"
 
 
-def _teams(args: argparse.Namespace) -> int:
-    return emit(args, client_of(args).get("/api/v1/teams"), render_teams)
-
-
 def add_access_commands(sub: Any) -> None:
     """``tokens`` (create, list, revoke) and ``teams`` (list, quota)."""
-    tokens = sub.add_parser("tokens", help="API tokens: `tokens create|list|revoke`"
-                                           " (admin; without an action: list)")
-    add_common(tokens)
-    tokens.set_defaults(func=_list)
+    list_tokens = showing("/api/v1/tokens", render_tokens)
+    list_teams = showing("/api/v1/teams", render_teams)
+    with command(sub, "tokens", "API tokens: `tokens create|list|revoke` (admin; without an"
+                 " action: list)", list_tokens) as tokens:
+        pass
     actions = tokens.add_subparsers(dest="tokens_command", metavar="ACTION")
-    create = actions.add_parser("create", help="make a token; it is printed once")
-    create.add_argument("name")
-    create.add_argument("--role", choices=ROLES, default="viewer",
-                        help="admin (everything), deployer (its teams' apps) or viewer"
-                             " (read only; default)")
-    create.add_argument("--team", action="append", metavar="TEAM",
-                        help="a team the token acts for, repeatable (a viewer without one"
-                             " sees every team)")
-    create.add_argument("--expires", metavar="DURATION",
-                        help="the token ends after this long: 30d, 12h, 90m, 2w"
-                             " (default: never)")
-    create.set_defaults(func=_create)
-    listing = actions.add_parser("list", help="names, roles, teams, expiry, last use")
-    listing.set_defaults(func=_list)
-    revoke = actions.add_parser("revoke", help="end a token now")
-    revoke.add_argument("name")
-    revoke.set_defaults(func=_revoke)
-    for parser in (create, listing, revoke):
-        add_common(parser, nested=True)
+    with command(actions, "create", "make a token; it is printed once", _create,
+                 nested=True) as create:
+        create.add_argument("name")
+        create.add_argument("--role", choices=ROLES, default="viewer",
+                            help="admin (everything), deployer (its teams' apps) or viewer"
+                                 " (read only; default)")
+        create.add_argument("--team", action="append", metavar="TEAM",
+                            help="a team the token acts for, repeatable (a viewer without"
+                                 " one sees every team)")
+        create.add_argument("--expires", metavar="DURATION",
+                            help="the token ends after this long: 30d, 12h, 90m, 2w"
+                                 " (default: never)")
+    with command(actions, "list", "names, roles, teams, expiry, last use", list_tokens,
+                 nested=True):
+        pass
+    with command(actions, "revoke", "end a token now", _revoke, nested=True) as revoke:
+        revoke.add_argument("name")
 
-    teams = sub.add_parser("teams", help="teams with their quota and usage; `teams quota`"
-                                         " sets one (admin)")
-    add_common(teams)
-    teams.set_defaults(func=_teams)
+    with command(sub, "teams", "teams with their quota and usage; `teams quota` sets one"
+                 " (admin)", list_teams) as teams:
+        pass
     team_actions = teams.add_subparsers(dest="teams_command", metavar="ACTION")
-    team_list = team_actions.add_parser("list", help="teams the token sees")
-    team_list.set_defaults(func=_teams)
-    quota = team_actions.add_parser("quota", help="set a team's quota (left-out limits are"
-                                                  " lifted)")
-    quota.add_argument("team")
-    quota.add_argument("--apps", type=int, metavar="N", help="apps the team may have")
-    quota.add_argument("--instances", type=int, metavar="N",
-                       help="instances its apps may plan in all")
-    quota.add_argument("--memory", metavar="SIZE",
-                       help="memory its instances may reserve in all ([limits] memory), e.g. 4G")
-    quota.set_defaults(func=_quota)
-    for parser in (team_list, quota):
-        add_common(parser, nested=True)
+    with command(team_actions, "list", "teams the token sees", list_teams, nested=True):
+        pass
+    with command(team_actions, "quota", "set a team's quota (left-out limits are lifted)",
+                 _quota, nested=True) as quota:
+        quota.add_argument("team")
+        quota.add_argument("--apps", type=int, metavar="N", help="apps the team may have")
+        quota.add_argument("--instances", type=int, metavar="N",
+                           help="instances its apps may plan in all")
+        quota.add_argument("--memory", metavar="SIZE",
+                           help="memory its instances may reserve in all ([limits] memory),"
+                                " e.g. 4G")

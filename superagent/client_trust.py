@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from superagent.client import ClientError
-from superagent.client_cli import add_common, client_of, emit
+from superagent.client_cli import client_of, command, emit
 from superagent.config import parse_duration
 
 
@@ -53,18 +53,15 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def add_trust_commands(nested: Any) -> None:
     """``join-token`` and ``revoke`` under the ``nodes`` parser's sub-commands."""
-    token = nested.add_parser("join-token", help="make a token that enrols a machine"
-                                                 " (shown once)")
-    token.add_argument("--expires", default="1h", metavar="DURATION",
-                       help="how long it is valid (default 1h)")
-    token.add_argument("--uses", type=int, default=1, metavar="N",
-                       help="machines it enrols (default 1; 0: any number until it expires)")
-    token.add_argument("--node", metavar="NAME",
-                       help="only this node; may replace its credential (re-enrolment)")
-    add_common(token, nested=True)
-    token.set_defaults(func=_join_token)
-    revoke = nested.add_parser("revoke", help="revoke a node's credential: its calls are"
-                                              " refused and it gets no more work")
-    revoke.add_argument("node")
-    add_common(revoke, nested=True)
-    revoke.set_defaults(func=_revoke)
+    with command(nested, "join-token", "make a token that enrols a machine (shown once)",
+                 _join_token, nested=True) as token:
+        token.add_argument("--expires", default="1h", metavar="DURATION",
+                           help="how long it is valid (default 1h)")
+        token.add_argument("--uses", type=int, default=1, metavar="N",
+                           help="machines it enrols (default 1; 0: any number until it"
+                                " expires)")
+        token.add_argument("--node", metavar="NAME",
+                           help="only this node; may replace its credential (re-enrolment)")
+    with command(nested, "revoke", "revoke a node's credential: its calls are refused and it"
+                 " gets no more work", _revoke, nested=True) as revoke:
+        revoke.add_argument("node")

@@ -40,6 +40,7 @@ from pathlib import Path
 HOT_MODULES = (
     "superagent.proxy.http1", "superagent.proxy.parsers", "superagent.proxy.routes",
     "superagent.proxy.netio", "superagent.proxy.upstream", "superagent.proxy.connection",
+    "superagent.proxy.exchange", "superagent.proxy.upload", "superagent.proxy.tunnel",
     "superagent.proxy.snapshot", "superagent.proxy.state", "superagent.proxy.metrics",
     "superagent.proxy.errors", "superagent.httprules",
 )

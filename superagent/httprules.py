@@ -17,7 +17,16 @@ functions, so a rule is written in the form requests are compared in.
 ``DEFAULT_MAX_BODY`` is the request body limit of an app that sets none, in the
 manifest and in the proxy alike; ``DEFAULT_MIN_BODY_RATE`` the slowest a streamed
 request body may arrive, and ``DEFAULT_UPGRADES`` the Upgrade protocols tunnelled to an
-app (``upgrade_protocol`` checks a name an app allows).
+app.
+
+Upgrades. A tunnel carries the client's later bytes past routing and the forwarding
+headers, so what may be tunnelled is decided here, once for the manifest, the proxy's
+config and every request: ``upgrade_protocol`` checks a name an app allows (never h2c:
+HTTP/2 over cleartext would carry requests the proxy never sees, and the proxy speaks
+HTTP/1.1, so ``H2C_HEADERS`` are never forwarded either); ``allowed_upgrade`` keeps
+the part of a request's ``Upgrade`` offer its app allows, and ``switch_allowed`` accepts
+an upstream's 101 only for a protocol that was offered. Anything else is refused
+rather than tunnelled.
 
 This module is part of the proxy's hot path (``normalize_path`` runs per request):
 ``scripts/compile-proxy`` compiles it with mypyc in the proxy's group, so it imports
@@ -34,6 +43,8 @@ from superagent.errors import HTTPSyntaxError
 DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024  # a request body limit that fits APIs and form uploads
 DEFAULT_MIN_BODY_RATE: Final = 1024  # bytes/s: far below any real client, far above a drip
 DEFAULT_UPGRADES: Final = ("websocket",)
+NEVER_TUNNELLED: Final = "h2c"
+H2C_HEADERS: Final = frozenset({b"http2-settings"})  # the h2c upgrade's own request header
 _PROTOCOL_OK = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+(?:/[a-z0-9!#$%&'*+.^_`|~-]+)?")
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -98,11 +109,33 @@ def upgrade_protocol(value: str) -> str:
     name = value.strip().lower()
     if _PROTOCOL_OK.fullmatch(name) is None:
         raise HTTPSyntaxError(f"not a protocol name: {value!r}")
-    if name.split("/")[0] == "h2c":
-        # HTTP/2 over cleartext would carry requests past routing and the forwarding
-        # headers: the proxy never tunnels it.
+    if name.split("/")[0] == NEVER_TUNNELLED:
         raise HTTPSyntaxError("h2c cannot be tunnelled (the proxy speaks HTTP/1.1)")
     return name
+
+
+def allowed_upgrade(offer: bytes, allowed: tuple[str, ...]) -> bytes | None:
+    """The part of a request's ``Upgrade`` offer the app allows (protocol names,
+    case-insensitive, a ``/version`` kept), or None when nothing is left."""
+    kept = []
+    for item in offer.split(b","):
+        protocol = item.strip()
+        name = protocol.split(b"/")[0].lower().decode("latin-1")
+        if name and name != NEVER_TUNNELLED and name in allowed:
+            kept.append(protocol)
+    return b", ".join(kept) if kept else None
+
+
+def switch_allowed(headers: list[tuple[bytes, bytes]], offer: bytes | None) -> bool:
+    """True when a 101 with these response ``headers`` switches to a protocol that was
+    offered (``offer``: what ``allowed_upgrade`` left of the request's)."""
+    if offer is None:
+        return False
+    offered = {item.strip().split(b"/")[0].lower() for item in offer.split(b",")}
+    chosen = [v for n, v in headers if n.lower() == b"upgrade"]
+    if len(chosen) != 1:
+        return False
+    return chosen[0].strip().split(b"/")[0].lower() in offered
 
 
 def _decode_unreserved(path: str) -> str:

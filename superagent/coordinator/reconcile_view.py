@@ -4,7 +4,8 @@ The reconciler (``reconciler.py``) reads the replicated state once per round int
 ``ClusterView`` (``view_of``, under the state's read lock, so it copies only plain data),
 turns the participants' last heartbeats into the planner's ``NodeReport``s
 (``reports_from``; a heartbeat is a participant's word, so anything malformed in it is
-skipped rather than trusted), finds ready instances no route reaches (``unrouted``), and
+skipped rather than trusted), tells the scheduler which apps each node runs scaled to zero
+(``with_idle``: they take no room there), finds ready instances no route reaches (``unrouted``), and
 tells when an app runs as placed (``converged``). No clock (the caller passes the wall
 time), no I/O.
 
@@ -16,7 +17,8 @@ node being drained keeps its work until the front load balancer, which sees its
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +106,24 @@ def reports_from(statuses: Mapping[str, Mapping[str, Any]]) -> dict[str, rc.Node
                     routes[app] = tuple(i for i in ids if isinstance(i, str))
         reports[node] = rc.NodeReport(node=node, instances=tuple(instances), routes=routes)
     return reports
+
+
+def idle_apps(report: rc.NodeReport) -> frozenset[str]:
+    """The apps scaled to zero on the reporting node: it reports instances of them, and
+    every one not being stopped is ``idle``."""
+    states: dict[str, set[str]] = {}
+    for instance in report.instances:
+        if instance.state not in rc.IGNORED:
+            states.setdefault(instance.app, set()).add(instance.state)
+    return frozenset(app for app, seen in states.items() if seen == {rc.IDLE})
+
+
+def with_idle(nodes: Sequence[sch.NodeInfo], reports: Mapping[str, rc.NodeReport]
+              ) -> tuple[sch.NodeInfo, ...]:
+    """``nodes`` with each one's idle apps from its report (the scheduler keeps no room
+    for them, only a reserve for one cold start); a node not heard from has none."""
+    return tuple(dataclasses.replace(node, idle=idle_apps(reports[node.name]))
+                 if node.name in reports else node for node in nodes)
 
 
 def _ready(report: rc.NodeReport, app: str, release: str) -> list[str]:

@@ -17,7 +17,9 @@ scale gives a total, else ``per_node`` on every registered node of the scale's g
 an autoscaled app at its ``max`` (the autoscaler's own decisions are never refused);
 memory is the instances times the app's ``[limits] memory`` (an app without a
 memory limit counts none). Only apps that serve (or the one being changed) count: an app
-created but never deployed runs nothing. ``check_quota`` raises ``QuotaExceeded``
+created but never deployed runs nothing. An app scaled to zero counts in full although the
+scheduler gives it no room while it is idle: a quota is a promise for when they all wake
+(and the replicated state does not know which apps idle). ``check_quota`` raises ``QuotaExceeded``
 naming the limit a create, release, deploy or scale would pass.
 """
 

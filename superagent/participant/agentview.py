@@ -25,7 +25,8 @@ from superagent.participant.cgroups import AgentCgroup, CgroupSupport
 from superagent.participant.idle import ActivityWatch, ColdApp
 from superagent.participant.load import LoadSampler
 from superagent.participant.logs import LogHub
-from superagent.participant.permissions import EGRESS_TABLE, LOOPBACK_GROUP, PermissionSupport
+from superagent.participant.nftegress import EGRESS_TABLE
+from superagent.participant.permissions import LOOPBACK_GROUP, PermissionSupport
 from superagent.participant.ports import DEFAULT_HIGH, DEFAULT_LOW, PortAllocator
 from superagent.participant.proxydriver import ProxyDriver
 from superagent.participant.releases import DEFAULT_KEEP, ReleaseStore
@@ -65,8 +66,9 @@ class AgentConfig:
     # (cgroups.AgentCgroup). ``superagent participant`` does; an agent embedded in another
     # process (tests) leaves that process where it is.
     agent_cgroup: bool = False
-    # [permissions]: the group of loopback-only instances and the nftables table keyed on it
-    # (host-wide; tests pass their own names)
+    # [permissions]: the shared group earlier agents gave loopback-only instances (its gid
+    # stays in the egress set while it exists) and the host-wide nftables egress table
+    # (tests pass their own names)
     loopback_group: str = LOOPBACK_GROUP
     egress_table: str = EGRESS_TABLE
 

@@ -9,14 +9,24 @@ package.json runs npm. ``command_env`` is the whole environment a build or test 
 gets, and ``run_build`` runs one as ``/bin/sh -c`` in its own session, collecting stdout
 and stderr interleaved into a bounded log (``BuildOutput``: the end of a log is where the
 error is), killing the whole process group at its timeout or cancellation.
+
+A build may leave a daemon behind in a session of its own (``setsid``), out of reach of
+the process group's kill. It would run on as the app's user with the app's own group,
+outside the egress set of a loopback-only app, and relay its instances' traffic out of the
+machine over loopback. A child cannot leave its cgroup, though: once the last running
+build of a user in the builds cgroup ends, ``kill_strays`` kills what that user still has
+there. (Without a builds cgroup the agent has no such hold on them.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +44,10 @@ TAIL_LINES = 40  # lines of the log a BuildFailed carries to the deploy record a
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"  # build PATH when the agent has none
 BUILD_UMASK = 0o022  # whatever the agent's umask, the build makes files the runtime can read
 _CHUNK = 64 * 1024  # read unit for build output
+STRAY_ROUNDS = 50  # kill passes over a builds cgroup: a forking daemon makes new children
+# builds running, by (builds cgroup.procs, uid): strays are killed when the last one ends,
+# so concurrent builds of one app do not kill each other's processes
+_running: Counter[tuple[Path, int]] = Counter()
 
 
 def needs_python(src: Path) -> bool:
@@ -169,27 +183,73 @@ async def run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: int
     switch: dict[str, Any] = (
         {"preexec_fn": _join_then_switch(cgroup, uid, gid)} if cgroup is not None
         else {"user": uid, "group": gid, "extra_groups": [] if as_user else None})
-    proc = await trio.lowlevel.open_process(
-        ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, cwd=str(cwd), env=dict(env), start_new_session=True,
-        umask=BUILD_UMASK, **switch)
-    stdout = proc.stdout
-    assert stdout is not None  # stdout=PIPE
+    # only a user of its own: the agent's (uid None, or its own) must never be swept
+    strays = (cgroup, uid) if (cgroup is not None and uid is not None and uid != 0
+                               and uid != os.getuid()) else None
+    if strays is not None:
+        _running[strays] += 1
     try:
-        with trio.move_on_after(timeout) as scope:
-            while chunk := await stdout.receive_some(_CHUNK):
-                output.feed(chunk)
-            await proc.wait()
+        proc = await trio.lowlevel.open_process(
+            ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, cwd=str(cwd), env=dict(env), start_new_session=True,
+            umask=BUILD_UMASK, **switch)
+        stdout = proc.stdout
+        assert stdout is not None  # stdout=PIPE
+        try:
+            with trio.move_on_after(timeout) as scope:
+                while chunk := await stdout.receive_some(_CHUNK):
+                    output.feed(chunk)
+                await proc.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await terminate_group(proc, grace=BUILD_KILL_GRACE)
+                await stdout.aclose()
     finally:
-        with trio.CancelScope(shield=True):
-            await terminate_group(proc, grace=BUILD_KILL_GRACE)
-            await stdout.aclose()
+        if strays is not None:
+            _running[strays] -= 1
+            if _running[strays] <= 0:
+                del _running[strays]
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(kill_strays, *strays)
     seconds = time.monotonic() - started
     if scope.cancelled_caught:
         return BuildResult(None, output.render(f"[timed out after {timeout:g}s]\n"), seconds)
     code = proc.returncode
     return BuildResult(code, output.render(f"[exit status {code} after {seconds:.1f}s]\n"),
                         seconds)
+
+
+def kill_strays(procs: Path, uid: int) -> int:
+    """SIGKILL every live process of ``uid`` in the cgroup whose ``cgroup.procs`` is
+    ``procs``, pass after pass until none is left (or ``STRAY_ROUNDS``); how many
+    signals were sent. Never raises. Blocking."""
+    killed = 0
+    for _ in range(STRAY_ROUNDS):
+        try:
+            members = [int(pid) for pid in procs.read_text().split()]
+        except (OSError, ValueError):
+            return killed
+        found = [pid for pid in members if _live_owner(pid) == uid]
+        if not found:
+            return killed
+        for pid in found:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def _live_owner(pid: int) -> int | None:
+    """The real uid of ``pid``; None when it is gone or a zombie (killed already)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if fields.get("State", "").strip().startswith("Z"):
+        return None
+    uids = fields.get("Uid", "").split()
+    return int(uids[0]) if uids and uids[0].isdigit() else None
 
 
 def log_tail(log_bytes: bytes) -> str:

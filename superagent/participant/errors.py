@@ -23,6 +23,7 @@ the agent's problem (disk, permissions, ports) and a retry may succeed.
     │   ├── StartFailed           503  exited or not ready by its deadline on first start
     │   ├── AdoptionFailed        410  the recorded process is gone or is another one; ``pid``
     │   └── InvalidTransition     500  a state-machine event not allowed in the current state
+    ├── NoRoom                    503  a cold start that does not fit the node's capacity
     ├── UnknownInstance           404  a signal names an instance this agent does not run
     ├── InstanceNotReady          409  traffic to be switched to an instance not ready
     ├── SignalError               400  a malformed signal
@@ -226,6 +227,13 @@ class InvalidTransition(SupervisorError):
         self.state = state
         self.event = event
         super().__init__(f"event {event} is not allowed in state {state}", instance=instance)
+
+
+class NoRoom(ParticipantError):
+    """A cold start would take the node past its ``--capacity``, and idling the other
+    scale-to-zero apps with nothing in flight would not make room."""
+
+    status_hint = 503
 
 
 class UnknownInstance(ParticipantError):

@@ -18,6 +18,15 @@ it. The agent decides alone, with no coordinator round trip: ``starting``, then
 (the held requests get a 503 naming it; a wake within ``FAILED_RETRY`` seconds of a
 failure is refused at once rather than starting again).
 
+A cold start must fit the node's ``--capacity`` (instances running at once). The
+coordinator's scheduler keeps room for one (an idle app takes none, but each node keeps a
+reserve for the largest of them); a second one on a full node is made room for here:
+``make_room`` picks the other scale-to-zero apps with nothing in flight to idle first,
+least recently used first, just enough of them; when even all of them would not do,
+nothing is idled and the start fails with ``node at capacity: N/N running``. The agent
+idles the first pick and asks again (with the apps it tried left out), so an app a
+request reached meanwhile, which stays up, gives way to the next in line.
+
 ``ColdApp`` is one app's record; its ``phase`` changes only through ``ColdApp.on``, a
 transition table whose illegal moves raise ``IllegalTransition`` naming phase and event.
 """
@@ -25,6 +34,7 @@ transition table whose illegal moves raise ``IllegalTransition`` naming phase an
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -70,6 +80,9 @@ class ColdApp:
     reason: str = ""  # why the last cold start failed
     failed_at: float = 0.0
     wanted: bool = False  # woken while stopping: start once stopped
+    # its cold start passed the capacity check: until its instances run, the room they
+    # will take counts for the other cold starts (one not checked yet takes none)
+    fitted: bool = False
 
     def __repr__(self) -> str:
         return f"<ColdApp {self.app}@{self.release} {self.phase.value} x{len(self.ids)}>"
@@ -81,6 +94,7 @@ class ColdApp:
             raise IllegalTransition(f"idle record of {self.app!r}: no transition from"
                                     f" {self.phase.value} on {event.value}", app=self.app)
         self.phase = new
+        self.fitted = False  # a new start is checked again
         if new is Phase.FAILED:
             self.reason = reason
             self.failed_at = now
@@ -164,3 +178,47 @@ def app_counts(stats: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
         if isinstance(app, str):
             in_flight[app] = in_flight.get(app, 0) + int(info.get("in_flight", 0))
     return requests, in_flight
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Evictable:
+    """A serving scale-to-zero app that a cold start may idle to make room."""
+
+    app: str
+    instances: int  # the running instances idling it stops: the room it frees
+    active_at: float  # its last traffic (``ActivityWatch``)
+    in_flight: int = 0  # requests and tunnels open now: such an app is never picked
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Room:
+    """``make_room``'s answer: the apps to idle first (in that order), or why the start
+    cannot fit (``reason``; then nothing is to be idled)."""
+
+    evict: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return not self.reason
+
+
+def make_room(*, capacity: int, running: int, wanted: int,
+              candidates: Sequence[Evictable]) -> Room:
+    """Room for ``wanted`` more instances on a node running ``running`` of ``capacity``:
+    nothing to do when they fit; else the least recently used ``candidates`` with nothing
+    in flight (ties by name), just enough of them; a reason when even all would not do."""
+    need = running + wanted - capacity
+    if need <= 0:
+        return Room()
+    evict: list[str] = []
+    for candidate in sorted(candidates, key=lambda c: (c.active_at, c.app)):
+        if need <= 0:
+            break
+        if candidate.in_flight == 0 and candidate.instances > 0:
+            evict.append(candidate.app)
+            need -= candidate.instances
+    if need > 0:
+        more = f" ({wanted} to start)" if running < capacity else ""
+        return Room(reason=f"node at capacity: {running}/{capacity} running{more}")
+    return Room(evict=tuple(evict))

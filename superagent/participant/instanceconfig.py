@@ -140,7 +140,8 @@ class InstanceConfig:
         """The instance's permissions as this agent can enforce them."""
         return build_sandbox(self.permission_support, network=self.network,
                              filesystem=self.filesystem, writable=self.writable,
-                             switched_user=self.user is not None and self.user.switched)
+                             switched_user=self.user is not None and self.user.switched,
+                             loopback_gid=self.user.loopback_gid if self.user else None)
 
     @property
     def out_log(self) -> Path:

@@ -13,11 +13,14 @@ from ``cgroups``; the supervisor gets the rest from here:
    Several agents may share a host (and run ``useradd`` for the same new app at
    the same moment): lookup and creation happen under one host-wide file lock
    (``USERS_LOCK``), and the uid and gid are always read back by name, so every
-   agent on the host gets the same ids for an app.
+   agent on the host gets the same ids for an app. A loopback-only app (``[permissions]
+   network = "loopback"``) also gets a group of its own, ``salo-<app>``
+   (``ensure_loopback_group``, same lock): its instances' primary group, which the
+   egress table matches (``permissions``, ``nftegress``).
 2. **The child's last steps.** ``child_setup()`` returns the ``preexec_fn`` that
    runs in the forked child before ``exec``: join the cgroup while still root,
    set rlimits, set ``no_new_privs`` (so no setuid binary can give the uid back),
-   then drop supplementary groups, gid and uid, in that order — once the uid is
+   then set supplementary groups, gid and uid, in that order — once the uid is
    dropped nothing else could be done. The caller passes ``start_new_session=
    True`` itself and must not pass ``user=``/``group=`` to Popen: those run
    before ``preexec_fn``, which would then lack the right to join the cgroup.
@@ -35,6 +38,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import grp
 import hashlib
 import os
 import pwd
@@ -51,12 +55,15 @@ import structlog
 
 from superagent.participant.cgroups import CgroupMode, InstanceCgroup
 from superagent.participant.errors import IsolationError
+from superagent.participant.nftegress import EGRESS_TABLE, GID_SET, run_nft
 from superagent.participant.permissions import Sandbox
 
 log = structlog.get_logger("superagent.participant")
 
 PR_SET_NO_NEW_PRIVS = 38  # <linux/prctl.h>
 USER_PREFIX = "sa-"
+# loopback-only apps' own groups; no user name starts so (they all start "sa-")
+LOOPBACK_PREFIX = "salo-"
 MAX_USER_NAME = 32  # useradd refuses longer names
 USERADD_TIMEOUT = 30.0  # useradd waits for /etc/passwd's lock; a stuck lock is an error
 NOLOGIN = "/usr/sbin/nologin"
@@ -75,21 +82,34 @@ class AppUser:
 
     ``switched`` is True when the agent is root and the instance gets this uid; False
     means the agent is not root and the instance keeps the agent's own user.
+    ``loopback_gid`` is the app's egress group (``ensure_loopback_group``), set once it
+    is in the egress table's set: instances of a loopback-only app run with it as their
+    primary group.
     """
 
     name: str
     uid: int
     gid: int
     switched: bool
+    loopback_gid: int | None = None
 
 
 def app_user_name(app: str) -> str:
     """``sa-<app>``; an app name that is long or has other characters gets a hashed suffix."""
-    if _USER_SAFE.match(app) and len(USER_PREFIX) + len(app) <= MAX_USER_NAME:
-        return USER_PREFIX + app
+    return _system_name(USER_PREFIX, app)
+
+
+def loopback_group_name(app: str) -> str:
+    """``salo-<app>``, shortened like ``app_user_name``."""
+    return _system_name(LOOPBACK_PREFIX, app)
+
+
+def _system_name(prefix: str, app: str) -> str:
+    if _USER_SAFE.match(app) and len(prefix) + len(app) <= MAX_USER_NAME:
+        return prefix + app
     digest = hashlib.sha256(app.encode()).hexdigest()[:8]
-    cleaned = re.sub(r"[^a-z0-9_-]", "-", app.lower())[:MAX_USER_NAME - len(USER_PREFIX) - 9]
-    return f"{USER_PREFIX}{cleaned}-{digest}"
+    cleaned = re.sub(r"[^a-z0-9_-]", "-", app.lower())[:MAX_USER_NAME - len(prefix) - 9]
+    return f"{prefix}{cleaned}-{digest}"
 
 
 def ensure_app_user(app: str) -> AppUser:
@@ -132,6 +152,42 @@ def _create_user(app: str, name: str) -> pwd.struct_passwd:
     return entry
 
 
+def ensure_loopback_group(app: str) -> int:
+    """The gid of ``app``'s egress group, a system group created on demand (no members:
+    only the app's instances get it, as their primary group).
+
+    Raises ``IsolationError`` when the name belongs to a non-system group or groupadd
+    fails. Blocking (runs groupadd under the users lock).
+    """
+    name = loopback_group_name(app)
+    with _host_lock(USERS_LOCK, app=app):
+        gid = _lookup_group(name)
+        if gid is None:
+            groupadd = shutil.which("groupadd") or "/usr/sbin/groupadd"
+            try:
+                done = subprocess.run([groupadd, "--system", name], capture_output=True,
+                                      text=True, timeout=USERADD_TIMEOUT, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise IsolationError(f"cannot run groupadd for {name}: {exc}", app=app,
+                                     path=groupadd) from exc
+            gid = _lookup_group(name)
+            if gid is None:
+                raise IsolationError(f"groupadd {name} failed ({done.returncode}): "
+                                     f"{done.stderr.strip()}", app=app, path=groupadd)
+            log.info("app egress group created", app=app, group=name, gid=gid)
+    if gid == 0 or gid >= _uid_min():
+        raise IsolationError(f"group {name} exists and is not a system group (gid {gid})",
+                             app=app)
+    return gid
+
+
+def _lookup_group(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
 @contextlib.contextmanager
 def _host_lock(path: Path, *, app: str, timeout: float = USERADD_TIMEOUT) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` (created 0600 in a root-only folder).
@@ -170,14 +226,26 @@ def current_user() -> AppUser:
     return AppUser(name=name, uid=uid, gid=os.getegid(), switched=False)
 
 
-def remove_app_user(app: str) -> bool:
-    """Delete ``app``'s system user (and its group): False when there was none.
+def remove_app_user(app: str, *, egress_table: str = EGRESS_TABLE) -> bool:
+    """Delete ``app``'s system user (and its group, and its egress group): False when
+    there was no user.
 
-    For deleting an app for good; its files must be gone first. Raises
+    For deleting an app for good, once its files are gone and its instances stopped on
+    every agent of the host. The egress group's gid leaves ``egress_table``'s set first:
+    a later group may get the same gid, and would be cut off the network. Raises
     ``IsolationError`` for a non-system user of that name or when userdel fails.
     """
     name = app_user_name(app)
     with _host_lock(USERS_LOCK, app=app):
+        loopback = loopback_group_name(app)
+        gid = _lookup_group(loopback)
+        if gid is not None and 0 < gid < _uid_min():
+            # fails when the gid (or the table) is not there: nothing to take out then
+            run_nft(script=f"delete element inet {egress_table} {GID_SET} {{ {gid} }}\n")
+            groupdel = shutil.which("groupdel") or "/usr/sbin/groupdel"
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run([groupdel, loopback], capture_output=True,
+                               timeout=USERADD_TIMEOUT, check=False)
         entry = _lookup_user(name)
         if entry is None:
             return False
@@ -288,7 +356,8 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
     ``start_new_session=True``, and not ``user``/``group``/``extra_groups``, which Popen
     would apply before this runs.
     ``sandbox`` (``permissions``) adds the instance's permissions: its mount namespace
-    is entered right after the cgroup (still root), and its ``gid`` replaces the user's.
+    is entered right after the cgroup (still root), and its ``gid`` (the app's egress
+    group) replaces the user's as the primary group, the user's becoming supplementary.
     Raises ``IsolationError`` (in the parent) for a user switch without root.
     """
     switch = user is not None and user.switched
@@ -298,8 +367,9 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
     gid = user.gid if user is not None else -1
     groups: list[int] = []
     if sandbox is not None and sandbox.gid is not None:
-        # the sandbox's group becomes the primary one (sockets carry it, see permissions);
-        # the app's own stays as a supplementary group, for its files
+        # the app's egress group becomes the primary one: sockets carry it (the egress
+        # table matches it) and so do new files, open to no other app. The app's own group
+        # stays as a supplementary one, for the release's files
         groups, gid = [gid], sandbox.gid
     enter_sandbox = sandbox.prepare() if sandbox is not None else (lambda: None)
     procs_files = cgroup.procs_files() if cgroup is not None else ()

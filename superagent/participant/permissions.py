@@ -6,26 +6,27 @@ Theory of operation
 not the app; where the agent cannot make the kernel keep one, the instance still
 starts and its status names the permission as not enforced. Three steps:
 
-1. **Detection, once at agent start.** ``detect_permissions()`` decides what this
+1. **Detection, once per agent.** ``detect_permissions()`` decides what this
    machine can enforce. Network needs root, ``nft`` (nftables) and a kernel that
-   accepts the egress table; filesystem needs root and a mount namespace (probed by
-   a throwaway child that unshares one). Each has ``None`` (enforceable) or a reason.
-2. **Network: one host-wide nftables rule keyed on a group.** Instances of loopback-only
-   apps run with the primary group ``sa-loopback`` (created on demand, a system group),
-   their app's group becoming a supplementary one; their uid stays the app's, so access
-   to their files and the per-uid limits are unchanged. The table ``inet
-   superagent_egress`` rejects, in the output hook, every packet of a socket owned by
-   that gid whose destination is not 127.0.0.0/8 or ::1: the packet is refused before
-   routing sends it anywhere (connect fails at once, a datagram send fails with EPERM)
-   and nothing leaves the machine. Keying on the gid rather than the uid leaves the
-   app's builds (same uid, own gid) free to fetch dependencies, and makes the rule
-   static: every agent on the host writes the same table, atomically, and nothing
-   follows instance lifetimes. An app cannot leave the group: it has no CAP_SETGID and
-   ``no_new_privs`` stops setgid binaries. A firewall reload (``nft flush ruleset``,
-   ``systemctl restart nftables``) deletes the table while instances run: the agent
-   checks it every ``EGRESS_CHECK_PERIOD`` and loads it again (``restore_egress_table``).
-3. **Filesystem: a mount namespace per instance.** What ``Sandbox.prepare()`` returns runs in the
-   child between fork and exec (``isolation.child_setup``), still as root: it unshares
+   accepts the egress table (loaded then); filesystem needs root and a mount namespace
+   (probed by a throwaway child that unshares one). Each has ``None`` (enforceable) or a reason.
+2. **Network: a group of the app's own, in an nftables set.** Instances of a loopback-only
+   app run with the primary group ``salo-<app>`` (``isolation.ensure_loopback_group``,
+   created on demand under the users lock), their app's group becoming a supplementary
+   one; their uid stays the app's, so access to their files and the per-uid limits are
+   unchanged, and what they create is open to no other app (the group is theirs alone,
+   whatever the umask). The agent adds that gid to the set of the host-wide table
+   ``inet superagent_egress`` (``nftegress``), whose output rules refuse those sockets
+   every destination but loopback, and port 53 everywhere (the host's stub resolver
+   would forward a lookup outside). Several agents share the table: loading it never
+   drops another agent's entries. A firewall reload (``nft flush ruleset``, ``systemctl
+   restart nftables``) deletes the table while instances run: the agent checks it every
+   ``EGRESS_CHECK_PERIOD`` and loads it again with its instances' groups
+   (``restore_egress_table``). Instances an earlier agent started with the shared group
+   ``sa-loopback`` keep running when a new agent adopts them: while that group exists
+   its gid is kept in the set too.
+3. **Filesystem: a mount namespace per instance.** What ``Sandbox.prepare()`` returns
+   runs in the child between fork and exec (``isolation.child_setup``), still as root: it unshares
    the mount namespace, makes every mount private (nothing propagates back to the
    host), bind-mounts the release directory and the instance's data directory onto
    themselves, then remounts every other mount read-only (bind remounts, keeping each
@@ -44,23 +45,25 @@ import ctypes
 import functools
 import grp
 import os
-import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from superagent.participant.errors import IsolationError
+from superagent.participant.nftegress import (
+    EGRESS_TABLE,
+    egress_intact,
+    install_egress_table,
+)
 
 log = structlog.get_logger("superagent.participant")
 
-LOOPBACK_GROUP = "sa-loopback"  # the primary group of loopback-only instances
-EGRESS_TABLE = "superagent_egress"  # nftables table (family inet), host-wide
-NFT_TIMEOUT = 10.0
-GROUPADD_TIMEOUT = 30.0
+# the primary group earlier agents gave every loopback-only instance; kept in the egress
+# set while it exists, for the instances they started
+LOOPBACK_GROUP = "sa-loopback"
 PROBE_TIMEOUT = 10.0
 EGRESS_CHECK_PERIOD = 5.0  # seconds a deleted egress table may stay gone (a firewall reload)
 
@@ -74,29 +77,14 @@ _KEPT_FLAGS = {b"nosuid": MS_NOSUID, b"nodev": MS_NODEV, b"noexec": MS_NOEXEC,
                b"relatime": MS_RELATIME, b"strictatime": MS_STRICTATIME}
 
 
-def egress_ruleset(table: str, gid: int) -> str:
-    """The nft script that (re)defines ``table`` atomically: declaring it first makes the
-    delete succeed on a fresh host, and one ``nft -f`` is one transaction."""
-    reject = "reject with icmpx admin-prohibited"
-    return (f"table inet {table} {{}}\n"
-            f"delete table inet {table}\n"
-            f"table inet {table} {{\n"
-            f"  chain output {{\n"
-            f"    type filter hook output priority 0; policy accept;\n"
-            f"    meta skgid {gid} ip daddr != 127.0.0.0/8 {reject}\n"
-            f"    meta skgid {gid} ip6 daddr != ::1 {reject}\n"
-            f"  }}\n"
-            f"}}\n")
-
-
 @dataclass(frozen=True, kw_only=True)
 class PermissionSupport:
     """What this agent can enforce: each ``*_problem`` is None or why not."""
 
     network_problem: str | None
     filesystem_problem: str | None
-    loopback_gid: int | None = None
     table: str = EGRESS_TABLE
+    legacy_gid: int | None = None  # LOOPBACK_GROUP's gid, when that group exists
 
     def to_json(self) -> dict[str, object]:
         return {"network": self.network_problem or "enforced",
@@ -109,83 +97,43 @@ UNSUPPORTED = PermissionSupport(network_problem="the agent is not root",
 
 def detect_permissions(*, group: str = LOOPBACK_GROUP,
                        table: str = EGRESS_TABLE) -> PermissionSupport:
-    """Decide what can be enforced here; installs the egress table when it can. Never
-    raises: a missing capability is a reason (and one warning)."""
+    """Decide what can be enforced here; installs the egress table when it can (with the
+    gid of ``group``, the shared group of earlier agents, when it exists). Never raises:
+    a missing capability is a reason (and one warning)."""
     if os.geteuid() != 0:
         return UNSUPPORTED
-    gid: int | None = None
-    network: str | None
-    try:
-        gid = ensure_group(group)
-        network = install_egress_table(table, gid)
-    except IsolationError as exc:
-        network = str(exc)
+    legacy = _group_gid(group)
+    network = install_egress_table(table, () if legacy is None else (legacy,),
+                                   legacy_gid=legacy)
     filesystem = probe_mount_namespace()
     for name, problem in (("network", network), ("filesystem", filesystem)):
         if problem is not None:
             log.warning("permission cannot be enforced on this machine", permission=name,
                         reason=problem)
     return PermissionSupport(network_problem=network, filesystem_problem=filesystem,
-                             loopback_gid=gid if network is None else None, table=table)
+                             table=table, legacy_gid=legacy)
 
 
-def ensure_group(name: str) -> int:
-    """The gid of system group ``name``, created with groupadd when missing."""
+def _group_gid(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        pass
-    groupadd = shutil.which("groupadd") or "/usr/sbin/groupadd"
-    try:
-        subprocess.run([groupadd, "--system", "-f", name], capture_output=True, text=True,
-                       timeout=GROUPADD_TIMEOUT, check=False)
-        return grp.getgrnam(name).gr_gid  # read back: -f makes a racing agent's add fine
-    except (OSError, subprocess.TimeoutExpired, KeyError) as exc:
-        raise IsolationError(f"cannot create group {name}: {exc}", path=groupadd) from exc
+        return None
 
 
-def install_egress_table(table: str, gid: int) -> str | None:
-    """Load the egress rules; None when done, else why not."""
-    nft = shutil.which("nft")
-    if nft is None:
-        return "nft (nftables) is not installed"
-    try:
-        done = subprocess.run([nft, "-f", "-"], input=egress_ruleset(table, gid),
-                              capture_output=True, text=True, timeout=NFT_TIMEOUT,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"cannot run nft: {exc}"
-    if done.returncode != 0:
-        return f"nft refused the egress table: {done.stderr.strip()[:300]}"
-    return None
-
-
-def restore_egress_table(support: PermissionSupport) -> bool:
-    """Load the egress table again when it is gone or lost its rules (a firewall reload
-    flushes the whole ruleset); True when it did. Never raises."""
-    nft = shutil.which("nft")
-    if support.loopback_gid is None or nft is None:
+def restore_egress_table(support: PermissionSupport, gids: Iterable[int]) -> bool:
+    """Load the egress table again when it is gone, lost its rules (a firewall reload
+    flushes the whole ruleset) or lacks one of ``gids`` (the groups of this agent's
+    loopback-only instances); True when it did. Never raises."""
+    if support.network_problem is not None:
         return False
-    try:
-        listed = subprocess.run([nft, "list", "table", "inet", support.table],
-                                capture_output=True, text=True, timeout=NFT_TIMEOUT,
-                                check=False)
-    except (OSError, subprocess.TimeoutExpired):
+    wanted = set(gids) | ({support.legacy_gid} if support.legacy_gid is not None else set())
+    if egress_intact(support.table, wanted):
         return False
-    if listed.returncode == 0 and listed.stdout.count(f"skgid {support.loopback_gid} ") >= 2:
-        return False
-    problem = install_egress_table(support.table, support.loopback_gid)
-    log.warning("nftables egress table was gone: loaded again", table=support.table,
-                problem=problem)
+    problem = install_egress_table(support.table, wanted, legacy_gid=support.legacy_gid)
+    log.warning("nftables egress table was gone or incomplete: loaded again",
+                table=support.table, problem=problem)
     return problem is None
-
-
-def remove_egress_table(table: str) -> None:
-    """Delete ``table`` (tests; production keeps the host-wide table). Never raises."""
-    nft = shutil.which("nft")
-    if nft is not None:
-        subprocess.run([nft, "delete", "table", "inet", table], capture_output=True,
-                       timeout=NFT_TIMEOUT, check=False)
 
 
 def probe_mount_namespace() -> str | None:
@@ -235,8 +183,9 @@ def _libc_call(name: str) -> Callable[..., int]:
 
 @dataclass(frozen=True, kw_only=True)
 class Sandbox:
-    """What ``child_setup`` applies for an instance's permissions: ``gid`` replaces the
-    app's group (loopback-only network), ``writable`` (encoded absolute paths) turns the
+    """What ``child_setup`` applies for an instance's permissions: ``gid`` (the app's
+    egress group) replaces the app's group as the primary one (loopback-only network),
+    ``writable`` (encoded absolute paths) turns the
     mount namespace on. ``report`` is the instance's view for the status API."""
 
     gid: int | None = None
@@ -314,9 +263,12 @@ def _unescape(path: bytes) -> bytes:
 
 
 def build_sandbox(support: PermissionSupport | None, *, network: str, filesystem: str,
-                  writable: tuple[Path, ...], switched_user: bool) -> Sandbox:
+                  writable: tuple[Path, ...], switched_user: bool,
+                  loopback_gid: int | None = None) -> Sandbox:
     """The sandbox of an instance whose manifest asks for ``network``/``filesystem``, on
-    an agent with ``support``: what can be enforced is, the rest is reported."""
+    an agent with ``support``: what can be enforced is, the rest is reported.
+    ``loopback_gid`` is the app's own egress group, already in the table's set
+    (``egress.loopback_user``); without it the network permission is not enforced."""
     report: dict[str, dict[str, object]] = {}
     gid: int | None = None
     paths: tuple[bytes, ...] | None = None
@@ -324,12 +276,14 @@ def build_sandbox(support: PermissionSupport | None, *, network: str, filesystem
         problem = support.network_problem if support is not None else "no detection"
         if problem is None and not switched_user:
             problem = "the instance does not run as its own user"
-        if problem is None and support is not None:
-            gid = support.loopback_gid
+        if problem is None and loopback_gid is None:
+            problem = "the app's egress group could not be set up (see the agent's log)"
+        if problem is None:
+            gid = loopback_gid
         table = support.table if support is not None else EGRESS_TABLE
         report["network"] = {"wanted": network, "enforced": gid is not None,
                              "reason": problem or f"nftables table inet {table} rejects"
-                                                  " non-loopback egress"}
+                                                  " egress but to loopback, and DNS"}
     if filesystem != "any":
         problem = support.filesystem_problem if support is not None else "no detection"
         if problem is None:

@@ -8,6 +8,8 @@ it is routed with no instance (a ``ColdStart`` entry, so the proxy workers hold 
 requests) and its instances are stopped, else it is routed again. A worker holding a
 request asks through the wake socket (``on_wake``); ``cold_start`` then starts as many
 instances as the app had and routes them, or records the failure (503 start-failed).
+A cold start that would take the node past its ``--capacity`` first idles other apps
+(``make_room_for``: ``idle.make_room`` decides which), or fails with the reason.
 See docs/participant.md#scale-to-zero.
 """
 
@@ -21,8 +23,16 @@ import structlog
 import trio
 
 from superagent.participant.agentview import AgentView
-from superagent.participant.errors import ParticipantError
-from superagent.participant.idle import ColdApp, Event, Phase, app_counts
+from superagent.participant.errors import NoRoom, ParticipantError
+from superagent.participant.idle import (
+    ColdApp,
+    Event,
+    Evictable,
+    Phase,
+    app_counts,
+    make_room,
+)
+from superagent.participant.instancestate import State
 from superagent.participant.routing import apply_routes
 from superagent.participant.supervisor import Instance
 from superagent.participant.tracking import forget
@@ -137,6 +147,76 @@ async def stop_quietly(agent: AgentView, instance: Instance) -> None:
     forget(agent, instance)
 
 
+# instances that hold (or are about to hold) a process: stopping ones are on their way out
+_RUNNING = frozenset({State.STARTING, State.READY, State.UNHEALTHY, State.BACKOFF})
+
+
+def running_instances(agent: AgentView, but: str) -> int:
+    """The node's running instances, counting the cold starts under way of apps other
+    than ``but`` at the size they will have: those that passed their capacity check
+    (``fitted``; two apps woken at once must not each count the other and both fail)."""
+    by_app: dict[str, int] = {}
+    for instance in agent.instances.values():
+        if instance.state in _RUNNING:
+            by_app[instance.config.app] = by_app.get(instance.config.app, 0) + 1
+    pending = sum(max(0, max(1, len(cold.ids)) - by_app.get(name, 0))
+                  for name, cold in agent.cold.items()
+                  if name != but and cold.phase is Phase.STARTING and cold.fitted)
+    return sum(by_app.values()) + pending
+
+
+def freed_by_idling(agent: AgentView, app: str) -> int:
+    """The running instances ``go_idle`` would stop: the app's routed and standby ones (an
+    instance it runs unrouted, e.g. started and not switched to yet, keeps running)."""
+    ids = {*agent.routes.get(app, ()), *agent.standby.get(app, ())}
+    return sum(1 for i in ids if i in agent.instances and agent.instances[i].state in _RUNNING)
+
+
+async def make_room_for(agent: AgentView, app: str, wanted: int) -> None:
+    """Fit a cold start of ``wanted`` instances of ``app`` in the node's capacity: idle the
+    other serving scale-to-zero apps with nothing in flight that ``make_room`` picks
+    (least recently used first), one at a time, deciding again after each (one that a
+    request reached meanwhile stays up: the next in line goes instead); raises NoRoom
+    when the apps not tried yet would not make room."""
+    capacity = agent.config.capacity
+    if running_instances(agent, app) + wanted <= capacity:
+        _fitted(agent, app)  # no await since the count: no other start came in between
+        return  # the common case: nothing to read, nothing on the cold start's path
+    tried: set[str] = set()
+    while True:
+        _, in_flight = app_counts(await agent.proxy.stats())
+        now = trio.current_time()
+        candidates = [
+            Evictable(app=other, active_at=seen.active_at if seen is not None else now,
+                      instances=freed_by_idling(agent, other),
+                      in_flight=in_flight.get(other, 0))
+            for other in idle_timeouts(agent) if other != app and other not in tried
+            for seen in [agent.activity.seen.get(other)]]
+        room = make_room(capacity=capacity, running=running_instances(agent, app),
+                         wanted=wanted, candidates=candidates)
+        if not room.fits:
+            cold = agent.cold.get(app)
+            raise NoRoom(room.reason, app=app,
+                         release=cold.release if cold is not None else "")
+        if not room.evict:
+            _fitted(agent, app)  # no await since the count
+            return
+        other = room.evict[0]
+        tried.add(other)
+        log.info("idling an app to make room for a cold start", app=other, cold_app=app)
+        try:
+            await go_idle(agent, other)
+        except ParticipantError as exc:
+            log.error("app not idled", app=other, error=str(exc))
+
+
+def _fitted(agent: AgentView, app: str) -> None:
+    """``app``'s cold start fits: the room it will take counts for the other ones."""
+    cold = agent.cold.get(app)
+    if cold is not None and cold.phase is Phase.STARTING:
+        cold.fitted = True
+
+
 async def on_wake(agent: AgentView, message: dict[str, Any]) -> dict[str, Any]:
     """A proxy worker holds a request for ``app``: start it unless starting (or
     refused after a recent failure). Answered at once."""
@@ -169,6 +249,9 @@ async def cold_start(agent: AgentView, app: str) -> None:
     began, wall = trio.current_time(), time.time()
     log.info("cold start", app=app, release=cold.release, instances=len(cold.ids))
     try:
+        await make_room_for(agent, app, max(1, len(cold.ids)))
+        if agent.cold.get(app) is not cold:
+            return  # taken over (a deploy or a scaling switched it) while room was made
         reply = await agent.start(app, cold.release, max(1, len(cold.ids)))
         started = trio.current_time()
         if agent.cold.get(app) is not cold:

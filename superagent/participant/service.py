@@ -64,7 +64,11 @@ from superagent.participant.cgroups import (
     detect_cgroups,
     remove_empty_parent,
 )
-from superagent.participant.egress import keep_egress_table, permission_support
+from superagent.participant.egress import (
+    keep_egress_table,
+    loopback_user,
+    permission_support,
+)
 from superagent.participant.errors import (
     CoordinatorError,
     InstanceNotReady,
@@ -375,11 +379,14 @@ class Agent:
             await trio.to_thread.run_sync(self.store.ensure_owner, prepared, switched.uid,
                                           switched.gid)
             self._owned.add((app, release))
-        if user is not None:
-            self._cold_users[app] = user
         log_dir = self.config.data_dir / "logs" / app
         log_dir.mkdir(parents=True, exist_ok=True)
         permissions = await permission_support(self, prepared.spec.permissions)
+        # a loopback-only app's instances run with its egress group (permissions)
+        switched = await loopback_user(switched, app=app, support=permissions,
+                                       network=prepared.spec.permissions.network)
+        if user is not None:
+            self._cold_users[app] = switched or user
         instances = []
         for _ in range(count):
             self._seq += 1

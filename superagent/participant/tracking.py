@@ -22,7 +22,7 @@ import trio
 from superagent.manifest import PermissionsSpec
 from superagent.participant.agentview import AgentView
 from superagent.participant.cgroups import InstanceCgroup
-from superagent.participant.egress import permission_support
+from superagent.participant.egress import loopback_user, permission_support, readmit
 from superagent.participant.errors import AdoptionFailed, SupervisorError
 from superagent.participant.routing import unroute
 from superagent.participant.supervisor import GROUP_POLL, REAP_TIMEOUT, Instance, InstanceConfig
@@ -38,8 +38,18 @@ async def adopt(agent: AgentView, record: dict[str, Any]) -> None:
     try:
         config = InstanceConfig.from_record(record["config"], cgroups=agent.cgroups)
         wanted = PermissionsSpec(network=config.network, filesystem=config.filesystem)
-        config = dataclasses.replace(config,
-                                     permission_support=await permission_support(agent, wanted))
+        support = await permission_support(agent, wanted)
+        user = config.user
+        if user is not None and user.loopback_gid is not None:
+            # the process runs with its group: back in the egress set, should a firewall
+            # reload have dropped it while no agent ran (a failure is logged; the
+            # agent's periodic check tries again)
+            await readmit(user, network=config.network, support=support)
+        else:
+            # a record of an earlier agent has no egress group: a fresh start needs one
+            user = await loopback_user(user, app=config.app, network=config.network,
+                                       support=support)
+        config = dataclasses.replace(config, permission_support=support, user=user)
     except (KeyError, ValueError, TypeError) as exc:
         log.error("unreadable instance record; it will not be served", error=str(exc),
                   record=record.get("config", {}).get("instance"))

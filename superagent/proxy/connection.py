@@ -5,12 +5,15 @@ Theory of operation. ``ClientConnection.run`` loops: wait for a request head
 (``http1``), route it (the ``RouteTable`` current at that moment) and relay it
 through one ``Upstream`` chosen by least outstanding requests. Pipelined
 requests are answered in order: the loop handles one exchange at a time and the
-parser queues what follows.
+parser queues what follows. Each request's bookkeeping is an ``Exchange``
+(``exchange.py``), counted and logged when it ends.
 
 Bodies stream with back-pressure: the proxy reads the next piece from one side
 only after the previous one was written to the other. A body already in hand
 (the common case) goes out with the head in one write; a body still arriving is
-uploaded by a second task while the first waits for the response.
+uploaded by a second task (``upload.py``) while the first waits for the response.
+An upgrade the app allows is offered upstream, and a 101 for it turns the
+connection into a tunnel (``tunnel.py``) until both sides finish.
 
 Timeouts. Each connection has one cancel scope for its whole life, a
 ``deadline`` and a ``phase`` naming the limit that deadline stands for. Before
@@ -34,8 +37,10 @@ from typing import Final
 
 import trio
 
+from superagent.httprules import allowed_upgrade
 from superagent.proxy import hold, http1, netio
-from superagent.proxy.errors import ColdStartError, HTTPError, ProtocolError, UpstreamError
+from superagent.proxy.errors import ColdStartError, HTTPError, UpstreamError
+from superagent.proxy.exchange import Exchange
 from superagent.proxy.http1 import BODY_CHUNKED, BODY_NONE, Request
 from superagent.proxy.netio import PeerGone, recv, send_all
 from superagent.proxy.parsers import (
@@ -49,14 +54,13 @@ from superagent.proxy.parsers import (
 from superagent.proxy.routes import Match
 from superagent.proxy.snapshot import AppRoute, Timeouts
 from superagent.proxy.state import IDLE, WorkerState
+from superagent.proxy.tunnel import tunnel
+from superagent.proxy.upload import Upload
 from superagent.proxy.upstream import Upstream, UpstreamConn
 
 ERROR_SEND_TIMEOUT: Final = 5.0  # writing a small error answer to a client that does not read
 HEALTH_PATH: Final = "/-/healthz"
 CLIENT_CLOSED: Final = 499  # logged status when the client left before an answer (as nginx does)
-_STATUS_CODES: Final = {400: "bad-request", 408: "client-header-timeout", 413: "body-too-large",
-                 414: "request-line-too-long", 431: "headers-too-large",
-                 501: "not-implemented", 505: "version-not-supported"}
 # Phases whose expiry the proxy answers itself when no response byte was sent yet.
 _EXPIRY_ANSWERS: Final = {
     "client-header": (408, "client-header-timeout", "request head not received in time"),
@@ -74,34 +78,6 @@ class _Aborted(Exception):
 
 class _Stale(Exception):
     """The upstream connection failed before any response byte."""
-
-
-class _Exchange:
-    """One request's bookkeeping: what the access log, the metrics and expiry need."""
-
-    __slots__ = ("app", "body_consumed", "bytes_in", "bytes_out", "cold", "error", "first_byte",
-                 "instance", "method", "request_id", "response_started", "retries",
-                 "rewrite", "rule", "started", "status", "target", "total_deadline")
-
-    def __init__(self) -> None:
-        self.started = _monotonic()
-        self.total_deadline = math.inf
-        self.app = "-"
-        self.method: str | None = None
-        self.target: str | None = None
-        self.request_id = b"-"
-        self.instance: str | None = None
-        self.status = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.retries = 0
-        self.error: str | None = None
-        self.response_started = False
-        self.body_consumed = False
-        self.rule: str | None = None
-        self.first_byte: float | None = None  # when the upstream's response head arrived
-        self.rewrite = b""  # the stripped prefix the response's paths get back (rewrite_paths)
-        self.cold: float | None = None  # seconds held for the app's cold start
 
 
 class ClientConnection:
@@ -122,7 +98,7 @@ class ClientConnection:
         self.deadline = math.inf
         self.phase = IDLE
         self.expired: str | None = None
-        self.x: _Exchange | None = None
+        self.x: Exchange | None = None
 
     def __repr__(self) -> str:
         return f"<ClientConnection port={self.port} peer={self.peer.ip} phase={self.phase}>"
@@ -186,7 +162,7 @@ class ClientConnection:
             data = await recv(self.sock, True)
             if not data:
                 return None
-            self.x = _Exchange()  # a request has begun: its time and any 408 count from here
+            self.x = Exchange()  # a request has begun: its time and any 408 count from here
             self.parser.feed(data)
             if not events:
                 self.arm("client-header", settings.header_timeout)
@@ -204,8 +180,8 @@ class ClientConnection:
             return event
         if isinstance(event, ParseFailure):
             if self.x is None:
-                self.x = _Exchange()
-            await self._answer_error(_refusal(event))
+                self.x = Exchange()
+            await self._answer_error(http1.refusal(event))
             self._account()
         return None
 
@@ -215,7 +191,7 @@ class ClientConnection:
         state = self.state
         x = self.x
         if x is None:  # a pipelined request, already parsed
-            x = self.x = _Exchange()
+            x = self.x = Exchange()
         req: Request | None = None
         keep_alive = False
         try:
@@ -234,7 +210,7 @@ class ClientConnection:
             x.app = match.app.name
             x.rule = match.rule
             if req.upgrade is not None:
-                req.upgrade = http1.allowed_upgrade(req.upgrade, match.app.upgrades)
+                req.upgrade = allowed_upgrade(req.upgrade, match.app.upgrades)
             max_body = match.app.max_body
             self.parser.limit_body(max_body)
             if max_body and req.content_length is not None and req.content_length > max_body:
@@ -275,18 +251,7 @@ class ClientConnection:
         state.metrics.observe(x.app, x.status, elapsed)
         log = state.access_log
         if log is not None and state.settings.access_log:
-            record = {
-                "request_id": x.request_id.decode("ascii", "replace"), "app": x.app,
-                "instance": x.instance, "method": x.method, "path": x.target,
-                "status": x.status, "bytes_in": x.bytes_in, "bytes_out": x.bytes_out,
-                "duration_ms": round(elapsed * 1000, 3), "retries": x.retries,
-                "error": x.error, "peer": self.peer.ip, "rule": x.rule,
-                "first_byte_ms": (round((x.first_byte - x.started) * 1000, 3)
-                                  if x.first_byte is not None else None),
-            }
-            if x.cold is not None:
-                record["cold_start_ms"] = round(x.cold * 1000, 3)
-            log.record(record)
+            log.record(x.access_record(elapsed, self.peer.ip))
 
     async def _health(self, req: Request, keep_alive: bool) -> bool:
         assert self.x is not None
@@ -408,7 +373,7 @@ class ClientConnection:
         if END not in events:
             for event in events:
                 if isinstance(event, ParseFailure):  # refuse before anything reaches the app
-                    raise _refusal(event)
+                    raise http1.refusal(event)
             return None
         parts: list[bytes] = []
         size = 0
@@ -420,7 +385,7 @@ class ClientConnection:
                 parts.append(event)
                 size += len(event)
             elif isinstance(event, ParseFailure):
-                raise _refusal(event)
+                raise http1.refusal(event)
         if app.max_body and size > app.max_body:
             raise HTTPError(413, "body-too-large",
                             f"request body exceeds the app's limit of {app.max_body} bytes",
@@ -482,7 +447,7 @@ class ClientConnection:
                 keep, pooled = await self._respond(conn, up, req, timeouts, keep_alive, None)
                 return keep
             # The body is still arriving: upload it beside waiting for the response.
-            upload = _Upload(self, conn, req, timeouts)
+            upload = Upload(self, conn, req, timeouts)
             self.arm("total", math.inf)
             try:
                 await send_all(conn.sock, head)
@@ -513,7 +478,7 @@ class ClientConnection:
                 conn.close()
 
     async def _respond(self, conn: UpstreamConn, up: Upstream, req: Request,
-                       timeouts: Timeouts, keep_alive: bool, upload: _Upload | None
+                       timeouts: Timeouts, keep_alive: bool, upload: Upload | None
                        ) -> tuple[bool, bool]:
         """Relay the response; (client keep-alive, upstream connection pooled)."""
         x = self.x
@@ -549,15 +514,7 @@ class ClientConnection:
                 raise UpstreamError(502, "upstream-bad-response", event.detail)
         resp = event
         if resp.status == 101:
-            if not http1.switch_allowed(resp, req.upgrade):
-                # A tunnel nobody allowed would carry the client's later requests past
-                # routing and the forwarding headers: refuse it and end the connection.
-                raise HTTPError(502, "upstream-bad-response",
-                                "the app switched to a protocol that was not offered",
-                                close=True)
-            if events and events[0] is END:
-                events.popleft()
-            await self._tunnel(conn, resp, timeouts)
+            await tunnel(self, conn, req, resp, timeouts)
             return False, False
         if req.upgrade is not None:
             keep_alive = False  # the client's parser stopped at the upgrade request
@@ -567,7 +524,7 @@ class ClientConnection:
         x.status = resp.status
         x.response_started = True
         mode = plan.body
-        out = [plan.head if x.cold is None else _cold_head(plan.head, x.cold)]
+        out = [plan.head if x.cold is None else hold.cold_head(plan.head, x.cold)]
         client = self.sock
         while True:
             finished = False
@@ -607,167 +564,3 @@ class ClientConnection:
             up.put_idle(conn, _monotonic(), self.state.settings.pool_max_idle)
             return plan.keep_alive, True
         return plan.keep_alive, False
-
-    async def _tunnel(self, conn: UpstreamConn, resp: ResponseHead, timeouts: Timeouts) -> None:
-        """Relay an accepted upgrade (websocket) byte for byte until both sides finish."""
-        x = self.x
-        assert x is not None
-        x.status = 101
-        x.response_started = True
-        idle = timeouts.websocket_idle
-        self.arm("websocket-idle", idle)
-        switching = http1.switching_head(resp)
-        if x.cold is not None:
-            switching = _cold_head(switching, x.cold)
-        await send_all(self.sock, switching + conn.parser.upgrade_leftover())
-        early = self.parser.upgrade_leftover()
-        if early:
-            await send_all(conn.sock, early)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, self.sock, conn.sock, idle, True)
-            nursery.start_soon(self._pump, conn.sock, self.sock, idle, False)
-
-    async def _pump(self, src: socket.socket, dst: socket.socket, idle: float,
-                    inbound: bool) -> None:
-        """Copy one direction of a tunnel; activity either way pushes the idle deadline."""
-        x = self.x
-        assert x is not None
-        try:
-            while True:
-                data = await recv(src)
-                if not data:
-                    netio.shutdown_write(dst)
-                    return
-                self.arm("websocket-idle", idle)
-                if inbound:
-                    x.bytes_in += len(data)
-                else:
-                    x.bytes_out += len(data)
-                await send_all(dst, data)
-        except PeerGone:
-            netio.shutdown_write(dst)
-
-
-def _cold_head(head: bytes, seconds: float) -> bytes:
-    """A response head with ``X-Superagent-Cold-Start``: how long the request was held."""
-    return hold.with_header(head, hold.COLD_START_HEADER, b"%d" % round(seconds * 1000))
-
-
-def _refusal(failure: ParseFailure) -> ProtocolError:
-    """The answer to a request the parser refused (the code its status documents)."""
-    return ProtocolError(failure.status, failure.detail,
-                         _STATUS_CODES.get(failure.status, "bad-request"))
-
-
-class _Upload:
-    """Streams a request body from the client to the upstream, beside the response wait.
-
-    It has its own timeouts (the connection's deadline belongs to the response side) and
-    never raises: a failure is kept in ``error`` and the upstream connection is closed, so
-    the app can never take a truncated body for a whole one.
-
-    A client that drips its body would otherwise hold a connection and an upstream for as
-    long as each byte comes within ``idle``. So the time spent waiting for the client is
-    cut into windows of ``timeouts.body_window``: each must bring ``app.min_body_rate``
-    bytes per second on average, and the whole body must arrive within ``timeouts.body``
-    (when set). Waiting for the app to read does not count against the client. Each
-    failure is the client's: 408 ``client-body-timeout``.
-    """
-
-    __slots__ = ("client", "conn", "done", "error", "req", "timeouts")
-
-    def __init__(self, client: ClientConnection, conn: UpstreamConn, req: Request,
-                 timeouts: Timeouts) -> None:
-        self.client = client
-        self.conn = conn
-        self.req = req
-        self.timeouts = timeouts
-        self.done = trio.Event()
-        self.error: HTTPError | None = None
-
-    def __repr__(self) -> str:
-        return f"<_Upload done={self.done.is_set()} error={self.error!r}>"
-
-    async def run(self) -> None:
-        client = self.client
-        x = client.x
-        assert x is not None
-        events = client.events
-        app = client.state.table.apps.get(x.app)
-        max_body = app.max_body if app is not None else 0
-        rate = app.min_body_rate if app is not None else 0
-        chunked = self.req.chunked
-        upstream = self.conn.sock
-        timeouts = self.timeouts
-        idle = timeouts.idle
-        window = timeouts.body_window
-        deadline = trio.current_time() + timeouts.body if timeouts.body > 0 else math.inf
-        waited = 0.0  # time spent waiting for the client in the current window
-        arrived = 0  # bytes the client sent in it
-        size = 0
-        try:
-            if self.req.expect_continue:
-                await send_all(client.sock, http1.CONTINUE)
-            while True:
-                while not events:
-                    began = trio.current_time()
-                    wait = min(idle, deadline - began, window - waited if rate else idle)
-                    data = b""
-                    with trio.move_on_after(max(wait, 0.0)) as slow:
-                        data = await recv(client.sock)
-                    now = trio.current_time()
-                    waited += now - began
-                    arrived += len(data)
-                    if now >= deadline:
-                        raise HTTPError(408, "client-body-timeout",
-                                        "request body not received within the body timeout",
-                                        close=True)
-                    if rate and waited >= window:
-                        if arrived < rate * waited:
-                            raise HTTPError(408, "client-body-timeout",
-                                            f"request body slower than {rate} bytes/s",
-                                            close=True)
-                        waited = 0.0
-                        arrived = 0
-                    elif slow.cancelled_caught:
-                        raise HTTPError(408, "client-body-timeout",
-                                        "request body not received in time", close=True)
-                    if slow.cancelled_caught:
-                        continue
-                    if not data:
-                        client.parser.feed_eof()
-                        if not events:
-                            raise HTTPError(400, "bad-request", "client closed mid-body",
-                                            close=True)
-                    else:
-                        client.parser.feed(data)
-                event = events.popleft()
-                if event is END:
-                    break
-                if type(event) is bytes:
-                    size += len(event)
-                    if max_body and size > max_body:
-                        raise HTTPError(413, "body-too-large",
-                                        f"request body exceeds the app's limit of {max_body}"
-                                        " bytes", close=True)
-                    with trio.move_on_after(idle) as stuck:
-                        await send_all(upstream, http1.chunk(event) if chunked else event)
-                    if stuck.cancelled_caught:
-                        raise UpstreamError(504, "upstream-idle-timeout",
-                                            "the app stopped reading the request body")
-                elif isinstance(event, ParseFailure):
-                    raise _refusal(event)
-            if chunked:
-                await send_all(upstream, http1.LAST_CHUNK)
-            x.bytes_in += size
-            x.body_consumed = True
-            client.arm("first-byte", self.timeouts.first_byte)
-        except HTTPError as exc:
-            self.error = exc
-            self.conn.close()
-        except PeerGone:
-            self.error = HTTPError(502, "upload-failed", "a peer closed the connection during"
-                                   " the request body upload", close=True)
-            self.conn.close()
-        finally:
-            self.done.set()

@@ -207,6 +207,11 @@ class Holds:
                 del self.by_app[app]
 
 
+def cold_head(head: bytes, seconds: float) -> bytes:
+    """A response head with ``X-Superagent-Cold-Start``: how long the request was held."""
+    return with_header(head, COLD_START_HEADER, b"%d" % round(seconds * 1000))
+
+
 def with_header(head: bytes, name: bytes, value: bytes) -> bytes:
     """``head`` (ending in an empty line) with one more header line."""
     return head[:-2] + name + b": " + value + b"\r\n\r\n"

@@ -10,11 +10,10 @@ itself. A header whose name differs from one of those, or from a framing header,
 ``_`` for ``-`` is dropped: WSGI and CGI servers fold both spellings into one environ
 name, so ``X_Real_IP`` would otherwise stand in for the proxy's own.
 
-Upgrades: a request's ``Upgrade`` offer is kept only for the protocols its app allows
-(``allowed_upgrade``; websocket by default, never h2c), and a connection that carried an
-offer is not reused, as the parsers stop at it. ``switch_allowed`` checks an upstream's
-101 against what was offered; anything else is refused rather than tunnelled, because a
-tunnel carries later requests past routing and the forwarding headers. Nothing here
+Upgrades: a GET's ``Upgrade`` offer is kept on the ``Request`` (what the app allows of it
+is ``superagent.httprules.allowed_upgrade``), ``upstream_head`` forwards what is left
+of it and never the h2c headers, and ``switching_head`` relays an accepted 101. A
+connection that carried an offer is not reused, as the parsers stop at it. Nothing here
 does I/O.
 """
 
@@ -27,9 +26,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from superagent.errors import HTTPSyntaxError
-from superagent.httprules import normalize_host, normalize_path, suspicious_path
+from superagent.httprules import H2C_HEADERS, normalize_host, normalize_path, suspicious_path
 from superagent.proxy.errors import HTTPError, ProtocolError, UpstreamError
-from superagent.proxy.parsers import Headers, RequestHead, ResponseHead
+from superagent.proxy.parsers import Headers, ParseFailure, RequestHead, ResponseHead
 from superagent.proxy.routes import split_target
 
 # Removed in both directions (RFC 9110 7.6.1, plus the de-facto Proxy-Connection).
@@ -37,12 +36,12 @@ HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
-# Request headers the proxy sets itself (client-supplied copies are dropped or merged).
-# HTTP2-Settings belongs to the h2c upgrade, which is never tunnelled.
-_REQUEST_OWNED: Final = HOP_BY_HOP | {
+# Request headers the proxy sets itself (client-supplied copies are dropped or merged),
+# and those of the h2c upgrade, which is never tunnelled.
+_REQUEST_OWNED: Final = HOP_BY_HOP | H2C_HEADERS | {
     b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
     b"x-forwarded-host", b"x-forwarded-prefix", b"forwarded", b"via", b"x-request-id",
-    b"x-real-ip", b"http2-settings",
+    b"x-real-ip",
 }
 # Names whose "_" spelling is dropped (see the module docstring): everything the proxy
 # owns plus the forwarding headers other proxies set.
@@ -243,29 +242,6 @@ def interpret_request(head: RequestHead, merge_slashes: bool = False,
         if method == "GET":
             req.upgrade = upgrade.strip()
     return req
-
-
-def allowed_upgrade(offer: bytes, allowed: tuple[str, ...]) -> bytes | None:
-    """The part of an ``Upgrade`` offer the app allows (protocol names, case-insensitive,
-    a ``/version`` kept), or None when nothing is left."""
-    kept = []
-    for item in offer.split(b","):
-        protocol = item.strip()
-        name = protocol.split(b"/")[0].lower()
-        if name and name != b"h2c" and name.decode("latin-1") in allowed:
-            kept.append(protocol)
-    return b", ".join(kept) if kept else None
-
-
-def switch_allowed(resp: ResponseHead, offer: bytes | None) -> bool:
-    """True when a 101 switches to a protocol that was offered (and so allowed)."""
-    if offer is None:
-        return False
-    offered = {item.strip().split(b"/")[0].lower() for item in offer.split(b",")}
-    chosen = [v for n, v in resp.headers if n.lower() == b"upgrade"]
-    if len(chosen) != 1:
-        return False
-    return chosen[0].strip().split(b"/")[0].lower() in offered
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +445,18 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+_REFUSAL_CODES: Final = {400: "bad-request", 408: "client-header-timeout",
+                         413: "body-too-large", 414: "request-line-too-long",
+                         431: "headers-too-large", 501: "not-implemented",
+                         505: "version-not-supported"}
+
+
+def refusal(failure: ParseFailure) -> ProtocolError:
+    """The answer to a request the parser refused (the code its status documents)."""
+    return ProtocolError(failure.status, failure.detail,
+                         _REFUSAL_CODES.get(failure.status, "bad-request"))
 
 
 def error_response(status: int, code: str, detail: str, request_id: bytes, *,

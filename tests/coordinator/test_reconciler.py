@@ -22,8 +22,15 @@ import trio.testing
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.membership import Liveness
 from superagent.coordinator.reconcile import NodeReport, Reported
-from superagent.coordinator.reconcile_view import eligible, reports_from, view_of
+from superagent.coordinator.reconcile_view import (
+    eligible,
+    idle_apps,
+    reports_from,
+    view_of,
+    with_idle,
+)
 from superagent.coordinator.reconciler import FAILING_AFTER, MAX_ACTIONS, Reconciler
+from superagent.coordinator.scheduler import NodeInfo
 from superagent.coordinator.state import ClusterState, Result
 from superagent.rpc import messages as msg
 from superagent.rpc.client import Participants
@@ -618,6 +625,79 @@ def test_reports_skip_what_a_heartbeat_garbles() -> None:
         node="n1", instances=(Reported(id="a@r1.1", app="a", release="r1", state="ready"),),
         routes={"a": ("a@r1.1",)})
     assert reports["n2"].instances == ()
+
+
+def test_the_apps_a_node_runs_idle_come_from_its_report() -> None:
+    """An app is idle on a node when every instance reported there, stopping or stopped
+    ones aside, is idle; the scheduler's nodes get them, a node not heard from none."""
+    def entry(instance: str, state: str) -> dict[str, str]:
+        return {"id": instance, "app": instance.split("@")[0],
+                "release": instance.split("@")[1].split(".")[0], "state": state}
+
+    reports = reports_from({"n1": {"instances": [
+        entry("a@r1.1", "idle"), entry("a@r1.2", "idle"),
+        entry("b@r1.1", "idle"), entry("b@r2.3", "starting"),  # waking: it runs
+        entry("c@r1.1", "idle"), entry("c@r1.2", "stopped"), entry("c@r1.3", "stopping"),
+        entry("d@r1.1", "ready"), entry("e@r1.1", "stopped")]}})
+    assert idle_apps(reports["n1"]) == {"a", "c"}
+    nodes = [NodeInfo(name=n, groups=frozenset({"default"}), capacity=2, eligible=True)
+             for n in ("n1", "n2")]
+    assert [n.idle for n in with_idle(nodes, reports)] == [frozenset({"a", "c"}), frozenset()]
+
+
+async def test_idle_apps_leave_room_to_the_others_but_keep_their_place(
+        clock: trio.testing.MockClock) -> None:
+    """On a node of capacity 2 running a1 and a2, an app after them gets no room; once
+    both report idle, it gets the one place their reserve leaves and starts there, while
+    a1 and a2 stay placed (and stopped: nothing wakes them)."""
+    s = Scenario()
+    n1 = s.node("n1", capacity=2)
+    s.app("a1", instances=1)
+    s.app("a2", instances=1)
+    async with s.running():
+        await s.until(lambda: s.counts("a1") == s.counts("a2") == {"n1": 1}, "both running")
+        s.app("web", instances=1)
+        await s.until(lambda: "no room" in s.host.state.placement_reason.get("web", ""),
+                      "web short")
+        for inst in n1.instances.values():
+            inst.state = "idle"
+        await s.until(lambda: s.counts("web") == {"n1": 1}, "web running")
+        assert s.host.state.placement["a1"] == s.host.state.placement["a2"] == {"n1": 1}
+        assert s.host.state.placement_reason.get("web", "") == ""
+        starts = [m.app for m in s.fake.of("n1", "start") if isinstance(m, msg.Start)]
+        assert sorted(starts) == ["a1", "a2", "web"]  # a1 and a2 started once, at first
+
+
+async def test_a_new_leader_places_with_the_idle_facts_once_it_heard_the_nodes(
+        clock: trio.testing.MockClock) -> None:
+    """A new leader has no heartbeat yet: placing at once, it would count the idle apps
+    as running and move an app off their node for good (placement is sticky). It waits
+    for each eligible node's first heartbeat (at most the liveness timeout), so web stays
+    where it runs."""
+    s = Scenario()
+    n1 = s.node("n1", capacity=2)
+    s.app("a1", instances=1)
+    s.app("a2", instances=1)
+    async with s.running():
+        await s.until(lambda: s.counts("a1") == s.counts("a2") == {"n1": 1}, "both running")
+        for inst in n1.instances.values():
+            inst.state = "idle"
+        s.app("web", instances=1)
+        await s.until(lambda: s.counts("web") == {"n1": 1}, "web running")
+        s.node("n2", capacity=1)
+        rounds = s.reconciler.rounds
+        await s.until(lambda: s.reconciler.rounds >= rounds + 2, "n2 placed for")
+        assert s.host.state.placement["web"] == {"n1": 1}
+        s.silent.update({"n1", "n2"})  # the new leader hears nobody at first
+        s.host.liveness.follow()
+        s.host.liveness.lead(trio.current_time())
+        rounds = s.reconciler.rounds
+        await s.until(lambda: s.reconciler.rounds >= rounds + 2, "rounds without heartbeats")
+        s.silent.clear()
+        rounds = s.reconciler.rounds
+        await s.until(lambda: s.reconciler.rounds >= rounds + 3, "rounds with heartbeats")
+        assert s.host.state.placement["web"] == {"n1": 1}
+        assert not [m for m in s.fake.of("n2", "start") if isinstance(m, msg.Start)]
 
 
 def _record() -> dict[str, Any]:

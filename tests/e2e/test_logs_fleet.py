@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -38,6 +36,7 @@ from tests.coordinator.cluster import Cluster
 from tests.coordinator.helpers import TEST_WATCH_WINDOW
 from tests.e2e.fleet import Fleet, app_python, kept_on_failure, leftovers, upload, wait_deploy_done
 from tests.e2e.logapp import write_log_app
+from tests.support.piped import PipedProcess
 from tests.support.wait import wait_until
 
 APP = "ticker"
@@ -45,46 +44,29 @@ TICK = 0.2  # seconds between an instance's tick lines
 STREAM_TIMEOUT = 45.0  # a reconnection after a kill (election, backoff) on a busy machine
 
 
-class Follower:
-    """``superagent logs -f --json`` as a process, its output collected by threads."""
+class Follower(PipedProcess):
+    """``superagent logs -f --json`` (or ``debug --json``) as a process: its documents,
+    the events it reports on stderr and its other stderr lines."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
         self.lines: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.errors: list[str] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._out, daemon=True).start()
-        threading.Thread(target=self._err, daemon=True).start()
+        super().__init__(argv)
 
-    def _out(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self.lock:
-                self.lines.append(json.loads(raw))  # --json: one document a line
+    def on_out(self, raw: str) -> None:
+        self.lines.append(json.loads(raw))  # --json: one document a line
 
-    def _err(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self.lock:
-                try:
-                    self.events.append(json.loads(raw))
-                except ValueError:
-                    self.errors.append(raw.rstrip())
+    def on_err(self, raw: str) -> None:
+        try:
+            self.events.append(json.loads(raw))
+        except ValueError:
+            self.errors.append(raw.rstrip())
 
     def ticks_after(self, node: str, since: float) -> list[dict[str, Any]]:
         with self.lock:
             return [x for x in self.lines if x["node"] == node and x["ts"] > since
                     and x["text"].startswith("tick ")]
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.mark.slow

@@ -2,11 +2,11 @@
 memory stays flat.
 
 A real coordinator (tests/coordinator/cluster.py, one member) and one real participant
-(tests/e2e/fleet.py) run ``flood``, a stdlib app whose ``/flood?seconds=S&mb=R`` writes
-``R`` MB/s of 1 KiB lines to stdout for ``S`` seconds, paced every 10 ms, and answers how
-much it wrote. ``superagent logs flood -f --json`` runs as a real process against the
-coordinator and reads as fast as it can. The coordinator's RSS (psutil) is sampled every
-``SAMPLE`` seconds from just before the flood until it ends.
+(tests/e2e/fleet.py) run ``flood``, the logs tests' stdlib app (tests/e2e/logapp.py), whose
+``/flood?seconds=S&mb=R`` writes ``R`` MB/s of 1 KiB lines to stdout for ``S`` seconds, paced
+every 10 ms, and answers how much it wrote. ``superagent logs flood -f --json`` runs as a
+real process against the coordinator and reads as fast as it can. The coordinator's RSS
+(psutil) is sampled every ``SAMPLE`` seconds from just before the flood until it ends.
 
 What is asserted: the app really wrote at least ``MIN_RATE`` (else the test proves
 nothing); the follower received lines of the flood and was told of what it lost (the
@@ -18,12 +18,11 @@ condition under a deadline; processes are cleaned up even on failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,6 +32,8 @@ import pytest
 from tests.coordinator.cluster import Cluster
 from tests.coordinator.helpers import TEST_WATCH_WINDOW
 from tests.e2e.fleet import Fleet, app_python, kept_on_failure, leftovers, upload, wait_deploy_done
+from tests.e2e.logapp import write_log_app
+from tests.support.piped import PipedProcess
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -55,104 +56,31 @@ RSS_BOUND = 32 * MiB
 # and the last third of the flood it may rise by no more than this.
 GROWTH_BOUND = 8 * MiB
 
-FLOOD_APP = '''\
-import json, os, sys, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
-INSTANCE = os.environ.get("SUPERAGENT_INSTANCE", "?")
-PAD = b"x" * 1000
-print(f"started {INSTANCE}", flush=True)
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        url = urlsplit(self.path)
-        body = b""
-        if url.path == "/flood":
-            query = parse_qs(url.query)
-            seconds, rate = float(query["seconds"][0]), float(query["mb"][0]) * 1e6
-            out, written, n, t0 = sys.stdout.buffer, 0, 0, time.monotonic()
-            while (elapsed := time.monotonic() - t0) < seconds:
-                while written < rate * min(elapsed + 0.01, seconds):  # what is due by now
-                    block = b"".join(b"flood %d %s\\n" % (n + i, PAD) for i in range(64))
-                    out.write(block)
-                    written += len(block)
-                    n += 64
-                out.flush()
-                time.sleep(0.01)  # pacing the output, 10 ms at a time
-            body = json.dumps({"bytes": written, "lines": n,
-                               "seconds": time.monotonic() - t0}).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-'''
-
-
-def write_flood_app(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "app.py").write_text(FLOOD_APP)
-    (dest / "superagent.toml").write_text(
-        f'[app]\nname = "{APP}"\n'
-        f'[run]\ncommand = "{app_python()} app.py"\n'
-        '[health]\npath = "/healthz"\nready_path = "/healthz"\n'
-        f'[routes]\nprefix = "/{APP}"\nstrip_prefix = true\n'
-        '[scale]\nper_node = 1\n')
-    for path in (dest, *dest.iterdir()):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return dest
-
-
-class Follower:
+class Follower(PipedProcess):
     """``superagent logs -f --json`` as a process: counts flood lines, keeps the events
     it reports on stderr (``dropped``, ``gap``)."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
         self.started = False
         self.flood_lines = 0
         self.events: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._out, daemon=True).start()
-        threading.Thread(target=self._err, daemon=True).start()
+        super().__init__(argv)
 
-    def _out(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self.lock:
-                if '"flood ' in raw:
-                    self.flood_lines += 1
-                elif '"started ' in raw:
-                    self.started = True
+    def on_out(self, raw: str) -> None:
+        if '"flood ' in raw:
+            self.flood_lines += 1
+        elif '"started ' in raw:
+            self.started = True
 
-    def _err(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                continue
-            with self.lock:
-                self.events.append(doc)
+    def on_err(self, raw: str) -> None:
+        with contextlib.suppress(ValueError):  # not an event: a plain message
+            self.events.append(json.loads(raw))
 
     def lost(self) -> int:
         with self.lock:
             return sum(int(e.get("dropped") or 0) + int(e.get("missing") or 0)
                        for e in self.events)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 def test_a_flooding_app_does_not_grow_the_coordinators_memory() -> None:
@@ -165,7 +93,8 @@ def test_a_flooding_app_does_not_grow_the_coordinators_memory() -> None:
             leader = cluster.wait_ready()
             fleet.start_all()
             fleet.wait_joined(cluster, leader)
-            started = upload(cluster, leader, write_flood_app(root / "src" / APP))
+            started = upload(cluster, leader, write_log_app(root / "src" / APP, name=APP,
+                                                           per_node=1, python=app_python()))
             record = wait_deploy_done(cluster, [leader], APP, started["deploy_id"])
             assert record["status"] == "succeeded", record
             coordinator = psutil.Process(cluster.members[leader].pid)

@@ -19,12 +19,21 @@ import pytest
 CHILD_TIMEOUT = 20.0  # any child here finishes in well under a second
 
 
-def child_python() -> str:
-    """A python3 every user may execute (pyenv's under /root is not)."""
+def world_python() -> str | None:
+    """A python3 every user may execute (pyenv's under /root is not), or None."""
     for candidate in ("/usr/bin/python3", shutil.which("python3"), sys.executable):
         if candidate and world_executable(Path(candidate)):
             return str(Path(candidate).resolve())
-    pytest.skip("no python3 that an unprivileged user can execute")
+    return None
+
+
+def child_python() -> str:
+    """``world_python``, or the test is skipped: without it no child can run as an app
+    user."""
+    python = world_python()
+    if python is None:
+        pytest.skip("no python3 that an unprivileged user can execute")
+    return python
 
 
 def world_executable(path: Path) -> bool:

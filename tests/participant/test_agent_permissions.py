@@ -3,12 +3,14 @@ filesystem and network, and what the status and the heartbeat say.
 
 The app tries, at start, a write into its release, its data directory (HOME) and /tmp,
 and a connection to a loopback port (the agent's RPC: another service on loopback),
-and serves the outcomes at /probe. As root only (permissions are enforced as root);
-the nftables table and group are the test's own, removed afterwards.
+and serves the outcomes and its primary group at /probe. As root only (permissions are
+enforced as root); the nftables table is the test's own, removed afterwards, and so are
+the app's user and egress group.
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import random
 import shutil
@@ -19,10 +21,11 @@ from typing import Any
 
 import pytest
 
-from superagent.participant.isolation import remove_app_user
-from superagent.participant.permissions import remove_egress_table
+from superagent.participant.isolation import loopback_group_name, remove_app_user
+from superagent.participant.nftegress import egress_intact, remove_egress_table
 from tests.participant.children import child_python
 from tests.participant.test_agent import running_agent, start_and_switch, tarball
+from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
@@ -45,6 +48,7 @@ outcomes = {
     "tmp": attempt(lambda: write("/tmp/sa-perm-probe-" + os.environ["SUPERAGENT_INSTANCE"])),
     "loopback": attempt(lambda: socket.create_connection(
         ("127.0.0.1", int(os.environ["LOOPBACK_PORT"])), timeout=5).close()),
+    "gid": os.getgid(),
 }
 body = json.dumps(outcomes).encode()
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -106,8 +110,10 @@ async def test_permissions_enforced_inside_the_instance(data_dir: Path, app: str
         await start_and_switch(rig, app)
         answer = await rig.proxy.get(f"/{app}/probe")
         assert answer.status_code == 200, answer.text
+        egress_gid = grp.getgrnam(loopback_group_name(app)).gr_gid
         assert answer.json() == {"release": "ok", "data": "ok", "tmp": "errno30",
-                                 "loopback": "ok"}
+                                 "loopback": "ok", "gid": egress_gid}
+        assert egress_intact(names["egress_table"], [egress_gid])
         status = (await rig.rpc.get("/v1/status")).json()
         permissions = instance_status(status, app)["isolation"]["permissions"]
         assert permissions["network"]["enforced"] is True, permissions
@@ -120,9 +126,8 @@ async def test_permissions_enforced_inside_the_instance(data_dir: Path, app: str
         # the agent loads it again, or the app would reach anything from then on.
         subprocess.run(["nft", "delete", "table", "inet", names["egress_table"]], check=True,
                        capture_output=True)
-        await wait_until_async(lambda: subprocess.run(
-            ["nft", "list", "table", "inet", names["egress_table"]], capture_output=True,
-            check=False).returncode == 0, "the egress table loaded again")
+        await wait_until_async(lambda: egress_intact(names["egress_table"], [egress_gid]),
+                               "the egress table loaded again with the app's group")
 
 
 async def test_an_unenforceable_permission_still_starts_and_is_reported(
@@ -143,3 +148,29 @@ async def test_an_unenforceable_permission_still_starts_and_is_reported(
         assert status["isolation"]["permissions"]["network"] != "enforced"
         (beat,) = rig.agent.coordinator_status()["instances"]
         assert "network" in beat["unenforced"]
+
+
+async def test_an_adopted_instance_is_put_back_in_the_egress_set(
+        data_dir: Path, app: str, names: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A firewall reload while no agent runs deletes the table: the agent that adopts the
+    instance (still running, with its egress group) loads it again with that group as it
+    adopts it, not at its next periodic check (an hour away here)."""
+    monkeypatch.setattr("superagent.participant.egress.EGRESS_CHECK_PERIOD", 3600.0)
+    if shutil.which("nft") is None:
+        pytest.skip("needs nft (nftables) to enforce network = 'loopback'")
+    rpc_port, listen_port = free_port(), free_port()
+    async with running_agent(data_dir, rpc_port, listen_port, stop_all=False,
+                             **names) as rig:
+        assert (await rig.upload(app, "r1", probe_app(app, rpc_port))).status_code == 200
+        await start_and_switch(rig, app)
+        (pid,) = [instance.pid for instance in rig.agent.instances.values()]
+    egress_gid = grp.getgrnam(loopback_group_name(app)).gr_gid
+    subprocess.run(["nft", "delete", "table", "inet", names["egress_table"]], check=True,
+                   capture_output=True)
+    async with running_agent(data_dir, rpc_port, listen_port, **names) as rig:
+        (adopted,) = rig.agent.instances.values()
+        assert adopted.pid == pid  # the same process, adopted, not started again
+        await wait_until_async(lambda: egress_intact(names["egress_table"], [egress_gid]),
+                               "the adopted instance's egress group back in the set",
+                               timeout=5.0)

@@ -4,9 +4,10 @@ An in-process agent with one real proxy worker and real app processes: the app i
 after its ``idle_timeout``; 100 concurrent requests on the idle app are all answered by
 the one instance their hold started; a start that fails answers every held request with
 the named 503 within its bound; a websocket to an idle app connects; an open tunnel or a
-request in flight keeps an app from idling; and an agent that goes away while a request
-is held (kill -9 of its process) leaves the client with an answer or an error, never a
-hang.
+request in flight keeps an app from idling; on a node at its capacity a cold start idles
+the app used least recently, or is refused naming the capacity; and an agent that goes
+away while a request is held (kill -9 of its process) leaves the client with an answer or
+an error, never a hang.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -31,8 +33,10 @@ import psutil
 import pytest
 import trio
 
+from superagent.participant.idle import app_counts
 from superagent.participant.isolation import remove_app_user
 from superagent.participant.proxydriver import ACCESS_LOG
+from superagent.participant.scaletozero import go_idle
 from superagent.participant.service import Agent
 from tests.participant.children import child_python
 from tests.participant.test_agent import (
@@ -120,14 +124,17 @@ async def serve(rig: Rig, name: str, data: bytes) -> list[str]:
 BODY = 200_000
 
 
-@pytest.fixture
-def app() -> Iterator[str]:
+def _fresh_app() -> Iterator[str]:
     """A fresh app name; its system user (made when the tests run as root) goes after."""
     name = f"cold-{secrets.token_hex(3)}"
     try:
         yield name
     finally:
         remove_app_user(name)
+
+
+app = pytest.fixture(_fresh_app, name="app")
+app2 = pytest.fixture(_fresh_app, name="app2")  # a second app beside the first
 
 
 async def _cold_records(path: Path, app: str) -> list[dict[str, Any]]:
@@ -225,6 +232,48 @@ async def test_a_failing_cold_start_answers_every_held_request_with_the_named_50
         assert again.status_code == 503 and again.headers["X-Superagent-Error"] == "start-failed"
 
 
+async def test_a_cold_start_on_a_full_node_idles_the_least_recently_used_app(
+        data_dir: Path, app: str, app2: str) -> None:
+    """A node of capacity 1 with two idle apps: waking one idles the other (every request
+    answered 200), back and forth; with a request in flight on the running one, the
+    other's cold start finds no room: 503 start-failed naming the capacity, the reason in
+    its status, and the request in flight answered."""
+    flag = data_dir / "fail-flag"
+    async with running_agent(data_dir, capacity=1) as rig:
+        for name in (app, app2):  # the coordinator's start signals are not checked here
+            await serve(rig, name, cold_app(name, fail_flag=flag, idle="60s"))
+        for name in (app, app2):
+            await go_idle(rig.agent, name)
+            await until_idle(rig, name)
+        for n, (woken, other) in enumerate([(app, app2), (app2, app), (app, app2)]):
+            answer = await rig.proxy.get(f"/{woken}/n{n}")
+            assert answer.status_code == 200, answer.text
+            assert "X-Superagent-Cold-Start" in answer.headers
+            assert len(running(rig.agent, woken)) == 1
+            assert running(rig.agent, other) == [] and state_of(rig.agent, other) == {
+                "state": "idle", "release": "r1", "instances": 1}
+
+        async def in_flight() -> int:
+            return app_counts(await rig.agent.proxy.stats())[1].get(app, 0)
+
+        slow: list[httpx.Response] = []
+        async with trio.open_nursery() as nursery:
+            async def request() -> None:
+                slow.append(await rig.proxy.get(f"/{app}/slow=2"))
+
+            nursery.start_soon(request)
+            await wait_until_async(in_flight, f"a request in flight on {app}",
+                                   timeout=DEADLINE)
+            refused = await rig.proxy.get(f"/{app2}/refused")
+        assert [a.status_code for a in slow] == [200]
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["X-Superagent-Error"] == "start-failed"
+        assert refused.headers["Retry-After"] == "5"
+        assert "node at capacity: 1/1 running" in refused.text
+        assert "node at capacity: 1/1 running" in state_of(rig.agent, app2)["start_error"]
+        assert len(running(rig.agent, app)) == 1
+
+
 def _upgrade(port: int, path: str) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -236,6 +285,8 @@ def _upgrade(port: int, path: str) -> socket.socket:
         assert chunk, head
         head += chunk
     assert head.startswith(b"HTTP/1.1 101"), head
+    # the switch to an idle app was held for its cold start, and says how long
+    assert re.search(rb"\r\nX-Superagent-Cold-Start: \d+\r\n", head), head
     return sock
 
 

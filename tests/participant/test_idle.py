@@ -12,8 +12,11 @@ from superagent.participant.idle import (
     ActivityWatch,
     ColdApp,
     Event,
+    Evictable,
     Phase,
+    Room,
     app_counts,
+    make_room,
 )
 
 
@@ -83,3 +86,36 @@ def test_app_counts_adds_statuses_and_instances() -> None:
              "instances": {"web@r1.1": {"app": "web", "in_flight": 1},
                            "web@r1.2": {"app": "web", "in_flight": 2}}}
     assert app_counts(stats) == ({"web": 4, "api": 2}, {"web": 3})
+
+
+def app(name: str, active_at: float, instances: int = 1, in_flight: int = 0) -> Evictable:
+    return Evictable(app=name, instances=instances, active_at=active_at, in_flight=in_flight)
+
+
+def test_a_cold_start_that_fits_idles_nothing() -> None:
+    """Room for the start: nothing to idle, whatever the candidates."""
+    room = make_room(capacity=3, running=1, wanted=2, candidates=[app("a", 0.0)])
+    assert room == Room() and room.fits
+
+
+def test_the_least_recently_used_apps_go_first_and_just_enough_of_them() -> None:
+    """Two instances to free: the oldest apps first (ties by name), stopping once enough
+    room is made; an app with a request or a tunnel in flight is never picked."""
+    candidates = [app("new", 50.0), app("busy", 1.0, in_flight=1), app("old", 10.0),
+                  app("tie-b", 20.0), app("tie-a", 20.0)]
+    room = make_room(capacity=4, running=4, wanted=2, candidates=candidates)
+    assert room == Room(evict=("old", "tie-a"))
+    big = make_room(capacity=4, running=4, wanted=2,
+                    candidates=[app("two", 30.0, instances=2), app("one", 40.0)])
+    assert big.evict == ("two",)
+
+
+def test_no_room_idles_nothing_and_names_the_capacity() -> None:
+    """When even every idle-able app would not make room, none is idled: the start fails
+    with the node's figures."""
+    room = make_room(capacity=1, running=1, wanted=1,
+                     candidates=[app("busy", 0.0, in_flight=2), app("none", 0.0, 0)])
+    assert not room.fits and room.evict == ()
+    assert room.reason == "node at capacity: 1/1 running"
+    short = make_room(capacity=3, running=1, wanted=4, candidates=[app("a", 0.0)])
+    assert short.reason == "node at capacity: 1/3 running (4 to start)"

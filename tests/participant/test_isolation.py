@@ -30,6 +30,7 @@ from superagent.participant.isolation import (
     app_user_name,
     child_setup,
     ensure_app_user,
+    loopback_group_name,
     remove_app_user,
 )
 from tests.participant.children import CHILD_TIMEOUT, run_child
@@ -239,6 +240,17 @@ def test_app_user_names() -> None:
         assert len(name) <= 32 and name.startswith("sa-")
     assert long_name == app_user_name("a-really-long-application-name-that-overflows")
     assert app_user_name("Shop.Front") != app_user_name("shop-front")
+
+
+def test_egress_group_names_never_name_a_user() -> None:
+    """A loopback-only app's group is salo-<app>, <= 32 long: never an app user's name
+    (those start sa-), not even for an app called lo-<other>."""
+    assert loopback_group_name("hello") == "salo-hello"
+    assert loopback_group_name("hello") != app_user_name("lo-hello")
+    for app in ("a-really-long-application-name-that-overflows", "Shop.Front", "lo-x"):
+        name = loopback_group_name(app)
+        assert len(name) <= 32 and name.startswith("salo-")
+        assert not name.startswith("sa-")
 
 
 def test_not_root_means_no_switch() -> None:

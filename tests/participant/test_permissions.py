@@ -4,41 +4,60 @@ by the kernel on real child processes.
 Network: a network namespace made here (veth pair, random-suffixed names, removed in
 teardown) holds the only non-loopback address used; a listener inside it proves the
 address is reachable without the permission, and the host end's packet counter proves
-that with it nothing left. Filesystem: a real child in its own mount namespace.
-The children run as ``nobody`` (an existing unprivileged user: none is created).
+that with it nothing left. The DNS test runs its resolver stand-in on port 53 of the
+loopback of a namespace of its own, with the egress table loaded there: no real resolver
+is ever asked. The network children run as loopback-only apps whose users and egress
+groups are created here (random names, removed in teardown). Filesystem: a real child in
+its own mount namespace, as ``nobody`` (an existing unprivileged user).
 Tests that need root, nft or a mount namespace skip, naming what is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import errno
+import json
 import os
 import pwd
 import random
+import select
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from superagent.participant.isolation import AppUser, RLimits, child_setup
+from superagent.participant.egress import admit_app
+from superagent.participant.isolation import (
+    AppUser,
+    RLimits,
+    child_setup,
+    ensure_app_user,
+    remove_app_user,
+)
+from superagent.participant.nftegress import (
+    egress_intact,
+    egress_ruleset,
+    parse_listing,
+    remove_egress_table,
+    run_nft,
+)
 from superagent.participant.permissions import (
     PermissionSupport,
     build_sandbox,
     detect_permissions,
     probe_mount_namespace,
-    remove_egress_table,
-    restore_egress_table,
     unenforced,
 )
-from tests.participant.children import run_child
+from tests.participant.children import child_python, run_child
 from tests.support.ports import free_port
 
 SUFFIX_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -182,6 +201,33 @@ def support() -> Iterator[PermissionSupport]:
         subprocess.run(["groupdel", group], capture_output=True, check=False)
 
 
+@pytest.fixture
+def loopback_apps(support: PermissionSupport) -> Iterator[Callable[[], AppUser]]:
+    """Makes loopback-only apps as the agent does: a system user and an egress group in
+    the test's table set; all removed afterwards."""
+    made: list[str] = []
+
+    def make() -> AppUser:
+        app = f"perm-{suffix()}"
+        made.append(app)
+        user = ensure_app_user(app)
+        return dataclasses.replace(user, loopback_gid=admit_app(app, support.table))
+
+    try:
+        yield make
+    finally:
+        for app in made:
+            remove_app_user(app)
+
+
+def loopback_sandbox(support: PermissionSupport, user: AppUser) -> Callable[[], None]:
+    """The child setup of a loopback-only instance of ``user``'s app."""
+    sandbox = build_sandbox(support, network="loopback", filesystem="any", writable=(),
+                            switched_user=True, loopback_gid=user.loopback_gid)
+    assert sandbox.gid == user.loopback_gid and unenforced(sandbox.report) == []
+    return child_setup(user, None, RLimits(), sandbox)
+
+
 def loopback_listener() -> tuple[socket.socket, int]:
     """Another app's port on loopback."""
     server = socket.socket()
@@ -191,10 +237,16 @@ def loopback_listener() -> tuple[socket.socket, int]:
     return server, port
 
 
+REFUSED = (f"errno{errno.EHOSTUNREACH}", f"errno{errno.EACCES}", f"errno{errno.EPERM}",
+           f"errno{errno.ECONNREFUSED}")
+
+
 def test_loopback_only_reaches_loopback_and_nothing_leaves(
-        support: PermissionSupport, peer: Peer) -> None:
+        support: PermissionSupport, peer: Peer,
+        loopback_apps: Callable[[], AppUser]) -> None:
     """Egress to another app's loopback port works; to the namespace's address it is
     refused at once, and the host end of the veth sends no packet."""
+    user = loopback_apps()
     server, lo_port = loopback_listener()
     try:
         # control: without the permission the address answers (the test can fail)
@@ -203,29 +255,213 @@ def test_loopback_only_reaches_loopback_and_nothing_leaves(
         assert peer.listener.stdout is not None
         assert peer.listener.stdout.readline().strip() == "accepted"
         open_sandbox = build_sandbox(support, network="any", filesystem="any", writable=(),
-                                     switched_user=True)
-        done = run_child(CONNECT, child_setup(nobody(), None, RLimits(), open_sandbox),
+                                     switched_user=True, loopback_gid=user.loopback_gid)
+        done = run_child(CONNECT, child_setup(user, None, RLimits(), open_sandbox),
                          peer.address, str(peer.port), "127.0.0.1", str(lo_port))
         assert done.stdout.split()[:2] == ["ok", "ok"], done.stderr
         assert peer.listener.stdout.readline().strip() == "accepted"
 
-        sandbox = build_sandbox(support, network="loopback", filesystem="any", writable=(),
-                                switched_user=True)
-        assert sandbox.gid == support.loopback_gid
-        assert unenforced(sandbox.report) == []
         before = peer.tx_packets()
         started = time.monotonic()
-        done = run_child(CONNECT, child_setup(nobody(), None, RLimits(), sandbox),
+        done = run_child(CONNECT, loopback_sandbox(support, user),
                          peer.address, str(peer.port), "127.0.0.1", str(lo_port))
         refused, allowed, udp = done.stdout.split()
-        assert refused in (f"errno{errno.EHOSTUNREACH}", f"errno{errno.EACCES}",
-                           f"errno{errno.EPERM}", f"errno{errno.ECONNREFUSED}"), done
+        assert refused in REFUSED, done
         assert allowed == "ok", done
         assert udp == f"udp-errno{errno.EPERM}", done
         assert time.monotonic() - started < 3  # refused at once, not timed out
         assert peer.tx_packets() == before  # nothing went out on the link
     finally:
         server.close()
+
+
+CREATE = """
+import os, sys
+os.umask(0o002)
+os.mkdir(sys.argv[1])  # 0775
+with open(os.path.join(sys.argv[1], "plain"), "w") as f:  # 0664
+    f.write("first's data")
+fd = os.open(os.path.join(sys.argv[1], "shared"), os.O_CREAT | os.O_WRONLY, 0o660)
+os.write(fd, b"first's data")
+os.close(fd)
+print(os.getgid(), " ".join(str(g) for g in os.getgroups()))
+"""
+
+TRESPASS = CONNECT.replace("results = []", """results = []
+for action in sys.argv[5:]:
+    what, path = action.split(":", 1)
+    flags = {"read": os.O_RDONLY, "write": os.O_WRONLY,
+             "create": os.O_CREAT | os.O_EXCL | os.O_WRONLY}[what]
+    try:
+        os.close(os.open(path, flags, 0o600))
+        results.append(what)
+    except OSError as exc:
+        results.append(f"errno{exc.errno}")""").replace("import socket, sys",
+                                                      "import os, socket, sys")
+
+
+def test_two_loopback_only_apps_share_no_files(
+        support: PermissionSupport, peer: Peer,
+        loopback_apps: Callable[[], AppUser]) -> None:
+    """What the first app's instance creates with umask 002 (a 0775 directory, a 0664
+    file, a 0660 file) is group-writable, but the group is the first app's own: the second
+    app's instance cannot write any of it nor read the 0660 file, can still reach the
+    first's loopback port, and still cannot leave the machine."""
+    first, second = loopback_apps(), loopback_apps()
+    assert first.loopback_gid != second.loopback_gid
+    shared = Path(tempfile.mkdtemp(prefix="sa-perm-shared-", dir="/tmp"))
+    server, lo_port = loopback_listener()  # the first app's port
+    try:
+        shared.chmod(0o777)  # like /tmp without the sticky bit: only the modes guard
+        made_dir = shared / "first"
+        made = run_child(CREATE, loopback_sandbox(support, first), str(made_dir))
+        primary, *supplementary = (int(g) for g in made.stdout.split())
+        assert primary == first.loopback_gid and supplementary == [first.gid], made
+        for path, mode in ((made_dir, 0o775), (made_dir / "plain", 0o664),
+                           (made_dir / "shared", 0o660)):
+            st = path.stat()
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (
+                first.uid, first.loopback_gid, mode), path
+        done = run_child(TRESPASS, loopback_sandbox(support, second), peer.address,
+                         str(peer.port), "127.0.0.1", str(lo_port),
+                         f"read:{made_dir / 'shared'}", f"write:{made_dir / 'shared'}",
+                         f"write:{made_dir / 'plain'}", f"create:{made_dir / 'new'}")
+        *files, refused, allowed, udp = done.stdout.split()
+        assert files == [f"errno{errno.EACCES}"] * 4, done
+        assert refused in REFUSED and udp == f"udp-errno{errno.EPERM}", done
+        assert allowed == "ok", done
+        # the control: the first app's own instance may do all of it
+        own = run_child(TRESPASS, loopback_sandbox(support, first), "127.0.0.1",
+                        str(lo_port), "127.0.0.1", str(lo_port),
+                        f"read:{made_dir / 'shared'}", f"create:{made_dir / 'new'}")
+        assert own.stdout.split()[:2] == ["read", "create"], own
+    finally:
+        server.close()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+
+RESOLVER = """
+import json, select, socket, sys
+udp53, tcp53, control = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(),
+                         socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+udp53.bind(("127.0.0.1", 53))
+tcp53.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp53.bind(("127.0.0.1", 53))
+tcp53.listen(8)
+control.bind(("127.0.0.1", int(sys.argv[1])))
+for sock in (udp53, tcp53):
+    sock.setblocking(False)
+print("listening", flush=True)
+while True:
+    control.recv(100)  # the probe's last datagram: what reached port 53 is queued by now
+    seen = {"udp": 0, "tcp": 0}
+    while select.select([udp53, tcp53], [], [], 0)[0]:
+        for sock in select.select([udp53, tcp53], [], [], 0)[0]:
+            if sock is udp53:
+                sock.recv(100)
+                seen["udp"] += 1
+            else:
+                sock.accept()[0].close()
+                seen["tcp"] += 1
+    print(json.dumps(seen), flush=True)
+"""
+
+LOOKUP = """
+import socket, sys
+results = []
+for host in ("127.0.0.1", "127.0.0.53"):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.sendto(b"query", (host, 53))
+        results.append("sent")
+    except OSError as exc:
+        results.append(f"errno{exc.errno}")
+s = socket.socket()
+s.settimeout(3)
+try:
+    s.connect(("127.0.0.1", 53))
+    results.append("ok")
+except OSError as exc:
+    results.append(f"errno{exc.errno}")
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"done", ("127.0.0.1", int(sys.argv[1])))
+print(" ".join(results))
+"""
+
+
+@pytest.fixture
+def resolver_namespace(support: PermissionSupport) -> Iterator[str]:
+    """A network namespace with only its loopback up: its port 53 is this test's."""
+    if shutil.which("ip") is None:
+        pytest.skip("needs the ip tool (iproute2) to make a network namespace")
+    namespace = f"sa-dns-{suffix()}"
+    ip("netns", "add", namespace)
+    try:
+        ip("-n", namespace, "link", "set", "lo", "up")
+        yield namespace
+    finally:
+        ip("netns", "del", namespace)
+
+
+def in_namespace(namespace: str, setup: Callable[[], None]) -> Callable[[], None]:
+    """``setup`` preceded by joining ``namespace``'s network (still root then)."""
+    fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
+    setns = ctypes.CDLL(None, use_errno=True).setns
+
+    def enter() -> None:
+        if setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        setup()
+
+    return enter
+
+
+def read_line(process: subprocess.Popen[str]) -> str:
+    """The next line ``process`` prints, within DEADLINE (one line per event: nothing
+    waits in the reader's buffer)."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], DEADLINE)
+    assert ready, "no line within the deadline"
+    return process.stdout.readline().strip()
+
+
+def test_loopback_only_instances_get_no_dns(
+        support: PermissionSupport, resolver_namespace: str,
+        loopback_apps: Callable[[], AppUser]) -> None:
+    """A resolver on loopback port 53 forwards lookups outside: a loopback-only instance
+    cannot send it a datagram or open a connection to it, while the same app's process
+    outside the egress group can (the control)."""
+    user = loopback_apps()
+    gid = user.loopback_gid
+    assert gid is not None
+    loaded = subprocess.run(["ip", "netns", "exec", resolver_namespace, "nft", "-f", "-"],
+                            input=egress_ruleset(support.table, [gid]),
+                            capture_output=True, text=True, timeout=DEADLINE)
+    assert loaded.returncode == 0, loaded.stderr
+    control_port = free_port()
+    resolver = subprocess.Popen(["ip", "netns", "exec", resolver_namespace, child_python(),
+                                 "-c", RESOLVER, str(control_port)],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert resolver.stdout is not None
+        assert read_line(resolver) == "listening"
+        as_app = build_sandbox(support, network="any", filesystem="any", writable=(),
+                               switched_user=True)
+        done = run_child(LOOKUP, in_namespace(resolver_namespace, child_setup(
+            user, None, RLimits(), as_app)), str(control_port))
+        assert done.stdout.split() == ["sent", "sent", "ok"], done
+        assert json.loads(read_line(resolver)) == {"udp": 1, "tcp": 1}
+        done = run_child(LOOKUP, in_namespace(resolver_namespace,
+                                              loopback_sandbox(support, user)),
+                         str(control_port))
+        udp, udp_stub, tcp = done.stdout.split()
+        assert udp == udp_stub == f"errno{errno.EPERM}", done
+        assert tcp in REFUSED, done
+        assert json.loads(read_line(resolver)) == {"udp": 0, "tcp": 0}
+    finally:
+        resolver.kill()
+        resolver.wait()
 
 
 def test_filesystem_release_writes_only_release_and_data() -> None:
@@ -276,11 +512,19 @@ def test_unenforceable_permissions_are_reported_not_refused() -> None:
     assert sandbox.report is not None
     assert sandbox.report["network"]["reason"] == "nft (nftables) is not installed"
     # an agent that is not root runs instances as itself: the gid rule cannot apply
-    enforced = PermissionSupport(network_problem=None, filesystem_problem=None,
-                                 loopback_gid=4242)
+    enforced = PermissionSupport(network_problem=None, filesystem_problem=None)
     as_agent = build_sandbox(enforced, network="loopback", filesystem="any", writable=(),
-                             switched_user=False)
+                             switched_user=False, loopback_gid=4242)
     assert unenforced(as_agent.report) == ["network"]
+    # an app whose egress group could not be set up runs, unrestricted and reported
+    no_group = build_sandbox(enforced, network="loopback", filesystem="any", writable=(),
+                             switched_user=True)
+    assert no_group.gid is None and unenforced(no_group.report) == ["network"]
+    assert no_group.report is not None and "egress group" in str(no_group.report["network"])
+    # with it, the instance runs with that group
+    own = build_sandbox(enforced, network="loopback", filesystem="any", writable=(),
+                        switched_user=True, loopback_gid=4242)
+    assert own.gid == 4242 and unenforced(own.report) == []
     # nothing asked, nothing reported
     assert build_sandbox(None, network="any", filesystem="any", writable=(),
                          switched_user=True).report == {}
@@ -302,18 +546,6 @@ def test_status_names_unenforced_permissions() -> None:
     assert "hello@r1.2 on" not in text and "hello@r1.3 on" not in text
 
 
-def test_the_egress_table_is_restored_only_when_gone(support: PermissionSupport) -> None:
-    """``restore_egress_table`` leaves an intact table alone (the agent calls it every few
-    seconds) and loads a deleted one again, rules included."""
-    assert restore_egress_table(support) is False
-    remove_egress_table(support.table)
-    assert restore_egress_table(support) is True
-    listed = subprocess.run(["nft", "list", "table", "inet", support.table],
-                            capture_output=True, text=True, check=True).stdout
-    assert listed.count(f"skgid {support.loopback_gid} ") == 2, listed
-    assert restore_egress_table(support) is False
-
-
 def test_an_unusable_mount_namespace_is_explained() -> None:
     """Without CAP_SYS_ADMIN (a restricted service unit) the probe fails, and its reason
     says which step and why, not just that the child's setup raised."""
@@ -328,3 +560,21 @@ def test_an_unusable_mount_namespace_is_explained() -> None:
     assert done.returncode == 0, done.stderr
     reason = done.stdout.strip()
     assert "unshare" in reason and "Operation not permitted" in reason, reason
+
+
+def test_deleting_an_app_takes_its_egress_gid_out_of_the_set(
+        support: PermissionSupport) -> None:
+    """groupdel frees the gid of the app's egress group for the next group made on the
+    host (at once, often: system gids are handed out from the top down); left in the set,
+    it would cut that group off the network: the builds and instances of an app that may
+    use it, or anything else of the host that gets the gid."""
+    app = f"perm-{suffix()}"
+    try:
+        ensure_app_user(app)
+        gid = admit_app(app, support.table)
+        assert egress_intact(support.table, [gid])
+    finally:
+        remove_app_user(app, egress_table=support.table)
+    code, listed = run_nft("list", "table", "inet", support.table)
+    assert code == 0, listed
+    assert gid not in parse_listing(listed)[1], listed

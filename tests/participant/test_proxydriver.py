@@ -109,15 +109,29 @@ class Upstream:
 async def get(port: int, path: str = "/") -> tuple[int, str]:
     """One request on a fresh connection through the proxy: (status, body)."""
     with trio.fail_after(STEP):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(b"GET %s HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
-                                  % path.encode())
-            data = b""
-            while chunk := await stream.receive_some(65536):
-                data += chunk
+        data = await _fetch(await trio.open_tcp_stream("127.0.0.1", port), path)
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split(b" ")[1]), body.decode()
+
+
+async def https(port: int, cert: bytes) -> bytes:
+    """One request over TLS on a fresh connection, trusting ``cert``: the raw answer."""
+    from tests.proxy.test_tls import trusting
+
+    with trio.fail_after(STEP):
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        return await _fetch(trio.SSLStream(tcp, trusting(cert), server_hostname="localhost"))
+
+
+async def _fetch(stream: trio.abc.Stream, path: str = "/") -> bytes:
+    """Send one ``Connection: close`` request on ``stream``; all it answers."""
+    async with stream:
+        await stream.send_all(b"GET %s HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+                              % path.encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
 
 
 def app(*ups: Upstream, port: int | None = None) -> AppRoute:
@@ -312,10 +326,8 @@ async def test_supervise_restarts_a_killed_worker_with_the_current_snapshot(
 
 async def test_a_tls_listener_serves_https_beside_the_plain_one(run_dir: Path) -> None:
     """--tls-listen: the workers terminate TLS with the agent's certificate files."""
-    import ssl
-
     from superagent.proxy.snapshot import ServerSettings
-    from tests.proxy.test_tls import self_signed, trusting, write_pair
+    from tests.proxy.test_tls import self_signed, write_pair
 
     cert, key = self_signed("node")
     cert_path, key_path = write_pair(run_dir, cert, key)
@@ -328,17 +340,8 @@ async def test_a_tls_listener_serves_https_beside_the_plain_one(run_dir: Path) -
             await d.start()
             await d.apply([app(a)])
             assert await get(port) == (200, "a")
-            with trio.fail_after(STEP):
-                tcp = await trio.open_tcp_stream("127.0.0.1", tls_port)
-                stream = trio.SSLStream(tcp, trusting(cert), server_hostname="localhost")
-                async with stream:
-                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n"
-                                          b"Connection: close\r\n\r\n")
-                    data = b""
-                    while chunk := await stream.receive_some(65536):
-                        data += chunk
+            data = await https(tls_port, cert)
             assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a"), data
-            assert isinstance(stream.context, ssl.SSLContext)
         finally:
             await d.stop()
 
@@ -351,7 +354,7 @@ async def test_a_certificate_that_does_not_load_yet_leaves_plain_http_serving(
     import ssl
 
     from superagent.proxy.snapshot import ServerSettings
-    from tests.proxy.test_tls import self_signed, trusting, write_pair
+    from tests.proxy.test_tls import self_signed, write_pair
 
     certs = run_dir / "certs"
     certs.mkdir()
@@ -362,29 +365,17 @@ async def test_a_certificate_that_does_not_load_yet_leaves_plain_http_serving(
                     settings=ServerSettings(tls_cert=str(cert_path), tls_key=str(key_path)))
     cert, key = self_signed("node")
 
-    async def https() -> bytes:
-        with trio.fail_after(STEP):
-            tcp = await trio.open_tcp_stream("127.0.0.1", tls_port)
-            stream = trio.SSLStream(tcp, trusting(cert), server_hostname="localhost")
-            async with stream:
-                await stream.send_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n"
-                                      b"Connection: close\r\n\r\n")
-                data = b""
-                while chunk := await stream.receive_some(65536):
-                    data += chunk
-        return data
-
     async with upstreams("a") as (a,):
         try:
             await d.start()
             await d.apply([app(a)])
             assert await get(port) == (200, "a")
             with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
-                await https()
+                await https(tls_port, cert)
             stats = await d.stats()
             assert any("cert.pem does not exist" in e for e in stats["tls_errors"]), stats
             write_pair(certs, cert, key)
-            data = await https()
+            data = await https(tls_port, cert)
             assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a"), data
             assert (await d.stats())["tls_errors"] == []
         finally:

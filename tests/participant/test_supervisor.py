@@ -493,11 +493,15 @@ async def test_agent_restart_round_trip_through_a_record(tmp_path: Path) -> None
 def test_config_record_round_trips(tmp_path: Path) -> None:
     """InstanceConfig.from_record(to_record()) is the same config, through JSON."""
     config = make_config(tmp_path, "ok", user=AppUser(name="sa-x", uid=1234, gid=1234,
-                                                      switched=True),
+                                                      switched=True, loopback_gid=999),
                          cgroup_limits=CgroupLimits(memory=2**26, cpu=0.5, pids=64),
                          rlimits=RLimits(nofile=100, nproc=None))
     record = json.loads(json.dumps(config.to_record()))
     assert InstanceConfig.from_record(record) == config
+    # an earlier agent's record has no egress group: it loads without one
+    del record["user"]["loopback_gid"]
+    assert InstanceConfig.from_record(record).user == AppUser(name="sa-x", uid=1234,
+                                                              gid=1234, switched=True)
     with pytest.raises(SupervisorError, match="malformed instance record"):
         InstanceConfig.from_record({**record, "health": {"nope": 1}})
 
