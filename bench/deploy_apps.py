@@ -341,7 +341,7 @@ def serving(fleet: Fleet, app: str) -> list[str]:
 
 
 def one_app(kind: str, cluster: Cluster, leader: int, fleet: Fleet, root: Path, *,
-            boots: int, clients: int, progress: Any) -> dict[str, Any]:
+            boots: int, clients: int, progress: Any, rollbacks: int = 1) -> dict[str, Any]:
     app = KINDS[kind]["app"]
     src = root / f"src-{app}"
 
@@ -386,6 +386,19 @@ def one_app(kind: str, cluster: Cluster, leader: int, fleet: Fleet, root: Path, 
         progress(f"{kind}: rollback to {target} {back['deploy_s']:.2f} s (boot"
                  f" {boot['median_ms']:.0f} ms), rebuilt: {back['rebuilt']}, serving"
                  f" {back['serving']}")
+        times = [back["deploy_s"]]
+        newest = redeploys[-1]["release"]
+        for n in range(1, rollbacks):  # back and forth between r1 and the newest, 5 apart
+            to = newest if n % 2 else target
+            again = measured(cluster, leader, app,
+                             lambda to=to: rollback(cluster, leader, app, to), load)
+            times.append(again["deploy_s"])
+            progress(f"{kind}: rollback to {to} {again['deploy_s']:.2f} s")
+        back["all_s"] = times
+        back["summary"] = summary(times)
+        if rollbacks > 1 and len(times) % 2 == 0:  # the crash release follows r1, as always
+            measured(cluster, leader, app, lambda: rollback(cluster, leader, app, target),
+                     load)
         requests0, failed0 = load.snapshot()
         trace = FailureTrace(load)
         crash = deploy_version(2 + REDEPLOYS, load, crash_after=CRASH_AFTER, expect=None,
@@ -457,6 +470,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
              f"{f['boot_together']['median_ms']:.0f} ms", ""),
             ("", "rollback to r1 (5 back): POST -> done", f"{rb['deploy_s']:.2f} s",
              f"<= boot + 1 s = {boot / 1000 + 1:.2f} s"),
+            ("", f"  all {len(rb['all_s'])} rollbacks: median (min-max)",
+             f"{rb['summary']['median_s']:.2f} s ({rb['summary']['min_s']:.2f}-"
+             f"{rb['summary']['max_s']:.2f})", ""),
             ("", "  rollback rebuilt anything", "yes" if rb["rebuilt"] else "no", "no"),
             ("", "ready-then-crash: deploy status", f"{cr['status']}", "rolled_back"),
             ("", "ready-then-crash: failed requests",
@@ -471,7 +487,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
 
 
 def main_apps(kinds: list[str], *, boots: int, clients: int, coordinators: int,
-              as_json: bool, keep_tmp: bool, command: str) -> int:
+              as_json: bool, keep_tmp: bool, command: str, rollbacks: int = 1) -> int:
     """The ``--apps`` mode of bench/deploy: exit status."""
     def progress(text: str) -> None:
         print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
@@ -501,7 +517,7 @@ def main_apps(kinds: list[str], *, boots: int, clients: int, coordinators: int,
                  f" {time.perf_counter() - t0:.2f} s")
         for kind in runnable:
             results[kind] = one_app(kind, cluster, leader, fleet, root, boots=boots,
-                                    clients=clients, progress=progress)
+                                    clients=clients, progress=progress, rollbacks=rollbacks)
         failed = False
     except (Exception, KeyboardInterrupt) as exc:
         print(f"bench/deploy --apps failed: {exc!r}", file=sys.stderr)

@@ -243,6 +243,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     from superagent.config import parse_address
     from superagent.coordinator.autoscale import parse_timing
     from superagent.coordinator.commands import NODE_NAME
+    from superagent.coordinator.deploy.outcomes import MAX_WATCH_WINDOW, WATCH_WINDOW
     from superagent.coordinator.service import Coordinator, CoordinatorConfig
 
     if not NODE_NAME.fullmatch(args.id):
@@ -267,6 +268,9 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise SuperagentError("--node-timeout must be positive")
     if not 0 <= args.drain_wait <= MAX_DRAIN_WAIT:
         raise SuperagentError(f"--drain-wait must be 0..{MAX_DRAIN_WAIT:g} seconds")
+    watch_window = WATCH_WINDOW if args.watch_window is None else args.watch_window
+    if not 0 <= watch_window <= MAX_WATCH_WINDOW:  # not NaN either
+        raise SuperagentError(f"--watch-window must be 0..{MAX_WATCH_WINDOW:g} seconds")
     try:
         timing = parse_timing(args.autoscale_timing or "")
     except ValueError as exc:
@@ -277,7 +281,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir).resolve(), secret=secret, participant_secret=shared,
         api_url=args.api_url or "",
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
-        node_timeout=args.node_timeout, drain_wait=args.drain_wait, autoscale=timing)
+        node_timeout=args.node_timeout, drain_wait=args.drain_wait, autoscale=timing,
+        watch_window=watch_window)
     _serve_until_signal(Coordinator(config).run)
     return 0
 
@@ -417,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--drain-wait", type=float, default=5.0, metavar="SECONDS",
                        help="a draining node keeps its instances this long, so the front load"
                             " balancer takes it out first (default 5)")
+    coord.add_argument("--watch-window", type=float, metavar="SECONDS",
+                       help="a deploy's last batch watches its new instances this long after"
+                            " their switch before the old ones stop, catching a release that"
+                            " dies soon after ready (default 3)")
     coord.add_argument("--autoscale-timing", metavar="NAME=SECONDS,...",
                        help="the autoscalers' window, down_window, up_cooldown and"
                             " down_cooldown (defaults 30, 60, 10, 60); e.g."

@@ -30,7 +30,9 @@ import trio
 
 from superagent.coordinator.auth import write_private
 from superagent.coordinator.commands import AddJoinToken
+from superagent.coordinator.deploy.outcomes import WATCH_WINDOW
 from superagent.coordinator.deploy.runner import begin_deploy
+from superagent.coordinator.raft import ELECTION_TIMEOUT
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
 from superagent.errors import SuperagentError
 from superagent.participant.service import Agent, AgentConfig
@@ -60,6 +62,10 @@ class UpConfig:
     rpc: tuple[str, int] = ("127.0.0.1", 7001)
     listen: str = "127.0.0.1:8080"
     demo: bool = False
+    # the coordinator's (CoordinatorConfig's); no option of `up` sets them: the test suite
+    # does, for embedded clusters whose tests do not depend on them
+    watch_window: float = WATCH_WINDOW
+    election_timeout: tuple[float, float] = ELECTION_TIMEOUT
 
 
 def read_or_create_secret(path: Path) -> str:
@@ -107,7 +113,8 @@ class Embedded:
         self.token_file = state / "admin-token"
         self.coordinator = Coordinator(CoordinatorConfig(
             id=NODE, peers={NODE: f"{config.raft[0]}:{config.raft[1]}"}, api=config.api,
-            data_dir=state / "coordinator", secret=secret, admin_token_file=self.token_file))
+            data_dir=state / "coordinator", secret=secret, admin_token_file=self.token_file,
+            watch_window=config.watch_window, election_timeout=config.election_timeout))
         self.node = f"{NODE}-{state_id(state)[:6]}"
         data_dir = participant_dir(state)
         # a new participant (or one of a cluster made before machine credentials) enrols

@@ -1,10 +1,12 @@
 """Suite-wide pytest hooks and fixtures: failing tests show the tails of their processes'
 logs; ``world_dir`` is a directory other users may enter; structlog's configuration is
-put back after every test."""
+put back after every test; SIGINT reaches the processes tests start as it would from a
+terminal, however the suite itself was started."""
 
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,15 @@ import pytest
 import structlog
 
 from tests.support.logs import pytest_runtest_makereport  # noqa: F401
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A shell starts a background job (``scripts/test &``, nohup in a script) with SIGINT
+    ignored, every process it starts inherits that, and a Python started so installs no
+    KeyboardInterrupt handler: a test that stops a CLI with SIGINT (Ctrl-C) then waits in
+    vain. A handler here makes the children start with SIGINT at its default again."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -44,8 +44,9 @@ that file when it exists, in preference to ``--peers``; the first dump loaded at
 keeps the file's members too (later dumps, sent by a leader, carry the leader's).
 
 Leadership. ``leaderFallbackTimeout`` is ~2 s, so a leader cut off from a quorum demotes itself
-within about 2 s (the library default is 30 s). Proposals are accepted only on the leader; a
-follower raises ``NotLeader`` naming the leader (pysyncobj would silently forward them).
+within about 2 s (the library default is 30 s). The election timeout is the library's 0.4-1.4 s
+unless the node is given other bounds (``election_timeout``). Proposals are accepted only on the
+leader; a follower raises ``NotLeader`` naming the leader (pysyncobj would silently forward them).
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ T = TypeVar("T")
 LEADER_FALLBACK_TIMEOUT = 2.0
 #: Reconnect to a lost partner after this long (library default 5 s slows recovery after restarts).
 CONNECTION_RETRY_TIME = 1.0
+#: A follower that hears no leader for a random time between these two bounds (seconds)
+#: starts an election; a new cluster's first leader, a single node's included, is elected
+#: that long after start. pysyncobj's defaults; ``CoordinatorConfig.election_timeout`` sets
+#: others (the test suite's single-node coordinators use a short one).
+ELECTION_TIMEOUT = (0.4, 1.4)
+#: pysyncobj's heartbeat period and connection timeout (its defaults, left as they are):
+#: an election timeout must exceed three heartbeats and not exceed the connection timeout.
+APPEND_ENTRIES_PERIOD = 0.1
+CONNECTION_TIMEOUT = 3.5
 #: How often ``watch`` samples the status; leadership changes are logged within this delay.
 WATCH_PERIOD = 0.1
 #: Bound on how long ``start()``/``close()`` wait for the owner thread.
@@ -203,6 +213,16 @@ def _decode_entry(raw: list[Any]) -> tuple[bytes, int, int]:
     return (base64.b64decode(raw[0]), int(raw[1]), int(raw[2]))
 
 
+def election_timeout_problem(bounds: tuple[float, float]) -> str:
+    """What is wrong with ``bounds`` as an election timeout ("" when nothing): pysyncobj
+    needs low > 3 heartbeats, high > low, and high <= its connection timeout."""
+    low, high = bounds
+    if not APPEND_ENTRIES_PERIOD * 3 < low < high <= CONNECTION_TIMEOUT:
+        return (f"election timeout {low:g}..{high:g} s: need"
+                f" {APPEND_ENTRIES_PERIOD * 3:g} < low < high <= {CONNECTION_TIMEOUT:g}")
+    return ""
+
+
 class RaftNode:
     """One member of the Raft cluster, replicating ``state``.
 
@@ -218,10 +238,15 @@ class RaftNode:
         secret: str,
         data_dir: Path,
         state: StateMachine,
+        election_timeout: tuple[float, float] = ELECTION_TIMEOUT,
     ) -> None:
         if not secret:
             raise ValueError("the coordinators' secret is required: the Raft port is unsafe"
                              " without one")
+        problem = election_timeout_problem(election_timeout)
+        if problem:
+            raise ValueError(problem)
+        self.election_timeout = election_timeout
         self.self_address = self_address
         self.data_dir = data_dir
         self.recorded = read_members(data_dir)  # the members seen before a restart
@@ -259,6 +284,8 @@ class RaftNode:
             fullDumpFile=str(self.data_dir / "raft.dump"),
             appendEntriesUseBatch=False,
             leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT,
+            raftMinTimeout=self.election_timeout[0],
+            raftMaxTimeout=self.election_timeout[1],
             connectionRetryTime=CONNECTION_RETRY_TIME,
             dynamicMembershipChange=True,
             useFork=False,  # never fork a threaded trio process; snapshots are small JSON

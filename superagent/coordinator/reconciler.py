@@ -8,7 +8,9 @@ coordinator leads, and every ``RECONCILE_PERIOD`` it does one round, decide then
    (``reconcile_view.view_of``: eligible = up and online, or draining but still within
    ``drain_wait`` of the node's ``changed_at``; ``with_idle``: the apps each node's last
    heartbeat reports idle, which take no room there but a reserve) into the desired
-   placement, sticky to the previous one.
+   placement, sticky to the previous one. A new leader does no round until it has heard
+   every eligible node once (at most the liveness timeout: a silent node then goes
+   down), since without a node's heartbeat the apps idle there would count as running.
    Where an app's placement or its reason changed, ``SetPlacement`` commits it. The
    reason is the scheduler's ``short`` explanation, plus the trouble of an app whose
    actions keep failing, so ``superagent apps`` says why an app runs short.
@@ -209,6 +211,8 @@ class Reconciler:
         heard = {node: liveness.status[node] for node in view.addresses
                  if node in liveness.status
                  and (age := liveness.age(node, now)) is not None and age <= liveness.timeout}
+        if self._unheard(view, now):
+            return
         reports = reports_from(heard)
         # apps idle on a node take no room there (the scheduler keeps a reserve instead)
         placement = sch.place(view.scales, with_idle(view.nodes, reports), view.placement)
@@ -244,6 +248,17 @@ class Reconciler:
             if self._may_start(action, now):
                 self._start(nursery, action)
         await self._finish_scales(view, placement, targets, reports, actions)
+
+    def _unheard(self, view: ClusterView, now: float) -> bool:
+        """Whether this leader, new, has not heard an eligible node yet (for at most the
+        liveness timeout, after which a silent node goes down): placing without its
+        heartbeat would count the apps idle there as running and, placement being
+        sticky, could move another app off that node for good."""
+        liveness = self.host.liveness
+        return (liveness.leader_since is not None
+                and now - liveness.leader_since <= liveness.timeout
+                and any(node.eligible and node.name not in liveness.status
+                        for node in view.nodes))
 
     # ------------------------------------------------------------------ autoscaling
     async def _autoscale(self, view: ClusterView, heard: Mapping[str, Mapping[str, Any]],

@@ -31,13 +31,17 @@ Rules:
   eligible node in groups ['gpu']"``). An app whose desired count is 0 is never short.
 - **Idle apps** (scaled to zero: ``NodeInfo.idle`` names the apps all of whose reported
   instances on that node are idle) take no room on that node, but the node keeps a
-  **reserve** as large as the largest of their counts there, so one cold start always
-  fits without stopping anything: a node's running instances (those of the apps not idle
-  there) plus its reserve never exceed its ``capacity``. In name order, an idle app sees
-  on the nodes where it is idle the room left plus the reserve so far (which it shares
-  with the other idle apps there), and raises the reserve to its own count; so being
-  idle never gives an app less room than running would, and a valid previous placement
-  of an idle app is kept (sticky), while the apps after it get the room it frees. Once
+  **reserve** as large as the largest of their counts there, so one cold start fits
+  without stopping anything: a node's running instances (those of the apps not idle
+  there) plus its reserve never exceed its ``capacity`` (in the placement: a short app
+  the reconciler leaves running beyond it may still take the reserve, and the
+  participant then makes room). In name order, an idle app sees
+  on the nodes where it is idle the room left, or, when it had more there, what it had
+  up to the room left plus the reserve so far (which it shares with the other idle apps
+  there), and raises the reserve to its own count; so being idle never gives an app
+  less room than running would, nor more than it had (more would start it there, waking
+  it, and move it back once it idled again), and a valid previous placement of an idle
+  app is kept (sticky), while the apps after it get the room it frees. Once
   it wakes, the next placement counts it again, and an app after it may get less there
   (moved elsewhere, or short: the reconciler keeps what a short app runs). A second cold
   start on a full node is the participant's to fit (it idles others first).
@@ -142,28 +146,34 @@ def place(apps: Sequence[AppScale], nodes: Sequence[NodeInfo],
             cached = eligible_cache[app.groups] = (sorted(names), frozenset(names))
         eligible, eligible_set = cached
         idle_here = [name for name in idle_on.get(app.app, ()) if name in eligible_set]
-        # where the app is idle, the reserve is room it may use too (it shares it)
+        # where the app is idle, the reserve (which it shares) lets it keep what it had
+        # there, but never grow into it: an idle app placed more instances than it had
+        # would be started there (woken), and moved back once it idled again
+        had = previous.get(app.app, {})
         room = free if not idle_here else {
-            **free, **{name: free[name] + reserve[name] for name in idle_here}}
+            **free, **{name: max(free[name], min(free[name] + reserve[name], had.get(name, 0)))
+                       for name in idle_here}}
         if app.instances is None:
             counts = _per_node(app.per_node, eligible, room)
             wanted = app.per_node * len(eligible)
         else:
-            counts = _spread(app.instances, eligible, eligible_set, room, used,
-                             previous.get(app.app, {}))
+            counts = _spread(app.instances, eligible, eligible_set, room, used, had)
             wanted = app.instances
         idle_set = set(idle_here)
+        took: dict[str, int] = {}
         for name, count in counts.items():
             if name in idle_set:  # takes no room: only what it adds to the reserve
                 count, reserve[name] = max(0, count - reserve[name]), max(reserve[name], count)
             used[name] += count
             free[name] -= count
+            took[name] = count
         result[app.app] = counts
         placed = sum(counts.values())
         if not eligible and (app.per_node if app.instances is None else app.instances) > 0:
             short[app.app] = f"no eligible node in groups {sorted(app.groups)!r}"
         elif placed < wanted:
-            short[app.app] = _why_short(placed, wanted, eligible, by_name, used, reserve)
+            short[app.app] = _why_short(placed, wanted, eligible, by_name, used, reserve,
+                                        free, took, counts)
     return Placement(nodes=result, short=short)
 
 
@@ -230,10 +240,14 @@ def _spread(instances: int, eligible: list[str], eligible_set: frozenset[str],
 
 def _why_short(placed: int, wanted: int, eligible: list[str],
                by_name: Mapping[str, NodeInfo], used: Mapping[str, int],
-               reserve: Mapping[str, int]) -> str:
-    """The short reason of an app with eligible nodes: which of them are full (and how
-    much of that is kept for an idle app's cold start)."""
-    full = [name for name in eligible if used[name] >= by_name[name].capacity]
+               reserve: Mapping[str, int], free: Mapping[str, int],
+               took: Mapping[str, int], counts: Mapping[str, int]) -> str:
+    """The short reason of an app with eligible nodes: which of them are full for it (it
+    got at least the room the apps before it left there; how much is kept for an idle
+    app's cold start is said: an app idle there may use that to keep what it had, not
+    to grow). Its own previous counts play no part, so the reason is stable too."""
+    full = [name for name in eligible
+            if counts.get(name, 0) >= free[name] + took.get(name, 0)]
     shown = ", ".join(f"{name}: {used[name]}/{by_name[name].capacity}"
                       + (f" with {reserve[name]} kept for a cold start" if reserve[name] else "")
                       for name in full[:SHORT_NODES_SHOWN])

@@ -48,6 +48,7 @@ from superagent.coordinator.artifacts import DEFAULT_MAX_BYTES, ArtifactStore, P
 from superagent.coordinator.auth import new_token, token_hash, write_private
 from superagent.coordinator.autoscale import DEFAULT_TIMING, AutoTiming
 from superagent.coordinator.backup import needed_artifacts
+from superagent.coordinator.deploy.outcomes import WATCH_WINDOW
 from superagent.coordinator.deploy.runner import DeployRunner
 from superagent.coordinator.errors import (
     BadArchive,
@@ -59,7 +60,7 @@ from superagent.coordinator.errors import (
 )
 from superagent.coordinator.host import APPLIED_INDEX, PROPOSE_TIMEOUT
 from superagent.coordinator.membership import Liveness
-from superagent.coordinator.raft import RaftNode
+from superagent.coordinator.raft import ELECTION_TIMEOUT, RaftNode
 from superagent.coordinator.reconciler import DRAIN_WAIT, Reconciler
 from superagent.coordinator.state import ClusterState, Result
 from superagent.errors import ArchiveOverLimit, ArchiveRefused, ConfigError
@@ -101,6 +102,13 @@ class CoordinatorConfig:
     drain_wait: float = DRAIN_WAIT
     # the autoscalers' windows and cooldowns (--autoscale-timing; defaults: autoscale's)
     autoscale: AutoTiming = DEFAULT_TIMING
+    # a deploy's last batch watches its new instances this long after their switch before
+    # the old ones go (--watch-window; default outcomes.WATCH_WINDOW)
+    watch_window: float = WATCH_WINDOW
+    # Raft's election timeout bounds, seconds (pysyncobj's defaults). No option sets it: it
+    # is for code that runs a coordinator in-process, such as the test suite's single-node
+    # ones, whose first election need not wait up to 1.4 s
+    election_timeout: tuple[float, float] = ELECTION_TIMEOUT
     extra: dict[str, Any] = field(default_factory=dict)
     # the secret participants shared before machine credentials (a migration; "": none)
     participant_secret: str = ""
@@ -126,7 +134,7 @@ class Coordinator:
         self.config = config
         self.raft = RaftNode(config.raft_address, list(config.peers.values()),
                              secret=config.secret, data_dir=config.data_dir / "raft",
-                             state=ClusterState())
+                             state=ClusterState(), election_timeout=config.election_timeout)
         self.store = ArtifactStore(config.data_dir / "artifacts", max_bytes=config.max_upload)
         self.liveness = Liveness(config.node_timeout)
         self.http: httpx.AsyncClient | None = None
@@ -134,7 +142,7 @@ class Coordinator:
         self.started_at = time.time()
         self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count
         self.membership_lock = trio.Lock()  # one change of the coordinators at a time
-        self.deploys = DeployRunner(self)
+        self.deploys = DeployRunner(self, watch_window=config.watch_window)
         self.reconciler = Reconciler(self, drain_wait=config.drain_wait,
                                      autoscale=config.autoscale)
         self._log = log.bind(coordinator=config.id)

@@ -29,6 +29,7 @@ the agent's problem (disk, permissions, ports) and a retry may succeed.
     ├── SignalError               400  a malformed signal
     │   └── StaleTerm             409  the sender's term is older than one already seen
     ├── ProxyDriverError          503  a proxy worker refused or missed a request; ``worker``
+    ├── StateWriteError           500  state.json could not be written; ``path``
     └── CoordinatorError          409  the agent was started without ``--coordinator``
         └── ArtifactUnavailable   503  no coordinator served the blob (404 when every one
                                        answered 404); ``sha256``, ``tried``
@@ -279,6 +280,17 @@ class ProxyDriverError(ParticipantError):
         self.worker = worker
         self.reason = reason
         super().__init__(message, app=app)
+
+
+class StateWriteError(ParticipantError):
+    """The agent's state.json could not be written (a full or failing disk): what it was
+    asked to keep may be lost to a restarted agent. ``path`` names the file."""
+
+    status_hint = 500
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class CoordinatorError(ParticipantError):

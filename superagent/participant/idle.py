@@ -23,7 +23,9 @@ coordinator's scheduler keeps room for one (an idle app takes none, but each nod
 reserve for the largest of them); a second one on a full node is made room for here:
 ``make_room`` picks the other scale-to-zero apps with nothing in flight to idle first,
 least recently used first, just enough of them; when even all of them would not do,
-nothing is idled and the start fails with ``node at capacity: N/N running``.
+nothing is idled and the start fails with ``node at capacity: N/N running``. The agent
+idles the first pick and asks again (with the apps it tried left out), so an app a
+request reached meanwhile, which stays up, gives way to the next in line.
 
 ``ColdApp`` is one app's record; its ``phase`` changes only through ``ColdApp.on``, a
 transition table whose illegal moves raise ``IllegalTransition`` naming phase and event.
@@ -78,6 +80,9 @@ class ColdApp:
     reason: str = ""  # why the last cold start failed
     failed_at: float = 0.0
     wanted: bool = False  # woken while stopping: start once stopped
+    # its cold start passed the capacity check: until its instances run, the room they
+    # will take counts for the other cold starts (one not checked yet takes none)
+    fitted: bool = False
 
     def __repr__(self) -> str:
         return f"<ColdApp {self.app}@{self.release} {self.phase.value} x{len(self.ids)}>"
@@ -89,6 +94,7 @@ class ColdApp:
             raise IllegalTransition(f"idle record of {self.app!r}: no transition from"
                                     f" {self.phase.value} on {event.value}", app=self.app)
         self.phase = new
+        self.fitted = False  # a new start is checked again
         if new is Phase.FAILED:
             self.reason = reason
             self.failed_at = now
@@ -179,7 +185,7 @@ class Evictable:
     """A serving scale-to-zero app that a cold start may idle to make room."""
 
     app: str
-    instances: int  # its running instances: the room idling it frees
+    instances: int  # the running instances idling it stops: the room it frees
     active_at: float  # its last traffic (``ActivityWatch``)
     in_flight: int = 0  # requests and tunnels open now: such an app is never picked
 

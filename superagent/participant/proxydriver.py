@@ -249,7 +249,8 @@ class ProxyDriver:
             await self.workers.stop(grace=self.grace + KILL_MARGIN, reap_timeout=KILL_MARGIN)
             for slot in self.slots:
                 slot.process = None
-            self._write_state()
+            async with self._lock:  # after any write under way
+                self._write_state()
         log.info("proxy workers stopped")
 
     # ------------------------------------------------------------------ supervision
@@ -307,7 +308,7 @@ class ProxyDriver:
                                        " stays in force", worker=index, reason=reason)
             self.snapshot = snapshot
             self.draining &= snapshot.instance_ids()
-            self._write_state()
+            await self._save_state()
         log.info("routing applied", version=snapshot.version, apps=len(snapshot.apps),
                  workers=len(acked))
         return snapshot.version
@@ -357,17 +358,23 @@ class ProxyDriver:
                 self.draining.update(instance_ids)
             else:
                 self.draining.difference_update(instance_ids)
-            self._write_state()
-            for instance in instance_ids:
-                await self._broadcast({"type": "drain", "instance": instance,
-                                       "draining": draining})
+            try:  # the workers first: the record's write (an fsync) need not hold them up
+                for instance in instance_ids:
+                    await self._broadcast({"type": "drain", "instance": instance,
+                                           "draining": draining})
+            finally:
+                with trio.CancelScope(shield=True):  # recorded even when cancelled
+                    await self._save_state()
 
     async def set_offline(self, offline: bool) -> None:
         """Node-level drain: every worker's ``/-/healthz`` answers 503 while offline."""
         async with self._lock:
             self.offline = offline
-            self._write_state()
-            await self._broadcast({"type": "node", "draining": offline})
+            try:
+                await self._broadcast({"type": "node", "draining": offline})
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._save_state()
         log.info("node offline" if offline else "node online")
 
     async def stats(self) -> dict[str, Any]:
@@ -408,7 +415,17 @@ class ProxyDriver:
         return record
 
     def _write_state(self) -> None:
-        """Write proxy.json atomically (tmp + fsync + rename): a crash leaves old or new."""
+        """Write proxy.json atomically (tmp + fsync + rename): a crash leaves old or new.
+        Called with ``_lock`` held (or before anything else runs), as ``_save_state``."""
+        self._write_file(self._state_text())
+
+    async def _save_state(self) -> None:
+        """``_write_state`` with the write and its fsync in a thread: the event loop goes on
+        (a cold start's held requests are released already, a rollback's other node's
+        signals are not held up). Called with ``_lock`` held, so writes never overlap."""
+        await trio.to_thread.run_sync(self._write_file, self._state_text())
+
+    def _state_text(self) -> str:
         record = {
             "workers": [_record(s) for s in self.slots if s.running],
             "version": self.snapshot.version,
@@ -416,9 +433,12 @@ class ProxyDriver:
             "offline": self.offline,
             "draining": sorted(self.draining),
         }
+        return json.dumps(record, indent=1)
+
+    def _write_file(self, text: str) -> None:
         tmp = self.state_path.with_name(STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)

@@ -9,7 +9,9 @@ requests) and its instances are stopped, else it is routed again. A worker holdi
 request asks through the wake socket (``on_wake``); ``cold_start`` then starts as many
 instances as the app had and routes them, or records the failure (503 start-failed).
 A cold start that would take the node past its ``--capacity`` first idles other apps
-(``make_room_for``: ``idle.make_room`` decides which), or fails with the reason.
+(``make_room_for``: ``idle.make_room`` decides which), or fails with the reason. An agent
+killed during a cold start leaves the new instances' records: its successor routes them
+(``resume_cold_starts``).
 See docs/participant.md#scale-to-zero.
 """
 
@@ -153,47 +155,68 @@ _RUNNING = frozenset({State.STARTING, State.READY, State.UNHEALTHY, State.BACKOF
 
 def running_instances(agent: AgentView, but: str) -> int:
     """The node's running instances, counting the cold starts under way of apps other
-    than ``but`` at the size they will have."""
+    than ``but`` at the size they will have: those that passed their capacity check
+    (``fitted``; two apps woken at once must not each count the other and both fail)."""
     by_app: dict[str, int] = {}
     for instance in agent.instances.values():
         if instance.state in _RUNNING:
             by_app[instance.config.app] = by_app.get(instance.config.app, 0) + 1
     pending = sum(max(0, max(1, len(cold.ids)) - by_app.get(name, 0))
                   for name, cold in agent.cold.items()
-                  if name != but and cold.phase is Phase.STARTING)
+                  if name != but and cold.phase is Phase.STARTING and cold.fitted)
     return sum(by_app.values()) + pending
+
+
+def freed_by_idling(agent: AgentView, app: str) -> int:
+    """The running instances ``go_idle`` would stop: the app's routed and standby ones (an
+    instance it runs unrouted, e.g. started and not switched to yet, keeps running)."""
+    ids = {*agent.routes.get(app, ()), *agent.standby.get(app, ())}
+    return sum(1 for i in ids if i in agent.instances and agent.instances[i].state in _RUNNING)
 
 
 async def make_room_for(agent: AgentView, app: str, wanted: int) -> None:
     """Fit a cold start of ``wanted`` instances of ``app`` in the node's capacity: idle the
     other serving scale-to-zero apps with nothing in flight that ``make_room`` picks
-    (least recently used first); raises NoRoom when there is still no room."""
+    (least recently used first), one at a time, deciding again after each (one that a
+    request reached meanwhile stays up: the next in line goes instead); raises NoRoom
+    when the apps not tried yet would not make room."""
     capacity = agent.config.capacity
     if running_instances(agent, app) + wanted <= capacity:
+        _fitted(agent, app)  # no await since the count: no other start came in between
         return  # the common case: nothing to read, nothing on the cold start's path
-    _, in_flight = app_counts(await agent.proxy.stats())
-    now = trio.current_time()
-    candidates = [
-        Evictable(app=other, active_at=seen.active_at if seen is not None else now,
-                  instances=sum(1 for i in agent.instances.values()
-                                if i.config.app == other and i.state in _RUNNING),
-                  in_flight=in_flight.get(other, 0))
-        for other in idle_timeouts(agent) if other != app
-        for seen in [agent.activity.seen.get(other)]]
-    room = make_room(capacity=capacity, running=running_instances(agent, app),
-                     wanted=wanted, candidates=candidates)
-    for other in room.evict:
+    tried: set[str] = set()
+    while True:
+        _, in_flight = app_counts(await agent.proxy.stats())
+        now = trio.current_time()
+        candidates = [
+            Evictable(app=other, active_at=seen.active_at if seen is not None else now,
+                      instances=freed_by_idling(agent, other),
+                      in_flight=in_flight.get(other, 0))
+            for other in idle_timeouts(agent) if other != app and other not in tried
+            for seen in [agent.activity.seen.get(other)]]
+        room = make_room(capacity=capacity, running=running_instances(agent, app),
+                         wanted=wanted, candidates=candidates)
+        if not room.fits:
+            cold = agent.cold.get(app)
+            raise NoRoom(room.reason, app=app,
+                         release=cold.release if cold is not None else "")
+        if not room.evict:
+            _fitted(agent, app)  # no await since the count
+            return
+        other = room.evict[0]
+        tried.add(other)
         log.info("idling an app to make room for a cold start", app=other, cold_app=app)
         try:
             await go_idle(agent, other)
         except ParticipantError as exc:
             log.error("app not idled", app=other, error=str(exc))
-    running = running_instances(agent, app)
-    if running + wanted > capacity:
-        cold = agent.cold.get(app)
-        raise NoRoom(make_room(capacity=capacity, running=running, wanted=wanted,
-                               candidates=()).reason,
-                     app=app, release=cold.release if cold is not None else "")
+
+
+def _fitted(agent: AgentView, app: str) -> None:
+    """``app``'s cold start fits: the room it will take counts for the other ones."""
+    cold = agent.cold.get(app)
+    if cold is not None and cold.phase is Phase.STARTING:
+        cold.fitted = True
 
 
 async def on_wake(agent: AgentView, message: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +240,29 @@ async def on_wake(agent: AgentView, message: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True}
 
 
+def resume_cold_starts(agent: AgentView) -> list[str]:
+    """At the agent's start: an idle app whose instances of its idle release run (a cold
+    start the previous agent was killed in, after their spawn but before the state named
+    them the app's routes) is serving again with them; returns those apps.
+
+    Their records (and pids) were on disk before they could be ready (``agentstate``), so
+    they are adopted, or started afresh; routed, they serve once ready. Left as they were,
+    they would run unrouted while a request started the app once more."""
+    routed = {i for ids in (*agent.routes.values(), *agent.standby.values()) for i in ids}
+    resumed = []
+    for app, cold in list(agent.cold.items()):
+        ids = [i for i, inst in agent.instances.items() if inst.config.app == app
+               and inst.config.release == cold.release and i not in routed]
+        if ids:
+            del agent.cold[app]
+            agent.routes[app] = ids
+            agent.standby[app] = []
+            resumed.append(app)
+            log.info("cold start resumed: its instances are routed", app=app,
+                     release=cold.release, instances=ids)
+    return resumed
+
+
 def applied_names(agent: AgentView) -> set[str]:
     return {route.name for route in agent._applied or ()}
 
@@ -229,13 +275,18 @@ async def cold_start(agent: AgentView, app: str) -> None:
     log.info("cold start", app=app, release=cold.release, instances=len(cold.ids))
     try:
         await make_room_for(agent, app, max(1, len(cold.ids)))
+        if agent.cold.get(app) is not cold:
+            return  # taken over (a deploy or a scaling switched it) while room was made
         reply = await agent.start(app, cold.release, max(1, len(cold.ids)))
         started = trio.current_time()
         if agent.cold.get(app) is not cold:
             return  # a deploy or a stop took the app over meanwhile
         cold.on(Event.READY)
         # what ``switch`` does, minus its undrain of instances no worker knows yet: the
-        # held requests wait for this snapshot, so nothing else (no fsync) goes first
+        # held requests wait for this snapshot, so nothing else goes first. The state
+        # write is asked after it (and runs off the loop): the instances' records and pids
+        # are on disk already, and an agent killed before this write routes them again
+        # at its start (``resume_cold_starts``)
         del agent.cold[app]
         agent.routes[app] = [i.id for i in reply.instances]
         agent.standby[app] = []
@@ -244,12 +295,17 @@ async def cold_start(agent: AgentView, app: str) -> None:
         routed = trio.current_time()
         agent.persist()
         first = agent.instances.get(reply.instances[0].id)
+        forked = first.fork_at if first is not None else None
         spawned = first.started_at if first is not None else None
         ready = first.ready_at if first is not None else None
-        # where the time went: before the spawn (user, cgroup), the app's own boot (to
-        # its first ready probe), the rest of the start, the routing snapshot
+        # where the time went: before the spawn (set-up: user, cgroup, files, the record
+        # on disk; then the fork and exec), the app's own boot (to its first ready probe),
+        # the rest of the start, the routing snapshot
         log.info("cold start done", app=app, release=cold.release,
                  ms=round((routed - began) * 1000, 1),
+                 setup_ms=None if forked is None else round((forked - wall) * 1000, 1),
+                 fork_ms=(None if forked is None or spawned is None
+                          else round((spawned - forked) * 1000, 1)),
                  spawn_ms=None if spawned is None else round((spawned - wall) * 1000, 1),
                  boot_ms=(None if spawned is None or ready is None
                           else round((ready - spawned) * 1000, 1)),

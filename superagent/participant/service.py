@@ -16,8 +16,10 @@
   the node, heartbeats a compact status and fetches release artifacts for ``prepare``
   signals (into ``<data_dir>/downloads``, removed once the release is prepared),
 
-and persists what a restarted agent needs in ``<data_dir>/state.json`` (written
-atomically after every change, a supervisor's restart of an instance included). Apps and
+and persists what a restarted agent needs in ``<data_dir>/state.json`` (asked for after
+every change, a supervisor's restart of an instance included, and written off the event
+loop by ``agentstate.StateWriter``; an RPC answer and a new process wait until it is on
+disk, see ``agentstate`` for the ordering). Apps and
 proxy workers do not depend on the agent process: when it stops or dies they keep
 serving, and a new agent on the same data directory re-adopts them (instances by pid and
 start time, workers by their control sockets) instead of restarting them. An instance
@@ -88,7 +90,12 @@ from superagent.participant.proxydriver import ACCESS_LOG, ProxyDriver
 from superagent.participant.releases import ReleaseStore
 from superagent.participant.routing import apply_routes, keep_routes, unroute
 from superagent.participant.rpc import rpc_app
-from superagent.participant.scaletozero import forget_idle, on_wake, watch_idle
+from superagent.participant.scaletozero import (
+    forget_idle,
+    on_wake,
+    resume_cold_starts,
+    watch_idle,
+)
 from superagent.participant.signals import SignalLedger
 from superagent.participant.supervisor import Instance, InstanceConfig, State
 from superagent.participant.tracking import add, adopt, forget, join_agent_group, supervise
@@ -132,6 +139,8 @@ class Agent:
         # for none never touches nftables or groups
         self.permissions: PermissionSupport | None = None
         self.ledger = SignalLedger()
+        self.state_writer = agentstate.StateWriter(data / agentstate.STATE_FILE,
+                                                   partial(agentstate.document, self))
         self.instances: dict[str, Instance] = {}
         self.routes: dict[str, list[str]] = {}  # app -> the instances switch() routed
         self._applied: list[AppRoute] | None = None  # the apps of the last snapshot applied
@@ -213,6 +222,7 @@ class Agent:
             join_agent_group(self, os.getpid())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.state_writer.run)
             await self.proxy.start()
             for slot in self.proxy.slots:  # adopted workers of an earlier agent, too
                 if slot.process is not None and slot.process.pid is not None:
@@ -239,6 +249,7 @@ class Agent:
                            for app, ids in saved.get("routes", {}).items()}
             self.standby = {app: [i for i in ids if i in self.instances]
                             for app, ids in saved.get("standby", {}).items()}
+            resume_cold_starts(self)
             if self.is_offline:
                 await self.proxy.set_offline(True)
             await apply_routes(self)
@@ -269,11 +280,17 @@ class Agent:
         if self.cgroups is not None:
             await trio.to_thread.run_sync(remove_empty_parent, self.cgroups)
         self.persist()
+        await self.persisted()
 
     # ------------------------------------------------------------------ state
     def persist(self) -> None:
-        """Write state.json atomically (``agentstate.persist``)."""
-        agentstate.persist(self)
+        """Ask for state.json to be written (``agentstate.StateWriter``); returns at once."""
+        self.state_writer.ask()
+
+    async def persisted(self) -> None:
+        """Return once what ``persist`` was asked so far is on disk (raises
+        StateWriteError when it cannot be written)."""
+        await self.state_writer.flush()
 
     # ------------------------------------------------------------------ signals
     async def prepare(self, app: str, release: str, archive: Path, sha256: str,
@@ -412,8 +429,8 @@ class Agent:
                 forget(self, instance)  # unless stopped meanwhile
                 failures.append(exc)
                 self.persist()
-            # A started instance persisted itself at its spawn and when ready (each write
-            # an fsync on the event loop, which every other instance's start waits for).
+            # A started instance's record was on disk before its spawn, and its pid before
+            # it was ready (``tracking.keep_record``); its readiness asks for no write.
 
         async with trio.open_nursery() as starting:
             for instance in instances:
@@ -481,9 +498,11 @@ class Agent:
         # a repeated switch keeps the standbys an earlier one made
         self.standby[app] = [i for i in dict.fromkeys((*replaced, *self.standby.get(app, ())))
                              if i not in instances and i in self.instances]
+        # asked first, so the write runs beside the proxy's snapshot (the RPC answer waits
+        # for both); a restarted agent applies the routes state.json names either way
+        self.persist()
         await self.proxy.undrain(instances)
         version = await apply_routes(self)
-        self.persist()
         return msg.SwitchReply(app=app, instances=tuple(instances), version=version)
 
     async def drain(self, instances: list[str], grace: float) -> msg.DrainReply:

@@ -67,7 +67,7 @@ import re
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -92,11 +92,12 @@ log = structlog.get_logger("superagent.participant")
 
 # Readiness probes start READY_POLL_FIRST apart and back off to READY_POLL: most apps are
 # ready within tens of milliseconds, and a fixed 100 ms step would add up to 100 ms to each.
-# The cap is small too: a probe of a booting app is a refused loopback connect (well under
-# a millisecond of the agent's time), and an app that gets ready after 0.2-1 s (a uvicorn,
-# an express) waited up to 100 ms, 50 on average, for the probe that sees it at a 0.1 s cap.
+# The cap is small too: a probe of a booting app is a refused loopback connect (about
+# 0.16 ms of the agent's CPU), and an app that gets ready after 0.1-1 s (a uvicorn, an
+# express, a cold start's whole wait) waits half the cap on average for the probe that sees
+# it: 12.5 ms at a 25 ms cap, 5 ms at 10 ms, for 1.6 % of a core per booting instance.
 READY_POLL_FIRST = 0.005
-READY_POLL = 0.025
+READY_POLL = 0.01
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 GROUP_POLL = 0.05  # while a stopped instance's cgroup empties (a cgroup cannot be waited on)
@@ -158,6 +159,7 @@ class Instance:
         self.restarts = 0
         self.last_exit: int | None = None
         self.started_at: float | None = None  # wall clock of the current process's spawn
+        self.fork_at: float | None = None  # wall clock when its fork began (set-up done)
         self.create_time: float | None = None  # psutil's start time of the current process
         self.ready_at: float | None = None
         self.isolation: IsolationReport | None = None
@@ -179,6 +181,10 @@ class Instance:
         # Called after every change of state or of process (a restart's new pid), so the
         # owner can persist the pid and route only serving instances.
         self.on_change: Callable[[Instance], None] | None = None
+        # Awaited before each spawn and again right after it (before the readiness probes):
+        # the owner returns once its record of the instance, then of its new pid, is on
+        # disk, so an owner killed at any moment finds every process it started.
+        self.keep_record: Callable[[Instance], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:
         pid = self.pid if self.pid is not None else "-"
@@ -444,23 +450,23 @@ class Instance:
         preexec = child_setup(config.user, self._cgroup, config.rlimits, sandbox)
         self.isolation = IsolationReport.build(config.user, self._cgroup, config.rlimits,
                                                sandbox)
-        await trio.to_thread.run_sync(self._prepare_dirs)
-        out_fd = await trio.to_thread.run_sync(self._open_log, config.out_log)
+        out_fd, err_fd = await trio.to_thread.run_sync(self._open_files)  # one thread hop
         try:
-            err_fd = await trio.to_thread.run_sync(self._open_log, config.err_log)
-            try:
-                process = await trio.lowlevel.open_process(
-                    ["/bin/sh", "-c", shell_command(config.command)], cwd=config.cwd,
-                    env=self._environment(),
-                    stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
-                    start_new_session=True, preexec_fn=preexec, close_fds=True)
-            except (OSError, subprocess.SubprocessError) as exc:
-                raise SupervisorError(f"cannot spawn instance {config.instance}: {exc}",
-                                      app=config.app, release=config.release,
-                                      instance=config.instance) from exc
-            finally:
-                os.close(err_fd)
+            if self.keep_record is not None:
+                # the owner's record of this instance is on disk before its process exists
+                await self.keep_record(self)
+            self.fork_at = time.time()
+            process = await trio.lowlevel.open_process(
+                ["/bin/sh", "-c", shell_command(config.command)], cwd=config.cwd,
+                env=self._environment(),
+                stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+                start_new_session=True, preexec_fn=preexec, close_fds=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SupervisorError(f"cannot spawn instance {config.instance}: {exc}",
+                                  app=config.app, release=config.release,
+                                  instance=config.instance) from exc
         finally:
+            os.close(err_fd)
             os.close(out_fd)
         self._process = process
         self.started_at = time.time()
@@ -468,6 +474,9 @@ class Instance:
         self.ready_at = None
         self._log.info("instance spawned", pid=process.pid, port=config.port)
         self._changed()
+        if self.keep_record is not None:
+            # ... and its pid before it can be ready (routed); the app boots meanwhile
+            await self.keep_record(self)
         return process
 
     def _environment(self) -> dict[str, str]:
@@ -483,13 +492,20 @@ class Instance:
                     "SUPERAGENT_INSTANCE": config.instance})
         return env
 
-    def _prepare_dirs(self) -> None:
+    def _open_files(self) -> tuple[int, int]:
+        """Make the log and home dirs, open stdout's and stderr's files: the child's fds."""
         config = self.config
         config.log_dir.mkdir(parents=True, exist_ok=True)
         config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         user = config.user
         if user is not None and user.switched:
             os.chown(config.home, user.uid, user.gid)
+        out_fd = self._open_log(config.out_log)
+        try:
+            return out_fd, self._open_log(config.err_log)
+        except BaseException:
+            os.close(out_fd)
+            raise
 
     def _open_log(self, path: Path) -> int:
         """Open ``path`` for appending, after renaming it to ``.1`` when over the limit."""
@@ -580,5 +596,4 @@ def shell_command(command: str) -> str:
 
 
 __all__ = ["GROUP_POLL", "REAP_TIMEOUT", "Event", "Instance", "InstanceConfig", "State", "probe",
-           "shell_command",
-           "transition"]
+           "shell_command", "transition"]

@@ -6,7 +6,8 @@ of whatever is left in its cgroup); ``add`` and ``forget`` keep ``Agent.instance
 port allocator, the log hub and the routes in step; ``supervise`` runs one
 ``supervisor.Instance`` so that its failures go to the starter before it is ready and to
 the log after (one instance never takes the agent down); ``instance_changed`` persists
-each change and wakes the route keeper. ``join_agent_group`` puts a process (the agent,
+each change and wakes the route keeper, and ``keep_record`` holds a spawn until the
+instance's record is on disk. ``join_agent_group`` puts a process (the agent,
 its proxy workers) in the agent's cpu group.
 """
 
@@ -23,7 +24,7 @@ from superagent.manifest import PermissionsSpec
 from superagent.participant.agentview import AgentView
 from superagent.participant.cgroups import InstanceCgroup
 from superagent.participant.egress import loopback_user, permission_support, readmit
-from superagent.participant.errors import AdoptionFailed, ParticipantError
+from superagent.participant.errors import AdoptionFailed, ParticipantError, StateWriteError
 from superagent.participant.routing import unroute
 from superagent.participant.supervisor import GROUP_POLL, REAP_TIMEOUT, Instance, InstanceConfig
 
@@ -83,12 +84,15 @@ async def adopt(agent: AgentView, record: dict[str, Any]) -> None:
 
 
 def add(agent: AgentView, instance: Instance, *, from_start: bool) -> None:
-    """Track ``instance``: its changes are persisted and may change the routes."""
+    """Track ``instance``: its changes are persisted and may change the routes. Its record
+    is asked for at once: the write runs while its cgroup is made, before its spawn."""
     config = instance.config
     agent.instances[config.instance] = instance
     instance.on_change = partial(instance_changed, agent)
+    instance.keep_record = partial(keep_record, agent)
     agent.log_hub.add(config.app, config.release, config.instance, config.out_log,
                      config.err_log, from_start=from_start)
+    agent.persist()
 
 
 def forget(agent: AgentView, instance: Instance) -> None:
@@ -121,6 +125,17 @@ async def supervise(agent: AgentView, instance: Instance, *,
             agent._routes_stale.set()
         log.error("instance supervision ended", instance=instance.config.instance,
                   error=str(exc))
+
+
+async def keep_record(agent: AgentView, instance: Instance) -> None:
+    """``Instance.keep_record``: return once state.json holds the instance as it is (see
+    ``agentstate`` for why a spawn waits for it). A write that fails is logged, and the
+    start goes on: an instance is not refused for the agent's disk."""
+    try:
+        await agent.persisted()
+    except StateWriteError as exc:
+        log.error("instance record not written: an agent killed now would not find it",
+                  instance=instance.config.instance, error=str(exc))
 
 
 def instance_changed(agent: AgentView, instance: Instance) -> None:

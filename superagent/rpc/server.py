@@ -94,7 +94,12 @@ class AgentService(Protocol):
         ...
 
     def persist(self) -> None:
-        """Write the agent's state (the ledger included) after a signal changed it."""
+        """Ask for the agent's state (the ledger included) to be written after a signal
+        changed it."""
+
+    async def persisted(self) -> None:
+        """Return once the state asked for is on disk: a signal is answered only then, as
+        the coordinator acts on the answer."""
 
 
 class Ledger(Protocol):
@@ -207,6 +212,10 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
                     error=msg.ErrorCode.SIGNAL_FAILED, status=409,
                     detail="the original signal failed; send a new id"))
         if state in (DONE, RUNNING):
+            try:  # the first answer may still wait for the state to be on disk
+                await service.persisted()
+            except Exception as exc:
+                return failed(exc)
             return answer({**(result or {}), "repeated": True})
         try:
             reply = await act()
@@ -220,6 +229,10 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
         doc = codec.encode(reply)
         ledger.finish(message.id, doc)
         service.persist()
+        try:
+            await service.persisted()
+        except Exception as exc:  # the state is not on disk: the answer says so
+            return failed(exc)
         return answer(doc)
 
     async def signal(request: Request) -> Response:

@@ -5,8 +5,11 @@
 and shares one coordinators' secret file and one admin-token file between them. Unless
 ``participant_secret=None``, the members also accept the legacy shared participant secret
 ``SECRET`` (a cluster in migration), which tests use to call participant endpoints as a
-participant would; ``join_token()`` makes a join token for real participants. ``start_all()`` then
-``add_member()`` makes one more (started later, then added with ``cluster add``).
+participant would; ``join_token()`` makes a join token for real participants.
+``watch_window`` sets the members' ``--watch-window``: a test that deploys but is not
+about the window passes ``tests.coordinator.helpers.TEST_WATCH_WINDOW``, so that each
+deploy does not wait out the product's 3 s. ``start_all()`` then ``add_member()`` makes
+one more (started later, then added with ``cluster add``).
 ``wait_ready()`` waits until every running member names the same leader, knows every
 member's API URL (so followers can forward writes), and the first leader has written the
 admin token; ``token`` holds it from then on.
@@ -68,8 +71,10 @@ class Cluster:
 
     def __init__(self, root: Path, size: int = 3, *, node_timeout: float | None = None,
                  log_level: str = "info", participant_secret: str | None = SECRET,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 watch_window: float | None = None, extra_args: tuple[str, ...] = ()
+                 ) -> None:
         self.root = root
+        self.watch_window = watch_window  # --watch-window; None: the product's default
         self.extra_args = extra_args  # more `superagent coordinator` options, for every member
         self.root.mkdir(parents=True, exist_ok=True)
         ports = free_ports(2 * size)
@@ -113,6 +118,8 @@ class Cluster:
             argv += ["--secret-file", str(self.secret_file)]
         if self.node_timeout is not None:
             argv += ["--node-timeout", str(self.node_timeout)]
+        if self.watch_window is not None:
+            argv += ["--watch-window", str(self.watch_window)]
         return argv + list(self.extra_args)
 
     def start(self, i: int) -> None:

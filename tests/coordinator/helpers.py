@@ -7,10 +7,20 @@ from typing import Any
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy.model import new_record
+from superagent.coordinator.raft import APPEND_ENTRIES_PERIOD
 from superagent.coordinator.state import ClusterState
 from superagent.manifest import parse_manifest, spec_to_json
 
 SHA = "ab" * 32
+# The election timeout of the suite's single-node coordinators run in-process
+# (``CoordinatorConfig.election_timeout``): pysyncobj's least, just over three heartbeats,
+# instead of the product's 0.4-1.4 s, which every start would wait out before it leads. A
+# single node has nobody to split a vote with, so a short timeout only makes it lead sooner.
+FAST_ELECTION = (APPEND_ENTRIES_PERIOD * 3 + 0.01, APPEND_ENTRIES_PERIOD * 3 + 0.1)
+# The deploy watch window (``--watch-window``) of test clusters whose tests deploy but are
+# not about the window (no release of theirs dies after it got ready): each deploy would
+# wait out the product's 3 s after its last switch. The window's own tests keep 3 s.
+TEST_WATCH_WINDOW = 0.5
 _keys = itertools.count(1)
 
 

@@ -17,9 +17,10 @@ import trio
 
 from superagent.cli import main as cli_main
 from superagent.coordinator import commands as cmd
+from superagent.coordinator.deploy.outcomes import WATCH_WINDOW
 from superagent.coordinator.reconciler import Reconciler
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
-from tests.coordinator.helpers import spec
+from tests.coordinator.helpers import FAST_ELECTION, spec
 from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
 
@@ -59,7 +60,7 @@ async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
     config = CoordinatorConfig(
         id="c1", peers={"c1": f"127.0.0.1:{free_port()}"}, api=("127.0.0.1", free_port()),
         data_dir=tmp_path / "c1", secret=SECRET, admin_token_file=tmp_path / "token",
-        node_timeout=1.0, max_upload=64 * 1024)
+        node_timeout=1.0, max_upload=64 * 1024, election_timeout=FAST_ELECTION)
     coordinator = Coordinator(config)
     # the API alone: tests play the reconciler's part (placements, FinishScale) themselves
     coordinator.reconciler = Reconciler(coordinator, period=math.inf)
@@ -405,6 +406,36 @@ def test_the_coordinators_secret_and_the_legacy_participant_secret(
     code = cli_main([*base, "--coordinator-secret-file", str(shared), "--secret-file",
                      str(shared)])
     assert code == 2 and "must differ" in capsys.readouterr().err
+
+
+def test_the_watch_window_option_reaches_the_config_and_bad_values_are_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--watch-window: given, the coordinator's deploy runner gets it; absent, the 3 s
+    default; outside 0..3600 s (or NaN) one line naming the option, exit 2."""
+    seen: list[CoordinatorConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(config: CoordinatorConfig) -> None:
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr("superagent.coordinator.service.Coordinator", capture)
+    monkeypatch.setenv("SUPERAGENT_COORDINATOR_SECRET", "coordinators-only")
+    base = ["coordinator", "--data-dir", str(tmp_path / "d")]
+    for extra in (["--watch-window", "0.25"], []):
+        with pytest.raises(Stop):
+            cli_main([*base, *extra])
+    assert [c.watch_window for c in seen] == [0.25, WATCH_WINDOW]
+    assert Coordinator(replace(seen[0], data_dir=tmp_path / "c")).deploys.watch_window == 0.25
+    for bad in ("-1", "3601", "nan"):
+        assert cli_main([*base, "--watch-window", bad]) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert out == "" and len(lines) == 1, err
+        assert "--watch-window must be 0..3600 seconds" in lines[0], err
 
 
 def test_config_url_defaults_to_api_address(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import trio
 
 from superagent.coordinator.service import Coordinator, CoordinatorConfig
 from superagent.rpc.credentials import credential_hash, new_credential, signal_key
+from tests.coordinator.helpers import FAST_ELECTION
 from tests.coordinator.test_api import Api
 from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
@@ -26,7 +27,7 @@ async def api(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Api]:
     config = CoordinatorConfig(
         id="c1", peers={"c1": f"127.0.0.1:{free_port()}"}, api=("127.0.0.1", free_port()),
         data_dir=tmp_path / "c1", secret=OWN, participant_secret=SHARED,
-        admin_token_file=tmp_path / "token", node_timeout=1.0)
+        admin_token_file=tmp_path / "token", node_timeout=1.0, election_timeout=FAST_ELECTION)
     coordinator = Coordinator(config)
     await nursery.start(coordinator.run)
     token_file = tmp_path / "token"

@@ -20,7 +20,15 @@ import pytest
 import trio
 
 from superagent.coordinator.errors import NotLeader
-from superagent.coordinator.raft import RaftNode, derive_password
+from superagent.coordinator.raft import (
+    APPEND_ENTRIES_PERIOD,
+    CONNECTION_TIMEOUT,
+    ELECTION_TIMEOUT,
+    RaftNode,
+    derive_password,
+)
+from superagent.coordinator.service import CoordinatorConfig
+from tests.coordinator.helpers import FAST_ELECTION
 from tests.coordinator.raftnode_runner import CounterState
 from tests.support.ports import free_port, free_ports
 from tests.support.procs import LoggedProcess
@@ -252,7 +260,7 @@ def test_password_derivation_is_stable_and_secret_dependent() -> None:
 async def test_single_node_propose_in_process(tmp_path: Path) -> None:
     """A one-node cluster in-process: propose bridges into trio; snapshot hooks round-trip."""
     node = RaftNode(f"127.0.0.1:{free_port()}", [], secret=SECRET, data_dir=tmp_path,
-                    state=CounterState())
+                    state=CounterState(), election_timeout=FAST_ELECTION)
     node.start()
     try:
         with trio.fail_after(ELECTION_DEADLINE):
@@ -279,7 +287,7 @@ async def test_single_node_propose_in_process(tmp_path: Path) -> None:
     finally:
         node.close()
     again = RaftNode(node.self_address, [], secret=SECRET, data_dir=tmp_path,
-                     state=CounterState())
+                     state=CounterState(), election_timeout=FAST_ELECTION)
     again.start()
     try:
         with trio.fail_after(ELECTION_DEADLINE):
@@ -292,7 +300,7 @@ async def test_single_node_propose_in_process(tmp_path: Path) -> None:
 async def test_single_node_commits_without_waiting_for_a_tick(tmp_path: Path) -> None:
     """Alone, a leader commits a proposal at once, not one tick period (50 ms) later."""
     node = RaftNode(f"127.0.0.1:{free_port()}", [], secret=SECRET, data_dir=tmp_path,
-                    state=CounterState())
+                    state=CounterState(), election_timeout=FAST_ELECTION)
     node.start()
     try:
         with trio.fail_after(ELECTION_DEADLINE):
@@ -324,6 +332,37 @@ async def test_follower_raises_not_leader_in_process(tmp_path: Path) -> None:
         node.close()
 
 
+async def test_the_election_timeout_is_pysyncobjs_unless_set(tmp_path: Path) -> None:
+    """By default a coordinator's election timeout is pysyncobj's own (so is what it is
+    checked against); a node given shorter bounds leads alone within them; bounds that
+    pysyncobj would refuse are refused with what is wrong."""
+    from pysyncobj import SyncObjConf
+
+    conf = SyncObjConf()
+    assert (conf.raftMinTimeout, conf.raftMaxTimeout) == ELECTION_TIMEOUT
+    assert conf.appendEntriesPeriod == APPEND_ENTRIES_PERIOD
+    assert conf.connectionTimeout == CONNECTION_TIMEOUT
+    default = CoordinatorConfig(id="c1", peers={"c1": "127.0.0.1:1"}, api=("127.0.0.1", 1),
+                                data_dir=tmp_path, secret=SECRET)
+    assert default.election_timeout == ELECTION_TIMEOUT
+    for bad in ((0.3, 1.0), (0.5, 0.5), (1.0, 0.5), (0.4, 3.6), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="election timeout"):
+            RaftNode("127.0.0.1:1", [], secret=SECRET, data_dir=tmp_path / "bad",
+                     state=CounterState(), election_timeout=bad)
+    node = RaftNode(f"127.0.0.1:{free_port()}", [], secret=SECRET, data_dir=tmp_path / "n",
+                    state=CounterState(), election_timeout=FAST_ELECTION)
+    started = time.monotonic()
+    node.start()
+    try:
+        with trio.fail_after(ELECTION_DEADLINE):
+            while not node.is_leader():
+                await trio.sleep(0.01)
+        elected = time.monotonic() - started
+        assert elected >= FAST_ELECTION[0], elected  # not sooner than the bound
+    finally:
+        node.close()
+
+
 def test_importing_raft_leaves_the_socket_module_alone() -> None:
     """pysyncobj's import replaces socket.inet_ntop; raft.py must put it back."""
     import superagent.coordinator.raft  # noqa: F401
@@ -341,7 +380,7 @@ async def test_cluster_state_is_replicated_through_a_raft_node(tmp_path: Path) -
     from tests.coordinator.helpers import create_app, register
 
     node = RaftNode(f"127.0.0.1:{free_port()}", [], secret=SECRET, data_dir=tmp_path,
-                    state=ClusterState())
+                    state=ClusterState(), election_timeout=FAST_ELECTION)
     node.start()
     try:
         with trio.fail_after(ELECTION_DEADLINE):
@@ -359,7 +398,7 @@ async def test_cluster_state_is_replicated_through_a_raft_node(tmp_path: Path) -
     finally:
         node.close()
     restarted = RaftNode(node.self_address, [], secret=SECRET, data_dir=tmp_path,
-                         state=ClusterState())
+                         state=ClusterState(), election_timeout=FAST_ELECTION)
     restarted.start()
     try:
         with trio.fail_after(ELECTION_DEADLINE):

@@ -668,6 +668,38 @@ async def test_idle_apps_leave_room_to_the_others_but_keep_their_place(
         assert sorted(starts) == ["a1", "a2", "web"]  # a1 and a2 started once, at first
 
 
+async def test_a_new_leader_places_with_the_idle_facts_once_it_heard_the_nodes(
+        clock: trio.testing.MockClock) -> None:
+    """A new leader has no heartbeat yet: placing at once, it would count the idle apps
+    as running and move an app off their node for good (placement is sticky). It waits
+    for each eligible node's first heartbeat (at most the liveness timeout), so web stays
+    where it runs."""
+    s = Scenario()
+    n1 = s.node("n1", capacity=2)
+    s.app("a1", instances=1)
+    s.app("a2", instances=1)
+    async with s.running():
+        await s.until(lambda: s.counts("a1") == s.counts("a2") == {"n1": 1}, "both running")
+        for inst in n1.instances.values():
+            inst.state = "idle"
+        s.app("web", instances=1)
+        await s.until(lambda: s.counts("web") == {"n1": 1}, "web running")
+        s.node("n2", capacity=1)
+        rounds = s.reconciler.rounds
+        await s.until(lambda: s.reconciler.rounds >= rounds + 2, "n2 placed for")
+        assert s.host.state.placement["web"] == {"n1": 1}
+        s.silent.update({"n1", "n2"})  # the new leader hears nobody at first
+        s.host.liveness.follow()
+        s.host.liveness.lead(trio.current_time())
+        rounds = s.reconciler.rounds
+        await s.until(lambda: s.reconciler.rounds >= rounds + 2, "rounds without heartbeats")
+        s.silent.clear()
+        rounds = s.reconciler.rounds
+        await s.until(lambda: s.reconciler.rounds >= rounds + 3, "rounds with heartbeats")
+        assert s.host.state.placement["web"] == {"n1": 1}
+        assert not [m for m in s.fake.of("n2", "start") if isinstance(m, msg.Start)]
+
+
 def _record() -> dict[str, Any]:
     from tests.coordinator.helpers import deploy_record
     return deploy_record(nodes=("n1",))

@@ -7,6 +7,7 @@ with autojump: backoffs and the node-lost deadline pass instantly and exactly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -17,6 +18,7 @@ import trio.testing
 
 from superagent.coordinator import commands as cmd
 from superagent.coordinator.deploy import model as m
+from superagent.coordinator.deploy.outcomes import WATCH_WINDOW
 from superagent.coordinator.deploy.runner import (
     NODE_LOST_AFTER,
     POLL,
@@ -104,6 +106,7 @@ class FakeParticipants:
     def __init__(self) -> None:
         self.agents = {address: FakeAgent() for address in NODES.values()}
         self.sent: list[tuple[str, msg.Signal[Any]]] = []
+        self.sent_at: list[float] = []  # trio's clock when each of ``sent`` arrived
         self.refusals: dict[tuple[str, str], tuple[msg.ErrorReply, int]] = {}
         self.down: set[str] = set()
 
@@ -119,6 +122,7 @@ class FakeParticipants:
         if address in self.down:
             raise Unreachable(f"participant {address}: connection refused", address=address)
         self.sent.append((address, message))
+        self.sent_at.append(trio.current_time())
         refusal, times = self.refusals.get((address, message.type), (None, 0))
         if refusal is not None and times != 0:
             self.refusals[(address, message.type)] = (refusal, times - 1)
@@ -148,6 +152,7 @@ class FakeHost:
         self.fake = participants
         self.leading = True
         self.keys = iter(range(1, 10**9))
+        self.at = 1000.0  # the wall time commands carry (long past: no watch window left)
         for command in (create_app(), add_release(),
                         *(register(node, address=address) for node, address in NODES.items())):
             assert self.state.apply(command.to_json())["ok"]
@@ -171,7 +176,7 @@ class FakeHost:
 
     def command(self, cls: type[cmd.Command], *, actor: str, key: str | None = None,
                 **fields: Any) -> cmd.Command:
-        return cls(key=key or f"host-{next(self.keys)}", at=1000.0, actor=actor, **fields)
+        return cls(key=key or f"host-{next(self.keys)}", at=self.at, actor=actor, **fields)
 
     def record(self, deploy_id: str) -> m.DeployRecord:
         return m.DeployRecord.from_doc(self.state.deploys[deploy_id].record)
@@ -187,13 +192,14 @@ def host(participants: FakeParticipants) -> Iterator[FakeHost]:
     yield FakeHost(participants)
 
 
-async def deploy(host: FakeHost) -> m.DeployRecord:
-    """Begin a deploy of hello@r1 and run the runner until it is finished."""
+async def deploy(host: FakeHost, **runner: Any) -> m.DeployRecord:
+    """Begin a deploy of hello@r1 and run the runner (made with ``runner``) until it is
+    finished."""
     result = await begin_deploy(host, app="hello", release="r1", actor="tester")
     assert result["ok"], result
     deploy_id = result["deploy_id"]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(DeployRunner(host).run)
+        nursery.start_soon(DeployRunner(host, **runner).run)
         with trio.fail_after(DEADLINE):
             while host.state.deploys[deploy_id].running:
                 await trio.sleep(0.1)
@@ -217,6 +223,27 @@ async def test_a_deploy_rolls_over_every_node(
     for address in NODES.values():
         agent = participants.agents[address]
         assert agent.routes["hello"] == tuple(agent.instances)
+
+
+@pytest.mark.parametrize("window", [0.5, WATCH_WINDOW])
+async def test_the_last_drain_waits_out_the_runners_watch_window(
+        host: FakeHost, participants: FakeParticipants, clock: trio.testing.MockClock,
+        window: float) -> None:
+    """The last node's old instances are stopped no sooner than the runner's watch window
+    (``--watch-window``; the default when not given) after its switch, and not much later."""
+    for agent in participants.agents.values():  # an old release, stopped at the commit
+        agent.instances["hello@r0.9"] = ("hello", "r0")
+        agent.routes["hello"] = ("hello@r0.9",)
+    host.at = time.time()  # events stamped now: the window is still to run at the drain
+    record = await deploy(host, **({} if window == WATCH_WINDOW else {"watch_window": window}))
+    assert record.status is m.Status.SUCCEEDED, record
+    last = [(at, message.type) for (address, message), at
+            in zip(participants.sent, participants.sent_at, strict=True)
+            if address == NODES["n2"]]
+    switched = next(at for at, kind in last if kind == "switch")
+    stopped = next(at for at, kind in last if kind == "stop")
+    # less the wall time the test took so far (milliseconds), plus a few fake round trips
+    assert window - 0.2 < stopped - switched < window + 0.5, last
 
 
 async def test_a_woken_runner_drives_a_new_deploy_at_once(

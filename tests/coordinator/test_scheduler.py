@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 
@@ -283,6 +284,29 @@ def test_an_idle_app_keeps_its_placement() -> None:
     assert place([spread("api", 2), spread("web", 4)], nodes, result.nodes) == result
 
 
+def test_going_idle_never_moves_an_app_into_the_reserve() -> None:
+    """An app that goes idle on a node where another app is idle already gets no more
+    room there than it had: the reserve keeps what it had, it does not grow it. Else the
+    scheduler would move an instance onto the idle node (a start there, which wakes the
+    app), and once it idled again, back: a move every idle timeout."""
+    nodes = [node("x", "x", capacity=3), node("y", "y", capacity=10)]
+    apps = [spread("a0", 2, "x"), spread("b", 4, "x", "y")]
+    running = place(apps, nodes, {})
+    assert running.nodes == {"a0": {"x": 2}, "b": {"x": 1, "y": 3}}
+    a0_idle = [node("x", "x", capacity=3, idle=("a0",)), nodes[1]]
+    assert place(apps, a0_idle, running.nodes) == running
+    both_idle = [node("x", "x", capacity=3, idle=("a0", "b")), nodes[1]]
+    assert place(apps, both_idle, running.nodes) == running
+    # a per_node app short on a node where a bigger app is idle does not grow by idling
+    apps = [per_node("big", 3), per_node("small", 2)]
+    short = place(apps, [node("n", capacity=4, idle=("big",))], {})
+    assert short.nodes == {"big": {"n": 3}, "small": {"n": 1}}
+    idle = place(apps, [node("n", capacity=4, idle=("big", "small"))], short.nodes)
+    assert idle.nodes == short.nodes
+    assert idle.short == {"small": "1 of 2 instances: no room on eligible nodes"
+                                   " (n: 3/4 with 3 kept for a cold start)"}
+
+
 def test_an_idle_app_counts_where_it_runs_and_where_it_is_not_eligible_is_ignored() -> None:
     """Idle on n1 only: it takes room on n2, where it runs; a node naming an app idle that
     is not in the app's groups changes nothing."""
@@ -352,6 +376,22 @@ def test_place_invariants_and_stability(
     first = place(apps, nodes, previous)
     check_invariants(apps, nodes, first)
     assert place(apps, nodes, first.nodes) == first
+
+
+@PROPERTY
+@given(clusters(), st.data())
+def test_an_app_going_idle_where_it_runs_keeps_its_placement(
+        cluster: tuple[list[AppScale], list[NodeInfo], dict[str, dict[str, int]]],
+        data: st.DataObject) -> None:
+    """From a placement, one app going idle on nodes where it is placed (the others' idle
+    facts unchanged) keeps exactly its counts: being idle never moves an app itself."""
+    apps, nodes, previous = cluster
+    first = place(apps, nodes, previous)
+    app = data.draw(st.sampled_from([a.app for a in apps]))
+    where = data.draw(st.sets(st.sampled_from(sorted(first.nodes[app]) or ["none"])))
+    idled = [dataclasses.replace(n, idle=n.idle | {app}) if n.name in where else n
+             for n in nodes]
+    assert place(apps, idled, first.nodes).nodes[app] == first.nodes[app]
 
 
 @PROPERTY

@@ -8,6 +8,12 @@ cluster's token, the proxy's and the participant RPC's base URLs (and ``rpc_key`
 coordinators sign their signals to it with), and helpers that upload
 an app directory exactly as ``superagent deploy`` does and wait for the deploy's end.
 
+Two of the coordinator's timings are shorter than the product's defaults, because no
+test that uses this harness is about them and every start and deploy would wait them
+out: its first election and the deploy's watch window after the last switch
+(``FAST_ELECTION`` and ``TEST_WATCH_WINDOW`` of ``tests.coordinator.helpers``). A test of
+the watch window passes ``watch_window=WATCH_WINDOW`` to ``running_cluster``.
+
 On the way out every instance and proxy worker is stopped, and psutil checks that no
 process the test started is left: anything still running (a descendant of the test, or a
 process whose working directory lies in the state directory) is killed and the exit fails
@@ -33,6 +39,7 @@ import trio
 from superagent import codec
 from superagent.pack import pack
 from superagent.up import Embedded, UpConfig
+from tests.coordinator.helpers import FAST_ELECTION, TEST_WATCH_WINDOW
 from tests.e2e.apps import write_app
 from tests.support.ports import free_port
 
@@ -126,15 +133,18 @@ def _describe(procs: list[psutil.Process]) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def running_cluster() -> AsyncIterator[Cluster]:
-    """An embedded cluster for the length of the block; nothing of it left running after."""
+async def running_cluster(*, watch_window: float = TEST_WATCH_WINDOW
+                          ) -> AsyncIterator[Cluster]:
+    """An embedded cluster for the length of the block; nothing of it left running after.
+    ``watch_window``: the coordinator's (see the module docstring)."""
     # app users must traverse the state directory (pytest's tmp_path is private to root)
     state_dir = Path(tempfile.mkdtemp(prefix="sa-e2e-", dir="/tmp"))
     state_dir.chmod(0o755)
     listen = free_port()
     config = UpConfig(state_dir=state_dir / "state", api=("127.0.0.1", free_port()),
                       raft=("127.0.0.1", free_port()), rpc=("127.0.0.1", free_port()),
-                      listen=f"127.0.0.1:{listen}")
+                      listen=f"127.0.0.1:{listen}", watch_window=watch_window,
+                      election_timeout=FAST_ELECTION)
     embedded = Embedded(config)
     try:
         async with trio.open_nursery() as nursery:

@@ -1,11 +1,12 @@
 """The deploy saga end to end: ``superagent up``'s embedded cluster, real apps, real traffic.
 
 Each test starts an ``Embedded`` (a single-node Raft coordinator plus one participant with
-one proxy worker) on free loopback ports, uploads apps written by ``tests.e2e.apps``
-through the HTTP API exactly as ``superagent deploy`` does, and drives traffic through the
-proxy while deploys run. Every wait polls a condition under a deadline; the only sleeps
-pace the load generators. On the way out every instance and proxy worker is stopped and
-the test checks with psutil that no process is left (``tests.e2e.embedded``).
+one proxy worker; its watch window is short but for the test about it) on free loopback
+ports, uploads apps written by ``tests.e2e.apps`` through the HTTP API exactly as
+``superagent deploy`` does, and drives traffic through the proxy while deploys run.
+Every wait polls a condition under a deadline; the only sleeps pace the load generators.
+On the way out every instance and proxy worker is stopped and the test checks with
+psutil that no process is left (``tests.e2e.embedded``).
 
 What the tunnel check asserts (test 1): a websocket-style connection opened to an
 instance of the serving release stays usable after the deploy switched the routes away
@@ -28,6 +29,7 @@ import httpx
 import pytest
 import trio
 
+from superagent.coordinator.deploy.outcomes import WATCH_WINDOW
 from tests.e2e.embedded import DEPLOY_DEADLINE, REQUEST_TIMEOUT, Cluster, running_cluster
 from tests.support.wait import wait_until_async
 
@@ -429,11 +431,16 @@ async def test_failed_releases_never_evict_the_good_ones(cluster: Cluster) -> No
     assert store.get("keep", "r1").build_log.stat().st_mtime_ns == built  # not rebuilt
 
 
-async def test_a_release_that_dies_after_ready_costs_no_request(cluster: Cluster) -> None:
+async def test_a_release_that_dies_after_ready_costs_no_request() -> None:
     """Under keep-alive load with long requests, a release that passes readiness and dies
     two seconds later is rolled back, and no request fails: the old instances are the
     proxy's standbys from the switch until the deploy commits, and the drain's health
-    check waits out the watch window."""
+    check waits out the watch window (the product's default, which this test is about)."""
+    async with running_cluster(watch_window=WATCH_WINDOW) as cluster:
+        await _dies_after_ready(cluster)
+
+
+async def _dies_after_ready(cluster: Cluster) -> None:
     first = await cluster.deploy(cluster.write("phoenix", "v1"))
     assert first["status"] == "succeeded", first
     load = Load(f"{cluster.proxy}/phoenix")

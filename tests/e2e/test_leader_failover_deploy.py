@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 from tests.coordinator.cluster import Cluster
+from tests.coordinator.helpers import TEST_WATCH_WINDOW
 from tests.e2e.fleet import (
     DEPLOY_TIMEOUT,
     REQUEST_TIMEOUT,
@@ -106,7 +107,7 @@ def test_leader_killed_mid_deploy_is_finished_or_compensated_by_the_new_leader()
     """kill -9 of the leader mid-roll: the new leader ends the deploy, one release serves."""
     with kept_on_failure("sa-e2e-failover-") as root:
         with Cluster(root / "coordinators", log_level="info",
-                     participant_secret=None) as cluster, \
+                     participant_secret=None, watch_window=TEST_WATCH_WINDOW) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], secret=None) as fleet:
             cluster.start_all()
             leader = cluster.wait_ready()

@@ -33,6 +33,7 @@ import httpx
 import pytest
 
 from tests.coordinator.cluster import Cluster
+from tests.coordinator.helpers import TEST_WATCH_WINDOW
 from tests.e2e.fleet import Fleet, app_python, kept_on_failure, leftovers, upload, wait_deploy_done
 from tests.e2e.logapp import write_log_app
 from tests.support.piped import PipedProcess
@@ -71,7 +72,7 @@ class Follower(PipedProcess):
 @pytest.mark.slow
 def test_follow_across_two_machines_a_participant_restart_and_a_leader_kill() -> None:
     with kept_on_failure("sa-e2e-logs-") as root:
-        with Cluster(root / "coordinators") as cluster, \
+        with Cluster(root / "coordinators", watch_window=TEST_WATCH_WINDOW) as cluster, \
                 Fleet(root, [m.url for m in cluster.members]) as fleet:
             cluster.start_all()
             leader = cluster.wait_ready()

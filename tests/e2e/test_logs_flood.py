@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 from tests.coordinator.cluster import Cluster
+from tests.coordinator.helpers import TEST_WATCH_WINDOW
 from tests.e2e.fleet import Fleet, app_python, kept_on_failure, leftovers, upload, wait_deploy_done
 from tests.e2e.logapp import write_log_app
 from tests.support.piped import PipedProcess
@@ -85,7 +86,8 @@ class Follower(PipedProcess):
 def test_a_flooding_app_does_not_grow_the_coordinators_memory() -> None:
     began = time.monotonic()
     with kept_on_failure("sa-e2e-flood-") as root:
-        with Cluster(root / "coordinators", size=1) as cluster, \
+        with Cluster(root / "coordinators", size=1,
+                     watch_window=TEST_WATCH_WINDOW) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], size=1) as fleet:
             cluster.start_all()
             leader = cluster.wait_ready()

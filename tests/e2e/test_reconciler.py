@@ -48,6 +48,7 @@ import httpx
 import pytest
 
 from tests.coordinator.cluster import Cluster
+from tests.coordinator.helpers import TEST_WATCH_WINDOW
 from tests.e2e.fleet import (
     REQUEST_TIMEOUT,
     Fleet,
@@ -176,6 +177,7 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     passed = False
     try:
         with Cluster(root / "coordinators", node_timeout=NODE_TIMEOUT,
+                     watch_window=TEST_WATCH_WINDOW,
                      extra_args=("--autoscale-timing", AUTOSCALE_TIMING)) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], size=3,
                       groups=GROUPS) as fleet:

@@ -34,6 +34,7 @@ from superagent.coordinator.api import ROUTES
 from superagent.coordinator.raft import derive_password
 from superagent.rpc.credentials import credential_hash, signal_key
 from tests.coordinator.cluster import Cluster
+from tests.coordinator.helpers import TEST_WATCH_WINDOW
 from tests.e2e.fleet import (
     REQUEST_TIMEOUT,
     Fleet,
@@ -108,7 +109,8 @@ def cli(cluster: Cluster, *argv: str) -> str:
 def test_participants_hold_their_own_credentials_and_nothing_more() -> None:
     """Scope, Raft port, artifact placement, revocation and bad join tokens (see above)."""
     with kept_on_failure("sa-e2e-trust-") as root:
-        with Cluster(root / "coordinators", participant_secret=None) as cluster, \
+        with Cluster(root / "coordinators", participant_secret=None,
+                     watch_window=TEST_WATCH_WINDOW) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], secret=None) as fleet:
             cluster.start_all()
             leader = cluster.wait_ready()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tests.coordinator.cluster import SECRET, Cluster
+from tests.coordinator.helpers import TEST_WATCH_WINDOW
 from tests.e2e.fleet import (
     Fleet,
     kept_on_failure,
@@ -30,7 +31,8 @@ APP = "migrating"
 def test_a_shared_secret_participant_enrols_in_place() -> None:
     """Legacy join and deploy, then enrolment with a node-bound token and a deploy again."""
     with kept_on_failure("sa-e2e-migrate-") as root:
-        with Cluster(root / "coordinators", participant_secret=SECRET) as cluster, \
+        with Cluster(root / "coordinators", participant_secret=SECRET,
+                     watch_window=TEST_WATCH_WINDOW) as cluster, \
                 Fleet(root, [m.url for m in cluster.members], size=1) as fleet:
             cluster.start_all()
             leader = cluster.wait_ready()

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -123,8 +124,7 @@ async def serve(rig: Rig, name: str, data: bytes) -> list[str]:
 BODY = 200_000
 
 
-@pytest.fixture
-def app() -> Iterator[str]:
+def _fresh_app() -> Iterator[str]:
     """A fresh app name; its system user (made when the tests run as root) goes after."""
     name = f"cold-{secrets.token_hex(3)}"
     try:
@@ -133,14 +133,8 @@ def app() -> Iterator[str]:
         remove_app_user(name)
 
 
-@pytest.fixture
-def app2() -> Iterator[str]:
-    """A second fresh app name, its user removed after."""
-    name = f"cold-{secrets.token_hex(3)}"
-    try:
-        yield name
-    finally:
-        remove_app_user(name)
+app = pytest.fixture(_fresh_app, name="app")
+app2 = pytest.fixture(_fresh_app, name="app2")  # a second app beside the first
 
 
 async def _cold_records(path: Path, app: str) -> list[dict[str, Any]]:
@@ -291,6 +285,8 @@ def _upgrade(port: int, path: str) -> socket.socket:
         assert chunk, head
         head += chunk
     assert head.startswith(b"HTTP/1.1 101"), head
+    # the switch to an idle app was held for its cold start, and says how long
+    assert re.search(rb"\r\nX-Superagent-Cold-Start: \d+\r\n", head), head
     return sock
 
 
@@ -403,3 +399,91 @@ def _kill_unrecorded(data_dir: Path) -> None:
 
 
 HOLD_BOUND = 3.0 + 5.0  # the app's ready_deadline + the agent's HOLD_MARGIN
+
+
+def test_kill_9_during_a_cold_start_then_a_restart_serves_the_spawned_instance(
+        data_dir: Path, app: str) -> None:
+    """The agent (a real process) is killed with SIGKILL during a cold start, once the new
+    instance is spawned (its app boots for 1.5 s): state.json already has the instance
+    and its pid, though the app is not ready (the record is on disk before the spawn, the
+    pid before readiness). An agent started again on the data directory adopts that
+    process and routes it (the idle record gives way to it): the held request and a new
+    one are answered by it, and no other instance of the app runs."""
+    rpc_port, listen_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "superagent", "participant", "--data-dir", str(data_dir),
+            "--rpc", f"127.0.0.1:{rpc_port}", "--listen", f"127.0.0.1:{listen_port}",
+            "--proxy-workers", "1", "--node", node_of(data_dir)]
+    env = {**os.environ, "SUPERAGENT_SECRET": SECRET}
+    log = open(data_dir / "agent.log", "ab")  # noqa: SIM115 - closed in finally
+    logs.watch("agent", data_dir / "agent.log")  # its tail is shown if the test fails
+    agents = [subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)]
+    rpc = httpx.Client(base_url=f"http://127.0.0.1:{rpc_port}", headers=AUTH,
+                       timeout=DEADLINE)
+    result: dict[str, Any] = {}
+
+    def held() -> None:
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{listen_port}/{app}/held", timeout=30.0)
+            result.update(status=answer.status_code, body=answer.text)
+        except httpx.HTTPError as exc:
+            result["error"] = repr(exc)
+
+    def status() -> dict[str, Any]:
+        return dict(rpc.get("/v1/status").json())
+
+    def spawned(doc: dict[str, Any]) -> list[dict[str, Any]]:
+        return [i for i in doc["instances"] if i["app"] == app and i["pid"]]
+
+    client = threading.Thread(target=held)
+    try:
+        _wait_status(rpc, DEADLINE)
+        # idles after 2 s: the checks after the restart are done well within that
+        data = cold_app(app, fail_flag=data_dir / "fail-flag", boot=1.5, idle="2s")
+        assert rpc.put(f"/v1/releases/{app}/r1", content=data, headers={
+            "X-Superagent-Sha256": hashlib.sha256(data).hexdigest(),
+            "X-Superagent-Signal": "p1", "X-Superagent-Term": "1"}).status_code == 200
+        started = rpc.post("/v1/signals/start", json={
+            "id": "s1", "term": 1, "app": app, "release": "r1", "count": 1})
+        assert started.status_code == 200, started.text
+        first = [i["id"] for i in started.json()["instances"]]
+        assert rpc.post("/v1/signals/switch", json={
+            "id": "w1", "term": 1, "app": app, "instances": first}).status_code == 200
+        wait_until(lambda: status()["apps"].get(app, {}).get("state"), "the app idle",
+                   until=lambda s: s == "idle", timeout=DEADLINE, interval=0.1)
+        client.start()
+        (instance,) = wait_until(lambda: spawned(status()), "the cold start's spawn",
+                                 until=bool, timeout=DEADLINE, interval=0.02)
+        agents[0].send_signal(signal.SIGKILL)
+        agents[0].wait(timeout=DEADLINE)
+        assert instance["state"] == "starting", instance  # killed before it was ready
+        recorded = json.loads((data_dir / "state.json").read_text())["instances"]
+        assert [(r["config"]["instance"], r["pid"]) for r in recorded] == [
+            (instance["instance"], instance["pid"])]
+
+        agents.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log,
+                                       start_new_session=True))
+        _wait_status(rpc, DEADLINE)
+        client.join(timeout=HOLD_BOUND + 5.0)
+        assert not client.is_alive(), "the held request hangs"
+        # answered by the adopted instance, unless the restart took longer than the hold
+        assert result.get("status") in (200, 503), result
+        if result["status"] == 200:
+            assert json.loads(result["body"])["instance"] == instance["instance"]
+        answer = httpx.get(f"http://127.0.0.1:{listen_port}/{app}/after", timeout=DEADLINE)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["instance"] == instance["instance"]
+        after = status()
+        assert [(i["instance"], i["pid"]) for i in after["instances"] if i["app"] == app] == [
+            (instance["instance"], instance["pid"])]
+        assert after["apps"][app]["state"] == "serving"
+    finally:
+        if client.is_alive():
+            client.join(timeout=DEADLINE)
+        rpc.close()
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+        _kill_leftovers(data_dir)
+        _kill_unrecorded(data_dir)
+        log.close()

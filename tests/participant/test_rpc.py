@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from superagent import codec
-from superagent.participant.errors import BuildFailed, UnknownInstance
+from superagent.participant.errors import BuildFailed, StateWriteError, UnknownInstance
 from superagent.participant.rpc import rpc_app
 from superagent.participant.signals import SignalLedger
 from superagent.rpc import messages as msg
@@ -39,7 +39,9 @@ class FakeService:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
-        self.persisted = 0
+        self.asked = 0  # persist() calls
+        self.flushed = 0  # of them, covered by a persisted() before an answer
+        self.disk_full = False  # persisted() raises
         self.fail = False
 
     async def prepare(self, app: str, release: str, archive: Path, sha256: str
@@ -106,7 +108,13 @@ class FakeService:
         yield {"text": "live 2"}
 
     def persist(self) -> None:
-        self.persisted += 1
+        self.asked += 1
+
+    async def persisted(self) -> None:
+        if self.disk_full:
+            raise StateWriteError("cannot write state.json: No space left on device",
+                                  path="state.json")
+        self.flushed = self.asked
 
 
 STATUS = msg.StatusReply(node="n1", groups=("default",), offline=False, isolation={},
@@ -167,7 +175,7 @@ def test_start_runs_once_and_a_retry_gets_the_same_result(client: TestClient,
     second = signal(client, "start", body)
     assert second.json() == {**first.json(), "repeated": True}
     assert service.calls == [("start", ("hello", "r7", 2))]
-    assert service.persisted == 1
+    assert service.asked == service.flushed == 1
 
 
 def test_stale_term_is_refused_with_409(client: TestClient, service: FakeService) -> None:
@@ -261,6 +269,21 @@ def test_service_errors_keep_their_status_and_the_id_can_be_retried(
     retried = upload(client, b"data")
     assert retried.status_code == 200
     assert len(service.calls) == 2
+
+
+def test_a_signal_whose_state_is_not_on_disk_is_answered_with_the_error(
+        client: TestClient, service: FakeService) -> None:
+    """The state a signal changed could not be written: a 500 saying so, not the result
+    (the coordinator must not act on what a restarted agent would not know); a retry of
+    the same id gets the result once the disk is back."""
+    service.disk_full = True
+    body = {"id": "sig-9", "term": 1, "app": "hello", "release": "r7", "count": 1}
+    failed = signal(client, "start", body)
+    assert failed.status_code == 500
+    assert "No space left on device" in failed.json()["detail"]
+    service.disk_full = False
+    retried = signal(client, "start", body)
+    assert retried.status_code == 200 and retried.json()["repeated"] is True
 
 
 def test_status_and_logs(client: TestClient) -> None:

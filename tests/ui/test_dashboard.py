@@ -40,6 +40,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WAIT = 30_000  # ms: what a page shows after an action, on a busy 2-core machine
 DEPLOY_WAIT = 90_000  # ms: a deploy to its end
+GATE_TIMEOUT = 60.0  # s: a gated test stage fails when the gate is not opened within this
 
 try:
     from playwright.sync_api import Page, expect, sync_playwright
@@ -63,16 +64,24 @@ class Target:
     shots: Path | None
 
 
-def demo_release(dest: Path, greeting: str, *, slow_test: bool) -> Path:
-    """The demo app, with its own greeting (so new content) and, if asked, a test stage
-    that takes a few seconds (so a deploy is seen running)."""
+def demo_release(dest: Path, greeting: str, *, gate: Path | None = None) -> Path:
+    """The demo app, with its own greeting (so new content) and, with a ``gate``, a test
+    stage that passes only once the file ``gate`` exists (so the deploy is seen running
+    for as long as the test wants, however slow the machine) and fails after
+    ``GATE_TIMEOUT`` without it."""
     shutil.copytree(Path(superagent.demo.__file__).parent / "app", dest)
     manifest = (dest / "superagent.toml").read_text()
     manifest = manifest.replace('GREETING = "Hello from superagent"', f'GREETING = "{greeting}"')
-    if slow_test:
-        (dest / "slow_test.py").write_text("import time\ntime.sleep(4)\n")
+    if gate is not None:
+        (dest / "gated_test.py").write_text(
+            "import os, sys, time\n"
+            f"deadline = time.monotonic() + {GATE_TIMEOUT}\n"
+            f"while not os.path.exists({str(gate)!r}):\n"
+            "    if time.monotonic() > deadline:\n"
+            "        sys.exit('the test never opened the gate')\n"
+            "    time.sleep(0.05)  # polls the gate file, bounded by the deadline\n")
         manifest = manifest.replace('command = "python3 -m unittest -q test_app"',
-                                    'command = "python3 slow_test.py"')
+                                    'command = "python3 gated_test.py"')
     (dest / "superagent.toml").write_text(manifest)
     return dest
 
@@ -149,7 +158,8 @@ def drive(t: Target) -> None:
             expect(page.locator("#log-lines")).to_contain_text(marker, timeout=WAIT)
 
             # a release deployed from the CLI: its timeline advances live
-            src2 = demo_release(t.src.parent / "hello-2", "Hello again", slow_test=True)
+            gate = t.src.parent / "open-the-test-gate"  # reachable by the app's user
+            src2 = demo_release(t.src.parent / "hello-2", "Hello again", gate=gate)
             subprocess.run([sys.executable, "-m", "superagent", "deploy", str(src2),
                             "--server", t.url, "--no-follow"], check=True, timeout=60,
                            env={**os.environ, "SUPERAGENT_TOKEN": t.token},
@@ -157,6 +167,8 @@ def drive(t: Target) -> None:
             timeline = page.locator("#timeline")
             expect(timeline).to_contain_text("of r2", timeout=WAIT)
             expect(timeline).to_contain_text("running", timeout=WAIT)
+            expect(timeline).not_to_contain_text("tested")  # the test stage waits for us
+            gate.touch()
             expect(timeline).to_contain_text("tested", timeout=DEPLOY_WAIT)
             expect(timeline).to_contain_text("✓ succeeded", timeout=DEPLOY_WAIT)  # finished
             expect(page.locator("#serving")).to_have_text("r2", timeout=WAIT)
@@ -244,7 +256,7 @@ def drive(t: Target) -> None:
 
 async def test_dashboard_in_a_browser() -> None:
     async with running_cluster() as cluster:
-        src = demo_release(cluster.src / "hello", "Hello from superagent", slow_test=False)
+        src = demo_release(cluster.src / "hello", "Hello from superagent")
         first = await cluster.deploy(src)
         assert first["status"] == "succeeded", first
         made = await cluster.api.post("/api/v1/tokens", json={"name": "watch", "role": "viewer"})

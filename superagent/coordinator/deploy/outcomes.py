@@ -33,7 +33,9 @@ HEALTHY = ("ready", "unhealthy")  # instance states that still serve
 # A new release that passes readiness and dies soon after must be caught before the old
 # instances stop: the last batch's drain judges every rolled node's new instances no sooner
 # than this long after its switch (earlier batches have been serving longer by then).
+# ``--watch-window`` sets another for a coordinator (the deploy runner passes it in).
 WATCH_WINDOW = 3.0
+MAX_WATCH_WINDOW = 3600.0  # a watch window beyond an hour is a typo
 
 Answer = msg.Reply | msg.ErrorReply
 

@@ -75,8 +75,10 @@ class _Unreachable(Exception):
 
 
 class DeployRunner:
-    def __init__(self, host: RunnerHost) -> None:
+    def __init__(self, host: RunnerHost, *, watch_window: float = outcomes.WATCH_WINDOW
+                 ) -> None:
         self.host = host
+        self.watch_window = watch_window  # --watch-window (``outcomes.watch_left``)
         self._driving: dict[str, trio.CancelScope] = {}
         self._woken = trio.Event()
 
@@ -202,7 +204,8 @@ class DeployRunner:
         caller checks ``node``'s own); the Cancel for the first that is not healthy."""
         history = self.host.read(lambda s: list(s.deploys[record.deploy_id].history)
                                  if record.deploy_id in s.deploys else [])
-        await trio.sleep(outcomes.watch_left(history, node, time.time()))
+        await trio.sleep(outcomes.watch_left(history, node, time.time(),
+                                             window=self.watch_window))
         for step in record.steps:
             if step.node != node and step.step is m.Step.DRAINED and not step.lost:
                 try:
