@@ -448,8 +448,13 @@ def test_kill_9_during_a_cold_start_then_a_restart_serves_the_spawned_instance(
         first = [i["id"] for i in started.json()["instances"]]
         assert rpc.post("/v1/signals/switch", json={
             "id": "w1", "term": 1, "app": app, "instances": first}).status_code == 200
-        wait_until(lambda: status()["apps"].get(app, {}).get("state"), "the app idle",
-                   until=lambda s: s == "idle", timeout=DEADLINE, interval=0.1)
+        # idle, and its instance's process gone: the app is "idle" as soon as its routes
+        # are, while the instance is still stopping under the id the cold start reuses,
+        # which the wait for the cold start's spawn below would take for the new one
+        wait_until(status, "the app idle, its instance stopped",
+                   until=lambda doc: (doc["apps"].get(app, {}).get("state") == "idle"
+                                      and not spawned(doc)),
+                   timeout=DEADLINE, interval=0.1)
         client.start()
         (instance,) = wait_until(lambda: spawned(status()), "the cold start's spawn",
                                  until=bool, timeout=DEADLINE, interval=0.02)
