@@ -70,7 +70,12 @@ async def test_a_restarted_instance_gets_no_traffic_until_ready(data_dir: Path) 
                 "the restarted process to listen", until=lambda _answer: True,
                 timeout=DEADLINE)
         assert answer.status_code == 503 and victim.state is State.STARTING
-        assert recorded_pids(data_dir)[victim.config.instance] == victim.pid
+        # the new pid reaches state.json a write after the process exists (and before it
+        # can be ready: it stays warming, so the wait is bounded by the deadline only)
+        await wait_until_async(lambda: recorded_pids(data_dir)[victim.config.instance],
+                               "the new pid in state.json", until=lambda pid: pid == victim.pid,
+                               timeout=DEADLINE)
+        assert victim.state is State.STARTING
         for n in range(30):
             response = await rig.proxy.get(f"/hello/warm{n}")
             assert response.status_code == 200, response.text

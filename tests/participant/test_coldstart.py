@@ -401,6 +401,12 @@ def _kill_unrecorded(data_dir: Path) -> None:
 HOLD_BOUND = 3.0 + 5.0  # the app's ready_deadline + the agent's HOLD_MARGIN
 
 
+def recorded(data_dir: Path) -> list[tuple[str, int | None]]:
+    """(instance, pid) of each instance in the agent's state.json."""
+    doc = json.loads((data_dir / "state.json").read_text())
+    return [(r["config"]["instance"], r["pid"]) for r in doc["instances"]]
+
+
 def test_kill_9_during_a_cold_start_then_a_restart_serves_the_spawned_instance(
         data_dir: Path, app: str) -> None:
     """The agent (a real process) is killed with SIGKILL during a cold start, once the new
@@ -458,12 +464,17 @@ def test_kill_9_during_a_cold_start_then_a_restart_serves_the_spawned_instance(
         client.start()
         (instance,) = wait_until(lambda: spawned(status()), "the cold start's spawn",
                                  until=bool, timeout=DEADLINE, interval=0.02)
+        # The status shows the pid once the process exists; state.json gets it from the
+        # next write, which the agent finishes before the instance can be ready: wait for
+        # that write (the app boots for 1.5 s), then kill the agent while it is starting.
+        wait_until(lambda: recorded(data_dir), "the spawned pid in state.json",
+                   until=lambda r: r == [(instance["instance"], instance["pid"])],
+                   timeout=DEADLINE, interval=0.02)
+        (instance,) = spawned(status())
         agents[0].send_signal(signal.SIGKILL)
         agents[0].wait(timeout=DEADLINE)
         assert instance["state"] == "starting", instance  # killed before it was ready
-        recorded = json.loads((data_dir / "state.json").read_text())["instances"]
-        assert [(r["config"]["instance"], r["pid"]) for r in recorded] == [
-            (instance["instance"], instance["pid"])]
+        assert recorded(data_dir) == [(instance["instance"], instance["pid"])]
 
         agents.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log,
                                        start_new_session=True))
