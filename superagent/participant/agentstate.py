@@ -192,16 +192,13 @@ class StateWriter:
                 if not self.ledger.begin():
                     continue
                 text = json.dumps(self._build())  # on the loop: the tables as they are now
-                ok = True
+                error = None
                 if text != self._last:
                     try:  # the thread runs to its end even when the task is cancelled
                         await trio.to_thread.run_sync(self._write, self.path, text)
-                        self._last, self.writes = text, self.writes + 1
                     except OSError as exc:
-                        ok = False
-                        self._error = str(exc)
-                        log.error("state not written", path=str(self.path), error=str(exc))
-                self.ledger.done(ok=ok)
+                        error = exc
+                ok = self._ended_write(text, error)
                 self._ended.set()
                 self._ended = trio.Event()
                 if not ok:
@@ -221,13 +218,21 @@ class StateWriter:
         if not self.ledger.begin():
             return
         text = json.dumps(self._build())
-        ok = True
+        error = None
         if text != self._last:
             try:
                 self._write(self.path, text)
-                self._last, self.writes = text, self.writes + 1
             except OSError as exc:
-                ok = False
-                self._error = str(exc)
-                log.error("state not written", path=str(self.path), error=str(exc))
-        self.ledger.done(ok=ok)
+                error = exc
+        self._ended_write(text, error)
+
+    def _ended_write(self, text: str, error: OSError | None) -> bool:
+        """Book a write of ``text`` that ended (``error``: how it failed; an unchanged
+        ``text`` was not written and counts as on disk); True when it is."""
+        if error is not None:
+            self._error = str(error)
+            log.error("state not written", path=str(self.path), error=str(error))
+        elif text != self._last:
+            self._last, self.writes = text, self.writes + 1
+        self.ledger.done(ok=error is None)
+        return error is None
