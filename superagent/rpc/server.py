@@ -10,7 +10,8 @@ shared codec into its typed class (an unknown field, a missing one or a wrong ty
 ``Ledger`` (a stale term is refused; a repeated id gets the first answer with
 ``repeated`` set, or waits for the original still running), handed to the
 ``AgentService`` method it stands for, and its typed reply encoded, remembered and
-persisted. Errors raised by the service become an ``ErrorReply`` through ``translate``,
+persisted (a failed one's answer, too, waits for what its failure undid to be on disk).
+Errors raised by the service become an ``ErrorReply`` through ``translate``,
 which the participant supplies: the mapping from its error classes to ``ErrorCode`` lives
 in one place, on its side. An exception ``translate`` does not know is an ``INTERNAL``
 500 and is logged.
@@ -29,6 +30,7 @@ handed in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -221,6 +223,10 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
             reply = await act()
         except Exception as exc:
             ledger.abandon(message.id)
+            # what the failed signal undid (a start's instances forgotten) is on disk
+            # before the coordinator hears of it; the failure is the answer either way
+            with contextlib.suppress(Exception):
+                await service.persisted()
             return failed(exc)
         except BaseException:
             ledger.abandon(message.id)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 import trio
 
+from superagent.participant.agentstate import write_atomically
 from superagent.participant.errors import IsolationError
 from superagent.participant.supervisor import Instance
 from tests.participant.test_agent import DEADLINE, python_app, running_agent
@@ -27,6 +29,13 @@ TAKEN = "cgroup /sys/fs/cgroup/memory/n/hello/hello@r1.1 already holds processes
 
 async def _taken(self: Instance) -> NoReturn:
     raise IsolationError(TAKEN, app=self.config.app)
+
+
+async def _taken_after_record(self: Instance) -> NoReturn:
+    """A spawn that fails once the instance's record is on disk (as a failed fork does)."""
+    assert self.keep_record is not None
+    await self.keep_record(self)
+    await _taken(self)
 
 
 async def test_a_start_that_cannot_be_isolated_answers_why_and_keeps_nothing(
@@ -42,6 +51,26 @@ async def test_a_start_that_cannot_be_isolated_answers_why_and_keeps_nothing(
         monkeypatch.undo()  # the group is free again: the next start succeeds
         started = await rig.signal("start", app="hello", release="r1")
         assert started.status_code == 200, started.text
+
+
+async def test_a_failed_start_answers_once_its_instances_are_off_the_disk(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a slow disk (each write takes 0.3 s after the file is in place) the failed
+    start's answer still comes after the write that forgets its instances, written after
+    the one holding their records: an agent killed right after the answer must not find
+    and start them again."""
+    async with running_agent(data_dir) as rig:
+        assert (await rig.upload("hello", "r1", python_app())).status_code == 200
+
+        def slow_disk(path: Path, text: str) -> None:
+            write_atomically(path, text)
+            time.sleep(0.3)  # the disk's slowness (in the writer's thread), not a wait
+
+        monkeypatch.setattr(rig.agent.state_writer, "_write", slow_disk)
+        monkeypatch.setattr(Instance, "_spawn", _taken_after_record)
+        started = await rig.signal("start", app="hello", release="r1", count=2)
+        assert started.status_code == 500, started.text
+        assert json.loads((data_dir / "state.json").read_text())["instances"] == []
 
 
 async def test_a_restart_that_cannot_be_isolated_leaves_the_agent_running(
