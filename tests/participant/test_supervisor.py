@@ -29,6 +29,7 @@ import trio
 
 from superagent.backoff import Backoff
 from superagent.manifest import HealthSpec
+from superagent.participant import supervisor
 from superagent.participant.cgroups import CgroupLimits, detect_cgroups
 from superagent.participant.errors import (
     AdoptionFailed,
@@ -45,6 +46,9 @@ from superagent.participant.isolation import (
 )
 from superagent.participant.supervisor import (
     PORT_CHECK_EVERY,
+    READY_FAST_FOR,
+    READY_POLL,
+    READY_POLL_FIRST,
     WRONG_PORT_GRACE,
     Event,
     Instance,
@@ -162,6 +166,31 @@ def test_backoff_doubles_to_the_cap() -> None:
     backoff = Backoff(0.5, 30.0)
     delays = [backoff.next() for _ in range(8)]
     assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+@pytest.mark.parametrize("ready_at", [0.0301, 0.5003, READY_FAST_FOR + 2.0001])
+async def test_readiness_is_seen_within_one_pause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ready_at: float,
+        autojump_clock: trio.testing.MockClock) -> None:
+    """An app ready at ``ready_at`` (seconds into its start) is seen by the next probe:
+    within READY_POLL_FIRST during the first READY_FAST_FOR seconds (a cold start's held
+    requests wait for it), within READY_POLL after."""
+    began = trio.current_time()
+    probes: list[float] = []
+
+    async def fake_probe(port: int, path: str | None) -> bool:
+        probes.append(trio.current_time() - began)
+        return probes[-1] >= ready_at
+
+    monkeypatch.setattr(supervisor, "probe", fake_probe)
+    monkeypatch.setattr(supervisor, "listening_ports", lambda pid: set())
+    instance = Instance(make_config(tmp_path, "ok", health=HealthSpec(
+        path="/healthz", interval=1.0, timeout=1.0, failures=2, ready_deadline=30.0)))
+    process = await trio.lowlevel.open_process(["true"])
+    await process.wait()
+    assert await instance._await_ready(process)
+    pause = READY_POLL_FIRST if ready_at < READY_FAST_FOR else READY_POLL
+    assert ready_at <= probes[-1] <= ready_at + pause + 1e-6, probes[-3:]
 
 
 async def test_probe_needs_an_http_answer() -> None:
