@@ -43,14 +43,16 @@ async def probe(port: int, path: str | None) -> bool:
     """
     # a plain socket, not ``open_tcp_stream`` (a happy-eyeballs nursery): a booting app's
     # refused connect costs the agent about 50 us of CPU instead of 180
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    try:
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    except OSError:  # out of file descriptors: a failed probe too
+        return False
     try:
         await sock.connect(("127.0.0.1", port))
-    except OSError:
+    except BaseException as exc:  # refused, or cancelled mid-connect
         sock.close()
-        return False
-    except BaseException:  # cancelled mid-connect
-        sock.close()
+        if isinstance(exc, OSError):
+            return False
         raise
     async with trio.SocketStream(sock) as stream:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
