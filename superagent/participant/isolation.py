@@ -321,6 +321,9 @@ def effective_rlimits(limits: RLimits, *, app_user: bool) -> dict[str, int]:
     return result
 
 
+SETUP_FAILED = b"superagent: the instance's setup failed: "  # its stderr's line, then
+
+
 @functools.cache
 def _load_prctl() -> Callable[[int, int, int, int, int], int]:
     """libc's prctl(2), typed; loaded in the parent so the child only calls it."""
@@ -343,7 +346,8 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
     In the child, between fork and exec: write its pid to ``cgroup.procs`` in every
     hierarchy (needs root), set the rlimits, ``prctl(PR_SET_NO_NEW_PRIVS, 1)``, then
     ``setgroups([])``, ``setgid``, ``setuid`` when ``user.switched``. Any failure raises
-    in the child, Popen reports it as ``SubprocessError`` and nothing is exec'd.
+    in the child, Popen reports it as ``SubprocessError`` and nothing is exec'd; the step
+    that failed and why are written to the child's stderr first (a ``SETUP_FAILED`` line).
 
     Code between fork and exec may in general only make async-signal-safe calls: the fork
     copied one thread, and locks other threads held (malloc's, the import lock, logging's)
@@ -380,23 +384,36 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
     strerror = os.strerror
 
     def setup() -> None:
-        pid = str(os.getpid()).encode()
-        for procs in procs_files:
-            fd = os.open(procs, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-        enter_sandbox()
-        for which, pair in rlimits:
-            resource.setrlimit(which, pair)
-        if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            code = get_errno()
-            raise OSError(code, strerror(code))
-        if switch:
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
+        step = b"starting"  # what it is doing, for the explanation of a failure
+        try:
+            pid = str(os.getpid()).encode()
+            for procs in procs_files:
+                step = b"joining cgroup " + procs
+                fd = os.open(procs, os.O_WRONLY)
+                try:
+                    os.write(fd, pid)
+                finally:
+                    os.close(fd)
+            step = b"entering the filesystem sandbox"
+            enter_sandbox()
+            step = b"setting rlimits"
+            for which, pair in rlimits:
+                resource.setrlimit(which, pair)
+            step = b"setting no_new_privs"
+            if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                code = get_errno()
+                raise OSError(code, strerror(code))
+            if switch:
+                step = b"switching to uid %d, gid %d" % (uid, gid)
+                os.setgroups(groups)
+                os.setgid(gid)
+                os.setuid(uid)
+        except BaseException as exc:
+            # Popen reports only that this raised: the reason goes to the instance's
+            # stderr (its log file), where the agent reads it back (``SETUP_FAILED``)
+            os.write(2, SETUP_FAILED + step + b": " + str(exc).encode(errors="replace")
+                     + b"\n")
+            raise
 
     return setup
 

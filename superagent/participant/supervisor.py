@@ -83,7 +83,7 @@ from superagent.participant.instanceconfig import InstanceConfig as InstanceConf
 from superagent.participant.instancestate import Event as Event
 from superagent.participant.instancestate import State as State
 from superagent.participant.instancestate import transition as transition
-from superagent.participant.isolation import IsolationReport, child_setup
+from superagent.participant.isolation import SETUP_FAILED, IsolationReport, child_setup
 from superagent.participant.probes import listening_ports
 from superagent.participant.probes import probe as probe
 from superagent.participant.toolchain import release_env
@@ -137,6 +137,21 @@ def _tail_of(path: Path, lines: int, limit: int = TAIL_BYTES) -> str:
         return ""
     return "\n".join(line if len(line) <= TAIL_LINE_MAX else line[:TAIL_LINE_MAX] + " [...]"
                      for line in data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def setup_failure(err_log: Path, offset: int) -> str:
+    """What a child whose setup failed wrote to its stderr file (``isolation.SETUP_FAILED``)
+    after ``offset``, without the prefix; empty when it wrote no such line."""
+    try:
+        with err_log.open("rb") as f:
+            f.seek(offset)
+            written = f.read(TAIL_BYTES)
+    except OSError:
+        return ""
+    for line in written.splitlines():
+        if line.startswith(SETUP_FAILED):
+            return line[len(SETUP_FAILED):].decode(errors="replace")
+    return ""
 
 
 def _exited(process: _Process) -> bool:
@@ -457,6 +472,7 @@ class Instance:
         self.isolation = IsolationReport.build(config.user, self._cgroup, config.rlimits,
                                                sandbox)
         out_fd, err_fd = await trio.to_thread.run_sync(self._open_files)  # one thread hop
+        err_size = os.fstat(err_fd).st_size  # where a failed setup's explanation will start
         try:
             if self.keep_record is not None:
                 # the owner's record of this instance is on disk before its process exists
@@ -468,7 +484,8 @@ class Instance:
                 stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
                 start_new_session=True, preexec_fn=preexec, close_fds=True)
         except (OSError, subprocess.SubprocessError) as exc:
-            raise SupervisorError(f"cannot spawn instance {config.instance}: {exc}",
+            why = setup_failure(config.err_log, err_size) or str(exc)
+            raise SupervisorError(f"cannot spawn instance {config.instance}: {why}",
                                   app=config.app, release=config.release,
                                   instance=config.instance) from exc
         finally:

@@ -18,12 +18,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from superagent.participant.cgroups import InstanceCgroup
 from superagent.participant.errors import IsolationError
 from superagent.participant.isolation import (
+    SETUP_FAILED,
     AppUser,
     IsolationReport,
     RLimits,
@@ -94,6 +96,24 @@ def app_users() -> Iterator[list[AppUser]]:
 
 
 # --- the child's last steps -------------------------------------------------------------------
+
+
+def test_a_failed_setup_writes_the_step_and_why_to_stderr(tmp_path: Path) -> None:
+    """Popen reports only that the ``preexec_fn`` raised: the child writes which step
+    failed and why to its stderr first (here a cgroup removed under the agent)."""
+    procs = os.fsencode(tmp_path / "gone" / "cgroup.procs")
+
+    class Removed:  # an instance cgroup whose directory is gone
+        def procs_files(self) -> tuple[bytes, ...]:
+            return (procs,)
+
+    err = tmp_path / "err.log"
+    with err.open("wb") as stderr, pytest.raises(subprocess.SubprocessError):
+        subprocess.run(["/bin/true"], stderr=stderr, check=False, timeout=CHILD_TIMEOUT,
+                       preexec_fn=child_setup(None, cast(InstanceCgroup, Removed()), RLimits()))
+    line = err.read_bytes()
+    assert line.startswith(SETUP_FAILED + b"joining cgroup " + procs + b": "), line
+    assert b"No such file or directory" in line and line.endswith(b"\n"), line
 
 
 def test_rlimits_and_no_new_privs_in_child() -> None:

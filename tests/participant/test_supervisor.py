@@ -364,6 +364,21 @@ async def test_spawn_failure_is_typed(tmp_path: Path) -> None:
         await Instance(config).run()
 
 
+async def test_a_failed_setup_says_which_step_and_why(tmp_path: Path) -> None:
+    """A child whose isolation set-up fails (here an open-files limit above the kernel's
+    ``nr_open``, which even root may not set) fails the spawn with the step and the error,
+    not Popen's bare "Exception occurred in preexec_fn"."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: for another user the agent caps rlimits at the hard limit")
+    config = replace(make_config(tmp_path, "ok"), rlimits=RLimits(nofile=2**31 - 1))
+    with trio.fail_after(WAIT), pytest.raises(SupervisorError) as info:
+        await Instance(config).run()
+    assert "the instance's setup failed" not in str(info.value)  # the prefix is the agent's
+    assert "cannot spawn instance hello-r1-1: setting rlimits: " in str(info.value)
+    assert "not allowed to raise maximum limit" in str(info.value)  # the error itself
+    assert "setting rlimits" in config.err_log.read_text()  # the app's log says it too
+
+
 async def test_cancelled_run_leaves_the_app_running(tmp_path: Path) -> None:
     """Cancelling run() (agent shutdown) leaves the app up; stop() still ends it."""
     config = make_config(tmp_path, "term")
