@@ -322,6 +322,7 @@ def effective_rlimits(limits: RLimits, *, app_user: bool) -> dict[str, int]:
 
 
 SETUP_FAILED = b"superagent: the instance's setup failed: "  # its stderr's line, then
+SETUP_FAILURE_BYTES = 8192  # read of a failed setup's stderr, for that line
 
 
 @functools.cache
@@ -411,11 +412,29 @@ def child_setup(user: AppUser | None, cgroup: InstanceCgroup | None,
         except BaseException as exc:
             # Popen reports only that this raised: the reason goes to the instance's
             # stderr (its log file), where the agent reads it back (``SETUP_FAILED``)
-            os.write(2, SETUP_FAILED + step + b": " + str(exc).encode(errors="replace")
-                     + b"\n")
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            os.write(2, SETUP_FAILED + step + b": " + why.encode(errors="replace") + b"\n")
             raise
 
     return setup
+
+
+def setup_failure(err_log: Path, offset: int) -> str:
+    """What a child whose setup failed wrote to its stderr file ``err_log`` (a
+    ``SETUP_FAILED`` line) after ``offset``, its size before the spawn, without the
+    prefix; empty when there is no such line. A file truncated meanwhile (the log
+    follower's rotation) is read from its start."""
+    try:
+        with err_log.open("rb") as f:
+            f.seek(offset if os.fstat(f.fileno()).st_size >= offset else 0)
+            written = f.read(SETUP_FAILURE_BYTES)
+    except OSError:
+        return ""
+    for line in written.splitlines():
+        at = line.find(SETUP_FAILED)
+        if at >= 0:
+            return line[at + len(SETUP_FAILED):].decode(errors="replace")
+    return ""
 
 
 # --- what an instance got ---------------------------------------------------------------------

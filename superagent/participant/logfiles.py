@@ -1,7 +1,8 @@
 """Following one output file of an app instance: complete lines out, the file bounded.
 
 Blocking I/O, called from a worker thread by ``logs.LogHub`` (see ``logs`` for the
-files themselves and the fan-out).
+files themselves and the fan-out). ``output_tails`` reads the ends of an instance's two
+files for the message of a start that failed.
 
 1. **Split (pure).** ``LineSplitter`` turns the bytes read from one file into complete
    lines. A partial last line waits for its newline; a line longer than ``MAX_LINE`` is
@@ -260,3 +261,34 @@ def _copy_range(fd: int, dest: BinaryIO, start: int, end: int) -> None:
             return
         dest.write(data)
         start += len(data)
+
+
+# --- the tails a failed start carries ---
+
+TAIL_LINES = 20  # lines of stdout and of stderr a start failure carries to the deploy record
+TAIL_LINE_MAX = 300  # characters kept of each of them (app output may be long, or secret)
+TAIL_BYTES = 8192  # read from the end of each output file for them
+
+
+def output_tails(out_log: Path, err_log: Path, lines: int = TAIL_LINES) -> str:
+    """The last ``lines`` lines of an instance's stdout and stderr files, for a start
+    failure's message (which reaches the deploy record and the CLI); "" when both are
+    empty."""
+    parts = []
+    for stream, path in (("stdout", out_log), ("stderr", err_log)):
+        text = _tail_of(path, lines)
+        if text:
+            parts.append(f"\n--- last {stream} ---\n{text}")
+    return "".join(parts)
+
+
+def _tail_of(path: Path, lines: int, limit: int = TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - limit))
+            data = file.read()
+    except OSError:
+        return ""
+    return "\n".join(line if len(line) <= TAIL_LINE_MAX else line[:TAIL_LINE_MAX] + " [...]"
+                     for line in data.decode("utf-8", "replace").splitlines()[-lines:])

@@ -417,7 +417,7 @@ class Agent:
                                               user=switched, cgroups=self.cgroups,
                                               release_dir=prepared.path,
                                               permissions=permissions)
-            instances.append(Instance(config))
+            instances.append(Instance(config, eager=app in self.cold))  # requests wait
         failures: list[ParticipantError] = []
 
         async def start_one(instance: Instance) -> None:

@@ -15,8 +15,8 @@ An ``Instance`` owns one app process at a time and is driven by one task,
    ``.err.log`` opened ``O_APPEND`` by the agent and handed to the child as its fds —
    not pipes — so an app keeps running and logging while the agent restarts.
 2. **Readiness.** ``GET ready_path`` over HTTP/1.1 on 127.0.0.1:port, first every
-   ``READY_POLL_FIRST`` seconds for ``READY_FAST_FOR``, then every ``READY_POLL``; a 2xx
-   answer is ready (an
+   ``READY_POLL`` seconds (every ``READY_POLL_FIRST`` for the first ``READY_FAST_FOR``
+   of an ``eager`` instance, a cold start); a 2xx answer is ready (an
    accepted TCP connection alone is not; an app that declares no health path is ready
    when ``GET /`` gets any HTTP answer below 500).
    Missing ``ready_deadline`` counts as a failed start. On the first start ``run``
@@ -83,7 +83,8 @@ from superagent.participant.instanceconfig import InstanceConfig as InstanceConf
 from superagent.participant.instancestate import Event as Event
 from superagent.participant.instancestate import State as State
 from superagent.participant.instancestate import transition as transition
-from superagent.participant.isolation import SETUP_FAILED, IsolationReport, child_setup
+from superagent.participant.isolation import IsolationReport, child_setup, setup_failure
+from superagent.participant.logfiles import output_tails
 from superagent.participant.probes import listening_ports
 from superagent.participant.probes import probe as probe
 from superagent.participant.toolchain import release_env
@@ -91,12 +92,14 @@ from superagent.procs import REAP_TIMEOUT, terminate_group
 
 log = structlog.get_logger("superagent.participant")
 
-# Readiness probes run READY_POLL_FIRST apart for the first READY_FAST_FOR seconds of a
-# start, then READY_POLL apart. An app is ready between two probes and waits, on average,
-# half the pause for the one that sees it, and a cold start's held requests wait with it:
-# most apps (a uvicorn, an express, a plain http.server) are ready within 50-500 ms. A
-# probe of a booting app is a refused loopback connect, about 50 us of the agent's CPU: 2.5 %
-# of a core per booting instance at 2 ms, and 0.5 % at 10 ms for one slower to boot.
+# Readiness probes run READY_POLL apart, and READY_POLL_FIRST apart for the first
+# READY_FAST_FOR seconds of an eager start (a cold start, whose held requests wait for
+# it). An app is ready between two probes and waits, on average, half the pause for the
+# one that sees it: most apps (a uvicorn, an express, a plain http.server) are ready within
+# 50-500 ms. A probe of a booting app is a refused loopback connect, about 50 us of the
+# agent's CPU: 0.5 % of a core per booting instance at 10 ms, 2.5 % at 2 ms, which only a
+# cold start's first second pays (a deploy of 50 instances at once would spend more than a
+# core on it).
 READY_POLL_FIRST = 0.002
 READY_FAST_FOR = 1.0
 READY_POLL = 0.01
@@ -107,51 +110,10 @@ GROUP_POLL = 0.05  # while a stopped instance's cgroup empties (a cgroup cannot 
 # for a server that opens a side port (metrics, debug) and loads before its main one.
 WRONG_PORT_GRACE = 5.0
 PORT_CHECK_EVERY = 1.0  # seconds between looks at an unready instance's listening sockets
-TAIL_LINES = 20  # lines of stdout and of stderr a start failure carries to the deploy record
-TAIL_LINE_MAX = 300  # characters kept of each of them (app output may be long, or secret)
-TAIL_BYTES = 8192  # read from the end of each output file for them
 RECORD_VERSION = 1  # of the persisted form, ``Instance.to_record``
 
 # The process an instance supervises: its own child, or one adopted from an earlier agent.
 _Process: TypeAlias = trio.Process | AdoptedProcess
-
-
-def output_tails(config: InstanceConfig, lines: int = TAIL_LINES) -> str:
-    """The last ``lines`` lines of the instance's stdout and stderr, for a start failure's
-    message (which reaches the deploy record and the CLI); "" when both are empty."""
-    parts = []
-    for stream, path in (("stdout", config.out_log), ("stderr", config.err_log)):
-        text = _tail_of(path, lines)
-        if text:
-            parts.append(f"\n--- last {stream} ---\n{text}")
-    return "".join(parts)
-
-
-def _tail_of(path: Path, lines: int, limit: int = TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as file:
-            size = file.seek(0, os.SEEK_END)
-            file.seek(max(0, size - limit))
-            data = file.read()
-    except OSError:
-        return ""
-    return "\n".join(line if len(line) <= TAIL_LINE_MAX else line[:TAIL_LINE_MAX] + " [...]"
-                     for line in data.decode("utf-8", "replace").splitlines()[-lines:])
-
-
-def setup_failure(err_log: Path, offset: int) -> str:
-    """What a child whose setup failed wrote to its stderr file (``isolation.SETUP_FAILED``)
-    after ``offset``, without the prefix; empty when it wrote no such line."""
-    try:
-        with err_log.open("rb") as f:
-            f.seek(offset)
-            written = f.read(TAIL_BYTES)
-    except OSError:
-        return ""
-    for line in written.splitlines():
-        if line.startswith(SETUP_FAILED):
-            return line[len(SETUP_FAILED):].decode(errors="replace")
-    return ""
 
 
 def _exited(process: _Process) -> bool:
@@ -170,8 +132,11 @@ class Instance:
     a JSON-able dict for the status API.
     """
 
-    def __init__(self, config: InstanceConfig) -> None:
+    def __init__(self, config: InstanceConfig, *, eager: bool = False) -> None:
         self.config = config
+        # requests wait for its first readiness (a cold start's hold): probed every
+        # READY_POLL_FIRST for READY_FAST_FOR seconds, not every READY_POLL
+        self.eager = eager
         self.state = State.STARTING
         self.restarts = 0
         self.last_exit: int | None = None
@@ -333,7 +298,8 @@ class Instance:
                     what = f"exited with {self.last_exit}"
                 killed = self._missed_deadline or self._wrong_port is not None
                 code = None if killed else self.last_exit
-                tails = await trio.to_thread.run_sync(output_tails, config)
+                tails = await trio.to_thread.run_sync(output_tails, config.out_log,
+                                                      config.err_log)
                 raise StartFailed(f"instance {config.instance} {what}{tails}",
                                   returncode=code, app=config.app,
                                   release=config.release, instance=config.instance)
@@ -407,7 +373,7 @@ class Instance:
         ports), rather than sitting out the deadline."""
         config = self.config
         health = config.health
-        fast_until = trio.current_time() + READY_FAST_FOR
+        fast_until = trio.current_time() + (READY_FAST_FOR if self.eager else 0.0)
         elsewhere_since: float | None = None
         next_port_check = trio.current_time() + PORT_CHECK_EVERY
 
@@ -472,8 +438,8 @@ class Instance:
         self.isolation = IsolationReport.build(config.user, self._cgroup, config.rlimits,
                                                sandbox)
         out_fd, err_fd = await trio.to_thread.run_sync(self._open_files)  # one thread hop
-        err_size = os.fstat(err_fd).st_size  # where a failed setup's explanation will start
         try:
+            err_size = os.fstat(err_fd).st_size  # where a failed setup's explanation starts
             if self.keep_record is not None:
                 # the owner's record of this instance is on disk before its process exists
                 await self.keep_record(self)

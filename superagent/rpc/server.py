@@ -222,11 +222,14 @@ def rpc_app(service: AgentService, *, secret: str = "", ledger: Ledger, translat
         try:
             reply = await act()
         except Exception as exc:
-            ledger.abandon(message.id)
             # what the failed signal undid (a start's instances forgotten) is on disk
-            # before the coordinator hears of it; the failure is the answer either way
-            with contextlib.suppress(Exception):
-                await service.persisted()
+            # before the coordinator hears of it, from this answer or from a repeat of the
+            # signal waiting for it (``ledger.wait``); the failure is the answer either way
+            try:
+                with contextlib.suppress(Exception):
+                    await service.persisted()
+            finally:
+                ledger.abandon(message.id)
             return failed(exc)
         except BaseException:
             ledger.abandon(message.id)

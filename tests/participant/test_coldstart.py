@@ -167,7 +167,8 @@ async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
     X-Superagent-Cold-Start and whole bodies, the cold-start histogram counts one start
     and the access log records the wait."""
     async with running_agent(data_dir) as rig:
-        await serve(rig, app, cold_app(app, fail_flag=data_dir / "fail-flag"))
+        (first,) = await serve(rig, app, cold_app(app, fail_flag=data_dir / "fail-flag"))
+        assert not rig.agent.instances[first].eager  # a deploy's start: nobody waits
         await until_idle(rig, app)
         status = (await rig.rpc.get("/v1/status")).json()
         assert status["apps"][app]["state"] == "idle"
@@ -191,7 +192,8 @@ async def test_100_concurrent_requests_on_an_idle_app_start_one_instance(
         assert len({a.json()["instance"] for a in answers}) == 1
         assert [a.json()["size"] for a in answers if "size" in a.json()] == [BODY] * 10
         assert all(a.headers.get("X-Superagent-Cold-Start", "").isdigit() for a in answers)
-        assert len(running(rig.agent, app)) == 1
+        (started,) = running(rig.agent, app)
+        assert rig.agent.instances[started].eager  # probed for readiness at the fast pace
         assert state_of(rig.agent, app) == {"state": "serving"}
         stats = await rig.agent.proxy.stats()
         assert stats["cold_starts"][app][-1] == 1  # one cold start observed

@@ -55,22 +55,33 @@ async def test_a_start_that_cannot_be_isolated_answers_why_and_keeps_nothing(
 
 async def test_a_failed_start_answers_once_its_instances_are_off_the_disk(
         data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a slow disk (each write takes 0.3 s after the file is in place) the failed
-    start's answer still comes after the write that forgets its instances, written after
-    the one holding their records: an agent killed right after the answer must not find
-    and start them again."""
+    """On a slow disk (each write takes 0.3 s) the failed start's answer, and the answer to
+    a repeat of the same signal waiting for it, come after the write that forgets its
+    instances, written after the one holding their records: an agent killed right after
+    either answer must not find and start them again."""
     async with running_agent(data_dir) as rig:
         assert (await rig.upload("hello", "r1", python_app())).status_code == 200
 
         def slow_disk(path: Path, text: str) -> None:
-            write_atomically(path, text)
             time.sleep(0.3)  # the disk's slowness (in the writer's thread), not a wait
+            write_atomically(path, text)
 
         monkeypatch.setattr(rig.agent.state_writer, "_write", slow_disk)
         monkeypatch.setattr(Instance, "_spawn", _taken_after_record)
-        started = await rig.signal("start", app="hello", release="r1", count=2)
-        assert started.status_code == 500, started.text
-        assert json.loads((data_dir / "state.json").read_text())["instances"] == []
+        signal = {"id": "start-1", "term": 1, "app": "hello", "release": "r1", "count": 2}
+        answers: dict[str, tuple[int, list[object]]] = {}
+
+        async def send(name: str) -> None:
+            answer = await rig.rpc.post("/v1/signals/start", json=signal)
+            on_disk = json.loads((data_dir / "state.json").read_text())["instances"]
+            answers[name] = (answer.status_code, on_disk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, "original")
+            await wait_until_async(lambda: "start-1" in repr(rig.agent.ledger),
+                                   "the original start to run", timeout=DEADLINE)
+            nursery.start_soon(send, "repeat")
+        assert answers == {"original": (500, []), "repeat": (409, [])}, answers
 
 
 async def test_a_restart_that_cannot_be_isolated_leaves_the_agent_running(

@@ -168,13 +168,15 @@ def test_backoff_doubles_to_the_cap() -> None:
     assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
 
 
-@pytest.mark.parametrize("ready_at", [0.0301, 0.5003, READY_FAST_FOR + 2.0001])
+@pytest.mark.parametrize(("eager", "ready_at"), [
+    (True, 0.0301), (True, 0.5003), (True, READY_FAST_FOR + 2.0001), (False, 0.0301)])
 async def test_readiness_is_seen_within_one_pause(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ready_at: float,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, eager: bool, ready_at: float,
         autojump_clock: trio.testing.MockClock) -> None:
     """An app ready at ``ready_at`` (seconds into its start) is seen by the next probe:
-    within READY_POLL_FIRST during the first READY_FAST_FOR seconds (a cold start's held
-    requests wait for it), within READY_POLL after."""
+    within READY_POLL_FIRST during the first READY_FAST_FOR seconds of an eager start (a
+    cold start's held requests wait for it), within READY_POLL otherwise, and probes
+    slow down to READY_POLL apart once the fast pace is over."""
     probes: list[float] = []
 
     async def fake_probe(port: int, path: str | None) -> bool:
@@ -185,13 +187,17 @@ async def test_readiness_is_seen_within_one_pause(
     # no look at the listening ports: a thread, while which the autojump clock moves on
     monkeypatch.setattr(supervisor, "PORT_CHECK_EVERY", 3600.0)
     instance = Instance(make_config(tmp_path, "ok", health=HealthSpec(
-        path="/healthz", interval=1.0, timeout=1.0, failures=2, ready_deadline=30.0)))
+        path="/healthz", interval=1.0, timeout=1.0, failures=2, ready_deadline=30.0)),
+        eager=eager)
     process = await trio.lowlevel.open_process(["true"])  # (its pid is never looked at)
     await process.wait()
     began = trio.current_time()  # after the spawn's thread, while which the clock jumps
     assert await instance._await_ready(process)
-    pause = READY_POLL_FIRST if ready_at < READY_FAST_FOR else READY_POLL
+    fast = eager and ready_at < READY_FAST_FOR
+    pause = READY_POLL_FIRST if fast else READY_POLL
     assert ready_at <= probes[-1] <= ready_at + pause + 1e-6, probes[-3:]
+    if not fast:
+        assert probes[-1] - probes[-2] == pytest.approx(READY_POLL), probes[-3:]
 
 
 async def test_probe_needs_an_http_answer() -> None:
