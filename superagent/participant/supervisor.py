@@ -438,8 +438,9 @@ class Instance:
         self.isolation = IsolationReport.build(config.user, self._cgroup, config.rlimits,
                                                sandbox)
         out_fd, err_fd = await trio.to_thread.run_sync(self._open_files)  # one thread hop
+        err_size = 0  # where a failed setup's explanation starts in the stderr file
         try:
-            err_size = os.fstat(err_fd).st_size  # where a failed setup's explanation starts
+            err_size = os.fstat(err_fd).st_size
             if self.keep_record is not None:
                 # the owner's record of this instance is on disk before its process exists
                 await self.keep_record(self)
