@@ -17,8 +17,10 @@ Cleanup, whatever state a test left things in: ``close()`` takes the psutil tree
 agent (its proxy workers and app instances; instances run in sessions of their own, so the
 agent's process group alone does not hold them), SIGTERMs the agents (``--stop-on-exit``
 stops their apps and workers), SIGKILLs each agent's group after ``STOP_GRACE`` and then
-every process of those trees still alive. ``leftovers(root)`` lists any process whose command
-line or working directory lies under ``root``, for the "nothing left running" assertion.
+every process of those trees still alive, and removes the node cgroups an agent that did
+not stop its apps left (``tests.support.cgroups``). ``leftovers(root)`` lists any process
+whose command line or working directory lies under ``root``, for the "nothing left
+running" assertion.
 
 As root the agent runs app instances as a per-app system user, so ``root`` and the app
 sources must be world-traversable/readable: ``make_root()`` creates such a directory, with
@@ -55,6 +57,7 @@ from superagent.pack import pack
 from superagent.rpc.credentials import CREDENTIAL_FILE, read_credential, signal_key
 from tests.coordinator.cluster import SECRET, Cluster
 from tests.participant.children import world_python
+from tests.support.cgroups import node_groups, remove_trees
 from tests.support.ports import free_ports
 from tests.support.procs import LoggedProcess
 from tests.support.wait import wait_until
@@ -305,6 +308,10 @@ class Fleet:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         psutil.wait_procs(trees, timeout=STOP_GRACE)
+        # an agent that did not stop its instances (killed, or --stop-on-exit off) leaves
+        # its node's cgroups: nothing may outlive the fleet, not even empty groups
+        with contextlib.suppress(OSError):
+            remove_trees(group for p in self.members for group in node_groups(p.node))
         self.http.close()
 
     def log_tails(self) -> str:

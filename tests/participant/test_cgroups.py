@@ -38,6 +38,7 @@ from superagent.participant.cgroups import (
 from superagent.participant.errors import IsolationError
 from superagent.participant.isolation import IsolationReport, RLimits, child_setup
 from tests.participant.children import CHILD_TIMEOUT, run_child
+from tests.support.cgroups import remove_trees
 
 MIB = 1024 * 1024
 TEST_PARENT = f"superagent-test-{os.getpid()}"  # never the production parent group
@@ -77,25 +78,7 @@ print(children)
 
 def remove_groups(support: CgroupSupport) -> None:
     """Kill whatever is left under the test parent group and rmdir it bottom-up."""
-    for parent in support.parent_dirs().values():
-        if not parent.exists():
-            continue
-        groups = sorted((Path(d) for d, _, _ in os.walk(parent)), key=lambda p: -len(p.parts))
-        for group in groups:
-            procs = group / "cgroup.procs"
-            for pid in (procs.read_text().split() if procs.exists() else ()):
-                os.kill(int(pid), signal.SIGKILL)
-            deadline = time.monotonic() + REMOVE_TIMEOUT
-            while True:
-                try:
-                    group.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.01)
+    remove_trees(support.parent_dirs().values(), timeout=REMOVE_TIMEOUT)
 
 
 def remove_groups_at(path: Path | None) -> None:
