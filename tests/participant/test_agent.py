@@ -33,6 +33,7 @@ from superagent.participant.isolation import remove_app_user
 from superagent.participant.service import Agent, AgentConfig
 from tests.participant.children import child_python
 from tests.support import logs
+from tests.support.cgroups import node_groups, remove_trees
 from tests.support.ports import free_port
 from tests.support.wait import wait_until, wait_until_async
 
@@ -508,7 +509,8 @@ def _running(pid: int) -> bool:
 
 
 def _kill_leftovers(data_dir: Path) -> None:
-    """Whatever a failed run left: instances and proxy workers recorded in the data dir."""
+    """Whatever a failed run (or a killed agent) left: instances and proxy workers
+    recorded in the data dir, and the cgroups of node ``node_of(data_dir)``."""
     pids: list[int] = []
     for path, key in ((data_dir / "state.json", "instances"),
                       (data_dir / "proxy" / "proxy.json", "workers")):
@@ -520,6 +522,8 @@ def _kill_leftovers(data_dir: Path) -> None:
         if pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):  # what is still in them is killed first
+        remove_trees(node_groups(node_of(data_dir)))
 
 
 async def test_a_new_release_dying_after_its_switch_costs_no_request(rig: Rig) -> None:
