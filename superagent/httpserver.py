@@ -4,6 +4,13 @@ The proxy's admin API and the agent's RPC both use this; bind errors surface as
 ``ConfigError`` naming the address before hypercorn starts, so a taken port is a
 one-line startup error rather than a traceback from deep inside the server.
 ``allowed_methods`` is the ``Allow`` header both apps send with a 405.
+
+A response that starts before its request's body has been read (a route that ignores a
+body, a refusal before the upload) says ``Connection: close`` (``CloseOnUnreadBody``):
+hypercorn closes such a connection once the response is sent, since the body's rest
+would be read as the next request, but without telling the client, whose next request
+on the kept-alive connection then fails with "Server disconnected without sending a
+response".
 """
 
 from __future__ import annotations
@@ -38,6 +45,44 @@ def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> list[str]:
     return sorted(allowed)
 
 
+def _has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+class CloseOnUnreadBody:
+    """ASGI middleware: ``Connection: close`` on a response that starts while its
+    request's body is not all read (see the module docstring)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not _has_body(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        read = False  # the body's last part was received
+
+        async def receiving() -> Any:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                read = True
+            return message
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start" and not read:
+                headers = [(k, v) for k, v in message.get("headers", ())
+                           if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receiving, sending)
+
+
 def check_bindable(address: tuple[str, int], *, source: str = "", key: str = "") -> None:
     """Raise ConfigError now if ``address`` cannot be listened on."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -65,4 +110,5 @@ async def serve_app(app: Any, address: tuple[str, int], *, source: str = "", key
     config.errorlog = None
     config.graceful_timeout = GRACEFUL_TIMEOUT
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
-    await serve(app, config, task_status=task_status)
+    wrapped: Any = CloseOnUnreadBody(app)  # an ASGI app, as hypercorn types them
+    await serve(wrapped, config, task_status=task_status)
