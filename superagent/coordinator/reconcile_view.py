@@ -43,6 +43,7 @@ class ClusterView:
     releases: dict[str, str | None]  # app -> serving release
     busy: frozenset[str]  # apps a deploy runs for
     scaling: dict[str, str]  # app -> the id of its scaling in progress
+    deploys: frozenset[tuple[str, str]] = frozenset()  # (id, app) of every deploy on record
 
 
 def eligible(node: Node, *, wall: float, drain_wait: float) -> bool:
@@ -80,6 +81,7 @@ def view_of(state: ClusterState, *, wall: float, drain_wait: float) -> ClusterVi
         reasons=dict(state.placement_reason),
         releases={app: state.apps[app].current_release for app in apps},
         busy=frozenset(d.app for d in state.deploys.values() if d.running),
+        deploys=frozenset((deploy_id, d.app) for deploy_id, d in state.deploys.items()),
         scaling={app: str(a.scaling["id"]) for app, a in state.apps.items()
                  if a.scaling is not None})
 

@@ -42,7 +42,8 @@ coordinator leads, and every ``RECONCILE_PERIOD`` it does one round, decide then
 Reports lag: a heartbeat arrives every second, so right after an action the node's last
 report may not show it yet. A (node, app) whose action ended is left alone until a
 heartbeat received ``SETTLE`` seconds after the end, and so is every node of an app whose
-deploy ran in the last round (the deploy started and stopped instances too); a Shrink
+deploy ran in the last round or was recorded since it (the deploy started and stopped
+instances too, and a short one starts and ends between two rounds); a Shrink
 waits while any action of its app is in flight (its decision counted the other nodes'
 instances).
 
@@ -110,6 +111,13 @@ READY_DEADLINE = 60.0  # a release whose spec cannot be read: the manifest's def
 Key = tuple[str, str]  # (node, app)
 
 
+def deployed_since(deploys: frozenset[tuple[str, str]],
+                   seen: frozenset[tuple[str, str]] | None) -> set[str]:
+    """The apps of the deploys (``(id, app)``) on record now that the last round did not
+    see; none in a leader's first round (it waits for every node's heartbeat anyway)."""
+    return set() if seen is None else {app for _, app in deploys - seen}
+
+
 class ActionFailed(Exception):
     """A signal of an action was refused or not answered; the (node, app) backs off."""
 
@@ -154,6 +162,7 @@ class Reconciler:
         self._ended: dict[Key, float] = {}  # when the last action of (node, app) ended
         self._failing: dict[Key, _Failing] = {}
         self._was_busy: frozenset[str] = frozenset()  # apps a deploy ran for last round
+        self._deploys_seen: frozenset[tuple[str, str]] | None = None  # by the last round
         self._limiter = trio.CapacityLimiter(MAX_ACTIONS)
         self._autoscalers = Autoscalers()
         self._logged: dict[str, str] = {}  # what was last logged per topic (log on change)
@@ -197,7 +206,7 @@ class Reconciler:
         self._ended.clear()
         self._failing.clear()
         self._logged.clear()
-        self._was_busy = frozenset()
+        self._was_busy, self._deploys_seen = frozenset(), None
         self._autoscalers = Autoscalers()  # a new leader learns the load afresh
         self._term = None
 
@@ -220,10 +229,10 @@ class Reconciler:
         now = trio.current_time()  # the commit took time
         # a deploy changes what runs behind the reconciler's back: until a fresh heartbeat,
         # the reports of an app that is or just was deployed do not count
-        for app in view.busy | self._was_busy:
+        for app in view.busy | self._was_busy | deployed_since(view.deploys, self._deploys_seen):
             for node in view.addresses:
                 self._ended[node, app] = now
-        self._was_busy = view.busy
+        self._was_busy, self._deploys_seen = view.busy, view.deploys
         for key, ended in list(self._ended.items()):  # reports that show the last action
             last = liveness.last.get(key[0])
             if key[0] not in heard or (last is not None and last >= ended + SETTLE):

@@ -29,13 +29,25 @@ from superagent.coordinator.reconcile_view import (
     view_of,
     with_idle,
 )
-from superagent.coordinator.reconciler import FAILING_AFTER, MAX_ACTIONS, Reconciler
+from superagent.coordinator.reconciler import (
+    FAILING_AFTER,
+    MAX_ACTIONS,
+    Reconciler,
+    deployed_since,
+)
 from superagent.coordinator.scheduler import NodeInfo
 from superagent.coordinator.state import ClusterState, Result
 from superagent.rpc import messages as msg
 from superagent.rpc.client import Participants
 from superagent.rpc.errors import Refused, Unreachable
-from tests.coordinator.helpers import add_release, base, create_app, lifecycle, register
+from tests.coordinator.helpers import (
+    add_release,
+    base,
+    create_app,
+    lifecycle,
+    register,
+    start_deploy,
+)
 
 R = TypeVar("R", bound=msg.Reply)
 EPOCH = 1000.0  # the wall clock at virtual time 0
@@ -531,6 +543,41 @@ async def test_reports_older_than_a_finished_deploy_are_not_acted_on(
     assert s.fake.sent == []
 
 
+async def test_a_deploy_that_begins_and_ends_between_two_rounds_is_waited_for_too(
+        clock: trio.testing.MockClock) -> None:
+    """A deploy short enough that no round saw it running still makes the reconciler
+    wait for a fresh heartbeat: the node's last report, older than the deploy, shows none
+    of what the deploy started, and acting on it would start a second instance."""
+    s = Scenario()
+    agent = s.node("n1")
+    s.host.apply(create_app("hello"))
+    s.host.apply(add_release("hello"))  # never deployed: nothing to place yet
+    async with s.running():
+        await trio.sleep(3)
+        assert s.fake.sent == []
+        s.silent.add("n1")  # its next heartbeat is late
+        # a whole deploy between two rounds: started, its instance up, serving, over
+        s.host.apply(cmd.StartDeploy(**base(at=wall()), app="hello", deploy_id="d1",
+                                     record=_record()))
+        agent.instances["hello@r1.1"] = Inst("hello", "r1")
+        agent.routes["hello"] = ("hello@r1.1",)
+        s.host.state.apps["hello"].current_release = "r1"
+        s.host.state.deploys["d1"].finished = True
+        await trio.sleep(4)
+        assert s.fake.sent == []
+        s.silent.clear()
+        await trio.sleep(10)
+    assert s.fake.sent == []
+    assert s.host.state.placement["hello"] == {"n1": 1}
+
+
+def test_deployed_since_names_the_apps_of_deploys_the_last_round_did_not_see() -> None:
+    before = frozenset({("d1", "hello")})
+    assert deployed_since(before | {("d2", "web"), ("d3", "hello")}, before) == {"web", "hello"}
+    assert deployed_since(before, before) == set()
+    assert deployed_since(before, None) == set()  # a leader's first round: no baseline
+
+
 async def test_a_ready_instance_no_route_reaches_is_routed(
         clock: trio.testing.MockClock) -> None:
     """A ready instance of the serving release left unrouted is switched in."""
@@ -600,6 +647,10 @@ def test_the_view_carries_effective_scales_busy_apps_and_scalings() -> None:
     assert view.nodes[0].eligible and view.addresses == {"n1": "10.0.0.1:7000"}
     assert view.releases == {"hello": "r1", "idle": None} and view.busy == frozenset()
     assert set(view.scaling) == {"hello"}
+    assert view.deploys == frozenset()
+    for command in (add_release("idle"), start_deploy("idle")):
+        assert state.apply(command.to_json())["ok"]
+    assert view_of(state, wall=2000.0, drain_wait=5.0).deploys == {("d1", "idle")}
 
 
 def test_a_draining_node_that_holds_nothing_gets_nothing() -> None:
