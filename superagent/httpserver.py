@@ -5,12 +5,15 @@ The proxy's admin API and the agent's RPC both use this; bind errors surface as
 one-line startup error rather than a traceback from deep inside the server.
 ``allowed_methods`` is the ``Allow`` header both apps send with a 405.
 
-A response that starts before its request's body has been read (a route that ignores a
-body, a refusal before the upload) says ``Connection: close`` (``CloseOnUnreadBody``):
-hypercorn closes such a connection once the response is sent, since the body's rest
-would be read as the next request, but without telling the client, whose next request
-on the kept-alive connection then fails with "Server disconnected without sending a
-response".
+A response that starts before the app has read its request's body (a route that ignores
+a body, a refusal before the upload) says ``Connection: close`` (``CloseOnUnreadBody``).
+hypercorn closes the connection after such a response whenever the body's end had not
+reached it yet (the rest would read as the next request), but without telling the
+client, whose next request on the kept-alive connection then fails with "Server
+disconnected without sending a response". Whether hypercorn has the body's end cannot be
+seen from the app, so the rule is conservative: a small body that did arrive in time
+costs the client a new connection too (only for answers that ignore a body: errors,
+mostly).
 """
 
 from __future__ import annotations

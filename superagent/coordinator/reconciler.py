@@ -114,8 +114,9 @@ Key = tuple[str, str]  # (node, app)
 def deployed_since(deploys: frozenset[tuple[str, str]],
                    seen: frozenset[tuple[str, str]] | None) -> set[str]:
     """The apps of the deploys (``(id, app)``) on record now that the last round did not
-    see; none in a leader's first round (it waits for every node's heartbeat anyway)."""
-    return set() if seen is None else {app for _, app in deploys - seen}
+    see; in a leader's first round (``seen`` None) every app with a deploy on record: one
+    may have run just before, or since the election, and the nodes' reports predate it."""
+    return {app for _, app in deploys - (seen or frozenset())}
 
 
 class ActionFailed(Exception):

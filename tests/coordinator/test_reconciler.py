@@ -571,11 +571,35 @@ async def test_a_deploy_that_begins_and_ends_between_two_rounds_is_waited_for_to
     assert s.host.state.placement["hello"] == {"n1": 1}
 
 
+async def test_a_deploy_before_a_new_leader_s_first_round_is_waited_for_too(
+        clock: trio.testing.MockClock) -> None:
+    """A deploy that begins and ends right after an election, before the new leader's
+    first round: that round has no earlier one to compare with, and waits for a fresh
+    heartbeat for every app with a deploy on record rather than start a second instance."""
+    s = Scenario()
+    agent = s.node("n1")
+    s.host.apply(create_app("hello"))
+    s.host.apply(add_release("hello"))
+    async with s.running():
+        s.silent.add("n1")  # the report it has is from before the deploy
+        s.host.apply(cmd.StartDeploy(**base(at=wall()), app="hello", deploy_id="d1",
+                                     record=_record()))
+        agent.instances["hello@r1.1"] = Inst("hello", "r1")
+        agent.routes["hello"] = ("hello@r1.1",)
+        s.host.state.apps["hello"].current_release = "r1"
+        s.host.state.deploys["d1"].finished = True
+        await trio.sleep(4)
+        assert s.fake.sent == []
+        s.silent.clear()
+        await trio.sleep(10)
+    assert s.fake.sent == []
+
+
 def test_deployed_since_names_the_apps_of_deploys_the_last_round_did_not_see() -> None:
     before = frozenset({("d1", "hello")})
     assert deployed_since(before | {("d2", "web"), ("d3", "hello")}, before) == {"web", "hello"}
     assert deployed_since(before, before) == set()
-    assert deployed_since(before, None) == set()  # a leader's first round: no baseline
+    assert deployed_since(before, None) == {"hello"}  # a leader's first round: all of them
 
 
 async def test_a_ready_instance_no_route_reaches_is_routed(

@@ -55,7 +55,7 @@ async def test_a_start_that_cannot_be_isolated_answers_why_and_keeps_nothing(
 
 async def test_a_failed_start_answers_once_its_instances_are_off_the_disk(
         data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a slow disk (each write takes 0.3 s) the failed start's answer, and the answer to
+    """On a slow disk (each write takes 1 s) the failed start's answer, and the answer to
     a repeat of the same signal waiting for it, come after the write that forgets its
     instances, written after the one holding their records: an agent killed right after
     either answer must not find and start them again."""
@@ -63,7 +63,9 @@ async def test_a_failed_start_answers_once_its_instances_are_off_the_disk(
         assert (await rig.upload("hello", "r1", python_app())).status_code == 200
 
         def slow_disk(path: Path, text: str) -> None:
-            time.sleep(0.3)  # the disk's slowness (in the writer's thread), not a wait
+            # the disk's slowness (in the writer's thread), not a wait: the repeat below
+            # must arrive while the original runs, 2 s of writes, even on a loaded machine
+            time.sleep(1.0)
             write_atomically(path, text)
 
         monkeypatch.setattr(rig.agent.state_writer, "_write", slow_disk)

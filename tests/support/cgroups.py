@@ -30,27 +30,39 @@ def node_groups(node: str, root: Path = CGROUP_ROOT) -> list[Path]:
 
 
 def remove_trees(tops: Iterable[Path], *, timeout: float = REMOVE_TIMEOUT) -> None:
-    """SIGKILL whatever is left in each group under ``tops`` and rmdir them bottom-up;
-    raises OSError when one stays busy for ``timeout`` seconds."""
+    """SIGKILL whatever is left in each group under ``tops`` (never this test process) and
+    rmdir them bottom-up. Every group is tried; the first OSError (a group still busy
+    after ``timeout`` seconds, or holding this process) is raised at the end."""
+    failures: list[OSError] = []
     for top in tops:
         if not top.is_dir():
             continue
         groups = sorted((Path(d) for d, _, _ in os.walk(top)), key=lambda p: -len(p.parts))
         for group in groups:
-            procs = group / "cgroup.procs"
-            for pid in (procs.read_text().split() if procs.exists() else ()):
-                if int(pid) == os.getpid():  # an in-process agent put the test itself there
-                    raise OSError(f"{group} holds this test process")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    group.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.01)  # a killed process leaves its group within ms
+            try:
+                _remove(group, timeout)
+            except OSError as exc:
+                failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
+def _remove(group: Path, timeout: float) -> None:
+    procs = group / "cgroup.procs"
+    pids = [int(pid) for pid in (procs.read_text().split() if procs.exists() else ())]
+    if os.getpid() in pids:  # an in-process agent put the test itself there
+        raise OSError(f"{group} holds this test process")
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # a killed process leaves its group within ms
