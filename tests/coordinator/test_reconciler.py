@@ -556,13 +556,7 @@ async def test_a_deploy_that_begins_and_ends_between_two_rounds_is_waited_for_to
         await trio.sleep(3)
         assert s.fake.sent == []
         s.silent.add("n1")  # its next heartbeat is late
-        # a whole deploy between two rounds: started, its instance up, serving, over
-        s.host.apply(cmd.StartDeploy(**base(at=wall()), app="hello", deploy_id="d1",
-                                     record=_record()))
-        agent.instances["hello@r1.1"] = Inst("hello", "r1")
-        agent.routes["hello"] = ("hello@r1.1",)
-        s.host.state.apps["hello"].current_release = "r1"
-        s.host.state.deploys["d1"].finished = True
+        _a_whole_deploy(s, agent)  # between two rounds
         await trio.sleep(4)
         assert s.fake.sent == []
         s.silent.clear()
@@ -582,17 +576,23 @@ async def test_a_deploy_before_a_new_leader_s_first_round_is_waited_for_too(
     s.host.apply(add_release("hello"))
     async with s.running():
         s.silent.add("n1")  # the report it has is from before the deploy
-        s.host.apply(cmd.StartDeploy(**base(at=wall()), app="hello", deploy_id="d1",
-                                     record=_record()))
-        agent.instances["hello@r1.1"] = Inst("hello", "r1")
-        agent.routes["hello"] = ("hello@r1.1",)
-        s.host.state.apps["hello"].current_release = "r1"
-        s.host.state.deploys["d1"].finished = True
+        _a_whole_deploy(s, agent)  # before the leader's first round
         await trio.sleep(4)
         assert s.fake.sent == []
         s.silent.clear()
         await trio.sleep(10)
     assert s.fake.sent == []
+
+
+def _a_whole_deploy(s: Scenario, agent: FakeAgent) -> None:
+    """The first deploy of hello, all at once: started, its instance up on n1 and routed,
+    the release serving, the deploy over."""
+    s.host.apply(cmd.StartDeploy(**base(at=wall()), app="hello", deploy_id="d1",
+                                 record=_record()))
+    agent.instances["hello@r1.1"] = Inst("hello", "r1")
+    agent.routes["hello"] = ("hello@r1.1",)
+    s.host.state.apps["hello"].current_release = "r1"
+    s.host.state.deploys["d1"].finished = True
 
 
 def test_deployed_since_names_the_apps_of_deploys_the_last_round_did_not_see() -> None:

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from superagent.participant.cgroups import (
 from superagent.participant.errors import IsolationError
 from superagent.participant.isolation import IsolationReport, RLimits, child_setup
 from tests.participant.children import CHILD_TIMEOUT, run_child
-from tests.support.cgroups import remove_trees
+from tests.support.cgroups import remove_trees, rmdir_when_empty
 
 MIB = 1024 * 1024
 TEST_PARENT = f"superagent-test-{os.getpid()}"  # never the production parent group
@@ -83,17 +82,8 @@ def remove_groups(support: CgroupSupport) -> None:
 
 def remove_groups_at(path: Path | None) -> None:
     """rmdir one group whose processes are gone (they leave within ms of their death)."""
-    deadline = time.monotonic() + REMOVE_TIMEOUT
-    while path is not None:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
+    if path is not None:
+        rmdir_when_empty(path, timeout=REMOVE_TIMEOUT)
 
 
 @pytest.fixture

@@ -55,6 +55,12 @@ def _remove(group: Path, timeout: float) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    rmdir_when_empty(group, timeout=timeout)
+
+
+def rmdir_when_empty(group: Path, *, timeout: float = REMOVE_TIMEOUT) -> None:
+    """rmdir ``group`` once its processes, dead or dying, have left it (within ms of their
+    death); raises OSError when it is still busy after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -65,4 +71,4 @@ def _remove(group: Path, timeout: float) -> None:
         except OSError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.01)  # a killed process leaves its group within ms
+            time.sleep(0.01)
