@@ -9,6 +9,14 @@ every node as heard at the moment it became leader: nobody is marked down for a 
 that happened before the election, and a node that is really gone is marked down one
 timeout after it.
 
+The leader's own stalls are not the nodes' silence. When its process was not scheduled
+(a paused VM, a starved CPU, a long step that held the event loop), heartbeats wait unread
+in socket buffers, and the loop that calls ``due`` wakes up late, usually before the
+requests carrying them are read. ``due`` knows how often it is called (``period``): any
+longer gap since the last call is time the leader was blind, and is not counted against a
+node that beat before it. A node that really stopped is then marked down the blind time
+later, never early.
+
 ``Liveness`` is pure (the caller passes ``now``); the coordinator's loop turns ``due``
 into commands.
 """
@@ -25,40 +33,61 @@ class Liveness:
     """Last heartbeat per node, as seen by this coordinator while it leads."""
 
     timeout: float
+    period: float  # how often the leader calls ``due``; a longer gap is its own stall
     leader_since: float | None = None
     last: dict[str, float] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checked: float | None = None  # when ``due`` last ran while leading
+    blind: float = 0.0  # seconds of the leader's own stalls since it began leading
+    blind_at: dict[str, float] = field(default_factory=dict)  # ``blind`` at each last beat
 
     def lead(self, now: float) -> None:
         """This coordinator became leader at ``now``."""
         self.leader_since = now
+        self.checked = now
+        self.blind = 0.0
+        self.blind_at = dict.fromkeys(self.last, 0.0)
 
     def follow(self) -> None:
         """This coordinator lost the leadership: what it knows goes stale."""
-        self.leader_since = None
+        self.leader_since = self.checked = None
         self.last.clear()
         self.status.clear()
+        self.blind_at.clear()
 
     def beat(self, node: str, now: float, status: Mapping[str, Any] | None = None) -> None:
         self.last[node] = now
+        self.blind_at[node] = self.blind
         if status is not None:
             self.status[node] = dict(status)
 
     def forget(self, node: str) -> None:
         self.last.pop(node, None)
         self.status.pop(node, None)
+        self.blind_at.pop(node, None)
 
     def alive(self, node: str, now: float) -> bool:
-        """Heard from within ``timeout`` (counting the start of the leadership as heard)."""
+        """Heard from within ``timeout`` (counting the start of the leadership as heard),
+        not counting the time this leader was blind since."""
         if self.leader_since is None:
             return False
-        heard = max(self.last.get(node, self.leader_since), self.leader_since)
-        return now - heard <= self.timeout
+        heard, blind_then = self.last.get(node), self.blind_at.get(node, 0.0)
+        if heard is None or heard < self.leader_since:
+            heard, blind_then = self.leader_since, 0.0
+        return now - heard - (self.blind - blind_then) <= self.timeout
 
     def due(self, up: Mapping[str, bool], now: float) -> tuple[list[str], list[str]]:
-        """``(to mark down, to mark up)`` given each known node's replicated ``up`` flag."""
+        """``(to mark down, to mark up)`` given each known node's replicated ``up`` flag.
+        Called every ``period``: a gap longer than that was the leader's own stall."""
         if self.leader_since is None:
             return [], []
+        if self.checked is not None and now - self.checked > self.period:
+            stall_from = self.checked + self.period
+            self.blind += now - stall_from
+            for node, heard in self.last.items():
+                if heard > stall_from:  # read once the stall was over: nothing to forgive
+                    self.blind_at[node] = self.blind
+        self.checked = now
         down = sorted(n for n, is_up in up.items() if is_up and not self.alive(n, now))
         back = sorted(n for n, is_up in up.items()
                       if not is_up and n in self.last and self.alive(n, now))

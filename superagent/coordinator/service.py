@@ -136,7 +136,7 @@ class Coordinator:
                              secret=config.secret, data_dir=config.data_dir / "raft",
                              state=ClusterState(), election_timeout=config.election_timeout)
         self.store = ArtifactStore(config.data_dir / "artifacts", max_bytes=config.max_upload)
-        self.liveness = Liveness(config.node_timeout)
+        self.liveness = Liveness(config.node_timeout, period=WATCH_PERIOD)
         self.http: httpx.AsyncClient | None = None
         self._participants: ParticipantClient | None = None
         self.started_at = time.time()

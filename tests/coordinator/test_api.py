@@ -6,6 +6,8 @@ import io
 import json
 import math
 import tarfile
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +27,7 @@ from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
 
 SECRET = "test-secret"
+STALL = 2.0  # seconds the coordinator's loop is blocked: twice its node_timeout
 
 
 def tarball(files: dict[str, bytes]) -> bytes:
@@ -249,6 +252,43 @@ async def test_node_registers_heartbeats_goes_down_and_up(api: Api) -> None:
                          json={"node": "bad name", "address": "x:1"})
     assert bad.status_code == 400
     assert "node" in bad.json()["detail"]
+
+
+async def test_a_stall_of_the_leader_does_not_mark_its_nodes_down(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator's event loop is blocked for longer than node_timeout (1 s), as by a
+    paused VM or a starved CPU, while n1 keeps beating: the beat waits in the socket and is
+    read after the watch loop wakes. The silence was the leader's, so no NodeDown."""
+    coordinator = api.coordinator
+    submitted: list[cmd.Command] = []
+    submit = coordinator.submit
+
+    async def recording(command: cmd.Command) -> Any:
+        submitted.append(command)
+        return await submit(command)
+
+    monkeypatch.setattr(coordinator, "submit", recording)
+    reg = await api.call("POST", "/api/v1/nodes/register", token=SECRET,
+                         json={"node": "n1", "address": "127.0.0.1:9"})
+    assert reg.status_code == 200, reg.text
+    await wait_until_async(lambda: coordinator.liveness.checked is not None, "leading")
+    beat = await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET, json={})
+    assert beat.status_code == 200, beat.text
+    url, headers = f"{api.url}/api/v1/nodes/n1/heartbeat", api.auth(SECRET)
+    sender = threading.Thread(target=lambda: httpx.post(url, headers=headers, json={}))
+    with trio.fail_after(30):
+        # the fault itself, not a synchronisation: nothing of the loop runs meanwhile, and
+        # the sender's beat (sent as soon as it can connect) waits unread in the socket
+        sender.start()
+        time.sleep(STALL)
+        over = trio.current_time()
+        await wait_until_async(lambda: coordinator.liveness.last.get("n1", 0) >= over,
+                               "the beat sent during the stall is read")
+        await wait_until_async(lambda: (coordinator.liveness.checked or 0) > over,
+                               "the watch loop ran after the stall")
+        await trio.to_thread.run_sync(sender.join)
+    assert [c for c in submitted if isinstance(c, cmd.NodeDown)] == []
+    assert coordinator.read(lambda s: s.nodes["n1"].up) is True
 
 
 async def test_node_lifecycle_drain_offline_online(api: Api) -> None:

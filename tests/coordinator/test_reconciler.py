@@ -204,7 +204,7 @@ class FakeHost:
         self.state = ClusterState()
         self.config = Identity()
         self.fake = participants
-        self.liveness = Liveness(10.0)
+        self.liveness = Liveness(10.0, 0.5)
         self.leading = True
         self.current_term = 3
         self.keys = iter(range(1, 10**9))
