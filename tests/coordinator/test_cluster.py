@@ -194,6 +194,7 @@ def test_membership_up_down_up_through_a_follower(shared: Cluster) -> None:
     r = shared.post(follower, "/api/v1/nodes/register", headers=secret, json={
         "node": "p1", "address": "127.0.0.1:9", "groups": ["default"], "capacity": 4})
     assert r.status_code == 200, r.text
+    shared.wait_converged()  # the registration, applied on every member before reading it
     # twice the node timeout of heartbeats every 0.3 s: the node must stay up throughout
     end = time.monotonic() + 2 * NODE_TIMEOUT
     while time.monotonic() < end:
