@@ -18,7 +18,7 @@ from superagent.rpc.credentials import (
 )
 from tests.coordinator.test_raft import Node
 from tests.support.ports import free_port
-from tests.support.raftport import probe
+from tests.support.raftport import HANG_UP_WAIT, probe
 
 SECRET = "raft-port-coordinators-secret"
 
@@ -55,7 +55,7 @@ def test_a_participant_credential_never_reaches_the_unpickler(node: Node,
     before unpickling: the pickle's side effect never happens."""
     for index, key in enumerate(participant_keys()):
         marker = tmp_path / f"ran-{index}"
-        assert probe(node.address, key, marker) == "closed"
+        assert probe(node.address, key, marker, kept_open=HANG_UP_WAIT) == "closed"
         assert not marker.exists(), f"key {index} got a pickle unpickled"
 
 

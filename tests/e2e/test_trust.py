@@ -45,7 +45,7 @@ from tests.e2e.fleet import (
     write_demo_app,
 )
 from tests.support.ports import free_ports
-from tests.support.raftport import probe
+from tests.support.raftport import HANG_UP_WAIT, probe
 from tests.support.wait import wait_until
 
 REFUSED_ENROLMENT_TIMEOUT = 60.0  # the agent starts, asks, is refused and exits
@@ -164,7 +164,8 @@ def test_participants_hold_their_own_credentials_and_nothing_more() -> None:
             for member in cluster.members:
                 for index, key in enumerate(keys + [derive_password(k) for k in keys]):
                     marker = root / f"unpickled-{member.id}-{index}"
-                    outcome = probe(f"127.0.0.1:{member.raft_port}", key, marker)
+                    outcome = probe(f"127.0.0.1:{member.raft_port}", key, marker,
+                                    kept_open=HANG_UP_WAIT)
                     assert outcome == "closed" and not marker.exists(), (member.id, index)
 
             # revoke n1 (the CLI): 401 everywhere, down, left out of the next deploy

@@ -546,6 +546,9 @@ async def test_connect_failure_is_retried_on_another_instance(make_proxy, upstre
 
 
 # --------------------------------------------------------------------------- timeouts
+# Upper bounds on a timeout's firing only tell the configured timeout (0.3-0.4 s) from the
+# next one that could fire (the defaults, 5 s and more; a test's own 5 s first_byte): they
+# are set just under that, not near the configured value, which a loaded machine overruns.
 
 async def test_slowloris_is_cut_with_408_while_others_are_served(make_proxy, upstream):
     """A head trickling in a byte at a time gets 408 at header_timeout; others go on."""
@@ -564,15 +567,15 @@ async def test_slowloris_is_cut_with_408_while_others_are_served(make_proxy, ups
             nursery.start_soon(trickle)
             fast = await proxy.connect()
             for i in range(3):
-                resp = await fast.request("GET", f"/ok/{i}", timeout=1)
+                resp = await fast.request("GET", f"/ok/{i}", timeout=5)
                 assert resp.status == 200
             try:
-                cut = await slow.read_response(timeout=2.5)
+                cut = await slow.read_response(timeout=8)
             finally:
                 nursery.cancel_scope.cancel()
         elapsed = trio.current_time() - start
         assert_error(cut, 408, "client-header-timeout")
-        assert 0.3 <= elapsed < 2
+        assert 0.3 <= elapsed < 8  # the default header_timeout is 10 s
         await slow.wait_closed()
         assert [r.target for r in up.requests] == ["/ok/0", "/ok/1", "/ok/2"]
 
@@ -586,7 +589,7 @@ async def test_first_byte_timeout_is_504(make_proxy, upstream):
         resp = await client.request("GET", "/wait")
         elapsed = trio.current_time() - start
         assert_error(resp, 504, "upstream-first-byte-timeout")
-        assert 0.3 <= elapsed < 2
+        assert 0.3 <= elapsed < 8  # the default first_byte is 60 s
         await client.wait_closed()
         assert [r.target for r in up.requests] == ["/wait"]
 
@@ -604,7 +607,7 @@ async def test_connect_failure_and_timeout(make_proxy, request, port_fixture, st
         start = trio.current_time()
         resp = await client.request("GET", "/c")
         assert_error(resp, status, code)
-        assert trio.current_time() - start < 2
+        assert trio.current_time() - start < 4  # the default connect timeout is 5 s
         entries = await proxy.access_log(1)
         assert entries[0]["error"] == code
 
@@ -618,7 +621,7 @@ async def test_total_timeout_before_the_response_is_504(make_proxy, upstream):
         resp = await client.request("GET", "/total")
         elapsed = trio.current_time() - start
         assert_error(resp, 504, "upstream-total-timeout")
-        assert 0.4 <= elapsed < 2
+        assert 0.4 <= elapsed < 4  # first_byte (5 s) did not fire instead
 
 
 async def test_total_timeout_after_the_response_started_cuts_it(make_proxy, upstream):
