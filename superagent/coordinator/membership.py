@@ -37,7 +37,7 @@ class Liveness:
     leader_since: float | None = None
     last: dict[str, float] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
-    checked: float | None = None  # when ``due`` last ran while leading
+    checked: float | None = None  # when the leader's loop last called ``due`` (or ``resting``)
     blind: float = 0.0  # seconds of the leader's own stalls since it began leading
     blind_at: dict[str, float] = field(default_factory=dict)  # ``blind`` at each last beat
 
@@ -78,7 +78,8 @@ class Liveness:
 
     def due(self, up: Mapping[str, bool], now: float) -> tuple[list[str], list[str]]:
         """``(to mark down, to mark up)`` given each known node's replicated ``up`` flag.
-        Called every ``period``: a gap longer than that was the leader's own stall."""
+        Called every ``period``: a gap longer than that since the last call (or since
+        ``resting``) was the leader's own stall."""
         if self.leader_since is None:
             return [], []
         if self.checked is not None and now - self.checked > self.period:
@@ -92,6 +93,12 @@ class Liveness:
         back = sorted(n for n, is_up in up.items()
                       if not is_up and n in self.last and self.alive(n, now))
         return down, back
+
+    def resting(self, now: float) -> None:
+        """The leader's loop acted on ``due``'s answer (committing takes a while, and
+        heartbeats are read meanwhile) and waits ``period`` from ``now``."""
+        if self.leader_since is not None:
+            self.checked = now
 
     def age(self, node: str, now: float) -> float | None:
         """Seconds since the node's last heartbeat to this leader, or None."""

@@ -434,6 +434,7 @@ class Coordinator:
                     self._log.warning("node liveness not committed", node=name, error=str(exc))
                     continue
                 self._log.info("node liveness", node=name, up=cls is cmd.NodeUp)
+            self.liveness.resting(trio.current_time())
 
     # ------------------------------------------------------------------ bootstrap
     async def _register_self(self) -> None:

@@ -199,3 +199,16 @@ def test_a_beat_read_after_the_stall_is_not_forgiven_it() -> None:
     seen = run_leader(Liveness(TIMEOUT, PERIOD), {"n1": True}, {"n1": [2.0, 8.5]},
                       stall=(3.0, 9.0), until=16.0)
     assert seen == [(14.5, "n1", "down")]  # read at 9.0; silent for TIMEOUT at 14.0
+
+
+def test_the_leaders_time_spent_committing_is_not_a_stall() -> None:
+    """A round whose commits take 2.5 s (heartbeats are read meanwhile) ends with
+    ``resting``: the wait after it is not counted as blind, and a silent node is down on
+    time."""
+    liveness = Liveness(TIMEOUT, PERIOD)
+    liveness.lead(0.0)
+    up = {"n1": True}
+    assert liveness.due(up, 0.5) == ([], [])
+    liveness.resting(3.0)  # the round's commits took until t=3
+    assert [liveness.due(up, t) for t in (3.5, 4.0, 4.5, 5.0)] == [([], [])] * 4
+    assert liveness.due(up, 5.5) == (["n1"], [])
