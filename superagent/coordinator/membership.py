@@ -11,11 +11,12 @@ timeout after it.
 
 The leader's own stalls are not the nodes' silence. When its process was not scheduled
 (a paused VM, a starved CPU, a long step that held the event loop), heartbeats wait unread
-in socket buffers, and the loop that calls ``due`` wakes up late, usually before the
-requests carrying them are read. ``due`` knows how often it is called (``period``): any
-longer gap since the last call is time the leader was blind, and is not counted against a
-node that beat before it. A node that really stopped is then marked down the blind time
-later, never early.
+in socket buffers, and whatever judges liveness first after it (the watch loop, the
+reconciler, an API call) runs before the requests carrying them are read. ``observe`` is
+called every ``period`` by the watch loop and first thing by every judge: a gap of more
+than ``STALL_GAP`` periods since the last observation is time the leader was blind
+(counted in ``stalls`` and ``blind``), and it is not held against a node that beat before
+it. A node that really stopped is then marked down the blind time later, never early.
 
 ``Liveness`` is pure (the caller passes ``now``); the coordinator's loop turns ``due``
 into commands.
@@ -27,17 +28,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+STALL_GAP = 2.0  # periods between two observations beyond which the leader stalled
+
 
 @dataclass
 class Liveness:
     """Last heartbeat per node, as seen by this coordinator while it leads."""
 
     timeout: float
-    period: float  # how often the leader calls ``due``; a longer gap is its own stall
+    period: float  # how often the watch loop observes (``due``)
     leader_since: float | None = None
     last: dict[str, float] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
-    checked: float | None = None  # when the leader's loop last called ``due`` (or ``resting``)
+    checked: float | None = None  # when the leader last observed, while leading
+    stalls: int = 0  # stalls observed (only ever grows: judges compare it across rounds)
     blind: float = 0.0  # seconds of the leader's own stalls since it began leading
     blind_at: dict[str, float] = field(default_factory=dict)  # ``blind`` at each last beat
 
@@ -66,9 +70,23 @@ class Liveness:
         self.status.pop(node, None)
         self.blind_at.pop(node, None)
 
+    def observe(self, now: float) -> None:
+        """The leader runs at ``now``: a gap of more than ``STALL_GAP`` periods since it
+        last observed was its own stall, from one period after that observation."""
+        if self.checked is None:
+            return
+        if now - self.checked > STALL_GAP * self.period:
+            stall_from = self.checked + self.period
+            self.stalls += 1
+            self.blind += now - stall_from
+            for node, heard in self.last.items():
+                if heard > stall_from:  # read once the stall was over: nothing to forgive
+                    self.blind_at[node] = self.blind
+        self.checked = max(self.checked, now)
+
     def alive(self, node: str, now: float) -> bool:
         """Heard from within ``timeout`` (counting the start of the leadership as heard),
-        not counting the time this leader was blind since."""
+        not counting the time this leader was blind since. Call ``observe`` first."""
         if self.leader_since is None:
             return False
         heard, blind_then = self.last.get(node), self.blind_at.get(node, 0.0)
@@ -77,28 +95,15 @@ class Liveness:
         return now - heard - (self.blind - blind_then) <= self.timeout
 
     def due(self, up: Mapping[str, bool], now: float) -> tuple[list[str], list[str]]:
-        """``(to mark down, to mark up)`` given each known node's replicated ``up`` flag.
-        Called every ``period``: a gap longer than that since the last call (or since
-        ``resting``) was the leader's own stall."""
+        """``(to mark down, to mark up)`` given each known node's replicated ``up`` flag,
+        observing ``now`` first."""
         if self.leader_since is None:
             return [], []
-        if self.checked is not None and now - self.checked > self.period:
-            stall_from = self.checked + self.period
-            self.blind += now - stall_from
-            for node, heard in self.last.items():
-                if heard > stall_from:  # read once the stall was over: nothing to forgive
-                    self.blind_at[node] = self.blind
-        self.checked = now
+        self.observe(now)
         down = sorted(n for n, is_up in up.items() if is_up and not self.alive(n, now))
         back = sorted(n for n, is_up in up.items()
                       if not is_up and n in self.last and self.alive(n, now))
         return down, back
-
-    def resting(self, now: float) -> None:
-        """The leader's loop acted on ``due``'s answer (committing takes a while, and
-        heartbeats are read meanwhile) and waits ``period`` from ``now``."""
-        if self.leader_since is not None:
-            self.checked = now
 
     def age(self, node: str, now: float) -> float | None:
         """Seconds since the node's last heartbeat to this leader, or None."""

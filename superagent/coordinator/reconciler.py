@@ -164,6 +164,7 @@ class Reconciler:
         self._failing: dict[Key, _Failing] = {}
         self._was_busy: frozenset[str] = frozenset()  # apps a deploy ran for last round
         self._deploys_seen: frozenset[tuple[str, str]] | None = None  # by the last round
+        self._stalls_seen = 0  # the leader's stalls (Liveness.stalls) seen by the last round
         self._limiter = trio.CapacityLimiter(MAX_ACTIONS)
         self._autoscalers = Autoscalers()
         self._logged: dict[str, str] = {}  # what was last logged per topic (log on change)
@@ -218,6 +219,12 @@ class Reconciler:
             lambda s: view_of(s, wall=self.wall(), drain_wait=self.drain_wait))
         now = trio.current_time()
         liveness = self.host.liveness
+        liveness.observe(now)
+        if liveness.stalls != self._stalls_seen:
+            # the leader did not run for a while: the heartbeats sent meanwhile are still
+            # unread, and the reports at hand look older than they are; plan next round
+            self._stalls_seen = liveness.stalls
+            return
         heard = {node: liveness.status[node] for node in view.addresses
                  if node in liveness.status
                  and (age := liveness.age(node, now)) is not None and age <= liveness.timeout}
@@ -261,12 +268,12 @@ class Reconciler:
 
     def _unheard(self, view: ClusterView, now: float) -> bool:
         """Whether this leader, new, has not heard an eligible node yet (for at most the
-        liveness timeout, after which a silent node goes down): placing without its
-        heartbeat would count the apps idle there as running and, placement being
-        sticky, could move another app off that node for good."""
+        liveness timeout and the leader's own stalls, after which a silent node goes
+        down): placing without its heartbeat would count the apps idle there as running
+        and, placement being sticky, could move another app off that node for good."""
         liveness = self.host.liveness
         return (liveness.leader_since is not None
-                and now - liveness.leader_since <= liveness.timeout
+                and now - liveness.leader_since - liveness.blind <= liveness.timeout
                 and any(node.eligible and node.name not in liveness.status
                         for node in view.nodes))
 

@@ -410,31 +410,44 @@ class Coordinator:
         return known
 
     async def _watch_nodes(self) -> None:
+        """Every WATCH_PERIOD, while leading: observe (Liveness) and commit the nodes that
+        went down or came back. Commits run beside the loop, one per node at a time, so a
+        slow commit never delays the next observation (a late one reads as a stall)."""
         leading = False
-        while True:
-            await trio.sleep(WATCH_PERIOD)
-            now = trio.current_time()
-            if self.is_leader() != leading:
-                leading = not leading
-                if leading:
-                    self.liveness.lead(now)
-                else:
-                    self.liveness.follow()
-            if not leading:
-                continue
-            # a revoked node stays down, whatever heartbeats came before the revocation
-            up = self.read(lambda s: {n.name: n.up for n in s.nodes.values()
-                                      if not s.trust.revoked(n.name)})
-            down, back = self.liveness.due(up, now)
-            for name, cls in [(n, cmd.NodeDown) for n in down] + [(n, cmd.NodeUp) for n in back]:
-                try:
-                    await self.submit(self.command(cls, actor=f"coordinator:{self.config.id}",
-                                                   node=name))
-                except CoordinatorError as exc:
-                    self._log.warning("node liveness not committed", node=name, error=str(exc))
-                    continue
+        committing: set[str] = set()
+
+        async def commit(name: str, cls: type[cmd.NodeUp | cmd.NodeDown]) -> None:
+            try:
+                await self.submit(self.command(cls, actor=f"coordinator:{self.config.id}",
+                                               node=name))
+            except CoordinatorError as exc:
+                self._log.warning("node liveness not committed", node=name, error=str(exc))
+            else:
                 self._log.info("node liveness", node=name, up=cls is cmd.NodeUp)
-            self.liveness.resting(trio.current_time())
+            finally:
+                committing.discard(name)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(WATCH_PERIOD)
+                now = trio.current_time()
+                if self.is_leader() != leading:
+                    leading = not leading
+                    if leading:
+                        self.liveness.lead(now)
+                    else:
+                        self.liveness.follow()
+                if not leading:
+                    continue
+                # a revoked node stays down, whatever heartbeats came before the revocation
+                up = self.read(lambda s: {n.name: n.up for n in s.nodes.values()
+                                          if not s.trust.revoked(n.name)})
+                down, back = self.liveness.due(up, now)
+                for name, cls in ([(n, cmd.NodeDown) for n in down]
+                                  + [(n, cmd.NodeUp) for n in back]):
+                    if name not in committing:
+                        committing.add(name)
+                        nursery.start_soon(commit, name, cls)
 
     # ------------------------------------------------------------------ bootstrap
     async def _register_self(self) -> None:

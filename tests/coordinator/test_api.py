@@ -255,7 +255,7 @@ async def test_node_registers_heartbeats_goes_down_and_up(api: Api) -> None:
 
 
 async def test_a_stall_of_the_leader_does_not_mark_its_nodes_down(
-        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+        api: Api, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
     """The coordinator's event loop is blocked for longer than node_timeout (1 s), as by a
     paused VM or a starved CPU, while n1 keeps beating: the beat waits in the socket and is
     read after the watch loop wakes. The silence was the leader's, so no NodeDown."""
@@ -267,13 +267,18 @@ async def test_a_stall_of_the_leader_does_not_mark_its_nodes_down(
         submitted.append(command)
         return await submit(command)
 
+    async def beat() -> None:
+        while True:
+            await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET, json={})
+            await trio.sleep(0.2)  # a heartbeat period, not a synchronisation
+
     monkeypatch.setattr(coordinator, "submit", recording)
     reg = await api.call("POST", "/api/v1/nodes/register", token=SECRET,
                          json={"node": "n1", "address": "127.0.0.1:9"})
     assert reg.status_code == 200, reg.text
     await wait_until_async(lambda: coordinator.liveness.checked is not None, "leading")
-    beat = await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET, json={})
-    assert beat.status_code == 200, beat.text
+    first = await api.call("POST", "/api/v1/nodes/n1/heartbeat", token=SECRET, json={})
+    assert first.status_code == 200, first.text
     url, headers = f"{api.url}/api/v1/nodes/n1/heartbeat", api.auth(SECRET)
     sender = threading.Thread(target=lambda: httpx.post(url, headers=headers, json={}))
     with trio.fail_after(30):
@@ -282,11 +287,14 @@ async def test_a_stall_of_the_leader_does_not_mark_its_nodes_down(
         sender.start()
         time.sleep(STALL)
         over = trio.current_time()
+        nursery.start_soon(beat)  # n1 beats on as before
         await wait_until_async(lambda: coordinator.liveness.last.get("n1", 0) >= over,
                                "the beat sent during the stall is read")
-        await wait_until_async(lambda: (coordinator.liveness.checked or 0) > over,
-                               "the watch loop ran after the stall")
+        # two watch rounds after the stall: a commit the first one started has begun
+        await wait_until_async(lambda: (coordinator.liveness.checked or 0) > over + 0.5,
+                               "two watch rounds after the stall")
         await trio.to_thread.run_sync(sender.join)
+    assert coordinator.liveness.stalls == 1
     assert [c for c in submitted if isinstance(c, cmd.NodeDown)] == []
     assert coordinator.read(lambda s: s.nodes["n1"].up) is True
 

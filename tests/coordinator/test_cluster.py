@@ -194,7 +194,9 @@ def test_membership_up_down_up_through_a_follower(shared: Cluster) -> None:
     r = shared.post(follower, "/api/v1/nodes/register", headers=secret, json={
         "node": "p1", "address": "127.0.0.1:9", "groups": ["default"], "capacity": 4})
     assert r.status_code == 200, r.text
-    shared.wait_converged()  # the registration, applied on every member before reading it
+    # every member applies the registration (p1 beats meanwhile: it is silent for no longer)
+    wait_until(lambda: (beat(), all(up(i) is True for i in range(3)))[1],
+               "p1 registered and up on every member")
     # twice the node timeout of heartbeats every 0.3 s: the node must stay up throughout
     end = time.monotonic() + 2 * NODE_TIMEOUT
     while time.monotonic() < end:

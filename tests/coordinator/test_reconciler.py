@@ -32,6 +32,7 @@ from superagent.coordinator.reconcile_view import (
 from superagent.coordinator.reconciler import (
     FAILING_AFTER,
     MAX_ACTIONS,
+    RECONCILE_PERIOD,
     Reconciler,
     deployed_since,
 )
@@ -204,7 +205,7 @@ class FakeHost:
         self.state = ClusterState()
         self.config = Identity()
         self.fake = participants
-        self.liveness = Liveness(10.0, 0.5)
+        self.liveness = Liveness(10.0, RECONCILE_PERIOD)  # observed by the rounds alone
         self.leading = True
         self.current_term = 3
         self.keys = iter(range(1, 10**9))
@@ -743,6 +744,22 @@ async def test_idle_apps_leave_room_to_the_others_but_keep_their_place(
         assert sorted(starts) == ["a1", "a2", "web"]  # a1 and a2 started once, at first
 
 
+async def _web_beside_idle_apps(s: Scenario) -> None:
+    """n1 (capacity 2) runs a1 and a2, both idle, and web; n2 (capacity 1) joined and had
+    its rounds: web stays on n1 only while the idle facts are known."""
+    n1 = s.node("n1", capacity=2)
+    s.app("a1", instances=1)
+    s.app("a2", instances=1)
+    await s.until(lambda: s.counts("a1") == s.counts("a2") == {"n1": 1}, "both running")
+    for inst in n1.instances.values():
+        inst.state = "idle"
+    s.app("web", instances=1)
+    await s.until(lambda: s.counts("web") == {"n1": 1}, "web running")
+    s.node("n2", capacity=1)
+    rounds = s.reconciler.rounds
+    await s.until(lambda: s.reconciler.rounds >= rounds + 2, "n2 placed for")
+
+
 async def test_a_new_leader_places_with_the_idle_facts_once_it_heard_the_nodes(
         clock: trio.testing.MockClock) -> None:
     """A new leader has no heartbeat yet: placing at once, it would count the idle apps
@@ -750,18 +767,8 @@ async def test_a_new_leader_places_with_the_idle_facts_once_it_heard_the_nodes(
     for each eligible node's first heartbeat (at most the liveness timeout), so web stays
     where it runs."""
     s = Scenario()
-    n1 = s.node("n1", capacity=2)
-    s.app("a1", instances=1)
-    s.app("a2", instances=1)
     async with s.running():
-        await s.until(lambda: s.counts("a1") == s.counts("a2") == {"n1": 1}, "both running")
-        for inst in n1.instances.values():
-            inst.state = "idle"
-        s.app("web", instances=1)
-        await s.until(lambda: s.counts("web") == {"n1": 1}, "web running")
-        s.node("n2", capacity=1)
-        rounds = s.reconciler.rounds
-        await s.until(lambda: s.reconciler.rounds >= rounds + 2, "n2 placed for")
+        await _web_beside_idle_apps(s)
         assert s.host.state.placement["web"] == {"n1": 1}
         s.silent.update({"n1", "n2"})  # the new leader hears nobody at first
         s.host.liveness.follow()
@@ -769,6 +776,27 @@ async def test_a_new_leader_places_with_the_idle_facts_once_it_heard_the_nodes(
         rounds = s.reconciler.rounds
         await s.until(lambda: s.reconciler.rounds >= rounds + 2, "rounds without heartbeats")
         s.silent.clear()
+        rounds = s.reconciler.rounds
+        await s.until(lambda: s.reconciler.rounds >= rounds + 3, "rounds with heartbeats")
+        assert s.host.state.placement["web"] == {"n1": 1}
+        assert not [m for m in s.fake.of("n2", "start") if isinstance(m, msg.Start)]
+
+
+async def test_after_a_stall_of_the_leader_the_reconciler_waits_for_the_queued_heartbeats(
+        clock: trio.testing.MockClock) -> None:
+    """The leader does not run for 20 s (twice the liveness timeout). Its first round after
+    that would find no node heard and count the idle apps as running, moving web off n1
+    for good; it plans again only once the heartbeats sent meanwhile are read."""
+    s = Scenario()
+    async with s.running():
+        await _web_beside_idle_apps(s)
+        s.silent.update({"n1", "n2"})  # their beats wait unread until after the stall
+        rounds = s.reconciler.rounds
+        clock.jump(20.0)
+        await s.until(lambda: s.reconciler.rounds >= rounds + 1, "a round after the stall")
+        s.silent.clear()
+        for node in ("n1", "n2"):  # the queued beats, read right after the stall
+            s.host.liveness.beat(node, trio.current_time(), s.agent(node).heartbeat())
         rounds = s.reconciler.rounds
         await s.until(lambda: s.reconciler.rounds >= rounds + 3, "rounds with heartbeats")
         assert s.host.state.placement["web"] == {"n1": 1}
