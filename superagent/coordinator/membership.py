@@ -15,8 +15,9 @@ in socket buffers, and whatever judges liveness first after it (the watch loop, 
 reconciler, an API call) runs before the requests carrying them are read. ``observe`` is
 called every ``period`` by the watch loop and first thing by every judge: a gap of more
 than ``STALL_GAP`` periods since the last observation is time the leader was blind
-(counted in ``stalls`` and ``blind``), and it is not held against a node that beat before
-it. A node that really stopped is then marked down the blind time later, never early.
+(``blind``), and it is not held against a node that beat before it (``silence``): its last
+report stays current (``fresh``) and it stays up (``alive``). A node that really stopped is
+then marked down the blind time later, never early.
 
 ``Liveness`` is pure (the caller passes ``now``); the coordinator's loop turns ``due``
 into commands.
@@ -41,7 +42,6 @@ class Liveness:
     last: dict[str, float] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
     checked: float | None = None  # when the leader last observed, while leading
-    stalls: int = 0  # stalls observed (only ever grows: judges compare it across rounds)
     blind: float = 0.0  # seconds of the leader's own stalls since it began leading
     blind_at: dict[str, float] = field(default_factory=dict)  # ``blind`` at each last beat
 
@@ -77,22 +77,34 @@ class Liveness:
             return
         if now - self.checked > STALL_GAP * self.period:
             stall_from = self.checked + self.period
-            self.stalls += 1
             self.blind += now - stall_from
             for node, heard in self.last.items():
                 if heard > stall_from:  # read once the stall was over: nothing to forgive
                     self.blind_at[node] = self.blind
         self.checked = max(self.checked, now)
 
+    def silence(self, node: str, now: float) -> float | None:
+        """Seconds since the node's last heartbeat, less the time this leader was blind
+        since (call ``observe`` first); None when never heard."""
+        heard = self.last.get(node)
+        if heard is None:
+            return None
+        return now - heard - (self.blind - self.blind_at.get(node, 0.0))
+
+    def fresh(self, node: str, now: float) -> bool:
+        """Heard from within ``timeout`` (its report is current enough to act on)."""
+        silence = self.silence(node, now)
+        return silence is not None and silence <= self.timeout
+
     def alive(self, node: str, now: float) -> bool:
-        """Heard from within ``timeout`` (counting the start of the leadership as heard),
-        not counting the time this leader was blind since. Call ``observe`` first."""
+        """``fresh``, or not heard since this leadership began and within ``timeout`` of
+        its start (less the leader's stalls): an election never marks a node down."""
         if self.leader_since is None:
             return False
-        heard, blind_then = self.last.get(node), self.blind_at.get(node, 0.0)
+        heard = self.last.get(node)
         if heard is None or heard < self.leader_since:
-            heard, blind_then = self.leader_since, 0.0
-        return now - heard - (self.blind - blind_then) <= self.timeout
+            return now - self.leader_since - self.blind <= self.timeout
+        return self.fresh(node, now)
 
     def due(self, up: Mapping[str, bool], now: float) -> tuple[list[str], list[str]]:
         """``(to mark down, to mark up)`` given each known node's replicated ``up`` flag,

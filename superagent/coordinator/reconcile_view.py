@@ -175,7 +175,7 @@ def still_on(state: ClusterState, node: str, liveness: Liveness, now: float
     if found is None:
         return None
     liveness.observe(now)  # a stall of the leader is not the node's silence
-    status = liveness.status.get(node) if liveness.alive(node, now) else None
+    status = liveness.status.get(node) if liveness.fresh(node, now) else None
     report = reports_from({node: status})[node] if status is not None else None
     instances = [f"{i.id} ({i.state})" for i in (report.instances if report else ())
                  if i.state != "stopped"]

@@ -164,7 +164,6 @@ class Reconciler:
         self._failing: dict[Key, _Failing] = {}
         self._was_busy: frozenset[str] = frozenset()  # apps a deploy ran for last round
         self._deploys_seen: frozenset[tuple[str, str]] | None = None  # by the last round
-        self._stalls_seen = 0  # the leader's stalls (Liveness.stalls) seen by the last round
         self._limiter = trio.CapacityLimiter(MAX_ACTIONS)
         self._autoscalers = Autoscalers()
         self._logged: dict[str, str] = {}  # what was last logged per topic (log on change)
@@ -219,15 +218,13 @@ class Reconciler:
             lambda s: view_of(s, wall=self.wall(), drain_wait=self.drain_wait))
         now = trio.current_time()
         liveness = self.host.liveness
+        if liveness.leader_since is None:
+            return  # the watch loop has not taken up the leadership yet: nothing is heard
+        # heard: reports within the timeout, not counting the leader's own stalls (after
+        # one, the heartbeats sent meanwhile are not read yet, and the last ones stand)
         liveness.observe(now)
-        if liveness.stalls != self._stalls_seen:
-            # the leader did not run for a while: the heartbeats sent meanwhile are still
-            # unread, and the reports at hand look older than they are; plan next round
-            self._stalls_seen = liveness.stalls
-            return
         heard = {node: liveness.status[node] for node in view.addresses
-                 if node in liveness.status
-                 and (age := liveness.age(node, now)) is not None and age <= liveness.timeout}
+                 if node in liveness.status and liveness.fresh(node, now)}
         if self._unheard(view, now):
             return
         reports = reports_from(heard)

@@ -294,7 +294,7 @@ async def test_a_stall_of_the_leader_does_not_mark_its_nodes_down(
         await wait_until_async(lambda: (coordinator.liveness.checked or 0) > over + 0.5,
                                "two watch rounds after the stall")
         await trio.to_thread.run_sync(sender.join)
-    assert coordinator.liveness.stalls == 1
+    assert coordinator.liveness.blind >= STALL - 0.5  # less one watch period
     assert [c for c in submitted if isinstance(c, cmd.NodeDown)] == []
     assert coordinator.read(lambda s: s.nodes["n1"].up) is True
 

@@ -782,11 +782,12 @@ async def test_a_new_leader_places_with_the_idle_facts_once_it_heard_the_nodes(
         assert not [m for m in s.fake.of("n2", "start") if isinstance(m, msg.Start)]
 
 
-async def test_after_a_stall_of_the_leader_the_reconciler_waits_for_the_queued_heartbeats(
+async def test_after_a_stall_of_the_leader_the_reconciler_still_hears_its_nodes(
         clock: trio.testing.MockClock) -> None:
-    """The leader does not run for 20 s (twice the liveness timeout). Its first round after
-    that would find no node heard and count the idle apps as running, moving web off n1
-    for good; it plans again only once the heartbeats sent meanwhile are read."""
+    """The leader does not run for 20 s (twice the liveness timeout), and its first round
+    after that comes before the heartbeats sent meanwhile are read. Counting the stall as
+    the nodes' silence, it would find no node heard and count the idle apps as running,
+    moving web off n1 for good."""
     s = Scenario()
     async with s.running():
         await _web_beside_idle_apps(s)
