@@ -760,18 +760,23 @@ async def _web_beside_idle_apps(s: Scenario) -> None:
     await s.until(lambda: s.reconciler.rounds >= rounds + 2, "n2 placed for")
 
 
+@pytest.mark.parametrize("rounds_before_lead", [0, 3])
 async def test_a_new_leader_places_with_the_idle_facts_once_it_heard_the_nodes(
-        clock: trio.testing.MockClock) -> None:
+        clock: trio.testing.MockClock, rounds_before_lead: int) -> None:
     """A new leader has no heartbeat yet: placing at once, it would count the idle apps
     as running and move an app off their node for good (placement is sticky). It waits
     for each eligible node's first heartbeat (at most the liveness timeout), so web stays
-    where it runs."""
+    where it runs; and before the watch loop took up the leadership (Liveness.lead), when
+    that wait has not begun, its rounds do nothing."""
     s = Scenario()
     async with s.running():
         await _web_beside_idle_apps(s)
         assert s.host.state.placement["web"] == {"n1": 1}
         s.silent.update({"n1", "n2"})  # the new leader hears nobody at first
         s.host.liveness.follow()
+        rounds = s.reconciler.rounds
+        await s.until(lambda: s.reconciler.rounds >= rounds + rounds_before_lead,
+                      "rounds before lead()")
         s.host.liveness.lead(trio.current_time())
         rounds = s.reconciler.rounds
         await s.until(lambda: s.reconciler.rounds >= rounds + 2, "rounds without heartbeats")
