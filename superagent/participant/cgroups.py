@@ -35,6 +35,18 @@ the group):
    ``[test]`` commands run the apps' code too: they join ``<parent>/_builds``
    (``AgentCgroup.builds``), weighted as one app, rather than outweighing every app
    and competing with the proxy workers at the agent's weight.
+4. **Confinement to CPUs.** A weight decides who gets a CPU over time, not whether a
+   wake-up preempts a neighbour's running hog at once (on a 250 Hz kernel the waker may
+   wait for the next tick, 4 ms). So an instance held under n cores (``limits.cpu``, n
+   rounded up) on a machine with more CPUs is confined to n of them through the cpuset
+   controller (v2 ``cpuset``, else the v1 ``cpuset`` hierarchy; optional: without it
+   nothing is confined and the report says so). Its hog then leaves the other CPUs free
+   for the proxy's and the neighbours' wake-ups. ``choose_cpus`` picks the least loaded
+   CPUs, a CPU's load being the quota of the confined instances already on it, read
+   from the kernel's files (``_cpuset_loads``), so an agent restart loses nothing; a
+   lock makes concurrent creates see each other. An instance without a quota, or with
+   a quota of all the CPUs, runs on all of them. The kernel holds an app to its cpuset:
+   ``sched_setaffinity`` cannot widen it.
 
 Everything that touches the system is blocking (small file writes, rmdir polls);
 async callers run it with ``trio.to_thread.run_sync``. Errors are
@@ -45,11 +57,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -69,6 +83,8 @@ V2_REQUIRED = ("cpu", "memory")  # without these a v2 hierarchy does not isolate
 V2_WANTED = ("cpu", "memory", "pids")  # enabled down to each instance when available
 # v1: each controller's hierarchy and a file only that controller's root has.
 V1_MARKERS = {"memory": "memory.limit_in_bytes", "cpu": "cpu.cfs_quota_us", "pids": "tasks"}
+CPUSET = "cpuset"  # optional (v2 controller or v1 hierarchy): confinement to CPUs
+CPUSET_MARKER = "cpuset.cpus"
 CPU_PERIOD_US = 100_000  # the kernel's default CFS period: quota = cpus * period
 CPU_QUOTA_MIN_US = 1_000  # the kernel refuses a quota under 1 ms
 REMOVE_TIMEOUT = 2.0  # killed tasks leave their group within ms; a big exit under load takes longer
@@ -112,6 +128,14 @@ class CgroupSupport:
             return {name: root / self.parent for name, root in self.v1_roots.items()}
         return {}
 
+    def cpuset_parent(self) -> Path | None:
+        """Our parent group where the cpuset controller is, None without one."""
+        if self.mode == "v2" and CPUSET in self.v2_controllers:
+            return self.parent_dirs()["unified"]
+        if self.mode == "v1" and CPUSET in self.v1_roots:
+            return self.parent_dirs()[CPUSET]
+        return None
+
 
 def remove_empty_parent(support: CgroupSupport) -> None:
     """Remove this agent's parent group (and its per-app groups) where they are empty: the
@@ -152,14 +176,25 @@ def detect_cgroups(root: Path = CGROUP_ROOT, *, parent: str = PARENT_GROUP) -> C
             problems.append(f"cgroup v2 at {v2_root} lacks {' and '.join(missing)} (has {have})")
             continue
         wanted = tuple(name for name in V2_WANTED if name in available)
-        try:
-            _enable_down_to(v2_root, parent, wanted)
-        except OSError as exc:
-            problems.append(f"cgroup v2 at {v2_root}: cannot enable {' '.join(wanted)} "
-                            f"for {parent}: {exc.strerror or exc}")
+        # cpuset is optional: where it cannot be enabled, instances are only not confined
+        attempts = [(*wanted, CPUSET), wanted] if CPUSET in available else [wanted]
+        errors: list[str] = []
+        for enabled in attempts:
+            try:
+                _enable_down_to(v2_root, parent, enabled)
+                break
+            except OSError as exc:
+                errors.append(f"cannot enable {' '.join(enabled)} for {parent}: "
+                              f"{exc.strerror or exc}")
+        else:
+            problems.append(f"cgroup v2 at {v2_root}: {errors[-1]}")
             continue
-        return CgroupSupport(mode="v2", parent=parent, v2_root=v2_root, v2_controllers=wanted,
-                             reason=f"cgroup v2 at {v2_root} with {' '.join(wanted)}")
+        note = "" if CPUSET in enabled else (
+            f" ({errors[0] if errors else 'no cpuset controller'}: "
+            "instances are not confined to CPUs)")
+        return CgroupSupport(mode="v2", parent=parent, v2_root=v2_root,
+                             v2_controllers=enabled,
+                             reason=f"cgroup v2 at {v2_root} with {' '.join(enabled)}{note}")
 
     v1_roots: dict[str, Path] = {}
     for name, marker in V1_MARKERS.items():
@@ -173,8 +208,16 @@ def detect_cgroups(root: Path = CGROUP_ROOT, *, parent: str = PARENT_GROUP) -> C
         else:
             v1_roots[name] = hierarchy
     if len(v1_roots) == len(V1_MARKERS):
+        cpusets = root / CPUSET
+        if ((cpusets / "cgroup.procs").is_file() and (cpusets / CPUSET_MARKER).is_file()
+                and os.access(cpusets, os.W_OK)):
+            v1_roots[CPUSET] = cpusets
+            have = "memory, cpu, pids and cpuset hierarchies"
+        else:
+            have = ("memory, cpu and pids hierarchies (no writable cpuset hierarchy: "
+                    "instances are not confined to CPUs)")
         return CgroupSupport(mode="v1", parent=parent, v1_roots=v1_roots,
-                             reason=f"cgroup v1 memory, cpu and pids hierarchies under {root}")
+                             reason=f"cgroup v1 {have} under {root}")
 
     reason = "; ".join(problems) or f"no cgroup hierarchy under {root}"
     log.warning("cgroups unusable: instances run without memory, cpu or pids limits",
@@ -251,7 +294,19 @@ class InstanceCgroup:
 
     @classmethod
     def existing(cls, support: CgroupSupport, app: str, instance: str) -> InstanceCgroup:
-        """The group of an instance created earlier (re-adoption): no directory is touched."""
+        """The group of an instance created earlier (re-adoption): no directory is touched.
+
+        A v1 cpuset group that does not exist is left out: the instance was started by an
+        agent that did not confine, and stays so until it is started afresh.
+        """
+        group = cls._at(support, app, instance)
+        cpuset = group.paths.get(CPUSET)
+        if cpuset is not None and not cpuset.is_dir():
+            del group.paths[CPUSET]
+        return group
+
+    @classmethod
+    def _at(cls, support: CgroupSupport, app: str, instance: str) -> InstanceCgroup:
         _check_group_name(app, app)
         _check_group_name(app, instance)
         paths = {key: parent / app / instance for key, parent in support.parent_dirs().items()}
@@ -267,7 +322,7 @@ class InstanceCgroup:
         still holds processes raises ``IsolationError``, as does any failed write (the
         group is then removed again).
         """
-        group = cls.existing(support, app, instance)
+        group = cls._at(support, app, instance)
         if support.mode == "none":
             return group
         try:
@@ -284,6 +339,7 @@ class InstanceCgroup:
                 group._write_v2(limits, support.v2_controllers)
             else:
                 group._write_v1(limits)
+            group._confine(support, limits.cpu)
         except OSError as exc:
             group._discard()
             raise IsolationError(f"cannot create cgroup for {instance}: {exc}", app=app,
@@ -342,6 +398,25 @@ class InstanceCgroup:
         self.applied["cpu.shares"] = _read(cpu / "cpu.shares")
         _write(pids / "pids.max", _or_max(limits.pids))
         self.applied["pids.max"] = _read(pids / "pids.max")
+
+    def _confine(self, support: CgroupSupport, cpu: float | None) -> None:
+        """Write the instance's ``cpuset.cpus``: the CPUs ``choose_cpus`` picks for a quota
+        of ``cpu`` cores, else all the parent's (module docstring, step 4)."""
+        parent = support.cpuset_parent()
+        if parent is None:
+            self.applied["cpuset.cpus"] = "unavailable (no cpuset controller)"
+            return
+        path = self.paths["unified" if support.mode == "v2" else CPUSET]
+        with _CPUSET_LOCK:  # the loads read and the choice written as one step
+            if support.mode == "v1":
+                _inherit_cpuset(parent.parent, path)
+                available = parse_cpus(_read(parent / "cpuset.cpus"))
+            else:
+                available = parse_cpus(_read(parent / "cpuset.cpus.effective"))
+            chosen = choose_cpus(available, cpu, _cpuset_loads(support, parent, available,
+                                                                exclude=path))
+            _write(path / "cpuset.cpus", format_cpus(chosen or available))
+        self.applied["cpuset.cpus"] = _read(path / "cpuset.cpus")
 
     def procs_files(self) -> tuple[bytes, ...]:
         """The ``cgroup.procs`` file of each distinct hierarchy, encoded for ``child_setup``."""
@@ -440,6 +515,99 @@ class InstanceCgroup:
         for path in self.paths.values():
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+# --- confinement to CPUs ----------------------------------------------------------------------
+
+_CPUSET_LOCK = threading.Lock()  # creates run in worker threads: one choice at a time
+
+
+def choose_cpus(available: Sequence[int], cpu: float | None,
+                loads: Mapping[int, float]) -> tuple[int, ...] | None:
+    """The CPUs an instance held to ``cpu`` cores is confined to, None for all ``available``.
+
+    It gets ``cpu`` rounded up of them, the least loaded (``loads``: cores of quota already
+    confined to each CPU), ties to the highest-numbered (the kernel's housekeeping and
+    default interrupt affinity favour CPU 0). No quota, or one that needs every CPU, is
+    not confined.
+    """
+    if cpu is None:
+        return None
+    count = math.ceil(round(cpu, 6))
+    if count >= len(available):
+        return None
+    ranked = sorted(available, key=lambda n: (loads.get(n, 0.0), -n))
+    return tuple(sorted(ranked[:count]))
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """A kernel cpu list (``0-3,8,10-11``) as sorted CPU numbers; "" is none."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpus(cpus: Sequence[int]) -> str:
+    """Sorted CPU numbers as a kernel cpu list: ``(0, 1, 2, 5)`` -> ``0-2,5``."""
+    runs: list[list[int]] = []
+    for n in sorted(cpus):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _cpuset_loads(support: CgroupSupport, parent: Path, available: Sequence[int], *,
+                  exclude: Path) -> dict[int, float]:
+    """Cores of quota confined to each CPU by the other instances under ``parent``
+    (``<app>/<instance>`` groups whose cpus are fewer than ``available``), from the
+    kernel's files. An instance's quota counts evenly on each of its CPUs."""
+    loads: dict[int, float] = {}
+    for group in parent.glob("*/*"):
+        if group == exclude or not group.is_dir():
+            continue
+        try:
+            cpus = parse_cpus(_read(group / "cpuset.cpus"))
+        except (OSError, ValueError):
+            continue  # not an instance's group, or one being removed
+        if not cpus or set(available) <= set(cpus):
+            continue
+        cores = _quota_cores(support, group.relative_to(parent)) or float(len(cpus))
+        for n in cpus:
+            loads[n] = loads.get(n, 0.0) + cores / len(cpus)
+    return loads
+
+
+def _quota_cores(support: CgroupSupport, instance: Path) -> float | None:
+    """The cpu quota, in cores, of the group ``<app>/<instance>`` below our parent."""
+    cpu = support.parent_dirs().get("unified" if support.mode == "v2" else "cpu")
+    if cpu is None:
+        return None
+    try:
+        if support.mode == "v2":
+            quota, period = _read(cpu / instance / "cpu.max").split()
+        else:
+            quota = _read(cpu / instance / "cpu.cfs_quota_us")
+            period = _read(cpu / instance / "cpu.cfs_period_us")
+        return int(quota) / int(period) if quota not in ("max", "-1") else None
+    except (OSError, ValueError):
+        return None
+
+
+def _inherit_cpuset(root: Path, group: Path) -> None:
+    """v1: a new cpuset group has no cpus and no mems, and takes no task so. Copy both
+    from each level's parent, from ``root``'s child down to ``group``."""
+    for level in reversed((group, *group.parents)):
+        if level == root or root not in level.parents:
+            continue
+        for name in ("cpuset.mems", "cpuset.cpus"):
+            if not _read(level / name):
+                _write(level / name, _read(level.parent / name))
 
 
 # --- the agent's group ------------------------------------------------------------------------

@@ -136,7 +136,10 @@ def group_dirs(rig: Rig, mode: str, app: str, instance: str) -> dict[str, Path]:
     ``<hierarchy>/superagent.<node>/<app>/<instance>``."""
     parent = f"{PARENT_GROUP}.{rig.agent.config.node}"
     if mode == "v1":
-        return {c: CGROUP_ROOT / c / parent / app / instance for c in ("memory", "cpu", "pids")}
+        # cpuset where the machine has a writable hierarchy of it (optional)
+        cpuset = os.access(CGROUP_ROOT / "cpuset" / "cpuset.cpus", os.W_OK)
+        return {c: CGROUP_ROOT / c / parent / app / instance
+                for c in ("memory", "cpu", "pids", *(("cpuset",) if cpuset else ()))}
     support = rig.agent.cgroups
     assert support is not None and support.v2_root is not None
     return {"unified": support.v2_root / parent / app / instance}
@@ -249,8 +252,15 @@ async def test_manifest_limits_reach_the_instances_cgroup(rig: Rig) -> None:
         for controller in controllers.split(","):
             where[controller] = path
     group_path = f"/{PARENT_GROUP}.{rig.agent.config.node}/wlimits/{instance}"
-    for controller in (("memory", "cpu", "pids") if mode == "v1" else ("",)):
+    for controller in (tuple(dirs) if mode == "v1" else ("",)):
         assert where.get(controller) == group_path, (controller, where)
+    # half a core on a machine of more CPUs: confined to one of them, which the kernel
+    # holds the process to
+    if support.cpuset_parent() is not None and len(os.sched_getaffinity(0)) > 1:
+        cpuset = dirs["cpuset"] if mode == "v1" else dirs["unified"]
+        cpus = (cpuset / "cpuset.cpus").read_text().strip()
+        assert os.sched_getaffinity(pid) == {int(cpus)}
+        want_limits["cpuset.cpus"] = cpus
 
     assert status["isolation"]["root"] is True
     assert status["isolation"]["cgroups"] == mode

@@ -10,6 +10,7 @@ capability is missing.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from superagent.errors import ConfigError
+from superagent.participant import cgroups as cgroups_module
 from superagent.participant.cgroups import (
     AGENT_CPU_WEIGHT,
     APP_CPU_WEIGHT,
@@ -30,7 +32,10 @@ from superagent.participant.cgroups import (
     CgroupSupport,
     InstanceCgroup,
     app_cpu_weight,
+    choose_cpus,
     detect_cgroups,
+    format_cpus,
+    parse_cpus,
     remove_empty_parent,
     v1_shares,
 )
@@ -119,10 +124,10 @@ def test_detect_pure_v2_enables_controllers(tmp_path: Path) -> None:
     support = detect_cgroups(tmp_path)
     assert support.mode == "v2"
     assert support.v2_root == tmp_path
-    assert support.v2_controllers == ("cpu", "memory", "pids")
-    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    assert support.v2_controllers == ("cpu", "memory", "pids", "cpuset")
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu +memory +pids +cpuset"
     assert (tmp_path / "superagent" / "cgroup.subtree_control").read_text() == \
-        "+cpu +memory +pids"
+        "+cpu +memory +pids +cpuset"
     assert support.parent_dirs() == {"unified": tmp_path / "superagent"}
 
 
@@ -192,6 +197,26 @@ def test_detect_v2_that_refuses_enabling_falls_back(tmp_path: Path) -> None:
         support = detect_cgroups(tmp_path)
     assert support.mode == "none"
     assert "cannot enable cpu memory" in support.reason
+
+
+def test_detect_v2_that_refuses_cpuset_keeps_the_rest(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that refuses to enable cpuset (EBUSY, a group with cpusets of its own) still
+    gives v2 with the other controllers, and the reason says instances are not confined."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory cpuset\n")
+    enable = cgroups_module._enable_controllers
+
+    def refuse_cpuset(group: Path, wanted: tuple[str, ...]) -> None:
+        if "cpuset" in wanted:  # stands in for the kernel's refusal
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        enable(group, wanted)
+
+    monkeypatch.setattr(cgroups_module, "_enable_controllers", refuse_cpuset)
+    support = detect_cgroups(tmp_path)
+    assert support.mode == "v2" and support.v2_controllers == ("cpu", "memory")
+    assert support.cpuset_parent() is None
+    assert "cannot enable cpu memory cpuset" in support.reason
+    assert "not confined" in support.reason
 
 
 def test_detect_real_machine() -> None:
@@ -482,3 +507,132 @@ def test_agent_group_is_removed_when_the_agent_leaves(cgroups: CgroupSupport) ->
     finally:
         if path is not None and path.exists():
             remove_groups_at(path)
+
+
+# --- confinement to CPUs ----------------------------------------------------------------------
+
+
+def test_choose_cpus_spreads_quotas_over_the_least_loaded() -> None:
+    """n cores of quota (rounded up) get the n least loaded CPUs, ties to the highest; no
+    quota, or one of every CPU, is not confined."""
+    four = (0, 1, 2, 3)
+    assert choose_cpus(four, None, {}) is None
+    assert choose_cpus(four, 4.0, {}) is None
+    assert choose_cpus((0, 1), 1.5, {}) is None
+    assert choose_cpus((0,), 0.5, {}) is None
+    assert choose_cpus(four, 0.5, {}) == (3,)
+    assert choose_cpus(four, 1.0, {}) == (3,)
+    assert choose_cpus(four, 0.5, {3: 0.5}) == (2,)
+    assert choose_cpus(four, 2.5, {3: 0.5, 2: 0.25}) == (0, 1, 2)
+    assert choose_cpus((0, 1), 0.5, {1: 0.5, 0: 0.75}) == (1,)
+    assert choose_cpus((4, 6), 0.2, {}) == (6,)
+
+
+def test_cpu_lists_round_trip() -> None:
+    assert parse_cpus("0-3,8,10-11\n") == (0, 1, 2, 3, 8, 10, 11)
+    assert parse_cpus("") == parse_cpus("\n") == ()
+    assert format_cpus((0, 1, 2, 5, 7, 8)) == "0-2,5,7-8"
+    assert format_cpus((3,)) == "3"
+    assert parse_cpus(format_cpus((1, 2, 9))) == (1, 2, 9)
+
+
+def fake_v1_cpuset(root: Path, cpus: str = "0-3") -> None:
+    """``fake_v1`` and a cpuset hierarchy with ``cpus`` at its root, memory node 0."""
+    fake_v1(root)
+    (root / "cpuset").mkdir()
+    for file, text in (("cgroup.procs", ""), ("cpuset.cpus", cpus), ("cpuset.mems", "0")):
+        (root / "cpuset" / file).write_text(text)
+
+
+def fake_cpuset_group(root: Path, app: str, instance: str) -> None:
+    """The empty cpuset files the kernel gives new v1 groups (a plain directory has none)."""
+    group = root / "cpuset" / "superagent" / app / instance
+    group.mkdir(parents=True, exist_ok=True)
+    for level in (group, group.parent, group.parent.parent):
+        for file in ("cpuset.cpus", "cpuset.mems"):
+            if not (level / file).exists():
+                (level / file).write_text("")
+
+
+def test_confinement_in_fake_v1_tree(tmp_path: Path) -> None:
+    """v1: every level gets cpus and mems from its parent; instances under a core go to
+    different CPUs, by quota; an unlimited one gets them all; a group made by an agent that
+    did not confine is left out when adopted."""
+    fake_v1_cpuset(tmp_path)
+    support = detect_cgroups(tmp_path)
+    assert support.cpuset_parent() == tmp_path / "cpuset" / "superagent"
+    assert "cpuset" in support.reason
+    made: dict[str, str] = {}
+    for instance, cpu in (("i1", 0.5), ("i2", 0.25), ("i3", 0.5), ("i4", None), ("i5", 2.0)):
+        fake_cpuset_group(tmp_path, "hello", instance)
+        group = InstanceCgroup.create(support, "hello", instance, CgroupLimits(cpu=cpu))
+        made[instance] = (tmp_path / "cpuset" / "superagent" / "hello" / instance
+                          / "cpuset.cpus").read_text()
+        assert group.applied["cpuset.cpus"] == made[instance]
+        assert group.paths["cpuset"] == tmp_path / "cpuset" / "superagent" / "hello" / instance
+    assert made == {"i1": "3", "i2": "2", "i3": "1", "i4": "0-3", "i5": "0,2"}
+    for level in ("superagent", "superagent/hello", "superagent/hello/i1"):
+        assert (tmp_path / "cpuset" / level / "cpuset.mems").read_text() == "0"
+    assert (tmp_path / "cpuset" / "superagent" / "cpuset.cpus").read_text() == "0-3"
+    for key in ("memory", "cpu", "pids"):
+        (tmp_path / key / "superagent" / "old" / "i9").mkdir(parents=True)
+    assert "cpuset" not in InstanceCgroup.existing(support, "old", "i9").paths
+    assert "cpuset" in InstanceCgroup.existing(support, "hello", "i1").paths
+
+
+def test_confinement_in_fake_v2_tree(tmp_path: Path) -> None:
+    """v2: cpuset enabled down to the app when the machine has it, the parent's effective
+    cpus shared out; without the controller nothing is confined and the report says so."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids cpuset\n")
+    support = detect_cgroups(tmp_path)
+    assert support.v2_controllers == ("cpu", "memory", "pids", "cpuset")
+    (tmp_path / "superagent" / "cpuset.cpus.effective").write_text("0-1\n")
+    group = InstanceCgroup.create(support, "hello", "i1", CgroupLimits(cpu=0.5))
+    path = tmp_path / "superagent" / "hello" / "i1"
+    assert (path / "cpuset.cpus").read_text() == "1" == group.applied["cpuset.cpus"]
+    assert "+cpuset" in (path.parent / "cgroup.subtree_control").read_text()
+    InstanceCgroup.create(support, "hello", "i2", CgroupLimits(cpu=0.5))
+    assert (path.parent / "i2" / "cpuset.cpus").read_text() == "0"
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "cgroup.controllers").write_text("cpu memory pids\n")
+    plain = detect_cgroups(tmp_path / "plain")
+    assert plain.cpuset_parent() is None and "not confined" in plain.reason
+    group = InstanceCgroup.create(plain, "hello", "i1", CgroupLimits(cpu=0.5))
+    assert group.applied["cpuset.cpus"] == "unavailable (no cpuset controller)"
+
+
+AFFINITY = """
+import json, os
+before = sorted(os.sched_getaffinity(0))
+try:
+    os.sched_setaffinity(0, range(os.cpu_count()))  # an app trying to widen its confinement
+except OSError:
+    pass
+print(json.dumps([before, sorted(os.sched_getaffinity(0))]))
+"""
+
+
+def test_instances_under_a_core_are_confined_to_separate_cpus(cgroups: CgroupSupport) -> None:
+    """Real groups: two half-core instances are confined to one CPU each, not the same one;
+    an app cannot widen its confinement with sched_setaffinity."""
+    if cgroups.cpuset_parent() is None:
+        pytest.skip(f"no usable cpuset controller: {cgroups.reason}")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: nothing to confine an app to")
+    groups = [InstanceCgroup.create(cgroups, APP, f"cpuset{n}", CgroupLimits(cpu=0.5))
+              for n in range(2)]
+    try:
+        seen = []
+        for group in groups:
+            done = run_child(AFFINITY, child_setup(None, group, RLimits()))
+            assert done.returncode == 0, done.stderr
+            before, after = json.loads(done.stdout)
+            assert len(before) == 1 and after == before, done.stdout
+            assert [int(group.applied["cpuset.cpus"])] == before
+            seen.append(before[0])
+        assert seen[0] != seen[1]
+    finally:
+        for group in groups:
+            group.kill_all()
+            group.remove(timeout=REMOVE_TIMEOUT)
