@@ -409,7 +409,8 @@ class InstanceCgroup:
         path = self.paths["unified" if support.mode == "v2" else CPUSET]
         with _CPUSET_LOCK:  # the loads read and the choice written as one step
             if support.mode == "v1":
-                _inherit_cpuset(parent.parent, path)
+                # from the hierarchy's root: the parent may be more than one level deep
+                _inherit_cpuset(support.v1_roots[CPUSET], path)
                 available = parse_cpus(_read(parent / "cpuset.cpus"))
             else:
                 available = parse_cpus(_read(parent / "cpuset.cpus.effective"))

@@ -544,11 +544,14 @@ def fake_v1_cpuset(root: Path, cpus: str = "0-3") -> None:
         (root / "cpuset" / file).write_text(text)
 
 
-def fake_cpuset_group(root: Path, app: str, instance: str) -> None:
+def fake_cpuset_group(root: Path, app: str, instance: str, *,
+                      parent: str = "superagent") -> None:
     """The empty cpuset files the kernel gives new v1 groups (a plain directory has none)."""
-    group = root / "cpuset" / "superagent" / app / instance
+    group = root / "cpuset" / parent / app / instance
     group.mkdir(parents=True, exist_ok=True)
-    for level in (group, group.parent, group.parent.parent):
+    for level in (group, *group.parents):
+        if level == root / "cpuset":
+            break
         for file in ("cpuset.cpus", "cpuset.mems"):
             if not (level / file).exists():
                 (level / file).write_text("")
@@ -578,6 +581,20 @@ def test_confinement_in_fake_v1_tree(tmp_path: Path) -> None:
         (tmp_path / key / "superagent" / "old" / "i9").mkdir(parents=True)
     assert "cpuset" not in InstanceCgroup.existing(support, "old", "i9").paths
     assert "cpuset" in InstanceCgroup.existing(support, "hello", "i1").paths
+
+
+def test_confinement_below_a_parent_of_two_levels(tmp_path: Path) -> None:
+    """v1: a parent group of two levels (``detect_cgroups(parent="a/b")``, as v2 allows)
+    gets cpus and mems at both levels from the hierarchy's root, not from the empty upper
+    level: otherwise the instance's group would have no CPU and take no task."""
+    fake_v1_cpuset(tmp_path)
+    support = detect_cgroups(tmp_path, parent="superagent/n1")
+    fake_cpuset_group(tmp_path, "hello", "i1", parent="superagent/n1")
+    group = InstanceCgroup.create(support, "hello", "i1", CgroupLimits(cpu=0.5))
+    assert group.applied["cpuset.cpus"] == "3"
+    for level in ("superagent", "superagent/n1", "superagent/n1/hello"):
+        assert (tmp_path / "cpuset" / level / "cpuset.cpus").read_text() == "0-3", level
+        assert (tmp_path / "cpuset" / level / "cpuset.mems").read_text() == "0", level
 
 
 def test_confinement_in_fake_v2_tree(tmp_path: Path) -> None:
