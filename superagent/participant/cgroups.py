@@ -209,13 +209,27 @@ def detect_cgroups(root: Path = CGROUP_ROOT, *, parent: str = PARENT_GROUP) -> C
             v1_roots[name] = hierarchy
     if len(v1_roots) == len(V1_MARKERS):
         cpusets = root / CPUSET
-        if ((cpusets / "cgroup.procs").is_file() and (cpusets / CPUSET_MARKER).is_file()
+        if not ((cpusets / "cgroup.procs").is_file() and (cpusets / CPUSET_MARKER).is_file()
                 and os.access(cpusets, os.W_OK)):
-            v1_roots[CPUSET] = cpusets
-            have = "memory, cpu, pids and cpuset hierarchies"
-        else:
             have = ("memory, cpu and pids hierarchies (no writable cpuset hierarchy: "
                     "instances are not confined to CPUs)")
+        else:
+            try:
+                # The real test, as enabling is in v2: our parent takes the root's cpus and
+                # mems, which the kernel refuses (EINVAL) where a sibling holds them
+                # exclusively. Found here, that leaves instances unconfined rather than
+                # failing every create.
+                (cpusets / parent).mkdir(parents=True, exist_ok=True)
+                _inherit_cpuset(cpusets, cpusets / parent)
+            except OSError as exc:
+                with contextlib.suppress(OSError):  # not ours to remove at stop then
+                    (cpusets / parent).rmdir()
+                have = (f"memory, cpu and pids hierarchies (cannot give {cpusets / parent} "
+                        f"the root's cpus: {exc.strerror or exc}: instances are not "
+                        "confined to CPUs)")
+            else:
+                v1_roots[CPUSET] = cpusets
+                have = "memory, cpu, pids and cpuset hierarchies"
         return CgroupSupport(mode="v1", parent=parent, v1_roots=v1_roots,
                              reason=f"cgroup v1 {have} under {root}")
 

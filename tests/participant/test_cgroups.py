@@ -536,12 +536,19 @@ def test_cpu_lists_round_trip() -> None:
     assert parse_cpus(format_cpus((1, 2, 9))) == (1, 2, 9)
 
 
-def fake_v1_cpuset(root: Path, cpus: str = "0-3") -> None:
-    """``fake_v1`` and a cpuset hierarchy with ``cpus`` at its root, memory node 0."""
+def fake_v1_cpuset(root: Path, cpus: str = "0-3", *, parent: str = "superagent") -> None:
+    """``fake_v1`` and a cpuset hierarchy with ``cpus`` at its root, memory node 0, and
+    the ``parent`` group with the empty cpuset files the kernel gives a new group."""
     fake_v1(root)
     (root / "cpuset").mkdir()
     for file, text in (("cgroup.procs", ""), ("cpuset.cpus", cpus), ("cpuset.mems", "0")):
         (root / "cpuset" / file).write_text(text)
+    level = root / "cpuset"
+    for part in Path(parent).parts:
+        level = level / part
+        level.mkdir()
+        for file in ("cpuset.cpus", "cpuset.mems"):
+            (level / file).write_text("")
 
 
 def fake_cpuset_group(root: Path, app: str, instance: str, *,
@@ -583,11 +590,34 @@ def test_confinement_in_fake_v1_tree(tmp_path: Path) -> None:
     assert "cpuset" in InstanceCgroup.existing(support, "hello", "i1").paths
 
 
+def test_v1_cpuset_the_kernel_refuses_is_left_out(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """v1: a parent group the kernel gives no cpus (EINVAL: a sibling cpuset holds them
+    exclusively, as ``cset shield`` makes) is found at detection: cpuset is left out and
+    the reason says why, and instances still start, unconfined, rather than each failing."""
+    fake_v1_cpuset(tmp_path)
+    write = cgroups_module._write
+
+    def refuse_cpus(path: Path, value: str) -> None:
+        if path.name == "cpuset.cpus":  # stands in for the kernel's refusal
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
+        write(path, value)
+
+    monkeypatch.setattr(cgroups_module, "_write", refuse_cpus)
+    support = detect_cgroups(tmp_path)
+    assert support.mode == "v1" and support.cpuset_parent() is None
+    assert "cpuset" not in support.parent_dirs()
+    assert os.strerror(errno.EINVAL) in support.reason and "not confined" in support.reason
+    group = InstanceCgroup.create(support, "hello", "i1", CgroupLimits(cpu=0.5))
+    assert group.applied["cpuset.cpus"] == "unavailable (no cpuset controller)"
+    assert set(group.paths) == {"memory", "cpu", "pids"}
+
+
 def test_confinement_below_a_parent_of_two_levels(tmp_path: Path) -> None:
     """v1: a parent group of two levels (``detect_cgroups(parent="a/b")``, as v2 allows)
     gets cpus and mems at both levels from the hierarchy's root, not from the empty upper
     level: otherwise the instance's group would have no CPU and take no task."""
-    fake_v1_cpuset(tmp_path)
+    fake_v1_cpuset(tmp_path, parent="superagent/n1")
     support = detect_cgroups(tmp_path, parent="superagent/n1")
     fake_cpuset_group(tmp_path, "hello", "i1", parent="superagent/n1")
     group = InstanceCgroup.create(support, "hello", "i1", CgroupLimits(cpu=0.5))
