@@ -135,13 +135,15 @@ def group_dirs(rig: Rig, mode: str, app: str, instance: str) -> dict[str, Path]:
     """Where the instance's cgroup must be, from the documented layout (not from the agent):
     ``<hierarchy>/superagent.<node>/<app>/<instance>``."""
     parent = f"{PARENT_GROUP}.{rig.agent.config.node}"
+    support = rig.agent.cgroups
+    assert support is not None
     if mode == "v1":
-        # cpuset where the machine has a writable hierarchy of it (optional)
-        cpuset = os.access(CGROUP_ROOT / "cpuset" / "cpuset.cpus", os.W_OK)
+        # cpuset where detection took it (optional: a writable hierarchy the kernel lets
+        # the agent's group use)
+        cpuset = support.cpuset_parent() is not None
         return {c: CGROUP_ROOT / c / parent / app / instance
                 for c in ("memory", "cpu", "pids", *(("cpuset",) if cpuset else ()))}
-    support = rig.agent.cgroups
-    assert support is not None and support.v2_root is not None
+    assert support.v2_root is not None
     return {"unified": support.v2_root / parent / app / instance}
 
 
