@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import trio
 
 from superagent.debug import DebugSessions
-from superagent.participant.cgroups import AgentCgroup, CgroupSupport
+from superagent.participant.agentcgroup import AgentCgroup
+from superagent.participant.cgroups import CgroupSupport
 from superagent.participant.idle import ActivityWatch, ColdApp
 from superagent.participant.load import LoadSampler
 from superagent.participant.logs import LogHub
@@ -63,7 +64,7 @@ class AgentConfig:
     tls_cert: str | None = None  # their PEM certificate chain, an absolute path
     tls_key: str | None = None  # its PEM private key (None: in the tls_cert file)
     # Move the agent and its proxy workers into the cpu group weighted above the apps
-    # (cgroups.AgentCgroup). ``superagent participant`` does; an agent embedded in another
+    # (agentcgroup.AgentCgroup). ``superagent participant`` does; an agent embedded in another
     # process (tests) leaves that process where it is.
     agent_cgroup: bool = False
     # [permissions]: the shared group earlier agents gave loopback-only instances (its gid

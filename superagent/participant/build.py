@@ -175,7 +175,7 @@ async def run_build(command: str, *, cwd: Path, env: Mapping[str, str], uid: int
     The output is read to end-of-file, so a background child that keeps the build's stdout
     open holds the build until the timeout (and then fails it): builds must not leave
     daemons behind. ``cgroup``: the ``cgroup.procs`` file the build joins first
-    (``cgroups.AgentCgroup.builds``); None leaves it in the agent's group.
+    (``agentcgroup.AgentCgroup.builds``); None leaves it in the agent's group.
     """
     output = BuildOutput(head=f"{note}$ {command}\n".encode(), limit=limit)
     started = time.monotonic()

@@ -21,32 +21,14 @@ the group):
    cpu quota, a cpu weight and a pids maximum. It reads the limits back, so the
    report shows what the kernel really applied. ``kill_all()`` and ``remove()``
    end it. In mode ``"none"`` every method is a no-op and ``repr()`` says why.
-3. **The agent's own group.** A quota bounds a hog's share over a period, not
-   when it runs: a proxy worker that wakes up on a core where a neighbour's hog
-   runs waits for the scheduler to prefer it. ``AgentCgroup`` is the group
-   ``<parent>.agent``, a sibling of ``<parent>`` at the hierarchy's top, with the
-   highest cpu weight (``AGENT_CPU_WEIGHT``) against the apps' default
-   (``APP_CPU_WEIGHT``, given to every app group and to ``<parent>`` itself): the
-   agent and its proxy workers move into it, so a waking worker preempts the
-   apps at once. Only the cpu controller: in v1 the agent keeps its memory and
-   pids groups (whatever started it set those), in v2 a group has all controllers
-   but only ``cpu.weight`` is written. Processes the agent starts later (proxy
-   workers) inherit it; instances do not, they join their own group. Builds and
-   ``[test]`` commands run the apps' code too: they join ``<parent>/_builds``
-   (``AgentCgroup.builds``), weighted as one app, rather than outweighing every app
-   and competing with the proxy workers at the agent's weight.
-4. **Confinement to CPUs.** A weight decides who gets a CPU over time, not whether a
-   wake-up preempts a neighbour's running hog at once (on a 250 Hz kernel the waker may
-   wait for the next tick, 4 ms). So an instance held under n cores (``limits.cpu``, n
-   rounded up) on a machine with more CPUs is confined to n of them through the cpuset
-   controller (v2 ``cpuset``, else the v1 ``cpuset`` hierarchy; optional: without it
-   nothing is confined and the report says so). Its hog then leaves the other CPUs free
-   for the proxy's and the neighbours' wake-ups. ``choose_cpus`` picks the least loaded
-   CPUs, a CPU's load being the quota of the confined instances already on it, read
-   from the kernel's files (``_cpuset_loads``), so an agent restart loses nothing; a
-   lock makes concurrent creates see each other. An instance without a quota, or with
-   a quota of all the CPUs, runs on all of them. The kernel holds an app to its cpuset:
-   ``sched_setaffinity`` cannot widen it.
+3. **The agent's own group** (``agentcgroup.AgentCgroup``): the agent and its proxy
+   workers run weighted above the apps, whose groups get ``APP_CPU_WEIGHT`` (less
+   for a quota under a core, ``app_cpu_weight``).
+4. **Confinement to CPUs.** Where the machine has the cpuset controller (v2
+   ``cpuset``, else the v1 ``cpuset`` hierarchy; optional, found at detection), each
+   instance's group gets its CPUs from ``cpusets.confine_cpus``: an instance held under
+   n cores is confined to n of them, so its hog leaves the others to the proxy's and
+   the neighbours' wake-ups. Without it nothing is confined and the report says so.
 
 Everything that touches the system is blocking (small file writes, rmdir polls);
 async callers run it with ``trio.to_thread.run_sync``. Errors are
@@ -57,13 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import re
 import signal
-import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,6 +51,9 @@ from typing import Literal
 import structlog
 
 from superagent.errors import ConfigError
+from superagent.participant.cgroupfs import read as _read
+from superagent.participant.cgroupfs import write as _write
+from superagent.participant.cpusets import confine_cpus, inherit_cpuset
 from superagent.participant.errors import IsolationError
 
 log = structlog.get_logger("superagent.participant")
@@ -109,8 +92,9 @@ _GROUP_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:+-]{0,199}$")
 class CgroupSupport:
     """What this machine offers, decided once at agent start by ``detect_cgroups``.
 
-    ``v2_root`` is the v2 hierarchy (mode "v2"); ``v1_roots`` maps memory/cpu/pids to
-    their hierarchies (mode "v1"). ``reason`` is one human sentence either way.
+    ``v2_root`` is the v2 hierarchy (mode "v2"); ``v1_roots`` maps memory/cpu/pids (and
+    cpuset where usable) to their hierarchies (mode "v1"). ``reason`` is one human
+    sentence either way.
     """
 
     mode: CgroupMode
@@ -220,7 +204,7 @@ def detect_cgroups(root: Path = CGROUP_ROOT, *, parent: str = PARENT_GROUP) -> C
                 # exclusively. Found here, that leaves instances unconfined rather than
                 # failing every create.
                 (cpusets / parent).mkdir(parents=True, exist_ok=True)
-                _inherit_cpuset(cpusets, cpusets / parent)
+                inherit_cpuset(cpusets, cpusets / parent)
             except OSError as exc:
                 with contextlib.suppress(OSError):  # not ours to remove at stop then
                     (cpusets / parent).rmdir()
@@ -296,7 +280,8 @@ class InstanceCgroup:
         self.mode = mode
         self.app = app
         self.instance = instance
-        self.paths = dict(paths)  # "unified" (v2) or memory/cpu/pids (v1) -> the group directory
+        # "unified" (v2) or memory/cpu/pids and maybe cpuset (v1) -> the group directory
+        self.paths = dict(paths)
         self.reason = reason
         self.applied: dict[str, object] = dict(applied or {})  # limits as read back
 
@@ -414,24 +399,16 @@ class InstanceCgroup:
         self.applied["pids.max"] = _read(pids / "pids.max")
 
     def _confine(self, support: CgroupSupport, cpu: float | None) -> None:
-        """Write the instance's ``cpuset.cpus``: the CPUs ``choose_cpus`` picks for a quota
-        of ``cpu`` cores, else all the parent's (module docstring, step 4)."""
+        """Give the instance its CPUs for a quota of ``cpu`` cores (module docstring, 4)."""
         parent = support.cpuset_parent()
         if parent is None:
             self.applied["cpuset.cpus"] = "unavailable (no cpuset controller)"
             return
-        path = self.paths["unified" if support.mode == "v2" else CPUSET]
-        with _CPUSET_LOCK:  # the loads read and the choice written as one step
-            if support.mode == "v1":
-                # from the hierarchy's root: the parent may be more than one level deep
-                _inherit_cpuset(support.v1_roots[CPUSET], path)
-                available = parse_cpus(_read(parent / "cpuset.cpus"))
-            else:
-                available = parse_cpus(_read(parent / "cpuset.cpus.effective"))
-            chosen = choose_cpus(available, cpu, _cpuset_loads(support, parent, available,
-                                                                exclude=path))
-            _write(path / "cpuset.cpus", format_cpus(chosen or available))
-        self.applied["cpuset.cpus"] = _read(path / "cpuset.cpus")
+        v2 = support.mode == "v2"
+        self.applied["cpuset.cpus"] = confine_cpus(
+            self.paths["unified" if v2 else CPUSET], parent, cpu,
+            cpu_parent=support.parent_dirs()["unified" if v2 else "cpu"],
+            v1_root=None if v2 else support.v1_roots[CPUSET])
 
     def procs_files(self) -> tuple[bytes, ...]:
         """The ``cgroup.procs`` file of each distinct hierarchy, encoded for ``child_setup``."""
@@ -532,99 +509,6 @@ class InstanceCgroup:
                 path.rmdir()
 
 
-# --- confinement to CPUs ----------------------------------------------------------------------
-
-_CPUSET_LOCK = threading.Lock()  # creates run in worker threads: one choice at a time
-
-
-def choose_cpus(available: Sequence[int], cpu: float | None,
-                loads: Mapping[int, float]) -> tuple[int, ...] | None:
-    """The CPUs an instance held to ``cpu`` cores is confined to, None for all ``available``.
-
-    It gets ``cpu`` rounded up of them, the least loaded (``loads``: cores of quota already
-    confined to each CPU), ties to the highest-numbered (the kernel's housekeeping and
-    default interrupt affinity favour CPU 0). No quota, or one that needs every CPU, is
-    not confined.
-    """
-    if cpu is None:
-        return None
-    count = math.ceil(round(cpu, 6))
-    if count >= len(available):
-        return None
-    ranked = sorted(available, key=lambda n: (loads.get(n, 0.0), -n))
-    return tuple(sorted(ranked[:count]))
-
-
-def parse_cpus(text: str) -> tuple[int, ...]:
-    """A kernel cpu list (``0-3,8,10-11``) as sorted CPU numbers; "" is none."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        first, _, last = part.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return tuple(sorted(cpus))
-
-
-def format_cpus(cpus: Sequence[int]) -> str:
-    """Sorted CPU numbers as a kernel cpu list: ``(0, 1, 2, 5)`` -> ``0-2,5``."""
-    runs: list[list[int]] = []
-    for n in sorted(cpus):
-        if runs and n == runs[-1][1] + 1:
-            runs[-1][1] = n
-        else:
-            runs.append([n, n])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def _cpuset_loads(support: CgroupSupport, parent: Path, available: Sequence[int], *,
-                  exclude: Path) -> dict[int, float]:
-    """Cores of quota confined to each CPU by the other instances under ``parent``
-    (``<app>/<instance>`` groups whose cpus are fewer than ``available``), from the
-    kernel's files. An instance's quota counts evenly on each of its CPUs."""
-    loads: dict[int, float] = {}
-    for group in parent.glob("*/*"):
-        if group == exclude or not group.is_dir():
-            continue
-        try:
-            cpus = parse_cpus(_read(group / "cpuset.cpus"))
-        except (OSError, ValueError):
-            continue  # not an instance's group, or one being removed
-        if not cpus or set(available) <= set(cpus):
-            continue
-        cores = _quota_cores(support, group.relative_to(parent)) or float(len(cpus))
-        for n in cpus:
-            loads[n] = loads.get(n, 0.0) + cores / len(cpus)
-    return loads
-
-
-def _quota_cores(support: CgroupSupport, instance: Path) -> float | None:
-    """The cpu quota, in cores, of the group ``<app>/<instance>`` below our parent."""
-    cpu = support.parent_dirs().get("unified" if support.mode == "v2" else "cpu")
-    if cpu is None:
-        return None
-    try:
-        if support.mode == "v2":
-            quota, period = _read(cpu / instance / "cpu.max").split()
-        else:
-            quota = _read(cpu / instance / "cpu.cfs_quota_us")
-            period = _read(cpu / instance / "cpu.cfs_period_us")
-        return int(quota) / int(period) if quota not in ("max", "-1") else None
-    except (OSError, ValueError):
-        return None
-
-
-def _inherit_cpuset(root: Path, group: Path) -> None:
-    """v1: a new cpuset group has no cpus and no mems, and takes no task so. Copy both
-    from each level's parent, from ``root``'s child down to ``group``."""
-    for level in reversed((group, *group.parents)):
-        if level == root or root not in level.parents:
-            continue
-        for name in ("cpuset.mems", "cpuset.cpus"):
-            if not _read(level / name):
-                _write(level / name, _read(level.parent / name))
-
-
 # --- the agent's group ------------------------------------------------------------------------
 
 
@@ -644,92 +528,6 @@ def v1_shares(weight: int) -> int:
     return max(2, weight * 1024 // 100)
 
 
-@dataclass(frozen=True, kw_only=True)
-class AgentCgroup:
-    """The agent's cpu group (see the module docstring, step 3), as ``AgentCgroup.create``
-    left it: ``path`` None when there is none (mode "none", or it could not be made, with
-    ``reason``); ``weight`` the value read back (cpu.weight, or cpu.shares in v1)."""
-
-    path: Path | None
-    reason: str
-    weight: str = ""
-    builds: Path | None = None  # cgroup.procs of <parent>/_builds in the cpu hierarchy
-    origin: Path | None = None  # the cpu group the creating process was in (``leave``)
-
-    @classmethod
-    def create(cls, support: CgroupSupport, *, weight: int = AGENT_CPU_WEIGHT) -> AgentCgroup:
-        """Make ``<parent>.agent`` with ``weight`` and give ``<parent>`` (the apps' common
-        group) the apps' weight. Never raises: a failure is the ``reason`` (one warning)."""
-        if support.mode == "none":
-            return cls(path=None, reason=f"no cgroups: {support.reason}")
-        cpu_root = support.v2_root if support.mode == "v2" else support.v1_roots.get("cpu")
-        if cpu_root is None:
-            return cls(path=None, reason="no cpu hierarchy")
-        path = cpu_root / f"{support.parent}{AGENT_GROUP_SUFFIX}"
-        apps = cpu_root / support.parent
-        builds = apps / BUILDS_GROUP
-        try:
-            path.mkdir(exist_ok=True)
-            apps.mkdir(exist_ok=True)
-            builds.mkdir(exist_ok=True)
-            if support.mode == "v2":
-                _write(path / "cpu.weight", str(weight))
-                _write(apps / "cpu.weight", str(APPS_CPU_WEIGHT))
-                _write(builds / "cpu.weight", str(APP_CPU_WEIGHT))
-                applied = _read(path / "cpu.weight")
-            else:
-                _write(path / "cpu.shares", str(v1_shares(weight)))
-                _write(apps / "cpu.shares", str(v1_shares(APPS_CPU_WEIGHT)))
-                _write(builds / "cpu.shares", str(v1_shares(APP_CPU_WEIGHT)))
-                applied = _read(path / "cpu.shares")
-        except OSError as exc:
-            reason = f"cannot set up the agent's cpu group {path}: {exc.strerror or exc}"
-            log.warning("agent cgroup unusable: the proxy shares the CPU with the apps",
-                        reason=reason)
-            return cls(path=None, reason=reason)
-        key = "cpu.weight" if support.mode == "v2" else "cpu.shares"
-        origin = _own_cpu_group(support, cpu_root)
-        return cls(path=path, reason=f"{path} with {key} {applied}", weight=applied,
-                   builds=builds / "cgroup.procs", origin=None if origin == path else origin)
-
-    def leave(self) -> None:
-        """Move this process back to the group it came from and remove the agent's group
-        (empty once the proxy workers stopped): the node is going away. Never raises."""
-        if self.path is None or self.origin is None:
-            return
-        with contextlib.suppress(OSError):
-            _write(self.origin / "cgroup.procs", str(os.getpid()))
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
-
-    def add(self, pid: int) -> str | None:
-        """Move process ``pid`` (all its threads) in; None when done, else why not."""
-        if self.path is None:
-            return self.reason
-        try:
-            _write(self.path / "cgroup.procs", str(pid))
-        except OSError as exc:
-            return f"cannot move pid {pid} into {self.path}: {exc.strerror or exc}"
-        return None
-
-    def to_json(self) -> dict[str, object]:
-        return {"path": str(self.path) if self.path is not None else None,
-                "weight": self.weight, "reason": self.reason}
-
-
-def _own_cpu_group(support: CgroupSupport, cpu_root: Path) -> Path | None:
-    """This process's group in the cpu hierarchy ``cpu_root``, from /proc/self/cgroup."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, where = line.split(":", 2)
-        if (controllers == "" if support.mode == "v2" else "cpu" in controllers.split(",")):
-            return cpu_root / where.lstrip("/")
-    return None
-
-
 def _check_group_name(app: str, name: str) -> None:
     if not _GROUP_SAFE.match(name):
         raise IsolationError(f"{name!r} is not a safe cgroup name", app=app)
@@ -737,16 +535,6 @@ def _check_group_name(app: str, name: str) -> None:
 
 def _or_max(value: int | None) -> str:
     return "max" if value is None else str(value)
-
-
-def _write(path: Path, value: str) -> None:
-    """One write of ``value``: cgroup files take a whole value per write() call."""
-    with open(path, "w") as file:
-        file.write(value)
-
-
-def _read(path: Path) -> str:
-    return path.read_text().strip()
 
 
 def _read_procs(group: Path) -> list[int]:

@@ -193,7 +193,7 @@ class ReleaseStore:
         self.max_files = max_files
         self._locks: dict[tuple[str, str], trio.Lock] = {}
         self._preparing: set[tuple[str, str]] = set()
-        # cgroup.procs of the group builds and tests join (cgroups.AgentCgroup.builds,
+        # cgroup.procs of the group builds and tests join (agentcgroup.AgentCgroup.builds,
         # set by the agent once it made it); None: they stay in the agent's group
         self.build_cgroup: Path | None = None
 

@@ -58,14 +58,10 @@ from superagent.debug import DROPPED_NOTE, DebugSessions, LogFilter
 from superagent.httpserver import check_bindable, serve_app
 from superagent.manifest import TEST_TIMEOUT
 from superagent.participant import agentstate, reporting
+from superagent.participant.agentcgroup import AgentCgroup
 from superagent.participant.agentview import AgentConfig as AgentConfig  # the CLI's, tests'
 from superagent.participant.archive import check as check_archive
-from superagent.participant.cgroups import (
-    PARENT_GROUP,
-    AgentCgroup,
-    detect_cgroups,
-    remove_empty_parent,
-)
+from superagent.participant.cgroups import PARENT_GROUP, detect_cgroups, remove_empty_parent
 from superagent.participant.egress import (
     keep_egress_table,
     loopback_user,

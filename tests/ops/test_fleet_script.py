@@ -52,7 +52,7 @@ def test_a_used_directory_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="creates cgroups (root)")
 def test_teardown_removes_the_agents_cpu_groups_too() -> None:
     """An agent started by ``superagent participant`` lives in ``superagent.<node>.agent``
-    beside its apps' ``superagent.<node>`` (cgroups.AgentCgroup); the fleet's teardown
+    beside its apps' ``superagent.<node>`` (agentcgroup.AgentCgroup); the fleet's teardown
     removes both once they are empty, or every fleet leaves one group per machine."""
     import importlib.machinery
     import importlib.util

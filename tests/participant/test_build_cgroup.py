@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from superagent.participant.agentcgroup import AgentCgroup
 from superagent.participant.build import run_build
 from superagent.participant.cgroups import (
     APP_CPU_WEIGHT,
-    AgentCgroup,
     CgroupSupport,
     detect_cgroups,
     remove_empty_parent,

@@ -1,4 +1,4 @@
-"""Tests of ``superagent.participant.cgroups``.
+"""Tests of ``superagent.participant.cgroups``, ``cpusets`` and ``agentcgroup``.
 
 Detection runs against fake cgroup trees in tmp_path and against the real
 ``/sys/fs/cgroup``. The rest uses the real kernel: real cgroups under a test-only
@@ -24,21 +24,20 @@ from structlog.testing import capture_logs
 
 from superagent.errors import ConfigError
 from superagent.participant import cgroups as cgroups_module
+from superagent.participant import cpusets as cpusets_module
+from superagent.participant.agentcgroup import AgentCgroup
 from superagent.participant.cgroups import (
     AGENT_CPU_WEIGHT,
     APP_CPU_WEIGHT,
-    AgentCgroup,
     CgroupLimits,
     CgroupSupport,
     InstanceCgroup,
     app_cpu_weight,
-    choose_cpus,
     detect_cgroups,
-    format_cpus,
-    parse_cpus,
     remove_empty_parent,
     v1_shares,
 )
+from superagent.participant.cpusets import choose_cpus, format_cpus, parse_cpus
 from superagent.participant.errors import IsolationError
 from superagent.participant.isolation import IsolationReport, RLimits, child_setup
 from tests.participant.children import CHILD_TIMEOUT, run_child
@@ -481,7 +480,8 @@ def test_agent_group_is_removed_when_the_agent_leaves(cgroups: CgroupSupport) ->
     came from and removes ``<parent>.agent``; it runs in a child standing for the agent."""
     code = ("import json, sys\n"
             "from pathlib import Path\n"
-            "from superagent.participant.cgroups import AgentCgroup, CgroupSupport\n"
+            "from superagent.participant.agentcgroup import AgentCgroup\n"
+            "from superagent.participant.cgroups import CgroupSupport\n"
             "f = json.loads(sys.argv[1])\n"
             "support = CgroupSupport(mode=f['mode'], parent=f['parent'], reason=f['reason'],\n"
             "    v2_root=Path(f['v2_root']) if f['v2_root'] else None,\n"
@@ -596,14 +596,14 @@ def test_v1_cpuset_the_kernel_refuses_is_left_out(tmp_path: Path,
     exclusively, as ``cset shield`` makes) is found at detection: cpuset is left out and
     the reason says why, and instances still start, unconfined, rather than each failing."""
     fake_v1_cpuset(tmp_path)
-    write = cgroups_module._write
+    write = cpusets_module.write
 
     def refuse_cpus(path: Path, value: str) -> None:
         if path.name == "cpuset.cpus":  # stands in for the kernel's refusal
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
         write(path, value)
 
-    monkeypatch.setattr(cgroups_module, "_write", refuse_cpus)
+    monkeypatch.setattr(cpusets_module, "write", refuse_cpus)
     support = detect_cgroups(tmp_path)
     assert support.mode == "v1" and support.cpuset_parent() is None
     assert "cpuset" not in support.parent_dirs()

@@ -30,7 +30,7 @@ import trio
 from superagent.backoff import Backoff
 from superagent.manifest import HealthSpec
 from superagent.participant import supervisor
-from superagent.participant.cgroups import CgroupLimits, detect_cgroups
+from superagent.participant.cgroups import CgroupLimits, detect_cgroups, remove_empty_parent
 from superagent.participant.errors import (
     AdoptionFailed,
     InvalidTransition,
@@ -569,8 +569,8 @@ async def test_runs_as_app_user_in_cgroup(world_dir: Path) -> None:
     python = child_python()  # skips when no python3 is executable by other users
     app = "svtest"
     user = ensure_app_user(app)
+    support = detect_cgroups(parent=f"superagent-test-sv-{os.getpid()}")  # never production's
     try:
-        support = detect_cgroups()
         config = make_config(world_dir, "ok", python=python, app=app, instance=f"{app}-1",
                              user=user, cgroups=support)
         async with supervised(config) as instance:
@@ -583,6 +583,7 @@ async def test_runs_as_app_user_in_cgroup(world_dir: Path) -> None:
             paths = list(report["cgroup"]["paths"].values())
         assert all(not Path(path).exists() for path in paths)
     finally:
+        remove_empty_parent(support)
         remove_app_user(app)
         name = app_user_name(app)
         if subprocess.run(["getent", "group", name], capture_output=True,
