@@ -53,7 +53,7 @@ import structlog
 from superagent.errors import ConfigError
 from superagent.participant.cgroupfs import read as _read
 from superagent.participant.cgroupfs import write as _write
-from superagent.participant.cpusets import confine_cpus, inherit_cpuset
+from superagent.participant.cpusets import confine_cpus, prepare_v1_cpuset
 from superagent.participant.errors import IsolationError
 
 log = structlog.get_logger("superagent.participant")
@@ -67,7 +67,6 @@ V2_WANTED = ("cpu", "memory", "pids")  # enabled down to each instance when avai
 # v1: each controller's hierarchy and a file only that controller's root has.
 V1_MARKERS = {"memory": "memory.limit_in_bytes", "cpu": "cpu.cfs_quota_us", "pids": "tasks"}
 CPUSET = "cpuset"  # optional (v2 controller or v1 hierarchy): confinement to CPUs
-CPUSET_MARKER = "cpuset.cpus"
 CPU_PERIOD_US = 100_000  # the kernel's default CFS period: quota = cpus * period
 CPU_QUOTA_MIN_US = 1_000  # the kernel refuses a quota under 1 ms
 REMOVE_TIMEOUT = 2.0  # killed tasks leave their group within ms; a big exit under load takes longer
@@ -192,28 +191,13 @@ def detect_cgroups(root: Path = CGROUP_ROOT, *, parent: str = PARENT_GROUP) -> C
         else:
             v1_roots[name] = hierarchy
     if len(v1_roots) == len(V1_MARKERS):
-        cpusets = root / CPUSET
-        if not ((cpusets / "cgroup.procs").is_file() and (cpusets / CPUSET_MARKER).is_file()
-                and os.access(cpusets, os.W_OK)):
-            have = ("memory, cpu and pids hierarchies (no writable cpuset hierarchy: "
-                    "instances are not confined to CPUs)")
+        problem = prepare_v1_cpuset(root / CPUSET, parent)
+        if problem:
+            have = (f"memory, cpu and pids hierarchies ({problem}: instances are not confined "
+                    "to CPUs)")
         else:
-            try:
-                # The real test, as enabling is in v2: our parent takes the root's cpus and
-                # mems, which the kernel refuses (EINVAL) where a sibling holds them
-                # exclusively. Found here, that leaves instances unconfined rather than
-                # failing every create.
-                (cpusets / parent).mkdir(parents=True, exist_ok=True)
-                inherit_cpuset(cpusets, cpusets / parent)
-            except OSError as exc:
-                with contextlib.suppress(OSError):  # not ours to remove at stop then
-                    (cpusets / parent).rmdir()
-                have = (f"memory, cpu and pids hierarchies (cannot give {cpusets / parent} "
-                        f"the root's cpus: {exc.strerror or exc}: instances are not "
-                        "confined to CPUs)")
-            else:
-                v1_roots[CPUSET] = cpusets
-                have = "memory, cpu, pids and cpuset hierarchies"
+            v1_roots[CPUSET] = root / CPUSET
+            have = "memory, cpu, pids and cpuset hierarchies"
         return CgroupSupport(mode="v1", parent=parent, v1_roots=v1_roots,
                              reason=f"cgroup v1 {have} under {root}")
 

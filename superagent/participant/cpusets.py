@@ -22,7 +22,9 @@ Everything here but the pure functions blocks (small file reads and writes).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -91,6 +93,27 @@ def format_cpus(cpus: Sequence[int]) -> str:
         else:
             runs.append([n, n])
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def prepare_v1_cpuset(hierarchy: Path, parent: str) -> str:
+    """v1 detection: "" when ``hierarchy`` is a writable cpuset hierarchy whose root's cpus
+    and mems our parent group (made here) could take, else why not.
+
+    This is the real test, as enabling the controller is in v2: the kernel refuses
+    (EINVAL) the root's cpus where a sibling holds some of them exclusively. Found here,
+    that leaves instances unconfined rather than failing every create.
+    """
+    if not ((hierarchy / "cgroup.procs").is_file() and (hierarchy / "cpuset.cpus").is_file()
+            and os.access(hierarchy, os.W_OK)):
+        return "no writable cpuset hierarchy"
+    try:
+        (hierarchy / parent).mkdir(parents=True, exist_ok=True)
+        inherit_cpuset(hierarchy, hierarchy / parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # not ours to remove at stop then
+            (hierarchy / parent).rmdir()
+        return f"cannot give {hierarchy / parent} the root's cpus: {exc.strerror or exc}"
+    return ""
 
 
 def inherit_cpuset(root: Path, group: Path) -> None:
