@@ -16,7 +16,9 @@ from the kernel's files each time (``_loads``), so an agent restart loses nothin
 lock makes concurrent creates (worker threads) see each other's choice. An instance
 without a quota, or with a quota of every CPU, gets them all. The kernel holds an app to
 its cpuset: its ``sched_setaffinity`` cannot widen it. In cgroup v1 a new cpuset group
-has neither cpus nor mems and refuses tasks until it has both (``inherit_cpuset``).
+has neither cpus nor mems and refuses tasks until it has both (``inherit_cpuset``); our
+parent group gets them at detection (``prepare_v1_cpuset``), where a refusal leaves
+instances unconfined rather than failing every start.
 Everything here but the pure functions blocks (small file reads and writes).
 """
 
