@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,10 @@ from superagent.participant.isolation import (
 )
 from tests.participant.children import CHILD_TIMEOUT, run_child
 
-USER_APPS = ("t1test", "t2test")
+# App names of this run: two suites on one machine (CI beside a developer's run) must not
+# create, check and delete each other's users.
+RUN = secrets.token_hex(3)
+USER_APPS = (f"t1{RUN}", f"t2{RUN}")
 
 READ_FILE = """
 import sys
@@ -143,9 +147,9 @@ def test_failing_setup_starts_nothing(tmp_path: Path) -> None:
 def test_uid_switch_isolates_files(app_users: list[AppUser]) -> None:
     """Two app users: user 2 cannot read user 1's 0700 directory, user 1 can."""
     user1, user2 = app_users
-    assert (user1.name, user2.name) == ("sa-t1test", "sa-t2test")
+    assert (user1.name, user2.name) == tuple(f"sa-{app}" for app in USER_APPS)
     assert user1.switched and user2.switched and user1.uid != user2.uid
-    assert ensure_app_user("t1test") == user1  # idempotent
+    assert ensure_app_user(USER_APPS[0]) == user1  # idempotent
     base = Path(tempfile.mkdtemp(prefix="sa-isolation-"))
     try:
         base.chmod(0o711)
@@ -175,13 +179,13 @@ def test_uid_switch_isolates_files(app_users: list[AppUser]) -> None:
         assert status["RLIMIT_NPROC"] == ["50", "50"]
         report = IsolationReport.build(user1, None, RLimits()).to_json()
         assert (report["user"], report["uid"], report["switched_user"]) == \
-            ("sa-t1test", user1.uid, True)
+            (f"sa-{USER_APPS[0]}", user1.uid, True)
         assert report["rlimits"] == {"nofile": 4096, "nproc": 512, "core": 0}
     finally:
         shutil.rmtree(base)
 
 
-RACE_APPS = ("t4race", "t5race", "t6race")
+RACE_APPS = (f"t4{RUN}", f"t5{RUN}", f"t6{RUN}")
 RACE_AGENTS = 6  # processes, as several agents on one host deploying the same new apps
 
 ENSURE_AT_ONCE = """
@@ -239,14 +243,14 @@ def test_existing_regular_user_is_refused() -> None:
     """A non-system account that happens to be called sa-<app> is never used."""
     if os.geteuid() != 0:
         pytest.skip("needs root: useradd")
-    name = app_user_name("t3test")
+    name = app_user_name(f"t3{RUN}")
     subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                    check=True, capture_output=True)
     try:
         with pytest.raises(IsolationError, match="not a system user"):
-            ensure_app_user("t3test")
+            ensure_app_user(f"t3{RUN}")
         with pytest.raises(IsolationError, match="non-system"):
-            remove_app_user("t3test")
+            remove_app_user(f"t3{RUN}")
     finally:
         subprocess.run(["userdel", name], check=True)
 
