@@ -3,43 +3,42 @@
 Theory of operation. An instance's figures (CPU seconds, RSS, threads, TCP connections,
 processes) are summed over its process tree: the app and whatever it forked. Finding a
 tree means knowing every process's parent, which only a walk of all of /proc tells
-(about 10 ms on a busy machine with a hundred processes), so ``process_figures`` walks it
-once for all the instances of a status, not once per instance: the status is computed on
-the agent's event loop, and the deploy runner asks for it around every start and drain.
-Blocking (reads /proc).
+(4-10 ms on a machine with a hundred processes), so it is walked once for all the
+instances of a status, not once per instance, and not at all where the caller passes
+each instance's ``members``: the processes its cgroup lists, which are the tree (and any
+process that left it by daemonising), read from one small file per hierarchy. The load
+sample asks for CPU seconds every second; a walk of /proc each time was a burst of the
+agent's CPU long enough to delay the proxy workers beside it. Blocking (reads /proc).
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psutil
 
-
-def process_figures(pids: Iterable[int | None]) -> dict[int, dict[str, Any] | None]:
-    """Figures of the process tree under each of ``pids`` (None where it is gone or not
-    readable); the pids that are None are skipped."""
-    roots = [pid for pid in pids if pid is not None]
-    if not roots:
-        return {}
-    children = _children()
-    return {pid: _tree_figures(_tree(pid, children)) for pid in roots}
+Members = Mapping[int, Sequence[int]]  # an instance's pid -> the pids its cgroup lists
 
 
-def cpu_seconds(pids: Iterable[int | None]) -> dict[int, float | None]:
-    """User + system CPU seconds of the process tree under each of ``pids`` (None where
-    it is gone): the once-a-second load sample, without the status's costlier figures."""
-    roots = [pid for pid in pids if pid is not None]
-    if not roots:
-        return {}
-    children = _children()
+def process_figures(pids: Iterable[int | None],
+                    members: Members | None = None) -> dict[int, dict[str, Any] | None]:
+    """Figures of the processes of each of ``pids`` (None where it is gone or not
+    readable): its ``members`` where given, else its tree. None pids are skipped."""
+    return {pid: _tree_figures(tree) for pid, tree in _processes(pids, members).items()}
+
+
+def cpu_seconds(pids: Iterable[int | None],
+                members: Members | None = None) -> dict[int, float | None]:
+    """User + system CPU seconds of the processes of each of ``pids`` (None where it is
+    gone), found as ``process_figures`` finds them: the once-a-second load sample,
+    without the status's costlier figures."""
     out: dict[int, float | None] = {}
-    for root in roots:
+    for root, tree in _processes(pids, members).items():
         total: float | None = 0.0
-        for pid in _tree(root, children):
+        for pid in tree:
             try:
                 times = psutil.Process(pid).cpu_times()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -50,6 +49,16 @@ def cpu_seconds(pids: Iterable[int | None]) -> dict[int, float | None]:
             total = (total or 0.0) + times.user + times.system
         out[root] = total
     return out
+
+
+def _processes(pids: Iterable[int | None], members: Members | None) -> dict[int, list[int]]:
+    """Each pid (None skipped) with its processes, itself first: its ``members`` where it
+    has some, else its tree, from one walk of /proc for all those without."""
+    members = members or {}
+    roots = [pid for pid in pids if pid is not None]
+    children = _children() if any(not members.get(root) for root in roots) else {}
+    return {root: [root, *(pid for pid in members[root] if pid != root)] if members.get(root)
+            else _tree(root, children) for root in roots}
 
 
 def _children() -> dict[int, list[int]]:

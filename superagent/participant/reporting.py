@@ -1,24 +1,27 @@
 """What the agent reports: ``GET /v1/status``, the heartbeat's compact status, its load.
 
-``status`` answers the RPC's status query with every instance's figures (one walk of
-/proc); ``coordinator_status`` is the smaller document ``joiner.CoordinatorLink`` sends
-in each heartbeat, with each instance's load that ``sample_load`` (a task of the
-agent's nursery) reads once every LOAD_PERIOD from the proxy's in-flight table and the
-instances' CPU seconds. ``app_states`` is the scale-to-zero state of each app, in both.
+``status`` answers the RPC's status query with every instance's figures (of the processes
+its cgroup lists, else of its process tree: ``figures``); ``coordinator_status`` is the
+smaller document ``joiner.CoordinatorLink`` sends in each heartbeat, with each instance's
+load that ``sample_load`` (a task of the agent's nursery) reads once every LOAD_PERIOD
+from the proxy's in-flight table and the instances' CPU seconds. ``app_states`` is the
+scale-to-zero state of each app, in both.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import trio
 
 from superagent import codec
 from superagent.participant.agentview import AgentView
-from superagent.participant.figures import cpu_seconds, node_figures, process_figures
+from superagent.participant.figures import Members, cpu_seconds, node_figures, process_figures
 from superagent.participant.load import LOAD_PERIOD, traffic
 from superagent.participant.permissions import unenforced
+from superagent.participant.supervisor import Instance
 from superagent.proxy.metrics import BUCKETS
 from superagent.rpc import messages as msg
 
@@ -28,7 +31,7 @@ def status(agent: AgentView) -> msg.StatusReply:
     declare fails the agent's own tests rather than a coordinator)."""
     instances = list(agent.instances.values())
     pids = [inst.pid for inst in instances]
-    figures = process_figures(pids)
+    figures = process_figures(pids, members(instances))
     return codec.decode(msg.StatusReply, {
         "node": agent.config.node, "groups": list(agent.config.groups),
         "offline": agent.is_offline,
@@ -82,9 +85,21 @@ async def sample_load(agent: AgentView) -> None:
         table = stats["instances"]
         agent.traffic = traffic(stats, BUCKETS)
         pids = {i: inst.pid for i, inst in agent.instances.items()}
-        by_pid = await trio.to_thread.run_sync(cpu_seconds, pids.values())
+        by_pid = await trio.to_thread.run_sync(instances_cpu, list(agent.instances.values()))
         cpu = {i: None if pid is None else by_pid.get(pid) for i, pid in pids.items()}
         agent.load.sample(trio.current_time(), table, cpu)
+
+
+def instances_cpu(instances: list[Instance]) -> dict[int, float | None]:
+    """CPU seconds of each instance's processes, by its pid (blocking)."""
+    return cpu_seconds((inst.pid for inst in instances), members(instances))
+
+
+def members(instances: Iterable[Instance]) -> Members:
+    """The processes each running instance's cgroup lists (by the instance's pid), where
+    it has a group: blocking, a small file per hierarchy."""
+    return {inst.pid: inst.cgroup.procs() for inst in instances
+            if inst.pid is not None and inst.cgroup is not None}
 
 
 def app_states(agent: AgentView) -> dict[str, dict[str, Any]]:

@@ -174,6 +174,11 @@ class Instance:
                 f"{self.state.name} pid={pid} port={self.config.port} "
                 f"restarts={self.restarts} last_exit={self.last_exit}>")
 
+    @property
+    def cgroup(self) -> InstanceCgroup | None:
+        """The instance's cgroup, once made (None without cgroup support)."""
+        return self._cgroup
+
     @classmethod
     def adopt(cls, config: InstanceConfig, *, pid: int, create_time: float) -> Instance:
         """An instance whose first process is ``pid``, left running by an earlier agent.

@@ -32,8 +32,8 @@ from tests.support.wait import wait_until_async
 POLL = 0.05  # between looks at the status while waiting for a condition with a deadline
 MB = 1024**2
 
-# One app for every test here: it reports its environment, burns CPU, holds memory, or
-# allocates without bound, on request.
+# One app for every test here: it reports its environment, burns CPU, holds memory,
+# daemonises a sleeper, or allocates without bound, on request.
 APP = '''
 import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +55,14 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/hold":  # keep this many MB, every page written
             held.append(b"x" * (int(arg) * 1024 * 1024))
             body = {"held_mb": sum(len(b) for b in held) // (1024 * 1024)}
+        elif path == "/daemon":  # a sleeper that leaves this process's tree (double fork)
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    time.sleep(float(arg))
+                os._exit(0)
+            os.wait()
+            body = {"daemonised": True}
         elif path == "/hog":  # 1 MB at a time up to 2 GB: far beyond any [limits] here
             hog = [b"x" * (1024 * 1024) for _ in range(2048)]
             body = {"survived_mb": len(hog)}
@@ -316,6 +324,24 @@ async def test_oom_kill_stays_in_the_instance_and_it_is_restarted(rig: Rig) -> N
 
 
 # --- status figures ---------------------------------------------------------------------------
+
+
+async def test_the_figures_count_what_the_group_holds_a_daemon_too(rig: Rig) -> None:
+    """A process that left the app's tree by daemonising is still the instance's: the
+    figures (and the load's CPU seconds, found the same way) are of the processes its
+    cgroup lists, not of its process tree."""
+    need_cgroups(rig)
+    [started] = await deploy(rig, "wdaemon")
+    instance, base = started["id"], f"http://127.0.0.1:{started['port']}"
+    async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as client:
+        assert (await client.get("/daemon?120")).json() == {"daemonised": True}
+    status = await wait_for(rig, "the daemon in the figures", lambda s: (
+        entry(s, instance)["figures"]["processes"] == 2))
+    pid = entry(status, instance)["pid"]
+    group = rig.agent.instances[instance].cgroup
+    assert group is not None
+    (daemon,) = set(group.procs()) - {pid}
+    assert daemon not in {c.pid for c in psutil.Process(pid).children(recursive=True)}
 
 
 async def test_status_figures_of_a_busy_instance_and_the_node(rig: Rig) -> None:

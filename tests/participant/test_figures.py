@@ -68,3 +68,37 @@ def test_node_figures_are_the_machines() -> None:
     assert node["cpus"] == psutil.cpu_count()
     assert 0 < node["memory_available"] <= node["memory_total"]
     assert node["agent_rss_bytes"] > 0
+
+
+def test_members_stand_for_the_tree_without_a_walk_of_proc(
+        trees: list[psutil.Process], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance whose cgroup lists its processes is summed over those, whether they are
+    in its tree or not (a daemonised child is not), and /proc is not walked for it; an
+    instance without members still gets its tree, from one walk."""
+    walks = []
+    real = psutil.process_iter
+
+    def counted(*args: object, **kwargs: object) -> object:
+        walks.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(figures.psutil, "process_iter", counted)
+    root = trees[0]
+    outsider = trees[1].children()[0]  # a process outside root's tree, as a daemon's
+    group = [outsider.pid, root.pid]  # the group's order: the root still comes first
+    members = {root.pid: group}
+
+    def used() -> float:
+        return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in group)
+
+    before = used()
+    seconds = figures.cpu_seconds([root.pid, None], members)
+    assert before <= seconds[root.pid] <= used()  # type: ignore[operator]
+    found = process_figures([root.pid], members)[root.pid]
+    assert found is not None and found["processes"] == 2
+    assert found["rss_bytes"] >= root.memory_info().rss + outsider.memory_info().rss // 2
+    assert walks == []
+    both = figures.cpu_seconds([root.pid, trees[1].pid], members)
+    assert set(both) == {root.pid, trees[1].pid} and walks == [1]
+    assert figures.cpu_seconds([root.pid], {root.pid: []})[root.pid] is not None  # walked
+    assert len(walks) == 2
