@@ -11,13 +11,14 @@ scale-to-zero state of each app, in both.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import trio
 
 from superagent import codec
 from superagent.participant.agentview import AgentView
+from superagent.participant.cgroups import InstanceCgroup
 from superagent.participant.figures import Members, cpu_seconds, node_figures, process_figures
 from superagent.participant.load import LOAD_PERIOD, traffic
 from superagent.participant.permissions import unenforced
@@ -31,7 +32,7 @@ def status(agent: AgentView) -> msg.StatusReply:
     declare fails the agent's own tests rather than a coordinator)."""
     instances = list(agent.instances.values())
     pids = [inst.pid for inst in instances]
-    figures = process_figures(pids, members(instances))
+    figures = process_figures(pids, members(cgroups_by_pid(instances)))
     return codec.decode(msg.StatusReply, {
         "node": agent.config.node, "groups": list(agent.config.groups),
         "offline": agent.is_offline,
@@ -85,21 +86,28 @@ async def sample_load(agent: AgentView) -> None:
         table = stats["instances"]
         agent.traffic = traffic(stats, BUCKETS)
         pids = {i: inst.pid for i, inst in agent.instances.items()}
-        by_pid = await trio.to_thread.run_sync(instances_cpu, list(agent.instances.values()))
+        groups = cgroups_by_pid(agent.instances.values())
+        by_pid = await trio.to_thread.run_sync(instances_cpu, list(pids.values()), groups)
         cpu = {i: None if pid is None else by_pid.get(pid) for i, pid in pids.items()}
         agent.load.sample(trio.current_time(), table, cpu)
 
 
-def instances_cpu(instances: list[Instance]) -> dict[int, float | None]:
-    """CPU seconds of each instance's processes, by its pid (blocking)."""
-    return cpu_seconds((inst.pid for inst in instances), members(instances))
+def instances_cpu(pids: list[int | None],
+                  groups: Mapping[int, InstanceCgroup]) -> dict[int, float | None]:
+    """CPU seconds of each pid's processes (blocking): see ``members``."""
+    return cpu_seconds(pids, members(groups))
 
 
-def members(instances: Iterable[Instance]) -> Members:
-    """The processes each running instance's cgroup lists (by the instance's pid), where
-    it has a group: blocking, a small file per hierarchy."""
-    return {inst.pid: inst.cgroup.procs() for inst in instances
+def cgroups_by_pid(instances: Iterable[Instance]) -> dict[int, InstanceCgroup]:
+    """Each running instance's cgroup, by its pid, where it has one."""
+    return {inst.pid: inst.cgroup for inst in instances
             if inst.pid is not None and inst.cgroup is not None}
+
+
+def members(groups: Mapping[int, InstanceCgroup]) -> Members:
+    """The processes each group lists, by its instance's pid (blocking: a small file per
+    hierarchy): ``figures`` counts them rather than walking /proc for a process tree."""
+    return {pid: group.procs() for pid, group in groups.items()}
 
 
 def app_states(agent: AgentView) -> dict[str, dict[str, Any]]:
