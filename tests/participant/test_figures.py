@@ -35,18 +35,24 @@ def trees() -> Iterator[list[psutil.Process]]:
             p.wait(timeout=10)
 
 
-def test_each_tree_is_summed_and_the_process_table_walked_once(
-        trees: list[psutil.Process], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every root gets its whole tree (parent and child); the parents of all processes are
-    read in one walk for all roots; a gone pid reads None, a None pid is skipped."""
-    walks = []
+@pytest.fixture
+def walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per walk of /proc that ``figures`` makes from now on."""
+    walked: list[int] = []
     real = psutil.process_iter
 
     def counted(*args: object, **kwargs: object) -> object:
-        walks.append(1)
+        walked.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(figures.psutil, "process_iter", counted)
+    return walked
+
+
+def test_each_tree_is_summed_and_the_process_table_walked_once(
+        trees: list[psutil.Process], walks: list[int]) -> None:
+    """Every root gets its whole tree (parent and child); the parents of all processes are
+    read in one walk for all roots; a gone pid reads None, a None pid is skipped."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     found = process_figures([trees[0].pid, None, trees[1].pid, gone.pid])
@@ -71,18 +77,10 @@ def test_node_figures_are_the_machines() -> None:
 
 
 def test_members_stand_for_the_tree_without_a_walk_of_proc(
-        trees: list[psutil.Process], monkeypatch: pytest.MonkeyPatch) -> None:
+        trees: list[psutil.Process], walks: list[int]) -> None:
     """An instance whose cgroup lists its processes is summed over those, whether they are
     in its tree or not (a daemonised child is not), and /proc is not walked for it; an
     instance without members still gets its tree, from one walk."""
-    walks = []
-    real = psutil.process_iter
-
-    def counted(*args: object, **kwargs: object) -> object:
-        walks.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(figures.psutil, "process_iter", counted)
     root = trees[0]
     outsider = trees[1].children()[0]  # a process outside root's tree, as a daemon's
     group = [outsider.pid, root.pid]  # the group's order: the root still comes first
