@@ -522,10 +522,16 @@ def _or_max(value: int | None) -> str:
 
 
 def _read_procs(group: Path) -> list[int]:
+    """The group's pids; [] once it is gone: a group removed between the open and the
+    read of its file fails the read with ENODEV rather than ENOENT."""
     try:
         return [int(line) for line in (group / "cgroup.procs").read_text().split()]
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            return []
+        raise
 
 
 def _keyed(text: str) -> dict[str, int]:

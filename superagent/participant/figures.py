@@ -1,7 +1,8 @@
-"""What ``GET /v1/status`` reports of each instance's process tree and of the node.
+"""What ``GET /v1/status`` reports of each instance's processes and of the node.
 
 Theory of operation. An instance's figures (CPU seconds, RSS, threads, TCP connections,
-processes) are summed over its process tree: the app and whatever it forked. Finding a
+processes) are summed over its processes: those its cgroup lists where the caller passes
+them (``members``), else its process tree, the app and whatever it forked. Finding a
 tree means knowing every process's parent, which only a walk of all of /proc tells
 (4-10 ms on a machine with a hundred processes), so it is walked once for all the
 instances of a status, not once per instance, and not at all where the caller passes

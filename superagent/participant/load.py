@@ -2,11 +2,11 @@
 
 The heartbeat reports, per instance, ``in_flight`` (requests and websocket tunnels the
 node's proxy workers have open to it now, summed over workers) and ``cpu`` (cores its
-process tree used since the previous sample). ``LoadSampler`` is the pure part: it turns
-the proxy's instance table and each process tree's CPU seconds, taken at ``now``, into
-those figures, keeping the previous CPU reading per instance. The participant service
-samples once per heartbeat interval (``LOAD_PERIOD``), off the trio thread for the
-process reads.
+processes used since the previous sample: those its cgroup lists, else its process tree).
+``LoadSampler`` is the pure part: it turns the proxy's instance table and each
+instance's CPU seconds, taken at ``now``, into those figures, keeping the previous CPU
+reading per instance. The participant service samples once per heartbeat interval
+(``LOAD_PERIOD``), off the trio thread for the process reads.
 """
 
 from __future__ import annotations

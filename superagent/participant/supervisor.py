@@ -176,7 +176,8 @@ class Instance:
 
     @property
     def cgroup(self) -> InstanceCgroup | None:
-        """The instance's cgroup, once made (None without cgroup support)."""
+        """The instance's cgroup: None before its first spawn, after a failed start or a
+        stop, and without cgroup support (no root); in mode "none" one with no paths."""
         return self._cgroup
 
     @classmethod

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -390,6 +391,30 @@ def test_add_procs_kill_all_remove(cgroups: CgroupSupport) -> None:
         sleeper.kill()
         sleeper.wait()
         group.kill_all()
+        group.remove(timeout=REMOVE_TIMEOUT)
+
+
+def test_procs_of_a_group_removed_between_open_and_read_is_empty(
+        cgroups: CgroupSupport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group removed (by the instance's stop, in another thread) after its cgroup.procs
+    was opened fails the read with ENODEV, not ENOENT: procs() reads that as gone too, so
+    the once-a-second load sample, which reads every instance's group, cannot fail."""
+    group = InstanceCgroup.create(cgroups, APP, "racing", CgroupLimits())
+    real = Path.read_text
+
+    def removed_mid_read(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self.name != "cgroup.procs" or not self.parent.is_dir():
+            return real(self, *args, **kwargs)
+        with open(self, encoding="ascii") as opened:
+            self.parent.rmdir()  # the real kernel's answer to the read that follows
+            return opened.read()
+
+    try:
+        monkeypatch.setattr(Path, "read_text", removed_mid_read)
+        assert group.procs() == []
+        monkeypatch.undo()
+        assert all(not path.exists() for path in group.paths.values())
+    finally:
         group.remove(timeout=REMOVE_TIMEOUT)
 
 
