@@ -526,10 +526,8 @@ def _read_procs(group: Path) -> list[int]:
     read of its file fails the read with ENODEV rather than ENOENT."""
     try:
         return [int(line) for line in (group / "cgroup.procs").read_text().split()]
-    except FileNotFoundError:
-        return []
     except OSError as exc:
-        if exc.errno == errno.ENODEV:
+        if exc.errno in (errno.ENOENT, errno.ENODEV):
             return []
         raise
 
